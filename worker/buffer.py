@@ -1,0 +1,183 @@
+"""EventBuffer: applying events to the Redis buffer, and reading its state.
+
+Applying is one Lua call per shard touched by the batch (pipelined, one
+round trip): regular events are queued, screen_views wait as their
+session's "last view" until the next view gives them a duration, and
+session_end flushes the last view. See `lua_scripts/apply_batch.lua`.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from redis import Redis
+
+from worker.clock import SYSTEM_CLOCK, Clock
+from worker.events import Event, decode_row, encode_event
+from worker.keys import CHANNEL_RECEIVED, Keyspace, ShardKeys
+from worker.scripts import Scripts
+from worker.settings import Settings
+
+
+@dataclass
+class ApplyResult:
+    """What one `apply` did."""
+
+    batch_id: str
+    events: int
+    appended: int = 0
+    # Shards where this batch id had been applied before (nothing was done there).
+    skipped_shards: list[int] = field(default_factory=list)
+    # Queue length of every shard the batch touched, after the call.
+    queue_lengths: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def duplicate(self) -> bool:
+        return bool(self.skipped_shards) and len(self.skipped_shards) == len(self.queue_lengths)
+
+
+class _Throttle:
+    """True at most once per interval (per process): OpenPanel's publish throttle."""
+
+    def __init__(self, interval_ms: int) -> None:
+        self._interval = interval_ms
+        self._last: int | None = None
+        self._lock = threading.Lock()
+
+    def ready(self, now_ms: int) -> bool:
+        with self._lock:
+            if self._last is not None and now_ms - self._last < self._interval:
+                return False
+            self._last = now_ms
+            return True
+
+
+class EventBuffer:
+    def __init__(self, redis: Redis, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.clock = clock
+        self.keyspace = Keyspace(settings.key_prefix, settings.shards)
+        self.scripts = Scripts(redis)
+        self._publish_throttle = _Throttle(settings.publish_throttle_ms)
+
+    # -- writing ------------------------------------------------------------
+
+    def add(self, event: Event) -> ApplyResult:
+        return self.apply([event])
+
+    def apply(self, events: Sequence[Event], batch_id: str | None = None) -> ApplyResult:
+        """Apply validated events in order, atomically per shard.
+
+        `batch_id` makes the call idempotent: applying the same id again (a
+        redelivered task) does nothing, as long as the marker lives
+        (`EVENT_BUFFER_BATCH_MARKER_TTL_S`). Without one, a fresh id is used.
+        """
+        batch_id = batch_id or str(uuid.uuid4())
+        result = ApplyResult(batch_id=batch_id, events=len(events))
+        if not events:
+            return result
+        by_shard: dict[int, tuple[list[Event], list[bytes]]] = {}
+        for event in events:
+            shard = self.keyspace.route(event.session_id or event.id).shard
+            group = by_shard.setdefault(shard, ([], []))
+            group[0].append(event)
+            group[1].append(encode_event(event))
+
+        now = self.clock.now_ms()
+        publish = None
+        if self._publish_throttle.ready(now):
+            publish = (CHANNEL_RECEIVED, encode_event(events[-1]))
+        pipe = self.redis.pipeline(transaction=False)
+        shards = list(by_shard)
+        for position, shard in enumerate(shards):
+            group_events, rows = by_shard[shard]
+            self.scripts.apply_batch(
+                self.keyspace.shard(shard),
+                batch_id,
+                group_events,
+                rows,
+                now_ms=now,
+                view_ttl_s=self.settings.screen_view_ttl_s,
+                marker_ttl_s=self.settings.batch_marker_ttl_s,
+                publish=publish if position == len(shards) - 1 else None,
+                pipeline=pipe,
+            )
+        for shard, (appended, length) in zip(shards, pipe.execute(), strict=True):
+            result.queue_lengths[shard] = int(length)
+            if int(appended) < 0:
+                result.skipped_shards.append(shard)
+            else:
+                result.appended += int(appended)
+        return result
+
+    # -- reading ------------------------------------------------------------
+
+    def get_last_screen_view(
+        self,
+        *,
+        session_id: str | None = None,
+        project_id: str | None = None,
+        profile_id: str | None = None,
+    ) -> Event | None:
+        """A session's (or a project's profile's) last screen_view, or None."""
+        if session_id is not None:
+            names = [self.keyspace.route(session_id).session(session_id)]
+        elif project_id is not None and profile_id is not None:
+            # A profile's sessions may live on several shards: take the newest.
+            names = [s.profile(project_id, profile_id) for s in self.keyspace.all()]
+        else:
+            raise TypeError("pass session_id, or project_id and profile_id")
+        newest: tuple[int, bytes] | None = None
+        for value in self.redis.mget(names):
+            if value is None:
+                continue
+            created, _, row = value.partition(b"|")
+            if newest is None or int(created) > newest[0]:
+                newest = (int(created), row)
+        return decode_row(newest[1]) if newest else None
+
+    def get_buffer_size(self) -> int:
+        """Events waiting for ClickHouse: queued plus claimed, straight from LLEN."""
+        return sum(self.queue_lengths().values())
+
+    def queue_lengths(self) -> dict[int, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        shards = self.keyspace.all()
+        for shard in shards:
+            pipe.llen(shard.queue)
+        return {s.shard: int(n) for s, n in zip(shards, pipe.execute(), strict=True)}
+
+    def get_active_visitor_count(self, project_id: str) -> int:
+        """Distinct profiles seen within the active-visitor window; prunes older entries."""
+        cutoff = self.clock.now_ms() - self.settings.active_visitor_window_s * 1000
+        shards = self.keyspace.all()
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in shards:
+            pipe.zremrangebyscore(shard.visitors(project_id), "-inf", f"({cutoff}")
+            if len(shards) == 1:
+                pipe.zcard(shard.visitors(project_id))
+            else:
+                pipe.zrange(shard.visitors(project_id), 0, -1)
+        replies = pipe.execute()
+        if len(shards) == 1:
+            return int(replies[1])
+        members: set[bytes] = set()
+        for reply in replies[1::2]:
+            members.update(reply)
+        return len(members)
+
+    def active_projects(self) -> list[str]:
+        """Projects with a visitors set on any shard."""
+        projects: set[str] = set()
+        for shard in self.keyspace.all():
+            for key in self.redis.scan_iter(match=shard.visitors_pattern(), count=500):
+                name = key.decode() if isinstance(key, bytes) else str(key)
+                projects.add(shard.project_of_visitors_key(name))
+        return sorted(projects)
+
+    def shards(self) -> Iterable[ShardKeys]:
+        return self.keyspace.all()

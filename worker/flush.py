@@ -1,0 +1,240 @@
+"""The flush: claim a batch, insert it in deduplicated chunks, then acknowledge.
+
+Per shard, under that shard's lock:
+
+1. claim.lua hands back the open claim if a previous flush died (a
+   re-drive), else claims the oldest `EVENT_BUFFER_BATCH_SIZE` rows under a
+   new id. Claimed rows stay in the queue until step 3.
+2. Rows are sorted by (created_at, id, bytes), so a re-drive of the claim
+   splits into exactly the same chunks, and each chunk is inserted with the
+   token `<claim id>:<chunk index>`. ClickHouse drops a chunk it has seen.
+3. ack.lua trims the claimed rows, appends dead letters and publishes
+   `events:saved`, in one atomic step, only after every chunk succeeded.
+
+A kill anywhere leaves the claim open; the next flush re-drives it with the
+same tokens: nothing is lost and nothing is written twice.
+
+Rows that are not valid JSON, and rows ClickHouse rejects (found by halving
+a rejected chunk until single rows are left), become dead letters with the
+reason; the rest of the batch lands.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+from redis import Redis
+
+from worker.clock import SYSTEM_CLOCK, Clock
+from worker.events import decode_row_head
+from worker.keys import CHANNEL_SAVED, Keyspace, ShardKeys
+from worker.lock import FlushLock, LockLostError
+from worker.scripts import AckResult, Scripts
+from worker.settings import Settings
+from worker.sinks.base import RowRejectedError, Sink
+
+log = logging.getLogger(__name__)
+
+REASON_INVALID_JSON = "invalid_json"
+REASON_REJECTED = "rejected_by_clickhouse"
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    """Header of a dead-letter entry; the raw payload follows it after a newline."""
+
+    reason: str
+    error: str
+    source: str
+    at: int
+    shard: int
+    claim: str = ""
+
+
+_dead_encoder = msgspec.json.Encoder()
+_dead_decoder = msgspec.json.Decoder(DeadLetter)
+
+
+def encode_dead_letter(header: DeadLetter, payload: bytes) -> bytes:
+    return _dead_encoder.encode(header) + b"\n" + payload
+
+
+def decode_dead_letter(entry: bytes) -> tuple[DeadLetter, bytes]:
+    head, _, payload = entry.partition(b"\n")
+    return _dead_decoder.decode(head), payload
+
+
+@dataclass
+class FlushResult:
+    """What one flush of one shard did."""
+
+    shard: int
+    locked: bool = True  # False: another flusher held the lock; nothing was done
+    rows: int = 0  # rows sent to ClickHouse (duplicates of a re-drive are dropped there)
+    dead: int = 0
+    batches: int = 0
+    redriven: int = 0
+    claims: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "shard": self.shard,
+            "locked": self.locked,
+            "rows": self.rows,
+            "dead": self.dead,
+            "batches": self.batches,
+            "redriven": self.redriven,
+            "claims": list(self.claims),
+            "seconds": round(self.seconds, 4),
+        }
+
+
+class AckRefusedError(RuntimeError):
+    """ack.lua found the lock held under another token."""
+
+
+class Flusher:
+    """Moves rows from the Redis buffer into ClickHouse, one locked shard at a time."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        sink_factory: Callable[[], Sink],
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.sink_factory = sink_factory
+        self.clock = clock
+        self.keyspace = Keyspace(settings.key_prefix, settings.shards)
+        self.scripts = Scripts(redis)
+
+    def process_buffer(self, max_batches: int | None = None) -> list[FlushResult]:
+        """Flush every shard once (each under its own lock)."""
+        return [self.flush_shard(shard.shard, max_batches) for shard in self.keyspace.all()]
+
+    def flush_shard(self, shard_no: int, max_batches: int | None = None) -> FlushResult:
+        """Up to `max_batches` batches (default: the setting) of one shard.
+
+        Returns at once with `locked=False` if another flusher holds the lock.
+        """
+        shard = self.keyspace.shard(shard_no)
+        result = FlushResult(shard=shard_no)
+        lock = FlushLock(self.redis, shard.lock, self.settings.lock_ttl_s)
+        if not lock.acquire():
+            result.locked = False
+            return result
+        started = time.perf_counter()
+        sink = self.sink_factory()
+        try:
+            limit = max_batches or self.settings.max_batches_per_flush
+            while result.batches < limit and self._flush_one(shard, lock, sink, result):
+                pass
+        finally:
+            sink.close()
+            lock.release()
+            result.seconds = time.perf_counter() - started
+        return result
+
+    def _flush_one(
+        self, shard: ShardKeys, lock: FlushLock, sink: Sink, result: FlushResult
+    ) -> bool:
+        """One claim from claim to ack. False when the shard had nothing to claim."""
+        claim = self.scripts.claim(
+            shard, str(uuid.uuid4()), self.settings.batch_size, self.clock.now_ms()
+        )
+        if claim is None:
+            return False
+        if claim.redriven:
+            log.warning("re-driving unacknowledged claim %s on shard %d", claim.id, shard.shard)
+
+        keyed: list[tuple[str, str, bytes, str]] = []
+        dead: list[bytes] = []
+        for raw in claim.rows:
+            try:
+                head = decode_row_head(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                dead.append(self._dead(REASON_INVALID_JSON, str(exc), raw, shard, claim.id))
+                continue
+            keyed.append((head.created_at, head.id, raw, head.project_id))
+        keyed.sort()
+
+        rows = [item[2] for item in keyed]
+        rejected: set[int] = set()
+        size = self.settings.chunk_size
+        for index, start in enumerate(range(0, len(rows), size)):
+            lock.check()
+            offsets = list(range(start, min(start + size, len(rows))))
+            self._write(sink, rows, offsets, f"{claim.id}:{index}", rejected, shard, claim.id, dead)
+        lock.check()
+
+        projects = Counter(item[3] for n, item in enumerate(keyed) if n not in rejected)
+        inserted = len(rows) - len(rejected)
+        notice = msgspec.json.encode(
+            {"shard": shard.shard, "claim": claim.id, "rows": inserted, "projects": projects}
+        )
+        outcome = self.scripts.ack(
+            shard,
+            lock_token=lock.token,
+            claim_id=claim.id,
+            now_ms=self.clock.now_ms(),
+            rows_inserted=inserted,
+            dead_letters=dead,
+            saved=(CHANNEL_SAVED, notice),
+        )
+        if outcome == AckResult.LOCK_HELD_BY_OTHER:
+            raise LockLostError(f"claim {claim.id}: the lock is held by another flusher")
+        if outcome == AckResult.ALREADY_ACKED:
+            log.info("claim %s was acknowledged by another flusher", claim.id)
+        result.batches += 1
+        result.redriven += int(claim.redriven)
+        result.rows += inserted
+        result.dead += len(dead)
+        result.claims.append(claim.id)
+        return True
+
+    def _write(
+        self,
+        sink: Sink,
+        rows: Sequence[bytes],
+        offsets: list[int],
+        token: str,
+        rejected: set[int],
+        shard: ShardKeys,
+        claim_id: str,
+        dead: list[bytes],
+    ) -> None:
+        """Insert rows[offsets]; on a row-level rejection, halve until the bad rows are alone.
+
+        The halves get tokens derived from the parent's, so a re-drive that
+        meets the same rejection retries with the same tokens.
+        """
+        try:
+            sink.write([rows[i] for i in offsets], token)
+            return
+        except RowRejectedError as exc:
+            if len(offsets) == 1:
+                rejected.add(offsets[0])
+                dead.append(self._dead(REASON_REJECTED, str(exc), rows[offsets[0]], shard, claim_id))
+                return
+        middle = len(offsets) // 2
+        for part, half in enumerate((offsets[:middle], offsets[middle:])):
+            self._write(sink, rows, half, f"{token}.{part}", rejected, shard, claim_id, dead)
+
+    def _dead(self, reason: str, error: str, raw: bytes, shard: ShardKeys, claim: str) -> bytes:
+        header = DeadLetter(
+            reason=reason,
+            error=error,
+            source="flush",
+            at=self.clock.now_ms(),
+            shard=shard.shard,
+            claim=claim,
+        )
+        return encode_dead_letter(header, raw)

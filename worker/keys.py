@@ -1,0 +1,115 @@
+"""The whole Redis keyspace of eventbuffer, in one place.
+
+Every key of a shard starts with the hash tag `{<prefix>:<shard>}`, so all
+keys one Lua script touches live in one Redis Cluster slot. Values that come
+from events (session, profile, project ids, batch ids) are percent-encoded
+before they become part of a key: `{`, `}`, `:`, `%` and spaces can never
+change the hash tag or make two different ids share a key.
+
+Per shard:
+
+    {p:N}:queue                 LIST    JSON rows waiting for ClickHouse, oldest first
+    {p:N}:claim                 HASH    the open claim: id, count (head of queue), at
+    {p:N}:lock                  STRING  flush lock token (SET NX PX)
+    {p:N}:dead                  LIST    dead letters: JSON header, newline, raw payload
+    {p:N}:stats                 HASH    last flush: at, rows, dead, claim id
+    {p:N}:session:<sid>         STRING  a session's last screen_view: "<ms>|<row json>"
+    {p:N}:profile:<proj>:<pid>  STRING  a profile's last screen_view, same format
+    {p:N}:visitors:<proj>       ZSET    profile id -> last seen (ms)
+    {p:N}:batch:<id>            STRING  marker of an applied ingest batch (with TTL)
+
+Pub/sub channels (not keys, so they carry no hash tag): `events:received`
+and `events:saved`, the names OpenPanel's subscribers listen on.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+CHANNEL_RECEIVED = "events:received"
+CHANNEL_SAVED = "events:saved"
+
+
+def escape(value: str) -> str:
+    """Percent-encode an id so it is inert inside a key name."""
+    return quote(value, safe="")
+
+
+def shard_for(route_key: str, shards: int) -> int:
+    """Stable shard of a routing key (a session id, or the event id without one)."""
+    if shards == 1:
+        return 0
+    return zlib.crc32(route_key.encode("utf-8")) % shards
+
+
+@dataclass(frozen=True)
+class ShardKeys:
+    """Key names of one buffer shard."""
+
+    prefix: str
+    shard: int
+
+    def __post_init__(self) -> None:
+        if "{" in self.prefix or "}" in self.prefix:
+            raise ValueError("the key prefix must not contain '{' or '}'")
+
+    @property
+    def tag(self) -> str:
+        return "{" + f"{self.prefix}:{self.shard}" + "}"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.tag}:queue"
+
+    @property
+    def claim(self) -> str:
+        return f"{self.tag}:claim"
+
+    @property
+    def lock(self) -> str:
+        return f"{self.tag}:lock"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.tag}:dead"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.tag}:stats"
+
+    def session(self, session_id: str) -> str:
+        return f"{self.tag}:session:{escape(session_id)}"
+
+    def profile(self, project_id: str, profile_id: str) -> str:
+        return f"{self.tag}:profile:{escape(project_id)}:{escape(profile_id)}"
+
+    def visitors(self, project_id: str) -> str:
+        return f"{self.tag}:visitors:{escape(project_id)}"
+
+    def visitors_pattern(self) -> str:
+        return f"{self.tag}:visitors:*"
+
+    def project_of_visitors_key(self, key: str) -> str:
+        return unquote(key.rsplit(":", 1)[1])
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.tag}:batch:{escape(batch_id)}"
+
+
+@dataclass(frozen=True)
+class Keyspace:
+    """All shards of one deployment."""
+
+    prefix: str
+    shards: int
+
+    def shard(self, n: int) -> ShardKeys:
+        return ShardKeys(self.prefix, n)
+
+    def all(self) -> list[ShardKeys]:
+        return [ShardKeys(self.prefix, n) for n in range(self.shards)]
+
+    def route(self, route_key: str) -> ShardKeys:
+        return ShardKeys(self.prefix, shard_for(route_key, self.shards))

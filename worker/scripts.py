@@ -1,0 +1,130 @@
+"""The Lua scripts, loaded by file stem, each behind one typed Python wrapper.
+
+Callers never see KEYS or ARGV. Scripts are registered with redis-py's
+`register_script`, so they run by EVALSHA and are re-sent automatically
+after NOSCRIPT (a Redis restart or SCRIPT FLUSH). The script headers in
+`lua_scripts/*.lua` document every key, argument and return value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from redis import Redis
+from redis.client import Pipeline
+
+from worker.events import KIND_SCREEN_VIEW, KIND_SESSION_END, Event
+from worker.keys import ShardKeys
+
+
+def load_lua(stem: str) -> str:
+    """The source of `lua_scripts/<stem>.lua` (shipped inside the wheel)."""
+    return resources.files("lua_scripts").joinpath(f"{stem}.lua").read_text("utf-8")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A batch handed to a flusher: the head of a shard's queue."""
+
+    id: str
+    redriven: bool
+    claimed_at_ms: int
+    rows: list[bytes]
+
+
+class AckResult:
+    ACKED = 1
+    ALREADY_ACKED = 0
+    LOCK_HELD_BY_OTHER = -1
+
+
+class Scripts:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._apply = redis.register_script(load_lua("apply_batch"))
+        self._claim = redis.register_script(load_lua("claim"))
+        self._ack = redis.register_script(load_lua("ack"))
+
+    def apply_batch(
+        self,
+        shard: ShardKeys,
+        batch_id: str,
+        events: Sequence[Event],
+        rows: Sequence[bytes],
+        *,
+        now_ms: int,
+        view_ttl_s: int,
+        marker_ttl_s: int,
+        publish: tuple[str, bytes] | None = None,
+        pipeline: Pipeline | None = None,
+    ) -> Any:
+        """Apply events (with their encoded rows) to one shard.
+
+        Returns (appended, queue_length), appended -1 for an already applied
+        batch id; with `pipeline`, queues the call and returns the pipeline.
+        """
+        keys: list[str] = [shard.queue, shard.batch(batch_id)]
+        index: dict[str, int] = {}
+
+        def key_index(name: str) -> int:
+            found = index.get(name)
+            if found is None:
+                keys.append(name)
+                found = index[name] = len(keys)
+            return found
+
+        channel, payload = publish if publish else ("", b"")
+        args: list[Any] = [now_ms, view_ttl_s, marker_ttl_s, channel, payload]
+        for event, row in zip(events, rows, strict=True):
+            kind = event.kind
+            session = profile = visitors = 0
+            if kind == KIND_SCREEN_VIEW or kind == KIND_SESSION_END:
+                session = key_index(shard.session(event.session_id))
+                if event.profile_id:
+                    profile = key_index(shard.profile(event.project_id, event.profile_id))
+            if event.profile_id:
+                visitors = key_index(shard.visitors(event.project_id))
+            args += (kind, session, profile, visitors, event.profile_id, event.created_ms, row)
+        client: Any = pipeline if pipeline is not None else self._redis
+        reply = self._apply(keys=keys, args=args, client=client)
+        if pipeline is not None:
+            return pipeline
+        return int(reply[0]), int(reply[1])
+
+    def claim(self, shard: ShardKeys, new_id: str, max_rows: int, now_ms: int) -> Claim | None:
+        """The shard's open claim, else a new one of up to `max_rows`; None if empty."""
+        reply = self._claim(keys=[shard.queue, shard.claim], args=[new_id, max_rows, now_ms])
+        if not reply:
+            return None
+        return Claim(
+            id=_text(reply[0]),
+            redriven=int(reply[1]) == 1,
+            claimed_at_ms=int(reply[2]),
+            rows=list(reply[3:]),
+        )
+
+    def ack(
+        self,
+        shard: ShardKeys,
+        *,
+        lock_token: bytes,
+        claim_id: str,
+        now_ms: int,
+        rows_inserted: int,
+        dead_letters: Sequence[bytes],
+        saved: tuple[str, bytes] | None,
+    ) -> int:
+        """Remove an acknowledged claim; one of the AckResult codes."""
+        channel, payload = saved if saved else ("", b"")
+        reply = self._ack(
+            keys=[shard.lock, shard.claim, shard.queue, shard.dead, shard.stats],
+            args=[lock_token, claim_id, now_ms, rows_inserted, channel, payload, *dead_letters],
+        )
+        return int(reply)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value

@@ -1,0 +1,188 @@
+"""Every setting eventbuffer reads, parsed and validated once.
+
+`Settings.from_env()` reads the process environment (or any mapping) and
+returns a frozen object. A malformed value raises `SettingsError` naming the
+variable, so a bad deploy stops at start-up instead of misbehaving later.
+
+Each field carries its environment variable, a parser and a one-line help
+text in its metadata; the README's configuration table is generated from
+`Settings.describe()`. This module imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting in the environment is malformed."""
+
+
+def _int(minimum: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+        if value < minimum:
+            raise SettingsError(f"{name} must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _url(*schemes: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip()
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in schemes:
+            allowed = ", ".join(f"{s}://" for s in schemes)
+            raise SettingsError(f"{name} must start with one of {allowed}, got {scheme or value!r}")
+        return value
+
+    return parse
+
+
+def _text(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise SettingsError(f"{name} must not be empty")
+    return value
+
+
+def _setting(env: str, default: Any, parse: Callable[[str, str], Any], help: str) -> Any:
+    return field(default=default, metadata={"env": env, "parse": parse, "help": help})
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "memory")
+CLICKHOUSE_SCHEMES = ("chdb", "clickhouse", "clickhouses")
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = _setting(
+        "REDIS_URL",
+        "redis://127.0.0.1:6379/0",
+        _url(*REDIS_SCHEMES),
+        "Redis holding the buffer (`rediss://` for TLS; password in the URL).",
+    )
+    broker_url: str = _setting(
+        "CELERY_BROKER_URL",
+        "",
+        _url(*BROKER_SCHEMES),
+        "Celery broker; empty means the same as `REDIS_URL`. `amqp://` for RabbitMQ.",
+    )
+    clickhouse_url: str = _setting(
+        "CLICKHOUSE_URL",
+        "chdb://data/clickhouse",
+        _url(*CLICKHOUSE_SCHEMES),
+        "`chdb:///abs/path` or `chdb://rel/path` (embedded, default), "
+        "`clickhouse://user:pw@host:9000/db` or `clickhouses://` (native protocol, TLS).",
+    )
+    key_prefix: str = _setting(
+        "EVENT_BUFFER_KEY_PREFIX",
+        "eventbuffer",
+        _text,
+        "Prefix of every Redis key, so several deployments can share one Redis.",
+    )
+    batch_size: int = _setting(
+        "EVENT_BUFFER_BATCH_SIZE",
+        4000,
+        _int(1),
+        "Events claimed from a shard's queue per flush batch.",
+    )
+    chunk_size: int = _setting(
+        "EVENT_BUFFER_CHUNK_SIZE",
+        1000,
+        _int(1),
+        "Rows per ClickHouse INSERT within a batch (each with its own dedup token).",
+    )
+    max_batches_per_flush: int = _setting(
+        "EVENT_BUFFER_MAX_BATCHES_PER_FLUSH",
+        1,
+        _int(1),
+        "Batches one `process_buffer` run may flush per shard (1 = OpenPanel's behaviour).",
+    )
+    micro_batch_ms: int = _setting(
+        "EVENT_BUFFER_MICRO_BATCH_MS",
+        10,
+        _int(0),
+        "Producer client: send a batch at the latest this long after its first event.",
+    )
+    micro_batch_size: int = _setting(
+        "EVENT_BUFFER_MICRO_BATCH_SIZE",
+        100,
+        _int(1),
+        "Producer client: send a batch as soon as it holds this many events.",
+    )
+    publish_throttle_ms: int = _setting(
+        "EVENT_BUFFER_PUBLISH_THROTTLE_MS",
+        1000,
+        _int(0),
+        "At most one `events:received` publish per process per this many ms.",
+    )
+    lock_ttl_s: int = _setting(
+        "EVENT_BUFFER_LOCK_TTL_S",
+        60,
+        _int(1),
+        "Lifetime of a shard's flush lock; extended while a flush is still working.",
+    )
+    screen_view_ttl_s: int = _setting(
+        "EVENT_BUFFER_SCREEN_VIEW_TTL_S",
+        3600,
+        _int(1),
+        "How long a session's last screen_view is kept waiting for the next view.",
+    )
+    active_visitor_window_s: int = _setting(
+        "EVENT_BUFFER_ACTIVE_VISITOR_WINDOW_S",
+        300,
+        _int(1),
+        "A profile counts as an active visitor this long after its last event.",
+    )
+    batch_marker_ttl_s: int = _setting(
+        "EVENT_BUFFER_BATCH_MARKER_TTL_S",
+        86400,
+        _int(1),
+        "How long an applied batch id is remembered, so a redelivered batch is skipped.",
+    )
+    shards: int = _setting(
+        "EVENT_BUFFER_SHARDS",
+        1,
+        _int(1),
+        "Buffer shards; events are routed by session_id and each shard flushes under its own lock.",
+    )
+    clickhouse_table: str = _setting(
+        "EVENT_BUFFER_TABLE",
+        "events",
+        _text,
+        "ClickHouse table the events are written to.",
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from `environ` (default: `os.environ`).
+
+        Unset or empty variables take their defaults.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.metadata["env"], "")
+            if raw.strip():
+                values[f.name] = f.metadata["parse"](f.metadata["env"], raw)
+        return cls(**values)
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @classmethod
+    def describe(cls) -> Iterator[tuple[str, str, str]]:
+        """(variable, default, help) for every setting, in declaration order."""
+        for f in dataclasses.fields(cls):
+            yield f.metadata["env"], str(f.default), f.metadata["help"]

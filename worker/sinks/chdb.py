@@ -1,0 +1,143 @@
+"""Embedded ClickHouse through chDB: the default backend, nothing to run.
+
+A chDB data directory can be open in only one process at a time, so the
+directory is opened on first use and closed by `close()` (the flusher closes
+it at the end of every run; the CLI after every query). Another process
+holding it shows up as `RetryableSinkError`: the flush is retried later.
+
+Within one process, every `ChdbSink` on the same path shares one chDB
+session (chDB allows one per process), guarded by a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from worker.sinks.base import PermanentSinkError, RetryableSinkError, RowRejectedError, classify
+from worker.sinks.schema import create_table, identifier
+
+_TOKEN = re.compile(r"^[A-Za-z0-9:._-]{1,200}$")
+
+
+class _Handle:
+    """One open chDB session on one directory, shared by the sinks on it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = threading.RLock()
+        self.users = 0
+        self.session: Any = None
+
+    def open(self) -> Any:
+        if self.session is None:
+            from chdb import session as chdb_session
+
+            os.makedirs(self.path, exist_ok=True)
+            try:
+                self.session = chdb_session.Session(self.path)
+            except Exception as exc:  # chDB raises RuntimeError for a locked directory
+                raise RetryableSinkError(
+                    f"embedded ClickHouse at {self.path} could not be opened "
+                    f"(held by another process?): {exc}"
+                ) from exc
+        return self.session
+
+    def close(self) -> None:
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.close()
+
+
+_handles: dict[str, _Handle] = {}
+_handles_lock = threading.Lock()
+
+
+def _handle_for(path: str) -> _Handle:
+    with _handles_lock:
+        handle = _handles.get(path)
+        if handle is None:
+            handle = _handles[path] = _Handle(path)
+        return handle
+
+
+def _forget_handles_after_fork() -> None:
+    # A session opened by a parent is not usable in a forked child.
+    global _handles_lock
+    _handles.clear()
+    _handles_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_handles_after_fork)
+
+
+def path_from_url(url: str) -> str:
+    """`chdb:///abs/path` -> /abs/path; `chdb://rel/path` -> <cwd>/rel/path."""
+    rest = url.split("://", 1)[1]
+    if not rest:
+        raise ValueError("a chdb:// URL needs a path, e.g. chdb://data/clickhouse")
+    return os.path.abspath(rest)
+
+
+class ChdbSink:
+    """Writes JSON rows into an embedded ClickHouse table, unparsed."""
+
+    def __init__(self, path: str, table: str = "events") -> None:
+        self.path = os.path.abspath(path)
+        self.table = table
+        self._quoted_table = identifier(table)
+        self._handle = _handle_for(self.path)
+        self._holding = False
+
+    def _session(self) -> Any:
+        handle = self._handle
+        with handle.lock:
+            if not self._holding:
+                handle.open()
+                handle.users += 1
+                self._holding = True
+            return handle.session
+
+    def _run(self, sql: str, fmt: str = "CSV", params: dict[str, Any] | None = None) -> Any:
+        with self._handle.lock:
+            session = self._session()
+            try:
+                return session.query(sql, fmt, params=params)
+            except Exception as exc:
+                raise classify(str(exc)) from exc
+
+    def write(self, rows: Sequence[bytes], token: str) -> None:
+        if not _TOKEN.match(token):
+            raise PermanentSinkError(f"unsafe dedup token {token!r}")
+        try:
+            data = b"\n".join(rows).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RowRejectedError(f"row is not valid UTF-8: {exc}") from exc
+        self._run(
+            f"INSERT INTO {self._quoted_table} "
+            f"SETTINGS insert_deduplication_token = '{token}', async_insert = 0 "
+            f"FORMAT JSONEachRow\n{data}"
+        )
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        result = self._run(sql, "JSONCompact", params=params)
+        raw = result.bytes()
+        if not raw:
+            return []
+        return [tuple(row) for row in json.loads(raw)["data"]]
+
+    def migrate(self) -> None:
+        self._run(create_table(self.table))
+
+    def close(self) -> None:
+        handle = self._handle
+        with handle.lock:
+            if self._holding:
+                self._holding = False
+                handle.users -= 1
+                if handle.users == 0:
+                    handle.close()
