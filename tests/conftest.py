@@ -55,11 +55,16 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", str(self.directory),
-                "--save", "",
-                "--appendonly", "no",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
                 *self.extra,
             ],
             stdout=subprocess.DEVNULL,
@@ -153,6 +158,15 @@ def sink(settings: Settings) -> Iterator[ChdbSink]:
         yield sink
     finally:
         sink.close()
+
+
+@pytest.fixture(autouse=True)
+def _release_chdb() -> Iterator[None]:
+    # chDB allows one open data directory per process: never leak one into the next test.
+    yield
+    from worker.sinks.chdb import close_all
+
+    close_all()
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from redis import Redis
 
@@ -132,7 +133,8 @@ class EventBuffer:
         else:
             raise TypeError("pass session_id, or project_id and profile_id")
         newest: tuple[int, bytes] | None = None
-        for value in self.redis.mget(names):
+        values = cast(list[bytes | None], self.redis.mget(names))
+        for value in values:
             if value is None:
                 continue
             created, _, row = value.partition(b"|")

@@ -193,7 +193,9 @@ def parse_datetime(field: str, value: str | int | float) -> datetime:
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise InvalidEvent(field, f"not an ISO-8601 date or epoch milliseconds: {value!r}") from None
+        raise InvalidEvent(
+            field, f"not an ISO-8601 date or epoch milliseconds: {value!r}"
+        ) from None
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC)
@@ -219,7 +221,9 @@ def flatten_properties(props: dict[str, Any]) -> dict[str, str]:
 
 def _flatten(prefix: str, value: Any, out: dict[str, str], depth: int) -> None:
     if depth > MAX_PROPERTY_DEPTH:
-        raise InvalidEvent(f"properties.{prefix}", f"nested deeper than {MAX_PROPERTY_DEPTH} levels")
+        raise InvalidEvent(
+            f"properties.{prefix}", f"nested deeper than {MAX_PROPERTY_DEPTH} levels"
+        )
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):

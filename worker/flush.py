@@ -222,7 +222,9 @@ class Flusher:
         except RowRejectedError as exc:
             if len(offsets) == 1:
                 rejected.add(offsets[0])
-                dead.append(self._dead(REASON_REJECTED, str(exc), rows[offsets[0]], shard, claim_id))
+                dead.append(
+                    self._dead(REASON_REJECTED, str(exc), rows[offsets[0]], shard, claim_id)
+                )
                 return
         middle = len(offsets) // 2
         for part, half in enumerate((offsets[:middle], offsets[middle:])):

@@ -81,7 +81,7 @@ class Scripts:
         for event, row in zip(events, rows, strict=True):
             kind = event.kind
             session = profile = visitors = 0
-            if kind == KIND_SCREEN_VIEW or kind == KIND_SESSION_END:
+            if kind in (KIND_SCREEN_VIEW, KIND_SESSION_END):
                 session = key_index(shard.session(event.session_id))
                 if event.profile_id:
                     profile = key_index(shard.profile(event.project_id, event.profile_id))

@@ -39,7 +39,7 @@ class _Handle:
 
             os.makedirs(self.path, exist_ok=True)
             try:
-                self.session = chdb_session.Session(self.path)
+                self.session = chdb_session.Session(self.path)  # type: ignore[no-untyped-call]
             except Exception as exc:  # chDB raises RuntimeError for a locked directory
                 raise RetryableSinkError(
                     f"embedded ClickHouse at {self.path} could not be opened "
@@ -75,6 +75,16 @@ def _forget_handles_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_handles_after_fork)
 
 
+def close_all() -> None:
+    """Close every chDB session this process holds (tests, shutdown)."""
+    with _handles_lock:
+        handles = list(_handles.values())
+    for handle in handles:
+        with handle.lock:
+            handle.users = 0
+            handle.close()
+
+
 def path_from_url(url: str) -> str:
     """`chdb:///abs/path` -> /abs/path; `chdb://rel/path` -> <cwd>/rel/path."""
     rest = url.split("://", 1)[1]
@@ -96,11 +106,11 @@ class ChdbSink:
     def _session(self) -> Any:
         handle = self._handle
         with handle.lock:
+            session = handle.open()
             if not self._holding:
-                handle.open()
                 handle.users += 1
                 self._holding = True
-            return handle.session
+            return session
 
     def _run(self, sql: str, fmt: str = "CSV", params: dict[str, Any] | None = None) -> Any:
         with self._handle.lock:
@@ -138,6 +148,6 @@ class ChdbSink:
         with handle.lock:
             if self._holding:
                 self._holding = False
-                handle.users -= 1
+                handle.users = max(0, handle.users - 1)
                 if handle.users == 0:
                     handle.close()

@@ -1,0 +1,116 @@
+"""The event model: pure validation and normalization, no servers."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from worker.events import (
+    KIND_REGULAR,
+    KIND_SCREEN_VIEW,
+    KIND_SESSION_END,
+    InvalidEvent,
+    decode_row,
+    encode_event,
+    parse_event,
+)
+
+BASE = {"project_id": "p", "name": "x", "created_at": "2026-01-01T00:00:00Z"}
+
+
+def with_(**fields: Any) -> dict[str, Any]:
+    return {**BASE, **fields}
+
+
+@pytest.mark.parametrize(
+    ("created_at", "stored"),
+    [
+        ("2026-01-01T10:00:00.5+02:00", "2026-01-01 08:00:00.500"),
+        ("2026-01-01T10:00:00Z", "2026-01-01 10:00:00.000"),
+        ("2026-01-01 10:00:00.123456", "2026-01-01 10:00:00.123"),
+        ("2026-01-01T10:00:00", "2026-01-01 10:00:00.000"),
+        (1767261600123, "2026-01-01 10:00:00.123"),
+        ("1767261600123", "2026-01-01 10:00:00.123"),
+    ],
+)
+def test_created_at_is_stored_in_utc_with_milliseconds(created_at: Any, stored: str) -> None:
+    event = parse_event(with_(created_at=created_at))
+    assert event.created_at == stored
+
+
+def test_an_id_is_assigned_once_and_kept() -> None:
+    event = parse_event(dict(BASE))
+    assert uuid.UUID(event.id)
+    assert decode_row(encode_event(event)).id == event.id
+    given = str(uuid.uuid4())
+    assert parse_event(with_(id=given.upper())).id == given
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "problem"),
+    [
+        ({"name": "x", "created_at": 1}, "project_id", "required"),
+        ({"project_id": "p", "created_at": 1}, "name", "required"),
+        ({"project_id": "p", "name": "x"}, "created_at", "required"),
+        (with_(name=""), "name", "length >= 1"),
+        (with_(project_id=5), "project_id", "Expected `str`"),
+        (with_(created_at="yesterday"), "created_at", "ISO-8601"),
+        (with_(created_at=True), "created_at", ""),
+        (with_(id="not-a-uuid"), "id", "UUID"),
+        (with_(country="SWE"), "country", "length <= 2"),
+        (with_(duration=-5), "duration", ">= 0"),
+        (with_(properties={"a": float("inf")}), "properties.a", "finite"),
+        (with_(properties="flat"), "properties", "Expected `object`"),
+        (with_(longitude="east"), "longitude", "Expected `float | null`"),
+    ],
+)
+def test_invalid_events_name_the_field(payload: Any, field: str, problem: str) -> None:
+    with pytest.raises(InvalidEvent) as raised:
+        parse_event(payload)
+    assert raised.value.field == field
+    assert problem in raised.value.problem
+
+
+def test_non_objects_and_bad_json_are_rejected() -> None:
+    for payload in ([1, 2], "plain", b"{nope", None):
+        with pytest.raises(InvalidEvent) as raised:
+            parse_event(payload)
+        assert raised.value.field == "$"
+
+
+def test_properties_flatten_to_strings_like_openpanel_to_dots() -> None:
+    event = parse_event(
+        with_(properties={"a": 1, "b": {"c": True, "d": [None, 2.5]}, "skip": None, "s": "t"})
+    )
+    assert event.properties == {"a": "1", "b.c": "true", "b.d.1": "2.5", "s": "t"}
+
+
+def test_too_deep_properties_are_rejected() -> None:
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(12):
+        node["k"] = {}
+        node = node["k"]
+    with pytest.raises(InvalidEvent) as raised:
+        parse_event(with_(properties=deep))
+    assert raised.value.field.startswith("properties.k.k")
+
+
+def test_kind_needs_a_session() -> None:
+    assert parse_event(with_(name="screen_view", session_id="s")).kind == KIND_SCREEN_VIEW
+    assert parse_event(with_(name="session_end", session_id="s")).kind == KIND_SESSION_END
+    assert parse_event(with_(name="screen_view")).kind == KIND_REGULAR
+    assert parse_event(with_(name="session_end")).kind == KIND_REGULAR
+
+
+def test_json_row_omits_defaults_and_ends_with_duration() -> None:
+    row = encode_event(parse_event(with_(duration=12, path="/a")))
+    assert row.endswith(b',"duration":12}')
+    assert b'"city"' not in row
+    assert not encode_event(parse_event(dict(BASE))).endswith(b"}}")
+
+
+def test_created_ms() -> None:
+    assert parse_event(with_(created_at=1767261600123)).created_ms == 1767261600123

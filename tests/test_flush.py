@@ -1,0 +1,285 @@
+"""The flush against real Redis and real embedded ClickHouse (chDB)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import pytest
+import redis as redis_lib
+
+from worker.buffer import EventBuffer
+from worker.events import Event, parse_event
+from worker.flush import (
+    REASON_INVALID_JSON,
+    REASON_REJECTED,
+    Flusher,
+    decode_dead_letter,
+)
+from worker.keys import CHANNEL_SAVED, ShardKeys
+from worker.lock import FlushLock
+from worker.settings import Settings
+from worker.sinks.base import PermanentSinkError, RetryableSinkError, Sink
+from worker.sinks.chdb import ChdbSink, path_from_url
+
+KEYS = ShardKeys("eventbuffer", 0)
+
+
+def event(name: str, created_at: str, **fields: Any) -> Event:
+    return parse_event({"project_id": "p1", "name": name, "created_at": created_at, **fields})
+
+
+class RecordingSink:
+    """A real ChdbSink that also records each write's size and token."""
+
+    def __init__(self, inner: Sink) -> None:
+        self.inner = inner
+        self.table = inner.table
+        self.writes: list[tuple[int, str]] = []
+
+    def write(self, rows: Sequence[bytes], token: str) -> None:
+        self.writes.append((len(rows), token))
+        self.inner.write(rows, token)
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        return self.inner.query(sql, params)
+
+    def migrate(self) -> None:
+        self.inner.migrate()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def settings_with(redis_url: str, chdb_url: str, **env: str) -> Settings:
+    return Settings.from_env({"REDIS_URL": redis_url, "CLICKHOUSE_URL": chdb_url, **env})
+
+
+def flusher_for(redis: redis_lib.Redis, settings: Settings, sink: Sink) -> Flusher:
+    return Flusher(redis, settings, lambda: sink)
+
+
+def test_rows_land_with_the_right_durations(
+    redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
+) -> None:
+    buffer = EventBuffer(redis, settings)
+    views = [
+        event("screen_view", t, session_id="s1", profile_id="u1")
+        for t in ("2026-03-01T12:00:00Z", "2026-03-01T12:00:01Z", "2026-03-01T12:00:03Z")
+    ]
+    end = event("session_end", "2026-03-01T12:00:10Z", session_id="s1", profile_id="u1")
+    for item in [*views, end]:
+        buffer.add(item)
+    [result] = flusher_for(redis, settings, sink).process_buffer()
+    assert (result.locked, result.rows, result.dead, result.batches) == (True, 4, 0, 1)
+    rows = sink.query("SELECT toString(id), name, duration FROM events ORDER BY created_at")
+    assert rows == [
+        (views[0].id, "screen_view", 1000),
+        (views[1].id, "screen_view", 2000),
+        (views[2].id, "screen_view", 0),
+        (end.id, "session_end", 0),
+    ]
+    assert buffer.get_buffer_size() == 0
+
+
+def test_fields_round_trip_into_clickhouse(
+    redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
+) -> None:
+    item = parse_event(
+        {
+            "project_id": "p1",
+            "name": "purchase",
+            "created_at": "2026-03-01T14:00:00.123+02:00",
+            "properties": {"plan": "pro", "seats": 3, "nested": {"ok": True}},
+            "country": "SE",
+            "longitude": 18.06,
+            "latitude": None,
+            "imported_at": 1772366400000,
+        }
+    )
+    EventBuffer(redis, settings).add(item)
+    flusher_for(redis, settings, sink).process_buffer()
+    [row] = sink.query(
+        "SELECT toString(created_at), properties, country, round(longitude, 2), latitude, "
+        "toString(imported_at) FROM events"
+    )
+    assert row == (
+        "2026-03-01 12:00:00.123",
+        {"plan": "pro", "seats": "3", "nested.ok": "true"},
+        "SE",
+        18.06,
+        None,
+        "2026-03-01 12:00:00",
+    )
+
+
+def test_chunks_of_chunk_size(redis: redis_lib.Redis, redis_url: str, chdb_url: str) -> None:
+    settings = settings_with(redis_url, chdb_url, EVENT_BUFFER_CHUNK_SIZE="2")
+    inner = ChdbSink(path_from_url(chdb_url))
+    inner.migrate()
+    sink = RecordingSink(inner)
+    EventBuffer(redis, settings).apply([event("x", f"2026-03-01T12:00:0{n}Z") for n in range(4)])
+    [result] = flusher_for(redis, settings, sink).process_buffer()
+    assert [size for size, _ in sink.writes] == [2, 2]
+    claim = result.claims[0]
+    assert [token for _, token in sink.writes] == [f"{claim}:0", f"{claim}:1"]
+    assert sink.query("SELECT count() FROM events") == [(4,)]
+
+
+def test_takes_at_most_batch_size_oldest_events_sorted_by_time(
+    redis: redis_lib.Redis, redis_url: str, chdb_url: str
+) -> None:
+    settings = settings_with(redis_url, chdb_url, EVENT_BUFFER_BATCH_SIZE="4")
+    sink = ChdbSink(path_from_url(chdb_url))
+    sink.migrate()
+    items = [event(f"e{n}", f"2026-03-01T12:00:{59 - n:02d}Z") for n in range(6)]
+    EventBuffer(redis, settings).apply(items)
+    [result] = flusher_for(redis, settings, sink).process_buffer()
+    assert result.rows == 4
+    landed = sink.query("SELECT name FROM events ORDER BY created_at")
+    assert landed == [("e3",), ("e2",), ("e1",), ("e0",)]
+    assert redis.llen(KEYS.queue) == 2
+    [result] = flusher_for(redis, settings, sink).process_buffer(max_batches=5)
+    assert (result.rows, result.batches) == (2, 1)
+
+
+def test_a_held_lock_makes_a_second_flush_return_at_once(
+    redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
+) -> None:
+    EventBuffer(redis, settings).add(event("x", "2026-03-01T12:00:00Z"))
+    other = FlushLock(redis, KEYS.lock, 30)
+    assert other.acquire()
+    try:
+        [result] = flusher_for(redis, settings, sink).process_buffer()
+        assert (result.locked, result.rows) == (False, 0)
+        assert redis.llen(KEYS.queue) == 1
+    finally:
+        other.release()
+    [result] = flusher_for(redis, settings, sink).process_buffer()
+    assert (result.locked, result.rows) == (True, 1)
+
+
+def test_concurrent_flushes_one_does_the_work(
+    redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
+) -> None:
+    EventBuffer(redis, settings).apply(
+        [event("x", f"2026-03-01T12:00:{n % 60:02d}Z") for n in range(500)]
+    )
+    barrier = threading.Barrier(4)
+    results = []
+
+    def run() -> None:
+        barrier.wait()
+        results.extend(flusher_for(redis, settings, sink).process_buffer())
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(r.rows for r in results) == 500
+    assert sink.query("SELECT count(), uniqExact(id) FROM events") == [(500, 500)]
+
+
+def test_invalid_json_and_rejected_rows_are_dead_lettered_the_rest_lands(
+    redis: redis_lib.Redis, redis_url: str, chdb_url: str
+) -> None:
+    settings = settings_with(redis_url, chdb_url, EVENT_BUFFER_CHUNK_SIZE="4")
+    sink = ChdbSink(path_from_url(chdb_url))
+    sink.migrate()
+    good = [event("ok", f"2026-03-01T12:00:0{n}Z") for n in range(9)]
+    EventBuffer(redis, settings).apply(good)
+    # Entries no validated producer would write: corrupt bytes, and a row
+    # ClickHouse refuses (FixedString(2) cannot hold a 3-letter country).
+    bad_row = (
+        b'{"id":"00000000-0000-4000-8000-000000000001","name":"bad","project_id":"p1",'
+        b'"created_at":"2026-03-01 12:00:04.500","country":"SWE"}'
+    )
+    redis.rpush(KEYS.queue, b"{not json", bad_row)
+    [result] = flusher_for(redis, settings, sink).process_buffer()
+    assert (result.rows, result.dead) == (9, 2)
+    assert sink.query("SELECT count() FROM events WHERE name = 'ok'") == [(9,)]
+    letters = [decode_dead_letter(entry) for entry in redis.lrange(KEYS.dead, 0, -1)]
+    by_reason = {header.reason: (header, payload) for header, payload in letters}
+    assert by_reason[REASON_INVALID_JSON][1] == b"{not json"
+    header, payload = by_reason[REASON_REJECTED]
+    assert payload == bad_row
+    assert "FixedString" in header.error
+    assert header.claim == result.claims[0]
+    assert redis.llen(KEYS.queue) == 0
+
+
+def test_saved_notice_carries_per_project_counts(
+    redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
+) -> None:
+    pubsub = redis.pubsub()
+    pubsub.subscribe(CHANNEL_SAVED)
+    pubsub.get_message(timeout=1)
+    buffer = EventBuffer(redis, settings)
+    buffer.apply([event("a", "2026-03-01T12:00:00Z"), event("b", "2026-03-01T12:00:00Z")])
+    buffer.add(parse_event({"project_id": "p2", "name": "c", "created_at": 1}))
+    [result] = flusher_for(redis, settings, sink).process_buffer()
+    message = pubsub.get_message(timeout=2)
+    assert message is not None
+    notice = msgspec.json.decode(message["data"])
+    assert notice == {
+        "shard": 0,
+        "claim": result.claims[0],
+        "rows": 3,
+        "projects": {"p1": 2, "p2": 1},
+    }
+    pubsub.close()
+
+
+class FailingOnceSink(RecordingSink):
+    def __init__(self, inner: Sink, error: Exception, fail_at: int) -> None:
+        super().__init__(inner)
+        self.error = error
+        self.fail_at = fail_at
+
+    def write(self, rows: Sequence[bytes], token: str) -> None:
+        if len(self.writes) == self.fail_at:
+            self.writes.append((len(rows), "failed:" + token))
+            raise self.error
+        super().write(rows, token)
+
+
+def test_a_retryable_failure_keeps_the_claim_and_the_redrive_writes_no_duplicates(
+    redis: redis_lib.Redis, redis_url: str, chdb_url: str
+) -> None:
+    settings = settings_with(redis_url, chdb_url, EVENT_BUFFER_CHUNK_SIZE="3")
+    inner = ChdbSink(path_from_url(chdb_url))
+    inner.migrate()
+    EventBuffer(redis, settings).apply(
+        [event("x", f"2026-03-01T12:00:{n:02d}Z") for n in range(10)]
+    )
+    failing = FailingOnceSink(inner, RetryableSinkError("server went away"), fail_at=2)
+    with pytest.raises(RetryableSinkError):
+        flusher_for(redis, settings, failing).process_buffer()
+    assert redis.hget(KEYS.claim, "count") == b"10"
+    assert inner.query("SELECT count() FROM events") == [(6,)]
+    retry = RecordingSink(inner)
+    [result] = flusher_for(redis, settings, retry).process_buffer()
+    assert (result.redriven, result.batches) == (1, 1)
+    # Same claim, same chunks, same tokens: the two chunks already written are dropped.
+    claim = failing.writes[0][1].rsplit(":", 1)[0]
+    assert result.claims == [claim]
+    assert [t for _, t in failing.writes] == [f"{claim}:0", f"{claim}:1", f"failed:{claim}:2"]
+    assert [t for _, t in retry.writes] == [f"{claim}:{n}" for n in range(4)]
+    assert inner.query("SELECT count(), uniqExact(id) FROM events") == [(10, 10)]
+    assert not redis.exists(KEYS.claim)
+
+
+def test_a_missing_table_stops_the_flush_without_dead_letters(
+    redis: redis_lib.Redis, settings: Settings
+) -> None:
+    unmigrated = ChdbSink(path_from_url(settings.clickhouse_url))
+    EventBuffer(redis, settings).add(event("x", "2026-03-01T12:00:00Z"))
+    with pytest.raises(PermanentSinkError) as raised:
+        flusher_for(redis, settings, unmigrated).process_buffer()
+    assert raised.value.code == 60
+    assert redis.llen(KEYS.dead) == 0
+    assert redis.llen(KEYS.queue) == 1
+    unmigrated.close()

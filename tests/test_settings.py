@@ -1,0 +1,57 @@
+"""Settings: parsed once, malformed values named."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.settings import Settings, SettingsError
+
+
+def test_defaults_match_openpanel() -> None:
+    s = Settings.from_env({})
+    assert (s.batch_size, s.chunk_size, s.micro_batch_ms, s.micro_batch_size) == (
+        4000,
+        1000,
+        10,
+        100,
+    )
+    assert (s.publish_throttle_ms, s.lock_ttl_s, s.screen_view_ttl_s) == (1000, 60, 3600)
+    assert (s.active_visitor_window_s, s.shards) == (300, 1)
+    assert s.clickhouse_url == "chdb://data/clickhouse"
+    assert s.effective_broker_url == s.redis_url
+
+
+def test_values_are_read_from_the_environment() -> None:
+    s = Settings.from_env(
+        {
+            "EVENT_BUFFER_BATCH_SIZE": " 10 ",
+            "EVENT_BUFFER_SHARDS": "4",
+            "REDIS_URL": "rediss://:pw@cache:6380/1",
+            "CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
+            "CLICKHOUSE_URL": "clickhouse://u:p@ch:9000/analytics",
+            "EVENT_BUFFER_SCREEN_VIEW_TTL_S": "",
+        }
+    )
+    assert (s.batch_size, s.shards, s.screen_view_ttl_s) == (10, 4, 3600)
+    assert s.effective_broker_url.startswith("amqp://")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("EVENT_BUFFER_BATCH_SIZE", "lots", "EVENT_BUFFER_BATCH_SIZE must be an integer"),
+        ("EVENT_BUFFER_CHUNK_SIZE", "0", "EVENT_BUFFER_CHUNK_SIZE must be >= 1"),
+        ("EVENT_BUFFER_SHARDS", "1.5", "EVENT_BUFFER_SHARDS must be an integer"),
+        ("REDIS_URL", "localhost:6379", "REDIS_URL must start with one of"),
+        ("CLICKHOUSE_URL", "http://ch:8123", "CLICKHOUSE_URL must start with one of"),
+    ],
+)
+def test_malformed_values_name_the_variable(name: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env({name: value})
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings.from_env({})
+    with pytest.raises(AttributeError):
+        s.batch_size = 1  # type: ignore[misc]

@@ -1,0 +1,339 @@
+"""A ClickHouse server over the native TCP protocol, through clickhouse-driver.
+
+URL: `clickhouse://user:password@host:9000/database` (`clickhouses://` for
+TLS, default port 9440, certificates verified unless `?verify=false`; other
+query parameters such as `ca_certs`, `connect_timeout` or `compression` are
+passed to clickhouse-driver as it documents).
+
+Rows are decoded and sent as one columnar block. The table is described once
+per sink so that only the columns it has are sent, each converted to what its
+type needs: the same code writes the full `events` schema and older, narrower
+tables.
+
+Deduplication of re-driven flushes rests on `insert_deduplication_token`
+(ClickHouse 22.2+). clickhouse-driver drops settings an old server does not
+know with only a log warning, so the sink checks the server version itself and
+refuses to write to an older server unless `require_dedup=False`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import msgspec
+from clickhouse_driver import Client, errors
+from clickhouse_driver.util.helpers import parse_url
+
+from worker.events import Event, datetime_ms
+from worker.sinks.base import (
+    PermanentSinkError,
+    RetryableSinkError,
+    RowRejectedError,
+    SinkError,
+    classify,
+)
+from worker.sinks.schema import create_database, create_table, identifier
+
+DEDUP_MIN_VERSION = (22, 2)
+
+_events_decoder = msgspec.json.Decoder(list[Event])
+_EVENT_FIELDS = frozenset(Event.__struct_fields__)
+
+# What each Event field holds after decoding; any field not listed is a str.
+_FIELD_KINDS = {
+    "id": "uuid",
+    "properties": "map",
+    "created_at": "datetime",
+    "imported_at": "datetime",
+    "longitude": "float",
+    "latitude": "float",
+    "duration": "int",
+}
+_OPTIONAL_FIELDS = frozenset({"longitude", "latitude", "imported_at"})
+
+_STRING = re.compile(r"^(?:String|FixedString\(\d+\))$")
+_DATETIME = re.compile(r"^DateTime(?:\(\s*'[^']*'\s*\))?$")
+_DATETIME64 = re.compile(r"^DateTime64\(\s*(\d+)\s*(?:,\s*'[^']*'\s*)?\)$")
+_MAP = re.compile(r"^Map\((.*)\)$")
+_INT = re.compile(r"^U?Int(?:8|16|32|64|128|256)$")
+_FLOAT = re.compile(r"^Float(?:32|64)$")
+
+Convert = Callable[[Any], Any]
+
+
+def _unwrap(ch_type: str) -> tuple[str, bool]:
+    """Strip LowCardinality(...) and Nullable(...): (base type, nullable)."""
+    nullable = False
+    while True:
+        if ch_type.startswith("LowCardinality(") and ch_type.endswith(")"):
+            ch_type = ch_type[len("LowCardinality(") : -1]
+        elif ch_type.startswith("Nullable(") and ch_type.endswith(")"):
+            ch_type = ch_type[len("Nullable(") : -1]
+            nullable = True
+        else:
+            return ch_type, nullable
+
+
+def _is_string(ch_type: str) -> bool:
+    return bool(_STRING.match(_unwrap(ch_type)[0]))
+
+
+def _is_string_map(base: str) -> bool:
+    match = _MAP.match(base)
+    # String-ish key and value types contain no commas, so a plain split is enough.
+    parts = match.group(1).split(",") if match else []
+    return len(parts) == 2 and all(_is_string(part.strip()) for part in parts)
+
+
+def _ticks(scale: int) -> Convert:
+    # Raw epoch integers are exact, and clickhouse-driver passes them through
+    # instead of running its per-value pytz conversion of datetime objects.
+    factor = 10**scale
+
+    def convert(text: str) -> int:
+        return datetime_ms(text) * factor // 1000
+
+    return convert
+
+
+def _converter(field: str, ch_type: str) -> Convert | None:
+    """How to turn the Event value of `field` into what a `ch_type` column takes.
+
+    None means "as is". A type that cannot hold the field is a schema problem,
+    not the rows' fault, so it fails the whole sink rather than each row.
+    """
+    base, nullable = _unwrap(ch_type)
+    kind = _FIELD_KINDS.get(field, "str")
+    convert: Convert | None
+    if _STRING.match(base) and kind in ("str", "uuid", "datetime"):
+        convert = None
+    elif base == "UUID" and kind == "uuid":
+        convert = None  # the driver parses UUID strings itself
+    elif kind == "datetime" and (scale := _DATETIME64.match(base)):
+        convert = _ticks(int(scale.group(1)))
+    elif kind == "datetime" and _DATETIME.match(base):
+        convert = _ticks(0)
+    elif (
+        (kind == "map" and _is_string_map(base))
+        or (kind == "float" and _FLOAT.match(base))
+        or (kind == "int" and _INT.match(base))
+    ):
+        convert = None
+    else:
+        raise PermanentSinkError(f"column {field} has type {ch_type}, which cannot hold Event.{field}")
+
+    if field not in _OPTIONAL_FIELDS or nullable:
+        return convert
+    # A null into a non-Nullable column stores the type's default, as
+    # ClickHouse itself does for JSONEachRow input.
+    default: Any = "" if _STRING.match(base) else 0
+    if convert is None:
+        return lambda value: default if value is None else value
+    inner = convert
+    return lambda value: default if value is None else inner(value)
+
+
+class NativeSink:
+    """Writes JSON rows to a ClickHouse server as columnar native-protocol blocks."""
+
+    def __init__(
+        self,
+        url: str,
+        table: str = "events",
+        *,
+        async_insert: bool = False,
+        require_dedup: bool = True,
+    ) -> None:
+        """`async_insert=True` makes the server buffer the insert (waiting for it
+        to be flushed, deduplicated by token). `require_dedup=False` allows a
+        server older than 22.2: re-driven batches may then duplicate rows. For
+        legacy servers and tests only.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in ("clickhouse", "clickhouses"):
+            raise ValueError("a native sink URL starts with clickhouse:// or clickhouses://")
+        self.table = table
+        self.database = unquote(parts.path[1:]) or "default"
+        self.async_insert = async_insert
+        self.require_dedup = require_dedup
+        self._target = f"{identifier(self.database)}.{identifier(table)}"
+        secure = parts.scheme == "clickhouses"
+        self._where = f"{parts.hostname}:{parts.port or (9440 if secure else 9000)}"
+        raw_password = parts.password or ""
+        self._secrets = sorted(
+            {raw_password, unquote(raw_password), quote(unquote(raw_password), safe="")} - {""},
+            key=len,
+            reverse=True,
+        )
+        self._host, self._options = parse_url(url)
+        self._client: Any = None
+        self._pid = 0
+        self._version: tuple[int, int] | None = None
+        self._columns: list[tuple[str, Convert | None]] | None = None
+        # clickhouse-driver's Client is not thread-safe.
+        self._lock = threading.RLock()
+
+    def write(self, rows: Sequence[bytes], token: str) -> None:
+        if not rows:
+            return
+        events = self._decode(rows)
+        with self._lock:
+            try:
+                with self._errors():
+                    client = self._connected()
+                    settings = self._insert_settings(token)
+                    columns = self._table_columns(client)
+                data = self._column_data(columns, events)
+                names = ", ".join(identifier(name) for name, _ in columns)
+                with self._errors():
+                    client.execute(
+                        f"INSERT INTO {self._target} ({names}) VALUES",
+                        data,
+                        columnar=True,
+                        settings=settings,
+                    )
+            except PermanentSinkError as exc:
+                if not isinstance(exc, RowRejectedError):
+                    self._columns = None  # the table may have changed: describe it again
+                raise
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        """Run `sql`; `%(name)s` placeholders are filled from `params`.
+
+        The native protocol has no bind parameters in clickhouse-driver: it
+        escapes and quotes each value into the SQL text on the client.
+        """
+        with self._lock, self._errors():
+            rows = self._connected().execute(sql, params)
+        return [tuple(row) for row in rows]
+
+    def migrate(self) -> None:
+        # The handshake names a database and fails if it does not exist yet,
+        # so create it from a session on the user's default database.
+        with self._lock, self._errors():
+            bootstrap = Client(self._host, **{**self._options, "database": ""})
+            try:
+                bootstrap.execute(create_database(self.database))
+                bootstrap.execute(create_table(self.table, self.database))
+            finally:
+                bootstrap.disconnect()
+        self._columns = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None and self._pid == os.getpid():
+                self._client.disconnect()
+            self._client = None
+
+    def _decode(self, rows: Sequence[bytes]) -> list[Event]:
+        try:
+            events = _events_decoder.decode(b"[" + b",".join(rows) + b"]")
+        except msgspec.DecodeError as exc:  # also msgspec.ValidationError
+            raise RowRejectedError(f"row cannot be decoded as an event: {exc}") from exc
+        if len(events) != len(rows):  # a malformed row holding a comma-separated pair
+            raise RowRejectedError(f"{len(rows)} rows decoded as {len(events)} events")
+        return events
+
+    def _connected(self) -> Any:
+        if self._client is None or self._pid != os.getpid():
+            # A client inherited over fork shares the parent's socket: leave it
+            # alone (disconnecting would shut the parent's connection down).
+            self._client = Client(self._host, **self._options)
+            self._pid = os.getpid()
+        connection = self._client.connection
+        if not connection.connected:
+            connection.force_connect()
+        if self._version is None:
+            info = connection.server_info
+            self._version = (info.version_major, info.version_minor)
+        return self._client
+
+    def _insert_settings(self, token: str) -> dict[str, Any]:
+        assert self._version is not None
+        if self._version < DEDUP_MIN_VERSION:
+            if self.require_dedup:
+                major, minor = self._version
+                raise PermanentSinkError(
+                    f"ClickHouse {major}.{minor} at {self._where} is too old for "
+                    f"insert_deduplication_token; need {'.'.join(map(str, DEDUP_MIN_VERSION))}+"
+                )
+            # Such a server knows neither setting (and never inserts
+            # asynchronously); the driver would only log "Unknown setting".
+            return {}
+        # async_insert is always sent: from 26.2 the server turns it on by default.
+        if self.async_insert:
+            return {
+                "insert_deduplication_token": token,
+                "async_insert": 1,
+                "wait_for_async_insert": 1,
+                "async_insert_deduplicate": 1,
+            }
+        return {"insert_deduplication_token": token, "async_insert": 0}
+
+    def _table_columns(self, client: Any) -> list[tuple[str, Convert | None]]:
+        if self._columns is None:
+            columns = []
+            for name, ch_type, default_kind, *_ in client.execute(f"DESCRIBE TABLE {self._target}"):
+                # MATERIALIZED and ALIAS columns cannot be inserted into.
+                if name in _EVENT_FIELDS and default_kind not in ("MATERIALIZED", "ALIAS"):
+                    columns.append((name, _converter(name, ch_type)))
+            if not columns:
+                raise PermanentSinkError(f"table {self._target} has no event columns")
+            self._columns = columns
+        return self._columns
+
+    @staticmethod
+    def _column_data(
+        columns: list[tuple[str, Convert | None]], events: list[Event]
+    ) -> list[list[Any]]:
+        data = []
+        try:
+            for name, convert in columns:
+                values = [getattr(event, name) for event in events]
+                data.append(values if convert is None else [convert(value) for value in values])
+        except (TypeError, ValueError) as exc:
+            raise RowRejectedError(f"row value cannot be converted: {exc}") from exc
+        return data
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn clickhouse-driver and socket errors into the typed sink errors."""
+        try:
+            yield
+        except SinkError:
+            raise
+        except (errors.NetworkError, errors.SocketTimeoutError, EOFError, OSError) as exc:
+            self._disconnect()
+            raise RetryableSinkError(self._message(exc), getattr(exc, "code", None)) from exc
+        except errors.Error as exc:
+            # ServerException carries the server's code; the driver's own
+            # checks (TypeMismatchError, TooLargeStringSize...) a fixed one.
+            raise classify(self._message(exc), exc.code) from exc
+        except Exception as exc:
+            self._disconnect()
+            raise PermanentSinkError(self._message(exc)) from exc
+
+    def _disconnect(self) -> None:
+        # The next call reconnects; a broken socket must not be reused.
+        if self._client is not None and self._pid == os.getpid():
+            try:
+                self._client.disconnect()
+            except Exception:  # already broken; nothing left to release
+                pass
+
+    def _message(self, exc: BaseException) -> str:
+        if isinstance(exc, errors.ServerException):
+            # Old servers append a long stack trace to the message.
+            detail = f"Code: {exc.code}. {exc.message}".split("Stack trace:", 1)[0].strip()
+        else:
+            detail = str(exc) or type(exc).__name__
+        message = f"ClickHouse at {self._where}: {detail}"
+        for secret in self._secrets:
+            message = message.replace(secret, "***")
+        return message
