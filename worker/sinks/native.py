@@ -22,7 +22,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -94,7 +94,7 @@ def _is_string_map(base: str) -> bool:
 def _ticks(scale: int) -> Convert:
     # Raw epoch integers are exact, and clickhouse-driver passes them through
     # instead of running its per-value pytz conversion of datetime objects.
-    factor = 10**scale
+    factor: int = 10**scale
 
     def convert(text: str) -> int:
         return datetime_ms(text) * factor // 1000
@@ -126,17 +126,19 @@ def _converter(field: str, ch_type: str) -> Convert | None:
     ):
         convert = None
     else:
-        raise PermanentSinkError(f"column {field} has type {ch_type}, which cannot hold Event.{field}")
+        raise PermanentSinkError(
+            f"column {field} has type {ch_type}, which cannot hold Event.{field}"
+        )
 
-    if field not in _OPTIONAL_FIELDS or nullable:
+    if field not in _OPTIONAL_FIELDS:
         return convert
     # A null into a non-Nullable column stores the type's default, as
     # ClickHouse itself does for JSONEachRow input.
-    default: Any = "" if _STRING.match(base) else 0
+    null: Any = None if nullable else "" if _STRING.match(base) else 0
     if convert is None:
-        return lambda value: default if value is None else value
+        return lambda value: null if value is None else value
     inner = convert
-    return lambda value: default if value is None else inner(value)
+    return lambda value: null if value is None else inner(value)
 
 
 class NativeSink:
@@ -248,7 +250,9 @@ class NativeSink:
             self._pid = os.getpid()
         connection = self._client.connection
         if not connection.connected:
-            connection.force_connect()
+            # connect(), not force_connect(): the latter marks a query as
+            # running and expects the client to run one right after it.
+            connection.connect()
         if self._version is None:
             info = connection.server_info
             self._version = (info.version_major, info.version_minor)
@@ -298,7 +302,9 @@ class NativeSink:
                 values = [getattr(event, name) for event in events]
                 data.append(values if convert is None else [convert(value) for value in values])
         except (TypeError, ValueError) as exc:
-            raise RowRejectedError(f"row value cannot be converted: {exc}") from exc
+            # Decoding already validated every value, so this is a bug in the
+            # conversion, not a bad row: stop rather than dead-letter them all.
+            raise PermanentSinkError(f"cannot convert an event for {name}: {exc!r}") from exc
         return data
 
     @contextmanager
@@ -322,15 +328,15 @@ class NativeSink:
     def _disconnect(self) -> None:
         # The next call reconnects; a broken socket must not be reused.
         if self._client is not None and self._pid == os.getpid():
-            try:
+            with suppress(Exception):  # already broken: nothing left to release
                 self._client.disconnect()
-            except Exception:  # already broken; nothing left to release
-                pass
 
     def _message(self, exc: BaseException) -> str:
         if isinstance(exc, errors.ServerException):
             # Old servers append a long stack trace to the message.
             detail = f"Code: {exc.code}. {exc.message}".split("Stack trace:", 1)[0].strip()
+        elif isinstance(exc, errors.Error) and not exc.message:
+            detail = f"Code: {exc.code}. {type(exc).__name__}"  # e.g. TooLargeStringSize
         else:
             detail = str(exc) or type(exc).__name__
         message = f"ClickHouse at {self._where}: {detail}"
