@@ -2,7 +2,8 @@
 
 KEYS[1]   the shard's queue (LIST of JSON rows, oldest first)
 KEYS[2]   the marker of this batch id (STRING, kept ARGV[3] seconds)
-KEYS[3..] every session, profile and visitors key the events touch,
+KEYS[3]   the shard's dead letters (LIST), for the batch's invalid events
+KEYS[4..] every session, profile and visitors key the events touch,
           each once; events refer to them by index into KEYS
 
 ARGV[1]   now, epoch ms (the score of active visitors)
@@ -10,7 +11,9 @@ ARGV[2]   TTL of a last screen_view, seconds
 ARGV[3]   TTL of the batch marker, seconds
 ARGV[4]   pub/sub channel to publish ARGV[5] on, or "" for no publish
 ARGV[5]   the payload to publish
-ARGV[6..] 7 values per event, in order:
+ARGV[6]   D, the number of dead-letter entries that follow
+ARGV[7..6+D]  dead-letter entries (events of the batch that failed validation)
+ARGV[7+D..]   7 values per event, in order:
             kind        "r" regular, "v" screen_view, "e" session_end
             session     index into KEYS of the session's last-view key, or 0
             profile     index into KEYS of the profile's last-view key, or 0
@@ -20,7 +23,8 @@ ARGV[6..] 7 values per event, in order:
             row         the event's JSON row; `duration` is its last field
 
 Returns {appended, queue_length}: appended is -1 when this batch id was
-applied before (then nothing is done), otherwise the rows appended.
+applied before (then nothing is done, dead letters included), otherwise the
+rows appended.
 
 A last screen_view is stored as "<created ms>|<row>". When the session's
 next view arrives, the stored row goes to the queue with
@@ -61,7 +65,10 @@ local function with_duration(row, ms)
   return body .. ',"duration":' .. string.format('%d', ms) .. '}'
 end
 
-for i = 6, #ARGV, 7 do
+local n_dead = tonumber(ARGV[6])
+local first_event = 7 + n_dead
+
+for i = first_event, #ARGV, 7 do
   local kind = ARGV[i]
   local session = tonumber(ARGV[i + 1])
   local profile = tonumber(ARGV[i + 2])
@@ -126,6 +133,10 @@ end
 local length = redis.call('LLEN', KEYS[1])
 for start = 1, n_out, 1000 do
   length = redis.call('RPUSH', KEYS[1], unpack(out, start, math.min(start + 999, n_out)))
+end
+
+for start = 7, first_event - 1, 1000 do
+  redis.call('RPUSH', KEYS[3], unpack(ARGV, start, math.min(start + 999, first_event - 1)))
 end
 
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])

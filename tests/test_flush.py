@@ -11,13 +11,9 @@ import pytest
 import redis as redis_lib
 
 from worker.buffer import EventBuffer
+from worker.deadletters import REASON_INVALID_JSON, REASON_REJECTED, decode_dead_letter
 from worker.events import Event, parse_event
-from worker.flush import (
-    REASON_INVALID_JSON,
-    REASON_REJECTED,
-    Flusher,
-    decode_dead_letter,
-)
+from worker.flush import Flusher
 from worker.keys import CHANNEL_SAVED, ShardKeys
 from worker.lock import FlushLock
 from worker.settings import Settings

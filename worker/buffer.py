@@ -29,6 +29,7 @@ class ApplyResult:
 
     batch_id: str
     events: int
+    dead: int = 0
     appended: int = 0
     # Shards where this batch id had been applied before (nothing was done there).
     skipped_shards: list[int] = field(default_factory=list)
@@ -70,16 +71,23 @@ class EventBuffer:
     def add(self, event: Event) -> ApplyResult:
         return self.apply([event])
 
-    def apply(self, events: Sequence[Event], batch_id: str | None = None) -> ApplyResult:
+    def apply(
+        self,
+        events: Sequence[Event],
+        batch_id: str | None = None,
+        dead_letters: Sequence[bytes] = (),
+    ) -> ApplyResult:
         """Apply validated events in order, atomically per shard.
 
         `batch_id` makes the call idempotent: applying the same id again (a
         redelivered task) does nothing, as long as the marker lives
         (`EVENT_BUFFER_BATCH_MARKER_TTL_S`). Without one, a fresh id is used.
+        `dead_letters` (entries from `worker.deadletters`) are stored with
+        the first shard's call, under the same marker.
         """
         batch_id = batch_id or str(uuid.uuid4())
-        result = ApplyResult(batch_id=batch_id, events=len(events))
-        if not events:
+        result = ApplyResult(batch_id=batch_id, events=len(events), dead=len(dead_letters))
+        if not events and not dead_letters:
             return result
         by_shard: dict[int, tuple[list[Event], list[bytes]]] = {}
         for event in events:
@@ -88,9 +96,11 @@ class EventBuffer:
             group[0].append(event)
             group[1].append(encode_event(event))
 
+        if not by_shard:
+            by_shard[0] = ([], [])
         now = self.clock.now_ms()
         publish = None
-        if self._publish_throttle.ready(now):
+        if events and self._publish_throttle.ready(now):
             publish = (CHANNEL_RECEIVED, encode_event(events[-1]))
         pipe = self.redis.pipeline(transaction=False)
         shards = list(by_shard)
@@ -105,6 +115,7 @@ class EventBuffer:
                 view_ttl_s=self.settings.screen_view_ttl_s,
                 marker_ttl_s=self.settings.batch_marker_ttl_s,
                 publish=publish if position == len(shards) - 1 else None,
+                dead_letters=dead_letters if position == 0 else (),
                 pipeline=pipe,
             )
         for shard, (appended, length) in zip(shards, pipe.execute(), strict=True):

@@ -32,6 +32,12 @@ import msgspec
 from redis import Redis
 
 from worker.clock import SYSTEM_CLOCK, Clock
+from worker.deadletters import (
+    REASON_INVALID_JSON,
+    REASON_REJECTED,
+    DeadLetter,
+    encode_dead_letter,
+)
 from worker.events import decode_row_head
 from worker.keys import CHANNEL_SAVED, Keyspace, ShardKeys
 from worker.lock import FlushLock, LockLostError
@@ -40,33 +46,6 @@ from worker.settings import Settings
 from worker.sinks.base import RowRejectedError, Sink
 
 log = logging.getLogger(__name__)
-
-REASON_INVALID_JSON = "invalid_json"
-REASON_REJECTED = "rejected_by_clickhouse"
-
-
-class DeadLetter(msgspec.Struct, kw_only=True):
-    """Header of a dead-letter entry; the raw payload follows it after a newline."""
-
-    reason: str
-    error: str
-    source: str
-    at: int
-    shard: int
-    claim: str = ""
-
-
-_dead_encoder = msgspec.json.Encoder()
-_dead_decoder = msgspec.json.Decoder(DeadLetter)
-
-
-def encode_dead_letter(header: DeadLetter, payload: bytes) -> bytes:
-    return _dead_encoder.encode(header) + b"\n" + payload
-
-
-def decode_dead_letter(entry: bytes) -> tuple[DeadLetter, bytes]:
-    head, _, payload = entry.partition(b"\n")
-    return _dead_decoder.decode(head), payload
 
 
 @dataclass

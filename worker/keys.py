@@ -18,6 +18,10 @@ Per shard:
     {p:N}:visitors:<proj>       ZSET    profile id -> last seen (ms)
     {p:N}:batch:<id>            STRING  marker of an applied ingest batch (with TTL)
 
+Deployment-wide:
+
+    <p>:flush-pending           STRING  an early flush was requested (back-pressure)
+
 Pub/sub channels (not keys, so they carry no hash tag): `events:received`
 and `events:saved`, the names OpenPanel's subscribers listen on.
 """
@@ -104,6 +108,11 @@ class Keyspace:
 
     prefix: str
     shards: int
+
+    @property
+    def flush_pending(self) -> str:
+        """Set while an ingest-triggered `process_buffer` waits in the queue."""
+        return f"{self.prefix}:flush-pending"
 
     def shard(self, n: int) -> ShardKeys:
         return ShardKeys(self.prefix, n)

@@ -16,13 +16,14 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline
 
+import lua_scripts
 from worker.events import KIND_SCREEN_VIEW, KIND_SESSION_END, Event
 from worker.keys import ShardKeys
 
 
 def load_lua(stem: str) -> str:
     """The source of `lua_scripts/<stem>.lua` (shipped inside the wheel)."""
-    return resources.files("lua_scripts").joinpath(f"{stem}.lua").read_text("utf-8")
+    return resources.files(lua_scripts).joinpath(f"{stem}.lua").read_text("utf-8")
 
 
 @dataclass(frozen=True)
@@ -59,14 +60,18 @@ class Scripts:
         view_ttl_s: int,
         marker_ttl_s: int,
         publish: tuple[str, bytes] | None = None,
+        dead_letters: Sequence[bytes] = (),
         pipeline: Pipeline | None = None,
     ) -> Any:
         """Apply events (with their encoded rows) to one shard.
 
+        `dead_letters` (the batch's invalid events) are appended in the same
+        atomic step, so a redelivered batch cannot dead-letter them twice.
+
         Returns (appended, queue_length), appended -1 for an already applied
         batch id; with `pipeline`, queues the call and returns the pipeline.
         """
-        keys: list[str] = [shard.queue, shard.batch(batch_id)]
+        keys: list[str] = [shard.queue, shard.batch(batch_id), shard.dead]
         index: dict[str, int] = {}
 
         def key_index(name: str) -> int:
@@ -77,7 +82,8 @@ class Scripts:
             return found
 
         channel, payload = publish if publish else ("", b"")
-        args: list[Any] = [now_ms, view_ttl_s, marker_ttl_s, channel, payload]
+        args: list[Any] = [now_ms, view_ttl_s, marker_ttl_s, channel, payload, len(dead_letters)]
+        args += dead_letters
         for event, row in zip(events, rows, strict=True):
             kind = event.kind
             session = profile = visitors = 0

@@ -156,6 +156,30 @@ class Settings:
         _int(1),
         "Buffer shards; events are routed by session_id and each shard flushes under its own lock.",
     )
+    flush_interval_s: int = _setting(
+        "EVENT_BUFFER_FLUSH_INTERVAL_S",
+        10,
+        _int(1),
+        "Celery Beat runs `process_buffer` this often (OpenPanel's cron interval).",
+    )
+    high_water: int = _setting(
+        "EVENT_BUFFER_HIGH_WATER",
+        12000,
+        _int(1),
+        "When a shard's queue passes this, ingest asks for a flush at once (one pending at most).",
+    )
+    visibility_timeout_s: int = _setting(
+        "EVENT_BUFFER_VISIBILITY_TIMEOUT_S",
+        300,
+        _int(1),
+        "Redis broker: an unacknowledged task is redelivered after this long.",
+    )
+    result_backend: str = _setting(
+        "CELERY_RESULT_BACKEND",
+        "",
+        _url(*REDIS_SCHEMES),
+        "Where `process_buffer` summaries are kept; empty means `REDIS_URL`.",
+    )
     clickhouse_table: str = _setting(
         "EVENT_BUFFER_TABLE",
         "events",
@@ -180,6 +204,10 @@ class Settings:
     @property
     def effective_broker_url(self) -> str:
         return self.broker_url or self.redis_url
+
+    @property
+    def effective_result_backend(self) -> str:
+        return self.result_backend or self.redis_url
 
     @classmethod
     def describe(cls) -> Iterator[tuple[str, str, str]]:

@@ -1,0 +1,67 @@
+"""The one Celery application: queues, routes, serialization and delivery.
+
+- Two queues: `ingest` (event tasks) and `flush` (buffer maintenance), so
+  each can get its own workers.
+- JSON only: task bodies are plain JSON and pickle is never accepted.
+- Ingest tasks are acknowledged late and rejected when their worker dies,
+  so a killed worker's task is delivered again; the apply script skips a
+  batch id (the task id) it has already applied.
+- Task modules are named by string (`include`): `worker` never imports `tasks`.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu.entity import Exchange, Queue
+
+from beat_schedule import beat_schedule
+from worker.settings import Settings
+
+INGEST_QUEUE = "ingest"
+FLUSH_QUEUE = "flush"
+
+TASK_INGEST_EVENT = "eventbuffer.ingest_event"
+TASK_INGEST_EVENTS = "eventbuffer.ingest_events"
+TASK_PROCESS_BUFFER = "eventbuffer.process_buffer"
+
+
+def create_app(settings: Settings) -> Celery:
+    app = Celery("eventbuffer", include=["tasks.ingest", "tasks.flush"])
+    broker = settings.effective_broker_url
+    app.conf.update(
+        broker_url=broker,
+        result_backend=settings.effective_result_backend,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        task_queues=(
+            Queue(INGEST_QUEUE, Exchange(INGEST_QUEUE), routing_key=INGEST_QUEUE),
+            Queue(FLUSH_QUEUE, Exchange(FLUSH_QUEUE), routing_key=FLUSH_QUEUE),
+        ),
+        task_default_queue=INGEST_QUEUE,
+        task_routes={
+            TASK_INGEST_EVENT: {"queue": INGEST_QUEUE},
+            TASK_INGEST_EVENTS: {"queue": INGEST_QUEUE},
+            TASK_PROCESS_BUFFER: {"queue": FLUSH_QUEUE},
+        },
+        # Results: only process_buffer keeps one (its summary), for an hour.
+        task_ignore_result=True,
+        result_expires=3600,
+        # Delivery: at least once, made exactly once by the batch markers.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=4,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        beat_schedule=beat_schedule(settings.flush_interval_s),
+        timezone="UTC",
+    )
+    return app
+
+
+app = create_app(Settings.from_env())
