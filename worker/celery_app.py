@@ -25,6 +25,24 @@ TASK_INGEST_EVENTS = "eventbuffer.ingest_events"
 TASK_PROCESS_BUFFER = "eventbuffer.process_buffer"
 
 
+def redis_transport_options(visibility_timeout_s: int) -> dict[str, int]:
+    """Redis broker: when an unacknowledged task (its worker died) is delivered again.
+
+    kombu sweeps for such tasks every `interval x throttle` seconds (100 s
+    by default); sweep ten times per visibility timeout so a lost task comes
+    back within ~1.1 timeouts. A worker killed during a sweep leaves the
+    sweep's mutex behind: let it expire with the timeout instead of kombu's
+    fixed 300 s. AMQP brokers ignore these options: they redeliver as soon
+    as the dead worker's connection closes.
+    """
+    return {
+        "visibility_timeout": visibility_timeout_s,
+        "unacked_restore_interval": max(1, visibility_timeout_s // 10),
+        "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": min(300, visibility_timeout_s),
+    }
+
+
 def create_app(settings: Settings) -> Celery:
     app = Celery("eventbuffer", include=["tasks.ingest", "tasks.flush"])
     broker = settings.effective_broker_url
@@ -54,7 +72,7 @@ def create_app(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=4,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options=redis_transport_options(settings.visibility_timeout_s),
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         task_send_sent_event=True,
         worker_send_task_events=True,

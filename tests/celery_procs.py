@@ -1,0 +1,110 @@
+"""Real Celery processes for tests: a worker or Beat in its own process group.
+
+Each process gets its environment explicitly, logs to a file the test can
+read, and can be stopped politely (SIGTERM) or killed for real (SIGKILL to
+the whole group, as an OOM killer or a lost container would).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def project_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENT_BUFFER_", "CELERY_"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env.update(overrides)
+    return env
+
+
+class CeleryProcess:
+    def __init__(self, args: list[str], env: Mapping[str, str], log: Path) -> None:
+        self.args = args
+        self.env = dict(env)
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+        self.offset = 0
+
+    def start(self) -> CeleryProcess:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.offset = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "worker", *self.args],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def text(self) -> str:
+        """What this process (not an earlier one on the same log) has written."""
+        if not self.log.exists():
+            return ""
+        with self.log.open("rb") as f:
+            f.seek(self.offset)
+            return f.read().decode(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float = 30) -> None:
+        wait_until(
+            lambda: needle in self.text(),
+            timeout,
+            f"{needle!r} in {self.log}",
+            alive=self.alive,
+        )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no warm shutdown, no acks."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+def worker(env: Mapping[str, str], log: Path, *extra: str) -> CeleryProcess:
+    args = ["worker", "--loglevel=INFO", "--without-mingle", "--without-gossip", *extra]
+    return CeleryProcess(args, env, log).start()
+
+
+def beat(env: Mapping[str, str], log: Path, schedule: Path) -> CeleryProcess:
+    args = ["beat", "--loglevel=INFO", "--schedule", str(schedule)]
+    return CeleryProcess(args, env, log).start()
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    alive: Callable[[], bool] | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if alive is not None and not alive():
+            raise AssertionError(f"process died while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)

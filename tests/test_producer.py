@@ -1,0 +1,349 @@
+"""EventProducer against a real Redis broker: what lands in the `ingest` queue.
+
+With the Redis transport the queue is the Redis list `ingest` (LPUSH, so
+newest first); each entry is a JSON envelope whose base64 `body` is Celery
+protocol 2's `[args, kwargs, embed]`. No mocks: brokers are real
+redis-servers, one of them killed and restarted, and one test runs a real
+worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from celery import Celery
+
+from tests.conftest import ROOT, RedisServer
+from worker.buffer import EventBuffer
+from worker.celery_app import TASK_INGEST_EVENTS, create_app
+from worker.events import InvalidEvent, decode_row, parse_event
+from worker.keys import ShardKeys
+from worker.producer import BufferFull, EventProducer, ProducerClosed, ProducerError
+from worker.settings import Settings
+
+T0 = 1_700_000_000_000
+
+
+@dataclass
+class Message:
+    task_id: str
+    task: str
+    events: list[dict[str, Any]]
+
+
+def messages(client: redis_lib.Redis) -> list[Message]:
+    """The task messages waiting in the `ingest` queue, oldest first."""
+    out = []
+    for raw in reversed(client.lrange("ingest", 0, -1)):
+        envelope = json.loads(raw)
+        assert envelope["properties"]["body_encoding"] == "base64"
+        args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+        assert kwargs == {}
+        headers = envelope["headers"]
+        out.append(Message(headers["id"], headers["task"], args[0]))
+    return out
+
+
+def sent_ids(client: redis_lib.Redis) -> list[str]:
+    return [e["id"] for m in messages(client) for e in m.events]
+
+
+def event(i: int = 0, **fields: Any) -> dict[str, Any]:
+    return {"name": "click", "project_id": "p1", "created_at": T0 + i, **fields}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+def broker_app(url: str) -> Celery:
+    return create_app(Settings.from_env({"REDIS_URL": url}))
+
+
+@pytest.fixture
+def app(redis_url: str, redis: redis_lib.Redis) -> Iterator[Celery]:
+    app = broker_app(redis_url)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[RedisServer]:
+    """A broker this test owns: it may kill and restart it (same port)."""
+    server = RedisServer(tmp_path / "broker")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_size_trigger_sends_full_batches_then_flush_sends_the_rest(
+    app: Celery, redis: redis_lib.Redis
+) -> None:
+    producer = EventProducer(app, batch_size=10, batch_ms=60_000)
+    ids = [producer.send(event(i)) for i in range(25)]
+
+    # Sent by the sender thread as soon as each batch fills: no flush, no timer.
+    wait_until(lambda: producer.stats.pending == 5)
+    assert [len(m.events) for m in messages(redis)] == [10, 10]
+
+    producer.flush()
+    sent = messages(redis)
+    assert [len(m.events) for m in sent] == [10, 10, 5]
+    assert sent_ids(redis) == ids
+    assert {m.task for m in sent} == {TASK_INGEST_EVENTS}
+    assert len({m.task_id for m in sent}) == 3
+    stats = producer.stats
+    assert (stats.sent_batches, stats.sent_events, stats.pending, stats.failures) == (3, 25, 0, 0)
+    producer.close()
+
+
+def test_time_trigger_sends_without_flush(app: Celery, redis: redis_lib.Redis) -> None:
+    producer = EventProducer(app, batch_size=100, batch_ms=50)
+    start = time.monotonic()
+    ids = [producer.send(event(i)) for i in range(3)]
+    wait_until(lambda: len(messages(redis)) == 1, timeout=1.0)
+    assert time.monotonic() - start >= 0.04
+    assert sent_ids(redis) == ids
+    producer.close()
+
+
+def test_sent_rows_are_normalized_and_ids_are_stable(app: Celery, redis: redis_lib.Redis) -> None:
+    given = "7f0c4f43-4f59-4d6b-9a43-0d6c3b1f8a11"
+    with EventProducer(app, batch_ms=60_000) as producer:
+        assert producer.send(event(id=given.upper(), properties={"a": {"b": 1}})) == given
+        parsed = parse_event(event(1))
+        assert producer.send(parsed) == parsed.id
+        assigned = producer.send(event(2))
+    rows = messages(redis)[0].events
+    assert [r["id"] for r in rows] == [given, parsed.id, assigned]
+    assert rows[0]["properties"] == {"a.b": "1"}
+    assert rows[0]["created_at"] == "2023-11-14 22:13:20.000"
+    assert "duration" not in rows[0]  # fields at their defaults are omitted
+
+
+def test_close_flushes_is_idempotent_and_refuses_sends(app: Celery, redis: redis_lib.Redis) -> None:
+    with EventProducer(app, batch_ms=60_000) as producer:
+        ids = [producer.send(event(i)) for i in range(4)]
+    assert sent_ids(redis) == ids
+    producer.close()
+    with pytest.raises(ProducerClosed):
+        producer.send(event())
+    assert len(messages(redis)) == 1
+
+
+def test_interpreter_exit_flushes(redis_url: str, redis: redis_lib.Redis) -> None:
+    script = (
+        "from worker.producer import EventProducer\n"
+        "p = EventProducer(batch_ms=60_000)\n"
+        "for i in range(7):\n"
+        f"    print(p.send({{'name': 'n', 'project_id': 'p', 'created_at': {T0} + i}}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENT_BUFFER_")}
+    env["REDIS_URL"] = redis_url
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sent_ids(redis) == done.stdout.split()
+    assert len(messages(redis)) == 1
+
+
+def test_collected_producer_still_sends_what_it_held(app: Celery, redis: redis_lib.Redis) -> None:
+    producer = EventProducer(app, batch_ms=60_000)
+    ids = [producer.send(event(i)) for i in range(5)]
+    ref = weakref.ref(producer)
+    del producer
+    gc.collect()
+    assert ref() is None, "the sender thread and exit hook must not keep a producer alive"
+    wait_until(lambda: sent_ids(redis) == ids)
+
+
+def test_concurrent_sends_each_event_exactly_once(app: Celery, redis: redis_lib.Redis) -> None:
+    producer = EventProducer(app, batch_size=100, batch_ms=10)
+    start = threading.Barrier(8)
+    ids: list[list[str]] = [[] for _ in range(8)]
+
+    def work(n: int) -> None:
+        start.wait()
+        for i in range(500):
+            ids[n].append(producer.send(event(i, profile_id=f"t{n}")))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    producer.close()
+
+    counts = Counter(sent_ids(redis))
+    assert len(counts) == 4000 and set(counts.values()) == {1}
+    assert counts.keys() == {i for chunk in ids for i in chunk}
+    assert all(0 < len(m.events) <= 100 for m in messages(redis))
+    # Each thread's events keep their order across batches.
+    by_thread = [
+        [e["id"] for m in messages(redis) for e in m.events if e["profile_id"] == f"t{n}"]
+        for n in range(8)
+    ]
+    assert by_thread == ids
+    assert producer.stats.sent_events == 4000
+
+
+def test_invalid_event_raises_at_once_and_queues_nothing(
+    app: Celery, redis: redis_lib.Redis
+) -> None:
+    producer = EventProducer(app, batch_size=1)
+    with pytest.raises(InvalidEvent) as missing:
+        producer.send({"name": "click", "created_at": T0})
+    assert missing.value.field == "project_id"
+    with pytest.raises(InvalidEvent) as bad_date:
+        producer.send(event(created_at="yesterday"))
+    assert bad_date.value.field == "created_at"
+    assert producer.stats.pending == 0
+    producer.close()
+    assert messages(redis) == []
+
+
+def test_broker_outage_holds_events_and_a_later_flush_sends_each_once(
+    broker: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="worker.producer")
+    app = broker_app(broker.url)
+    client = redis_lib.Redis.from_url(broker.url)
+    producer = EventProducer(app, batch_size=10, batch_ms=60_000)
+    producer.send(event())
+    producer.flush()  # the connection pool now holds a live connection
+    broker.kill()
+
+    ids = [producer.send(event(i)) for i in range(25)]
+    with pytest.raises(ProducerError) as failed:
+        producer.flush(timeout=0.3)
+    assert failed.value.unsent == 25 == producer.stats.pending
+    wait_until(lambda: producer.stats.failures >= 1)
+    failed_task_ids = {
+        r.getMessage().split()[1] for r in caplog.records if "not sent" in r.getMessage()
+    }
+    assert failed_task_ids
+
+    broker.start()  # same port, empty: the message sent before the outage is gone
+    producer.flush()
+    sent = messages(client)
+    assert sent_ids(client) == ids  # nothing lost, nothing twice, in order
+    assert [len(m.events) for m in sent] == [10, 10, 5]
+    # A batch keeps its task id across attempts (the worker's dedup key).
+    assert failed_task_ids <= {m.task_id for m in sent}
+    assert producer.stats.pending == 0
+    producer.close()
+    assert len(messages(client)) == 3
+    client.close()
+    app.close()
+
+
+def test_max_pending_pushes_back_on_the_caller(broker: RedisServer) -> None:
+    app = broker_app(broker.url)
+    client = redis_lib.Redis.from_url(broker.url)
+    producer = EventProducer(app, batch_size=10, batch_ms=60_000, max_pending=20)
+    broker.kill()
+    ids = [producer.send(event(i)) for i in range(20)]
+    with pytest.raises(BufferFull) as full:
+        producer.send(event(20))
+    assert full.value.unsent == 20
+    with pytest.raises(ProducerError):
+        producer.close(timeout=0)
+    assert producer.stats.pending == 20  # held, not dropped
+
+    broker.start()
+    producer.close()  # close again: sends what the failed close left
+    assert sent_ids(client) == ids
+    client.close()
+    app.close()
+
+
+def test_end_to_end_with_a_real_worker(
+    settings: Settings, redis: redis_lib.Redis, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENT_BUFFER_")}
+    env.update(REDIS_URL=settings.redis_url, CLICKHOUSE_URL=settings.clickhouse_url)
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log_file:
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker",
+                "worker",
+                "-Q",
+                "ingest,flush",
+                "-P",
+                "solo",
+                "--without-heartbeat",
+                "--without-mingle",
+                "--without-gossip",
+                "--loglevel",
+                "WARNING",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        app = broker_app(settings.redis_url)
+        sessions = [f"s{n}" for n in range(30)]
+        views: dict[str, list[str]] = {s: [] for s in sessions}
+        with EventProducer(app) as producer:
+            for step in range(10):
+                for s in sessions:
+                    view = event(step * 1000, name="screen_view", session_id=s, path=f"/{step}")
+                    views[s].append(producer.send(view))
+        app.close()
+
+        buffer = EventBuffer(redis, settings)
+
+        def applied() -> bool:
+            if buffer.get_buffer_size() != 270:
+                return False
+            last = [buffer.get_last_screen_view(session_id=s) for s in sessions]
+            return [v.id if v else None for v in last] == [views[s][-1] for s in sessions]
+
+        try:
+            wait_until(applied, timeout=25)
+        except AssertionError:
+            pytest.fail(f"worker did not apply the events; its log:\n{log_path.read_text()}")
+        queued = [decode_row(r) for r in redis.lrange(ShardKeys("eventbuffer", 0).queue, 0, -1)]
+        assert sorted(e.id for e in queued) == sorted(i for s in sessions for i in views[s][:-1])
+        assert {e.duration for e in queued} == {1000}
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
