@@ -210,6 +210,15 @@ class Settings:
         return self.result_backend or self.redis_url
 
     @classmethod
+    def markdown_table(cls) -> str:
+        """The README's configuration table (a test keeps the two equal)."""
+        lines = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+        for env, default, help_text in cls.describe():
+            shown = f"`{default}`" if default else "(empty)"
+            lines.append(f"| `{env}` | {shown} | {help_text} |")
+        return "\n".join(lines)
+
+    @classmethod
     def describe(cls) -> Iterator[tuple[str, str, str]]:
         """(variable, default, help) for every setting, in declaration order."""
         for f in dataclasses.fields(cls):
