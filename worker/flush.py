@@ -111,13 +111,18 @@ class Flusher:
             result.locked = False
             return result
         started = time.perf_counter()
-        sink = self.sink_factory()
+        # The lock is released whatever fails below (building or closing the
+        # sink included): else its watchdog keeps it alive for the life of
+        # the process and every later flush of this shard reports it held.
         try:
-            limit = max_batches or self.settings.max_batches_per_flush
-            while result.batches < limit and self._flush_one(shard, lock, sink, result):
-                pass
+            sink = self.sink_factory()
+            try:
+                limit = max_batches or self.settings.max_batches_per_flush
+                while result.batches < limit and self._flush_one(shard, lock, sink, result):
+                    pass
+            finally:
+                sink.close()
         finally:
-            sink.close()
             lock.release()
             result.seconds = time.perf_counter() - started
         return result
@@ -171,7 +176,9 @@ class Flusher:
         if outcome == AckResult.LOCK_HELD_BY_OTHER:
             raise LockLostError(f"claim {claim.id}: the lock is held by another flusher")
         if outcome == AckResult.ALREADY_ACKED:
+            # Its rows were counted by the flusher that acknowledged it.
             log.info("claim %s was acknowledged by another flusher", claim.id)
+            return True
         result.batches += 1
         result.redriven += int(claim.redriven)
         result.rows += inserted
