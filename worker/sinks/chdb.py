@@ -140,6 +140,17 @@ class ChdbSink:
             return []
         return [tuple(row) for row in json.loads(raw)["data"]]
 
+    def query_with_columns(
+        self, sql: str, params: dict[str, Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Like `query`, also returning the result's column names (for the CLI)."""
+        result = self._run(sql, "JSONCompact", params=params)
+        raw = result.bytes()
+        if not raw:
+            return [], []
+        data = json.loads(raw)
+        return [column["name"] for column in data["meta"]], [tuple(row) for row in data["data"]]
+
     def migrate(self) -> None:
         self._run(create_table(self.table))
 

@@ -215,6 +215,14 @@ class NativeSink:
             rows = self._connected().execute(sql, params)
         return [tuple(row) for row in rows]
 
+    def query_with_columns(
+        self, sql: str, params: dict[str, Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Like `query`, also returning the result's column names (for the CLI)."""
+        with self._lock, self._errors():
+            rows, types = self._connected().execute(sql, params, with_column_types=True)
+        return [name for name, _ in types], [tuple(row) for row in rows]
+
     def migrate(self) -> None:
         # The handshake names a database and fails if it does not exist yet,
         # so create it from a session on the user's default database.

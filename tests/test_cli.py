@@ -1,0 +1,514 @@
+"""The `eventbuffer` command against real Redis and real embedded ClickHouse (chDB).
+
+Quick commands run in-process through `main(argv)`; what is about processes
+(exit codes and stderr of a failing start, `run` with its children, `demo`
+against running workers) runs as `python -m worker.cli` subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+
+from worker import cli
+from worker.buffer import EventBuffer
+from worker.celery_app import create_app
+from worker.events import Event, parse_event
+from worker.ingest import ingest
+from worker.keys import ShardKeys
+from worker.lock import FlushLock
+from worker.scripts import Scripts
+from worker.settings import Settings
+from worker.sinks.chdb import ChdbSink, path_from_url
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARD = ShardKeys("eventbuffer", 0)
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_main(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], settings: Settings
+) -> Callable[..., Result]:
+    """`eventbuffer ARGS` in this process, with the test's Redis and chDB directory."""
+    monkeypatch.setenv("REDIS_URL", settings.redis_url)
+    monkeypatch.setenv("CLICKHOUSE_URL", settings.clickhouse_url)
+    monkeypatch.setenv("COLUMNS", "200")  # rich: no wrapping in the captured output
+
+    def invoke(*argv: str) -> Result:
+        code = cli.main(list(argv))
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return invoke
+
+
+def project_env(**overrides: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("EVENT_BUFFER_", "CELERY_"))
+        and k not in ("REDIS_URL", "CLICKHOUSE_URL")
+    }
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env["COLUMNS"] = "200"
+    env.update(overrides)
+    return env
+
+
+def run_cli(
+    args: list[str], env: dict[str, str], cwd: Path = ROOT, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def event(name: str, at: int, **fields: Any) -> Event:
+    return parse_event({"project_id": "p1", "name": name, "created_at": at, **fields})
+
+
+def chdb_count(url: str, sql: str) -> int:
+    sink = ChdbSink(path_from_url(url))
+    try:
+        return int(sink.query(sql)[0][0])
+    finally:
+        sink.close()
+
+
+# -- migrate and query ------------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("eventbuffer ")
+
+
+def test_migrate_is_idempotent_and_query_prints_rows(run_main: Callable[..., Result]) -> None:
+    first = run_main("migrate")
+    assert (first.code, first.err) == (0, "")
+    assert "created table `events`" in first.out
+    again = run_main("migrate")
+    assert again.code == 0
+    assert "already exists" in again.out
+
+    sql = "SELECT toUInt8(number) AS n, concat('v', toString(number)) AS s FROM numbers(3)"
+    as_json = run_main("query", sql, "--format", "json")
+    assert as_json.code == 0
+    assert json.loads(as_json.out) == {
+        "columns": ["n", "s"],
+        "rows": [[0, "v0"], [1, "v1"], [2, "v2"]],
+    }
+    as_tsv = run_main("query", sql, "--format", "tsv")
+    assert as_tsv.out.splitlines() == ["n\ts", "0\tv0", "1\tv1", "2\tv2"]
+    as_table = run_main("query", "SHOW TABLES")
+    assert as_table.code == 0
+    assert "events" in as_table.out
+    assert "1 row in" in as_table.out
+
+
+def test_query_output_is_verbatim(run_main: Callable[..., Result]) -> None:
+    sql = "SELECT '[/bold] :smile: [red]x' AS s, NULL AS n, 'a\tb' AS t"
+    as_table = run_main("query", sql)
+    assert as_table.code == 0
+    assert "[/bold] :smile: [red]x" in as_table.out  # no rich markup or emoji codes
+    assert run_main("query", sql, "--format", "tsv").out.splitlines()[1] == (
+        "[/bold] :smile: [red]x\t\\N\ta\\tb"
+    )
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DROP TABLE events",
+        "INSERT INTO events (project_id, name, created_at) VALUES ('p', 'x', now())",
+        "  /* a note */ -- and a comment\n  TRUNCATE TABLE events",
+        "ALTER TABLE events DELETE WHERE 1",
+        "SELECT 1; DROP TABLE events",
+        "SELECT 1 INTO OUTFILE 'out.csv'",
+        "-- only a comment",
+    ],
+)
+def test_query_refuses_writes_without_write(run_main: Callable[..., Result], sql: str) -> None:
+    assert run_main("migrate").code == 0
+    refused = run_main("query", sql)
+    assert refused.code == 2
+    assert len(refused.err.strip().splitlines()) == 1
+    assert "--write" in refused.err
+    assert run_main("query", "EXISTS TABLE events", "--format", "tsv").out.splitlines()[1] == "1"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "-- the count\nSELECT 1;",
+        "/* c */ (SELECT 1) UNION ALL (SELECT 2)",
+        "WITH 1 AS x SELECT x",
+        "select ';DROP TABLE events' AS s",
+        "DESC events",
+        "EXPLAIN SELECT 1",
+    ],
+)
+def test_query_allows_reads(run_main: Callable[..., Result], sql: str) -> None:
+    assert run_main("migrate").code == 0
+    result = run_main("query", sql, "--format", "tsv")
+    assert (result.code, result.err) == (0, "")
+
+
+def test_query_write_runs_changes(run_main: Callable[..., Result]) -> None:
+    create = "CREATE TABLE scratch (x UInt8) ENGINE = MergeTree ORDER BY x"
+    assert run_main("query", create).code == 2
+    assert run_main("query", create, "--write").code == 0
+    assert run_main("query", "INSERT INTO scratch VALUES (7)", "--write").code == 0
+    assert run_main("query", "SELECT x FROM scratch", "--format", "tsv").out == "x\n7\n"
+
+
+def test_busy_embedded_clickhouse_is_waited_for_then_reported(
+    run_main: Callable[..., Result], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run_main("migrate").code == 0
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom chdb import session\n"
+            "s = session.Session(sys.argv[1]); print('open', flush=True)\n"
+            "time.sleep(float(sys.argv[2])); s.close()",
+            path_from_url(settings.clickhouse_url),
+            "2.5",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        monkeypatch.setattr(cli, "BUSY_WAIT_S", 0.3)
+        busy = run_main("query", "SELECT 1")
+        assert busy.code == 1
+        assert "in use by another process" in busy.err
+        assert len(busy.err.strip().splitlines()) == 1  # chDB's own complaint is silenced
+        monkeypatch.setattr(cli, "BUSY_WAIT_S", 15.0)
+        waited = run_main("query", "SELECT 41 + 1", "--format", "tsv")
+        assert (waited.code, waited.out.splitlines()[1]) == (0, "42")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# -- flush and status -------------------------------------------------------------
+
+
+def test_flush_drains_the_buffer(
+    run_main: Callable[..., Result],
+    redis: redis_lib.Redis,
+    settings: Settings,
+    sink: ChdbSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EVENT_BUFFER_BATCH_SIZE", "5000")
+    buffer = EventBuffer(redis, settings)
+    base = 1_770_000_000_000
+    for start in range(0, 12_000, 2_000):
+        buffer.apply(
+            [event("click", base + n, profile_id=f"u{n % 7}") for n in range(start, start + 2_000)]
+        )
+    buffer.apply(
+        [
+            event("screen_view", base, session_id="s1"),
+            event("screen_view", base + 4_000, session_id="s1"),
+            event("session_end", base + 9_000, session_id="s1"),
+            event("screen_view", base, session_id="s2"),  # stays: its session goes on
+        ]
+    )
+    assert buffer.get_buffer_size() == 12_003
+
+    result = run_main("flush")
+    assert (result.code, result.err) == (0, "")
+    assert "Flushed 12,003 rows" in result.out
+    assert "3 batches, 0 re-driven, 0 dead letters" in result.out
+    assert "1 screen_view(s) wait as their session's last view" in result.out
+    assert buffer.get_buffer_size() == 0
+    assert chdb_count(settings.clickhouse_url, "SELECT count() FROM events") == 12_003
+    durations = sink.query(
+        "SELECT duration FROM events WHERE session_id = 's1' ORDER BY created_at"
+    )
+    sink.close()
+    assert [int(d) for (d,) in durations] == [4000, 0, 0]
+
+    empty = run_main("flush")
+    assert empty.code == 0
+    assert "nothing to flush" in empty.out
+
+
+def test_flush_reports_a_lock_held_elsewhere(
+    run_main: Callable[..., Result],
+    redis: redis_lib.Redis,
+    settings: Settings,
+    sink: ChdbSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    EventBuffer(redis, settings).apply([event("click", 1_770_000_000_000)])
+    monkeypatch.setattr(cli, "LOCK_WAIT_S", 0.3)
+    lock = FlushLock(redis, SHARD.lock, 60)
+    assert lock.acquire()
+    token = lock.token.decode()
+    try:
+        result = run_main("flush")
+    finally:
+        lock.release()
+    assert result.code == 1
+    [line] = result.err.strip().splitlines()
+    assert "lock is held by " + token in line
+    assert redis.llen(SHARD.queue) == 1
+
+
+def test_status_json_matches_redis(
+    run_main: Callable[..., Result], redis: redis_lib.Redis, settings: Settings
+) -> None:
+    buffer = EventBuffer(redis, settings)
+    now = int(time.time() * 1000)
+    buffer.apply(
+        [
+            event("click", now, profile_id="u1"),
+            event("click", now, profile_id="u2"),
+            event("click", now, profile_id="u1"),
+            event("screen_view", now, project_id="p2", profile_id="u3", session_id="s9"),
+            event("click", now, project_id="[/p3]", profile_id="u4"),
+        ]
+    )
+    ingest(buffer, [{"project_id": "p1", "name": "bad", "created_at": "yesterday"}], "b1")
+    claim = Scripts(redis).claim(SHARD, "claim-1", 2, now - 5_000)
+    assert claim is not None
+    redis.hset(
+        SHARD.stats,
+        mapping={"at": now - 60_000, "rows": 17, "dead": 1, "claim": "c0", "claimed": 18},
+    )
+    lock = FlushLock(redis, SHARD.lock, 60)
+    assert lock.acquire()
+    token = lock.token.decode()
+    try:
+        result = run_main("status", "--json")
+        human = run_main("status")
+    finally:
+        lock.release()
+
+    assert (result.code, result.err) == (0, "")
+    data = json.loads(result.out)
+    [shard] = data["shards"]
+    assert shard["queued"] == redis.llen(SHARD.queue) == 4
+    assert shard["claimed"]["id"] == "claim-1" and shard["claimed"]["count"] == 2
+    assert shard["claimed"]["age_s"] >= 5
+    assert shard["dead_letters"] == redis.llen(SHARD.dead) == 1
+    assert shard["waiting_views"] == 1
+    assert shard["lock"]["token"] == token
+    assert 0 < shard["lock"]["ttl_ms"] <= 60_000
+    assert shard["last_flush"]["rows"] == 17 and shard["last_flush"]["at_ms"] == now - 60_000
+    assert data["totals"] == {"queued": 4, "claimed": 2, "dead_letters": 1, "waiting_views": 1}
+    assert data["active_visitors"] == {"[/p3]": 1, "p1": 2, "p2": 1}
+    assert human.code == 0
+    assert "[/p3]" in human.out and "claimed" in human.out
+
+
+# -- expected failures: one line, the right exit code -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "command"),
+    [
+        ("EVENT_BUFFER_BATCH_SIZE", "abc", "status"),
+        ("CLICKHOUSE_URL", "http://example.com", "migrate"),
+        ("EVENT_BUFFER_TABLE", "events; DROP", "query"),
+    ],
+)
+def test_bad_settings_exit_2_with_one_line(
+    redis_url: str, tmp_path: Path, variable: str, value: str, command: str
+) -> None:
+    env = project_env(REDIS_URL=redis_url, CLICKHOUSE_URL=f"chdb://{tmp_path}/ch")
+    env[variable] = value
+    args = [command, "SELECT 1"] if command == "query" else [command]
+    result = run_cli(args, env)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert variable in line
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["status", "flush"])
+def test_unreachable_redis_is_one_line_without_the_password(tmp_path: Path, command: str) -> None:
+    url = f"redis://:hunter2@127.0.0.1:{closed_port()}/0"
+    result = run_cli([command], project_env(REDIS_URL=url, CLICKHOUSE_URL=f"chdb://{tmp_path}/ch"))
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert "cannot reach Redis at redis://:***@127.0.0.1" in line
+    assert "hunter2" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+# -- run and demo, as real processes ----------------------------------------------
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) of every process."""
+    table: dict[int, tuple[int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            table[int(entry.name)] = (int(ppid), state)
+    return table
+
+
+def descendants(pid: int) -> set[int]:
+    table = _process_table()
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (ppid, _) in table.items():
+            if ppid == parent and child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    state = _process_table().get(pid, (0, "X"))[1]
+    return state not in ("Z", "X")
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            detail = f"\n--- run output ---\n{log.read_text()}" if log else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def run_stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str], Path]]:
+    """`eventbuffer run` in tmp_path, with REDIS_URL on a closed port: it starts its own Redis."""
+    env = project_env(
+        REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0",
+        CLICKHOUSE_URL=f"chdb://{tmp_path / 'ch'}",
+        EVENT_BUFFER_FLUSH_INTERVAL_S="1",
+    )
+    log = tmp_path / "run.out"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    seen: set[int] = set()
+    try:
+        yield process, env, log
+    finally:
+        seen |= descendants(process.pid)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pid in seen:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_run_starts_the_stack_and_stops_it_cleanly(
+    run_stack: tuple[subprocess.Popen[bytes], dict[str, str], Path], tmp_path: Path
+) -> None:
+    process, env, log = run_stack
+    wait_for(
+        lambda: "Everything is up" in log.read_text() or process.poll() is not None,
+        40,
+        "the stack",
+        log,
+    )
+    assert process.poll() is None, log.read_text()
+    client = redis_lib.Redis.from_url(env["REDIS_URL"])
+    assert client.ping()
+    pids = descendants(process.pid)
+    assert len(pids) >= 4  # redis-server, 2 workers (+ pool processes), beat
+
+    # Celery tasks, as any producer would send them.
+    app = create_app(Settings.from_env({"REDIS_URL": env["REDIS_URL"]}))
+    try:
+        for n in range(3):
+            body = {"project_id": "cli-run", "name": "signup", "created_at": 1_770_000_000_000 + n}
+            app.send_task("eventbuffer.ingest_event", args=[body], queue="ingest")
+    finally:
+        app.close()
+
+    # The demo, against the running workers.
+    demo = run_cli(["demo", "--sessions", "5", "--seed", "7", "--timeout", "40"], env, tmp_path)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "events in 5 sessions landed in ClickHouse" in demo.stdout
+    assert "Rows per event name" in demo.stdout
+    assert "screen_view" in demo.stdout and "session_end" in demo.stdout
+    assert "Average screen_view duration" in demo.stdout
+
+    def landed() -> bool:
+        sql = "SELECT count() FROM events WHERE project_id = 'cli-run'"
+        query = run_cli(["query", sql, "--format", "tsv"], env, tmp_path)
+        return query.returncode == 0 and query.stdout.splitlines()[1:] == ["3"]
+
+    wait_for(landed, 20, "the Celery-sent events in ClickHouse", log)
+    client.close()
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(20) == 0, log.read_text()
+    assert "Stopped." in log.read_text()
+    pids |= descendants(process.pid)
+    stray = [pid for pid in pids if alive(pid)]
+    assert stray == [], f"processes left behind: {stray}"
+    assert any((tmp_path / "data" / "redis" / "appendonlydir").iterdir())
+    assert (tmp_path / "data" / "logs" / "flush.log").exists()
+
+
+@pytest.mark.slow
+def test_demo_without_workers_times_out_with_advice(
+    redis: redis_lib.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    env = project_env(REDIS_URL=redis_url, CLICKHOUSE_URL=f"chdb://{tmp_path}/ch")
+    result = run_cli(["demo", "--sessions", "2", "--timeout", "1"], env, tmp_path)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert "No worker seems to be consuming the `ingest` queue" in line
+    assert "eventbuffer run" in line
