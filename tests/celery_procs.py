@@ -100,6 +100,7 @@ def wait_until(
     timeout: float,
     what: str,
     alive: Callable[[], bool] | None = None,
+    interval: float = 0.05,
 ) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -107,4 +108,4 @@ def wait_until(
             raise AssertionError(f"process died while waiting for {what}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(interval)

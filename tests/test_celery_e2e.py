@@ -46,7 +46,7 @@ def chdb_rows(url: str, sql: str, timeout: float = 20) -> list[tuple[Any, ...]]:
         finally:
             sink.close()
 
-    wait_until(attempt, timeout, "the chDB directory to be free")
+    wait_until(attempt, timeout, "the chDB directory to be free", interval=0.3)
     return rows
 
 
@@ -56,7 +56,8 @@ def landed(url: str) -> tuple[int, int]:
 
 
 @pytest.fixture
-def env(redis_url: str, tmp_path: Path) -> dict[str, str]:
+def env(redis_url: str, redis: redis_lib.Redis, tmp_path: Path) -> dict[str, str]:
+    # `redis` starts every test from an empty Redis: buffer, broker queues and all.
     chdb_url = f"chdb://{tmp_path / 'ch'}"
     sink = open_sink(chdb_url)
     sink.migrate()
@@ -137,6 +138,8 @@ def run_end_to_end(app: Celery, env: dict[str, str], tmp_path: Path) -> None:
             60,
             "Beat's process_buffer to land every event",
             alive=workers.alive,
+            # Each look opens the chDB directory, which the flush worker needs too.
+            interval=0.5,
         )
     finally:
         beats.stop()
@@ -346,6 +349,7 @@ def test_back_pressure_flushes_before_the_next_beat(
             30,
             "the back-pressure flush",
             alive=proc.alive,
+            interval=0.5,
         )
     finally:
         proc.stop()

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
@@ -43,11 +45,10 @@ def redis_transport_options(visibility_timeout_s: int) -> dict[str, int]:
     }
 
 
-def create_app(settings: Settings) -> Celery:
-    app = Celery("eventbuffer", include=["tasks.ingest", "tasks.flush"])
-    broker = settings.effective_broker_url
-    app.conf.update(
-        broker_url=broker,
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration that follows from eventbuffer's settings."""
+    return dict(
+        broker_url=settings.effective_broker_url,
         result_backend=settings.effective_result_backend,
         task_serializer="json",
         result_serializer="json",
@@ -79,7 +80,18 @@ def create_app(settings: Settings) -> Celery:
         beat_schedule=beat_schedule(settings.flush_interval_s),
         timezone="UTC",
     )
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app configured from `settings` (tests, tools)."""
+    app = Celery("eventbuffer", include=["tasks.ingest", "tasks.flush"])
+    app.conf.update(celery_config(settings))
     return app
 
 
-app = create_app(Settings.from_env())
+# The application `celery -A worker` runs. Celery imports its configuration
+# module (worker/celeryconfig.py, built from the environment) when it first
+# needs it, not at import: importing `worker` never fails, and a bad setting
+# raises SettingsError where the configuration is first used.
+app = Celery("eventbuffer", include=["tasks.ingest", "tasks.flush"])
+app.config_from_object("worker.celeryconfig")
