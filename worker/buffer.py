@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -17,7 +18,7 @@ from typing import cast
 from redis import Redis
 
 from worker.clock import SYSTEM_CLOCK, Clock
-from worker.events import Event, decode_row, encode_event
+from worker.events import KIND_NAMES, Event, decode_row, encode_event
 from worker.keys import CHANNEL_RECEIVED, Keyspace, ShardKeys
 from worker.scripts import Scripts
 from worker.settings import Settings
@@ -35,6 +36,8 @@ class ApplyResult:
     skipped_shards: list[int] = field(default_factory=list)
     # Queue length of every shard the batch touched, after the call.
     queue_lengths: dict[int, int] = field(default_factory=dict)
+    # Events applied by how the buffer treated them: "regular", "screen_view", "session_end".
+    kinds: Counter[str] = field(default_factory=Counter)
 
     @property
     def duplicate(self) -> bool:
@@ -124,6 +127,7 @@ class EventBuffer:
                 result.skipped_shards.append(shard)
             else:
                 result.appended += int(appended)
+                result.kinds.update(KIND_NAMES[e.kind] for e in by_shard[shard][0])
         return result
 
     # -- reading ------------------------------------------------------------

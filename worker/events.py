@@ -30,6 +30,11 @@ MAX_PROPERTY_DEPTH = 8
 KIND_REGULAR = "r"
 KIND_SCREEN_VIEW = "v"
 KIND_SESSION_END = "e"
+KIND_NAMES = {
+    KIND_REGULAR: "regular",
+    KIND_SCREEN_VIEW: "screen_view",
+    KIND_SESSION_END: "session_end",
+}
 
 
 class InvalidEvent(ValueError):

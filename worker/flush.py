@@ -60,6 +60,13 @@ class FlushResult:
     redriven: int = 0
     claims: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # Time spent in each phase, summed over the batches (for metrics and logs).
+    claim_seconds: float = 0.0
+    insert_seconds: float = 0.0
+    ack_seconds: float = 0.0
+    # Rows of every chunk inserted, in order.
+    chunk_rows: list[int] = field(default_factory=list)
+    dead_reasons: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -71,11 +78,12 @@ class FlushResult:
             "redriven": self.redriven,
             "claims": list(self.claims),
             "seconds": round(self.seconds, 4),
+            "phases": {
+                "claim": round(self.claim_seconds, 4),
+                "insert": round(self.insert_seconds, 4),
+                "ack": round(self.ack_seconds, 4),
+            },
         }
-
-
-class AckRefusedError(RuntimeError):
-    """ack.lua found the lock held under another token."""
 
 
 class Flusher:
@@ -131,9 +139,11 @@ class Flusher:
         self, shard: ShardKeys, lock: FlushLock, sink: Sink, result: FlushResult
     ) -> bool:
         """One claim from claim to ack. False when the shard had nothing to claim."""
+        phase = time.perf_counter()
         claim = self.scripts.claim(
             shard, str(uuid.uuid4()), self.settings.batch_size, self.clock.now_ms()
         )
+        result.claim_seconds += time.perf_counter() - phase
         if claim is None:
             return False
         if claim.redriven:
@@ -149,21 +159,26 @@ class Flusher:
                 continue
             keyed.append((head.created_at, head.id, raw, head.project_id))
         keyed.sort()
+        invalid_json = len(dead)
 
         rows = [item[2] for item in keyed]
         rejected: set[int] = set()
         size = self.settings.chunk_size
+        phase = time.perf_counter()
         for index, start in enumerate(range(0, len(rows), size)):
             lock.check()
             offsets = list(range(start, min(start + size, len(rows))))
             self._write(sink, rows, offsets, f"{claim.id}:{index}", rejected, shard, claim.id, dead)
+            result.chunk_rows.append(len(offsets))
         lock.check()
+        result.insert_seconds += time.perf_counter() - phase
 
         projects = Counter(item[3] for n, item in enumerate(keyed) if n not in rejected)
         inserted = len(rows) - len(rejected)
         notice = msgspec.json.encode(
             {"shard": shard.shard, "claim": claim.id, "rows": inserted, "projects": projects}
         )
+        phase = time.perf_counter()
         outcome = self.scripts.ack(
             shard,
             lock_token=lock.token,
@@ -173,6 +188,7 @@ class Flusher:
             dead_letters=dead,
             saved=(CHANNEL_SAVED, notice),
         )
+        result.ack_seconds += time.perf_counter() - phase
         if outcome == AckResult.LOCK_HELD_BY_OTHER:
             raise LockLostError(f"claim {claim.id}: the lock is held by another flusher")
         if outcome == AckResult.ALREADY_ACKED:
@@ -183,6 +199,8 @@ class Flusher:
         result.redriven += int(claim.redriven)
         result.rows += inserted
         result.dead += len(dead)
+        result.dead_reasons[REASON_INVALID_JSON] += invalid_json
+        result.dead_reasons[REASON_REJECTED] += len(rejected)
         result.claims.append(claim.id)
         return True
 
