@@ -118,7 +118,14 @@ def test_duration_never_negative(buffer: EventBuffer, redis: redis_lib.Redis) ->
 
 
 def test_last_view_expires_after_its_ttl(redis: redis_lib.Redis, redis_url: str) -> None:
-    settings = Settings.from_env({"REDIS_URL": redis_url, "EVENT_BUFFER_SCREEN_VIEW_TTL_S": "77"})
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": redis_url,
+            "EVENT_BUFFER_SCREEN_VIEW_TTL_S": "77",
+            "EVENT_BUFFER_SESSION_TIMEOUT_S": "60",
+            "EVENT_BUFFER_SWEEP_INTERVAL_S": "10",
+        }
+    )
     EventBuffer(redis, settings).add(view("s1", T0, "u1"))
     keys = ShardKeys("eventbuffer", 0)
     assert 0 < redis.ttl(keys.session("s1")) <= 77

@@ -55,3 +55,18 @@ def test_settings_are_frozen() -> None:
     s = Settings.from_env({})
     with pytest.raises(AttributeError):
         s.batch_size = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EVENT_BUFFER_SCREEN_VIEW_TTL_S": "600"}, "must be below EVENT_BUFFER_SCREEN_VIEW_TTL_S"),
+        (
+            {"EVENT_BUFFER_BATCH_MARKER_TTL_S": "60"},
+            "EVENT_BUFFER_BATCH_MARKER_TTL_S \\(60\\) must exceed EVENT_BUFFER_VISIBILITY_TIMEOUT_S",
+        ),
+    ],
+)
+def test_settings_that_contradict_each_other_are_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)

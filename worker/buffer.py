@@ -117,6 +117,7 @@ class EventBuffer:
                 now_ms=now,
                 view_ttl_s=self.settings.screen_view_ttl_s,
                 marker_ttl_s=self.settings.batch_marker_ttl_s,
+                visitors_ttl_s=self.settings.active_visitor_window_s + 60,
                 publish=publish if position == len(shards) - 1 else None,
                 dead_letters=dead_letters if position == 0 else (),
                 pipeline=pipe,

@@ -25,6 +25,8 @@ FLUSH_QUEUE = "flush"
 TASK_INGEST_EVENT = "eventbuffer.ingest_event"
 TASK_INGEST_EVENTS = "eventbuffer.ingest_events"
 TASK_PROCESS_BUFFER = "eventbuffer.process_buffer"
+TASK_SWEEP = "eventbuffer.sweep"
+TASK_MODULES = ["tasks.ingest", "tasks.flush", "tasks.sweep"]
 
 
 def redis_transport_options(visibility_timeout_s: int) -> dict[str, int]:
@@ -64,6 +66,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             TASK_INGEST_EVENT: {"queue": INGEST_QUEUE},
             TASK_INGEST_EVENTS: {"queue": INGEST_QUEUE},
             TASK_PROCESS_BUFFER: {"queue": FLUSH_QUEUE},
+            TASK_SWEEP: {"queue": FLUSH_QUEUE},
         },
         # Results: only process_buffer keeps one (its summary), for an hour.
         task_ignore_result=True,
@@ -77,14 +80,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         task_send_sent_event=True,
         worker_send_task_events=True,
-        beat_schedule=beat_schedule(settings.flush_interval_s),
+        beat_schedule=beat_schedule(settings.flush_interval_s, settings.sweep_interval_s),
         timezone="UTC",
     )
 
 
 def create_app(settings: Settings) -> Celery:
     """A Celery app configured from `settings` (tests, tools)."""
-    app = Celery("eventbuffer", include=["tasks.ingest", "tasks.flush"])
+    app = Celery("eventbuffer", include=TASK_MODULES)
     app.conf.update(celery_config(settings))
     return app
 
@@ -93,5 +96,5 @@ def create_app(settings: Settings) -> Celery:
 # module (worker/celeryconfig.py, built from the environment) when it first
 # needs it, not at import: importing `worker` never fails, and a bad setting
 # raises SettingsError where the configuration is first used.
-app = Celery("eventbuffer", include=["tasks.ingest", "tasks.flush"])
+app = Celery("eventbuffer", include=TASK_MODULES)
 app.config_from_object("worker.celeryconfig")

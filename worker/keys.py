@@ -13,9 +13,10 @@ Per shard:
     {p:N}:lock                  STRING  flush lock token (SET NX PX)
     {p:N}:dead                  LIST    dead letters: JSON header, newline, raw payload
     {p:N}:stats                 HASH    last flush: at, rows, dead, claim id
+    {p:N}:sessions              ZSET    session id -> when its last view was set (ms)
     {p:N}:session:<sid>         STRING  a session's last screen_view: "<ms>|<row json>"
     {p:N}:profile:<proj>:<pid>  STRING  a profile's last screen_view, same format
-    {p:N}:visitors:<proj>       ZSET    profile id -> last seen (ms)
+    {p:N}:visitors:<proj>       ZSET    profile id -> last seen (ms); expires with the window
     {p:N}:batch:<id>            STRING  marker of an applied ingest batch (with TTL)
 
 Deployment-wide:
@@ -39,6 +40,11 @@ CHANNEL_SAVED = "events:saved"
 def escape(value: str) -> str:
     """Percent-encode an id so it is inert inside a key name."""
     return quote(value, safe="")
+
+
+def glob_escape(text: str) -> str:
+    """Escape a key prefix for SCAN MATCH (`*`, `?`, `[`, `]` and `\\` are special)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def shard_for(route_key: str, shards: int) -> int:
@@ -83,6 +89,10 @@ class ShardKeys:
     def stats(self) -> str:
         return f"{self.tag}:stats"
 
+    @property
+    def sessions(self) -> str:
+        return f"{self.tag}:sessions"
+
     def session(self, session_id: str) -> str:
         return f"{self.tag}:session:{escape(session_id)}"
 
@@ -93,7 +103,7 @@ class ShardKeys:
         return f"{self.tag}:visitors:{escape(project_id)}"
 
     def visitors_pattern(self) -> str:
-        return f"{self.tag}:visitors:*"
+        return glob_escape(self.visitors("")) + "*"
 
     def project_of_visitors_key(self, key: str) -> str:
         return unquote(key.rsplit(":", 1)[1])

@@ -48,6 +48,7 @@ class Scripts:
         self._apply = redis.register_script(load_lua("apply_batch"))
         self._claim = redis.register_script(load_lua("claim"))
         self._ack = redis.register_script(load_lua("ack"))
+        self._sweep = redis.register_script(load_lua("sweep_sessions"))
 
     def apply_batch(
         self,
@@ -59,6 +60,7 @@ class Scripts:
         now_ms: int,
         view_ttl_s: int,
         marker_ttl_s: int,
+        visitors_ttl_s: int,
         publish: tuple[str, bytes] | None = None,
         dead_letters: Sequence[bytes] = (),
         pipeline: Pipeline | None = None,
@@ -71,7 +73,7 @@ class Scripts:
         Returns (appended, queue_length), appended -1 for an already applied
         batch id; with `pipeline`, queues the call and returns the pipeline.
         """
-        keys: list[str] = [shard.queue, shard.batch(batch_id), shard.dead]
+        keys: list[str] = [shard.queue, shard.batch(batch_id), shard.dead, shard.sessions]
         index: dict[str, int] = {}
 
         def key_index(name: str) -> int:
@@ -82,7 +84,15 @@ class Scripts:
             return found
 
         channel, payload = publish if publish else ("", b"")
-        args: list[Any] = [now_ms, view_ttl_s, marker_ttl_s, channel, payload, len(dead_letters)]
+        args: list[Any] = [
+            now_ms,
+            view_ttl_s,
+            marker_ttl_s,
+            visitors_ttl_s,
+            channel,
+            payload,
+            len(dead_letters),
+        ]
         args += dead_letters
         for event, row in zip(events, rows, strict=True):
             kind = event.kind
@@ -93,7 +103,17 @@ class Scripts:
                     profile = key_index(shard.profile(event.project_id, event.profile_id))
             if event.profile_id:
                 visitors = key_index(shard.visitors(event.project_id))
-            args += (kind, session, profile, visitors, event.profile_id, event.created_ms, row)
+            session_id = event.session_id if session else ""
+            args += (
+                kind,
+                session,
+                profile,
+                visitors,
+                session_id,
+                event.profile_id,
+                event.created_ms,
+                row,
+            )
         client: Any = pipeline if pipeline is not None else self._redis
         reply = self._apply(keys=keys, args=args, client=client)
         if pipeline is not None:
@@ -130,6 +150,21 @@ class Scripts:
             args=[lock_token, claim_id, now_ms, rows_inserted, channel, payload, *dead_letters],
         )
         return int(reply)
+
+    def sweep_sessions(
+        self, shard: ShardKeys, cutoff_ms: int, candidates: Sequence[tuple[str, str | None]]
+    ) -> int:
+        """Queue the last views of `candidates` (session id, profile key or None) still idle.
+
+        Returns how many views were queued.
+        """
+        keys: list[str] = [shard.queue, shard.sessions]
+        args: list[Any] = [cutoff_ms]
+        for session_id, profile_key in candidates:
+            session_key = shard.session(session_id)
+            keys += (session_key, profile_key or session_key)
+            args += (session_id, "1" if profile_key else "0")
+        return int(self._sweep(keys=keys, args=args))
 
 
 def _text(value: bytes | str) -> str:

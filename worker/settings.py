@@ -54,6 +54,23 @@ def _text(name: str, raw: str) -> str:
     return value
 
 
+def _port(name: str, raw: str) -> int:
+    value = _int(0)(name, raw)
+    if value > 65535:
+        raise SettingsError(f"{name} must be a TCP port (0-65535), got {value}")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw.strip()!r}")
+        return value
+
+    return parse
+
+
 def _setting(env: str, default: Any, parse: Callable[[str, str], Any], help: str) -> Any:
     return field(default=default, metadata={"env": env, "parse": parse, "help": help})
 
@@ -146,9 +163,23 @@ class Settings:
     )
     batch_marker_ttl_s: int = _setting(
         "EVENT_BUFFER_BATCH_MARKER_TTL_S",
-        86400,
+        3600,
         _int(1),
-        "How long an applied batch id is remembered, so a redelivered batch is skipped.",
+        "How long an applied batch id is remembered, so a redelivered batch is skipped "
+        "(must exceed the visibility timeout).",
+    )
+    session_timeout_s: int = _setting(
+        "EVENT_BUFFER_SESSION_TIMEOUT_S",
+        1800,
+        _int(1),
+        "A session idle this long has its last screen_view queued by the sweep "
+        "(must be below the screen_view TTL minus the sweep interval).",
+    )
+    sweep_interval_s: int = _setting(
+        "EVENT_BUFFER_SWEEP_INTERVAL_S",
+        60,
+        _int(1),
+        "Celery Beat runs `eventbuffer.sweep` (idle sessions, stale visitors) this often.",
     )
     shards: int = _setting(
         "EVENT_BUFFER_SHARDS",
@@ -186,6 +217,25 @@ class Settings:
         _text,
         "ClickHouse table the events are written to.",
     )
+    metrics_port: int = _setting(
+        "EVENT_BUFFER_METRICS_PORT",
+        0,
+        _port,
+        "Workers serve Prometheus metrics over HTTP on this port (all interfaces); 0 = off.",
+    )
+    metrics_top_projects: int = _setting(
+        "EVENT_BUFFER_METRICS_TOP_PROJECTS",
+        20,
+        _int(0),
+        "Active-visitor gauges: this many projects by visitors get their own series; "
+        'the rest are summed as `project="__other__"`.',
+    )
+    log_format: str = _setting(
+        "EVENT_BUFFER_LOG_FORMAT",
+        "console",
+        _choice("console", "json"),
+        "Worker and Beat logs: `console` (Celery's text lines) or `json` (one object per line).",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -199,7 +249,25 @@ class Settings:
             raw = env.get(f.metadata["env"], "")
             if raw.strip():
                 values[f.name] = f.metadata["parse"](f.metadata["env"], raw)
-        return cls(**values)
+        settings = cls(**values)
+        settings._check_together()
+        return settings
+
+    def _check_together(self) -> None:
+        """Rules that tie settings to each other."""
+        if self.session_timeout_s + self.sweep_interval_s >= self.screen_view_ttl_s:
+            raise SettingsError(
+                "EVENT_BUFFER_SESSION_TIMEOUT_S + EVENT_BUFFER_SWEEP_INTERVAL_S "
+                f"({self.session_timeout_s} + {self.sweep_interval_s}) must be below "
+                f"EVENT_BUFFER_SCREEN_VIEW_TTL_S ({self.screen_view_ttl_s}), or a quiet "
+                "session's last view expires before the sweep queues it"
+            )
+        if self.batch_marker_ttl_s <= self.visibility_timeout_s:
+            raise SettingsError(
+                f"EVENT_BUFFER_BATCH_MARKER_TTL_S ({self.batch_marker_ttl_s}) must exceed "
+                f"EVENT_BUFFER_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}), or a "
+                "redelivered batch could be applied twice"
+            )
 
     @property
     def effective_broker_url(self) -> str:

@@ -1,0 +1,24 @@
+"""eventbuffer.sweep: queue quiet sessions' last views, prune stale visitors."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from worker import runtime
+from worker.celery_app import TASK_SWEEP, app
+from worker.sweep import Sweeper
+
+log = logging.getLogger(__name__)
+
+
+@app.task(name=TASK_SWEEP, ignore_result=False, acks_late=False)
+def sweep() -> dict[str, Any]:
+    result = Sweeper(runtime.redis_client(), runtime.settings()).sweep()
+    if result.views_queued or result.visitors_pruned:
+        log.info(
+            "sweep: %d idle sessions' last views queued, %d stale visitors pruned",
+            result.views_queued,
+            result.visitors_pruned,
+        )
+    return result.as_dict()
