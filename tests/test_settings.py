@@ -63,7 +63,7 @@ def test_settings_are_frozen() -> None:
         ({"EVENT_BUFFER_SCREEN_VIEW_TTL_S": "600"}, "must be below EVENT_BUFFER_SCREEN_VIEW_TTL_S"),
         (
             {"EVENT_BUFFER_BATCH_MARKER_TTL_S": "60"},
-            "EVENT_BUFFER_BATCH_MARKER_TTL_S \\(60\\) must exceed EVENT_BUFFER_VISIBILITY_TIMEOUT_S",
+            r"EVENT_BUFFER_BATCH_MARKER_TTL_S \(60\) must exceed EVENT_BUFFER_VISIBILITY_TIMEOUT",
         ),
     ],
 )
