@@ -213,12 +213,12 @@ def test_busy_embedded_clickhouse_is_waited_for_then_reported(
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
-        monkeypatch.setattr(cli, "BUSY_WAIT_S", 0.3)
+        monkeypatch.setattr("worker.cli.common.BUSY_WAIT_S", 0.3)
         busy = run_main("query", "SELECT 1")
         assert busy.code == 1
         assert "in use by another process" in busy.err
         assert len(busy.err.strip().splitlines()) == 1  # chDB's own complaint is silenced
-        monkeypatch.setattr(cli, "BUSY_WAIT_S", 15.0)
+        monkeypatch.setattr("worker.cli.common.BUSY_WAIT_S", 15.0)
         waited = run_main("query", "SELECT 41 + 1", "--format", "tsv")
         assert (waited.code, waited.out.splitlines()[1]) == (0, "42")
     finally:
@@ -279,7 +279,7 @@ def test_flush_reports_a_lock_held_elsewhere(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     EventBuffer(redis, settings).apply([event("click", 1_770_000_000_000)])
-    monkeypatch.setattr(cli, "LOCK_WAIT_S", 0.3)
+    monkeypatch.setattr("worker.cli.flush.LOCK_WAIT_S", 0.3)
     lock = FlushLock(redis, SHARD.lock, 60)
     assert lock.acquire()
     token = lock.token.decode()

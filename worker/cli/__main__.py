@@ -1,0 +1,8 @@
+"""`python -m worker.cli`: the `eventbuffer` command."""
+
+import sys
+
+from worker.cli.app import main
+
+if __name__ == "__main__":
+    sys.exit(main())

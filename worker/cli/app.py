@@ -1,0 +1,116 @@
+"""The command line: the parser, dispatch to a command, one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rich.console import Console
+
+from worker import runtime
+from worker.cli.common import CliError, is_embedded, mask, one_line, version
+from worker.cli.demo import cmd_demo
+from worker.cli.flush import cmd_flush
+from worker.cli.migrate import cmd_migrate
+from worker.cli.query import cmd_query
+from worker.cli.run import cmd_run
+from worker.cli.status import cmd_status
+from worker.lock import LockLostError
+from worker.settings import Settings, SettingsError
+from worker.sinks import SinkError
+from worker.sinks.schema import identifier
+
+
+def check_settings(settings: Settings) -> None:
+    """What `Settings.from_env` cannot check alone, as `SettingsError`s naming the variable."""
+    try:
+        identifier(settings.clickhouse_table)
+    except ValueError as exc:
+        raise SettingsError(f"EVENT_BUFFER_TABLE: {exc}") from None
+    if is_embedded(settings) and not settings.clickhouse_url.split("://", 1)[1].strip("/"):
+        raise SettingsError(
+            "CLICKHOUSE_URL: a chdb:// URL needs a path, e.g. chdb://data/clickhouse"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eventbuffer",
+        description="Analytics events buffered in Redis, flushed into ClickHouse by Celery.",
+    )
+    parser.add_argument("--version", action="version", version=f"eventbuffer {version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run Redis, ingest + flush workers and Beat locally")
+    run.set_defaults(handler=cmd_run)
+
+    migrate = commands.add_parser("migrate", help="create the ClickHouse table (idempotent)")
+    migrate.set_defaults(handler=cmd_migrate)
+
+    flush = commands.add_parser("flush", help="drain the buffer into ClickHouse now")
+    flush.set_defaults(handler=cmd_flush)
+
+    status = commands.add_parser("status", help="show the buffer's state")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(handler=cmd_status)
+
+    query = commands.add_parser("query", help="run SQL against ClickHouse")
+    query.add_argument("sql", help="the statement; - reads it from stdin")
+    query.add_argument("--write", action="store_true", help="allow statements that change data")
+    query.add_argument(
+        "--format", choices=("table", "json", "tsv"), default="table", help="output format"
+    )
+    query.set_defaults(handler=cmd_query)
+
+    demo = commands.add_parser("demo", help="send demo traffic and wait until it has landed")
+    demo.add_argument("--sessions", type=int, default=50, help="sessions to simulate (50)")
+    demo.add_argument("--seed", type=int, default=None, help="random seed for repeatable traffic")
+    demo.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for the events to land (60)"
+    )
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def fail(message: str, code: int) -> int:
+    print(f"eventbuffer: error: {one_line(message)}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # No markup or emoji codes: project ids, paths and query results are shown verbatim.
+    console = Console(markup=False, emoji=False, highlight=False, soft_wrap=True)
+    settings: Settings | None = None
+    try:
+        settings = Settings.from_env()
+        check_settings(settings)
+        runtime.configure(settings)
+        return int(args.handler(args, settings, console))
+    except SettingsError as exc:
+        return fail(f"bad setting: {exc}", 2)
+    except CliError as exc:
+        return fail(str(exc), exc.code)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        where = mask(runtime.settings().redis_url) if settings else "REDIS_URL"
+        return fail(f"cannot reach Redis at {where}: {exc}", 1)
+    except RedisError as exc:
+        return fail(f"Redis error: {exc}", 1)
+    except BrokerError as exc:
+        where = mask(settings.effective_broker_url) if settings else "the broker"
+        return fail(f"cannot reach the Celery broker at {where}: {exc}", 1)
+    except SinkError as exc:
+        return fail(f"ClickHouse: {exc}", 1)
+    except LockLostError as exc:
+        return fail(f"flush stopped: {exc}", 1)
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
+    except OSError as exc:  # e.g. a data directory that cannot be created
+        return fail(str(exc), 1)
+    finally:
+        runtime.reset()

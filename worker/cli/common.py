@@ -1,0 +1,156 @@
+"""Helpers every command shares: errors, password masking, the version, embedded
+ClickHouse opened late and retried while busy, progress bars and Redis peeks."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from functools import cache
+from pathlib import Path
+
+from redis import Redis
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
+
+from worker.keys import ShardKeys
+from worker.settings import Settings
+from worker.sinks import RetryableSinkError, Sink, open_sink
+
+# How long a command waits for embedded ClickHouse held by another process.
+BUSY_WAIT_S = 10.0
+
+# The checkout this code runs from (it holds pyproject.toml unless installed).
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exits with `code`."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ClickHouseBusy(CliError):
+    """Embedded ClickHouse is held by another process."""
+
+
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*:)[^@\s]*@")
+_QUERY_PASSWORD = re.compile(r"((?:password|passwd|pwd)=)[^&\s]*", re.IGNORECASE)
+
+
+def mask(text: str) -> str:
+    """`text` with the passwords of any URLs in it replaced by ***."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+
+
+def one_line(text: object, limit: int = 400) -> str:
+    line = " ".join(str(text).split())
+    return mask(line if len(line) <= limit else line[: limit - 1] + "…")
+
+
+@cache
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("eventbuffer")
+    except PackageNotFoundError:
+        import tomllib
+
+        pyproject = SOURCE_ROOT / "pyproject.toml"
+        with suppress(OSError, tomllib.TOMLDecodeError, KeyError), pyproject.open("rb") as f:
+            return f"{tomllib.load(f)['project']['version']} (source checkout)"
+        return "unknown"
+
+
+def is_embedded(settings: Settings) -> bool:
+    return settings.clickhouse_url.startswith("chdb://")
+
+
+@contextmanager
+def stderr_silenced() -> Iterator[None]:
+    """Silence file descriptor 2: chDB's C++ side prints lock errors there itself."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextmanager
+def clickhouse(settings: Settings, wait_s: float | None = None) -> Iterator[Sink]:
+    """A sink for the block; closed right after it.
+
+    Embedded ClickHouse is opened at once (every sink of this process on the
+    same directory shares the session), retrying for `wait_s` while another
+    process holds the directory (default BUSY_WAIT_S); then `ClickHouseBusy`.
+    """
+    embedded = is_embedded(settings)
+    deadline = time.monotonic() + (BUSY_WAIT_S if wait_s is None else wait_s)
+    delay = 0.1
+    while True:
+        sink = open_sink(settings.clickhouse_url, settings.clickhouse_table)
+        if not embedded:
+            break
+        try:
+            with stderr_silenced():
+                sink.query("SELECT 1")
+            break
+        except RetryableSinkError:
+            sink.close()
+            if time.monotonic() + delay > deadline:
+                where = settings.clickhouse_url.split("://", 1)[1]
+                raise ClickHouseBusy(
+                    f"embedded ClickHouse at {where} is in use by another process "
+                    "(a flush worker writing?); try again in a moment"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        except BaseException:
+            sink.close()
+            raise
+    try:
+        yield sink
+    finally:
+        sink.close()
+
+
+def migrate_schema(settings: Settings) -> None:
+    """Create the database and table if missing; embedded ClickHouse is released after."""
+    with clickhouse(settings) as sink:
+        sink.migrate()
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} {task.fields.get('unit', 'rows')}/s")
+
+
+def progress_bar(console: Console, *, disable: bool = False) -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    return Progress(*columns, RateColumn(), TimeElapsedColumn(), console=console, disable=disable)
+
+
+def waiting_views(redis: Redis, shard: ShardKeys) -> int:
+    """screen_views held as their session's last view (not in the queue yet)."""
+    tag = re.sub(r"([*?\[\]\\])", r"\\\1", shard.tag)
+    return sum(1 for _ in redis.scan_iter(match=f"{tag}:session:*", count=1000))

@@ -1,0 +1,156 @@
+"""`eventbuffer run`: Redis (found or started), schema, ingest + flush workers and Beat."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import time
+from contextlib import suppress
+from dataclasses import replace
+from pathlib import Path
+
+from rich.console import Console
+
+from worker import runtime
+from worker.cli.common import CliError, is_embedded, mask, migrate_schema, version
+from worker.cli.local_redis import REDIS_STOP_S, redis_answers, start_private_redis
+from worker.cli.processes import (
+    Child,
+    Signals,
+    Stopped,
+    became_ready,
+    child_env,
+    last_line,
+    spawn,
+    stop_process,
+)
+from worker.settings import Settings
+
+CHILD_STOP_S = 10.0
+READY_WAIT_S = 60.0
+
+
+def supervise(
+    children: list[Child], redis: subprocess.Popen[bytes] | None, signals: Signals, console: Console
+) -> str | None:
+    """Wait for a signal (None) or for a process to die (its message)."""
+    started = time.monotonic()
+    announced = False
+    while not signals.received.wait(0.25):
+        for child in children:
+            code = child.process.poll()
+            if code is not None:
+                return (
+                    f"the {child.what} exited unexpectedly (exit code {code}); "
+                    f"last log line: {last_line(child.log) or '(none)'} (log: {child.log})"
+                )
+            if became_ready(child):
+                console.print(f"✓ {child.what} ready (pid {child.process.pid})", style="green")
+        if redis is not None and redis.poll() is not None:
+            return f"the private redis-server exited unexpectedly (exit code {redis.returncode})"
+        if not announced and all(c.ready for c in children):
+            announced = True
+            console.print("Everything is up. Ctrl-C stops it all.", style="bold green")
+        elif not announced and time.monotonic() - started > READY_WAIT_S:
+            announced = True
+            late = ", ".join(f"{c.what} (log: {c.log})" for c in children if not c.ready)
+            console.print(f"Still not ready after {READY_WAIT_S:.0f} s: {late}", style="yellow")
+    return None
+
+
+def print_banner(
+    console: Console,
+    settings: Settings,
+    redis: subprocess.Popen[bytes] | None,
+    children: list[Child],
+    default_url: str,
+) -> None:
+    console.print(f"eventbuffer {version()}: local stack in {os.getcwd()}", style="bold")
+    how = f"private redis-server, pid {redis.pid}, AOF in data/redis" if redis else "existing"
+    console.print(f"  Redis       {mask(settings.redis_url)} ({how})")
+    kind = "embedded chDB" if is_embedded(settings) else "server"
+    console.print(
+        f"  ClickHouse  {mask(settings.clickhouse_url)} ({kind}, table "
+        f"`{settings.clickhouse_table}` ready)"
+    )
+    for child in children:
+        console.print(f"  {child.name:<10}  {child.what}, pid {child.process.pid}, log {child.log}")
+    console.print(f"  Beat runs process_buffer every {settings.flush_interval_s} s.")
+    console.print("Send events:")
+    console.print("  eventbuffer demo                    # realistic traffic, then a summary")
+    console.print("  python: from worker.producer import EventProducer")
+    console.print(
+        '          with EventProducer() as p: p.send({"project_id": "p1", '
+        '"name": "signup", "created_at": "2026-01-01T12:00:00Z"})'
+    )
+    console.print("Look inside (from this directory):")
+    console.print("  eventbuffer status")
+    console.print(
+        f'  eventbuffer query "SELECT name, count() FROM {settings.clickhouse_table} GROUP BY name"'
+    )
+    if settings.redis_url != default_url:
+        console.print(f"In other shells first: export REDIS_URL={mask(settings.redis_url)}")
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    data = Path("data")
+    logs = data / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    signals = Signals()
+    signals.install()
+    redis: subprocess.Popen[bytes] | None = None
+    children: list[Child] = []
+    failure: str | None = None
+    try:
+        url = settings.redis_url
+        if not redis_answers(url):
+            url, redis = start_private_redis(settings, data, signals)
+        original_url = settings.redis_url
+        settings = replace(settings, redis_url=url)
+        runtime.configure(settings)
+        signals.check()
+        # Migrate, and release embedded ClickHouse before the flush worker needs it.
+        migrate_schema(settings)
+        signals.check()
+        env = child_env(url)
+        fast = ["--without-mingle", "--without-gossip"]
+        children = [
+            spawn(
+                "ingest",
+                "ingest worker",
+                ["worker", "-Q", "ingest", "-c", "2", "-n", "ingest@%h", *fast],
+                env,
+                logs,
+            ),
+            spawn(
+                "flush",
+                "flush worker",
+                ["worker", "-Q", "flush", "-P", "solo", "-n", "flush@%h", *fast],
+                env,
+                logs,
+            ),
+            spawn(
+                "beat", "beat", ["beat", "--schedule", str(data / "celerybeat-schedule")], env, logs
+            ),
+        ]
+        print_banner(console, settings, redis, children, original_url)
+        failure = supervise(children, redis, signals, console)
+    except Stopped:
+        pass
+    finally:
+        if children or redis is not None:
+            console.print("Stopping…")
+        for child in children:
+            if child.process.poll() is None:
+                with suppress(ProcessLookupError):
+                    child.process.terminate()
+        for child in children:  # warm shutdown: running tasks finish first
+            stop_process(child.process, CHILD_STOP_S, force=signals)
+        if redis is not None:
+            stop_process(redis, REDIS_STOP_S)  # SIGTERM: Redis syncs the AOF (not forced)
+        signals.restore()
+    if failure:
+        raise CliError(failure)
+    console.print("Stopped.")
+    return 0
