@@ -256,6 +256,7 @@ def test_a_retryable_failure_keeps_the_claim_and_the_redrive_writes_no_duplicate
         flusher_for(redis, settings, failing).process_buffer()
     assert redis.hget(KEYS.claim, "count") == b"10"
     assert inner.query("SELECT count() FROM events") == [(6,)]
+    redis.delete(KEYS.backoff)  # as if the back-off delay had passed
     retry = RecordingSink(inner)
     [result] = flusher_for(redis, settings, retry).process_buffer()
     assert (result.redriven, result.batches) == (1, 1)
@@ -279,3 +280,30 @@ def test_a_missing_table_stops_the_flush_without_dead_letters(
     assert redis.llen(KEYS.dead) == 0
     assert redis.llen(KEYS.queue) == 1
     unmigrated.close()
+
+
+def test_clickhouse_failures_back_off_with_a_doubling_delay(
+    redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
+) -> None:
+    EventBuffer(redis, settings).add(event("x", "2026-03-01T12:00:00Z"))
+    down = FailingOnceSink(sink, RetryableSinkError("connection refused"), fail_at=0)
+    with pytest.raises(RetryableSinkError):
+        flusher_for(redis, settings, down).flush_shard(0)
+    assert 1500 < redis.pttl(KEYS.backoff) <= 2000
+    assert not redis.exists(KEYS.lock)
+
+    untouched = RecordingSink(sink)
+    waiting = flusher_for(redis, settings, untouched).flush_shard(0)
+    assert 0 < waiting.backoff_s <= 2 and waiting.rows == 0
+    assert untouched.writes == [], "no ClickHouse call while backing off"
+
+    redis.delete(KEYS.backoff)  # as if 2 s had passed
+    again = FailingOnceSink(sink, RetryableSinkError("connection refused"), fail_at=0)
+    with pytest.raises(RetryableSinkError):
+        flusher_for(redis, settings, again).flush_shard(0)
+    assert 3500 < redis.pttl(KEYS.backoff) <= 4000, "the delay doubles"
+
+    # An operator's explicit flush does not wait, and success resets the back-off.
+    result = flusher_for(redis, settings, sink).flush_shard(0, respect_backoff=False)
+    assert result.rows == 1
+    assert not redis.exists(KEYS.backoff) and not redis.exists(KEYS.failures)

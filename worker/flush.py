@@ -43,7 +43,7 @@ from worker.keys import CHANNEL_SAVED, Keyspace, ShardKeys
 from worker.lock import FlushLock, LockLostError
 from worker.scripts import AckResult, Scripts
 from worker.settings import Settings
-from worker.sinks.base import RowRejectedError, Sink
+from worker.sinks.base import RetryableSinkError, RowRejectedError, Sink
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class FlushResult:
 
     shard: int
     locked: bool = True  # False: another flusher held the lock; nothing was done
+    # Seconds left of a back-off after ClickHouse failures; nothing was done.
+    backoff_s: float = 0.0
     rows: int = 0  # rows sent to ClickHouse (duplicates of a re-drive are dropped there)
     dead: int = 0
     batches: int = 0
@@ -72,6 +74,7 @@ class FlushResult:
         return {
             "shard": self.shard,
             "locked": self.locked,
+            "backoff_s": round(self.backoff_s, 3),
             "rows": self.rows,
             "dead": self.dead,
             "batches": self.batches,
@@ -107,13 +110,22 @@ class Flusher:
         """Flush every shard once (each under its own lock)."""
         return [self.flush_shard(shard.shard, max_batches) for shard in self.keyspace.all()]
 
-    def flush_shard(self, shard_no: int, max_batches: int | None = None) -> FlushResult:
+    def flush_shard(
+        self, shard_no: int, max_batches: int | None = None, respect_backoff: bool = True
+    ) -> FlushResult:
         """Up to `max_batches` batches (default: the setting) of one shard.
 
-        Returns at once with `locked=False` if another flusher holds the lock.
+        Returns at once with `locked=False` if another flusher holds the lock,
+        or with `backoff_s` set while the shard backs off after ClickHouse
+        failed (unless `respect_backoff` is False: an operator's explicit flush).
         """
         shard = self.keyspace.shard(shard_no)
         result = FlushResult(shard=shard_no)
+        if respect_backoff:
+            left_ms = int(self.redis.pttl(shard.backoff))
+            if left_ms > 0:
+                result.backoff_s = left_ms / 1000
+                return result
         lock = FlushLock(self.redis, shard.lock, self.settings.lock_ttl_s)
         if not lock.acquire():
             result.locked = False
@@ -130,10 +142,32 @@ class Flusher:
                     pass
             finally:
                 sink.close()
+        except RetryableSinkError:
+            self._back_off(shard)
+            raise
         finally:
             lock.release()
             result.seconds = time.perf_counter() - started
+        self.redis.delete(shard.backoff, shard.failures)
         return result
+
+    def _back_off(self, shard: ShardKeys) -> None:
+        """After a transient ClickHouse failure, skip this shard for a doubling delay.
+
+        2 s, 4 s, 8 s ... up to EVENT_BUFFER_RETRY_BACKOFF_MAX_S; the count of
+        failures in a row outlives the delay so it keeps doubling, and a
+        successful flush resets both.
+        """
+        failures = int(self.redis.incr(shard.failures))
+        self.redis.expire(shard.failures, max(3600, self.settings.retry_backoff_max_s * 4))
+        delay_s = min(self.settings.retry_backoff_max_s, 2**failures)
+        self.redis.set(shard.backoff, failures, px=int(delay_s * 1000))
+        log.warning(
+            "ClickHouse failed for shard %d (%d in a row): next try in %d s",
+            shard.shard,
+            failures,
+            delay_s,
+        )
 
     def _flush_one(
         self, shard: ShardKeys, lock: FlushLock, sink: Sink, result: FlushResult

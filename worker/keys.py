@@ -14,6 +14,8 @@ Per shard:
     {p:N}:dead                  LIST    dead letters: JSON header, newline, raw payload
     {p:N}:stats                 HASH    last flush: at, rows, dead, claim id
     {p:N}:sessions              ZSET    session id -> when its last view was set (ms)
+    {p:N}:backoff               STRING  set while flushes wait after ClickHouse failures (PX)
+    {p:N}:failures              STRING  ClickHouse failures in a row (for the doubling delay)
     {p:N}:session:<sid>         STRING  a session's last screen_view: "<ms>|<row json>"
     {p:N}:profile:<proj>:<pid>  STRING  a profile's last screen_view, same format
     {p:N}:visitors:<proj>       ZSET    profile id -> last seen (ms); expires with the window
@@ -92,6 +94,14 @@ class ShardKeys:
     @property
     def sessions(self) -> str:
         return f"{self.tag}:sessions"
+
+    @property
+    def backoff(self) -> str:
+        return f"{self.tag}:backoff"
+
+    @property
+    def failures(self) -> str:
+        return f"{self.tag}:failures"
 
     def session(self, session_id: str) -> str:
         return f"{self.tag}:session:{escape(session_id)}"

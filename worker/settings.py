@@ -193,6 +193,12 @@ class Settings:
         _int(1),
         "Celery Beat runs `process_buffer` this often (OpenPanel's cron interval).",
     )
+    retry_backoff_max_s: int = _setting(
+        "EVENT_BUFFER_RETRY_BACKOFF_MAX_S",
+        300,
+        _int(1),
+        "After ClickHouse failures a shard's flushes wait 2 s, 4 s, 8 s ... up to this long.",
+    )
     high_water: int = _setting(
         "EVENT_BUFFER_HIGH_WATER",
         12000,

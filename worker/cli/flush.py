@@ -24,7 +24,7 @@ def flush_shard(flusher: Flusher, shard: int, lock_wait_s: float) -> FlushResult
     """One batch of one shard under its lock; None if another flusher kept the lock."""
     deadline = time.monotonic() + lock_wait_s
     while True:
-        result = flusher.flush_shard(shard, max_batches=1)
+        result = flusher.flush_shard(shard, max_batches=1, respect_backoff=False)
         if result.locked:
             return result
         if time.monotonic() >= deadline:
