@@ -30,6 +30,9 @@ from worker.sinks import RetryableSinkError, open_sink
 
 pytestmark = pytest.mark.slow
 
+# 2026-01-01 00:00:00 UTC: created_at must lie within EVENT_BUFFER_MAX_PAST_DAYS of now.
+T0 = 1_767_225_600_000
+
 
 def chdb_rows(url: str, sql: str, timeout: float = 20) -> list[tuple[Any, ...]]:
     """Query embedded ClickHouse, waiting while a flushing worker holds the directory."""
@@ -198,7 +201,7 @@ def _kill_during_ingest(
     ingest_many = app.signature("eventbuffer.ingest_events")
     batches = [
         [
-            {"id": str(uuid.uuid4()), "project_id": "p", "name": "tick", "created_at": n}
+            {"id": str(uuid.uuid4()), "project_id": "p", "name": "tick", "created_at": T0 + n}
             for n in range(25)
         ]
         for _ in range(240)
@@ -290,7 +293,7 @@ def test_redelivery_of_an_applied_batch_applies_nothing(
     app: Celery, env: dict[str, str], redis: redis_lib.Redis, tmp_path: Path
 ) -> None:
     buffer = EventBuffer(redis, settings_of(env))
-    batch = [{"project_id": "p", "name": "x", "created_at": 1} for _ in range(3)]
+    batch = [{"project_id": "p", "name": "x", "created_at": T0} for _ in range(3)]
     task_id = str(uuid.uuid4())
     proc = worker(env, tmp_path / "worker.log", "-Q", "ingest", "-P", "solo")
     try:
@@ -316,7 +319,7 @@ def test_two_concurrent_process_buffer_runs_one_does_the_work(
     for chunk in range(20):
         buffer.apply(
             [
-                parse_event({"project_id": "p", "name": "x", "created_at": chunk * 1000 + n})
+                parse_event({"project_id": "p", "name": "x", "created_at": T0 + chunk * 1000 + n})
                 for n in range(1000)
             ]
         )
@@ -342,7 +345,9 @@ def test_back_pressure_flushes_before_the_next_beat(
     proc = worker(env, tmp_path / "worker.log", "-Q", "ingest,flush", "-c", "2")
     try:
         proc.wait_for("ready.")
-        ingest_many.delay([{"project_id": "p", "name": "x", "created_at": n} for n in range(80)])
+        ingest_many.delay(
+            [{"project_id": "p", "name": "x", "created_at": T0 + n} for n in range(80)]
+        )
         # No Beat runs: only the back-pressure request can flush these.
         wait_until(
             lambda: landed(env["CLICKHOUSE_URL"])[0] == 80,

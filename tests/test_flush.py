@@ -215,7 +215,7 @@ def test_saved_notice_carries_per_project_counts(
     pubsub.get_message(timeout=1)
     buffer = EventBuffer(redis, settings)
     buffer.apply([event("a", "2026-03-01T12:00:00Z"), event("b", "2026-03-01T12:00:00Z")])
-    buffer.add(parse_event({"project_id": "p2", "name": "c", "created_at": 1}))
+    buffer.add(parse_event({"project_id": "p2", "name": "c", "created_at": "2026-03-01T12:00:00Z"}))
     [result] = flusher_for(redis, settings, sink).process_buffer()
     message = pubsub.get_message(timeout=2)
     assert message is not None

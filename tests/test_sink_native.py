@@ -216,7 +216,8 @@ def test_old_server_refused_when_dedup_required(old_url: str) -> None:
 @pytest.mark.parametrize(
     ("table", "fields"),
     [
-        # 'ÜÖ' is two characters, as Event allows, but four bytes.
+        # 'ÜÖ' is two characters but four bytes: parse_event refuses it, a row
+        # stored before that check is refused by the sink (built by hand below).
         ("events_compat", {"country": "ÜÖ"}),
         ("events_compat", {"duration": 2**40}),  # beyond UInt32
         ("events_strict", {"session_id": "s-1"}),  # rejected by the server
@@ -227,8 +228,13 @@ def test_rejected_row(old_url: str, table: str, fields: dict[str, Any]) -> None:
     sink = NativeSink(old_url, table=table, require_dedup=False)
     try:
         project = f"p-reject-{uuid.uuid4().hex[:8]}"
+        if "country" in fields:
+            country = f'"country":"{fields["country"]}"'.encode()
+            bad = event_row(project, country="SE").replace(b'"country":"SE"', country)
+        else:
+            bad = event_row(project, **fields)
         with pytest.raises(RowRejectedError):
-            sink.write([event_row(project), event_row(project, **fields)], "t")
+            sink.write([event_row(project), bad], "t")
         # The block is all or nothing, and the sink is usable again afterwards.
         count = f"SELECT count() FROM {table} WHERE project_id = %(p)s"
         assert sink.query(count, {"p": project}) == [(0,)]

@@ -110,7 +110,12 @@ def test_session_end_takes_the_session_out_of_the_index(
     assert redis.zscore(KEYS.sessions, "s1") is not None
     buffer.add(
         parse_event(
-            {"project_id": "p1", "name": "session_end", "created_at": 1, "session_id": "s1"}
+            {
+                "project_id": "p1",
+                "name": "session_end",
+                "created_at": clock.now_ms(),
+                "session_id": "s1",
+            }
         )
     )
     assert redis.zcard(KEYS.sessions) == 0
@@ -119,10 +124,18 @@ def test_session_end_takes_the_session_out_of_the_index(
 def test_stale_visitors_are_pruned_and_sets_expire(
     buffer: EventBuffer, sweeper: Sweeper, clock: ManualClock, redis: redis_lib.Redis
 ) -> None:
-    buffer.add(parse_event({"project_id": "p1", "name": "x", "created_at": 1, "profile_id": "a"}))
+    buffer.add(
+        parse_event(
+            {"project_id": "p1", "name": "x", "created_at": clock.now_ms(), "profile_id": "a"}
+        )
+    )
     assert 0 < redis.ttl(KEYS.visitors("p1")) <= 360
     clock.advance(4 * MINUTE)
-    buffer.add(parse_event({"project_id": "p1", "name": "x", "created_at": 1, "profile_id": "b"}))
+    buffer.add(
+        parse_event(
+            {"project_id": "p1", "name": "x", "created_at": clock.now_ms(), "profile_id": "b"}
+        )
+    )
     clock.advance(2 * MINUTE)
     assert sweeper.sweep().visitors_pruned == 1
     assert redis.zrange(KEYS.visitors("p1"), 0, -1) == [b"b"]

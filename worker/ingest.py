@@ -1,18 +1,38 @@
 """Ingest: validate a batch from a producer, apply the valid events, dead-letter the rest.
 
 The Celery tasks in `tasks/ingest.py` are thin wrappers over `ingest()`.
+
+Task arguments are untrusted JSON of any shape, so `ingest()` never raises
+for bad data (a task that raised would fail or, for a Redis error, be
+retried forever): a payload that is not a list is one item; every item
+that is not a valid event object becomes a dead letter with the reason and
+the field, stored atomically with the batch; the valid rest is applied.
+Only a Redis failure escapes, and the task retries it.
+
+An event sent without an id gets one derived from the batch id and its
+position, so a redelivered batch is routed to the same shards as the first
+delivery and skipped there by the batch markers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
-
-import msgspec
 
 from worker.buffer import EventBuffer
 from worker.deadletters import REASON_INVALID_EVENT, DeadLetter, encode_dead_letter
-from worker.events import Event, InvalidEvent, parse_event
+from worker.events import Event, InvalidEvent, Limits, parse_event
+
+# A dead letter keeps the raw item, cut to this many bytes at most (an
+# oversized event's first part is enough to tell what it was).
+MIN_DEAD_PAYLOAD_BYTES = 1 << 20
+# Ids of events sent without one are derived from the batch id in this namespace.
+_ID_NAMESPACE = uuid.UUID("5f0c1e7a-3b0e-4c55-9c1e-6e7665b2f0a1")
+# Batch ids become part of a Redis key: longer ones are replaced by a digest.
+MAX_BATCH_ID_CHARS = 200
 
 
 @dataclass
@@ -24,6 +44,8 @@ class IngestResult:
     duplicate: bool
     # The longest queue the batch touched, after it was applied.
     max_queue_length: int
+    # Events applied by kind ("regular", "screen_view", "session_end"); empty for a duplicate.
+    kinds: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -35,43 +57,107 @@ class IngestResult:
         }
 
 
-def _raw(payload: Any) -> bytes:
+def _raw(item: Any) -> bytes:
+    """The item as JSON, for its dead letter, whatever it holds (never raises).
+
+    `json.dumps` keeps what was sent (NaN stays NaN, a lone surrogate
+    becomes its \\u escape); what it cannot encode (tuple keys, bytes from
+    a Python caller) is shown with `repr`.
+    """
     try:
-        return msgspec.json.encode(payload)
-    except (TypeError, ValueError, OverflowError):
-        return repr(payload).encode("utf-8", "backslashreplace")
+        text = json.dumps(item, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        try:
+            text = repr(item)
+        except (ValueError, RecursionError):  # too deep, or an int too long for str()
+            text = f"<unprintable {type(item).__name__}>"
+    return text.encode("utf-8", "backslashreplace")
 
 
-def ingest(buffer: EventBuffer, payload: Any, batch_id: str) -> IngestResult:
+def _batch_key(batch_id: Any) -> str:
+    """A usable batch id from whatever the task was given (same input, same id).
+
+    Ids that are long or hold unprintable characters (a newline would forge
+    a log line) are replaced by their digest.
+    """
+    text = batch_id if isinstance(batch_id, str) else "json:" + _raw(batch_id).decode()
+    if not text:
+        return ""  # EventBuffer.apply picks a fresh id
+    if len(text) > MAX_BATCH_ID_CHARS or not text.isprintable():
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"sha256:{digest}"
+    return text
+
+
+def ingest(
+    buffer: EventBuffer, payload: Any, batch_id: str, limits: Limits | None = None
+) -> IngestResult:
     """Validate `payload` (a list of event objects) and apply it as batch `batch_id`.
 
     Applying the same batch id twice does nothing the second time, dead
-    letters included, so a redelivered task is harmless.
+    letters included, so a redelivered task is harmless. `limits` default
+    to the buffer's settings and clock.
     """
+    if limits is None:
+        limits = Limits.from_settings(buffer.settings, buffer.clock)
+    batch_id = _batch_key(batch_id)
     items = payload if isinstance(payload, list) else [payload]
     events: list[Event] = []
     dead: list[bytes] = []
     now = buffer.clock.now_ms()
-    for item in items:
+    max_dead_bytes = max(MIN_DEAD_PAYLOAD_BYTES, 2 * limits.max_event_bytes)
+    batch_ns: uuid.UUID | None = None
+    for index, item in enumerate(items):
         try:
-            events.append(parse_event(item))
+            if not isinstance(item, dict):
+                # JSON text is no event object here: only dicts come from producers.
+                raise InvalidEvent("$", f"an event must be an object, got {_json_type(item)}")
+            if batch_id and item.get("id", "") == "":
+                # The id of an event sent without one follows from the batch id and its
+                # position: a redelivered batch routes it to the same shard, whose
+                # batch marker skips it (a random id could land on another shard).
+                batch_ns = batch_ns or uuid.uuid5(_ID_NAMESPACE, batch_id)
+                derived = str(uuid.uuid5(batch_ns, str(index)))
+                events.append(parse_event({**item, "id": derived}, limits))
+            else:
+                events.append(parse_event(item, limits))
         except InvalidEvent as exc:
+            raw = _raw(item)
+            error = str(exc)
+            if len(raw) > max_dead_bytes:
+                error += f" (raw payload of {len(raw)} bytes cut to {max_dead_bytes})"
+                raw = raw[:max_dead_bytes]
             header = DeadLetter(
                 reason=REASON_INVALID_EVENT,
-                error=str(exc),
+                error=error,
                 field=exc.field,
                 source="ingest",
                 at=now,
                 shard=0,
                 claim=batch_id,
             )
-            dead.append(encode_dead_letter(header, _raw(item)))
+            dead.append(encode_dead_letter(header, raw))
     result = buffer.apply(events, batch_id=batch_id, dead_letters=dead)
     return IngestResult(
-        batch_id=batch_id,
+        batch_id=result.batch_id,
         accepted=len(events),
         invalid=len(dead),
         appended=result.appended,
         duplicate=result.duplicate,
         max_queue_length=max(result.queue_lengths.values(), default=0),
+        kinds=dict(result.kinds),
     )
+
+
+def _json_type(item: Any) -> str:
+    if item is None:
+        return "null"
+    if isinstance(item, bool):
+        return "boolean"
+    if isinstance(item, int | float):
+        return "number"
+    if isinstance(item, str):
+        return "string"
+    if isinstance(item, list):
+        return "array"
+    return type(item).__name__

@@ -22,6 +22,9 @@ from worker.sinks.base import PermanentSinkError, RetryableSinkError, RowRejecte
 from worker.sinks.schema import create_table, identifier
 
 _TOKEN = re.compile(r"^[A-Za-z0-9:._-]{1,200}$")
+_PARAM_ESCAPES = str.maketrans(
+    {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": "\\0", "\b": "\\b", "\f": "\\f"}
+)
 
 
 class _Handle:
@@ -113,6 +116,14 @@ class ChdbSink:
             return session
 
     def _run(self, sql: str, fmt: str = "CSV", params: dict[str, Any] | None = None) -> Any:
+        if params:
+            # ClickHouse parses a {name:Type} parameter's text in its Escaped (TSV)
+            # format: a backslash, tab or newline in a string must be escaped, or
+            # the value is changed (or refused) instead of matched verbatim.
+            params = {
+                name: value.translate(_PARAM_ESCAPES) if isinstance(value, str) else value
+                for name, value in params.items()
+            }
         with self._handle.lock:
             session = self._session()
             try:
