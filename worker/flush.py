@@ -16,7 +16,16 @@ same tokens: nothing is lost and nothing is written twice.
 
 Rows that are not valid JSON, and rows ClickHouse rejects (found by halving
 a rejected chunk until single rows are left), become dead letters with the
-reason; the rest of the batch lands.
+reason; the rest of the batch lands. Each halving is recorded in the claim
+before the halves are written, so a re-drive takes the same halves (and
+tokens) even if ClickHouse would now take the whole chunk.
+
+The poison guard: when ClickHouse rejects more than
+`EVENT_BUFFER_DLQ_MAX_RATIO` of a claim's rows (and at least
+`POISON_GUARD_MIN_ROWS`), the rows are not at fault but the table is (a
+schema mismatch after a bad deploy): the flush stops with `PoisonGuardError`
+before anything is dead-lettered, and the claim stays open for a re-drive
+once the cause is fixed.
 """
 
 from __future__ import annotations
@@ -43,9 +52,46 @@ from worker.keys import CHANNEL_SAVED, Keyspace, ShardKeys
 from worker.lock import FlushLock, LockLostError
 from worker.scripts import AckResult, Scripts
 from worker.settings import Settings
-from worker.sinks.base import RetryableSinkError, RowRejectedError, Sink
+from worker.sinks.base import PermanentSinkError, RetryableSinkError, RowRejectedError, Sink
 
 log = logging.getLogger(__name__)
+
+# The poison guard needs this many rejected rows before it stops a flush, so a
+# small claim with a few bad rows still dead-letters them.
+POISON_GUARD_MIN_ROWS = 10
+# Claim hash fields `split:<token>` mark chunks that were rejected and halved.
+SPLIT_FIELD = "split:"
+
+
+class PoisonGuardError(PermanentSinkError):
+    """ClickHouse rejected most of a claim: stop instead of dead-lettering it.
+
+    Raised before any dead letter is written; the claim stays open. Rows of
+    the claim already inserted stay in ClickHouse: the re-drive takes the
+    same chunks, halves and tokens, so ClickHouse drops them as duplicates.
+    """
+
+    def __init__(
+        self, message: str, *, rejected: int, rows: int, first_error: str, code: int | None
+    ) -> None:
+        super().__init__(message, code)
+        self.rejected = rejected
+        self.rows = rows
+        self.first_error = first_error
+
+
+@dataclass
+class _Inserts:
+    """The rows of one claim on their way into ClickHouse, and what was rejected."""
+
+    shard: ShardKeys
+    claim_id: str
+    rows: Sequence[bytes]
+    # Tokens of chunks halved after a rejection, by this flush or an earlier one of the claim.
+    split: set[str]
+    rejected: set[int] = field(default_factory=set)  # offsets into rows
+    dead: list[bytes] = field(default_factory=list)
+    first_rejection: RowRejectedError | None = None
 
 
 @dataclass
@@ -142,7 +188,9 @@ class Flusher:
                     pass
             finally:
                 sink.close()
-        except RetryableSinkError:
+        except (RetryableSinkError, PoisonGuardError):
+            # The guard too: each attempt re-inserts thousands of rows one by
+            # one until it trips again, so it should not run every tick.
             self._back_off(shard)
             raise
         finally:
@@ -196,16 +244,19 @@ class Flusher:
         invalid_json = len(dead)
 
         rows = [item[2] for item in keyed]
-        rejected: set[int] = set()
+        inserts = _Inserts(shard, claim.id, rows, self._splits(shard, claim.redriven), dead=dead)
         size = self.settings.chunk_size
         phase = time.perf_counter()
-        for index, start in enumerate(range(0, len(rows), size)):
-            lock.check()
-            offsets = list(range(start, min(start + size, len(rows))))
-            self._write(sink, rows, offsets, f"{claim.id}:{index}", rejected, shard, claim.id, dead)
-            result.chunk_rows.append(len(offsets))
+        try:
+            for index, start in enumerate(range(0, len(rows), size)):
+                lock.check()
+                offsets = list(range(start, min(start + size, len(rows))))
+                self._write(sink, inserts, offsets, f"{claim.id}:{index}", lock)
+                result.chunk_rows.append(len(offsets))
+        finally:
+            result.insert_seconds += time.perf_counter() - phase
         lock.check()
-        result.insert_seconds += time.perf_counter() - phase
+        rejected = inserts.rejected
 
         projects = Counter(item[3] for n, item in enumerate(keyed) if n not in rejected)
         inserted = len(rows) - len(rejected)
@@ -238,35 +289,83 @@ class Flusher:
         result.claims.append(claim.id)
         return True
 
+    def _splits(self, shard: ShardKeys, redriven: bool) -> set[str]:
+        """Tokens of the open claim's chunks that an earlier flush halved."""
+        if not redriven:
+            return set()  # a new claim: nothing of it was written yet
+        names = (
+            n.decode() if isinstance(n, bytes) else str(n) for n in self.redis.hkeys(shard.claim)
+        )
+        return {n[len(SPLIT_FIELD) :] for n in names if n.startswith(SPLIT_FIELD)}
+
     def _write(
-        self,
-        sink: Sink,
-        rows: Sequence[bytes],
-        offsets: list[int],
-        token: str,
-        rejected: set[int],
-        shard: ShardKeys,
-        claim_id: str,
-        dead: list[bytes],
+        self, sink: Sink, inserts: _Inserts, offsets: list[int], token: str, lock: FlushLock
     ) -> None:
         """Insert rows[offsets]; on a row-level rejection, halve until the bad rows are alone.
 
-        The halves get tokens derived from the parent's, so a re-drive that
-        meets the same rejection retries with the same tokens.
+        The halves get tokens derived from the parent's. A halved chunk is
+        recorded in the claim before its halves are written, and a re-drive
+        goes straight to the halves of a recorded chunk: had it retried the
+        whole chunk and ClickHouse now took it (the table was fixed), the
+        rows its halves had written would land a second time, under a token
+        ClickHouse has not seen.
         """
-        try:
-            sink.write([rows[i] for i in offsets], token)
-            return
-        except RowRejectedError as exc:
-            if len(offsets) == 1:
-                rejected.add(offsets[0])
-                dead.append(
-                    self._dead(REASON_REJECTED, str(exc), rows[offsets[0]], shard, claim_id)
-                )
+        if token not in inserts.split:
+            try:
+                sink.write([inserts.rows[i] for i in offsets], token)
                 return
+            except RowRejectedError as exc:
+                if len(offsets) == 1:
+                    self._reject(inserts, offsets[0], exc)
+                    return
+            lock.check()
+            self.redis.hset(inserts.shard.claim, SPLIT_FIELD + token, 1)
+            inserts.split.add(token)
         middle = len(offsets) // 2
         for part, half in enumerate((offsets[:middle], offsets[middle:])):
-            self._write(sink, rows, half, f"{token}.{part}", rejected, shard, claim_id, dead)
+            self._write(sink, inserts, half, f"{token}.{part}", lock)
+
+    def _reject(self, inserts: _Inserts, offset: int, exc: RowRejectedError) -> None:
+        """Dead-letter a row ClickHouse refused, unless most of the claim is refused."""
+        inserts.rejected.add(offset)
+        if inserts.first_rejection is None:
+            inserts.first_rejection = exc
+        # Out of the rows sent to ClickHouse: rows that are not JSON never reach
+        # it, and are not what a schema mismatch makes fail.
+        rejected, total = len(inserts.rejected), len(inserts.rows)
+        ratio = self.settings.dlq_max_ratio
+        # Checked at every rejected row, so the flush stops as soon as the
+        # share is certain, without halving the rest of the claim.
+        if rejected >= POISON_GUARD_MIN_ROWS and rejected > ratio * total:
+            first = " ".join(str(inserts.first_rejection).split())[:500]
+            # What to check first, then the evidence: the CLI cuts long lines.
+            message = (
+                f"{rejected} of {total} rows rejected by ClickHouse on shard "
+                f"{inserts.shard.shard} (over EVENT_BUFFER_DLQ_MAX_RATIO={ratio:g}): schema "
+                "mismatch? Stopped without dead-lettering; the claim stays open and is "
+                f"re-driven once fixed. First error: {first} (claim {inserts.claim_id})"
+            )
+            log.error(
+                "%s",
+                message,
+                extra={
+                    "shard": inserts.shard.shard,
+                    "claim": inserts.claim_id,
+                    "rejected": rejected,
+                },
+            )
+            raise PoisonGuardError(
+                message,
+                rejected=rejected,
+                rows=total,
+                first_error=first,
+                code=inserts.first_rejection.code,
+            )
+        inserts.dead.append(
+            self._dead(
+                REASON_REJECTED, str(exc), inserts.rows[offset], inserts.shard, inserts.claim_id
+            )
+        )
 
     def _dead(self, reason: str, error: str, raw: bytes, shard: ShardKeys, claim: str) -> bytes:
         header = DeadLetter(
