@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Task
 from redis.exceptions import RedisError
 
-from worker import runtime
+from worker import metrics, runtime
 from worker.celery_app import FLUSH_QUEUE, TASK_INGEST_EVENT, TASK_INGEST_EVENTS, app
 from worker.ingest import IngestResult, ingest
 
@@ -29,7 +30,9 @@ RETRY = {
 
 
 def _run(task: Task, payload: Any, batch_id: str | None) -> dict[str, Any]:
+    started = time.perf_counter()
     result = ingest(runtime.buffer(), payload, batch_id or task.request.id)
+    metrics.record_ingest(result, time.perf_counter() - started)
     if result.invalid:
         log.warning("batch %s: %d invalid event(s) dead-lettered", result.batch_id, result.invalid)
     if result.duplicate:

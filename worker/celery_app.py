@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery
 from kombu.entity import Exchange, Queue
@@ -47,9 +49,30 @@ def redis_transport_options(visibility_timeout_s: int) -> dict[str, int]:
     }
 
 
+def redis_tls_options(url: str) -> dict[str, Any] | None:
+    """TLS options for a `rediss://` URL that does not say how to verify the server.
+
+    With `ssl_cert_reqs` in the URL (`?ssl_cert_reqs=required&ssl_ca_certs=/ca.pem`,
+    as redis-py, kombu and Celery all read it), the URL says it all: None.
+    Without it, kombu would connect without verifying the certificate and
+    Celery's result backend refuses the URL: verify against the system's CAs,
+    as redis-py does for the buffer's own connection.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss" or "ssl_cert_reqs" in parse_qs(parts.query):
+        return None
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration that follows from eventbuffer's settings."""
+    tls: dict[str, Any] = {}
+    if (broker_tls := redis_tls_options(settings.effective_broker_url)) is not None:
+        tls["broker_use_ssl"] = broker_tls
+    if (backend_tls := redis_tls_options(settings.effective_result_backend)) is not None:
+        tls["redis_backend_use_ssl"] = backend_tls
     return dict(
+        **tls,
         broker_url=settings.effective_broker_url,
         result_backend=settings.effective_result_backend,
         task_serializer="json",
@@ -98,3 +121,6 @@ def create_app(settings: Settings) -> Celery:
 # raises SettingsError where the configuration is first used.
 app = Celery("eventbuffer", include=TASK_MODULES)
 app.config_from_object("worker.celeryconfig")
+
+# Structured logs and the Prometheus endpoint: Celery signal handlers.
+import worker.observability  # noqa: E402, F401

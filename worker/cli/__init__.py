@@ -4,6 +4,8 @@
     eventbuffer migrate    create the ClickHouse database and table (idempotent)
     eventbuffer flush      drain the buffer into ClickHouse now, in this process
     eventbuffer status     queues, claims, dead letters, locks, last flushes, active visitors
+                           (--json: one JSON object; --watch: a live view)
+    eventbuffer metrics    print the Prometheus metrics once (Redis gauges, worker counters)
     eventbuffer query SQL  run a (read-only unless --write) query against ClickHouse
     eventbuffer demo       send realistic traffic and wait until it has landed
 
@@ -16,9 +18,9 @@ command opens it as late as possible, closes it right after use, and retries
 for a while when another process (a flush worker) holds it.
 
 Modules: `app` (parser, dispatch, errors and exit codes), `common` (shared
-helpers), one module per command (`run`, `migrate`, `flush`, `status`,
-`query`, `demo`), and what `run` and `demo` are built from (`local_redis`,
-`processes`, `traffic`).
+helpers), one module per command (`run`, `migrate`, `flush`, `status`
+and its live view `watch`, `query`, `demo`, `metrics`), and what `run`
+and `demo` are built from (`local_redis`, `processes`, `traffic`).
 """
 
 from worker.cli.app import main

@@ -15,7 +15,9 @@ from rich.console import Console
 from worker import runtime
 from worker.cli.common import CliError, is_embedded, mask, one_line, version
 from worker.cli.demo import cmd_demo
+from worker.cli.dlq import add_dlq_parser
 from worker.cli.flush import cmd_flush
+from worker.cli.metrics import cmd_metrics
 from worker.cli.migrate import cmd_migrate
 from worker.cli.query import cmd_query
 from worker.cli.run import cmd_run
@@ -56,8 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     flush.set_defaults(handler=cmd_flush)
 
     status = commands.add_parser("status", help="show the buffer's state")
-    status.add_argument("--json", action="store_true", help="print one JSON object")
+    shown = status.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print one JSON object")
+    shown.add_argument(
+        "--watch", action="store_true", help="live view, refreshed every second (Ctrl-C stops)"
+    )
+    status.add_argument(
+        "--interval", type=float, default=1.0, help="--watch: seconds between refreshes (1)"
+    )
+    status.add_argument(
+        "--iterations", type=int, default=0, help="--watch: stop after N refreshes (0: never)"
+    )
     status.set_defaults(handler=cmd_status)
+
+    metrics = commands.add_parser(
+        "metrics", help="print the Prometheus metrics once (Redis gauges, worker counters)"
+    )
+    metrics.set_defaults(handler=cmd_metrics)
 
     query = commands.add_parser("query", help="run SQL against ClickHouse")
     query.add_argument("sql", help="the statement; - reads it from stdin")
@@ -74,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=60.0, help="seconds to wait for the events to land (60)"
     )
     demo.set_defaults(handler=cmd_demo)
+
+    add_dlq_parser(commands)
     return parser
 
 

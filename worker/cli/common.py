@@ -4,7 +4,6 @@ ClickHouse opened late and retried while busy, progress bars and Redis peeks."""
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from rich.progress import (
 from rich.text import Text
 
 from worker.keys import ShardKeys
+from worker.logs import redact
 from worker.settings import Settings
 from worker.sinks import RetryableSinkError, Sink, open_sink
 
@@ -48,13 +48,8 @@ class ClickHouseBusy(CliError):
     """Embedded ClickHouse is held by another process."""
 
 
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*:)[^@\s]*@")
-_QUERY_PASSWORD = re.compile(r"((?:password|passwd|pwd)=)[^&\s]*", re.IGNORECASE)
-
-
-def mask(text: str) -> str:
-    """`text` with the passwords of any URLs in it replaced by ***."""
-    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+# The CLI masks secrets exactly as the logs do.
+mask = redact
 
 
 def one_line(text: object, limit: int = 400) -> str:
@@ -152,5 +147,4 @@ def progress_bar(console: Console, *, disable: bool = False) -> Progress:
 
 def waiting_views(redis: Redis, shard: ShardKeys) -> int:
     """screen_views held as their session's last view (not in the queue yet)."""
-    tag = re.sub(r"([*?\[\]\\])", r"\\\1", shard.tag)
-    return sum(1 for _ in redis.scan_iter(match=f"{tag}:session:*", count=1000))
+    return int(redis.zcard(shard.sessions))

@@ -13,6 +13,7 @@ from rich.table import Table
 from worker import runtime
 from worker.cli.common import mask, waiting_views
 from worker.lock import lock_holder
+from worker.metrics import head_age_seconds
 from worker.settings import Settings
 
 
@@ -47,7 +48,8 @@ def status_data(settings: Settings) -> dict[str, Any]:
         pipe.hgetall(shard.claim)
         pipe.llen(shard.dead)
         pipe.hgetall(shard.stats)
-        queued, raw_claim, dead, raw_stats = pipe.execute()
+        pipe.lindex(shard.queue, 0)
+        queued, raw_claim, dead, raw_stats, head = pipe.execute()
         claim, stats = decode_hash(raw_claim), decode_hash(raw_stats)
         holder = lock_holder(redis, shard.lock)
         shards.append(
@@ -63,6 +65,8 @@ def status_data(settings: Settings) -> dict[str, Any]:
                     "age_s": round((now - int(claim["at"])) / 1000, 3),
                 },
                 "dead_letters": int(dead),
+                # now - created_at of the queue's head row (event time), 0 when empty.
+                "oldest_event_age_s": round(head_age_seconds(head, now), 3),
                 "waiting_views": waiting_views(redis, shard),
                 "lock": None if holder is None else {"token": holder[0], "ttl_ms": holder[1]},
                 "last_flush": None
@@ -96,6 +100,10 @@ def status_data(settings: Settings) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    if getattr(args, "watch", False):
+        from worker.cli.watch import watch
+
+        return watch(args, settings, console, status_data)
     data = status_data(settings)
     if args.json:
         print(json.dumps(data, indent=2))

@@ -1,0 +1,354 @@
+"""Prometheus metrics: a real prefork worker's endpoint, the Redis gauges, the monitoring files."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.celery_procs import project_env, wait_until, worker
+from tests.conftest import free_port
+from worker.buffer import EventBuffer
+from worker.celery_app import create_app
+from worker.clock import ManualClock
+from worker.events import datetime_ms, parse_event
+from worker.flush import FlushResult
+from worker.ingest import IngestResult
+from worker.metrics import (
+    OTHER_PROJECTS,
+    Metrics,
+    RedisCollector,
+    exposed_names,
+    top_projects,
+)
+from worker.scripts import Scripts
+from worker.settings import Settings
+from worker.sinks import open_sink
+
+ROOT = Path(__file__).resolve().parent.parent
+MONITORING = ROOT / "monitoring"
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(samples: Samples, name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def scrape(port: int) -> Samples:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return parse(response.read().decode())
+
+
+def reachable(port: int) -> bool:
+    try:
+        scrape(port)
+        return True
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return False
+
+
+def traffic(sessions: int) -> list[dict[str, Any]]:
+    """Per session: 3 screen_views, a regular event, a session_end. One invalid event."""
+    events: list[dict[str, Any]] = []
+    base = 1_767_225_600_000
+    for s in range(sessions):
+        common = {"project_id": "shop", "session_id": f"s{s}", "profile_id": f"u{s}"}
+        for v in range(3):
+            events.append({**common, "name": "screen_view", "created_at": base + v * 1000})
+        events.append({**common, "name": "add_to_cart", "created_at": base + 3500})
+        events.append({**common, "name": "session_end", "created_at": base + 9000})
+    return events
+
+
+# -- a real worker: prefork, two pool processes --------------------------------------------
+
+
+@pytest.mark.slow
+def test_worker_endpoint_counts_real_traffic(
+    redis_url: str, redis: redis_lib.Redis, tmp_path: Path
+) -> None:
+    chdb_url = f"chdb://{tmp_path / 'ch'}"
+    sink = open_sink(chdb_url)
+    sink.migrate()
+    sink.close()
+    port = free_port()
+    env = project_env(
+        REDIS_URL=redis_url, CLICKHOUSE_URL=chdb_url, EVENT_BUFFER_METRICS_PORT=str(port)
+    )
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.pop("prometheus_multiproc_dir", None)
+    settings = Settings.from_env(env)
+    app = create_app(settings)
+    buffer = EventBuffer(redis, settings)
+    queue = buffer.keyspace.shard(0).queue
+    events = traffic(sessions=20)
+    invalid = [{"name": "no project", "created_at": 1}, {"project_id": "shop"}]
+    proc = worker(env, tmp_path / "worker.log", "-Q", "ingest,flush", "-c", "2")
+    try:
+        proc.wait_for("ready.")
+        wait_until(lambda: reachable(port), 20, "the metrics endpoint", alive=proc.alive)
+        before = scrape(port)
+        assert value(before, "eventbuffer_redis_up") == 1
+        assert total(before, "eventbuffer_events_applied_total") == 0
+        assert value(before, "eventbuffer_buffer_depth", shard="0") == 0
+
+        # Several tasks, so both pool processes are likely to count some.
+        batches = [events[i : i + 10] for i in range(0, len(events), 10)]
+        batches[0] = batches[0] + invalid
+        results = [app.send_task("eventbuffer.ingest_events", args=[b]) for b in batches]
+        wait_until(
+            lambda: (
+                redis.exists(*(f"{buffer.keyspace.shard(0).tag}:batch:{r.id}" for r in results))
+                == len(results)
+            ),
+            30,
+            "every ingest batch to be applied",
+            alive=proc.alive,
+        )
+        wait_until(
+            lambda: total(scrape(port), "eventbuffer_events_applied_total") == len(events),
+            10,
+            "the counters of both pool processes",
+        )
+        applied = scrape(port)
+        assert value(applied, "eventbuffer_events_applied_total", kind="screen_view") == 60
+        assert value(applied, "eventbuffer_events_applied_total", kind="regular") == 20
+        assert value(applied, "eventbuffer_events_applied_total", kind="session_end") == 20
+        assert value(applied, "eventbuffer_ingest_batches_total", outcome="applied") == len(batches)
+        assert value(applied, "eventbuffer_apply_seconds_count") == len(batches)
+        assert value(applied, "eventbuffer_dead_letters_total", reason="invalid_event") == 2
+        assert value(applied, "eventbuffer_buffer_depth", shard="0") == redis.llen(queue) == 100
+        assert value(applied, "eventbuffer_dead_letter_depth", shard="0") == 2
+        assert value(applied, "eventbuffer_active_visitors", project="shop") == 20
+        assert value(applied, "eventbuffer_active_projects") == 1
+        assert value(applied, "eventbuffer_oldest_event_age_seconds", shard="0") > 0
+
+        summary = app.send_task("eventbuffer.process_buffer").get(timeout=60)
+        assert summary["rows"] == 100
+        flushed = scrape(port)
+        assert value(flushed, "eventbuffer_events_flushed_total") == 100
+        assert value(flushed, "eventbuffer_flush_runs_total", result="success") == 1
+        assert value(flushed, "eventbuffer_flush_batches_total") == 1
+        assert value(flushed, "eventbuffer_insert_chunk_rows_sum") == 100
+        assert value(flushed, "eventbuffer_insert_chunk_rows_count") == 1
+        for phase in ("claim", "insert", "ack"):
+            assert value(flushed, "eventbuffer_flush_phase_seconds_count", phase=phase) == 1
+        assert value(flushed, "eventbuffer_buffer_depth", shard="0") == redis.llen(queue) == 0
+        assert value(flushed, "eventbuffer_last_flush_timestamp_seconds", shard="0") > 0
+
+        # A flush that finds the lock held counts as "locked".
+        redis.set(buffer.keyspace.shard(0).lock, "someone-else", px=60_000)
+        app.send_task("eventbuffer.process_buffer").get(timeout=30)
+        locked = scrape(port)
+        assert value(locked, "eventbuffer_flush_runs_total", result="locked") == 1
+        assert value(locked, "eventbuffer_flush_lock_skips_total") == 1
+        assert value(locked, "eventbuffer_flush_lock_held", shard="0") == 1
+    finally:
+        proc.stop()
+        app.close()
+    assert "serving Prometheus metrics on port" in proc.text()
+
+
+@pytest.mark.slow
+def test_a_busy_metrics_port_is_logged_and_the_worker_runs_on(
+    redis_url: str, redis: redis_lib.Redis, tmp_path: Path
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = project_env(
+            REDIS_URL=redis_url,
+            CLICKHOUSE_URL=f"chdb://{tmp_path / 'ch'}",
+            EVENT_BUFFER_METRICS_PORT=str(port),
+        )
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        app = create_app(Settings.from_env(env))
+        proc = worker(env, tmp_path / "worker.log", "-Q", "ingest", "-P", "solo")
+        try:
+            proc.wait_for("ready.")
+            app.send_task(
+                "eventbuffer.ingest_events",
+                args=[[{"project_id": "p", "name": "x", "created_at": int(time.time() * 1000)}]],
+            )
+            wait_until(lambda: redis.llen("{eventbuffer:0}:queue") == 1, 20, "the event")
+        finally:
+            proc.stop()
+            app.close()
+    assert f"metrics: cannot serve on port {port}" in proc.text()
+
+
+# -- in-process: recording and the Redis collector ------------------------------------------
+
+
+def test_recording_from_result_objects() -> None:
+    import worker.metrics as metrics_module
+
+    metrics = Metrics(CollectorRegistry())
+    metrics_module._metrics = metrics
+    try:
+        metrics_module.record_ingest(
+            IngestResult("b1", 3, 1, 3, False, 3, {"regular": 2, "screen_view": 1}), 0.002
+        )
+        metrics_module.record_ingest(IngestResult("b1", 3, 1, 0, True, 3, {}), 0.001)
+        result = FlushResult(shard=0, rows=7, dead=1, batches=1, chunk_rows=[4, 4])
+        result.dead_reasons["rejected_by_clickhouse"] = 1
+        metrics_module.record_flush(result)
+        metrics_module.record_flush(FlushResult(shard=0, locked=False))
+        metrics_module.record_flush(FlushResult(shard=0, backoff_s=3.5))
+        metrics_module.record_flush_error()
+    finally:
+        metrics_module._metrics = None
+    samples = parse(generate_latest(metrics.registry).decode())
+    assert value(samples, "eventbuffer_events_applied_total", kind="regular") == 2
+    assert value(samples, "eventbuffer_events_applied_total", kind="screen_view") == 1
+    assert value(samples, "eventbuffer_ingest_batches_total", outcome="duplicate") == 1
+    # The duplicate's invalid event was dead-lettered by the first delivery only.
+    assert value(samples, "eventbuffer_dead_letters_total", reason="invalid_event") == 1
+    assert value(samples, "eventbuffer_dead_letters_total", reason="rejected_by_clickhouse") == 1
+    assert value(samples, "eventbuffer_events_flushed_total") == 7
+    assert value(samples, "eventbuffer_insert_chunk_rows_count") == 2
+    for result_label in ("success", "locked", "error", "backoff"):
+        assert value(samples, "eventbuffer_flush_runs_total", result=result_label) == 1
+    assert value(samples, "eventbuffer_apply_seconds_count") == 2
+
+
+def test_top_projects_bound_the_label_cardinality() -> None:
+    counts = {"a": 5, "b": 9, "c": 1, "d": 5, "idle": 0}
+    assert top_projects(counts, 2) == {"b": 9, "a": 5, OTHER_PROJECTS: 6}
+    assert top_projects(counts, 10) == {"b": 9, "a": 5, "d": 5, "c": 1, OTHER_PROJECTS: 0}
+    assert top_projects(counts, 0) == {OTHER_PROJECTS: 20}
+
+
+def test_redis_gauges_match_the_buffer(redis: redis_lib.Redis, settings: Settings) -> None:
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": settings.redis_url,
+            "EVENT_BUFFER_SHARDS": "2",
+            "EVENT_BUFFER_METRICS_TOP_PROJECTS": "1",
+        }
+    )
+    clock = ManualClock()
+    buffer = EventBuffer(redis, settings, clock)
+    created = "2026-03-01 12:00:00.000"
+    events = [
+        parse_event(
+            {
+                "project_id": "big" if n % 3 else "small",
+                "name": "click",
+                "session_id": f"s{n}",
+                "profile_id": f"u{n}",
+                "created_at": created,
+            }
+        )
+        for n in range(30)
+    ]
+    clock.set(datetime_ms(created) + 42_000)
+    buffer.apply(events)
+    registry = CollectorRegistry()
+    registry.register(RedisCollector(settings, lambda: redis, clock))
+    samples = parse(generate_latest(registry).decode())
+    lengths = buffer.queue_lengths()
+    assert sum(lengths.values()) == 30
+    for shard, length in lengths.items():
+        assert value(samples, "eventbuffer_buffer_depth", shard=str(shard)) == length
+        if length:
+            assert value(samples, "eventbuffer_oldest_event_age_seconds", shard=str(shard)) == 42
+    assert value(samples, "eventbuffer_active_visitors", project="big") == 20
+    assert value(samples, "eventbuffer_active_visitors", project=OTHER_PROJECTS) == 10
+    assert ("eventbuffer_active_visitors", frozenset({("project", "small")})) not in samples
+    assert value(samples, "eventbuffer_active_projects") == 2
+    assert value(samples, "eventbuffer_flush_interval_seconds") == 10
+    assert value(samples, "eventbuffer_redis_up") == 1
+
+    # An open claim, a back-off and a held lock show on the next scrape.
+    shard = buffer.keyspace.shard(0)
+    claim = Scripts(redis).claim(shard, "claim-1", 5, clock.now_ms() - 7_000)
+    assert claim is not None
+    redis.set(shard.backoff, 1, px=4_000)
+    redis.set(shard.lock, "token", px=60_000)
+    samples = parse(generate_latest(registry).decode())
+    assert value(samples, "eventbuffer_claimed_in_flight", shard="0") == 5
+    assert value(samples, "eventbuffer_claim_age_seconds", shard="0") == 7
+    assert 3 < value(samples, "eventbuffer_flush_backoff_seconds", shard="0") <= 4
+    assert value(samples, "eventbuffer_flush_lock_held", shard="0") == 1
+    assert value(samples, "eventbuffer_flush_lock_held", shard="1") == 0
+
+
+def test_redis_down_is_a_gauge_not_an_error() -> None:
+    port = free_port()  # nothing listens there
+    settings = Settings.from_env({"REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+    collector = RedisCollector(settings, lambda: redis_lib.Redis(port=port))
+    families = {f.name: f for f in collector.collect()}
+    assert families["eventbuffer_redis_up"].samples[0].value == 0
+    assert "eventbuffer_buffer_depth" not in families
+
+
+# -- the monitoring files -------------------------------------------------------------------
+
+_NAME = re.compile(r"\beventbuffer_[a-z0-9_]+\b")
+
+
+def _exprs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["expr"]] if isinstance(node.get("expr"), str) else []
+        return found + [e for v in node.values() for e in _exprs(v)]
+    if isinstance(node, list):
+        return [e for v in node for e in _exprs(v)]
+    return []
+
+
+def test_dashboard_uses_only_exposed_metric_names() -> None:
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    assert dashboard["title"] and dashboard["panels"] and dashboard["schemaVersion"]
+    exprs = _exprs(dashboard["panels"])
+    assert len(exprs) >= 10
+    used = {name for expr in exprs for name in _NAME.findall(expr)}
+    assert used, "the dashboard queries no eventbuffer metric"
+    assert used <= exposed_names(), f"unknown metric names: {sorted(used - exposed_names())}"
+
+
+def test_alert_rules_use_only_exposed_metric_names() -> None:
+    rules = yaml.safe_load((MONITORING / "prometheus-alerts.yml").read_text())
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    names = {rule["alert"] for rule in alerts}
+    assert {
+        "EventBufferDepthGrowing",
+        "EventBufferOldestEventTooOld",
+        "EventBufferDeadLettersRising",
+        "EventBufferFlushErrors",
+    } <= names
+    used = {name for rule in alerts for name in _NAME.findall(rule["expr"])}
+    assert used <= exposed_names(), f"unknown metric names: {sorted(used - exposed_names())}"
+    for rule in alerts:
+        assert rule["labels"]["severity"] and rule["annotations"]["summary"]
+
+
+def test_every_metric_is_named_consistently() -> None:
+    names = exposed_names()
+    assert all(name.startswith("eventbuffer_") for name in names)
+    assert len(names) >= 20

@@ -1,0 +1,514 @@
+"""Prometheus metrics: what the workers did (counters) and what the buffer holds (gauges).
+
+Two sources, one `eventbuffer_` namespace:
+
+- **Counters and histograms** are recorded by the Celery tasks (`tasks/`)
+  from the result objects (`IngestResult`, `FlushResult`), through
+  `record_ingest()`, `record_flush()` and `record_flush_error()`. Under the
+  prefork pool every pool process counts in its own files in
+  `PROMETHEUS_MULTIPROC_DIR` (prometheus-client's multiprocess mode, set up
+  by `worker/observability.py` before the pool forks) and the worker's HTTP
+  endpoint sums them.
+- **Gauges** are read from Redis when scraped (`RedisCollector`), so they
+  are true whichever process serves them, the one-shot `eventbuffer metrics`
+  included.
+
+Gauges (from Redis, at scrape time):
+
+    eventbuffer_redis_up                            1 if Redis answered the scrape
+    eventbuffer_buffer_depth{shard}                 rows in the queue (LLEN, claimed rows included)
+    eventbuffer_claimed_in_flight{shard}            rows of the open claim (a flush in progress
+                                                    or one left open by a failure), 0 if none
+    eventbuffer_claim_age_seconds{shard}            age of the open claim, 0 if none
+    eventbuffer_oldest_event_age_seconds{shard}     now - created_at of the row at the head of
+                                                    the queue (the next row a flush claims);
+                                                    0 when the queue is empty
+    eventbuffer_dead_letter_depth{shard}            dead letters stored (LLEN)
+    eventbuffer_flush_lock_held{shard}              1 while a flusher holds the shard's lock
+    eventbuffer_flush_backoff_seconds{shard}        time left of the shard's back-off after
+                                                    ClickHouse failures, 0 if none
+    eventbuffer_last_flush_timestamp_seconds{shard} when the shard's last batch was acknowledged
+    eventbuffer_flush_pending                       1 while a back-pressure flush is requested
+    eventbuffer_flush_interval_seconds              EVENT_BUFFER_FLUSH_INTERVAL_S (for alerts)
+    eventbuffer_active_visitors{project}            active visitors of the top
+                                                    EVENT_BUFFER_METRICS_TOP_PROJECTS projects;
+                                                    the rest summed under project="__other__"
+    eventbuffer_active_projects                     projects with at least one active visitor
+
+`eventbuffer_oldest_event_age_seconds` is event-time age, not queue wait: a
+screen_view waits as its session's last view until the next view (or the
+end of the session) queues it with its own `created_at`, and imported or
+late events carry old timestamps too. Alert on it over a window (see
+`monitoring/prometheus-alerts.yml`), not on a single sample.
+
+Counters and histograms (recorded by the tasks):
+
+    eventbuffer_events_applied_total{kind}        events applied to the buffer: regular,
+                                                  screen_view, session_end
+    eventbuffer_ingest_batches_total{outcome}     ingest batches: applied, duplicate (skipped)
+    eventbuffer_apply_seconds                     histogram: one ingest apply (validate + Lua)
+    eventbuffer_events_flushed_total              rows written to ClickHouse
+    eventbuffer_dead_letters_total{reason}        dead letters: invalid_event (ingest),
+                                                  invalid_json, rejected_by_clickhouse (flush)
+    eventbuffer_flush_runs_total{result}          shard flushes: success, error, locked (another
+                                                  flusher held the lock), backoff (skipped while
+                                                  the shard backs off after ClickHouse failures)
+    eventbuffer_flush_lock_skips_total            shard flushes skipped: another flusher held
+                                                  the lock
+    eventbuffer_flush_batches_total               claims acknowledged
+    eventbuffer_flush_redriven_total              claims re-driven (left open by a failure)
+    eventbuffer_flush_phase_seconds{phase}        histogram: claim, insert, ack time per shard
+                                                  flush
+    eventbuffer_flush_seconds                     histogram: one shard flush, lock to release
+    eventbuffer_insert_chunk_rows                 histogram: rows per ClickHouse INSERT
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Histogram, values
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from redis import Redis
+from redis.exceptions import RedisError
+
+from worker.clock import SYSTEM_CLOCK, Clock
+from worker.deadletters import REASON_INVALID_EVENT, REASON_INVALID_JSON, REASON_REJECTED
+from worker.events import KIND_NAMES, datetime_ms, decode_row_head
+from worker.flush import FlushResult
+from worker.ingest import IngestResult
+from worker.keys import Keyspace
+from worker.settings import Settings
+
+PREFIX = "eventbuffer"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+OTHER_PROJECTS = "__other__"
+
+FLUSH_SUCCESS = "success"
+FLUSH_ERROR = "error"
+FLUSH_LOCKED = "locked"
+FLUSH_BACKOFF = "backoff"
+PHASES = ("claim", "insert", "ack")
+
+APPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+CHUNK_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 50000)
+
+
+class Metrics:
+    """The counters and histograms, in `registry` (each process has its own set)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, labels, registry=registry)
+
+        def histogram(
+            name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()
+        ) -> Histogram:
+            return Histogram(f"{PREFIX}_{name}", doc, labels, registry=registry, buckets=buckets)
+
+        self.events_applied = counter(
+            "events_applied", "Events applied to the buffer, by kind.", ("kind",)
+        )
+        self.ingest_batches = counter(
+            "ingest_batches", "Ingest batches: applied, or duplicate (skipped).", ("outcome",)
+        )
+        self.apply_seconds = histogram(
+            "apply_seconds", "Time to validate and apply one ingest batch.", APPLY_BUCKETS
+        )
+        self.events_flushed = counter("events_flushed", "Rows written to ClickHouse.")
+        self.dead_letters = counter("dead_letters", "Dead letters stored, by reason.", ("reason",))
+        self.flush_runs = counter(
+            "flush_runs",
+            "Shard flushes, by result: success, error, locked, backoff.",
+            ("result",),
+        )
+        self.flush_lock_skips = counter(
+            "flush_lock_skips", "Shard flushes skipped because another flusher held the lock."
+        )
+        self.flush_batches = counter("flush_batches", "Claims flushed and acknowledged.")
+        self.flush_redriven = counter(
+            "flush_redriven", "Claims re-driven after a flush left them open."
+        )
+        self.flush_phase_seconds = histogram(
+            "flush_phase_seconds",
+            "Time in each flush phase (claim, insert, ack), per shard flush.",
+            PHASE_BUCKETS,
+            ("phase",),
+        )
+        self.flush_seconds = histogram(
+            "flush_seconds", "Time of one shard flush, lock to release.", PHASE_BUCKETS
+        )
+        self.insert_chunk_rows = histogram(
+            "insert_chunk_rows", "Rows per ClickHouse INSERT.", CHUNK_BUCKETS
+        )
+        # Every known label value exists from the start, at 0: rates work from the first scrape.
+        for kind in KIND_NAMES.values():
+            self.events_applied.labels(kind)
+        for outcome in ("applied", "duplicate"):
+            self.ingest_batches.labels(outcome)
+        for reason in (REASON_INVALID_EVENT, REASON_INVALID_JSON, REASON_REJECTED):
+            self.dead_letters.labels(reason)
+        for result in (FLUSH_SUCCESS, FLUSH_ERROR, FLUSH_LOCKED, FLUSH_BACKOFF):
+            self.flush_runs.labels(result)
+        for phase in PHASES:
+            self.flush_phase_seconds.labels(phase)
+
+    def collectors(self) -> list[Counter | Histogram]:
+        return [m for m in vars(self).values() if isinstance(m, Counter | Histogram)]
+
+
+_lock = threading.Lock()
+_metrics: Metrics | None = None
+
+
+def metrics() -> Metrics:
+    """This process's metrics, created on first use (after the pool forked)."""
+    global _metrics
+    with _lock:
+        if _metrics is None:
+            _metrics = Metrics(CollectorRegistry())
+        return _metrics
+
+
+def multiprocess_dir() -> str | None:
+    path = os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower())
+    return path or None
+
+
+def enable_multiprocess(path: str) -> None:
+    """Count in files under `path` from now on, in this process and the ones it forks.
+
+    prometheus-client picks its value class when it is imported, which in a
+    worker is before `worker_init` (the task modules import this module):
+    pick it again now, and forget metrics created with the old one.
+    """
+    global _metrics
+    os.environ[MULTIPROC_ENV] = path
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    with _lock:
+        _metrics = None
+
+
+# -- recording (called by tasks/) -------------------------------------------------------
+
+
+def record_ingest(result: IngestResult, seconds: float) -> None:
+    m = metrics()
+    m.apply_seconds.observe(seconds)
+    if result.duplicate:
+        m.ingest_batches.labels("duplicate").inc()
+        return
+    m.ingest_batches.labels("applied").inc()
+    for kind, count in result.kinds.items():
+        if count:
+            m.events_applied.labels(kind).inc(count)
+    if result.invalid:
+        m.dead_letters.labels(REASON_INVALID_EVENT).inc(result.invalid)
+
+
+def record_flush(result: FlushResult) -> None:
+    m = metrics()
+    if result.backoff_s > 0:
+        m.flush_runs.labels(FLUSH_BACKOFF).inc()
+        return
+    if not result.locked:
+        m.flush_runs.labels(FLUSH_LOCKED).inc()
+        m.flush_lock_skips.inc()
+        return
+    m.flush_runs.labels(FLUSH_SUCCESS).inc()
+    m.flush_seconds.observe(result.seconds)
+    m.flush_phase_seconds.labels("claim").observe(result.claim_seconds)
+    if result.chunk_rows or result.ack_seconds:  # the shard had something to flush
+        m.flush_phase_seconds.labels("insert").observe(result.insert_seconds)
+        m.flush_phase_seconds.labels("ack").observe(result.ack_seconds)
+    for rows in result.chunk_rows:
+        m.insert_chunk_rows.observe(rows)
+    if result.rows:
+        m.events_flushed.inc(result.rows)
+    if result.batches:
+        m.flush_batches.inc(result.batches)
+    if result.redriven:
+        m.flush_redriven.inc(result.redriven)
+    for reason, count in result.dead_reasons.items():
+        if count:
+            m.dead_letters.labels(reason).inc(count)
+
+
+def record_flush_error() -> None:
+    metrics().flush_runs.labels(FLUSH_ERROR).inc()
+
+
+# -- gauges read from Redis at scrape time ----------------------------------------------
+
+
+@dataclass
+class _Gauges:
+    up: GaugeMetricFamily
+    depth: GaugeMetricFamily
+    claimed: GaugeMetricFamily
+    claim_age: GaugeMetricFamily
+    oldest_age: GaugeMetricFamily
+    dead: GaugeMetricFamily
+    lock_held: GaugeMetricFamily
+    backoff: GaugeMetricFamily
+    last_flush: GaugeMetricFamily
+    flush_pending: GaugeMetricFamily
+    flush_interval: GaugeMetricFamily
+    visitors: GaugeMetricFamily
+    projects: GaugeMetricFamily
+
+    def all(self) -> list[Metric]:
+        return list(vars(self).values())
+
+
+def _gauges() -> _Gauges:
+    def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> GaugeMetricFamily:
+        return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=list(labels))
+
+    return _Gauges(
+        up=gauge("redis_up", "1 if Redis answered this scrape, else 0."),
+        depth=gauge(
+            "buffer_depth", "Rows in the shard's queue (claimed rows included).", ("shard",)
+        ),
+        claimed=gauge("claimed_in_flight", "Rows of the shard's open claim (0: none).", ("shard",)),
+        claim_age=gauge(
+            "claim_age_seconds", "Age of the shard's open claim (0: none).", ("shard",)
+        ),
+        oldest_age=gauge(
+            "oldest_event_age_seconds",
+            "now - created_at of the row at the head of the shard's queue (0: empty).",
+            ("shard",),
+        ),
+        dead=gauge("dead_letter_depth", "Dead letters stored in the shard.", ("shard",)),
+        lock_held=gauge("flush_lock_held", "1 while a flusher holds the shard's lock.", ("shard",)),
+        backoff=gauge(
+            "flush_backoff_seconds",
+            "Time left of the shard's back-off after ClickHouse failures (0: none).",
+            ("shard",),
+        ),
+        last_flush=gauge(
+            "last_flush_timestamp_seconds",
+            "When the shard's last batch was acknowledged (unix time; absent: never).",
+            ("shard",),
+        ),
+        flush_pending=gauge("flush_pending", "1 while a back-pressure flush is requested."),
+        flush_interval=gauge(
+            "flush_interval_seconds", "How often Beat runs process_buffer (setting)."
+        ),
+        visitors=gauge(
+            "active_visitors",
+            "Active visitors per project: the top projects by visitors, the rest as __other__.",
+            ("project",),
+        ),
+        projects=gauge("active_projects", "Projects with at least one active visitor."),
+    )
+
+
+def _int(value: object) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bytes):
+        return int(value.decode())
+    return int(str(value))
+
+
+def head_age_seconds(head: bytes | None, now_ms: int) -> float:
+    """now - created_at of a queue's head row (LINDEX 0), in seconds; 0 without one.
+
+    Event time: a screen_view is queued when its session's next view (or its
+    end) arrives, with its own created_at; imported events are old too.
+    """
+    if head is None:
+        return 0.0
+    try:
+        created = datetime_ms(decode_row_head(head).created_at)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+        return 0.0  # a poison row: the flush dead-letters it
+    return max(0, now_ms - created) / 1000
+
+
+def top_projects(counts: dict[str, int], top: int) -> dict[str, int]:
+    """The `top` projects by count (ties by name) and the rest summed as `OTHER_PROJECTS`."""
+    ranked = sorted(((n, p) for p, n in counts.items() if n > 0), key=lambda x: (-x[0], x[1]))
+    shown = {project: n for n, project in ranked[:top]}
+    shown[OTHER_PROJECTS] = sum(n for n, _ in ranked[top:])
+    return shown
+
+
+class RedisCollector:
+    """The buffer's gauges, read from Redis on every scrape (a prometheus-client Collector).
+
+    Reads only: one pipelined round trip for the shards, a SCAN for the
+    projects with visitors (it walks the keyspace: cheap at a scrape every
+    few seconds), one more round trip for their counts. If Redis does not
+    answer, only `eventbuffer_redis_up 0` (and the interval) is reported.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis_factory: Callable[[], Redis],
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.settings = settings
+        self.keyspace = Keyspace(settings.key_prefix, settings.shards)
+        self._redis_factory = redis_factory
+        self._redis: Redis | None = None
+        self.clock = clock
+        self._lock = threading.Lock()
+        # Whether Redis answered the last collect (None before the first).
+        self.up: bool | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return _gauges().all()
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            gauges = _gauges()
+            gauges.flush_interval.add_metric([], self.settings.flush_interval_s)
+            try:
+                self._read(gauges)
+            except RedisError:
+                self.up = False
+                empty = _gauges()
+                empty.up.add_metric([], 0)
+                empty.flush_interval.add_metric([], self.settings.flush_interval_s)
+                return [empty.up, empty.flush_interval]
+            gauges.up.add_metric([], 1)
+            self.up = True
+            return gauges.all()
+
+    def _client(self) -> Redis:
+        if self._redis is None:
+            self._redis = self._redis_factory()
+        return self._redis
+
+    def _read(self, g: _Gauges) -> None:
+        redis = self._client()
+        shards = self.keyspace.all()
+        pipe = redis.pipeline(transaction=False)
+        for shard in shards:
+            pipe.llen(shard.queue)
+            pipe.hmget(shard.claim, ["count", "at"])
+            pipe.lindex(shard.queue, 0)
+            pipe.llen(shard.dead)
+            pipe.exists(shard.lock)
+            pipe.hget(shard.stats, "at")
+            pipe.pttl(shard.backoff)
+        pipe.exists(self.keyspace.flush_pending)
+        replies = pipe.execute()
+        now = self.clock.now_ms()
+        for n, shard in enumerate(shards):
+            depth, (count, claimed_at), head, dead, locked, flushed_at, backoff_ms = replies[
+                n * 7 : n * 7 + 7
+            ]
+            label = [str(shard.shard)]
+            g.depth.add_metric(label, _int(depth))
+            g.claimed.add_metric(label, _int(count))
+            age = max(0, now - _int(claimed_at)) / 1000 if claimed_at is not None else 0.0
+            g.claim_age.add_metric(label, age)
+            g.oldest_age.add_metric(label, head_age_seconds(head, now))
+            g.dead.add_metric(label, _int(dead))
+            g.lock_held.add_metric(label, 1 if _int(locked) else 0)
+            g.backoff.add_metric(label, max(0, _int(backoff_ms)) / 1000)
+            if flushed_at is not None:
+                g.last_flush.add_metric(label, _int(flushed_at) / 1000)
+        g.flush_pending.add_metric([], 1 if _int(replies[-1]) else 0)
+
+        counts = self.active_visitors(redis, now)
+        g.projects.add_metric([], sum(1 for n in counts.values() if n > 0))
+        for project, visitors in top_projects(counts, self.settings.metrics_top_projects).items():
+            g.visitors.add_metric([project], visitors)
+
+    def projects(self, redis: Redis) -> list[str]:
+        """Projects with a visitors set on some shard (SCAN)."""
+        found: set[str] = set()
+        for shard in self.keyspace.all():
+            for key in redis.scan_iter(match=shard.visitors_pattern(), count=1000):
+                name = key.decode() if isinstance(key, bytes) else str(key)
+                found.add(shard.project_of_visitors_key(name))
+        return sorted(found)
+
+    def active_visitors(self, redis: Redis, now_ms: int) -> dict[str, int]:
+        """Distinct profiles seen within the window, per project (read-only)."""
+        cutoff = now_ms - self.settings.active_visitor_window_s * 1000
+        projects = self.projects(redis)
+        shards = self.keyspace.all()
+        pipe = redis.pipeline(transaction=False)
+        for project in projects:
+            for shard in shards:
+                if len(shards) == 1:
+                    pipe.zcount(shard.visitors(project), cutoff, "+inf")
+                else:
+                    pipe.zrangebyscore(shard.visitors(project), cutoff, "+inf")
+        replies = iter(pipe.execute())
+        counts: dict[str, int] = {}
+        for project in projects:
+            if len(shards) == 1:
+                counts[project] = _int(next(replies))
+            else:
+                members: set[bytes] = set()
+                for _ in shards:
+                    members.update(next(replies))
+                counts[project] = len(members)
+        return counts
+
+
+# -- exposition -------------------------------------------------------------------------
+
+
+def redis_client(settings: Settings) -> Redis:
+    """A Redis client of the exporter's own (scrapes run in the HTTP server's thread)."""
+    return Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+
+
+def build_registry(
+    settings: Settings,
+    redis_factory: Callable[[], Redis] | None = None,
+    *,
+    this_process: bool = True,
+    collector: RedisCollector | None = None,
+) -> CollectorRegistry:
+    """A registry for one exposition: Redis gauges, plus the counters of every process.
+
+    With `PROMETHEUS_MULTIPROC_DIR` set, the counters come from its files
+    (every process that counted there); otherwise from this process, unless
+    `this_process` is False (a one-shot command has counted nothing).
+    """
+    registry = CollectorRegistry()
+    if collector is None:
+        collector = RedisCollector(settings, redis_factory or (lambda: redis_client(settings)))
+    registry.register(collector)
+    path = multiprocess_dir()
+    if path is not None:
+        if os.path.isdir(path):
+            MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    elif this_process:
+        for counter in metrics().collectors():
+            registry.register(counter)
+    return registry
+
+
+def exposed_names(settings: Settings | None = None) -> set[str]:
+    """Every sample name the endpoint can expose (counters with `_total`, histogram series)."""
+    names: set[str] = set()
+    families: list[Metric] = []
+    for collector in Metrics(CollectorRegistry()).collectors():
+        families.extend(collector.describe())
+    families.extend(RedisCollector(settings or Settings(), lambda: Redis()).describe())
+    for family in families:
+        if family.type == "counter":
+            names.add(f"{family.name}_total")
+        elif family.type == "histogram":
+            names.update(f"{family.name}_{s}" for s in ("bucket", "sum", "count"))
+        else:
+            names.add(family.name)
+    return names
