@@ -1,11 +1,11 @@
 --[[ apply_batch: apply a batch of events to one buffer shard, atomically.
 
-KEYS[1]   the shard's queue (LIST of JSON rows, oldest first)
+KEYS[1]   the shard's queue (LIST of JSON rows; the flush sorts them by time)
 KEYS[2]   the marker of this batch id (STRING, kept ARGV[3] seconds)
 KEYS[3]   the shard's dead letters (LIST), for the batch's invalid events
 KEYS[4]   the shard's session index (ZSET: session id -> when its last view was set, ms)
-KEYS[5..] every session, profile and visitors key the events touch,
-          each once; events refer to them by index into KEYS
+KEYS[5..] every session, profile and visitors key the batch touches, each
+          once; the sections below refer to them by index into KEYS
 
 ARGV[1]   now, epoch ms (visitor scores, session index scores)
 ARGV[2]   TTL of a last screen_view, seconds
@@ -13,41 +13,85 @@ ARGV[3]   TTL of the batch marker, seconds
 ARGV[4]   TTL of a visitors ZSET, seconds (the active-visitor window and a margin)
 ARGV[5]   pub/sub channel to publish ARGV[6] on, or "" for no publish
 ARGV[6]   the payload to publish
-ARGV[7]   D, the number of dead-letter entries that follow
-ARGV[8..7+D]  dead-letter entries (events of the batch that failed validation)
-ARGV[8+D..]   8 values per event, in order:
-            kind        "r" regular, "v" screen_view, "e" session_end
-            session     index into KEYS of the session's last-view key, or 0
-            profile     index into KEYS of the profile's last-view key, or 0
-            visitors    index into KEYS of the project's visitors ZSET, or 0
-            session_id  the session id (member of the session index), "" for regular
-            profile_id  the profile id recorded as a visitor ("" without one)
-            created     created_at, epoch ms
-            row         the event's JSON row; `duration` is its last field
+then four sections, each starting with its count:
+  D, then D dead-letter entries (events of the batch that failed validation)
+  R, then R rows of regular events (queued as they are)
+  V, then V visitor sets: KEYS index of a project's visitors ZSET, member
+     count M, then M profile ids (each once)
+  the rest: 7 values per screen_view / session_end with a session, in order:
+     kind        "v" screen_view, "e" session_end
+     session     KEYS index of the session's last-view key
+     profile     KEYS index of the profile's last-view key, or 0
+     session_id  the session id (member of the session index)
+     created     created_at, epoch ms
+     duration    the event's own duration, ms ("0": the row has no duration field)
+     row         the event's JSON row, whose last field is `duration` unless 0
 
 Returns {appended, queue_length}: appended is -1 when this batch id was
 applied before (then nothing is done, dead letters included), otherwise the
 rows appended.
 
-A last screen_view is stored as "<created ms>|<row>". When the session's
-next view arrives, the stored row goes to the queue with
-duration = max(0, new created - old created) written over its last field.
-Each session key is read at most once, and every key written at most once,
-per call, so events of one session inside a batch see each other in order.
-The session index lets the sweep find views whose session went quiet.
+A last view (of a session, and a copy for its profile) is stored as
+"<created>|<own duration>|<row>". When the
+session's next view arrives, the stored row goes to the queue with
+duration = max(0, new created - old created); session_end queues it with
+its own duration. Each session key is read at most once and every key
+written at most once per call, so events of one session inside a batch see
+each other in order. The session index lets the sweep find quiet sessions.
 ]]
 
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {-1, redis.call('LLEN', KEYS[1])}
 end
 
-local out = {}
+local now = ARGV[1]
+local queue = KEYS[1]
+local length = 0
 local n_out = 0
+
+local function push_all(from, to)
+  for start = from, to, 1000 do
+    length = redis.call('RPUSH', queue, unpack(ARGV, start, math.min(start + 999, to)))
+  end
+  n_out = n_out + math.max(0, to - from + 1)
+end
+
+-- Dead letters.
+local at = 7
+local n_dead = tonumber(ARGV[at])
+for start = at + 1, at + n_dead, 1000 do
+  redis.call('RPUSH', KEYS[3], unpack(ARGV, start, math.min(start + 999, at + n_dead)))
+end
+at = at + n_dead + 1
+
+-- Regular events.
+local n_regular = tonumber(ARGV[at])
+push_all(at + 1, at + n_regular)
+at = at + n_regular + 1
+
+-- Active visitors.
+local n_sets = tonumber(ARGV[at])
+at = at + 1
+for _ = 1, n_sets do
+  local key = KEYS[tonumber(ARGV[at])]
+  local count = tonumber(ARGV[at + 1])
+  local pairs_ = {}
+  for i = 1, count do
+    pairs_[2 * i - 1] = now
+    pairs_[2 * i] = ARGV[at + 1 + i]
+  end
+  for start = 1, #pairs_, 1000 do
+    redis.call('ZADD', key, unpack(pairs_, start, math.min(start + 999, #pairs_)))
+  end
+  redis.call('EXPIRE', key, ARGV[4])
+  at = at + 2 + count
+end
+
+-- Screen views and session ends, in order.
+local out = {}
 local state = {}         -- key index -> stored value, or false once cleared
 local touched = {}       -- key indexes, in first-touch order
 local session_of = {}    -- session key index -> session id
-local members = {}       -- visitors key index -> {score, member, score, member ...}
-local visitor_keys = {}  -- visitors key indexes, in first-touch order
 
 local function load(idx)
   local value = state[idx]
@@ -64,90 +108,72 @@ local function store(idx, value)
   state[idx] = value
 end
 
-local function with_duration(row, ms)
-  local cut = string.find(row, ',"duration":%d+}$')
-  local body = cut and string.sub(row, 1, cut - 1) or string.sub(row, 1, -2)
-  return body .. ',"duration":' .. string.format('%d', ms) .. '}'
+-- The stored row with `duration` set to ms: cut its own duration field (known
+-- length, no scan) and append the new one.
+local function queued_row(stored, ms)
+  local bar1 = string.find(stored, '|', 1, true)
+  local bar2 = string.find(stored, '|', bar1 + 1, true)
+  local own = string.sub(stored, bar1 + 1, bar2 - 1)
+  if ms == nil then
+    return string.sub(stored, bar2 + 1)
+  end
+  local cut = own == '0' and 1 or (13 + #own)  -- '}' or ',"duration":<own>}'
+  return string.sub(stored, bar2 + 1, -1 - cut) .. ',"duration":' .. string.format('%d', ms) .. '}'
 end
 
-local n_dead = tonumber(ARGV[7])
-local first_event = 8 + n_dead
-
-for i = first_event, #ARGV, 8 do
+for i = at, #ARGV, 7 do
   local kind = ARGV[i]
   local session = tonumber(ARGV[i + 1])
   local profile = tonumber(ARGV[i + 2])
-  local visitors = tonumber(ARGV[i + 3])
-  local created = ARGV[i + 6]
-  local row = ARGV[i + 7]
+  local session_id = ARGV[i + 3]
+  local created = ARGV[i + 4]
+  local previous = load(session)
 
   if kind == 'v' then
-    local previous = load(session)
     if previous then
-      local bar = string.find(previous, '|', 1, true)
-      local elapsed = tonumber(created) - tonumber(string.sub(previous, 1, bar - 1))
-      n_out = n_out + 1
-      out[n_out] = with_duration(string.sub(previous, bar + 1), math.max(0, elapsed))
+      local elapsed = tonumber(created) - tonumber(string.sub(previous, 1, string.find(previous, '|', 1, true) - 1))
+      out[#out + 1] = queued_row(previous, math.max(0, elapsed))
     end
-    local stored = created .. '|' .. row
+    local stored = created .. '|' .. ARGV[i + 5] .. '|' .. ARGV[i + 6]
     store(session, stored)
-    session_of[session] = ARGV[i + 4]
     if profile > 0 then store(profile, stored) end
-  elseif kind == 'e' then
-    local previous = load(session)
-    if previous then
-      n_out = n_out + 1
-      out[n_out] = string.sub(previous, string.find(previous, '|', 1, true) + 1)
-    end
-    n_out = n_out + 1
-    out[n_out] = row
-    store(session, false)
-    session_of[session] = ARGV[i + 4]
-    if profile > 0 then store(profile, false) end
   else
-    n_out = n_out + 1
-    out[n_out] = row
+    if previous then out[#out + 1] = queued_row(previous, nil) end
+    out[#out + 1] = ARGV[i + 6]
+    store(session, false)
+    if profile > 0 then store(profile, false) end
   end
-
-  if visitors > 0 then
-    local list = members[visitors]
-    if not list then
-      list = {}
-      members[visitors] = list
-      visitor_keys[#visitor_keys + 1] = visitors
-    end
-    list[#list + 1] = ARGV[1]
-    list[#list + 1] = ARGV[i + 5]
-  end
+  session_of[session] = session_id
 end
 
+local indexed, ended = {}, {}  -- session index changes, sent in one call each
 for _, idx in ipairs(touched) do
   local value = state[idx]
   local session_id = session_of[idx]
   if value then
     redis.call('SET', KEYS[idx], value, 'EX', ARGV[2])
-    if session_id then redis.call('ZADD', KEYS[4], ARGV[1], session_id) end
+    if session_id then
+      indexed[#indexed + 1] = now
+      indexed[#indexed + 1] = session_id
+    end
   else
     redis.call('DEL', KEYS[idx])
-    if session_id then redis.call('ZREM', KEYS[4], session_id) end
+    if session_id then ended[#ended + 1] = session_id end
   end
 end
-
-for _, idx in ipairs(visitor_keys) do
-  local list = members[idx]
-  for start = 1, #list, 1000 do
-    redis.call('ZADD', KEYS[idx], unpack(list, start, math.min(start + 999, #list)))
-  end
-  redis.call('EXPIRE', KEYS[idx], ARGV[4])
+for start = 1, #indexed, 1000 do
+  redis.call('ZADD', KEYS[4], unpack(indexed, start, math.min(start + 999, #indexed)))
+end
+for start = 1, #ended, 1000 do
+  redis.call('ZREM', KEYS[4], unpack(ended, start, math.min(start + 999, #ended)))
 end
 
-local length = redis.call('LLEN', KEYS[1])
-for start = 1, n_out, 1000 do
-  length = redis.call('RPUSH', KEYS[1], unpack(out, start, math.min(start + 999, n_out)))
+for start = 1, #out, 1000 do
+  length = redis.call('RPUSH', queue, unpack(out, start, math.min(start + 999, #out)))
 end
-
-for start = 8, first_event - 1, 1000 do
-  redis.call('RPUSH', KEYS[3], unpack(ARGV, start, math.min(start + 999, first_event - 1)))
+n_out = n_out + #out
+if n_out == 0 then
+  length = redis.call('LLEN', queue)
 end
 
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[3])

@@ -31,7 +31,9 @@ for n = 0, (#ARGV - 1) / 2 - 1 do
   if score and tonumber(score) <= cutoff then
     local value = redis.call('GET', session_key)
     if value then
-      redis.call('RPUSH', KEYS[1], string.sub(value, string.find(value, '|', 1, true) + 1))
+      local bar1 = string.find(value, '|', 1, true)
+      local bar2 = string.find(value, '|', bar1 + 1, true)
+      redis.call('RPUSH', KEYS[1], string.sub(value, bar2 + 1))
       queued = queued + 1
       redis.call('DEL', session_key)
       if has_profile and redis.call('GET', profile_key) == value then

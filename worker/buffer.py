@@ -44,6 +44,11 @@ class ApplyResult:
         return bool(self.skipped_shards) and len(self.skipped_shards) == len(self.queue_lengths)
 
 
+def stored_view_row(value: bytes) -> bytes:
+    """The JSON row of a stored last view, "<created ms>|<own duration>|<row>"."""
+    return value.split(b"|", 2)[2]
+
+
 class _Throttle:
     """True at most once per interval (per process): OpenPanel's publish throttle."""
 
@@ -105,24 +110,31 @@ class EventBuffer:
         publish = None
         if events and self._publish_throttle.ready(now):
             publish = (CHANNEL_RECEIVED, encode_event(events[-1]))
-        pipe = self.redis.pipeline(transaction=False)
         shards = list(by_shard)
+        # One shard (the default): call the script directly. A pipeline would
+        # cost redis-py's SCRIPT EXISTS round trip on every call.
+        pipe = self.redis.pipeline(transaction=False) if len(shards) > 1 else None
+        replies = []
         for position, shard in enumerate(shards):
             group_events, rows = by_shard[shard]
-            self.scripts.apply_batch(
-                self.keyspace.shard(shard),
-                batch_id,
-                group_events,
-                rows,
-                now_ms=now,
-                view_ttl_s=self.settings.screen_view_ttl_s,
-                marker_ttl_s=self.settings.batch_marker_ttl_s,
-                visitors_ttl_s=self.settings.active_visitor_window_s + 60,
-                publish=publish if position == len(shards) - 1 else None,
-                dead_letters=dead_letters if position == 0 else (),
-                pipeline=pipe,
+            replies.append(
+                self.scripts.apply_batch(
+                    self.keyspace.shard(shard),
+                    batch_id,
+                    group_events,
+                    rows,
+                    now_ms=now,
+                    view_ttl_s=self.settings.screen_view_ttl_s,
+                    marker_ttl_s=self.settings.batch_marker_ttl_s,
+                    visitors_ttl_s=self.settings.active_visitor_window_s + 60,
+                    publish=publish if position == len(shards) - 1 else None,
+                    dead_letters=dead_letters if position == 0 else (),
+                    pipeline=pipe,
+                )
             )
-        for shard, (appended, length) in zip(shards, pipe.execute(), strict=True):
+        if pipe is not None:
+            replies = pipe.execute()
+        for shard, (appended, length) in zip(shards, replies, strict=True):
             result.queue_lengths[shard] = int(length)
             if int(appended) < 0:
                 result.skipped_shards.append(shard)
@@ -142,21 +154,20 @@ class EventBuffer:
     ) -> Event | None:
         """A session's (or a project's profile's) last screen_view, or None."""
         if session_id is not None:
-            names = [self.keyspace.route(session_id).session(session_id)]
-        elif project_id is not None and profile_id is not None:
-            # A profile's sessions may live on several shards: take the newest.
-            names = [s.profile(project_id, profile_id) for s in self.keyspace.all()]
-        else:
+            key = self.keyspace.route(session_id).session(session_id)
+            value = cast(bytes | None, self.redis.get(key))
+            return decode_row(stored_view_row(value)) if value is not None else None
+        if project_id is None or profile_id is None:
             raise TypeError("pass session_id, or project_id and profile_id")
+        # A profile's sessions may live on several shards: take the newest view.
+        names = [s.profile(project_id, profile_id) for s in self.keyspace.all()]
         newest: tuple[int, bytes] | None = None
-        values = cast(list[bytes | None], self.redis.mget(names))
-        for value in values:
-            if value is None:
-                continue
-            created, _, row = value.partition(b"|")
-            if newest is None or int(created) > newest[0]:
-                newest = (int(created), row)
-        return decode_row(newest[1]) if newest else None
+        for value in cast(list[bytes | None], self.redis.mget(names)):
+            if value is not None:
+                created = int(value.partition(b"|")[0])
+                if newest is None or created > newest[0]:
+                    newest = (created, value)
+        return decode_row(stored_view_row(newest[1])) if newest else None
 
     def get_buffer_size(self) -> int:
         """Events waiting for ClickHouse: queued plus claimed, straight from LLEN."""

@@ -9,14 +9,15 @@ change the hash tag or make two different ids share a key.
 Per shard:
 
     {p:N}:queue                 LIST    JSON rows waiting for ClickHouse, oldest first
-    {p:N}:claim                 HASH    the open claim: id, count (head of queue), at
+    {p:N}:claim                 HASH    the open claim: id, count (head of queue), at;
+                                        split:<token> for each chunk halved after a rejection
     {p:N}:lock                  STRING  flush lock token (SET NX PX)
     {p:N}:dead                  LIST    dead letters: JSON header, newline, raw payload
     {p:N}:stats                 HASH    last flush: at, rows, dead, claim id
     {p:N}:sessions              ZSET    session id -> when its last view was set (ms)
     {p:N}:backoff               STRING  set while flushes wait after ClickHouse failures (PX)
     {p:N}:failures              STRING  ClickHouse failures in a row (for the doubling delay)
-    {p:N}:session:<sid>         STRING  a session's last screen_view: "<ms>|<row json>"
+    {p:N}:session:<sid>         STRING  a session's last screen_view: "<ms>|<own duration>|<row>"
     {p:N}:profile:<proj>:<pid>  STRING  a profile's last screen_view, same format
     {p:N}:visitors:<proj>       ZSET    profile id -> last seen (ms); expires with the window
     {p:N}:batch:<id>            STRING  marker of an applied ingest batch (with TTL)
@@ -33,14 +34,16 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import quote, unquote
 
 CHANNEL_RECEIVED = "events:received"
 CHANNEL_SAVED = "events:saved"
 
 
+@lru_cache(maxsize=65536)
 def escape(value: str) -> str:
-    """Percent-encode an id so it is inert inside a key name."""
+    """Percent-encode an id so it is inert inside a key name (cached: ids repeat)."""
     return quote(value, safe="")
 
 

@@ -17,7 +17,7 @@ from redis import Redis
 from redis.client import Pipeline
 
 import lua_scripts
-from worker.events import KIND_SCREEN_VIEW, KIND_SESSION_END, Event
+from worker.events import KIND_REGULAR, Event
 from worker.keys import ShardKeys
 
 
@@ -49,6 +49,7 @@ class Scripts:
         self._claim = redis.register_script(load_lua("claim"))
         self._ack = redis.register_script(load_lua("ack"))
         self._sweep = redis.register_script(load_lua("sweep_sessions"))
+        self._dlq_remove = redis.register_script(load_lua("dlq_remove"))
 
     def apply_batch(
         self,
@@ -83,37 +84,39 @@ class Scripts:
                 found = index[name] = len(keys)
             return found
 
-        channel, payload = publish if publish else ("", b"")
-        args: list[Any] = [
-            now_ms,
-            view_ttl_s,
-            marker_ttl_s,
-            visitors_ttl_s,
-            channel,
-            payload,
-            len(dead_letters),
-        ]
-        args += dead_letters
+        regular: list[bytes] = []
+        ordered: list[Any] = []
+        visitors: dict[str, dict[str, None]] = {}  # project -> profile ids, in first-seen order
         for event, row in zip(events, rows, strict=True):
-            kind = event.kind
-            session = profile = visitors = 0
-            if kind in (KIND_SCREEN_VIEW, KIND_SESSION_END):
-                session = key_index(shard.session(event.session_id))
-                if event.profile_id:
-                    profile = key_index(shard.profile(event.project_id, event.profile_id))
             if event.profile_id:
-                visitors = key_index(shard.visitors(event.project_id))
-            session_id = event.session_id if session else ""
-            args += (
+                visitors.setdefault(event.project_id, {})[event.profile_id] = None
+            kind = event.kind
+            if kind == KIND_REGULAR:
+                regular.append(row)
+                continue
+            profile = 0
+            if event.profile_id:
+                profile = key_index(shard.profile(event.project_id, event.profile_id))
+            ordered += (
                 kind,
-                session,
+                key_index(shard.session(event.session_id)),
                 profile,
-                visitors,
-                session_id,
-                event.profile_id,
+                event.session_id,
                 event.created_ms,
+                event.duration,
                 row,
             )
+
+        channel, payload = publish if publish else ("", b"")
+        args: list[Any] = [now_ms, view_ttl_s, marker_ttl_s, visitors_ttl_s, channel, payload]
+        args.append(len(dead_letters))
+        args += dead_letters
+        args.append(len(regular))
+        args += regular
+        args.append(len(visitors))
+        for project_id, members in visitors.items():
+            args += (key_index(shard.visitors(project_id)), len(members), *members)
+        args += ordered
         client: Any = pipeline if pipeline is not None else self._redis
         reply = self._apply(keys=keys, args=args, client=client)
         if pipeline is not None:
@@ -165,6 +168,18 @@ class Scripts:
             keys += (session_key, profile_key or session_key)
             args += (session_id, "1" if profile_key else "0")
         return int(self._sweep(keys=keys, args=args))
+
+    def dlq_remove(self, shard: ShardKeys, entries: Sequence[tuple[int, bytes]]) -> int:
+        """Remove dead letters, each given as (index it was read at, exact value), at once.
+
+        Returns how many were removed (fewer when some were gone already).
+        """
+        if not entries:
+            return 0
+        args: list[Any] = []
+        for index, entry in entries:
+            args += (index, entry)
+        return int(self._dlq_remove(keys=[shard.dead], args=args))
 
 
 def _text(value: bytes | str) -> str:

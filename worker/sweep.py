@@ -15,6 +15,7 @@ from typing import cast
 
 from redis import Redis
 
+from worker.buffer import stored_view_row
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.events import decode_row
 from worker.keys import Keyspace, ShardKeys, glob_escape
@@ -70,7 +71,7 @@ class Sweeper:
             for session_id, value in zip(session_ids, stored, strict=True):
                 profile_key = None
                 if value is not None:
-                    event = decode_row(value.partition(b"|")[2])
+                    event = decode_row(stored_view_row(value))
                     if event.profile_id:
                         profile_key = shard.profile(event.project_id, event.profile_id)
                 candidates.append((session_id, profile_key))
