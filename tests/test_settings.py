@@ -61,6 +61,7 @@ def test_settings_are_frozen() -> None:
     ("env", "message"),
     [
         ({"EVENT_BUFFER_SCREEN_VIEW_TTL_S": "600"}, "must be below EVENT_BUFFER_SCREEN_VIEW_TTL_S"),
+        ({"EVENT_BUFFER_KEY_PREFIX": "app{1}"}, "EVENT_BUFFER_KEY_PREFIX must not contain"),
         (
             {"EVENT_BUFFER_BATCH_MARKER_TTL_S": "60"},
             r"EVENT_BUFFER_BATCH_MARKER_TTL_S \(60\) must exceed EVENT_BUFFER_VISIBILITY_TIMEOUT",

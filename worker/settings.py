@@ -35,13 +35,29 @@ def _int(minimum: int) -> Callable[[str, str], int]:
     return parse
 
 
+def _float(minimum: float, maximum: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+        # `not (a <= v <= b)` also refuses NaN, which compares false with everything.
+        if not minimum <= value <= maximum:
+            raise SettingsError(f"{name} must be between {minimum:g} and {maximum:g}, got {raw!r}")
+        return value
+
+    return parse
+
+
 def _url(*schemes: str) -> Callable[[str, str], str]:
     def parse(name: str, raw: str) -> str:
         value = raw.strip()
         scheme = value.split("://", 1)[0] if "://" in value else ""
         if scheme not in schemes:
             allowed = ", ".join(f"{s}://" for s in schemes)
-            raise SettingsError(f"{name} must start with one of {allowed}, got {scheme or value!r}")
+            # Without a scheme the value is shown, but never what precedes an "@" (a password).
+            shown = scheme or ("***@" + value.rpartition("@")[2] if "@" in value else value)
+            raise SettingsError(f"{name} must start with one of {allowed}, got {shown!r}")
         return value
 
     return parse
@@ -125,6 +141,13 @@ class Settings:
         _int(1),
         "Batches one `process_buffer` run may flush per shard (1 = OpenPanel's behaviour).",
     )
+    dlq_max_ratio: float = _setting(
+        "EVENT_BUFFER_DLQ_MAX_RATIO",
+        0.5,
+        _float(0.0, 1.0),
+        "When ClickHouse rejects more than this share of a batch's rows (10 rows at least), "
+        "the flush stops with an error instead of dead-lettering them (schema mismatch?); 1 = off.",
+    )
     micro_batch_ms: int = _setting(
         "EVENT_BUFFER_MICRO_BATCH_MS",
         10,
@@ -205,6 +228,24 @@ class Settings:
         _int(1),
         "When a shard's queue passes this, ingest asks for a flush at once (one pending at most).",
     )
+    max_event_bytes: int = _setting(
+        "EVENT_BUFFER_MAX_EVENT_BYTES",
+        65536,
+        _int(256),
+        "An event larger than this as a JSON row is refused (dead-lettered at ingest).",
+    )
+    max_future_s: int = _setting(
+        "EVENT_BUFFER_MAX_FUTURE_S",
+        86400,
+        _int(0),
+        "An event whose `created_at` or `imported_at` is further ahead of now is refused.",
+    )
+    max_past_days: int = _setting(
+        "EVENT_BUFFER_MAX_PAST_DAYS",
+        3650,
+        _int(1),
+        "An event whose `created_at` or `imported_at` is older than this many days is refused.",
+    )
     visibility_timeout_s: int = _setting(
         "EVENT_BUFFER_VISIBILITY_TIMEOUT_S",
         300,
@@ -261,6 +302,11 @@ class Settings:
 
     def _check_together(self) -> None:
         """Rules that tie settings to each other."""
+        if "{" in self.key_prefix or "}" in self.key_prefix:
+            raise SettingsError(
+                f"EVENT_BUFFER_KEY_PREFIX must not contain '{{' or '}}' (it goes inside the "
+                f"Redis Cluster hash tag), got {self.key_prefix!r}"
+            )
         if self.session_timeout_s + self.sweep_interval_s >= self.screen_view_ttl_s:
             raise SettingsError(
                 "EVENT_BUFFER_SESSION_TIMEOUT_S + EVENT_BUFFER_SWEEP_INTERVAL_S "

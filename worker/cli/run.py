@@ -126,7 +126,21 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
             spawn(
                 "flush",
                 "flush worker",
-                ["worker", "-Q", "flush", "-P", "solo", "-n", "flush@%h", *fast],
+                # One pool process (embedded ClickHouse admits one process at a
+                # time), replaced every 50 flushes: chDB keeps a few MB per
+                # session it opens and closes, and a fresh process returns them.
+                [
+                    "worker",
+                    "-Q",
+                    "flush",
+                    "-c",
+                    "1",
+                    "--max-tasks-per-child",
+                    "50",
+                    "-n",
+                    "flush@%h",
+                    *fast,
+                ],
                 env,
                 logs,
             ),
