@@ -1,0 +1,293 @@
+"""apply: events/s from Python into the Redis buffer.
+
+eventbuffer's path is `EventBuffer.apply` (one apply_batch.lua call per batch)
+with pre-validated events, for batches of 100 and 1000. Baselines, on the
+same events in the same run, alternating:
+
+- raw RPUSH: the same JSON rows pushed with pipelined RPUSH, one RPUSH per
+  batch (many values each), pipelines of 1000 rows: the ceiling of getting
+  these bytes into a Redis list, with no buffer semantics at all.
+- the seed's way (OpenPanel's EventBuffer.addToMulti): one EVALSHA per
+  screen_view / session_end (the two scripts below, ported verbatim),
+  RPUSH + INCR per regular event, ZADD per event with a profile, in MULTI
+  pipelines of 100 events (OpenPanel's micro-batch).
+
+Both eventbuffer and the seed encode each event to JSON inside the timed loop
+(`encode_event`); the raw baseline pushes pre-encoded rows. The cost of
+validation (`parse_event` from dicts, as the ingest task does) is measured
+separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis as redis_lib
+
+from benchmarks.support import Result, alternate, log, median, mix, private_redis, traffic
+from worker.buffer import EventBuffer
+from worker.events import KIND_REGULAR, KIND_SCREEN_VIEW, Event, encode_event, parse_event
+from worker.ingest import ingest
+from worker.settings import Settings
+
+# OpenPanel's EventBuffer scripts (packages/db/src/buffers/event-buffer.ts), as the seed ran them.
+SEED_ADD_SCREEN_VIEW = """
+local sessionKey = KEYS[1]
+local profileKey = KEYS[2]
+local queueKey = KEYS[3]
+local counterKey = KEYS[4]
+local newEventData = ARGV[1]
+local ttl = tonumber(ARGV[2])
+
+local previousEventData = redis.call("GETDEL", sessionKey)
+
+redis.call("SET", sessionKey, newEventData, "EX", ttl)
+
+if profileKey and profileKey ~= "" then
+  redis.call("SET", profileKey, newEventData, "EX", ttl)
+end
+
+if previousEventData then
+  local prev = cjson.decode(previousEventData)
+  local curr = cjson.decode(newEventData)
+
+  if prev.ts and curr.ts then
+    prev.event.duration = math.max(0, curr.ts - prev.ts)
+  end
+
+  redis.call("RPUSH", queueKey, cjson.encode(prev.event))
+  redis.call("INCR", counterKey)
+  return 1
+end
+
+return 0
+"""
+
+SEED_ADD_SESSION_END = """
+local sessionKey = KEYS[1]
+local profileKey = KEYS[2]
+local queueKey = KEYS[3]
+local counterKey = KEYS[4]
+local sessionEndJson = ARGV[1]
+
+local previousEventData = redis.call("GETDEL", sessionKey)
+local added = 0
+
+if previousEventData then
+  local prev = cjson.decode(previousEventData)
+  redis.call("RPUSH", queueKey, cjson.encode(prev.event))
+  redis.call("INCR", counterKey)
+  added = added + 1
+end
+
+redis.call("RPUSH", queueKey, sessionEndJson)
+redis.call("INCR", counterKey)
+added = added + 1
+
+if profileKey and profileKey ~= "" then
+  redis.call("DEL", profileKey)
+end
+
+return added
+"""
+
+SEED_QUEUE = "event_buffer:queue"
+SEED_COUNTER = "event_buffer:total_count"
+SEED_MICRO_BATCH = 100
+VIEW_TTL_S = 3600
+
+
+class SeedBuffer:
+    """OpenPanel's add path: per-event scripts and commands, MULTI per 100 events."""
+
+    def __init__(self, client: redis_lib.Redis) -> None:
+        self.client = client
+        self.view_sha = client.script_load(SEED_ADD_SCREEN_VIEW)
+        self.end_sha = client.script_load(SEED_ADD_SESSION_END)
+
+    def add_all(self, events: Sequence[Event]) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        for number, event in enumerate(events, 1):
+            self._add(pipe, event)
+            if number % SEED_MICRO_BATCH == 0:
+                pipe.execute()
+        pipe.execute()
+
+    def _add(self, pipe: Any, event: Event) -> None:
+        row = encode_event(event)
+        kind = event.kind
+        if kind == KIND_REGULAR:
+            pipe.rpush(SEED_QUEUE, row)
+            pipe.incr(SEED_COUNTER)
+        else:
+            session_key = f"event_buffer:last_screen_view:session:{event.session_id}"
+            profile_key = (
+                f"event_buffer:last_screen_view:profile:{event.project_id}:{event.profile_id}"
+                if event.profile_id
+                else ""
+            )
+            keys = (session_key, profile_key, SEED_QUEUE, SEED_COUNTER)
+            if kind == KIND_SCREEN_VIEW:
+                payload = b'{"event":%s,"ts":%d}' % (row, event.created_ms)
+                pipe.evalsha(self.view_sha, 4, *keys, payload, VIEW_TTL_S)
+            else:
+                pipe.evalsha(self.end_sha, 4, *keys, row)
+        if event.profile_id:
+            pipe.zadd(
+                f"live:visitors:{event.project_id}", {event.profile_id: int(time.time() * 1000)}
+            )
+
+
+def _timed(
+    prepare: Callable[[], None], body: Callable[[], None], after: Callable[[], None]
+) -> Callable[[], float]:
+    """A runner: `prepare()` untimed, `body()` timed, `after()` untimed; returns seconds."""
+
+    def run() -> float:
+        prepare()
+        started = time.perf_counter()
+        body()
+        seconds = time.perf_counter() - started
+        after()
+        return seconds
+
+    return run
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    n = args.apply_events
+    rounds = args.rounds
+    dicts, waiting = traffic(n)
+    log(f"[apply] {mix(dicts)}; {waiting} views stay waiting; {rounds} rounds")
+    started = time.perf_counter()
+    events = [parse_event(d) for d in dicts]
+    parse_rate = n / (time.perf_counter() - started)
+    rows = [encode_event(e) for e in events]
+    mean_row = sum(map(len, rows)) / n
+    log(f"[apply] mean row {mean_row:.0f} bytes; parse_event alone ~{parse_rate:,.0f} events/s")
+
+    with private_redis("apply") as server:
+        client = server.client()
+        settings = Settings.from_env({"REDIS_URL": server.url()})
+        buffer = EventBuffer(client, settings)
+        queue = buffer.keyspace.shard(0).queue
+        seed = SeedBuffer(client)
+        checks: dict[str, list[int]] = {}
+
+        def fresh() -> None:
+            client.flushdb()
+
+        def record(name: str, key: str) -> Callable[[], None]:
+            # The queue length each run left: a sanity check, not a timing.
+            return lambda: checks.setdefault(name, []).append(int(client.llen(key)))
+
+        def eventbuffer(batch: int) -> Callable[[], None]:
+            def body() -> None:
+                for start in range(0, n, batch):
+                    buffer.apply(events[start : start + batch])
+
+            return body
+
+        def raw(batch: int) -> Callable[[], None]:
+            per_pipeline = max(1, 1000 // batch)
+
+            def body() -> None:
+                pipe = client.pipeline(transaction=False)
+                for number, start in enumerate(range(0, n, batch), 1):
+                    pipe.rpush(queue, *rows[start : start + batch])
+                    if number % per_pipeline == 0:
+                        pipe.execute()
+                pipe.execute()
+
+            return body
+
+        def validated(batch: int) -> Callable[[], None]:
+            def body() -> None:
+                for number, start in enumerate(range(0, n, batch)):
+                    ingest(buffer, dicts[start : start + batch], f"bench-{time.time_ns()}-{number}")
+
+            return body
+
+        bodies: dict[str, Callable[[], None]] = {
+            "eventbuffer b100": eventbuffer(100),
+            "raw b100": raw(100),
+            "seed": lambda: seed.add_all(events),
+            "eventbuffer b1000": eventbuffer(1000),
+            "raw b1000": raw(1000),
+            "validate+apply b1000": validated(1000),
+        }
+        runners = {
+            name: _timed(fresh, body, record(name, SEED_QUEUE if name == "seed" else queue))
+            for name, body in bodies.items()
+        }
+        # One untimed pass of each warms the script cache and the connection.
+        for runner in runners.values():
+            runner()
+        checks.clear()
+        timings = alternate(rounds, runners)
+        client.close()
+
+    rates = {name: median([n / s for s in seconds]) for name, seconds in timings.items()}
+    for name, value in rates.items():
+        log(f"[apply] {name:<22} {value:>12,.0f} events/s (median of {rounds})")
+    expected = {"raw b100": n, "raw b1000": n}
+    notes = []
+    for name, lengths in checks.items():
+        want = expected.get(name, n - waiting)
+        if any(length != want for length in lengths):
+            notes.append(f"{name} left queue lengths {sorted(set(lengths))}, expected {want}")
+    for note in notes:
+        log(f"[apply] WARNING: {note}")
+
+    seed_rate = rates["seed"]
+    results = []
+    for batch in (100, 1000):
+        mine = rates[f"eventbuffer b{batch}"]
+        results.append(
+            Result(
+                f"apply b{batch} vs seed",
+                "events/s",
+                mine,
+                seed_rate,
+                "seed: EVALSHA per event, MULTI of 100",
+                rounds,
+                target=">= 5x",
+                passed=mine >= 5 * seed_rate,
+                extra={"events": n, "batch": batch},
+            )
+        )
+        raw_rate = rates[f"raw b{batch}"]
+        results.append(
+            Result(
+                f"apply b{batch} vs raw RPUSH",
+                "events/s",
+                mine,
+                raw_rate,
+                f"raw pipelined RPUSH, {batch} values each",
+                rounds,
+                target=">= 0.5x",
+                passed=mine >= 0.5 * raw_rate,
+                extra={"events": n, "batch": batch},
+            )
+        )
+    results.append(
+        Result(
+            "apply b1000 incl. validation",
+            "events/s",
+            rates["validate+apply b1000"],
+            rates["eventbuffer b1000"],
+            "apply b1000 of pre-validated events",
+            rounds,
+            note=(
+                "parse_event from dicts + apply (worker.ingest.ingest), vs apply alone; "
+                f"parse_event alone ~{parse_rate:,.0f} events/s"
+            ),
+            extra={"events": n, "parse_event_rate": parse_rate, "seed_rate": seed_rate},
+        )
+    )
+    if notes:
+        results[0].note = "; ".join(notes)
+    return results

@@ -1,0 +1,408 @@
+"""end to end: producers -> Celery -> Redis buffer -> ClickHouse, sustained.
+
+The whole system runs as it would in production, on embedded ClickHouse:
+one ingest worker (`-P solo`), one flush worker (`-P solo`), Celery Beat
+with EVENT_BUFFER_FLUSH_INTERVAL_S=1 (plus back-pressure past the high-water
+mark), and EventProducer (batches up to 1000, the default 10 ms timer) in
+this process, offering events at a fixed rate: `--rate`, else 50% of the
+ingest benchmark's rate, else 10,000/s. After a warm-up, the measurement
+window lasts `--duration` seconds.
+
+Latency, from hand-over to visibility in ClickHouse:
+
+- hand-over: the wall-clock time at which `send()` returned for the event,
+  recorded here per event id. A screen_view cannot be written before its
+  session's next view (its duration) or session_end arrives: that is the
+  buffer's rule, not a delay. Its hand-over is therefore the send time of
+  the event that releases it; views still waiting at the end are excluded.
+- visibility: the table gets one extra column, `_inserted DateTime64(3)
+  DEFAULT now64(3)`, which ClickHouse fills when the flush worker's INSERT
+  runs. Nothing polls ClickHouse during the run (embedded ClickHouse admits
+  one process at a time: polling would stall the flush worker); after the
+  run drains, the ids and `_inserted` times are read once.
+
+Throughput: rows that became visible during the window, per second, against
+the rate offered. Worker RSS (psutil, else /proc VmRSS) is taken at the
+start and the end of the window (after the warm-up: the flush worker loads
+chDB's library on its first flush), and every 5 s in between.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.support import (
+    Result,
+    Traffic,
+    celery_beat,
+    celery_worker,
+    cpu_seconds,
+    log,
+    private_redis,
+    project_env,
+    rss_kb,
+    wait_until,
+)
+from worker.celery_app import INGEST_QUEUE, create_app
+from worker.keys import Keyspace
+from worker.producer import EventProducer
+from worker.settings import Settings
+from worker.sinks.chdb import ChdbSink, close_all
+from worker.sinks.schema import create_table
+
+FLUSH_INTERVAL_S = 1
+DEFAULT_RATE = 10_000.0
+PRODUCER_BATCH = 1000
+RSS_GROWTH_LIMIT = 0.10
+SAMPLE_S = 5.0
+
+
+@dataclass
+class Tracker:
+    """Hand-over time of every event, by id, on the producer side."""
+
+    handover: dict[str, float] = field(default_factory=dict)
+    waiting_view: dict[str, str] = field(default_factory=dict)  # session -> view id
+    sent: int = 0
+
+    def record(self, event_id: str, event: dict[str, Any], session: str, at: float) -> None:
+        self.sent += 1
+        name = event["name"]
+        if name in ("screen_view", "session_end"):
+            previous = self.waiting_view.pop(session, None)
+            if previous is not None:
+                self.handover[previous] = at  # this event releases the session's last view
+            if name == "screen_view":
+                self.waiting_view[session] = event_id
+                return
+        self.handover[event_id] = at
+
+
+def offer(
+    producer: EventProducer,
+    stream: Traffic,
+    tracker: Tracker,
+    rate: float,
+    seconds: float,
+    on_tick: Any = None,
+) -> tuple[int, float]:
+    """Send at `rate` events/s for `seconds`; returns (events sent, worst backlog in s)."""
+    started = time.monotonic()
+    sent: int = 0
+    worst = 0.0
+    while True:
+        elapsed = time.monotonic() - started
+        if elapsed >= seconds:
+            return sent, worst
+        due = int(elapsed * rate)
+        worst = max(worst, (due - sent) / rate)
+        while sent < due:
+            event, session, _ = stream.next_event()
+            event_id = producer.send(event)
+            tracker.record(event_id, event, session, time.time())
+            sent += 1
+        if on_tick is not None:
+            on_tick()
+        time.sleep(0.002)
+
+
+class Timeline:
+    """Every few seconds: per-process CPU share and worker RSS, broker and buffer backlog."""
+
+    def __init__(
+        self, pids: dict[str, int], broker_tasks: Callable[[], int], buffer_rows: Callable[[], int]
+    ) -> None:
+        self.pids = pids
+        self.broker_tasks = broker_tasks
+        self.buffer_rows = buffer_rows
+        self.rows: list[dict[str, Any]] = []
+        self.rss: dict[str, list[int | None]] = {"ingest": [], "flush": []}
+        self._last: tuple[float, dict[str, float]] | None = None
+        self._next = 0.0
+        self._started = time.monotonic()
+
+    def maybe_sample(self) -> None:
+        if time.monotonic() >= self._next:
+            self.sample()
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        self._next = now + SAMPLE_S
+        cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        row: dict[str, Any] = {
+            "t": round(now - self._started, 1),
+            "broker_tasks": self.broker_tasks(),
+            "buffer_rows": self.buffer_rows(),
+        }
+        for name in self.rss:
+            value = rss_kb(self.pids[name])
+            self.rss[name].append(value)
+            row[f"{name}_rss_kb"] = value
+        if self._last is not None:
+            before, used = self._last
+            for name, seconds in cpu.items():
+                row[f"{name}_cpu"] = round((seconds - used[name]) / (now - before), 2)
+        self._last = (now, cpu)
+        self.rows.append(row)
+
+    def as_json(self) -> list[dict[str, Any]]:
+        return self.rows
+
+    def print(self) -> None:
+        names = list(self.pids)
+        log("[e2e] timeline (cpu = cores used since the previous line):")
+        log(
+            "      t  broker tasks  buffer rows  ingest RSS  flush RSS  "
+            + "  ".join(f"{n[:8]:>8}" for n in names)
+        )
+        for row in self.rows:
+            cpus = "  ".join(
+                f"{row[f'{n}_cpu']:>8.2f}" if f"{n}_cpu" in row else f"{'-':>8}" for n in names
+            )
+            ingest_mib = (row["ingest_rss_kb"] or 0) // 1024
+            flush_mib = (row["flush_rss_kb"] or 0) // 1024
+            log(
+                f"  {row['t']:>5.0f}  {row['broker_tasks']:>12,}  {row['buffer_rows']:>11,}  "
+                f"{ingest_mib:>7} MiB  {flush_mib:>6} MiB  {cpus}"
+            )
+
+
+_FLUSHED = re.compile(r"flushed shard \d+: (\d+) rows, .* in ([\d.]+)s")
+
+
+def flush_log_summary(text: str) -> dict[str, float]:
+    """Runs of process_buffer that moved rows, from the flush worker's log."""
+    runs = [(int(m.group(1)), float(m.group(2))) for m in _FLUSHED.finditer(text)]
+    if not runs:
+        return {"runs": 0}
+    rows = [r for r, _ in runs]
+    seconds = [s for _, s in runs]
+    return {
+        "runs": len(runs),
+        "rows_median": statistics.median(rows),
+        "rows_max": max(rows),
+        "seconds_median": round(statistics.median(seconds), 3),
+        "seconds_max": round(max(seconds), 3),
+        "rows_per_s_while_flushing": round(sum(rows) / sum(seconds)) if sum(seconds) else 0,
+    }
+
+
+def quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def landed_rows(path: Path) -> dict[str, float]:
+    """id -> `_inserted` (epoch seconds) of every row in the table."""
+    from chdb import session as chdb_session
+
+    session: Any = chdb_session.Session(str(path))  # type: ignore[no-untyped-call]
+    try:
+        result = session.query(
+            "SELECT toString(id), toUnixTimestamp64Milli(_inserted) FROM events", "TabSeparated"
+        )
+        text = result.bytes().decode()
+    finally:
+        session.close()
+    landed: dict[str, float] = {}
+    duplicates = 0
+    for line in text.splitlines():
+        event_id, millis = line.split("\t")
+        if event_id in landed:
+            duplicates += 1
+        landed[event_id] = int(millis) / 1000
+    if duplicates:
+        log(f"[e2e] WARNING: {duplicates} duplicate rows in ClickHouse")
+    return landed
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    duration = float(args.duration)
+    warmup = 3.0 if args.quick else 5.0
+    if args.rate:
+        rate, why = float(args.rate), "--rate"
+    elif args.ingest_rate:
+        rate, why = 0.5 * args.ingest_rate, "50% of the measured ingest rate"
+    else:
+        rate, why = DEFAULT_RATE, "default (run with the ingest benchmark for 50% of its rate)"
+    timer = args.producer_batch_ms
+    timer_ms = Settings().micro_batch_ms if timer is None else timer
+    log(
+        f"[e2e] offering {rate:,.0f} events/s ({why}) for {warmup:.0f} s warm-up + "
+        f"{duration:.0f} s; flush interval {FLUSH_INTERVAL_S} s; producer batches up to "
+        f"{PRODUCER_BATCH} events or {timer_ms} ms"
+    )
+
+    with private_redis("e2e") as server, tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        chdb_path = Path(tmp) / "clickhouse"
+        sink = ChdbSink(str(chdb_path))
+        try:
+            sink.query(create_table("events"))
+            sink.query(
+                "ALTER TABLE events ADD COLUMN _inserted DateTime64(3, 'UTC') DEFAULT now64(3)"
+            )
+        finally:
+            sink.close()
+            close_all()
+        values = {
+            "REDIS_URL": server.url(0),
+            "CELERY_BROKER_URL": server.url(1),
+            "CLICKHOUSE_URL": f"chdb://{chdb_path}",
+            "EVENT_BUFFER_FLUSH_INTERVAL_S": str(FLUSH_INTERVAL_S),
+            "EVENT_BUFFER_MAX_BATCHES_PER_FLUSH": "1000",
+        }
+        settings = Settings.from_env(values)
+        env = project_env(**values)
+        logs = Path(tmp) / "logs"
+        ingest = celery_worker("ingest", "ingest", env, logs)
+        flush = celery_worker("flush", "flush", env, logs)
+        beat = celery_beat(env, logs)
+        workers = {"ingest": ingest, "flush": flush}
+        buffer_db = server.client(0)
+        broker_db = server.client(1)
+        queue = Keyspace(settings.key_prefix, settings.shards).shard(0).queue
+        app = create_app(settings)
+        producer = EventProducer(
+            app, batch_size=PRODUCER_BATCH, batch_ms=args.producer_batch_ms, settings=settings
+        )
+        stream = Traffic(seed=17, concurrent=2000)
+        tracker = Tracker()
+        idle_rss = {name: rss_kb(w.pid) for name, w in workers.items()}
+        pids = {**{n: w.pid for n, w in workers.items()}, "beat": beat.pid, "producer": os.getpid()}
+        if server.process is not None:
+            pids["redis"] = server.process.pid
+        timeline = Timeline(
+            pids, lambda: int(broker_db.llen(INGEST_QUEUE)), lambda: int(buffer_db.llen(queue))
+        )
+
+        try:
+            offer(producer, stream, tracker, rate, warmup)
+            window_start = time.time()
+            timeline.sample()
+            sent, backlog = offer(producer, stream, tracker, rate, duration, timeline.maybe_sample)
+            window_end = time.time()
+            timeline.sample()
+            producer.flush(timeout=60)
+
+            def drained() -> bool:
+                return int(broker_db.llen(INGEST_QUEUE)) == 0 and int(buffer_db.llen(queue)) == 0
+
+            drain_started = time.monotonic()
+            wait_until(
+                drained,
+                180,
+                "the pipeline to drain",
+                0.2,
+                lambda: all(w.alive() for w in (ingest, flush, beat)),
+            )
+            drain_s = time.monotonic() - drain_started
+        finally:
+            producer.close(timeout=5)
+            app.close()
+            buffer_db.close()
+            broker_db.close()
+            for child in (beat, flush, ingest):
+                child.stop()
+
+        landed = landed_rows(chdb_path)
+        close_all()
+        flushes = flush_log_summary(flush.text())
+
+    in_window = {i: t for i, t in tracker.handover.items() if window_start <= t <= window_end}
+    latencies = sorted(landed[i] - t for i, t in in_window.items() if i in landed)
+    missing = sum(1 for i in tracker.handover if i not in landed)
+    visible_in_window = sum(1 for t in landed.values() if window_start <= t <= window_end)
+    throughput = visible_in_window / duration
+    offered = sent / duration
+    p50, p99 = quantile(latencies, 0.50), quantile(latencies, 0.99)
+    worst = latencies[-1] if latencies else float("nan")
+    bound = FLUSH_INTERVAL_S + 2.0
+
+    growth: dict[str, float] = {}
+    for name in workers:
+        first, last = timeline.rss[name][0], timeline.rss[name][-1]
+        if first and last:
+            growth[name] = last / first - 1
+    rss_text = ", ".join(
+        f"{name} {idle_rss[name] or 0:,} (idle) -> {timeline.rss[name][0] or 0:,} -> "
+        f"{timeline.rss[name][-1] or 0:,} KiB ({100 * growth.get(name, float('nan')):+.1f}%)"
+        for name in workers
+    )
+    log(f"[e2e] offered {offered:,.0f} events/s (worst producer backlog {backlog:.2f} s)")
+    log(f"[e2e] visible in ClickHouse during the window: {throughput:,.0f} rows/s")
+    log(
+        f"[e2e] latency hand-over -> visible over {len(latencies):,} events: p50 {p50:.3f} s, "
+        f"mean {statistics.fmean(latencies) if latencies else float('nan'):.3f} s, "
+        f"p99 {p99:.3f} s, max {worst:.3f} s; drain after the window {drain_s:.1f} s"
+    )
+    log(f"[e2e] handed-over events not in ClickHouse: {missing}")
+    log(f"[e2e] worker RSS: {rss_text}")
+    log(f"[e2e] flush worker: {flushes}")
+    timeline.print()
+
+    common = {
+        "duration_s": duration,
+        "warmup_s": warmup,
+        "offered_rate": offered,
+        "requested_rate": rate,
+        "rate_source": why,
+        "flush_interval_s": FLUSH_INTERVAL_S,
+        "events_sent_in_window": sent,
+        "missing": missing,
+        "flushes": flushes,
+        "producer_batch_ms": timer_ms,
+    }
+    method = (
+        "latency from send() (or, for a screen_view, the send of the event that releases it) "
+        "to ClickHouse's insert time in an `_inserted DEFAULT now64(3)` column"
+    )
+    growth_max = max(growth.values()) if growth else None
+    return [
+        Result(
+            "e2e throughput",
+            "events/s",
+            throughput,
+            offered,
+            "offered rate",
+            1,
+            note=f"rows visible during the {duration:.0f} s window vs offered; {missing} missing",
+            extra=common,
+        ),
+        Result(
+            "e2e latency p99",
+            "s",
+            p99,
+            None,
+            "-",
+            1,
+            target=f"<= {bound:.0f} s",
+            passed=bool(latencies) and p99 <= bound and missing == 0,
+            better="lower",
+            note=f"p50 {p50:.3f} s, max {worst:.3f} s; {method}",
+            extra={**common, "p50_s": p50, "p99_s": p99, "max_s": worst, "samples": len(latencies)},
+        ),
+        Result(
+            "e2e worker RSS growth",
+            "%",
+            None if growth_max is None else 100 * growth_max,
+            None,
+            "-",
+            1,
+            target=f"< {100 * RSS_GROWTH_LIMIT:.0f}%",
+            passed=growth_max is not None and growth_max < RSS_GROWTH_LIMIT,
+            better="lower",
+            note=f"largest of: {rss_text}",
+            extra={**common, "timeline": timeline.as_json(), "idle_rss_kb": idle_rss},
+        ),
+    ]

@@ -1,0 +1,402 @@
+"""flush: rows/s from the Redis buffer into ClickHouse.
+
+eventbuffer's path: `Flusher.process_buffer()` draining a queue of N rows
+(batch 4000, chunk 1000, max_batches_per_flush large): lock, claim.lua,
+decode heads, sort, chunked INSERTs with dedup tokens, ack.lua, and opening
+and closing the sink as every run does.
+
+Baselines, on the same rows into the same backend, alternating:
+
+- chDB: `INSERT INTO events FORMAT JSONEachRow` of the same JSON lines in
+  chunks of 1000 through one chdb Session (opened and closed in the timed
+  region, as the flusher's sink is).
+- native: clickhouse-driver columnar INSERTs of the same rows in chunks of
+  1000 on one connection (decoding the JSON lines into columns is timed: the
+  rows are JSON in Redis). Against `CLICKHOUSE_TEST_URL` (a modern server,
+  the real `events` table) when set; else against Debian's ClickHouse 18.16
+  (private, on free ports) with a compatibility table (no Map, no
+  DateTime64, no dedup tokens: `require_dedup=False`); else skipped.
+
+Between rounds the table is dropped and created again (untimed), so no
+insert is dropped by block deduplication and both paths start equal. Rows
+are counted after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+import redis as redis_lib
+
+from benchmarks.support import (
+    PROCESSES,
+    Result,
+    alternate,
+    free_port,
+    log,
+    median,
+    mix,
+    private_redis,
+    skipped,
+    traffic,
+    wait_until,
+)
+from worker.events import encode_event, parse_event
+from worker.flush import Flusher
+from worker.settings import Settings
+from worker.sinks import Sink
+from worker.sinks.chdb import ChdbSink, close_all
+from worker.sinks.schema import create_table
+
+CHUNK = 1000
+BATCH = 4000
+TARGET_RATIO = 0.8
+
+# Only types ClickHouse 18.16 has: no Map (properties), no DateTime64, no LowCardinality.
+COMPAT_TABLE = "events_compat"
+COMPAT_DDL = f"""
+CREATE TABLE {COMPAT_TABLE} (
+    id UUID, name String, device_id String, profile_id String, project_id String,
+    session_id String, path String, origin String, referrer String, referrer_name String,
+    referrer_type String, created_at DateTime, country FixedString(2), city String,
+    region String, longitude Nullable(Float32), latitude Nullable(Float32), os String,
+    os_version String, browser String, browser_version String, device String, brand String,
+    model String, imported_at Nullable(DateTime), sdk_name String, sdk_version String,
+    duration UInt64
+) ENGINE = MergeTree PARTITION BY toYYYYMM(created_at)
+ORDER BY (project_id, toDate(created_at), profile_id, name)
+"""
+
+SERVER_BINARY = "/usr/sbin/clickhouse-server"
+SERVER_CONFIG = "/etc/clickhouse-server/config.xml"
+
+
+def flush_settings(redis_url: str, clickhouse_url: str, table: str) -> Settings:
+    return Settings.from_env(
+        {
+            "REDIS_URL": redis_url,
+            "CLICKHOUSE_URL": clickhouse_url,
+            "EVENT_BUFFER_TABLE": table,
+            "EVENT_BUFFER_BATCH_SIZE": str(BATCH),
+            "EVENT_BUFFER_CHUNK_SIZE": str(CHUNK),
+            "EVENT_BUFFER_MAX_BATCHES_PER_FLUSH": "100000",
+        }
+    )
+
+
+def chunks(rows: Sequence[bytes]) -> Iterator[Sequence[bytes]]:
+    for start in range(0, len(rows), CHUNK):
+        yield rows[start : start + CHUNK]
+
+
+class Bench:
+    """Alternate `Flusher.process_buffer` and a raw insert of the same rows."""
+
+    def __init__(
+        self,
+        label: str,
+        rows: list[bytes],
+        settings: Settings,
+        sink_factory: Callable[[], Sink],
+        recreate: Callable[[], None],
+        count: Callable[[], int],
+        raw_insert: Callable[[list[bytes]], None],
+    ) -> None:
+        self.label = label
+        self.rows = rows
+        self.settings = settings
+        self.recreate = recreate
+        self.count = count
+        self.raw_insert = raw_insert
+        self.warnings: list[str] = []
+        self.client = redis_lib.Redis.from_url(settings.redis_url)
+        self.flusher = Flusher(self.client, settings, sink_factory)
+        self.queue = self.flusher.keyspace.shard(0).queue
+
+    def _check(self, what: str, landed: int) -> None:
+        if landed != len(self.rows):
+            self.warnings.append(f"{what}: {landed} rows landed, expected {len(self.rows)}")
+
+    def eventbuffer(self) -> float:
+        self.recreate()
+        self.client.flushdb()
+        pipe = self.client.pipeline(transaction=False)
+        for chunk in chunks(self.rows):
+            pipe.rpush(self.queue, *chunk)
+        pipe.execute()
+        started = time.perf_counter()
+        results = self.flusher.process_buffer()
+        seconds = time.perf_counter() - started
+        self._check("eventbuffer", self.count())
+        self._check("eventbuffer (flush result)", sum(r.rows for r in results))
+        return seconds
+
+    def baseline(self) -> float:
+        self.recreate()
+        started = time.perf_counter()
+        self.raw_insert(self.rows)
+        seconds = time.perf_counter() - started
+        self._check("baseline", self.count())
+        return seconds
+
+    def run(self, rounds: int, name: str, baseline_name: str, note: str) -> Result:
+        self.eventbuffer()  # warm-up of both paths
+        self.baseline()
+        self.warnings.clear()
+        timings = alternate(rounds, {"eventbuffer": self.eventbuffer, "baseline": self.baseline})
+        self.client.close()
+        n = len(self.rows)
+        mine = median([n / s for s in timings["eventbuffer"]])
+        theirs = median([n / s for s in timings["baseline"]])
+        log(f"[flush] {self.label}: Flusher {mine:,.0f} rows/s, raw {theirs:,.0f} rows/s")
+        for warning in self.warnings:
+            log(f"[flush] WARNING: {warning}")
+        notes = [note, *self.warnings]
+        return Result(
+            name,
+            "rows/s",
+            mine,
+            theirs,
+            baseline_name,
+            rounds,
+            target=f">= {TARGET_RATIO}x",
+            passed=mine >= TARGET_RATIO * theirs,
+            note="; ".join(filter(None, notes)),
+            extra={"rows": n, "batch": BATCH, "chunk": CHUNK},
+        )
+
+
+# -- chDB ---------------------------------------------------------------------------
+
+
+def bench_chdb(redis_url: str, rows: list[bytes], rounds: int, tmp: Path) -> Result:
+    from chdb import session as chdb_session
+
+    path = tmp / "clickhouse"
+    url = f"chdb://{path}"
+    settings = flush_settings(redis_url, url, "events")
+
+    def admin(*statements: str) -> list[tuple[Any, ...]]:
+        sink = ChdbSink(str(path))
+        try:
+            out: list[tuple[Any, ...]] = []
+            for sql in statements:
+                out = sink.query(sql)
+            return out
+        finally:
+            sink.close()
+
+    def recreate() -> None:
+        admin("DROP TABLE IF EXISTS events SYNC", create_table("events"))
+
+    def count() -> int:
+        return int(admin("SELECT count() FROM events")[0][0])
+
+    def raw_insert(data: list[bytes]) -> None:
+        session: Any = chdb_session.Session(str(path))  # type: ignore[no-untyped-call]
+        try:
+            for chunk in chunks(data):
+                body = b"\n".join(chunk).decode("utf-8")
+                session.query(f"INSERT INTO events FORMAT JSONEachRow\n{body}", "CSV")
+        finally:
+            session.close()
+
+    bench = Bench("chDB", rows, settings, lambda: ChdbSink(str(path)), recreate, count, raw_insert)
+    try:
+        return bench.run(
+            rounds,
+            "flush chDB",
+            "INSERT FORMAT JSONEachRow, chunks of 1000, one chdb Session",
+            "",
+        )
+    finally:
+        close_all()
+
+
+# -- native ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def local_clickhouse(tmp: Path) -> Iterator[str]:
+    """Debian's clickhouse-server, private: its own directory and free ports."""
+    base = tmp / "clickhouse-server"
+    base.mkdir()
+    tcp = free_port()
+    process = PROCESSES.spawn(
+        [
+            shutil.which("clickhouse-server") or SERVER_BINARY,
+            f"--config-file={SERVER_CONFIG}",
+            "--",
+            f"--path={base}/data/",
+            f"--tmp_path={base}/tmp/",
+            f"--user_files_path={base}/user_files/",
+            f"--format_schema_path={base}/format_schemas/",
+            f"--tcp_port={tcp}",
+            f"--http_port={free_port()}",
+            f"--interserver_http_port={free_port()}",
+            f"--logger.log={base}/server.log",
+            f"--logger.errorlog={base}/server.err.log",
+            "--logger.console=0",
+        ],
+        log_path=base / "stdout.log",
+        cwd=base,
+    )
+    try:
+        from clickhouse_driver import Client
+
+        def answers() -> bool:
+            try:
+                # Probe first: clickhouse-driver logs a traceback per refused connection.
+                socket.create_connection(("127.0.0.1", tcp), 1).close()
+                client = Client("127.0.0.1", port=tcp, connect_timeout=1)
+                try:
+                    return bool(client.execute("SELECT 1") == [(1,)])
+                finally:
+                    client.disconnect()
+            except Exception:
+                return False
+
+        wait_until(answers, 30, "clickhouse-server to answer", 0.1, lambda: process.poll() is None)
+        yield f"clickhouse://default@127.0.0.1:{tcp}/default"
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(15)
+        PROCESSES.stop(process)
+
+
+def _epoch_seconds(text: str) -> int:
+    return int(dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC).timestamp())
+
+
+def _epoch_ms(text: str) -> int:
+    moment = dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC)
+    return int(moment.timestamp()) * 1000 + moment.microsecond // 1000
+
+
+def raw_columns(described: list[tuple[Any, ...]]) -> list[tuple[str, Callable[[Any], Any], Any]]:
+    """(column, converter, default) for a raw columnar insert of JSON rows."""
+    columns = []
+    for name, ch_type, default_kind, *_ in described:
+        if default_kind in ("MATERIALIZED", "ALIAS"):
+            continue
+        convert: Callable[[Any], Any] = lambda value: value  # noqa: E731
+        default: Any = ""
+        if "Nullable" in ch_type:
+            default = None
+        if ch_type.startswith("Map"):
+            default = {}
+        elif "DateTime64" in ch_type:
+            convert = _epoch_ms
+        elif "DateTime" in ch_type:
+            convert = _epoch_seconds
+        elif "Int" in ch_type:
+            default = 0
+        columns.append((name, convert, default))
+    return columns
+
+
+def bench_native(redis_url: str, rows: list[bytes], rounds: int, tmp: Path) -> Result:
+    from clickhouse_driver import Client
+    from clickhouse_driver.util.helpers import parse_url
+
+    from worker.sinks.native import NativeSink
+
+    modern = os.environ.get("CLICKHOUSE_TEST_URL")
+    with contextlib.ExitStack() as stack:
+        if modern:
+            parts = urlsplit(modern)
+            url = urlunsplit(parts._replace(path="/eventbuffer_bench"))
+            table, legacy = "events", False
+            label = f"native ClickHouse at {parts.hostname}:{parts.port}"
+        elif os.path.isfile(SERVER_CONFIG) and (
+            shutil.which("clickhouse-server") or os.access(SERVER_BINARY, os.X_OK)
+        ):
+            url = stack.enter_context(local_clickhouse(tmp))
+            table, legacy = COMPAT_TABLE, True
+            label = "native ClickHouse 18.16 (compat table)"
+        else:
+            return skipped(
+                "flush native",
+                "CLICKHOUSE_TEST_URL is not set and no clickhouse-server is installed",
+            )
+
+        def sink_factory() -> Sink:
+            return NativeSink(url, table, require_dedup=not legacy)
+
+        admin = NativeSink(url, table, require_dedup=not legacy)
+        stack.callback(admin.close)
+        version = admin.query("SELECT version()")[0][0]
+
+        def recreate() -> None:
+            admin.query(f"DROP TABLE IF EXISTS {table}")
+            if legacy:
+                admin.query(COMPAT_DDL)
+            else:
+                admin.migrate()
+
+        def count() -> int:
+            return int(admin.query(f"SELECT count() FROM {table}")[0][0])
+
+        recreate()
+        columns = raw_columns(admin.query(f"DESCRIBE TABLE {table}"))
+        host, options = parse_url(url)
+        client = Client(host, **options)
+        stack.callback(client.disconnect)
+        decoder = msgspec.json.Decoder(list[dict[str, Any]])
+        names = ", ".join(name for name, _, _ in columns)
+        insert_sql = f"INSERT INTO {table} ({names}) VALUES"
+
+        def raw_insert(data: list[bytes]) -> None:
+            for chunk in chunks(data):
+                decoded = decoder.decode(b"[" + b",".join(chunk) + b"]")
+                block = []
+                for name, convert, default in columns:
+                    values = [row.get(name, default) for row in decoded]
+                    block.append([convert(v) if v is not None else v for v in values])
+                client.execute(insert_sql, block, columnar=True)
+
+        settings = flush_settings(redis_url, url, table)
+        bench = Bench(label, rows, settings, sink_factory, recreate, count, raw_insert)
+        note = f"server {version}" + (
+            "; 18.16 has no Map/DateTime64: compat table without properties, no dedup tokens"
+            if legacy
+            else ""
+        )
+        baseline = "clickhouse-driver columnar INSERT, chunks of 1000 (JSON decode timed)"
+        return bench.run(rounds, f"flush {label}", baseline, note)
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    n = args.flush_rows
+    dicts, _ = traffic(n, seed=13)
+    rows = [encode_event(parse_event(d)) for d in dicts]
+    log(f"[flush] {mix(dicts)}; batch {BATCH}, chunk {CHUNK}; {args.rounds} rounds")
+    results = []
+    with (
+        private_redis("flush") as server,
+        tempfile.TemporaryDirectory(prefix="bench-flush-") as tmp,
+    ):
+        results.append(bench_chdb(server.url(0), rows, args.rounds, Path(tmp)))
+        server.client().flushdb()
+        try:
+            results.append(bench_native(server.url(0), rows, args.rounds, Path(tmp)))
+        except Exception as exc:  # the native half must not hide the chDB figures
+            log(f"[flush] native benchmark failed: {exc!r}")
+            results.append(skipped("flush native", f"failed: {exc!r}"))
+    return results
