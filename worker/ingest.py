@@ -22,9 +22,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from worker.buffer import EventBuffer
 from worker.deadletters import REASON_INVALID_EVENT, DeadLetter, encode_dead_letter
-from worker.events import Event, InvalidEvent, Limits, parse_event
+from worker.events import Event, InvalidEvent, Limits, parse_event, with_id
 
 # A dead letter keeps the raw item, cut to this many bytes at most (an
 # oversized event's first part is enough to tell what it was).
@@ -60,10 +62,14 @@ class IngestResult:
 def _raw(item: Any) -> bytes:
     """The item as JSON, for its dead letter, whatever it holds (never raises).
 
+    Items of a batch sent as JSON text are already their own JSON bytes.
+
     `json.dumps` keeps what was sent (NaN stays NaN, a lone surrogate
     becomes its \\u escape); what it cannot encode (tuple keys, bytes from
     a Python caller) is shown with `repr`.
     """
+    if isinstance(item, bytes):
+        return item
     try:
         text = json.dumps(item, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError, OverflowError, RecursionError):
@@ -89,6 +95,30 @@ def _batch_key(batch_id: Any) -> str:
     return text
 
 
+class _IdOnly(msgspec.Struct):
+    id: str = ""
+
+
+_ID_ONLY = msgspec.json.Decoder(_IdOnly)
+_RAW_ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def _items(payload: Any) -> list[Any]:
+    """The items of a batch: a list as sent, or the elements of a JSON array sent as text.
+
+    The producer client sends its batch as one JSON text (each element is then
+    decoded straight into an Event); any other value is a batch of one item.
+    """
+    if isinstance(payload, list):
+        return payload
+    if isinstance(payload, str) and payload.startswith("["):
+        try:
+            return [bytes(raw) for raw in _RAW_ITEMS.decode(payload)]
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeEncodeError):
+            pass  # not a JSON array after all: dead-lettered whole, below
+    return [payload]
+
+
 def ingest(
     buffer: EventBuffer, payload: Any, batch_id: str, limits: Limits | None = None
 ) -> IngestResult:
@@ -101,7 +131,7 @@ def ingest(
     if limits is None:
         limits = Limits.from_settings(buffer.settings, buffer.clock)
     batch_id = _batch_key(batch_id)
-    items = payload if isinstance(payload, list) else [payload]
+    items = _items(payload)
     events: list[Event] = []
     dead: list[bytes] = []
     now = buffer.clock.now_ms()
@@ -109,6 +139,13 @@ def ingest(
     batch_ns: uuid.UUID | None = None
     for index, item in enumerate(items):
         try:
+            if isinstance(item, bytes):  # from a batch sent as JSON text
+                event = parse_event(item, limits)
+                if batch_id and not _ID_ONLY.decode(item).id:
+                    batch_ns = batch_ns or uuid.uuid5(_ID_NAMESPACE, batch_id)
+                    event = with_id(event, str(uuid.uuid5(batch_ns, str(index))))
+                events.append(event)
+                continue
             if not isinstance(item, dict):
                 # JSON text is no event object here: only dicts come from producers.
                 raise InvalidEvent("$", f"an event must be an object, got {_json_type(item)}")
