@@ -1,7 +1,8 @@
 """end to end: producers -> Celery -> Redis buffer -> ClickHouse, sustained.
 
 The whole system runs as it would in production, on embedded ClickHouse:
-one ingest worker (`-P solo`), one flush worker (`-P solo`), Celery Beat
+one ingest worker (`-P solo`), one flush worker (one prefork process,
+replaced every 50 flushes, as `eventbuffer run` starts it), Celery Beat
 with EVENT_BUFFER_FLUSH_INTERVAL_S=1 (plus back-pressure past the high-water
 mark), and EventProducer (batches up to 1000, the default 10 ms timer) in
 this process, offering events at a fixed rate: `--rate`, else 50% of the
@@ -22,7 +23,7 @@ Latency, from hand-over to visibility in ClickHouse:
   run drains, the ids and `_inserted` times are read once.
 
 Throughput: rows that became visible during the window, per second, against
-the rate offered. Worker RSS (psutil, else /proc VmRSS) is taken at the
+the rate offered. Worker RSS (process and pool children, psutil, else /proc VmRSS) is taken at the
 start and the end of the window (after the warm-up: the flush worker loads
 chDB's library on its first flush), and every 5 s in between.
 """
@@ -266,7 +267,9 @@ def run(args: argparse.Namespace) -> list[Result]:
         env = project_env(**values)
         logs = Path(tmp) / "logs"
         ingest = celery_worker("ingest", "ingest", env, logs)
-        flush = celery_worker("flush", "flush", env, logs)
+        # As `eventbuffer run` deploys it: one pool process, replaced every 50
+        # flushes (chDB keeps memory per session); RSS counts the whole tree.
+        flush = celery_worker("flush", "flush", env, logs, "-c", "1", "--max-tasks-per-child", "50")
         beat = celery_beat(env, logs)
         workers = {"ingest": ingest, "flush": flush}
         buffer_db = server.client(0)

@@ -280,7 +280,24 @@ def wait_until(
 
 
 def rss_kb(pid: int) -> int | None:
-    """Resident set size of a process in KiB (psutil if installed, else /proc)."""
+    """Resident set size of a process and its children (a prefork pool) in KiB."""
+    own = _one_rss_kb(pid)
+    if own is None:
+        return None
+    return own + sum(_one_rss_kb(child) or 0 for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(c) for c in task.read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _one_rss_kb(pid: int) -> int | None:
     try:
         import psutil  # type: ignore[import-untyped]
 
@@ -431,11 +448,12 @@ class CeleryChild:
 
 
 def celery_worker(
-    name: str, queue: str, env: Mapping[str, str], logs: Path, *extra: str
+    name: str, queue: str, env: Mapping[str, str], logs: Path, *pool: str
 ) -> CeleryChild:
+    """A worker on `queue`; `pool` options default to one solo process."""
     args = [
-        "worker", "-Q", queue, "-P", "solo", "-n", f"{name}@%h",
-        "--without-mingle", "--without-gossip", "--loglevel=INFO", *extra,
+        "worker", "-Q", queue, *(pool or ("-P", "solo")), "-n", f"{name}@%h",
+        "--without-mingle", "--without-gossip", "--loglevel=INFO",
     ]  # fmt: skip
     child = CeleryChild(name, args, env, logs)
     child.wait_ready(" ready.")
