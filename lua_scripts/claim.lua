@@ -5,23 +5,27 @@ id. The rows stay in the queue until ack.lua removes them, so nothing is
 lost if the flusher dies; the next flush gets the same claim back (same id,
 same rows) and re-drives it with the same ClickHouse dedup tokens.
 
+The chunk size is part of the claim: every flusher re-driving it cuts the
+same chunks (and so uses the same dedup tokens), whatever its own setting.
+
 KEYS[1]  the shard's queue (LIST)
-KEYS[2]  the shard's open claim (HASH: id, count, at)
+KEYS[2]  the shard's open claim (HASH: id, count, at, chunk)
 
 ARGV[1]  id for a new claim
 ARGV[2]  the most rows a new claim may take
 ARGV[3]  now, epoch ms
+ARGV[4]  rows per chunk for a new claim
 
 Returns {} when there is no open claim and the queue is empty, otherwise
 {claim id, redriven (1 for an open claim handed back, else 0), claimed at
-(ms), row 1, row 2, ...}.
+(ms), rows per chunk, row 1, row 2, ...}.
 ]]
 
-local open = redis.call('HMGET', KEYS[2], 'id', 'count', 'at')
+local open = redis.call('HMGET', KEYS[2], 'id', 'count', 'at', 'chunk')
 if open[1] then
   local rows = redis.call('LRANGE', KEYS[1], 0, tonumber(open[2]) - 1)
-  local reply = {open[1], 1, open[3]}
-  for i = 1, #rows do reply[i + 3] = rows[i] end
+  local reply = {open[1], 1, open[3], open[4] or ARGV[4]}
+  for i = 1, #rows do reply[i + 4] = rows[i] end
   return reply
 end
 
@@ -29,8 +33,8 @@ local count = math.min(redis.call('LLEN', KEYS[1]), tonumber(ARGV[2]))
 if count == 0 then
   return {}
 end
-redis.call('HSET', KEYS[2], 'id', ARGV[1], 'count', count, 'at', ARGV[3])
+redis.call('HSET', KEYS[2], 'id', ARGV[1], 'count', count, 'at', ARGV[3], 'chunk', ARGV[4])
 local rows = redis.call('LRANGE', KEYS[1], 0, count - 1)
-local reply = {ARGV[1], 0, ARGV[3]}
-for i = 1, #rows do reply[i + 3] = rows[i] end
+local reply = {ARGV[1], 0, ARGV[3], ARGV[4]}
+for i = 1, #rows do reply[i + 4] = rows[i] end
 return reply

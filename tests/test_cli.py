@@ -308,7 +308,7 @@ def test_status_json_matches_redis(
         ]
     )
     ingest(buffer, [{"project_id": "p1", "name": "bad", "created_at": "yesterday"}], "b1")
-    claim = Scripts(redis).claim(SHARD, "claim-1", 2, now - 5_000)
+    claim = Scripts(redis).claim(SHARD, "claim-1", 2, now - 5_000, 1000)
     assert claim is not None
     redis.hset(
         SHARD.stats,

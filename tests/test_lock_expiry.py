@@ -250,7 +250,9 @@ def test_frozen_flusher_resumes_while_new_holder_is_mid_claim(
     lock = FlushLock(redis, shard.lock, config.lock_ttl_s)
     assert lock.acquire()
     try:
-        new_claim = Scripts(redis).claim(shard, str(uuid.uuid4()), config.batch_size, 0)
+        new_claim = Scripts(redis).claim(
+            shard, str(uuid.uuid4()), config.batch_size, 0, config.chunk_size
+        )
         assert new_claim is not None
         assert not new_claim.redriven
 

@@ -287,7 +287,7 @@ def test_redis_gauges_match_the_buffer(redis: redis_lib.Redis, settings: Setting
 
     # An open claim, a back-off and a held lock show on the next scrape.
     shard = buffer.keyspace.shard(0)
-    claim = Scripts(redis).claim(shard, "claim-1", 5, clock.now_ms() - 7_000)
+    claim = Scripts(redis).claim(shard, "claim-1", 5, clock.now_ms() - 7_000, 1000)
     assert claim is not None
     redis.set(shard.backoff, 1, px=4_000)
     redis.set(shard.lock, "token", px=60_000)

@@ -223,7 +223,11 @@ class Flusher:
         """One claim from claim to ack. False when the shard had nothing to claim."""
         phase = time.perf_counter()
         claim = self.scripts.claim(
-            shard, str(uuid.uuid4()), self.settings.batch_size, self.clock.now_ms()
+            shard,
+            str(uuid.uuid4()),
+            self.settings.batch_size,
+            self.clock.now_ms(),
+            self.settings.chunk_size,
         )
         result.claim_seconds += time.perf_counter() - phase
         if claim is None:
@@ -245,7 +249,7 @@ class Flusher:
 
         rows = [item[2] for item in keyed]
         inserts = _Inserts(shard, claim.id, rows, self._splits(shard, claim.redriven), dead=dead)
-        size = self.settings.chunk_size
+        size = claim.chunk_size  # the claim's, not this flusher's: same chunks, same tokens
         phase = time.perf_counter()
         try:
             for index, start in enumerate(range(0, len(rows), size)):

@@ -33,6 +33,7 @@ class Claim:
     id: str
     redriven: bool
     claimed_at_ms: int
+    chunk_size: int  # fixed when the claim was made, so every re-drive cuts the same chunks
     rows: list[bytes]
 
 
@@ -123,16 +124,21 @@ class Scripts:
             return pipeline
         return int(reply[0]), int(reply[1])
 
-    def claim(self, shard: ShardKeys, new_id: str, max_rows: int, now_ms: int) -> Claim | None:
+    def claim(
+        self, shard: ShardKeys, new_id: str, max_rows: int, now_ms: int, chunk_size: int
+    ) -> Claim | None:
         """The shard's open claim, else a new one of up to `max_rows`; None if empty."""
-        reply = self._claim(keys=[shard.queue, shard.claim], args=[new_id, max_rows, now_ms])
+        reply = self._claim(
+            keys=[shard.queue, shard.claim], args=[new_id, max_rows, now_ms, chunk_size]
+        )
         if not reply:
             return None
         return Claim(
             id=_text(reply[0]),
             redriven=int(reply[1]) == 1,
             claimed_at_ms=int(reply[2]),
-            rows=list(reply[3:]),
+            chunk_size=int(reply[3]),
+            rows=list(reply[4:]),
         )
 
     def ack(
