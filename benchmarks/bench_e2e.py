@@ -2,7 +2,7 @@
 
 The whole system runs as it would in production, on embedded ClickHouse:
 one ingest worker (`-P solo`), one flush worker (one prefork process,
-replaced every 50 flushes, as `eventbuffer run` starts it), Celery Beat
+replaced every 10 tasks, as `eventbuffer run` starts it), Celery Beat
 with EVENT_BUFFER_FLUSH_INTERVAL_S=1 (plus back-pressure past the high-water
 mark), and EventProducer (batches up to 1000, the default 10 ms timer) in
 this process, offering events at a fixed rate: `--rate`, else 50% of the
@@ -267,9 +267,9 @@ def run(args: argparse.Namespace) -> list[Result]:
         env = project_env(**values)
         logs = Path(tmp) / "logs"
         ingest = celery_worker("ingest", "ingest", env, logs)
-        # As `eventbuffer run` deploys it: one pool process, replaced every 50
+        # As `eventbuffer run` deploys it: one pool process, replaced every 10
         # flushes (chDB keeps memory per session); RSS counts the whole tree.
-        flush = celery_worker("flush", "flush", env, logs, "-c", "1", "--max-tasks-per-child", "50")
+        flush = celery_worker("flush", "flush", env, logs, "-c", "1", "--max-tasks-per-child", "10")
         beat = celery_beat(env, logs)
         workers = {"ingest": ingest, "flush": flush}
         buffer_db = server.client(0)

@@ -41,7 +41,7 @@ CHANNEL_RECEIVED = "events:received"
 CHANNEL_SAVED = "events:saved"
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=8192)
 def escape(value: str) -> str:
     """Percent-encode an id so it is inert inside a key name (cached: ids repeat)."""
     return quote(value, safe="")

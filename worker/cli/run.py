@@ -127,8 +127,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
                 "flush",
                 "flush worker",
                 # One pool process (embedded ClickHouse admits one process at a
-                # time), replaced every 50 flushes: chDB keeps a few MB per
-                # session it opens and closes, and a fresh process returns them.
+                # time), replaced every 10 tasks: chDB keeps a few MB per session
+                # it opens and closes, and a fresh process returns them (a new
+                # process costs ~0.2 s; benchmarks/bench_e2e.py measures both).
                 [
                     "worker",
                     "-Q",
@@ -136,7 +137,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
                     "-c",
                     "1",
                     "--max-tasks-per-child",
-                    "50",
+                    "10",
                     "-n",
                     "flush@%h",
                     *fast,
