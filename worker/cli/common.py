@@ -21,6 +21,7 @@ from rich.progress import (
     Task,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.text import Text
 
@@ -142,7 +143,8 @@ class RateColumn(ProgressColumn):
 
 def progress_bar(console: Console, *, disable: bool = False) -> Progress:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    return Progress(*columns, RateColumn(), TimeElapsedColumn(), console=console, disable=disable)
+    timing = (RateColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    return Progress(*columns, *timing, console=console, disable=disable)
 
 
 def waiting_views(redis: Redis, shard: ShardKeys) -> int:
