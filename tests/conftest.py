@@ -15,7 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from worker.buffer import EventBuffer  # noqa: E402
+from worker.clock import ManualClock  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 from worker.sinks.chdb import ChdbSink  # noqa: E402
 
@@ -160,6 +163,16 @@ def sink(settings: Settings) -> Iterator[ChdbSink]:
         sink.close()
 
 
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def buffer(redis: redis_lib.Redis, settings: Settings, clock: ManualClock) -> EventBuffer:
+    return EventBuffer(redis, settings, clock)
+
+
 @pytest.fixture(autouse=True)
 def _release_chdb() -> Iterator[None]:
     # chDB allows one open data directory per process: never leak one into the next test.
@@ -175,3 +188,42 @@ def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("EVENT_BUFFER_"):
             monkeypatch.delenv(name)
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_main_env() -> dict[str, str | None]:
+    """What `run_main` sets in the environment (None: unset); a module may override it."""
+    return {"COLUMNS": "200"}  # rich: no wrapping in the captured output
+
+
+@pytest.fixture
+def run_main(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    settings: Settings,
+    run_main_env: dict[str, str | None],
+) -> Callable[..., Result]:
+    """`eventbuffer ARGS` in this process, with the test's Redis and chDB directory."""
+    from worker import cli
+
+    monkeypatch.setenv("REDIS_URL", settings.redis_url)
+    monkeypatch.setenv("CLICKHOUSE_URL", settings.clickhouse_url)
+    for name, value in run_main_env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+    def invoke(*argv: str) -> Result:
+        code = cli.main(list(argv))
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return invoke

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis as redis_lib
 
+from tests.sink_wrapper import DelegatingSink
 from worker.buffer import EventBuffer
 from worker.flush import Flusher
 from worker.lock import LockLostError
@@ -50,14 +51,13 @@ def emit(**item: Any) -> None:
     print(json.dumps(item), flush=True)
 
 
-class SuicidalSink:
+class SuicidalSink(DelegatingSink):
     """A real ChdbSink that signals its own process after the n-th successful write."""
 
     writes = 0  # across every sink the flusher opens in this process
 
     def __init__(self, path: str, table: str, after: int, signo: int, release: bool) -> None:
-        self.inner = ChdbSink(path, table)
-        self.table = table
+        super().__init__(ChdbSink(path, table))
         self.after = after
         self.signo = signo
         self.release = release
@@ -70,15 +70,6 @@ class SuicidalSink:
         emit(write=token)
         if SuicidalSink.writes == self.after:
             os.kill(os.getpid(), self.signo)
-
-    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        return self.inner.query(sql, params)
-
-    def migrate(self) -> None:
-        self.inner.migrate()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

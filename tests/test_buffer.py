@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 import redis as redis_lib
 
 from worker.buffer import EventBuffer
@@ -22,16 +21,6 @@ def event(name: str, created_at: Any = T0, **fields: Any) -> Event:
 
 def view(session: str, created_at: Any, profile: str = "", **fields: Any) -> Event:
     return event("screen_view", created_at, session_id=session, profile_id=profile, **fields)
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-def buffer(redis: redis_lib.Redis, settings: Settings, clock: ManualClock) -> EventBuffer:
-    return EventBuffer(redis, settings, clock)
 
 
 def queued(redis: redis_lib.Redis) -> list[Event]:

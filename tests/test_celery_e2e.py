@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +21,14 @@ import pytest
 import redis as redis_lib
 from celery import Celery
 
-from tests.celery_procs import CeleryProcess, beat, project_env, wait_until, worker
+from tests.celery_procs import (
+    CeleryProcess,
+    beat,
+    project_env,
+    rabbitmq_reachable,
+    wait_until,
+    worker,
+)
 from worker.buffer import EventBuffer
 from worker.celery_app import create_app
 from worker.flush import Flusher
@@ -158,14 +165,6 @@ def test_events_sent_with_delay_land_with_durations_via_beat(
     run_end_to_end(app, env, tmp_path)
 
 
-def _rabbitmq_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def _fresh_amqp_queues(app: Celery) -> None:
     """Start from empty queues: the RabbitMQ server is shared with the machine."""
     with app.connection_for_write() as conn:
@@ -176,7 +175,7 @@ def _fresh_amqp_queues(app: Celery) -> None:
 
 
 def test_end_to_end_on_an_amqp_broker(env: dict[str, str], tmp_path: Path) -> None:
-    if not _rabbitmq_reachable():
+    if not rabbitmq_reachable():
         pytest.skip("no RabbitMQ on 127.0.0.1:5672 (guest/guest) to run the AMQP broker test")
     env = {**env, "CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//"}
     app = create_app(Settings.from_env(env))
@@ -247,15 +246,30 @@ def _kill_during_ingest(
     assert landed(env["CLICKHOUSE_URL"]) == (total, total)
 
 
-def _kill_pool_processes(proc: CeleryProcess) -> None:
-    """SIGKILL the pool processes executing tasks (as an OOM killer picks them)."""
-    assert proc.process is not None
-    children = subprocess.run(
-        ["pgrep", "-P", str(proc.process.pid)], capture_output=True, text=True
-    ).stdout.split()
-    for pid in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
+def _pool_killer(redis: redis_lib.Redis) -> Callable[[CeleryProcess], None]:
+    """SIGKILL a worker's pool processes while they are inside a task.
+
+    An ingest task takes about a millisecond, so a kill at a random moment
+    mostly finds an idle pool. Redis writes are paused first (CLIENT PAUSE
+    WRITE): pool processes holding a task block in its apply call, and the
+    kill lands mid-task (as an OOM killer would), not between tasks.
+    """
+
+    def kill(proc: CeleryProcess) -> None:
+        assert proc.process is not None
+        redis.client_pause(2000, all=False)
+        try:
+            time.sleep(0.3)  # let the prefetched tasks reach their apply call
+            children = subprocess.run(
+                ["pgrep", "-P", str(proc.process.pid)], capture_output=True, text=True
+            ).stdout.split()
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        finally:
+            redis.client_unpause()
+
+    return kill
 
 
 def test_pool_processes_killed_mid_ingest_lose_and_duplicate_nothing(
@@ -265,7 +279,7 @@ def test_pool_processes_killed_mid_ingest_lose_and_duplicate_nothing(
     # puts the task back on the queue; batches applied but not yet acked come
     # back too and are skipped by their markers.
     log = tmp_path / "worker.log"
-    _kill_during_ingest(app, env, redis, log, _kill_pool_processes, kills_wanted=4)
+    _kill_during_ingest(app, env, redis, log, _pool_killer(redis), kills_wanted=4)
     assert "WorkerLostError" in log.read_text()
 
 
@@ -276,7 +290,7 @@ def test_whole_worker_killed_mid_ingest_on_amqp_loses_and_duplicates_nothing(
     # AMQP the broker redelivers everything unacknowledged when the dead
     # connection closes. (A Redis broker has a window in which a popped task
     # is not yet recorded as unacknowledged: see the README, "Delivery".)
-    if not _rabbitmq_reachable():
+    if not rabbitmq_reachable():
         pytest.skip("no RabbitMQ on 127.0.0.1:5672 (guest/guest) for the whole-worker kill test")
     env = {**env, "CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//"}
     app = create_app(Settings.from_env(env))

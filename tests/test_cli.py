@@ -15,13 +15,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis as redis_lib
 
+from tests.conftest import Result
 from worker import cli
 from worker.buffer import EventBuffer
 from worker.celery_app import create_app
@@ -35,30 +35,6 @@ from worker.sinks.chdb import ChdbSink, path_from_url
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARD = ShardKeys("eventbuffer", 0)
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture
-def run_main(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], settings: Settings
-) -> Callable[..., Result]:
-    """`eventbuffer ARGS` in this process, with the test's Redis and chDB directory."""
-    monkeypatch.setenv("REDIS_URL", settings.redis_url)
-    monkeypatch.setenv("CLICKHOUSE_URL", settings.clickhouse_url)
-    monkeypatch.setenv("COLUMNS", "200")  # rich: no wrapping in the captured output
-
-    def invoke(*argv: str) -> Result:
-        code = cli.main(list(argv))
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return invoke
 
 
 def project_env(**overrides: str) -> dict[str, str]:

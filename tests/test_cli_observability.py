@@ -8,7 +8,6 @@ import sys
 import time
 from argparse import Namespace
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,8 @@ import redis as redis_lib
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from tests.conftest import free_port
-from worker import cli, runtime
+from tests.conftest import Result, free_port
+from worker import runtime
 from worker.buffer import EventBuffer
 from worker.cli.status import status_data
 from worker.cli.watch import WatchState, render, sparkline, watch
@@ -31,28 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARD = ShardKeys("eventbuffer", 0)
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
 @pytest.fixture
-def run_main(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], settings: Settings
-) -> Callable[..., Result]:
-    monkeypatch.setenv("REDIS_URL", settings.redis_url)
-    monkeypatch.setenv("CLICKHOUSE_URL", settings.clickhouse_url)
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-
-    def invoke(*argv: str) -> Result:
-        code = cli.main(list(argv))
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return invoke
+def run_main_env() -> dict[str, str | None]:
+    return {"COLUMNS": "200", "PROMETHEUS_MULTIPROC_DIR": None}
 
 
 def fill(buffer: EventBuffer, count: int, at_ms: int, project: str = "shop") -> None:

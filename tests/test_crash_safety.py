@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
+from tests.exactly_once import assert_exactly_once, open_claim, stored
 from worker.buffer import EventBuffer
 from worker.events import decode_row, parse_event
 from worker.flush import Flusher
@@ -129,27 +130,11 @@ def crash_settings(settings: Settings, batch: int, chunk: int) -> Settings:
     )
 
 
-def stored(sink: ChdbSink) -> tuple[int, int, set[str]]:
-    """(rows, distinct ids, ids) in ClickHouse; closes the directory again."""
-    try:
-        ((rows, distinct),) = sink.query("SELECT count(), uniqExact(id) FROM events")
-        ids = {row[0] for row in sink.query("SELECT toString(id) FROM events")}
-    finally:
-        sink.close()
-    return int(rows), int(distinct), ids
-
-
 def queued_ids(redis: redis_lib.Redis, settings: Settings) -> set[str]:
     buffer = EventBuffer(redis, settings)
     return {
         decode_row(raw).id for shard in buffer.shards() for raw in redis.lrange(shard.queue, 0, -1)
     }
-
-
-def open_claim(redis: redis_lib.Redis, settings: Settings) -> str | None:
-    shard = EventBuffer(redis, settings).keyspace.shard(0)
-    claim = redis.hget(shard.claim, "id")
-    return claim.decode() if claim is not None else None
 
 
 def wait_for_lock_expiry(redis: redis_lib.Redis, settings: Settings, seconds: float = 5) -> None:
@@ -174,15 +159,6 @@ def flush_until_empty(redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
     assert buffer.get_buffer_size() == 0
     assert all(result.locked for result in results)
     return results
-
-
-def assert_exactly_once(redis: redis_lib.Redis, settings: Settings, sink: ChdbSink, sent: set[str]):
-    rows, distinct, ids = stored(sink)
-    assert rows == len(sent), f"{rows} rows in ClickHouse for {len(sent)} events"
-    assert distinct == rows, f"{rows - distinct} duplicate rows"
-    assert ids == sent
-    assert open_claim(redis, settings) is None
-    assert EventBuffer(redis, settings).get_buffer_size() == 0
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import io
 import json
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import pytest
 import redis as redis_lib
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from worker import cli
+from tests.conftest import Result
 from worker.buffer import EventBuffer
 from worker.deadletters import (
     REASON_INVALID_EVENT,
@@ -45,28 +44,9 @@ ID_DATE = "00000000-0000-4000-8000-00000000000b"
 ID_OTHER = "00000000-0000-4000-8000-00000000000c"
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
 @pytest.fixture
-def run_main(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], settings: Settings
-) -> Callable[..., Result]:
-    """`eventbuffer ARGS` in this process, with the test's Redis and chDB directory."""
-    monkeypatch.setenv("REDIS_URL", settings.redis_url)
-    monkeypatch.setenv("CLICKHOUSE_URL", settings.clickhouse_url)
-    monkeypatch.setenv("COLUMNS", "250")  # rich: no wrapping in the captured output
-
-    def invoke(*argv: str) -> Result:
-        code = cli.main(list(argv))
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return invoke
+def run_main_env() -> dict[str, str | None]:
+    return {"COLUMNS": "250"}  # rich: no wrapping in the captured output
 
 
 def raw_event(name: str, **fields: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import msgspec
 import pytest
 import redis as redis_lib
 
+from tests.sink_wrapper import DelegatingSink
 from worker.buffer import EventBuffer
 from worker.deadletters import REASON_INVALID_JSON, REASON_REJECTED, decode_dead_letter
 from worker.events import Event, parse_event
@@ -27,26 +28,16 @@ def event(name: str, created_at: str, **fields: Any) -> Event:
     return parse_event({"project_id": "p1", "name": name, "created_at": created_at, **fields})
 
 
-class RecordingSink:
+class RecordingSink(DelegatingSink):
     """A real ChdbSink that also records each write's size and token."""
 
     def __init__(self, inner: Sink) -> None:
-        self.inner = inner
-        self.table = inner.table
+        super().__init__(inner)
         self.writes: list[tuple[int, str]] = []
 
     def write(self, rows: Sequence[bytes], token: str) -> None:
         self.writes.append((len(rows), token))
         self.inner.write(rows, token)
-
-    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        return self.inner.query(sql, params)
-
-    def migrate(self) -> None:
-        self.inner.migrate()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def settings_with(redis_url: str, chdb_url: str, **env: str) -> Settings:

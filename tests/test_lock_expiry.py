@@ -44,6 +44,8 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
+from tests.exactly_once import assert_exactly_once, open_claim
+from tests.sink_wrapper import DelegatingSink
 from worker.buffer import EventBuffer
 from worker.events import parse_event
 from worker.flush import Flusher, FlushResult
@@ -87,21 +89,6 @@ def send(redis: redis_lib.Redis, settings: Settings, count: int, first: int = 0)
     return {event.id for event in events}
 
 
-def stored(sink: ChdbSink) -> tuple[int, int, set[str]]:
-    """(rows, distinct ids, ids) in ClickHouse; closes the directory again."""
-    try:
-        ((rows, distinct),) = sink.query("SELECT count(), uniqExact(id) FROM events")
-        ids = {row[0] for row in sink.query("SELECT toString(id) FROM events")}
-    finally:
-        sink.close()
-    return int(rows), int(distinct), ids
-
-
-def open_claim(redis: redis_lib.Redis, settings: Settings) -> str | None:
-    claim = redis.hget(EventBuffer(redis, settings).keyspace.shard(0).claim, "id")
-    return claim.decode() if claim is not None else None
-
-
 def flush_all(redis: redis_lib.Redis, settings: Settings, sink: ChdbSink) -> list[FlushResult]:
     flusher = Flusher(redis, settings, lambda: ChdbSink(sink.path, sink.table))
     buffer = EventBuffer(redis, settings)
@@ -111,17 +98,6 @@ def flush_all(redis: redis_lib.Redis, settings: Settings, sink: ChdbSink) -> lis
         results += flusher.process_buffer()
     assert all(result.locked for result in results)
     return results
-
-
-def assert_exactly_once(
-    redis: redis_lib.Redis, settings: Settings, sink: ChdbSink, sent: set[str]
-) -> None:
-    rows, distinct, ids = stored(sink)
-    assert rows == len(sent), f"{rows} rows in ClickHouse for {len(sent)} events"
-    assert distinct == rows, f"{rows - distinct} duplicate rows"
-    assert ids == sent
-    assert open_claim(redis, settings) is None
-    assert EventBuffer(redis, settings).get_buffer_size() == 0
 
 
 def process_state(pid: int) -> str:
@@ -275,12 +251,11 @@ def test_frozen_flusher_resumes_while_new_holder_is_mid_claim(
     assert_exactly_once(redis, config, sink, sent)
 
 
-class GatedSink:
+class GatedSink(DelegatingSink):
     """A real ChdbSink that, after its first INSERT, waits until the test lets it go on."""
 
     def __init__(self, inner: ChdbSink) -> None:
-        self.inner = inner
-        self.table = inner.table
+        super().__init__(inner)
         self.writes: list[str] = []
         self.entered = threading.Event()
         self.proceed = threading.Event()
@@ -291,15 +266,6 @@ class GatedSink:
         if len(self.writes) == 1:
             self.entered.set()
             assert self.proceed.wait(30)
-
-    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        return self.inner.query(sql, params)
-
-    def migrate(self) -> None:
-        self.inner.migrate()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def test_watchdog_stops_a_flusher_whose_lock_expired(

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis as redis_lib
 from conftest import RedisServer
 
+from tests.sink_wrapper import DelegatingSink
 from worker.buffer import EventBuffer
 from worker.events import Event, decode_row, parse_event
 from worker.flush import Flusher
@@ -65,13 +65,12 @@ def queued(redis: redis_lib.Redis, buffer: EventBuffer) -> list[tuple[str, int]]
     return [(row.id, row.duration) for row in map(decode_row, redis.lrange(shard.queue, 0, -1))]
 
 
-class HookedSink:
+class HookedSink(DelegatingSink):
     """A real ChdbSink that runs `after_write` once, after its first INSERT:
     the flush is then between claim and ack."""
 
     def __init__(self, inner: ChdbSink, after_write: Callable[[], None]) -> None:
-        self.inner = inner
-        self.table = inner.table
+        super().__init__(inner)
         self.after_write: Callable[[], None] | None = after_write
 
     def write(self, rows: Sequence[bytes], token: str) -> None:
@@ -79,15 +78,6 @@ class HookedSink:
         hook, self.after_write = self.after_write, None
         if hook is not None:
             hook()
-
-    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        return self.inner.query(sql, params)
-
-    def migrate(self) -> None:
-        self.inner.migrate()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def flush_all(flusher: Flusher, buffer: EventBuffer) -> None:

@@ -20,11 +20,11 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis as redis_lib
 
+from tests.sink_wrapper import DelegatingSink
 from worker.deadletters import REASON_REJECTED, decode_dead_letter
 from worker.events import encode_event, parse_event
 from worker.flush import POISON_GUARD_MIN_ROWS, SPLIT_FIELD, Flusher, PoisonGuardError
@@ -73,12 +73,11 @@ def settings_with(settings: Settings, **env: str) -> Settings:
     )
 
 
-class RecordingSink:
+class RecordingSink(DelegatingSink):
     """A real ChdbSink that records each write's token (and its outcome)."""
 
     def __init__(self, inner: Sink, fail_after: int | None = None) -> None:
-        self.inner = inner
-        self.table = inner.table
+        super().__init__(inner)
         self.fail_after = fail_after  # raise RetryableSinkError once this many writes succeeded
         self.tokens: list[str] = []
         self.accepted: list[str] = []
@@ -89,15 +88,6 @@ class RecordingSink:
         self.tokens.append(token)
         self.inner.write(rows, token)
         self.accepted.append(token)
-
-    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        return self.inner.query(sql, params)
-
-    def migrate(self) -> None:
-        self.inner.migrate()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def flusher_for(redis: redis_lib.Redis, settings: Settings, sink: Sink) -> Flusher:

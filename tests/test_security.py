@@ -28,7 +28,7 @@ import redis as redis_lib
 from redis.crc import key_slot
 
 from tests.celery_procs import project_env, wait_until, worker
-from tests.conftest import free_port
+from tests.conftest import Result, free_port
 from worker import cli, runtime
 from worker.buffer import EventBuffer
 from worker.celery_app import celery_config, create_app
@@ -533,13 +533,6 @@ def test_native_sink_errors_never_carry_the_password(
 
 
 # -- no password in status, CLI errors, exceptions or logs ---------------------------
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
 
 
 @pytest.fixture

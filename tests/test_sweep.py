@@ -33,16 +33,6 @@ def view(session: str, created_ms: int, profile: str = "", **fields: Any) -> Eve
 
 
 @pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-def buffer(redis: redis_lib.Redis, settings: Settings, clock: ManualClock) -> EventBuffer:
-    return EventBuffer(redis, settings, clock)
-
-
-@pytest.fixture
 def sweeper(redis: redis_lib.Redis, settings: Settings, clock: ManualClock) -> Sweeper:
     return Sweeper(redis, settings, clock)
 

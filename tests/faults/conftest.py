@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.celery_procs import rabbitmq_reachable
 
 from . import harness
 from .harness import Stack
@@ -52,14 +53,6 @@ def stacks(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
         stack.close()
 
 
-def _rabbitmq_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def _rabbitmqctl(*args: str) -> bool:
     if shutil.which("rabbitmqctl") is None:
         return False
@@ -77,7 +70,7 @@ def amqp_url() -> Iterator[str]:
     The server is shared with the machine (other test runs use the same queue
     names on the default vhost): a vhost of our own keeps them apart.
     """
-    if not _rabbitmq_reachable():
+    if not rabbitmq_reachable():
         pytest.skip("no RabbitMQ on 127.0.0.1:5672 (guest/guest) for the AMQP fault scenario")
     vhost = f"eventbuffer-faults-{uuid.uuid4().hex[:8]}"
     if _rabbitmqctl("add_vhost", vhost) and _rabbitmqctl(

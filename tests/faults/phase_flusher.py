@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 import redis as redis_lib
 
+from tests.sink_wrapper import DelegatingSink
 from worker.flush import Flusher
 from worker.lock import LockLostError
 from worker.settings import Settings
@@ -78,10 +79,9 @@ class State:
     chunks = 0
 
 
-class HookedSink:
+class HookedSink(DelegatingSink):
     def __init__(self, path: str, table: str, args: argparse.Namespace) -> None:
-        self.inner = ChdbSink(path, table)
-        self.table = table
+        super().__init__(ChdbSink(path, table))
         self.args = args
 
     def write(self, rows: Sequence[bytes], token: str) -> None:
@@ -105,15 +105,6 @@ class HookedSink:
         emit(stall=token, seconds=self.args.stall_s)
         hold_gil(self.args.stall_s)
         emit(stall_done=token)
-
-    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        return self.inner.query(sql, params)
-
-    def migrate(self) -> None:
-        self.inner.migrate()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
