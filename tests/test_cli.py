@@ -488,3 +488,37 @@ def test_demo_without_workers_times_out_with_advice(
     [line] = result.stderr.strip().splitlines()
     assert "No worker seems to be consuming the `ingest` queue" in line
     assert "eventbuffer run" in line
+
+
+@pytest.mark.timeout(30)
+def test_run_signal_handling_cannot_deadlock() -> None:
+    # A handler that takes a lock (threading.Event.set) deadlocks when the
+    # signal lands while the main thread holds that lock inside Event.wait.
+    # Many signals during the wait would hit that window; this must return.
+    import signal
+    import threading
+
+    from worker.cli.processes import Signals
+
+    signals = Signals()
+    signals.install()
+    stop = threading.Event()
+
+    def pelt() -> None:
+        while not stop.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=pelt)
+    handled = 0
+    try:
+        thread.start()
+        for _ in range(50):
+            signals.count = 0  # re-arm: the next signal must land during this wait
+            assert signals.wait(5.0)
+            handled += signals.count
+        assert handled >= 50
+    finally:
+        stop.set()
+        thread.join()
+        signals.restore()

@@ -106,7 +106,7 @@ def start_private_redis(
         if process.poll() is not None or time.monotonic() > deadline:
             stop_process(process, 1.0)
             raise CliError(f"redis-server did not start: {last_line(log)} (log: {log})")
-        if signals.received.is_set():
+        if signals.received:
             stop_process(process, REDIS_STOP_S)
             raise Stopped
         time.sleep(0.05)

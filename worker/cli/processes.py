@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from contextlib import suppress
 from dataclasses import dataclass
@@ -22,12 +21,27 @@ class Stopped(Exception):
 
 
 class Signals:
-    """SIGINT/SIGTERM set a flag instead of interrupting; a second one forces the stop."""
+    """SIGINT/SIGTERM set a flag instead of interrupting; a second one forces the stop.
+
+    The handler only counts: it runs in the main thread between any two
+    bytecodes, so it must take no lock the main thread may hold (setting a
+    threading.Event there deadlocks when the signal lands inside Event.wait).
+    """
 
     def __init__(self) -> None:
-        self.received = threading.Event()
         self.count = 0
         self._previous: dict[int, Any] = {}
+
+    @property
+    def received(self) -> bool:
+        return self.count > 0
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, waking early for a signal; True once one arrived."""
+        deadline = time.monotonic() + seconds
+        while not self.received and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
+        return self.received
 
     def install(self) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -39,10 +53,9 @@ class Signals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.count += 1
-        self.received.set()
 
     def check(self) -> None:
-        if self.received.is_set():
+        if self.received:
             raise Stopped
 
 

@@ -37,7 +37,7 @@ def supervise(
     """Wait for a signal (None) or for a process to die (its message)."""
     started = time.monotonic()
     announced = False
-    while not signals.received.wait(0.25):
+    while not signals.wait(0.25):
         for child in children:
             code = child.process.poll()
             if code is not None:
