@@ -25,6 +25,11 @@ class DelegatingSink:
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         return self.inner.query(sql, params)
 
+    def query_with_columns(
+        self, sql: str, params: dict[str, Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        return self.inner.query_with_columns(sql, params)
+
     def migrate(self) -> None:
         self.inner.migrate()
 

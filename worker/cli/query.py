@@ -7,7 +7,6 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -15,7 +14,6 @@ from rich.table import Table
 
 from worker.cli.common import CliError, clickhouse
 from worker.settings import Settings
-from worker.sinks import Sink
 
 READ_ONLY_STATEMENTS = ("SELECT", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "WITH", "EXISTS")
 
@@ -80,16 +78,6 @@ def check_read_only(sql: str) -> None:
         raise CliError("refusing INTO OUTFILE: it writes a file; pass --write to run it", 2)
 
 
-def query_with_columns(sink: Sink, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-    method: Callable[[str], tuple[list[str], list[tuple[Any, ...]]]] | None
-    method = getattr(sink, "query_with_columns", None)
-    if method is not None:
-        columns, rows = method(sql)
-        return columns, rows
-    rows = sink.query(sql)
-    return [f"c{n + 1}" for n in range(len(rows[0]) if rows else 0)], rows
-
-
 def _cell(value: Any) -> str:
     if value is None:
         return "NULL"
@@ -111,7 +99,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings, console: Console) ->
     statement, more = split_statement(sql)
     started = time.perf_counter()
     with clickhouse(settings) as sink:
-        columns, rows = query_with_columns(sink, sql if more else statement)
+        columns, rows = sink.query_with_columns(sql if more else statement)
     seconds = time.perf_counter() - started
     if args.format == "json":
         print(json.dumps({"columns": columns, "rows": rows}, ensure_ascii=False, default=str))

@@ -128,6 +128,12 @@ class Sink(Protocol):
         """Run a read query; `params` are bound server-side, never formatted in."""
         ...
 
+    def query_with_columns(
+        self, sql: str, params: dict[str, Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Like `query`, also returning the result's column names."""
+        ...
+
     def migrate(self) -> None:
         """Create the database and table if they do not exist (idempotent)."""
         ...

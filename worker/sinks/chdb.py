@@ -145,16 +145,12 @@ class ChdbSink:
         )
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        result = self._run(sql, "JSONCompact", params=params)
-        raw = result.bytes()
-        if not raw:
-            return []
-        return [tuple(row) for row in json.loads(raw)["data"]]
+        return self.query_with_columns(sql, params)[1]
 
     def query_with_columns(
         self, sql: str, params: dict[str, Any] | None = None
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Like `query`, also returning the result's column names (for the CLI)."""
+        """Column names and rows of a read query."""
         result = self._run(sql, "JSONCompact", params=params)
         raw = result.bytes()
         if not raw:
