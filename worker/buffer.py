@@ -49,6 +49,16 @@ def stored_view_row(value: bytes) -> bytes:
     return value.split(b"|", 2)[2]
 
 
+def active_projects(redis: Redis, keyspace: Keyspace) -> list[str]:
+    """Projects with a visitors set on any shard (SCAN; read-only)."""
+    projects: set[str] = set()
+    for shard in keyspace.all():
+        for key in redis.scan_iter(match=shard.visitors_pattern(), count=1000):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            projects.add(shard.project_of_visitors_key(name))
+    return sorted(projects)
+
+
 class _Throttle:
     """True at most once per interval (per process): OpenPanel's publish throttle."""
 
@@ -201,12 +211,7 @@ class EventBuffer:
 
     def active_projects(self) -> list[str]:
         """Projects with a visitors set on any shard."""
-        projects: set[str] = set()
-        for shard in self.keyspace.all():
-            for key in self.redis.scan_iter(match=shard.visitors_pattern(), count=500):
-                name = key.decode() if isinstance(key, bytes) else str(key)
-                projects.add(shard.project_of_visitors_key(name))
-        return sorted(projects)
+        return active_projects(self.redis, self.keyspace)
 
     def shards(self) -> Iterable[ShardKeys]:
         return self.keyspace.all()

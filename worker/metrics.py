@@ -77,6 +77,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from redis import Redis
 from redis.exceptions import RedisError
 
+from worker.buffer import active_projects
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.deadletters import REASON_INVALID_EVENT, REASON_INVALID_JSON, REASON_REJECTED
 from worker.events import KIND_NAMES, datetime_ms, decode_row_head
@@ -428,19 +429,10 @@ class RedisCollector:
         for project, visitors in top_projects(counts, self.settings.metrics_top_projects).items():
             g.visitors.add_metric([project], visitors)
 
-    def projects(self, redis: Redis) -> list[str]:
-        """Projects with a visitors set on some shard (SCAN)."""
-        found: set[str] = set()
-        for shard in self.keyspace.all():
-            for key in redis.scan_iter(match=shard.visitors_pattern(), count=1000):
-                name = key.decode() if isinstance(key, bytes) else str(key)
-                found.add(shard.project_of_visitors_key(name))
-        return sorted(found)
-
     def active_visitors(self, redis: Redis, now_ms: int) -> dict[str, int]:
         """Distinct profiles seen within the window, per project (read-only)."""
         cutoff = now_ms - self.settings.active_visitor_window_s * 1000
-        projects = self.projects(redis)
+        projects = active_projects(redis, self.keyspace)
         shards = self.keyspace.all()
         pipe = redis.pipeline(transaction=False)
         for project in projects:

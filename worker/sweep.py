@@ -18,7 +18,7 @@ from redis import Redis
 from worker.buffer import stored_view_row
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.events import decode_row
-from worker.keys import Keyspace, ShardKeys, glob_escape
+from worker.keys import Keyspace, ShardKeys
 from worker.scripts import Scripts
 from worker.settings import Settings
 
@@ -82,8 +82,7 @@ class Sweeper:
     def prune_visitors(self, shard: ShardKeys) -> int:
         """Drop visitor entries older than the window; returns how many."""
         cutoff = self.clock.now_ms() - self.settings.active_visitor_window_s * 1000
-        pattern = glob_escape(shard.visitors("")) + "*"
         pruned = 0
-        for key in self.redis.scan_iter(match=pattern, count=500):
+        for key in self.redis.scan_iter(match=shard.visitors_pattern(), count=500):
             pruned += int(self.redis.zremrangebyscore(key, "-inf", f"({cutoff}"))
         return pruned
