@@ -141,9 +141,11 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True, dict=True):
     def __post_init__(self) -> None:
         bounds = _date_bounds.get()
         self.id = _normalize_id(self.id)
-        self.created_at = _normalize_date("created_at", self.created_at, bounds)
+        self.created_at, self.__dict__["_created_ms"] = _normalize_date(
+            "created_at", self.created_at, bounds
+        )
         if self.imported_at is not None:
-            self.imported_at = _normalize_date("imported_at", self.imported_at, bounds)
+            self.imported_at = _normalize_date("imported_at", self.imported_at, bounds)[0]
         if self.properties:
             self.properties = flatten_properties(self.properties)
         # The column is FixedString(2): two bytes, not two characters.
@@ -166,6 +168,10 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True, dict=True):
 
     @property
     def created_ms(self) -> int:
+        """Epoch ms of `created_at`: kept from validation, else parsed (copies)."""
+        known: int | None = self.__dict__.get("_created_ms")
+        if known is not None:
+            return known
         assert isinstance(self.created_at, str)
         return datetime_ms(self.created_at)
 
@@ -365,8 +371,10 @@ def _clip(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def _normalize_date(field: str, value: str | int | float, bounds: tuple[int, int] | None) -> str:
-    """A date as stored (`YYYY-MM-DD HH:MM:SS.mmm`, UTC), checked against `bounds`.
+def _normalize_date(
+    field: str, value: str | int | float, bounds: tuple[int, int] | None
+) -> tuple[str, int]:
+    """A date as stored (`YYYY-MM-DD HH:MM:SS.mmm`, UTC) and its epoch ms, checked against `bounds`.
 
     The bounds are integer compares on epoch milliseconds, done before a
     number becomes a datetime (so absurd numbers never reach the conversion).
@@ -383,14 +391,16 @@ def _normalize_date(field: str, value: str | int | float, bounds: tuple[int, int
             raise InvalidEvent(field, "must be a finite number of epoch milliseconds")
         if bounds is not None and not bounds[0] <= value <= bounds[1]:
             raise _out_of_bounds(field, given, value, bounds)
-        return format_datetime(parse_datetime(field, value))
     parsed = parse_datetime(field, value)
+    # Whole milliseconds: the stored text keeps no more, so neither does this.
+    ms = (parsed - _EPOCH) // _MILLISECOND
     if (
         bounds is not None
-        and not bounds[0] <= (ms := (parsed - _EPOCH) // _MILLISECOND) <= bounds[1]
+        and not isinstance(value, int | float)
+        and not bounds[0] <= ms <= bounds[1]
     ):
         raise _out_of_bounds(field, given, ms, bounds)
-    return format_datetime(parsed)
+    return format_datetime(parsed), ms
 
 
 def _out_of_bounds(
