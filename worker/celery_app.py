@@ -31,17 +31,21 @@ TASK_SWEEP = "eventbuffer.sweep"
 TASK_MODULES = ["tasks.ingest", "tasks.flush", "tasks.sweep"]
 
 
-def redis_transport_options(visibility_timeout_s: int) -> dict[str, int]:
+def redis_transport_options(visibility_timeout_s: int, consumer_timeout_s: int) -> dict[str, int]:
     """Redis broker: when an unacknowledged task (its worker died) is delivered again.
 
-    kombu sweeps for such tasks every `interval x throttle` seconds (100 s
-    by default); sweep ten times per visibility timeout so a lost task comes
+    The reliable transport (eventbuffer's workers, `worker.broker`) puts a
+    dead worker's tasks back once its heartbeat is `consumer_timeout` old.
+    kombu's stock transport sweeps for tasks unacknowledged longer than the
+    visibility timeout, every `interval x throttle` seconds (100 s by
+    default); sweep ten times per visibility timeout so a lost task comes
     back within ~1.1 timeouts. A worker killed during a sweep leaves the
     sweep's mutex behind: let it expire with the timeout instead of kombu's
     fixed 300 s. AMQP brokers ignore these options: they redeliver as soon
     as the dead worker's connection closes.
     """
     return {
+        "consumer_timeout": consumer_timeout_s,
         "visibility_timeout": visibility_timeout_s,
         "unacked_restore_interval": max(1, visibility_timeout_s // 10),
         "unacked_restore_throttle": 1,
@@ -99,7 +103,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=4,
         broker_connection_retry_on_startup=True,
-        broker_transport_options=redis_transport_options(settings.visibility_timeout_s),
+        broker_transport_options=redis_transport_options(
+            settings.visibility_timeout_s, settings.consumer_timeout_s
+        ),
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         # Task events cost ~5% of ingest throughput; Flower turns them on itself
         # (`celery -A worker control enable_events` does the same by hand).
@@ -125,4 +131,6 @@ app = Celery("eventbuffer", include=TASK_MODULES)
 app.config_from_object("worker.celeryconfig")
 
 # Structured logs and the Prometheus endpoint: Celery signal handlers.
+# Workers consume a Redis broker with the reliable transport (a signal handler).
+import worker.broker.selection  # noqa: E402
 import worker.observability  # noqa: E402, F401
