@@ -71,6 +71,21 @@ def recover(scripts: BrokerScripts, redis: Redis, consumer_id: str) -> int:
     return moved
 
 
+def held_by_consumers(redis: Redis, keys: BrokerKeys) -> int:
+    """Messages in every registered consumer's in-flight hash (fetched, not yet acknowledged).
+
+    A hash with fields always has a registry entry (broker_fetch.lua enters
+    the consumer first; it leaves only once its hash is empty).
+    """
+    consumers = [m.decode("utf-8") for m in redis.zrange(keys.registry, 0, -1)]
+    if not consumers:
+        return 0
+    with redis.pipeline(transaction=False) as pipe:
+        for consumer_id in consumers:
+            pipe.hlen(keys.inflight(consumer_id))
+        return sum(int(n) for n in pipe.execute())
+
+
 class Consumer:
     def __init__(
         self,
