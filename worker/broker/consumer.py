@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from redis import Redis
 from redis.exceptions import RedisError
 
-from worker.broker.keys import BrokerKeys, inflight_field, oldest_last, source_of
+from worker.broker.keys import BrokerKeys, as_text, inflight_field, oldest_last, source_of
 from worker.broker.scripts import BrokerScripts, ConsumerAlive, Fetched
 
 log = logging.getLogger("worker.broker")
@@ -77,7 +77,7 @@ def held_by_consumers(redis: Redis, keys: BrokerKeys) -> int:
     A hash with fields always has a registry entry (broker_fetch.lua enters
     the consumer first; it leaves only once its hash is empty).
     """
-    consumers = [m.decode("utf-8") for m in redis.zrange(keys.registry, 0, -1)]
+    consumers = [as_text(m) for m in redis.zrange(keys.registry, 0, -1)]
     if not consumers:
         return 0
     with redis.pipeline(transaction=False) as pipe:

@@ -46,18 +46,19 @@ def inflight_field(seq: int, source: str) -> str:
     return f"{seq}:{source}"
 
 
-def _text(field: bytes | str) -> str:
-    return field.decode("utf-8") if isinstance(field, bytes) else field
+def as_text(value: object) -> str:
+    """A name Redis returned (bytes) as text."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def seq_of(field: bytes | str) -> int:
     """The consumer's sequence number of an in-flight message (fetch order)."""
-    return int(_text(field).split(":", 1)[0])
+    return int(as_text(field).split(":", 1)[0])
 
 
 def source_of(field: bytes | str) -> str:
     """The list an in-flight field's message was taken from (where it goes back)."""
-    return _text(field).split(":", 1)[1]
+    return as_text(field).split(":", 1)[1]
 
 
 def oldest_last(fields: list[bytes | str]) -> list[bytes | str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from redis import Redis
 
-from worker.broker.keys import BrokerKeys
+from worker.broker.keys import BrokerKeys, as_text
 from worker.scripts import load_lua
 
 
@@ -134,5 +134,4 @@ class BrokerScripts:
     def heartbeat(self, consumer_id: str, timeout_ms: int, limit: int) -> Beat:
         """Push the consumer's deadline to now + timeout; list up to `limit` dead consumers."""
         reply = self._heartbeat(keys=[self.keys.registry], args=[consumer_id, timeout_ms, limit])
-        dead = [m.decode("utf-8") if isinstance(m, bytes) else str(m) for m in reply[1:]]
-        return Beat(was_registered=int(reply[0]) == 1, dead=dead)
+        return Beat(was_registered=int(reply[0]) == 1, dead=[as_text(m) for m in reply[1:]])

@@ -226,12 +226,12 @@ class Channel(kombu_redis.Channel):
         if not queues:
             return
         connection = self.client.connection
-        if self._waiting:
-            key = self.global_keyprefix + queues[0]
+        sources, owners = self._sources(queues)
+        if self._waiting:  # on the first source: the next queue's default priority
+            key = sources[0]
             command: list[Any] = ["BLMOVE", key, key, "RIGHT", "RIGHT", timeout or 0]
         else:
             consumer = self.reliable
-            sources, owners = self._sources(queues)
             seq = consumer.next_seq()
             no_ack = [queue in self._no_ack_queues for queue in owners]
             command = consumer.fetch_command(seq, sources, no_ack)
@@ -269,7 +269,17 @@ class Channel(kombu_redis.Channel):
             field = inflight_field(self._fetch_seq, self._fetch_sources[index])
             self._queue_cycle.rotate(queue)
             payload = self._decode(raw, field, no_ack)
-            self.connection._deliver(payload, queue)
+            try:
+                self.connection._deliver(payload, queue)
+            except self.connection_errors:
+                raise
+            except Exception:
+                # kombu or Celery could not take it (a body it cannot decode, say): stock
+                # kombu has lost such a message by now; here it would come back after
+                # every restart, so it is parked, unchanged, before the error goes on.
+                if not no_ack:
+                    self._park(raw, field)
+                raise
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]
@@ -281,18 +291,23 @@ class Channel(kombu_redis.Channel):
             payload: dict[str, Any] = loads(raw)
             tag = payload["properties"]["delivery_tag"]
         except Exception:
-            key = self.broker_keys.unparsable
-            kombu_redis.crit(
-                "Not a kombu message (kept unchanged in %r): %r", key, raw[:256], exc_info=True
-            )
             if no_ack:
-                redis.Redis(connection_pool=self.pool).lpush(key, raw)
+                redis.Redis(connection_pool=self.pool).lpush(self.broker_keys.unparsable, raw)
             else:
-                self.reliable.park(field)
+                self._park(raw, field)
             raise Empty() from None
         if not no_ack:
             self.qos.expect(tag, field)
         return payload
+
+    def _park(self, raw: bytes, field: str) -> None:
+        kombu_redis.crit(
+            "Cannot deliver this message; it is kept unchanged in %r: %r",
+            self.broker_keys.unparsable,
+            raw[:256],
+            exc_info=True,
+        )
+        self.reliable.park(field)
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         return self._get_one(queue, no_ack=False)
