@@ -23,6 +23,7 @@ import redis as redis_lib
 
 from tests.conftest import Result
 from worker import cli
+from worker.broker.keys import BrokerKeys
 from worker.buffer import EventBuffer
 from worker.celery_app import create_app
 from worker.events import Event, parse_event
@@ -442,6 +443,9 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     assert client.ping()
     pids = descendants(process.pid)
     assert len(pids) >= 4  # redis-server, 2 workers (+ pool processes), beat
+    # Both workers consume with the reliable transport: each is a registered consumer.
+    registry = BrokerKeys().registry
+    wait_for(lambda: client.zcard(registry) == 2, 20, "two reliable-transport consumers", log)
 
     # Celery tasks, as any producer would send them.
     app = create_app(Settings.from_env({"REDIS_URL": env["REDIS_URL"]}))
@@ -473,6 +477,8 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     assert "Stopped." in log.read_text()
     pids |= descendants(process.pid)
     stray = [pid for pid in pids if alive(pid)]
+    ingest_log = (tmp_path / "data" / "logs" / "ingest.log").read_text()
+    assert "worker.broker.transport:Transport" in ingest_log
     assert stray == [], f"processes left behind: {stray}"
     assert any((tmp_path / "data" / "redis" / "appendonlydir").iterdir())
     assert (tmp_path / "data" / "logs" / "flush.log").exists()
