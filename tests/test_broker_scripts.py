@@ -22,7 +22,7 @@ import pytest
 import redis as redis_lib
 
 from worker.broker.consumer import REQUEUE_BATCH, Consumer, recover
-from worker.broker.keys import BrokerKeys, inflight_field, source_of
+from worker.broker.keys import BrokerKeys
 from worker.broker.scripts import BrokerScripts, ConsumerAlive
 
 KEYS = BrokerKeys()
@@ -50,10 +50,23 @@ def drain(client: redis_lib.Redis, who: Consumer, sources: list[str]) -> list[by
     """Everything `who` can fetch from `sources` now, acknowledged."""
     got = []
     while (taken := who.fetch(sources)) is not None:
-        field, fetched = taken
+        seq, fetched = taken
         got.append(fetched.raw)
-        who.ack(field)
+        who.ack(seq)
     return got
+
+
+def held(client: redis_lib.Redis, who: Consumer) -> dict[int, tuple[str, bytes | None]]:
+    """What `who` holds: seq -> (its source list, the message in its own key)."""
+    return {
+        int(seq): (source.decode(), client.lindex(KEYS.message(who.id, int(seq)), 0))
+        for seq, source in client.hgetall(who.inflight).items()
+    }
+
+
+def broker_keys(client: redis_lib.Redis, who: Consumer) -> list[bytes]:
+    """Keys of `who` in Redis: its index and its messages."""
+    return sorted(client.keys(who.inflight) + client.keys(KEYS.message(who.id, "*")))
 
 
 @pytest.fixture
@@ -64,15 +77,14 @@ def r(redis: redis_lib.Redis) -> Iterator[redis_lib.Redis]:
 # -- broker_fetch.lua ---------------------------------------------------------
 
 
-def test_fetch_moves_the_oldest_message_into_the_inflight_hash(r: redis_lib.Redis) -> None:
+def test_fetch_moves_the_oldest_message_into_the_consumers_keeping(r: redis_lib.Redis) -> None:
     r.lpush(Q, message(1), message(2))
     a = consumer(r, "a")
     taken = a.fetch([Q])
     assert taken is not None
-    field, fetched = taken
-    assert fetched.raw == message(1) and fetched.source == 0
-    assert field == inflight_field(1, Q) == "1:ingest"
-    assert r.hgetall(a.inflight) == {field.encode(): message(1)}
+    seq, fetched = taken
+    assert (seq, fetched.raw, fetched.source, fetched.kept) == (1, message(1), 0, True)
+    assert held(r, a) == {1: (Q, message(1))}
     assert r.lrange(Q, 0, -1) == [message(2)]
     deadline = r.zscore(KEYS.registry, "a")
     assert deadline is not None
@@ -89,8 +101,9 @@ def test_fetch_tries_the_sources_in_order_and_names_the_one_it_took_from(
     first = a.fetch([Q, Q3])
     second = a.fetch([Q, Q3])
     assert first is not None and second is not None
-    assert first[1].raw == message(1) and source_of(first[0]) == Q
-    assert second[1].raw == message(3) and second[1].source == 1 and source_of(second[0]) == Q3
+    assert first[1].raw == message(1) and first[1].source == 0
+    assert second[1].raw == message(3) and second[1].source == 1
+    assert held(r, a) == {1: (Q, message(1)), 2: (Q3, message(3))}
     assert a.fetch([Q, Q3]) is None
 
 
@@ -103,7 +116,7 @@ def test_a_no_ack_source_hands_the_message_over_without_keeping_it(r: redis_lib.
     r.lpush("reply", message(1))
     a = consumer(r, "a")
     taken = a.fetch(["reply"], [True])
-    assert taken is not None and taken[1].raw == message(1)
+    assert taken is not None and taken[1].raw == message(1) and not taken[1].kept
     assert r.keys("*") == []  # not kept, not registered
 
 
@@ -111,9 +124,8 @@ def test_a_queue_name_with_colons_goes_back_to_itself(r: redis_lib.Redis) -> Non
     name = "tenant:7:ingest"
     r.lpush(name, message(1))
     a = consumer(r, "a")
-    taken = a.fetch([name])
-    assert taken is not None and source_of(taken[0]) == name
-    assert a.requeue(taken[0], front=True) == 1
+    assert a.fetch([name]) is not None
+    a.close()  # restores what it holds, by its index
     assert r.lrange(name, 0, -1) == [message(1)]
 
 
@@ -127,7 +139,7 @@ def test_a_fetch_refused_for_memory_leaves_the_message_in_its_queue(r: redis_lib
     finally:
         r.config_set("maxmemory", 0)
     assert r.lrange(Q, 0, -1) == [message(1, size=10_000)]
-    assert not r.exists(a.inflight)
+    assert broker_keys(r, a) == []
 
 
 def test_the_raw_bytes_come_back_unchanged_however_large(r: redis_lib.Redis) -> None:
@@ -136,8 +148,9 @@ def test_the_raw_bytes_come_back_unchanged_however_large(r: redis_lib.Redis) -> 
     a = consumer(r, "a")
     taken = a.fetch([Q])
     assert taken is not None and taken[1].raw == big
-    assert a.requeue(taken[0], front=True) == 1
-    assert r.lindex(Q, -1) == big
+    assert held(r, a) == {1: (Q, big)}
+    assert a.requeue(1, Q, front=True) == 1
+    assert r.lrange(Q, 0, -1) == [big] and broker_keys(r, a) == []
 
 
 # -- acks, rejects, restores ----------------------------------------------------
@@ -149,7 +162,7 @@ def test_ack_removes_the_message_from_redis(r: redis_lib.Redis) -> None:
     taken = a.fetch([Q])
     assert taken is not None
     a.ack(taken[0])
-    assert not r.exists(a.inflight) and not r.exists(Q)
+    assert broker_keys(r, a) == [] and not r.exists(Q)
 
 
 def test_requeue_goes_to_the_front_or_the_back_of_its_queue(r: redis_lib.Redis) -> None:
@@ -157,10 +170,11 @@ def test_requeue_goes_to_the_front_or_the_back_of_its_queue(r: redis_lib.Redis) 
     a = consumer(r, "a")
     one, two = a.fetch([Q]), a.fetch([Q])
     assert one is not None and two is not None
-    assert a.requeue(one[0], front=False) == 1  # a reject: behind what is queued
-    assert a.requeue(two[0], front=True) == 1  # a restore: fetched next
+    assert a.requeue(one[0], Q, front=False) == 1  # a reject: behind what is queued
+    assert a.requeue(two[0], Q, front=True) == 1  # a restore: fetched next
     assert drain(r, a, [Q]) == [message(2), message(3), message(1)]
-    assert a.requeue(one[0], front=True) == 0  # gone already: nothing happens
+    assert a.requeue(one[0], Q, front=True) == 0  # gone already: nothing happens
+    assert broker_keys(r, a) == []
 
 
 def test_restore_all_puts_everything_back_in_order_and_leaves_the_registry(
@@ -172,7 +186,7 @@ def test_restore_all_puts_everything_back_in_order_and_leaves_the_registry(
     for _ in range(6):
         assert a.fetch([Q, Q3]) is not None
     assert a.restore_all(deregister=True) == 6
-    assert not r.exists(a.inflight)
+    assert broker_keys(r, a) == []
     assert r.zscore(KEYS.registry, "a") is None
     assert drain(r, consumer(r, "b"), [Q, Q3]) == [message(n) for n in range(5)] + [message(9)]
 
@@ -184,7 +198,7 @@ def test_park_moves_a_message_aside_unchanged(r: redis_lib.Redis) -> None:
     assert taken is not None
     assert a.park(taken[0]) == 1
     assert r.lrange(KEYS.unparsable, 0, -1) == [b"not json"]
-    assert not r.exists(a.inflight)
+    assert broker_keys(r, a) == []
 
 
 # -- broker_heartbeat.lua and recovery -------------------------------------------
@@ -211,7 +225,7 @@ def test_recovery_puts_a_dead_consumers_messages_back_where_they_came_from(
     r.lpush(Q, message(4))  # arrived meanwhile: the recovered ones go before it
     expire(r, a)
     assert recover(a.scripts, r, "a") == 3
-    assert not r.exists(a.inflight) and r.zscore(KEYS.registry, "a") is None
+    assert broker_keys(r, a) == [] and r.zscore(KEYS.registry, "a") is None
     assert r.lrange(Q, 0, -1) == [message(4), message(2), message(1)]  # 1 is fetched next
     assert r.lrange(Q3, 0, -1) == [message(3)]
 
@@ -222,7 +236,7 @@ def test_recovery_never_takes_from_a_live_consumer(r: redis_lib.Redis) -> None:
     assert a.fetch([Q]) is not None
     with pytest.raises(ConsumerAlive):
         recover(a.scripts, r, "a")
-    assert r.hlen(a.inflight) == 1 and not r.exists(Q)
+    assert held(r, a) == {1: (Q, message(1))} and not r.exists(Q)
 
 
 def test_recovery_of_a_consumer_that_held_nothing_just_removes_it(r: redis_lib.Redis) -> None:
@@ -275,7 +289,7 @@ def test_a_live_heartbeat_recovers_a_dead_consumer_and_spares_a_live_one(
         assert r.lrange(Q, 0, -1) == [message(1)]
         assert r.zscore(KEYS.registry, "dead") is None
         time.sleep(4 * timeout_s)  # many timeouts: the live one keeps what it holds
-        assert r.hvals(live.inflight) == [message(2)]
+        assert held(r, live) == {1: (Q, message(2))}
     finally:
         live.close()
     assert r.lrange(Q, 0, -1) == [message(1), message(2)]
@@ -284,11 +298,13 @@ def test_a_live_heartbeat_recovers_a_dead_consumer_and_spares_a_live_one(
 
 # -- a crash between every two steps ------------------------------------------------
 
-# One message's life with consumer A: queued -> fetched (in A's hash; the
-# reply may never be read) -> running -> acknowledged. A crash after each
-# step (A stops, its deadline passes, B's heartbeat recovers it) must leave
-# the message to be run by B, unless A had acknowledged it.
-LIFE = ["queued", "fetched", "acknowledged"]
+# One message's life with consumer A: queued -> fetched (moved to its own
+# key, listed in A's index; the reply may never be read, the task may be
+# running) -> its key deleted (the ack's first command) -> acknowledged (the
+# index entry too). A crash after each step (A stops, its deadline passes,
+# B's heartbeat recovers it) must leave the message to be run by B, unless A
+# had acknowledged it, even halfway.
+LIFE = ["queued", "fetched", "key deleted", "acknowledged"]
 
 
 @pytest.mark.parametrize("crash_after", LIFE)
@@ -303,15 +319,18 @@ def test_a_consumer_crash_after_any_step_loses_nothing(
             taken = a.fetch([Q])
             assert taken is not None
             field = taken[0]
+        elif step == "key deleted":
+            assert field is not None
+            r.delete(KEYS.message("a", field))
         elif step == "acknowledged":
             assert field is not None
             a.ack(field)
     expire(r, a)
     for dead in b.scripts.heartbeat("b", b.timeout_ms, 10).dead:
         recover(b.scripts, r, dead)
-    expected = [] if crash_after == "acknowledged" else [message(1)]
+    expected = [message(1)] if crash_after in ("queued", "fetched") else []
     assert drain(r, b, [Q]) == expected
-    assert not r.exists(a.inflight) and r.zscore(KEYS.registry, "a") is None
+    assert broker_keys(r, a) == [] and r.zscore(KEYS.registry, "a") is None
 
 
 @pytest.mark.parametrize("crash_after", ["fetched", "rejected"])
@@ -321,7 +340,7 @@ def test_a_crash_around_a_reject_loses_nothing(r: redis_lib.Redis, crash_after: 
     taken = a.fetch([Q])
     assert taken is not None
     if crash_after == "rejected":
-        assert a.requeue(taken[0], front=False) == 1
+        assert a.requeue(taken[0], Q, front=False) == 1
     expire(r, a)
     for dead in b.scripts.heartbeat("b", b.timeout_ms, 10).dead:
         recover(b.scripts, r, dead)
@@ -350,13 +369,13 @@ def test_a_recovery_stopped_between_two_batches_is_finished_by_the_next(
     count = REQUEUE_BATCH + 20
     r.lpush(Q, *[message(n) for n in range(count)])
     a, b = consumer(r, "a"), consumer(r, "b")
-    fields = []
+    seqs = []
     while (taken := a.fetch([Q])) is not None:
-        fields.append(taken[0])
+        seqs.append(taken[0])
     expire(r, a)
     # The first batch moved, then the recoverer died: A stays registered (and dead).
     moved = b.scripts.requeue(
-        "a", [(f, Q) for f in fields[:REQUEUE_BATCH]], front=True, only_if_dead=True
+        "a", [(seq, Q) for seq in seqs[:REQUEUE_BATCH]], front=True, only_if_dead=True
     )
     assert moved == REQUEUE_BATCH
     assert r.zscore(KEYS.registry, "a") is not None
@@ -368,11 +387,11 @@ def test_a_shutdown_restore_cut_short_is_finished_by_recovery(r: redis_lib.Redis
     count = REQUEUE_BATCH + 5
     r.lpush(Q, *[message(n) for n in range(count)])
     a, b = consumer(r, "a"), consumer(r, "b")
-    fields = []
+    seqs = []
     while (taken := a.fetch([Q])) is not None:
-        fields.append(taken[0])
+        seqs.append(taken[0])
     # Its close restored one batch, then the process died before the rest.
-    a.scripts.requeue("a", [(f, Q) for f in fields[:REQUEUE_BATCH]], front=True)
+    a.scripts.requeue("a", [(seq, Q) for seq in seqs[:REQUEUE_BATCH]], front=True)
     expire(r, a)
     assert recover(b.scripts, r, "a") == 5
     assert sorted(drain(r, b, [Q])) == sorted(message(n) for n in range(count))

@@ -68,7 +68,11 @@ def drain(conn: Any, until: Callable[[], bool], timeout: float = 10) -> None:
 
 
 def inflight(r: redis_lib.Redis) -> int:
-    return sum(int(r.hlen(k)) for k in r.scan_iter(match=KEYS.inflight("*")))
+    """Messages held by consumers: index entries, and message keys (the same, or a leak)."""
+    entries = sum(int(r.hlen(k)) for k in r.scan_iter(match=KEYS.inflight("*")))
+    messages = len(list(r.scan_iter(match=KEYS.message("*", "*"))))
+    assert entries == messages, f"{entries} index entries but {messages} message keys"
+    return entries
 
 
 @pytest.fixture
@@ -104,7 +108,8 @@ def test_the_inflight_copy_is_the_senders_bytes(url: str, redis: redis_lib.Redis
     stored: list[bytes] = []
 
     def on_message(body: Any, message: Message) -> None:
-        stored.extend(redis.hvals(conn.channel_for_test.reliable.inflight))
+        consumer = conn.channel_for_test.reliable.id
+        stored.extend(redis.lindex(key, 0) for key in redis.keys(KEYS.message(consumer, "*")))
         message.ack()
 
     with consuming(url, [q], on_message) as conn:

@@ -1,9 +1,10 @@
-"""A consumer of the reliable transport: its id, its in-flight hash, its heartbeat.
+"""A consumer of the reliable transport: its id, its in-flight messages, its heartbeat.
 
 A consumer is one consuming kombu channel (in a Celery worker: the main
-process's task channel). Every message it fetches sits in its in-flight
-hash until acknowledged (HDEL), rejected (back to its queue) or, at
-shutdown, restored (back to the front of its queue). A heartbeat thread
+process's task channel). Every message it fetches sits under a key of its
+own, listed in the consumer's in-flight index, until acknowledged (DEL and
+HDEL), rejected (back to its queue) or, at shutdown, restored (back to the
+front of its queue). A heartbeat thread
 pushes the consumer's deadline in the registry forward every fifth of the
 timeout, and on each beat puts back the messages of consumers whose
 deadline has passed: a worker killed with SIGKILL, or one that never comes
@@ -27,11 +28,12 @@ import secrets
 import socket
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
 
-from worker.broker.keys import BrokerKeys, as_text, inflight_field, oldest_last, source_of
+from worker.broker.keys import BrokerKeys, as_text, oldest_last
 from worker.broker.scripts import BrokerScripts, ConsumerAlive, Fetched
 
 log = logging.getLogger("worker.broker")
@@ -52,18 +54,18 @@ def new_consumer_id() -> str:
 def recover(scripts: BrokerScripts, redis: Redis, consumer_id: str) -> int:
     """Put a dead consumer's in-flight messages back at the front of their queues.
 
-    Removes the consumer from the registry once its hash is empty. Returns
+    Removes the consumer from the registry once its index is empty. Returns
     how many messages moved; raises ConsumerAlive if its deadline moved on
     (it beat again), leaving the rest where they are.
     """
-    fields = oldest_last(redis.hkeys(scripts.keys.inflight(consumer_id)))
-    batches = [fields[i : i + REQUEUE_BATCH] for i in range(0, len(fields), REQUEUE_BATCH)]
-    batches = batches or [[]]  # an empty hash: one call, to leave the registry
+    held = oldest_last(redis.hgetall(scripts.keys.inflight(consumer_id)))
+    batches = [held[i : i + REQUEUE_BATCH] for i in range(0, len(held), REQUEUE_BATCH)]
+    batches = batches or [[]]  # an empty index: one call, to leave the registry
     moved = 0
     for number, batch in enumerate(batches):
         moved += scripts.requeue(
             consumer_id,
-            [(field, source_of(field)) for field in batch],
+            batch,
             front=True,
             only_if_dead=True,
             deregister=number == len(batches) - 1,
@@ -72,10 +74,10 @@ def recover(scripts: BrokerScripts, redis: Redis, consumer_id: str) -> int:
 
 
 def held_by_consumers(redis: Redis, keys: BrokerKeys) -> int:
-    """Messages in every registered consumer's in-flight hash (fetched, not yet acknowledged).
+    """Messages in every registered consumer's in-flight index (fetched, not acknowledged).
 
-    A hash with fields always has a registry entry (broker_fetch.lua enters
-    the consumer first; it leaves only once its hash is empty).
+    An index with entries always has a registry entry (broker_fetch.lua
+    enters the consumer first; it leaves only once its index is empty).
     """
     consumers = [as_text(m) for m in redis.zrange(keys.registry, 0, -1)]
     if not consumers:
@@ -115,43 +117,41 @@ class Consumer:
     def next_seq(self) -> int:
         return next(self._seq)
 
-    def fetch_command(
+    def fetch_commands(
         self, seq: int, sources: Sequence[str], no_ack: Sequence[bool]
-    ) -> list[object]:
-        return self.scripts.fetch_command(self.id, seq, sources, no_ack, self.timeout_ms)
+    ) -> list[tuple[Any, ...]]:
+        return self.scripts.fetch_commands(self.id, seq, sources, no_ack, self.timeout_ms)
 
     def fetch(
         self, sources: Sequence[str], no_ack: Sequence[bool] | None = None
-    ) -> tuple[str, Fetched] | None:
-        """Take the next message of `sources` now: (its in-flight field, the message), or None."""
+    ) -> tuple[int, Fetched] | None:
+        """Take the next message of `sources` now: (its seq, the message), or None."""
         seq = self.next_seq()
         flags = no_ack if no_ack is not None else [False] * len(sources)
         fetched = self.scripts.fetch(self.id, seq, sources, flags, self.timeout_ms)
-        if fetched is None:
-            return None
-        return inflight_field(seq, sources[fetched.source]), fetched
+        return None if fetched is None else (seq, fetched)
 
-    def ack(self, field: str) -> None:
-        """The message is done with: it leaves Redis."""
-        self.redis.hdel(self.inflight, field)
+    def ack(self, seq: int) -> None:
+        """The message is done with: it leaves Redis (its key first, then its index entry)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.keys.message(self.id, seq))
+            pipe.hdel(self.inflight, str(seq))
+            pipe.execute()
 
-    def requeue(self, field: str, *, front: bool) -> int:
-        """Back on the queue it came from: front (fetched next) or back. 1 if it moved."""
-        return self.scripts.requeue(self.id, [(field, source_of(field))], front=front)
+    def requeue(self, seq: int, source: str, *, front: bool) -> int:
+        """Back on `source`, the queue it came from: front (fetched next) or back. 1 if it moved."""
+        return self.scripts.requeue(self.id, [(seq, source)], front=front)
 
-    def park(self, field: str) -> int:
-        """Out of the way, unchanged: onto the unparsable list (not kombu JSON)."""
-        return self.scripts.requeue(self.id, [(field, self.keys.unparsable)], front=False)
+    def park(self, seq: int) -> int:
+        """Out of the way, unchanged: onto the unparsable list. 1 if it moved."""
+        return self.scripts.requeue(self.id, [(seq, self.keys.unparsable)], front=False)
 
     def restore_all(self, *, deregister: bool) -> int:
         """Everything this consumer still holds back to the front of its queues."""
-        fields = oldest_last(self.redis.hkeys(self.inflight))
+        held = oldest_last(self.redis.hgetall(self.inflight))
         moved = 0
-        for start in range(0, len(fields), REQUEUE_BATCH):
-            batch = fields[start : start + REQUEUE_BATCH]
-            moved += self.scripts.requeue(
-                self.id, [(field, source_of(field)) for field in batch], front=True
-            )
+        for start in range(0, len(held), REQUEUE_BATCH):
+            moved += self.scripts.requeue(self.id, held[start : start + REQUEUE_BATCH], front=True)
         if deregister:
             self.scripts.requeue(self.id, [], front=True, deregister=True)
         return moved
@@ -177,7 +177,7 @@ class Consumer:
         """Stop beating; give back what is still held; leave the registry. Once, quietly.
 
         Without `restore`, or when Redis cannot be reached, the messages stay
-        in the in-flight hash and a live consumer recovers them after the
+        in its keeping and a live consumer recovers them after the
         timeout.
         """
         if self.closed or not self.owned:

@@ -2,10 +2,14 @@
 
 `lua_scripts/broker_*.lua` document every key, argument and return value.
 The scripts are registered with redis-py's `register_script` (EVALSHA, sent
-again after NOSCRIPT). The fetch is also sent without waiting, on the
-consumer's event-loop connection: `fetch_command` builds that EVALSHA and
-`parse_fetch` reads its reply, and a NOSCRIPT there (the script did not
-run, nothing moved) is answered with `load_fetch` and a new attempt.
+again after NOSCRIPT).
+
+A fetch is two commands in one round trip: the broker_fetch EVALSHA, then an
+LINDEX of the key it moved the message to (so the message is never a Lua
+string). `fetch_commands` builds them: the event loop sends them on its own
+connection without waiting, `fetch` sends them as a pipeline, and both read
+the replies with `parse_fetch`; a NOSCRIPT there (the script did not run,
+nothing moved) is answered with `load_fetch` and a new attempt.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import NoScriptError
 
 from worker.broker.keys import BrokerKeys, as_text
 from worker.scripts import load_lua
@@ -26,10 +31,11 @@ class ConsumerAlive(Exception):
 
 @dataclass(frozen=True)
 class Fetched:
-    """A message broker_fetch.lua took: the raw bytes and where they came from."""
+    """A message broker_fetch.lua took: where from, its bytes, and whether it is kept."""
 
     source: int  # index into the sources the fetch was given
     raw: bytes
+    kept: bool  # False for a no-ack source: popped and handed over, nothing to acknowledge
 
 
 @dataclass(frozen=True)
@@ -40,15 +46,24 @@ class Beat:
     dead: list[str]
 
 
-def parse_fetch(reply: Any) -> Fetched | None:
-    """broker_fetch.lua's reply, from `BrokerScripts.fetch` or read off the event loop."""
-    if not reply:
-        return None
-    return Fetched(source=int(reply[0]) - 1, raw=reply[1])
-
-
 def no_ack_flags(no_ack: Sequence[bool]) -> str:
     return "".join("1" if flag else "0" for flag in no_ack)
+
+
+def parse_fetch(script_reply: Any, message: Any) -> Fetched | None:
+    """The replies to `fetch_commands` (an exception instance raises)."""
+    if isinstance(script_reply, Exception):
+        raise script_reply
+    if not script_reply:
+        return None
+    source = int(script_reply[0]) - 1
+    if len(script_reply) > 1:
+        return Fetched(source=source, raw=script_reply[1], kept=False)
+    if message is None or isinstance(message, Exception):
+        # Its key went before the LINDEX read it: only a recovery of this consumer
+        # moves it, back to its queue. Nothing was fetched after all.
+        return None
+    return Fetched(source=source, raw=message, kept=True)
 
 
 class BrokerScripts:
@@ -59,16 +74,19 @@ class BrokerScripts:
         self._requeue = redis.register_script(load_lua("broker_requeue"))
         self._heartbeat = redis.register_script(load_lua("broker_heartbeat"))
 
-    def _fetch_keys_args(
+    def fetch_commands(
         self,
         consumer_id: str,
         seq: int,
         sources: Sequence[str],
         no_ack: Sequence[bool],
         timeout_ms: int,
-    ) -> tuple[list[str], list[Any]]:
-        keys = [self.keys.registry, self.keys.inflight(consumer_id), *sources]
-        return keys, [consumer_id, seq, timeout_ms, no_ack_flags(no_ack)]
+    ) -> list[tuple[Any, ...]]:
+        """The EVALSHA broker_fetch and the LINDEX that reads what it moved, to send together."""
+        message = self.keys.message(consumer_id, seq)
+        keys = [self.keys.registry, self.keys.inflight(consumer_id), message, *sources]
+        args = [consumer_id, seq, timeout_ms, no_ack_flags(no_ack)]
+        return [("EVALSHA", self._fetch.sha, len(keys), *keys, *args), ("LINDEX", message, 0)]
 
     def fetch(
         self,
@@ -78,54 +96,63 @@ class BrokerScripts:
         no_ack: Sequence[bool],
         timeout_ms: int,
     ) -> Fetched | None:
-        """Move the oldest message of the first non-empty source into the consumer's hash."""
-        keys, args = self._fetch_keys_args(consumer_id, seq, sources, no_ack, timeout_ms)
-        return parse_fetch(self._fetch(keys=keys, args=args))
+        """Move the oldest message of the first non-empty source into the consumer's keeping."""
+        try:
+            return self._fetch_once(consumer_id, seq, sources, no_ack, timeout_ms)
+        except NoScriptError:
+            self.load_fetch()
+            return self._fetch_once(consumer_id, seq, sources, no_ack, timeout_ms)
 
-    def fetch_command(
+    def _fetch_once(
         self,
         consumer_id: str,
         seq: int,
         sources: Sequence[str],
         no_ack: Sequence[bool],
         timeout_ms: int,
-    ) -> list[Any]:
-        """The same fetch as an EVALSHA command, to send without waiting for the reply."""
-        keys, args = self._fetch_keys_args(consumer_id, seq, sources, no_ack, timeout_ms)
-        return ["EVALSHA", self._fetch.sha, len(keys), *keys, *args]
+    ) -> Fetched | None:
+        with self._redis.pipeline(transaction=False) as pipe:
+            for command in self.fetch_commands(consumer_id, seq, sources, no_ack, timeout_ms):
+                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+            script_reply, message = pipe.execute(raise_on_error=False)
+        return parse_fetch(script_reply, message)
 
     def load_fetch(self) -> None:
-        """Send the fetch script to Redis (after a NOSCRIPT reply to `fetch_command`)."""
+        """Send the fetch script to Redis (after a NOSCRIPT reply)."""
         self._fetch.sha = self._redis.script_load(self._fetch.script)
 
     def requeue(
         self,
         consumer_id: str,
-        moves: Sequence[tuple[bytes | str, bytes | str]],
+        moves: Sequence[tuple[int, str]],
         *,
         front: bool,
         only_if_dead: bool = False,
         deregister: bool = False,
     ) -> int:
-        """Move (field, destination list) pairs of the consumer's hash back; how many moved.
+        """Move messages (seq, destination list) of the consumer back; how many moved.
 
         Raises ConsumerAlive when `only_if_dead` and the consumer's deadline
         has not passed (nothing moved).
         """
-        keys: list[bytes | str] = [self.keys.registry, self.keys.inflight(consumer_id)]
-        index: dict[bytes | str, int] = {}
+        keys: list[str] = [self.keys.registry, self.keys.inflight(consumer_id)]
+        index: dict[str, int] = {}
+
+        def number(key: str) -> int:
+            found = index.get(key)
+            if found is None:
+                keys.append(key)
+                found = index[key] = len(keys) - 2
+            return found
+
         args: list[Any] = [
             consumer_id,
             "front" if front else "back",
             "1" if only_if_dead else "0",
             "1" if deregister else "0",
         ]
-        for field, destination in moves:
-            number = index.get(destination)
-            if number is None:
-                keys.append(destination)
-                number = index[destination] = len(keys) - 2
-            args += (field, number)
+        for seq, destination in moves:
+            args += (seq, number(self.keys.message(consumer_id, seq)), number(destination))
         moved = int(self._requeue(keys=keys, args=args))
         if moved < 0:
             raise ConsumerAlive(consumer_id)

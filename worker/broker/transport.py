@@ -2,11 +2,12 @@
 
 Stock kombu pops a message with BRPOP and only then records it as
 unacknowledged: a worker killed in between loses it. Here a message leaves
-its queue list only inside broker_fetch.lua, which stores it in the same
-atomic step in the consumer's in-flight hash; an ack is an HDEL; a dead
-consumer's hash is put back by the live ones (`worker.broker.consumer`).
-The raw bytes move inside Redis and are never encoded again: the only copy
-that leaves Redis is the fetch reply the worker decodes to run the task.
+its queue list only inside broker_fetch.lua, which moves it in the same
+atomic step to a key of its own listed in the consumer's in-flight index;
+an ack deletes both; a dead consumer's messages are put back by the live
+ones (`worker.broker.consumer`). The raw bytes stay as the sender wrote
+them and are never encoded again: the only copy that leaves Redis is the
+one the worker decodes to run the task.
 
 Senders need nothing of this: the queues, the message format and
 publishing are stock kombu's (this transport publishes through the same
@@ -14,21 +15,23 @@ inherited code), so `redis://` producers and foreign Celery apps deliver
 to it unchanged.
 
 Consuming on the event loop (and in `drain_events`, through the same
-poller), one command outstanding per channel on kombu's BRPOP connection:
+poller), one request outstanding per channel on kombu's BRPOP connection:
 
 - a fetch: EVALSHA broker_fetch over every source list (priority levels,
-  then queues, in kombu's BRPOP order, queues round-robin). A message is
-  delivered and the next fetch goes out on the next loop tick while the
-  prefetch limit allows; an empty answer switches to waiting;
+  then queues, in kombu's BRPOP order, queues round-robin), and the LINDEX
+  reading the message it moved, sent together. A message is delivered and
+  the next fetch goes out on the next loop tick while the prefetch limit
+  allows; an empty answer switches to waiting;
 - a wait: `BLMOVE q q RIGHT RIGHT <brpop_timeout>` on the default-priority
   list of the next queue in the cycle: a blocking look that moves nothing
   (the message stays where it is), so an idle worker wakes at once when a
   task arrives there, and after at most `brpop_timeout` (1 s) for a task
   in a priority sub-queue or another queue. Either answer goes back to
-  fetching.
+  fetching. Every idle worker waiting on a queue wakes for its next task;
+  one fetch takes it, the others find nothing and wait again.
 
-So a busy worker spends one fetch and one HDEL per task; an idle one, two
-calls a second. kombu's BRPOP bookkeeping (pausing a reply while the
+So a busy worker spends two round trips per task (the fetch, the ack), an
+idle one two a second. kombu's BRPOP bookkeeping (pausing a reply while the
 prefetch limit is reached, the health check of the blocking connection,
 reconnects) is reused as it is. kombu's visibility-timeout sweep of its
 `unacked` hash keeps running too, for messages a stock worker left there
@@ -56,7 +59,8 @@ from kombu.utils.json import loads
 from redis.exceptions import NoScriptError
 
 from worker.broker.consumer import Consumer
-from worker.broker.keys import BrokerKeys, inflight_field
+from worker.broker.keys import BrokerKeys
+from worker.broker.scripts import Fetched, parse_fetch
 
 logger = get_logger("worker.broker")
 
@@ -84,48 +88,49 @@ def check_kombu(version: str | None = None) -> None:
 
 
 class QoS(kombu_redis.QoS):
-    """Acks by delivery tag: each tag maps to the in-flight field its fetch wrote."""
+    """Acks by delivery tag: each tag maps to the seq (and source) of the fetch that took it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._fields: dict[str, list[str]] = {}
+        self._held: dict[str, list[tuple[int, str]]] = {}
 
-    def expect(self, delivery_tag: str, field: str) -> None:
-        """The message about to be delivered with this tag is stored under `field`."""
-        self._fields.setdefault(delivery_tag, []).append(field)
+    def expect(self, delivery_tag: str, seq: int, source: str) -> None:
+        """The message about to be delivered with this tag is the consumer's `seq`."""
+        self._held.setdefault(delivery_tag, []).append((seq, source))
 
-    def _take(self, delivery_tag: str) -> str | None:
-        fields = self._fields.get(delivery_tag)
-        if not fields:
+    def _take(self, delivery_tag: str) -> tuple[int, str] | None:
+        held = self._held.get(delivery_tag)
+        if not held:
             return None
-        field = fields.pop(0)  # a tag delivered twice (a redelivered copy) has two fields
-        if not fields:
-            self._fields.pop(delivery_tag, None)
-        return field
+        taken = held.pop(0)  # a tag delivered twice (a redelivered copy) is held twice
+        if not held:
+            self._held.pop(delivery_tag, None)
+        return taken
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        # In memory only: broker_fetch.lua stored the message already.
+        # In memory only: broker_fetch.lua has the message in the consumer's keeping already.
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
-        field = self._take(delivery_tag)
-        if field is not None:
-            self.channel.reliable.ack(field)
+        taken = self._take(delivery_tag)
+        if taken is not None:
+            self.channel.reliable.ack(taken[0])
         virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        field = self._take(delivery_tag)
-        if field is not None:
+        taken = self._take(delivery_tag)
+        if taken is not None:
+            seq, source = taken
             if requeue:  # behind what is queued, as stock kombu does
-                self.channel.reliable.requeue(field, front=False)
+                self.channel.reliable.requeue(seq, source, front=False)
             else:
-                self.channel.reliable.ack(field)
+                self.channel.reliable.ack(seq)
         virtual.QoS.ack(self, delivery_tag)
 
     def restore_unacked(self, client: Any = None) -> None:
         self._flush()
         self.channel.reliable.restore_all(deregister=False)
-        self._fields.clear()
+        self._held.clear()
         self._delivered.clear()
 
     def restore_unacked_once(self, stderr: Any = None) -> None:
@@ -141,7 +146,7 @@ class QoS(kombu_redis.QoS):
             )
         finally:
             state.clear()
-            self._fields.clear()
+            self._held.clear()
             state.restored = True  # type: ignore[attr-defined]
 
 
@@ -229,85 +234,95 @@ class Channel(kombu_redis.Channel):
         sources, owners = self._sources(queues)
         if self._waiting:  # on the first source: the next queue's default priority
             key = sources[0]
-            command: list[Any] = ["BLMOVE", key, key, "RIGHT", "RIGHT", timeout or 0]
+            commands: list[tuple[Any, ...]] = [("BLMOVE", key, key, "RIGHT", "RIGHT", timeout or 0)]
         else:
             consumer = self.reliable
             seq = consumer.next_seq()
             no_ack = [queue in self._no_ack_queues for queue in owners]
-            command = consumer.fetch_command(seq, sources, no_ack)
+            commands = consumer.fetch_commands(seq, sources, no_ack)
             self._fetch_seq, self._fetch_sources, self._fetch_queues = seq, sources, owners
         self._in_poll = connection
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]
-        connection.send_command(*command)
+        connection.send_packed_command(connection.pack_commands(commands))
 
-    def _brpop_read(self, **options: Any) -> bool:
+    def _read_reply(self, command: str, **options: Any) -> Any:
+        """One reply on the consuming connection; a Redis error reply is returned, not raised."""
         client = self.client
         try:
+            return client.parse_response(client.connection, command, **options)
+        except self.connection_errors:
+            client.connection.disconnect()
+            raise
+        except self.ResponseError as exc:
+            return exc
+
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
             if self._waiting:
-                try:
-                    client.parse_response(client.connection, "BLMOVE", **options)
-                except self.connection_errors:
-                    client.connection.disconnect()
-                    raise
-                finally:
-                    self._waiting = False
+                self._waiting = False
+                reply = self._read_reply("BLMOVE", **options)
+                if isinstance(reply, Exception):
+                    raise reply
                 raise Empty()
+            # Both replies, whatever the first, so the connection stays in step.
+            script_reply = self._read_reply("EVALSHA", **options)
+            message = self._read_reply("LINDEX", **options)
             try:
-                reply = client.parse_response(client.connection, "EVALSHA", **options)
-            except self.connection_errors:
-                client.connection.disconnect()
-                raise
+                fetched = parse_fetch(script_reply, message)
             except NoScriptError:  # the script did not run: nothing moved
                 self.reliable.scripts.load_fetch()
                 raise Empty() from None
-            if not reply:
+            if fetched is None:
                 self._waiting = True
                 raise Empty()
-            index, raw = int(reply[0]) - 1, reply[1]
-            queue = self._fetch_queues[index]
-            no_ack = queue in self._no_ack_queues
-            field = inflight_field(self._fetch_seq, self._fetch_sources[index])
-            self._queue_cycle.rotate(queue)
-            payload = self._decode(raw, field, no_ack)
-            try:
-                self.connection._deliver(payload, queue)
-            except self.connection_errors:
-                raise
-            except Exception:
-                # kombu or Celery could not take it (a body it cannot decode, say): stock
-                # kombu has lost such a message by now; here it would come back after
-                # every restart, so it is parked, unchanged, before the error goes on.
-                if not no_ack:
-                    self._park(raw, field)
-                raise
+            self._deliver_fetched(fetched, self._fetch_seq, self._fetch_sources, self._fetch_queues)
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()
 
-    def _decode(self, raw: bytes, field: str, no_ack: bool) -> dict[str, Any]:
-        """The kombu message in `raw`, its field expected by the QoS; unparsable ones parked."""
+    def _deliver_fetched(
+        self, fetched: Fetched, seq: int, sources: Sequence[str], queues: Sequence[str]
+    ) -> None:
+        queue, source = queues[fetched.source], sources[fetched.source]
+        self._queue_cycle.rotate(queue)
+        payload = self._decode(fetched, seq, source)
         try:
-            payload: dict[str, Any] = loads(raw)
+            self.connection._deliver(payload, queue)
+        except self.connection_errors:
+            raise
+        except Exception:
+            # kombu or Celery could not take it (a body it cannot decode, say): stock
+            # kombu has lost such a message by now; here it would come back after
+            # every restart, so it is parked, unchanged, before the error goes on.
+            if fetched.kept:
+                self._park(fetched.raw, seq)
+            raise
+
+    def _decode(self, fetched: Fetched, seq: int, source: str) -> dict[str, Any]:
+        """The kombu message in `fetched`, expected by the QoS; one that is not is parked."""
+        try:
+            payload: dict[str, Any] = loads(fetched.raw)
             tag = payload["properties"]["delivery_tag"]
         except Exception:
-            if no_ack:
-                redis.Redis(connection_pool=self.pool).lpush(self.broker_keys.unparsable, raw)
+            if fetched.kept:
+                self._park(fetched.raw, seq)
             else:
-                self._park(raw, field)
+                client = redis.Redis(connection_pool=self.pool)
+                client.lpush(self.broker_keys.unparsable, fetched.raw)
             raise Empty() from None
-        if not no_ack:
-            self.qos.expect(tag, field)
+        if fetched.kept:
+            self.qos.expect(tag, seq, source)
         return payload
 
-    def _park(self, raw: bytes, field: str) -> None:
+    def _park(self, raw: bytes, seq: int) -> None:
         kombu_redis.crit(
             "Cannot deliver this message; it is kept unchanged in %r: %r",
             self.broker_keys.unparsable,
             raw[:256],
             exc_info=True,
         )
-        self.reliable.park(field)
+        self.reliable.park(seq)
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         return self._get_one(queue, no_ack=False)
@@ -317,8 +332,8 @@ class Channel(kombu_redis.Channel):
         taken = self.reliable.fetch(sources, [no_ack] * len(sources))
         if taken is None:
             raise Empty()
-        field, fetched = taken
-        return self._decode(fetched.raw, field, no_ack)
+        seq, fetched = taken
+        return self._decode(fetched, seq, sources[fetched.source])
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
         try:
