@@ -185,6 +185,26 @@ def test_warm_shutdown_puts_prefetched_tasks_back_in_order(system: System) -> No
     no_errors(proc)
 
 
+def test_a_cold_shutdown_loses_nothing(system: System) -> None:
+    proc = system.worker("w", "-P", "prefork", "-c", "1")
+    proc.wait_for("ready.")
+    system.pause_buffer(3000)
+    system.send(6)
+    wait_until(lambda: system.inflight() == 4, 10, "the worker to hold 4 tasks", alive=proc.alive)
+    assert proc.process is not None
+    os.kill(proc.process.pid, signal.SIGQUIT)  # cold: running tasks are not waited for
+    proc.process.wait(30)
+    assert "Cold shutdown" in proc.text()
+    system.buffer.execute_command("CLIENT", "UNPAUSE")
+    # What the dead worker still held (if anything) comes back after its timeout.
+    again = system.worker("again", "-P", "solo")
+    again.wait_for("ready.")
+    system.wait_applied(timeout=30)
+    again.stop()
+    system.assert_exactly_once()
+    assert system.inflight() == 0
+
+
 def test_a_worker_killed_for_good_has_its_tasks_run_by_another(system: System) -> None:
     doomed = system.worker("doomed", "-P", "prefork", "-c", "1")
     doomed.wait_for("ready.")
