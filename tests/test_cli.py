@@ -478,7 +478,7 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     pids |= descendants(process.pid)
     stray = [pid for pid in pids if alive(pid)]
     ingest_log = (tmp_path / "data" / "logs" / "ingest.log").read_text()
-    assert "worker.broker.transport:Transport" in ingest_log
+    assert "Connected to eventbuffer-redis://" in ingest_log
     assert stray == [], f"processes left behind: {stray}"
     assert any((tmp_path / "data" / "redis" / "appendonlydir").iterdir())
     assert (tmp_path / "data" / "logs" / "flush.log").exists()

@@ -24,12 +24,12 @@ RELIABLE_SCHEMES = ("redis", "rediss")
 
 
 def worker_transport(settings: Settings) -> str | None:
-    """The transport class a worker with `settings` consumes with; None: kombu's choice."""
-    from worker.broker.transport import TRANSPORT_PATH
+    """The transport a worker with `settings` consumes with; None: kombu's choice (the URL's)."""
+    from worker.broker.transport import TRANSPORT_ALIAS
 
     scheme = settings.effective_broker_url.split("://", 1)[0]
     if settings.broker_transport == "reliable" and scheme in RELIABLE_SCHEMES:
-        return TRANSPORT_PATH
+        return TRANSPORT_ALIAS
     return None
 
 

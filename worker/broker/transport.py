@@ -44,6 +44,7 @@ on any other version.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Sequence
 from queue import Empty
@@ -52,9 +53,8 @@ from typing import Any
 
 import kombu
 import redis
-from kombu.log import get_logger
+from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
-from kombu.transport import virtual
 from kombu.utils.json import loads
 from redis.exceptions import NoScriptError
 
@@ -62,13 +62,16 @@ from worker.broker.consumer import Consumer
 from worker.broker.keys import BrokerKeys
 from worker.broker.scripts import Fetched, parse_fetch
 
-logger = get_logger("worker.broker")
+log = logging.getLogger("worker.broker")
 
 #: kombu versions this transport was tested with (pyproject pins the same).
 TESTED_KOMBU_VERSIONS = ("5.7.0",)
 
 #: What a worker's broker_transport names to use it.
 TRANSPORT_PATH = "worker.broker.transport:Transport"
+#: The name kombu knows it by once this module is imported: the scheme of the
+#: worker's broker URL in its banner and logs ("Connected to eventbuffer-redis://...").
+TRANSPORT_ALIAS = "eventbuffer-redis"
 
 
 class UntestedKombu(RuntimeError):
@@ -316,7 +319,7 @@ class Channel(kombu_redis.Channel):
         return payload
 
     def _park(self, raw: bytes, seq: int) -> None:
-        kombu_redis.crit(
+        log.critical(
             "Cannot deliver this message; it is kept unchanged in %r: %r",
             self.broker_keys.unparsable,
             raw[:256],
@@ -351,3 +354,6 @@ class Transport(kombu_redis.Transport):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_kombu()
         super().__init__(*args, **kwargs)
+
+
+TRANSPORT_ALIASES.setdefault(TRANSPORT_ALIAS, TRANSPORT_PATH)
