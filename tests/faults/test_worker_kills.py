@@ -233,7 +233,7 @@ def test_whole_workers_killed_on_redis_broker(stacks) -> None:
 
 @pytest.mark.skipif(
     not os.environ.get("FAULTS_STOCK_TRANSPORT"),
-    reason="measures kombu's stock transport losing tasks (informational, about 2 minutes); "
+    reason="measures kombu's stock transport losing tasks (informational, half a minute); "
     "FAULTS_STOCK_TRANSPORT=1 runs it",
 )
 def test_whole_workers_killed_on_redis_broker_stock_transport(stacks) -> None:
