@@ -6,9 +6,10 @@ import logging
 from typing import Any
 
 from worker import metrics, runtime
-from worker.celery_app import TASK_PROCESS_BUFFER, app
+from worker.celery import app
 from worker.flush import FlushResult
 from worker.lock import LockLostError
+from worker.names import TASK_PROCESS_BUFFER
 from worker.sinks import SinkError
 
 log = logging.getLogger(__name__)

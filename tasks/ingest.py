@@ -10,8 +10,9 @@ from celery import Task
 from redis.exceptions import RedisError
 
 from worker import metrics, runtime
-from worker.celery_app import FLUSH_QUEUE, TASK_INGEST_EVENT, TASK_INGEST_EVENTS, app
+from worker.celery import app
 from worker.ingest import IngestResult, ingest
+from worker.names import FLUSH_QUEUE, TASK_INGEST_EVENT, TASK_INGEST_EVENTS, TASK_PROCESS_BUFFER
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def _maybe_request_flush(result: IngestResult) -> None:
         return
     pending = runtime.buffer().keyspace.flush_pending
     if runtime.redis_client().set(pending, result.batch_id, nx=True, ex=settings.lock_ttl_s):
-        app.send_task("eventbuffer.process_buffer", queue=FLUSH_QUEUE)
+        app.send_task(TASK_PROCESS_BUFFER, queue=FLUSH_QUEUE)
 
 
 @app.task(name=TASK_INGEST_EVENTS, bind=True, **RETRY)

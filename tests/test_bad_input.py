@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from worker import runtime
 from worker.buffer import EventBuffer
-from worker.celery_app import create_app
+from worker.celery import create_app
 from worker.clock import ManualClock
 from worker.deadletters import REASON_INVALID_EVENT, decode_dead_letter
 from worker.events import (

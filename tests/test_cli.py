@@ -24,7 +24,7 @@ import redis as redis_lib
 from tests.conftest import Result
 from worker import cli
 from worker.buffer import EventBuffer
-from worker.celery_app import create_app
+from worker.celery import create_app
 from worker.events import Event, parse_event
 from worker.ingest import ingest
 from worker.keys import ShardKeys

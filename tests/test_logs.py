@@ -17,7 +17,7 @@ from tests.celery_procs import CeleryProcess, project_env, wait_until
 from tests.conftest import RedisServer
 from worker import runtime
 from worker.buffer import EventBuffer
-from worker.celery_app import create_app
+from worker.celery import create_app
 from worker.events import parse_event
 from worker.logs import JsonFormatter, RedactSecrets, configure_handlers, redact
 from worker.settings import Settings

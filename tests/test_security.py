@@ -31,7 +31,7 @@ from tests.celery_procs import project_env, wait_until, worker
 from tests.conftest import Result, free_port
 from worker import cli, runtime
 from worker.buffer import EventBuffer
-from worker.celery_app import celery_config, create_app
+from worker.celery import celery_config, create_app
 from worker.events import encode_event, parse_event
 from worker.flush import Flusher
 from worker.ingest import ingest

@@ -5,6 +5,6 @@ environment, or whatever `runtime.configure()` was given before).
 """
 
 from worker import runtime
-from worker.celery_app import celery_config
+from worker.celery import celery_config
 
 globals().update(celery_config(runtime.settings()))

@@ -50,7 +50,7 @@ from celery import Celery
 
 from tests.celery_procs import CeleryProcess, beat, project_env, worker
 from tests.conftest import RedisServer
-from worker.celery_app import create_app
+from worker.celery import create_app
 from worker.keys import CHANNEL_SAVED, Keyspace
 from worker.producer import BufferFull, EventProducer, ProducerError
 from worker.settings import Settings
