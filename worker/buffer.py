@@ -18,7 +18,7 @@ from typing import cast
 from redis import Redis
 
 from worker.clock import SYSTEM_CLOCK, Clock
-from worker.events import KIND_NAMES, Event, decode_row, encode_event
+from worker.events import KIND_NAMES, Row, decode_row, encode_event
 from worker.keys import CHANNEL_RECEIVED, Keyspace, ShardKeys
 from worker.scripts import Scripts
 from worker.settings import Settings
@@ -86,12 +86,12 @@ class EventBuffer:
 
     # -- writing ------------------------------------------------------------
 
-    def add(self, event: Event) -> ApplyResult:
+    def add(self, event: Row) -> ApplyResult:
         return self.apply([event])
 
     def apply(
         self,
-        events: Sequence[Event],
+        events: Sequence[Row],
         batch_id: str | None = None,
         dead_letters: Sequence[bytes] = (),
     ) -> ApplyResult:
@@ -107,7 +107,7 @@ class EventBuffer:
         result = ApplyResult(batch_id=batch_id, events=len(events), dead=len(dead_letters))
         if not events and not dead_letters:
             return result
-        by_shard: dict[int, tuple[list[Event], list[bytes]]] = {}
+        by_shard: dict[int, tuple[list[Row], list[bytes]]] = {}
         for event in events:
             shard = self.keyspace.route(event.session_id or event.id).shard
             group = by_shard.setdefault(shard, ([], []))
@@ -161,7 +161,7 @@ class EventBuffer:
         session_id: str | None = None,
         project_id: str | None = None,
         profile_id: str | None = None,
-    ) -> Event | None:
+    ) -> Row | None:
         """A session's (or a project's profile's) last screen_view, or None."""
         if session_id is not None:
             key = self.keyspace.route(session_id).session(session_id)

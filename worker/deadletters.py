@@ -28,7 +28,7 @@ import msgspec
 from redis import Redis
 
 from worker.buffer import EventBuffer
-from worker.events import KIND_REGULAR, Event, InvalidEvent, Limits, encode_event, parse_event
+from worker.events import KIND_REGULAR, InvalidEvent, Limits, Row, encode_event, parse_event
 from worker.keys import ShardKeys
 
 REASON_INVALID_EVENT = "invalid_event"  # failed validation at ingest
@@ -181,7 +181,7 @@ def safe_text(data: bytes, limit: int | None = None) -> str:
 # -- replay -------------------------------------------------------------------------
 
 
-class QueuedRow(Event):
+class QueuedRow(Row):
     """A row that went through the buffer's rules already (a flush dead letter).
 
     Applied again, it is queued as it is: as a screen_view it would become its
@@ -204,7 +204,7 @@ class ReplayItem:
     # Earlier entries of the same shard with exactly the same bytes (two equal
     # invalid events of one batch): each is an event of its own.
     occurrence: int = 0
-    event: Event | None = None
+    event: Row | None = None
     error: str = ""  # why it cannot be replayed (it stays in the dead letters)
 
     @property
@@ -250,7 +250,7 @@ def payload_event_id(payload: bytes) -> str | None:
     return canonical_id(obj.get("id")) if isinstance(obj, dict) else None
 
 
-def validate_payload(payload: bytes, limits: Limits, already_queued: bool) -> Event:
+def validate_payload(payload: bytes, limits: Limits, already_queued: bool) -> Row:
     """The event a payload makes, as ingest would accept it; raises InvalidEvent.
 
     Only JSON objects count, as at ingest (JSON text inside a JSON string is

@@ -17,7 +17,7 @@ from redis import Redis
 from redis.client import Pipeline
 
 import lua_scripts
-from worker.events import KIND_REGULAR, Event
+from worker.events import KIND_REGULAR, Row
 from worker.keys import ShardKeys
 
 
@@ -56,7 +56,7 @@ class Scripts:
         self,
         shard: ShardKeys,
         batch_id: str,
-        events: Sequence[Event],
+        events: Sequence[Row],
         rows: Sequence[bytes],
         *,
         now_ms: int,

@@ -30,7 +30,7 @@ import msgspec
 from clickhouse_driver import Client, errors
 from clickhouse_driver.util.helpers import parse_url
 
-from worker.events import Event, datetime_ms
+from worker.events import Row, datetime_ms
 from worker.sinks.base import (
     PermanentSinkError,
     RetryableSinkError,
@@ -42,10 +42,10 @@ from worker.sinks.schema import create_database, create_table, identifier
 
 DEDUP_MIN_VERSION = (22, 2)
 
-_events_decoder = msgspec.json.Decoder(list[Event])
-_EVENT_FIELDS = frozenset(Event.__struct_fields__)
+_events_decoder = msgspec.json.Decoder(list[Row])
+_EVENT_FIELDS = frozenset(Row.__struct_fields__)
 
-# What each Event field holds after decoding; any field not listed is a str.
+# What each Row field holds after decoding; any field not listed is a str.
 _FIELD_KINDS = {
     "id": "uuid",
     "properties": "map",
@@ -103,7 +103,7 @@ def _ticks(scale: int) -> Convert:
 
 
 def _converter(field: str, ch_type: str) -> Convert | None:
-    """How to turn the Event value of `field` into what a `ch_type` column takes.
+    """How to turn the Row value of `field` into what a `ch_type` column takes.
 
     None means "as is". A type that cannot hold the field is a schema problem,
     not the rows' fault, so it fails the whole sink rather than each row.
@@ -127,7 +127,7 @@ def _converter(field: str, ch_type: str) -> Convert | None:
         convert = None
     else:
         raise PermanentSinkError(
-            f"column {field} has type {ch_type}, which cannot hold Event.{field}"
+            f"column {field} has type {ch_type}, which cannot hold Row.{field}"
         )
 
     if field not in _OPTIONAL_FIELDS:
@@ -241,7 +241,7 @@ class NativeSink:
                 self._client.disconnect()
             self._client = None
 
-    def _decode(self, rows: Sequence[bytes]) -> list[Event]:
+    def _decode(self, rows: Sequence[bytes]) -> list[Row]:
         try:
             events = _events_decoder.decode(b"[" + b",".join(rows) + b"]")
         except msgspec.DecodeError as exc:  # also msgspec.ValidationError
@@ -302,16 +302,20 @@ class NativeSink:
 
     @staticmethod
     def _column_data(
-        columns: list[tuple[str, Convert | None]], events: list[Event]
+        columns: list[tuple[str, Convert | None]], events: list[Row]
     ) -> list[list[Any]]:
         data = []
         try:
             for name, convert in columns:
                 values = [getattr(event, name) for event in events]
                 data.append(values if convert is None else [convert(value) for value in values])
-        except (TypeError, ValueError) as exc:
-            # Decoding already validated every value, so this is a bug in the
-            # conversion, not a bad row: stop rather than dead-letter them all.
+        except ValueError as exc:
+            # Decoding checked the types; a value that still does not convert is
+            # a date that does not parse: the row's fault (the flush isolates it).
+            raise RowRejectedError(f"a row's {name} cannot be stored: {exc}") from exc
+        except TypeError as exc:
+            # A type decoding let through: a bug in the conversion, not a bad
+            # row. Stop rather than dead-letter them all.
             raise PermanentSinkError(f"cannot convert an event for {name}: {exc!r}") from exc
         return data
 

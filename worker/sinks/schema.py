@@ -13,7 +13,7 @@ import re
 # this covers the last ~10M rows: far more than can be in flight at once.
 DEDUP_WINDOW = 10_000
 
-# (name, ClickHouse type) in the order of `worker.events.Event`.
+# (name, ClickHouse type) in the order of `worker.events.Row`.
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("id", "UUID"),
     ("name", "LowCardinality(String)"),
