@@ -15,12 +15,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
+import msgspec
 from redis import Redis
 
 from worker.clock import SYSTEM_CLOCK, Clock
+from worker.deadletters import DeadLetter, encode_dead_letter
 from worker.events import KIND_NAMES, Row, decode_row, encode_event
 from worker.keys import CHANNEL_RECEIVED, Keyspace, ShardKeys
-from worker.scripts import Scripts
+from worker.scripts import ALREADY_APPLIED, Scripts
 from worker.settings import Settings
 
 
@@ -93,15 +95,16 @@ class EventBuffer:
         self,
         events: Sequence[Row],
         batch_id: str | None = None,
-        dead_letters: Sequence[bytes] = (),
+        dead_letters: Sequence[tuple[DeadLetter, bytes]] = (),
     ) -> ApplyResult:
         """Apply validated events in order, atomically per shard.
 
         `batch_id` makes the call idempotent: applying the same id again (a
         redelivered task) does nothing, as long as the marker lives
         (`EVENT_BUFFER_BATCH_MARKER_TTL_S`). Without one, a fresh id is used.
-        `dead_letters` (entries from `worker.deadletters`) are stored with
-        the first shard's call, under the same marker.
+        `dead_letters` (a header and the raw payload each) are stored with
+        the first shard's call, under the same marker; their headers name
+        that shard.
         """
         batch_id = batch_id or str(uuid.uuid4())
         result = ApplyResult(batch_id=batch_id, events=len(events), dead=len(dead_letters))
@@ -124,6 +127,10 @@ class EventBuffer:
         # One shard (the default): call the script directly. A pipeline would
         # cost redis-py's SCRIPT EXISTS round trip on every call.
         pipe = self.redis.pipeline(transaction=False) if len(shards) > 1 else None
+        dead = [
+            encode_dead_letter(msgspec.structs.replace(header, shard=shards[0]), payload)
+            for header, payload in dead_letters
+        ]
         replies = []
         for position, shard in enumerate(shards):
             group_events, rows = by_shard[shard]
@@ -138,7 +145,7 @@ class EventBuffer:
                     marker_ttl_s=self.settings.batch_marker_ttl_s,
                     visitors_ttl_s=self.settings.active_visitor_window_s + 60,
                     publish=publish if position == len(shards) - 1 else None,
-                    dead_letters=dead_letters if position == 0 else (),
+                    dead_letters=dead if position == 0 else (),
                     pipeline=pipe,
                 )
             )
@@ -146,7 +153,7 @@ class EventBuffer:
             replies = pipe.execute()
         for shard, (appended, length) in zip(shards, replies, strict=True):
             result.queue_lengths[shard] = int(length)
-            if int(appended) < 0:
+            if int(appended) == ALREADY_APPLIED:
                 result.skipped_shards.append(shard)
             else:
                 result.appended += int(appended)

@@ -46,6 +46,7 @@ from typing import Annotated, Any
 import msgspec
 
 from worker.clock import SYSTEM_CLOCK, Clock
+from worker.errors import InvalidEvent as InvalidEvent  # re-exported: part of the API
 from worker.settings import Settings
 
 MAX_PROPERTY_DEPTH = 8
@@ -58,15 +59,6 @@ KIND_NAMES = {
     KIND_SCREEN_VIEW: "screen_view",
     KIND_SESSION_END: "session_end",
 }
-
-
-class InvalidEvent(ValueError):
-    """An event failed validation. `field` is a dotted path, `problem` says why."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
 
 
 _DEFAULTS = Settings()

@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from worker.buffer import EventBuffer
-from worker.deadletters import REASON_INVALID_EVENT, DeadLetter, encode_dead_letter
+from worker.deadletters import REASON_INVALID_EVENT, DeadLetter
 from worker.events import Event, InvalidEvent, Limits, parse_event, with_id
 
 # A dead letter keeps the raw item, cut to this many bytes at most (an
@@ -133,7 +133,7 @@ def ingest(
     batch_id = _batch_key(batch_id)
     items = _items(payload)
     events: list[Event] = []
-    dead: list[bytes] = []
+    dead: list[tuple[DeadLetter, bytes]] = []
     now = buffer.clock.now_ms()
     max_dead_bytes = max(MIN_DEAD_PAYLOAD_BYTES, 2 * limits.max_event_bytes)
     batch_ns: uuid.UUID | None = None
@@ -170,10 +170,10 @@ def ingest(
                 field=exc.field,
                 source="ingest",
                 at=now,
-                shard=0,
+                shard=0,  # set to the shard that stores it, by EventBuffer.apply
                 claim=batch_id,
             )
-            dead.append(encode_dead_letter(header, raw))
+            dead.append((header, raw))
     result = buffer.apply(events, batch_id=batch_id, dead_letters=dead)
     return IngestResult(
         batch_id=result.batch_id,

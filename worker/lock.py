@@ -20,11 +20,12 @@ from redis import Redis
 from redis.exceptions import LockError, RedisError
 from redis.lock import Lock
 
+from worker.errors import LockLostError
+
 log = logging.getLogger(__name__)
 
 
-class LockLostError(RuntimeError):
-    """The flush lock expired or was taken over while a flush was working."""
+__all__ = ["FlushLock", "LockLostError", "lock_holder"]
 
 
 class FlushLock:

@@ -52,6 +52,7 @@ import msgspec
 from celery import Celery
 
 from worker.connection import broker_config
+from worker.errors import BufferFull, ProducerClosed, ProducerError
 from worker.events import Event, Limits, encode_event, parse_event
 from worker.names import INGEST_QUEUE, TASK_INGEST_EVENTS
 from worker.settings import Settings
@@ -66,20 +67,14 @@ EXIT_TIMEOUT_S = 5.0
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
 
 
-class ProducerError(RuntimeError):
-    """Events could not be sent or accepted; `unsent` events are held in memory."""
-
-    def __init__(self, message: str, unsent: int) -> None:
-        super().__init__(message)
-        self.unsent = unsent
-
-
-class BufferFull(ProducerError):
-    """`max_pending` events are held unsent: the caller must slow down or drop."""
-
-
-class ProducerClosed(ProducerError):
-    """`send()` after `close()`."""
+__all__ = [
+    "BufferFull",
+    "EventProducer",
+    "ProducerClosed",
+    "ProducerError",
+    "ProducerStats",
+    "producer_app",
+]
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from worker.errors import EventBufferError
 from worker.keys import ShardKeys
 from worker.logs import redact
 from worker.settings import Settings
@@ -37,7 +38,7 @@ BUSY_WAIT_S = 10.0
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
-class CliError(Exception):
+class CliError(EventBufferError):
     """An expected failure: printed as one line, exits with `code`."""
 
     def __init__(self, message: str, code: int = 1) -> None:

@@ -23,25 +23,17 @@ import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from worker.errors import PermanentSinkError, RetryableSinkError, RowRejectedError, SinkError
 
-class SinkError(Exception):
-    """A ClickHouse write or query failed."""
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class RetryableSinkError(SinkError):
-    """Transient: retry the same write later."""
-
-
-class PermanentSinkError(SinkError):
-    """Will not succeed by retrying; not the rows' fault."""
-
-
-class RowRejectedError(PermanentSinkError):
-    """ClickHouse rejected one or more rows of the chunk."""
+__all__ = [
+    "PermanentSinkError",
+    "RetryableSinkError",
+    "RowRejectedError",
+    "Sink",
+    "SinkError",
+    "classify",
+    "error_code",
+]
 
 
 # ClickHouse error codes (src/Common/ErrorCodes.cpp) that mean "try again".
