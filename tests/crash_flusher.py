@@ -112,19 +112,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
     )
     rounds = 0
-    try:
-        while buffer.get_buffer_size() > 0:
-            rounds += 1
-            if rounds > 10_000:
-                raise RuntimeError("the flush makes no progress")
-            results = flusher.process_buffer()
-            for result in results:
-                emit(flush=result.as_dict())
-            if not any(result.locked for result in results):
-                time.sleep(0.05)  # another flusher holds every shard: wait for it
-    except LockLostError as exc:
-        emit(lock_lost=str(exc))
-        return EXIT_LOCK_LOST
+    while buffer.get_buffer_size() > 0:
+        rounds += 1
+        if rounds > 10_000:
+            raise RuntimeError("the flush makes no progress")
+        results = flusher.process_buffer().shards
+        for result in results:
+            if isinstance(result.error, LockLostError):
+                emit(lock_lost=str(result.error))
+                return EXIT_LOCK_LOST
+            emit(flush=result.as_dict())
+        if not any(result.locked for result in results):
+            time.sleep(0.05)  # another flusher holds every shard: wait for it
     return 0
 
 

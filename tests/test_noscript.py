@@ -84,7 +84,7 @@ def flush_all(flusher: Flusher, buffer: EventBuffer) -> None:
     for _ in range(20):
         if buffer.get_buffer_size() == 0:
             return
-        results = flusher.process_buffer()
+        results = flusher.process_buffer().shards
         assert all(result.locked for result in results)
     raise AssertionError("the buffer did not drain")
 

@@ -234,7 +234,7 @@ def run_example(
         model = Model(shards)
 
         def flush_round() -> None:
-            results = flusher.process_buffer()
+            results = flusher.process_buffer().shards
             assert all(result.locked for result in results)
             assert not any(result.redriven for result in results)
             assert sum(result.dead for result in results) == 0

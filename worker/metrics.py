@@ -69,6 +69,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
@@ -81,10 +82,12 @@ from worker.buffer import active_projects
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.deadletters import REASON_INVALID_EVENT, REASON_INVALID_JSON, REASON_REJECTED
 from worker.events import KIND_NAMES, datetime_ms, decode_row_head
-from worker.flush import FlushResult
-from worker.ingest import IngestResult
 from worker.keys import Keyspace
 from worker.settings import Settings
+
+if TYPE_CHECKING:  # the flush and ingest modules record here: no import cycle at run time
+    from worker.flush import FlushResult
+    from worker.ingest import IngestResult
 
 PREFIX = "eventbuffer"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
