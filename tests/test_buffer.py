@@ -216,3 +216,32 @@ def test_shards_route_by_session_and_keep_sessions_in_order(
     for key in redis.keys("*"):
         assert key.startswith(b"{eventbuffer:")
     assert buffer.get_active_visitor_count("p1") == 3
+
+
+def test_a_key_of_the_wrong_type_fails_the_whole_batch_before_any_write(
+    buffer: EventBuffer, redis: redis_lib.Redis
+) -> None:
+    import pytest
+
+    from worker.errors import BufferKeyTypeError
+
+    shard = ShardKeys("eventbuffer", 0)
+    buffer.add(event("custom"))
+    redis.rpush(shard.session("s2"), "not a last view")  # a list where a string belongs
+    before = {key: redis.dump(key) for key in redis.keys("*")}
+    batch = [event("custom"), view("s1", T0, "u1"), view("s2", T0, "u2"), event("other")]
+    with pytest.raises(BufferKeyTypeError) as raised:
+        buffer.apply(batch, batch_id="b-1", dead_letters=[])
+    assert raised.value.key == shard.session("s2")
+    # Regular rows, visitors, the first session's view, the marker: nothing was written.
+    assert {key: redis.dump(key) for key in redis.keys("*")} == before
+
+    redis.delete(shard.session("s2"))  # fixed: the same batch now applies whole
+    assert buffer.apply(batch, batch_id="b-1").appended == 2
+    assert buffer.get_buffer_size() == 3
+
+    redis.delete(shard.queue)
+    redis.set(shard.queue, "x")
+    with pytest.raises(BufferKeyTypeError, match="queue"):
+        buffer.apply([event("custom")], batch_id="b-2")
+    assert redis.get(shard.queue) == b"x" and not redis.exists(shard.batch("b-2"))

@@ -352,6 +352,67 @@ def test_unreachable_redis_is_one_line_without_the_password(tmp_path: Path, comm
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["migrate", "query", "flush"])
+def test_unreachable_clickhouse_is_one_line_naming_the_url(
+    redis_url: str, redis: redis_lib.Redis, settings: Settings, command: str
+) -> None:
+    EventBuffer(redis, settings).add(event("x", int(time.time() * 1000)))  # for `flush`
+    url = f"clickhouse://app:hunter2@127.0.0.1:{closed_port()}/analytics"
+    args = [command, "SELECT 1"] if command == "query" else [command]
+    result = run_cli(args, project_env(REDIS_URL=redis_url, CLICKHOUSE_URL=url))
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.strip().splitlines()  # no clickhouse-driver warning, no traceback
+    assert line.startswith("eventbuffer: error: ClickHouse at 127.0.0.1:")
+    assert "Connection refused" in line
+    assert f"CLICKHOUSE_URL=clickhouse://app:***@127.0.0.1:{url.rsplit(':', 1)[1]}" in line
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_a_celery_worker_with_a_bad_setting_says_one_line(tmp_path: Path) -> None:
+    env = project_env(EVENT_BUFFER_SHARDS="many", REDIS_URL="redis://:hunter2@127.0.0.1:1/0")
+    for program in ("worker", "beat"):
+        result = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "worker", program],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            "eventbuffer: bad setting: EVENT_BUFFER_SHARDS must be an integer, got 'many'"
+        ]
+
+
+@pytest.mark.slow
+def test_a_failing_flush_logs_one_line_per_retry_in_the_worker(
+    redis_url: str, redis: redis_lib.Redis, settings: Settings, tmp_path: Path
+) -> None:
+    from tests.celery_procs import worker
+
+    EventBuffer(redis, settings).add(event("x", int(time.time() * 1000)))
+    url = f"clickhouse://app:hunter2@127.0.0.1:{closed_port()}/analytics"
+    env = project_env(REDIS_URL=redis_url, CLICKHOUSE_URL=url)
+    proc = worker(env, tmp_path / "flush.log", "-Q", "flush", "-P", "solo")
+    app = create_app(Settings.from_env({"REDIS_URL": redis_url}))
+    try:
+        proc.wait_for(" ready.", 60)
+        summary = app.send_task("eventbuffer.process_buffer").get(timeout=60)
+        assert summary["errors"] == 1
+        proc.wait_for("will retry next run", 10)
+    finally:
+        proc.stop()
+        app.close()
+    log = proc.text()
+    assert "Traceback" not in log, log
+    # clickhouse-driver's warning keeps one line, with the exception, and no password.
+    assert "Failed to connect to 127.0.0.1:" in log and "ConnectionRefusedError" in log, log
+    assert "hunter2" not in log
+    failed = [line for line in log.splitlines() if "flush of shard 0 failed" in line]
+    assert len(failed) == 1 and "Connection refused" in failed[0], log
+
+
 # -- run and demo, as real processes ----------------------------------------------
 
 

@@ -22,7 +22,7 @@ from worker.clock import SYSTEM_CLOCK, Clock
 from worker.deadletters import DeadLetter, encode_dead_letter
 from worker.events import KIND_NAMES, Row, decode_row, encode_event
 from worker.keys import CHANNEL_RECEIVED, Keyspace, ShardKeys
-from worker.scripts import ALREADY_APPLIED, Scripts
+from worker.scripts import ALREADY_APPLIED, Scripts, apply_reply
 from worker.settings import Settings
 
 
@@ -150,7 +150,10 @@ class EventBuffer:
                 )
             )
         if pipe is not None:
-            replies = pipe.execute()
+            # A shard whose key has the wrong type was left untouched; shards
+            # applied before it in the pipeline stay applied (their batch
+            # markers skip them when the batch comes again).
+            replies = [apply_reply(reply) for reply in pipe.execute()]
         for shard, (appended, length) in zip(shards, replies, strict=True):
             result.queue_lengths[shard] = int(length)
             if int(appended) == ALREADY_APPLIED:

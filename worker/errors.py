@@ -8,6 +8,7 @@
     │   └── PermanentSinkError     will not heal by retrying; not the rows' fault
     │       ├── RowRejectedError       ClickHouse refused rows of the chunk
     │       └── PoisonGuardError       most of a claim refused (worker/flush.py)
+    ├── BufferKeyTypeError     a buffer key holds a value of the wrong type (key)
     ├── FlushError             a shard's flush stopped (shard, lock)
     │   └── LockLostError          the flush lock expired or was taken over
     └── ProducerError          the producer client holds events it could not send (unsent)
@@ -56,6 +57,17 @@ class PermanentSinkError(SinkError):
 
 class RowRejectedError(PermanentSinkError):
     """ClickHouse rejected one or more rows of the chunk."""
+
+
+class BufferKeyTypeError(EventBufferError):
+    """A key of the buffer holds a value of the wrong type: something else wrote it.
+
+    The apply script checks before it writes anything, so nothing was applied.
+    """
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"Redis key {key!r} holds a value of the wrong type for the buffer")
+        self.key = key
 
 
 class FlushError(EventBufferError):

@@ -21,6 +21,7 @@ from redis.client import Pipeline
 from redis.commands.core import Script
 
 import lua_scripts
+from worker.errors import BufferKeyTypeError
 from worker.events import KIND_REGULAR, Row
 from worker.keys import ShardKeys
 
@@ -58,8 +59,18 @@ class AckResult(IntEnum):
     LOCK_HELD_BY_OTHER = -1
 
 
-# apply_batch.lua's `appended` for a batch id it has applied before.
+# apply_batch.lua's `appended` for a batch id it has applied before, and for
+# a key of the wrong type (the reply's second value is then the key's name).
 ALREADY_APPLIED = -1
+WRONG_TYPE = -2
+
+
+def apply_reply(reply: Sequence[Any]) -> tuple[int, int]:
+    """(appended, queue length) from apply_batch.lua; raises BufferKeyTypeError."""
+    appended = int(reply[0])
+    if appended == WRONG_TYPE:
+        raise BufferKeyTypeError(_text(reply[1]))
+    return appended, int(reply[1])
 
 
 class Scripts:
@@ -144,7 +155,7 @@ class Scripts:
         reply = self._apply(keys=keys, args=args, client=client)
         if pipeline is not None:
             return pipeline
-        return int(reply[0]), int(reply[1])
+        return apply_reply(reply)
 
     def claim(
         self, shard: ShardKeys, new_id: str, max_rows: int, now_ms: int, chunk_size: int
