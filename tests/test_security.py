@@ -32,6 +32,7 @@ from tests.conftest import Result, free_port
 from worker import cli, runtime
 from worker.buffer import EventBuffer
 from worker.celery import celery_config, create_app
+from worker.deadletters import decode_dead_letter
 from worker.events import as_row, encode_event, parse_event
 from worker.flush import Flusher
 from worker.ingest import ingest
@@ -256,7 +257,12 @@ def test_a_worker_refuses_a_pickled_task(
     assert not marker.exists()
     [row] = redis.lrange("{eventbuffer:0}:queue", 0, -1)
     assert json.loads(row)["name"] == "json"
-    assert redis.llen("{eventbuffer:0}:dead") == 0
+    # Kept, never unpickled: its raw body is a dead letter that no replay can read.
+    [entry] = redis.lrange("{eventbuffer:0}:dead", 0, -1)
+    header, payload = decode_dead_letter(entry)
+    assert (header.reason, header.task) == ("undeliverable_task", "eventbuffer.ingest_events")
+    assert "Refusing to deserialize untrusted content of type pickle" in header.error
+    assert payload.startswith(b"\x80")  # the pickle protocol's first byte
     assert redis.llen("ingest") == 0  # not left behind to be redelivered
 
 

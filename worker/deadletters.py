@@ -28,6 +28,12 @@ from worker.scripts import Scripts
 REASON_INVALID_EVENT = "invalid_event"  # failed validation at ingest
 REASON_INVALID_JSON = "invalid_json"  # a stored row that is not JSON (found at flush)
 REASON_REJECTED = "rejected_by_clickhouse"  # ClickHouse refused the row
+# A whole batch: its ingest task kept failing on an unexpected error (the raw batch).
+REASON_INGEST_FAILED = "ingest_failed"
+# A whole task message Celery could not run (bad body, kwargs, encoding): its raw body.
+REASON_UNDELIVERABLE = "undeliverable_task"
+# Reasons whose payload is a batch (or a task body holding one), not one event.
+BATCH_REASONS = frozenset({REASON_INGEST_FAILED, REASON_UNDELIVERABLE})
 # Shown for an entry whose header cannot be decoded (not written by eventbuffer).
 REASON_UNREADABLE = "unreadable"
 
@@ -42,8 +48,9 @@ class DeadLetter(msgspec.Struct, kw_only=True):
     source: str  # "ingest" or "flush"
     at: int  # epoch ms
     shard: int
-    claim: str = ""  # the flush claim (flush) or ingest batch id (ingest)
+    claim: str = ""  # the flush claim (flush) or ingest batch id / task id (ingest)
     field: str = ""  # the offending field, when validation named one
+    task: str = ""  # the task the message was addressed to (a batch dead letter)
 
 
 _encoder = msgspec.json.Encoder()

@@ -45,11 +45,16 @@ Counters and histograms (recorded by the tasks):
 
     eventbuffer_events_applied_total{kind}        events applied to the buffer: regular,
                                                   screen_view, session_end
-    eventbuffer_ingest_batches_total{outcome}     ingest batches: applied, duplicate (skipped)
+    eventbuffer_ingest_batches_total{outcome}     ingest batches: applied, duplicate (skipped),
+                                                  dead_lettered (kept whole after failures)
+    eventbuffer_ingest_failures_total{kind}       failed ingest attempts: transient (Redis
+                                                  away; retried until it is back), unexpected
+                                                  (retried a few times, then dead-lettered)
     eventbuffer_apply_seconds                     histogram: one ingest apply (validate + Lua)
     eventbuffer_events_flushed_total              rows written to ClickHouse
-    eventbuffer_dead_letters_total{reason}        dead letters: invalid_event (ingest),
-                                                  invalid_json, rejected_by_clickhouse (flush)
+    eventbuffer_dead_letters_total{reason}        dead letters: invalid_event, ingest_failed,
+                                                  undeliverable_task (ingest), invalid_json,
+                                                  rejected_by_clickhouse (flush)
     eventbuffer_flush_runs_total{result}          shard flushes: success, error, locked (another
                                                   flusher held the lock), backoff (skipped while
                                                   the shard backs off after ClickHouse failures)
@@ -80,7 +85,13 @@ from redis.exceptions import RedisError
 
 from worker.buffer import active_projects
 from worker.clock import SYSTEM_CLOCK, Clock
-from worker.deadletters import REASON_INVALID_EVENT, REASON_INVALID_JSON, REASON_REJECTED
+from worker.deadletters import (
+    REASON_INGEST_FAILED,
+    REASON_INVALID_EVENT,
+    REASON_INVALID_JSON,
+    REASON_REJECTED,
+    REASON_UNDELIVERABLE,
+)
 from worker.events import KIND_NAMES, datetime_ms, decode_row_head
 from worker.keys import Keyspace
 from worker.settings import Settings
@@ -90,6 +101,13 @@ if TYPE_CHECKING:  # the flush and ingest modules record here: no import cycle a
     from worker.ingest import IngestResult
 
 PREFIX = "eventbuffer"
+DEAD_LETTER_REASONS = (
+    REASON_INVALID_EVENT,
+    REASON_INGEST_FAILED,
+    REASON_UNDELIVERABLE,
+    REASON_INVALID_JSON,
+    REASON_REJECTED,
+)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 OTHER_PROJECTS = "__other__"
 
@@ -122,7 +140,14 @@ class Metrics:
             "events_applied", "Events applied to the buffer, by kind.", ("kind",)
         )
         self.ingest_batches = counter(
-            "ingest_batches", "Ingest batches: applied, or duplicate (skipped).", ("outcome",)
+            "ingest_batches",
+            "Ingest batches: applied, duplicate (skipped), dead_lettered (after failures).",
+            ("outcome",),
+        )
+        self.ingest_failures = counter(
+            "ingest_failures",
+            "Failed ingest attempts: transient (retried), unexpected (dead-lettered at the end).",
+            ("kind",),
         )
         self.apply_seconds = histogram(
             "apply_seconds", "Time to validate and apply one ingest batch.", APPLY_BUCKETS
@@ -156,9 +181,11 @@ class Metrics:
         # Every known label value exists from the start, at 0: rates work from the first scrape.
         for kind in KIND_NAMES.values():
             self.events_applied.labels(kind)
-        for outcome in ("applied", "duplicate"):
+        for outcome in ("applied", "duplicate", "dead_lettered"):
             self.ingest_batches.labels(outcome)
-        for reason in (REASON_INVALID_EVENT, REASON_INVALID_JSON, REASON_REJECTED):
+        for kind in ("transient", "unexpected"):
+            self.ingest_failures.labels(kind)
+        for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(reason)
         for result in (FLUSH_SUCCESS, FLUSH_ERROR, FLUSH_LOCKED, FLUSH_BACKOFF):
             self.flush_runs.labels(result)
@@ -216,6 +243,18 @@ def record_ingest(result: IngestResult, seconds: float) -> None:
             m.events_applied.labels(kind).inc(count)
     if result.invalid:
         m.dead_letters.labels(REASON_INVALID_EVENT).inc(result.invalid)
+
+
+def record_ingest_failure(kind: str) -> None:
+    metrics().ingest_failures.labels(kind).inc()
+
+
+def record_batch_dead_lettered(reason: str) -> None:
+    """A whole batch (or task message) was kept as one dead letter."""
+    m = metrics()
+    m.dead_letters.labels(reason).inc()
+    if reason == REASON_INGEST_FAILED:
+        m.ingest_batches.labels("dead_lettered").inc()
 
 
 def record_flush(result: FlushResult) -> None:

@@ -3,6 +3,12 @@
 A replayed entry is applied under a batch id derived from its bytes, so a
 replay that is run again after a crash skips what it had applied (while the
 batch marker lives, `EVENT_BUFFER_BATCH_MARKER_TTL_S`) and only removes it.
+
+A batch dead letter (`ingest_failed`, `undeliverable_task`) holds a whole
+batch, or the task body that carried it: replaying it runs the batch through
+`ingest()` as its task would have, under the batch's own id (so shards a
+failed task had applied before it failed are skipped while their markers
+live); its invalid events become dead letters of their own.
 """
 
 from __future__ import annotations
@@ -17,9 +23,16 @@ from typing import Any
 import msgspec
 
 from worker.buffer import EventBuffer
-from worker.deadletters import PAGE, StoredDeadLetter, remove_dead_letters
+from worker.deadletters import (
+    BATCH_REASONS,
+    PAGE,
+    REASON_UNDELIVERABLE,
+    StoredDeadLetter,
+    remove_dead_letters,
+)
 from worker.errors import InvalidEvent
 from worker.events import KIND_REGULAR, Limits, Row, encode_event, parse_event
+from worker.ingest import TaskBodyError, body_batch, ingest
 
 
 class QueuedRow(Row):
@@ -46,11 +59,19 @@ class ReplayItem:
     # invalid events of one batch): each is an event of its own.
     occurrence: int = 0
     event: Row | None = None
+    # A batch dead letter's events argument, as its ingest task takes it.
+    batch: Any = None
     error: str = ""  # why it cannot be replayed (it stays in the dead letters)
 
     @property
     def batch_id(self) -> str:
-        """Derived from the entry alone, so a rerun, even with another fix, is skipped."""
+        """Derived from the entry alone, so a rerun, even with another fix, is skipped.
+
+        A batch keeps its own id (its task id), which its dead letter recorded.
+        """
+        header = self.letter.header
+        if self.batch is not None and header is not None and header.claim:
+            return header.claim
         digest = hashlib.sha256(self.letter.entry).hexdigest()[:40]
         return f"dlq-replay:{self.letter.shard}:{digest}:{self.occurrence}"
 
@@ -68,6 +89,8 @@ class ReplayResult:
     applied: int = 0  # entries applied to the buffer now
     already_applied: int = 0  # entries a previous (interrupted) replay had applied
     removed: int = 0  # entries removed from the dead letters
+    # Invalid events of replayed batches, dead-lettered on their own now.
+    invalid_events: int = 0
 
 
 def canonical_id(value: Any) -> str | None:
@@ -124,6 +147,10 @@ def plan_replay(
         occurrence = seen[letter.shard, letter.entry]
         seen[letter.shard, letter.entry] += 1
         payload, fixed = letter.payload, False
+        if letter.reason in BATCH_REASONS:
+            if fixes is None:  # a fix file corrects single events, matched by id
+                _plan_batch(plan, ReplayItem(letter, payload, False, occurrence))
+            continue
         if fixes is not None:
             event_id = payload_event_id(letter.payload)
             if event_id is None or event_id not in fixes:
@@ -147,6 +174,22 @@ def plan_replay(
     return plan
 
 
+def _plan_batch(plan: ReplayPlan, item: ReplayItem) -> None:
+    """A batch dead letter is ready when its batch can be read; its events are checked later."""
+    header = item.letter.header
+    assert header is not None  # a batch reason comes from a decoded header
+    try:
+        if header.reason == REASON_UNDELIVERABLE:
+            item.batch = body_batch(header.task, item.payload)
+        else:
+            item.batch = msgspec.json.decode(item.payload)
+    except (TaskBodyError, msgspec.DecodeError) as exc:
+        item.error = str(exc)
+        plan.invalid.append(item)
+        return
+    plan.ready.append(item)
+
+
 def replay(
     buffer: EventBuffer,
     items: Sequence[ReplayItem],
@@ -162,9 +205,14 @@ def replay(
     for start in range(0, len(items), PAGE):
         page = items[start : start + PAGE]
         for item in page:
-            assert item.event is not None, "only ready items are replayed"
-            applied = buffer.apply([item.event], batch_id=item.batch_id)
-            if applied.duplicate:
+            if item.batch is not None:
+                ingested = ingest(buffer, item.batch, item.batch_id)
+                result.invalid_events += 0 if ingested.duplicate else ingested.invalid
+                duplicate = ingested.duplicate
+            else:
+                assert item.event is not None, "only ready items are replayed"
+                duplicate = buffer.apply([item.event], batch_id=item.batch_id).duplicate
+            if duplicate:
                 result.already_applied += 1
             else:
                 result.applied += 1

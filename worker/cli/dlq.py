@@ -307,6 +307,11 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings, console: Consol
         f"Replayed {count:,} dead letter(s) into the buffer{earlier}; removed "
         f"{result.removed:,} from the dead letters. They reach ClickHouse with the next flush."
     )
+    if result.invalid_events:
+        console.print(
+            f"{result.invalid_events:,} event(s) of the replayed batches failed validation: "
+            "each is a dead letter of its own now (eventbuffer dlq list --reason invalid_event)."
+        )
     if result.removed < count:
         console.print(
             f"{count - result.removed:,} were gone from the dead letters already "
