@@ -115,6 +115,7 @@ def test_migrate_is_idempotent_and_query_prints_rows(run_main: Callable[..., Res
 
 
 def test_query_output_is_verbatim(run_main: Callable[..., Result]) -> None:
+    assert run_main("migrate").code == 0
     sql = "SELECT '[/bold] :smile: [red]x' AS s, NULL AS n, 'a\tb' AS t"
     as_table = run_main("query", sql)
     assert as_table.code == 0
@@ -133,6 +134,8 @@ def test_query_output_is_verbatim(run_main: Callable[..., Result]) -> None:
         "ALTER TABLE events DELETE WHERE 1",
         "SELECT 1; DROP TABLE events",
         "SELECT 1 INTO OUTFILE 'out.csv'",
+        "SELECT 1 INTO/**/OUTFILE '/tmp/eventbuffer-test-outfile'",
+        "SELECT 1 INTO -- a comment\n OUTFILE '/tmp/eventbuffer-test-outfile'",
         "-- only a comment",
     ],
 )
@@ -143,6 +146,60 @@ def test_query_refuses_writes_without_write(run_main: Callable[..., Result], sql
     assert len(refused.err.strip().splitlines()) == 1
     assert "--write" in refused.err
     assert run_main("query", "EXISTS TABLE events", "--format", "tsv").out.splitlines()[1] == "1"
+    assert not Path("/tmp/eventbuffer-test-outfile").exists()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # Reading keywords that still write: the engine's readonly mode refuses them.
+        "SELECT * FROM events SETTINGS readonly = 0",
+        "WITH 1 AS x INSERT INTO events (project_id, name, created_at) VALUES ('p', 'x', now())",
+        "SELECT * FROM file('/etc/hostname', 'LineAsString')",
+        "EXPLAIN SELECT 1 SETTINGS readonly = 0",
+    ],
+)
+def test_read_only_is_enforced_by_the_engine(run_main: Callable[..., Result], sql: str) -> None:
+    assert run_main("migrate").code == 0
+    refused = run_main("query", sql)
+    assert refused.code in (1, 2), refused.out
+    assert "readonly" in refused.err.lower() or "read-only" in refused.err.lower(), refused.err
+    assert len(refused.err.strip().splitlines()) == 1
+    # A write in the same process afterwards still works (readonly stayed in its session).
+    insert = "INSERT INTO events (project_id, name, created_at) VALUES ('p', 'x', now())"
+    assert run_main("query", insert, "--write").code == 0
+    assert run_main("query", "SELECT count() FROM events", "--format", "tsv").out == "count()\n1\n"
+
+
+def test_read_only_commands_create_no_data_directory(
+    run_main: Callable[..., Result],
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("CLICKHOUSE_URL", "chdb://data/clickhouse")
+    for argv in (["query", "SELECT count() FROM events"], ["flush"]):
+        EventBuffer(redis_lib.Redis.from_url(settings.redis_url), settings).add(
+            event("x", int(time.time() * 1000))
+        )
+        result = run_main(*argv)
+        assert result.code == 1, result.out
+        [line] = result.err.strip().splitlines()
+        assert f"no embedded ClickHouse at {elsewhere / 'data' / 'clickhouse'}" in line
+        assert f"relative to the current directory {elsewhere}" in line
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_missing_table_says_how_to_create_it(run_main: Callable[..., Result]) -> None:
+    scratch = "CREATE TABLE scratch (x UInt8) ENGINE = MergeTree ORDER BY x"
+    assert run_main("query", scratch, "--write").code == 0  # data, but no events table
+    result = run_main("query", "SELECT count() FROM events")
+    assert result.code == 1
+    [line] = result.err.strip().splitlines()
+    assert "create it with `eventbuffer migrate`" in line
 
 
 @pytest.mark.parametrize(

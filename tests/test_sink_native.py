@@ -134,6 +134,23 @@ def test_query_binds_params_client_side(old_url: str) -> None:
     assert rows == [("it's; DROP", 7)]
 
 
+def test_a_read_only_query_cannot_write_on_the_server(old_url: str, compat: NativeSink) -> None:
+    compat.write([event_row("p-readonly")], "t-readonly")
+    before = compat.query("SELECT count() FROM events_compat")
+    for sql in (
+        "INSERT INTO events_compat (project_id, name) VALUES ('p', 'x')",
+        "SELECT 1 SETTINGS readonly = 0",
+        "DROP TABLE events_compat",
+    ):
+        with pytest.raises(PermanentSinkError) as refused:
+            compat.query(sql, readonly=True)
+        assert refused.value.code == 164, sql  # READONLY
+    assert compat.query("SELECT count() FROM events_compat", readonly=True) == before
+    # The same connection writes again afterwards: readonly was that query's own.
+    compat.write([event_row("p-readonly-2")], "t-readonly-2")
+    assert compat.query("SELECT count() FROM events_compat")[0][0] == before[0][0] + 1
+
+
 def test_migrate_modern_schema_fails_on_old_server(old_url: str) -> None:
     sink = NativeSink(old_url, table="events_modern")
     try:

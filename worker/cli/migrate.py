@@ -14,7 +14,7 @@ from worker.sinks.schema import identifier
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     table = settings.clickhouse_table
-    with clickhouse(settings) as sink:
+    with clickhouse(settings, create=True) as sink:
         try:
             existed = bool(int(sink.query(f"EXISTS TABLE {identifier(table)}")[0][0]))
         except SinkError:

@@ -37,11 +37,12 @@ __all__ = [
 
 
 # ClickHouse error codes (src/Common/ErrorCodes.cpp) that mean "try again".
+# Not 164 (READONLY): a read-only user or setting does not heal by waiting;
+# 242 (TABLE_IS_READ_ONLY) does: a replicated table that lost its Keeper session.
 RETRYABLE_CODES = frozenset(
     {
         3,  # UNEXPECTED_END_OF_FILE
         159,  # TIMEOUT_EXCEEDED
-        164,  # READONLY
         202,  # TOO_MANY_SIMULTANEOUS_QUERIES
         203,  # NO_FREE_CONNECTION
         209,  # SOCKET_TIMEOUT
@@ -116,12 +117,18 @@ class Sink(Protocol):
         """
         ...
 
-    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        """Run a read query; `params` are bound server-side, never formatted in."""
+    def query(
+        self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
+    ) -> list[tuple[Any, ...]]:
+        """Run a query; `params` are never formatted in by hand.
+
+        `readonly`: the engine itself refuses anything but reading (ClickHouse's
+        `readonly = 1`, which the query cannot lift).
+        """
         ...
 
     def query_with_columns(
-        self, sql: str, params: dict[str, Any] | None = None
+        self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Like `query`, also returning the result's column names."""
         ...

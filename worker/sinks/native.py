@@ -205,22 +205,26 @@ class NativeSink:
                     self._columns = None  # the table may have changed: describe it again
                 raise
 
-    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    def query(
+        self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
+    ) -> list[tuple[Any, ...]]:
         """Run `sql`; `%(name)s` placeholders are filled from `params`.
 
         The native protocol has no bind parameters in clickhouse-driver: it
         escapes and quotes each value into the SQL text on the client.
+        `readonly`: the server runs it with `readonly = 1` and refuses any write.
         """
-        with self._lock, self._errors():
-            rows = self._connected().execute(sql, params)
-        return [tuple(row) for row in rows]
+        return self.query_with_columns(sql, params, readonly=readonly)[1]
 
     def query_with_columns(
-        self, sql: str, params: dict[str, Any] | None = None
+        self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Like `query`, also returning the result's column names (for the CLI)."""
+        settings = {"readonly": 1} if readonly else None
         with self._lock, self._errors():
-            rows, types = self._connected().execute(sql, params, with_column_types=True)
+            rows, types = self._connected().execute(
+                sql, params, with_column_types=True, settings=settings
+            )
         return [name for name, _ in types], [tuple(row) for row in rows]
 
     def migrate(self) -> None:
