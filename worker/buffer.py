@@ -24,6 +24,7 @@ from worker.events import KIND_NAMES, Row, decode_row, encode_event
 from worker.keys import CHANNEL_RECEIVED, Keyspace, ShardKeys
 from worker.scripts import ALREADY_APPLIED, Scripts, apply_reply
 from worker.settings import Settings
+from worker.state import active_projects, count_active_visitors
 
 
 @dataclass
@@ -49,16 +50,6 @@ class ApplyResult:
 def stored_view_row(value: bytes) -> bytes:
     """The JSON row of a stored last view, "<created ms>|<own duration>|<row>"."""
     return value.split(b"|", 2)[2]
-
-
-def active_projects(redis: Redis, keyspace: Keyspace) -> list[str]:
-    """Projects with a visitors set on any shard (SCAN; read-only)."""
-    projects: set[str] = set()
-    for shard in keyspace.all():
-        for key in redis.scan_iter(match=shard.visitors_pattern(), count=1000):
-            name = key.decode() if isinstance(key, bytes) else str(key)
-            projects.add(shard.project_of_visitors_key(name))
-    return sorted(projects)
 
 
 class _Throttle:
@@ -203,21 +194,8 @@ class EventBuffer:
     def get_active_visitor_count(self, project_id: str) -> int:
         """Distinct profiles seen within the active-visitor window; prunes older entries."""
         cutoff = self.clock.now_ms() - self.settings.active_visitor_window_s * 1000
-        shards = self.keyspace.all()
-        pipe = self.redis.pipeline(transaction=False)
-        for shard in shards:
-            pipe.zremrangebyscore(shard.visitors(project_id), "-inf", f"({cutoff}")
-            if len(shards) == 1:
-                pipe.zcard(shard.visitors(project_id))
-            else:
-                pipe.zrange(shard.visitors(project_id), 0, -1)
-        replies = pipe.execute()
-        if len(shards) == 1:
-            return int(replies[1])
-        members: set[bytes] = set()
-        for reply in replies[1::2]:
-            members.update(reply)
-        return len(members)
+        counts = count_active_visitors(self.redis, self.keyspace, [project_id], cutoff, prune=True)
+        return counts[project_id]
 
     def active_projects(self) -> list[str]:
         """Projects with a visitors set on any shard."""
