@@ -439,3 +439,13 @@ def test_modern_flusher_sigkilled_between_chunks(
         entry.close()
     assert ids == sent
     assert RUNNER.is_file()
+
+
+def test_migrate_cluster_needs_a_clickhouse_server(run_main: Any) -> None:
+    # The test's CLICKHOUSE_URL is embedded chDB: no cluster to create tables on.
+    result = run_main("migrate", "--cluster", "prod")
+    assert result.code != 0
+    assert "--cluster needs a ClickHouse server" in result.err
+    bad = run_main("migrate", "--cluster", "prod; DROP")
+    assert bad.code != 0
+    assert "--cluster: not a valid ClickHouse identifier" in bad.err
