@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     migrate = commands.add_parser("migrate", help="create the ClickHouse table (idempotent)")
+    migrate.add_argument(
+        "--cluster",
+        metavar="NAME",
+        help="create it ON CLUSTER NAME: Replicated local tables and a Distributed table",
+    )
     migrate.set_defaults(handler=cmd_migrate)
 
     flush = commands.add_parser("flush", help="drain the buffer into ClickHouse now")
