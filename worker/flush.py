@@ -52,6 +52,7 @@ from worker.errors import EventBufferError, LockLostError, SinkError
 from worker.events import decode_row_head
 from worker.keys import CHANNEL_SAVED, Keyspace, ShardKeys
 from worker.lock import FlushLock
+from worker.replies import text
 from worker.scripts import AckResult, Scripts
 from worker.settings import Settings
 from worker.sinks.base import PermanentSinkError, RetryableSinkError, RowRejectedError, Sink
@@ -390,9 +391,7 @@ class Flusher:
         """Tokens of the open claim's chunks that an earlier flush halved."""
         if not redriven:
             return set()  # a new claim: nothing of it was written yet
-        names = (
-            n.decode() if isinstance(n, bytes) else str(n) for n in self.redis.hkeys(shard.claim)
-        )
+        names = (text(n) for n in self.redis.hkeys(shard.claim))
         return {n[len(SPLIT_FIELD) :] for n in names if n.startswith(SPLIT_FIELD)}
 
     def _write(

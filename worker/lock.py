@@ -21,6 +21,7 @@ from redis.exceptions import LockError, RedisError
 from redis.lock import Lock
 
 from worker.errors import LockLostError
+from worker.replies import text
 
 log = logging.getLogger(__name__)
 
@@ -103,4 +104,4 @@ def lock_holder(redis: Redis, name: str) -> tuple[str, int] | None:
     token, ttl = pipe.execute()
     if token is None:
         return None
-    return (token.decode() if isinstance(token, bytes) else str(token)), int(ttl)
+    return text(token), int(ttl)

@@ -24,6 +24,7 @@ import lua_scripts
 from worker.errors import BufferKeyTypeError
 from worker.events import KIND_REGULAR, Row
 from worker.keys import ShardKeys
+from worker.replies import text
 
 
 def load_lua(stem: str) -> str:
@@ -69,7 +70,7 @@ def apply_reply(reply: Sequence[Any]) -> tuple[int, int]:
     """(appended, queue length) from apply_batch.lua; raises BufferKeyTypeError."""
     appended = int(reply[0])
     if appended == WRONG_TYPE:
-        raise BufferKeyTypeError(_text(reply[1]))
+        raise BufferKeyTypeError(text(reply[1]))
     return appended, int(reply[1])
 
 
@@ -169,7 +170,7 @@ class Scripts:
         if not reply:
             return None
         return Claim(
-            id=_text(reply[0]),
+            id=text(reply[0]),
             redriven=int(reply[1]) == 1,
             chunk_size=int(reply[3]),
             rows=list(reply[4:]),
@@ -221,7 +222,3 @@ class Scripts:
         for index, entry in entries:
             args += (index, entry)
         return int(self._dlq_remove(keys=[shard.dead], args=args, client=self._redis))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else value
