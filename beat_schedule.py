@@ -16,17 +16,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from worker.names import FLUSH_QUEUE, TASK_PROCESS_BUFFER, TASK_SWEEP
+
 
 def beat_schedule(flush_interval_s: int, sweep_interval_s: int = 60) -> dict[str, dict[str, Any]]:
     return {
         "process-buffer": {
-            "task": "eventbuffer.process_buffer",
+            "task": TASK_PROCESS_BUFFER,
             "schedule": float(flush_interval_s),
-            "options": {"queue": "flush", "expires": float(flush_interval_s)},
+            "options": {"queue": FLUSH_QUEUE, "expires": float(flush_interval_s)},
         },
         "sweep": {
-            "task": "eventbuffer.sweep",
+            "task": TASK_SWEEP,
             "schedule": float(sweep_interval_s),
-            "options": {"queue": "flush", "expires": float(sweep_interval_s)},
+            "options": {"queue": FLUSH_QUEUE, "expires": float(sweep_interval_s)},
         },
     }

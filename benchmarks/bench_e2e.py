@@ -53,8 +53,9 @@ from benchmarks.support import (
     rss_kb,
     wait_until,
 )
-from worker.celery_app import INGEST_QUEUE, create_app
+from worker.celery import create_app
 from worker.keys import Keyspace
+from worker.names import INGEST_QUEUE
 from worker.producer import EventProducer
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink, close_all

@@ -1,6 +1,6 @@
 """flush: rows/s from the Redis buffer into ClickHouse.
 
-eventbuffer's path: `Flusher.process_buffer()` draining a queue of N rows
+eventbuffer's path: `Flusher.process_buffer().shards` draining a queue of N rows
 (batch 4000, chunk 1000, max_batches_per_flush large): lock, claim.lua,
 decode heads, sort, chunked INSERTs with dedup tokens, ack.lua, and opening
 and closing the sink as every run does.
@@ -139,7 +139,7 @@ class Bench:
             pipe.rpush(self.queue, *chunk)
         pipe.execute()
         started = time.perf_counter()
-        results = self.flusher.process_buffer()
+        results = self.flusher.process_buffer().shards
         seconds = time.perf_counter() - started
         self._check("eventbuffer", self.count())
         self._check("eventbuffer (flush result)", sum(r.rows for r in results))

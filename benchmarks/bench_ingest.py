@@ -37,7 +37,7 @@ from benchmarks.support import (
     wait_until,
 )
 from worker.buffer import EventBuffer
-from worker.celery_app import create_app
+from worker.celery import create_app
 from worker.ingest import ingest
 from worker.producer import EventProducer
 from worker.settings import Settings

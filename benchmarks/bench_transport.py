@@ -40,7 +40,7 @@ from benchmarks.support import (
     wait_until,
 )
 from worker.buffer import EventBuffer
-from worker.celery_app import create_app
+from worker.celery import create_app
 from worker.producer import EventProducer
 from worker.settings import Settings
 
@@ -53,6 +53,7 @@ ROUND_TRIPS = {"reliable": ("evalsha", "blmove", "del"), "kombu": ("brpop", "exe
 @dataclass
 class Setup:
     rounds: int
+    settings: dict[str, Settings]
     events: list[dict[str, Any]]
     expected_rows: int
     apps: dict[str, Any]
@@ -91,6 +92,7 @@ def run(args: argparse.Namespace) -> list[Result]:
     ):
         workers: dict[str, CeleryChild] = {}
         apps: dict[str, Any] = {}
+        settings_of: dict[str, Settings] = {}
         for name, db in TRANSPORTS.items():
             values = {
                 "REDIS_URL": buffer_server.url(0),
@@ -102,11 +104,13 @@ def run(args: argparse.Namespace) -> list[Result]:
             workers[name] = celery_worker(
                 f"transport-{name}", "ingest", project_env(**values), Path(tmp) / "logs"
             )
-            apps[name] = create_app(Settings.from_env(values))
+            settings_of[name] = Settings.from_env(values)
+            apps[name] = create_app(settings_of[name])
         buffer = buffer_server.client(0)
         settings = Settings.from_env({"REDIS_URL": buffer_server.url(0)})
         setup = Setup(
             rounds=args.rounds,
+            settings=settings_of,
             events=dicts,
             expected_rows=len(dicts) - waiting,
             apps=apps,
@@ -133,7 +137,10 @@ def _one_size(setup: Setup, size: int, body_bytes: int) -> Result:
     n = len(setup.events)
     tasks = -(-n // size)
     log(f"[transport] {n:,} events in tasks of {size} ({tasks:,} tasks); {setup.rounds} rounds")
-    producers = {name: EventProducer(app, batch_size=size) for name, app in setup.apps.items()}
+    producers = {
+        name: EventProducer(app, batch_size=size, settings=setup.settings[name])
+        for name, app in setup.apps.items()
+    }
     trips: dict[str, list[float]] = {name: [] for name in TRANSPORTS}
     worker_cpu: dict[str, list[float]] = {name: [] for name in TRANSPORTS}
     broker_cpu: dict[str, list[float]] = {name: [] for name in TRANSPORTS}

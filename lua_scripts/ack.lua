@@ -8,7 +8,8 @@ KEYS[1]  the shard's flush lock (STRING holding the owner's token)
 KEYS[2]  the shard's open claim (HASH: id, count, at)
 KEYS[3]  the shard's queue (LIST)
 KEYS[4]  the shard's dead letters (LIST)
-KEYS[5]  the shard's flush stats (HASH)
+KEYS[5]  the shard's flush stats (HASH: the last flush, and running totals
+         rows_total / removed_total of rows inserted / taken off the queue)
 
 ARGV[1]  the caller's lock token
 ARGV[2]  the claim id being acknowledged
@@ -40,6 +41,8 @@ for start = 7, #ARGV, 1000 do
 end
 redis.call('HSET', KEYS[5], 'at', ARGV[3], 'rows', ARGV[4], 'dead', dead,
   'claim', ARGV[2], 'claimed', open[2])
+redis.call('HINCRBY', KEYS[5], 'rows_total', ARGV[4])
+redis.call('HINCRBY', KEYS[5], 'removed_total', open[2])
 if ARGV[5] ~= '' then
   redis.call('PUBLISH', ARGV[5], ARGV[6])
 end

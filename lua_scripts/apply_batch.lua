@@ -29,7 +29,12 @@ then four sections, each starting with its count:
 
 Returns {appended, queue_length}: appended is -1 when this batch id was
 applied before (then nothing is done, dead letters included), otherwise the
-rows appended.
+rows appended. Returns {-2, key name} when a key holds a value of the wrong type
+(nothing is done).
+
+Reads and checks come first, writes last: Redis does not roll a script back
+when a command fails, so every command that can fail on a key (a wrong
+type) runs before the first write, and a failed call leaves nothing behind.
 
 A last view (of a session, and a copy for its profile) is stored as
 "<created>|<own duration>|<row>". When the
@@ -46,48 +51,34 @@ end
 
 local now = ARGV[1]
 local queue = KEYS[1]
-local length = 0
-local n_out = 0
 
-local function push_all(from, to)
-  for start = from, to, 1000 do
-    length = redis.call('RPUSH', queue, unpack(ARGV, start, math.min(start + 999, to)))
-  end
-  n_out = n_out + math.max(0, to - from + 1)
+-- The lists and sorted sets written below must be of their type (or absent).
+local function wrong_type(idx, expected)
+  local kind = redis.call('TYPE', KEYS[idx])['ok']
+  return kind ~= 'none' and kind ~= expected
 end
+if wrong_type(1, 'list') then return {-2, KEYS[1]} end
+if wrong_type(3, 'list') then return {-2, KEYS[3]} end
+if wrong_type(4, 'zset') then return {-2, KEYS[4]} end
 
--- Dead letters.
-local at = 7
-local n_dead = tonumber(ARGV[at])
-for start = at + 1, at + n_dead, 1000 do
-  redis.call('RPUSH', KEYS[3], unpack(ARGV, start, math.min(start + 999, at + n_dead)))
-end
-at = at + n_dead + 1
-
--- Regular events.
-local n_regular = tonumber(ARGV[at])
-push_all(at + 1, at + n_regular)
-at = at + n_regular + 1
-
--- Active visitors.
-local n_sets = tonumber(ARGV[at])
-at = at + 1
+-- The sections' positions in ARGV.
+local dead_at = 7
+local n_dead = tonumber(ARGV[dead_at])
+local regular_at = dead_at + n_dead + 1
+local n_regular = tonumber(ARGV[regular_at])
+local visitors_at = regular_at + n_regular + 1
+local n_sets = tonumber(ARGV[visitors_at])
+local at = visitors_at + 1
+local visitor_sets = {}  -- {key index, first profile's ARGV index, count}
 for _ = 1, n_sets do
-  local key = KEYS[tonumber(ARGV[at])]
+  local idx = tonumber(ARGV[at])
+  if wrong_type(idx, 'zset') then return {-2, KEYS[idx]} end
   local count = tonumber(ARGV[at + 1])
-  local pairs_ = {}
-  for i = 1, count do
-    pairs_[2 * i - 1] = now
-    pairs_[2 * i] = ARGV[at + 1 + i]
-  end
-  for start = 1, #pairs_, 1000 do
-    redis.call('ZADD', key, unpack(pairs_, start, math.min(start + 999, #pairs_)))
-  end
-  redis.call('EXPIRE', key, ARGV[4])
+  visitor_sets[#visitor_sets + 1] = {idx, at + 2, count}
   at = at + 2 + count
 end
 
--- Screen views and session ends, in order.
+-- Screen views and session ends, in order: reads only, writes are collected.
 local out = {}
 local state = {}         -- key index -> stored value, or false once cleared
 local touched = {}       -- key indexes, in first-touch order
@@ -96,11 +87,12 @@ local session_of = {}    -- session key index -> session id
 local function load(idx)
   local value = state[idx]
   if value == nil then
-    value = redis.call('GET', KEYS[idx])
+    value = redis.pcall('GET', KEYS[idx])
+    if type(value) == 'table' and value['err'] then return nil, true end
     state[idx] = value
     touched[#touched + 1] = idx
   end
-  return value
+  return value, false
 end
 
 local function store(idx, value)
@@ -127,7 +119,8 @@ for i = at, #ARGV, 7 do
   local profile = tonumber(ARGV[i + 2])
   local session_id = ARGV[i + 3]
   local created = ARGV[i + 4]
-  local previous = load(session)
+  local previous, failed = load(session)
+  if failed then return {-2, KEYS[session]} end
 
   if kind == 'v' then
     if previous then
@@ -146,6 +139,40 @@ for i = at, #ARGV, 7 do
   session_of[session] = session_id
 end
 
+-- Writes: none of them can fail on a key's type any more.
+local length = 0
+local n_out = 0
+
+local function push_args(key, from, to)
+  for start = from, to, 1000 do
+    length = redis.call('RPUSH', key, unpack(ARGV, start, math.min(start + 999, to)))
+  end
+end
+
+-- Dead letters.
+for start = dead_at + 1, dead_at + n_dead, 1000 do
+  redis.call('RPUSH', KEYS[3], unpack(ARGV, start, math.min(start + 999, dead_at + n_dead)))
+end
+
+-- Regular events.
+push_args(queue, regular_at + 1, regular_at + n_regular)
+n_out = n_regular
+
+-- Active visitors.
+for _, set in ipairs(visitor_sets) do
+  local key, first, count = KEYS[set[1]], set[2], set[3]
+  local pairs_ = {}
+  for i = 1, count do
+    pairs_[2 * i - 1] = now
+    pairs_[2 * i] = ARGV[first + i - 1]
+  end
+  for start = 1, #pairs_, 1000 do
+    redis.call('ZADD', key, unpack(pairs_, start, math.min(start + 999, #pairs_)))
+  end
+  redis.call('EXPIRE', key, ARGV[4])
+end
+
+-- Last views (SET replaces whatever a key held), and the session index.
 local indexed, ended = {}, {}  -- session index changes, sent in one call each
 for _, idx in ipairs(touched) do
   local value = state[idx]

@@ -6,7 +6,8 @@ import logging
 from typing import Any
 
 from worker import runtime
-from worker.celery_app import TASK_SWEEP, app
+from worker.celery import app
+from worker.names import TASK_SWEEP
 from worker.sweep import Sweeper
 
 log = logging.getLogger(__name__)

@@ -37,8 +37,11 @@ def project_env(**overrides: str) -> dict[str, str]:
 
 
 class CeleryProcess:
-    def __init__(self, args: list[str], env: Mapping[str, str], log: Path) -> None:
+    def __init__(
+        self, args: list[str], env: Mapping[str, str], log: Path, app: str = "worker"
+    ) -> None:
         self.args = args
+        self.app = app
         self.env = dict(env)
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
@@ -49,7 +52,7 @@ class CeleryProcess:
         self.offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "worker", *self.args],
+                [sys.executable, "-m", "celery", "-A", self.app, *self.args],
                 cwd=ROOT,
                 env=self.env,
                 stdout=out,
@@ -95,9 +98,9 @@ class CeleryProcess:
             self.kill()
 
 
-def worker(env: Mapping[str, str], log: Path, *extra: str) -> CeleryProcess:
+def worker(env: Mapping[str, str], log: Path, *extra: str, app: str = "worker") -> CeleryProcess:
     args = ["worker", "--loglevel=INFO", "--without-mingle", "--without-gossip", *extra]
-    return CeleryProcess(args, env, log).start()
+    return CeleryProcess(args, env, log, app).start()
 
 
 def beat(env: Mapping[str, str], log: Path, schedule: Path) -> CeleryProcess:

@@ -1,10 +1,12 @@
 """A flusher process for the crash tests, that really dies (or freezes) mid-flush.
 
-    python tests/crash_flusher.py REDIS_URL CHDB_URL KILL_AFTER_CHUNKS BATCH CHUNK
+    python tests/crash_flusher.py REDIS_URL CLICKHOUSE_URL KILL_AFTER_CHUNKS BATCH CHUNK
         [--signal KILL|STOP] [--lock-ttl S] [--release-between-writes]
 
 Runs the production `Flusher` (process_buffer until the buffer is empty) with
-a sink that delegates to a real `ChdbSink` and, right after its
+a sink that delegates to a real `ChdbSink` (a `chdb://` URL) or `NativeSink`
+(a `clickhouse://` URL; old servers allowed, for the 18.16 cluster whose
+Replicated tables deduplicate by content) and, right after its
 KILL_AFTER_CHUNKS-th successful write, sends itself SIGKILL (the default: the
 process dies on the spot, no cleanup, no ack) or SIGSTOP (the whole process
 freezes, lock watchdog included, until someone sends SIGCONT). 0 means never.
@@ -42,7 +44,9 @@ from worker.buffer import EventBuffer
 from worker.flush import Flusher
 from worker.lock import LockLostError
 from worker.settings import Settings
+from worker.sinks.base import Sink
 from worker.sinks.chdb import ChdbSink, path_from_url
+from worker.sinks.native import NativeSink
 
 EXIT_LOCK_LOST = 3
 
@@ -56,8 +60,13 @@ class SuicidalSink(DelegatingSink):
 
     writes = 0  # across every sink the flusher opens in this process
 
-    def __init__(self, path: str, table: str, after: int, signo: int, release: bool) -> None:
-        super().__init__(ChdbSink(path, table))
+    def __init__(self, url: str, table: str, after: int, signo: int, release: bool) -> None:
+        inner: Sink
+        if url.startswith("chdb://"):
+            inner = ChdbSink(path_from_url(url), table)
+        else:
+            inner = NativeSink(url, table, require_dedup=False)
+        super().__init__(inner)
         self.after = after
         self.signo = signo
         self.release = release
@@ -96,7 +105,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "EVENT_BUFFER_SHARDS": str(args.shards),
         }
     )
-    path = path_from_url(settings.clickhouse_url)
     signo = signal.SIGKILL if args.signal == "KILL" else signal.SIGSTOP
     client = redis_lib.Redis.from_url(settings.redis_url)
     buffer = EventBuffer(client, settings)
@@ -104,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         client,
         settings,
         lambda: SuicidalSink(
-            path,
+            settings.clickhouse_url,
             settings.clickhouse_table,
             args.kill_after_chunks,
             signo,
@@ -112,19 +120,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
     )
     rounds = 0
-    try:
-        while buffer.get_buffer_size() > 0:
-            rounds += 1
-            if rounds > 10_000:
-                raise RuntimeError("the flush makes no progress")
-            results = flusher.process_buffer()
-            for result in results:
-                emit(flush=result.as_dict())
-            if not any(result.locked for result in results):
-                time.sleep(0.05)  # another flusher holds every shard: wait for it
-    except LockLostError as exc:
-        emit(lock_lost=str(exc))
-        return EXIT_LOCK_LOST
+    while buffer.get_buffer_size() > 0:
+        rounds += 1
+        if rounds > 10_000:
+            raise RuntimeError("the flush makes no progress")
+        results = flusher.process_buffer().shards
+        for result in results:
+            if isinstance(result.error, LockLostError):
+                emit(lock_lost=str(result.error))
+                return EXIT_LOCK_LOST
+            emit(flush=result.as_dict())
+        if not any(result.locked for result in results):
+            time.sleep(0.05)  # another flusher holds every shard: wait for it
     return 0
 
 

@@ -5,8 +5,13 @@ its own temp directory, free ports, no root, torn down afterwards. Debian ships
 18.16, far older than the `events` schema needs, so it serves the
 compatibility tests.
 
+`chdb_server()` runs ClickHouse 26.x from the chDB package as a native-protocol
+server (see tests/chdb_server.py): a modern server on any machine that has
+chDB, which eventbuffer depends on.
+
 `modern_server()` yields the URL of a current server: `CLICKHOUSE_TEST_URL`
-if set, else a testcontainers container when Docker is reachable, else None.
+if set, else a chDB server, else a testcontainers container when Docker is
+reachable, else None.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,6 +30,9 @@ from pathlib import Path
 
 from clickhouse_driver import Client
 
+CHDB_RUNNER = Path(__file__).resolve().parent / "chdb_server.py"
+# A chDB server stops by itself after this long, should a test run leak it.
+CHDB_SERVER_LIFETIME_S = 3600
 SERVER_BINARY = "/usr/sbin/clickhouse-server"
 SERVER_CONFIG = "/etc/clickhouse-server/config.xml"
 MODERN_IMAGE = "clickhouse/clickhouse-server:25.8"
@@ -85,21 +94,77 @@ def local_server(timeout: float = 30.0) -> Iterator[str]:
             _stop(process)
 
 
+class ChdbServer:
+    """A chDB process serving the native protocol on a free port of 127.0.0.1."""
+
+    def __init__(self, directory: Path, extra_config: str = "") -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.extra_config = extra_config
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"clickhouse://default@127.0.0.1:{self.port}/default"
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "config.xml").write_text(
+            "<clickhouse>\n"
+            "    <listen_host>127.0.0.1</listen_host>\n"
+            f"    <tcp_port>{self.port}</tcp_port>\n"
+            "    <logger><level>warning</level><console>1</console></logger>\n"
+            "    <query_log><database>system</database><table>query_log</table></query_log>\n"
+            f"{self.extra_config}"
+            "</clickhouse>\n"
+        )
+        with open(self.directory / "stdout.log", "wb") as output:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(CHDB_RUNNER),
+                    str(self.directory),
+                    str(CHDB_SERVER_LIFETIME_S),
+                ],
+                cwd=self.directory,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        _wait_until_ready(self.process, self.port, timeout, self.directory, "chDB server")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.process)
+
+
+@contextmanager
+def chdb_server(extra_config: str = "") -> Iterator[str]:
+    """Run ClickHouse 26.x from the chDB package; yield its `clickhouse://` URL."""
+    with tempfile.TemporaryDirectory(prefix="chdb-server-") as tmp:
+        server = ChdbServer(Path(tmp), extra_config)
+        try:
+            server.start()
+            yield server.url
+        finally:
+            server.stop()
+
+
 def _wait_until_ready(
-    process: subprocess.Popen[bytes], port: int, timeout: float, base: Path
+    process: subprocess.Popen[bytes],
+    port: int,
+    timeout: float,
+    base: Path,
+    what: str = "clickhouse-server",
 ) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
-            raise RuntimeError(
-                f"clickhouse-server exited with {process.returncode}:\n{_log_tail(base)}"
-            )
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{_log_tail(base)}")
         if _answers(port):
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"clickhouse-server not ready after {timeout:.0f}s:\n{_log_tail(base)}"
-            )
+            raise TimeoutError(f"{what} not ready after {timeout:.0f}s:\n{_log_tail(base)}")
         time.sleep(0.1)
 
 
@@ -151,12 +216,30 @@ def docker_available() -> bool:
     return result.returncode == 0
 
 
+def chdb_serves() -> str | None:
+    """None if this machine can run a chDB server; else why not."""
+    try:
+        import chdb
+    except ImportError as exc:
+        return f"chDB is not installed ({exc})"
+    major = int(str(getattr(chdb, "engine_version", "0")).split(".")[0] or 0)
+    if major < 26:
+        # SYSTEM START LISTEN in clickhouse-local arrived in ClickHouse 26.
+        return f"chDB's engine is ClickHouse {chdb.engine_version}, which cannot listen"
+    return None
+
+
 @contextmanager
 def modern_server() -> Iterator[str | None]:
     """Yield the URL of a ClickHouse >= 22.2, or None when there is none to use."""
     url = os.environ.get("CLICKHOUSE_TEST_URL")
     if url:
         yield url
+        return
+    why_not = chdb_serves()
+    if why_not is None:
+        with chdb_server() as url:
+            yield url
         return
     if not docker_available():
         yield None

@@ -22,13 +22,15 @@ class DelegatingSink:
     def write(self, rows: Sequence[bytes], token: str) -> None:
         self.inner.write(rows, token)
 
-    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        return self.inner.query(sql, params)
+    def query(
+        self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
+    ) -> list[tuple[Any, ...]]:
+        return self.inner.query(sql, params, readonly=readonly)
 
     def query_with_columns(
-        self, sql: str, params: dict[str, Any] | None = None
+        self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
-        return self.inner.query_with_columns(sql, params)
+        return self.inner.query_with_columns(sql, params, readonly=readonly)
 
     def migrate(self) -> None:
         self.inner.migrate()

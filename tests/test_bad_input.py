@@ -13,6 +13,7 @@ import math
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import msgspec
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 
 from worker import runtime
 from worker.buffer import EventBuffer
-from worker.celery_app import create_app
+from worker.celery import create_app
 from worker.clock import ManualClock
 from worker.deadletters import REASON_INVALID_EVENT, decode_dead_letter
 from worker.events import (
@@ -396,6 +397,22 @@ def test_each_bad_item_is_dead_lettered_and_the_rest_applied(
     # Redelivered: nothing more, dead letters included.
     again = ingest(buffer, payload, "batch-1")
     assert again.duplicate and len(dead_letters(redis)) == len(bad)
+
+
+def test_an_ingest_dead_letter_names_the_shard_that_stores_it(
+    redis: redis_lib.Redis, settings: Settings
+) -> None:
+    sharded = EventBuffer(redis, replace(settings, shards=4), CLOCK)
+    keyspace = sharded.keyspace
+    # The batch's first event routes to a shard other than 0: its dead letters go there.
+    session = next(f"s{n}" for n in range(100) if keyspace.route(f"s{n}").shard != 0)
+    home = keyspace.route(session).shard
+    result = ingest(sharded, [ev(session_id=session), {"name": "no project"}], "batch-9", LIMITS)
+    assert (result.accepted, result.invalid) == (1, 1)
+    stored = {s.shard: redis.lrange(s.dead, 0, -1) for s in keyspace.all()}
+    assert {n: len(entries) for n, entries in stored.items() if entries} == {home: 1}
+    header, _ = decode_dead_letter(stored[home][0])
+    assert header.shard == home
 
 
 @pytest.mark.parametrize(

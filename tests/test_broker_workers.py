@@ -31,7 +31,7 @@ from celery import Celery
 from tests.celery_procs import ROOT, CeleryProcess, project_env, wait_until, worker
 from tests.conftest import RedisServer
 from worker.broker.keys import BrokerKeys
-from worker.celery_app import create_app
+from worker.celery import create_app
 from worker.keys import Keyspace
 from worker.settings import Settings
 

@@ -8,7 +8,7 @@ import redis as redis_lib
 
 from worker.buffer import EventBuffer
 from worker.clock import ManualClock
-from worker.events import Event, parse_event
+from worker.events import Event, as_row, parse_event
 from worker.keys import CHANNEL_RECEIVED, ShardKeys
 from worker.settings import Settings
 
@@ -47,8 +47,8 @@ def test_each_screen_view_pushes_the_previous_one(
         sizes.append(buffer.get_buffer_size())
     assert sizes == [0, 1, 2]
     assert [(e.id, e.duration) for e in queued(redis)] == [(first.id, 1000), (second.id, 2000)]
-    assert buffer.get_last_screen_view(session_id="s1") == third
-    assert buffer.get_last_screen_view(project_id="p1", profile_id="u1") == third
+    assert buffer.get_last_screen_view(session_id="s1") == as_row(third)
+    assert buffer.get_last_screen_view(project_id="p1", profile_id="u1") == as_row(third)
 
 
 def test_session_end_pushes_the_last_view_unchanged_then_itself(
@@ -83,9 +83,9 @@ def test_two_sessions_of_one_profile_keep_their_own_last_views(buffer: EventBuff
     buffer.add(a)
     buffer.add(b)
     assert buffer.get_buffer_size() == 0
-    assert buffer.get_last_screen_view(session_id="sA") == a
-    assert buffer.get_last_screen_view(session_id="sB") == b
-    assert buffer.get_last_screen_view(project_id="p1", profile_id="u1") == b
+    assert buffer.get_last_screen_view(session_id="sA") == as_row(a)
+    assert buffer.get_last_screen_view(session_id="sB") == as_row(b)
+    assert buffer.get_last_screen_view(project_id="p1", profile_id="u1") == as_row(b)
 
 
 def test_one_batch_applies_events_in_order(buffer: EventBuffer, redis: redis_lib.Redis) -> None:
@@ -152,7 +152,7 @@ def test_redelivered_batch_id_applies_nothing(buffer: EventBuffer) -> None:
     assert (first.appended, first.duplicate) == (2, False)
     assert (again.appended, again.duplicate) == (0, True)
     assert buffer.get_buffer_size() == 2
-    assert buffer.get_last_screen_view(session_id="s1") == batch[2]
+    assert buffer.get_last_screen_view(session_id="s1") == as_row(batch[2])
 
 
 def test_hostile_ids_stay_data(buffer: EventBuffer, redis: redis_lib.Redis) -> None:
@@ -168,8 +168,8 @@ def test_hostile_ids_stay_data(buffer: EventBuffer, redis: redis_lib.Redis) -> N
         }
     )
     buffer.add(first)
-    assert buffer.get_last_screen_view(session_id=session) == first
-    assert buffer.get_last_screen_view(project_id=project, profile_id="a:b") == first
+    assert buffer.get_last_screen_view(session_id=session) == as_row(first)
+    assert buffer.get_last_screen_view(project_id=project, profile_id="a:b") == as_row(first)
     # Same text split differently between project and profile is another key.
     assert buffer.get_last_screen_view(project_id="p:{x} y:a", profile_id="b") is None
     for key in redis.keys("*"):
@@ -208,11 +208,40 @@ def test_shards_route_by_session_and_keep_sessions_in_order(
     assert len(result.queue_lengths) > 1, "40 events over 10 sessions should touch several shards"
     assert buffer.get_buffer_size() == 30
     for n in range(30, 40):
-        assert buffer.get_last_screen_view(session_id=f"s{n % 10}") == events[n]
+        assert buffer.get_last_screen_view(session_id=f"s{n % 10}") == as_row(events[n])
     # Newest view of profile u0 across shards.
     newest_u0 = max((e for e in events if e.profile_id == "u0"), key=lambda e: str(e.created_at))
-    assert buffer.get_last_screen_view(project_id="p1", profile_id="u0") == newest_u0
+    assert buffer.get_last_screen_view(project_id="p1", profile_id="u0") == as_row(newest_u0)
     # Every shard's keys share that shard's hash tag.
     for key in redis.keys("*"):
         assert key.startswith(b"{eventbuffer:")
     assert buffer.get_active_visitor_count("p1") == 3
+
+
+def test_a_key_of_the_wrong_type_fails_the_whole_batch_before_any_write(
+    buffer: EventBuffer, redis: redis_lib.Redis
+) -> None:
+    import pytest
+
+    from worker.errors import BufferKeyTypeError
+
+    shard = ShardKeys("eventbuffer", 0)
+    buffer.add(event("custom"))
+    redis.rpush(shard.session("s2"), "not a last view")  # a list where a string belongs
+    before = {key: redis.dump(key) for key in redis.keys("*")}
+    batch = [event("custom"), view("s1", T0, "u1"), view("s2", T0, "u2"), event("other")]
+    with pytest.raises(BufferKeyTypeError) as raised:
+        buffer.apply(batch, batch_id="b-1", dead_letters=[])
+    assert raised.value.key == shard.session("s2")
+    # Regular rows, visitors, the first session's view, the marker: nothing was written.
+    assert {key: redis.dump(key) for key in redis.keys("*")} == before
+
+    redis.delete(shard.session("s2"))  # fixed: the same batch now applies whole
+    assert buffer.apply(batch, batch_id="b-1").appended == 2
+    assert buffer.get_buffer_size() == 3
+
+    redis.delete(shard.queue)
+    redis.set(shard.queue, "x")
+    with pytest.raises(BufferKeyTypeError, match="queue"):
+        buffer.apply([event("custom")], batch_id="b-2")
+    assert redis.get(shard.queue) == b"x" and not redis.exists(shard.batch("b-2"))

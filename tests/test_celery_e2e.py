@@ -30,7 +30,7 @@ from tests.celery_procs import (
     worker,
 )
 from worker.buffer import EventBuffer
-from worker.celery_app import create_app
+from worker.celery import create_app
 from worker.flush import Flusher
 from worker.settings import Settings
 from worker.sinks import RetryableSinkError, open_sink

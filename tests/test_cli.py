@@ -25,7 +25,7 @@ from tests.conftest import Result
 from worker import cli
 from worker.broker.keys import BrokerKeys
 from worker.buffer import EventBuffer
-from worker.celery_app import create_app
+from worker.celery import create_app
 from worker.events import Event, parse_event
 from worker.ingest import ingest
 from worker.keys import ShardKeys
@@ -116,6 +116,7 @@ def test_migrate_is_idempotent_and_query_prints_rows(run_main: Callable[..., Res
 
 
 def test_query_output_is_verbatim(run_main: Callable[..., Result]) -> None:
+    assert run_main("migrate").code == 0
     sql = "SELECT '[/bold] :smile: [red]x' AS s, NULL AS n, 'a\tb' AS t"
     as_table = run_main("query", sql)
     assert as_table.code == 0
@@ -134,6 +135,8 @@ def test_query_output_is_verbatim(run_main: Callable[..., Result]) -> None:
         "ALTER TABLE events DELETE WHERE 1",
         "SELECT 1; DROP TABLE events",
         "SELECT 1 INTO OUTFILE 'out.csv'",
+        "SELECT 1 INTO/**/OUTFILE '/tmp/eventbuffer-test-outfile'",
+        "SELECT 1 INTO -- a comment\n OUTFILE '/tmp/eventbuffer-test-outfile'",
         "-- only a comment",
     ],
 )
@@ -144,6 +147,60 @@ def test_query_refuses_writes_without_write(run_main: Callable[..., Result], sql
     assert len(refused.err.strip().splitlines()) == 1
     assert "--write" in refused.err
     assert run_main("query", "EXISTS TABLE events", "--format", "tsv").out.splitlines()[1] == "1"
+    assert not Path("/tmp/eventbuffer-test-outfile").exists()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # Reading keywords that still write: the engine's readonly mode refuses them.
+        "SELECT * FROM events SETTINGS readonly = 0",
+        "WITH 1 AS x INSERT INTO events (project_id, name, created_at) VALUES ('p', 'x', now())",
+        "SELECT * FROM file('/etc/hostname', 'LineAsString')",
+        "EXPLAIN SELECT 1 SETTINGS readonly = 0",
+    ],
+)
+def test_read_only_is_enforced_by_the_engine(run_main: Callable[..., Result], sql: str) -> None:
+    assert run_main("migrate").code == 0
+    refused = run_main("query", sql)
+    assert refused.code in (1, 2), refused.out
+    assert "readonly" in refused.err.lower() or "read-only" in refused.err.lower(), refused.err
+    assert len(refused.err.strip().splitlines()) == 1
+    # A write in the same process afterwards still works (readonly stayed in its session).
+    insert = "INSERT INTO events (project_id, name, created_at) VALUES ('p', 'x', now())"
+    assert run_main("query", insert, "--write").code == 0
+    assert run_main("query", "SELECT count() FROM events", "--format", "tsv").out == "count()\n1\n"
+
+
+def test_read_only_commands_create_no_data_directory(
+    run_main: Callable[..., Result],
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("CLICKHOUSE_URL", "chdb://data/clickhouse")
+    for argv in (["query", "SELECT count() FROM events"], ["flush"]):
+        EventBuffer(redis_lib.Redis.from_url(settings.redis_url), settings).add(
+            event("x", int(time.time() * 1000))
+        )
+        result = run_main(*argv)
+        assert result.code == 1, result.out
+        [line] = result.err.strip().splitlines()
+        assert f"no embedded ClickHouse at {elsewhere / 'data' / 'clickhouse'}" in line
+        assert f"relative to the current directory {elsewhere}" in line
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_missing_table_says_how_to_create_it(run_main: Callable[..., Result]) -> None:
+    scratch = "CREATE TABLE scratch (x UInt8) ENGINE = MergeTree ORDER BY x"
+    assert run_main("query", scratch, "--write").code == 0  # data, but no events table
+    result = run_main("query", "SELECT count() FROM events")
+    assert result.code == 1
+    [line] = result.err.strip().splitlines()
+    assert "create it with `eventbuffer migrate`" in line
 
 
 @pytest.mark.parametrize(
@@ -351,6 +408,67 @@ def test_unreachable_redis_is_one_line_without_the_password(tmp_path: Path, comm
     assert "cannot reach Redis at redis://:***@127.0.0.1" in line
     assert "hunter2" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["migrate", "query", "flush"])
+def test_unreachable_clickhouse_is_one_line_naming_the_url(
+    redis_url: str, redis: redis_lib.Redis, settings: Settings, command: str
+) -> None:
+    EventBuffer(redis, settings).add(event("x", int(time.time() * 1000)))  # for `flush`
+    url = f"clickhouse://app:hunter2@127.0.0.1:{closed_port()}/analytics"
+    args = [command, "SELECT 1"] if command == "query" else [command]
+    result = run_cli(args, project_env(REDIS_URL=redis_url, CLICKHOUSE_URL=url))
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.strip().splitlines()  # no clickhouse-driver warning, no traceback
+    assert line.startswith("eventbuffer: error: ClickHouse at 127.0.0.1:")
+    assert "Connection refused" in line
+    assert f"CLICKHOUSE_URL=clickhouse://app:***@127.0.0.1:{url.rsplit(':', 1)[1]}" in line
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_a_celery_worker_with_a_bad_setting_says_one_line(tmp_path: Path) -> None:
+    env = project_env(EVENT_BUFFER_SHARDS="many", REDIS_URL="redis://:hunter2@127.0.0.1:1/0")
+    for program in ("worker", "beat"):
+        result = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "worker", program],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            "eventbuffer: bad setting: EVENT_BUFFER_SHARDS must be an integer, got 'many'"
+        ]
+
+
+@pytest.mark.slow
+def test_a_failing_flush_logs_one_line_per_retry_in_the_worker(
+    redis_url: str, redis: redis_lib.Redis, settings: Settings, tmp_path: Path
+) -> None:
+    from tests.celery_procs import worker
+
+    EventBuffer(redis, settings).add(event("x", int(time.time() * 1000)))
+    url = f"clickhouse://app:hunter2@127.0.0.1:{closed_port()}/analytics"
+    env = project_env(REDIS_URL=redis_url, CLICKHOUSE_URL=url)
+    proc = worker(env, tmp_path / "flush.log", "-Q", "flush", "-P", "solo")
+    app = create_app(Settings.from_env({"REDIS_URL": redis_url}))
+    try:
+        proc.wait_for(" ready.", 60)
+        summary = app.send_task("eventbuffer.process_buffer").get(timeout=60)
+        assert summary["errors"] == 1
+        proc.wait_for("will retry next run", 10)
+    finally:
+        proc.stop()
+        app.close()
+    log = proc.text()
+    assert "Traceback" not in log, log
+    # clickhouse-driver's warning keeps one line, with the exception, and no password.
+    assert "Failed to connect to 127.0.0.1:" in log and "ConnectionRefusedError" in log, log
+    assert "hunter2" not in log
+    failed = [line for line in log.splitlines() if "flush of shard 0 failed" in line]
+    assert len(failed) == 1 and "Connection refused" in failed[0], log
 
 
 # -- run and demo, as real processes ----------------------------------------------

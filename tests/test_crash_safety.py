@@ -155,7 +155,7 @@ def flush_until_empty(redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
     for _ in range(1000):
         if buffer.get_buffer_size() == 0:
             break
-        results += flusher.process_buffer()
+        results += flusher.process_buffer().shards
     assert buffer.get_buffer_size() == 0
     assert all(result.locked for result in results)
     return results

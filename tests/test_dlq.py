@@ -278,7 +278,7 @@ def test_a_replay_interrupted_before_the_removal_is_not_applied_twice(
 
     # Redis goes away after the events were applied, before the entries are removed.
     with monkeypatch.context() as patched:
-        patched.setattr("worker.deadletters.remove_dead_letters", lost_connection)
+        patched.setattr("worker.replay.remove_dead_letters", lost_connection)
         crashed = run_main("dlq", "replay", "--file", fixes, "--yes")
     assert crashed.code == 1
     [line] = crashed.err.strip().splitlines()
@@ -456,7 +456,9 @@ def test_removal_takes_exactly_the_entries_read_while_the_list_changes(
     late = hand_made(b'{"name":"late"}')
     redis.rpush(SHARD.dead, late)
 
-    removed = remove_dead_letters(buffer, [letters[n] for n in (0, 2, 4, 6)])
+    removed = remove_dead_letters(
+        buffer.scripts, buffer.keyspace, [letters[n] for n in (0, 2, 4, 6)]
+    )
     assert removed == 3, "entry 0 was gone already"
     assert redis.lrange(SHARD.dead, 0, -1) == [entries[1], entries[3], entries[5], late]
 

@@ -11,6 +11,7 @@ import pytest
 import redis as redis_lib
 
 from tests.sink_wrapper import DelegatingSink
+from tests.support.flushing import flush_error
 from worker.buffer import EventBuffer
 from worker.deadletters import REASON_INVALID_JSON, REASON_REJECTED, decode_dead_letter
 from worker.events import Event, parse_event
@@ -59,7 +60,7 @@ def test_rows_land_with_the_right_durations(
     end = event("session_end", "2026-03-01T12:00:10Z", session_id="s1", profile_id="u1")
     for item in [*views, end]:
         buffer.add(item)
-    [result] = flusher_for(redis, settings, sink).process_buffer()
+    [result] = flusher_for(redis, settings, sink).process_buffer().shards
     assert (result.locked, result.rows, result.dead, result.batches) == (True, 4, 0, 1)
     rows = sink.query("SELECT toString(id), name, duration FROM events ORDER BY created_at")
     assert rows == [
@@ -108,7 +109,7 @@ def test_chunks_of_chunk_size(redis: redis_lib.Redis, redis_url: str, chdb_url: 
     inner.migrate()
     sink = RecordingSink(inner)
     EventBuffer(redis, settings).apply([event("x", f"2026-03-01T12:00:0{n}Z") for n in range(4)])
-    [result] = flusher_for(redis, settings, sink).process_buffer()
+    [result] = flusher_for(redis, settings, sink).process_buffer().shards
     assert [size for size, _ in sink.writes] == [2, 2]
     claim = result.claims[0]
     assert [token for _, token in sink.writes] == [f"{claim}:0", f"{claim}:1"]
@@ -123,12 +124,12 @@ def test_takes_at_most_batch_size_oldest_events_sorted_by_time(
     sink.migrate()
     items = [event(f"e{n}", f"2026-03-01T12:00:{59 - n:02d}Z") for n in range(6)]
     EventBuffer(redis, settings).apply(items)
-    [result] = flusher_for(redis, settings, sink).process_buffer()
+    [result] = flusher_for(redis, settings, sink).process_buffer().shards
     assert result.rows == 4
     landed = sink.query("SELECT name FROM events ORDER BY created_at")
     assert landed == [("e3",), ("e2",), ("e1",), ("e0",)]
     assert redis.llen(KEYS.queue) == 2
-    [result] = flusher_for(redis, settings, sink).process_buffer(max_batches=5)
+    [result] = flusher_for(redis, settings, sink).process_buffer(max_batches=5).shards
     assert (result.rows, result.batches) == (2, 1)
 
 
@@ -139,12 +140,12 @@ def test_a_held_lock_makes_a_second_flush_return_at_once(
     other = FlushLock(redis, KEYS.lock, 30)
     assert other.acquire()
     try:
-        [result] = flusher_for(redis, settings, sink).process_buffer()
+        [result] = flusher_for(redis, settings, sink).process_buffer().shards
         assert (result.locked, result.rows) == (False, 0)
         assert redis.llen(KEYS.queue) == 1
     finally:
         other.release()
-    [result] = flusher_for(redis, settings, sink).process_buffer()
+    [result] = flusher_for(redis, settings, sink).process_buffer().shards
     assert (result.locked, result.rows) == (True, 1)
 
 
@@ -159,7 +160,7 @@ def test_concurrent_flushes_one_does_the_work(
 
     def run() -> None:
         barrier.wait()
-        results.extend(flusher_for(redis, settings, sink).process_buffer())
+        results.extend(flusher_for(redis, settings, sink).process_buffer().shards)
 
     threads = [threading.Thread(target=run) for _ in range(4)]
     for thread in threads:
@@ -185,7 +186,7 @@ def test_invalid_json_and_rejected_rows_are_dead_lettered_the_rest_lands(
         b'"created_at":"2026-03-01 12:00:04.500","country":"SWE"}'
     )
     redis.rpush(KEYS.queue, b"{not json", bad_row)
-    [result] = flusher_for(redis, settings, sink).process_buffer()
+    [result] = flusher_for(redis, settings, sink).process_buffer().shards
     assert (result.rows, result.dead) == (9, 2)
     assert sink.query("SELECT count() FROM events WHERE name = 'ok'") == [(9,)]
     letters = [decode_dead_letter(entry) for entry in redis.lrange(KEYS.dead, 0, -1)]
@@ -207,7 +208,7 @@ def test_saved_notice_carries_per_project_counts(
     buffer = EventBuffer(redis, settings)
     buffer.apply([event("a", "2026-03-01T12:00:00Z"), event("b", "2026-03-01T12:00:00Z")])
     buffer.add(parse_event({"project_id": "p2", "name": "c", "created_at": "2026-03-01T12:00:00Z"}))
-    [result] = flusher_for(redis, settings, sink).process_buffer()
+    [result] = flusher_for(redis, settings, sink).process_buffer().shards
     message = pubsub.get_message(timeout=2)
     assert message is not None
     notice = msgspec.json.decode(message["data"])
@@ -243,13 +244,12 @@ def test_a_retryable_failure_keeps_the_claim_and_the_redrive_writes_no_duplicate
         [event("x", f"2026-03-01T12:00:{n:02d}Z") for n in range(10)]
     )
     failing = FailingOnceSink(inner, RetryableSinkError("server went away"), fail_at=2)
-    with pytest.raises(RetryableSinkError):
-        flusher_for(redis, settings, failing).process_buffer()
+    flush_error(flusher_for(redis, settings, failing), RetryableSinkError)
     assert redis.hget(KEYS.claim, "count") == b"10"
     assert inner.query("SELECT count() FROM events") == [(6,)]
     redis.delete(KEYS.backoff)  # as if the back-off delay had passed
     retry = RecordingSink(inner)
-    [result] = flusher_for(redis, settings, retry).process_buffer()
+    [result] = flusher_for(redis, settings, retry).process_buffer().shards
     assert (result.redriven, result.batches) == (1, 1)
     # Same claim, same chunks, same tokens: the two chunks already written are dropped.
     claim = failing.writes[0][1].rsplit(":", 1)[0]
@@ -265,9 +265,8 @@ def test_a_missing_table_stops_the_flush_without_dead_letters(
 ) -> None:
     unmigrated = ChdbSink(path_from_url(settings.clickhouse_url))
     EventBuffer(redis, settings).add(event("x", "2026-03-01T12:00:00Z"))
-    with pytest.raises(PermanentSinkError) as raised:
-        flusher_for(redis, settings, unmigrated).process_buffer()
-    assert raised.value.code == 60
+    error = flush_error(flusher_for(redis, settings, unmigrated), PermanentSinkError)
+    assert error.code == 60
     assert redis.llen(KEYS.dead) == 0
     assert redis.llen(KEYS.queue) == 1
     unmigrated.close()

@@ -17,7 +17,7 @@ from tests.celery_procs import CeleryProcess, project_env, wait_until
 from tests.conftest import RedisServer
 from worker import runtime
 from worker.buffer import EventBuffer
-from worker.celery_app import create_app
+from worker.celery import create_app
 from worker.events import parse_event
 from worker.logs import JsonFormatter, RedactSecrets, configure_handlers, redact
 from worker.settings import Settings
@@ -101,7 +101,7 @@ def test_console_format_is_redacted_too() -> None:
 def test_the_flush_logs_one_structured_line_per_shard(
     redis: redis_lib.Redis, settings: Settings, sink: Any
 ) -> None:
-    from tasks.flush import flush_all
+    from tasks.flush import process_buffer
 
     buffer = EventBuffer(redis, settings)
     buffer.apply(
@@ -111,18 +111,18 @@ def test_the_flush_logs_one_structured_line_per_shard(
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(RedactSecrets())
-    flush_logger = logging.getLogger("tasks.flush")
+    flush_logger = logging.getLogger("worker.flush")
     flush_logger.addHandler(handler)
     flush_logger.setLevel(logging.INFO)
     runtime.configure(settings)
     try:
-        summary = flush_all()
+        summary = process_buffer()
     finally:
         flush_logger.removeHandler(handler)
         runtime.reset()
     assert summary["rows"] == 25
     [line] = lines(stream)
-    assert line["logger"] == "tasks.flush" and line["level"] == "info"
+    assert line["logger"] == "worker.flush" and line["level"] == "info"
     assert (line["shard"], line["rows"], line["dead"], line["batches"], line["redriven"]) == (
         0,
         25,
@@ -188,7 +188,7 @@ def test_a_json_worker_logs_json_lines_without_the_redis_password(tmp_path: Path
     )
     [invalid] = [r for r in records if r["logger"] == "tasks.ingest"]
     assert invalid["level"] == "warning" and invalid["task_name"] == "eventbuffer.ingest_events"
-    [flushed] = [r for r in records if r["logger"] == "tasks.flush"]
+    [flushed] = [r for r in records if r["logger"] == "worker.flush"]
     assert (flushed["rows"], flushed["batches"], flushed["task_name"]) == (
         1,
         1,

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.celery_procs import project_env, wait_until, worker
 from tests.conftest import free_port
 from worker.buffer import EventBuffer
-from worker.celery_app import create_app
+from worker.celery import create_app
 from worker.clock import ManualClock
 from worker.events import datetime_ms, parse_event
 from worker.flush import FlushResult

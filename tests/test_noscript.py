@@ -19,7 +19,7 @@ from conftest import RedisServer
 
 from tests.sink_wrapper import DelegatingSink
 from worker.buffer import EventBuffer
-from worker.events import Event, decode_row, parse_event
+from worker.events import Event, as_row, decode_row, parse_event
 from worker.flush import Flusher
 from worker.scripts import load_lua
 from worker.settings import Settings
@@ -84,7 +84,7 @@ def flush_all(flusher: Flusher, buffer: EventBuffer) -> None:
     for _ in range(20):
         if buffer.get_buffer_size() == 0:
             return
-        results = flusher.process_buffer()
+        results = flusher.process_buffer().shards
         assert all(result.locked for result in results)
     raise AssertionError("the buffer did not drain")
 
@@ -152,7 +152,7 @@ def test_redis_restart_between_applies_and_mid_flush(
         own_redis.kill()
         own_redis.start()
         assert scripts_cached(client, shas) == [False, False, False]
-        assert buffer.get_last_screen_view(session_id="s1") == view(1, T0)
+        assert buffer.get_last_screen_view(session_id="s1") == as_row(view(1, T0))
 
         # Same client, same connection pool: a dead connection, then NOSCRIPT.
         buffer.apply([view(2, T0 + 2500)])

@@ -25,6 +25,7 @@ import pytest
 import redis as redis_lib
 
 from tests.sink_wrapper import DelegatingSink
+from tests.support.flushing import flush_error
 from worker.deadletters import REASON_REJECTED, decode_dead_letter
 from worker.events import encode_event, parse_event
 from worker.flush import POISON_GUARD_MIN_ROWS, SPLIT_FIELD, Flusher, PoisonGuardError
@@ -119,7 +120,7 @@ def test_three_scattered_poison_rows_out_of_1000_are_dead_lettered_alone(
 ) -> None:
     poison = queue_rows(redis, 1000, (17, 500, 988))
     recording = RecordingSink(sink)
-    [result] = flusher_for(redis, settings, recording).process_buffer()
+    [result] = flusher_for(redis, settings, recording).process_buffer().shards
 
     assert (result.rows, result.dead, result.batches) == (997, 3, 1)
     assert landed(sink) == (997, 997)
@@ -173,7 +174,7 @@ def test_a_flusher_killed_mid_bisection_is_re_driven_without_duplicates(
         assert time.monotonic() < deadline
         time.sleep(0.05)
     recording = RecordingSink(sink)
-    [result] = flusher_for(redis, settings, recording).process_buffer()
+    [result] = flusher_for(redis, settings, recording).process_buffer().shards
 
     assert (result.redriven, result.rows, result.dead) == (1, 997, 3)
     assert result.claims == [claim_id]
@@ -192,14 +193,13 @@ def test_a_retryable_failure_mid_bisection_is_re_driven_without_duplicates(
     config = settings_with(settings, EVENT_BUFFER_CHUNK_SIZE="250")
     poison = queue_rows(redis, 1000, (17, 500, 988))
     failing = RecordingSink(sink, fail_after=5)
-    with pytest.raises(RetryableSinkError):
-        flusher_for(redis, config, failing).process_buffer()
+    flush_error(flusher_for(redis, config, failing), RetryableSinkError)
     assert redis.llen(KEYS.dead) == 0 and redis.llen(KEYS.queue) == 1000
     partial, _ = landed(sink)
     assert 0 < partial < 997
 
     redis.delete(KEYS.backoff)  # as if the back-off delay had passed
-    [result] = flusher_for(redis, config, RecordingSink(sink)).process_buffer()
+    [result] = flusher_for(redis, config, RecordingSink(sink)).process_buffer().shards
     assert (result.redriven, result.rows, result.dead) == (1, 997, 3)
     assert landed(sink) == (997, 997)
     assert sorted(payload for _, _, payload in dead_letters(redis)) == sorted(poison)
@@ -216,15 +216,14 @@ def test_a_table_fixed_between_a_failed_bisection_and_its_re_drive_gets_no_dupli
     """
     queue_rows(redis, 1000, (17, 500, 988))
     failing = RecordingSink(sink, fail_after=6)
-    with pytest.raises(RetryableSinkError):
-        flusher_for(redis, settings, failing).process_buffer()
+    flush_error(flusher_for(redis, settings, failing), RetryableSinkError)
     partial, _ = landed(sink)
     assert partial > 0
 
     sink.query(ACCEPT_ANY_COUNTRY)
     redis.delete(KEYS.backoff)
     recording = RecordingSink(sink)
-    [result] = flusher_for(redis, settings, recording).process_buffer()
+    [result] = flusher_for(redis, settings, recording).process_buffer().shards
     assert (result.redriven, result.rows, result.dead) == (1, 1000, 0)
     assert landed(sink) == (1000, 1000)
     assert sink.query("SELECT count() FROM events WHERE country = 'SWE'") == [(3,)]
@@ -238,13 +237,9 @@ def test_the_guard_stops_a_flush_where_every_row_is_rejected(
 ) -> None:
     queue_rows(redis, 60, range(60))
     queued = redis.lrange(KEYS.queue, 0, -1)
-    with (
-        caplog.at_level(logging.ERROR, logger="worker.flush"),
-        pytest.raises(PoisonGuardError) as raised,
-    ):
-        flusher_for(redis, settings, sink).process_buffer()
+    with caplog.at_level(logging.ERROR, logger="worker.flush"):
+        error = flush_error(flusher_for(redis, settings, sink), PoisonGuardError)
 
-    error = raised.value
     assert isinstance(error, PermanentSinkError)
     # It stops as soon as more than half the claim is certainly refused.
     assert (error.rejected, error.rows) == (31, 60)
@@ -283,8 +278,7 @@ def test_rows_inserted_before_the_guard_tripped_do_not_land_twice(
     config = settings_with(settings, EVENT_BUFFER_CHUNK_SIZE="16")
     # 70 of 100 refused, every 10th good row among them: good halves land first.
     queue_rows(redis, 100, [n for n in range(100) if n % 10 >= 3])
-    with pytest.raises(PoisonGuardError):
-        flusher_for(redis, config, sink).process_buffer()
+    flush_error(flusher_for(redis, config, sink), PoisonGuardError)
     partial, _ = landed(sink)
     assert partial > 0, "some good rows were inserted before the guard tripped"
     assert redis.llen(KEYS.dead) == 0 and redis.llen(KEYS.queue) == 100
@@ -298,14 +292,14 @@ def test_rows_inserted_before_the_guard_tripped_do_not_land_twice(
 def test_the_guard_reports_through_the_flush_task(
     redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
 ) -> None:
-    from tasks.flush import flush_all
+    from tasks.flush import process_buffer
     from worker import runtime
 
     queue_rows(redis, 20, range(20))
     sink.close()
     runtime.configure(settings)
     try:
-        summary = flush_all()
+        summary = process_buffer()
     finally:
         runtime.reset()
     assert summary["errors"] == 1 and summary["rows"] == 0
@@ -330,7 +324,7 @@ def test_the_guard_leaves_these_to_the_dead_letters(
     reason: str,
 ) -> None:
     queue_rows(redis, total, range(total))
-    [result] = flusher_for(redis, settings_with(settings, **env), sink).process_buffer()
+    [result] = flusher_for(redis, settings_with(settings, **env), sink).process_buffer().shards
     assert (result.rows, result.dead) == (0, total), reason
     assert redis.llen(KEYS.dead) == total
     assert redis.llen(KEYS.queue) == 0
@@ -341,9 +335,8 @@ def test_a_lower_ratio_trips_on_fewer_rows(
 ) -> None:
     config = settings_with(settings, EVENT_BUFFER_DLQ_MAX_RATIO="0.1")
     queue_rows(redis, 200, range(0, 200, 8))  # 25 of 200: 12.5 %
-    with pytest.raises(PoisonGuardError) as raised:
-        flusher_for(redis, config, sink).process_buffer()
-    assert (raised.value.rejected, raised.value.rows) == (21, 200)
+    error = flush_error(flusher_for(redis, config, sink), PoisonGuardError)
+    assert (error.rejected, error.rows) == (21, 200)
 
 
 @pytest.mark.parametrize(("raw", "expected"), [("0.25", 0.25), (" 1 ", 1.0), ("0", 0.0), ("", 0.5)])
@@ -363,6 +356,6 @@ def test_a_new_claim_ignores_split_marks_left_by_another_claim(
     # A flusher that lost its lock may mark a split after the claim was acked.
     redis.hset(KEYS.claim, f"{SPLIT_FIELD}{uuid.uuid4()}:0", 1)
     queue_rows(redis, 30, (3,))
-    [result] = flusher_for(redis, settings, sink).process_buffer()
+    [result] = flusher_for(redis, settings, sink).process_buffer().shards
     assert (result.rows, result.dead, result.redriven) == (29, 1, 0)
     assert not redis.exists(KEYS.claim)

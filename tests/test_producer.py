@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -31,9 +32,10 @@ from celery import Celery
 
 from tests.conftest import ROOT, RedisServer
 from worker.buffer import EventBuffer
-from worker.celery_app import TASK_INGEST_EVENTS, create_app
+from worker.celery import create_app
 from worker.events import InvalidEvent, decode_row, parse_event
 from worker.keys import ShardKeys
+from worker.names import TASK_INGEST_EVENTS
 from worker.producer import BufferFull, EventProducer, ProducerClosed, ProducerError
 from worker.settings import Settings
 
@@ -352,3 +354,90 @@ def test_end_to_end_with_a_real_worker(
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
+
+
+def test_producer_validates_with_the_configured_limits(app: Celery, redis: redis_lib.Redis) -> None:
+    big = event(properties={"blob": "x" * 100_000})
+    roomy = Settings.from_env(
+        {"REDIS_URL": "redis://h/0", "EVENT_BUFFER_MAX_EVENT_BYTES": "500000"}
+    )
+    with EventProducer(app, settings=roomy) as producer:
+        producer.send(big)  # the worker accepts it under this setting: so does the producer
+    assert len(sent_ids(redis)) == 1
+
+    tight = Settings.from_env({"REDIS_URL": "redis://h/0", "EVENT_BUFFER_MAX_EVENT_BYTES": "70000"})
+    with EventProducer(app, settings=tight) as producer, pytest.raises(InvalidEvent) as caught:
+        producer.send(big)
+    assert "over the limit of 70000" in caught.value.problem
+
+
+def test_importing_the_producer_leaves_the_host_apps_current_app_alone() -> None:
+    script = (
+        "import celery\n"
+        "host = celery.Celery('host', broker='memory://')\n"
+        "from worker.producer import EventProducer\n"
+        "EventProducer(host).close()\n"
+        "assert celery.current_app.main == 'host', celery.current_app.main\n"
+        "EventProducer().close()  # its own app, from REDIS_URL\n"
+        "assert celery.current_app.main == 'host', celery.current_app.main\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENT_BUFFER_")}
+    env.update(PYTHONPATH=str(ROOT), REDIS_URL="redis://127.0.0.1:1/0")
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_a_host_apps_worker_is_untouched_by_eventbuffer(
+    redis_url: str, redis: redis_lib.Redis, tmp_path: Path
+) -> None:
+    """A host worker importing the producer: no eventbuffer settings, logging or metrics."""
+    from tests.conftest import free_port
+
+    metrics_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENT_BUFFER_", "CELERY_"))}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        HOST_BROKER_URL=redis_url,
+        # The host's own variables, meaningless to eventbuffer: a REDIS_URL without a
+        # scheme (eventbuffer's settings would refuse it) and a metrics port.
+        REDIS_URL="localhost:6379",
+        EVENT_BUFFER_METRICS_PORT=str(metrics_port),
+        EVENT_BUFFER_LOG_FORMAT="json",
+    )
+    log_path = tmp_path / "host-worker.log"
+    with log_path.open("wb") as log_file:
+        host_worker = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "celery", "-A", "tests.support.host_app", "worker"),
+                *("-P", "solo", "-Q", "celery", "--without-mingle", "--without-gossip"),
+                *("--loglevel", "INFO"),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        host = Celery("host-sender", broker=redis_url)
+        host.conf.update(task_serializer="json", accept_content=["json"])
+        host.send_task("host.track", args=["p1", int(time.time() * 1000)])
+        # The host's task ran and sent its event through the producer, on the host's broker.
+        wait_until(lambda: len(messages(redis)) == 1, timeout=30)
+        log = log_path.read_text()
+        assert "Task host.track" in log and "succeeded" in log, log
+        # Celery's own text logs: eventbuffer's JSON format is not applied to the host.
+        assert not any(line.startswith("{") for line in log.splitlines()), log
+        assert "SettingsError" not in log and "REDIS_URL" not in log, log
+        assert "metrics" not in log, log
+        with pytest.raises(OSError):  # nobody serves eventbuffer's metrics in the host worker
+            socket.create_connection(("127.0.0.1", metrics_port), timeout=1).close()
+        host.close()
+    finally:
+        host_worker.terminate()
+        try:
+            host_worker.wait(15)
+        except subprocess.TimeoutExpired:
+            host_worker.kill()

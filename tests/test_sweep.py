@@ -9,7 +9,7 @@ import redis as redis_lib
 
 from worker.buffer import EventBuffer
 from worker.clock import ManualClock
-from worker.events import Event, decode_row, parse_event
+from worker.events import Event, as_row, decode_row, parse_event
 from worker.keys import ShardKeys
 from worker.scripts import Scripts
 from worker.settings import Settings
@@ -67,7 +67,7 @@ def test_an_active_session_is_left_alone(
     buffer.add(recent)
     clock.advance(15 * MINUTE)
     assert sweeper.sweep().views_queued == 1
-    assert buffer.get_last_screen_view(session_id="recent") == recent
+    assert buffer.get_last_screen_view(session_id="recent") == as_row(recent)
 
 
 def test_a_session_that_moved_on_keeps_its_profiles_newer_view(
@@ -78,7 +78,7 @@ def test_a_session_that_moved_on_keeps_its_profiles_newer_view(
     newer = view("s-new", clock.now_ms(), "u1")
     buffer.add(newer)
     assert sweeper.sweep().views_queued == 1
-    assert buffer.get_last_screen_view(project_id="p1", profile_id="u1") == newer
+    assert buffer.get_last_screen_view(project_id="p1", profile_id="u1") == as_row(newer)
 
 
 def test_the_script_rechecks_idleness_atomically(
@@ -90,7 +90,7 @@ def test_the_script_rechecks_idleness_atomically(
     again = view("s1", clock.now_ms())
     buffer.add(again)  # the session woke up after the candidate list was read
     assert Scripts(redis).sweep_sessions(KEYS, cutoff, [("s1", None)]) == 0
-    assert buffer.get_last_screen_view(session_id="s1") == again
+    assert buffer.get_last_screen_view(session_id="s1") == as_row(again)
 
 
 def test_session_end_takes_the_session_out_of_the_index(

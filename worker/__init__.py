@@ -1,10 +1,7 @@
 """eventbuffer: analytics events buffered in Redis, written to ClickHouse in safe batches.
 
-`app` is the Celery application, so `celery -A worker worker` and
-`celery -A worker beat` work. Importing it reads no environment: Celery
-configures it from the settings on first use.
+Importing this package has no side effects: the Celery application lives
+in `worker.celery` (where `celery -A worker worker` and `celery -A worker
+beat` find it), and only code that needs it imports it. A producer app can
+import `worker.producer` without creating or configuring eventbuffer's app.
 """
-
-from worker.celery_app import app
-
-__all__ = ["app"]

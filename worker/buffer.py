@@ -15,13 +15,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
+import msgspec
 from redis import Redis
 
 from worker.clock import SYSTEM_CLOCK, Clock
-from worker.events import KIND_NAMES, Event, decode_row, encode_event
+from worker.deadletters import DeadLetter, encode_dead_letter
+from worker.events import KIND_NAMES, Row, decode_row, encode_event
 from worker.keys import CHANNEL_RECEIVED, Keyspace, ShardKeys
-from worker.scripts import Scripts
+from worker.scripts import ALREADY_APPLIED, Scripts, apply_reply
 from worker.settings import Settings
+from worker.state import active_projects, count_active_visitors
 
 
 @dataclass
@@ -47,16 +50,6 @@ class ApplyResult:
 def stored_view_row(value: bytes) -> bytes:
     """The JSON row of a stored last view, "<created ms>|<own duration>|<row>"."""
     return value.split(b"|", 2)[2]
-
-
-def active_projects(redis: Redis, keyspace: Keyspace) -> list[str]:
-    """Projects with a visitors set on any shard (SCAN; read-only)."""
-    projects: set[str] = set()
-    for shard in keyspace.all():
-        for key in redis.scan_iter(match=shard.visitors_pattern(), count=1000):
-            name = key.decode() if isinstance(key, bytes) else str(key)
-            projects.add(shard.project_of_visitors_key(name))
-    return sorted(projects)
 
 
 class _Throttle:
@@ -86,28 +79,29 @@ class EventBuffer:
 
     # -- writing ------------------------------------------------------------
 
-    def add(self, event: Event) -> ApplyResult:
+    def add(self, event: Row) -> ApplyResult:
         return self.apply([event])
 
     def apply(
         self,
-        events: Sequence[Event],
+        events: Sequence[Row],
         batch_id: str | None = None,
-        dead_letters: Sequence[bytes] = (),
+        dead_letters: Sequence[tuple[DeadLetter, bytes]] = (),
     ) -> ApplyResult:
         """Apply validated events in order, atomically per shard.
 
         `batch_id` makes the call idempotent: applying the same id again (a
         redelivered task) does nothing, as long as the marker lives
         (`EVENT_BUFFER_BATCH_MARKER_TTL_S`). Without one, a fresh id is used.
-        `dead_letters` (entries from `worker.deadletters`) are stored with
-        the first shard's call, under the same marker.
+        `dead_letters` (a header and the raw payload each) are stored with
+        the first shard's call, under the same marker; their headers name
+        that shard.
         """
         batch_id = batch_id or str(uuid.uuid4())
         result = ApplyResult(batch_id=batch_id, events=len(events), dead=len(dead_letters))
         if not events and not dead_letters:
             return result
-        by_shard: dict[int, tuple[list[Event], list[bytes]]] = {}
+        by_shard: dict[int, tuple[list[Row], list[bytes]]] = {}
         for event in events:
             shard = self.keyspace.route(event.session_id or event.id).shard
             group = by_shard.setdefault(shard, ([], []))
@@ -124,6 +118,10 @@ class EventBuffer:
         # One shard (the default): call the script directly. A pipeline would
         # cost redis-py's SCRIPT EXISTS round trip on every call.
         pipe = self.redis.pipeline(transaction=False) if len(shards) > 1 else None
+        dead = [
+            encode_dead_letter(msgspec.structs.replace(header, shard=shards[0]), payload)
+            for header, payload in dead_letters
+        ]
         replies = []
         for position, shard in enumerate(shards):
             group_events, rows = by_shard[shard]
@@ -138,15 +136,18 @@ class EventBuffer:
                     marker_ttl_s=self.settings.batch_marker_ttl_s,
                     visitors_ttl_s=self.settings.active_visitor_window_s + 60,
                     publish=publish if position == len(shards) - 1 else None,
-                    dead_letters=dead_letters if position == 0 else (),
+                    dead_letters=dead if position == 0 else (),
                     pipeline=pipe,
                 )
             )
         if pipe is not None:
-            replies = pipe.execute()
+            # A shard whose key has the wrong type was left untouched; shards
+            # applied before it in the pipeline stay applied (their batch
+            # markers skip them when the batch comes again).
+            replies = [apply_reply(reply) for reply in pipe.execute()]
         for shard, (appended, length) in zip(shards, replies, strict=True):
             result.queue_lengths[shard] = int(length)
-            if int(appended) < 0:
+            if int(appended) == ALREADY_APPLIED:
                 result.skipped_shards.append(shard)
             else:
                 result.appended += int(appended)
@@ -161,7 +162,7 @@ class EventBuffer:
         session_id: str | None = None,
         project_id: str | None = None,
         profile_id: str | None = None,
-    ) -> Event | None:
+    ) -> Row | None:
         """A session's (or a project's profile's) last screen_view, or None."""
         if session_id is not None:
             key = self.keyspace.route(session_id).session(session_id)
@@ -193,21 +194,8 @@ class EventBuffer:
     def get_active_visitor_count(self, project_id: str) -> int:
         """Distinct profiles seen within the active-visitor window; prunes older entries."""
         cutoff = self.clock.now_ms() - self.settings.active_visitor_window_s * 1000
-        shards = self.keyspace.all()
-        pipe = self.redis.pipeline(transaction=False)
-        for shard in shards:
-            pipe.zremrangebyscore(shard.visitors(project_id), "-inf", f"({cutoff}")
-            if len(shards) == 1:
-                pipe.zcard(shard.visitors(project_id))
-            else:
-                pipe.zrange(shard.visitors(project_id), 0, -1)
-        replies = pipe.execute()
-        if len(shards) == 1:
-            return int(replies[1])
-        members: set[bytes] = set()
-        for reply in replies[1::2]:
-            members.update(reply)
-        return len(members)
+        counts = count_active_visitors(self.redis, self.keyspace, [project_id], cutoff, prune=True)
+        return counts[project_id]
 
     def active_projects(self) -> list[str]:
         """Projects with a visitors set on any shard."""

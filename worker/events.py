@@ -1,6 +1,9 @@
-"""The event row: its msgspec model, validation, id assignment and JSON encoding.
+"""The event row: its msgspec models, validation, id assignment and JSON encoding.
 
-`Event` mirrors OpenPanel's `IClickhouseEvent`. `parse_event()` is the one
+Two models of OpenPanel's `IClickhouseEvent`, field for field: `Row`, a
+stored row eventbuffer wrote itself (decoded as it is, `decode_row`), and
+`Event`, untrusted input, normalized and checked while it is decoded.
+`parse_event()` is the one
 entry point for untrusted input (dicts from Celery, JSON bytes from a
 producer); it returns a normalized `Event` or raises `InvalidEvent` naming the
 field and the problem.
@@ -43,6 +46,7 @@ from typing import Annotated, Any
 import msgspec
 
 from worker.clock import SYSTEM_CLOCK, Clock
+from worker.errors import InvalidEvent as InvalidEvent  # re-exported: part of the API
 from worker.settings import Settings
 
 MAX_PROPERTY_DEPTH = 8
@@ -55,15 +59,6 @@ KIND_NAMES = {
     KIND_SCREEN_VIEW: "screen_view",
     KIND_SESSION_END: "session_end",
 }
-
-
-class InvalidEvent(ValueError):
-    """An event failed validation. `field` is a dotted path, `problem` says why."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
 
 
 _DEFAULTS = Settings()
@@ -105,26 +100,33 @@ Longitude = Annotated[float, msgspec.Meta(ge=-180, le=180)]
 Latitude = Annotated[float, msgspec.Meta(ge=-90, le=90)]
 
 
-class Event(msgspec.Struct, kw_only=True, omit_defaults=True, dict=True):
-    # dict=True: room for the row `parse_event` encoded (never itself encoded).
+class Row(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A stored event row: what eventbuffer wrote itself, so already valid and normalized.
+
+    The trusted side of the model, for rows read back from Redis (the flush,
+    the sweep, the native sink, last views, dead-letter round trips).
+    Decoding one checks the JSON types and nothing else: no normalization,
+    no limits. Untrusted input goes through `Event` (`parse_event`).
+    """
+
     id: str = ""
-    name: Annotated[str, msgspec.Meta(min_length=1)]
+    name: str
     device_id: str = ""
     profile_id: str = ""
-    project_id: Annotated[str, msgspec.Meta(min_length=1)]
+    project_id: str
     session_id: str = ""
     path: str = ""
     origin: str = ""
     referrer: str = ""
     referrer_name: str = ""
     referrer_type: str = ""
-    properties: dict[str, Any] = {}
-    created_at: str | int | float
-    country: Country = ""
+    properties: dict[str, str] = {}
+    created_at: str  # `YYYY-MM-DD HH:MM:SS.mmm`, UTC
+    country: str = ""
     city: str = ""
     region: str = ""
-    longitude: Longitude | None = None
-    latitude: Latitude | None = None
+    longitude: float | None = None
+    latitude: float | None = None
     os: str = ""
     os_version: str = ""
     browser: str = ""
@@ -132,10 +134,46 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True, dict=True):
     device: str = ""
     brand: str = ""
     model: str = ""
-    imported_at: str | int | float | None = None
+    imported_at: str | None = None
     sdk_name: str = ""
     sdk_version: str = ""
     # Keep `duration` the last field: the apply script relies on it.
+    duration: int = 0
+
+    @property
+    def kind(self) -> str:
+        """How the buffer treats this event: regular, screen_view or session_end."""
+        if self.session_id:
+            if self.name == "screen_view":
+                return KIND_SCREEN_VIEW
+            if self.name == "session_end":
+                return KIND_SESSION_END
+        return KIND_REGULAR
+
+    @property
+    def created_ms(self) -> int:
+        """Epoch ms of `created_at`."""
+        return datetime_ms(self.created_at)
+
+
+class Event(Row, kw_only=True, omit_defaults=True, dict=True):
+    """An event from outside (a producer, a replay), validated and normalized on decoding.
+
+    The same fields as `Row`, in the same order, with what untrusted input may
+    hold (dates as text or epoch ms, nested properties) and its constraints;
+    `__post_init__` normalizes them. Build one with `parse_event`.
+    """
+
+    # dict=True: room for the row `parse_event` encoded (never itself encoded).
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    project_id: Annotated[str, msgspec.Meta(min_length=1)]
+    properties: dict[str, Any] = {}
+    # Wider than Row's on input; `__post_init__` normalizes them to Row's types.
+    created_at: str | int | float  # type: ignore[assignment]
+    country: Country = ""
+    longitude: Longitude | None = None
+    latitude: Latitude | None = None
+    imported_at: str | int | float | None = None  # type: ignore[assignment]
     duration: NonNegative = 0
 
     def __post_init__(self) -> None:
@@ -155,16 +193,6 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True, dict=True):
             raise InvalidEvent("longitude", "must be a finite number")
         if self.latitude is not None and not math.isfinite(self.latitude):
             raise InvalidEvent("latitude", "must be a finite number")
-
-    @property
-    def kind(self) -> str:
-        """How the buffer treats this event: regular, screen_view or session_end."""
-        if self.session_id:
-            if self.name == "screen_view":
-                return KIND_SCREEN_VIEW
-            if self.name == "session_end":
-                return KIND_SESSION_END
-        return KIND_REGULAR
 
     @property
     def created_ms(self) -> int:
@@ -189,6 +217,7 @@ _MILLISECOND = timedelta(milliseconds=1)
 _encoder = msgspec.json.Encoder()
 _row_head_decoder = msgspec.json.Decoder(RowHead)
 _event_decoder = msgspec.json.Decoder(Event)
+_row_decoder = msgspec.json.Decoder(Row)
 _MSGSPEC_PATH = re.compile(r"\s*-\s*at\s*`\$\.?([^`]*)`\s*$")
 _MSGSPEC_KEY = re.compile(r"^(.*?)\s*-\s*at\s*`key`\s*in\s*`\$\.?([^`]*)`\s*$")
 _COORDINATES = {"longitude": (-180, 180), "latitude": (-90, 90)}
@@ -198,7 +227,7 @@ _BYTE_OFFSET = re.compile(r"\(byte (\d+)\)")
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
 
-def encode_event(event: Event) -> bytes:
+def encode_event(event: Row) -> bytes:
     """The event's JSON row (the one `parse_event` made, when it made one)."""
     row: bytes | None = getattr(event, "_row", None)
     return _encoder.encode(event) if row is None else row
@@ -211,10 +240,10 @@ def with_id(event: Event, event_id: str) -> Event:
     return copy
 
 
-def decode_row(data: bytes | str) -> Event:
-    """Decode a stored JSON row (trusted, already normalized)."""
+def decode_row(data: bytes | str) -> Row:
+    """Decode a stored JSON row (trusted, already normalized: nothing is re-checked)."""
     try:
-        return _event_decoder.decode(data)
+        return _row_decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise _invalid(exc) from None
 
@@ -501,3 +530,8 @@ def _flatten(prefix: str, value: Any, out: dict[str, str], depth: int) -> None:
         out[prefix] = repr(value)
     else:
         raise InvalidEvent(f"properties.{prefix}", f"unsupported type {type(value).__name__}")
+
+
+def as_row(event: Row) -> Row:
+    """The stored form of an event: what `decode_row` gives back for its row."""
+    return event if type(event) is Row else decode_row(encode_event(event))

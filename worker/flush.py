@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import msgspec
 from redis import Redis
 
+from worker import metrics
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.deadletters import (
     REASON_INVALID_JSON,
@@ -47,9 +48,11 @@ from worker.deadletters import (
     DeadLetter,
     encode_dead_letter,
 )
+from worker.errors import EventBufferError, LockLostError, SinkError
 from worker.events import decode_row_head
 from worker.keys import CHANNEL_SAVED, Keyspace, ShardKeys
-from worker.lock import FlushLock, LockLostError
+from worker.lock import FlushLock
+from worker.replies import text
 from worker.scripts import AckResult, Scripts
 from worker.settings import Settings
 from worker.sinks.base import PermanentSinkError, RetryableSinkError, RowRejectedError, Sink
@@ -115,9 +118,13 @@ class FlushResult:
     # Rows of every chunk inserted, in order.
     chunk_rows: list[int] = field(default_factory=list)
     dead_reasons: Counter[str] = field(default_factory=Counter)
+    # Why the flush of this shard stopped (ClickHouse, or the lock lost); None if it did not.
+    error: EventBufferError | None = None
 
     def as_dict(self) -> dict[str, object]:
+        shown: dict[str, object] = {"error": str(self.error)} if self.error is not None else {}
         return {
+            **shown,
             "shard": self.shard,
             "locked": self.locked,
             "backoff_s": round(self.backoff_s, 3),
@@ -133,6 +140,50 @@ class FlushResult:
                 "ack": round(self.ack_seconds, 4),
             },
         }
+
+
+@dataclass
+class FlushSummary:
+    """One `process_buffer` run: a result per shard, failed shards included."""
+
+    shards: list[FlushResult]
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def dead(self) -> int:
+        return sum(s.dead for s in self.shards)
+
+    @property
+    def errors(self) -> list[FlushResult]:
+        return [s for s in self.shards if s.error is not None]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "rows": self.rows,
+            "dead": self.dead,
+            "locked": all(s.locked for s in self.shards),
+            "errors": len(self.errors),
+            "shards": [s.as_dict() for s in self.shards],
+        }
+
+
+def flush_fields(result: FlushResult) -> dict[str, object]:
+    """The structured fields of a shard's flush line (JSON logs)."""
+    return {
+        "shard": result.shard,
+        "rows": result.rows,
+        "dead": result.dead,
+        "batches": result.batches,
+        "redriven": result.redriven,
+        "chunks": len(result.chunk_rows),
+        "seconds": round(result.seconds, 4),
+        "claim_seconds": round(result.claim_seconds, 4),
+        "insert_seconds": round(result.insert_seconds, 4),
+        "ack_seconds": round(result.ack_seconds, 4),
+    }
 
 
 class Flusher:
@@ -152,9 +203,52 @@ class Flusher:
         self.keyspace = Keyspace(settings.key_prefix, settings.shards)
         self.scripts = Scripts(redis)
 
-    def process_buffer(self, max_batches: int | None = None) -> list[FlushResult]:
-        """Flush every shard once (each under its own lock)."""
-        return [self.flush_shard(shard.shard, max_batches) for shard in self.keyspace.all()]
+    def process_buffer(self, max_batches: int | None = None) -> FlushSummary:
+        """Flush every shard once, each under its own lock: what `process_buffer` runs.
+
+        A shard whose flush fails (ClickHouse, or its lock lost) is reported
+        in its result and logged; the other shards still flush, and the
+        failed one is retried by the next run (after its back-off). Anything
+        else (Redis down, a bug) propagates. Every shard's outcome is counted
+        in the metrics and logged as one line.
+        """
+        # A back-pressure request is served by this run, whichever asked for it.
+        self.redis.delete(self.keyspace.flush_pending)
+        results: list[FlushResult] = []
+        for shard in self.keyspace.all():
+            try:
+                result = self.flush_shard(shard.shard, max_batches)
+            except (SinkError, LockLostError) as exc:
+                metrics.record_flush_error()
+                log.error(
+                    "flush of shard %d failed, will retry next run: %s",
+                    shard.shard,
+                    exc,
+                    extra={"shard": shard.shard, "error": str(exc)},
+                )
+                results.append(FlushResult(shard=shard.shard, error=exc))
+                continue
+            except Exception:
+                metrics.record_flush_error()
+                raise
+            metrics.record_flush(result)
+            results.append(result)
+            if result.batches:
+                log.info(
+                    "flushed shard %d: %d rows, %d dead, %d batches (%d re-driven) in %.3fs "
+                    "(claim %.3fs, insert %.3fs, ack %.3fs)",
+                    shard.shard,
+                    result.rows,
+                    result.dead,
+                    result.batches,
+                    result.redriven,
+                    result.seconds,
+                    result.claim_seconds,
+                    result.insert_seconds,
+                    result.ack_seconds,
+                    extra=flush_fields(result),
+                )
+        return FlushSummary(results)
 
     def flush_shard(
         self, shard_no: int, max_batches: int | None = None, respect_backoff: bool = True
@@ -297,9 +391,7 @@ class Flusher:
         """Tokens of the open claim's chunks that an earlier flush halved."""
         if not redriven:
             return set()  # a new claim: nothing of it was written yet
-        names = (
-            n.decode() if isinstance(n, bytes) else str(n) for n in self.redis.hkeys(shard.claim)
-        )
+        names = (text(n) for n in self.redis.hkeys(shard.claim))
         return {n[len(SPLIT_FIELD) :] for n in names if n.startswith(SPLIT_FIELD)}
 
     def _write(
@@ -348,15 +440,6 @@ class Flusher:
                 f"{inserts.shard.shard} (over EVENT_BUFFER_DLQ_MAX_RATIO={ratio:g}): schema "
                 "mismatch? Stopped without dead-lettering; the claim stays open and is "
                 f"re-driven once fixed. First error: {first} (claim {inserts.claim_id})"
-            )
-            log.error(
-                "%s",
-                message,
-                extra={
-                    "shard": inserts.shard.shard,
-                    "claim": inserts.claim_id,
-                    "rejected": rejected,
-                },
             )
             raise PoisonGuardError(
                 message,

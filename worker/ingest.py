@@ -25,8 +25,10 @@ from typing import Any
 import msgspec
 
 from worker.buffer import EventBuffer
-from worker.deadletters import REASON_INVALID_EVENT, DeadLetter, encode_dead_letter
-from worker.events import Event, InvalidEvent, Limits, parse_event, with_id
+from worker.deadletters import REASON_INVALID_EVENT, DeadLetter
+from worker.errors import InvalidEvent
+from worker.events import Event, Limits, parse_event, with_id
+from worker.names import TASK_INGEST_EVENT
 
 # A dead letter keeps the raw item, cut to this many bytes at most (an
 # oversized event's first part is enough to tell what it was).
@@ -133,7 +135,7 @@ def ingest(
     batch_id = _batch_key(batch_id)
     items = _items(payload)
     events: list[Event] = []
-    dead: list[bytes] = []
+    dead: list[tuple[DeadLetter, bytes]] = []
     now = buffer.clock.now_ms()
     max_dead_bytes = max(MIN_DEAD_PAYLOAD_BYTES, 2 * limits.max_event_bytes)
     batch_ns: uuid.UUID | None = None
@@ -170,10 +172,10 @@ def ingest(
                 field=exc.field,
                 source="ingest",
                 at=now,
-                shard=0,
+                shard=0,  # set to the shard that stores it, by EventBuffer.apply
                 claim=batch_id,
             )
-            dead.append(encode_dead_letter(header, raw))
+            dead.append((header, raw))
     result = buffer.apply(events, batch_id=batch_id, dead_letters=dead)
     return IngestResult(
         batch_id=result.batch_id,
@@ -198,3 +200,75 @@ def _json_type(item: Any) -> str:
     if isinstance(item, list):
         return "array"
     return type(item).__name__
+
+
+# -- whole batches that could not be applied -----------------------------------------
+
+
+def batch_bytes(payload: Any) -> bytes:
+    """A task's batch as stored in a dead letter: the JSON text as sent, or the list as JSON."""
+    if isinstance(payload, str):
+        return payload.encode("utf-8", "surrogatepass")
+    return _raw(payload)
+
+
+def dead_letter_batch(
+    buffer: EventBuffer,
+    raw: bytes,
+    batch_id: str,
+    *,
+    reason: str,
+    error: str,
+    task: str,
+) -> bool:
+    """Keep a whole batch (or task body) that could not be applied as one dead letter.
+
+    Stored under a marker of its own (`dead:<batch id>`), so a redelivered
+    task that fails again adds nothing; the batch id itself stays free for a
+    replay. Returns False when it had been stored before.
+    """
+    header = DeadLetter(
+        reason=reason,
+        error=" ".join(error.split()),
+        source="ingest",
+        at=buffer.clock.now_ms(),
+        shard=0,
+        claim=batch_id,
+        task=task,
+    )
+    result = buffer.apply([], batch_id=f"dead:{_batch_key(batch_id)}", dead_letters=[(header, raw)])
+    return not result.duplicate
+
+
+class TaskBodyError(ValueError):
+    """A task body holds no batch of events eventbuffer can read."""
+
+
+def body_batch(task: str, body: bytes) -> Any:
+    """The events argument of a raw Celery task body for `task`, as `ingest()` takes it.
+
+    Protocol 2 bodies are `[args, kwargs, embed]`, protocol 1 bodies
+    `{"args": ..., "kwargs": ...}`; the events are the first argument, or the
+    `events` (`event` for ingest_event) keyword. Raises TaskBodyError when the
+    body is not JSON or holds neither.
+    """
+    try:
+        decoded = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise TaskBodyError(f"the task body is not JSON: {exc}") from None
+    if isinstance(decoded, list):
+        args = decoded[0] if decoded else None
+        kwargs = decoded[1] if len(decoded) > 1 else None
+    elif isinstance(decoded, dict):
+        args, kwargs = decoded.get("args"), decoded.get("kwargs")
+    else:
+        raise TaskBodyError("the task body is neither a protocol 1 nor a protocol 2 body")
+    single = task == TASK_INGEST_EVENT
+    keyword = "event" if single else "events"
+    if isinstance(args, list) and args:
+        value = args[0]
+    elif isinstance(kwargs, dict) and keyword in kwargs:
+        value = kwargs[keyword]
+    else:
+        raise TaskBodyError(f"the task body carries no {keyword} argument")
+    return [value] if single else value

@@ -13,7 +13,8 @@ Per shard:
                                         split:<token> for each chunk halved after a rejection
     {p:N}:lock                  STRING  flush lock token (SET NX PX)
     {p:N}:dead                  LIST    dead letters: JSON header, newline, raw payload
-    {p:N}:stats                 HASH    last flush: at, rows, dead, claim id
+    {p:N}:stats                 HASH    last flush: at, rows, dead, claim id, claimed;
+                                        running totals rows_total, removed_total
     {p:N}:sessions              ZSET    session id -> when its last view was set (ms)
     {p:N}:backoff               STRING  set while flushes wait after ClickHouse failures (PX)
     {p:N}:failures              STRING  ClickHouse failures in a row (for the doubling delay)

@@ -20,11 +20,13 @@ from redis import Redis
 from redis.exceptions import LockError, RedisError
 from redis.lock import Lock
 
+from worker.errors import LockLostError
+from worker.replies import text
+
 log = logging.getLogger(__name__)
 
 
-class LockLostError(RuntimeError):
-    """The flush lock expired or was taken over while a flush was working."""
+__all__ = ["FlushLock", "LockLostError", "lock_holder"]
 
 
 class FlushLock:
@@ -102,4 +104,4 @@ def lock_holder(redis: Redis, name: str) -> tuple[str, int] | None:
     token, ttl = pipe.execute()
     if token is None:
         return None
-    return (token.decode() if isinstance(token, bytes) else str(token)), int(ttl)
+    return text(token), int(ttl)

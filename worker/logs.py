@@ -79,6 +79,32 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+# Libraries that log a warning with a traceback for a failure that the caller
+# turns into a typed, logged error anyway (clickhouse-driver's "Failed to connect").
+QUIET_LIBRARIES = ("clickhouse_driver",)
+
+
+class OneLineLibraryWarnings(logging.Filter):
+    """A quiet library's warning keeps its message and the exception's one line, not the trace."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.exc_info
+            and record.levelno < logging.ERROR
+            and record.name.split(".", 1)[0] in QUIET_LIBRARIES
+        ):
+            exc = record.exc_info[1]
+            try:
+                message = record.getMessage()
+            except Exception:
+                message = str(record.msg)
+            record.msg = f"{message}: {type(exc).__name__}: {' '.join(str(exc).split())}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def _current_task() -> tuple[str, str] | None:
     try:
         from celery._state import get_current_task
@@ -139,11 +165,14 @@ class JsonFormatter(logging.Formatter):
 def configure_handlers(logger: logging.Logger, log_format: str) -> None:
     """Give every handler of `logger` the redaction filter, and the JSON formatter if asked.
 
-    Idempotent: a handler is never given the filter twice.
+    Idempotent: a handler is never given the filter twice. Quiet libraries'
+    warnings lose their traceback first (`OneLineLibraryWarnings`).
     """
     if log_format not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {log_format!r}")
     for handler in logger.handlers:
+        if not any(isinstance(f, OneLineLibraryWarnings) for f in handler.filters):
+            handler.filters.insert(0, OneLineLibraryWarnings())
         if not any(isinstance(f, RedactSecrets) for f in handler.filters):
             handler.addFilter(RedactSecrets())
         if log_format == "json" and not isinstance(handler.formatter, JsonFormatter):

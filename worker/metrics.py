@@ -45,11 +45,16 @@ Counters and histograms (recorded by the tasks):
 
     eventbuffer_events_applied_total{kind}        events applied to the buffer: regular,
                                                   screen_view, session_end
-    eventbuffer_ingest_batches_total{outcome}     ingest batches: applied, duplicate (skipped)
+    eventbuffer_ingest_batches_total{outcome}     ingest batches: applied, duplicate (skipped),
+                                                  dead_lettered (kept whole after failures)
+    eventbuffer_ingest_failures_total{kind}       failed ingest attempts: transient (Redis
+                                                  away; retried until it is back), unexpected
+                                                  (retried a few times, then dead-lettered)
     eventbuffer_apply_seconds                     histogram: one ingest apply (validate + Lua)
     eventbuffer_events_flushed_total              rows written to ClickHouse
-    eventbuffer_dead_letters_total{reason}        dead letters: invalid_event (ingest),
-                                                  invalid_json, rejected_by_clickhouse (flush)
+    eventbuffer_dead_letters_total{reason}        dead letters: invalid_event, ingest_failed,
+                                                  undeliverable_task (ingest), invalid_json,
+                                                  rejected_by_clickhouse (flush)
     eventbuffer_flush_runs_total{result}          shard flushes: success, error, locked (another
                                                   flusher held the lock), backoff (skipped while
                                                   the shard backs off after ClickHouse failures)
@@ -69,24 +74,39 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis import Redis
 from redis.exceptions import RedisError
 
-from worker.buffer import active_projects
 from worker.clock import SYSTEM_CLOCK, Clock
-from worker.deadletters import REASON_INVALID_EVENT, REASON_INVALID_JSON, REASON_REJECTED
-from worker.events import KIND_NAMES, datetime_ms, decode_row_head
-from worker.flush import FlushResult
-from worker.ingest import IngestResult
+from worker.deadletters import (
+    REASON_INGEST_FAILED,
+    REASON_INVALID_EVENT,
+    REASON_INVALID_JSON,
+    REASON_REJECTED,
+    REASON_UNDELIVERABLE,
+)
+from worker.events import KIND_NAMES
 from worker.keys import Keyspace
 from worker.settings import Settings
+from worker.state import BufferState, read_state
+
+if TYPE_CHECKING:  # the flush and ingest modules record here: no import cycle at run time
+    from worker.flush import FlushResult
+    from worker.ingest import IngestResult
 
 PREFIX = "eventbuffer"
+DEAD_LETTER_REASONS = (
+    REASON_INVALID_EVENT,
+    REASON_INGEST_FAILED,
+    REASON_UNDELIVERABLE,
+    REASON_INVALID_JSON,
+    REASON_REJECTED,
+)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 OTHER_PROJECTS = "__other__"
 
@@ -119,7 +139,14 @@ class Metrics:
             "events_applied", "Events applied to the buffer, by kind.", ("kind",)
         )
         self.ingest_batches = counter(
-            "ingest_batches", "Ingest batches: applied, or duplicate (skipped).", ("outcome",)
+            "ingest_batches",
+            "Ingest batches: applied, duplicate (skipped), dead_lettered (after failures).",
+            ("outcome",),
+        )
+        self.ingest_failures = counter(
+            "ingest_failures",
+            "Failed ingest attempts: transient (retried), unexpected (dead-lettered at the end).",
+            ("kind",),
         )
         self.apply_seconds = histogram(
             "apply_seconds", "Time to validate and apply one ingest batch.", APPLY_BUCKETS
@@ -153,9 +180,11 @@ class Metrics:
         # Every known label value exists from the start, at 0: rates work from the first scrape.
         for kind in KIND_NAMES.values():
             self.events_applied.labels(kind)
-        for outcome in ("applied", "duplicate"):
+        for outcome in ("applied", "duplicate", "dead_lettered"):
             self.ingest_batches.labels(outcome)
-        for reason in (REASON_INVALID_EVENT, REASON_INVALID_JSON, REASON_REJECTED):
+        for kind in ("transient", "unexpected"):
+            self.ingest_failures.labels(kind)
+        for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(reason)
         for result in (FLUSH_SUCCESS, FLUSH_ERROR, FLUSH_LOCKED, FLUSH_BACKOFF):
             self.flush_runs.labels(result)
@@ -213,6 +242,18 @@ def record_ingest(result: IngestResult, seconds: float) -> None:
             m.events_applied.labels(kind).inc(count)
     if result.invalid:
         m.dead_letters.labels(REASON_INVALID_EVENT).inc(result.invalid)
+
+
+def record_ingest_failure(kind: str) -> None:
+    metrics().ingest_failures.labels(kind).inc()
+
+
+def record_batch_dead_lettered(reason: str) -> None:
+    """A whole batch (or task message) was kept as one dead letter."""
+    m = metrics()
+    m.dead_letters.labels(reason).inc()
+    if reason == REASON_INGEST_FAILED:
+        m.ingest_batches.labels("dead_lettered").inc()
 
 
 def record_flush(result: FlushResult) -> None:
@@ -313,29 +354,6 @@ def _gauges() -> _Gauges:
     )
 
 
-def _int(value: object) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, bytes):
-        return int(value.decode())
-    return int(str(value))
-
-
-def head_age_seconds(head: bytes | None, now_ms: int) -> float:
-    """now - created_at of a queue's head row (LINDEX 0), in seconds; 0 without one.
-
-    Event time: a screen_view is queued when its session's next view (or its
-    end) arrives, with its own created_at; imported events are old too.
-    """
-    if head is None:
-        return 0.0
-    try:
-        created = datetime_ms(decode_row_head(head).created_at)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-        return 0.0  # a poison row: the flush dead-letters it
-    return max(0, now_ms - created) / 1000
-
-
 def top_projects(counts: dict[str, int], top: int) -> dict[str, int]:
     """The `top` projects by count (ties by name) and the rest summed as `OTHER_PROJECTS`."""
     ranked = sorted(((n, p) for p, n in counts.items() if n > 0), key=lambda x: (-x[0], x[1]))
@@ -393,65 +411,32 @@ class RedisCollector:
         return self._redis
 
     def _read(self, g: _Gauges) -> None:
-        redis = self._client()
-        shards = self.keyspace.all()
-        pipe = redis.pipeline(transaction=False)
-        for shard in shards:
-            pipe.llen(shard.queue)
-            pipe.hmget(shard.claim, ["count", "at"])
-            pipe.lindex(shard.queue, 0)
-            pipe.llen(shard.dead)
-            pipe.exists(shard.lock)
-            pipe.hget(shard.stats, "at")
-            pipe.pttl(shard.backoff)
-        pipe.exists(self.keyspace.flush_pending)
-        replies = pipe.execute()
-        now = self.clock.now_ms()
-        for n, shard in enumerate(shards):
-            depth, (count, claimed_at), head, dead, locked, flushed_at, backoff_ms = replies[
-                n * 7 : n * 7 + 7
-            ]
-            label = [str(shard.shard)]
-            g.depth.add_metric(label, _int(depth))
-            g.claimed.add_metric(label, _int(count))
-            age = max(0, now - _int(claimed_at)) / 1000 if claimed_at is not None else 0.0
-            g.claim_age.add_metric(label, age)
-            g.oldest_age.add_metric(label, head_age_seconds(head, now))
-            g.dead.add_metric(label, _int(dead))
-            g.lock_held.add_metric(label, 1 if _int(locked) else 0)
-            g.backoff.add_metric(label, max(0, _int(backoff_ms)) / 1000)
-            if flushed_at is not None:
-                g.last_flush.add_metric(label, _int(flushed_at) / 1000)
-        g.flush_pending.add_metric([], 1 if _int(replies[-1]) else 0)
+        state = read_state(
+            self._client(),
+            self.keyspace,
+            self.clock.now_ms(),
+            self.settings.active_visitor_window_s,
+        )
+        self.add(g, state)
 
-        counts = self.active_visitors(redis, now)
+    def add(self, g: _Gauges, state: BufferState) -> None:
+        """The gauges of one buffer state."""
+        for shard in state.shards:
+            label = [str(shard.shard)]
+            g.depth.add_metric(label, shard.queued)
+            g.claimed.add_metric(label, shard.claimed.count if shard.claimed else 0)
+            g.claim_age.add_metric(label, max(0.0, shard.claimed.age_s) if shard.claimed else 0.0)
+            g.oldest_age.add_metric(label, shard.oldest_event_age_s)
+            g.dead.add_metric(label, shard.dead_letters)
+            g.lock_held.add_metric(label, 1 if shard.lock else 0)
+            g.backoff.add_metric(label, shard.backoff_s)
+            if shard.last_flush is not None:
+                g.last_flush.add_metric(label, shard.last_flush.at_ms / 1000)
+        g.flush_pending.add_metric([], 1 if state.flush_pending else 0)
+        counts = state.active_visitors
         g.projects.add_metric([], sum(1 for n in counts.values() if n > 0))
         for project, visitors in top_projects(counts, self.settings.metrics_top_projects).items():
             g.visitors.add_metric([project], visitors)
-
-    def active_visitors(self, redis: Redis, now_ms: int) -> dict[str, int]:
-        """Distinct profiles seen within the window, per project (read-only)."""
-        cutoff = now_ms - self.settings.active_visitor_window_s * 1000
-        projects = active_projects(redis, self.keyspace)
-        shards = self.keyspace.all()
-        pipe = redis.pipeline(transaction=False)
-        for project in projects:
-            for shard in shards:
-                if len(shards) == 1:
-                    pipe.zcount(shard.visitors(project), cutoff, "+inf")
-                else:
-                    pipe.zrangebyscore(shard.visitors(project), cutoff, "+inf")
-        replies = iter(pipe.execute())
-        counts: dict[str, int] = {}
-        for project in projects:
-            if len(shards) == 1:
-                counts[project] = _int(next(replies))
-            else:
-                members: set[bytes] = set()
-                for _ in shards:
-                    members.update(next(replies))
-                counts[project] = len(members)
-        return counts
 
 
 # -- exposition -------------------------------------------------------------------------

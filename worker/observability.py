@@ -1,15 +1,15 @@
-"""Celery signal handlers: structured logs, and the Prometheus endpoint of a worker.
+"""eventbuffer's logging setup and the Prometheus endpoint of a worker.
 
-`worker/celery_app.py` imports this module, so the handlers are connected
-in every process that runs the app (worker, Beat). This module imports
-only the logging helpers at import time; the metrics machinery is loaded
-by the handlers, in worker processes.
+Everything here acts for eventbuffer's own Celery app only: a host app that
+imports the producer client (and so this package) keeps its logging and its
+workers as they are.
 
-Logs (`after_setup_logger`, `after_setup_task_logger`): Celery sets up its
-handlers as usual, then each gets `worker.logs.RedactSecrets`, and with
+Logs (`AppLogging`, the app's `log` class): Celery sets up its handlers as
+usual, then each gets `worker.logs.RedactSecrets`, and with
 `EVENT_BUFFER_LOG_FORMAT=json` the JSON formatter.
 
-Metrics (`worker_init`, in the worker's main process before the pool forks):
+Metrics (`worker_init` of a worker running eventbuffer's app, in its main
+process before the pool forks):
 
 - With `PROMETHEUS_MULTIPROC_DIR` set, that directory is used as it is
   (prometheus-client wants it empty when the first worker using it starts).
@@ -31,6 +31,7 @@ import tempfile
 from typing import Any
 
 from celery import signals
+from celery.app.log import Logging
 
 from worker.logs import configure_handlers
 
@@ -42,26 +43,35 @@ class _State:
     thread: Any = None
     created_dir: str | None = None
     notice: tuple[int, str] | None = None
+    # Set by worker_init when this process runs eventbuffer's app.
+    ours: bool = False
 
 
 _state = _State()
 
 
-def _log_format() -> str:
-    from worker import runtime
+class AppLogging(Logging):  # type: ignore[misc]
+    """Celery's logging setup, then redaction (and JSON) on every handler it set up."""
 
-    return runtime.settings().log_format
+    def setup_handlers(self, logger: logging.Logger, *args: Any, **kwargs: Any) -> Any:
+        from worker import runtime
 
-
-def _setup_logger(logger: logging.Logger, **_: Any) -> None:
-    configure_handlers(logger, _log_format())
-
-
-def _setup_task_logger(logger: logging.Logger, **_: Any) -> None:
-    configure_handlers(logger, _log_format())
+        configured = super().setup_handlers(logger, *args, **kwargs)
+        configure_handlers(logger, runtime.settings().log_format)
+        return configured
 
 
-def _worker_init(**_: Any) -> None:
+def _is_ours(sender: Any) -> bool:
+    """Does the signal come from a worker (or its consumer) running eventbuffer's app?"""
+    from worker.celery import app
+
+    return getattr(sender, "app", None) is app
+
+
+def _worker_init(sender: Any = None, **_: Any) -> None:
+    if not _is_ours(sender):
+        return
+    _state.ours = True
     from worker import metrics, runtime
 
     settings = runtime.settings()
@@ -93,14 +103,17 @@ def start_http_server(port: int, addr: str = "") -> None:
     _state.notice = (logging.INFO, f"metrics: serving Prometheus metrics on port {port}")
 
 
-def _worker_ready(**_: Any) -> None:
+def _worker_ready(sender: Any = None, **_: Any) -> None:
     # worker_init runs before Celery's logging is set up: say it now.
-    if _state.notice is not None:
+    if _is_ours(sender) and _state.notice is not None:
         log.log(*_state.notice)
         _state.notice = None
 
 
 def _worker_process_shutdown(pid: int | None = None, **_: Any) -> None:
+    # Sent in a pool process (forked from a main process that ran worker_init).
+    if not _state.ours:
+        return
     from worker import metrics
 
     if metrics.multiprocess_dir() is None:
@@ -110,7 +123,9 @@ def _worker_process_shutdown(pid: int | None = None, **_: Any) -> None:
     multiprocess.mark_process_dead(pid or os.getpid())  # type: ignore[no-untyped-call]
 
 
-def _worker_shutdown(**_: Any) -> None:
+def _worker_shutdown(sender: Any = None, **_: Any) -> None:
+    if not _is_ours(sender):
+        return
     if _state.server is not None:
         _state.server.shutdown()
         _state.server.server_close()
@@ -120,8 +135,6 @@ def _worker_shutdown(**_: Any) -> None:
         _state.created_dir = None
 
 
-signals.after_setup_logger.connect(_setup_logger, weak=False)
-signals.after_setup_task_logger.connect(_setup_task_logger, weak=False)
 signals.worker_init.connect(_worker_init, weak=False)
 signals.worker_ready.connect(_worker_ready, weak=False)
 signals.worker_process_shutdown.connect(_worker_process_shutdown, weak=False)

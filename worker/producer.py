@@ -51,9 +51,10 @@ from typing import Any
 import msgspec
 from celery import Celery
 
-from worker.celery_app import INGEST_QUEUE, TASK_INGEST_EVENTS
-from worker.celery_app import app as default_app
-from worker.events import Event, encode_event, parse_event
+from worker.connection import broker_config
+from worker.errors import BufferFull, ProducerClosed, ProducerError
+from worker.events import Event, Limits, encode_event, parse_event
+from worker.names import INGEST_QUEUE, TASK_INGEST_EVENTS
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,20 +67,14 @@ EXIT_TIMEOUT_S = 5.0
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
 
 
-class ProducerError(RuntimeError):
-    """Events could not be sent or accepted; `unsent` events are held in memory."""
-
-    def __init__(self, message: str, unsent: int) -> None:
-        super().__init__(message)
-        self.unsent = unsent
-
-
-class BufferFull(ProducerError):
-    """`max_pending` events are held unsent: the caller must slow down or drop."""
-
-
-class ProducerClosed(ProducerError):
-    """`send()` after `close()`."""
+__all__ = [
+    "BufferFull",
+    "EventProducer",
+    "ProducerClosed",
+    "ProducerError",
+    "ProducerStats",
+    "producer_app",
+]
 
 
 @dataclass(frozen=True)
@@ -348,8 +343,40 @@ atexit.register(_close_all_at_exit)
 os.register_at_fork(after_in_child=_forget_in_child)
 
 
+# What only the producer's own app needs; a host app passed in brings its broker.
+CONNECTION_VARIABLES = ("REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
+
+
+def producer_app(settings: Settings) -> Celery:
+    """A Celery app of the producer's own that only sends: the broker of `settings`, JSON.
+
+    It is never the process's current app, and it is not eventbuffer's worker
+    app: no task modules, no signal handlers, nothing a host app would notice.
+    """
+    app = Celery("eventbuffer-producer", set_as_current=False)
+    app.conf.update(broker_config(settings))
+    return app
+
+
+def producer_settings(app_given: bool) -> Settings:
+    """The settings from the environment; without the connection ones when an app is given.
+
+    A host app brings its own broker: its REDIS_URL (say `localhost:6379`,
+    which eventbuffer's settings would refuse) is none of the producer's business.
+    """
+    if not app_given:
+        return Settings.from_env()
+    return Settings.from_env({k: v for k, v in os.environ.items() if k not in CONNECTION_VARIABLES})
+
+
 class EventProducer:
-    """Send events as micro-batched `eventbuffer.ingest_events` tasks (see the module doc)."""
+    """Send events as micro-batched `eventbuffer.ingest_events` tasks (see the module doc).
+
+    `app` is the Celery app to send with (a host app's own); without one the
+    producer makes its own from `CELERY_BROKER_URL` / `REDIS_URL`. Events are
+    validated with the limits of `settings` (default: the environment's), the
+    same the worker applies.
+    """
 
     def __init__(
         self,
@@ -361,8 +388,9 @@ class EventProducer:
         send_retries: int = 3,
         settings: Settings | None = None,
     ) -> None:
-        app = default_app if app is None else app
-        settings = settings or Settings.from_env()
+        settings = settings or producer_settings(app is not None)
+        app = producer_app(settings) if app is None else app
+        self._limits = Limits.from_settings(settings)
         batch_size = settings.micro_batch_size if batch_size is None else batch_size
         batch_ms = settings.micro_batch_ms if batch_ms is None else batch_ms
         if batch_size < 1 or batch_ms < 0 or max_pending < 1 or send_retries < 0:
@@ -384,7 +412,7 @@ class EventProducer:
         if isinstance(event, Event):
             # Struct constructors skip type checks: validate like any other input.
             event = msgspec.to_builtins(event)
-        parsed = parse_event(event)
+        parsed = parse_event(event, self._limits)
         self._core.add(encode_event(parsed))
         return parsed.id
 

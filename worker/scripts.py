@@ -1,29 +1,45 @@
 """The Lua scripts, loaded by file stem, each behind one typed Python wrapper.
 
-Callers never see KEYS or ARGV. Scripts are registered with redis-py's
-`register_script`, so they run by EVALSHA and are re-sent automatically
-after NOSCRIPT (a Redis restart or SCRIPT FLUSH). The script headers in
-`lua_scripts/*.lua` document every key, argument and return value.
+Callers never see KEYS or ARGV. Each script is one redis-py `Script`
+(what `register_script` makes), built once per process and run by EVALSHA
+with whichever client calls it; NOSCRIPT (a Redis restart or SCRIPT FLUSH)
+re-sends it automatically. The script headers in `lua_scripts/*.lua`
+document every key, argument and return value.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import IntEnum
+from functools import cache
 from importlib import resources
 from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.commands.core import Script
 
 import lua_scripts
-from worker.events import KIND_REGULAR, Event
+from worker.errors import BufferKeyTypeError
+from worker.events import KIND_REGULAR, Row
 from worker.keys import ShardKeys
+from worker.replies import text
 
 
 def load_lua(stem: str) -> str:
     """The source of `lua_scripts/<stem>.lua` (shipped inside the wheel)."""
     return resources.files(lua_scripts).joinpath(f"{stem}.lua").read_text("utf-8")
+
+
+@cache
+def script(stem: str) -> Script:
+    """The script `lua_scripts/<stem>.lua`, made once per process.
+
+    It is bound to no client: every call names the client (or pipeline) to
+    run on. Given as bytes, its SHA needs no client's encoder.
+    """
+    return Script(None, load_lua(stem).encode("utf-8"))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -32,31 +48,48 @@ class Claim:
 
     id: str
     redriven: bool
-    claimed_at_ms: int
     chunk_size: int  # fixed when the claim was made, so every re-drive cuts the same chunks
     rows: list[bytes]
 
 
-class AckResult:
+class AckResult(IntEnum):
+    """What ack.lua returns."""
+
     ACKED = 1
-    ALREADY_ACKED = 0
+    ALREADY_ACKED = 0  # that claim is no longer open: another flusher acknowledged it
     LOCK_HELD_BY_OTHER = -1
 
 
+# apply_batch.lua's `appended` for a batch id it has applied before, and for
+# a key of the wrong type (the reply's second value is then the key's name).
+ALREADY_APPLIED = -1
+WRONG_TYPE = -2
+
+
+def apply_reply(reply: Sequence[Any]) -> tuple[int, int]:
+    """(appended, queue length) from apply_batch.lua; raises BufferKeyTypeError."""
+    appended = int(reply[0])
+    if appended == WRONG_TYPE:
+        raise BufferKeyTypeError(text(reply[1]))
+    return appended, int(reply[1])
+
+
 class Scripts:
+    """The typed calls of every script, on one client."""
+
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._apply = redis.register_script(load_lua("apply_batch"))
-        self._claim = redis.register_script(load_lua("claim"))
-        self._ack = redis.register_script(load_lua("ack"))
-        self._sweep = redis.register_script(load_lua("sweep_sessions"))
-        self._dlq_remove = redis.register_script(load_lua("dlq_remove"))
+        self._apply = script("apply_batch")
+        self._claim = script("claim")
+        self._ack = script("ack")
+        self._sweep = script("sweep_sessions")
+        self._dlq_remove = script("dlq_remove")
 
     def apply_batch(
         self,
         shard: ShardKeys,
         batch_id: str,
-        events: Sequence[Event],
+        events: Sequence[Row],
         rows: Sequence[bytes],
         *,
         now_ms: int,
@@ -72,8 +105,9 @@ class Scripts:
         `dead_letters` (the batch's invalid events) are appended in the same
         atomic step, so a redelivered batch cannot dead-letter them twice.
 
-        Returns (appended, queue_length), appended -1 for an already applied
-        batch id; with `pipeline`, queues the call and returns the pipeline.
+        Returns (appended, queue_length), appended `ALREADY_APPLIED` for a
+        batch id applied before; with `pipeline`, queues the call and returns
+        the pipeline.
         """
         keys: list[str] = [shard.queue, shard.batch(batch_id), shard.dead, shard.sessions]
         index: dict[str, int] = {}
@@ -122,21 +156,22 @@ class Scripts:
         reply = self._apply(keys=keys, args=args, client=client)
         if pipeline is not None:
             return pipeline
-        return int(reply[0]), int(reply[1])
+        return apply_reply(reply)
 
     def claim(
         self, shard: ShardKeys, new_id: str, max_rows: int, now_ms: int, chunk_size: int
     ) -> Claim | None:
         """The shard's open claim, else a new one of up to `max_rows`; None if empty."""
         reply = self._claim(
-            keys=[shard.queue, shard.claim], args=[new_id, max_rows, now_ms, chunk_size]
+            keys=[shard.queue, shard.claim],
+            args=[new_id, max_rows, now_ms, chunk_size],
+            client=self._redis,
         )
         if not reply:
             return None
         return Claim(
-            id=_text(reply[0]),
+            id=text(reply[0]),
             redriven=int(reply[1]) == 1,
-            claimed_at_ms=int(reply[2]),
             chunk_size=int(reply[3]),
             rows=list(reply[4:]),
         )
@@ -151,14 +186,15 @@ class Scripts:
         rows_inserted: int,
         dead_letters: Sequence[bytes],
         saved: tuple[str, bytes] | None,
-    ) -> int:
-        """Remove an acknowledged claim; one of the AckResult codes."""
+    ) -> AckResult:
+        """Remove an acknowledged claim."""
         channel, payload = saved if saved else ("", b"")
         reply = self._ack(
             keys=[shard.lock, shard.claim, shard.queue, shard.dead, shard.stats],
             args=[lock_token, claim_id, now_ms, rows_inserted, channel, payload, *dead_letters],
+            client=self._redis,
         )
-        return int(reply)
+        return AckResult(int(reply))
 
     def sweep_sessions(
         self, shard: ShardKeys, cutoff_ms: int, candidates: Sequence[tuple[str, str | None]]
@@ -173,7 +209,7 @@ class Scripts:
             session_key = shard.session(session_id)
             keys += (session_key, profile_key or session_key)
             args += (session_id, "1" if profile_key else "0")
-        return int(self._sweep(keys=keys, args=args))
+        return int(self._sweep(keys=keys, args=args, client=self._redis))
 
     def dlq_remove(self, shard: ShardKeys, entries: Sequence[tuple[int, bytes]]) -> int:
         """Remove dead letters, each given as (index it was read at, exact value), at once.
@@ -185,8 +221,4 @@ class Scripts:
         args: list[Any] = []
         for index, entry in entries:
             args += (index, entry)
-        return int(self._dlq_remove(keys=[shard.dead], args=args))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else value
+        return int(self._dlq_remove(keys=[shard.dead], args=args, client=self._redis))

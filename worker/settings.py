@@ -6,7 +6,8 @@ variable, so a bad deploy stops at start-up instead of misbehaving later.
 
 Each field carries its environment variable, a parser and a one-line help
 text in its metadata; the README's configuration table is generated from
-`Settings.describe()`. This module imports nothing of the project.
+`Settings.describe()`. This module imports nothing of the project but its
+errors (`worker.errors`, itself a leaf).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.errors import SettingsError
 
-class SettingsError(ValueError):
-    """A setting in the environment is malformed."""
+__all__ = ["Settings", "SettingsError"]
 
 
 def _int(minimum: int) -> Callable[[str, str], int]:

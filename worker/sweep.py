@@ -19,6 +19,7 @@ from worker.buffer import stored_view_row
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.events import decode_row
 from worker.keys import Keyspace, ShardKeys
+from worker.replies import text
 from worker.scripts import Scripts
 from worker.settings import Settings
 
@@ -63,7 +64,7 @@ class Sweeper:
             members = self.redis.zrangebyscore(shard.sessions, "-inf", cutoff, start=0, num=PAGE)
             if not members:
                 return queued
-            session_ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+            session_ids = [text(m) for m in members]
             stored = cast(
                 list[bytes | None], self.redis.mget([shard.session(s) for s in session_ids])
             )

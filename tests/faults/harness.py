@@ -52,7 +52,7 @@ from tests.celery_procs import CeleryProcess, beat, project_env, worker
 from tests.conftest import RedisServer
 from worker.broker.consumer import held_by_consumers
 from worker.broker.keys import BrokerKeys
-from worker.celery_app import create_app
+from worker.celery import create_app
 from worker.keys import CHANNEL_SAVED, Keyspace
 from worker.producer import BufferFull, EventProducer, ProducerError
 from worker.settings import Settings

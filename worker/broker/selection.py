@@ -3,7 +3,8 @@
 `celery -A worker worker` (and so `eventbuffer run`, compose.yaml and the
 README's commands) consumes with the reliable transport
 (`worker.broker.transport`) unless EVENT_BUFFER_BROKER_TRANSPORT=kombu.
-Only workers switch, at `celeryd_init`, before they connect: Beat, the CLI,
+Only eventbuffer's workers switch, at `celeryd_init`, before they connect
+(a host app's workers are left alone): Beat, the CLI,
 `EventProducer` and every other sender keep kombu's stock transport, whose
 messages the reliable one consumes as they are.
 
@@ -33,12 +34,15 @@ def worker_transport(settings: Settings) -> str | None:
     return None
 
 
-def _celeryd_init(conf: Any = None, **_: Any) -> None:
+def _celeryd_init(instance: Any = None, conf: Any = None, **_: Any) -> None:
     from worker import runtime
     from worker.broker.transport import UntestedKombu, check_kombu
+    from worker.celery import app
 
+    if getattr(instance, "app", None) is not app or conf is None:
+        return  # another app's worker: its transport is its own business
     path = worker_transport(runtime.settings())
-    if path is None or conf is None:
+    if path is None:
         return
     try:
         check_kombu()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     migrate = commands.add_parser("migrate", help="create the ClickHouse table (idempotent)")
+    migrate.add_argument(
+        "--cluster",
+        metavar="NAME",
+        help="create it ON CLUSTER NAME: Replicated local tables and a Distributed table",
+    )
     migrate.set_defaults(handler=cmd_migrate)
 
     flush = commands.add_parser("flush", help="drain the buffer into ClickHouse now")
@@ -101,8 +107,19 @@ def fail(message: str, code: int) -> int:
     return code
 
 
+def quiet_library_logs() -> None:
+    """The CLI reports failures as one line itself: libraries say only what is worse.
+
+    Without a handler, Python prints warnings (clickhouse-driver's "Failed to
+    connect", with its traceback) to stderr before the CLI's own line.
+    """
+    for name in ("clickhouse_driver", "worker"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_library_logs()
     # No markup or emoji codes: project ids, paths and query results are shown verbatim.
     console = Console(markup=False, emoji=False, highlight=False, soft_wrap=True)
     settings: Settings | None = None
@@ -124,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = mask(settings.effective_broker_url) if settings else "the broker"
         return fail(f"cannot reach the Celery broker at {where}: {exc}", 1)
     except SinkError as exc:
-        return fail(f"ClickHouse: {exc}", 1)
+        where = f" (CLICKHOUSE_URL={mask(settings.clickhouse_url)})" if settings else ""
+        return fail(f"{exc}{where}", 1)
     except LockLostError as exc:
         return fail(f"flush stopped: {exc}", 1)
     except KeyboardInterrupt:

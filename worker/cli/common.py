@@ -25,10 +25,12 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from worker.errors import EventBufferError
 from worker.keys import ShardKeys
 from worker.logs import redact
 from worker.settings import Settings
 from worker.sinks import RetryableSinkError, Sink, open_sink
+from worker.sinks.chdb import has_data, path_from_url
 
 # How long a command waits for embedded ClickHouse held by another process.
 BUSY_WAIT_S = 10.0
@@ -37,7 +39,7 @@ BUSY_WAIT_S = 10.0
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
-class CliError(Exception):
+class CliError(EventBufferError):
     """An expected failure: printed as one line, exits with `code`."""
 
     def __init__(self, message: str, code: int = 1) -> None:
@@ -92,15 +94,34 @@ def stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
+def missing_embedded_data(settings: Settings) -> CliError:
+    """Where a command looked for embedded ClickHouse, and that nothing is there."""
+    url = settings.clickhouse_url
+    path = path_from_url(url)
+    relative = not url.split("://", 1)[1].startswith("/")
+    base = f", relative to the current directory {os.getcwd()}" if relative else ""
+    return CliError(
+        f"no embedded ClickHouse at {path} (CLICKHOUSE_URL={mask(url)}{base}): run this "
+        "command where `eventbuffer run` runs (the directory holding data/), point "
+        "CLICKHOUSE_URL at the data, or create it there with `eventbuffer migrate`"
+    )
+
+
 @contextmanager
-def clickhouse(settings: Settings, wait_s: float | None = None) -> Iterator[Sink]:
+def clickhouse(
+    settings: Settings, wait_s: float | None = None, *, create: bool = False
+) -> Iterator[Sink]:
     """A sink for the block; closed right after it.
 
     Embedded ClickHouse is opened at once (every sink of this process on the
     same directory shares the session), retrying for `wait_s` while another
     process holds the directory (default BUSY_WAIT_S); then `ClickHouseBusy`.
+    Its data directory is created only with `create` (`migrate`); any other
+    command finding none says where it looked.
     """
     embedded = is_embedded(settings)
+    if embedded and not create and not has_data(path_from_url(settings.clickhouse_url)):
+        raise missing_embedded_data(settings)
     deadline = time.monotonic() + (BUSY_WAIT_S if wait_s is None else wait_s)
     delay = 0.1
     while True:
@@ -132,7 +153,7 @@ def clickhouse(settings: Settings, wait_s: float | None = None) -> Iterator[Sink
 
 def migrate_schema(settings: Settings) -> None:
     """Create the database and table if missing; embedded ClickHouse is released after."""
-    with clickhouse(settings) as sink:
+    with clickhouse(settings, create=True) as sink:
         sink.migrate()
 
 

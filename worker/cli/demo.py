@@ -71,7 +71,7 @@ def demo_wait(
 
 
 def demo_timeout_message(settings: Settings, landed: int, expected: int, timeout: float) -> str:
-    from worker.celery_app import INGEST_QUEUE
+    from worker.names import INGEST_QUEUE
 
     waiting = ""
     broker = settings.effective_broker_url
@@ -88,7 +88,7 @@ def demo_timeout_message(settings: Settings, landed: int, expected: int, timeout
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, console: Console) -> int:
-    from worker.celery_app import create_app
+    from worker.celery import create_app
     from worker.producer import EventProducer, ProducerError
 
     if args.sessions < 1:

@@ -25,16 +25,14 @@ from worker.cli.common import CliError, progress_bar
 from worker.cli.status import ago, iso
 from worker.deadletters import (
     StoredDeadLetter,
-    canonical_id,
     iter_dead_letters,
-    plan_replay,
     read_dead_letter,
     reason_counts,
     remove_dead_letters,
-    replay,
     safe_text,
 )
 from worker.events import Limits
+from worker.replay import canonical_id, plan_replay, replay
 from worker.settings import Settings
 
 # Replays and purges from this many entries up get a progress bar.
@@ -309,6 +307,11 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings, console: Consol
         f"Replayed {count:,} dead letter(s) into the buffer{earlier}; removed "
         f"{result.removed:,} from the dead letters. They reach ClickHouse with the next flush."
     )
+    if result.invalid_events:
+        console.print(
+            f"{result.invalid_events:,} event(s) of the replayed batches failed validation: "
+            "each is a dead letter of its own now (eventbuffer dlq list --reason invalid_event)."
+        )
     if result.removed < count:
         console.print(
             f"{count - result.removed:,} were gone from the dead letters already "
@@ -337,7 +340,10 @@ def cmd_dlq_purge(args: argparse.Namespace, settings: Settings, console: Console
         )
     with progress_bar(console, disable=count < PROGRESS_MIN_ENTRIES) as bar:
         task = bar.add_task("purging", total=count, unit="entries")
-        removed = remove_dead_letters(runtime.buffer(), letters, lambda n: bar.advance(task, n))
+        buffer = runtime.buffer()
+        removed = remove_dead_letters(
+            buffer.scripts, buffer.keyspace, letters, lambda n: bar.advance(task, n)
+        )
     gone = f" ({count - removed:,} were gone already)" if removed < count else ""
     console.print(f"Purged {removed:,} dead letters ({scope(args)}){gone}.")
     return 0

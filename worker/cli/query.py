@@ -1,4 +1,11 @@
-"""`eventbuffer query SQL`: run a query against ClickHouse, read-only unless --write."""
+"""`eventbuffer query SQL`: run a query against ClickHouse, read-only unless --write.
+
+Read-only is enforced by the engine: the query runs with ClickHouse's
+`readonly = 1` (which the query cannot lift). This module's own checks come
+first and say why in plain words: one statement, a reading keyword, and no
+`INTO OUTFILE` (a client-side file write that `readonly` does not stop),
+looked for in the statement with its comments and quoted text taken out.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +19,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from worker.cli.common import CliError, clickhouse
+from worker.cli.common import CliError, clickhouse, is_embedded
+from worker.errors import SinkError
 from worker.settings import Settings
+
+UNKNOWN_TABLE = 60  # ClickHouse's error code
 
 READ_ONLY_STATEMENTS = ("SELECT", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "WITH", "EXISTS")
 
@@ -21,27 +31,55 @@ READ_ONLY_STATEMENTS = ("SELECT", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "WITH",
 _LEADING = re.compile(r"(?:\s+|--[^\n]*|#[^\n]*|/\*.*?(?:\*/|\Z)|\()*", re.DOTALL)
 
 
-def _first_semicolon(sql: str) -> int:
-    """Index of the first `;` outside quotes and comments, or -1."""
-    i, n = 0, len(sql)
+def _spans(sql: str) -> list[tuple[str, int, int]]:
+    """The statement cut into (kind, start, end): "code", "quoted" or "comment"."""
+    spans: list[tuple[str, int, int]] = []
+    i, n, code = 0, len(sql), 0
     while i < n:
         c = sql[i]
         if c in "'\"`":
+            start = i
             i += 1
             while i < n and sql[i] != c:
                 i += 2 if sql[i] == "\\" else 1
-            i += 1
+            i = min(n, i + 1)
+            kind = "quoted"
         elif sql.startswith("--", i) or c == "#":
+            start = i
             end = sql.find("\n", i)
             i = n if end < 0 else end + 1
+            kind = "comment"
         elif sql.startswith("/*", i):
+            start = i
             end = sql.find("*/", i + 2)
             i = n if end < 0 else end + 2
-        elif c == ";":
-            return i
+            kind = "comment"
         else:
             i += 1
+            continue
+        if code < start:
+            spans.append(("code", code, start))
+        spans.append((kind, start, i))
+        code = i
+    if code < n:
+        spans.append(("code", code, n))
+    return spans
+
+
+def _first_semicolon(sql: str) -> int:
+    """Index of the first `;` outside quotes and comments, or -1."""
+    for kind, start, end in _spans(sql):
+        if kind == "code" and (at := sql.find(";", start, end)) >= 0:
+            return at
     return -1
+
+
+def code_only(sql: str) -> str:
+    """The statement with every comment a space and every quoted text an empty quote."""
+    parts = []
+    for kind, start, end in _spans(sql):
+        parts.append(sql[start:end] if kind == "code" else " " if kind == "comment" else "''")
+    return "".join(parts)
 
 
 def _skip_leading(sql: str) -> str:
@@ -74,7 +112,7 @@ def check_read_only(sql: str) -> None:
             "EXISTS); pass --write to run it",
             2,
         )
-    if re.search(r"\bINTO\s+OUTFILE\b", statement, re.IGNORECASE):
+    if re.search(r"\bINTO\s+OUTFILE\b", code_only(statement), re.IGNORECASE):
         raise CliError("refusing INTO OUTFILE: it writes a file; pass --write to run it", 2)
 
 
@@ -98,8 +136,20 @@ def cmd_query(args: argparse.Namespace, settings: Settings, console: Console) ->
         check_read_only(sql)
     statement, more = split_statement(sql)
     started = time.perf_counter()
-    with clickhouse(settings) as sink:
-        columns, rows = sink.query_with_columns(sql if more else statement)
+    # Only a writing query may create embedded ClickHouse's data directory.
+    with clickhouse(settings, create=args.write) as sink:
+        try:
+            columns, rows = sink.query_with_columns(
+                sql if more else statement, readonly=not args.write
+            )
+        except SinkError as exc:
+            if exc.code == UNKNOWN_TABLE and settings.clickhouse_table in str(exc):
+                where = "embedded ClickHouse" if is_embedded(settings) else "the server"
+                raise CliError(
+                    f"{' '.join(str(exc).split())[:300]} (the `{settings.clickhouse_table}` "
+                    f"table does not exist in {where}: create it with `eventbuffer migrate`)"
+                ) from None
+            raise
     seconds = time.perf_counter() - started
     if args.format == "json":
         print(json.dumps({"columns": columns, "rows": rows}, ensure_ascii=False, default=str))

@@ -1,20 +1,27 @@
-"""`eventbuffer status`: queues, claims, dead letters, locks, last flushes, active visitors."""
+"""`eventbuffer status`: queues, claims, dead letters, locks, back-off, flushes, visitors.
+
+Everything shown comes from `worker.state.read_state` (the one reader of the
+buffer's state, which the metrics collector shows too) and, for the broker,
+`worker.queues`. The table fits an 80-column terminal.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from worker import runtime
-from worker.cli.common import mask, waiting_views
-from worker.lock import lock_holder
-from worker.metrics import head_age_seconds
+from worker.cli.common import mask, one_line
+from worker.names import DEFAULT_QUEUE
+from worker.queues import queue_depths
 from worker.settings import Settings
+from worker.state import read_state
 
 
 def ago(ms: int, now_ms: int) -> str:
@@ -27,76 +34,76 @@ def ago(ms: int, now_ms: int) -> str:
 
 
 def iso(ms: int) -> str:
+    from datetime import UTC, datetime
+
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
 
 
-def decode_hash(raw: dict[Any, Any]) -> dict[str, str]:
-    def text(value: Any) -> str:
-        return value.decode() if isinstance(value, bytes) else str(value)
-
-    return {text(k): text(v) for k, v in raw.items()}
+def broker_data(settings: Settings) -> dict[str, Any]:
+    """The broker's queue depths, or why they could not be read (never raises)."""
+    try:
+        depths = queue_depths(settings.effective_broker_url)
+    except Exception as exc:  # the broker is not the buffer: status still shows the buffer
+        return {"url": mask(settings.effective_broker_url), "error": one_line(exc, 200)}
+    return {
+        "url": mask(settings.effective_broker_url),
+        "queues": {d.name: {"waiting": d.waiting, "consumers": d.consumers} for d in depths},
+    }
 
 
 def status_data(settings: Settings) -> dict[str, Any]:
     buffer = runtime.buffer()
-    redis = runtime.redis_client()
-    now = buffer.clock.now_ms()
-    shards: list[dict[str, Any]] = []
-    for shard in buffer.keyspace.all():
-        pipe = redis.pipeline(transaction=False)
-        pipe.llen(shard.queue)
-        pipe.hgetall(shard.claim)
-        pipe.llen(shard.dead)
-        pipe.hgetall(shard.stats)
-        pipe.lindex(shard.queue, 0)
-        queued, raw_claim, dead, raw_stats, head = pipe.execute()
-        claim, stats = decode_hash(raw_claim), decode_hash(raw_stats)
-        holder = lock_holder(redis, shard.lock)
-        shards.append(
-            {
-                "shard": shard.shard,
-                "queued": int(queued),
-                "claimed": None
-                if "id" not in claim
-                else {
-                    "id": claim["id"],
-                    "count": int(claim["count"]),
-                    "at_ms": int(claim["at"]),
-                    "age_s": round((now - int(claim["at"])) / 1000, 3),
-                },
-                "dead_letters": int(dead),
-                # now - created_at of the queue's head row (event time), 0 when empty.
-                "oldest_event_age_s": round(head_age_seconds(head, now), 3),
-                "waiting_views": waiting_views(redis, shard),
-                "lock": None if holder is None else {"token": holder[0], "ttl_ms": holder[1]},
-                "last_flush": None
-                if "at" not in stats
-                else {
-                    "at_ms": int(stats["at"]),
-                    "at": iso(int(stats["at"])),
-                    "rows": int(stats.get("rows", 0)),
-                    "dead": int(stats.get("dead", 0)),
-                    "claimed": int(stats.get("claimed", 0)),
-                    "claim": stats.get("claim", ""),
-                },
-            }
-        )
-    visitors = {p: buffer.get_active_visitor_count(p) for p in buffer.active_projects()}
+    state = read_state(
+        runtime.redis_client(),
+        buffer.keyspace,
+        buffer.clock.now_ms(),
+        settings.active_visitor_window_s,
+    )
     return {
         "redis": mask(settings.redis_url),
         "key_prefix": settings.key_prefix,
-        "now_ms": now,
-        "flush_pending": bool(redis.exists(buffer.keyspace.flush_pending)),
-        "totals": {
-            "queued": sum(s["queued"] for s in shards),
-            "claimed": sum(s["claimed"]["count"] for s in shards if s["claimed"]),
-            "dead_letters": sum(s["dead_letters"] for s in shards),
-            "waiting_views": sum(s["waiting_views"] for s in shards),
-        },
-        "shards": shards,
+        **state.as_dict(),
         "active_visitor_window_s": settings.active_visitor_window_s,
-        "active_visitors": visitors,
+        "broker": broker_data(settings),
     }
+
+
+def lock_text(lock: dict[str, Any] | None) -> str:
+    if lock is None:
+        return "free"
+    return f"{lock['token'][:6]}… {lock['ttl_ms'] / 1000:.0f}s"
+
+
+def backoff_text(shard: dict[str, Any]) -> str:
+    if shard["backoff_s"] <= 0:
+        return "-"
+    return f"{shard['backoff_s']:.0f}s ({shard['failures']}x)"
+
+
+def broker_lines(broker: dict[str, Any]) -> list[str]:
+    """The broker's queues on one line, and a warning for tasks nobody may consume."""
+    if "error" in broker:
+        return [f"Broker {broker['url']}: cannot read its queues ({broker['error']})"]
+    queues = broker.get("queues", {})
+    if not queues:
+        return []
+    parts = []
+    for name, depth in queues.items():
+        consumers = depth["consumers"]
+        part = f"{name} {depth['waiting']:,}"
+        if consumers is not None:
+            part += f" ({consumers} consumer{'s' if consumers != 1 else ''})"
+        parts.append(part)
+    lines = ["Broker queues (tasks waiting): " + ", ".join(parts)]
+    default = queues.get(DEFAULT_QUEUE)
+    if default and default["waiting"] and default["consumers"] in (None, 0):
+        who = "nobody consumes it" if default["consumers"] == 0 else "is a worker consuming it?"
+        lines.append(
+            f"! {default['waiting']:,} task(s) wait in Celery's default queue "
+            f"`{DEFAULT_QUEUE}` ({who}): run ingest workers with -Q ingest,{DEFAULT_QUEUE}, "
+            "or send with queue='ingest'"
+        )
+    return lines
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -> int:
@@ -109,32 +116,51 @@ def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -
         print(json.dumps(data, indent=2))
         return 0
     now = data["now_ms"]
-    table = Table(title=f"Buffer at {data['redis']} (prefix {data['key_prefix']!r})")
-    for column in ("shard", "queued", "claimed", "dead letters", "waiting views", "lock"):
-        table.add_column(column, justify="left" if column == "lock" else "right")
-    table.add_column("last flush")
+    table = Table(
+        title=f"Buffer at {data['redis']} (prefix {data['key_prefix']!r})",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0),
+        pad_edge=False,
+    )
+    for column in ("shard", "queued", "claimed", "dead", "views"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for column in ("lock", "back-off", "last flush"):
+        table.add_column(column, no_wrap=True)
     for s in data["shards"]:
-        claim, lock, last = s["claimed"], s["lock"], s["last_flush"]
+        claim, last = s["claimed"], s["last_flush"]
         table.add_row(
             str(s["shard"]),
             f"{s['queued']:,}",
-            "-" if claim is None else f"{claim['count']:,} ({claim['age_s']:.0f} s old)",
+            "-" if claim is None else f"{claim['count']:,} {claim['age_s']:.0f}s",
             f"{s['dead_letters']:,}",
             f"{s['waiting_views']:,}",
-            "free" if lock is None else f"{lock['token'][:8]}… ({lock['ttl_ms'] / 1000:.0f} s)",
-            "never" if last is None else f"{ago(last['at_ms'], now)}: {last['rows']:,} rows",
+            lock_text(s["lock"]),
+            backoff_text(s),
+            "never" if last is None else f"{ago(last['at_ms'], now)}: {last['rows']:,}",
         )
     console.print(table)
+    # Prose wraps at the terminal's width (the CLI's console does not wrap by default).
+    say = partial(console.print, soft_wrap=False)
+    say("views: screen_views waiting for their session's next view")
+    backing_off = [s for s in data["shards"] if s["backoff_s"] > 0]
+    if backing_off:
+        shards = ", ".join(str(s["shard"]) for s in backing_off)
+        say(
+            f"Shard(s) {shards} back off after ClickHouse failures; Beat's flushes skip "
+            "them until the back-off ends (`eventbuffer flush` does not wait)."
+        )
     if data["flush_pending"]:
-        console.print("An early flush has been requested (queue past the high-water mark).")
+        say("An early flush has been requested (queue past the high-water mark).")
+    for line in broker_lines(data["broker"]):
+        say(line)
     window = data["active_visitor_window_s"]
     if data["active_visitors"]:
-        visitors = Table(title=f"Active visitors (last {window} s)")
+        visitors = Table(title=f"Active visitors (last {window} s)", box=box.SIMPLE_HEAD)
         visitors.add_column("project")
         visitors.add_column("visitors", justify="right")
         for project, count in data["active_visitors"].items():
             visitors.add_row(project, f"{count:,}")
         console.print(visitors)
     else:
-        console.print(f"No active visitors in the last {window} s.")
+        say(f"No active visitors in the last {window} s.")
     return 0

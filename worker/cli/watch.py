@@ -1,20 +1,20 @@
 """`eventbuffer status --watch`: a live view of the buffer, refreshed every second.
 
 Each refresh reads the same data as `eventbuffer status` (`status_data`)
-and shows, per shard, the queue depth as a bar and a sparkline of recent
-refreshes, the open claim, the oldest queued event's age, dead letters, the
-lock holder and the last flush; then the ingest and flush rates and the
-active visitors per project.
+and shows, per shard, the queue depth with a sparkline of recent refreshes,
+the open claim, the oldest queued event's age, dead letters, the lock
+holder, the back-off after ClickHouse failures and the last flush; then the
+ingest and flush rates, the broker's queues and the active visitors per
+project. It fits an 80-column terminal.
 
-Rates come from the differences between two refreshes:
+Rates come from running totals the ack script keeps per shard (rows
+inserted, rows taken off the queue), over the last `RATE_WINDOW_S` seconds
+(or since the first refresh, if that is shorter), so a flush every 10 s
+reads as a steady rate instead of flickering between 0 and a burst:
 
-- flushed: the rows of every new acknowledged claim (a shard's stats hash
-  holds its last flush: several flushes of one shard between two refreshes
-  count as the last one only, so keep the interval at or below the flush
-  interval);
-- ingested: queue growth plus the rows those acknowledgements removed
-  (rows entering the queue: a screen_view counts when its session's next
-  view queues it).
+- flushed: rows inserted into ClickHouse;
+- ingested: queue growth plus the rows taken off the queue (rows entering
+  the queue: a screen_view counts when its session's next view queues it).
 
 Ctrl-C stops it (exit 0); `--iterations N` stops after N refreshes.
 """
@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.panel import Panel
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
@@ -40,7 +40,9 @@ from worker.cli.common import one_line
 from worker.settings import Settings
 
 SPARK = "▁▂▃▄▅▆▇█"
-HISTORY = 40  # refreshes kept for the sparklines and the rates
+HISTORY = 40  # refreshes kept for the sparklines
+SPARK_WIDTH = 8  # characters of depth history shown per shard
+RATE_WINDOW_S = 30.0  # the rates are averages over this long
 TOP_PROJECTS = 10  # projects shown in the visitors table
 
 
@@ -57,12 +59,12 @@ def sparkline(values: list[int] | deque[int], width: int = HISTORY) -> str:
 
 def duration(seconds: float) -> str:
     if seconds < 1:
-        return "0 s" if seconds <= 0 else "<1 s"
+        return "0s" if seconds <= 0 else "<1s"
     if seconds < 120:
-        return f"{seconds:.0f} s"
+        return f"{seconds:.0f}s"
     if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
 
 
 @dataclass
@@ -71,98 +73,107 @@ class Rates:
     flushed_per_s: float | None = None
 
 
+@dataclass(frozen=True)
+class _Totals:
+    at: float  # monotonic seconds
+    queued: int
+    inserted: int  # rows inserted, summed over the shards' running totals
+    removed: int  # rows taken off the queues, likewise
+
+
+def _totals(data: dict[str, Any], at: float) -> _Totals:
+    shards = data["shards"]
+    return _Totals(
+        at,
+        data["totals"]["queued"],
+        sum(s.get("rows_total", 0) for s in shards),
+        sum(s.get("removed_total", 0) for s in shards),
+    )
+
+
 @dataclass
 class WatchState:
-    """What the view remembers between refreshes: depth history and the last snapshot."""
+    """What the view remembers between refreshes: depth history and the totals for the rates."""
 
     depth: dict[int, deque[int]] = field(default_factory=dict)
     rates: Rates = field(default_factory=Rates)
-    previous: dict[str, Any] | None = None
-    previous_at: float = 0.0
+    totals: deque[_Totals] = field(default_factory=deque)
     refreshes: int = 0
     error: str | None = None
+    window_s: float = RATE_WINDOW_S
 
     def update(self, data: dict[str, Any], at: float) -> None:
         """Take a new snapshot taken at monotonic time `at`."""
         for shard in data["shards"]:
             self.depth.setdefault(shard["shard"], deque(maxlen=HISTORY)).append(shard["queued"])
-        if self.previous is not None and at > self.previous_at:
-            elapsed = at - self.previous_at
-            flushed, removed = _acknowledged(self.previous, data)
-            grown = data["totals"]["queued"] - self.previous["totals"]["queued"]
+        now = _totals(data, at)
+        self.totals.append(now)
+        # Keep one sample at or before the window's start, as the rates' base.
+        while len(self.totals) > 2 and self.totals[1].at <= at - self.window_s:
+            self.totals.popleft()
+        base = self.totals[0]
+        if now.at > base.at:
+            elapsed = now.at - base.at
+            removed = max(0, now.removed - base.removed)
             self.rates = Rates(
-                ingested_per_s=max(0, grown + removed) / elapsed,
-                flushed_per_s=flushed / elapsed,
+                ingested_per_s=max(0, now.queued - base.queued + removed) / elapsed,
+                flushed_per_s=max(0, now.inserted - base.inserted) / elapsed,
             )
-        self.previous, self.previous_at = data, at
         self.refreshes += 1
         self.error = None
 
 
-def _acknowledged(before: dict[str, Any], after: dict[str, Any]) -> tuple[int, int]:
-    """(rows inserted, rows removed from the queue) by flushes between two snapshots."""
-    old = {s["shard"]: s["last_flush"] for s in before["shards"]}
-    inserted = removed = 0
-    for shard in after["shards"]:
-        last = shard["last_flush"]
-        if last is None:
-            continue
-        seen = old.get(shard["shard"])
-        if seen is not None and (seen["claim"], seen["at_ms"]) == (last["claim"], last["at_ms"]):
-            continue
-        inserted += last["rows"]
-        removed += last["claimed"] or last["rows"] + last["dead"]
-    return inserted, removed
-
-
 def render(data: dict[str, Any], state: WatchState, high_water: int) -> RenderableType:
     """The whole view for one snapshot (a pure function of its inputs: tests render it)."""
+    from worker.cli.status import backoff_text, broker_lines, lock_text
+
     now = data["now_ms"]
-    shards = Table(expand=False, title_justify="left")
-    scale = max([high_water, *(s["queued"] for s in data["shards"])])
-    fill = "of high water" if scale == high_water else "of the longest"
-    for column in ("shard", "queued", fill, "depth history", "claimed", "oldest", "dead"):
-        shards.add_column(column, justify="right" if column in ("queued", "dead") else "left")
-    shards.add_column("lock")
-    shards.add_column("last flush")
+    shards = Table(box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False, title_justify="left")
+    for column in ("shard", "queued", "history", "claimed", "oldest", "dead"):
+        shards.add_column(column, justify="left" if column == "history" else "right", no_wrap=True)
+    for column in ("lock", "back-off", "flushed"):
+        shards.add_column(column, no_wrap=True)
     for s in data["shards"]:
-        claim, lock, last = s["claimed"], s["lock"], s["last_flush"]
+        claim, last = s["claimed"], s["last_flush"]
         history = state.depth.get(s["shard"], deque())
+        over = s["queued"] > high_water
         shards.add_row(
             str(s["shard"]),
-            f"{s['queued']:,}",
-            ProgressBar(total=scale, completed=s["queued"], width=20),
-            Text(sparkline(history), style="cyan"),
-            "-" if claim is None else f"{claim['count']:,} ({duration(claim['age_s'])})",
+            Text(f"{s['queued']:,}", style="bold yellow" if over else ""),
+            Text(sparkline(history, SPARK_WIDTH), style="cyan"),
+            "-" if claim is None else f"{claim['count']:,} {duration(claim['age_s'])}",
             duration(s.get("oldest_event_age_s", 0.0)) if s["queued"] else "-",
             Text(f"{s['dead_letters']:,}", style="red" if s["dead_letters"] else ""),
-            "free" if lock is None else f"{lock['token'][:8]}… ({lock['ttl_ms'] / 1000:.0f} s)",
-            "never"
-            if last is None
-            else f"{duration((now - last['at_ms']) / 1000)} ago: {last['rows']:,} rows",
+            lock_text(s["lock"]),
+            Text(backoff_text(s), style="red" if s["backoff_s"] > 0 else ""),
+            "never" if last is None else f"{duration((now - last['at_ms']) / 1000)} ago",
         )
 
-    def rate(value: float | None, unit: str) -> str:
-        return "…" if value is None else f"{value:,.1f} {unit}/s"
+    def rate(value: float | None) -> str:
+        return "…" if value is None else f"{value:,.0f}/s"
 
     totals = data["totals"]
-    summary = Table.grid(padding=(0, 3))
+    summary = Table.grid(padding=(0, 2))
     summary.add_row(
-        f"ingest {rate(state.rates.ingested_per_s, 'rows')}",
-        f"flush {rate(state.rates.flushed_per_s, 'rows')}",
+        f"ingest {rate(state.rates.ingested_per_s)}",
+        f"flush {rate(state.rates.flushed_per_s)}",
         f"queued {totals['queued']:,}",
         f"in flight {totals['claimed']:,}",
-        f"dead letters {totals['dead_letters']:,}",
-        f"waiting views {totals['waiting_views']:,}",
+        f"dead {totals['dead_letters']:,}",
+        f"views {totals['waiting_views']:,}",
     )
     parts: list[RenderableType] = [shards, summary]
     if data["flush_pending"]:
         parts.append(Text("An early flush has been requested (queue past the high-water mark)."))
+    parts.extend(Text(line) for line in broker_lines(data.get("broker", {})))
     visitors = sorted(data["active_visitors"].items(), key=lambda item: (-item[1], item[0]))
     window = data["active_visitor_window_s"]
     if visitors:
         table = Table(
-            title=f"Active visitors (last {window} s)", title_justify="left", min_width=40
+            title=f"Active visitors (last {window} s)",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            min_width=40,
         )
         table.add_column("project")
         table.add_column("visitors", justify="right")
@@ -176,10 +187,7 @@ def render(data: dict[str, Any], state: WatchState, high_water: int) -> Renderab
         parts.append(Text(f"No active visitors in the last {window} s."))
     if state.error:
         parts.append(Text(state.error, style="bold red"))
-    title = (
-        f"eventbuffer at {data['redis']} (prefix {data['key_prefix']!r}) · "
-        f"refresh {state.refreshes} · Ctrl-C to stop"
-    )
+    title = f"eventbuffer · {data['redis']} · refresh {state.refreshes} · Ctrl-C stops"
     return Panel(Group(*parts), title=title, title_align="left", expand=False)
 
 

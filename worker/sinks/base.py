@@ -23,33 +23,26 @@ import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from worker.errors import PermanentSinkError, RetryableSinkError, RowRejectedError, SinkError
 
-class SinkError(Exception):
-    """A ClickHouse write or query failed."""
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class RetryableSinkError(SinkError):
-    """Transient: retry the same write later."""
-
-
-class PermanentSinkError(SinkError):
-    """Will not succeed by retrying; not the rows' fault."""
-
-
-class RowRejectedError(PermanentSinkError):
-    """ClickHouse rejected one or more rows of the chunk."""
+__all__ = [
+    "PermanentSinkError",
+    "RetryableSinkError",
+    "RowRejectedError",
+    "Sink",
+    "SinkError",
+    "classify",
+    "error_code",
+]
 
 
 # ClickHouse error codes (src/Common/ErrorCodes.cpp) that mean "try again".
+# Not 164 (READONLY): a read-only user or setting does not heal by waiting;
+# 242 (TABLE_IS_READ_ONLY) does: a replicated table that lost its Keeper session.
 RETRYABLE_CODES = frozenset(
     {
         3,  # UNEXPECTED_END_OF_FILE
         159,  # TIMEOUT_EXCEEDED
-        164,  # READONLY
         202,  # TOO_MANY_SIMULTANEOUS_QUERIES
         203,  # NO_FREE_CONNECTION
         209,  # SOCKET_TIMEOUT
@@ -124,12 +117,18 @@ class Sink(Protocol):
         """
         ...
 
-    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        """Run a read query; `params` are bound server-side, never formatted in."""
+    def query(
+        self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
+    ) -> list[tuple[Any, ...]]:
+        """Run a query; `params` are never formatted in by hand.
+
+        `readonly`: the engine itself refuses anything but reading (ClickHouse's
+        `readonly = 1`, which the query cannot lift).
+        """
         ...
 
     def query_with_columns(
-        self, sql: str, params: dict[str, Any] | None = None
+        self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Like `query`, also returning the result's column names."""
         ...

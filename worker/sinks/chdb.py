@@ -88,6 +88,11 @@ def close_all() -> None:
             handle.close()
 
 
+def has_data(path: str) -> bool:
+    """Does `path` hold an embedded ClickHouse (what a first session creates there)?"""
+    return os.path.isdir(os.path.join(path, "metadata"))
+
+
 def path_from_url(url: str) -> str:
     """`chdb:///abs/path` -> /abs/path; `chdb://rel/path` -> <cwd>/rel/path."""
     rest = url.split("://", 1)[1]
@@ -144,14 +149,30 @@ class ChdbSink:
             f"FORMAT JSONEachRow\n{data}"
         )
 
-    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        return self.query_with_columns(sql, params)[1]
+    def query(
+        self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
+    ) -> list[tuple[Any, ...]]:
+        return self.query_with_columns(sql, params, readonly=readonly)[1]
 
     def query_with_columns(
-        self, sql: str, params: dict[str, Any] | None = None
+        self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Column names and rows of a read query."""
-        result = self._run(sql, "JSONCompact", params=params)
+        """Column names and rows of a query; `readonly`: the engine refuses any write.
+
+        A read-only query runs in a session of its own with `readonly = 1`,
+        which nothing in the query can lift (the setting forbids changing
+        settings); the shared session is closed for it and reopens on next use.
+        """
+        if readonly:
+            with self._handle.lock:
+                self._handle.close()
+                try:
+                    self._run("SET readonly = 1")
+                    result = self._run(sql, "JSONCompact", params=params)
+                finally:
+                    self._handle.close()
+        else:
+            result = self._run(sql, "JSONCompact", params=params)
         raw = result.bytes()
         if not raw:
             return [], []

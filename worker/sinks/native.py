@@ -10,6 +10,14 @@ per sink so that only the columns it has are sent, each converted to what its
 type needs: the same code writes the full `events` schema and older, narrower
 tables.
 
+Writing to a `Distributed` table (the engine is read from system.tables when
+the table is described) adds `insert_distributed_sync=1` (an alias of
+`distributed_foreground_insert` since 23.x): the INSERT returns only once
+every shard has stored its rows, each shard receiving the chunk's token with
+its part of the chunk, so a failure on any shard fails the write and the
+re-drive repeats it with the same token. `migrate(cluster=NAME)` creates the
+Replicated local tables and the Distributed table `ON CLUSTER`.
+
 Deduplication of re-driven flushes rests on `insert_deduplication_token`
 (ClickHouse 22.2+). clickhouse-driver drops settings an old server does not
 know with only a log warning, so the sink checks the server version itself and
@@ -30,7 +38,7 @@ import msgspec
 from clickhouse_driver import Client, errors
 from clickhouse_driver.util.helpers import parse_url
 
-from worker.events import Event, datetime_ms
+from worker.events import Row, datetime_ms
 from worker.sinks.base import (
     PermanentSinkError,
     RetryableSinkError,
@@ -38,14 +46,19 @@ from worker.sinks.base import (
     SinkError,
     classify,
 )
-from worker.sinks.schema import create_database, create_table, identifier
+from worker.sinks.schema import (
+    create_cluster_tables,
+    create_database,
+    create_table,
+    identifier,
+)
 
 DEDUP_MIN_VERSION = (22, 2)
 
-_events_decoder = msgspec.json.Decoder(list[Event])
-_EVENT_FIELDS = frozenset(Event.__struct_fields__)
+_events_decoder = msgspec.json.Decoder(list[Row])
+_EVENT_FIELDS = frozenset(Row.__struct_fields__)
 
-# What each Event field holds after decoding; any field not listed is a str.
+# What each Row field holds after decoding; any field not listed is a str.
 _FIELD_KINDS = {
     "id": "uuid",
     "properties": "map",
@@ -103,7 +116,7 @@ def _ticks(scale: int) -> Convert:
 
 
 def _converter(field: str, ch_type: str) -> Convert | None:
-    """How to turn the Event value of `field` into what a `ch_type` column takes.
+    """How to turn the Row value of `field` into what a `ch_type` column takes.
 
     None means "as is". A type that cannot hold the field is a schema problem,
     not the rows' fault, so it fails the whole sink rather than each row.
@@ -127,7 +140,7 @@ def _converter(field: str, ch_type: str) -> Convert | None:
         convert = None
     else:
         raise PermanentSinkError(
-            f"column {field} has type {ch_type}, which cannot hold Event.{field}"
+            f"column {field} has type {ch_type}, which cannot hold Row.{field}"
         )
 
     if field not in _OPTIONAL_FIELDS:
@@ -178,6 +191,7 @@ class NativeSink:
         self._pid = 0
         self._version: tuple[int, int] | None = None
         self._columns: list[tuple[str, Convert | None]] | None = None
+        self._distributed = False  # read with the columns
         # clickhouse-driver's Client is not thread-safe.
         self._lock = threading.RLock()
 
@@ -189,8 +203,8 @@ class NativeSink:
             try:
                 with self._errors():
                     client = self._connected()
-                    settings = self._insert_settings(token)
                     columns = self._table_columns(client)
+                    settings = self._insert_settings(token)
                 data = self._column_data(columns, events)
                 names = ", ".join(identifier(name) for name, _ in columns)
                 with self._errors():
@@ -205,35 +219,49 @@ class NativeSink:
                     self._columns = None  # the table may have changed: describe it again
                 raise
 
-    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    def query(
+        self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
+    ) -> list[tuple[Any, ...]]:
         """Run `sql`; `%(name)s` placeholders are filled from `params`.
 
         The native protocol has no bind parameters in clickhouse-driver: it
         escapes and quotes each value into the SQL text on the client.
+        `readonly`: the server runs it with `readonly = 1` and refuses any write.
         """
-        with self._lock, self._errors():
-            rows = self._connected().execute(sql, params)
-        return [tuple(row) for row in rows]
+        return self.query_with_columns(sql, params, readonly=readonly)[1]
 
     def query_with_columns(
-        self, sql: str, params: dict[str, Any] | None = None
+        self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Like `query`, also returning the result's column names (for the CLI)."""
+        settings = {"readonly": 1} if readonly else None
         with self._lock, self._errors():
-            rows, types = self._connected().execute(sql, params, with_column_types=True)
+            rows, types = self._connected().execute(
+                sql, params, with_column_types=True, settings=settings
+            )
         return [name for name, _ in types], [tuple(row) for row in rows]
 
-    def migrate(self) -> None:
+    def migrate(self, cluster: str | None = None) -> None:
+        """Create the database and table; with `cluster`, on every host of it."""
+        if cluster is None:
+            statements = [create_database(self.database), create_table(self.table, self.database)]
+        else:
+            statements = create_cluster_tables(self.table, self.database, cluster)
         # The handshake names a database and fails if it does not exist yet,
         # so create it from a session on the user's default database.
         with self._lock, self._errors():
             bootstrap = Client(self._host, **{**self._options, "database": ""})
             try:
-                bootstrap.execute(create_database(self.database))
-                bootstrap.execute(create_table(self.table, self.database))
+                for statement in statements:
+                    bootstrap.execute(statement)
             finally:
                 bootstrap.disconnect()
         self._columns = None
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the table is a Distributed table (known once it was described)."""
+        return self._distributed
 
     def close(self) -> None:
         with self._lock:
@@ -241,7 +269,7 @@ class NativeSink:
                 self._client.disconnect()
             self._client = None
 
-    def _decode(self, rows: Sequence[bytes]) -> list[Event]:
+    def _decode(self, rows: Sequence[bytes]) -> list[Row]:
         try:
             events = _events_decoder.decode(b"[" + b",".join(rows) + b"]")
         except msgspec.DecodeError as exc:  # also msgspec.ValidationError
@@ -268,6 +296,8 @@ class NativeSink:
 
     def _insert_settings(self, token: str) -> dict[str, Any]:
         assert self._version is not None
+        # Every version knows this one: the INSERT waits for every shard.
+        shards: dict[str, Any] = {"insert_distributed_sync": 1} if self._distributed else {}
         if self._version < DEDUP_MIN_VERSION:
             if self.require_dedup:
                 major, minor = self._version
@@ -277,16 +307,17 @@ class NativeSink:
                 )
             # Such a server knows neither setting (and never inserts
             # asynchronously); the driver would only log "Unknown setting".
-            return {}
+            return shards
         # async_insert is always sent: from 26.2 the server turns it on by default.
         if self.async_insert:
             return {
+                **shards,
                 "insert_deduplication_token": token,
                 "async_insert": 1,
                 "wait_for_async_insert": 1,
                 "async_insert_deduplicate": 1,
             }
-        return {"insert_deduplication_token": token, "async_insert": 0}
+        return {**shards, "insert_deduplication_token": token, "async_insert": 0}
 
     def _table_columns(self, client: Any) -> list[tuple[str, Convert | None]]:
         if self._columns is None:
@@ -297,21 +328,30 @@ class NativeSink:
                     columns.append((name, _converter(name, ch_type)))
             if not columns:
                 raise PermanentSinkError(f"table {self._target} has no event columns")
+            engine = client.execute(
+                "SELECT engine FROM system.tables WHERE database = %(db)s AND name = %(table)s",
+                {"db": self.database, "table": self.table},
+            )
+            self._distributed = bool(engine) and engine[0][0] == "Distributed"
             self._columns = columns
         return self._columns
 
     @staticmethod
     def _column_data(
-        columns: list[tuple[str, Convert | None]], events: list[Event]
+        columns: list[tuple[str, Convert | None]], events: list[Row]
     ) -> list[list[Any]]:
         data = []
         try:
             for name, convert in columns:
                 values = [getattr(event, name) for event in events]
                 data.append(values if convert is None else [convert(value) for value in values])
-        except (TypeError, ValueError) as exc:
-            # Decoding already validated every value, so this is a bug in the
-            # conversion, not a bad row: stop rather than dead-letter them all.
+        except ValueError as exc:
+            # Decoding checked the types; a value that still does not convert is
+            # a date that does not parse: the row's fault (the flush isolates it).
+            raise RowRejectedError(f"a row's {name} cannot be stored: {exc}") from exc
+        except TypeError as exc:
+            # A type decoding let through: a bug in the conversion, not a bad
+            # row. Stop rather than dead-letter them all.
             raise PermanentSinkError(f"cannot convert an event for {name}: {exc!r}") from exc
         return data
 

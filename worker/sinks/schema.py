@@ -3,17 +3,37 @@
 `non_replicated_deduplication_window` makes a plain MergeTree remember the
 last N insert blocks, so an INSERT repeated with the same
 `insert_deduplication_token` (a re-driven flush) is dropped.
+
+On a ClickHouse cluster (`create_cluster_tables`), `<table>_local` is a
+`ReplicatedMergeTree` on every host of the cluster, whose Keeper path holds
+the ids of the last `DEDUP_WINDOW` blocks for `DEDUP_WINDOW_SECONDS`, shared
+by the shard's replicas; `<table>` is a `Distributed` table over them that
+routes each row by `SHARDING_KEY`, a hash of the event id. A re-driven chunk
+therefore sends the same rows, in the same order, to the same shard: each
+shard sees the same block again (same token, same content) and drops it.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 # Blocks remembered for dedup. A block is one chunk (default 1000 rows), so
 # this covers the last ~10M rows: far more than can be in flight at once.
+# On a cluster a chunk becomes one block per shard and partition it touches.
 DEDUP_WINDOW = 10_000
+# How long a Replicated table keeps a block id, whatever the count (ClickHouse
+# 26.x defaults to one hour; a claim left open across a long ClickHouse outage
+# must still be recognised when it is re-driven).
+DEDUP_WINDOW_SECONDS = 7 * 86_400
 
-# (name, ClickHouse type) in the order of `worker.events.Event`.
+# Rows go to shard cityHash64(id) % total weight (over the id as text: 18.16
+# cannot hash a UUID column directly): the same event always lands
+# on the same shard, so a re-driven chunk splits into the same per-shard blocks.
+SHARDING_KEY = "cityHash64(toString(id))"
+LOCAL_SUFFIX = "_local"
+
+# (name, ClickHouse type) in the order of `worker.events.Row`.
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("id", "UUID"),
     ("name", "LowCardinality(String)"),
@@ -60,13 +80,57 @@ def create_database(database: str) -> str:
     return f"CREATE DATABASE IF NOT EXISTS {identifier(database)}"
 
 
-def create_table(table: str, database: str | None = None) -> str:
+_LAYOUT = (
+    "PARTITION BY toYYYYMM(created_at)\n"
+    "ORDER BY (project_id, toDate(created_at), profile_id, name)\n"
+)
+
+
+def _columns(columns: Sequence[tuple[str, str]]) -> str:
+    body = ",\n    ".join(f"{col} {kind}" for col, kind in columns)
+    return f"(\n    {body}\n)\n"
+
+
+def create_table(
+    table: str, database: str | None = None, columns: Sequence[tuple[str, str]] = COLUMNS
+) -> str:
     name = identifier(table) if database is None else f"{identifier(database)}.{identifier(table)}"
-    columns = ",\n    ".join(f"{col} {kind}" for col, kind in COLUMNS)
     return (
-        f"CREATE TABLE IF NOT EXISTS {name}\n(\n    {columns}\n)\n"
+        f"CREATE TABLE IF NOT EXISTS {name}\n{_columns(columns)}"
         "ENGINE = MergeTree\n"
-        "PARTITION BY toYYYYMM(created_at)\n"
-        "ORDER BY (project_id, toDate(created_at), profile_id, name)\n"
+        f"{_LAYOUT}"
         f"SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}"
     )
+
+
+def local_table(table: str) -> str:
+    """The name of the per-host table behind the Distributed table `table`."""
+    return f"{table}{LOCAL_SUFFIX}"
+
+
+def create_cluster_tables(
+    table: str, database: str, cluster: str, columns: Sequence[tuple[str, str]] = COLUMNS
+) -> list[str]:
+    """DDL, in order, for `table` on every host of `cluster` (`ON CLUSTER`).
+
+    Each host needs the macros `{shard}` and `{replica}` in its configuration
+    (ClickHouse's usual replication setup) and the cluster must be defined in
+    `remote_servers` with `internal_replication` true: the Distributed table
+    writes each shard's block to one replica and replication copies it.
+    """
+    db, on = identifier(database), f"ON CLUSTER {identifier(cluster)}"
+    local = local_table(table)
+    identifier(local)
+    # The Keeper path names database and table literally (ClickHouse before
+    # 20.x has no {database}/{table} macros); {shard}/{replica} are the host's.
+    keeper_path = f"/clickhouse/tables/{{shard}}/{database}/{local}"
+    return [
+        f"CREATE DATABASE IF NOT EXISTS {db} {on}",
+        f"CREATE TABLE IF NOT EXISTS {db}.{identifier(local)} {on}\n{_columns(columns)}"
+        f"ENGINE = ReplicatedMergeTree('{keeper_path}', '{{replica}}')\n"
+        f"{_LAYOUT}"
+        f"SETTINGS replicated_deduplication_window = {DEDUP_WINDOW}, "
+        f"replicated_deduplication_window_seconds = {DEDUP_WINDOW_SECONDS}",
+        f"CREATE TABLE IF NOT EXISTS {db}.{identifier(table)} {on}\n{_columns(columns)}"
+        f"ENGINE = Distributed({identifier(cluster)}, {db}, {identifier(local)}, {SHARDING_KEY})",
+    ]

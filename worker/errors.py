@@ -1,0 +1,99 @@
+"""Every error eventbuffer raises on purpose, under one root: `EventBufferError`.
+
+    EventBufferError
+    ├── SettingsError          a setting in the environment is malformed
+    ├── InvalidEvent           an event failed validation (field, problem)
+    ├── SinkError              a ClickHouse write or query failed (code)
+    │   ├── RetryableSinkError     transient: retry the same write later
+    │   └── PermanentSinkError     will not heal by retrying; not the rows' fault
+    │       ├── RowRejectedError       ClickHouse refused rows of the chunk
+    │       └── PoisonGuardError       most of a claim refused (worker/flush.py)
+    ├── BufferKeyTypeError     a buffer key holds a value of the wrong type (key)
+    ├── FlushError             a shard's flush stopped (shard, lock)
+    │   └── LockLostError          the flush lock expired or was taken over
+    └── ProducerError          the producer client holds events it could not send (unsent)
+        ├── BufferFull             max_pending events are held
+        └── ProducerClosed         send() after close()
+
+Each is re-exported by the module that raises it (`worker.events.InvalidEvent`,
+`worker.sinks.SinkError`, ...). This module imports nothing.
+"""
+
+from __future__ import annotations
+
+
+class EventBufferError(Exception):
+    """The root of eventbuffer's own errors."""
+
+
+class SettingsError(EventBufferError, ValueError):
+    """A setting in the environment is malformed."""
+
+
+class InvalidEvent(EventBufferError, ValueError):
+    """An event failed validation. `field` is a dotted path, `problem` says why."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class SinkError(EventBufferError):
+    """A ClickHouse write or query failed; `code` is ClickHouse's error code, if known."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RetryableSinkError(SinkError):
+    """Transient: retry the same write later."""
+
+
+class PermanentSinkError(SinkError):
+    """Will not succeed by retrying; not the rows' fault."""
+
+
+class RowRejectedError(PermanentSinkError):
+    """ClickHouse rejected one or more rows of the chunk."""
+
+
+class BufferKeyTypeError(EventBufferError):
+    """A key of the buffer holds a value of the wrong type: something else wrote it.
+
+    The apply script checks before it writes anything, so nothing was applied.
+    """
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"Redis key {key!r} holds a value of the wrong type for the buffer")
+        self.key = key
+
+
+class FlushError(EventBufferError):
+    """A shard's flush stopped; `shard` and `lock` (the lock's key) when known."""
+
+    def __init__(self, message: str, *, shard: int | None = None, lock: str | None = None) -> None:
+        super().__init__(message)
+        self.shard = shard
+        self.lock = lock
+
+
+class LockLostError(FlushError):
+    """The flush lock expired or was taken over while a flush was working."""
+
+
+class ProducerError(EventBufferError):
+    """Events could not be sent or accepted; `unsent` events are held in memory."""
+
+    def __init__(self, message: str, unsent: int) -> None:
+        super().__init__(message)
+        self.unsent = unsent
+
+
+class BufferFull(ProducerError):
+    """`max_pending` events are held unsent: the caller must slow down or drop."""
+
+
+class ProducerClosed(ProducerError):
+    """`send()` after `close()`."""

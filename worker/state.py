@@ -1,0 +1,241 @@
+"""What the buffer holds right now, read from Redis in one place.
+
+`read_state()` is the one reader of buffer state: `eventbuffer status` (and
+`--watch`) and the metrics collector show what it returns. Per shard it is
+one pipelined round trip for all shards (queue depth, the head row's age,
+the open claim, dead letters, waiting views, the lock holder, the back-off,
+the last flush); then a SCAN for the projects with visitors and one more
+round trip for their counts. It only reads: nothing is pruned.
+
+`count_active_visitors()` is the one count of active visitors, read-only
+here and pruning for `EventBuffer.get_active_visitor_count` (as the seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from redis import Redis
+
+from worker.events import datetime_ms, decode_row_head
+from worker.keys import Keyspace, ShardKeys
+from worker.replies import number, text, text_map
+
+
+@dataclass(frozen=True)
+class ClaimState:
+    id: str
+    count: int
+    at_ms: int
+    age_s: float
+
+
+@dataclass(frozen=True)
+class LockState:
+    token: str
+    ttl_ms: int
+
+
+@dataclass(frozen=True)
+class LastFlush:
+    at_ms: int
+    rows: int
+    dead: int
+    claimed: int
+    claim: str
+
+    @property
+    def at(self) -> str:
+        return datetime.fromtimestamp(self.at_ms / 1000, UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ShardState:
+    shard: int
+    queued: int  # rows in the queue, claimed rows included (LLEN)
+    claimed: ClaimState | None
+    dead_letters: int
+    # now - created_at of the queue's head row (event time), 0 when empty.
+    oldest_event_age_s: float
+    waiting_views: int  # screen_views held as their session's last view
+    lock: LockState | None
+    backoff_s: float  # left of the back-off after ClickHouse failures, 0 if none
+    failures: int  # ClickHouse failures in a row (the back-off doubles with them)
+    last_flush: LastFlush | None
+    # Running totals since the shard's stats began: rows inserted, rows taken off the queue.
+    rows_total: int = 0
+    removed_total: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.last_flush is not None:
+            data["last_flush"]["at"] = self.last_flush.at
+        return data
+
+
+@dataclass(frozen=True)
+class BufferState:
+    now_ms: int
+    shards: list[ShardState]
+    flush_pending: bool
+    active_visitors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def queued(self) -> int:
+        return sum(s.queued for s in self.shards)
+
+    @property
+    def claimed(self) -> int:
+        return sum(s.claimed.count for s in self.shards if s.claimed)
+
+    @property
+    def dead_letters(self) -> int:
+        return sum(s.dead_letters for s in self.shards)
+
+    @property
+    def waiting_views(self) -> int:
+        return sum(s.waiting_views for s in self.shards)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "now_ms": self.now_ms,
+            "flush_pending": self.flush_pending,
+            "totals": {
+                "queued": self.queued,
+                "claimed": self.claimed,
+                "dead_letters": self.dead_letters,
+                "waiting_views": self.waiting_views,
+            },
+            "shards": [s.as_dict() for s in self.shards],
+            "active_visitors": dict(self.active_visitors),
+        }
+
+
+def head_age_seconds(head: bytes | None, now_ms: int) -> float:
+    """now - created_at of a queue's head row (LINDEX 0), in seconds; 0 without one.
+
+    Event time: a screen_view is queued when its session's next view (or its
+    end) arrives, with its own created_at; imported events are old too.
+    """
+    if head is None:
+        return 0.0
+    try:
+        created = datetime_ms(decode_row_head(head).created_at)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+        return 0.0  # a poison row: the flush dead-letters it
+    return max(0, now_ms - created) / 1000
+
+
+_READS = 10  # commands per shard in read_state's pipeline (`_queue_reads`)
+
+
+def _queue_reads(pipe: Any, shard: ShardKeys) -> None:
+    pipe.llen(shard.queue)
+    pipe.lindex(shard.queue, 0)
+    pipe.hmget(shard.claim, ["id", "count", "at"])
+    pipe.llen(shard.dead)
+    pipe.zcard(shard.sessions)
+    pipe.get(shard.lock)
+    pipe.pttl(shard.lock)
+    pipe.pttl(shard.backoff)
+    pipe.get(shard.failures)
+    pipe.hgetall(shard.stats)
+
+
+def _shard_state(shard: int, replies: Sequence[Any], now_ms: int) -> ShardState:
+    queued, head, claim_fields, dead, views, token, lock_ttl, backoff, failures, raw = replies
+    claim_id, count, at = claim_fields
+    stats = text_map(raw)
+    claim = None
+    if claim_id is not None:
+        at_ms = number(at)
+        claim = ClaimState(text(claim_id), number(count), at_ms, round((now_ms - at_ms) / 1000, 3))
+    last = None
+    if "at" in stats:
+        last = LastFlush(
+            at_ms=int(stats["at"]),
+            rows=int(stats.get("rows", 0)),
+            dead=int(stats.get("dead", 0)),
+            claimed=int(stats.get("claimed", 0)),
+            claim=stats.get("claim", ""),
+        )
+    return ShardState(
+        shard=shard,
+        queued=number(queued),
+        claimed=claim,
+        dead_letters=number(dead),
+        oldest_event_age_s=round(head_age_seconds(head, now_ms), 3),
+        waiting_views=number(views),
+        lock=None if token is None else LockState(text(token), number(lock_ttl)),
+        backoff_s=max(0, number(backoff)) / 1000,
+        failures=number(failures),
+        last_flush=last,
+        rows_total=int(stats.get("rows_total", 0)),
+        removed_total=int(stats.get("removed_total", 0)),
+    )
+
+
+def read_state(redis: Redis, keyspace: Keyspace, now_ms: int, visitor_window_s: int) -> BufferState:
+    """Every shard's state and the active visitors per project (read-only)."""
+    shards = keyspace.all()
+    pipe = redis.pipeline(transaction=False)
+    for shard in shards:
+        _queue_reads(pipe, shard)
+    pipe.exists(keyspace.flush_pending)
+    replies = pipe.execute()
+    states = [
+        _shard_state(shard.shard, replies[n * _READS : (n + 1) * _READS], now_ms)
+        for n, shard in enumerate(shards)
+    ]
+    cutoff = now_ms - visitor_window_s * 1000
+    visitors = count_active_visitors(redis, keyspace, active_projects(redis, keyspace), cutoff)
+    return BufferState(now_ms, states, bool(replies[-1]), visitors)
+
+
+def active_projects(redis: Redis, keyspace: Keyspace) -> list[str]:
+    """Projects with a visitors set on any shard (SCAN; read-only)."""
+    projects: set[str] = set()
+    for shard in keyspace.all():
+        for key in redis.scan_iter(match=shard.visitors_pattern(), count=1000):
+            projects.add(shard.project_of_visitors_key(text(key)))
+    return sorted(projects)
+
+
+def count_active_visitors(
+    redis: Redis, keyspace: Keyspace, projects: Sequence[str], cutoff_ms: int, prune: bool = False
+) -> dict[str, int]:
+    """Distinct profiles seen at or after `cutoff_ms`, per project, over every shard.
+
+    With `prune`, older entries are removed first (OpenPanel's
+    getActiveVisitorCount does); without, nothing is written.
+    """
+    shards = keyspace.all()
+    pipe = redis.pipeline(transaction=False)
+    for project in projects:
+        for shard in shards:
+            key = shard.visitors(project)
+            if prune:
+                pipe.zremrangebyscore(key, "-inf", f"({cutoff_ms}")
+            if len(shards) == 1:
+                pipe.zcount(key, cutoff_ms, "+inf")
+            else:
+                pipe.zrangebyscore(key, cutoff_ms, "+inf")
+    replies = iter(pipe.execute())
+    counts: dict[str, int] = {}
+    for project in projects:
+        members: set[bytes] = set()
+        total = 0
+        for _ in shards:
+            if prune:
+                next(replies)
+            reply = next(replies)
+            if len(shards) == 1:
+                total = number(reply)
+            else:
+                members.update(reply)
+        counts[project] = total if len(shards) == 1 else len(members)
+    return counts
