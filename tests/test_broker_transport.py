@@ -300,6 +300,26 @@ def test_a_task_in_a_priority_queue_wakes_an_idle_consumer(
     assert sorted(got) == [0, 9]
 
 
+def test_an_idle_consumer_waits_on_each_of_its_queues_in_turn(
+    url: str, redis: redis_lib.Redis, redis_url: str
+) -> None:
+    waited: set[str] = set()
+    monitor = redis_lib.Redis.from_url(redis_url, socket_timeout=2).monitor()
+    with (
+        consuming(url, [queue("qa"), queue("qb")], lambda body, message: None) as conn,
+        monitor as commands,
+    ):
+        with suppress(TimeoutError):
+            conn.drain_events(timeout=3.5)  # idle: three waits of 1 s, a fetch after each
+        with suppress(redis_lib.TimeoutError):
+            for event in commands.listen():
+                if event["command"].startswith("BLMOVE "):
+                    waited.add(event["command"].split()[1])
+                if waited == {"qa", "qb"}:
+                    break
+    assert waited == {"qa", "qb"}
+
+
 def test_basic_get_is_reliable_too(url: str, redis: redis_lib.Redis) -> None:
     q = queue("tq")
     publish(url, q, [{"n": 0}, {"n": 1}])

@@ -33,8 +33,9 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
-from worker.broker.keys import BrokerKeys, as_text, oldest_last
+from worker.broker.keys import BrokerKeys, oldest_last
 from worker.broker.scripts import BrokerScripts, ConsumerAlive, Fetched
+from worker.replies import number, text
 
 log = logging.getLogger("worker.broker")
 
@@ -62,13 +63,9 @@ def recover(scripts: BrokerScripts, redis: Redis, consumer_id: str) -> int:
     batches = [held[i : i + REQUEUE_BATCH] for i in range(0, len(held), REQUEUE_BATCH)]
     batches = batches or [[]]  # an empty index: one call, to leave the registry
     moved = 0
-    for number, batch in enumerate(batches):
+    for i, batch in enumerate(batches):
         moved += scripts.requeue(
-            consumer_id,
-            batch,
-            front=True,
-            only_if_dead=True,
-            deregister=number == len(batches) - 1,
+            consumer_id, batch, front=True, only_if_dead=True, deregister=i == len(batches) - 1
         )
     return moved
 
@@ -79,13 +76,13 @@ def held_by_consumers(redis: Redis, keys: BrokerKeys) -> int:
     An index with entries always has a registry entry (broker_fetch.lua
     enters the consumer first; it leaves only once its index is empty).
     """
-    consumers = [as_text(m) for m in redis.zrange(keys.registry, 0, -1)]
+    consumers = [text(m) for m in redis.zrange(keys.registry, 0, -1)]
     if not consumers:
         return 0
     with redis.pipeline(transaction=False) as pipe:
         for consumer_id in consumers:
             pipe.hlen(keys.inflight(consumer_id))
-        return sum(int(n) for n in pipe.execute())
+        return sum(number(n) for n in pipe.execute())
 
 
 class Consumer:

@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from worker.replies import number, text
+
 
 @dataclass(frozen=True)
 class BrokerKeys:
@@ -48,13 +50,8 @@ class BrokerKeys:
         return f"{self.global_prefix}_eventbuffer.broker.unparsable"
 
 
-def as_text(value: object) -> str:
-    """A name Redis returned (bytes) as text."""
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def oldest_last(index: Mapping[Any, Any]) -> list[tuple[int, str]]:
     """An in-flight index as (seq, source) pairs, newest first: pushed in this order to the
     front of their queues, the oldest message is again the first in line."""
-    pairs = [(int(seq), as_text(source)) for seq, source in index.items()]
+    pairs = [(number(seq), text(source)) for seq, source in index.items()]
     return sorted(pairs, reverse=True)

@@ -1,8 +1,9 @@
 """The reliable transport's Lua scripts, each behind one typed wrapper.
 
 `lua_scripts/broker_*.lua` document every key, argument and return value.
-The scripts are registered with redis-py's `register_script` (EVALSHA, sent
-again after NOSCRIPT).
+Each script is the process's one redis-py `Script` of its file
+(`worker.scripts.script`), run by EVALSHA on this wrapper's client and sent
+again after NOSCRIPT.
 
 A fetch is two commands in one round trip: the broker_fetch EVALSHA, then an
 LINDEX of the key it moved the message to (so the message is never a Lua
@@ -21,8 +22,9 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import NoScriptError
 
-from worker.broker.keys import BrokerKeys, as_text
-from worker.scripts import load_lua
+from worker.broker.keys import BrokerKeys
+from worker.replies import text
+from worker.scripts import script
 
 
 class ConsumerAlive(Exception):
@@ -70,9 +72,9 @@ class BrokerScripts:
     def __init__(self, redis: Redis, keys: BrokerKeys) -> None:
         self._redis = redis
         self.keys = keys
-        self._fetch = redis.register_script(load_lua("broker_fetch"))
-        self._requeue = redis.register_script(load_lua("broker_requeue"))
-        self._heartbeat = redis.register_script(load_lua("broker_heartbeat"))
+        self._fetch = script("broker_fetch")
+        self._requeue = script("broker_requeue")
+        self._heartbeat = script("broker_heartbeat")
 
     def fetch_commands(
         self,
@@ -153,12 +155,14 @@ class BrokerScripts:
         ]
         for seq, destination in moves:
             args += (seq, number(self.keys.message(consumer_id, seq)), number(destination))
-        moved = int(self._requeue(keys=keys, args=args))
+        moved = int(self._requeue(keys=keys, args=args, client=self._redis))
         if moved < 0:
             raise ConsumerAlive(consumer_id)
         return moved
 
     def heartbeat(self, consumer_id: str, timeout_ms: int, limit: int) -> Beat:
         """Push the consumer's deadline to now + timeout; list up to `limit` dead consumers."""
-        reply = self._heartbeat(keys=[self.keys.registry], args=[consumer_id, timeout_ms, limit])
-        return Beat(was_registered=int(reply[0]) == 1, dead=[as_text(m) for m in reply[1:]])
+        reply = self._heartbeat(
+            keys=[self.keys.registry], args=[consumer_id, timeout_ms, limit], client=self._redis
+        )
+        return Beat(was_registered=int(reply[0]) == 1, dead=[text(m) for m in reply[1:]])

@@ -26,9 +26,10 @@ poller), one request outstanding per channel on kombu's BRPOP connection:
   list of the next queue in the cycle: a blocking look that moves nothing
   (the message stays where it is), so an idle worker wakes at once when a
   task arrives there, and after at most `brpop_timeout` (1 s) for a task
-  in a priority sub-queue or another queue. Either answer goes back to
-  fetching. Every idle worker waiting on a queue wakes for its next task;
-  one fetch takes it, the others find nothing and wait again.
+  in a priority sub-queue or another queue (each idle second waits on the
+  next queue). Either answer goes back to fetching. Every idle worker
+  waiting on a queue wakes for its next task; one fetch takes it, the
+  others find nothing and wait again.
 
 So a busy worker spends two round trips per task (the fetch, the ack), an
 idle one two a second. kombu's BRPOP bookkeeping (pausing a reply while the
@@ -166,6 +167,7 @@ class Channel(kombu_redis.Channel):
 
     _reliable: Consumer | None = None
     _waiting = False  # the outstanding command is a wait (BLMOVE), not a fetch
+    _wait_queue = ""  # ... on this queue
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -238,6 +240,7 @@ class Channel(kombu_redis.Channel):
         if self._waiting:  # on the first source: the next queue's default priority
             key = sources[0]
             commands: list[tuple[Any, ...]] = [("BLMOVE", key, key, "RIGHT", "RIGHT", timeout or 0)]
+            self._wait_queue = queues[0]
         else:
             consumer = self.reliable
             seq = consumer.next_seq()
@@ -266,6 +269,8 @@ class Channel(kombu_redis.Channel):
                 reply = self._read_reply("BLMOVE", **options)
                 if isinstance(reply, Exception):
                     raise reply
+                if reply is None:  # nothing came: wait on the next queue next time
+                    self._queue_cycle.rotate(self._wait_queue)
                 raise Empty()
             # Both replies, whatever the first, so the connection stays in step.
             script_reply = self._read_reply("EVALSHA", **options)
