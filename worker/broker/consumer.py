@@ -4,11 +4,11 @@ A consumer is one consuming kombu channel (in a Celery worker: the main
 process's task channel). Every message it fetches sits under a key of its
 own, listed in the consumer's in-flight index, until acknowledged (DEL and
 HDEL), rejected (back to its queue) or, at shutdown, restored (back to the
-front of its queue). A heartbeat thread
-pushes the consumer's deadline in the registry forward every fifth of the
-timeout, and on each beat puts back the messages of consumers whose
-deadline has passed: a worker killed with SIGKILL, or one that never comes
-back, has its tasks run by any live worker within about 1.2 timeouts.
+front of its queue). A heartbeat thread pushes the consumer's deadline in
+the registry forward every fifth of the timeout, and on each beat puts back
+the messages of consumers whose deadline has passed: a worker killed with
+SIGKILL, or one that never comes back, has its tasks run by any live worker
+within about 1.2 timeouts.
 
 The heartbeat is a thread, not an event-loop timer, so that a long task on
 the solo pool (which blocks the event loop) does not make its worker look
@@ -52,12 +52,15 @@ def new_consumer_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
-def recover(scripts: BrokerScripts, redis: Redis, consumer_id: str) -> int:
-    """Put a dead consumer's in-flight messages back at the front of their queues.
+def put_back(
+    scripts: BrokerScripts, redis: Redis, consumer_id: str, *, only_if_dead: bool, deregister: bool
+) -> int:
+    """Every message a consumer holds back to the front of its queue, oldest first in line.
 
-    Removes the consumer from the registry once its index is empty. Returns
-    how many messages moved; raises ConsumerAlive if its deadline moved on
-    (it beat again), leaving the rest where they are.
+    With `deregister`, the consumer leaves the registry once its index is
+    empty. Returns how many messages moved; with `only_if_dead`, raises
+    ConsumerAlive if its deadline moved on (it beat again), leaving the rest
+    where they are.
     """
     held = oldest_last(redis.hgetall(scripts.keys.inflight(consumer_id)))
     batches = [held[i : i + REQUEUE_BATCH] for i in range(0, len(held), REQUEUE_BATCH)]
@@ -65,9 +68,18 @@ def recover(scripts: BrokerScripts, redis: Redis, consumer_id: str) -> int:
     moved = 0
     for i, batch in enumerate(batches):
         moved += scripts.requeue(
-            consumer_id, batch, front=True, only_if_dead=True, deregister=i == len(batches) - 1
+            consumer_id,
+            batch,
+            front=True,
+            only_if_dead=only_if_dead,
+            deregister=deregister and i == len(batches) - 1,
         )
     return moved
+
+
+def recover(scripts: BrokerScripts, redis: Redis, consumer_id: str) -> int:
+    """Put a dead consumer's messages back and remove it from the registry (see put_back)."""
+    return put_back(scripts, redis, consumer_id, only_if_dead=True, deregister=True)
 
 
 def held_by_consumers(redis: Redis, keys: BrokerKeys) -> int:
@@ -145,13 +157,8 @@ class Consumer:
 
     def restore_all(self, *, deregister: bool) -> int:
         """Everything this consumer still holds back to the front of its queues."""
-        held = oldest_last(self.redis.hgetall(self.inflight))
-        moved = 0
-        for start in range(0, len(held), REQUEUE_BATCH):
-            moved += self.scripts.requeue(self.id, held[start : start + REQUEUE_BATCH], front=True)
-        if deregister:
-            self.scripts.requeue(self.id, [], front=True, deregister=True)
-        return moved
+        scripts, redis = self.scripts, self.redis
+        return put_back(scripts, redis, self.id, only_if_dead=False, deregister=deregister)
 
     # -- liveness ----------------------------------------------------------------
 
