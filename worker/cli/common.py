@@ -170,4 +170,4 @@ def progress_bar(console: Console, *, disable: bool = False) -> Progress:
 
 def waiting_views(redis: Redis, shard: ShardKeys) -> int:
     """screen_views held as their session's last view (not in the queue yet)."""
-    return int(redis.zcard(shard.sessions))
+    return int(redis.hlen(shard.views))
