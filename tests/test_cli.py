@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
+from celery import Celery
 
 from tests.conftest import Result
 from worker import cli
@@ -570,6 +571,13 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
             app.send_task("eventbuffer.ingest_event", args=[body], queue="ingest")
     finally:
         app.close()
+    # A foreign app sends by name without `queue=`: Celery's default queue, also consumed.
+    foreign = Celery("foreign", broker=env["REDIS_URL"])
+    try:
+        body = {"project_id": "foreign", "name": "signup", "created_at": int(time.time() * 1000)}
+        foreign.send_task("eventbuffer.ingest_events", args=[[body, body | {"name": "login"}]])
+    finally:
+        foreign.close()
 
     # The demo, against the running workers.
     demo = run_cli(["demo", "--sessions", "5", "--seed", "7", "--timeout", "40"], env, tmp_path)
@@ -580,9 +588,12 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     assert "Average screen_view duration" in demo.stdout
 
     def landed() -> bool:
-        sql = "SELECT count() FROM events WHERE project_id = 'cli-run'"
-        query = run_cli(["query", sql, "--format", "tsv"], env, tmp_path)
-        return query.returncode == 0 and query.stdout.splitlines()[1:] == ["3"]
+        sql = "SELECT project_id, count() FROM events WHERE project_id IN ('cli-run', 'foreign')"
+        query = run_cli(["query", f"{sql} GROUP BY 1 ORDER BY 1", "--format", "tsv"], env, tmp_path)
+        return query.returncode == 0 and query.stdout.splitlines()[1:] == [
+            "cli-run\t3",
+            "foreign\t2",
+        ]
 
     wait_for(landed, 20, "the Celery-sent events in ClickHouse", log)
     client.close()

@@ -118,7 +118,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
             spawn(
                 "ingest",
                 "ingest worker",
-                ["worker", "-Q", "ingest", "-c", "2", "-n", "ingest@%h", *fast],
+                ["worker", "-Q", "ingest,celery", "-c", "2", "-n", "ingest@%h", *fast],
                 env,
                 logs,
             ),
