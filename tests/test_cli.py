@@ -27,6 +27,7 @@ from tests.conftest import Result
 from worker import cli
 from worker.buffer import EventBuffer
 from worker.celery import create_app
+from worker.cli.local_redis import redis_answers
 from worker.events import Event, parse_event
 from worker.ingest import ingest
 from worker.keys import ShardKeys
@@ -562,6 +563,11 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     assert client.ping()
     pids = descendants(process.pid)
     assert len(pids) >= 4  # redis-server, 2 workers (+ pool processes), beat
+    # The migration ran in a child: chDB (~250 MB of RSS) never loads into the supervisor.
+    mapped = {
+        line.split()[-1] for line in Path(f"/proc/{process.pid}/maps").read_text().splitlines()
+    }
+    assert not [path for path in mapped if "chdb" in path]
 
     # Celery tasks, as any producer would send them.
     app = create_app(Settings.from_env({"REDIS_URL": env["REDIS_URL"]}))
@@ -671,6 +677,21 @@ def test_run_refuses_a_port_another_program_listens_on(tmp_path: Path) -> None:
     [line] = result.stderr.strip().splitlines()
     assert f"another program listens on port {port}" in line
     assert "Traceback" not in result.stderr
+
+
+def test_run_with_unreachable_clickhouse_is_one_line_naming_the_url(tmp_path: Path) -> None:
+    env = project_env(
+        REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0",
+        CLICKHOUSE_URL="clickhouse://eventbuffer:hunter2@127.0.0.1:1/db",
+    )
+    result = run_cli(["run"], env, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "ClickHouse at clickhouse://eventbuffer:***@127.0.0.1:1/db" in line
+    assert "Connection refused" in line
+    assert "hunter2" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not redis_answers(env["REDIS_URL"])  # its private Redis was stopped
 
 
 @pytest.mark.slow

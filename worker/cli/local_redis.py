@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from collections import deque
-from contextlib import suppress
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -18,7 +16,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.cli.common import CliError, mask, one_line
-from worker.cli.processes import Signals, Stopped, last_line, stop_process
+from worker.cli.processes import Signals, Stopped, describe_exit, last_line, stop_process
 from worker.settings import Settings
 
 REDIS_START_S = 10.0
@@ -170,10 +168,3 @@ class PrivateRedis:
     def stop(self) -> None:
         if self.process is not None:
             stop_process(self.process, REDIS_STOP_S)  # SIGTERM: Redis syncs the AOF (not forced)
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        with suppress(ValueError):
-            return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"

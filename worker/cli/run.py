@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
 from contextlib import suppress
 from pathlib import Path
 
 from rich.console import Console
 
-from worker.cli.common import CliError, is_embedded, mask, migrate_schema, version
+from worker.cli.common import ERROR_PREFIX, CliError, is_embedded, mask, one_line, version
 from worker.cli.local_redis import PrivateRedis, redis_answers
 from worker.cli.processes import (
     Child,
@@ -18,6 +20,7 @@ from worker.cli.processes import (
     Stopped,
     became_ready,
     child_env,
+    describe_exit,
     last_line,
     spawn,
     stop_process,
@@ -42,7 +45,7 @@ def supervise(
             code = child.process.poll()
             if code is not None:
                 return (
-                    f"the {child.what} exited unexpectedly (exit code {code}); "
+                    f"the {child.what} exited unexpectedly ({describe_exit(code)}); "
                     f"last log line: {last_line(child.log) or '(none)'} (log: {child.log})"
                 )
             if became_ready(child):
@@ -62,6 +65,41 @@ def supervise(
             late = ", ".join(f"{c.what} (log: {c.log})" for c in children if not c.ready)
             console.print(f"Still not ready after {READY_WAIT_S:.0f} s: {late}", style="yellow")
     return None
+
+
+def migrate(settings: Settings, env: dict[str, str], signals: Signals) -> None:
+    """`eventbuffer migrate` in a child process; CliError (one line) if it fails.
+
+    Not in this process: loading chDB (or the native driver) would stay in the
+    supervisor's memory for as long as `run` runs (~250 MB for chDB), and the
+    child also releases embedded ClickHouse before the flush worker needs it.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "migrate"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # Ctrl-C reaches us only: we stop it
+    )
+    while True:
+        try:
+            _, errors = process.communicate(timeout=0.1)
+            break
+        except subprocess.TimeoutExpired:
+            if signals.received:
+                stop_process(process, CHILD_STOP_S, force=signals)
+                raise Stopped from None
+    if process.returncode != 0:
+        # The child's own one-line error (after anything a library printed), else its last line.
+        text = errors.decode(errors="replace")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        own = [line.removeprefix(ERROR_PREFIX) for line in lines if line.startswith(ERROR_PREFIX)]
+        why = (own or lines or [describe_exit(process.returncode)])[-1]
+        raise CliError(
+            f"cannot create table `{settings.clickhouse_table}` in ClickHouse at "
+            f"{mask(settings.clickhouse_url)}: {one_line(why)}"
+        )
 
 
 def print_banner(
@@ -109,10 +147,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
             redis = PrivateRedis(settings, data)
             redis.start(signals)
         signals.check()
-        # Migrate, and release embedded ClickHouse before the flush worker needs it.
-        migrate_schema(settings)
-        signals.check()
         env = child_env(settings.redis_url)
+        migrate(settings, env, signals)
         fast = ["--without-mingle", "--without-gossip"]
         children = [
             spawn(
