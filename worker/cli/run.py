@@ -25,6 +25,7 @@ from worker.cli.processes import (
     spawn,
     stop_process,
 )
+from worker.names import DEFAULT_QUEUE, FLUSH_QUEUE, INGEST_QUEUE
 from worker.settings import Settings
 
 CHILD_STOP_S = 10.0
@@ -154,7 +155,17 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
             spawn(
                 "ingest",
                 "ingest worker",
-                ["worker", "-Q", "ingest,celery", "-c", "2", "-n", "ingest@%h", *fast],
+                # Also Celery's default queue: send_task() by name without queue= lands there.
+                [
+                    "worker",
+                    "-Q",
+                    f"{INGEST_QUEUE},{DEFAULT_QUEUE}",
+                    "-c",
+                    "2",
+                    "-n",
+                    "ingest@%h",
+                    *fast,
+                ],
                 env,
                 logs,
             ),
@@ -168,7 +179,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
                 [
                     "worker",
                     "-Q",
-                    "flush",
+                    FLUSH_QUEUE,
                     "-c",
                     "1",
                     "--max-tasks-per-child",
