@@ -687,7 +687,8 @@ def test_run_with_unreachable_clickhouse_is_one_line_naming_the_url(tmp_path: Pa
     result = run_cli(["run"], env, tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     [line] = result.stderr.strip().splitlines()
-    assert "ClickHouse at clickhouse://eventbuffer:***@127.0.0.1:1/db" in line
+    assert line.startswith("eventbuffer: error: cannot create table `events`: ")
+    assert line.count("clickhouse://eventbuffer:***@127.0.0.1:1/db") == 1
     assert "Connection refused" in line
     assert "hunter2" not in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr

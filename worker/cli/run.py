@@ -96,11 +96,11 @@ def migrate(settings: Settings, env: dict[str, str], signals: Signals) -> None:
         text = errors.decode(errors="replace")
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         own = [line.removeprefix(ERROR_PREFIX) for line in lines if line.startswith(ERROR_PREFIX)]
-        why = (own or lines or [describe_exit(process.returncode)])[-1]
-        raise CliError(
-            f"cannot create table `{settings.clickhouse_table}` in ClickHouse at "
-            f"{mask(settings.clickhouse_url)}: {one_line(why)}"
-        )
+        why = one_line((own or lines or [describe_exit(process.returncode)])[-1])
+        where = mask(settings.clickhouse_url)
+        if where not in why:
+            why += f" (CLICKHOUSE_URL={where})"
+        raise CliError(f"cannot create table `{settings.clickhouse_table}`: {why}")
 
 
 def print_banner(
