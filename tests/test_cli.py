@@ -517,6 +517,17 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, log: Path | N
         time.sleep(0.2)
 
 
+def stack_up(process: subprocess.Popen[bytes], log: Path, timeout: float = 40) -> None:
+    """Until `run` (writing to `log`) says everything is up; fails if it exited instead."""
+    wait_for(
+        lambda: "Everything is up" in log.read_text() or process.poll() is not None,
+        timeout,
+        "the stack",
+        log,
+    )
+    assert process.poll() is None, log.read_text()
+
+
 @pytest.fixture
 def run_stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str], Path]]:
     """`eventbuffer run` in tmp_path, with REDIS_URL on a closed port: it starts its own Redis."""
@@ -552,13 +563,7 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     run_stack: tuple[subprocess.Popen[bytes], dict[str, str], Path], tmp_path: Path
 ) -> None:
     process, env, log = run_stack
-    wait_for(
-        lambda: "Everything is up" in log.read_text() or process.poll() is not None,
-        40,
-        "the stack",
-        log,
-    )
-    assert process.poll() is None, log.read_text()
+    stack_up(process, log)
     client = redis_lib.Redis.from_url(env["REDIS_URL"])
     assert client.ping()
     pids = descendants(process.pid)
@@ -612,16 +617,6 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     assert stray == [], f"processes left behind: {stray}"
     assert any((tmp_path / "data" / "redis" / "appendonlydir").iterdir())
     assert (tmp_path / "data" / "logs" / "flush.log").exists()
-
-
-def stack_up(process: subprocess.Popen[bytes], log: Path) -> None:
-    wait_for(
-        lambda: "Everything is up" in log.read_text() or process.poll() is not None,
-        40,
-        "the stack",
-        log,
-    )
-    assert process.poll() is None, log.read_text()
 
 
 def redis_pids(log: Path) -> list[int]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.test_cli import wait_for
+from tests.test_cli import stack_up, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 # Build output and local state: never part of what a user installs.
@@ -124,13 +124,7 @@ def test_quick_start_on_a_clean_venv(sandbox: Path) -> None:
             start_new_session=True,  # its own process group, as in a terminal
         )
     try:
-        wait_for(
-            lambda: "Everything is up" in log.read_text() or run.poll() is not None,
-            120,
-            "`eventbuffer run`",
-            log,
-        )
-        assert run.poll() is None, log.read_text()
+        stack_up(run, log, 120)
         assert "private redis-server" in log.read_text()
         timings["eventbuffer run: until everything is up"] = time.monotonic() - mark
 
