@@ -626,14 +626,14 @@ def redis_pids(log: Path) -> list[int]:
     return [int(pid) for pid in first + re.findall(r"restarted on port \d+ .*\(pid (\d+)", text)]
 
 
+LINGERING = {"04", "05", "06", "0B"}  # /proc/net/tcp states: FIN_WAIT1/2, TIME_WAIT, CLOSING
+
+
 def lingering_connections(port: int) -> int:
     """TCP sockets on local `port` left by a closed server (FIN-WAIT, CLOSING, TIME-WAIT)."""
     rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
     local = f"0100007F:{port:04X}"
     return sum(1 for row in rows if row.split()[1] == local and row.split()[3] in LINGERING)
-
-
-LINGERING = {"04", "05", "06", "0B"}  # /proc/net/tcp states: FIN_WAIT1/2, TIME_WAIT, CLOSING
 
 
 def test_port_check_ignores_connections_a_dead_server_left() -> None:
