@@ -38,7 +38,7 @@ def _compose_config(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("EVENT_BUFFER_")} | env,
+        env={k: v for k, v in os.environ.items() if k != "EVENTBUFFER_REDIS_PORT"} | env,
     )
 
 
@@ -66,7 +66,7 @@ def _published(**env: str) -> dict[str, list[tuple[str, str, str]]]:
 def test_only_redis_is_published_on_loopback_on_a_port_of_its_own() -> None:
     # A local Redis (6379) or ClickHouse (9000, 8123) must not clash with the stack.
     assert _published() == {"redis": [("127.0.0.1", "16379", "6379")]}
-    moved = _published(EVENT_BUFFER_REDIS_PORT="23456")
+    moved = _published(EVENTBUFFER_REDIS_PORT="23456")
     assert moved == {"redis": [("127.0.0.1", "23456", "6379")]}
 
 
