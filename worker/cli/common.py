@@ -39,6 +39,10 @@ BUSY_WAIT_S = 10.0
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
+# How `main` starts the one line it prints for a failure.
+ERROR_PREFIX = "eventbuffer: error: "
+
+
 class CliError(EventBufferError):
     """An expected failure: printed as one line, exits with `code`."""
 
