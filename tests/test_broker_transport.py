@@ -279,6 +279,29 @@ def test_a_message_kombu_cannot_deliver_is_parked_not_redelivered_forever(
     assert inflight(redis) == 0 and not redis.exists("tq")
 
 
+def test_a_message_whose_delivery_raises_a_key_error_is_parked_too(
+    url: str, redis: redis_lib.Redis
+) -> None:
+    # kombu counts KeyError among connection errors; raised by a delivery it is the message's.
+    q = queue("tq")
+    publish(url, q, [{"n": 0}, {"n": 1}])
+    sent = redis.lindex("tq", -1)
+    got: list[int] = []
+
+    def on_message(body: Any, message: Message) -> None:
+        if body["n"] == 0:
+            raise KeyError("a field the consumer needs")
+        got.append(body["n"])
+        message.ack()
+
+    with consuming(url, [q], on_message) as conn:
+        with pytest.raises(KeyError):
+            conn.drain_events(timeout=5)
+        drain(conn, lambda: len(got) == 1)
+    assert redis.lrange(KEYS.unparsable, 0, -1) == [sent]
+    assert inflight(redis) == 0 and not redis.exists("tq")
+
+
 def test_a_task_in_a_priority_queue_wakes_an_idle_consumer(
     url: str, redis: redis_lib.Redis
 ) -> None:

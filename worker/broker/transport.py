@@ -297,13 +297,14 @@ class Channel(kombu_redis.Channel):
         payload = self._decode(fetched, seq, source)
         try:
             self.connection._deliver(payload, queue)
-        except self.connection_errors:
-            raise
-        except Exception:
+        except Exception as exc:
             # kombu or Celery could not take it (a body it cannot decode, say): stock
             # kombu has lost such a message by now; here it would come back after
             # every restart, so it is parked, unchanged, before the error goes on.
-            if fetched.kept:
+            # Not when the broker went away (kombu counts KeyError among connection
+            # errors, for its poller; from a delivery it is the message's fault).
+            lost_broker = isinstance(exc, self.connection_errors) and not isinstance(exc, KeyError)
+            if fetched.kept and not lost_broker:
                 self._park(fetched.raw, seq)
             raise
 
