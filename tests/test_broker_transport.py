@@ -58,6 +58,16 @@ def consuming(
             yield conn
 
 
+def acking(got: list[Any], field: str = "n") -> Callable[[Any, Message], None]:
+    """A consumer callback that notes each body's `field` in `got`, then acknowledges."""
+
+    def on_message(body: Any, message: Message) -> None:
+        got.append(body[field])
+        message.ack()
+
+    return on_message
+
+
 def drain(conn: Any, until: Callable[[], bool], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not until():
@@ -127,14 +137,9 @@ def test_priorities_are_served_in_the_stock_transports_order(
 
     def order(conn_kwargs: dict[str, Any], q: Queue) -> list[int]:
         got: list[int] = []
-
-        def on_message(body: Any, message: Message) -> None:
-            got.append(body["n"])
-            message.ack()
-
         with (
             Connection(url, **conn_kwargs) as conn,
-            Consumer(conn.channel(), queues=[q], callbacks=[on_message], accept=["json"]),
+            Consumer(conn.channel(), queues=[q], callbacks=[acking(got)], accept=["json"]),
         ):
             drain(conn, lambda: len(got) == 7)
         return got
@@ -150,11 +155,7 @@ def test_two_queues_are_both_consumed(url: str, redis: redis_lib.Redis) -> None:
     publish(url, b, [{"q": "b", "n": n} for n in range(10)])
     got: list[str] = []
 
-    def on_message(body: Any, message: Message) -> None:
-        got.append(body["q"])
-        message.ack()
-
-    with consuming(url, [a, b], on_message) as conn:
+    with consuming(url, [a, b], acking(got, "q")) as conn:
         drain(conn, lambda: len(got) == 20)
         assert "a" in got[:4] and "b" in got[:4]  # round robin, not one queue first
     assert sorted(got) == ["a"] * 10 + ["b"] * 10
@@ -176,11 +177,7 @@ def test_prefetched_unacked_messages_go_back_in_order_at_close(
     assert inflight(redis) == 0 and not redis.exists(KEYS.registry)
     again: list[int] = []
 
-    def on_message(body: Any, message: Message) -> None:
-        again.append(body["n"])
-        message.ack()
-
-    with consuming(url, [q], on_message) as conn:
+    with consuming(url, [q], acking(again)) as conn:
         drain(conn, lambda: len(again) == 6)
     assert again == [0, 1, 2, 3, 4, 5]
 
@@ -211,11 +208,7 @@ def test_consuming_goes_on_after_the_script_cache_is_flushed(
     q = queue("tq")
     got: list[int] = []
 
-    def on_message(body: Any, message: Message) -> None:
-        got.append(body["n"])
-        message.ack()
-
-    with consuming(url, [q], on_message) as conn:
+    with consuming(url, [q], acking(got)) as conn:
         publish(url, q, [{"n": 0}])
         drain(conn, lambda: len(got) == 1)
         redis.script_flush()  # as after a Redis restart
@@ -233,11 +226,7 @@ def test_a_message_that_is_not_kombu_json_is_parked_and_consuming_goes_on(
     publish(url, q, [{"n": 1}])
     got: list[int] = []
 
-    def on_message(body: Any, message: Message) -> None:
-        got.append(body["n"])
-        message.ack()
-
-    with consuming(url, [q], on_message) as conn:
+    with consuming(url, [q], acking(got)) as conn:
         drain(conn, lambda: len(got) == 2)
     assert got == [0, 1]
     assert redis.lrange(KEYS.unparsable, 0, -1) == [b"\xff not json"]
@@ -266,11 +255,7 @@ def test_a_message_kombu_cannot_deliver_is_parked_not_redelivered_forever(
     publish(url, q, [{"n": 1}])
     got: list[int] = []
 
-    def on_message(body: Any, message: Message) -> None:
-        got.append(body["n"])
-        message.ack()
-
-    with consuming(url, [q], on_message) as conn:
+    with consuming(url, [q], acking(got)) as conn:
         with pytest.raises(binascii.Error):
             conn.drain_events(timeout=5)
         drain(conn, lambda: len(got) == 1)
@@ -310,11 +295,7 @@ def test_a_task_in_a_priority_queue_wakes_an_idle_consumer(
     q = queue("tq")
     got: list[int] = []
 
-    def on_message(body: Any, message: Message) -> None:
-        got.append(body["n"])
-        message.ack()
-
-    with consuming(url, [q], on_message) as conn:
+    with consuming(url, [q], acking(got)) as conn:
         with pytest.raises(TimeoutError):
             conn.drain_events(timeout=1.5)  # now waiting
         publish(url, q, [{"n": 9}], priority=9)

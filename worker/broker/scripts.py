@@ -99,25 +99,19 @@ class BrokerScripts:
         timeout_ms: int,
     ) -> Fetched | None:
         """Move the oldest message of the first non-empty source into the consumer's keeping."""
+
+        def attempt() -> Fetched | None:
+            with self._redis.pipeline(transaction=False) as pipe:
+                for command in self.fetch_commands(consumer_id, seq, sources, no_ack, timeout_ms):
+                    pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+                script_reply, message = pipe.execute(raise_on_error=False)
+            return parse_fetch(script_reply, message)
+
         try:
-            return self._fetch_once(consumer_id, seq, sources, no_ack, timeout_ms)
+            return attempt()
         except NoScriptError:
             self.load_fetch()
-            return self._fetch_once(consumer_id, seq, sources, no_ack, timeout_ms)
-
-    def _fetch_once(
-        self,
-        consumer_id: str,
-        seq: int,
-        sources: Sequence[str],
-        no_ack: Sequence[bool],
-        timeout_ms: int,
-    ) -> Fetched | None:
-        with self._redis.pipeline(transaction=False) as pipe:
-            for command in self.fetch_commands(consumer_id, seq, sources, no_ack, timeout_ms):
-                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
-            script_reply, message = pipe.execute(raise_on_error=False)
-        return parse_fetch(script_reply, message)
+            return attempt()
 
     def load_fetch(self) -> None:
         """Send the fetch script to Redis (after a NOSCRIPT reply)."""
