@@ -4,8 +4,9 @@ Scripts run by EVALSHA. After SCRIPT FLUSH, or a Redis restart (the script
 cache is never persisted), Redis answers NOSCRIPT until they are loaded
 again; redis-py's registered scripts reload them (`Script.__call__` on
 NOSCRIPT, `Pipeline.execute` by SCRIPT EXISTS before it sends the batch).
-These tests check that apply_batch, claim and ack keep working across both,
-including in the middle of a flush (between claim and ack).
+These tests check that apply (whose EVAL inside its transaction never
+meets NOSCRIPT), claim and ack keep working across both, including in the
+middle of a flush (between claim and ack).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def click(n: int, created_ms: int) -> Event:
 
 
 def script_shas(redis: redis_lib.Redis) -> list[str]:
-    return [redis.script_load(load_lua(stem)) for stem in ("apply_batch", "claim", "ack")]
+    return [redis.script_load(load_lua(stem)) for stem in ("claim", "ack")]
 
 
 def scripts_cached(redis: redis_lib.Redis, shas: list[str]) -> list[bool]:
@@ -105,7 +106,7 @@ def test_script_flush_between_batches_and_mid_flush(
 
     buffer.apply([view(1, T0)])
     redis.script_flush()
-    assert scripts_cached(redis, shas) == [False, False, False]
+    assert scripts_cached(redis, shas) == [False, False]
 
     # The second view finds the first one (stored before the flush) and queues it.
     buffer.apply([view(2, T0 + 1500), click(3, T0 + 1600)])
@@ -124,7 +125,7 @@ def test_script_flush_between_batches_and_mid_flush(
     assert stored(sink) == sorted([(view(1, T0).id, 1500), (click(3, T0).id, 0)])
     assert not redis.exists(buffer.keyspace.shard(0).claim)
     # The ack ran after the mid-flush SCRIPT FLUSH: it was loaded again.
-    assert scripts_cached(redis, shas) == [False, False, True]
+    assert scripts_cached(redis, shas) == [False, True]
 
 
 @pytest.fixture
@@ -151,7 +152,7 @@ def test_redis_restart_between_applies_and_mid_flush(
         buffer.apply([view(1, T0)])
         own_redis.kill()
         own_redis.start()
-        assert scripts_cached(client, shas) == [False, False, False]
+        assert scripts_cached(client, shas) == [False, False]
         assert buffer.get_last_screen_view(session_id="s1") == as_row(view(1, T0))
 
         # Same client, same connection pool: a dead connection, then NOSCRIPT.

@@ -3,7 +3,7 @@
 Applying is one Lua call per shard touched by the batch (pipelined, one
 round trip): regular events are queued, screen_views wait as their
 session's "last view" until the next view gives them a duration, and
-session_end flushes the last view. See `lua_scripts/apply_batch.lua`.
+session_end flushes the last view. See `worker/apply.py`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from typing import cast
 import msgspec
 from redis import Redis
 
+from worker.apply import BatchWriter, plan_shard
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.deadletters import DeadLetter, encode_dead_letter
 from worker.events import KIND_NAMES, Row, decode_row, encode_event
 from worker.keys import CHANNEL_RECEIVED, Keyspace, ShardKeys
-from worker.scripts import ALREADY_APPLIED, Scripts, apply_reply
+from worker.scripts import Scripts
 from worker.settings import Settings
 from worker.state import active_projects, count_active_visitors
 
@@ -75,6 +76,11 @@ class EventBuffer:
         self.clock = clock
         self.keyspace = Keyspace(settings.key_prefix, settings.shards)
         self.scripts = Scripts(redis)
+        self._writer = BatchWriter(
+            marker_ttl_s=settings.batch_marker_ttl_s,
+            visitors_ttl_s=settings.active_visitor_window_s + 60,
+            views_ttl_s=settings.screen_view_ttl_s,
+        )
         self._publish_throttle = _Throttle(settings.publish_throttle_ms)
 
     # -- writing ------------------------------------------------------------
@@ -102,55 +108,36 @@ class EventBuffer:
         if not events and not dead_letters:
             return result
         by_shard: dict[int, tuple[list[Row], list[bytes]]] = {}
+        route = self.keyspace.route
         for event in events:
-            shard = self.keyspace.route(event.session_id or event.id).shard
-            group = by_shard.setdefault(shard, ([], []))
+            shard = route(event.session_id or event.id).shard
+            group = by_shard.get(shard)
+            if group is None:
+                group = by_shard[shard] = ([], [])
             group[0].append(event)
             group[1].append(encode_event(event))
-
         if not by_shard:
             by_shard[0] = ([], [])
         now = self.clock.now_ms()
-        publish = None
-        if events and self._publish_throttle.ready(now):
-            publish = (CHANNEL_RECEIVED, encode_event(events[-1]))
         shards = list(by_shard)
-        # One shard (the default): call the script directly. A pipeline would
-        # cost redis-py's SCRIPT EXISTS round trip on every call.
-        pipe = self.redis.pipeline(transaction=False) if len(shards) > 1 else None
-        dead = [
+        plans = []
+        for shard in shards:
+            keys = self.keyspace.shard(shard)
+            plans.append(plan_shard(keys, keys.batch(batch_id), *by_shard[shard]))
+        # Dead letters go with the first shard's writes; the last carries the publish.
+        plans[0].dead_letters = [
             encode_dead_letter(msgspec.structs.replace(header, shard=shards[0]), payload)
             for header, payload in dead_letters
         ]
-        replies = []
-        for position, shard in enumerate(shards):
-            group_events, rows = by_shard[shard]
-            replies.append(
-                self.scripts.apply_batch(
-                    self.keyspace.shard(shard),
-                    batch_id,
-                    group_events,
-                    rows,
-                    now_ms=now,
-                    view_ttl_s=self.settings.screen_view_ttl_s,
-                    marker_ttl_s=self.settings.batch_marker_ttl_s,
-                    visitors_ttl_s=self.settings.active_visitor_window_s + 60,
-                    publish=publish if position == len(shards) - 1 else None,
-                    dead_letters=dead if position == 0 else (),
-                    pipeline=pipe,
-                )
-            )
-        if pipe is not None:
-            # A shard whose key has the wrong type was left untouched; shards
-            # applied before it in the pipeline stay applied (their batch
-            # markers skip them when the batch comes again).
-            replies = [apply_reply(reply) for reply in pipe.execute()]
-        for shard, (appended, length) in zip(shards, replies, strict=True):
-            result.queue_lengths[shard] = int(length)
-            if int(appended) == ALREADY_APPLIED:
+        if events and self._publish_throttle.ready(now):
+            plans[-1].publish = (CHANNEL_RECEIVED, encode_event(events[-1]))
+        outcomes = self._writer.write(self.redis, plans, now)
+        for shard, outcome in zip(shards, outcomes, strict=True):
+            result.queue_lengths[shard] = outcome.queue_length
+            if not outcome.applied:
                 result.skipped_shards.append(shard)
             else:
-                result.appended += int(appended)
+                result.appended += outcome.appended
                 result.kinds.update(KIND_NAMES[e.kind] for e in by_shard[shard][0])
         return result
 

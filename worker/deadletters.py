@@ -3,7 +3,7 @@
 An entry is a JSON header, a newline, then the raw payload exactly as it was
 received or stored (it may be invalid JSON or invalid UTF-8: that may be why
 it is here). Entries live in each shard's `dead` list; they are appended
-atomically with the step that rejected them (apply_batch.lua at ingest,
+atomically with the step that rejected them (the apply transaction at ingest,
 ack.lua at flush), so a retried step never dead-letters twice.
 
 Reading them back (`iter_dead_letters`, `read_dead_letter`) and removing

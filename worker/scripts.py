@@ -17,12 +17,9 @@ from importlib import resources
 from typing import Any
 
 from redis import Redis
-from redis.client import Pipeline
 from redis.commands.core import Script
 
 import lua_scripts
-from worker.errors import BufferKeyTypeError
-from worker.events import KIND_REGULAR, KIND_SCREEN_VIEW, Row
 from worker.keys import ShardKeys
 from worker.replies import text
 
@@ -60,100 +57,15 @@ class AckResult(IntEnum):
     LOCK_HELD_BY_OTHER = -1
 
 
-# apply_batch.lua's `appended` for a batch id it has applied before, and for
-# a key of the wrong type (the reply's second value is then the key's name).
-ALREADY_APPLIED = -1
-WRONG_TYPE = -2
-
-
-def apply_reply(reply: Sequence[Any]) -> tuple[int, int]:
-    """(appended, queue length) from apply_batch.lua; raises BufferKeyTypeError."""
-    appended = int(reply[0])
-    if appended == WRONG_TYPE:
-        raise BufferKeyTypeError(text(reply[1]))
-    return appended, int(reply[1])
-
-
 class Scripts:
     """The typed calls of every script, on one client."""
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._apply = script("apply_batch")
         self._claim = script("claim")
         self._ack = script("ack")
         self._sweep = script("sweep_sessions")
         self._dlq_remove = script("dlq_remove")
-
-    def apply_batch(
-        self,
-        shard: ShardKeys,
-        batch_id: str,
-        events: Sequence[Row],
-        rows: Sequence[bytes],
-        *,
-        now_ms: int,
-        view_ttl_s: int,
-        marker_ttl_s: int,
-        visitors_ttl_s: int,
-        publish: tuple[str, bytes] | None = None,
-        dead_letters: Sequence[bytes] = (),
-        pipeline: Pipeline | None = None,
-    ) -> Any:
-        """Apply events (with their encoded rows) to one shard.
-
-        `dead_letters` (the batch's invalid events) are appended in the same
-        atomic step, so a redelivered batch cannot dead-letter them twice.
-
-        Returns (appended, queue_length), appended `ALREADY_APPLIED` for a
-        batch id applied before; with `pipeline`, queues the call and returns
-        the pipeline.
-        """
-        keys: list[str] = [
-            shard.queue,
-            shard.batch(batch_id),
-            shard.dead,
-            shard.sessions,
-            shard.views,
-            shard.profile_views,
-        ]
-        regular: list[bytes] = []
-        ordered: list[Any] = []
-        visitors: dict[str, dict[str, None]] = {}  # project -> profile ids, in first-seen order
-        for event, row in zip(events, rows, strict=True):
-            profile_id = event.profile_id
-            if profile_id:
-                members = visitors.get(event.project_id)
-                if members is None:
-                    members = visitors[event.project_id] = {}
-                members[profile_id] = None
-            kind = event.kind
-            if kind == KIND_REGULAR:
-                regular.append(row)
-                continue
-            ordered += (
-                f"{event.created_ms}|{event.duration}|" if kind == KIND_SCREEN_VIEW else "",
-                event.session_id,
-                shard.profile_field(event.project_id, profile_id) if profile_id else "",
-                row,
-            )
-
-        channel, payload = publish if publish else ("", b"")
-        args: list[Any] = [now_ms, marker_ttl_s, visitors_ttl_s, view_ttl_s, channel, payload]
-        args.append(len(dead_letters))
-        args += dead_letters
-        args.append(len(regular))
-        args += regular
-        args.append(len(visitors))
-        for project_id, members in visitors.items():
-            keys.append(shard.visitors(project_id))
-            args += (len(keys), len(members), *members)
-        args += ordered
-        client: Any = pipeline if pipeline is not None else self._redis
-        reply = self._apply(keys=keys, args=args, client=client)
-        if pipeline is not None:
-            return pipeline
-        return apply_reply(reply)
 
     def claim(
         self, shard: ShardKeys, new_id: str, max_rows: int, now_ms: int, chunk_size: int
