@@ -12,7 +12,9 @@ Per shard, under that shard's lock:
    `events:saved`, in one atomic step, only after every chunk succeeded.
 
 A kill anywhere leaves the claim open; the next flush re-drives it with the
-same tokens: nothing is lost and nothing is written twice.
+same tokens: nothing is lost and nothing is written twice. The dead
+flusher's lock does not hold it up: a holder provably dead is taken over
+(`worker.lock`).
 
 Rows that are not valid JSON, and rows ClickHouse rejects (found by halving
 a rejected chunk until single rows are left), become dead letters with the

@@ -11,9 +11,9 @@ release and extend by compare-and-act Lua). This wrapper adds:
 - **A token that names its holder**:
   `eb1|<host>|<pid>|<process start>|<pid space>|<ttl ms>|<random hex>`.
   The process start time (clock ticks after boot, from /proc) tells a
-  reused pid from the holder; the pid space (boot id and pid namespace,
-  hashed) says where the pid means that process: the same kernel boot and
-  the same container. The lock and its holder are one Redis value, set
+  reused pid from the holder; the pid space (boot id, pid namespace and
+  host name, hashed) says where the pid means that process: the same kernel
+  boot and the same container. The lock and its holder are one Redis value, set
   atomically, and ack.lua compares the whole token as before.
 - **A heartbeat** that costs nothing extra: each extension sets the lock's
   TTL back to the holder's `ttl ms`, so `ttl ms - PTTL` is the time since
@@ -64,7 +64,16 @@ from worker.scripts import Scripts
 log = logging.getLogger(__name__)
 
 
-__all__ = ["FlushLock", "LockLostError", "LockState", "Process", "lock_state", "read_lock"]
+__all__ = [
+    "FlushLock",
+    "LockLostError",
+    "LockState",
+    "Process",
+    "lock_state",
+    "make_token",
+    "read_lock",
+    "this_process",
+]
 
 TOKEN_VERSION = "eb1"
 # The watchdog extends the lock every 1/WATCHDOG_INTERVALS of its TTL ...
@@ -129,8 +138,10 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
 
 
-def _pidspace() -> str:
-    """This process's kernel boot and pid namespace, hashed; "" where they cannot be read."""
+def _pidspace(host: str) -> str:
+    """This process's kernel boot, pid namespace and host name, hashed ("" where they
+    cannot be read). The host name keeps apart VMs cloned from one snapshot, which
+    share a boot id."""
     try:
         if int(os.readlink("/proc/self")) != os.getpid():
             return ""  # a /proc of another pid namespace: its pids are not ours
@@ -138,7 +149,7 @@ def _pidspace() -> str:
         namespace = os.readlink("/proc/self/ns/pid")
     except (OSError, ValueError):
         return ""
-    return hashlib.sha1(f"{boot}/{namespace}".encode()).hexdigest()[:12]
+    return hashlib.sha1(f"{boot}/{namespace}/{host}".encode()).hexdigest()[:12]
 
 
 @cache
@@ -147,8 +158,9 @@ def _process(pid: int) -> Process:
         found = _stat(pid)
     except (OSError, ValueError, IndexError):
         found = None
-    pidspace = _pidspace() if found is not None else ""
-    return Process(socket.gethostname(), pid, found[1] if found else 0, pidspace)
+    host = socket.gethostname()
+    pidspace = _pidspace(host) if found is not None else ""
+    return Process(host, pid, found[1] if found else 0, pidspace)
 
 
 def this_process() -> Process:
