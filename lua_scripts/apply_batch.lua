@@ -1,16 +1,17 @@
 --[[ apply_batch: apply a batch of events to one buffer shard, atomically.
 
 KEYS[1]   the shard's queue (LIST of JSON rows; the flush sorts them by time)
-KEYS[2]   the marker of this batch id (STRING, kept ARGV[3] seconds)
+KEYS[2]   the marker of this batch id (STRING, kept ARGV[2] seconds)
 KEYS[3]   the shard's dead letters (LIST), for the batch's invalid events
 KEYS[4]   the shard's session index (ZSET: session id -> when its last view was set, ms)
-KEYS[5..] every session, profile and visitors key the batch touches, each
-          once; the sections below refer to them by index into KEYS
+KEYS[5]   the shard's last views (HASH: session id -> stored view)
+KEYS[6]   the shard's profiles' last views (HASH: profile field -> stored view)
+KEYS[7..] the visitors ZSET of every project the batch touches, each once
 
 ARGV[1]   now, epoch ms (visitor scores, session index scores)
-ARGV[2]   TTL of a last screen_view, seconds
-ARGV[3]   TTL of the batch marker, seconds
-ARGV[4]   TTL of a visitors ZSET, seconds (the active-visitor window and a margin)
+ARGV[2]   TTL of the batch marker, seconds
+ARGV[3]   TTL of a visitors ZSET, seconds (the active-visitor window and a margin)
+ARGV[4]   TTL of the two last-view hashes, seconds (refreshed by every batch)
 ARGV[5]   pub/sub channel to publish ARGV[6] on, or "" for no publish
 ARGV[6]   the payload to publish
 then four sections, each starting with its count:
@@ -18,48 +19,44 @@ then four sections, each starting with its count:
   R, then R rows of regular events (queued as they are)
   V, then V visitor sets: KEYS index of a project's visitors ZSET, member
      count M, then M profile ids (each once)
-  the rest: 7 values per screen_view / session_end with a session, in order:
-     kind        "v" screen_view, "e" session_end
-     session     KEYS index of the session's last-view key
-     profile     KEYS index of the profile's last-view key, or 0
-     session_id  the session id (member of the session index)
-     created     created_at, epoch ms
-     duration    the event's own duration, ms ("0": the row has no duration field)
-     row         the event's JSON row, whose last field is `duration` unless 0
+  the rest: 4 values per screen_view / session_end with a session, in order:
+     meta        a screen_view's "<created ms>|<own duration>|" (the prefix of
+                 its stored form), "" for a session_end
+     session     the session id (field of KEYS[5], member of KEYS[4])
+     profile     the profile's field in KEYS[6], or "" without a profile
+     row         the event's JSON row, whose last field is `duration` unless
+                 its own duration is 0
 
 Returns {appended, queue_length}: appended is -1 when this batch id was
 applied before (then nothing is done, dead letters included), otherwise the
-rows appended. Returns {-2, key name} when a key holds a value of the wrong type
-(nothing is done).
+rows appended. Returns {-2, key name} when a key holds a value of the wrong
+type (nothing is done).
+
+A last view is stored as "<created>|<own duration>|<row>", for its session
+and a copy for its profile. When the session's next view arrives, the
+stored row goes to the queue with duration = max(0, new created - old
+created); a session_end queues it with its own duration, then itself, and
+clears both copies. Every session's stored view is read with one HMGET and
+written back with one HSET (one HDEL for ended ones), so events of one
+session inside a batch see each other in order. The session index lets the
+sweep find quiet sessions (the hashes have no per-field expiry).
 
 Reads and checks come first, writes last: Redis does not roll a script back
 when a command fails, so every command that can fail on a key (a wrong
 type) runs before the first write, and a failed call leaves nothing behind.
-
-A last view (of a session, and a copy for its profile) is stored as
-"<created>|<own duration>|<row>". When the
-session's next view arrives, the stored row goes to the queue with
-duration = max(0, new created - old created); session_end queues it with
-its own duration. Each session key is read at most once and every key
-written at most once per call, so events of one session inside a batch see
-each other in order. The session index lets the sweep find quiet sessions.
 ]]
 
+-- The queue's length, 0 when it is not a list (then this batch writes no rows to it).
+local function queue_length()
+  local length = redis.pcall('LLEN', KEYS[1])
+  return type(length) == 'number' and length or 0
+end
+
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  return {-1, redis.call('LLEN', KEYS[1])}
+  return {-1, queue_length()}
 end
 
 local now = ARGV[1]
-local queue = KEYS[1]
-
--- The lists and sorted sets written below must be of their type (or absent).
-local function wrong_type(idx, expected)
-  local kind = redis.call('TYPE', KEYS[idx])['ok']
-  return kind ~= 'none' and kind ~= expected
-end
-if wrong_type(1, 'list') then return {-2, KEYS[1]} end
-if wrong_type(3, 'list') then return {-2, KEYS[3]} end
-if wrong_type(4, 'zset') then return {-2, KEYS[4]} end
 
 -- The sections' positions in ARGV.
 local dead_at = 7
@@ -71,81 +68,88 @@ local n_sets = tonumber(ARGV[visitors_at])
 local at = visitors_at + 1
 local visitor_sets = {}  -- {key index, first profile's ARGV index, count}
 for _ = 1, n_sets do
-  local idx = tonumber(ARGV[at])
-  if wrong_type(idx, 'zset') then return {-2, KEYS[idx]} end
   local count = tonumber(ARGV[at + 1])
-  visitor_sets[#visitor_sets + 1] = {idx, at + 2, count}
+  visitor_sets[#visitor_sets + 1] = {tonumber(ARGV[at]), at + 2, count}
   at = at + 2 + count
 end
+local views_at = at
+local has_views = views_at <= #ARGV
 
--- Screen views and session ends, in order: reads only, writes are collected.
-local out = {}
-local state = {}         -- key index -> stored value, or false once cleared
-local touched = {}       -- key indexes, in first-touch order
-local session_of = {}    -- session key index -> session id
-
-local function load(idx)
-  local value = state[idx]
-  if value == nil then
-    value = redis.pcall('GET', KEYS[idx])
-    if type(value) == 'table' and value['err'] then return nil, true end
-    state[idx] = value
-    touched[#touched + 1] = idx
-  end
-  return value, false
+-- The keys this batch writes must be of their type (or absent). Only those:
+-- a batch of dead letters alone still lands when another key is broken.
+local function wrong_type(idx, expected)
+  local kind = redis.call('TYPE', KEYS[idx])['ok']
+  return kind ~= 'none' and kind ~= expected
+end
+local checks = {{3, 'list', n_dead > 0}, {1, 'list', n_regular > 0 or has_views},
+  {4, 'zset', has_views}, {5, 'hash', has_views}, {6, 'hash', has_views}}
+for _, check in ipairs(checks) do
+  if check[3] and wrong_type(check[1], check[2]) then return {-2, KEYS[check[1]]} end
+end
+for idx = 7, #KEYS do
+  if wrong_type(idx, 'zset') then return {-2, KEYS[idx]} end
 end
 
-local function store(idx, value)
-  if state[idx] == nil then touched[#touched + 1] = idx end
-  state[idx] = value
+-- Every session's stored view, read at once.
+local sessions, seen = {}, {}
+for i = views_at + 1, #ARGV, 4 do
+  local session = ARGV[i]
+  if not seen[session] then
+    seen[session] = true
+    sessions[#sessions + 1] = session
+  end
+end
+local state = {}  -- session id -> stored view, or false once cleared
+for start = 1, #sessions, 1000 do
+  local last = math.min(start + 999, #sessions)
+  local values = redis.call('HMGET', KEYS[5], unpack(sessions, start, last))
+  for j = start, last do state[sessions[j]] = values[j - start + 1] end
 end
 
 -- The stored row with `duration` set to ms: cut its own duration field (known
--- length, no scan) and append the new one.
+-- length, no scan) and append the new one; without ms, the row as stored.
 local function queued_row(stored, ms)
   local bar1 = string.find(stored, '|', 1, true)
   local bar2 = string.find(stored, '|', bar1 + 1, true)
-  local own = string.sub(stored, bar1 + 1, bar2 - 1)
   if ms == nil then
     return string.sub(stored, bar2 + 1)
   end
-  local cut = own == '0' and 1 or (13 + #own)  -- '}' or ',"duration":<own>}'
+  local own = bar2 - bar1 - 1  -- digits of the own duration
+  local cut = (own == 1 and string.byte(stored, bar1 + 1) == 48) and 1 or (13 + own)
   return string.sub(stored, bar2 + 1, -1 - cut) .. ',"duration":' .. string.format('%d', ms) .. '}'
 end
 
-for i = at, #ARGV, 7 do
-  local kind = ARGV[i]
-  local session = tonumber(ARGV[i + 1])
-  local profile = tonumber(ARGV[i + 2])
-  local session_id = ARGV[i + 3]
-  local created = ARGV[i + 4]
-  local previous, failed = load(session)
-  if failed then return {-2, KEYS[session]} end
+local function created_of(stored)
+  return tonumber(string.sub(stored, 1, string.find(stored, '|', 1, true) - 1))
+end
 
-  if kind == 'v' then
+-- Screen views and session ends, in order.
+local out = {}
+local profiles = {}  -- profile field -> stored view, or false once cleared
+for i = views_at, #ARGV, 4 do
+  local meta, session, profile, row = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local previous = state[session]
+  if meta ~= '' then
     if previous then
-      local elapsed = tonumber(created) - tonumber(string.sub(previous, 1, string.find(previous, '|', 1, true) - 1))
-      out[#out + 1] = queued_row(previous, math.max(0, elapsed))
+      out[#out + 1] = queued_row(previous, math.max(0, created_of(meta) - created_of(previous)))
     end
-    local stored = created .. '|' .. ARGV[i + 5] .. '|' .. ARGV[i + 6]
-    store(session, stored)
-    if profile > 0 then store(profile, stored) end
+    local stored = meta .. row
+    state[session] = stored
+    if profile ~= '' then profiles[profile] = stored end
   else
     if previous then out[#out + 1] = queued_row(previous, nil) end
-    out[#out + 1] = ARGV[i + 6]
-    store(session, false)
-    if profile > 0 then store(profile, false) end
+    out[#out + 1] = row
+    state[session] = false
+    if profile ~= '' then profiles[profile] = false end
   end
-  session_of[session] = session_id
 end
 
 -- Writes: none of them can fail on a key's type any more.
 local length = 0
-local n_out = 0
 
-local function push_args(key, from, to)
+local function call_in_chunks(command, key, items, from, to)
   for start = from, to, 1000 do
-    length = redis.call('RPUSH', key, unpack(ARGV, start, math.min(start + 999, to)))
+    length = redis.call(command, key, unpack(items, start, math.min(start + 999, to)))
   end
 end
 
@@ -155,8 +159,8 @@ for start = dead_at + 1, dead_at + n_dead, 1000 do
 end
 
 -- Regular events.
-push_args(queue, regular_at + 1, regular_at + n_regular)
-n_out = n_regular
+call_in_chunks('RPUSH', KEYS[1], ARGV, regular_at + 1, regular_at + n_regular)
+local n_out = n_regular
 
 -- Active visitors.
 for _, set in ipairs(visitor_sets) do
@@ -169,41 +173,57 @@ for _, set in ipairs(visitor_sets) do
   for start = 1, #pairs_, 1000 do
     redis.call('ZADD', key, unpack(pairs_, start, math.min(start + 999, #pairs_)))
   end
-  redis.call('EXPIRE', key, ARGV[4])
+  redis.call('EXPIRE', key, ARGV[3])
 end
 
--- Last views (SET replaces whatever a key held), and the session index.
-local indexed, ended = {}, {}  -- session index changes, sent in one call each
-for _, idx in ipairs(touched) do
-  local value = state[idx]
-  local session_id = session_of[idx]
+-- Last views and the session index.
+local stored, ended, indexed = {}, {}, {}
+for _, session in ipairs(sessions) do
+  local value = state[session]
   if value then
-    redis.call('SET', KEYS[idx], value, 'EX', ARGV[2])
-    if session_id then
-      indexed[#indexed + 1] = now
-      indexed[#indexed + 1] = session_id
-    end
+    stored[#stored + 1] = session
+    stored[#stored + 1] = value
+    indexed[#indexed + 1] = now
+    indexed[#indexed + 1] = session
   else
-    redis.call('DEL', KEYS[idx])
-    if session_id then ended[#ended + 1] = session_id end
+    ended[#ended + 1] = session
   end
+end
+for start = 1, #stored, 1000 do
+  redis.call('HSET', KEYS[5], unpack(stored, start, math.min(start + 999, #stored)))
+end
+for start = 1, #ended, 1000 do
+  redis.call('HDEL', KEYS[5], unpack(ended, start, math.min(start + 999, #ended)))
+  redis.call('ZREM', KEYS[4], unpack(ended, start, math.min(start + 999, #ended)))
 end
 for start = 1, #indexed, 1000 do
   redis.call('ZADD', KEYS[4], unpack(indexed, start, math.min(start + 999, #indexed)))
 end
-for start = 1, #ended, 1000 do
-  redis.call('ZREM', KEYS[4], unpack(ended, start, math.min(start + 999, #ended)))
+local profile_set, profile_ended = {}, {}
+for profile, value in pairs(profiles) do
+  if value then
+    profile_set[#profile_set + 1] = profile
+    profile_set[#profile_set + 1] = value
+  else
+    profile_ended[#profile_ended + 1] = profile
+  end
 end
+for start = 1, #profile_set, 1000 do
+  redis.call('HSET', KEYS[6], unpack(profile_set, start, math.min(start + 999, #profile_set)))
+end
+for start = 1, #profile_ended, 1000 do
+  redis.call('HDEL', KEYS[6], unpack(profile_ended, start, math.min(start + 999, #profile_ended)))
+end
+if #stored > 0 then redis.call('EXPIRE', KEYS[5], ARGV[4]) end
+if #profile_set > 0 then redis.call('EXPIRE', KEYS[6], ARGV[4]) end
 
-for start = 1, #out, 1000 do
-  length = redis.call('RPUSH', queue, unpack(out, start, math.min(start + 999, #out)))
-end
+call_in_chunks('RPUSH', KEYS[1], out, 1, #out)
 n_out = n_out + #out
 if n_out == 0 then
-  length = redis.call('LLEN', queue)
+  length = queue_length()
 end
 
-redis.call('SET', KEYS[2], '1', 'EX', ARGV[3])
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 if ARGV[5] ~= '' then
   redis.call('PUBLISH', ARGV[5], ARGV[6])
 end

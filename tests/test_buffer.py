@@ -106,7 +106,7 @@ def test_duration_never_negative(buffer: EventBuffer, redis: redis_lib.Redis) ->
     assert [e.duration for e in queued(redis)] == [0]
 
 
-def test_last_view_expires_after_its_ttl(redis: redis_lib.Redis, redis_url: str) -> None:
+def test_last_views_expire_with_the_shards_ttl(redis: redis_lib.Redis, redis_url: str) -> None:
     settings = Settings.from_env(
         {
             "REDIS_URL": redis_url,
@@ -117,8 +117,8 @@ def test_last_view_expires_after_its_ttl(redis: redis_lib.Redis, redis_url: str)
     )
     EventBuffer(redis, settings).add(view("s1", T0, "u1"))
     keys = ShardKeys("eventbuffer", 0)
-    assert 0 < redis.ttl(keys.session("s1")) <= 77
-    assert 0 < redis.ttl(keys.profile("p1", "u1")) <= 77
+    assert 0 < redis.ttl(keys.views) <= 77
+    assert 0 < redis.ttl(keys.profile_views) <= 77
 
 
 def test_active_visitors_count_distinct_profiles_in_the_window(
@@ -227,16 +227,16 @@ def test_a_key_of_the_wrong_type_fails_the_whole_batch_before_any_write(
 
     shard = ShardKeys("eventbuffer", 0)
     buffer.add(event("custom"))
-    redis.rpush(shard.session("s2"), "not a last view")  # a list where a string belongs
+    redis.rpush(shard.profile_views, "not a hash")  # a list where the profiles' views belong
     before = {key: redis.dump(key) for key in redis.keys("*")}
     batch = [event("custom"), view("s1", T0, "u1"), view("s2", T0, "u2"), event("other")]
     with pytest.raises(BufferKeyTypeError) as raised:
         buffer.apply(batch, batch_id="b-1", dead_letters=[])
-    assert raised.value.key == shard.session("s2")
+    assert raised.value.key == shard.profile_views
     # Regular rows, visitors, the first session's view, the marker: nothing was written.
     assert {key: redis.dump(key) for key in redis.keys("*")} == before
 
-    redis.delete(shard.session("s2"))  # fixed: the same batch now applies whole
+    redis.delete(shard.profile_views)  # fixed: the same batch now applies whole
     assert buffer.apply(batch, batch_id="b-1").appended == 2
     assert buffer.get_buffer_size() == 3
 

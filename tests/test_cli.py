@@ -21,11 +21,13 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
+from celery import Celery
 
 from tests.conftest import Result
 from worker import cli
 from worker.buffer import EventBuffer
 from worker.celery import create_app
+from worker.cli.local_redis import redis_answers
 from worker.events import Event, parse_event
 from worker.ingest import ingest
 from worker.keys import ShardKeys
@@ -535,6 +537,17 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, log: Path | N
         time.sleep(0.2)
 
 
+def stack_up(process: subprocess.Popen[bytes], log: Path, timeout: float = 40) -> None:
+    """Until `run` (writing to `log`) says everything is up; fails if it exited instead."""
+    wait_for(
+        lambda: "Everything is up" in log.read_text() or process.poll() is not None,
+        timeout,
+        "the stack",
+        log,
+    )
+    assert process.poll() is None, log.read_text()
+
+
 @pytest.fixture
 def run_stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str], Path]]:
     """`eventbuffer run` in tmp_path, with REDIS_URL on a closed port: it starts its own Redis."""
@@ -570,17 +583,16 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     run_stack: tuple[subprocess.Popen[bytes], dict[str, str], Path], tmp_path: Path
 ) -> None:
     process, env, log = run_stack
-    wait_for(
-        lambda: "Everything is up" in log.read_text() or process.poll() is not None,
-        40,
-        "the stack",
-        log,
-    )
-    assert process.poll() is None, log.read_text()
+    stack_up(process, log)
     client = redis_lib.Redis.from_url(env["REDIS_URL"])
     assert client.ping()
     pids = descendants(process.pid)
     assert len(pids) >= 4  # redis-server, 2 workers (+ pool processes), beat
+    # The migration ran in a child: chDB (~250 MB of RSS) never loads into the supervisor.
+    mapped = {
+        line.split()[-1] for line in Path(f"/proc/{process.pid}/maps").read_text().splitlines()
+    }
+    assert not [path for path in mapped if "chdb" in path]
 
     # Celery tasks, as any producer would send them.
     app = create_app(Settings.from_env({"REDIS_URL": env["REDIS_URL"]}))
@@ -590,6 +602,13 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
             app.send_task("eventbuffer.ingest_event", args=[body], queue="ingest")
     finally:
         app.close()
+    # A foreign app sends by name without `queue=`: Celery's default queue, also consumed.
+    foreign = Celery("foreign", broker=env["REDIS_URL"])
+    try:
+        body = {"project_id": "foreign", "name": "signup", "created_at": int(time.time() * 1000)}
+        foreign.send_task("eventbuffer.ingest_events", args=[[body, body | {"name": "login"}]])
+    finally:
+        foreign.close()
 
     # The demo, against the running workers.
     demo = run_cli(["demo", "--sessions", "5", "--seed", "7", "--timeout", "40"], env, tmp_path)
@@ -600,9 +619,12 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     assert "Average screen_view duration" in demo.stdout
 
     def landed() -> bool:
-        sql = "SELECT count() FROM events WHERE project_id = 'cli-run'"
-        query = run_cli(["query", sql, "--format", "tsv"], env, tmp_path)
-        return query.returncode == 0 and query.stdout.splitlines()[1:] == ["3"]
+        sql = "SELECT project_id, count() FROM events WHERE project_id IN ('cli-run', 'foreign')"
+        query = run_cli(["query", f"{sql} GROUP BY 1 ORDER BY 1", "--format", "tsv"], env, tmp_path)
+        return query.returncode == 0 and query.stdout.splitlines()[1:] == [
+            "cli-run\t3",
+            "foreign\t2",
+        ]
 
     wait_for(landed, 20, "the Celery-sent events in ClickHouse", log)
     client.close()
@@ -615,6 +637,152 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     assert stray == [], f"processes left behind: {stray}"
     assert any((tmp_path / "data" / "redis" / "appendonlydir").iterdir())
     assert (tmp_path / "data" / "logs" / "flush.log").exists()
+
+
+def redis_pids(log: Path) -> list[int]:
+    """The private redis-server's pids, as `run` printed them: first start, then each restart."""
+    text = log.read_text()
+    first = re.findall(r"private redis-server, pid (\d+)", text)
+    return [int(pid) for pid in first + re.findall(r"restarted on port \d+ .*\(pid (\d+)", text)]
+
+
+LINGERING = {"04", "05", "06", "0B"}  # /proc/net/tcp states: FIN_WAIT1/2, TIME_WAIT, CLOSING
+
+
+def lingering_connections(port: int) -> int:
+    """TCP sockets on local `port` left by a closed server (FIN-WAIT, CLOSING, TIME-WAIT)."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    local = f"0100007F:{port:04X}"
+    return sum(1 for row in rows if row.split()[1] == local and row.split()[3] in LINGERING)
+
+
+def test_port_check_ignores_connections_a_dead_server_left() -> None:
+    # A server that closes its connections first leaves them in TIME-WAIT on
+    # its port, as a killed redis-server does with its clients.
+    from worker.cli.local_redis import _port_free
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server side closes first: its end goes to TIME-WAIT
+        client.recv(1)
+        client.close()
+    wait_for(lambda: lingering_connections(port) > 0, 5, "TIME-WAIT on the port")
+    with socket.socket() as plain, pytest.raises(OSError):  # what the old check did
+        plain.bind(("127.0.0.1", port))
+    assert _port_free("127.0.0.1", port)
+
+
+def test_run_refuses_a_port_another_program_listens_on(tmp_path: Path) -> None:
+    # Something that is not Redis holds REDIS_URL's port: `run` must say so,
+    # not start Redis on some other port where producers would not find it.
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        env = project_env(
+            REDIS_URL=f"redis://127.0.0.1:{port}/0", CLICKHOUSE_URL=f"chdb://{tmp_path}/ch"
+        )
+        result = run_cli(["run"], env, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert f"another program listens on port {port}" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_run_with_unreachable_clickhouse_is_one_line_naming_the_url(tmp_path: Path) -> None:
+    env = project_env(
+        REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0",
+        CLICKHOUSE_URL="clickhouse://eventbuffer:hunter2@127.0.0.1:1/db",
+    )
+    result = run_cli(["run"], env, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("eventbuffer: error: cannot create table `events`: ")
+    assert line.count("clickhouse://eventbuffer:***@127.0.0.1:1/db") == 1
+    assert "Connection refused" in line
+    assert "hunter2" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not redis_answers(env["REDIS_URL"])  # its private Redis was stopped
+
+
+@pytest.mark.slow
+def test_run_restarts_a_killed_private_redis_on_its_port_with_its_aof(
+    run_stack: tuple[subprocess.Popen[bytes], dict[str, str], Path], tmp_path: Path
+) -> None:
+    process, env, log = run_stack
+    stack_up(process, log)
+    url = env["REDIS_URL"]
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    client = redis_lib.Redis.from_url(url)
+    client.set("test:marker", "written before the crash")
+    run_id = client.info("server")["run_id"]
+    [pid] = redis_pids(log)
+
+    # Killed with clients connected (the workers, Beat and this test).
+    os.kill(pid, signal.SIGKILL)
+    wait_for(
+        lambda: "restarted on port" in log.read_text() or process.poll() is not None,
+        20,
+        "the restart",
+        log,
+    )
+    assert process.poll() is None, log.read_text()
+    assert f"redis-server exited (killed by SIGKILL); restarted on port {port}" in log.read_text()
+    # The dead server's connections still sit on the port: what used to move Redis elsewhere.
+    assert lingering_connections(port) > 0
+    assert client.info("server")["run_id"] != run_id  # a new server, on the same URL
+    assert client.get("test:marker") == b"written before the crash"  # loaded from the AOF
+    [_, new_pid] = redis_pids(log)
+    assert alive(new_pid) and new_pid in descendants(process.pid)
+
+    # The stack keeps working: events sent after the restart land.
+    app = create_app(Settings.from_env({"REDIS_URL": url}))
+    try:
+        for n in range(3):
+            at = int(time.time() * 1000) + n
+            body = {"project_id": "after-crash", "name": "signup", "created_at": at}
+            app.send_task("eventbuffer.ingest_event", args=[body], queue="ingest")
+    finally:
+        app.close()
+
+    def landed() -> bool:
+        sql = "SELECT count() FROM events WHERE project_id = 'after-crash'"
+        query = run_cli(["query", sql, "--format", "tsv"], env, tmp_path)
+        return query.returncode == 0 and query.stdout.splitlines()[1:] == ["3"]
+
+    wait_for(landed, 40, "events sent after the restart in ClickHouse", log)
+    client.close()
+    pids = descendants(process.pid)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(20) == 0, log.read_text()
+    assert [pid for pid in pids if alive(pid)] == []
+
+
+@pytest.mark.slow
+def test_run_stops_with_one_line_when_its_redis_keeps_failing(
+    run_stack: tuple[subprocess.Popen[bytes], dict[str, str], Path], tmp_path: Path
+) -> None:
+    process, _, log = run_stack
+    stack_up(process, log)
+    # A damaged AOF manifest: every restart of redis-server fails at once.
+    [manifest] = (tmp_path / "data" / "redis" / "appendonlydir").glob("*.manifest")
+    manifest.write_text("not a manifest\n")
+    pids = descendants(process.pid)
+    [pid] = redis_pids(log)
+    os.kill(pid, signal.SIGKILL)
+    assert process.wait(60) == 1, log.read_text()
+    text = log.read_text()
+    assert "Traceback" not in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("eventbuffer: error: the private redis-server exited 6 times in 60 s")
+    assert "giving up: redis-server did not start" in last
+    assert "restarted on port" not in text
+    assert [pid for pid in pids if alive(pid)] == []
 
 
 @pytest.mark.slow

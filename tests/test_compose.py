@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +29,45 @@ def _compose_command() -> list[str] | None:
     return None
 
 
-def test_compose_config_is_valid() -> None:
+def _compose_config(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     command = _compose_command()
     if command is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed to validate it")
-    result = subprocess.run(
-        [*command, "-f", str(ROOT / "compose.yaml"), "config", "-q"],
+    return subprocess.run(
+        [*command, "-f", str(ROOT / "compose.yaml"), "config", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "EVENTBUFFER_REDIS_PORT"} | env,
     )
+
+
+def test_compose_config_is_valid() -> None:
+    result = _compose_config("-q")
     assert result.returncode == 0, result.stderr
+
+
+def _published(**env: str) -> dict[str, list[tuple[str, str, str]]]:
+    """service -> (host ip, host port, container port) of what Compose publishes on the host."""
+    result = _compose_config(**env)
+    assert result.returncode == 0, result.stderr
+    published: dict[str, list[tuple[str, str, str]]] = {}
+    for name, service in yaml.safe_load(result.stdout)["services"].items():
+        for port in service.get("ports", []):
+            if isinstance(port, dict):  # the v2 plugin's long form
+                entry = (port.get("host_ip", ""), str(port["published"]), str(port["target"]))
+            else:  # docker-compose 1.x: "127.0.0.1:16379:6379/tcp"
+                host_ip, host_port, target = port.split("/")[0].rsplit(":", 2)
+                entry = (host_ip, host_port, target)
+            published.setdefault(name, []).append(entry)
+    return published
+
+
+def test_only_redis_is_published_on_loopback_on_a_port_of_its_own() -> None:
+    # A local Redis (6379) or ClickHouse (9000, 8123) must not clash with the stack.
+    assert _published() == {"redis": [("127.0.0.1", "16379", "6379")]}
+    moved = _published(EVENTBUFFER_REDIS_PORT="23456")
+    assert moved == {"redis": [("127.0.0.1", "23456", "6379")]}
 
 
 def _services() -> dict[str, Any]:
@@ -62,7 +95,82 @@ def test_services_are_wired_for_the_native_backend() -> None:
         assert services[name]["depends_on"]["migrate"]["condition"] == (
             "service_completed_successfully"
         )
-    assert "ingest" in services["worker-ingest"]["command"]
     assert "flush" in services["worker-flush"]["command"]
-    for name in ("redis", "clickhouse"):
+    for name in ("redis", "clickhouse", "beat"):
         assert "healthcheck" in services[name]
+
+
+def test_ingest_worker_also_consumes_the_default_queue() -> None:
+    command = _services()["worker-ingest"]["command"]
+    assert command[command.index("-Q") + 1] == "ingest,celery"
+
+
+def test_beat_healthcheck_reads_the_schedule_beat_writes() -> None:
+    beat = _services()["beat"]
+    schedule = beat["command"][beat["command"].index("--schedule") + 1]
+    assert beat["healthcheck"]["test"] == ["CMD", "python", "-m", "worker.beat_health", schedule]
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) of each Dockerfile line, continuations joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines]
+
+
+def test_dockerfile_pins_the_base_image_and_every_python_package() -> None:
+    steps = _dockerfile()
+    [base] = [args for op, args in steps if op == "FROM"]
+    # An exact release (python:3.11.14-slim-bookworm), or a digest: never a floating tag.
+    assert re.fullmatch(r"python:3\.\d+\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", base), base
+    copied = [src for op, args in steps if op == "COPY" for src in args.split()[:-1]]
+    assert "constraints.txt" in copied
+    for source in copied:
+        assert (ROOT / source).exists(), f"COPY {source}: no such file"
+    installs = [args for op, args in steps if op == "RUN" and "pip install" in args]
+    assert installs and all("--constraint constraints.txt" in args for args in installs)
+
+
+def test_dockerfile_lets_the_app_user_write_its_data_directory() -> None:
+    steps = _dockerfile()
+    [user] = [i for i, (op, _) in enumerate(steps) if op == "USER"]
+    assert steps[user][1] not in ("root", "0")
+    owner = steps[user][1]
+    before = " ".join(args for op, args in steps[:user] if op == "RUN")
+    [workdir] = [args for op, args in steps if op == "WORKDIR"]
+    assert f"install -d -o {owner} -g {owner} {workdir}/data" in before
+    assert f"chown {owner}:{owner} {workdir}" in before
+
+
+@pytest.mark.slow
+def test_constraints_pin_exactly_what_the_dependencies_resolve_to(tmp_path: Path) -> None:
+    """constraints.txt pins every package pyproject.toml's dependencies resolve to, and no other.
+
+    A dependency added or changed without `make constraints` leaves a package
+    unpinned (or a pin that conflicts): the image would take whatever is newest.
+    """
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        dependencies = tomllib.load(f)["project"]["dependencies"]
+    report = tmp_path / "report.json"
+    pip = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet"]
+    options = ["--disable-pip-version-check", "--report", str(report)]
+    result = subprocess.run(
+        [*pip, *options, "--constraint", str(ROOT / "constraints.txt"), *dependencies],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, (
+        "the pins conflict with pyproject.toml's dependencies: run `make constraints`\n"
+        + result.stderr
+    )
+    resolved = {
+        re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower(): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
+    assert resolved == pins, "constraints.txt is stale: run `make constraints`"

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from worker.events import (
     KIND_REGULAR,
     KIND_SCREEN_VIEW,
     KIND_SESSION_END,
     InvalidEvent,
+    _canonical_date,
+    _epoch_date,
     decode_row,
     encode_event,
+    flatten_properties,
+    parse_datetime,
     parse_event,
 )
 
@@ -114,3 +121,57 @@ def test_json_row_omits_defaults_and_ends_with_duration() -> None:
 
 def test_created_ms() -> None:
     assert parse_event(with_(created_at=1767261600123)).created_ms == 1767261600123
+
+
+# -- the fast paths give what the general path gives ------------------------------------
+
+INSTANTS = st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(9998, 12, 31)).map(
+    lambda d: d.replace(microsecond=d.microsecond // 1000 * 1000, tzinfo=UTC)
+)
+
+
+def general(text: str) -> tuple[str, int]:
+    parsed = parse_datetime("created_at", text)
+    ms = (parsed - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+    return parsed.isoformat(" ", "milliseconds")[:23], ms
+
+
+@given(INSTANTS, st.booleans())
+def test_canonical_dates_take_the_fast_path_to_the_same_result(
+    instant: datetime, with_millis: bool
+) -> None:
+    text = instant.strftime("%Y-%m-%dT%H:%M:%S") + (
+        f".{instant.microsecond // 1000:03d}Z" if with_millis else "Z"
+    )
+    if not with_millis:
+        instant = instant.replace(microsecond=0)
+    assert _canonical_date(text) == general(text)
+    ms = general(text)[1]
+    assert _epoch_date(ms) == general(text)[0]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-02-30T10:00:00.000Z",  # no such day
+        "2026-13-01T10:00:00.000Z",
+        "2026-01-01T24:00:00.000Z",
+        "2026-01-01T10:60:00.000Z",
+        "2026-01-01T10:00:60.000Z",
+        "2026-01-01T10:00:00.0a0Z",
+        "2026-01-01T1\uff10:00:00.000Z",  # a non-ASCII digit (fullwidth zero)
+        "2026-01-01T10:00:00.000+00:00",  # not the canonical form: the general path
+    ],
+)
+def test_anything_else_leaves_the_fast_path(text: str) -> None:
+    assert _canonical_date(text) is None
+
+
+def test_flat_properties_are_kept_and_nested_ones_flattened() -> None:
+    flat = {"a": "1", "b": "2"}
+    assert flatten_properties(flat) is flat
+    assert flatten_properties({"a": "1", "n": 2, "o": {"p": None, "q": True}}) == {
+        "a": "1",
+        "n": "2",
+        "o.q": "true",
+    }

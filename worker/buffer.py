@@ -165,15 +165,18 @@ class EventBuffer:
     ) -> Row | None:
         """A session's (or a project's profile's) last screen_view, or None."""
         if session_id is not None:
-            key = self.keyspace.route(session_id).session(session_id)
-            value = cast(bytes | None, self.redis.get(key))
+            views = self.keyspace.route(session_id).views
+            value = cast(bytes | None, self.redis.hget(views, session_id))
             return decode_row(stored_view_row(value)) if value is not None else None
         if project_id is None or profile_id is None:
             raise TypeError("pass session_id, or project_id and profile_id")
         # A profile's sessions may live on several shards: take the newest view.
-        names = [s.profile(project_id, profile_id) for s in self.keyspace.all()]
+        field = ShardKeys.profile_field(project_id, profile_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in self.keyspace.all():
+            pipe.hget(shard.profile_views, field)
         newest: tuple[int, bytes] | None = None
-        for value in cast(list[bytes | None], self.redis.mget(names)):
+        for value in cast(list[bytes | None], pipe.execute()):
             if value is not None:
                 created = int(value.partition(b"|")[0])
                 if newest is None or created > newest[0]:

@@ -78,6 +78,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         task_send_sent_event=False,
         worker_send_task_events=False,
         beat_schedule=beat_schedule(settings.flush_interval_s, settings.sweep_interval_s),
+        # Beat writes its schedule file after every task it sends: the file's age
+        # is its healthcheck (worker/beat_health.py).
+        beat_sync_every=1,
         timezone="UTC",
     )
 

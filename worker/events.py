@@ -40,7 +40,8 @@ import re
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
 from typing import Annotated, Any
 
 import msgspec
@@ -213,6 +214,7 @@ class RowHead(msgspec.Struct):
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 _MILLISECOND = timedelta(milliseconds=1)
 _encoder = msgspec.json.Encoder()
 _row_head_decoder = msgspec.json.Decoder(RowHead)
@@ -400,6 +402,58 @@ def _clip(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+@lru_cache(maxsize=4096)
+def _day_ms(day: str) -> int:
+    """Epoch ms of midnight UTC of a `YYYY-MM-DD` day (ValueError when there is no such day)."""
+    return (date.fromisoformat(day).toordinal() - _EPOCH_ORDINAL) * 86_400_000
+
+
+@lru_cache(maxsize=4096)
+def _day_text(days: int) -> str:
+    """`YYYY-MM-DD` of a day counted from 1970-01-01 (OverflowError/ValueError past year 9999)."""
+    return date.fromordinal(days + _EPOCH_ORDINAL).isoformat()
+
+
+def _canonical_date(text: str) -> tuple[str, int] | None:
+    """The fast path for what SDKs send: `YYYY-MM-DDTHH:MM:SS[.mmm]Z`; None for anything else.
+
+    Gives the same text and epoch ms as the general path; every field is
+    checked (the day exists, hours < 24, minutes and seconds < 60).
+    """
+    size = len(text)
+    if not (
+        ((size == 24 and text[19] == ".") or size == 20)
+        and text[-1] == "Z"
+        and text[10] == "T"
+        and text[13] == ":"
+        and text[16] == ":"
+        and text[:10].isascii()
+    ):
+        return None
+    clock = text[11:19].replace(":", "")
+    millis = text[20:23] if size == 24 else "000"
+    if not (clock.isdigit() and clock.isascii() and millis.isdigit() and millis.isascii()):
+        return None
+    hours, minutes, seconds = int(clock[0:2]), int(clock[2:4]), int(clock[4:6])
+    if hours > 23 or minutes > 59 or seconds > 59:
+        return None
+    try:
+        day = _day_ms(text[:10])
+    except ValueError:
+        return None
+    ms = day + ((hours * 60 + minutes) * 60 + seconds) * 1000 + int(millis)
+    return f"{text[:10]} {text[11:19]}.{millis}", ms
+
+
+def _epoch_date(ms: int) -> str:
+    """The stored text of an epoch-ms instant (no datetime per event: days are cached)."""
+    days, rest = divmod(ms, 86_400_000)
+    seconds, millis = divmod(rest, 1000)
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{_day_text(days)} {hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}"
+
+
 def _normalize_date(
     field: str, value: str | int | float, bounds: tuple[int, int] | None
 ) -> tuple[str, int]:
@@ -408,6 +462,15 @@ def _normalize_date(
     The bounds are integer compares on epoch milliseconds, done before a
     number becomes a datetime (so absurd numbers never reach the conversion).
     """
+    if type(value) is str and (fast := _canonical_date(value)) is not None:
+        if bounds is not None and not bounds[0] <= fast[1] <= bounds[1]:
+            raise _out_of_bounds(field, value, fast[1], bounds)
+        return fast
+    if type(value) is int and (bounds is None or bounds[0] <= value <= bounds[1]):
+        try:
+            return _epoch_date(value), value
+        except (OverflowError, ValueError):
+            pass  # outside what a date can hold: the general path says so
     given = value
     if isinstance(value, str):
         text = value.strip()
@@ -493,7 +556,15 @@ def datetime_ms(text: str) -> int:
 
 
 def flatten_properties(props: dict[str, Any]) -> dict[str, str]:
-    """Flatten to string->string: nested keys joined by '.', nulls dropped."""
+    """Flatten to string->string: nested keys joined by '.', nulls dropped.
+
+    Properties that are flat strings already (most are) are returned as they are.
+    """
+    for key, value in props.items():
+        if type(key) is not str or type(value) is not str:
+            break
+    else:
+        return props
     out: dict[str, str] = {}
     _flatten("", props, out, 0)
     return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,25 @@ from worker.names import TASK_INGEST_EVENT
 MIN_DEAD_PAYLOAD_BYTES = 1 << 20
 # Ids of events sent without one are derived from the batch id in this namespace.
 _ID_NAMESPACE = uuid.UUID("5f0c1e7a-3b0e-4c55-9c1e-6e7665b2f0a1")
+
+
+def derived_ids(batch_id: str) -> Callable[[int], str]:
+    """The id of the batch's event at a position, for events sent without one.
+
+    One uuid5 of the batch id per batch; each position is mixed into its
+    node field (the last 48 bits: version and variant bits stay those of a
+    uuid5). Same batch, same position, same id: a redelivered batch routes
+    its events to the same shards, whose batch markers skip them.
+    """
+    base = uuid.uuid5(_ID_NAMESPACE, batch_id).int
+
+    def derive(index: int) -> str:
+        h = f"{base ^ (index & 0xFFFF_FFFF_FFFF):032x}"
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+    return derive
+
+
 # Batch ids become part of a Redis key: longer ones are replaced by a digest.
 MAX_BATCH_ID_CHARS = 200
 
@@ -138,14 +158,14 @@ def ingest(
     dead: list[tuple[DeadLetter, bytes]] = []
     now = buffer.clock.now_ms()
     max_dead_bytes = max(MIN_DEAD_PAYLOAD_BYTES, 2 * limits.max_event_bytes)
-    batch_ns: uuid.UUID | None = None
+    derive: Callable[[int], str] | None = None
     for index, item in enumerate(items):
         try:
             if isinstance(item, bytes):  # from a batch sent as JSON text
                 event = parse_event(item, limits)
                 if batch_id and not _ID_ONLY.decode(item).id:
-                    batch_ns = batch_ns or uuid.uuid5(_ID_NAMESPACE, batch_id)
-                    event = with_id(event, str(uuid.uuid5(batch_ns, str(index))))
+                    derive = derive or derived_ids(batch_id)
+                    event = with_id(event, derive(index))
                 events.append(event)
                 continue
             if not isinstance(item, dict):
@@ -155,9 +175,8 @@ def ingest(
                 # The id of an event sent without one follows from the batch id and its
                 # position: a redelivered batch routes it to the same shard, whose
                 # batch marker skips it (a random id could land on another shard).
-                batch_ns = batch_ns or uuid.uuid5(_ID_NAMESPACE, batch_id)
-                derived = str(uuid.uuid5(batch_ns, str(index)))
-                events.append(parse_event({**item, "id": derived}, limits))
+                derive = derive or derived_ids(batch_id)
+                events.append(parse_event({**item, "id": derive(index)}, limits))
             else:
                 events.append(parse_event(item, limits))
         except InvalidEvent as exc:

@@ -19,8 +19,10 @@ Per shard:
     {p:N}:sessions              ZSET    session id -> when its last view was set (ms)
     {p:N}:backoff               STRING  set while flushes wait after ClickHouse failures (PX)
     {p:N}:failures              STRING  ClickHouse failures in a row (for the doubling delay)
-    {p:N}:session:<sid>         STRING  a session's last screen_view: "<ms>|<own duration>|<row>"
-    {p:N}:profile:<proj>:<pid>  STRING  a profile's last screen_view, same format
+    {p:N}:views                 HASH    session id -> its last screen_view,
+                                        "<ms>|<own duration>|<row>"
+    {p:N}:profile-views         HASH    "<proj>:<pid>" (escaped) -> a profile's last
+                                        screen_view, same format
     {p:N}:visitors:<proj>       ZSET    profile id -> last seen (ms); expires with the window
     {p:N}:batch:<id>            STRING  marker of an applied ingest batch (with TTL)
 
@@ -35,7 +37,7 @@ and `events:saved`, the names OpenPanel's subscribers listen on.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from urllib.parse import quote, unquote
 
@@ -63,56 +65,41 @@ def shard_for(route_key: str, shards: int) -> int:
 
 @dataclass(frozen=True)
 class ShardKeys:
-    """Key names of one buffer shard."""
+    """Key names of one buffer shard (the fixed ones computed once)."""
 
     prefix: str
     shard: int
+    tag: str = field(init=False, compare=False)
+    queue: str = field(init=False, compare=False)
+    claim: str = field(init=False, compare=False)
+    lock: str = field(init=False, compare=False)
+    dead: str = field(init=False, compare=False)
+    stats: str = field(init=False, compare=False)
+    sessions: str = field(init=False, compare=False)
+    views: str = field(init=False, compare=False)
+    profile_views: str = field(init=False, compare=False)
+    backoff: str = field(init=False, compare=False)
+    failures: str = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         if "{" in self.prefix or "}" in self.prefix:
             raise ValueError("the key prefix must not contain '{' or '}'")
-
-    @property
-    def tag(self) -> str:
-        return "{" + f"{self.prefix}:{self.shard}" + "}"
-
-    @property
-    def queue(self) -> str:
-        return f"{self.tag}:queue"
-
-    @property
-    def claim(self) -> str:
-        return f"{self.tag}:claim"
-
-    @property
-    def lock(self) -> str:
-        return f"{self.tag}:lock"
-
-    @property
-    def dead(self) -> str:
-        return f"{self.tag}:dead"
-
-    @property
-    def stats(self) -> str:
-        return f"{self.tag}:stats"
-
-    @property
-    def sessions(self) -> str:
-        return f"{self.tag}:sessions"
-
-    @property
-    def backoff(self) -> str:
-        return f"{self.tag}:backoff"
-
-    @property
-    def failures(self) -> str:
-        return f"{self.tag}:failures"
-
-    def session(self, session_id: str) -> str:
-        return f"{self.tag}:session:{escape(session_id)}"
-
-    def profile(self, project_id: str, profile_id: str) -> str:
-        return f"{self.tag}:profile:{escape(project_id)}:{escape(profile_id)}"
+        tag = "{" + f"{self.prefix}:{self.shard}" + "}"
+        names = {
+            "tag": tag,
+            "queue": f"{tag}:queue",
+            "claim": f"{tag}:claim",
+            "lock": f"{tag}:lock",
+            "dead": f"{tag}:dead",
+            "stats": f"{tag}:stats",
+            "sessions": f"{tag}:sessions",
+            "views": f"{tag}:views",
+            "profile_views": f"{tag}:profile-views",
+            "backoff": f"{tag}:backoff",
+            "failures": f"{tag}:failures",
+        }
+        for name, value in names.items():
+            object.__setattr__(self, name, value)
 
     def visitors(self, project_id: str) -> str:
         return f"{self.tag}:visitors:{escape(project_id)}"
@@ -122,6 +109,11 @@ class ShardKeys:
 
     def project_of_visitors_key(self, key: str) -> str:
         return unquote(key.rsplit(":", 1)[1])
+
+    @staticmethod
+    def profile_field(project_id: str, profile_id: str) -> str:
+        """A profile's field in `profile_views`: both ids escaped, so ":" is unambiguous."""
+        return f"{escape(project_id)}:{escape(profile_id)}"
 
     def batch(self, batch_id: str) -> str:
         return f"{self.tag}:batch:{escape(batch_id)}"
@@ -133,17 +125,22 @@ class Keyspace:
 
     prefix: str
     shards: int
+    _shards: tuple[ShardKeys, ...] = field(init=False, repr=False, compare=False)
 
     @property
     def flush_pending(self) -> str:
         """Set while an ingest-triggered `process_buffer` waits in the queue."""
         return f"{self.prefix}:flush-pending"
 
+    def __post_init__(self) -> None:
+        shards = tuple(ShardKeys(self.prefix, n) for n in range(self.shards))
+        object.__setattr__(self, "_shards", shards)
+
     def shard(self, n: int) -> ShardKeys:
-        return ShardKeys(self.prefix, n)
+        return self._shards[n]
 
     def all(self) -> list[ShardKeys]:
-        return [ShardKeys(self.prefix, n) for n in range(self.shards)]
+        return list(self._shards)
 
     def route(self, route_key: str) -> ShardKeys:
-        return ShardKeys(self.prefix, shard_for(route_key, self.shards))
+        return self.shard(shard_for(route_key, self.shards))

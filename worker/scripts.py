@@ -22,7 +22,7 @@ from redis.commands.core import Script
 
 import lua_scripts
 from worker.errors import BufferKeyTypeError
-from worker.events import KIND_REGULAR, Row
+from worker.events import KIND_REGULAR, KIND_SCREEN_VIEW, Row
 from worker.keys import ShardKeys
 from worker.replies import text
 
@@ -110,48 +110,45 @@ class Scripts:
         batch id applied before; with `pipeline`, queues the call and returns
         the pipeline.
         """
-        keys: list[str] = [shard.queue, shard.batch(batch_id), shard.dead, shard.sessions]
-        index: dict[str, int] = {}
-
-        def key_index(name: str) -> int:
-            found = index.get(name)
-            if found is None:
-                keys.append(name)
-                found = index[name] = len(keys)
-            return found
-
+        keys: list[str] = [
+            shard.queue,
+            shard.batch(batch_id),
+            shard.dead,
+            shard.sessions,
+            shard.views,
+            shard.profile_views,
+        ]
         regular: list[bytes] = []
         ordered: list[Any] = []
         visitors: dict[str, dict[str, None]] = {}  # project -> profile ids, in first-seen order
         for event, row in zip(events, rows, strict=True):
-            if event.profile_id:
-                visitors.setdefault(event.project_id, {})[event.profile_id] = None
+            profile_id = event.profile_id
+            if profile_id:
+                members = visitors.get(event.project_id)
+                if members is None:
+                    members = visitors[event.project_id] = {}
+                members[profile_id] = None
             kind = event.kind
             if kind == KIND_REGULAR:
                 regular.append(row)
                 continue
-            profile = 0
-            if event.profile_id:
-                profile = key_index(shard.profile(event.project_id, event.profile_id))
             ordered += (
-                kind,
-                key_index(shard.session(event.session_id)),
-                profile,
+                f"{event.created_ms}|{event.duration}|" if kind == KIND_SCREEN_VIEW else "",
                 event.session_id,
-                event.created_ms,
-                event.duration,
+                shard.profile_field(event.project_id, profile_id) if profile_id else "",
                 row,
             )
 
         channel, payload = publish if publish else ("", b"")
-        args: list[Any] = [now_ms, view_ttl_s, marker_ttl_s, visitors_ttl_s, channel, payload]
+        args: list[Any] = [now_ms, marker_ttl_s, visitors_ttl_s, view_ttl_s, channel, payload]
         args.append(len(dead_letters))
         args += dead_letters
         args.append(len(regular))
         args += regular
         args.append(len(visitors))
         for project_id, members in visitors.items():
-            args += (key_index(shard.visitors(project_id)), len(members), *members)
+            keys.append(shard.visitors(project_id))
+            args += (len(keys), len(members), *members)
         args += ordered
         client: Any = pipeline if pipeline is not None else self._redis
         reply = self._apply(keys=keys, args=args, client=client)
@@ -198,18 +195,16 @@ class Scripts:
         return AckResult(int(reply))
 
     def sweep_sessions(
-        self, shard: ShardKeys, cutoff_ms: int, candidates: Sequence[tuple[str, str | None]]
+        self, shard: ShardKeys, cutoff_ms: int, candidates: Sequence[tuple[str, str]]
     ) -> int:
-        """Queue the last views of `candidates` (session id, profile key or None) still idle.
+        """Queue the last views of `candidates` (session id, profile field or "") still idle.
 
         Returns how many views were queued.
         """
-        keys: list[str] = [shard.queue, shard.sessions]
+        keys = [shard.queue, shard.sessions, shard.views, shard.profile_views]
         args: list[Any] = [cutoff_ms]
-        for session_id, profile_key in candidates:
-            session_key = shard.session(session_id)
-            keys += (session_key, profile_key or session_key)
-            args += (session_id, "1" if profile_key else "0")
+        for session_id, profile_field in candidates:
+            args += (session_id, profile_field)
         return int(self._sweep(keys=keys, args=args, client=self._redis))
 
     def dlq_remove(self, shard: ShardKeys, entries: Sequence[tuple[int, bytes]]) -> int:

@@ -179,7 +179,8 @@ class Settings:
         "EVENT_BUFFER_SCREEN_VIEW_TTL_S",
         3600,
         _int(1),
-        "How long a session's last screen_view is kept waiting for the next view.",
+        "How long a shard keeps its sessions' last screen_views after its last screen_view "
+        "(a safety net: the sweep queues every idle session's view well before).",
     )
     active_visitor_window_s: int = _setting(
         "EVENT_BUFFER_ACTIVE_VISITOR_WINDOW_S",

@@ -134,7 +134,7 @@ def _queue_reads(pipe: Any, shard: ShardKeys) -> None:
     pipe.lindex(shard.queue, 0)
     pipe.hmget(shard.claim, ["id", "count", "at"])
     pipe.llen(shard.dead)
-    pipe.zcard(shard.sessions)
+    pipe.hlen(shard.views)
     pipe.get(shard.lock)
     pipe.pttl(shard.lock)
     pipe.pttl(shard.backoff)

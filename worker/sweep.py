@@ -65,17 +65,15 @@ class Sweeper:
             if not members:
                 return queued
             session_ids = [text(m) for m in members]
-            stored = cast(
-                list[bytes | None], self.redis.mget([shard.session(s) for s in session_ids])
-            )
-            candidates: list[tuple[str, str | None]] = []
+            stored = cast(list[bytes | None], self.redis.hmget(shard.views, session_ids))
+            candidates: list[tuple[str, str]] = []
             for session_id, value in zip(session_ids, stored, strict=True):
-                profile_key = None
+                profile_field = ""
                 if value is not None:
                     event = decode_row(stored_view_row(value))
                     if event.profile_id:
-                        profile_key = shard.profile(event.project_id, event.profile_id)
-                candidates.append((session_id, profile_key))
+                        profile_field = shard.profile_field(event.project_id, event.profile_id)
+                candidates.append((session_id, profile_field))
             queued += self.scripts.sweep_sessions(shard, cutoff, candidates)
             if len(members) < PAGE:
                 return queued

@@ -14,7 +14,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
 
 from worker import runtime
-from worker.cli.common import CliError, is_embedded, mask, one_line, version
+from worker.cli.common import ERROR_PREFIX, CliError, is_embedded, mask, one_line, version
 from worker.cli.demo import cmd_demo
 from worker.cli.dlq import add_dlq_parser
 from worker.cli.flush import cmd_flush
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def fail(message: str, code: int) -> int:
-    print(f"eventbuffer: error: {one_line(message)}", file=sys.stderr)
+    print(f"{ERROR_PREFIX}{one_line(message)}", file=sys.stderr)
     return code
 
 

@@ -39,6 +39,10 @@ BUSY_WAIT_S = 10.0
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
+# How `main` starts the one line it prints for a failure.
+ERROR_PREFIX = "eventbuffer: error: "
+
+
 class CliError(EventBufferError):
     """An expected failure: printed as one line, exits with `code`."""
 
@@ -170,4 +174,4 @@ def progress_bar(console: Console, *, disable: bool = False) -> Progress:
 
 def waiting_views(redis: Redis, shard: ShardKeys) -> int:
     """screen_views held as their session's last view (not in the queue yet)."""
-    return int(redis.zcard(shard.sessions))
+    return int(redis.hlen(shard.views))

@@ -81,6 +81,14 @@ def last_line(path: Path) -> str:
     return lines[-1].strip() if lines else ""
 
 
+def describe_exit(code: int) -> str:
+    """How a child ended, from its return code: "exit code 1", "killed by SIGKILL"."""
+    if code < 0:
+        with suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
 def stop_process(
     process: subprocess.Popen[bytes], timeout: float, force: Signals | None = None
 ) -> None:

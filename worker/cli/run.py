@@ -5,26 +5,27 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 import time
 from contextlib import suppress
-from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 
-from worker import runtime
-from worker.cli.common import CliError, is_embedded, mask, migrate_schema, version
-from worker.cli.local_redis import REDIS_STOP_S, redis_answers, start_private_redis
+from worker.cli.common import ERROR_PREFIX, CliError, is_embedded, mask, one_line, version
+from worker.cli.local_redis import PrivateRedis, redis_answers
 from worker.cli.processes import (
     Child,
     Signals,
     Stopped,
     became_ready,
     child_env,
+    describe_exit,
     last_line,
     spawn,
     stop_process,
 )
+from worker.names import DEFAULT_QUEUE, FLUSH_QUEUE, INGEST_QUEUE
 from worker.settings import Settings
 
 CHILD_STOP_S = 10.0
@@ -32,9 +33,12 @@ READY_WAIT_S = 60.0
 
 
 def supervise(
-    children: list[Child], redis: subprocess.Popen[bytes] | None, signals: Signals, console: Console
+    children: list[Child], redis: PrivateRedis | None, signals: Signals, console: Console
 ) -> str | None:
-    """Wait for a signal (None) or for a process to die (its message)."""
+    """Wait for a signal (None) or for a worker to die (its message).
+
+    A private Redis that exits is restarted on its port (CliError if it keeps exiting).
+    """
     started = time.monotonic()
     announced = False
     while not signals.wait(0.25):
@@ -42,13 +46,18 @@ def supervise(
             code = child.process.poll()
             if code is not None:
                 return (
-                    f"the {child.what} exited unexpectedly (exit code {code}); "
+                    f"the {child.what} exited unexpectedly ({describe_exit(code)}); "
                     f"last log line: {last_line(child.log) or '(none)'} (log: {child.log})"
                 )
             if became_ready(child):
                 console.print(f"✓ {child.what} ready (pid {child.process.pid})", style="green")
-        if redis is not None and redis.poll() is not None:
-            return f"the private redis-server exited unexpectedly (exit code {redis.returncode})"
+        if redis is not None and redis.exited():
+            why = redis.restart(signals)
+            console.print(
+                f"redis-server exited ({why}); restarted on port {redis.port} with its AOF "
+                f"(pid {redis.pid}, log {redis.log})",
+                style="yellow",
+            )
         if not announced and all(c.ready for c in children):
             announced = True
             console.print("Everything is up. Ctrl-C stops it all.", style="bold green")
@@ -59,12 +68,46 @@ def supervise(
     return None
 
 
+def migrate(settings: Settings, env: dict[str, str], signals: Signals) -> None:
+    """`eventbuffer migrate` in a child process; CliError (one line) if it fails.
+
+    Not in this process: loading chDB (or the native driver) would stay in the
+    supervisor's memory for as long as `run` runs (~250 MB for chDB), and the
+    child also releases embedded ClickHouse before the flush worker needs it.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "migrate"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # Ctrl-C reaches us only: we stop it
+    )
+    while True:
+        try:
+            _, errors = process.communicate(timeout=0.1)
+            break
+        except subprocess.TimeoutExpired:
+            if signals.received:
+                stop_process(process, CHILD_STOP_S, force=signals)
+                raise Stopped from None
+    if process.returncode != 0:
+        # The child's own one-line error (after anything a library printed), else its last line.
+        text = errors.decode(errors="replace")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        own = [line.removeprefix(ERROR_PREFIX) for line in lines if line.startswith(ERROR_PREFIX)]
+        why = one_line((own or lines or [describe_exit(process.returncode)])[-1])
+        where = mask(settings.clickhouse_url)
+        if where not in why:
+            why += f" (CLICKHOUSE_URL={where})"
+        raise CliError(f"cannot create table `{settings.clickhouse_table}`: {why}")
+
+
 def print_banner(
     console: Console,
     settings: Settings,
-    redis: subprocess.Popen[bytes] | None,
+    redis: PrivateRedis | None,
     children: list[Child],
-    default_url: str,
 ) -> None:
     console.print(f"eventbuffer {version()}: local stack in {os.getcwd()}", style="bold")
     how = f"private redis-server, pid {redis.pid}, AOF in data/redis" if redis else "existing"
@@ -89,8 +132,6 @@ def print_banner(
     console.print(
         f'  eventbuffer query "SELECT name, count() FROM {settings.clickhouse_table} GROUP BY name"'
     )
-    if settings.redis_url != default_url:
-        console.print(f"In other shells first: export REDIS_URL={mask(settings.redis_url)}")
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
@@ -99,27 +140,32 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
     logs.mkdir(parents=True, exist_ok=True)
     signals = Signals()
     signals.install()
-    redis: subprocess.Popen[bytes] | None = None
+    redis: PrivateRedis | None = None
     children: list[Child] = []
     failure: str | None = None
     try:
-        url = settings.redis_url
-        if not redis_answers(url):
-            url, redis = start_private_redis(settings, data, signals)
-        original_url = settings.redis_url
-        settings = replace(settings, redis_url=url)
-        runtime.configure(settings)
+        if not redis_answers(settings.redis_url):
+            redis = PrivateRedis(settings, data)
+            redis.start(signals)
         signals.check()
-        # Migrate, and release embedded ClickHouse before the flush worker needs it.
-        migrate_schema(settings)
-        signals.check()
-        env = child_env(url)
+        env = child_env(settings.redis_url)
+        migrate(settings, env, signals)
         fast = ["--without-mingle", "--without-gossip"]
         children = [
             spawn(
                 "ingest",
                 "ingest worker",
-                ["worker", "-Q", "ingest", "-c", "2", "-n", "ingest@%h", *fast],
+                # Also Celery's default queue: send_task() by name without queue= lands there.
+                [
+                    "worker",
+                    "-Q",
+                    f"{INGEST_QUEUE},{DEFAULT_QUEUE}",
+                    "-c",
+                    "2",
+                    "-n",
+                    "ingest@%h",
+                    *fast,
+                ],
                 env,
                 logs,
             ),
@@ -133,7 +179,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
                 [
                     "worker",
                     "-Q",
-                    "flush",
+                    FLUSH_QUEUE,
                     "-c",
                     "1",
                     "--max-tasks-per-child",
@@ -149,7 +195,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
                 "beat", "beat", ["beat", "--schedule", str(data / "celerybeat-schedule")], env, logs
             ),
         ]
-        print_banner(console, settings, redis, children, original_url)
+        print_banner(console, settings, redis, children)
         failure = supervise(children, redis, signals, console)
     except Stopped:
         pass
@@ -163,7 +209,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
         for child in children:  # warm shutdown: running tasks finish first
             stop_process(child.process, CHILD_STOP_S, force=signals)
         if redis is not None:
-            stop_process(redis, REDIS_STOP_S)  # SIGTERM: Redis syncs the AOF (not forced)
+            redis.stop()
         signals.restore()
     if failure:
         raise CliError(failure)
