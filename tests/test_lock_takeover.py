@@ -36,6 +36,7 @@ from tests.celery_procs import project_env
 from tests.celery_procs import worker as celery_worker
 from tests.conftest import Result
 from tests.exactly_once import assert_exactly_once, open_claim, stored
+from tests.support.flushing import eventbuffer_flush
 from worker.buffer import EventBuffer
 from worker.celery import create_app
 from worker.events import parse_event
@@ -333,20 +334,6 @@ def send_events(redis: redis_lib.Redis, settings: Settings, count: int) -> set[s
     return {event.id for event in events}
 
 
-def eventbuffer_flush(env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
-    """A plain `eventbuffer flush` of this checkout, in its own process; and its duration."""
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "flush"],
-        env={**env, "COLUMNS": "200"},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return done, time.monotonic() - started
-
-
 def left_behind(redis: redis_lib.Redis, settings: Settings, sink: ChdbSink) -> tuple[str, Process]:
     """What the killed flush left: its claim open with one chunk of three in ClickHouse,
     and its lock, held by the dead process with most of its TTL left (it would turn
@@ -430,15 +417,7 @@ def test_eventbuffer_flush_killed_mid_flush_then_eventbuffer_flush_at_once(
     env = crash_env(settings)
     config = Settings.from_env(env)
     sent = send_events(redis, config, 9)
-    dying = subprocess.run(
-        [sys.executable, "-m", "tests.support.dying_flush", "flush"],
-        env={**env, "DIE_AFTER_WRITES": "1"},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        start_new_session=True,  # its process group is its own: the SIGKILL takes only it
-    )
+    dying, _ = eventbuffer_flush({**env, "DIE_AFTER_WRITES": "1"}, "tests.support.dying_flush")
     assert dying.returncode == -signal.SIGKILL, dying.stderr
     claim, _ = left_behind(redis, config, sink)
     assert json.loads(dying.stderr.splitlines()[-1]) == {"write": f"{claim}:0"}

@@ -39,14 +39,13 @@ import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 
 import pytest
 
-from tests.celery_procs import ROOT, CeleryProcess
+from tests.celery_procs import CeleryProcess
+from tests.support.flushing import eventbuffer_flush
 from worker.lock import LockState, read_lock
 from worker.settings import Settings
 
@@ -176,14 +175,7 @@ def test_whole_workers_killed_on_amqp(stacks, amqp_url: str) -> None:
     load.finish()  # into the broker: nobody consumes it until the worker is back
 
     # The operator's flush, at once: no retry loop around it.
-    done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "flush"],
-        env={**stack.env, "COLUMNS": "200"},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done, _ = eventbuffer_flush(stack.env)
     flushed_in = time.monotonic() - last_kill
     assert done.returncode == 0, (done.stdout, done.stderr)
     took_over = f"Shard 0: took its flush lock over from {dead_lock.who}: its process"
