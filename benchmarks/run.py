@@ -1,6 +1,6 @@
 """Run the benchmarks, print the table, write the JSON.
 
-    python -m benchmarks [--only apply,ingest,flush,e2e] [--rounds N] [--quick]
+    python -m benchmarks [--only apply,ingest,transport,flush,e2e] [--rounds N] [--quick]
     python benchmarks/run.py ...
     make bench
 
@@ -32,7 +32,7 @@ from benchmarks.support import (
     write_json,
 )
 
-BENCHMARKS = ("apply", "ingest", "flush", "e2e")
+BENCHMARKS = ("apply", "ingest", "transport", "flush", "e2e")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
 
@@ -86,11 +86,12 @@ def configure(args: argparse.Namespace) -> None:
 
 
 def runners() -> dict[str, Callable[[argparse.Namespace], list[Result]]]:
-    from benchmarks import bench_apply, bench_e2e, bench_flush, bench_ingest
+    from benchmarks import bench_apply, bench_e2e, bench_flush, bench_ingest, bench_transport
 
     return {
         "apply": bench_apply.run,
         "ingest": bench_ingest.run,
+        "transport": bench_transport.run,
         "flush": bench_flush.run,
         "e2e": bench_e2e.run,
     }

@@ -25,6 +25,7 @@ from celery import Celery
 
 from tests.conftest import Result
 from worker import cli
+from worker.broker.keys import BrokerKeys
 from worker.buffer import EventBuffer
 from worker.celery import create_app
 from worker.cli.local_redis import redis_answers
@@ -593,6 +594,9 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
         line.split()[-1] for line in Path(f"/proc/{process.pid}/maps").read_text().splitlines()
     }
     assert not [path for path in mapped if "chdb" in path]
+    # Both workers consume with the reliable transport: each is a registered consumer.
+    registry = BrokerKeys().registry
+    wait_for(lambda: client.zcard(registry) == 2, 20, "two reliable-transport consumers", log)
 
     # Celery tasks, as any producer would send them.
     app = create_app(Settings.from_env({"REDIS_URL": env["REDIS_URL"]}))
@@ -634,6 +638,8 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     assert "Stopped." in log.read_text()
     pids |= descendants(process.pid)
     stray = [pid for pid in pids if alive(pid)]
+    ingest_log = (tmp_path / "data" / "logs" / "ingest.log").read_text()
+    assert "Connected to eventbuffer-redis://" in ingest_log
     assert stray == [], f"processes left behind: {stray}"
     assert any((tmp_path / "data" / "redis" / "appendonlydir").iterdir())
     assert (tmp_path / "data" / "logs" / "flush.log").exists()

@@ -96,6 +96,11 @@ def test_services_are_wired_for_the_native_backend() -> None:
             "service_completed_successfully"
         )
     assert "flush" in services["worker-flush"]["command"]
+    for name in ("worker-ingest", "worker-flush"):  # `celery -A worker worker`: reliable fetch
+        assert services[name]["command"][:4] == ["celery", "-A", "worker", "worker"]
+        env = services[name]["environment"]
+        assert env.get("EVENT_BUFFER_BROKER_TRANSPORT", "reliable") == "reliable"
+        assert env.get("CELERY_BROKER_URL", env["REDIS_URL"]).startswith("redis://")
     for name in ("redis", "clickhouse", "beat"):
         assert "healthcheck" in services[name]
 

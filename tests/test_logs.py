@@ -183,7 +183,8 @@ def test_a_json_worker_logs_json_lines_without_the_redis_password(tmp_path: Path
             pytest.fail(f"not a JSON line: {line!r}")
     assert all({"ts", "level", "logger", "message"} <= r.keys() for r in records)
     assert any(
-        r["message"] == f"Connected to redis://:***@127.0.0.1:{server.port}/0" for r in records
+        r["message"] == f"Connected to eventbuffer-redis://:***@127.0.0.1:{server.port}/0"
+        for r in records
     )
     [invalid] = [r for r in records if r["logger"] == "tasks.ingest"]
     assert invalid["level"] == "warning" and invalid["task_name"] == "eventbuffer.ingest_events"

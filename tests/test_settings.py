@@ -44,6 +44,12 @@ def test_values_are_read_from_the_environment() -> None:
         ("EVENT_BUFFER_SHARDS", "1.5", "EVENT_BUFFER_SHARDS must be an integer"),
         ("REDIS_URL", "localhost:6379", "REDIS_URL must start with one of"),
         ("CLICKHOUSE_URL", "http://ch:8123", "CLICKHOUSE_URL must start with one of"),
+        (
+            "EVENT_BUFFER_BROKER_TRANSPORT",
+            "fast",
+            "EVENT_BUFFER_BROKER_TRANSPORT must be one of reliable, kombu",
+        ),
+        ("EVENT_BUFFER_CONSUMER_TIMEOUT_S", "0", "EVENT_BUFFER_CONSUMER_TIMEOUT_S must be >= 1"),
     ],
 )
 def test_malformed_values_name_the_variable(name: str, value: str, message: str) -> None:
@@ -65,6 +71,10 @@ def test_settings_are_frozen() -> None:
         (
             {"EVENT_BUFFER_BATCH_MARKER_TTL_S": "60"},
             r"EVENT_BUFFER_BATCH_MARKER_TTL_S \(60\) must exceed EVENT_BUFFER_VISIBILITY_TIMEOUT",
+        ),
+        (
+            {"EVENT_BUFFER_BATCH_MARKER_TTL_S": "400", "EVENT_BUFFER_CONSUMER_TIMEOUT_S": "350"},
+            r"\(400\) must exceed 1.2 x EVENT_BUFFER_CONSUMER_TIMEOUT_S \(350\)",
         ),
     ],
 )

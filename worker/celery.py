@@ -105,5 +105,7 @@ def create_app(settings: Settings) -> Celery:
 app = _new_app()
 app.config_from_object("worker.celeryconfig")
 
-# The Prometheus endpoint of a worker: signal handlers that act for this app only.
+# Signal handlers that act for this app only: its workers consume a Redis broker
+# with the reliable transport (worker/broker/); the Prometheus endpoint of a worker.
+import worker.broker.selection  # noqa: E402
 import worker.observability  # noqa: E402, F401

@@ -13,17 +13,21 @@ from urllib.parse import parse_qs, urlsplit
 from worker.settings import Settings
 
 
-def redis_transport_options(visibility_timeout_s: int) -> dict[str, int]:
+def redis_transport_options(visibility_timeout_s: int, consumer_timeout_s: int) -> dict[str, int]:
     """Redis broker: when an unacknowledged task (its worker died) is delivered again.
 
-    kombu sweeps for such tasks every `interval x throttle` seconds (100 s
-    by default); sweep ten times per visibility timeout so a lost task comes
+    The reliable transport (eventbuffer's workers, `worker/broker/`) puts a
+    dead worker's tasks back once its heartbeat is `consumer_timeout` old.
+    kombu's stock transport sweeps for tasks unacknowledged longer than the
+    visibility timeout, every `interval x throttle` seconds (100 s by
+    default); sweep ten times per visibility timeout so a lost task comes
     back within ~1.1 timeouts. A worker killed during a sweep leaves the
     sweep's mutex behind: let it expire with the timeout instead of kombu's
     fixed 300 s. AMQP brokers ignore these options: they redeliver as soon
     as the dead worker's connection closes.
     """
     return {
+        "consumer_timeout": consumer_timeout_s,
         "visibility_timeout": visibility_timeout_s,
         "unacked_restore_interval": max(1, visibility_timeout_s // 10),
         "unacked_restore_throttle": 1,
@@ -53,7 +57,9 @@ def broker_config(settings: Settings) -> dict[str, Any]:
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
-        broker_transport_options=redis_transport_options(settings.visibility_timeout_s),
+        broker_transport_options=redis_transport_options(
+            settings.visibility_timeout_s, settings.consumer_timeout_s
+        ),
     )
     if (tls := redis_tls_options(settings.effective_broker_url)) is not None:
         config["broker_use_ssl"] = tls

@@ -193,7 +193,7 @@ class Settings:
         3600,
         _int(1),
         "How long an applied batch id is remembered, so a redelivered batch is skipped "
-        "(must exceed the visibility timeout).",
+        "(must exceed the visibility timeout and 1.2 times the consumer timeout).",
     )
     session_timeout_s: int = _setting(
         "EVENT_BUFFER_SESSION_TIMEOUT_S",
@@ -254,7 +254,23 @@ class Settings:
         "EVENT_BUFFER_VISIBILITY_TIMEOUT_S",
         300,
         _int(1),
-        "Redis broker: an unacknowledged task is redelivered after this long.",
+        "Redis broker on kombu's stock transport: an unacknowledged task is redelivered "
+        "after this long.",
+    )
+    broker_transport: str = _setting(
+        "EVENT_BUFFER_BROKER_TRANSPORT",
+        "reliable",
+        _choice("reliable", "kombu"),
+        "How eventbuffer's workers consume a Redis broker: `reliable` (a task stays in Redis "
+        "until acknowledged; senders are unchanged) or `kombu` (the stock transport, which "
+        "can lose the task a killed worker was receiving).",
+    )
+    consumer_timeout_s: int = _setting(
+        "EVENT_BUFFER_CONSUMER_TIMEOUT_S",
+        30,
+        _int(1),
+        "Reliable transport: a worker whose heartbeat is this old is dead, and a live worker "
+        "puts its unacknowledged tasks back (within 1.2 times this).",
     )
     result_backend: str = _setting(
         "CELERY_RESULT_BACKEND",
@@ -317,6 +333,12 @@ class Settings:
                 f"({self.session_timeout_s} + {self.sweep_interval_s}) must be below "
                 f"EVENT_BUFFER_SCREEN_VIEW_TTL_S ({self.screen_view_ttl_s}), or a quiet "
                 "session's last view expires before the sweep queues it"
+            )
+        if self.batch_marker_ttl_s <= self.consumer_timeout_s * 1.2:
+            raise SettingsError(
+                f"EVENT_BUFFER_BATCH_MARKER_TTL_S ({self.batch_marker_ttl_s}) must exceed 1.2 x "
+                f"EVENT_BUFFER_CONSUMER_TIMEOUT_S ({self.consumer_timeout_s}), or a "
+                "redelivered batch could be applied twice"
             )
         if self.batch_marker_ttl_s <= self.visibility_timeout_s:
             raise SettingsError(

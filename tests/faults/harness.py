@@ -50,6 +50,8 @@ from celery import Celery
 
 from tests.celery_procs import CeleryProcess, beat, project_env, worker
 from tests.conftest import RedisServer
+from worker.broker.consumer import held_by_consumers
+from worker.broker.keys import BrokerKeys
 from worker.celery import create_app
 from worker.keys import CHANNEL_SAVED, Keyspace
 from worker.producer import BufferFull, EventProducer, ProducerError
@@ -382,6 +384,7 @@ class Stack:
             "CLICKHOUSE_URL": self.chdb_url,
             "EVENT_BUFFER_FLUSH_INTERVAL_S": "1",
             "EVENT_BUFFER_VISIBILITY_TIMEOUT_S": "60",
+            "EVENT_BUFFER_CONSUMER_TIMEOUT_S": "3",
             "EVENT_BUFFER_LOCK_TTL_S": "3",
             "EVENT_BUFFER_MAX_BATCHES_PER_FLUSH": "20",
         }
@@ -500,13 +503,14 @@ class Stack:
         return self.redis.get(self.shard.lock)  # type: ignore[no-any-return]
 
     def broker_backlog(self) -> int:
-        """Ingest tasks the broker still holds: queued, plus delivered-unacknowledged (Redis)."""
+        """Ingest tasks the broker still holds: queued, plus delivered-unacknowledged (Redis:
+        in the reliable transport's in-flight hashes, or kombu's `unacked`)."""
         if self.is_amqp:
             return amqp_queue_depth(self.app, "ingest")
         server = self.broker_server or self.buffer_server
         client = redis_lib.Redis(port=server.port, socket_timeout=2, socket_connect_timeout=1)
         try:
-            total = int(client.hlen("unacked"))
+            total = int(client.hlen("unacked")) + held_by_consumers(client, BrokerKeys())
             for key in client.scan_iter(match="ingest*"):
                 if client.type(key) == b"list":
                     total += int(client.llen(key))

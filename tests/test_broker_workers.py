@@ -1,0 +1,309 @@
+"""Celery workers on the reliable transport, for real: pools, shutdowns, kills, senders.
+
+Every worker here is `celery -A worker worker` in its own process group
+(tests/celery_procs.py), consuming a broker Redis of its own; the buffer is
+the session's Redis. Tasks are sent with kombu's stock transport (the test's
+Celery app, or a plain Celery app that imports nothing of eventbuffer), as
+any producer sends them. Each event is regular (no session), so the buffer's
+queue holds exactly one row per applied event: counting ids there shows
+every task applied exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from celery import Celery
+
+from tests.celery_procs import ROOT, CeleryProcess, project_env, wait_until, worker
+from tests.conftest import RedisServer
+from worker.broker.keys import BrokerKeys
+from worker.celery import create_app
+from worker.keys import Keyspace
+from worker.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+KEYS = BrokerKeys()
+T0 = 1_767_225_600_000
+CONSUMER_TIMEOUT_S = 2
+
+
+class System:
+    """A broker Redis, the buffer Redis, the env of the workers and a stock sender."""
+
+    def __init__(self, tmp: Path, buffer_url: str, **env: str) -> None:
+        self.tmp = tmp
+        self.broker_server = RedisServer(tmp / "broker")
+        self.broker_server.start()
+        self.env = project_env(
+            REDIS_URL=buffer_url,
+            CELERY_BROKER_URL=self.broker_server.url,
+            CLICKHOUSE_URL=f"chdb://{tmp / 'ch'}",
+            EVENT_BUFFER_CONSUMER_TIMEOUT_S=str(CONSUMER_TIMEOUT_S),
+            **env,
+        )
+        self.settings = Settings.from_env(self.env)
+        self.app: Celery = create_app(self.settings)
+        self.broker = redis_lib.Redis.from_url(self.broker_server.url)
+        self.buffer = redis_lib.Redis.from_url(buffer_url)
+        self.queue = Keyspace(self.settings.key_prefix, 1).shard(0).queue
+        self.procs: list[CeleryProcess] = []
+        self.sent: list[str] = []
+
+    def worker(self, name: str, *args: str) -> CeleryProcess:
+        proc = worker(self.env, self.tmp / f"{name}.log", "-Q", "ingest", "-n", f"{name}@%h", *args)
+        self.procs.append(proc)
+        return proc
+
+    def send(self, tasks: int, per_task: int = 5, **options: Any) -> None:
+        for _ in range(tasks):
+            batch = [
+                {"id": str(uuid.uuid4()), "project_id": "p", "name": "tick", "created_at": T0}
+                for _ in range(per_task)
+            ]
+            self.sent += [e["id"] for e in batch]
+            self.app.send_task("eventbuffer.ingest_events", args=[batch], queue="ingest", **options)
+
+    def applied(self) -> Counter[str]:
+        rows = self.buffer.lrange(self.queue, 0, -1)
+        return Counter(json.loads(row)["id"] for row in rows)
+
+    def wait_applied(self, timeout: float = 60) -> None:
+        wait_until(
+            lambda: len(self.applied()) >= len(set(self.sent)),
+            timeout,
+            f"{len(self.sent)} events in the buffer (have {len(self.applied())})",
+        )
+
+    def assert_exactly_once(self) -> None:
+        applied = self.applied()
+        assert set(applied) == set(self.sent), "events missing or unexpected"
+        assert max(applied.values()) == 1, "an event was applied twice"
+
+    def inflight(self) -> int:
+        """Messages held by consumers (in-flight index entries)."""
+        return sum(int(self.broker.hlen(k)) for k in self.broker.scan_iter(KEYS.inflight("*")))
+
+    def held_task_ids(self) -> set[str]:
+        """Task ids of the messages consumers hold, each under its own key."""
+        keys = self.broker.scan_iter(KEYS.message("*", "*"))
+        return {json.loads(self.broker.lindex(k, 0))["headers"]["id"] for k in keys}
+
+    def consumers(self) -> list[str]:
+        return [m.decode() for m in self.broker.zrange(KEYS.registry, 0, -1)]
+
+    def pause_buffer(self, ms: int) -> None:
+        """Stall the buffer Redis' writes: a task received meanwhile blocks in its apply."""
+        self.buffer.execute_command("CLIENT", "PAUSE", ms, "WRITE")
+
+    def close(self) -> None:
+        with_errors = []
+        for proc in self.procs:
+            try:
+                proc.stop(timeout=15)
+            except Exception as exc:
+                with_errors.append(exc)
+            proc.kill()
+        self.buffer.execute_command("CLIENT", "UNPAUSE")
+        self.app.close()
+        self.broker.close()
+        self.buffer.close()
+        self.broker_server.kill()
+
+
+@pytest.fixture
+def system(tmp_path: Path, redis_url: str, redis: redis_lib.Redis) -> Iterator[System]:
+    made = System(tmp_path, redis_url)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def no_errors(proc: CeleryProcess) -> None:
+    text = proc.text()
+    assert "Traceback" not in text and "ERROR/" not in text, text[-3000:]
+
+
+@pytest.mark.parametrize(
+    "pool", [("-P", "prefork", "-c", "2"), ("-P", "solo"), ("-P", "threads", "-c", "3")]
+)
+def test_every_pool_consumes_and_leaves_nothing_behind(
+    system: System, pool: tuple[str, ...]
+) -> None:
+    proc = system.worker("w", *pool)
+    proc.wait_for("ready.")
+    assert "Connected to eventbuffer-redis://" in proc.text()
+    system.send(40)
+    system.wait_applied()
+    [consumer] = system.consumers()
+    assert consumer.split(":")[1] == str(proc.process.pid if proc.process else "")
+    proc.stop()
+    system.assert_exactly_once()
+    assert system.inflight() == 0 and system.consumers() == [] and not system.held_task_ids()
+    assert system.broker.llen("ingest") == 0
+    no_errors(proc)
+
+
+def test_warm_shutdown_puts_prefetched_tasks_back_in_order(system: System) -> None:
+    proc = system.worker("w", "-P", "prefork", "-c", "1")  # prefetch: 4 tasks
+    proc.wait_for("ready.")
+    system.pause_buffer(3000)
+    system.send(6)
+    wait_until(lambda: system.inflight() == 4, 10, "the worker to hold 4 tasks", alive=proc.alive)
+    held = system.held_task_ids()
+    assert len(held) == 4
+    assert proc.process is not None
+    # Warm shutdown, as `docker stop` asks for it (the main process only): the
+    # running task finishes, the prefetched ones go back.
+    os.kill(proc.process.pid, signal.SIGTERM)
+    assert proc.process.wait(30) == 0
+    assert "3 unacknowledged task(s) put back" in proc.text()
+    assert system.inflight() == 0 and system.consumers() == []
+    queued = [json.loads(raw)["headers"]["id"] for raw in system.broker.lrange("ingest", 0, -1)]
+    assert len(queued) == 5 and len(set(queued) & held) == 3  # 1 ran, 3 back, 2 never fetched
+    assert len(system.applied()) == 5  # the running one (5 events) finished
+    again = system.worker("again", "-P", "solo")
+    again.wait_for("ready.")
+    system.wait_applied()
+    again.stop()
+    system.assert_exactly_once()
+    no_errors(proc)
+
+
+def test_a_cold_shutdown_loses_nothing(system: System) -> None:
+    proc = system.worker("w", "-P", "prefork", "-c", "1")
+    proc.wait_for("ready.")
+    system.pause_buffer(3000)
+    system.send(6)
+    wait_until(lambda: system.inflight() == 4, 10, "the worker to hold 4 tasks", alive=proc.alive)
+    assert proc.process is not None
+    os.kill(proc.process.pid, signal.SIGQUIT)  # cold: running tasks are not waited for
+    proc.process.wait(30)
+    assert "Cold shutdown" in proc.text()
+    system.buffer.execute_command("CLIENT", "UNPAUSE")
+    # What the dead worker still held (if anything) comes back after its timeout.
+    again = system.worker("again", "-P", "solo")
+    again.wait_for("ready.")
+    system.wait_applied(timeout=30)
+    again.stop()
+    system.assert_exactly_once()
+    assert system.inflight() == 0
+
+
+def test_a_worker_killed_for_good_has_its_tasks_run_by_another(system: System) -> None:
+    doomed = system.worker("doomed", "-P", "prefork", "-c", "1")
+    doomed.wait_for("ready.")
+    [doomed_id] = system.consumers()
+    system.pause_buffer(4000)
+    system.send(8)
+    wait_until(lambda: system.inflight() == 4, 10, "the worker to hold 4 tasks")
+    other = system.worker("other", "-P", "solo")
+    other.wait_for("ready.")
+    doomed.kill()  # the whole process group, never restarted
+    killed_at = time.monotonic()
+    system.buffer.execute_command("CLIENT", "UNPAUSE")
+    wait_until(
+        lambda: not system.broker.exists(KEYS.inflight(doomed_id)), 30, "the dead worker's tasks"
+    )
+    recovered_after = time.monotonic() - killed_at
+    system.wait_applied()
+    other.stop()
+    system.assert_exactly_once()
+    text = other.text()
+    assert f"found consumer {doomed_id} dead" in text and "4 unacknowledged task(s)" in text
+    assert system.consumers() == []
+    # Not before the deadline (no heartbeat for CONSUMER_TIMEOUT_S), and not long after it.
+    print(f"recovered {recovered_after:.1f} s after the kill (timeout {CONSUMER_TIMEOUT_S} s)")
+    assert recovered_after < 10 * CONSUMER_TIMEOUT_S
+
+
+FOREIGN_SENDER = textwrap.dedent(
+    """
+    import sys
+    from celery import Celery
+
+    url, tasks = sys.argv[1], sys.argv[2]
+    app = Celery("someone-else", broker=url)  # stock kombu Redis transport, JSON
+    for n, batch in enumerate(__import__("json").loads(tasks)):
+        app.send_task("eventbuffer.ingest_events", args=[batch], queue="ingest",
+                      priority=(9 if n % 3 == 0 else 0))
+    app.close()
+    mine = [m for m in sys.modules if m.split(".")[0] in ("worker", "tasks", "lua_scripts")]
+    print("eventbuffer modules:", mine)
+    """
+)
+
+
+def test_a_foreign_celery_app_delivers_to_the_worker(system: System, tmp_path: Path) -> None:
+    proc = system.worker("w", "-P", "solo")
+    proc.wait_for("ready.")
+    batches = [
+        [{"id": str(uuid.uuid4()), "project_id": "p", "name": "tick", "created_at": T0}]
+        for _ in range(6)
+    ]
+    system.sent = [b[0]["id"] for b in batches]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", FOREIGN_SENDER, system.broker_server.url, json.dumps(batches)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "eventbuffer modules: []" in done.stdout
+    system.wait_applied()
+    proc.stop()
+    system.assert_exactly_once()
+
+
+def test_an_untested_kombu_stops_the_worker_with_one_line(system: System) -> None:
+    fake = (
+        "import kombu, sys; kombu.__version__ = '5.8.0'; "
+        "sys.argv = ['celery', '-A', 'worker', 'worker', '-Q', 'ingest', '--without-mingle', "
+        "'--without-gossip']; from celery.__main__ import main; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", fake],
+        cwd=ROOT,
+        env=system.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    [line] = (done.stdout + done.stderr).strip().splitlines()
+    assert "tested with kombu 5.7.0 only, not 5.8.0" in line
+
+
+def test_the_stock_transport_can_still_be_chosen(
+    tmp_path: Path, redis_url: str, redis: Any
+) -> None:
+    system = System(tmp_path, redis_url, EVENT_BUFFER_BROKER_TRANSPORT="kombu")
+    try:
+        proc = system.worker("w", "-P", "solo")
+        proc.wait_for("ready.")
+        assert "Connected to redis://" in proc.text()
+        system.send(3)
+        system.wait_applied()
+        assert system.consumers() == [] and system.inflight() == 0
+        proc.stop()
+        system.assert_exactly_once()
+    finally:
+        system.close()

@@ -1,0 +1,55 @@
+"""Which transport eventbuffer's own workers consume a Redis broker with.
+
+`celery -A worker worker` (and so `eventbuffer run`, compose.yaml and the
+README's commands) consumes with the reliable transport
+(`worker.broker.transport`) unless EVENT_BUFFER_BROKER_TRANSPORT=kombu.
+Only eventbuffer's workers switch, at `celeryd_init`, before they connect
+(a host app's workers are left alone): Beat, the CLI,
+`EventProducer` and every other sender keep kombu's stock transport, whose
+messages the reliable one consumes as they are.
+
+On a kombu version the transport was not tested with, the worker stops at
+start-up with one line saying so.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from celery import signals
+
+from worker.settings import Settings
+
+RELIABLE_SCHEMES = ("redis", "rediss")
+
+
+def worker_transport(settings: Settings) -> str | None:
+    """The transport a worker with `settings` consumes with; None: kombu's choice (the URL's)."""
+    from worker.broker.transport import TRANSPORT_ALIAS
+
+    scheme = settings.effective_broker_url.split("://", 1)[0]
+    if settings.broker_transport == "reliable" and scheme in RELIABLE_SCHEMES:
+        return TRANSPORT_ALIAS
+    return None
+
+
+def _celeryd_init(instance: Any = None, conf: Any = None, **_: Any) -> None:
+    from worker import runtime
+    from worker.broker.transport import UntestedKombu, check_kombu
+    from worker.celery import app
+
+    if getattr(instance, "app", None) is not app or conf is None:
+        return  # another app's worker: its transport is its own business
+    path = worker_transport(runtime.settings())
+    if path is None:
+        return
+    try:
+        check_kombu()
+    except UntestedKombu as exc:
+        print(exc, file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    conf.broker_transport = path
+
+
+signals.celeryd_init.connect(_celeryd_init, weak=False)

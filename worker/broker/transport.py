@@ -1,0 +1,365 @@
+"""kombu's Redis transport with reliable fetch, for the consuming side.
+
+Stock kombu pops a message with BRPOP and only then records it as
+unacknowledged: a worker killed in between loses it. Here a message leaves
+its queue list only inside broker_fetch.lua, which moves it in the same
+atomic step to a key of its own listed in the consumer's in-flight index;
+an ack deletes both; a dead consumer's messages are put back by the live
+ones (`worker.broker.consumer`). The raw bytes stay as the sender wrote
+them and are never encoded again: the only copy that leaves Redis is the
+one the worker decodes to run the task.
+
+Senders need nothing of this: the queues, the message format and
+publishing are stock kombu's (this transport publishes through the same
+inherited code), so `redis://` producers and foreign Celery apps deliver
+to it unchanged.
+
+Consuming on the event loop (and in `drain_events`, through the same
+poller), one request outstanding per channel on kombu's BRPOP connection:
+
+- a fetch: EVALSHA broker_fetch over every source list (priority levels,
+  then queues, in kombu's BRPOP order, queues round-robin), and the LINDEX
+  reading the message it moved, sent together. A message is delivered and
+  the next fetch goes out on the next loop tick while the prefetch limit
+  allows; an empty answer switches to waiting;
+- a wait: `BLMOVE q q RIGHT RIGHT <brpop_timeout>` on the default-priority
+  list of the next queue in the cycle: a blocking look that moves nothing
+  (the message stays where it is), so an idle worker wakes at once when a
+  task arrives there, and after at most `brpop_timeout` (1 s) for a task
+  in a priority sub-queue or another queue (each idle second waits on the
+  next queue). Either answer goes back to fetching. Every idle worker
+  waiting on a queue wakes for its next task; one fetch takes it, the
+  others find nothing and wait again.
+
+So a busy worker spends two round trips per task (the fetch, the ack), an
+idle one two a second. kombu's BRPOP bookkeeping (pausing a reply while the
+prefetch limit is reached, the health check of the blocking connection,
+reconnects) is reused as it is. kombu's visibility-timeout sweep of its
+`unacked` hash keeps running too, for messages a stock worker left there
+(a rolling upgrade).
+
+Tested with the kombu versions in TESTED_KOMBU_VERSIONS only: it overrides
+kombu internals (`_brpop_start`, `_brpop_read`, QoS), and refuses to start
+on any other version.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+from queue import Empty
+from time import monotonic
+from typing import Any
+
+import kombu
+import redis
+from kombu.transport import TRANSPORT_ALIASES, virtual
+from kombu.transport import redis as kombu_redis
+from kombu.utils.json import loads
+from redis.exceptions import NoScriptError
+
+from worker.broker.consumer import Consumer
+from worker.broker.keys import BrokerKeys
+from worker.broker.scripts import Fetched, parse_fetch
+
+log = logging.getLogger("worker.broker")
+
+#: kombu versions this transport was tested with (pyproject pins the same).
+TESTED_KOMBU_VERSIONS = ("5.7.0",)
+
+#: What a worker's broker_transport names to use it.
+TRANSPORT_PATH = "worker.broker.transport:Transport"
+#: The name kombu knows it by once this module is imported: the scheme of the
+#: worker's broker URL in its banner and logs ("Connected to eventbuffer-redis://...").
+TRANSPORT_ALIAS = "eventbuffer-redis"
+
+
+class UntestedKombu(RuntimeError):
+    """The installed kombu is not one this transport was tested with."""
+
+
+def check_kombu(version: str | None = None) -> None:
+    """Raise UntestedKombu, with a one-line reason, unless `version` (installed) was tested."""
+    version = kombu.__version__ if version is None else version
+    if version not in TESTED_KOMBU_VERSIONS:
+        raise UntestedKombu(
+            f"eventbuffer's reliable Redis transport is tested with kombu "
+            f"{', '.join(TESTED_KOMBU_VERSIONS)} only, not {version}: install "
+            f"kombu=={TESTED_KOMBU_VERSIONS[-1]}, or set EVENT_BUFFER_BROKER_TRANSPORT=kombu "
+            "to run on kombu's stock transport (which can lose a task when a worker is killed)"
+        )
+
+
+class QoS(kombu_redis.QoS):
+    """Acks by delivery tag: each tag maps to the seq (and source) of the fetch that took it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held: dict[str, list[tuple[int, str]]] = {}
+
+    def expect(self, delivery_tag: str, seq: int, source: str) -> None:
+        """The message about to be delivered with this tag is the consumer's `seq`."""
+        self._held.setdefault(delivery_tag, []).append((seq, source))
+
+    def _take(self, delivery_tag: str) -> tuple[int, str] | None:
+        held = self._held.get(delivery_tag)
+        if not held:
+            return None
+        taken = held.pop(0)  # a tag delivered twice (a redelivered copy) is held twice
+        if not held:
+            self._held.pop(delivery_tag, None)
+        return taken
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        # In memory only: broker_fetch.lua has the message in the consumer's keeping already.
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        taken = self._take(delivery_tag)
+        if taken is not None:
+            self.channel.reliable.ack(taken[0])
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        taken = self._take(delivery_tag)
+        if taken is not None:
+            seq, source = taken
+            if requeue:  # behind what is queued, as stock kombu does
+                self.channel.reliable.requeue(seq, source, front=False)
+            else:
+                self.channel.reliable.ack(seq)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        self._flush()
+        self.channel.reliable.restore_all(deregister=False)
+        self._held.clear()
+        self._delivered.clear()
+
+    def restore_unacked_once(self, stderr: Any = None) -> None:
+        """At channel close (or exit): give back everything the consumer still holds."""
+        self._on_collect.cancel()
+        self._flush()
+        state = self._delivered
+        if getattr(state, "restored", False):
+            return
+        try:
+            self.channel.close_consumer(
+                restore=self.restore_at_shutdown and self.channel.do_restore
+            )
+        finally:
+            state.clear()
+            self._held.clear()
+            state.restored = True  # type: ignore[attr-defined]
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+
+    #: Seconds without a heartbeat after which a consumer is dead (transport option).
+    consumer_timeout = 30.0
+
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.Channel.from_transport_options,
+        "consumer_timeout",
+    )
+
+    _reliable: Consumer | None = None
+    _waiting = False  # the outstanding command is a wait (BLMOVE), not a fetch
+    _wait_queue = ""  # ... on this queue
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.broker_keys = BrokerKeys(self.global_keyprefix)
+        self._no_ack_queues: set[str] = set()
+        # The outstanding fetch: its seq, source lists and their queues.
+        self._fetch_seq = 0
+        self._fetch_sources: list[str] = []
+        self._fetch_queues: list[str] = []
+
+    # -- the consumer --------------------------------------------------------
+
+    @property
+    def reliable(self) -> Consumer:
+        """This channel's consumer, made on first use (publishing channels never make one)."""
+        if self._reliable is None:
+            client = redis.Redis(connection_pool=self.pool)
+            self._reliable = Consumer(client, self.broker_keys, float(self.consumer_timeout))
+            weakref.finalize(self, self._reliable.close)  # a channel dropped unclosed
+        return self._reliable
+
+    def close_consumer(self, *, restore: bool = True) -> None:
+        if self._reliable is not None:
+            self._reliable.close(restore=restore)
+
+    def _heartbeat_client(self) -> redis.Redis:
+        """A connection of its own for the heartbeat thread, never blocked for long."""
+        params = self._connparams()
+        bound = max(1.0, float(self.consumer_timeout) / 3)
+        params["socket_timeout"] = bound
+        if "socket_connect_timeout" in params:
+            params["socket_connect_timeout"] = bound
+        return redis.Redis(connection_pool=redis.ConnectionPool(**params))
+
+    def basic_consume(self, queue: str, no_ack: bool = False, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
+        result = super().basic_consume(queue, no_ack, *args, **kwargs)
+        if not no_ack and queue not in self._fanout_queues and not self.reliable.beating:
+            self.reliable.start_heartbeat(self._heartbeat_client())
+        return result
+
+    def close(self) -> None:
+        super().close()  # reads a pending reply, cancels, restores (QoS.restore_unacked_once)
+        self.close_consumer(restore=self.do_restore)
+
+    # -- fetching --------------------------------------------------------------
+
+    def _sources(self, queues: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Source lists in kombu's BRPOP order (priority levels, then queues), and their queues."""
+        prefix = self.global_keyprefix
+        sources: list[str] = []
+        owners: list[str] = []
+        for pri in self.priority_steps:
+            for queue in queues:
+                sources.append(prefix + self._q_for_pri(queue, pri))
+                owners.append(queue)
+        return sources, owners
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        connection = self.client.connection
+        sources, owners = self._sources(queues)
+        if self._waiting:  # on the first source: the next queue's default priority
+            key = sources[0]
+            commands: list[tuple[Any, ...]] = [("BLMOVE", key, key, "RIGHT", "RIGHT", timeout or 0)]
+            self._wait_queue = queues[0]
+        else:
+            consumer = self.reliable
+            seq = consumer.next_seq()
+            no_ack = [queue in self._no_ack_queues for queue in owners]
+            commands = consumer.fetch_commands(seq, sources, no_ack)
+            self._fetch_seq, self._fetch_sources, self._fetch_queues = seq, sources, owners
+        self._in_poll = connection
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]
+        connection.send_packed_command(connection.pack_commands(commands))
+
+    def _read_reply(self, command: str, **options: Any) -> Any:
+        """One reply on the consuming connection; a Redis error reply is returned, not raised."""
+        client = self.client
+        try:
+            return client.parse_response(client.connection, command, **options)
+        except self.connection_errors:
+            client.connection.disconnect()
+            raise
+        except self.ResponseError as exc:
+            return exc
+
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            if self._waiting:
+                self._waiting = False
+                reply = self._read_reply("BLMOVE", **options)
+                if isinstance(reply, Exception):
+                    raise reply
+                if reply is None:  # nothing came: wait on the next queue next time
+                    self._queue_cycle.rotate(self._wait_queue)
+                raise Empty()
+            # Both replies, whatever the first, so the connection stays in step.
+            script_reply = self._read_reply("EVALSHA", **options)
+            message = self._read_reply("LINDEX", **options)
+            try:
+                fetched = parse_fetch(script_reply, message)
+            except NoScriptError:  # the script did not run: nothing moved
+                self.reliable.scripts.load_fetch()
+                raise Empty() from None
+            if fetched is None:
+                self._waiting = True
+                raise Empty()
+            self._deliver_fetched(fetched, self._fetch_seq, self._fetch_sources, self._fetch_queues)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            self._flush_brpop_reauth()
+
+    def _deliver_fetched(
+        self, fetched: Fetched, seq: int, sources: Sequence[str], queues: Sequence[str]
+    ) -> None:
+        queue, source = queues[fetched.source], sources[fetched.source]
+        self._queue_cycle.rotate(queue)
+        payload = self._decode(fetched, seq, source)
+        try:
+            self.connection._deliver(payload, queue)
+        except Exception as exc:
+            # kombu or Celery could not take it (a body it cannot decode, say): stock
+            # kombu has lost such a message by now; here it would come back after
+            # every restart, so it is parked, unchanged, before the error goes on.
+            # Not when the broker went away (kombu counts KeyError among connection
+            # errors, for its poller; from a delivery it is the message's fault).
+            lost_broker = isinstance(exc, self.connection_errors) and not isinstance(exc, KeyError)
+            if fetched.kept and not lost_broker:
+                self._park(fetched.raw, seq)
+            raise
+
+    def _decode(self, fetched: Fetched, seq: int, source: str) -> dict[str, Any]:
+        """The kombu message in `fetched`, expected by the QoS; one that is not is parked."""
+        try:
+            payload: dict[str, Any] = loads(fetched.raw)
+            tag = payload["properties"]["delivery_tag"]
+        except Exception:
+            if fetched.kept:
+                self._park(fetched.raw, seq)
+            else:
+                client = redis.Redis(connection_pool=self.pool)
+                client.lpush(self.broker_keys.unparsable, fetched.raw)
+            raise Empty() from None
+        if fetched.kept:
+            self.qos.expect(tag, seq, source)
+        return payload
+
+    def _park(self, raw: bytes, seq: int) -> None:
+        log.critical(
+            "Cannot deliver this message; it is kept unchanged in %r: %r",
+            self.broker_keys.unparsable,
+            raw[:256],
+            exc_info=True,
+        )
+        self.reliable.park(seq)
+
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        return self._get_one(queue, no_ack=False)
+
+    def _get_one(self, queue: str, *, no_ack: bool) -> dict[str, Any]:
+        sources, _ = self._sources([queue])
+        taken = self.reliable.fetch(sources, [no_ack] * len(sources))
+        if taken is None:
+            raise Empty()
+        seq, fetched = taken
+        return self._decode(fetched, seq, sources[fetched.source])
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        try:
+            message = self.Message(self._get_one(queue, no_ack=no_ack), channel=self)
+        except Empty:
+            return None
+        if not no_ack:
+            self.qos.append(message, message.delivery_tag)
+        return message
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_kombu()
+        super().__init__(*args, **kwargs)
+
+
+TRANSPORT_ALIASES.setdefault(TRANSPORT_ALIAS, TRANSPORT_PATH)
