@@ -308,25 +308,33 @@ def test_flush_drains_the_buffer(
     assert "nothing to flush" in empty.out
 
 
-def test_flush_reports_a_lock_held_elsewhere(
+def test_flush_skips_a_shard_whose_live_holder_keeps_its_lock(
     run_main: Callable[..., Result],
     redis: redis_lib.Redis,
     settings: Settings,
     sink: ChdbSink,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A live flusher (this process: its pid is alive, its watchdog extends the lock
+    every third of its 1 s TTL) keeps the lock past the 1 s it had left: `flush` waits
+    that long, then skips the shard with one line naming the holder, and exits 1."""
     EventBuffer(redis, settings).apply([event("click", 1_770_000_000_000)])
-    monkeypatch.setattr("worker.cli.flush.LOCK_WAIT_S", 0.3)
-    lock = FlushLock(redis, SHARD.lock, 60)
+    lock = FlushLock(redis, SHARD.lock, 1)
     assert lock.acquire()
-    token = lock.token.decode()
     try:
         result = run_main("flush")
+        assert lock.token == redis.get(SHARD.lock)  # still its own: never taken over
     finally:
         lock.release()
     assert result.code == 1
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    assert re.search(
+        f"Shard 0: its flush lock is held by {re.escape(holder)} \\(heartbeat [01] s ago, fresh\\)",
+        result.out,
+    )
+    assert re.search("waiting up to [01] s for it", result.out)
     [line] = result.err.strip().splitlines()
-    assert "lock is held by " + token in line
+    assert f"skipped shard 0: its flush lock is held by {holder} (heartbeat" in line
+    assert re.search("past the [01] s it had left: a live flusher extends it", line)
     assert redis.llen(SHARD.queue) == 1
 
 
@@ -370,11 +378,23 @@ def test_status_json_matches_redis(
     assert shard["waiting_views"] == 1
     assert shard["lock"]["token"] == token
     assert 0 < shard["lock"]["ttl_ms"] <= 60_000
+    # Who holds it, and its heartbeat: fresh (it was just taken).
+    assert shard["lock"]["holder"]["host"] == socket.gethostname()
+    assert shard["lock"]["holder"]["pid"] == os.getpid()
+    assert shard["lock"]["holder_ttl_ms"] == 60_000
+    assert 0 <= shard["lock"]["heartbeat_age_ms"] < 20_000
+    assert shard["lock"]["stale"] is False
     assert shard["last_flush"]["rows"] == 17 and shard["last_flush"]["at_ms"] == now - 60_000
     assert data["totals"] == {"queued": 4, "claimed": 2, "dead_letters": 1, "waiting_views": 1}
     assert data["active_visitors"] == {"[/p3]": 1, "p1": 2, "p2": 1}
     assert human.code == 0
     assert "[/p3]" in human.out and "claimed" in human.out
+    assert re.search(r"busy \d+s", human.out)
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    assert re.search(
+        f"Shard 0 lock: {re.escape(holder)}, heartbeat \\d+ s ago, fresh: a flush is at work",
+        human.out,
+    )
 
 
 # -- expected failures: one line, the right exit code -----------------------------

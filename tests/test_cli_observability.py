@@ -23,6 +23,7 @@ from worker.cli.watch import WatchState, render, sparkline, watch
 from worker.events import parse_event
 from worker.flush import Flusher
 from worker.keys import ShardKeys
+from worker.lock import Process, make_token
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink
 
@@ -173,11 +174,15 @@ def test_watch_and_status_show_a_shards_back_off_within_80_columns(
     buffer = EventBuffer(redis, wide)
     now = int(time.time() * 1000)
     fill(buffer, 40, now)
-    for n in range(4):
+    # Shards 0-1: tokens that do not name their holder; 2-3: a long host name's holder,
+    # extended 2 s ago (busy) and 12 s ago (STALE: no heartbeat for 2/3 of its 15 s TTL).
+    holder = Process("ip-10-20-30-40.eu-west-1.compute.internal", 4_194_303, 7, "feedfacecafe")
+    tokens = ["4f2a9c0e7d6b11efb3a1" * 2] * 2 + [make_token(15_000, holder)] * 2
+    for n, (token, left_ms) in enumerate(zip(tokens, (58_000, 58_000, 13_000, 3_000), strict=True)):
         shard = ShardKeys("eventbuffer", n)
         redis.set(shard.backoff, 3, px=64_000)
         redis.set(shard.failures, 6)
-        redis.set(shard.lock, "4f2a9c0e7d6b11efb3a1" * 2, px=58_000)
+        redis.set(shard.lock, token, px=left_ms)
         redis.hset(shard.claim, mapping={"id": "c", "count": 4000, "at": now - 12_000})
         redis.hset(shard.stats, mapping={"at": now - 5000, "rows": 123_456, "claim": "c"})
     data = status_data_for(wide)
@@ -188,6 +193,8 @@ def test_watch_and_status_show_a_shards_back_off_within_80_columns(
     view = console.export_text()
     assert max(len(line) for line in view.splitlines()) <= 80, view
     assert view.count("64s (6x)") == 4, view
+    assert "busy 2s" in view and "STALE 12s" in view, view
+    assert " ".join(view.split()).count("ip-10-20-30-40.eu-west-1.compute.internal:4194303") == 2
     # Nothing cut to fit: the only ellipses are the lock token's and the rates not known yet.
     assert "…" not in view.replace("4f2a9c…", "").replace("ingest …", "").replace("flush …", "")
 
@@ -198,6 +205,8 @@ def test_watch_and_status_show_a_shards_back_off_within_80_columns(
     text = status.out
     assert max(len(line) for line in text.splitlines()) <= 80, text
     assert "64s (6x)" in text, text
+    assert "busy 2s" in text and "STALE 12s" in text, text
+    assert "STALE: looks dead, the next flush takes over" in " ".join(text.split()), text
     assert "back off after ClickHouse failures" in text
 
 

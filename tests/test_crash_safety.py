@@ -10,7 +10,8 @@ exactly once and Redis with no open claim.
 The parent never holds the chDB directory while a child runs (embedded chDB
 is one process at a time); a SIGKILLed child's file lock dies with it. Its
 flush lock does not: children run with a 1 s lock TTL, and the next flush
-waits for the dead child's lock to expire, as a real recovery would.
+waits for the dead child's lock to expire (a flush on the same host takes a
+dead holder's lock over at once: tests/test_lock_takeover.py).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from worker.clock import ManualClock
 from worker.events import datetime_ms, parse_event
 from worker.flush import FlushResult
 from worker.ingest import IngestResult
+from worker.lock import Process, make_token
 from worker.metrics import (
     OTHER_PROJECTS,
     Metrics,
@@ -219,6 +220,7 @@ def test_recording_from_result_objects() -> None:
         result.dead_reasons["rejected_by_clickhouse"] = 1
         metrics_module.record_flush(result)
         metrics_module.record_flush(FlushResult(shard=0, locked=False))
+        metrics_module.record_flush(FlushResult(shard=0, took_over="far-away:4242: gone"))
         metrics_module.record_flush(FlushResult(shard=0, backoff_s=3.5))
         metrics_module.record_flush_error()
     finally:
@@ -232,8 +234,10 @@ def test_recording_from_result_objects() -> None:
     assert value(samples, "eventbuffer_dead_letters_total", reason="rejected_by_clickhouse") == 1
     assert value(samples, "eventbuffer_events_flushed_total") == 7
     assert value(samples, "eventbuffer_insert_chunk_rows_count") == 2
-    for result_label in ("success", "locked", "error", "backoff"):
+    for result_label in ("locked", "error", "backoff"):
         assert value(samples, "eventbuffer_flush_runs_total", result=result_label) == 1
+    assert value(samples, "eventbuffer_flush_runs_total", result="success") == 2
+    assert value(samples, "eventbuffer_flush_lock_takeovers_total") == 1
     assert value(samples, "eventbuffer_apply_seconds_count") == 2
 
 
@@ -297,6 +301,22 @@ def test_redis_gauges_match_the_buffer(redis: redis_lib.Redis, settings: Setting
     assert 3 < value(samples, "eventbuffer_flush_backoff_seconds", shard="0") <= 4
     assert value(samples, "eventbuffer_flush_lock_held", shard="0") == 1
     assert value(samples, "eventbuffer_flush_lock_held", shard="1") == 0
+    # A token that does not name its holder: no heartbeat to read, not judged stale.
+    assert ("eventbuffer_flush_lock_heartbeat_age_seconds", frozenset({("shard", "0")})) not in (
+        samples
+    )
+    assert value(samples, "eventbuffer_flush_lock_stale", shard="0") == 0
+
+    # Named holders on another host: shard 0's was extended 1 s ago, shard 1's 11 s ago.
+    far_away = Process("far-away", 4242, 123, "feedfacecafe")
+    redis.set(shard.lock, make_token(15_000, far_away), px=14_000)
+    redis.set(buffer.keyspace.shard(1).lock, make_token(15_000, far_away), px=4_000)
+    samples = parse(generate_latest(registry).decode())
+    busy = value(samples, "eventbuffer_flush_lock_heartbeat_age_seconds", shard="0")
+    stuck = value(samples, "eventbuffer_flush_lock_heartbeat_age_seconds", shard="1")
+    assert 1 <= busy < 2 and 11 <= stuck < 12
+    assert value(samples, "eventbuffer_flush_lock_stale", shard="0") == 0
+    assert value(samples, "eventbuffer_flush_lock_stale", shard="1") == 1
 
 
 def test_redis_down_is_a_gauge_not_an_error() -> None:

@@ -15,7 +15,7 @@ def test_defaults_match_openpanel() -> None:
         10,
         100,
     )
-    assert (s.publish_throttle_ms, s.lock_ttl_s, s.screen_view_ttl_s) == (1000, 60, 3600)
+    assert (s.publish_throttle_ms, s.lock_ttl_s, s.screen_view_ttl_s) == (1000, 15, 3600)
     assert (s.active_visitor_window_s, s.shards) == (300, 1)
     assert s.clickhouse_url == "chdb://data/clickhouse"
     assert s.effective_broker_url == s.redis_url

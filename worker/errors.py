@@ -10,7 +10,8 @@
     │       └── PoisonGuardError       most of a claim refused (worker/flush.py)
     ├── BufferKeyTypeError     a buffer key holds a value of the wrong type (key)
     ├── FlushError             a shard's flush stopped (shard, lock)
-    │   └── LockLostError          the flush lock expired or was taken over
+    │   ├── LockLostError          the flush lock expired or was taken over
+    │   └── LockHeldError          a live flusher kept the lock longer than it could wait (holder)
     └── ProducerError          the producer client holds events it could not send (unsent)
         ├── BufferFull             max_pending events are held
         └── ProducerClosed         send() after close()
@@ -81,6 +82,17 @@ class FlushError(EventBufferError):
 
 class LockLostError(FlushError):
     """The flush lock expired or was taken over while a flush was working."""
+
+
+class LockHeldError(FlushError):
+    """Another flusher, alive by every sign, held the shard's lock past the wait for it.
+
+    `holder` names it (host:pid, or the token of a holder that did not say).
+    """
+
+    def __init__(self, message: str, *, shard: int, lock: str, holder: str) -> None:
+        super().__init__(message, shard=shard, lock=lock)
+        self.holder = holder
 
 
 class ProducerError(EventBufferError):

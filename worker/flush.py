@@ -12,7 +12,9 @@ Per shard, under that shard's lock:
    `events:saved`, in one atomic step, only after every chunk succeeded.
 
 A kill anywhere leaves the claim open; the next flush re-drives it with the
-same tokens: nothing is lost and nothing is written twice.
+same tokens: nothing is lost and nothing is written twice. The dead
+flusher's lock does not hold it up: a holder provably dead is taken over
+(`worker.lock`).
 
 Rows that are not valid JSON, and rows ClickHouse rejects (found by halving
 a rejected chunk until single rows are left), become dead letters with the
@@ -103,6 +105,8 @@ class FlushResult:
 
     shard: int
     locked: bool = True  # False: another flusher held the lock; nothing was done
+    # "<host:pid>: <why>" when the lock was taken over from a dead holder.
+    took_over: str | None = None
     # Seconds left of a back-off after ClickHouse failures; nothing was done.
     backoff_s: float = 0.0
     rows: int = 0  # rows sent to ClickHouse (duplicates of a re-drive are dropped there)
@@ -123,6 +127,8 @@ class FlushResult:
 
     def as_dict(self) -> dict[str, object]:
         shown: dict[str, object] = {"error": str(self.error)} if self.error is not None else {}
+        if self.took_over is not None:
+            shown["took_over"] = self.took_over
         return {
             **shown,
             "shard": self.shard,
@@ -255,8 +261,9 @@ class Flusher:
     ) -> FlushResult:
         """Up to `max_batches` batches (default: the setting) of one shard.
 
-        Returns at once with `locked=False` if another flusher holds the lock,
-        or with `backoff_s` set while the shard backs off after ClickHouse
+        Returns at once with `locked=False` if another flusher holds the lock
+        (one provably dead is taken over: `took_over` says from whom), or
+        with `backoff_s` set while the shard backs off after ClickHouse
         failed (unless `respect_backoff` is False: an operator's explicit flush).
         """
         shard = self.keyspace.shard(shard_no)
@@ -270,6 +277,7 @@ class Flusher:
         if not lock.acquire():
             result.locked = False
             return result
+        result.took_over = lock.took_over
         started = time.perf_counter()
         # The lock is released whatever fails below (building or closing the
         # sink included): else its watchdog keeps it alive for the life of

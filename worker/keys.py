@@ -11,7 +11,8 @@ Per shard:
     {p:N}:queue                 LIST    JSON rows waiting for ClickHouse, oldest first
     {p:N}:claim                 HASH    the open claim: id, count (head of queue), at;
                                         split:<token> for each chunk halved after a rejection
-    {p:N}:lock                  STRING  flush lock token (SET NX PX)
+    {p:N}:lock                  STRING  flush lock token, naming its holder (SET NX PX;
+                                        worker/lock.py)
     {p:N}:dead                  LIST    dead letters: JSON header, newline, raw payload
     {p:N}:stats                 HASH    last flush: at, rows, dead, claim id, claimed;
                                         running totals rows_total, removed_total

@@ -25,6 +25,14 @@ Gauges (from Redis, at scrape time):
                                                     0 when the queue is empty
     eventbuffer_dead_letter_depth{shard}            dead letters stored (LLEN)
     eventbuffer_flush_lock_held{shard}              1 while a flusher holds the shard's lock
+    eventbuffer_flush_lock_heartbeat_age_seconds{shard}
+                                                    time since the lock's holder last extended
+                                                    it (its watchdog's heartbeat); absent while
+                                                    the lock is free or its holder does not say
+    eventbuffer_flush_lock_stale{shard}             1 while the lock's heartbeat is stale (no
+                                                    extension for two thirds of its TTL: the
+                                                    holder looks dead, the next flush takes the
+                                                    lock over), else 0
     eventbuffer_flush_backoff_seconds{shard}        time left of the shard's back-off after
                                                     ClickHouse failures, 0 if none
     eventbuffer_last_flush_timestamp_seconds{shard} when the shard's last batch was acknowledged
@@ -60,6 +68,8 @@ Counters and histograms (recorded by the tasks):
                                                   the shard backs off after ClickHouse failures)
     eventbuffer_flush_lock_skips_total            shard flushes skipped: another flusher held
                                                   the lock
+    eventbuffer_flush_lock_takeovers_total        locks taken over from a provably dead holder
+                                                  (its process gone, or its heartbeat stale)
     eventbuffer_flush_batches_total               claims acknowledged
     eventbuffer_flush_redriven_total              claims re-driven (left open by a failure)
     eventbuffer_flush_phase_seconds{phase}        histogram: claim, insert, ack time per shard
@@ -160,6 +170,10 @@ class Metrics:
         )
         self.flush_lock_skips = counter(
             "flush_lock_skips", "Shard flushes skipped because another flusher held the lock."
+        )
+        self.flush_lock_takeovers = counter(
+            "flush_lock_takeovers",
+            "Flush locks taken over from a dead holder (process gone, or heartbeat stale).",
         )
         self.flush_batches = counter("flush_batches", "Claims flushed and acknowledged.")
         self.flush_redriven = counter(
@@ -266,6 +280,8 @@ def record_flush(result: FlushResult) -> None:
         m.flush_lock_skips.inc()
         return
     m.flush_runs.labels(FLUSH_SUCCESS).inc()
+    if result.took_over is not None:
+        m.flush_lock_takeovers.inc()
     m.flush_seconds.observe(result.seconds)
     m.flush_phase_seconds.labels("claim").observe(result.claim_seconds)
     if result.chunk_rows or result.ack_seconds:  # the shard had something to flush
@@ -300,6 +316,8 @@ class _Gauges:
     oldest_age: GaugeMetricFamily
     dead: GaugeMetricFamily
     lock_held: GaugeMetricFamily
+    lock_heartbeat_age: GaugeMetricFamily
+    lock_stale: GaugeMetricFamily
     backoff: GaugeMetricFamily
     last_flush: GaugeMetricFamily
     flush_pending: GaugeMetricFamily
@@ -331,6 +349,16 @@ def _gauges() -> _Gauges:
         ),
         dead=gauge("dead_letter_depth", "Dead letters stored in the shard.", ("shard",)),
         lock_held=gauge("flush_lock_held", "1 while a flusher holds the shard's lock.", ("shard",)),
+        lock_heartbeat_age=gauge(
+            "flush_lock_heartbeat_age_seconds",
+            "Time since the lock's holder last extended it (absent: free, or holder unnamed).",
+            ("shard",),
+        ),
+        lock_stale=gauge(
+            "flush_lock_stale",
+            "1 while the lock's heartbeat is stale: its holder looks dead and will be taken over.",
+            ("shard",),
+        ),
         backoff=gauge(
             "flush_backoff_seconds",
             "Time left of the shard's back-off after ClickHouse failures (0: none).",
@@ -429,6 +457,9 @@ class RedisCollector:
             g.oldest_age.add_metric(label, shard.oldest_event_age_s)
             g.dead.add_metric(label, shard.dead_letters)
             g.lock_held.add_metric(label, 1 if shard.lock else 0)
+            g.lock_stale.add_metric(label, 1 if shard.lock and shard.lock.stale else 0)
+            if shard.lock is not None and shard.lock.heartbeat_age_ms is not None:
+                g.lock_heartbeat_age.add_metric(label, shard.lock.heartbeat_age_ms / 1000)
             g.backoff.add_metric(label, shard.backoff_s)
             if shard.last_flush is not None:
                 g.last_flush.add_metric(label, shard.last_flush.at_ms / 1000)

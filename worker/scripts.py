@@ -66,6 +66,7 @@ class Scripts:
         self._ack = script("ack")
         self._sweep = script("sweep_sessions")
         self._dlq_remove = script("dlq_remove")
+        self._lock_takeover = script("lock_takeover")
 
     def claim(
         self, shard: ShardKeys, new_id: str, max_rows: int, now_ms: int, chunk_size: int
@@ -129,3 +130,17 @@ class Scripts:
         for index, entry in entries:
             args += (index, entry)
         return int(self._dlq_remove(keys=[shard.dead], args=args, client=self._redis))
+
+    def take_over_lock(
+        self, lock: str, dead_token: str, token: str, ttl_ms: int, most_left_ms: int
+    ) -> bool:
+        """Give the flush lock `lock` to `token` if it still holds `dead_token`.
+
+        With `most_left_ms` >= 0, only while the lock has at most that long
+        left (its holder has not extended it since it was judged stale);
+        -1 for a holder whose process is known to be gone. True if taken.
+        """
+        reply = self._lock_takeover(
+            keys=[lock], args=[dead_token, token, ttl_ms, most_left_ms], client=self._redis
+        )
+        return int(reply) == 1

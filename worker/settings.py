@@ -169,9 +169,11 @@ class Settings:
     )
     lock_ttl_s: int = _setting(
         "EVENT_BUFFER_LOCK_TTL_S",
-        60,
+        15,
         _int(1),
-        "Lifetime of a shard's flush lock; extended while a flush is still working.",
+        "Lifetime of a shard's flush lock: its holder's watchdog extends it every third of "
+        "this; unextended for two thirds of it, the next flusher takes it over (at once when "
+        "the holder's process is gone from this host).",
     )
     screen_view_ttl_s: int = _setting(
         "EVENT_BUFFER_SCREEN_VIEW_TTL_S",

@@ -3,9 +3,10 @@
 `read_state()` is the one reader of buffer state: `eventbuffer status` (and
 `--watch`) and the metrics collector show what it returns. Per shard it is
 one pipelined round trip for all shards (queue depth, the head row's age,
-the open claim, dead letters, waiting views, the lock holder, the back-off,
-the last flush); then a SCAN for the projects with visitors and one more
-round trip for their counts. It only reads: nothing is pruned.
+the open claim, dead letters, waiting views, the lock with its holder and
+heartbeat (`worker.lock.lock_state`), the back-off, the last flush); then
+a SCAN for the projects with visitors and one more round trip for their
+counts. It only reads: nothing is pruned.
 
 `count_active_visitors()` is the one count of active visitors, read-only
 here and pruning for `EventBuffer.get_active_visitor_count` (as the seed).
@@ -23,6 +24,7 @@ from redis import Redis
 
 from worker.events import datetime_ms, decode_row_head
 from worker.keys import Keyspace, ShardKeys
+from worker.lock import LockState, lock_state
 from worker.replies import number, text, text_map
 
 
@@ -32,12 +34,6 @@ class ClaimState:
     count: int
     at_ms: int
     age_s: float
-
-
-@dataclass(frozen=True)
-class LockState:
-    token: str
-    ttl_ms: int
 
 
 @dataclass(frozen=True)
@@ -170,7 +166,7 @@ def _shard_state(shard: int, replies: Sequence[Any], now_ms: int) -> ShardState:
         dead_letters=number(dead),
         oldest_event_age_s=round(head_age_seconds(head, now_ms), 3),
         waiting_views=number(views),
-        lock=None if token is None else LockState(text(token), number(lock_ttl)),
+        lock=None if token is None else lock_state(token, lock_ttl),
         backoff_s=max(0, number(backoff)) / 1000,
         failures=number(failures),
         last_flush=last,

@@ -417,9 +417,11 @@ class Stack:
 
     # -- processes ----------------------------------------------------------
 
-    def ingest_worker(self, *extra: str, name: str = "ingest") -> CeleryProcess:
+    def ingest_worker(
+        self, *extra: str, name: str = "ingest", queues: str = "ingest"
+    ) -> CeleryProcess:
         args = extra or ("-c", "1")
-        proc = worker(self.env, self.tmp / f"{name}.log", "-Q", "ingest", "-n", f"{name}@%h", *args)
+        proc = worker(self.env, self.tmp / f"{name}.log", "-Q", queues, "-n", f"{name}@%h", *args)
         self.procs.append(proc)
         return proc
 

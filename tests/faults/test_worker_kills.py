@@ -3,7 +3,12 @@
 (a) RabbitMQ broker, whole workers (main process and pool, the process
     group) killed: the broker redelivers everything unacknowledged when the
     dead connection closes; a batch applied before the kill is skipped by its
-    batch marker. Must be exactly once.
+    batch marker. Must be exactly once. The worker consumes `flush` too, as
+    the issue 13 operator's did, at the production lock TTL: kills land on
+    its `process_buffer` runs as well, and one more kill is made while one of
+    them holds the shard's lock with a claim open. Then a plain `eventbuffer
+    flush`, as an operator runs it after an incident, must drain the buffer
+    at once (the dead holder's lock taken over) and exit 0.
 (b) Redis broker, pool processes killed: the main process sees
     WorkerLostError and rejects the task back to the queue
     (task_reject_on_worker_lost). Must be exactly once.
@@ -44,6 +49,9 @@ from collections import Counter
 import pytest
 
 from tests.celery_procs import CeleryProcess
+from tests.support.flushing import eventbuffer_flush
+from worker.lock import LockState, read_lock
+from worker.settings import Settings
 
 from .harness import (
     EVENTS_PER_SESSION,
@@ -94,14 +102,19 @@ def _kill_whole_workers(
     seed: int,
     rate: float = RATE,
     sessions_per_task: int = SESSIONS_PER_TASK,
-) -> tuple[int, float, Load]:
-    """SIGKILL the ingest worker's process group `kills_wanted` times under load."""
+    queues: str = "ingest",
+) -> tuple[int, float, Load, CeleryProcess]:
+    """SIGKILL the ingest worker's process group `kills_wanted` times under load.
+
+    Returns with the load still running and the last worker started. A worker
+    that consumes `flush` too is the only flusher; else a flush worker runs beside.
+    """
     rng = random.Random(seed)
-    flush = stack.flush_worker()
+    if "flush" not in queues.split(","):
+        stack.flush_worker().wait_for("ready.")
     stack.beat()
-    ingest = stack.ingest_worker("-c", "2")
+    ingest = stack.ingest_worker("-c", "2", queues=queues)
     load = stack.load(rate, sessions_per_batch=sessions_per_task)
-    flush.wait_for("ready.")
     ingest.wait_for("ready.")
     load.start()
     kills = 0
@@ -124,11 +137,41 @@ def _kill_whole_workers(
             ingest.kill()
         kills += 1
         last_kill = time.monotonic()
-        ingest = stack.ingest_worker("-c", "2")
+        ingest = stack.ingest_worker("-c", "2", queues=queues)
         if kills < kills_wanted:
             ingest.wait_for("ready.")
-    load.finish()
-    return kills, last_kill, load
+    return kills, last_kill, load, ingest
+
+
+def _kill_mid_flush(stack: Stack, proc: CeleryProcess, attempts: int = 5) -> tuple[int, LockState]:
+    """SIGKILL the worker's process group while one of its processes holds the shard's
+    flush lock with a claim open; restart it and try again if that flush ended first.
+
+    Returns the attempts it took and the lock the dead process left behind.
+    """
+
+    def held_by_worker() -> LockState | None:
+        assert proc.process is not None
+        state = read_lock(stack.redis, stack.shard.lock)
+        if state is None or state.holder is None or stack.claim_open() is None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(state.holder.pid) == proc.process.pid:
+                return state
+        return None
+
+    for attempt in range(1, attempts + 1):
+        proc.wait_for("ready.")
+        deadline = time.monotonic() + 60
+        while (held := held_by_worker()) is None:
+            assert time.monotonic() < deadline, "no flush of the worker held the lock"
+            time.sleep(0.002)
+        proc.kill()
+        left = read_lock(stack.redis, stack.shard.lock)
+        if left is not None and left.token == held.token:
+            return attempt, left
+        proc = stack.ingest_worker("-c", "2", queues="ingest,flush")
+    raise AssertionError(f"{attempts} kills all came after the flush had released its lock")
 
 
 def _redelivered(stack: Stack) -> int:
@@ -138,8 +181,24 @@ def _redelivered(stack: Stack) -> int:
 
 
 def test_whole_workers_killed_on_amqp(stacks, amqp_url: str) -> None:
-    stack: Stack = stacks(broker=amqp_url)
-    kills, last_kill, load = _kill_whole_workers(stack, KILLS, seed=1)
+    ttl_s = Settings().lock_ttl_s  # the production default, not the suite's 3 s
+    stack: Stack = stacks(broker=amqp_url, EVENT_BUFFER_LOCK_TTL_S=str(ttl_s))
+    kills, _, load, ingest = _kill_whole_workers(stack, KILLS, seed=1, queues="ingest,flush")
+    attempts, dead_lock = _kill_mid_flush(stack, ingest)
+    last_kill = time.monotonic()
+    load.finish()  # into the broker: nobody consumes it until the worker is back
+
+    # The operator's flush, at once: no retry loop around it.
+    done, _ = eventbuffer_flush(stack.env)
+    flushed_in = time.monotonic() - last_kill
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    took_over = f"Shard 0: took its flush lock over from {dead_lock.who}: its process"
+    assert took_over in done.stdout, done.stdout
+    assert "1 re-driven" in done.stdout, done.stdout
+    assert flushed_in < 30, f"eventbuffer flush took {flushed_in:.1f} s after the kill"
+    assert stack.queued() == 0 and stack.claim_open() is None
+
+    stack.ingest_worker("-c", "2", queues="ingest,flush")  # the tasks the broker redelivers
     drained = stack.wait_drained(load.count, timeout=90)
     tally = stack.finish(load)
     skipped = logs(stack, "ingest").count("was applied before: skipped")
@@ -148,9 +207,11 @@ def test_whole_workers_killed_on_amqp(stacks, amqp_url: str) -> None:
         "ingest worker killed (whole, AMQP)",
         tally,
         drained - last_kill,
-        f"{kills} SIGKILLs of the worker group",
+        f"{kills} SIGKILLs of the worker group, +{attempts} mid-flush",
         note=f"{redelivered} tasks delivered again after kills, {skipped} of them skipped by "
-        "their batch marker (applied before the kill)",
+        "their batch marker (applied before the kill); then `eventbuffer flush` took the dead "
+        f"flusher's lock over ({dead_lock.ttl_ms / 1000:.0f} s of its {ttl_s} s TTL left) and "
+        f"drained the buffer {flushed_in:.1f} s after the kill, exit 0",
     )
     assert redelivered >= 1, "no kill caught a task in flight"
     assert_exactly_once(stack, tally)
@@ -207,9 +268,10 @@ def test_pool_processes_killed_on_redis_broker(stacks) -> None:
 
 def test_whole_workers_killed_on_redis_broker(stacks) -> None:
     stack: Stack = stacks(broker="redis", EVENT_BUFFER_CONSUMER_TIMEOUT_S="2")
-    kills, last_kill, load = _kill_whole_workers(
+    kills, last_kill, load, _ = _kill_whole_workers(
         stack, WHOLE_KILLS_REDIS, seed=3, rate=FETCH_RATE, sessions_per_task=FETCH_SESSIONS_PER_TASK
     )
+    load.finish()
     drained = stack.wait_drained(load.count, timeout=120)
     tally = stack.finish(load)
     text = logs(stack, "ingest")
@@ -240,9 +302,10 @@ def test_whole_workers_killed_on_redis_broker_stock_transport(stacks) -> None:
     stack: Stack = stacks(
         broker="redis", EVENT_BUFFER_BROKER_TRANSPORT="kombu", EVENT_BUFFER_VISIBILITY_TIMEOUT_S="3"
     )
-    kills, last_kill, load = _kill_whole_workers(
+    kills, last_kill, load, _ = _kill_whole_workers(
         stack, WHOLE_KILLS_REDIS, seed=3, rate=FETCH_RATE, sessions_per_task=FETCH_SESSIONS_PER_TASK
     )
+    load.finish()
     # A task lost in the gap never comes back: done when nothing moves any more
     # (the broker's unacknowledged tasks are counted as backlog until restored).
     drained = stack.wait_drained(load.count, timeout=120, quiet_s=4)

@@ -24,7 +24,6 @@ from worker.cli.common import (
     migrate_schema,
     progress_bar,
 )
-from worker.cli.flush import flush_shard
 from worker.cli.traffic import demo_events
 from worker.settings import Settings
 from worker.sinks import Sink
@@ -59,8 +58,11 @@ def demo_wait(
         try:
             with clickhouse(settings, wait_s=0) as sink:
                 for shard in flusher.keyspace.all():
-                    while (done := flush_shard(flusher, shard.shard, 0)) and done.batches:
-                        pass  # until the shard is empty, or another flusher has it
+                    # Until the shard is empty, or another flusher has its lock.
+                    while flusher.flush_shard(
+                        shard.shard, max_batches=1, respect_backoff=False
+                    ).batches:
+                        pass
                 landed = demo_count(sink, settings, run_id)
         except ClickHouseBusy:
             pass  # a flush worker is writing: look again in a moment

@@ -69,9 +69,38 @@ def status_data(settings: Settings) -> dict[str, Any]:
 
 
 def lock_text(lock: dict[str, Any] | None) -> str:
+    """A shard's lock in a table cell: busy (a fresh heartbeat) or STALE, and the heartbeat's age.
+
+    `lock_lines` says who holds it.
+    """
     if lock is None:
         return "free"
-    return f"{lock['token'][:6]}… {lock['ttl_ms'] / 1000:.0f}s"
+    age_ms = lock["heartbeat_age_ms"]
+    if lock["holder"] is None or age_ms is None:  # a holder that does not say: its TTL left
+        return f"{lock['token'][:6]}… {lock['ttl_ms'] / 1000:.0f}s"
+    return f"{'STALE' if lock['stale'] else 'busy'} {age_ms / 1000:.0f}s"
+
+
+def lock_lines(shards: list[dict[str, Any]]) -> list[str]:
+    """Who holds each held lock, and whether it is at work (fresh) or looks dead (stale)."""
+    lines = []
+    for s in shards:
+        lock = s["lock"]
+        if lock is None:
+            continue
+        head = f"Shard {s['shard']} lock:"
+        age_ms = lock["heartbeat_age_ms"]
+        if lock["holder"] is None or age_ms is None:
+            left = f"{lock['ttl_ms'] / 1000:.0f} s left"
+            lines.append(f"{head} token {lock['token']}, {left} (the holder does not say who)")
+            continue
+        holder = f"{lock['holder']['host']}:{lock['holder']['pid']}"
+        beat = f"heartbeat {age_ms / 1000:.0f} s ago"
+        if lock["stale"]:
+            lines.append(f"! {head} {holder}, {beat}, STALE: looks dead, the next flush takes over")
+        else:
+            lines.append(f"{head} {holder}, {beat}, fresh: a flush is at work")
+    return lines
 
 
 def backoff_text(shard: dict[str, Any]) -> str:
@@ -142,6 +171,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -
     # Prose wraps at the terminal's width (the CLI's console does not wrap by default).
     say = partial(console.print, soft_wrap=False)
     say("views: screen_views waiting for their session's next view")
+    for line in lock_lines(data["shards"]):
+        say(line)
     backing_off = [s for s in data["shards"] if s["backoff_s"] > 0]
     if backing_off:
         shards = ", ".join(str(s["shard"]) for s in backing_off)
