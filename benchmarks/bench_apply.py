@@ -27,7 +27,14 @@ from typing import Any
 
 import redis as redis_lib
 
-from benchmarks.support import Result, alternate, log, median, mix, private_redis, traffic
+from benchmarks.support import (
+    Result,
+    alternate,
+    log,
+    median,
+    private_redis,
+)
+from tests.support.traffic import mix, traffic
 from worker.buffer import EventBuffer
 from worker.events import KIND_REGULAR, KIND_SCREEN_VIEW, Event, encode_event, parse_event
 from worker.ingest import ingest
@@ -171,7 +178,7 @@ def run(args: argparse.Namespace) -> list[Result]:
 
     with private_redis("apply") as server:
         client = server.client()
-        settings = Settings.from_env({"REDIS_URL": server.url()})
+        settings = Settings.from_env({"REDIS_URL": server.db_url(0)})
         buffer = EventBuffer(client, settings)
         queue = buffer.keyspace.shard(0).queue
         seed = SeedBuffer(client)

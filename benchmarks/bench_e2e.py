@@ -43,7 +43,6 @@ from typing import Any
 
 from benchmarks.support import (
     Result,
-    Traffic,
     celery_beat,
     celery_worker,
     cpu_seconds,
@@ -53,6 +52,7 @@ from benchmarks.support import (
     rss_kb,
     wait_until,
 )
+from tests.support.traffic import RealisticTraffic
 from worker.celery import create_app
 from worker.keys import Keyspace
 from worker.names import INGEST_QUEUE
@@ -91,7 +91,7 @@ class Tracker:
 
 def offer(
     producer: EventProducer,
-    stream: Traffic,
+    stream: RealisticTraffic,
     tracker: Tracker,
     rate: float,
     seconds: float,
@@ -258,8 +258,8 @@ def run(args: argparse.Namespace) -> list[Result]:
             sink.close()
             close_all()
         values = {
-            "REDIS_URL": server.url(0),
-            "CELERY_BROKER_URL": server.url(1),
+            "REDIS_URL": server.db_url(0),
+            "CELERY_BROKER_URL": server.db_url(1),
             "CLICKHOUSE_URL": f"chdb://{chdb_path}",
             "EVENT_BUFFER_FLUSH_INTERVAL_S": str(FLUSH_INTERVAL_S),
             "EVENT_BUFFER_MAX_BATCHES_PER_FLUSH": "1000",
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> list[Result]:
         producer = EventProducer(
             app, batch_size=PRODUCER_BATCH, batch_ms=args.producer_batch_ms, settings=settings
         )
-        stream = Traffic(seed=17, concurrent=2000)
+        stream = RealisticTraffic(seed=17, concurrent=2000)
         tracker = Tracker()
         idle_rss = {name: rss_kb(w.pid) for name, w in workers.items()}
         pids = {**{n: w.pid for n, w in workers.items()}, "beat": beat.pid, "producer": os.getpid()}
@@ -307,8 +307,8 @@ def run(args: argparse.Namespace) -> list[Result]:
                 drained,
                 180,
                 "the pipeline to drain",
-                0.2,
-                lambda: all(w.alive() for w in (ingest, flush, beat)),
+                interval=0.2,
+                alive=lambda: all(w.alive() for w in (ingest, flush, beat)),
             )
             drain_s = time.monotonic() - drain_started
         finally:

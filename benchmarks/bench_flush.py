@@ -49,12 +49,11 @@ from benchmarks.support import (
     free_port,
     log,
     median,
-    mix,
     private_redis,
     skipped,
-    traffic,
     wait_until,
 )
+from tests.support.traffic import mix, traffic
 from worker.events import encode_event, parse_event
 from worker.flush import Flusher
 from worker.settings import Settings
@@ -270,7 +269,13 @@ def local_clickhouse(tmp: Path) -> Iterator[str]:
             except Exception:
                 return False
 
-        wait_until(answers, 30, "clickhouse-server to answer", 0.1, lambda: process.poll() is None)
+        wait_until(
+            answers,
+            30,
+            "clickhouse-server to answer",
+            interval=0.1,
+            alive=lambda: process.poll() is None,
+        )
         yield f"clickhouse://default@127.0.0.1:{tcp}/default"
     finally:
         if process.poll() is None:
@@ -392,10 +397,10 @@ def run(args: argparse.Namespace) -> list[Result]:
         private_redis("flush") as server,
         tempfile.TemporaryDirectory(prefix="bench-flush-") as tmp,
     ):
-        results.append(bench_chdb(server.url(0), rows, args.rounds, Path(tmp)))
+        results.append(bench_chdb(server.db_url(0), rows, args.rounds, Path(tmp)))
         server.client().flushdb()
         try:
-            results.append(bench_native(server.url(0), rows, args.rounds, Path(tmp)))
+            results.append(bench_native(server.db_url(0), rows, args.rounds, Path(tmp)))
         except Exception as exc:  # the native half must not hide the chDB figures
             log(f"[flush] native benchmark failed: {exc!r}")
             results.append(skipped("flush native", f"failed: {exc!r}"))

@@ -30,12 +30,11 @@ from benchmarks.support import (
     cpu_seconds,
     log,
     median,
-    mix,
     private_redis,
     project_env,
-    traffic,
     wait_until,
 )
+from tests.support.traffic import mix, traffic
 from worker.buffer import EventBuffer
 from worker.celery import create_app
 from worker.ingest import ingest
@@ -60,8 +59,8 @@ def run(args: argparse.Namespace) -> list[Result]:
         tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp,
     ):
         values = {
-            "REDIS_URL": server.url(0),
-            "CELERY_BROKER_URL": server.url(1),
+            "REDIS_URL": server.db_url(0),
+            "CELERY_BROKER_URL": server.db_url(1),
             "CLICKHOUSE_URL": f"chdb://{tmp}/clickhouse",
             # No flush worker runs here: keep back-pressure from queueing flush tasks.
             "EVENT_BUFFER_HIGH_WATER": str(10**9),
@@ -85,7 +84,9 @@ def run(args: argparse.Namespace) -> list[Result]:
                 producer.send(event)
             producer.flush(timeout=60)
             sent = time.perf_counter()
-            wait_until(applied, 120, "the worker to apply every event", 0.002, worker.alive)
+            wait_until(
+                applied, 120, "the worker to apply every event", interval=0.002, alive=worker.alive
+            )
             seconds = time.perf_counter() - started
             producer_rates.append(n / (sent - started))
             worker_busy.append((cpu_seconds(worker.pid) - cpu_before) / seconds)

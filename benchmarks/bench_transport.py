@@ -36,9 +36,9 @@ from benchmarks.support import (
     median,
     private_redis,
     project_env,
-    traffic,
     wait_until,
 )
+from tests.support.traffic import traffic
 from worker.buffer import EventBuffer
 from worker.celery import create_app
 from worker.producer import EventProducer
@@ -95,8 +95,8 @@ def run(args: argparse.Namespace) -> list[Result]:
         settings_of: dict[str, Settings] = {}
         for name, db in TRANSPORTS.items():
             values = {
-                "REDIS_URL": buffer_server.url(0),
-                "CELERY_BROKER_URL": broker_server.url(db),
+                "REDIS_URL": buffer_server.db_url(0),
+                "CELERY_BROKER_URL": broker_server.db_url(db),
                 "CLICKHOUSE_URL": f"chdb://{tmp}/clickhouse",
                 "EVENT_BUFFER_HIGH_WATER": str(10**9),
                 "EVENT_BUFFER_BROKER_TRANSPORT": name,
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             settings_of[name] = Settings.from_env(values)
             apps[name] = create_app(settings_of[name])
         buffer = buffer_server.client(0)
-        settings = Settings.from_env({"REDIS_URL": buffer_server.url(0)})
+        settings = Settings.from_env({"REDIS_URL": buffer_server.db_url(0)})
         setup = Setup(
             rounds=args.rounds,
             settings=settings_of,
@@ -159,8 +159,8 @@ def _one_size(setup: Setup, size: int, body_bytes: int) -> Result:
             lambda: int(setup.buffer.llen(setup.queue)) >= setup.expected_rows,
             300,
             f"the {name} worker to apply every event",
-            0.002,
-            worker.alive,
+            interval=0.002,
+            alive=worker.alive,
         )
         seconds = time.perf_counter() - started
         calls = _calls(setup.broker)

@@ -14,16 +14,12 @@ import datetime as dt
 import json
 import os
 import platform
-import random
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import redis as redis_lib  # noqa: E402
+
+from tests.support.polling import wait_until  # noqa: E402
+from tests.support.servers import RedisServer, start_redis  # noqa: E402
 
 # -- results -------------------------------------------------------------------
 
@@ -263,22 +261,6 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGTERM, on_term)
 
 
-def wait_until(
-    condition: Callable[[], bool],
-    timeout: float,
-    what: str,
-    interval: float = 0.05,
-    alive: Callable[[], bool] | None = None,
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if alive is not None and not alive():
-            raise RuntimeError(f"a process died while waiting for {what}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
 def rss_kb(pid: int) -> int | None:
     """Resident set size of a process and its children (a prefork pool) in KiB."""
     own = _one_rss_kb(pid)
@@ -325,70 +307,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 # -- servers -------------------------------------------------------------------
-
-
-class RedisServer:
-    """A private redis-server on a free port, no persistence, removed on exit."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def start(self) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.process = PROCESSES.spawn(
-            [
-                binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", str(self.directory),
-                "--save", "",
-                "--appendonly", "no",
-            ],
-            log_path=self.directory / "redis.log",
-        )  # fmt: skip
-        client = redis_lib.Redis(port=self.port)
-        try:
-            wait_until(
-                lambda: _pings(client), 10, f"redis-server on port {self.port}", interval=0.02
-            )
-        finally:
-            client.close()
-        return self
-
-    def client(self, db: int = 0) -> redis_lib.Redis:
-        return redis_lib.Redis(port=self.port, db=db)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            PROCESSES.stop(self.process)
-
-
-def _pings(client: redis_lib.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis_lib.ConnectionError:
-        return False
 
 
 @contextlib.contextmanager
 def private_redis(prefix: str) -> Iterator[RedisServer]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{prefix}-redis-") as tmp:
-        server = RedisServer(Path(tmp)).start()
+        server = start_redis(Path(tmp))
         try:
             yield server
         finally:
@@ -437,9 +362,13 @@ class CeleryChild:
     def wait_ready(self, marker: str, timeout: float = 60) -> None:
         try:
             wait_until(
-                lambda: marker in self.text(), timeout, f"{self.name} to start", 0.1, self.alive
+                lambda: marker in self.text(),
+                timeout,
+                f"{self.name} to start",
+                interval=0.1,
+                alive=self.alive,
             )
-        except (RuntimeError, TimeoutError) as exc:
+        except AssertionError as exc:
             tail = "\n".join(self.text().splitlines()[-20:])
             raise RuntimeError(f"{exc}\n--- {self.log_path}:\n{tail}") from None
 
@@ -465,147 +394,3 @@ def celery_beat(env: Mapping[str, str], logs: Path) -> CeleryChild:
     child = CeleryChild("beat", args, env, logs)
     child.wait_ready("beat: Starting")
     return child
-
-
-# -- traffic ---------------------------------------------------------------------
-
-# A session: 12 screen_views, 7 custom events, then session_end (60% / 35% / 5%).
-VIEWS_PER_SESSION = 12
-CUSTOM_PER_SESSION = 7
-PROJECTS = ["shop", "blog", "docs", "app", "status"]
-PATHS = ["/", "/pricing", "/docs", "/blog/launch", "/checkout", "/cart", "/product/42", "/about"]
-CUSTOM = ["button_click", "add_to_cart", "search", "signup", "share", "video_play"]
-DEVICES = [
-    ("desktop", "Mac OS", "14.4", "Chrome", "123.0", "Apple", "Macintosh"),
-    ("mobile", "iOS", "17.4", "Safari", "17.4", "Apple", "iPhone"),
-    ("mobile", "Android", "14", "Chrome", "122.0", "Samsung", "SM-S918B"),
-    ("desktop", "Windows", "11", "Edge", "123.0", "", ""),
-]
-PLACES = [("SE", "Stockholm", "Stockholm"), ("DE", "Berlin", "Berlin"), ("US", "Austin", "Texas")]
-DEVICE_FIELDS = ("device", "os", "os_version", "browser", "browser_version", "brand", "model")
-T0_MS = 1_772_366_400_000  # 2026-03-01 12:00:00 UTC
-
-
-def iso(ms: int) -> str:
-    return (
-        dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
-    )
-
-
-@dataclass
-class _Session:
-    base: dict[str, Any]
-    plan: list[str]  # event names, in order
-    at_ms: int
-    position: int = 0
-    views_sent: int = 0
-
-
-class Traffic:
-    """Realistic events: many interleaved sessions of views, custom events and session_end.
-
-    `events(n)` returns event dicts (no `id`: the producer assigns one) in a
-    stream where `concurrent` sessions are open at once. `waiting` is how
-    many screen_views stay in the buffer as their session's last view after
-    applying them (sessions still open at the end), so the buffer's queue
-    holds exactly `n - waiting` rows once everything is applied.
-    """
-
-    def __init__(self, seed: int = 7, concurrent: int = 400) -> None:
-        self.rng = random.Random(seed)
-        self.concurrent = concurrent
-        self.open: list[_Session] = []
-        self.sessions = 0
-
-    def _new_session(self) -> _Session:
-        rng = self.rng
-        self.sessions += 1
-        project = rng.choice(PROJECTS)
-        profile = f"u-{rng.randrange(50_000):05d}" if rng.random() < 0.8 else ""
-        device = rng.choice(DEVICES)
-        country, city, region = rng.choice(PLACES)
-        base: dict[str, Any] = {
-            "project_id": project,
-            "session_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-            "device_id": f"d-{rng.getrandbits(48):012x}",
-            "origin": f"https://{project}.example.com",
-            "referrer": "https://www.google.com/",
-            "referrer_name": "Google",
-            "referrer_type": "search",
-            "country": country,
-            "city": city,
-            "region": region,
-            "sdk_name": "web",
-            "sdk_version": "1.0.3",
-            **dict(zip(DEVICE_FIELDS, device, strict=True)),
-        }
-        if profile:
-            base["profile_id"] = profile
-        plan = ["screen_view"] * VIEWS_PER_SESSION + ["custom"] * CUSTOM_PER_SESSION
-        rng.shuffle(plan)
-        if plan[0] != "screen_view":  # a visit starts with a view
-            first = plan.index("screen_view")
-            plan[0], plan[first] = plan[first], plan[0]
-        plan.append("session_end")
-        return _Session(base, plan, T0_MS + rng.randrange(3_600_000))
-
-    def _event(self, session: _Session) -> dict[str, Any]:
-        rng = self.rng
-        kind = session.plan[session.position]
-        session.position += 1
-        session.at_ms += rng.randrange(500, 30_000)
-        path = rng.choice(PATHS)
-        event: dict[str, Any] = {**session.base, "created_at": iso(session.at_ms), "path": path}
-        if kind == "screen_view":
-            session.views_sent += 1
-            event["name"] = "screen_view"
-            event["properties"] = {"title": path.strip("/") or "home", "__hash": ""}
-        elif kind == "custom":
-            event["name"] = rng.choice(CUSTOM)
-            event["properties"] = {
-                "button": rng.choice(["buy", "next", "close"]),
-                "value": rng.randrange(1, 500),
-                "utm": {"source": "newsletter", "medium": "email", "campaign": "spring"},
-            }
-        else:
-            event["name"] = "session_end"
-        return event
-
-    def next_event(self) -> tuple[dict[str, Any], str, bool]:
-        """The next event of the stream, its session id, and whether it ends the session."""
-        while len(self.open) < self.concurrent:
-            self.open.append(self._new_session())
-        index = self.rng.randrange(len(self.open))
-        session = self.open[index]
-        event = self._event(session)
-        ended = session.position == len(session.plan)
-        if ended:
-            self.open[index] = self.open[-1]
-            self.open.pop()
-        return event, session.base["session_id"], ended
-
-    def events(self, n: int) -> list[dict[str, Any]]:
-        return [self.next_event()[0] for _ in range(n)]
-
-    @property
-    def waiting(self) -> int:
-        """Open sessions holding a last view (each keeps exactly one in the buffer)."""
-        return sum(1 for s in self.open if s.views_sent)
-
-
-def traffic(n: int, seed: int = 7) -> tuple[list[dict[str, Any]], int]:
-    """`n` events of a fresh stream, and how many views they leave waiting."""
-    stream = Traffic(seed)
-    return stream.events(n), stream.waiting
-
-
-def mix(events: Sequence[Mapping[str, Any]]) -> str:
-    total = len(events) or 1
-    views = sum(1 for e in events if e["name"] == "screen_view")
-    ends = sum(1 for e in events if e["name"] == "session_end")
-    sessions = len({e["session_id"] for e in events})
-    return (
-        f"{len(events):,} events over {sessions:,} sessions: "
-        f"{100 * views / total:.0f}% screen_view, "
-        f"{100 * (total - views - ends) / total:.0f}% custom, {100 * ends / total:.0f}% session_end"
-    )

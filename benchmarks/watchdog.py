@@ -36,7 +36,10 @@ if __package__ in (None, ""):
 import redis as redis_lib
 from redis.lock import Lock
 
-from benchmarks.support import private_redis, traffic
+from benchmarks.support import (
+    private_redis,
+)
+from tests.support.traffic import traffic
 from worker.buffer import EventBuffer
 from worker.events import parse_event
 from worker.flush import Flusher
@@ -107,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = f"{tmp}/clickhouse"
             settings = Settings.from_env(
                 {
-                    "REDIS_URL": server.url(),
+                    "REDIS_URL": server.db_url(0),
                     "CLICKHOUSE_URL": f"chdb://{path}",
                     "EVENT_BUFFER_LOCK_TTL_S": str(args.lock_ttl),
                     "EVENT_BUFFER_MAX_BATCHES_PER_FLUSH": "1000",

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,101 +23,36 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.support.clock import ManualClock  # noqa: E402
+from tests.support.servers import (  # noqa: E402
+    RedisServer,
+    docker_reachable,
+    start_redis,
+)
 from worker.buffer import EventBuffer  # noqa: E402
-from worker.clock import ManualClock  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 from worker.sinks.chdb import ChdbSink  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """A redis-server process the tests own: start, SIGKILL, restart on the same data."""
-
-    def __init__(self, directory: Path, *extra: str) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.extra = extra
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is not installed"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                *self.extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis_lib.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis_lib.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
-                time.sleep(0.02)
-            finally:
-                client.close()
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def _docker_reachable() -> bool:
-    if not shutil.which("docker"):
-        return False
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=5).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | None]:
+    """The session's private redis-server (None when a Docker container serves instead)."""
     if shutil.which("redis-server"):
-        server = RedisServer(tmp_path_factory.mktemp("redis"))
-        server.start()
+        server = start_redis(tmp_path_factory.mktemp("redis"))
         try:
-            yield server.url
+            yield server
         finally:
             server.stop()
         return
-    if _docker_reachable():
+    yield None
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer | None) -> Iterator[str]:
+    if redis_server is not None:
+        yield redis_server.url
+        return
+    if docker_reachable():
         from testcontainers.redis import RedisContainer
 
         with RedisContainer("redis:7.4-alpine") as container:
@@ -131,7 +63,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def redis(redis_url: str) -> Iterator[redis_lib.Redis]:
+def redis(redis_url: str, redis_server: RedisServer | None) -> Iterator[redis_lib.Redis]:
+    """A client of the session's Redis, emptied first: after checking that it is ours."""
+    if redis_server is not None:
+        redis_server.ensure_ours()
     client = redis_lib.Redis.from_url(redis_url)
     client.flushall()
     try:

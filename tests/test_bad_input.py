@@ -24,10 +24,11 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from tests.support.clock import ManualClock
+from tests.support.dates import NOON_MS, iso
 from worker import runtime
 from worker.buffer import EventBuffer
 from worker.celery import create_app
-from worker.clock import ManualClock
 from worker.deadletters import REASON_INVALID_EVENT, decode_dead_letter
 from worker.events import (
     DEFAULT_LIMITS,
@@ -42,7 +43,7 @@ from worker.keys import ShardKeys
 from worker.producer import EventProducer
 from worker.settings import Settings, SettingsError
 
-NOW = 1_772_366_400_000  # 2026-03-01 12:00:00 UTC, the injected "now"
+NOW = NOON_MS  # the injected "now" (30 days ago: a fixed date would age out)
 DAY = 86_400_000
 CLOCK = ManualClock(NOW)
 LIMITS = Limits(clock=CLOCK)
@@ -94,13 +95,13 @@ def nested(depth: int, leaf: Any = "v") -> dict[str, Any]:
         (ev(imported_at=False), "imported_at", "got `bool`"),
         # dates absurdly far from now
         (ev(created_at=NOW + DAY + 1), "created_at", "too far in the future"),
-        (ev(created_at="2026-03-03T12:00:00Z"), "created_at", "EVENT_BUFFER_MAX_FUTURE_S"),
+        (ev(created_at=iso(NOW + 2 * DAY)), "created_at", "EVENT_BUFFER_MAX_FUTURE_S"),
         (ev(created_at="9999-12-31T23:59:59"), "created_at", "too far in the future"),
         (ev(created_at=10**30), "created_at", "too far in the future"),
         (ev(created_at=1e300), "created_at", "too far in the future"),
         (ev(created_at=0), "created_at", "too far in the past"),
         (ev(created_at=-(10**30)), "created_at", "too far in the past"),
-        (ev(created_at="2016-02-01T00:00:00Z"), "created_at", "EVENT_BUFFER_MAX_PAST_DAYS"),
+        (ev(created_at=iso(NOW - 3660 * DAY)), "created_at", "EVENT_BUFFER_MAX_PAST_DAYS"),
         (ev(created_at="1"), "created_at", "too far in the past"),
         (ev(imported_at=NOW + 2 * DAY), "imported_at", "too far in the future"),
         (ev(imported_at="1999-12-31"), "imported_at", "too far in the past"),
@@ -178,7 +179,7 @@ def test_numbers_json_cannot_hold_name_their_field() -> None:
 
 
 def test_dates_are_bounded_around_the_injected_clock() -> None:
-    for ok in (NOW + DAY, NOW - 3650 * DAY, "2026-03-02T12:00:00Z", "2016-03-04T00:00:00Z"):
+    for ok in (NOW + DAY, NOW - 3650 * DAY, iso(NOW + DAY - 1), iso(NOW - 3649 * DAY)):
         parse_event(ev(created_at=ok, imported_at=ok), LIMITS)
     assert rejected(ev(created_at=NOW + DAY + 1)).field == "created_at"
     assert rejected(ev(created_at=NOW - 3650 * DAY - 1)).field == "created_at"
@@ -313,7 +314,7 @@ def memory_app() -> Iterator[Celery]:
 @pytest.mark.parametrize(
     ("event", "field"),
     [
-        ({"name": "x", "created_at": "2026-01-01"}, "project_id"),
+        ({"name": "x", "created_at": iso(NOW)}, "project_id"),
         (ev(created_at="2999-01-01T00:00:00Z"), "created_at"),
         (ev(created_at=0), "created_at"),
         (ev(properties={1: "int key"}), "properties"),

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from tests.celery_procs import ROOT, beat, project_env, wait_until
+from tests.support.celery_procs import ROOT, beat, project_env
+from tests.support.polling import wait_until
 
 
 @pytest.mark.slow

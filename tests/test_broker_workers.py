@@ -1,7 +1,7 @@
 """Celery workers on the reliable transport, for real: pools, shutdowns, kills, senders.
 
 Every worker here is `celery -A worker worker` in its own process group
-(tests/celery_procs.py), consuming a broker Redis of its own; the buffer is
+(tests/support/celery_procs.py), consuming a broker Redis of its own; the buffer is
 the session's Redis. Tasks are sent with kombu's stock transport (the test's
 Celery app, or a plain Celery app that imports nothing of eventbuffer), as
 any producer sends them. Each event is regular (no session), so the buffer's
@@ -28,8 +28,10 @@ import pytest
 import redis as redis_lib
 from celery import Celery
 
-from tests.celery_procs import ROOT, CeleryProcess, project_env, wait_until, worker
-from tests.conftest import RedisServer
+from tests.support.celery_procs import ROOT, CeleryProcess, project_env, worker
+from tests.support.dates import BASE_MS
+from tests.support.polling import wait_until
+from tests.support.servers import RedisServer
 from worker.broker.keys import BrokerKeys
 from worker.celery import create_app
 from worker.keys import Keyspace
@@ -38,7 +40,7 @@ from worker.settings import Settings
 pytestmark = pytest.mark.slow
 
 KEYS = BrokerKeys()
-T0 = 1_767_225_600_000
+T0 = BASE_MS
 CONSUMER_TIMEOUT_S = 2
 
 

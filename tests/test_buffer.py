@@ -6,13 +6,14 @@ from typing import Any
 
 import redis as redis_lib
 
+from tests.support.clock import ManualClock
+from tests.support.dates import DAY
 from worker.buffer import EventBuffer
-from worker.clock import ManualClock
 from worker.events import Event, as_row, parse_event
 from worker.keys import CHANNEL_RECEIVED, ShardKeys
 from worker.settings import Settings
 
-T0 = "2026-03-01T12:00:00.000Z"
+T0 = f"{DAY}T12:00:00.000Z"
 
 
 def event(name: str, created_at: Any = T0, **fields: Any) -> Event:
@@ -38,9 +39,9 @@ def test_regular_event_grows_the_buffer_by_one(buffer: EventBuffer) -> None:
 def test_each_screen_view_pushes_the_previous_one(
     buffer: EventBuffer, redis: redis_lib.Redis
 ) -> None:
-    first = view("s1", "2026-03-01T12:00:00Z", "u1")
-    second = view("s1", "2026-03-01T12:00:01Z", "u1")
-    third = view("s1", "2026-03-01T12:00:03Z", "u1")
+    first = view("s1", f"{DAY}T12:00:00Z", "u1")
+    second = view("s1", f"{DAY}T12:00:01Z", "u1")
+    third = view("s1", f"{DAY}T12:00:03Z", "u1")
     sizes = []
     for item in (first, second, third):
         buffer.add(item)
@@ -54,8 +55,8 @@ def test_each_screen_view_pushes_the_previous_one(
 def test_session_end_pushes_the_last_view_unchanged_then_itself(
     buffer: EventBuffer, redis: redis_lib.Redis
 ) -> None:
-    last = view("s1", "2026-03-01T12:00:00Z", "u1", duration=7)
-    end = event("session_end", "2026-03-01T12:05:00Z", session_id="s1", profile_id="u1")
+    last = view("s1", f"{DAY}T12:00:00Z", "u1", duration=7)
+    end = event("session_end", f"{DAY}T12:05:00Z", session_id="s1", profile_id="u1")
     buffer.add(last)
     buffer.add(end)
     assert [(e.id, e.duration) for e in queued(redis)] == [(last.id, 7), (end.id, 0)]
@@ -78,8 +79,8 @@ def test_screen_view_without_session_goes_straight_to_the_queue(
 
 
 def test_two_sessions_of_one_profile_keep_their_own_last_views(buffer: EventBuffer) -> None:
-    a = view("sA", "2026-03-01T12:00:00Z", "u1")
-    b = view("sB", "2026-03-01T12:00:02Z", "u1")
+    a = view("sA", f"{DAY}T12:00:00Z", "u1")
+    b = view("sB", f"{DAY}T12:00:02Z", "u1")
     buffer.add(a)
     buffer.add(b)
     assert buffer.get_buffer_size() == 0
@@ -89,8 +90,8 @@ def test_two_sessions_of_one_profile_keep_their_own_last_views(buffer: EventBuff
 
 
 def test_one_batch_applies_events_in_order(buffer: EventBuffer, redis: redis_lib.Redis) -> None:
-    views = [view("s1", f"2026-03-01T12:00:0{n}Z") for n in (0, 1, 3)]
-    end = event("session_end", "2026-03-01T12:00:09Z", session_id="s1")
+    views = [view("s1", f"{DAY}T12:00:0{n}Z") for n in (0, 1, 3)]
+    end = event("session_end", f"{DAY}T12:00:09Z", session_id="s1")
     result = buffer.apply([*views, end])
     assert result.appended == 4
     assert [(e.id, e.duration) for e in queued(redis)] == [
@@ -102,7 +103,7 @@ def test_one_batch_applies_events_in_order(buffer: EventBuffer, redis: redis_lib
 
 
 def test_duration_never_negative(buffer: EventBuffer, redis: redis_lib.Redis) -> None:
-    buffer.apply([view("s1", "2026-03-01T12:00:05Z"), view("s1", "2026-03-01T12:00:01Z")])
+    buffer.apply([view("s1", f"{DAY}T12:00:05Z"), view("s1", f"{DAY}T12:00:01Z")])
     assert [e.duration for e in queued(redis)] == [0]
 
 
@@ -146,7 +147,7 @@ def test_buffer_size_is_exact_llen(buffer: EventBuffer, redis: redis_lib.Redis) 
 
 
 def test_redelivered_batch_id_applies_nothing(buffer: EventBuffer) -> None:
-    batch = [event("x"), view("s1", T0), view("s1", "2026-03-01T12:00:01Z")]
+    batch = [event("x"), view("s1", T0), view("s1", f"{DAY}T12:00:01Z")]
     first = buffer.apply(batch, batch_id="task-123")
     again = buffer.apply(batch, batch_id="task-123")
     assert (first.appended, first.duplicate) == (2, False)
@@ -203,7 +204,7 @@ def test_shards_route_by_session_and_keep_sessions_in_order(
     events = []
     for n in range(40):
         session = f"s{n % 10}"
-        events.append(view(session, f"2026-03-01T12:00:{n:02d}Z", f"u{n % 3}"))
+        events.append(view(session, f"{DAY}T12:00:{n:02d}Z", f"u{n % 3}"))
     result = buffer.apply(events)
     assert len(result.queue_lengths) > 1, "40 events over 10 sessions should touch several shards"
     assert buffer.get_buffer_size() == 30

@@ -21,14 +21,10 @@ import pytest
 import redis as redis_lib
 from celery import Celery
 
-from tests.celery_procs import (
-    CeleryProcess,
-    beat,
-    project_env,
-    rabbitmq_reachable,
-    wait_until,
-    worker,
-)
+from tests.support.celery_procs import CeleryProcess, beat, project_env, worker
+from tests.support.dates import BASE_MS
+from tests.support.polling import wait_until
+from tests.support.servers import rabbitmq_reachable
 from worker.buffer import EventBuffer
 from worker.celery import create_app
 from worker.flush import Flusher
@@ -37,8 +33,8 @@ from worker.sinks import RetryableSinkError, open_sink
 
 pytestmark = pytest.mark.slow
 
-# 2026-01-01 00:00:00 UTC: created_at must lie within EVENT_BUFFER_MAX_PAST_DAYS of now.
-T0 = 1_767_225_600_000
+# created_at must lie within EVENT_BUFFER_MAX_PAST_DAYS of now: derived from now.
+T0 = BASE_MS
 
 
 def chdb_rows(url: str, sql: str, timeout: float = 20) -> list[tuple[Any, ...]]:
@@ -106,7 +102,7 @@ def session_traffic(sessions: int, views: int) -> tuple[list[dict[str, Any]], di
                     "name": "screen_view",
                     "session_id": f"session-{s}",
                     "profile_id": f"user-{s}",
-                    "created_at": 1_767_225_600_000 + s * 100_000 + offset * 1000,
+                    "created_at": BASE_MS + s * 100_000 + offset * 1000,
                     "path": f"/page/{v}",
                 }
             )
@@ -119,7 +115,7 @@ def session_traffic(sessions: int, views: int) -> tuple[list[dict[str, Any]], di
                 "name": "session_end",
                 "session_id": f"session-{s}",
                 "profile_id": f"user-{s}",
-                "created_at": 1_767_225_600_000 + s * 100_000 + 90_000,
+                "created_at": BASE_MS + s * 100_000 + 90_000,
             }
         )
         expected[end_id] = 0

@@ -24,6 +24,9 @@ import redis as redis_lib
 from celery import Celery
 
 from tests.conftest import Result
+from tests.support.dates import BASE_MS
+from tests.support.polling import wait_until
+from tests.support.servers import free_port
 from worker import cli
 from worker.broker.keys import BrokerKeys
 from worker.buffer import EventBuffer
@@ -68,9 +71,8 @@ def run_cli(
 
 
 def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on (for a server that must not answer)."""
+    return free_port()
 
 
 def event(name: str, at: int, **fields: Any) -> Event:
@@ -275,7 +277,7 @@ def test_flush_drains_the_buffer(
 ) -> None:
     monkeypatch.setenv("EVENT_BUFFER_BATCH_SIZE", "5000")
     buffer = EventBuffer(redis, settings)
-    base = 1_770_000_000_000
+    base = BASE_MS
     for start in range(0, 12_000, 2_000):
         buffer.apply(
             [event("click", base + n, profile_id=f"u{n % 7}") for n in range(start, start + 2_000)]
@@ -317,7 +319,7 @@ def test_flush_skips_a_shard_whose_live_holder_keeps_its_lock(
     """A live flusher (this process: its pid is alive, its watchdog extends the lock
     every third of its 1 s TTL) keeps the lock past the 1 s it had left: `flush` waits
     that long, then skips the shard with one line naming the holder, and exits 1."""
-    EventBuffer(redis, settings).apply([event("click", 1_770_000_000_000)])
+    EventBuffer(redis, settings).apply([event("click", BASE_MS)])
     lock = FlushLock(redis, SHARD.lock, 1)
     assert lock.acquire()
     try:
@@ -470,7 +472,7 @@ def test_a_celery_worker_with_a_bad_setting_says_one_line(tmp_path: Path) -> Non
 def test_a_failing_flush_logs_one_line_per_retry_in_the_worker(
     redis_url: str, redis: redis_lib.Redis, settings: Settings, tmp_path: Path
 ) -> None:
-    from tests.celery_procs import worker
+    from tests.support.celery_procs import worker
 
     EventBuffer(redis, settings).add(event("x", int(time.time() * 1000)))
     url = f"clickhouse://app:hunter2@127.0.0.1:{closed_port()}/analytics"
@@ -530,12 +532,9 @@ def alive(pid: int) -> bool:
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            detail = f"\n--- run output ---\n{log.read_text()}" if log else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
-        time.sleep(0.2)
+    """`wait_until` that shows `run`'s output when it gives up."""
+    detail = (lambda: f"--- run output ---\n{log.read_text()}") if log else None
+    wait_until(check, timeout, what, interval=0.2, detail=detail)
 
 
 def stack_up(process: subprocess.Popen[bytes], log: Path, timeout: float = 40) -> None:
@@ -602,7 +601,7 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     app = create_app(Settings.from_env({"REDIS_URL": env["REDIS_URL"]}))
     try:
         for n in range(3):
-            body = {"project_id": "cli-run", "name": "signup", "created_at": 1_770_000_000_000 + n}
+            body = {"project_id": "cli-run", "name": "signup", "created_at": BASE_MS + n}
             app.send_task("eventbuffer.ingest_event", args=[body], queue="ingest")
     finally:
         app.close()

@@ -15,7 +15,8 @@ import redis as redis_lib
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from tests.conftest import Result, free_port
+from tests.conftest import Result
+from tests.support.servers import free_port
 from worker import runtime
 from worker.buffer import EventBuffer
 from worker.cli.status import status_data

@@ -1,6 +1,6 @@
 """The flush into a real ClickHouse cluster: Distributed over Replicated shards.
 
-Two clusters, both started by the tests on loopback (tests/clickhouse_cluster.py):
+Two clusters, both started by the tests on loopback (tests/support/clickhouse_cluster.py):
 
 - Debian's clickhouse-server 18.16 with Debian's ZooKeeper 3.8, 2 shards x 2
   replicas: the DDL of `eventbuffer migrate --cluster` (on the columns 18.16
@@ -30,14 +30,14 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis as redis_lib
 
-from tests.clickhouse_cluster import (
+from tests.support.clickhouse_cluster import (
     Cluster,
     Node,
     clickhouse_cluster,
     cluster_unavailable,
     modern_cluster,
 )
-from tests.native_server import chdb_serves
+from tests.support.native_server import chdb_serves
 from tests.test_crash_safety import RUNNER, make_events, parse_run, runner_args, send
 from worker.buffer import EventBuffer
 from worker.events import encode_event, parse_event

@@ -1,6 +1,6 @@
 """Crash safety with real processes really SIGKILLed in the middle of a flush.
 
-`tests/crash_flusher.py` runs the production Flusher in a child process whose
+`tests/support/crash_flusher.py` runs the production Flusher in a child process whose
 sink (a real ChdbSink) sends the process SIGKILL right after its K-th
 successful INSERT: rows are in ClickHouse, the claim is not acknowledged.
 The parent then flushes normally and checks that the open claim was
@@ -30,7 +30,8 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from tests.exactly_once import assert_exactly_once, open_claim, stored
+from tests.support.dates import DAY_MS, MONTH_START_MS
+from tests.support.exactly_once import assert_exactly_once, open_claim, stored
 from worker.buffer import EventBuffer
 from worker.events import decode_row, parse_event
 from worker.flush import Flusher
@@ -39,11 +40,12 @@ from worker.sinks.chdb import ChdbSink
 
 pytestmark = pytest.mark.slow
 
-RUNNER = Path(__file__).resolve().parent / "crash_flusher.py"
-# Three months of created_at: sorted claims put month boundaries inside chunks,
-# so some INSERTs (and their re-drives) span two partitions.
-START_MS = 1_735_689_600_000  # 2025-01-01 00:00:00 UTC
-SPREAD_MS = 89 * 86_400_000
+RUNNER = Path(__file__).resolve().parent / "support" / "crash_flusher.py"
+# created_at across the start of this month (never beyond the accepted future):
+# sorted claims put the month boundary inside a chunk, so some INSERTs (and
+# their re-drives) span two partitions.
+START_MS = MONTH_START_MS - 20 * DAY_MS
+SPREAD_MS = 20 * DAY_MS + max(3_600_000, min(int(time.time() * 1000) - MONTH_START_MS, DAY_MS))
 
 
 @dataclass

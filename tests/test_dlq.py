@@ -21,6 +21,7 @@ import redis as redis_lib
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tests.conftest import Result
+from tests.support.dates import DAY, NOON_MS
 from worker.buffer import EventBuffer
 from worker.deadletters import (
     REASON_INVALID_EVENT,
@@ -38,7 +39,7 @@ from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink, path_from_url
 
 SHARD = ShardKeys("eventbuffer", 0)
-NOW_MS = 1_772_366_400_000  # 2026-03-01 12:00:00 UTC, inside the default date limits
+NOW_MS = NOON_MS  # inside the default date limits
 ID_COUNTRY = "00000000-0000-4000-8000-00000000000a"
 ID_DATE = "00000000-0000-4000-8000-00000000000b"
 ID_OTHER = "00000000-0000-4000-8000-00000000000c"
@@ -168,7 +169,7 @@ def test_show_prints_the_whole_entry_safely(
 
     unsafe = run_main("dlq", "show", "3")
     assert unsafe.code == 0
-    assert "at             2026-03-01T12:00:00+00:00" in unsafe.out
+    assert f"at             {DAY}T12:00:00+00:00" in unsafe.out
     assert "\x1b" not in unsafe.out and "\x07" not in unsafe.out and "\u202e" not in unsafe.out
     assert "\\x1b]0;pwned\\x07" in unsafe.out and "\\u202eevil" in unsafe.out
 
@@ -213,7 +214,7 @@ def test_replay_with_fixes_lands_them_once_and_leaves_the_rest(
     fixes = write_fixes(
         tmp_path / "fixed.jsonl",
         raw_event("signup", id=ID_COUNTRY, country="SE"),
-        raw_event("purchase", id=ID_DATE.upper(), created_at="2026-03-01T11:00:00Z"),
+        raw_event("purchase", id=ID_DATE.upper(), created_at=f"{DAY}T11:00:00Z"),
     )
     replayed = run_main("dlq", "replay", "--file", fixes, "--yes")
     assert (replayed.code, replayed.err) == (0, "")
@@ -228,8 +229,8 @@ def test_replay_with_fixes_lands_them_once_and_leaves_the_rest(
         "WHERE name != 'ok' ORDER BY name",
     )
     assert landed == [
-        (ID_DATE, "purchase", "\x00\x00", "2026-03-01 11:00:00.000"),  # FixedString default
-        (ID_COUNTRY, "signup", "SE", "2026-03-01 12:00:00.000"),
+        (ID_DATE, "purchase", "\x00\x00", f"{DAY} 11:00:00.000"),  # FixedString default
+        (ID_COUNTRY, "signup", "SE", f"{DAY} 12:00:00.000"),
     ]
 
     # The same command again: the entries are gone, nothing is applied twice.

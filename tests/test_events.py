@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support.dates import BASE_MS, DAY
 from worker.events import (
     KIND_REGULAR,
     KIND_SCREEN_VIEW,
@@ -24,7 +25,7 @@ from worker.events import (
     parse_event,
 )
 
-BASE = {"project_id": "p", "name": "x", "created_at": "2026-01-01T00:00:00Z"}
+BASE = {"project_id": "p", "name": "x", "created_at": f"{DAY}T00:00:00Z"}
 
 
 def with_(**fields: Any) -> dict[str, Any]:
@@ -34,12 +35,12 @@ def with_(**fields: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("created_at", "stored"),
     [
-        ("2026-01-01T10:00:00.5+02:00", "2026-01-01 08:00:00.500"),
-        ("2026-01-01T10:00:00Z", "2026-01-01 10:00:00.000"),
-        ("2026-01-01 10:00:00.123456", "2026-01-01 10:00:00.123"),
-        ("2026-01-01T10:00:00", "2026-01-01 10:00:00.000"),
-        (1767261600123, "2026-01-01 10:00:00.123"),
-        ("1767261600123", "2026-01-01 10:00:00.123"),
+        (f"{DAY}T10:00:00.5+02:00", f"{DAY} 08:00:00.500"),
+        (f"{DAY}T10:00:00Z", f"{DAY} 10:00:00.000"),
+        (f"{DAY} 10:00:00.123456", f"{DAY} 10:00:00.123"),
+        (f"{DAY}T10:00:00", f"{DAY} 10:00:00.000"),
+        (BASE_MS + 36_000_123, f"{DAY} 10:00:00.123"),
+        (str(BASE_MS + 36_000_123), f"{DAY} 10:00:00.123"),
     ],
 )
 def test_created_at_is_stored_in_utc_with_milliseconds(created_at: Any, stored: str) -> None:
@@ -64,7 +65,7 @@ def test_an_id_is_assigned_once_and_kept() -> None:
         (with_(name=""), "name", "length >= 1"),
         (with_(project_id=5), "project_id", "Expected `str`"),
         (with_(created_at="yesterday"), "created_at", "ISO-8601"),
-        (with_(created_at=True), "created_at", ""),
+        (with_(created_at=True), "created_at", "got `bool`"),
         (with_(id="not-a-uuid"), "id", "UUID"),
         (with_(country="SWE"), "country", "length <= 2"),
         (with_(duration=-5), "duration", ">= 0"),
@@ -155,12 +156,12 @@ def test_canonical_dates_take_the_fast_path_to_the_same_result(
     [
         "2026-02-30T10:00:00.000Z",  # no such day
         "2026-13-01T10:00:00.000Z",
-        "2026-01-01T24:00:00.000Z",
-        "2026-01-01T10:60:00.000Z",
-        "2026-01-01T10:00:60.000Z",
-        "2026-01-01T10:00:00.0a0Z",
-        "2026-01-01T1\uff10:00:00.000Z",  # a non-ASCII digit (fullwidth zero)
-        "2026-01-01T10:00:00.000+00:00",  # not the canonical form: the general path
+        f"{DAY}T24:00:00.000Z",
+        f"{DAY}T10:60:00.000Z",
+        f"{DAY}T10:00:60.000Z",
+        f"{DAY}T10:00:00.0a0Z",
+        f"{DAY}T1\uff10:00:00.000Z",  # a non-ASCII digit (fullwidth zero)
+        f"{DAY}T10:00:00.000+00:00",  # not the canonical form: the general path
     ],
 )
 def test_anything_else_leaves_the_fast_path(text: str) -> None:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 import pytest
 import redis as redis_lib
 
-from tests.sink_wrapper import DelegatingSink
+from tests.support.dates import DAY, NOON_MS
 from tests.support.flushing import flush_error
+from tests.support.sinks import RecordingSink
 from worker.buffer import EventBuffer
 from worker.deadletters import REASON_INVALID_JSON, REASON_REJECTED, decode_dead_letter
 from worker.events import Event, parse_event
@@ -29,18 +29,6 @@ def event(name: str, created_at: str, **fields: Any) -> Event:
     return parse_event({"project_id": "p1", "name": name, "created_at": created_at, **fields})
 
 
-class RecordingSink(DelegatingSink):
-    """A real ChdbSink that also records each write's size and token."""
-
-    def __init__(self, inner: Sink) -> None:
-        super().__init__(inner)
-        self.writes: list[tuple[int, str]] = []
-
-    def write(self, rows: Sequence[bytes], token: str) -> None:
-        self.writes.append((len(rows), token))
-        self.inner.write(rows, token)
-
-
 def settings_with(redis_url: str, chdb_url: str, **env: str) -> Settings:
     return Settings.from_env({"REDIS_URL": redis_url, "CLICKHOUSE_URL": chdb_url, **env})
 
@@ -55,9 +43,9 @@ def test_rows_land_with_the_right_durations(
     buffer = EventBuffer(redis, settings)
     views = [
         event("screen_view", t, session_id="s1", profile_id="u1")
-        for t in ("2026-03-01T12:00:00Z", "2026-03-01T12:00:01Z", "2026-03-01T12:00:03Z")
+        for t in (f"{DAY}T12:00:00Z", f"{DAY}T12:00:01Z", f"{DAY}T12:00:03Z")
     ]
-    end = event("session_end", "2026-03-01T12:00:10Z", session_id="s1", profile_id="u1")
+    end = event("session_end", f"{DAY}T12:00:10Z", session_id="s1", profile_id="u1")
     for item in [*views, end]:
         buffer.add(item)
     [result] = flusher_for(redis, settings, sink).process_buffer().shards
@@ -79,12 +67,12 @@ def test_fields_round_trip_into_clickhouse(
         {
             "project_id": "p1",
             "name": "purchase",
-            "created_at": "2026-03-01T14:00:00.123+02:00",
+            "created_at": f"{DAY}T14:00:00.123+02:00",
             "properties": {"plan": "pro", "seats": 3, "nested": {"ok": True}},
             "country": "SE",
             "longitude": 18.06,
             "latitude": None,
-            "imported_at": 1772366400000,
+            "imported_at": NOON_MS,
         }
     )
     EventBuffer(redis, settings).add(item)
@@ -94,12 +82,12 @@ def test_fields_round_trip_into_clickhouse(
         "toString(imported_at) FROM events"
     )
     assert row == (
-        "2026-03-01 12:00:00.123",
+        f"{DAY} 12:00:00.123",
         {"plan": "pro", "seats": "3", "nested.ok": "true"},
         "SE",
         18.06,
         None,
-        "2026-03-01 12:00:00",
+        f"{DAY} 12:00:00",
     )
 
 
@@ -108,7 +96,7 @@ def test_chunks_of_chunk_size(redis: redis_lib.Redis, redis_url: str, chdb_url: 
     inner = ChdbSink(path_from_url(chdb_url))
     inner.migrate()
     sink = RecordingSink(inner)
-    EventBuffer(redis, settings).apply([event("x", f"2026-03-01T12:00:0{n}Z") for n in range(4)])
+    EventBuffer(redis, settings).apply([event("x", f"{DAY}T12:00:0{n}Z") for n in range(4)])
     [result] = flusher_for(redis, settings, sink).process_buffer().shards
     assert [size for size, _ in sink.writes] == [2, 2]
     claim = result.claims[0]
@@ -122,7 +110,7 @@ def test_takes_at_most_batch_size_oldest_events_sorted_by_time(
     settings = settings_with(redis_url, chdb_url, EVENT_BUFFER_BATCH_SIZE="4")
     sink = ChdbSink(path_from_url(chdb_url))
     sink.migrate()
-    items = [event(f"e{n}", f"2026-03-01T12:00:{59 - n:02d}Z") for n in range(6)]
+    items = [event(f"e{n}", f"{DAY}T12:00:{59 - n:02d}Z") for n in range(6)]
     EventBuffer(redis, settings).apply(items)
     [result] = flusher_for(redis, settings, sink).process_buffer().shards
     assert result.rows == 4
@@ -136,7 +124,7 @@ def test_takes_at_most_batch_size_oldest_events_sorted_by_time(
 def test_a_held_lock_makes_a_second_flush_return_at_once(
     redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
 ) -> None:
-    EventBuffer(redis, settings).add(event("x", "2026-03-01T12:00:00Z"))
+    EventBuffer(redis, settings).add(event("x", f"{DAY}T12:00:00Z"))
     other = FlushLock(redis, KEYS.lock, 30)
     assert other.acquire()
     try:
@@ -153,7 +141,7 @@ def test_concurrent_flushes_one_does_the_work(
     redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
 ) -> None:
     EventBuffer(redis, settings).apply(
-        [event("x", f"2026-03-01T12:00:{n % 60:02d}Z") for n in range(500)]
+        [event("x", f"{DAY}T12:00:{n % 60:02d}Z") for n in range(500)]
     )
     barrier = threading.Barrier(4)
     results = []
@@ -177,13 +165,13 @@ def test_invalid_json_and_rejected_rows_are_dead_lettered_the_rest_lands(
     settings = settings_with(redis_url, chdb_url, EVENT_BUFFER_CHUNK_SIZE="4")
     sink = ChdbSink(path_from_url(chdb_url))
     sink.migrate()
-    good = [event("ok", f"2026-03-01T12:00:0{n}Z") for n in range(9)]
+    good = [event("ok", f"{DAY}T12:00:0{n}Z") for n in range(9)]
     EventBuffer(redis, settings).apply(good)
     # Entries no validated producer would write: corrupt bytes, and a row
     # ClickHouse refuses (FixedString(2) cannot hold a 3-letter country).
     bad_row = (
         b'{"id":"00000000-0000-4000-8000-000000000001","name":"bad","project_id":"p1",'
-        b'"created_at":"2026-03-01 12:00:04.500","country":"SWE"}'
+        b'"created_at":"%b 12:00:04.500","country":"SWE"}' % DAY.encode()
     )
     redis.rpush(KEYS.queue, b"{not json", bad_row)
     [result] = flusher_for(redis, settings, sink).process_buffer().shards
@@ -206,8 +194,8 @@ def test_saved_notice_carries_per_project_counts(
     pubsub.subscribe(CHANNEL_SAVED)
     pubsub.get_message(timeout=1)
     buffer = EventBuffer(redis, settings)
-    buffer.apply([event("a", "2026-03-01T12:00:00Z"), event("b", "2026-03-01T12:00:00Z")])
-    buffer.add(parse_event({"project_id": "p2", "name": "c", "created_at": "2026-03-01T12:00:00Z"}))
+    buffer.apply([event("a", f"{DAY}T12:00:00Z"), event("b", f"{DAY}T12:00:00Z")])
+    buffer.add(parse_event({"project_id": "p2", "name": "c", "created_at": f"{DAY}T12:00:00Z"}))
     [result] = flusher_for(redis, settings, sink).process_buffer().shards
     message = pubsub.get_message(timeout=2)
     assert message is not None
@@ -221,29 +209,14 @@ def test_saved_notice_carries_per_project_counts(
     pubsub.close()
 
 
-class FailingOnceSink(RecordingSink):
-    def __init__(self, inner: Sink, error: Exception, fail_at: int) -> None:
-        super().__init__(inner)
-        self.error = error
-        self.fail_at = fail_at
-
-    def write(self, rows: Sequence[bytes], token: str) -> None:
-        if len(self.writes) == self.fail_at:
-            self.writes.append((len(rows), "failed:" + token))
-            raise self.error
-        super().write(rows, token)
-
-
 def test_a_retryable_failure_keeps_the_claim_and_the_redrive_writes_no_duplicates(
     redis: redis_lib.Redis, redis_url: str, chdb_url: str
 ) -> None:
     settings = settings_with(redis_url, chdb_url, EVENT_BUFFER_CHUNK_SIZE="3")
     inner = ChdbSink(path_from_url(chdb_url))
     inner.migrate()
-    EventBuffer(redis, settings).apply(
-        [event("x", f"2026-03-01T12:00:{n:02d}Z") for n in range(10)]
-    )
-    failing = FailingOnceSink(inner, RetryableSinkError("server went away"), fail_at=2)
+    EventBuffer(redis, settings).apply([event("x", f"{DAY}T12:00:{n:02d}Z") for n in range(10)])
+    failing = RecordingSink(inner, fail_after=2, error=RetryableSinkError("server went away"))
     flush_error(flusher_for(redis, settings, failing), RetryableSinkError)
     assert redis.hget(KEYS.claim, "count") == b"10"
     assert inner.query("SELECT count() FROM events") == [(6,)]
@@ -254,7 +227,8 @@ def test_a_retryable_failure_keeps_the_claim_and_the_redrive_writes_no_duplicate
     # Same claim, same chunks, same tokens: the two chunks already written are dropped.
     claim = failing.writes[0][1].rsplit(":", 1)[0]
     assert result.claims == [claim]
-    assert [t for _, t in failing.writes] == [f"{claim}:0", f"{claim}:1", f"failed:{claim}:2"]
+    assert failing.tokens == [f"{claim}:0", f"{claim}:1", f"{claim}:2"]
+    assert failing.accepted == [f"{claim}:0", f"{claim}:1"]
     assert [t for _, t in retry.writes] == [f"{claim}:{n}" for n in range(4)]
     assert inner.query("SELECT count(), uniqExact(id) FROM events") == [(10, 10)]
     assert not redis.exists(KEYS.claim)
@@ -264,7 +238,7 @@ def test_a_missing_table_stops_the_flush_without_dead_letters(
     redis: redis_lib.Redis, settings: Settings
 ) -> None:
     unmigrated = ChdbSink(path_from_url(settings.clickhouse_url))
-    EventBuffer(redis, settings).add(event("x", "2026-03-01T12:00:00Z"))
+    EventBuffer(redis, settings).add(event("x", f"{DAY}T12:00:00Z"))
     error = flush_error(flusher_for(redis, settings, unmigrated), PermanentSinkError)
     assert error.code == 60
     assert redis.llen(KEYS.dead) == 0
@@ -275,8 +249,8 @@ def test_a_missing_table_stops_the_flush_without_dead_letters(
 def test_clickhouse_failures_back_off_with_a_doubling_delay(
     redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
 ) -> None:
-    EventBuffer(redis, settings).add(event("x", "2026-03-01T12:00:00Z"))
-    down = FailingOnceSink(sink, RetryableSinkError("connection refused"), fail_at=0)
+    EventBuffer(redis, settings).add(event("x", f"{DAY}T12:00:00Z"))
+    down = RecordingSink(sink, fail_after=0, error=RetryableSinkError("connection refused"))
     with pytest.raises(RetryableSinkError):
         flusher_for(redis, settings, down).flush_shard(0)
     assert 1500 < redis.pttl(KEYS.backoff) <= 2000
@@ -288,7 +262,7 @@ def test_clickhouse_failures_back_off_with_a_doubling_delay(
     assert untouched.writes == [], "no ClickHouse call while backing off"
 
     redis.delete(KEYS.backoff)  # as if 2 s had passed
-    again = FailingOnceSink(sink, RetryableSinkError("connection refused"), fail_at=0)
+    again = RecordingSink(sink, fail_after=0, error=RetryableSinkError("connection refused"))
     with pytest.raises(RetryableSinkError):
         flusher_for(redis, settings, again).flush_shard(0)
     assert 3500 < redis.pttl(KEYS.backoff) <= 4000, "the delay doubles"

@@ -26,8 +26,9 @@ import pytest
 import redis as redis_lib
 from kombu import Connection, Exchange, Queue
 
-from tests.celery_procs import CeleryProcess, project_env, wait_until, worker
 from tests.conftest import Result
+from tests.support.celery_procs import CeleryProcess, project_env, worker
+from tests.support.polling import wait_until
 from worker.buffer import EventBuffer
 from worker.celery import create_app
 from worker.deadletters import DeadLetter, decode_dead_letter

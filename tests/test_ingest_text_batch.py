@@ -7,6 +7,7 @@ import uuid
 
 import redis as redis_lib
 
+from tests.support.dates import at
 from worker.buffer import EventBuffer
 from worker.deadletters import REASON_INVALID_EVENT, decode_dead_letter
 from worker.events import decode_row
@@ -16,7 +17,7 @@ from worker.producer import batch_text
 from worker.settings import Settings
 
 KEYS = ShardKeys("eventbuffer", 0)
-NOW = "2026-11-29T10:00:00Z"
+NOW = at("10:00:00")
 
 
 def queued_ids(redis: redis_lib.Redis) -> list[str]:

@@ -3,7 +3,7 @@
 Two simulations:
 
 1. A real process frozen past its lock TTL (`test_frozen_flusher_*`). The
-   child flusher (tests/crash_flusher.py, lock TTL 1 s) sends itself SIGSTOP
+   child flusher (tests/support/crash_flusher.py, lock TTL 1 s) sends itself SIGSTOP
    right after a chunk INSERT: the whole process stops, its lock watchdog
    too, exactly like a long GC pause, a VM steal or a debugger. Redis lets the
    lock expire on its own TTL. A second flusher (this process) takes the lock,
@@ -44,8 +44,10 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from tests.exactly_once import assert_exactly_once, open_claim
-from tests.sink_wrapper import DelegatingSink
+from tests.support.dates import BASE_MS
+from tests.support.exactly_once import assert_exactly_once, open_claim
+from tests.support.polling import wait_until
+from tests.support.sinks import DelegatingSink
 from worker.buffer import EventBuffer
 from worker.events import parse_event
 from worker.flush import Flusher, FlushResult
@@ -57,7 +59,7 @@ from worker.sinks.chdb import ChdbSink
 
 pytestmark = pytest.mark.slow
 
-RUNNER = Path(__file__).resolve().parent / "crash_flusher.py"
+RUNNER = Path(__file__).resolve().parent / "support" / "crash_flusher.py"
 EXIT_LOCK_LOST = 3
 
 
@@ -80,7 +82,7 @@ def send(redis: redis_lib.Redis, settings: Settings, count: int, first: int = 0)
                 "id": str(uuid.UUID(int=first + n + 1)),
                 "name": "click",
                 "project_id": "proj",
-                "created_at": 1_767_225_600_000 + (first + n) * 1000,
+                "created_at": BASE_MS + (first + n) * 1000,
             }
         )
         for n in range(count)
@@ -103,13 +105,6 @@ def flush_all(redis: redis_lib.Redis, settings: Settings, sink: ChdbSink) -> lis
 def process_state(pid: int) -> str:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return stat.rsplit(")", 1)[1].split()[0]
-
-
-def wait_until(predicate: Any, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 @pytest.fixture

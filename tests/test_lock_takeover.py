@@ -23,20 +23,20 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis as redis_lib
 
-from tests.celery_procs import project_env
-from tests.celery_procs import worker as celery_worker
 from tests.conftest import Result
-from tests.exactly_once import assert_exactly_once, open_claim, stored
+from tests.support.celery_procs import project_env
+from tests.support.celery_procs import worker as celery_worker
+from tests.support.dates import BASE_MS
+from tests.support.exactly_once import assert_exactly_once, open_claim, stored
 from tests.support.flushing import eventbuffer_flush
+from tests.support.polling import wait_until
 from worker.buffer import EventBuffer
 from worker.celery import create_app
 from worker.events import parse_event
@@ -103,13 +103,6 @@ def start_holder(
 
 def process_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
-def wait_until(predicate: Any, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 # -- the rules ----------------------------------------------------------------------------
@@ -325,7 +318,7 @@ def send_events(redis: redis_lib.Redis, settings: Settings, count: int) -> set[s
                 "id": str(uuid.UUID(int=n + 1)),
                 "name": "click",
                 "project_id": "proj",
-                "created_at": 1_767_225_600_000 + n * 1000,
+                "created_at": BASE_MS + n * 1000,
             }
         )
         for n in range(count)
@@ -432,13 +425,13 @@ def test_process_buffer_takes_over_a_dead_flushers_lock_at_its_next_run(
     redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
 ) -> None:
     """Beat's next tick and the back-pressure flush run `Flusher.process_buffer`: a
-    flusher (tests/crash_flusher.py, the production Flusher, lock TTL 60 s) SIGKILLed
+    flusher (tests/support/crash_flusher.py, the production Flusher, lock TTL 60 s) SIGKILLed
     after one chunk of three leaves its lock with a minute to live; the next run takes
     it over at once and re-drives the claim."""
     config = Settings.from_env(crash_env(settings))
     sent = send_events(redis, config, 9)
     crashed = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "crash_flusher.py"), config.redis_url,
+        [sys.executable, str(ROOT / "tests" / "support" / "crash_flusher.py"), config.redis_url,
          config.clickhouse_url, "1", "9", "3", "--lock-ttl", str(OLD_TTL_S)],
         capture_output=True,
         text=True,

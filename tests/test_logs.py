@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from tests.celery_procs import CeleryProcess, project_env, wait_until
-from tests.conftest import RedisServer
+from tests.support.celery_procs import CeleryProcess, project_env
+from tests.support.polling import wait_until
+from tests.support.servers import RedisServer
 from worker import runtime
 from worker.buffer import EventBuffer
 from worker.celery import create_app

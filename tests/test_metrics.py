@@ -17,11 +17,14 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.celery_procs import project_env, wait_until, worker
-from tests.conftest import free_port
+from tests.support.celery_procs import project_env, worker
+from tests.support.clock import ManualClock
+from tests.support.dates import DAY
+from tests.support.polling import wait_until
+from tests.support.servers import free_port
+from tests.support.traffic import ReferenceTraffic
 from worker.buffer import EventBuffer
 from worker.celery import create_app
-from worker.clock import ManualClock
 from worker.events import datetime_ms, parse_event
 from worker.flush import FlushResult
 from worker.ingest import IngestResult
@@ -72,19 +75,6 @@ def reachable(port: int) -> bool:
         return False
 
 
-def traffic(sessions: int) -> list[dict[str, Any]]:
-    """Per session: 3 screen_views, a regular event, a session_end. One invalid event."""
-    events: list[dict[str, Any]] = []
-    base = 1_767_225_600_000
-    for s in range(sessions):
-        common = {"project_id": "shop", "session_id": f"s{s}", "profile_id": f"u{s}"}
-        for v in range(3):
-            events.append({**common, "name": "screen_view", "created_at": base + v * 1000})
-        events.append({**common, "name": "add_to_cart", "created_at": base + 3500})
-        events.append({**common, "name": "session_end", "created_at": base + 9000})
-    return events
-
-
 # -- a real worker: prefork, two pool processes --------------------------------------------
 
 
@@ -106,7 +96,8 @@ def test_worker_endpoint_counts_real_traffic(
     app = create_app(settings)
     buffer = EventBuffer(redis, settings)
     queue = buffer.keyspace.shard(0).queue
-    events = traffic(sessions=20)
+    sessions = ReferenceTraffic("metrics", project="shop")
+    events = [event for _ in range(20) for event in sessions.session()]
     invalid = [{"name": "no project", "created_at": 1}, {"project_id": "shop"}]
     proc = worker(env, tmp_path / "worker.log", "-Q", "ingest,flush", "-c", "2")
     try:
@@ -118,7 +109,8 @@ def test_worker_endpoint_counts_real_traffic(
         assert value(before, "eventbuffer_buffer_depth", shard="0") == 0
 
         # Several tasks, so both pool processes are likely to count some.
-        batches = [events[i : i + 10] for i in range(0, len(events), 10)]
+        # Whole sessions per task (2 each): tasks can run in any order on the two processes.
+        batches = [events[i : i + 14] for i in range(0, len(events), 14)]
         batches[0] = batches[0] + invalid
         results = [app.send_task("eventbuffer.ingest_events", args=[b]) for b in batches]
         wait_until(
@@ -136,25 +128,25 @@ def test_worker_endpoint_counts_real_traffic(
             "the counters of both pool processes",
         )
         applied = scrape(port)
-        assert value(applied, "eventbuffer_events_applied_total", kind="screen_view") == 60
+        assert value(applied, "eventbuffer_events_applied_total", kind="screen_view") == 100
         assert value(applied, "eventbuffer_events_applied_total", kind="regular") == 20
         assert value(applied, "eventbuffer_events_applied_total", kind="session_end") == 20
         assert value(applied, "eventbuffer_ingest_batches_total", outcome="applied") == len(batches)
         assert value(applied, "eventbuffer_apply_seconds_count") == len(batches)
         assert value(applied, "eventbuffer_dead_letters_total", reason="invalid_event") == 2
-        assert value(applied, "eventbuffer_buffer_depth", shard="0") == redis.llen(queue) == 100
+        assert value(applied, "eventbuffer_buffer_depth", shard="0") == redis.llen(queue) == 140
         assert value(applied, "eventbuffer_dead_letter_depth", shard="0") == 2
         assert value(applied, "eventbuffer_active_visitors", project="shop") == 20
         assert value(applied, "eventbuffer_active_projects") == 1
         assert value(applied, "eventbuffer_oldest_event_age_seconds", shard="0") > 0
 
         summary = app.send_task("eventbuffer.process_buffer").get(timeout=60)
-        assert summary["rows"] == 100
+        assert summary["rows"] == 140
         flushed = scrape(port)
-        assert value(flushed, "eventbuffer_events_flushed_total") == 100
+        assert value(flushed, "eventbuffer_events_flushed_total") == 140
         assert value(flushed, "eventbuffer_flush_runs_total", result="success") == 1
         assert value(flushed, "eventbuffer_flush_batches_total") == 1
-        assert value(flushed, "eventbuffer_insert_chunk_rows_sum") == 100
+        assert value(flushed, "eventbuffer_insert_chunk_rows_sum") == 140
         assert value(flushed, "eventbuffer_insert_chunk_rows_count") == 1
         for phase in ("claim", "insert", "ack"):
             assert value(flushed, "eventbuffer_flush_phase_seconds_count", phase=phase) == 1
@@ -258,7 +250,7 @@ def test_redis_gauges_match_the_buffer(redis: redis_lib.Redis, settings: Setting
     )
     clock = ManualClock()
     buffer = EventBuffer(redis, settings, clock)
-    created = "2026-03-01 12:00:00.000"
+    created = f"{DAY} 12:00:00.000"
     events = [
         parse_event(
             {

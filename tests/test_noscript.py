@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
-from conftest import RedisServer
 
-from tests.sink_wrapper import DelegatingSink
+from tests.support.dates import BASE_MS
+from tests.support.servers import RedisServer
+from tests.support.sinks import DelegatingSink
 from worker.buffer import EventBuffer
 from worker.events import Event, as_row, decode_row, parse_event
 from worker.flush import Flusher
@@ -26,7 +27,7 @@ from worker.scripts import load_lua
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink
 
-T0 = 1_767_225_600_000  # 2026-01-01 00:00:00 UTC
+T0 = BASE_MS
 
 
 def view(n: int, created_ms: int, session: str = "s1") -> Event:

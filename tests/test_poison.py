@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from tests.sink_wrapper import DelegatingSink
+from tests.support.dates import NOON_MS
 from tests.support.flushing import flush_error
+from tests.support.sinks import RecordingSink
 from worker.deadletters import REASON_REJECTED, decode_dead_letter
 from worker.events import encode_event, parse_event
 from worker.flush import POISON_GUARD_MIN_ROWS, SPLIT_FIELD, Flusher, PoisonGuardError
@@ -35,8 +36,8 @@ from worker.sinks.base import PermanentSinkError, RetryableSinkError, Sink
 from worker.sinks.chdb import ChdbSink
 
 KEYS = ShardKeys("eventbuffer", 0)
-RUNNER = Path(__file__).resolve().parent / "crash_flusher.py"
-BASE_MS = 1_772_366_400_000  # 2026-03-01 12:00:00 UTC
+RUNNER = Path(__file__).resolve().parent / "support" / "crash_flusher.py"
+BASE_MS = NOON_MS
 # The fix the guard tests apply: a column that takes any country string.
 ACCEPT_ANY_COUNTRY = "ALTER TABLE events MODIFY COLUMN country LowCardinality(String)"
 
@@ -72,23 +73,6 @@ def settings_with(settings: Settings, **env: str) -> Settings:
     return Settings.from_env(
         {"REDIS_URL": settings.redis_url, "CLICKHOUSE_URL": settings.clickhouse_url, **env}
     )
-
-
-class RecordingSink(DelegatingSink):
-    """A real ChdbSink that records each write's token (and its outcome)."""
-
-    def __init__(self, inner: Sink, fail_after: int | None = None) -> None:
-        super().__init__(inner)
-        self.fail_after = fail_after  # raise RetryableSinkError once this many writes succeeded
-        self.tokens: list[str] = []
-        self.accepted: list[str] = []
-
-    def write(self, rows: Sequence[bytes], token: str) -> None:
-        if self.fail_after is not None and len(self.accepted) == self.fail_after:
-            raise RetryableSinkError("Code: 209. connection reset mid-bisection (injected)", 209)
-        self.tokens.append(token)
-        self.inner.write(rows, token)
-        self.accepted.append(token)
 
 
 def flusher_for(redis: redis_lib.Redis, settings: Settings, sink: Sink) -> Flusher:

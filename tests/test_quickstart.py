@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.support.servers import free_port
 from tests.test_cli import stack_up, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

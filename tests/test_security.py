@@ -27,8 +27,10 @@ import pytest
 import redis as redis_lib
 from redis.crc import key_slot
 
-from tests.celery_procs import project_env, wait_until, worker
-from tests.conftest import Result, free_port
+from tests.conftest import Result
+from tests.support.celery_procs import project_env, worker
+from tests.support.polling import wait_until
+from tests.support.servers import free_port
 from worker import cli, runtime
 from worker.buffer import EventBuffer
 from worker.celery import celery_config, create_app

@@ -4,7 +4,7 @@ The local Debian clickhouse-server (18.16) predates DateTime64, Map and
 insert_deduplication_token: it checks connection handling, error mapping and
 columnar writes into a table of the types it has. The full `events` schema
 and deduplication need a modern server: CLICKHOUSE_TEST_URL, else ClickHouse
-26.x from the chDB package serving the native protocol (tests/chdb_server.py),
+26.x from the chDB package serving the native protocol (tests/support/chdb_server.py),
 else Docker.
 """
 
@@ -19,7 +19,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 
-from tests.native_server import (
+from tests.support.dates import DAY, NEXT_DAY
+from tests.support.native_server import (
     chdb_serves,
     free_port,
     local_server,
@@ -87,7 +88,7 @@ def event_row(project: str, **fields: Any) -> bytes:
     data: dict[str, Any] = {
         "name": "page_view",
         "project_id": project,
-        "created_at": "2024-05-01T12:00:00.250Z",
+        "created_at": f"{DAY}T12:00:00.250Z",
     }
     data.update(fields)
     return encode_event(parse_event(data))
@@ -179,8 +180,8 @@ def test_compat_write_round_trip(compat: NativeSink) -> None:
             name="screen_view",
             session_id="s1",
             path="/home",
-            created_at="2024-05-01T12:00:01.999Z",
-            imported_at="2024-05-02T08:30:00Z",
+            created_at=f"{DAY}T12:00:01.999Z",
+            imported_at=f"{NEXT_DAY}T08:30:00Z",
             latitude=52.25,
             duration=1500,
         ),
@@ -404,7 +405,7 @@ def test_modern_round_trip(modern: NativeSink) -> None:
         properties={"plan": "pro", "cart": {"items": 2}},
         country="DE",
         longitude=13.5,
-        imported_at="2024-05-02T08:30:00Z",
+        imported_at=f"{NEXT_DAY}T08:30:00Z",
         duration=1500,
     )
     event = parse_event(row)
@@ -419,12 +420,12 @@ def test_modern_round_trip(modern: NativeSink) -> None:
             event.id,
             "screen_view",
             {"plan": "pro", "cart.items": "2"},
-            "2024-05-01 12:00:00.250",
-            datetime(2024, 5, 1, 12, 0, 0, 250_000, tzinfo=UTC),
+            f"{DAY} 12:00:00.250",
+            datetime.fromisoformat(f"{DAY}T12:00:00.250+00:00"),
             "DE",
             13.5,
             None,
-            datetime(2024, 5, 2, 8, 30, tzinfo=UTC),
+            datetime.fromisoformat(f"{NEXT_DAY}T08:30:00+00:00"),
             1500,
         )
     ]

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
+from tests.support.clock import ManualClock
 from worker.buffer import EventBuffer
-from worker.clock import ManualClock
 from worker.events import Event, as_row, decode_row, parse_event
 from worker.keys import ShardKeys
 from worker.scripts import Scripts

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.celery_procs import rabbitmq_reachable
+from tests.support.servers import rabbitmq_reachable
 
 from . import harness
 from .harness import Stack

@@ -8,10 +8,11 @@ sessions of the reference model at a steady rate), injects its fault, waits
 until the system has drained (`Stack.wait_drained`), stops every process and
 compares ClickHouse with the ids the producer accepted (`Stack.tally`).
 
-The reference model (`Traffic`): every session is 5 screen_views with known
-gaps, a click after the third view and a session_end. A view's expected
-duration is the gap to the next view of its session; the last view, the
-click and the session_end have 0. Two ways to send them:
+The reference model (`tests.support.traffic.ReferenceTraffic`): every
+session is 5 screen_views with known gaps, a click after the third view
+and a session_end. A view's expected duration is the gap to the next view
+of its session; the last view, the click and the session_end have 0. Two
+ways to send them:
 
 - whole sessions per task (`Load(..., sessions_per_batch=k)`): the producer's
   batch size is exactly k sessions and its timer never fires, so every task
@@ -48,8 +49,10 @@ from typing import Any
 import redis as redis_lib
 from celery import Celery
 
-from tests.celery_procs import CeleryProcess, beat, project_env, worker
-from tests.conftest import RedisServer
+from tests.support.celery_procs import CeleryProcess, beat, project_env, worker
+from tests.support.polling import wait_until
+from tests.support.servers import RedisServer
+from tests.support.traffic import EVENTS_PER_SESSION, ReferenceTraffic
 from worker.broker.consumer import held_by_consumers
 from worker.broker.keys import BrokerKeys
 from worker.celery import create_app
@@ -60,10 +63,6 @@ from worker.sinks import RetryableSinkError, open_sink
 
 HERE = Path(__file__).resolve().parent
 PHASE_FLUSHER = HERE / "phase_flusher.py"
-
-BASE_MS = 1_767_225_600_000  # 2026-01-01 00:00:00 UTC
-VIEWS = 5
-EVENTS_PER_SESSION = VIEWS + 2  # the views, one click, the session_end
 
 
 # -- results ------------------------------------------------------------------
@@ -102,51 +101,10 @@ def record(result: ScenarioResult) -> ScenarioResult:
 # -- the reference model ------------------------------------------------------
 
 
-class Traffic:
-    """Sessions of the reference model, with the expected duration of every event."""
-
-    def __init__(self, tag: str) -> None:
-        self.tag = tag
-        self.sessions = 0
-        self.expected: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def session(self) -> list[dict[str, Any]]:
-        with self._lock:
-            s = self.sessions
-            self.sessions += 1
-        sid = f"{self.tag}-s{s}"
-        common = {"project_id": "faults", "session_id": sid, "profile_id": f"{self.tag}-u{s % 97}"}
-        at = BASE_MS + s * 300_000
-        views = []
-        for v in range(VIEWS):
-            views.append(at)
-            at += 1000 * (1 + (s * 7 + v * 13) % 29) + (s * 31 + v * 17) % 1000
-        events: list[dict[str, Any]] = []
-        expected: dict[str, int] = {}
-        for v, created in enumerate(views):
-            view = {**common, "id": str(uuid.uuid4()), "name": "screen_view",
-                    "created_at": created, "path": f"/page/{v}"}  # fmt: skip
-            events.append(view)
-            expected[view["id"]] = views[v + 1] - created if v < VIEWS - 1 else 0
-            if v == 2:
-                click = {**common, "id": str(uuid.uuid4()), "name": "click",
-                         "created_at": created + 250, "properties": {"button": "buy"}}  # fmt: skip
-                events.append(click)
-                expected[click["id"]] = 0
-        end = {**common, "id": str(uuid.uuid4()), "name": "session_end",
-               "created_at": views[-1] + 5000}  # fmt: skip
-        events.append(end)
-        expected[end["id"]] = 0
-        with self._lock:
-            self.expected.update(expected)
-        return events
-
-
 class _WholeSessions:
     """Units of one complete session each."""
 
-    def __init__(self, traffic: Traffic) -> None:
+    def __init__(self, traffic: ReferenceTraffic) -> None:
         self.traffic = traffic
         self.closing = False
 
@@ -157,7 +115,7 @@ class _WholeSessions:
 class _Interleaved:
     """`width` open sessions, one event of the next session in turn; winds down on close."""
 
-    def __init__(self, traffic: Traffic, width: int) -> None:
+    def __init__(self, traffic: ReferenceTraffic, width: int) -> None:
         self.traffic = traffic
         self.open: deque[deque[dict[str, Any]]] = deque(
             deque(traffic.session()) for _ in range(width)
@@ -188,7 +146,7 @@ class Load:
     def __init__(
         self,
         app: Celery,
-        traffic: Traffic,
+        traffic: ReferenceTraffic,
         rate: float,
         *,
         sessions_per_batch: int | None = 4,
@@ -284,11 +242,7 @@ class Load:
 
 
 def wait(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    wait_until(condition, timeout, what, interval=interval)
 
 
 class SavedCounter:
@@ -442,7 +396,7 @@ class Stack:
         return process
 
     def load(self, rate: float, **kwargs: Any) -> Load:
-        load = Load(self.app, Traffic(uuid.uuid4().hex[:8]), rate, **kwargs)
+        load = Load(self.app, ReferenceTraffic(uuid.uuid4().hex[:8]), rate, **kwargs)
         self.loads.append(load)
         return load
 

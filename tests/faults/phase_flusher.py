@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 import redis as redis_lib
 
-from tests.sink_wrapper import DelegatingSink
+from tests.support.sinks import DelegatingSink
 from worker.flush import Flusher
 from worker.lock import LockLostError
 from worker.settings import Settings

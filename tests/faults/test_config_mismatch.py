@@ -17,13 +17,14 @@ import time
 
 import pytest
 
+from tests.support.dates import BASE_MS
 from worker.buffer import EventBuffer
 from worker.events import parse_event
 from worker.flush import Flusher
 from worker.settings import Settings
 from worker.sinks import open_sink
 
-from .harness import BASE_MS, Stack, Tally, phase_flusher_args, wait
+from .harness import Stack, Tally, phase_flusher_args, wait
 
 pytestmark = pytest.mark.faults
 

@@ -48,7 +48,7 @@ from collections import Counter
 
 import pytest
 
-from tests.celery_procs import CeleryProcess
+from tests.support.celery_procs import CeleryProcess
 from tests.support.flushing import eventbuffer_flush
 from worker.lock import LockState, read_lock
 from worker.settings import Settings

@@ -21,7 +21,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from tests.sink_wrapper import DelegatingSink
+from tests.support.sinks import DelegatingSink
 from worker import runtime
 from worker.celery import app
 from worker.sinks import Sink

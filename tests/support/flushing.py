@@ -33,7 +33,7 @@ def eventbuffer_flush(
     """`eventbuffer flush` of this checkout (or `python -m <module> flush`) in a process
     and process group of its own, as an operator runs it; and how long it took.
 
-    `env` must put this checkout on PYTHONPATH (tests.celery_procs.project_env does).
+    `env` must put this checkout on PYTHONPATH (tests.support.celery_procs.project_env does).
     """
     started = time.monotonic()
     done = subprocess.run(

@@ -10,23 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.polling import wait_until
 
-
-def rabbitmq_reachable() -> bool:
-    """Is a RabbitMQ broker listening on 127.0.0.1:5672?"""
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            return True
-    except OSError:
-        return False
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def project_env(**overrides: str) -> dict[str, str]:
@@ -106,19 +97,3 @@ def worker(env: Mapping[str, str], log: Path, *extra: str, app: str = "worker") 
 def beat(env: Mapping[str, str], log: Path, schedule: Path) -> CeleryProcess:
     args = ["beat", "--loglevel=INFO", "--schedule", str(schedule)]
     return CeleryProcess(args, env, log).start()
-
-
-def wait_until(
-    condition: Callable[[], bool],
-    timeout: float,
-    what: str,
-    alive: Callable[[], bool] | None = None,
-    interval: float = 0.05,
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if alive is not None and not alive():
-            raise AssertionError(f"process died while waiting for {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

@@ -1,6 +1,6 @@
 """A modern ClickHouse server for the tests, made of chDB's embedded engine.
 
-    python tests/chdb_server.py DIRECTORY SECONDS
+    python tests/support/chdb_server.py DIRECTORY SECONDS
 
 chDB (a PyPI package) embeds ClickHouse 26.x with clickhouse-local's
 `SYSTEM START LISTEN TCP`, which serves the native protocol from inside the
@@ -12,7 +12,7 @@ logs). Its listeners live as long as that one call, so the call starts TCP
 and then sleeps: the server answers for SECONDS (a safety net: the tests
 stop it long before) and is gone when the process exits.
 
-DIRECTORY holds config.xml (written by `tests.native_server.chdb_server`)
+DIRECTORY holds config.xml (written by `tests.support.native_server.chdb_server`)
 and gets the data in DIRECTORY/data.
 """
 

@@ -6,7 +6,7 @@ its own temp directory, free ports, no root, torn down afterwards. Debian ships
 compatibility tests.
 
 `chdb_server()` runs ClickHouse 26.x from the chDB package as a native-protocol
-server (see tests/chdb_server.py): a modern server on any machine that has
+server (see tests/support/chdb_server.py): a modern server on any machine that has
 chDB, which eventbuffer depends on.
 
 `modern_server()` yields the URL of a current server: `CLICKHOUSE_TEST_URL`
@@ -25,10 +25,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 from clickhouse_driver import Client
+
+from tests.support.servers import free_port
 
 CHDB_RUNNER = Path(__file__).resolve().parent / "chdb_server.py"
 # A chDB server stops by itself after this long, should a test run leak it.
@@ -46,13 +48,6 @@ def server_binary() -> str | None:
     if found:
         return found
     return SERVER_BINARY if os.access(SERVER_BINARY, os.X_OK) else None
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """A flusher process for the crash tests, that really dies (or freezes) mid-flush.
 
-    python tests/crash_flusher.py REDIS_URL CLICKHOUSE_URL KILL_AFTER_CHUNKS BATCH CHUNK
+    python tests/support/crash_flusher.py REDIS_URL CLICKHOUSE_URL KILL_AFTER_CHUNKS BATCH CHUNK
         [--signal KILL|STOP] [--lock-ttl S] [--release-between-writes]
 
 Runs the production `Flusher` (process_buffer until the buffer is empty) with
@@ -35,11 +35,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import redis as redis_lib
 
-from tests.sink_wrapper import DelegatingSink
+from tests.support.sinks import DelegatingSink
 from worker.buffer import EventBuffer
 from worker.flush import Flusher
 from worker.lock import LockLostError

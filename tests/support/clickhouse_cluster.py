@@ -9,7 +9,7 @@ Everything is owned by the caller and torn down at the end; a node can be
 SIGKILLed and restarted on its data.
 
 `modern_cluster()` starts `shards` chDB servers (ClickHouse 26.x, see
-tests/chdb_server.py) sharing the same kind of `remote_servers`: chDB has no
+tests/support/chdb_server.py) sharing the same kind of `remote_servers`: chDB has no
 Keeper client for Replicated tables and no distributed DDL, so its shards are
 plain MergeTree tables with a token dedup window, created host by host.
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from clickhouse_driver import Client
 
-from tests.native_server import (
+from tests.support.native_server import (
     SERVER_CONFIG,
     ChdbServer,
     _answers,
