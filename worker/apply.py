@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hiredis import pack_command
 from redis import Redis
 from redis.exceptions import ResponseError
 
@@ -316,9 +317,15 @@ def _typed_keys(plan: ShardWrites) -> list[tuple[str, str]]:
     return keys
 
 
+def _pack(commands: Sequence[tuple[Any, ...]]) -> list[bytes]:
+    """The commands as RESP: hiredis packs the arguments as they are (bytes, str, int),
+    without redis-py's encoding of each in Python first."""
+    return [pack_command(command) for command in commands]
+
+
 def _run(connection: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
     """Send `commands` in one write and read every reply (errors inside EXEC stay values)."""
-    connection.send_packed_command(connection.pack_commands(commands))
+    connection.send_packed_command(_pack(commands))
     replies = []
     error: ResponseError | None = None
     for _ in commands:
