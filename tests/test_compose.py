@@ -110,6 +110,17 @@ def test_ingest_worker_also_consumes_the_default_queue() -> None:
     assert command[command.index("-Q") + 1] == "ingest,celery"
 
 
+def test_ingest_workers_run_the_layout_eventbuffer_run_runs() -> None:
+    """compose and `eventbuffer run` use the same, measured layout: solo processes."""
+    from worker.cli.run import INGEST_LAYOUT
+
+    service = _services()["worker-ingest"]
+    command = service["command"]
+    options = command[command.index("-P") : command.index("-P") + 2]
+    assert all(layout == options for layout in INGEST_LAYOUT), (INGEST_LAYOUT, options)
+    assert service["deploy"]["replicas"] == len(INGEST_LAYOUT)
+
+
 def test_beat_healthcheck_reads_the_schedule_beat_writes() -> None:
     beat = _services()["beat"]
     schedule = beat["command"][beat["command"].index("--schedule") + 1]

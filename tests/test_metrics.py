@@ -195,6 +195,49 @@ def test_a_busy_metrics_port_is_logged_and_the_worker_runs_on(
     assert f"metrics: cannot serve on port {port}" in proc.text()
 
 
+@pytest.mark.slow
+def test_worker_processes_of_one_host_share_one_endpoint(
+    redis_url: str, redis: redis_lib.Redis, tmp_path: Path
+) -> None:
+    """The layout `eventbuffer run` uses: solo processes, one directory, one port."""
+    port = free_port()
+    shared = tmp_path / "prom"
+    shared.mkdir()
+    env = project_env(
+        REDIS_URL=redis_url,
+        CLICKHOUSE_URL=f"chdb://{tmp_path / 'ch'}",
+        EVENT_BUFFER_METRICS_PORT=str(port),
+        PROMETHEUS_MULTIPROC_DIR=str(shared),
+    )
+    app = create_app(Settings.from_env(env))
+    procs = [
+        worker(env, tmp_path / f"w{n}.log", "-Q", "ingest", "-P", "solo", "-n", f"w{n}@%h")
+        for n in range(2)
+    ]
+    try:
+        for proc in procs:
+            proc.wait_for("ready.")
+        now = int(time.time() * 1000)
+        for n in range(40):
+            event = {"project_id": "p", "name": "x", "created_at": now + n}
+            app.send_task("eventbuffer.ingest_events", args=[[event]], queue="ingest")
+        wait_until(lambda: redis.llen("{eventbuffer:0}:queue") == 40, 30, "every event")
+        wait_until(
+            lambda: total(scrape(port), "eventbuffer_events_applied_total") == 40,
+            10,
+            "both processes' counters on the one endpoint",
+        )
+    finally:
+        for proc in procs:
+            proc.stop()
+        app.close()
+    logs = [proc.text() for proc in procs]
+    assert all(" received" in log for log in logs), "each process ran some of the tasks"
+    assert sum("serving Prometheus metrics on port" in log for log in logs) == 1
+    assert sum("is taken, by another worker of this host" in log for log in logs) == 1
+    assert not any("cannot serve" in log for log in logs)
+
+
 # -- in-process: recording and the Redis collector ------------------------------------------
 
 

@@ -98,7 +98,18 @@ def start_http_server(port: int, addr: str = "") -> None:
     try:
         _state.server, _state.thread = serve(port, addr=addr or "0.0.0.0", registry=registry)
     except OSError as exc:
-        _state.notice = (logging.ERROR, f"metrics: cannot serve on port {port} ({exc})")
+        shared = metrics.multiprocess_dir()
+        if shared is not None and _state.created_dir is None:
+            # Several worker processes of one host, one directory: whichever serves the
+            # port reads every process's counters there, this one's included.
+            _state.notice = (
+                logging.INFO,
+                f"metrics: port {port} is taken, by another worker of this host sharing "
+                f"PROMETHEUS_MULTIPROC_DIR={shared} as it seems; it serves this worker's "
+                "counters too",
+            )
+        else:
+            _state.notice = (logging.ERROR, f"metrics: cannot serve on port {port} ({exc})")
         return
     _state.notice = (logging.INFO, f"metrics: serving Prometheus metrics on port {port}")
 

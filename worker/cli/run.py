@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -168,6 +169,13 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
             redis.start(signals)
         signals.check()
         env = child_env(settings.redis_url)
+        if settings.metrics_port:
+            # Every worker process counts in one directory; the first to take the
+            # port serves them all (the others say so in their logs).
+            metrics_dir = (data / "metrics").resolve()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir(parents=True)
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         migrate(settings, env, signals)
         fast = ["--without-mingle", "--without-gossip"]
         children = [
