@@ -1,8 +1,9 @@
 """end to end: producers -> Celery -> Redis buffer -> ClickHouse, sustained.
 
 The whole system runs as it would in production, on embedded ClickHouse:
-one ingest worker (`-P solo`), one flush worker (one prefork process,
-replaced every 10 tasks, as `eventbuffer run` starts it), Celery Beat
+the ingest workers `eventbuffer run` starts (`INGEST_LAYOUT`: two `-P solo`
+processes), one flush worker (one prefork process, replaced every 10 tasks,
+as `eventbuffer run` starts it), Celery Beat
 with EVENT_BUFFER_FLUSH_INTERVAL_S=1 (plus back-pressure past the high-water
 mark), and EventProducer (batches up to 1000, the default 10 ms timer) in
 this process, offering events at a fixed rate: `--rate`, else 50% of the
@@ -54,6 +55,7 @@ from benchmarks.support import (
 from tests.support.polling import wait_until
 from tests.support.traffic import RealisticTraffic
 from worker.celery import create_app
+from worker.cli.run import INGEST_LAYOUT
 from worker.keys import Keyspace
 from worker.names import INGEST_QUEUE
 from worker.producer import EventProducer
@@ -121,13 +123,17 @@ class Timeline:
     """Every few seconds: per-process CPU share and worker RSS, broker and buffer backlog."""
 
     def __init__(
-        self, pids: dict[str, int], broker_tasks: Callable[[], int], buffer_rows: Callable[[], int]
+        self,
+        pids: dict[str, int],
+        workers: list[str],
+        broker_tasks: Callable[[], int],
+        buffer_rows: Callable[[], int],
     ) -> None:
         self.pids = pids
         self.broker_tasks = broker_tasks
         self.buffer_rows = buffer_rows
         self.rows: list[dict[str, Any]] = []
-        self.rss: dict[str, list[int | None]] = {"ingest": [], "flush": []}
+        self.rss: dict[str, list[int | None]] = {name: [] for name in workers}
         self._last: tuple[float, dict[str, float]] | None = None
         self._next = 0.0
         self._started = time.monotonic()
@@ -163,19 +169,18 @@ class Timeline:
         names = list(self.pids)
         log("[e2e] timeline (cpu = cores used since the previous line):")
         log(
-            "      t  broker tasks  buffer rows  ingest RSS  flush RSS  "
+            "      t  broker tasks  buffer rows  "
+            + "  ".join(f"{n[:8]:>8} RSS" for n in self.rss)
+            + "  "
             + "  ".join(f"{n[:8]:>8}" for n in names)
         )
         for row in self.rows:
             cpus = "  ".join(
                 f"{row[f'{n}_cpu']:>8.2f}" if f"{n}_cpu" in row else f"{'-':>8}" for n in names
             )
-            ingest_mib = (row["ingest_rss_kb"] or 0) // 1024
-            flush_mib = (row["flush_rss_kb"] or 0) // 1024
-            log(
-                f"  {row['t']:>5.0f}  {row['broker_tasks']:>12,}  {row['buffer_rows']:>11,}  "
-                f"{ingest_mib:>7} MiB  {flush_mib:>6} MiB  {cpus}"
-            )
+            rss = "  ".join(f"{(row[f'{n}_rss_kb'] or 0) // 1024:>8} MiB" for n in self.rss)
+            head = f"  {row['t']:>5.0f}  {row['broker_tasks']:>12,}  {row['buffer_rows']:>11,}"
+            log(f"{head}  {rss}  {cpus}")
 
 
 _FLUSHED = re.compile(r"flushed shard \d+: (\d+) rows, .* in ([\d.]+)s")
@@ -267,12 +272,16 @@ def run(args: argparse.Namespace) -> list[Result]:
         settings = Settings.from_env(values)
         env = project_env(**values)
         logs = Path(tmp) / "logs"
-        ingest = celery_worker("ingest", "ingest", env, logs)
+        # The ingest layout `eventbuffer run` and the README use.
+        ingest = {
+            f"ingest{i}": celery_worker(f"ingest{i}", "ingest", env, logs, *argv)
+            for i, argv in enumerate(INGEST_LAYOUT, start=1)
+        }
         # As `eventbuffer run` deploys it: one pool process, replaced every 10
         # flushes (chDB keeps memory per session); RSS counts the whole tree.
         flush = celery_worker("flush", "flush", env, logs, "-c", "1", "--max-tasks-per-child", "10")
         beat = celery_beat(env, logs)
-        workers = {"ingest": ingest, "flush": flush}
+        workers = {**ingest, "flush": flush}
         buffer_db = server.client(0)
         broker_db = server.client(1)
         queue = Keyspace(settings.key_prefix, settings.shards).shard(0).queue
@@ -287,7 +296,10 @@ def run(args: argparse.Namespace) -> list[Result]:
         if server.process is not None:
             pids["redis"] = server.process.pid
         timeline = Timeline(
-            pids, lambda: int(broker_db.llen(INGEST_QUEUE)), lambda: int(buffer_db.llen(queue))
+            pids,
+            list(workers),
+            lambda: int(broker_db.llen(INGEST_QUEUE)),
+            lambda: int(buffer_db.llen(queue)),
         )
 
         try:
@@ -308,7 +320,7 @@ def run(args: argparse.Namespace) -> list[Result]:
                 180,
                 "the pipeline to drain",
                 interval=0.2,
-                alive=lambda: all(w.alive() for w in (ingest, flush, beat)),
+                alive=lambda: all(w.alive() for w in (*workers.values(), beat)),
             )
             drain_s = time.monotonic() - drain_started
         finally:
@@ -316,7 +328,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             app.close()
             buffer_db.close()
             broker_db.close()
-            for child in (beat, flush, ingest):
+            for child in (beat, flush, *ingest.values()):
                 child.stop()
 
         landed = landed_rows(chdb_path)

@@ -63,7 +63,7 @@ from worker.sinks.schema import create_table
 
 CHUNK = 1000
 BATCH = 4000
-TARGET_RATIO = 0.8
+TARGET_RATIO = 1.0
 
 # Only types ClickHouse 18.16 has: no Map (properties), no DateTime64, no LowCardinality.
 COMPAT_TABLE = "events_compat"
