@@ -330,6 +330,7 @@ def test_no_row_is_inserted_under_a_claim_its_masters_replica_has_not_confirmed(
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`eventbuffer ARGS` of this checkout in a process of its own."""
     return subprocess.run(
         [sys.executable, "-m", "worker.cli", *args],
         env={**env, "COLUMNS": "200"},

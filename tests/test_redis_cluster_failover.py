@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -48,17 +46,17 @@ from celery import Celery
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
-from tests.support.celery_procs import ROOT, CeleryProcess, beat, project_env, worker
+from tests.support.celery_procs import CeleryProcess, beat, ingest_backlog, project_env, worker
 from tests.support.polling import wait_until
 from tests.support.redis_cluster import LoopbackCluster, cluster_unavailable, redis_cluster
-from tests.support.servers import RedisServer, start_redis
+from tests.support.servers import start_redis
+from tests.support.sinks import query_when_free
 from tests.support.traffic import ReferenceTraffic
-from worker.broker.consumer import held_by_consumers
-from worker.broker.keys import BrokerKeys
+from tests.test_redis_cluster import cli
 from worker.keys import Keyspace
 from worker.redis_errors import is_transient
 from worker.settings import Settings
-from worker.sinks import RetryableSinkError, open_sink
+from worker.sinks import open_sink
 from worker.topology import Client, connect
 
 UNAVAILABLE = cluster_unavailable()
@@ -114,20 +112,6 @@ class ForeignSender:
         self.app.close()
 
 
-def broker_backlog(broker: RedisServer) -> int:
-    """Ingest tasks the broker holds: queued, or fetched by a worker and not acknowledged
-    (retries waiting for their countdown included)."""
-    client = broker.client()
-    try:
-        total = held_by_consumers(client, BrokerKeys()) + int(client.hlen("unacked"))
-        for key in client.scan_iter(match="ingest*"):
-            if client.type(key) == b"list":
-                total += int(client.llen(key))
-        return total
-    finally:
-        client.close()
-
-
 def buffer_open(client: Client, keyspace: Keyspace) -> tuple[int, int]:
     """(rows queued, claims open) over every shard."""
     pipe = client.pipeline(transaction=False)
@@ -136,33 +120,6 @@ def buffer_open(client: Client, keyspace: Keyspace) -> tuple[int, int]:
         pipe.exists(shard.claim)
     replies = pipe.execute()
     return sum(int(n) for n in replies[::2]), sum(int(n) for n in replies[1::2])
-
-
-def clickhouse(url: str, sql: str) -> list[tuple[Any, ...]]:
-    deadline = time.monotonic() + 30
-    while True:
-        sink = open_sink(url)
-        try:
-            return sink.query(sql)
-        except RetryableSinkError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-        finally:
-            sink.close()
-
-
-def cli(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        env={**env, "COLUMNS": "250"},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def cluster_down(cluster: LoopbackCluster) -> bool:
@@ -192,6 +149,7 @@ def test_master_kills_lose_and_double_nothing_under_load(
     cluster: LoopbackCluster, tmp_path: Path
 ) -> None:
     broker = start_redis(tmp_path / "broker")
+    broker_client = broker.client()
     chdb_url = f"chdb://{tmp_path / 'clickhouse'}"
     sink = open_sink(chdb_url)
     try:
@@ -253,9 +211,13 @@ def test_master_kills_lose_and_double_nothing_under_load(
         # Ingest waits: tasks retry, none succeeds, while the promoted master has no replica.
         time.sleep(1.5)  # tasks in flight at the failover finish (or fail)
         succeeded = ingest_log.text().count("succeeded in")
-        status = cli(env, "status")
+        done = cli(env, "status")
+        assert done.returncode == 0, done.stderr
+        status = done.stdout
         assert f"! Master {promoted.address} has 0 of the 1 replica(s)" in status, status
-        metrics = cli(env, "metrics")
+        done = cli(env, "metrics")
+        assert done.returncode == 0, done.stderr
+        metrics = done.stdout
         for n in lone_shards:
             assert f'eventbuffer_waiting_for_replicas{{shard="{n}"}} 1.0' in metrics
         # A process that starts now, with REDIS_URL naming the dead node, cannot discover
@@ -293,7 +255,7 @@ def test_master_kills_lose_and_double_nothing_under_load(
         def drained() -> bool:
             try:
                 queued, claims = buffer_open(client, keyspace)
-                return broker_backlog(broker) == 0 and queued == 0 and claims == 0
+                return ingest_backlog(broker_client) == 0 and queued == 0 and claims == 0
             except (redis_lib.RedisError, OSError):
                 return False
 
@@ -302,7 +264,7 @@ def test_master_kills_lose_and_double_nothing_under_load(
         dead_letters = sum(int(client.llen(shard.dead)) for shard in keyspace.all())
         for proc in procs:
             proc.stop()
-        rows = clickhouse(
+        rows = query_when_free(
             chdb_url, "SELECT toString(id), count(), groupArray(duration) FROM events GROUP BY id"
         )
     finally:
@@ -312,6 +274,7 @@ def test_master_kills_lose_and_double_nothing_under_load(
         for proc in procs:
             proc.kill()
         client.close()
+        broker_client.close()
         broker.kill()
 
     sent = set(sender.sent)
