@@ -149,10 +149,6 @@ class ShardOutcome:
     queue_length: int
 
 
-class _Aborted(Exception):
-    """A watched marker changed before EXEC: run the transaction again."""
-
-
 @dataclass
 class _NodeWrite:
     """Plans that one transaction can hold, on one connection of the master serving them."""
@@ -198,10 +194,11 @@ class BatchWriter:
         self._resolve = load_lua("resolve_views")
 
     def write(self, redis: Client, plans: Sequence[ShardWrites], now_ms: int) -> list[ShardOutcome]:
-        """Apply every plan atomically per master; one outcome per plan.
+        """Apply every plan, atomically per transaction; one outcome per plan.
 
-        Raises NotReplicatedError when a master's transaction was applied but
-        not confirmed by enough replicas (the other masters' were applied too).
+        A transaction aborted by a concurrent marker is run again (and finds
+        the marker). Raises NotReplicatedError when a transaction was applied
+        but not confirmed by enough replicas (the others were applied too).
         """
         outcomes: list[ShardOutcome | None] = [None] * len(plans)
         pending = [
@@ -275,8 +272,8 @@ class BatchWriter:
                     raise BufferKeyTypeError(key)  # the connections are dropped, WATCH and all
             group.applied_before = [bool(reply) for reply in checked[1 : 1 + len(group.plans)]]
 
-        # 2. Per master, everything its shards get in one transaction, every queue's length
-        #    after, and the WAIT for its replicas.
+        # 2. Per group, everything its shards get in one transaction, every queue's length
+        #    after, and the WAIT for its master's replicas.
         sent = [self._transaction(group, now_ms) for group in groups]
         for group, (count, resolve_at, length_at) in zip(groups, sent, strict=True):
             replies = _read(group.connection, count)
