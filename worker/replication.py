@@ -66,14 +66,21 @@ class Replicas:
         if count < self.wanted:
             raise NotReplicatedError(what, node=node, wanted=self.wanted, confirmed=count)
 
-    def run(self, client: Client, key: str, call: Callable[[Any], Any], what: str) -> Any:
+    def run(
+        self,
+        client: Client,
+        key: str,
+        call: Callable[[Any], Any],
+        what: str,
+        wrote: Callable[[Any], bool] = lambda reply: True,
+    ) -> Any:
         """The reply of `call(target)`, which sends one command (or script) to `target`.
 
         Without replicas wanted, `target` is the client itself. Otherwise it
         is a pipeline on one connection of the master serving `key`, and a
         WAIT follows the command on that connection: NotReplicatedError when
         too few replicas confirmed (the command has run on the master all
-        the same).
+        the same), unless `wrote(reply)` says the command wrote nothing.
         """
         if not self.waits:
             return call(client)
@@ -83,7 +90,8 @@ class Replicas:
                 call(pipe)
                 pipe.execute_command(*self.wait_command())  # type: ignore[no-untyped-call]
                 reply, confirmed = pipe.execute()
-            self.check(confirmed, what, node.name)
+            if wrote(reply):
+                self.check(confirmed, what, node.name)
             return reply
 
         return on_node(client, key, on)

@@ -91,6 +91,7 @@ class Scripts:
                 client=target,
             ),
             f"the claim of shard {shard.shard}",
+            wrote=bool,  # an empty reply: nothing to claim, nothing written
         )
         if not reply:
             return None
@@ -127,6 +128,7 @@ class Scripts:
                 client=target,
             ),
             f"the ack of claim {claim_id} (shard {shard.shard})",
+            wrote=lambda reply: int(reply) == AckResult.ACKED,  # else nothing was done
         )
         return AckResult(int(reply))
 
