@@ -50,8 +50,8 @@ from benchmarks.support import (
     private_redis,
     project_env,
     rss_kb,
-    wait_until,
 )
+from tests.support.polling import wait_until
 from tests.support.traffic import RealisticTraffic
 from worker.celery import create_app
 from worker.keys import Keyspace

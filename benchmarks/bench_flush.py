@@ -46,13 +46,13 @@ from benchmarks.support import (
     PROCESSES,
     Result,
     alternate,
-    free_port,
     log,
     median,
     private_redis,
     skipped,
-    wait_until,
 )
+from tests.support.polling import wait_until
+from tests.support.servers import free_port
 from tests.support.traffic import mix, traffic
 from worker.events import encode_event, parse_event
 from worker.flush import Flusher

@@ -36,8 +36,8 @@ from benchmarks.support import (
     median,
     private_redis,
     project_env,
-    wait_until,
 )
+from tests.support.polling import wait_until
 from tests.support.traffic import traffic
 from worker.buffer import EventBuffer
 from worker.celery import create_app

@@ -32,7 +32,7 @@ from benchmarks.support import (
     write_json,
 )
 
-BENCHMARKS = ("apply", "ingest", "transport", "flush", "e2e")
+BENCHMARKS = ("apply", "standard", "ingest", "transport", "flush", "e2e")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
 
@@ -81,15 +81,24 @@ def configure(args: argparse.Namespace) -> None:
         args.duration = 10.0 if quick else 60.0
     args.apply_events = 10_000 if quick else 20_000
     args.ingest_events = 20_000 if quick else 40_000
+    args.standard_events = 30_000 if quick else 100_000
     args.flush_rows = 20_000 if quick else 40_000
     args.ingest_rate = None  # set by the ingest benchmark, used by e2e
 
 
 def runners() -> dict[str, Callable[[argparse.Namespace], list[Result]]]:
-    from benchmarks import bench_apply, bench_e2e, bench_flush, bench_ingest, bench_transport
+    from benchmarks import (
+        bench_apply,
+        bench_e2e,
+        bench_flush,
+        bench_ingest,
+        bench_standard,
+        bench_transport,
+    )
 
     return {
         "apply": bench_apply.run,
+        "standard": bench_standard.run,
         "ingest": bench_ingest.run,
         "transport": bench_transport.run,
         "flush": bench_flush.run,

@@ -32,6 +32,7 @@ from worker.broker.keys import BrokerKeys
 from worker.buffer import EventBuffer
 from worker.celery import create_app
 from worker.cli.local_redis import redis_answers
+from worker.cli.run import INGEST_LAYOUT
 from worker.events import Event, parse_event
 from worker.ingest import ingest
 from worker.keys import ShardKeys
@@ -593,9 +594,10 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
         line.split()[-1] for line in Path(f"/proc/{process.pid}/maps").read_text().splitlines()
     }
     assert not [path for path in mapped if "chdb" in path]
-    # Both workers consume with the reliable transport: each is a registered consumer.
+    # Every worker consumes with the reliable transport: each is a registered consumer.
     registry = BrokerKeys().registry
-    wait_for(lambda: client.zcard(registry) == 2, 20, "two reliable-transport consumers", log)
+    workers = len(INGEST_LAYOUT) + 1  # and the flush worker
+    wait_for(lambda: client.zcard(registry) == workers, 20, "reliable-transport consumers", log)
 
     # Celery tasks, as any producer would send them.
     app = create_app(Settings.from_env({"REDIS_URL": env["REDIS_URL"]}))
@@ -637,8 +639,10 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     assert "Stopped." in log.read_text()
     pids |= descendants(process.pid)
     stray = [pid for pid in pids if alive(pid)]
-    ingest_log = (tmp_path / "data" / "logs" / "ingest.log").read_text()
-    assert "Connected to eventbuffer-redis://" in ingest_log
+    ingest_logs = sorted((tmp_path / "data" / "logs").glob("ingest*.log"))
+    assert len(ingest_logs) == len(INGEST_LAYOUT)
+    for ingest_log in ingest_logs:
+        assert "Connected to eventbuffer-redis://" in ingest_log.read_text()
     assert stray == [], f"processes left behind: {stray}"
     assert any((tmp_path / "data" / "redis" / "appendonlydir").iterdir())
     assert (tmp_path / "data" / "logs" / "flush.log").exists()

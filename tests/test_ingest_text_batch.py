@@ -1,4 +1,4 @@
-"""Batches sent as one JSON text (the producer client's form) against a real Redis."""
+"""Batches sent as one JSON text (the producer client's form before it sent plain arrays)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,15 @@ from worker.deadletters import REASON_INVALID_EVENT, decode_dead_letter
 from worker.events import decode_row
 from worker.ingest import ingest
 from worker.keys import ShardKeys
-from worker.producer import batch_text
 from worker.settings import Settings
 
 KEYS = ShardKeys("eventbuffer", 0)
 NOW = at("10:00:00")
+
+
+def batch_text(rows: list[bytes]) -> str:
+    """A batch as one JSON text holding the JSON array of rows (older producers sent this)."""
+    return (b"[" + b",".join(rows) + b"]").decode("utf-8")
 
 
 def queued_ids(redis: redis_lib.Redis) -> list[str]:

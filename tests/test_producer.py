@@ -61,9 +61,9 @@ def messages(client: redis_lib.Redis) -> list[Message]:
         args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
         assert kwargs == {}
         headers = envelope["headers"]
-        # The producer sends its batch as one JSON text: a JSON array of event rows.
-        assert isinstance(args[0], str)
-        out.append(Message(headers["id"], headers["task"], json.loads(args[0])))
+        # The producer sends its batch as a plain JSON array of event objects.
+        assert isinstance(args[0], list)
+        out.append(Message(headers["id"], headers["task"], args[0]))
     return out
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from kombu.entity import Exchange, Queue
 
 from beat_schedule import beat_schedule
@@ -108,4 +108,15 @@ app.config_from_object("worker.celeryconfig")
 # Signal handlers that act for this app only: its workers consume a Redis broker
 # with the reliable transport (worker/broker/); the Prometheus endpoint of a worker.
 import worker.broker.selection  # noqa: E402
+
+
+def _decode_task_bodies_lazily(sender: Any = None, **_: Any) -> None:
+    """In eventbuffer's workers, task arguments stay raw JSON until a task decodes them."""
+    if getattr(sender, "app", None) is app:
+        from worker import bodies
+
+        bodies.install()
+
+
+signals.worker_init.connect(_decode_task_bodies_lazily, weak=False)
 import worker.observability  # noqa: E402, F401

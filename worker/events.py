@@ -38,6 +38,7 @@ import math
 import os
 import re
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -94,6 +95,8 @@ DEFAULT_LIMITS = Limits()
 # (earliest, latest) epoch ms a date may have, while `parse_event` runs;
 # None when trusted rows are decoded (stored rows, the flush).
 _date_bounds: ContextVar[tuple[int, int] | None] = ContextVar("date_bounds", default=None)
+# Makes the id an event sent without one gets, while `parse_event` runs (None: random).
+_default_id: ContextVar[Callable[[], str] | None] = ContextVar("default_id", default=None)
 
 Country = Annotated[str, msgspec.Meta(max_length=2)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
@@ -179,7 +182,11 @@ class Event(Row, kw_only=True, omit_defaults=True, dict=True):
 
     def __post_init__(self) -> None:
         bounds = _date_bounds.get()
-        self.id = _normalize_id(self.id)
+        if self.id:
+            self.id = _normalize_id(self.id)
+        else:
+            make = _default_id.get()
+            self.id = make() if make is not None else _uuid4()
         self.created_at, self.__dict__["_created_ms"] = _normalize_date(
             "created_at", self.created_at, bounds
         )
@@ -215,6 +222,7 @@ class RowHead(msgspec.Struct):
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_NAIVE_EPOCH = datetime(1970, 1, 1)
 _MILLISECOND = timedelta(milliseconds=1)
 _encoder = msgspec.json.Encoder()
 _row_head_decoder = msgspec.json.Decoder(RowHead)
@@ -255,16 +263,20 @@ def decode_row_head(data: bytes) -> RowHead:
     return _row_head_decoder.decode(data)
 
 
-def parse_event(obj: Any, limits: Limits | None = None) -> Event:
+def parse_event(
+    obj: Any, limits: Limits | None = None, default_id: Callable[[], str] | None = None
+) -> Event:
     """Validate untrusted input (a dict, JSON bytes or str) into a normalized Event.
 
-    `limits` default to the settings' defaults (`DEFAULT_LIMITS`). Raises
-    `InvalidEvent` naming the field for anything it cannot accept.
+    `limits` default to the settings' defaults (`DEFAULT_LIMITS`); an event
+    without an `id` gets `default_id()` (a canonical UUID), or a random one.
+    Raises `InvalidEvent` naming the field for anything it cannot accept.
     """
     if limits is None:
         limits = DEFAULT_LIMITS
     now = limits.clock.now_ms()
     token = _date_bounds.set((now - limits.max_past_ms, now + limits.max_future_ms))
+    id_token = _default_id.set(default_id)
     try:
         if isinstance(obj, dict):
             event = msgspec.convert(obj, Event)
@@ -280,6 +292,7 @@ def parse_event(obj: Any, limits: Limits | None = None) -> Event:
         raise InvalidEvent("$", "not valid UTF-8 (the text holds a lone surrogate)") from None
     finally:
         _date_bounds.reset(token)
+        _default_id.reset(id_token)
     try:
         row = _encoder.encode(event)
     except UnicodeEncodeError:
@@ -379,8 +392,6 @@ def _oversized(event: Event, size: int, limit: int) -> InvalidEvent:
 
 
 def _normalize_id(value: str) -> str:
-    if not value:
-        return _uuid4()
     if _CANONICAL_UUID.match(value):
         return value
     try:
@@ -403,46 +414,38 @@ def _clip(text: str, limit: int = 100) -> str:
 
 
 @lru_cache(maxsize=4096)
-def _day_ms(day: str) -> int:
-    """Epoch ms of midnight UTC of a `YYYY-MM-DD` day (ValueError when there is no such day)."""
-    return (date.fromisoformat(day).toordinal() - _EPOCH_ORDINAL) * 86_400_000
-
-
-@lru_cache(maxsize=4096)
 def _day_text(days: int) -> str:
     """`YYYY-MM-DD` of a day counted from 1970-01-01 (OverflowError/ValueError past year 9999)."""
     return date.fromordinal(days + _EPOCH_ORDINAL).isoformat()
 
 
 def _canonical_date(text: str) -> tuple[str, int] | None:
-    """The fast path for what SDKs send: `YYYY-MM-DDTHH:MM:SS[.mmm]Z`; None for anything else.
+    """The fast path for the common forms; None for anything else.
 
-    Gives the same text and epoch ms as the general path; every field is
-    checked (the day exists, hours < 24, minutes and seconds < 60).
+    `YYYY-MM-DDTHH:MM:SS[.mmm]Z` (what SDKs send) and `YYYY-MM-DD HH:MM:SS.mmm`
+    (the stored form: what the producer client sends, and replays). The
+    separators must stand where those forms have them; `fromisoformat`
+    checks the rest (digits, the day exists, hours < 24, ...), and the text
+    and epoch ms are those of the general path.
     """
     size = len(text)
-    if not (
-        ((size == 24 and text[19] == ".") or size == 20)
-        and text[-1] == "Z"
-        and text[10] == "T"
-        and text[13] == ":"
-        and text[16] == ":"
-        and text[:10].isascii()
-    ):
+    if size == 23 and text[10] == " " and text[19] == ".":  # the stored form already
+        naive = text
+    elif size == 24 and text[10] == "T" and text[19] == "." and text[23] == "Z":
+        naive = text[:23]
+    elif size == 20 and text[10] == "T" and text[19] == "Z":
+        naive = text[:19] + ".000"
+    else:
         return None
-    clock = text[11:19].replace(":", "")
-    millis = text[20:23] if size == 24 else "000"
-    if not (clock.isdigit() and clock.isascii() and millis.isdigit() and millis.isascii()):
-        return None
-    hours, minutes, seconds = int(clock[0:2]), int(clock[2:4]), int(clock[4:6])
-    if hours > 23 or minutes > 59 or seconds > 59:
+    if not (naive[13] == ":" and naive[16] == ":"):
         return None
     try:
-        day = _day_ms(text[:10])
+        parsed = datetime.fromisoformat(naive)
     except ValueError:
         return None
-    ms = day + ((hours * 60 + minutes) * 60 + seconds) * 1000 + int(millis)
-    return f"{text[:10]} {text[11:19]}.{millis}", ms
+    if parsed.tzinfo is not None:
+        return None
+    return f"{naive[:10]} {naive[11:23]}", (parsed - _NAIVE_EPOCH) // _MILLISECOND
 
 
 def _epoch_date(ms: int) -> str:

@@ -21,6 +21,7 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -28,7 +29,7 @@ import msgspec
 from worker.buffer import EventBuffer
 from worker.deadletters import REASON_INVALID_EVENT, DeadLetter
 from worker.errors import InvalidEvent
-from worker.events import Event, Limits, parse_event, with_id
+from worker.events import Event, Limits, parse_event
 from worker.names import TASK_INGEST_EVENT
 
 # A dead letter keeps the raw item, cut to this many bytes at most (an
@@ -117,28 +118,46 @@ def _batch_key(batch_id: Any) -> str:
     return text
 
 
-class _IdOnly(msgspec.Struct):
-    id: str = ""
-
-
-_ID_ONLY = msgspec.json.Decoder(_IdOnly)
 _RAW_ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
+_ANY = msgspec.json.Decoder()
+_JSON_TYPES = {ord("["): "array", ord('"'): "string", ord("t"): "boolean", ord("f"): "boolean",
+               ord("n"): "null"}  # fmt: skip
 
 
 def _items(payload: Any) -> list[Any]:
-    """The items of a batch: a list as sent, or the elements of a JSON array sent as text.
+    """The items of a batch: each a dict, or the JSON bytes of one item.
 
-    The producer client sends its batch as one JSON text (each element is then
-    decoded straight into an Event); any other value is a batch of one item.
+    A list as sent; the elements of a JSON array sent as text (the producer
+    client sends its batch as one JSON text) or still undecoded (a worker
+    decodes the events argument of a task body lazily: `worker/bodies.py`);
+    any other value is a batch of one item. JSON bytes are decoded straight
+    into an Event, with no dict in between.
     """
+    if isinstance(payload, msgspec.Raw):
+        raw = bytes(payload).lstrip()
+        if raw.startswith(b"["):
+            return [bytes(item) for item in _RAW_ITEMS.decode(raw)]
+        if not raw.startswith(b'"'):
+            return [raw]
+        payload = _ANY.decode(raw)  # the producer's JSON text, inside a JSON string
     if isinstance(payload, list):
-        return payload
+        return [bytes(item) if isinstance(item, msgspec.Raw) else item for item in payload]
     if isinstance(payload, str) and payload.startswith("["):
         try:
             return [bytes(raw) for raw in _RAW_ITEMS.decode(payload)]
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeEncodeError):
             pass  # not a JSON array after all: dead-lettered whole, below
     return [payload]
+
+
+def _not_an_object(item: bytes) -> str | None:
+    """The JSON type of an item that is not an object (an event must be one), or None."""
+    text = item.lstrip()
+    if text.startswith(b"{"):
+        return None
+    if not text:
+        return "nothing"
+    return _JSON_TYPES.get(text[0], "number")
 
 
 def ingest(
@@ -158,27 +177,20 @@ def ingest(
     dead: list[tuple[DeadLetter, bytes]] = []
     now = buffer.clock.now_ms()
     max_dead_bytes = max(MIN_DEAD_PAYLOAD_BYTES, 2 * limits.max_event_bytes)
-    derive: Callable[[int], str] | None = None
+    # The id of an event sent without one follows from the batch id and its
+    # position: a redelivered batch routes it to the same shard, whose batch
+    # marker skips it (a random id could land on another shard).
+    derive = derived_ids(batch_id) if batch_id else None
     for index, item in enumerate(items):
         try:
-            if isinstance(item, bytes):  # from a batch sent as JSON text
-                event = parse_event(item, limits)
-                if batch_id and not _ID_ONLY.decode(item).id:
-                    derive = derive or derived_ids(batch_id)
-                    event = with_id(event, derive(index))
-                events.append(event)
-                continue
-            if not isinstance(item, dict):
+            if isinstance(item, bytes):  # JSON bytes: from a JSON text or a lazy task body
+                kind = _not_an_object(item)
+                if kind is not None:
+                    raise InvalidEvent("$", f"an event must be an object, got {kind}")
+            elif not isinstance(item, dict):
                 # JSON text is no event object here: only dicts come from producers.
                 raise InvalidEvent("$", f"an event must be an object, got {_json_type(item)}")
-            if batch_id and item.get("id", "") == "":
-                # The id of an event sent without one follows from the batch id and its
-                # position: a redelivered batch routes it to the same shard, whose
-                # batch marker skips it (a random id could land on another shard).
-                derive = derive or derived_ids(batch_id)
-                events.append(parse_event({**item, "id": derive(index)}, limits))
-            else:
-                events.append(parse_event(item, limits))
+            events.append(parse_event(item, limits, partial(derive, index) if derive else None))
         except InvalidEvent as exc:
             raw = _raw(item)
             error = str(exc)
@@ -228,6 +240,8 @@ def batch_bytes(payload: Any) -> bytes:
     """A task's batch as stored in a dead letter: the JSON text as sent, or the list as JSON."""
     if isinstance(payload, str):
         return payload.encode("utf-8", "surrogatepass")
+    if isinstance(payload, msgspec.Raw):  # as the worker left it (worker/bodies.py)
+        return bytes(payload)
     return _raw(payload)
 
 

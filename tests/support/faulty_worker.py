@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from redis.exceptions import RedisClusterException
 
 import tasks.ingest as ingest_tasks
@@ -28,6 +29,8 @@ _real_ingest = ingest_tasks.ingest
 
 
 def _first_project(payload: Any) -> str:
+    if isinstance(payload, msgspec.Raw):  # the worker leaves task arguments raw
+        payload = msgspec.json.decode(payload)
     if isinstance(payload, list) and payload and isinstance(payload[0], dict):
         return str(payload[0].get("project_id", ""))
     return ""

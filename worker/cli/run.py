@@ -29,6 +29,10 @@ from worker.names import DEFAULT_QUEUE, FLUSH_QUEUE, INGEST_QUEUE
 from worker.settings import Settings
 
 CHILD_STOP_S = 10.0
+# The ingest workers `run` starts, one list of `celery worker` options per
+# process (compose.yaml and the README recommend the same; benchmarks/
+# bench_standard.py measures it against Celery's defaults).
+INGEST_LAYOUT: list[list[str]] = [["-P", "solo"], ["-P", "solo"]]
 READY_WAIT_S = 60.0
 
 
@@ -134,6 +138,21 @@ def print_banner(
     )
 
 
+def ingest_workers(env: dict[str, str], logs: Path, fast: list[str]) -> list[Child]:
+    """The ingest workers of `INGEST_LAYOUT`, on `ingest` and Celery's default queue.
+
+    The default queue too: a task sent by name without `queue=` lands there.
+    """
+    workers = []
+    for n, options in enumerate(INGEST_LAYOUT):
+        name = "ingest" if len(INGEST_LAYOUT) == 1 else f"ingest{n + 1}"
+        what = "ingest worker" if len(INGEST_LAYOUT) == 1 else f"ingest worker {n + 1}"
+        queues = f"{INGEST_QUEUE},{DEFAULT_QUEUE}"
+        argv = ["worker", "-Q", queues, *options, "-n", f"{name}@%h", *fast]
+        workers.append(spawn(name, what, argv, env, logs))
+    return workers
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     data = Path("data")
     logs = data / "logs"
@@ -152,23 +171,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
         migrate(settings, env, signals)
         fast = ["--without-mingle", "--without-gossip"]
         children = [
-            spawn(
-                "ingest",
-                "ingest worker",
-                # Also Celery's default queue: send_task() by name without queue= lands there.
-                [
-                    "worker",
-                    "-Q",
-                    f"{INGEST_QUEUE},{DEFAULT_QUEUE}",
-                    "-c",
-                    "2",
-                    "-n",
-                    "ingest@%h",
-                    *fast,
-                ],
-                env,
-                logs,
-            ),
+            *ingest_workers(env, logs, fast),
             spawn(
                 "flush",
                 "flush worker",

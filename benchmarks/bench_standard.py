@@ -1,0 +1,208 @@
+"""standard: events/s through the standard Celery interface, drained from a full queue.
+
+A plain Celery app that does not import eventbuffer fills the Redis broker's
+`ingest` queue with `send_task("eventbuffer.ingest_events", args=[[...]])`
+tasks of `TASK_EVENTS` event dicts (the realistic mix: ~60% screen_views
+over thousands of interleaved sessions). Then the workers start, and the
+clock runs from the first row in the buffer until every row is there
+(their start-up is not counted). Layouts, in the same run, alternating:
+
+- `eventbuffer`: the layout `eventbuffer run` and compose.yaml use
+  (`worker.cli.run.INGEST_LAYOUT`);
+- `prefork`: `celery -A worker worker -Q ingest` with Celery's defaults;
+
+against two baselines on the same events: the worker's own function in
+this process (`worker.ingest.ingest`, no Celery), and raw pipelined RPUSH of
+the events' rows (the ceiling of getting these bytes into Redis).
+
+The producer client's path (`EventProducer`, JSON-text batches) is the
+`ingest` benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from benchmarks.support import (
+    CeleryChild,
+    Result,
+    alternate,
+    cpu_seconds,
+    log,
+    median,
+    private_redis,
+    project_env,
+)
+from tests.support.polling import wait_until
+from tests.support.traffic import mix, traffic
+from worker.buffer import EventBuffer
+from worker.cli.run import INGEST_LAYOUT
+from worker.events import encode_event, parse_event
+from worker.ingest import ingest
+from worker.settings import Settings
+
+TASK_EVENTS = 500
+TARGET_EVENTS_PER_S = 50_000
+
+
+def fill(broker_url: str, tasks: list[list[dict[str, Any]]]) -> list[str]:
+    """The queue as a foreign app fills it: stock kombu, JSON, no eventbuffer import.
+
+    Returns the task ids (each task's batch id).
+    """
+    ids = [str(uuid.uuid4()) for _ in tasks]
+    app = Celery("foreign-sender", broker=broker_url, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True)
+    try:
+        with app.producer_or_acquire() as producer:
+            for task_id, events in zip(ids, tasks, strict=True):
+                app.send_task(
+                    "eventbuffer.ingest_events",
+                    args=[events],
+                    queue="ingest",
+                    task_id=task_id,
+                    producer=producer,
+                )
+    finally:
+        app.close()
+    return ids
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    n = args.standard_events
+    rounds = args.rounds
+    dicts, _ = traffic(n, seed=13)
+    tasks = [dicts[i : i + TASK_EVENTS] for i in range(0, n, TASK_EVENTS)]
+    rows = [encode_event(parse_event(event)) for event in dicts]
+    log(f"[standard] {mix(dicts)}; {len(tasks)} tasks of {TASK_EVENTS}; {rounds} rounds")
+    cpu: dict[str, list[float]] = {}
+
+    with (
+        private_redis("standard") as server,
+        tempfile.TemporaryDirectory(prefix="bench-standard-") as tmp,
+    ):
+        values = {
+            "REDIS_URL": server.db_url(0),
+            "CELERY_BROKER_URL": server.db_url(1),
+            "CLICKHOUSE_URL": f"chdb://{tmp}/clickhouse",
+            "EVENT_BUFFER_HIGH_WATER": str(10**9),  # no flush worker here
+        }
+        settings = Settings.from_env(values)
+        broker_url = settings.effective_broker_url
+        env = project_env(**values)
+        client = server.client(0)
+        broker = server.client(1)
+        buffer = EventBuffer(client, settings)
+        queue = buffer.keyspace.shard(0).queue
+        logs = Path(tmp) / "logs"
+
+        def drained_by(layout: list[list[str]], name: str) -> Callable[[], float]:
+            def round_() -> float:
+                client.flushdb()
+                markers = [buffer.keyspace.shard(0).batch(i) for i in fill(broker_url, tasks)]
+                workers = [
+                    CeleryChild(f"{name}{i}", [*argv, "-n", f"{name}{i}@%h"], env, logs)
+                    for i, argv in enumerate(layout)
+                ]
+                try:
+                    wait_until(lambda: int(client.llen(queue)) > 0, 60, "the first row")
+                    started = time.perf_counter()
+                    before = sum(cpu_seconds(w.pid) for w in workers)
+                    # Done when every task's batch marker is set (parallel workers may
+                    # apply a session's tasks in any order: row counts vary).
+                    wait_until(
+                        lambda: int(client.exists(*markers)) == len(markers),
+                        300,
+                        f"{name} to apply every event",
+                        interval=0.002,
+                        alive=lambda: all(w.alive() for w in workers),
+                    )
+                    seconds = time.perf_counter() - started
+                    used = sum(cpu_seconds(w.pid) for w in workers) - before
+                    cpu.setdefault(name, []).append(used / seconds)
+                    if int(broker.llen("ingest")):
+                        log(f"[standard] WARNING: {name} left tasks in the queue")
+                    return seconds
+                finally:
+                    for worker in workers:
+                        worker.stop()
+
+            return round_
+
+        def in_process() -> float:
+            client.flushdb()
+            started = time.perf_counter()
+            for events in tasks:
+                ingest(buffer, events, str(uuid.uuid4()))
+            return time.perf_counter() - started
+
+        def raw_rpush() -> float:
+            client.flushdb()
+            started = time.perf_counter()
+            pipe = client.pipeline(transaction=False)
+            for start in range(0, len(rows), TASK_EVENTS):
+                pipe.rpush(queue, *rows[start : start + TASK_EVENTS])
+                if len(pipe) >= 20:
+                    pipe.execute()
+            pipe.execute()
+            return time.perf_counter() - started
+
+        common = ["worker", "-Q", "ingest", "--without-mingle", "--without-gossip"]
+        runs = {
+            "eventbuffer": drained_by([[*common, *argv] for argv in INGEST_LAYOUT], "eb"),
+            "prefork": drained_by([common], "prefork"),
+            "in-process": in_process,
+            "raw RPUSH": raw_rpush,
+        }
+        try:
+            timings = alternate(rounds, runs)
+        finally:
+            client.close()
+            broker.close()
+
+    rate = {name: median([n / s for s in seconds]) for name, seconds in timings.items()}
+    for name, value in rate.items():
+        busy = f", workers' CPU {median(cpu[name]):.2f} cores" if name in cpu else ""
+        log(f"[standard] {name:<12} {value:>10,.0f} events/s{busy}")
+    layout = " + ".join(" ".join(argv) for argv in INGEST_LAYOUT)
+    return [
+        Result(
+            "standard interface: send_task of 500 dicts, drained",
+            "events/s",
+            rate["eventbuffer"],
+            rate["prefork"],
+            "celery -A worker worker -Q ingest (defaults)",
+            rounds,
+            target=f">= {TARGET_EVENTS_PER_S:,}/s",
+            passed=rate["eventbuffer"] >= TARGET_EVENTS_PER_S,
+            note=f"layout: {layout}; in-process {rate['in-process']:,.0f}/s, "
+            f"raw RPUSH {rate['raw RPUSH']:,.0f}/s",
+            extra={"events": n, "task_events": TASK_EVENTS, "rates": rate},
+        ),
+        Result(
+            "standard interface vs in-process ingest",
+            "events/s",
+            rate["eventbuffer"],
+            rate["in-process"],
+            "worker.ingest.ingest in this process, same tasks",
+            rounds,
+            note="what Celery and the broker cost",
+        ),
+        Result(
+            "standard interface vs raw RPUSH",
+            "events/s",
+            rate["eventbuffer"],
+            rate["raw RPUSH"],
+            "pipelined RPUSH of the same rows",
+            rounds,
+            note="the ceiling: no validation, no semantics",
+        ),
+    ]
