@@ -9,7 +9,8 @@ The chunk size is part of the claim: every flusher re-driving it cuts the
 same chunks (and so uses the same dedup tokens), whatever its own setting.
 
 KEYS[1]  the shard's queue (LIST)
-KEYS[2]  the shard's open claim (HASH: id, count, at, chunk)
+KEYS[2]  the shard's open claim (HASH: id, count, at, chunk; redrives: how many times it
+         was handed back)
 
 ARGV[1]  id for a new claim
 ARGV[2]  the most rows a new claim may take
@@ -23,6 +24,8 @@ Returns {} when there is no open claim and the queue is empty, otherwise
 
 local open = redis.call('HMGET', KEYS[2], 'id', 'count', 'at', 'chunk')
 if open[1] then
+  -- A write even for a re-drive: a WAIT after this call then covers the claim too.
+  redis.call('HINCRBY', KEYS[2], 'redrives', 1)
   local rows = redis.call('LRANGE', KEYS[1], 0, tonumber(open[2]) - 1)
   local reply = {open[1], 1, open[3], open[4] or ARGV[4]}
   for i = 1, #rows do reply[i + 4] = rows[i] end

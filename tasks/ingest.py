@@ -2,7 +2,8 @@
 
 What a failure does (the batch is never dropped):
 
-- Redis unavailable in a way that heals (`worker.redis_errors`): the task is
+- Redis unavailable in a way that heals (`worker.redis_errors`: a failover,
+  or a master whose replicas have not confirmed the batch): the task is
   retried with backoff capped at a minute, for as long as it takes; the batch
   stays in the broker meanwhile.
 - Anything else (a Lua error, a key of the wrong type, a bug): retried
@@ -28,7 +29,7 @@ from worker.celery import app
 from worker.deadletters import REASON_INGEST_FAILED
 from worker.ingest import IngestResult, batch_bytes, dead_letter_batch, ingest
 from worker.names import FLUSH_QUEUE, TASK_INGEST_EVENT, TASK_INGEST_EVENTS, TASK_PROCESS_BUFFER
-from worker.redis_errors import TRANSIENT_REDIS_ERRORS
+from worker.redis_errors import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,19 @@ def _run(task: Task, payload: Any, batch_id: str | None) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         result = ingest(runtime.buffer(), payload, batch)
-    except TRANSIENT_REDIS_ERRORS as exc:
+    except Exception as exc:
+        if not is_transient(exc):
+            return _unexpected(task, payload, batch, exc)
         metrics.record_ingest_failure("transient")
         delay = backoff_s(task.request.retries)
-        log.warning("batch %s: Redis unavailable (%s); retry in %.0f s", batch, exc, delay)
+        log.warning(
+            "batch %s: Redis unavailable (%s: %s); retry in %.0f s",
+            batch,
+            type(exc).__name__,
+            exc,
+            delay,
+        )
         raise task.retry(exc=exc, countdown=delay) from None
-    except Exception as exc:
-        return _unexpected(task, payload, batch, exc)
     metrics.record_ingest(result, time.perf_counter() - started)
     if result.invalid:
         log.warning("batch %s: %d invalid event(s) dead-lettered", result.batch_id, result.invalid)

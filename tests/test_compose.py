@@ -29,12 +29,14 @@ def _compose_command() -> list[str] | None:
     return None
 
 
-def _compose_config(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def _compose_config(
+    *args: str, file: str = "compose.yaml", **env: str
+) -> subprocess.CompletedProcess[str]:
     command = _compose_command()
     if command is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed to validate it")
     return subprocess.run(
-        [*command, "-f", str(ROOT / "compose.yaml"), "config", *args],
+        [*command, "-f", str(ROOT / file), "config", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -47,9 +49,9 @@ def test_compose_config_is_valid() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def _published(**env: str) -> dict[str, list[tuple[str, str, str]]]:
+def _published(file: str = "compose.yaml", **env: str) -> dict[str, list[tuple[str, str, str]]]:
     """service -> (host ip, host port, container port) of what Compose publishes on the host."""
-    result = _compose_config(**env)
+    result = _compose_config(file=file, **env)
     assert result.returncode == 0, result.stderr
     published: dict[str, list[tuple[str, str, str]]] = {}
     for name, service in yaml.safe_load(result.stdout)["services"].items():
@@ -70,8 +72,8 @@ def test_only_redis_is_published_on_loopback_on_a_port_of_its_own() -> None:
     assert moved == {"redis": [("127.0.0.1", "23456", "6379")]}
 
 
-def _services() -> dict[str, Any]:
-    data = yaml.safe_load((ROOT / "compose.yaml").read_text())
+def _services(file: str = "compose.yaml") -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / file).read_text())
     services: dict[str, Any] = data["services"]
     return services
 
@@ -125,6 +127,79 @@ def test_beat_healthcheck_reads_the_schedule_beat_writes() -> None:
     beat = _services()["beat"]
     schedule = beat["command"][beat["command"].index("--schedule") + 1]
     assert beat["healthcheck"]["test"] == ["CMD", "python", "-m", "worker.beat_health", schedule]
+
+
+# -- compose.cluster.yaml: the scaled-out layout ------------------------------------
+
+CLUSTER_FILE = "compose.cluster.yaml"
+EVENTBUFFER_SERVICES = ("migrate", "worker-ingest", "worker-flush", "beat")
+
+
+def test_cluster_compose_config_is_valid() -> None:
+    result = _compose_config("-q", file=CLUSTER_FILE)
+    assert result.returncode == 0, result.stderr
+
+
+def test_cluster_compose_publishes_only_rabbitmq_on_loopback() -> None:
+    assert _published(CLUSTER_FILE) == {"rabbitmq": [("127.0.0.1", "35672", "5672")]}
+    moved = _published(CLUSTER_FILE, EVENTBUFFER_AMQP_PORT="23456")
+    assert moved == {"rabbitmq": [("127.0.0.1", "23456", "5672")]}
+
+
+def _resolved() -> dict[str, Any]:
+    """The services as Compose resolves them (anchors, merges, interpolation)."""
+    result = _compose_config(file=CLUSTER_FILE)
+    assert result.returncode == 0, result.stderr
+    services: dict[str, Any] = yaml.safe_load(result.stdout)["services"]
+    return services
+
+
+def test_cluster_compose_runs_a_redis_cluster_rabbitmq_and_two_clickhouse_shards() -> None:
+    from worker.settings import Settings
+
+    services = _resolved()
+    nodes = [name for name in services if name.startswith("redis-") and name[6:].isdigit()]
+    assert len(nodes) == 6
+    for name in nodes:
+        command = services[name]["command"]
+        assert command[command.index("--cluster-enabled") + 1] == "yes"
+        assert command[command.index("--appendonly") + 1] == "yes"
+    addresses = {services[n]["networks"]["eventbuffer"]["ipv4_address"] for n in nodes}
+    init = " ".join(services["redis-cluster-init"]["command"])
+    assert "--cluster-replicas 1" in init and all(f"{a}:6379" in init for a in addresses)
+    assert services["rabbitmq"]["image"].startswith("rabbitmq:")
+    assert services["keeper"]["image"].startswith("clickhouse/clickhouse-keeper:")
+    shards = {services[f"clickhouse-{n}"]["environment"]["CLICKHOUSE_SHARD"] for n in (1, 2)}
+    assert shards == {"01", "02"}
+    for name in ("keeper", "clickhouse-1", "clickhouse-2"):
+        image = services[name]["image"]
+        assert not image.endswith(":latest")
+        for volume in services[name]["volumes"]:
+            source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
+            if "/deploy/" in source:  # a config file of this checkout, mounted
+                assert Path(source).is_file(), source
+    assert services["migrate"]["command"] == ["eventbuffer", "migrate", "--cluster", "eventbuffer"]
+    for name in EVENTBUFFER_SERVICES:
+        env = services[name]["environment"]
+        settings = Settings.from_env(env)  # a cluster buffer's settings, checked as at start-up
+        assert settings.redis_cluster and settings.effective_min_replicas == 1
+        assert settings.redis_url.split("//")[1].split(":")[0] in addresses
+        assert settings.effective_broker_url.startswith("amqp://")
+        assert settings.shards >= len(nodes) // 2  # at least one shard per master
+    for name in ("worker-ingest", "worker-flush"):
+        assert services[name]["deploy"]["replicas"] >= 2
+    assert "replicas" not in services["beat"].get("deploy", {})  # exactly one Beat
+    depends = services["worker-ingest"]["depends_on"]
+    assert depends["redis-cluster-init"]["condition"] == "service_completed_successfully"
+    assert depends["migrate"]["condition"] == "service_completed_successfully"
+
+
+def test_cluster_compose_clickhouse_config_names_both_shards_and_keeper() -> None:
+    config = (ROOT / "deploy" / "clickhouse" / "cluster.xml").read_text()
+    assert config.count("<shard>") == 2 and "<internal_replication>true" in config
+    assert "<host>keeper</host>" in config and 'from_env="CLICKHOUSE_SHARD"' in config
+    for host in ("clickhouse-1", "clickhouse-2"):
+        assert f"<host>{host}</host>" in config
 
 
 def _dockerfile() -> list[tuple[str, str]]:

@@ -81,3 +81,31 @@ def test_settings_are_frozen() -> None:
 def test_settings_that_contradict_each_other_are_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(env)
+
+
+def test_a_cluster_buffer_wants_a_replica_a_broker_of_its_own_and_no_cluster_results() -> None:
+    cluster = {"EVENT_BUFFER_REDIS_CLUSTER": "true", "REDIS_URL": "redis://:pw@node-1:7000"}
+    s = Settings.from_env({**cluster, "CELERY_BROKER_URL": "amqp://guest@rabbit//"})
+    assert s.redis_cluster and s.effective_min_replicas == 1
+    assert s.effective_result_backend == ""  # results off, not on the cluster
+    assert Settings.from_env({}).effective_min_replicas == 0  # one Redis: no WAIT
+    explicit = Settings.from_env(
+        {**cluster, "CELERY_BROKER_URL": "redis://broker:6379/0", "EVENT_BUFFER_MIN_REPLICAS": "0"}
+    )
+    assert explicit.effective_min_replicas == 0
+    for env, named in (
+        ({"CELERY_BROKER_URL": ""}, "CELERY_BROKER_URL is empty"),
+        ({"CELERY_BROKER_URL": "redis://:pw@node-1:7000/1"}, "CELERY_BROKER_URL names"),
+        (
+            {"CELERY_BROKER_URL": "amqp://r//", "CELERY_RESULT_BACKEND": "redis://node-1:7000"},
+            "CELERY_RESULT_BACKEND names",
+        ),
+        ({"CELERY_BROKER_URL": "amqp://r//", "REDIS_URL": "unix:///tmp/r.sock"}, "REDIS_URL"),
+        ({"CELERY_BROKER_URL": "amqp://r//", "REDIS_URL": "redis://node-1:7000/3"}, "database 0"),
+    ):
+        with pytest.raises(SettingsError) as refused:
+            Settings.from_env({**cluster, **env})
+        assert named in str(refused.value)
+        assert "CELERY_BROKER_URL" in str(refused.value) or "REDIS_URL" in str(refused.value)
+    with pytest.raises(SettingsError, match="EVENT_BUFFER_REDIS_CLUSTER must be true or false"):
+        Settings.from_env({"EVENT_BUFFER_REDIS_CLUSTER": "maybe"})

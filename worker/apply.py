@@ -11,8 +11,10 @@ a view; as it is, for a session_end). `resolve_views.lua` does that part
 inside the transaction, so it sees the stored views as they are at that
 moment, whoever wrote them.
 
-`write_shards()` makes every shard's writes in one MULTI/EXEC on one
-connection: row bytes travel as arguments of plain commands (RPUSH, HSET),
+`BatchWriter` makes every shard's writes in one MULTI/EXEC on one
+connection (one per shard on a Redis Cluster, sent together; then a WAIT
+for replicas when `EVENT_BUFFER_MIN_REPLICAS` asks for it, see
+worker/replication.py): row bytes travel as arguments of plain commands (RPUSH, HSET),
 never through Lua, which costs Redis several times as much per byte. The
 batch markers make it idempotent: the markers are WATCHed and checked
 first; a shard whose marker exists was applied before and gets nothing, and
@@ -29,14 +31,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hiredis import pack_command
-from redis import Redis
 from redis.exceptions import ResponseError
 
-from worker.errors import BufferKeyTypeError
+from worker.errors import BufferKeyTypeError, NotReplicatedError
 from worker.events import KIND_REGULAR, KIND_SCREEN_VIEW, Row
 from worker.keys import ShardKeys
+from worker.replication import Replicas
 from worker.replies import text
 from worker.scripts import load_lua
+from worker.topology import Client, Node, refreshed_on_error, transactions
 
 # A transaction aborted by a concurrent marker is run again this many times at most
 # (the second run finds the marker: more means something keeps rewriting it).
@@ -147,12 +150,35 @@ class ShardOutcome:
     queue_length: int
 
 
-class _Aborted(Exception):
-    """A watched marker changed before EXEC: run the transaction again."""
+@dataclass
+class _NodeWrite:
+    """Plans that one transaction can hold, on one connection of the master serving them."""
+
+    node: Node
+    positions: list[int]  # of its plans in the batch's list
+    plans: list[ShardWrites]
+    connection: Any = None
+    applied_before: list[bool] = field(default_factory=list)
+    outcomes: list[ShardOutcome] | None = None  # None: aborted by a concurrent marker
+    not_replicated: NotReplicatedError | None = None
 
 
 class BatchWriter:
-    """Runs `ShardWrites` in one transaction per call (see the module doc)."""
+    """Runs `ShardWrites` in as few transactions as the server allows (see the module doc).
+
+    On one Redis, one transaction holds every shard's plan. On a Redis
+    Cluster each shard's plan gets its own transaction (a transaction cannot
+    span slots), on its own connection to the master serving the shard's
+    slot. Every transaction's commands are sent before any reply is read,
+    so a batch over six shards on three masters costs the round trips of one.
+
+    With `replicas` wanted, each transaction is followed on its connection
+    by a WAIT (in the same write): a group whose transaction was not
+    confirmed by enough replicas raises `NotReplicatedError` once every
+    group is done. A group whose markers were all set before (a retry)
+    refreshes their TTL in its transaction, so its WAIT covers the earlier
+    writes too.
+    """
 
     def __init__(
         self,
@@ -160,71 +186,120 @@ class BatchWriter:
         marker_ttl_s: int,
         visitors_ttl_s: int,
         views_ttl_s: int,
+        replicas: Replicas | None = None,
     ) -> None:
         self.marker_ttl_s = marker_ttl_s
         self.visitors_ttl_s = visitors_ttl_s
         self.views_ttl_s = views_ttl_s
+        self.replicas = replicas or Replicas()
         self._resolve = load_lua("resolve_views")
 
-    def write(self, redis: Redis, plans: Sequence[ShardWrites], now_ms: int) -> list[ShardOutcome]:
-        """Apply every plan (all on the same Redis) atomically; one outcome per plan."""
+    def write(self, redis: Client, plans: Sequence[ShardWrites], now_ms: int) -> list[ShardOutcome]:
+        """Apply every plan, atomically per transaction; one outcome per plan.
+
+        A transaction aborted by a concurrent marker is run again (and finds
+        the marker). Raises NotReplicatedError when a transaction was applied
+        but not confirmed by enough replicas (the others were applied too).
+        """
+        outcomes: list[ShardOutcome | None] = [None] * len(plans)
+        pending = [
+            _NodeWrite(node, positions, [plans[n] for n in positions])
+            for node, positions in transactions(redis, [plan.marker for plan in plans])
+        ]
+        not_replicated: NotReplicatedError | None = None
         for _attempt in range(MAX_ATTEMPTS):
-            try:
-                return self._attempt(redis, plans, now_ms)
-            except _Aborted:
-                continue
+            with refreshed_on_error(redis):
+                self._attempt(pending, now_ms)
+            aborted = []
+            for group in pending:
+                if group.outcomes is None:
+                    aborted.append(_NodeWrite(group.node, group.positions, group.plans))
+                    continue
+                for position, outcome in zip(group.positions, group.outcomes, strict=True):
+                    outcomes[position] = outcome
+                not_replicated = not_replicated or group.not_replicated
+            pending = aborted
+            if not pending:
+                if not_replicated is not None:
+                    raise not_replicated
+                return [outcome for outcome in outcomes if outcome is not None]
         raise ResponseError(
-            f"batch markers {[p.marker for p in plans]} kept changing during the apply"
+            f"batch markers {[p.marker for g in pending for p in g.plans]} kept changing "
+            "during the apply"
         )
 
-    def _attempt(
-        self, redis: Redis, plans: Sequence[ShardWrites], now_ms: int
-    ) -> list[ShardOutcome]:
-        """One transaction on one pooled connection, with the client's retries.
+    def _attempt(self, groups: Sequence[_NodeWrite], now_ms: int) -> None:
+        """One transaction per group, each on a pooled connection, with the client's retries.
 
         A connection error is retried as redis-py retries a plain command
-        (the client's `Retry`), on a fresh connection: safe even after the
-        EXEC was sent, since the markers make a second run skip what the
-        first one applied.
+        (the client's `Retry`; none for a cluster's nodes, whose errors
+        reach the task, which retries), on fresh connections: safe even
+        after the EXEC was sent, since the markers make a second run skip
+        what the first one applied.
         """
-        pool = redis.connection_pool
-        connection: Any = pool.get_connection()
 
-        def fail(error: BaseException) -> None:
-            # The connection may hold a WATCH or half a reply: never reuse it.
-            connection.disconnect()
+        def drop(error: BaseException | None = None) -> None:
+            # The connections may hold a WATCH or half a reply: never reuse them.
+            for group in groups:
+                if group.connection is not None:
+                    group.connection.disconnect()
 
         try:
-            outcomes: list[ShardOutcome] = connection.retry.call_with_retry(
-                lambda: self._on(connection, plans, now_ms), fail
-            )
+            for group in groups:
+                group.connection = group.node.redis.connection_pool.get_connection()
+            groups[0].connection.retry.call_with_retry(lambda: self._on(groups, now_ms), drop)
         except BaseException:
-            connection.disconnect()
+            drop()
             raise
         finally:
-            pool.release(connection)
-        return outcomes
+            for group in groups:
+                if group.connection is not None:
+                    group.node.redis.connection_pool.release(group.connection)
+                    group.connection = None
 
-    def _on(self, connection: Any, plans: Sequence[ShardWrites], now_ms: int) -> list[ShardOutcome]:
+    def _on(self, groups: Sequence[_NodeWrite], now_ms: int) -> None:
         # 1. Watch the markers; read them and the types of the keys the plans write.
-        typed = [key for plan in plans for key in _typed_keys(plan)]
-        checks: list[tuple[Any, ...]] = [("WATCH", *(p.marker for p in plans))]
-        checks += [("EXISTS", plan.marker) for plan in plans]
-        checks += [("TYPE", key) for key, _ in typed]
-        checked = _run(connection, checks)
-        for (key, expected), found in zip(typed, checked[1 + len(plans) :], strict=True):
-            if text(found) not in ("none", expected):
-                _run(connection, [("UNWATCH",)])
-                raise BufferKeyTypeError(key)
-        applied_before = [bool(reply) for reply in checked[1 : 1 + len(plans)]]
+        typed = [[key for plan in group.plans for key in _typed_keys(plan)] for group in groups]
+        for group, keys in zip(groups, typed, strict=True):
+            plans = group.plans
+            checks: list[tuple[Any, ...]] = [("WATCH", *(p.marker for p in plans))]
+            checks += [("EXISTS", plan.marker) for plan in plans]
+            checks += [("TYPE", key) for key, _ in keys]
+            _send(group.connection, checks)
+        for group, keys in zip(groups, typed, strict=True):
+            checked = _read(group.connection, 1 + len(group.plans) + len(keys))
+            for (key, expected), found in zip(keys, checked[1 + len(group.plans) :], strict=True):
+                if text(found) not in ("none", expected):
+                    raise BufferKeyTypeError(key)  # the connections are dropped, WATCH and all
+            group.applied_before = [bool(reply) for reply in checked[1 : 1 + len(group.plans)]]
 
-        # 2. Everything the other shards get, in one transaction; every queue's length after.
+        # 2. Per group, everything its shards get in one transaction, every queue's length
+        #    after, and the WAIT for its master's replicas.
+        sent = [self._transaction(group, now_ms) for group in groups]
+        for group, (count, resolve_at, length_at) in zip(groups, sent, strict=True):
+            replies = _read(group.connection, count)
+            if self.replicas.waits:
+                try:
+                    self.replicas.check(replies[-1], "the batch's apply", group.node.name)
+                except NotReplicatedError as exc:
+                    group.not_replicated = exc
+                replies = replies[:-1]
+            group.outcomes = _outcomes(group, replies[-1], resolve_at, length_at)
+
+    def _transaction(self, group: _NodeWrite, now_ms: int) -> tuple[int, list[int], list[int]]:
+        """Send a group's MULTI ... EXEC (and WAIT); the number of replies it will get, and
+        where each plan's resolve call and queue length are in the EXEC reply."""
         commands: list[tuple[Any, ...]] = [("MULTI",)]
         resolve_at: list[int] = []  # index in the EXEC reply of each plan's resolve call, or -1
         length_at: list[int] = []
-        for plan, before in zip(plans, applied_before, strict=True):
+        for plan, before in zip(group.plans, group.applied_before, strict=True):
             at = -1
-            if not before:
+            if before:
+                if self.replicas.waits:
+                    # Applied by an earlier delivery: refresh the marker, a write of this
+                    # connection that the WAIT below then covers, with the earlier ones.
+                    commands.append(("EXPIRE", plan.marker, self.marker_ttl_s))
+            else:
                 if plan.resolve:
                     at = len(commands) - 1
                     commands.append(self._resolve_call(plan))
@@ -233,22 +308,10 @@ class BatchWriter:
             length_at.append(len(commands) - 1)
             commands.append(("LLEN", plan.shard.queue))
         commands.append(("EXEC",))
-        results = _run(connection, commands)[-1]
-        if results is None:
-            raise _Aborted
-        outcomes = []
-        for n, plan in enumerate(plans):
-            length = results[length_at[n]]
-            length = 0 if isinstance(length, Exception) else _number(length)
-            if applied_before[n]:
-                outcomes.append(ShardOutcome(False, 0, length))
-                continue
-            for result in results[length_at[n - 1] + 1 if n else 0 : length_at[n]]:
-                if isinstance(result, Exception):
-                    raise result  # only a race with another writer of the keys' types
-            resolved = _number(results[resolve_at[n]]) if resolve_at[n] >= 0 else 0
-            outcomes.append(ShardOutcome(True, len(plan.queue_rows) + resolved, length))
-        return outcomes
+        if self.replicas.waits:
+            commands.append(self.replicas.wait_command())
+        _send(group.connection, commands)
+        return len(commands), resolve_at, length_at
 
     def _resolve_call(self, plan: ShardWrites) -> tuple[Any, ...]:
         args: list[str] = []
@@ -323,12 +386,37 @@ def _pack(commands: Sequence[tuple[Any, ...]]) -> list[bytes]:
     return [pack_command(command) for command in commands]
 
 
-def _run(connection: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-    """Send `commands` in one write and read every reply (errors inside EXEC stay values)."""
+def _outcomes(
+    group: _NodeWrite, results: Any, resolve_at: list[int], length_at: list[int]
+) -> list[ShardOutcome] | None:
+    """Each plan's outcome from its group's EXEC reply (None: aborted by a watched marker)."""
+    if results is None:
+        return None
+    outcomes = []
+    for n, plan in enumerate(group.plans):
+        length = results[length_at[n]]
+        length = 0 if isinstance(length, Exception) else _number(length)
+        if group.applied_before[n]:
+            outcomes.append(ShardOutcome(False, 0, length))
+            continue
+        for result in results[length_at[n - 1] + 1 if n else 0 : length_at[n]]:
+            if isinstance(result, Exception):
+                raise result  # only a race with another writer of the keys' types
+        resolved = _number(results[resolve_at[n]]) if resolve_at[n] >= 0 else 0
+        outcomes.append(ShardOutcome(True, len(plan.queue_rows) + resolved, length))
+    return outcomes
+
+
+def _send(connection: Any, commands: Sequence[tuple[Any, ...]]) -> None:
+    """Send `commands` in one write; `_read` takes their replies."""
     connection.send_packed_command(_pack(commands))
+
+
+def _read(connection: Any, count: int) -> list[Any]:
+    """Read `count` replies (errors inside EXEC stay values); raise the first error after."""
     replies = []
     error: ResponseError | None = None
-    for _ in commands:
+    for _ in range(count):
         try:
             replies.append(connection.read_response())
         except ResponseError as exc:  # read every reply before raising, or the next ones stay

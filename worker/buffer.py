@@ -1,7 +1,7 @@
 """EventBuffer: applying events to the Redis buffer, and reading its state.
 
-Applying is one Lua call per shard touched by the batch (pipelined, one
-round trip): regular events are queued, screen_views wait as their
+Applying is one transaction for the shards of each master the batch
+touches (worker/apply.py): regular events are queued, screen_views wait as their
 session's "last view" until the next view gives them a duration, and
 session_end flushes the last view. See `worker/apply.py`.
 """
@@ -16,16 +16,17 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import msgspec
-from redis import Redis
 
 from worker.apply import BatchWriter, plan_shard
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.deadletters import DeadLetter, encode_dead_letter
 from worker.events import KIND_NAMES, Row, decode_row, encode_event
 from worker.keys import CHANNEL_RECEIVED, Keyspace, ShardKeys
+from worker.replication import Replicas
 from worker.scripts import Scripts
 from worker.settings import Settings
 from worker.state import active_projects, count_active_visitors
+from worker.topology import Client
 
 
 @dataclass
@@ -70,7 +71,7 @@ class _Throttle:
 
 
 class EventBuffer:
-    def __init__(self, redis: Redis, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, redis: Client, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> None:
         self.redis = redis
         self.settings = settings
         self.clock = clock
@@ -80,6 +81,7 @@ class EventBuffer:
             marker_ttl_s=settings.batch_marker_ttl_s,
             visitors_ttl_s=settings.active_visitor_window_s + 60,
             views_ttl_s=settings.screen_view_ttl_s,
+            replicas=Replicas.from_settings(settings),
         )
         self._publish_throttle = _Throttle(settings.publish_throttle_ms)
 

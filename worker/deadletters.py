@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import cast
 
 import msgspec
-from redis import Redis
 
 from worker.keys import Keyspace, ShardKeys
 from worker.scripts import Scripts
+from worker.topology import Client
 
 REASON_INVALID_EVENT = "invalid_event"  # failed validation at ingest
 REASON_INVALID_JSON = "invalid_json"  # a stored row that is not JSON (found at flush)
@@ -99,7 +99,7 @@ def parse_entry(shard: int, index: int, entry: bytes) -> StoredDeadLetter:
 
 
 def iter_dead_letters(
-    redis: Redis, shard: ShardKeys, reason: str | None = None
+    redis: Client, shard: ShardKeys, reason: str | None = None
 ) -> Iterator[StoredDeadLetter]:
     """The shard's dead letters, oldest first, read a page at a time; `reason` filters."""
     start = 0
@@ -114,7 +114,7 @@ def iter_dead_letters(
         start += PAGE
 
 
-def read_dead_letter(redis: Redis, shard: ShardKeys, index: int) -> StoredDeadLetter | None:
+def read_dead_letter(redis: Client, shard: ShardKeys, index: int) -> StoredDeadLetter | None:
     entry = cast(bytes | None, redis.lindex(shard.dead, index))
     return None if entry is None else parse_entry(shard.shard, index, entry)
 

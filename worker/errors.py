@@ -9,6 +9,7 @@
     │       ├── RowRejectedError       ClickHouse refused rows of the chunk
     │       └── PoisonGuardError       most of a claim refused (worker/flush.py)
     ├── BufferKeyTypeError     a buffer key holds a value of the wrong type (key)
+    ├── NotReplicatedError     too few replicas confirmed a write (node, wanted, confirmed)
     ├── FlushError             a shard's flush stopped (shard, lock)
     │   ├── LockLostError          the flush lock expired or was taken over
     │   └── LockHeldError          a live flusher kept the lock longer than it could wait (holder)
@@ -69,6 +70,24 @@ class BufferKeyTypeError(EventBufferError):
     def __init__(self, key: str) -> None:
         super().__init__(f"Redis key {key!r} holds a value of the wrong type for the buffer")
         self.key = key
+
+
+class NotReplicatedError(EventBufferError):
+    """Fewer replicas than `EVENT_BUFFER_MIN_REPLICAS` confirmed a write (WAIT) in time.
+
+    The write is on the master `node` only: a failover now could lose it. Transient:
+    the ingest task is retried (its batch marker skips the batch, then WAITs again),
+    and a flush stops before inserting rows of a claim that could be forgotten.
+    """
+
+    def __init__(self, what: str, *, node: str, wanted: int, confirmed: int) -> None:
+        super().__init__(
+            f"{what} is on {node} but only {confirmed} of the {wanted} replica(s) required "
+            "(EVENT_BUFFER_MIN_REPLICAS) confirmed it: a failover now could lose it"
+        )
+        self.node = node
+        self.wanted = wanted
+        self.confirmed = confirmed
 
 
 class FlushError(EventBufferError):

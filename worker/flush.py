@@ -40,7 +40,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
-from redis import Redis
 
 from worker import metrics
 from worker.clock import SYSTEM_CLOCK, Clock
@@ -50,14 +49,16 @@ from worker.deadletters import (
     DeadLetter,
     encode_dead_letter,
 )
-from worker.errors import EventBufferError, LockLostError, SinkError
+from worker.errors import EventBufferError, LockLostError, NotReplicatedError, SinkError
 from worker.events import decode_row_head
 from worker.keys import CHANNEL_SAVED, Keyspace, ShardKeys
 from worker.lock import FlushLock
+from worker.replication import Replicas
 from worker.replies import text
 from worker.scripts import AckResult, Scripts
 from worker.settings import Settings
 from worker.sinks.base import PermanentSinkError, RetryableSinkError, RowRejectedError, Sink
+from worker.topology import Client
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class Flusher:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         settings: Settings,
         sink_factory: Callable[[], Sink],
         clock: Clock = SYSTEM_CLOCK,
@@ -207,14 +208,16 @@ class Flusher:
         self.sink_factory = sink_factory
         self.clock = clock
         self.keyspace = Keyspace(settings.key_prefix, settings.shards)
-        self.scripts = Scripts(redis)
+        self.replicas = Replicas.from_settings(settings)
+        self.scripts = Scripts(redis, self.replicas)
 
     def process_buffer(self, max_batches: int | None = None) -> FlushSummary:
         """Flush every shard once, each under its own lock: what `process_buffer` runs.
 
-        A shard whose flush fails (ClickHouse, or its lock lost) is reported
-        in its result and logged; the other shards still flush, and the
-        failed one is retried by the next run (after its back-off). Anything
+        A shard whose flush fails (ClickHouse, its lock lost, or its master's
+        replicas not confirming a claim or an ack) is reported in its result
+        and logged; the other shards still flush, and the failed one is
+        retried by the next run (after its back-off, for ClickHouse). Anything
         else (Redis down, a bug) propagates. Every shard's outcome is counted
         in the metrics and logged as one line.
         """
@@ -224,7 +227,7 @@ class Flusher:
         for shard in self.keyspace.all():
             try:
                 result = self.flush_shard(shard.shard, max_batches)
-            except (SinkError, LockLostError) as exc:
+            except (SinkError, LockLostError, NotReplicatedError) as exc:
                 metrics.record_flush_error()
                 log.error(
                     "flush of shard %d failed, will retry next run: %s",
@@ -423,7 +426,13 @@ class Flusher:
                     self._reject(inserts, offsets[0], exc)
                     return
             lock.check()
-            self.redis.hset(inserts.shard.claim, SPLIT_FIELD + token, 1)
+            claim = inserts.shard.claim
+            self.replicas.run(
+                self.redis,
+                claim,
+                lambda target: target.hset(claim, SPLIT_FIELD + token, 1),
+                f"the halving of chunk {token}",
+            )
             inserts.split.add(token)
         middle = len(offsets) // 2
         for part, half in enumerate((offsets[:middle], offsets[middle:])):

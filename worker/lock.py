@@ -52,14 +52,15 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import unquote
 
-from redis import Redis
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import LockError
 from redis.lock import Lock
 
 from worker.errors import LockLostError
 from worker.keys import escape
+from worker.redis_errors import REDIS_FAILURES
 from worker.replies import number, text
 from worker.scripts import Scripts
+from worker.topology import Client
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def lock_state(token: object, pttl: object) -> LockState:
     return LockState(value, left, holder, holder_ttl, age, stale)
 
 
-def read_lock(redis: Redis, name: str) -> LockState | None:
+def read_lock(redis: Client, name: str) -> LockState | None:
     """The lock `name` as held now, or None if it is free."""
     pipe = redis.pipeline(transaction=False)
     pipe.get(name)
@@ -238,7 +239,7 @@ def dead_holder(state: LockState) -> tuple[str, int] | None:
 
 
 class FlushLock:
-    def __init__(self, redis: Redis, name: str, ttl_s: float) -> None:
+    def __init__(self, redis: Client, name: str, ttl_s: float) -> None:
         self.name = name
         self.ttl_s = ttl_s
         self.redis = redis
@@ -296,7 +297,7 @@ class FlushLock:
         while not self._stop.wait(interval):
             try:
                 self._lock.extend(self.ttl_s, replace_ttl=True)
-            except (LockError, RedisError) as exc:
+            except REDIS_FAILURES as exc:  # LockError too: a RedisError
                 log.warning("flush lock %s could not be extended: %s", self.name, exc)
                 self.lost = True
                 return

@@ -36,6 +36,12 @@ Gauges (from Redis, at scrape time):
     eventbuffer_flush_backoff_seconds{shard}        time left of the shard's back-off after
                                                     ClickHouse failures, 0 if none
     eventbuffer_last_flush_timestamp_seconds{shard} when the shard's last batch was acknowledged
+    eventbuffer_replicas{shard}                     replicas in sync with the master holding the
+                                                    shard (on a cluster, or with
+                                                    EVENT_BUFFER_MIN_REPLICAS; absent otherwise)
+    eventbuffer_waiting_for_replicas{shard}         1 while that master has fewer replicas than
+                                                    EVENT_BUFFER_MIN_REPLICAS: ingest of the shard
+                                                    waits (tasks retry) and so do its flushes
     eventbuffer_flush_pending                       1 while a back-pressure flush is requested
     eventbuffer_flush_interval_seconds              EVENT_BUFFER_FLUSH_INTERVAL_S (for alerts)
     eventbuffer_active_visitors{project}            active visitors of the top
@@ -90,7 +96,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis import Redis
-from redis.exceptions import RedisError
 
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.deadletters import (
@@ -102,8 +107,10 @@ from worker.deadletters import (
 )
 from worker.events import KIND_NAMES
 from worker.keys import Keyspace
+from worker.redis_errors import REDIS_FAILURES
 from worker.settings import Settings
 from worker.state import BufferState, read_state
+from worker.topology import Client, connect
 
 if TYPE_CHECKING:  # the flush and ingest modules record here: no import cycle at run time
     from worker.flush import FlushResult
@@ -320,6 +327,8 @@ class _Gauges:
     lock_stale: GaugeMetricFamily
     backoff: GaugeMetricFamily
     last_flush: GaugeMetricFamily
+    replicas: GaugeMetricFamily
+    waiting_for_replicas: GaugeMetricFamily
     flush_pending: GaugeMetricFamily
     flush_interval: GaugeMetricFamily
     visitors: GaugeMetricFamily
@@ -369,6 +378,15 @@ def _gauges() -> _Gauges:
             "When the shard's last batch was acknowledged (unix time; absent: never).",
             ("shard",),
         ),
+        replicas=gauge(
+            "replicas", "Replicas in sync with the master holding the shard.", ("shard",)
+        ),
+        waiting_for_replicas=gauge(
+            "waiting_for_replicas",
+            "1 while the shard's master has fewer replicas than EVENT_BUFFER_MIN_REPLICAS: "
+            "its ingest and flushes wait.",
+            ("shard",),
+        ),
         flush_pending=gauge("flush_pending", "1 while a back-pressure flush is requested."),
         flush_interval=gauge(
             "flush_interval_seconds", "How often Beat runs process_buffer (setting)."
@@ -402,13 +420,13 @@ class RedisCollector:
     def __init__(
         self,
         settings: Settings,
-        redis_factory: Callable[[], Redis],
+        redis_factory: Callable[[], Client],
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.settings = settings
         self.keyspace = Keyspace(settings.key_prefix, settings.shards)
         self._redis_factory = redis_factory
-        self._redis: Redis | None = None
+        self._redis: Client | None = None
         self.clock = clock
         self._lock = threading.Lock()
         # Whether Redis answered the last collect (None before the first).
@@ -423,7 +441,7 @@ class RedisCollector:
             gauges.flush_interval.add_metric([], self.settings.flush_interval_s)
             try:
                 self._read(gauges)
-            except RedisError:
+            except REDIS_FAILURES:
                 self.up = False
                 empty = _gauges()
                 empty.up.add_metric([], 0)
@@ -433,7 +451,7 @@ class RedisCollector:
             self.up = True
             return gauges.all()
 
-    def _client(self) -> Redis:
+    def _client(self) -> Client:
         if self._redis is None:
             self._redis = self._redis_factory()
         return self._redis
@@ -444,6 +462,7 @@ class RedisCollector:
             self.keyspace,
             self.clock.now_ms(),
             self.settings.active_visitor_window_s,
+            self.settings.effective_min_replicas,
         )
         self.add(g, state)
 
@@ -463,6 +482,10 @@ class RedisCollector:
             g.backoff.add_metric(label, shard.backoff_s)
             if shard.last_flush is not None:
                 g.last_flush.add_metric(label, shard.last_flush.at_ms / 1000)
+        for master in state.masters:
+            for shard_no in master.shards:
+                g.replicas.add_metric([str(shard_no)], master.replicas)
+                g.waiting_for_replicas.add_metric([str(shard_no)], 1 if master.short else 0)
         g.flush_pending.add_metric([], 1 if state.flush_pending else 0)
         counts = state.active_visitors
         g.projects.add_metric([], sum(1 for n in counts.values() if n > 0))
@@ -473,14 +496,14 @@ class RedisCollector:
 # -- exposition -------------------------------------------------------------------------
 
 
-def redis_client(settings: Settings) -> Redis:
+def redis_client(settings: Settings) -> Client:
     """A Redis client of the exporter's own (scrapes run in the HTTP server's thread)."""
-    return Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+    return connect(settings, socket_connect_timeout=5, socket_timeout=10)
 
 
 def build_registry(
     settings: Settings,
-    redis_factory: Callable[[], Redis] | None = None,
+    redis_factory: Callable[[], Client] | None = None,
     *,
     this_process: bool = True,
     collector: RedisCollector | None = None,

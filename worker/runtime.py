@@ -10,16 +10,15 @@ from __future__ import annotations
 import os
 import threading
 
-import redis
-
 from worker.buffer import EventBuffer
 from worker.flush import Flusher
 from worker.settings import Settings
 from worker.sinks import Sink, open_sink
+from worker.topology import Client, connect
 
 _lock = threading.RLock()
 _settings: Settings | None = None
-_redis: redis.Redis | None = None
+_redis: Client | None = None
 _buffer: EventBuffer | None = None
 _flusher: Flusher | None = None
 
@@ -40,16 +39,14 @@ def configure(new: Settings) -> None:
         _settings = new
 
 
-def redis_client() -> redis.Redis:
+def redis_client() -> Client:
+    """The buffer's Redis: one server, or a Redis Cluster (`EVENT_BUFFER_REDIS_CLUSTER`)."""
     global _redis
     current = settings()
     with _lock:
         if _redis is None:
-            _redis = redis.Redis.from_url(
-                current.redis_url,
-                socket_connect_timeout=5,
-                socket_timeout=30,
-                health_check_interval=30,
+            _redis = connect(
+                current, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30
             )
         return _redis
 

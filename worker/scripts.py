@@ -16,12 +16,13 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from redis import Redis
 from redis.commands.core import Script
 
 import lua_scripts
 from worker.keys import ShardKeys
+from worker.replication import Replicas
 from worker.replies import text
+from worker.topology import Client
 
 
 def load_lua(stem: str) -> str:
@@ -58,10 +59,15 @@ class AckResult(IntEnum):
 
 
 class Scripts:
-    """The typed calls of every script, on one client."""
+    """The typed calls of every script, on one client.
 
-    def __init__(self, redis: Redis) -> None:
+    `replicas`: the claim and the ack are followed by a WAIT for them on
+    the same connection (worker/replication.py says why); the others are not.
+    """
+
+    def __init__(self, redis: Client, replicas: Replicas | None = None) -> None:
         self._redis = redis
+        self._replicas = replicas or Replicas()
         self._claim = script("claim")
         self._ack = script("ack")
         self._sweep = script("sweep_sessions")
@@ -71,11 +77,21 @@ class Scripts:
     def claim(
         self, shard: ShardKeys, new_id: str, max_rows: int, now_ms: int, chunk_size: int
     ) -> Claim | None:
-        """The shard's open claim, else a new one of up to `max_rows`; None if empty."""
-        reply = self._claim(
-            keys=[shard.queue, shard.claim],
-            args=[new_id, max_rows, now_ms, chunk_size],
-            client=self._redis,
+        """The shard's open claim, else a new one of up to `max_rows`; None if empty.
+
+        Raises NotReplicatedError when the claim is on the master only: its
+        rows must not be inserted then (see worker/replication.py).
+        """
+        reply = self._replicas.run(
+            self._redis,
+            shard.claim,
+            lambda target: self._claim(
+                keys=[shard.queue, shard.claim],
+                args=[new_id, max_rows, now_ms, chunk_size],
+                client=target,
+            ),
+            f"the claim of shard {shard.shard}",
+            wrote=bool,  # an empty reply: nothing to claim, nothing written
         )
         if not reply:
             return None
@@ -97,12 +113,22 @@ class Scripts:
         dead_letters: Sequence[bytes],
         saved: tuple[str, bytes] | None,
     ) -> AckResult:
-        """Remove an acknowledged claim."""
+        """Remove an acknowledged claim.
+
+        Raises NotReplicatedError when the ack is on the master only (it has
+        been made all the same: see worker/replication.py).
+        """
         channel, payload = saved if saved else ("", b"")
-        reply = self._ack(
-            keys=[shard.lock, shard.claim, shard.queue, shard.dead, shard.stats],
-            args=[lock_token, claim_id, now_ms, rows_inserted, channel, payload, *dead_letters],
-            client=self._redis,
+        reply = self._replicas.run(
+            self._redis,
+            shard.claim,
+            lambda target: self._ack(
+                keys=[shard.lock, shard.claim, shard.queue, shard.dead, shard.stats],
+                args=[lock_token, claim_id, now_ms, rows_inserted, channel, payload, *dead_letters],
+                client=target,
+            ),
+            f"the ack of claim {claim_id} (shard {shard.shard})",
+            wrote=lambda reply: int(reply) == AckResult.ACKED,  # else nothing was done
         )
         return AckResult(int(reply))
 

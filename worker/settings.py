@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from worker.errors import SettingsError
 
@@ -88,6 +89,15 @@ def _choice(*choices: str) -> Callable[[str, str], str]:
     return parse
 
 
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw.strip()!r}")
+
+
 def _setting(env: str, default: Any, parse: Callable[[str, str], Any], help: str) -> Any:
     return field(default=default, metadata={"env": env, "parse": parse, "help": help})
 
@@ -104,6 +114,28 @@ class Settings:
         "redis://127.0.0.1:6379/0",
         _url(*REDIS_SCHEMES),
         "Redis holding the buffer (`rediss://` for TLS; password in the URL).",
+    )
+    redis_cluster: bool = _setting(
+        "EVENT_BUFFER_REDIS_CLUSTER",
+        False,
+        _bool,
+        "`true`: `REDIS_URL` names one node of a Redis Cluster and the client discovers the "
+        "rest; the broker must then be RabbitMQ or a plain Redis (`CELERY_BROKER_URL`).",
+    )
+    min_replicas: int | None = _setting(
+        "EVENT_BUFFER_MIN_REPLICAS",
+        None,
+        _int(0),
+        "Replicas that must confirm (WAIT) a batch before its ingest task succeeds, and a "
+        "claim before its rows are inserted; empty means 1 with `EVENT_BUFFER_REDIS_CLUSTER`, "
+        "else 0 (no WAIT).",
+    )
+    replica_timeout_ms: int = _setting(
+        "EVENT_BUFFER_REPLICA_TIMEOUT_MS",
+        1000,
+        _int(1),
+        "How long a WAIT for `EVENT_BUFFER_MIN_REPLICAS` replicas may block; fewer confirmed "
+        "by then: the ingest task is retried (the batch stays in the broker).",
     )
     broker_url: str = _setting(
         "CELERY_BROKER_URL",
@@ -276,7 +308,8 @@ class Settings:
         "CELERY_RESULT_BACKEND",
         "",
         _url(*REDIS_SCHEMES),
-        "Where `process_buffer` summaries are kept; empty means `REDIS_URL`.",
+        "Where `process_buffer` summaries are kept; empty means `REDIS_URL` (with "
+        "`EVENT_BUFFER_REDIS_CLUSTER`: no results are kept).",
     )
     clickhouse_table: str = _setting(
         "EVENT_BUFFER_TABLE",
@@ -346,6 +379,34 @@ class Settings:
                 f"EVENT_BUFFER_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}), or a "
                 "redelivered batch could be applied twice"
             )
+        if self.redis_cluster:
+            self._check_cluster()
+
+    def _check_cluster(self) -> None:
+        """kombu has no Redis Cluster transport, and Celery's Redis result backend speaks to
+        one Redis: with the buffer on a cluster, both must be named apart from it."""
+        both = (
+            "with EVENT_BUFFER_REDIS_CLUSTER=true, CELERY_BROKER_URL must name RabbitMQ "
+            "(amqp://) or a plain Redis that is not a cluster node, and CELERY_RESULT_BACKEND "
+            "a plain Redis (or stay empty: no results are kept)"
+        )
+        url = urlsplit(self.redis_url)
+        if url.scheme not in ("redis", "rediss"):
+            raise SettingsError(
+                "REDIS_URL must be redis:// or rediss:// with EVENT_BUFFER_REDIS_CLUSTER=true "
+                "(redis-py's cluster client has no unix sockets)"
+            )
+        if url.path.strip("/") not in ("", "0"):
+            raise SettingsError(
+                "REDIS_URL must name database 0 (or none) with EVENT_BUFFER_REDIS_CLUSTER=true: "
+                "a Redis Cluster has no other database"
+            )
+        if not self.broker_url:
+            raise SettingsError(f"CELERY_BROKER_URL is empty: {both}")
+        if _same_server(self.broker_url, self.redis_url):
+            raise SettingsError(f"CELERY_BROKER_URL names the cluster of REDIS_URL: {both}")
+        if self.result_backend and _same_server(self.result_backend, self.redis_url):
+            raise SettingsError(f"CELERY_RESULT_BACKEND names the cluster of REDIS_URL: {both}")
 
     @property
     def effective_broker_url(self) -> str:
@@ -353,7 +414,17 @@ class Settings:
 
     @property
     def effective_result_backend(self) -> str:
+        """Celery's result backend; "" keeps no results (a cluster buffer without one)."""
+        if self.redis_cluster:
+            return self.result_backend
         return self.result_backend or self.redis_url
+
+    @property
+    def effective_min_replicas(self) -> int:
+        """Replicas a write must reach before it counts (0: no WAIT)."""
+        if self.min_replicas is not None:
+            return self.min_replicas
+        return 1 if self.redis_cluster else 0
 
     @classmethod
     def markdown_table(cls) -> str:
@@ -368,4 +439,15 @@ class Settings:
     def describe(cls) -> Iterator[tuple[str, str, str]]:
         """(variable, default, help) for every setting, in declaration order."""
         for f in dataclasses.fields(cls):
-            yield f.metadata["env"], str(f.default), f.metadata["help"]
+            default = "" if f.default is None else str(f.default)
+            if isinstance(f.default, bool):
+                default = default.lower()
+            yield f.metadata["env"], default, f.metadata["help"]
+
+
+def _same_server(url: str, other: str) -> bool:
+    """Do two Redis URLs name the same host and port (whatever the database)?"""
+    a, b = urlsplit(url), urlsplit(other)
+    if a.scheme not in REDIS_SCHEMES or b.scheme not in REDIS_SCHEMES:
+        return False
+    return (a.hostname, a.port or 6379) == (b.hostname, b.port or 6379)

@@ -5,8 +5,10 @@
 one pipelined round trip for all shards (queue depth, the head row's age,
 the open claim, dead letters, waiting views, the lock with its holder and
 heartbeat (`worker.lock.lock_state`), the back-off, the last flush); then
-a SCAN for the projects with visitors and one more round trip for their
-counts. It only reads: nothing is pruned.
+a SCAN for the projects with visitors (on a cluster, of every master) and
+one more round trip for their counts; on a cluster (or with replicas
+wanted), one INFO per master holding shards, for its replicas. It only
+reads: nothing is pruned.
 
 `count_active_visitors()` is the one count of active visitors, read-only
 here and pruning for `EventBuffer.get_active_visitor_count` (as the seed).
@@ -20,12 +22,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from redis import Redis
 
 from worker.events import datetime_ms, decode_row_head
 from worker.keys import Keyspace, ShardKeys
 from worker.lock import LockState, lock_state
 from worker.replies import number, text, text_map
+from worker.topology import Client, Node, is_cluster, node_for, refreshed_on_error
+from worker.topology import masters as topology_masters
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,33 @@ class ShardState:
 
 
 @dataclass(frozen=True)
+class MasterState:
+    """A master holding shards, and its replicas (read when replicas are wanted)."""
+
+    node: str  # host:port
+    shards: list[int]
+    replicas: int  # replicas connected and in sync (INFO replication: state=online)
+    wanted: int  # EVENT_BUFFER_MIN_REPLICAS
+
+    @property
+    def short(self) -> bool:
+        """Fewer replicas than wanted: ingest of its shards waits, and so do their flushes."""
+        return self.replicas < self.wanted
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "short": self.short}
+
+
+@dataclass(frozen=True)
 class BufferState:
     now_ms: int
     shards: list[ShardState]
     flush_pending: bool
     active_visitors: dict[str, int] = field(default_factory=dict)
+    # The masters holding the shards: every master of a cluster's that holds one, or the
+    # one Redis; empty when no replicas are wanted outside a cluster.
+    masters: list[MasterState] = field(default_factory=list)
+    cluster_masters: int = 0  # masters of the whole cluster (0: not a cluster)
 
     @property
     def queued(self) -> int:
@@ -107,6 +132,8 @@ class BufferState:
                 "waiting_views": self.waiting_views,
             },
             "shards": [s.as_dict() for s in self.shards],
+            "masters": [m.as_dict() for m in self.masters],
+            "cluster_masters": self.cluster_masters,
             "active_visitors": dict(self.active_visitors),
         }
 
@@ -175,8 +202,18 @@ def _shard_state(shard: int, replies: Sequence[Any], now_ms: int) -> ShardState:
     )
 
 
-def read_state(redis: Redis, keyspace: Keyspace, now_ms: int, visitor_window_s: int) -> BufferState:
-    """Every shard's state and the active visitors per project (read-only)."""
+def read_state(
+    redis: Client,
+    keyspace: Keyspace,
+    now_ms: int,
+    visitor_window_s: int,
+    min_replicas: int = 0,
+) -> BufferState:
+    """Every shard's state and the active visitors per project (read-only).
+
+    On a cluster, or with `min_replicas`, also which master holds each shard
+    and how many replicas it has (one INFO per master).
+    """
     shards = keyspace.all()
     pipe = redis.pipeline(transaction=False)
     for shard in shards:
@@ -189,10 +226,37 @@ def read_state(redis: Redis, keyspace: Keyspace, now_ms: int, visitor_window_s: 
     ]
     cutoff = now_ms - visitor_window_s * 1000
     visitors = count_active_visitors(redis, keyspace, active_projects(redis, keyspace), cutoff)
-    return BufferState(now_ms, states, bool(replies[-1]), visitors)
+    masters: list[MasterState] = []
+    cluster_masters = 0
+    if is_cluster(redis) or min_replicas > 0:
+        masters = master_states(redis, keyspace, min_replicas)
+    if is_cluster(redis):
+        cluster_masters = len(topology_masters(redis))
+    return BufferState(now_ms, states, bool(replies[-1]), visitors, masters, cluster_masters)
 
 
-def active_projects(redis: Redis, keyspace: Keyspace) -> list[str]:
+def master_states(redis: Client, keyspace: Keyspace, wanted: int) -> list[MasterState]:
+    """The masters holding the shards, each with its replicas in sync (INFO replication)."""
+    found: dict[str, tuple[Node, list[int]]] = {}
+    for shard in keyspace.all():
+        node = node_for(redis, shard.tag)
+        found.setdefault(node.name, (node, []))[1].append(shard.shard)
+    out = []
+    for name, (node, shards) in found.items():
+        with refreshed_on_error(redis):
+            info = node.redis.info("replication")
+        online = sum(
+            1
+            for key, value in info.items()
+            if key.startswith("slave")
+            and isinstance(value, dict)
+            and value.get("state") == "online"
+        )
+        out.append(MasterState(name, shards, online, wanted))
+    return out
+
+
+def active_projects(redis: Client, keyspace: Keyspace) -> list[str]:
     """Projects with a visitors set on any shard (SCAN; read-only)."""
     projects: set[str] = set()
     for shard in keyspace.all():
@@ -202,7 +266,7 @@ def active_projects(redis: Redis, keyspace: Keyspace) -> list[str]:
 
 
 def count_active_visitors(
-    redis: Redis, keyspace: Keyspace, projects: Sequence[str], cutoff_ms: int, prune: bool = False
+    redis: Client, keyspace: Keyspace, projects: Sequence[str], cutoff_ms: int, prune: bool = False
 ) -> dict[str, int]:
     """Distinct profiles seen at or after `cutoff_ms`, per project, over every shard.
 

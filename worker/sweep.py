@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import cast
 
-from redis import Redis
-
 from worker.buffer import stored_view_row
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.events import decode_row
@@ -22,6 +20,7 @@ from worker.keys import Keyspace, ShardKeys
 from worker.replies import text
 from worker.scripts import Scripts
 from worker.settings import Settings
+from worker.topology import Client
 
 PAGE = 500  # candidate sessions per script call
 
@@ -41,7 +40,7 @@ class SweepResult:
 
 
 class Sweeper:
-    def __init__(self, redis: Redis, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, redis: Client, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> None:
         self.redis = redis
         self.settings = settings
         self.clock = clock

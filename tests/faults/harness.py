@@ -49,17 +49,16 @@ from typing import Any
 import redis as redis_lib
 from celery import Celery
 
-from tests.support.celery_procs import CeleryProcess, beat, project_env, worker
+from tests.support.celery_procs import CeleryProcess, beat, ingest_backlog, project_env, worker
 from tests.support.polling import wait_until
 from tests.support.servers import RedisServer
+from tests.support.sinks import query_when_free
 from tests.support.traffic import EVENTS_PER_SESSION, ReferenceTraffic
-from worker.broker.consumer import held_by_consumers
-from worker.broker.keys import BrokerKeys
 from worker.celery import create_app
 from worker.keys import CHANNEL_SAVED, Keyspace
 from worker.producer import BufferFull, EventProducer, ProducerError
 from worker.settings import Settings
-from worker.sinks import RetryableSinkError, open_sink
+from worker.sinks import open_sink
 
 HERE = Path(__file__).resolve().parent
 PHASE_FLUSHER = HERE / "phase_flusher.py"
@@ -464,11 +463,7 @@ class Stack:
         server = self.broker_server or self.buffer_server
         client = redis_lib.Redis(port=server.port, socket_timeout=2, socket_connect_timeout=1)
         try:
-            total = int(client.hlen("unacked")) + held_by_consumers(client, BrokerKeys())
-            for key in client.scan_iter(match="ingest*"):
-                if client.type(key) == b"list":
-                    total += int(client.llen(key))
-            return total
+            return ingest_backlog(client)
         finally:
             client.close()
 
@@ -514,17 +509,7 @@ class Stack:
 
     def clickhouse(self, sql: str, timeout: float = 30) -> list[tuple[Any, ...]]:
         """Query embedded ClickHouse, waiting while another process holds the directory."""
-        deadline = time.monotonic() + timeout
-        while True:
-            sink = open_sink(self.chdb_url)
-            try:
-                return sink.query(sql)
-            except RetryableSinkError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-            finally:
-                sink.close()
+        return query_when_free(self.chdb_url, sql, timeout)
 
     def duplicates_now(self) -> int:
         [(rows, distinct)] = self.clickhouse("SELECT count(), uniqExact(id) FROM events")

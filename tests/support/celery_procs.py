@@ -15,9 +15,24 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+import redis as redis_lib
+
 from tests.support.polling import wait_until
+from worker.broker.consumer import held_by_consumers
+from worker.broker.keys import BrokerKeys
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def ingest_backlog(broker: redis_lib.Redis) -> int:
+    """Ingest tasks a Redis broker holds: queued, plus delivered and not acknowledged (in
+    the reliable transport's in-flight hashes, retries waiting for their countdown
+    included, or kombu's `unacked`)."""
+    total = int(broker.hlen("unacked")) + held_by_consumers(broker, BrokerKeys())
+    for key in broker.scan_iter(match="ingest*"):
+        if broker.type(key) == b"list":
+            total += int(broker.llen(key))
+    return total
 
 
 def project_env(**overrides: str) -> dict[str, str]:

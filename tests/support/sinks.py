@@ -1,12 +1,31 @@
-"""A sink that hands every call to a real one, for test sinks that hook a write."""
+"""A sink that hands every call to a real one, for test sinks that hook a write; and a
+query that waits for embedded ClickHouse held by another process."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from worker.errors import RetryableSinkError
+from worker.sinks import open_sink
 from worker.sinks.base import Sink
+
+
+def query_when_free(url: str, sql: str, timeout: float = 30) -> list[tuple[Any, ...]]:
+    """Query the ClickHouse of `url`, waiting while another process holds an embedded
+    one's directory (chDB admits one process at a time); closed again after."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sink = open_sink(url)
+        try:
+            return sink.query(sql)
+        except RetryableSinkError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+        finally:
+            sink.close()
 
 
 class DelegatingSink:

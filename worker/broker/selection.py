@@ -9,7 +9,8 @@ Only eventbuffer's workers switch, at `celeryd_init`, before they connect
 messages the reliable one consumes as they are.
 
 On a kombu version the transport was not tested with, the worker stops at
-start-up with one line saying so.
+start-up with one line saying so; so does a worker whose buffer is a Redis
+Cluster and whose broker or result backend is a cluster node too.
 """
 
 from __future__ import annotations
@@ -38,9 +39,16 @@ def _celeryd_init(instance: Any = None, conf: Any = None, **_: Any) -> None:
     from worker import runtime
     from worker.broker.transport import UntestedKombu, check_kombu
     from worker.celery import app
+    from worker.errors import SettingsError
+    from worker.topology import check_celery_apart
 
     if getattr(instance, "app", None) is not app or conf is None:
         return  # another app's worker: its transport is its own business
+    try:
+        check_celery_apart(runtime.settings())
+    except SettingsError as exc:
+        print(f"eventbuffer: bad setting: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     path = worker_transport(runtime.settings())
     if path is None:
         return

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
 
@@ -23,6 +23,7 @@ from worker.cli.migrate import cmd_migrate
 from worker.cli.query import cmd_query
 from worker.cli.run import cmd_run
 from worker.cli.status import cmd_status
+from worker.errors import NotReplicatedError
 from worker.lock import LockLostError
 from worker.settings import Settings, SettingsError
 from worker.sinks import SinkError
@@ -137,6 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"cannot reach Redis at {where}: {exc}", 1)
     except RedisError as exc:
         return fail(f"Redis error: {exc}", 1)
+    except RedisClusterException as exc:  # not a RedisError: the cluster client's own
+        where = mask(settings.redis_url) if settings else "REDIS_URL"
+        return fail(f"Redis Cluster at {where}: {exc}", 1)
+    except NotReplicatedError as exc:
+        return fail(f"{exc}; try again once the master has its replicas", 1)
     except BrokerError as exc:
         where = mask(settings.effective_broker_url) if settings else "the broker"
         return fail(f"cannot reach the Celery broker at {where}: {exc}", 1)

@@ -11,7 +11,6 @@ from contextlib import contextmanager, suppress
 from functools import cache
 from pathlib import Path
 
-from redis import Redis
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -31,6 +30,7 @@ from worker.logs import redact
 from worker.settings import Settings
 from worker.sinks import RetryableSinkError, Sink, open_sink
 from worker.sinks.chdb import has_data, path_from_url
+from worker.topology import Client
 
 # How long a command waits for embedded ClickHouse held by another process.
 BUSY_WAIT_S = 10.0
@@ -172,6 +172,6 @@ def progress_bar(console: Console, *, disable: bool = False) -> Progress:
     return Progress(*columns, *timing, console=console, disable=disable)
 
 
-def waiting_views(redis: Redis, shard: ShardKeys) -> int:
+def waiting_views(redis: Client, shard: ShardKeys) -> int:
     """screen_views held as their session's last view (not in the queue yet)."""
     return int(redis.hlen(shard.views))

@@ -58,6 +58,7 @@ def status_data(settings: Settings) -> dict[str, Any]:
         buffer.keyspace,
         buffer.clock.now_ms(),
         settings.active_visitor_window_s,
+        settings.effective_min_replicas,
     )
     return {
         "redis": mask(settings.redis_url),
@@ -100,6 +101,33 @@ def lock_lines(shards: list[dict[str, Any]]) -> list[str]:
             lines.append(f"! {head} {holder}, {beat}, STALE: looks dead, the next flush takes over")
         else:
             lines.append(f"{head} {holder}, {beat}, fresh: a flush is at work")
+    return lines
+
+
+def master_lines(data: dict[str, Any]) -> list[str]:
+    """Where the shards live and whether their masters have the replicas ingest waits for."""
+    masters = data["masters"]
+    if not masters:
+        return []
+    lines = []
+    for m in masters:
+        shards = ", ".join(str(n) for n in m["shards"])
+        replicas = f"{m['replicas']} replica{'s' if m['replicas'] != 1 else ''} in sync"
+        lines.append(f"Master {m['node']}: shard(s) {shards}; {replicas}")
+    for m in masters:
+        if m["short"]:
+            lines.append(
+                f"! Master {m['node']} has {m['replicas']} of the {m['wanted']} replica(s) "
+                f"EVENT_BUFFER_MIN_REPLICAS wants (promoted by a failover?): ingest of shard(s) "
+                f"{', '.join(str(n) for n in m['shards'])} waits (its tasks retry, the batches "
+                "stay in the broker) and so do their flushes, until a replica is in sync"
+            )
+    available = data["cluster_masters"]
+    if available > 1 and len(masters) < min(available, len(data["shards"])):
+        lines.append(
+            f"! The {len(data['shards'])} shard(s) sit on {len(masters)} of the cluster's "
+            f"{available} masters: move their slots (README: Scaling out) to spread the load"
+        )
     return lines
 
 
@@ -172,6 +200,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -
     say = partial(console.print, soft_wrap=False)
     say("views: screen_views waiting for their session's next view")
     for line in lock_lines(data["shards"]):
+        say(line)
+    for line in master_lines(data):
         say(line)
     backing_off = [s for s in data["shards"] if s["backoff_s"] > 0]
     if backing_off:

@@ -29,7 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import RedisError
 from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -38,6 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from worker.cli.common import one_line
+from worker.redis_errors import REDIS_FAILURES
 from worker.settings import Settings
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -215,7 +215,7 @@ def watch(
                 try:
                     data = snapshot(settings)
                     state.update(data, time.monotonic())
-                except RedisError as exc:  # keep watching: Redis may come back
+                except REDIS_FAILURES as exc:  # keep watching: Redis may come back
                     state.error = one_line(f"cannot read Redis: {exc}")
                 live.update(render(data, state, settings.high_water), refresh=True)
         except KeyboardInterrupt:
