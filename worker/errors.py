@@ -12,6 +12,7 @@
     ├── NotReplicatedError     too few replicas confirmed a write (node, wanted, confirmed)
     ├── FlushError             a shard's flush stopped (shard, lock)
     │   ├── LockLostError          the flush lock expired or was taken over
+    │   │   └── QueueMovedError    another flusher trimmed the queue under this one's claim
     │   └── LockHeldError          a live flusher kept the lock longer than it could wait (holder)
     └── ProducerError          the producer client holds events it could not send (unsent)
         ├── BufferFull             max_pending events are held
@@ -101,6 +102,14 @@ class FlushError(EventBufferError):
 
 class LockLostError(FlushError):
     """The flush lock expired or was taken over while a flush was working."""
+
+
+class QueueMovedError(LockLostError):
+    """A claim's rows could not be read: the queue's head moved after the claim was made.
+
+    Only an ack moves it, so another flusher acknowledged a claim of this
+    shard meanwhile: this one no longer holds the lock in any useful sense.
+    """
 
 
 class LockHeldError(FlushError):

@@ -38,6 +38,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import msgspec
 
@@ -50,9 +51,9 @@ from worker.deadletters import (
     encode_dead_letter,
 )
 from worker.errors import EventBufferError, LockLostError, NotReplicatedError, SinkError
-from worker.events import decode_row_head
 from worker.keys import CHANNEL_SAVED, Keyspace, ShardKeys
 from worker.lock import FlushLock
+from worker.read_ahead import ReadAhead, decode_heads
 from worker.replication import Replicas
 from worker.replies import text
 from worker.scripts import AckResult, Scripts
@@ -289,8 +290,11 @@ class Flusher:
             sink = self.sink_factory()
             try:
                 limit = max_batches or self.settings.max_batches_per_flush
-                while result.batches < limit and self._flush_one(shard, lock, sink, result):
-                    pass
+                with ReadAhead(self.scripts, shard, self.settings.batch_size) as ahead:
+                    while result.batches < limit and self._flush_one(
+                        shard, lock, sink, result, ahead, read_next=result.batches + 1 < limit
+                    ):
+                        pass
             finally:
                 sink.close()
         except (RetryableSinkError, PoisonGuardError):
@@ -323,30 +327,46 @@ class Flusher:
         )
 
     def _flush_one(
-        self, shard: ShardKeys, lock: FlushLock, sink: Sink, result: FlushResult
+        self,
+        shard: ShardKeys,
+        lock: FlushLock,
+        sink: Sink,
+        result: FlushResult,
+        ahead: ReadAhead,
+        read_next: bool,
     ) -> bool:
-        """One claim from claim to ack. False when the shard had nothing to claim."""
+        """One claim from claim to ack. False when the shard had nothing to claim.
+
+        The claim takes the rows `ahead` read behind the previous one where
+        they are its rows; with `read_next` (not for the last claim a run
+        may take), the rows behind this claim are read on `ahead`'s thread
+        while this claim's chunks are inserted.
+        """
         phase = time.perf_counter()
+        ready = ahead.take()
         claim = self.scripts.claim(
             shard,
             str(uuid.uuid4()),
             self.settings.batch_size,
             self.clock.now_ms(),
             self.settings.chunk_size,
+            ahead=ready.rows if ready is not None else None,
         )
         result.claim_seconds += time.perf_counter() - phase
         if claim is None:
             return False
         if claim.redriven:
             log.warning("re-driving unacknowledged claim %s on shard %d", claim.id, shard.shard)
+        if read_next:
+            ahead.start(claim)
 
+        heads = ready.heads_of(claim) if ready is not None else []
+        heads += decode_heads(claim.rows[len(heads) :])
         keyed: list[tuple[str, str, bytes, str]] = []
         dead: list[bytes] = []
-        for raw in claim.rows:
-            try:
-                head = decode_row_head(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                dead.append(self._dead(REASON_INVALID_JSON, str(exc), raw, shard, claim.id))
+        for raw, head in zip(claim.rows, heads, strict=True):
+            if isinstance(head, str):
+                dead.append(self._dead(REASON_INVALID_JSON, head, raw, shard, claim.id))
                 continue
             keyed.append((head.created_at, head.id, raw, head.project_id))
         keyed.sort()
@@ -367,7 +387,10 @@ class Flusher:
         lock.check()
         rejected = inserts.rejected
 
-        projects = Counter(item[3] for n, item in enumerate(keyed) if n not in rejected)
+        if rejected:
+            projects = Counter(item[3] for n, item in enumerate(keyed) if n not in rejected)
+        else:
+            projects = Counter(map(itemgetter(3), keyed))
         inserted = len(rows) - len(rejected)
         notice = msgspec.json.encode(
             {"shard": shard.shard, "claim": claim.id, "rows": inserted, "projects": projects}

@@ -19,10 +19,11 @@ from typing import Any
 from redis.commands.core import Script
 
 import lua_scripts
+from worker.errors import QueueMovedError
 from worker.keys import ShardKeys
 from worker.replication import Replicas
-from worker.replies import text
-from worker.topology import Client
+from worker.replies import number, text
+from worker.topology import Client, Node, on_node
 
 
 def load_lua(stem: str) -> str:
@@ -48,6 +49,26 @@ class Claim:
     redriven: bool
     chunk_size: int  # fixed when the claim was made, so every re-drive cuts the same chunks
     rows: list[bytes]
+    position: int = 0  # rows taken off the queue's head before this claim's first, ever
+
+
+@dataclass(frozen=True)
+class QueueRows:
+    """Rows read from a shard's queue, named by the position of the first.
+
+    A position counts every row ever taken off the queue's head (claim.lua
+    says why that names a row for good), so rows read ahead of a claim are
+    known to be its rows when the claim starts at the same position.
+    """
+
+    position: int
+    rows: list[bytes]
+
+    def take(self, position: int, count: int) -> list[bytes]:
+        """The first `count` rows from `position` that these hold (maybe fewer, maybe none)."""
+        if position != self.position:
+            return []
+        return self.rows[:count]
 
 
 class AckResult(IntEnum):
@@ -75,18 +96,28 @@ class Scripts:
         self._lock_takeover = script("lock_takeover")
 
     def claim(
-        self, shard: ShardKeys, new_id: str, max_rows: int, now_ms: int, chunk_size: int
+        self,
+        shard: ShardKeys,
+        new_id: str,
+        max_rows: int,
+        now_ms: int,
+        chunk_size: int,
+        ahead: QueueRows | None = None,
     ) -> Claim | None:
         """The shard's open claim, else a new one of up to `max_rows`; None if empty.
 
-        Raises NotReplicatedError when the claim is on the master only: its
-        rows must not be inserted then (see worker/replication.py).
+        Its rows come from `ahead` (read before the claim was made, see
+        `read_ahead`) where those are the claim's; the rest are read from
+        the queue. Raises NotReplicatedError when the claim is on the
+        master only: its rows must not be inserted then (see
+        worker/replication.py); QueueMovedError when the queue's head moved
+        before the rows were read.
         """
         reply = self._replicas.run(
             self._redis,
             shard.claim,
             lambda target: self._claim(
-                keys=[shard.queue, shard.claim],
+                keys=[shard.queue, shard.claim, shard.stats],
                 args=[new_id, max_rows, now_ms, chunk_size],
                 client=target,
             ),
@@ -95,12 +126,50 @@ class Scripts:
         )
         if not reply:
             return None
+        claim_id = text(reply[0])
+        count, position = int(reply[4]), int(reply[5])
+        rows = ahead.take(position, count) if ahead is not None else []
+        if len(rows) < count:
+            head, more = self._rows(shard, len(rows), count - len(rows))
+            if head != position:
+                raise QueueMovedError(
+                    f"claim {claim_id} of shard {shard.shard}: the queue's head moved "
+                    f"(from {position} to {head} rows removed) before its rows were "
+                    "read: another flusher acknowledged a claim"
+                )
+            rows += more
+        if len(rows) != count:
+            raise QueueMovedError(
+                f"claim {claim_id} of shard {shard.shard}: {count} rows claimed, "
+                f"{len(rows)} in the queue"
+            )
         return Claim(
-            id=text(reply[0]),
+            id=claim_id,
             redriven=int(reply[1]) == 1,
             chunk_size=int(reply[3]),
-            rows=list(reply[4:]),
+            rows=rows,
+            position=position,
         )
+
+    def read_ahead(self, shard: ShardKeys, claim: Claim, count: int) -> QueueRows:
+        """Up to `count` rows queued behind `claim`: the next claim's, once it is acknowledged."""
+        head, rows = self._rows(shard, len(claim.rows), count)
+        return QueueRows(head + len(claim.rows), rows)
+
+    def _rows(self, shard: ShardKeys, start: int, count: int) -> tuple[int, list[bytes]]:
+        """Rows `start` to `start + count - 1` of the queue, and the position of its head.
+
+        Read in one MULTI on the shard's master: the head cannot move between the two.
+        """
+
+        def read(node: Node) -> tuple[int, list[bytes]]:
+            with node.redis.pipeline(transaction=True) as pipe:
+                pipe.hget(shard.stats, "removed_total")
+                pipe.lrange(shard.queue, start, start + count - 1)
+                removed, rows = pipe.execute()
+            return (0 if removed is None else number(removed)), list(rows)
+
+        return on_node(self._redis, shard.queue, read)
 
     def ack(
         self,
