@@ -397,7 +397,10 @@ def run(args: argparse.Namespace) -> list[Result]:
         private_redis("flush") as server,
         tempfile.TemporaryDirectory(prefix="bench-flush-") as tmp,
     ):
-        results.append(bench_chdb(server.db_url(0), rows, args.rounds, Path(tmp)))
+        chdb_result = bench_chdb(server.db_url(0), rows, args.rounds, Path(tmp))
+        results.append(chdb_result)
+        if chdb_result.eventbuffer:
+            args.stage_rates["flush"] = chdb_result.eventbuffer  # e2e flushes to chDB
         server.client().flushdb()
         try:
             results.append(bench_native(server.db_url(0), rows, args.rounds, Path(tmp)))

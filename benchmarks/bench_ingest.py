@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> list[Result]:
     log(f"[ingest] in-process      {direct_rate:>10,.0f} events/s")
     log(f"[ingest] producer side   {producer_rate:>10,.0f} events/s (send() until close())")
     log(f"[ingest] workers' CPU    {median(busy):>10.2f} cores while draining ({layout})")
-    args.ingest_rate = celery_rate
+    args.stage_rates.update(producer=producer_rate, ingest=celery_rate)
     return [
         Result(
             "ingest: producer client's tasks, drained",

@@ -21,7 +21,7 @@ def test_quick_options_are_configured() -> None:
     args = build_parser().parse_args(["--quick"])
     configure(args)
     assert args.quick and args.rounds == 3
-    assert args.ingest_rate is None
+    assert args.stage_rates == {}
 
 
 def test_an_unknown_benchmark_is_refused() -> None:

@@ -190,6 +190,15 @@ class RealisticTraffic:
     def events(self, n: int) -> list[dict[str, Any]]:
         return [self.next_event()[0] for _ in range(n)]
 
+    def end_all(self) -> list[tuple[dict[str, Any], str]]:
+        """A session_end, with its session id, for every open session, which closes them."""
+        ended = []
+        for session in self.open:
+            session.position = len(session.plan) - 1
+            ended.append((self._event(session), session.base["session_id"]))
+        self.open.clear()
+        return ended
+
     @property
     def waiting(self) -> int:
         """Open sessions holding a last view (each keeps exactly one in the buffer)."""
