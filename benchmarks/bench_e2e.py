@@ -1,9 +1,12 @@
 """end to end: producers -> Celery -> Redis buffer -> ClickHouse, sustained.
 
-The whole system runs as it would in production, on embedded ClickHouse:
+The whole system runs as it would in production, twice: on embedded
+ClickHouse (chDB), then on a ClickHouse 26.x server (chDB's engine serving
+the native protocol, tests/support/native_server.py), where the flush worker
+is one solo process with nothing to recycle. Each run:
 the ingest workers `eventbuffer run` starts (`INGEST_LAYOUT`: two `-P solo`
-processes), one flush worker (one prefork process, replaced every 10 tasks,
-as `eventbuffer run` starts it), Celery Beat
+processes), one flush worker (on chDB one prefork process, replaced every
+10 tasks, as `eventbuffer run` starts it), Celery Beat
 with EVENT_BUFFER_FLUSH_INTERVAL_S=1 (plus back-pressure past the high-water
 mark), and EventProducer (batches up to 1000, the default 10 ms timer) in
 this process, offering events at a fixed rate: `--rate`, else 50% of the
@@ -56,7 +59,9 @@ from benchmarks.support import (
     private_redis,
     project_env,
     rss_kb,
+    skipped,
 )
+from tests.support.native_server import chdb_server
 from tests.support.polling import wait_until
 from tests.support.traffic import RealisticTraffic
 from worker.buffer import stored_view_row
@@ -67,6 +72,7 @@ from worker.names import INGEST_QUEUE
 from worker.producer import EventProducer
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink, close_all
+from worker.sinks.native import NativeSink
 from worker.sinks.schema import create_table
 
 FLUSH_INTERVAL_S = 1
@@ -216,25 +222,90 @@ def quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-def landed_rows(path: Path) -> dict[str, float]:
-    """id -> `_inserted` (epoch seconds) of every row in the table."""
-    from chdb import session as chdb_session
+LANDED_SQL = "SELECT toString(id), toUnixTimestamp64Milli(_inserted) FROM events"
+INSERTED_COLUMN = "ALTER TABLE events ADD COLUMN _inserted DateTime64(3, 'UTC') DEFAULT now64(3)"
 
-    session: Any = chdb_session.Session(str(path))  # type: ignore[no-untyped-call]
-    try:
-        result = session.query(
-            "SELECT toString(id), toUnixTimestamp64Milli(_inserted) FROM events", "TabSeparated"
-        )
-        text = result.bytes().decode()
-    finally:
-        session.close()
+
+class Backend:
+    """Where the flush worker writes: how to set the table up, read it, deploy the flusher."""
+
+    label = ""
+    url = ""
+    flush_pool: tuple[str, ...] = ()
+    pool_note = ""
+
+    def prepare(self) -> None:
+        raise NotImplementedError
+
+    def landed(self) -> list[tuple[str, int]]:
+        raise NotImplementedError
+
+
+class Embedded(Backend):
+    """chDB in the flush worker, deployed as `eventbuffer run` deploys it."""
+
+    label = "chDB"
+    # One pool process, replaced every 10 flushes (chDB keeps memory per
+    # session it opens and closes); RSS counts the whole tree.
+    flush_pool = ("-c", "1", "--max-tasks-per-child", "10")
+    pool_note = "flush: one prefork process replaced every 10 tasks, as eventbuffer run"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.url = f"chdb://{path}"
+
+    def prepare(self) -> None:
+        sink = ChdbSink(str(self.path))
+        try:
+            sink.query(create_table("events"))
+            sink.query(INSERTED_COLUMN)
+        finally:
+            sink.close()
+            close_all()
+
+    def landed(self) -> list[tuple[str, int]]:
+        sink = ChdbSink(str(self.path))
+        try:
+            return [(str(i), int(ms)) for i, ms in sink.query(LANDED_SQL)]
+        finally:
+            sink.close()
+            close_all()
+
+
+class Server(Backend):
+    """A ClickHouse 26.x server (chDB's engine serving the native protocol), as in production."""
+
+    label = "ClickHouse server"
+    flush_pool = ("-P", "solo")
+    pool_note = "flush: one solo process (nothing to recycle: the server holds the data)"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def prepare(self) -> None:
+        sink = NativeSink(self.url)
+        try:
+            sink.query(create_table("events"))
+            sink.query(INSERTED_COLUMN)
+        finally:
+            sink.close()
+
+    def landed(self) -> list[tuple[str, int]]:
+        sink = NativeSink(self.url)
+        try:
+            return [(str(i), int(ms)) for i, ms in sink.query(LANDED_SQL)]
+        finally:
+            sink.close()
+
+
+def landed_rows(backend: Backend) -> dict[str, float]:
+    """id -> `_inserted` (epoch seconds) of every row in the table."""
     landed: dict[str, float] = {}
     duplicates = 0
-    for line in text.splitlines():
-        event_id, millis = line.split("\t")
+    for event_id, millis in backend.landed():
         if event_id in landed:
             duplicates += 1
-        landed[event_id] = int(millis) / 1000
+        landed[event_id] = millis / 1000
     if duplicates:
         log(f"[e2e] WARNING: {duplicates} duplicate rows in ClickHouse")
     return landed
@@ -279,22 +350,32 @@ def run(args: argparse.Namespace) -> list[Result]:
         f"{duration:.0f} s; flush interval {FLUSH_INTERVAL_S} s; producer batches up to "
         f"{PRODUCER_BATCH} events or {timer_ms} ms"
     )
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-chdb-") as tmp:
+        results += pipeline(args, rate, why, timer_ms, Embedded(Path(tmp) / "clickhouse"))
+    # The same pipeline writing to a server, as production runs it: what
+    # embedded ClickHouse's recycled flush process costs shows as the difference.
+    try:
+        with chdb_server() as url:
+            results += pipeline(args, rate, why, timer_ms, Server(url))
+    except Exception as exc:  # a server that does not start must not hide the chDB figures
+        log(f"[e2e] ClickHouse server run failed: {exc!r}")
+        results.append(skipped("e2e (ClickHouse server)", f"failed: {exc!r}"))
+    return results
 
+
+def pipeline(
+    args: argparse.Namespace, rate: float, why: str, timer_ms: int, backend: Backend
+) -> list[Result]:
+    duration = float(args.duration)
+    warmup = 3.0 if args.quick else 5.0
+    log(f"[e2e] {backend.label}: {backend.pool_note}")
     with private_redis("e2e") as server, tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
-        chdb_path = Path(tmp) / "clickhouse"
-        sink = ChdbSink(str(chdb_path))
-        try:
-            sink.query(create_table("events"))
-            sink.query(
-                "ALTER TABLE events ADD COLUMN _inserted DateTime64(3, 'UTC') DEFAULT now64(3)"
-            )
-        finally:
-            sink.close()
-            close_all()
+        backend.prepare()
         values = {
             "REDIS_URL": server.db_url(0),
             "CELERY_BROKER_URL": server.db_url(1),
-            "CLICKHOUSE_URL": f"chdb://{chdb_path}",
+            "CLICKHOUSE_URL": backend.url,
             "EVENT_BUFFER_FLUSH_INTERVAL_S": str(FLUSH_INTERVAL_S),
             "EVENT_BUFFER_MAX_BATCHES_PER_FLUSH": "1000",
         }
@@ -306,9 +387,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             f"ingest{i}": celery_worker(f"ingest{i}", "ingest", env, logs, *argv)
             for i, argv in enumerate(INGEST_LAYOUT, start=1)
         }
-        # As `eventbuffer run` deploys it: one pool process, replaced every 10
-        # flushes (chDB keeps memory per session); RSS counts the whole tree.
-        flush = celery_worker("flush", "flush", env, logs, "-c", "1", "--max-tasks-per-child", "10")
+        flush = celery_worker("flush", "flush", env, logs, *backend.flush_pool)
         beat = celery_beat(env, logs)
         workers = {**ingest, "flush": flush}
         buffer_db = server.client(0)
@@ -366,8 +445,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             for child in (beat, flush, *ingest.values()):
                 child.stop()
 
-        landed = landed_rows(chdb_path)
-        close_all()
+        landed = landed_rows(backend)
         flushes = flush_log_summary(flush.text())
 
     in_window = {i: t for i, t in tracker.handover.items() if window_start <= t <= window_end}
@@ -413,11 +491,12 @@ def run(args: argparse.Namespace) -> list[Result]:
         "offered_rate": offered,
         "requested_rate": rate,
         "rate_source": why,
+        "backend": backend.label,
         "flush_interval_s": FLUSH_INTERVAL_S,
         "events_sent_in_window": sent,
         "missing": missing,
         "views_applied_after_session_end": out_of_order,
-        "stage_rates": stages,
+        "stage_rates": {k: v for k, v in args.stage_rates.items() if v},
         "flushes": flushes,
         "producer_batch_ms": timer_ms,
     }
@@ -428,7 +507,7 @@ def run(args: argparse.Namespace) -> list[Result]:
     growth_max = max(growth.values()) if growth else None
     return [
         Result(
-            "e2e throughput",
+            f"e2e throughput ({backend.label})",
             "events/s",
             throughput,
             offered,
@@ -441,7 +520,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             extra=common,
         ),
         Result(
-            "e2e latency p99",
+            f"e2e latency p99 ({backend.label})",
             "s",
             p99,
             None,
@@ -454,7 +533,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             extra={**common, "p50_s": p50, "p99_s": p99, "max_s": worst, "samples": len(latencies)},
         ),
         Result(
-            "e2e worker RSS growth",
+            f"e2e worker RSS growth ({backend.label})",
             "%",
             None if growth_max is None else 100 * growth_max,
             None,

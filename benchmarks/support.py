@@ -298,13 +298,24 @@ def _one_rss_kb(pid: int) -> int | None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (0.0 if unknown)."""
+    """CPU time (user + system) a process and its children (a prefork pool) have used so far.
+
+    Children still running count their own time; those that exited and were
+    reaped count in the parent's cutime/cstime. 0.0 if unknown.
+    """
+    return _cpu_ticks(pid, reaped=True) + sum(_cpu_ticks(c) for c in _children(pid))
+
+
+def _cpu_ticks(pid: int, reaped: bool = False) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    # Fields 14 and 15 of stat (utime, stime), counted after the ")" of the name.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # Fields 14-17 of stat (utime, stime, cutime, cstime), counted after the ")" of the name.
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 # -- servers -------------------------------------------------------------------

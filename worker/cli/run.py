@@ -184,9 +184,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
                 "flush",
                 "flush worker",
                 # One pool process (embedded ClickHouse admits one process at a
-                # time), replaced every 10 tasks: chDB keeps a few MB per session
-                # it opens and closes, and a fresh process returns them (a new
-                # process costs ~0.2 s; benchmarks/bench_e2e.py measures both).
+                # time), replaced every 10 tasks: chDB keeps ~10 MB per session
+                # it opens, writes and closes, and a fresh process returns them.
+                # A replacement stalls flushing 3-5 s on a loaded machine (billiard
+                # alone pauses 1 s in an exiting child): benchmarks/bench_e2e.py
+                # measures it against a ClickHouse server, which needs neither.
                 [
                     "worker",
                     "-Q",
