@@ -34,3 +34,22 @@ def test_an_unknown_benchmark_is_refused() -> None:
     )
     assert done.returncode == 2
     assert "unknown benchmark(s): nonsense" in done.stdout
+
+
+def test_e2e_capacity_adds_each_stage_machine_time_per_event() -> None:
+    from benchmarks.bench_e2e import capacity
+
+    assert capacity({"ingest": 100.0, "flush": 100.0}) == 50.0
+    assert round(capacity({"producer": 64_000.0, "ingest": 88_000.0, "flush": 57_000.0})) == 22_456
+
+
+def test_ending_every_session_releases_every_waiting_view() -> None:
+    from tests.support.traffic import RealisticTraffic
+
+    stream = RealisticTraffic(seed=3, concurrent=50)
+    for _ in range(500):
+        stream.next_event()
+    ended = stream.end_all()
+    assert ended and all(event["name"] == "session_end" for event, _ in ended)
+    assert len({session for _, session in ended}) == len(ended)
+    assert stream.waiting == 0
