@@ -161,6 +161,41 @@ def test_every_pool_consumes_and_leaves_nothing_behind(
     no_errors(proc)
 
 
+def test_a_retired_pool_process_is_replaced_and_its_tasks_run_once(system: System) -> None:
+    # The prefork pool of worker/prefork.py, as the flush worker on chDB runs
+    # it: every pool process retires after its task; each is replaced, and
+    # tasks prefetched meanwhile run once in the next one.
+    proc = system.worker("w", "-P", "prefork", "-c", "1", "--max-tasks-per-child", "1")
+    proc.wait_for("ready.")
+    assert "(prefork)" in proc.text()  # worker.prefork:TaskPool names itself as Celery's does
+    system.send(12)
+    system.wait_applied()
+    pool_processes = {
+        line.split("/")[1].split("]")[0]
+        for line in proc.text().splitlines()
+        if "/ForkPoolWorker-" in line and "succeeded" in line
+    }
+    assert len(pool_processes) == 12, sorted(pool_processes)
+    proc.stop()
+    system.assert_exactly_once()
+    assert system.inflight() == 0 and not system.held_task_ids()
+    no_errors(proc)
+
+
+def test_the_default_prefork_pool_is_prompt_to_replace_processes() -> None:
+    from celery.concurrency import get_implementation
+
+    from worker.prefork import MAINTAIN_INTERVAL_S, PromptAsynPool, TaskPool
+
+    settings = Settings.from_env({})
+    assert create_app(settings).conf.worker_pool == "worker.prefork:TaskPool"
+    assert get_implementation("worker.prefork:TaskPool") is TaskPool
+    assert TaskPool.Pool is PromptAsynPool and MAINTAIN_INTERVAL_S < 5.0
+    # The property Celery's hub reads for its periodic maintenance.
+    timers = PromptAsynPool.timers.fget(type("P", (), {"maintain_pool": print})())  # type: ignore[attr-defined]
+    assert list(timers.values()) == [MAINTAIN_INTERVAL_S]
+
+
 def test_warm_shutdown_puts_prefetched_tasks_back_in_order(system: System) -> None:
     proc = system.worker("w", "-P", "prefork", "-c", "1")  # prefetch: 4 tasks
     proc.wait_for("ready.")

@@ -72,6 +72,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         worker_prefetch_multiplier=4,
         # Messages for the ingest tasks that Celery cannot run become dead letters.
         worker_consumer="worker.consumer:Consumer",
+        # `-P prefork` (the default), replacing a retired pool process at once.
+        worker_pool="worker.prefork:TaskPool",
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         # Task events cost ~5% of ingest throughput; Flower turns them on itself
         # (`celery -A worker control enable_events` does the same by hand).

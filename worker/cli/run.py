@@ -186,9 +186,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
                 # One pool process (embedded ClickHouse admits one process at a
                 # time), replaced every 10 tasks: chDB keeps ~10 MB per session
                 # it opens, writes and closes, and a fresh process returns them.
-                # A replacement stalls flushing 3-5 s on a loaded machine (billiard
-                # alone pauses 1 s in an exiting child): benchmarks/bench_e2e.py
-                # measures it against a ClickHouse server, which needs neither.
+                # The replacement starts within ~0.5 s (worker/prefork.py);
+                # benchmarks/bench_e2e.py measures the latency against a server.
                 [
                     "worker",
                     "-Q",
