@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="end-to-end producer timer, ms (default: EVENT_BUFFER_MICRO_BATCH_MS's default, 10)",
     )
     parser.add_argument(
+        "--e2e-backends",
+        default="chdb,server",
+        help="end-to-end ClickHouse: chdb (embedded), server (ClickHouse 26.x), or both (default)",
+    )
+    parser.add_argument(
         "--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})"
     )
     return parser
