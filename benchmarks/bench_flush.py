@@ -28,10 +28,6 @@ import argparse
 import contextlib
 import datetime as dt
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +39,6 @@ import msgspec
 import redis as redis_lib
 
 from benchmarks.support import (
-    PROCESSES,
     Result,
     alternate,
     log,
@@ -51,8 +46,7 @@ from benchmarks.support import (
     private_redis,
     skipped,
 )
-from tests.support.polling import wait_until
-from tests.support.servers import free_port
+from tests.support.native_server import local_server, server_binary
 from tests.support.traffic import mix, traffic
 from worker.events import encode_event, parse_event
 from worker.flush import Flusher
@@ -79,9 +73,6 @@ CREATE TABLE {COMPAT_TABLE} (
 ) ENGINE = MergeTree PARTITION BY toYYYYMM(created_at)
 ORDER BY (project_id, toDate(created_at), profile_id, name)
 """
-
-SERVER_BINARY = "/usr/sbin/clickhouse-server"
-SERVER_CONFIG = "/etc/clickhouse-server/config.xml"
 
 
 def flush_settings(redis_url: str, clickhouse_url: str, table: str) -> Settings:
@@ -229,62 +220,6 @@ def bench_chdb(redis_url: str, rows: list[bytes], rounds: int, tmp: Path) -> Res
 # -- native ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def local_clickhouse(tmp: Path) -> Iterator[str]:
-    """Debian's clickhouse-server, private: its own directory and free ports."""
-    base = tmp / "clickhouse-server"
-    base.mkdir()
-    tcp = free_port()
-    process = PROCESSES.spawn(
-        [
-            shutil.which("clickhouse-server") or SERVER_BINARY,
-            f"--config-file={SERVER_CONFIG}",
-            "--",
-            f"--path={base}/data/",
-            f"--tmp_path={base}/tmp/",
-            f"--user_files_path={base}/user_files/",
-            f"--format_schema_path={base}/format_schemas/",
-            f"--tcp_port={tcp}",
-            f"--http_port={free_port()}",
-            f"--interserver_http_port={free_port()}",
-            f"--logger.log={base}/server.log",
-            f"--logger.errorlog={base}/server.err.log",
-            "--logger.console=0",
-        ],
-        log_path=base / "stdout.log",
-        cwd=base,
-    )
-    try:
-        from clickhouse_driver import Client
-
-        def answers() -> bool:
-            try:
-                # Probe first: clickhouse-driver logs a traceback per refused connection.
-                socket.create_connection(("127.0.0.1", tcp), 1).close()
-                client = Client("127.0.0.1", port=tcp, connect_timeout=1)
-                try:
-                    return bool(client.execute("SELECT 1") == [(1,)])
-                finally:
-                    client.disconnect()
-            except Exception:
-                return False
-
-        wait_until(
-            answers,
-            30,
-            "clickhouse-server to answer",
-            interval=0.1,
-            alive=lambda: process.poll() is None,
-        )
-        yield f"clickhouse://default@127.0.0.1:{tcp}/default"
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(15)
-        PROCESSES.stop(process)
-
-
 def _epoch_seconds(text: str) -> int:
     return int(dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC).timestamp())
 
@@ -329,10 +264,8 @@ def bench_native(redis_url: str, rows: list[bytes], rounds: int, tmp: Path) -> R
             url = urlunsplit(parts._replace(path="/eventbuffer_bench"))
             table, legacy = "events", False
             label = f"native ClickHouse at {parts.hostname}:{parts.port}"
-        elif os.path.isfile(SERVER_CONFIG) and (
-            shutil.which("clickhouse-server") or os.access(SERVER_BINARY, os.X_OK)
-        ):
-            url = stack.enter_context(local_clickhouse(tmp))
+        elif server_binary() is not None:
+            url = stack.enter_context(local_server())
             table, legacy = COMPAT_TABLE, True
             label = "native ClickHouse 18.16 (compat table)"
         else:

@@ -170,12 +170,18 @@ def test_a_retired_pool_process_is_replaced_and_its_tasks_run_once(system: Syste
     assert "(prefork)" in proc.text()  # worker.prefork:TaskPool names itself as Celery's does
     system.send(12)
     system.wait_applied()
-    pool_processes = {
-        line.split("/")[1].split("]")[0]
-        for line in proc.text().splitlines()
-        if "/ForkPoolWorker-" in line and "succeeded" in line
-    }
-    assert len(pool_processes) == 12, sorted(pool_processes)
+
+    def pool_processes() -> list[str]:  # the pool process of every task that succeeded
+        lines = proc.text().splitlines()
+        return [
+            ln.split("/")[1].split("]")[0]
+            for ln in lines
+            if "/ForkPoolWorker-" in ln and "succeeded" in ln
+        ]
+
+    # The buffer has every event before the last task logs its success.
+    wait_until(lambda: len(pool_processes()) >= 12, 30, "12 tasks logged as succeeded")
+    assert len(set(pool_processes())) == 12, sorted(pool_processes())
     proc.stop()
     system.assert_exactly_once()
     assert system.inflight() == 0 and not system.held_task_ids()
