@@ -34,7 +34,7 @@ from hiredis import pack_command
 from redis.exceptions import ResponseError
 
 from worker.errors import BufferKeyTypeError, NotReplicatedError
-from worker.events import KIND_REGULAR, KIND_SCREEN_VIEW, Row
+from worker.events import KIND_REGULAR, KIND_SCREEN_VIEW, KIND_SESSION_END, Row
 from worker.keys import ShardKeys
 from worker.replication import Replicas
 from worker.replies import text
@@ -74,6 +74,8 @@ class ShardWrites:
     visitors: dict[str, list[str]] = field(default_factory=dict)  # project -> profile ids
     dead_letters: Sequence[bytes] = ()
     publish: tuple[str, bytes] | None = None
+    # The batch's events on this shard by kind (KIND_REGULAR / SCREEN_VIEW / SESSION_END).
+    kinds: dict[str, int] = field(default_factory=dict)
 
     @property
     def has_views(self) -> bool:
@@ -93,6 +95,7 @@ def plan_shard(
     pending: dict[str, tuple[int, int, bytes] | None] = {}
     profiles: dict[str, bytes | None] = {}
     visitors: dict[str, dict[str, None]] = {}
+    views = ends = 0
     for event, row in zip(events, rows, strict=True):
         profile_id = event.profile_id
         if profile_id:
@@ -108,6 +111,7 @@ def plan_shard(
         first = session not in pending
         previous = None if first else pending[session]
         if kind == KIND_SCREEN_VIEW:
+            views += 1
             created = event.created_ms
             if first:
                 writes.resolve.append((session, str(created)))
@@ -121,6 +125,7 @@ def plan_shard(
                     created, event.duration, row
                 )
         else:  # session_end
+            ends += 1
             if first:
                 writes.resolve.append((session, ""))
             elif previous is not None:
@@ -140,6 +145,11 @@ def plan_shard(
         else:
             writes.profiles_set[profile] = value
     writes.visitors = {project: list(members) for project, members in visitors.items()}
+    writes.kinds = {
+        KIND_REGULAR: len(events) - views - ends,
+        KIND_SCREEN_VIEW: views,
+        KIND_SESSION_END: ends,
+    }
     return writes
 
 

@@ -109,17 +109,20 @@ class EventBuffer:
         result = ApplyResult(batch_id=batch_id, events=len(events), dead=len(dead_letters))
         if not events and not dead_letters:
             return result
-        by_shard: dict[int, tuple[list[Row], list[bytes]]] = {}
-        route = self.keyspace.route
-        for event in events:
-            shard = route(event.session_id or event.id).shard
-            group = by_shard.get(shard)
-            if group is None:
-                group = by_shard[shard] = ([], [])
-            group[0].append(event)
-            group[1].append(encode_event(event))
-        if not by_shard:
-            by_shard[0] = ([], [])
+        by_shard: dict[int, tuple[Sequence[Row], list[bytes]]]
+        if self.keyspace.shards == 1:  # no routing: every event, in order, on shard 0
+            by_shard = {0: (events, [encode_event(event) for event in events])}
+        else:
+            routed: dict[int, tuple[list[Row], list[bytes]]] = {}
+            route = self.keyspace.route
+            for event in events:
+                shard = route(event.session_id or event.id).shard
+                group = routed.get(shard)
+                if group is None:
+                    group = routed[shard] = ([], [])
+                group[0].append(event)
+                group[1].append(encode_event(event))
+            by_shard = dict(routed) or {0: ([], [])}
         now = self.clock.now_ms()
         shards = list(by_shard)
         plans = []
@@ -134,13 +137,15 @@ class EventBuffer:
         if events and self._publish_throttle.ready(now):
             plans[-1].publish = (CHANNEL_RECEIVED, encode_event(events[-1]))
         outcomes = self._writer.write(self.redis, plans, now)
-        for shard, outcome in zip(shards, outcomes, strict=True):
+        for shard, plan, outcome in zip(shards, plans, outcomes, strict=True):
             result.queue_lengths[shard] = outcome.queue_length
             if not outcome.applied:
                 result.skipped_shards.append(shard)
             else:
                 result.appended += outcome.appended
-                result.kinds.update(KIND_NAMES[e.kind] for e in by_shard[shard][0])
+                for kind, count in plan.kinds.items():
+                    if count:
+                        result.kinds[KIND_NAMES[kind]] += count
         return result
 
     # -- reading ------------------------------------------------------------
