@@ -1,0 +1,136 @@
+"""Claims by position, and the next claim's rows read ahead (worker/read_ahead.py).
+
+claim.lua returns a claim's size and position (rows ever removed from the
+queue's head), and its rows are read by LRANGE checked against that
+position; rows read ahead of a claim are used only at their own position.
+Against a real Redis, and a real chDB for the flush.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis as redis_lib
+
+from tests.support.dates import DAY
+from worker.buffer import EventBuffer
+from worker.errors import LockLostError, QueueMovedError
+from worker.events import Event, parse_event
+from worker.flush import Flusher
+from worker.keys import ShardKeys
+from worker.scripts import AckResult, Claim, QueueRows, Scripts
+from worker.settings import Settings
+from worker.sinks.chdb import ChdbSink, path_from_url
+
+KEYS = ShardKeys("eventbuffer", 0)
+
+
+def events(n: int) -> list[Event]:
+    return [
+        parse_event({"project_id": "p1", "name": f"e{i}", "created_at": f"{DAY}T12:00:{i:02d}Z"})
+        for i in range(n)
+    ]
+
+
+def claim(scripts: Scripts, claim_id: str, rows: int, ahead: QueueRows | None = None) -> Claim:
+    made = scripts.claim(KEYS, claim_id, rows, 0, 1000, ahead=ahead)
+    assert made is not None
+    return made
+
+
+def ack(scripts: Scripts, made: Claim) -> None:
+    result = scripts.ack(
+        KEYS,
+        lock_token=b"nobody holds the lock",
+        claim_id=made.id,
+        now_ms=0,
+        rows_inserted=len(made.rows),
+        dead_letters=[],
+        saved=None,
+    )
+    assert result == AckResult.ACKED
+
+
+def test_rows_are_taken_only_at_the_position_they_were_read_from() -> None:
+    read = QueueRows(position=8, rows=[b"a", b"b", b"c"])
+    assert read.take(8, 2) == [b"a", b"b"]
+    assert read.take(8, 5) == [b"a", b"b", b"c"]
+    assert read.take(7, 2) == [] and read.take(9, 2) == []
+
+
+def test_claims_are_named_by_position_and_rows_read_ahead_are_the_next_claims(
+    redis: redis_lib.Redis, settings: Settings
+) -> None:
+    EventBuffer(redis, settings).apply(events(10))
+    queue = redis.lrange(KEYS.queue, 0, -1)
+    scripts = Scripts(redis)
+
+    first = claim(scripts, "c1", 4)
+    assert (first.position, first.rows, first.redriven) == (0, queue[:4], False)
+    ahead = scripts.read_ahead(KEYS, first, 4)
+    assert (ahead.position, ahead.rows) == (4, queue[4:8])
+    # Handed back unacknowledged, the open claim has the same position and rows.
+    again = claim(scripts, "ignored", 4)
+    assert (again.id, again.position, again.rows, again.redriven) == ("c1", 0, queue[:4], True)
+
+    ack(scripts, first)
+    second = claim(scripts, "c2", 5, ahead=ahead)  # 4 rows read ahead, 1 more read now
+    assert (second.position, second.rows) == (4, queue[4:9])
+    ack(scripts, second)
+    # Rows read at another position are never taken for a claim's.
+    third = claim(scripts, "c3", 5, ahead=QueueRows(position=4, rows=queue[4:9]))
+    assert (third.position, third.rows) == (9, queue[9:])
+
+
+class AckedMeanwhile(Scripts):
+    """Scripts where another flusher acknowledges 2 rows between a claim and its read."""
+
+    def _rows(self, shard: ShardKeys, start: int, count: int) -> Any:
+        self._redis.ltrim(shard.queue, 2, -1)
+        self._redis.hincrby(shard.stats, "removed_total", 2)
+        return super()._rows(shard, start, count)
+
+
+def test_a_head_that_moved_before_the_rows_were_read_stops_the_claim(
+    redis: redis_lib.Redis, settings: Settings
+) -> None:
+    EventBuffer(redis, settings).apply(events(6))
+    with pytest.raises(QueueMovedError, match="moved \\(from 0 to 2 rows removed\\)") as raised:
+        AckedMeanwhile(redis).claim(KEYS, "c1", 4, 0, 1000)
+    assert isinstance(raised.value, LockLostError)  # the flush stops as for a lost lock
+
+
+def test_a_flush_of_many_claims_reads_each_claims_rows_ahead(
+    redis: redis_lib.Redis, redis_url: str, chdb_url: str
+) -> None:
+    settings = Settings.from_env(
+        {"REDIS_URL": redis_url, "CLICKHOUSE_URL": chdb_url, "EVENT_BUFFER_BATCH_SIZE": "5"}
+    )
+    sent = events(23)
+    EventBuffer(redis, settings).apply(sent)
+    sink = ChdbSink(path_from_url(chdb_url))
+    sink.migrate()
+    flusher = Flusher(redis, settings, lambda: sink)
+    reads: list[str] = []
+    scripts = flusher.scripts
+    real_rows, real_ahead = scripts._rows, scripts.read_ahead
+
+    def rows(shard: ShardKeys, start: int, count: int) -> Any:
+        reads.append("read")
+        return real_rows(shard, start, count)
+
+    def read_ahead(shard: ShardKeys, made: Claim, count: int) -> QueueRows:
+        reads.append("ahead")
+        return real_ahead(shard, made, count)
+
+    scripts._rows, scripts.read_ahead = rows, read_ahead  # type: ignore[method-assign]
+    [result] = flusher.process_buffer(max_batches=10).shards
+    assert (result.rows, result.batches) == (23, 5)
+    # Only the first claim read its own rows; each later one had them read ahead
+    # (every read ahead reads through _rows too, once).
+    assert reads.count("ahead") == 5
+    assert reads.count("read") - reads.count("ahead") == 1
+    landed = sink.query("SELECT toString(id) FROM events")
+    assert sorted(i for (i,) in landed) == sorted(e.id for e in sent)
+    assert redis.llen(KEYS.queue) == 0
