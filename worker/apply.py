@@ -77,10 +77,6 @@ class ShardWrites:
     # The batch's events on this shard by kind (KIND_REGULAR / SCREEN_VIEW / SESSION_END).
     kinds: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def has_views(self) -> bool:
-        return bool(self.resolve)
-
 
 def plan_shard(
     shard: ShardKeys,

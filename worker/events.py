@@ -243,13 +243,6 @@ def encode_event(event: Row) -> bytes:
     return _encoder.encode(event) if row is None else row
 
 
-def with_id(event: Event, event_id: str) -> Event:
-    """A copy of a validated event with another id (its row re-encoded)."""
-    copy = msgspec.structs.replace(event, id=event_id)
-    copy.__dict__["_row"] = _encoder.encode(copy)
-    return copy
-
-
 def decode_row(data: bytes | str) -> Row:
     """Decode a stored JSON row (trusted, already normalized: nothing is re-checked)."""
     try:
