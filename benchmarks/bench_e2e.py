@@ -74,8 +74,8 @@ from worker.keys import Keyspace
 from worker.names import INGEST_QUEUE
 from worker.producer import EventProducer
 from worker.settings import Settings
-from worker.sinks.chdb import ChdbSink, close_all
-from worker.sinks.native import NativeSink
+from worker.sinks import open_sink
+from worker.sinks.chdb import close_all
 from worker.sinks.schema import create_table
 
 FLUSH_INTERVAL_S = 1
@@ -241,7 +241,7 @@ INSERTED_COLUMN = "ALTER TABLE events ADD COLUMN _inserted DateTime64(3, 'UTC') 
 
 
 class Backend:
-    """Where the flush worker writes: how to set the table up, read it, deploy the flusher."""
+    """Where the flush worker writes (`url`), how the flusher is deployed there."""
 
     label = ""
     url = ""
@@ -249,10 +249,24 @@ class Backend:
     pool_note = ""
 
     def prepare(self) -> None:
-        raise NotImplementedError
+        """The events table, with `_inserted`."""
+        self._query(create_table("events"))
+        self._query(INSERTED_COLUMN)
 
     def landed(self) -> list[tuple[str, int]]:
-        raise NotImplementedError
+        """(id, `_inserted` ms) of every row."""
+        return [(str(i), int(ms)) for i, ms in self._query(LANDED_SQL)]
+
+    def _query(self, sql: str) -> list[tuple[Any, ...]]:
+        sink = open_sink(self.url)
+        try:
+            return sink.query(sql)
+        finally:
+            sink.close()
+            self._release()
+
+    def _release(self) -> None:
+        """Let the flush worker's process open the data (embedded ClickHouse only)."""
 
 
 class Embedded(Backend):
@@ -265,25 +279,10 @@ class Embedded(Backend):
     pool_note = "flush: one prefork process replaced every 10 tasks, as eventbuffer run"
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         self.url = f"chdb://{path}"
 
-    def prepare(self) -> None:
-        sink = ChdbSink(str(self.path))
-        try:
-            sink.query(create_table("events"))
-            sink.query(INSERTED_COLUMN)
-        finally:
-            sink.close()
-            close_all()
-
-    def landed(self) -> list[tuple[str, int]]:
-        sink = ChdbSink(str(self.path))
-        try:
-            return [(str(i), int(ms)) for i, ms in sink.query(LANDED_SQL)]
-        finally:
-            sink.close()
-            close_all()
+    def _release(self) -> None:
+        close_all()
 
 
 class Server(Backend):
@@ -295,21 +294,6 @@ class Server(Backend):
 
     def __init__(self, url: str) -> None:
         self.url = url
-
-    def prepare(self) -> None:
-        sink = NativeSink(self.url)
-        try:
-            sink.query(create_table("events"))
-            sink.query(INSERTED_COLUMN)
-        finally:
-            sink.close()
-
-    def landed(self) -> list[tuple[str, int]]:
-        sink = NativeSink(self.url)
-        try:
-            return [(str(i), int(ms)) for i, ms in sink.query(LANDED_SQL)]
-        finally:
-            sink.close()
 
 
 def landed_rows(backend: Backend) -> dict[str, float]:
