@@ -82,7 +82,17 @@ def chdb_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def settings(redis_url: str, chdb_url: str) -> Settings:
-    return Settings.from_env({"REDIS_URL": redis_url, "CLICKHOUSE_URL": chdb_url})
+    """Settings for tests of one rule at a time: views and session_ends are applied at
+    once (no reorder window), so a test sees OpenPanel's rules right after `apply`.
+    The window is tested in tests/test_reorder.py and with real workers, at its default,
+    in tests/test_reorder_workers.py and every test that starts workers from the env."""
+    return Settings.from_env(
+        {
+            "REDIS_URL": redis_url,
+            "CLICKHOUSE_URL": chdb_url,
+            "EVENT_BUFFER_REORDER_WINDOW_MS": "0",
+        }
+    )
 
 
 @pytest.fixture
@@ -150,6 +160,7 @@ def run_main(
 
     monkeypatch.setenv("REDIS_URL", settings.redis_url)
     monkeypatch.setenv("CLICKHOUSE_URL", settings.clickhouse_url)
+    monkeypatch.setenv("EVENT_BUFFER_REORDER_WINDOW_MS", str(settings.reorder_window_ms))
     for name, value in run_main_env.items():
         if value is None:
             monkeypatch.delenv(name, raising=False)

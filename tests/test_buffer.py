@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import redis as redis_lib
 
 from tests.support.clock import ManualClock
@@ -11,6 +12,7 @@ from tests.support.dates import DAY
 from worker.buffer import EventBuffer
 from worker.events import Event, as_row, parse_event
 from worker.keys import CHANNEL_RECEIVED, ShardKeys
+from worker.reorder import release_due
 from worker.settings import Settings
 
 T0 = f"{DAY}T12:00:00.000Z"
@@ -107,17 +109,25 @@ def test_duration_never_negative(buffer: EventBuffer, redis: redis_lib.Redis) ->
     assert [e.duration for e in queued(redis)] == [0]
 
 
-def test_last_views_expire_with_the_shards_ttl(redis: redis_lib.Redis, redis_url: str) -> None:
+@pytest.mark.parametrize("window", ["0", "1000"])
+def test_last_views_expire_with_the_shards_ttl(
+    redis: redis_lib.Redis, redis_url: str, window: str
+) -> None:
     settings = Settings.from_env(
         {
             "REDIS_URL": redis_url,
             "EVENT_BUFFER_SCREEN_VIEW_TTL_S": "77",
             "EVENT_BUFFER_SESSION_TIMEOUT_S": "60",
             "EVENT_BUFFER_SWEEP_INTERVAL_S": "10",
+            "EVENT_BUFFER_REORDER_WINDOW_MS": window,
         }
     )
-    EventBuffer(redis, settings).add(view("s1", T0, "u1"))
+    clock = ManualClock()
+    buffer = EventBuffer(redis, settings, clock)
+    buffer.add(view("s1", T0, "u1"))
     keys = ShardKeys("eventbuffer", 0)
+    clock.advance(settings.reorder_window_ms)
+    release_due(buffer.scripts, keys, settings, clock)  # held by the window until now
     assert 0 < redis.ttl(keys.views) <= 77
     assert 0 < redis.ttl(keys.profile_views) <= 77
 
@@ -200,12 +210,16 @@ def test_shards_route_by_session_and_keep_sessions_in_order(
     redis: redis_lib.Redis, redis_url: str
 ) -> None:
     settings = Settings.from_env({"REDIS_URL": redis_url, "EVENT_BUFFER_SHARDS": "4"})
-    buffer = EventBuffer(redis, settings)
+    clock = ManualClock()
+    buffer = EventBuffer(redis, settings, clock)
     events = []
     for n in range(40):
         session = f"s{n % 10}"
         events.append(view(session, f"{DAY}T12:00:{n:02d}Z", f"u{n % 3}"))
     result = buffer.apply(events)
+    clock.advance(settings.reorder_window_ms)  # the window passes: every shard releases
+    for shard in buffer.shards():
+        release_due(buffer.scripts, shard, settings, clock)
     assert len(result.queue_lengths) > 1, "40 events over 10 sessions should touch several shards"
     assert buffer.get_buffer_size() == 30
     for n in range(30, 40):

@@ -356,6 +356,14 @@ def test_status_json_matches_redis(
         ]
     )
     ingest(buffer, [{"project_id": "p1", "name": "bad", "created_at": "yesterday"}], "b1")
+    # Two session events held by a reorder window (another buffer's settings).
+    window = Settings.from_env({"REDIS_URL": settings.redis_url})
+    EventBuffer(redis, window).apply(
+        [
+            event("screen_view", now, session_id="s10"),
+            event("session_end", now + 1, session_id="s10"),
+        ]
+    )
     claim = Scripts(redis).claim(SHARD, "claim-1", 2, now - 5_000, 1000)
     assert claim is not None
     redis.hset(
@@ -379,6 +387,7 @@ def test_status_json_matches_redis(
     assert shard["claimed"]["age_s"] >= 5
     assert shard["dead_letters"] == redis.llen(SHARD.dead) == 1
     assert shard["waiting_views"] == 1
+    assert shard["held"] == redis.zcard(SHARD.held) == 2
     assert shard["lock"]["token"] == token
     assert 0 < shard["lock"]["ttl_ms"] <= 60_000
     # Who holds it, and its heartbeat: fresh (it was just taken).
@@ -388,7 +397,13 @@ def test_status_json_matches_redis(
     assert 0 <= shard["lock"]["heartbeat_age_ms"] < 20_000
     assert shard["lock"]["stale"] is False
     assert shard["last_flush"]["rows"] == 17 and shard["last_flush"]["at_ms"] == now - 60_000
-    assert data["totals"] == {"queued": 4, "claimed": 2, "dead_letters": 1, "waiting_views": 1}
+    assert data["totals"] == {
+        "queued": 4,
+        "claimed": 2,
+        "dead_letters": 1,
+        "waiting_views": 1,
+        "held": 2,
+    }
     assert data["active_visitors"] == {"[/p3]": 1, "p1": 2, "p2": 1}
     assert human.code == 0
     assert "[/p3]" in human.out and "claimed" in human.out
@@ -804,6 +819,33 @@ def test_demo_without_workers_times_out_with_advice(
     [line] = result.stderr.strip().splitlines()
     assert "No worker seems to be consuming the `ingest` queue" in line
     assert "eventbuffer run" in line
+
+
+@pytest.mark.slow
+def test_demo_timing_out_with_a_worker_running_says_where_the_events_are(
+    redis: redis_lib.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    from tests.support.celery_procs import worker
+
+    env = project_env(
+        REDIS_URL=redis_url,
+        CLICKHOUSE_URL=f"chdb://{tmp_path}/ch",
+        EVENT_BUFFER_REORDER_WINDOW_MS="60000",  # views surely still held when the demo gives up
+    )
+    running = worker(env, tmp_path / "worker.log", "-Q", "ingest", "-P", "solo")
+    try:
+        running.wait_for("ready", timeout=60)
+        result = run_cli(["demo", "--sessions", "20", "--timeout", "5"], env, tmp_path)
+    finally:
+        running.stop()
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert "No worker seems" not in line
+    assert "1 worker(s) answered a ping" in line
+    assert re.search(r"\d+ of \d+ demo events are in ClickHouse, \d+ are not", line)
+    assert "0 ingest task(s) wait in the broker" in line
+    assert re.search(r"[1-9]\d* event\(s\) held by the reorder window", line)
+    assert "session events are held by the reorder window" in line
 
 
 @pytest.mark.timeout(30)

@@ -39,6 +39,7 @@ from worker.buffer import EventBuffer
 from worker.deadletters import REASON_INVALID_EVENT, decode_dead_letter
 from worker.events import InvalidEvent, Limits, parse_event
 from worker.keys import Keyspace
+from worker.reorder import held_row
 from worker.settings import Settings
 
 NOW_MS = int(time.time() * 1000)
@@ -210,7 +211,8 @@ def fuzz_settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 def buffer_ids(client: redis_lib.Redis, settings: Settings) -> Counter[str]:
-    """Ids of every event in the buffer: queued rows, and sessions' last views."""
+    """Ids of every event in the buffer: queued rows, sessions' last views, and events
+    held by the reorder window."""
     buffer = EventBuffer(client, settings)
     ids: Counter[str] = Counter()
     for shard in buffer.keyspace.all():
@@ -220,6 +222,8 @@ def buffer_ids(client: redis_lib.Redis, settings: Settings) -> Counter[str]:
             view = buffer.get_last_screen_view(session_id=session.decode())
             assert view is not None
             ids[view.id] += 1
+        for member in client.zrange(shard.held, 0, -1):
+            ids[msgspec.json.decode(held_row(member))["id"]] += 1
     return ids
 
 

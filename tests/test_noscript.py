@@ -144,7 +144,14 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 def test_redis_restart_between_applies_and_mid_flush(
     own_redis: RedisServer, chdb_url: str, sink: ChdbSink
 ) -> None:
-    settings = Settings.from_env({"REDIS_URL": own_redis.url, "CLICKHOUSE_URL": chdb_url})
+    # No reorder window: the views are applied at once (held views: test_reorder.py).
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": own_redis.url,
+            "CLICKHOUSE_URL": chdb_url,
+            "EVENT_BUFFER_REORDER_WINDOW_MS": "0",
+        }
+    )
     client = redis_lib.Redis.from_url(own_redis.url)
     try:
         buffer = EventBuffer(client, settings)

@@ -50,6 +50,7 @@ from worker.ingest import ingest
 from worker.keys import CHANNEL_RECEIVED, CHANNEL_SAVED, Keyspace
 from worker.lock import FlushLock, read_lock
 from worker.redis_errors import is_transient
+from worker.reorder import release_due
 from worker.replay import plan_replay, replay
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink
@@ -163,10 +164,15 @@ def test_sessions_over_six_shards_land_exactly_once_with_the_reference_durations
     cluster: LoopbackCluster, client: Client, sink: ChdbSink, tmp_path: Path
 ) -> None:
     settings = cluster_settings(cluster, "eb-exact", tmp_path)
-    buffer = EventBuffer(client, settings)
+    clock = ManualClock(int(time.time() * 1000))
+    buffer = EventBuffer(client, settings, clock)
     traffic = ReferenceTraffic("exact")
     for events in batches(traffic, 6):
         ingest(buffer, events, str(uuid.uuid4()))
+    # The reorder window passes: each shard's held events reach their sessions (on its master).
+    clock.advance(settings.reorder_window_ms)
+    for shard in buffer.shards():
+        assert release_due(buffer.scripts, shard, settings, clock).late == 0
     # Every shard's keys carry their hash tag; six shards land on at least two masters.
     spread = keys_by_master(cluster, "eb-exact")
     assert len(spread) >= 2, spread
@@ -290,11 +296,15 @@ def test_no_row_is_inserted_under_a_claim_its_masters_replica_has_not_confirmed(
     cluster: LoopbackCluster, client: Client, sink: ChdbSink, tmp_path: Path
 ) -> None:
     settings = cluster_settings(cluster, "eb-claim", tmp_path)
-    buffer = EventBuffer(client, settings)
+    clock = ManualClock(int(time.time() * 1000))
+    buffer = EventBuffer(client, settings, clock)
     traffic = ReferenceTraffic("claim")
     [events] = batches(traffic, 1)
     traffic_events = [(e["id"], e["session_id"]) for e in events]
     ingest(buffer, events, "claim-batch")
+    clock.advance(settings.reorder_window_ms)  # each flush releases its shard's held events
+    for shard in buffer.shards():
+        release_due(buffer.scripts, shard, settings, clock)
     shard = next(s for s in buffer.keyspace.all() if client.llen(s.queue))
     master = shard_master(cluster, client, buffer.keyspace, shard.shard)
     [replica] = cluster.replicas_of(master)
@@ -303,7 +313,7 @@ def test_no_row_is_inserted_under_a_claim_its_masters_replica_has_not_confirmed(
         for s in buffer.keyspace.all()
         if shard_master(cluster, client, buffer.keyspace, s.shard).port == master.port
     ]
-    flusher = Flusher(client, settings, lambda: sink)
+    flusher = Flusher(client, settings, lambda: sink, clock)
     with stopped(replica):
         result = flusher.process_buffer()
     failed = {r.shard for r in result.shards if isinstance(r.error, NotReplicatedError)}
@@ -346,6 +356,7 @@ def test_status_and_metrics_name_each_shards_master_and_its_replicas(
 ) -> None:
     settings = cluster_settings(cluster, "eb-status", tmp_path)
     ingest(EventBuffer(client, settings), batches(ReferenceTraffic("status"), 1)[0], "status")
+    regular = 1  # of a ReferenceTraffic session's 7 events: the rest wait for the window
     env = project_env(
         REDIS_URL=cluster.url,
         EVENT_BUFFER_REDIS_CLUSTER="true",
@@ -359,7 +370,8 @@ def test_status_and_metrics_name_each_shards_master_and_its_replicas(
     data = json.loads(done.stdout)
     assert sorted(n for m in data["masters"] for n in m["shards"]) == list(range(SHARDS))
     assert all(m["replicas"] == 1 and not m["short"] for m in data["masters"])
-    assert data["totals"]["queued"] == 7 * SESSIONS_PER_BATCH
+    assert data["totals"]["queued"] == regular * SESSIONS_PER_BATCH
+    assert data["totals"]["held"] == (7 - regular) * SESSIONS_PER_BATCH
     text = cli(env, "status")
     assert text.returncode == 0, text.stderr
     for master in data["masters"]:
@@ -369,6 +381,12 @@ def test_status_and_metrics_name_each_shards_master_and_its_replicas(
     for n in range(SHARDS):
         assert f'eventbuffer_replicas{{shard="{n}"}} 1.0' in metrics.stdout
         assert f'eventbuffer_waiting_for_replicas{{shard="{n}"}} 0.0' in metrics.stdout
+    held = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.stdout.splitlines()
+        if line.startswith("eventbuffer_held_events{")
+    )
+    assert held == (7 - regular) * SESSIONS_PER_BATCH
 
 
 # -- the broker and result backend of a cluster buffer ----------------------------------

@@ -15,6 +15,9 @@ chDB with small batch and chunk sizes, and compared with `Model`:
 - session_end: the session's last view (if any) is queued unchanged, then the
   session_end; the session's last view and the event's profile's are cleared.
 
+The same in-order events with a reorder window (EVENT_BUFFER_REORDER_WINDOW_MS)
+match the model too, checked once each batch's window has passed.
+
 Checked after every batch: (rows in ClickHouse) + (rows still queued) is the
 model's multiset of (id, duration), and the last views in Redis (by session,
 and by project + profile) are the model's. At the end the queue is empty, no
@@ -36,6 +39,7 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 from tests.support import dates
+from tests.support.clock import ManualClock
 from worker.buffer import EventBuffer
 from worker.events import (
     Event,
@@ -48,6 +52,7 @@ from worker.events import (
 )
 from worker.flush import Flusher
 from worker.keys import shard_for
+from worker.reorder import release_due
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink
 
@@ -213,7 +218,10 @@ def run_example(
     shards: int,
     specs: list[Spec],
     batches: list[tuple[int, bool]],
+    window: int = 0,
 ) -> None:
+    """With a reorder `window`, events are applied in created_at order, and each batch
+    is checked once its window has passed (the clock moves on by a window per batch)."""
     client.flushall()
     settings = Settings.from_env(
         {
@@ -222,16 +230,20 @@ def run_example(
             "EVENT_BUFFER_BATCH_SIZE": "7",
             "EVENT_BUFFER_CHUNK_SIZE": "3",
             "EVENT_BUFFER_SHARDS": str(shards),
+            "EVENT_BUFFER_REORDER_WINDOW_MS": str(window),
         }
     )
+    clock = ManualClock()
     # This sink stays open for the whole example, so the flushers' sinks (same
     # path, one shared chDB session) do not reopen the directory every flush.
     reader = ChdbSink(str(chdb_path))
     try:
         reader.query("TRUNCATE TABLE events")
         events = build_events(specs)
-        buffer = EventBuffer(client, settings)
-        flusher = Flusher(client, settings, lambda: ChdbSink(str(chdb_path)))
+        if window:
+            events.sort(key=lambda event: event.created_ms)  # stable: ties keep their order
+        buffer = EventBuffer(client, settings, clock)
+        flusher = Flusher(client, settings, lambda: ChdbSink(str(chdb_path)), clock)
         model = Model(shards)
 
         def flush_round() -> None:
@@ -252,6 +264,10 @@ def run_example(
             buffer.apply(batch)
             for event in batch:
                 model.apply(event)
+            if window:
+                clock.advance(window)
+                for shard in buffer.shards():
+                    assert release_due(buffer.scripts, shard, settings, clock).late == 0
             if flush_after:
                 flush_round()
             check_state(client, buffer, reader, model)
@@ -305,6 +321,18 @@ def test_buffer_matches_reference_model_three_shards(
     batches: list[tuple[int, bool]],
 ) -> None:
     run_example(client, redis_url, chdb_path, 3, specs, batches)
+
+
+@example_settings
+@given(specs=st.lists(spec_strategy, max_size=40), batches=batches_strategy)
+def test_in_order_events_match_the_reference_model_once_the_window_has_passed(
+    client: redis_lib.Redis,
+    redis_url: str,
+    chdb_path: Path,
+    specs: list[Spec],
+    batches: list[tuple[int, bool]],
+) -> None:
+    run_example(client, redis_url, chdb_path, 3, specs, batches, window=1000)
 
 
 def test_reference_model_sanity() -> None:

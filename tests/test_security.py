@@ -29,6 +29,7 @@ from redis.crc import key_slot
 
 from tests.conftest import Result
 from tests.support.celery_procs import project_env, worker
+from tests.support.clock import ManualClock
 from tests.support.polling import wait_until
 from tests.support.servers import free_port
 from worker import cli, runtime
@@ -39,6 +40,7 @@ from worker.events import as_row, encode_event, parse_event
 from worker.flush import Flusher
 from worker.ingest import ingest
 from worker.logs import JsonFormatter, RedactSecrets
+from worker.reorder import release_due
 from worker.settings import Settings, SettingsError
 from worker.sinks import SinkError, open_sink
 from worker.sinks.chdb import ChdbSink, path_from_url
@@ -106,7 +108,8 @@ def sharded(redis_url: str, chdb_url: str) -> Settings:
 def test_hostile_ids_never_change_a_key_name(
     redis: redis_lib.Redis, sharded: Settings, sink: ChdbSink
 ) -> None:
-    buffer = EventBuffer(redis, sharded)
+    clock = ManualClock(now_ms())
+    buffer = EventBuffer(redis, sharded, clock)
     at = now_ms() - 60_000
     views, others = {}, []
     for n, text in enumerate(HOSTILE):
@@ -128,6 +131,9 @@ def test_hostile_ids_never_change_a_key_name(
             )
         )
     buffer.apply(list(views.values()) + others)
+    clock.advance(sharded.reorder_window_ms)  # the views were held by the reorder window
+    for shard in buffer.shards():
+        release_due(buffer.scripts, shard, sharded, clock)
 
     # Every key sits in its shard's hash slot, under the deployment's prefix.
     tags = {f"{{eventbuffer:{n}}}" for n in range(3)}
@@ -155,7 +161,8 @@ def test_hostile_ids_never_change_a_key_name(
             for t in HOSTILE
         ]
     )
-    flusher = Flusher(redis, sharded, lambda: sink)
+    clock.advance(sharded.reorder_window_ms)
+    flusher = Flusher(redis, sharded, lambda: sink, clock)  # releases the ends, then flushes
     assert sum(result.rows for result in flusher.process_buffer().shards) == 3 * len(HOSTILE)
     for text, view in views.items():
         [row] = sink.query(
@@ -403,7 +410,13 @@ def test_the_tls_redis_is_tls_only_and_checks_password_and_certificate(
 def test_buffer_and_flush_over_tls_with_a_password(
     tls_redis: TlsRedis, tls_client: redis_lib.Redis, chdb_url: str
 ) -> None:
-    settings = Settings.from_env({"REDIS_URL": tls_redis.url(), "CLICKHOUSE_URL": chdb_url})
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": tls_redis.url(),
+            "CLICKHOUSE_URL": chdb_url,
+            "EVENT_BUFFER_REORDER_WINDOW_MS": "0",  # the views are applied at once
+        }
+    )
     sink = open_sink(settings.clickhouse_url)
     sink.migrate()
     buffer = EventBuffer(tls_client, settings)

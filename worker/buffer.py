@@ -41,6 +41,8 @@ class ApplyResult:
     skipped_shards: list[int] = field(default_factory=list)
     # Queue length of every shard the batch touched, after the call.
     queue_lengths: dict[int, int] = field(default_factory=dict)
+    # Held events this call released after their place had passed (worker/reorder.py).
+    late: int = 0
     # Events applied by how the buffer treated them: "regular", "screen_view", "session_end".
     kinds: Counter[str] = field(default_factory=Counter)
 
@@ -81,6 +83,7 @@ class EventBuffer:
             marker_ttl_s=settings.batch_marker_ttl_s,
             visitors_ttl_s=settings.active_visitor_window_s + 60,
             views_ttl_s=settings.screen_view_ttl_s,
+            closed_ttl_s=settings.closed_session_ttl_s,
             replicas=Replicas.from_settings(settings),
         )
         self._publish_throttle = _Throttle(settings.publish_throttle_ms)
@@ -124,11 +127,12 @@ class EventBuffer:
                 group[1].append(encode_event(event))
             by_shard = dict(routed) or {0: ([], [])}
         now = self.clock.now_ms()
+        hold_until = now + self.settings.reorder_window_ms if self.settings.reorder_window_ms else 0
         shards = list(by_shard)
         plans = []
         for shard in shards:
             keys = self.keyspace.shard(shard)
-            plans.append(plan_shard(keys, keys.batch(batch_id), *by_shard[shard]))
+            plans.append(plan_shard(keys, keys.batch(batch_id), *by_shard[shard], hold_until))
         # Dead letters go with the first shard's writes; the last carries the publish.
         plans[0].dead_letters = [
             encode_dead_letter(msgspec.structs.replace(header, shard=shards[0]), payload)
@@ -143,6 +147,7 @@ class EventBuffer:
                 result.skipped_shards.append(shard)
             else:
                 result.appended += outcome.appended
+                result.late += outcome.late
                 for kind, count in plan.kinds.items():
                     if count:
                         result.kinds[KIND_NAMES[kind]] += count

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 
 import msgspec
+from redis.exceptions import ResponseError
 
 from worker import metrics
 from worker.clock import SYSTEM_CLOCK, Clock
@@ -54,6 +55,7 @@ from worker.errors import EventBufferError, LockLostError, NotReplicatedError, S
 from worker.keys import CHANNEL_SAVED, Keyspace, ShardKeys
 from worker.lock import FlushLock
 from worker.read_ahead import ReadAhead, decode_heads
+from worker.reorder import release_due
 from worker.replication import Replicas
 from worker.replies import text
 from worker.scripts import AckResult, Scripts
@@ -112,6 +114,10 @@ class FlushResult:
     # Seconds left of a back-off after ClickHouse failures; nothing was done.
     backoff_s: float = 0.0
     rows: int = 0  # rows sent to ClickHouse (duplicates of a re-drive are dropped there)
+    # Rows queued by releasing held session events first (worker/reorder.py), and how
+    # many of those events were late.
+    released: int = 0
+    late: int = 0
     dead: int = 0
     batches: int = 0
     redriven: int = 0
@@ -272,6 +278,21 @@ class Flusher:
         """
         shard = self.keyspace.shard(shard_no)
         result = FlushResult(shard=shard_no)
+        # Held events whose reorder window has passed join the queue first, whether or
+        # not this flush goes on (they must not wait for ClickHouse or the lock).
+        try:
+            released = release_due(self.scripts, shard, self.settings, self.clock)
+        except ResponseError as exc:  # a damaged session key must not stop the flush
+            log.error(
+                "releasing the held events of shard %d failed: %s",
+                shard_no,
+                exc,
+                extra={"shard": shard_no, "error": str(exc)},
+            )
+        else:
+            result.released, result.late = released.rows, released.late
+            if released.late:
+                metrics.record_late(released.late)
         if respect_backoff:
             left_ms = int(self.redis.pttl(shard.backoff))
             if left_ms > 0:

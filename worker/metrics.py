@@ -24,6 +24,8 @@ Gauges (from Redis, at scrape time):
                                                     the queue (the next row a flush claims);
                                                     0 when the queue is empty
     eventbuffer_dead_letter_depth{shard}            dead letters stored (LLEN)
+    eventbuffer_held_events{shard}                  screen_views and session_ends held by the
+                                                    reorder window (EVENT_BUFFER_REORDER_WINDOW_MS)
     eventbuffer_flush_lock_held{shard}              1 while a flusher holds the shard's lock
     eventbuffer_flush_lock_heartbeat_age_seconds{shard}
                                                     time since the lock's holder last extended
@@ -65,6 +67,9 @@ Counters and histograms (recorded by the tasks):
                                                   away; retried until it is back), unexpected
                                                   (retried a few times, then dead-lettered)
     eventbuffer_apply_seconds                     histogram: one ingest apply (validate + Lua)
+    eventbuffer_events_late_total                 session events that reached their session after
+                                                  the reorder window had passed their place
+                                                  (queued at once, see worker/reorder.py)
     eventbuffer_events_flushed_total              rows written to ClickHouse
     eventbuffer_dead_letters_total{reason}        dead letters: invalid_event, ingest_failed,
                                                   undeliverable_task (ingest), invalid_json,
@@ -168,6 +173,11 @@ class Metrics:
         self.apply_seconds = histogram(
             "apply_seconds", "Time to validate and apply one ingest batch.", APPLY_BUCKETS
         )
+        self.events_late = counter(
+            "events_late",
+            "Session events that reached their session after the reorder window had passed "
+            "their place (queued at once; see EVENT_BUFFER_REORDER_WINDOW_MS).",
+        )
         self.events_flushed = counter("events_flushed", "Rows written to ClickHouse.")
         self.dead_letters = counter("dead_letters", "Dead letters stored, by reason.", ("reason",))
         self.flush_runs = counter(
@@ -263,6 +273,8 @@ def record_ingest(result: IngestResult, seconds: float) -> None:
             m.events_applied.labels(kind).inc(count)
     if result.invalid:
         m.dead_letters.labels(REASON_INVALID_EVENT).inc(result.invalid)
+    if result.late:
+        m.events_late.inc(result.late)
 
 
 def record_ingest_failure(kind: str) -> None:
@@ -275,6 +287,11 @@ def record_batch_dead_lettered(reason: str) -> None:
     m.dead_letters.labels(reason).inc()
     if reason == REASON_INGEST_FAILED:
         m.ingest_batches.labels("dead_lettered").inc()
+
+
+def record_late(count: int) -> None:
+    """Held session events released after their place had passed (by a flush's release)."""
+    metrics().events_late.inc(count)
 
 
 def record_flush(result: FlushResult) -> None:
@@ -322,6 +339,7 @@ class _Gauges:
     claim_age: GaugeMetricFamily
     oldest_age: GaugeMetricFamily
     dead: GaugeMetricFamily
+    held: GaugeMetricFamily
     lock_held: GaugeMetricFamily
     lock_heartbeat_age: GaugeMetricFamily
     lock_stale: GaugeMetricFamily
@@ -357,6 +375,11 @@ def _gauges() -> _Gauges:
             ("shard",),
         ),
         dead=gauge("dead_letter_depth", "Dead letters stored in the shard.", ("shard",)),
+        held=gauge(
+            "held_events",
+            "Session events held by the reorder window, not yet given to their session.",
+            ("shard",),
+        ),
         lock_held=gauge("flush_lock_held", "1 while a flusher holds the shard's lock.", ("shard",)),
         lock_heartbeat_age=gauge(
             "flush_lock_heartbeat_age_seconds",
@@ -475,6 +498,7 @@ class RedisCollector:
             g.claim_age.add_metric(label, max(0.0, shard.claimed.age_s) if shard.claimed else 0.0)
             g.oldest_age.add_metric(label, shard.oldest_event_age_s)
             g.dead.add_metric(label, shard.dead_letters)
+            g.held.add_metric(label, shard.held)
             g.lock_held.add_metric(label, 1 if shard.lock else 0)
             g.lock_stale.add_metric(label, 1 if shard.lock and shard.lock.stale else 0)
             if shard.lock is not None and shard.lock.heartbeat_age_ms is not None:

@@ -71,6 +71,39 @@ class QueueRows:
         return self.rows[:count]
 
 
+@dataclass(frozen=True)
+class Released:
+    """What release_held.lua did."""
+
+    rows: int  # rows queued (views given their duration, session_ends, late events)
+    late: int  # events that reached their session after their place had passed
+    more: bool  # more sessions were due than one call releases
+
+    @classmethod
+    def from_reply(cls, reply: Any) -> Released:
+        rows, late, more = (number(value) for value in reply)
+        return cls(rows, late, bool(more))
+
+
+def release_keys(shard: ShardKeys) -> list[str]:
+    """KEYS of release_held.lua (the apply runs it inside its transaction, too)."""
+    return [
+        shard.held,
+        shard.held_due,
+        shard.queue,
+        shard.views,
+        shard.sessions,
+        shard.profile_views,
+        shard.closed,
+        shard.closed_at,
+    ]
+
+
+def release_args(now_ms: int, sessions: int, views_ttl_s: int, closed_ttl_s: int) -> list[int]:
+    """ARGV of release_held.lua."""
+    return [now_ms, sessions, views_ttl_s, closed_ttl_s * 1000]
+
+
 class AckResult(IntEnum):
     """What ack.lua returns."""
 
@@ -92,6 +125,7 @@ class Scripts:
         self._claim = script("claim")
         self._ack = script("ack")
         self._sweep = script("sweep_sessions")
+        self._release = script("release_held")
         self._dlq_remove = script("dlq_remove")
         self._lock_takeover = script("lock_takeover")
 
@@ -200,6 +234,17 @@ class Scripts:
             wrote=lambda reply: int(reply) == AckResult.ACKED,  # else nothing was done
         )
         return AckResult(int(reply))
+
+    def release_held(
+        self, shard: ShardKeys, now_ms: int, sessions: int, views_ttl_s: int, closed_ttl_s: int
+    ) -> Released:
+        """Release the held events of up to `sessions` due sessions (worker/reorder.py)."""
+        reply = self._release(
+            keys=release_keys(shard),
+            args=release_args(now_ms, sessions, views_ttl_s, closed_ttl_s),
+            client=self._redis,
+        )
+        return Released.from_reply(reply)
 
     def sweep_sessions(
         self, shard: ShardKeys, cutoff_ms: int, candidates: Sequence[tuple[str, str]]

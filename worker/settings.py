@@ -234,6 +234,21 @@ class Settings:
         "A session idle this long has its last screen_view queued by the sweep "
         "(must be below the screen_view TTL minus the sweep interval).",
     )
+    reorder_window_ms: int = _setting(
+        "EVENT_BUFFER_REORDER_WINDOW_MS",
+        1000,
+        _int(0),
+        "screen_views and session_ends wait this long after they arrive, so that events of "
+        "their session applied out of order by concurrent workers are put in created_at "
+        "order first (0: applied at once in arrival order, as OpenPanel's buffer does).",
+    )
+    closed_session_ttl_s: int = _setting(
+        "EVENT_BUFFER_CLOSED_SESSION_TTL_S",
+        600,
+        _int(1),
+        "With a reorder window, how long a session closed by its session_end is remembered, "
+        "so a view arriving later still is queued at once instead of waiting for the sweep.",
+    )
     sweep_interval_s: int = _setting(
         "EVENT_BUFFER_SWEEP_INTERVAL_S",
         60,

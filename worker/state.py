@@ -68,6 +68,8 @@ class ShardState:
     # Running totals since the shard's stats began: rows inserted, rows taken off the queue.
     rows_total: int = 0
     removed_total: int = 0
+    # Session events held by the reorder window (not yet given to their session).
+    held: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -121,6 +123,10 @@ class BufferState:
     def waiting_views(self) -> int:
         return sum(s.waiting_views for s in self.shards)
 
+    @property
+    def held(self) -> int:
+        return sum(s.held for s in self.shards)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "now_ms": self.now_ms,
@@ -130,6 +136,7 @@ class BufferState:
                 "claimed": self.claimed,
                 "dead_letters": self.dead_letters,
                 "waiting_views": self.waiting_views,
+                "held": self.held,
             },
             "shards": [s.as_dict() for s in self.shards],
             "masters": [m.as_dict() for m in self.masters],
@@ -153,7 +160,7 @@ def head_age_seconds(head: bytes | None, now_ms: int) -> float:
     return max(0, now_ms - created) / 1000
 
 
-_READS = 10  # commands per shard in read_state's pipeline (`_queue_reads`)
+_READS = 11  # commands per shard in read_state's pipeline (`_queue_reads`)
 
 
 def _queue_reads(pipe: Any, shard: ShardKeys) -> None:
@@ -167,10 +174,11 @@ def _queue_reads(pipe: Any, shard: ShardKeys) -> None:
     pipe.pttl(shard.backoff)
     pipe.get(shard.failures)
     pipe.hgetall(shard.stats)
+    pipe.zcard(shard.held)
 
 
 def _shard_state(shard: int, replies: Sequence[Any], now_ms: int) -> ShardState:
-    queued, head, claim_fields, dead, views, token, lock_ttl, backoff, failures, raw = replies
+    queued, head, claim_fields, dead, views, token, lock_ttl, backoff, failures, raw, held = replies
     claim_id, count, at = claim_fields
     stats = text_map(raw)
     claim = None
@@ -199,6 +207,7 @@ def _shard_state(shard: int, replies: Sequence[Any], now_ms: int) -> ShardState:
         last_flush=last,
         rows_total=int(stats.get("rows_total", 0)),
         removed_total=int(stats.get("removed_total", 0)),
+        held=number(held),
     )
 
 

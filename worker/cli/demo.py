@@ -8,7 +8,7 @@ import secrets
 import time
 from contextlib import suppress
 
-from redis import Redis
+from celery import Celery
 from redis.exceptions import RedisError
 from rich.console import Console
 from rich.progress import Progress
@@ -25,9 +25,11 @@ from worker.cli.common import (
     progress_bar,
 )
 from worker.cli.traffic import demo_events
+from worker.queues import queue_depths
 from worker.settings import Settings
 from worker.sinks import Sink
 from worker.sinks.schema import identifier
+from worker.state import read_state
 
 
 def param(settings: Settings, name: str, ch_type: str) -> str:
@@ -72,21 +74,62 @@ def demo_wait(
         time.sleep(0.5)
 
 
-def demo_timeout_message(settings: Settings, landed: int, expected: int, timeout: float) -> str:
+def demo_timeout_message(
+    settings: Settings, app: Celery, landed: int, expected: int, timeout: float
+) -> str:
+    """Why the demo's events are not all in ClickHouse: where the missing ones are, and
+    whether any worker answers (only then are absent workers blamed)."""
     from worker.names import INGEST_QUEUE
 
-    waiting = ""
-    broker = settings.effective_broker_url
-    if broker.startswith(("redis://", "rediss://", "unix://")):
-        with suppress(RedisError):
-            client = Redis.from_url(broker, socket_connect_timeout=2, socket_timeout=2)
-            waiting = f" ({client.llen(INGEST_QUEUE)} ingest task(s) waiting in the broker)"
-            client.close()
-    return (
+    where: list[str] = []
+    waiting_tasks = 0
+    with suppress(Exception):  # the broker is not the buffer: say what can be read
+        [depth] = queue_depths(settings.effective_broker_url, [INGEST_QUEUE])
+        waiting_tasks = depth.waiting
+        where.append(f"{waiting_tasks:,} ingest task(s) wait in the broker")
+    state = None
+    with suppress(RedisError):
+        buffer = runtime.buffer()
+        state = read_state(
+            buffer.redis, buffer.keyspace, buffer.clock.now_ms(), settings.active_visitor_window_s
+        )
+        where.append(
+            f"Redis holds {state.queued:,} row(s) queued for ClickHouse, "
+            f"{state.waiting_views:,} screen_view(s) waiting as their session's last view, "
+            f"{state.held:,} event(s) held by the reorder window and "
+            f"{state.dead_letters:,} dead letter(s)"
+        )
+    answered = 0
+    with suppress(Exception):
+        answered = len(app.control.ping(timeout=1.0) or [])
+    head = (
         f"timed out after {timeout:.0f} s: {landed} of {expected} demo events are in "
-        f"ClickHouse. No worker seems to be consuming the `{INGEST_QUEUE}` queue{waiting}; "
-        "start the local stack with `eventbuffer run` (in this directory) and try again."
+        f"ClickHouse, {expected - landed} are not" + (f" ({'; '.join(where)})" if where else "")
     )
+    if not answered:
+        return (
+            f"{head}. No worker seems to be consuming the `{INGEST_QUEUE}` queue (none "
+            "answered a ping); start the local stack with `eventbuffer run` (in this "
+            "directory) and try again."
+        )
+    if waiting_tasks:
+        why = "they have not applied every task yet; try a longer --timeout"
+    elif state is not None and state.held:
+        why = (
+            "session events are held by the reorder window (EVENT_BUFFER_REORDER_WINDOW_MS) "
+            "and reach ClickHouse with the first flush after it"
+        )
+    elif state is not None and state.waiting_views:
+        why = (
+            "screen_views wait as their session's last view until its next view, its "
+            "session_end or the idle-session sweep (EVENT_BUFFER_SESSION_TIMEOUT_S); "
+            "`eventbuffer status` shows them"
+        )
+    elif state is not None and state.dead_letters:
+        why = "`eventbuffer dlq list` shows the dead letters and why"
+    else:
+        why = "the rest is on its way; `eventbuffer status` shows where"
+    return f"{head}. {answered} worker(s) answered a ping: {why}."
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, console: Console) -> int:
@@ -119,10 +162,11 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, console: Console) -> 
                 with suppress(ProducerError):
                     producer.close(timeout=1.0)
             landed = demo_wait(settings, run_id, len(events), started + args.timeout, bar)
+            if landed < len(events):
+                message = demo_timeout_message(settings, app, landed, len(events), args.timeout)
+                raise CliError(message)
     finally:
         app.close()
-    if landed < len(events):
-        raise CliError(demo_timeout_message(settings, landed, len(events), args.timeout))
 
     seconds = time.monotonic() - started
     table_name, where = demo_rows(settings)

@@ -179,7 +179,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -
         padding=(0, 0),
         pad_edge=False,
     )
-    for column in ("shard", "queued", "claimed", "dead", "views"):
+    for column in ("shard", "queued", "claimed", "dead", "views", "held"):
         table.add_column(column, justify="right", no_wrap=True)
     for column in ("lock", "back-off", "last flush"):
         table.add_column(column, no_wrap=True)
@@ -191,6 +191,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -
             "-" if claim is None else f"{claim['count']:,} {claim['age_s']:.0f}s",
             f"{s['dead_letters']:,}",
             f"{s['waiting_views']:,}",
+            f"{s['held']:,}",
             lock_text(s["lock"]),
             backoff_text(s),
             "never" if last is None else f"{ago(last['at_ms'], now)}: {last['rows']:,}",
@@ -199,6 +200,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -
     # Prose wraps at the terminal's width (the CLI's console does not wrap by default).
     say = partial(console.print, soft_wrap=False)
     say("views: screen_views waiting for their session's next view")
+    say("held: session events held by the reorder window, not yet given to their session")
     for line in lock_lines(data["shards"]):
         say(line)
     for line in master_lines(data):
