@@ -1,8 +1,12 @@
 """apply: events/s from Python into the Redis buffer.
 
-eventbuffer's path is `EventBuffer.apply` (one apply_batch.lua call per batch)
-with pre-validated events, for batches of 100 and 1000. Baselines, on the
-same events in the same run, alternating:
+eventbuffer's path is `EventBuffer.apply` (one transaction per batch) with
+pre-validated events, for batches of 100 and 1000, with the default reorder
+window: the clock moves on a quarter of the window per batch, so the applies
+release held views as they go, and the run ends by releasing the rest (all of
+it timed). `eventbuffer b1000 w0` is the same without a window (events applied
+at once, in arrival order): the ratio of the two is what holding views costs.
+Baselines, on the same events in the same run, alternating:
 
 - raw RPUSH: the same JSON rows pushed with pipelined RPUSH, one RPUSH per
   batch (many values each), pipelines of 1000 rows: the ceiling of getting
@@ -34,10 +38,12 @@ from benchmarks.support import (
     median,
     private_redis,
 )
+from tests.support.clock import ManualClock
 from tests.support.traffic import mix, traffic
 from worker.buffer import EventBuffer
 from worker.events import KIND_REGULAR, KIND_SCREEN_VIEW, Event, encode_event, parse_event
 from worker.ingest import ingest
+from worker.reorder import release_due
 from worker.settings import Settings
 
 # OpenPanel's EventBuffer scripts (packages/db/src/buffers/event-buffer.ts), as the seed ran them.
@@ -179,7 +185,15 @@ def run(args: argparse.Namespace) -> list[Result]:
     with private_redis("apply") as server:
         client = server.client()
         settings = Settings.from_env({"REDIS_URL": server.db_url(0)})
-        buffer = EventBuffer(client, settings)
+        window = settings.reorder_window_ms
+        clock = ManualClock()
+        buffer = EventBuffer(client, settings, clock)
+        at_once = EventBuffer(
+            client,
+            Settings.from_env(
+                {"REDIS_URL": server.db_url(0), "EVENT_BUFFER_REORDER_WINDOW_MS": "0"}
+            ),
+        )
         queue = buffer.keyspace.shard(0).queue
         seed = SeedBuffer(client)
         checks: dict[str, list[int]] = {}
@@ -194,7 +208,17 @@ def run(args: argparse.Namespace) -> list[Result]:
         def eventbuffer(batch: int) -> Callable[[], None]:
             def body() -> None:
                 for start in range(0, n, batch):
+                    clock.advance(window // 4)
                     buffer.apply(events[start : start + batch])
+                clock.advance(window)
+                release_due(buffer.scripts, buffer.keyspace.shard(0), settings, clock)
+
+            return body
+
+        def without_window(batch: int) -> Callable[[], None]:
+            def body() -> None:
+                for start in range(0, n, batch):
+                    at_once.apply(events[start : start + batch])
 
             return body
 
@@ -214,7 +238,10 @@ def run(args: argparse.Namespace) -> list[Result]:
         def validated(batch: int) -> Callable[[], None]:
             def body() -> None:
                 for number, start in enumerate(range(0, n, batch)):
+                    clock.advance(window // 4)
                     ingest(buffer, dicts[start : start + batch], f"bench-{time.time_ns()}-{number}")
+                clock.advance(window)
+                release_due(buffer.scripts, buffer.keyspace.shard(0), settings, clock)
 
             return body
 
@@ -223,6 +250,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             "raw b100": raw(100),
             "seed": lambda: seed.add_all(events),
             "eventbuffer b1000": eventbuffer(1000),
+            "eventbuffer b1000 w0": without_window(1000),
             "raw b1000": raw(1000),
             "validate+apply b1000": validated(1000),
         }
@@ -280,6 +308,18 @@ def run(args: argparse.Namespace) -> list[Result]:
                 extra={"events": n, "batch": batch},
             )
         )
+    results.append(
+        Result(
+            "apply b1000 with the reorder window vs without",
+            "events/s",
+            rates["eventbuffer b1000"],
+            rates["eventbuffer b1000 w0"],
+            "EVENT_BUFFER_REORDER_WINDOW_MS=0 (applied at once, arrival order)",
+            rounds,
+            note=f"window {window} ms: views and session_ends held, released by created_at",
+            extra={"events": n, "batch": 1000, "window_ms": window},
+        )
+    )
     results.append(
         Result(
             "apply b1000 incl. validation",

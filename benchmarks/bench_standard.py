@@ -10,6 +10,9 @@ clock runs from the first row in the buffer until every row is there
 - `eventbuffer`: the layout `eventbuffer run` and compose.yaml use
   (`worker.cli.run.INGEST_LAYOUT`);
 - `prefork`: `celery -A worker worker -Q ingest` with Celery's defaults;
+- `eventbuffer w0`: the first layout without a reorder window
+  (`EVENT_BUFFER_REORDER_WINDOW_MS=0`): what holding views costs. With the
+  window, the round also times releasing what is still held at its end.
 
 against two baselines on the same events: the worker's own function in
 this process (`worker.ingest.ingest`, no Celery), and raw pipelined RPUSH of
@@ -45,11 +48,23 @@ from tests.support.polling import wait_until
 from tests.support.traffic import mix, traffic
 from worker.buffer import EventBuffer
 from worker.cli.run import INGEST_LAYOUT
+from worker.clock import SYSTEM_CLOCK
 from worker.events import encode_event, parse_event
 from worker.ingest import ingest
+from worker.reorder import release_due
 from worker.settings import Settings
 
 TASK_EVENTS = 500
+
+
+class FixedClock:
+    def __init__(self, ms: int) -> None:
+        self.ms = ms
+
+    def now_ms(self) -> int:
+        return self.ms
+
+
 TARGET_EVENTS_PER_S = 50_000
 
 
@@ -104,12 +119,16 @@ def run(args: argparse.Namespace) -> list[Result]:
         queue = buffer.keyspace.shard(0).queue
         logs = Path(tmp) / "logs"
 
-        def drained_by(layout: list[list[str]], name: str) -> Callable[[], float]:
+        def drained_by(
+            layout: list[list[str]], name: str, window: bool = True
+        ) -> Callable[[], float]:
+            env_ = env if window else {**env, "EVENT_BUFFER_REORDER_WINDOW_MS": "0"}
+
             def round_() -> float:
                 client.flushdb()
                 markers = [buffer.keyspace.shard(0).batch(i) for i in fill(broker_url, tasks)]
                 workers = [
-                    CeleryChild(f"{name}{i}", [*argv, "-n", f"{name}{i}@%h"], env, logs)
+                    CeleryChild(f"{name}{i}", [*argv, "-n", f"{name}{i}@%h"], env_, logs)
                     for i, argv in enumerate(layout)
                 ]
                 try:
@@ -125,8 +144,11 @@ def run(args: argparse.Namespace) -> list[Result]:
                         interval=0.002,
                         alive=lambda: all(w.alive() for w in workers),
                     )
-                    seconds = time.perf_counter() - started
                     used = sum(cpu_seconds(w.pid) for w in workers) - before
+                    if window:  # what the workers left held, released as a flush would
+                        later = FixedClock(SYSTEM_CLOCK.now_ms() + settings.reorder_window_ms)
+                        release_due(buffer.scripts, buffer.keyspace.shard(0), settings, later)
+                    seconds = time.perf_counter() - started
                     cpu.setdefault(name, []).append(used / seconds)
                     if int(broker.llen("ingest")):
                         log(f"[standard] WARNING: {name} left tasks in the queue")
@@ -142,6 +164,8 @@ def run(args: argparse.Namespace) -> list[Result]:
             started = time.perf_counter()
             for events in tasks:
                 ingest(buffer, events, str(uuid.uuid4()))
+            later = FixedClock(SYSTEM_CLOCK.now_ms() + settings.reorder_window_ms)
+            release_due(buffer.scripts, buffer.keyspace.shard(0), settings, later)
             return time.perf_counter() - started
 
         def raw_rpush() -> float:
@@ -159,6 +183,9 @@ def run(args: argparse.Namespace) -> list[Result]:
         runs = {
             "eventbuffer": drained_by([[*common, *argv] for argv in INGEST_LAYOUT], "eb"),
             "prefork": drained_by([common], "prefork"),
+            "eventbuffer w0": drained_by(
+                [[*common, *argv] for argv in INGEST_LAYOUT], "eb0", window=False
+            ),
             "in-process": in_process,
             "raw RPUSH": raw_rpush,
         }
@@ -186,6 +213,15 @@ def run(args: argparse.Namespace) -> list[Result]:
             note=f"layout: {layout}; in-process {rate['in-process']:,.0f}/s, "
             f"raw RPUSH {rate['raw RPUSH']:,.0f}/s",
             extra={"events": n, "task_events": TASK_EVENTS, "rates": rate},
+        ),
+        Result(
+            "standard interface with the reorder window vs without",
+            "events/s",
+            rate["eventbuffer"],
+            rate["eventbuffer w0"],
+            "same layout, EVENT_BUFFER_REORDER_WINDOW_MS=0",
+            rounds,
+            note=f"window {settings.reorder_window_ms} ms (what holding views costs)",
         ),
         Result(
             "standard interface vs in-process ingest",

@@ -1,6 +1,6 @@
 """Run the benchmarks, print the table, write the JSON.
 
-    python -m benchmarks [--only apply,ingest,transport,flush,e2e] [--rounds N] [--quick]
+    python -m benchmarks [--only apply,ingest,transport,flush,e2e,reorder] [--rounds N] [--quick]
     python benchmarks/run.py ...
     make bench
 
@@ -32,7 +32,7 @@ from benchmarks.support import (
     write_json,
 )
 
-BENCHMARKS = ("apply", "standard", "ingest", "transport", "flush", "e2e")
+BENCHMARKS = ("apply", "standard", "ingest", "transport", "flush", "e2e", "reorder")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
 
@@ -102,6 +102,7 @@ def runners() -> dict[str, Callable[[argparse.Namespace], list[Result]]]:
         bench_e2e,
         bench_flush,
         bench_ingest,
+        bench_reorder,
         bench_standard,
         bench_transport,
     )
@@ -113,6 +114,7 @@ def runners() -> dict[str, Callable[[argparse.Namespace], list[Result]]]:
         "transport": bench_transport.run,
         "flush": bench_flush.run,
         "e2e": bench_e2e.run,
+        "reorder": bench_reorder.run,
     }
 
 

@@ -53,3 +53,12 @@ def test_ending_every_session_releases_every_waiting_view() -> None:
     assert ended and all(event["name"] == "session_end" for event, _ in ended)
     assert len({session for _, session in ended}) == len(ended)
     assert stream.waiting == 0
+
+
+def test_reorder_lateness_is_measured_against_later_created_events() -> None:
+    from benchmarks.bench_reorder import lateness
+
+    # Session a: created 1, 2, 3 arriving at 10, 30, 20: the first arrived before every
+    # later-created event (0); the second 10 ms after the third (10); the third is last (0).
+    held = [("a", 1, 10), ("a", 2, 30), ("a", 3, 20), ("b", 5, 100), ("b", 4, 150)]
+    assert sorted(lateness(held)) == [0, 0, 0, 10, 50]
