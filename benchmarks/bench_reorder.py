@@ -12,7 +12,11 @@ interleaved sessions, each session's events in created_at order, as
 - `backlog`: the whole stream queued first, then the workers start (each
   process prefetches tasks, so neighbouring tasks are applied furthest apart);
 - `swapped`: live, with neighbouring tasks swapped and each task's events
-  split between two producers (several API servers behind a load balancer).
+  split between two producers (several API servers behind a load balancer);
+- `dense`: swapped, with only 10 sessions open at once, so a session's
+  consecutive events sit in neighbouring tasks;
+- `loaded`: dense, with two CPU-bound processes competing for the two
+  cores (a busy host: the workers are descheduled for whole time slices).
 
 For each held event x, its lateness is how long after the earliest arrival
 of any event of its session created after it x arrived (0 when none
@@ -24,6 +28,8 @@ order at all, the largest lateness, and how many would be late per window.
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -39,6 +45,7 @@ from tests.support.polling import wait_until
 from tests.support.traffic import RealisticTraffic
 from worker.cli.run import INGEST_LAYOUT
 from worker.keys import Keyspace
+from worker.reorder import held_packs, held_times
 from worker.settings import Settings
 
 TASK_EVENTS = 20
@@ -63,17 +70,17 @@ def lateness(held: Sequence[tuple[str, int, int]]) -> list[int]:
 
 
 def read_held(client: Any, keyspace: Keyspace) -> list[tuple[str, int, int]]:
-    """(escaped session, created ms, arrival ms) of every held event."""
+    """(session, created ms, arrival ms) of every held event."""
     found = []
     for shard in keyspace.all():
-        for member in client.zrange(shard.held, 0, -1):
-            session, created, deadline = member.split(b"|", 3)[:3]
-            found.append((session.decode(), int(created), int(deadline) - HUGE_WINDOW_MS))
+        for session, pack in held_packs(client, shard).items():
+            for created, deadline in held_times(pack):
+                found.append((session, created, deadline - HUGE_WINDOW_MS))
     return found
 
 
-def stream(events: int, seed: int) -> list[list[dict[str, Any]]]:
-    traffic = RealisticTraffic(seed, concurrent=200)
+def stream(events: int, seed: int, concurrent: int = 200) -> list[list[dict[str, Any]]]:
+    traffic = RealisticTraffic(seed, concurrent=concurrent)
     dicts = traffic.events(events) + [e for e, _ in traffic.end_all()]
     dicts = [{**d, "id": str(uuid.uuid4())} for d in dicts]
     return [dicts[n : n + TASK_EVENTS] for n in range(0, len(dicts), TASK_EVENTS)]
@@ -142,11 +149,19 @@ def run(args: argparse.Namespace) -> list[Result]:
         scenarios: dict[str, Callable[[list[list[dict[str, Any]]]], list[str]]] = {
             "live": lambda tasks: send(app, tasks, RATE),
             "swapped": lambda tasks: send(app, swapped_two_producers(tasks), RATE),
+            "dense": lambda tasks: send(app, swapped_two_producers(tasks), RATE),
+            "loaded": lambda tasks: send(app, swapped_two_producers(tasks), RATE),
         }
+        burners: list[subprocess.Popen[bytes]] = []
         try:
-            for seed, name in enumerate(["live", "backlog", "swapped"]):
+            for seed, name in enumerate(["live", "backlog", "swapped", "dense", "loaded"]):
                 client.flushall()
-                tasks = stream(events, seed)
+                tasks = stream(events, seed, 10 if name in ("dense", "loaded") else 200)
+                if name == "loaded":
+                    burners = [
+                        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                        for _ in range(2)
+                    ]
                 if name == "backlog":
                     ids = send(app, tasks, None)
                     running = workers()
@@ -168,6 +183,10 @@ def run(args: argparse.Namespace) -> list[Result]:
                 finally:
                     for child in running:
                         child.stop()
+                    for burner in burners:
+                        burner.kill()
+                        burner.wait()
+                    burners = []
                 late = lateness(read_held(client, keyspace))
                 late.sort()
                 out_of_order = sum(1 for x in late if x > 0)

@@ -1,55 +1,59 @@
 --[[ release_held: apply the held session events whose reorder window has passed, by created_at.
 
 With a reorder window (EVENT_BUFFER_REORDER_WINDOW_MS > 0) the apply does
-not give screen_views and session_ends to their session at once: it holds
-them in KEYS[1], one member per event, ordered by session and created_at
-(worker/reorder.py writes them; the member format is described there and
-below). This script releases, per session listed in KEYS[2] as due, every
-held event created no later than the newest held event whose deadline
-(arrival + window) has passed, oldest created first, and applies OpenPanel's
-session rules to them:
+not give screen_views and session_ends to their session at once: it appends
+each to its session's pack of held events (KEYS[7 + i]) and keeps the
+session's earliest deadline (arrival + window) in KEYS[1]. A flush runs this
+first, for the sessions it found due. Per session still due, it releases
+every held event created no later than the newest held event whose
+deadline has passed, oldest created first (ties: arrival, then batch order),
+applying OpenPanel's session rules to them:
 
-- screen_view: the session's last view (stored in KEYS[4]) is queued with
+- screen_view: the session's last view (stored in KEYS[3]) is queued with
   duration = this view's created - its created; this view becomes the
-  session's last view (and its profile's, in KEYS[6]).
+  session's last view (and its profile's, in KEYS[5], unless the profile
+  has a newer one).
 - session_end: the last view is queued with its own duration, then the
-  session_end; the session is closed (recorded in KEYS[7]).
+  session_end; the session is closed (recorded in KEYS[6]).
 
 An event is late when it reaches its session after its place was passed:
 created before the session's stored last view, or before the session_end
-that closed the session (remembered in KEYS[7] for ARGV[4] ms after that). A late view
-is queued at once with its own duration (its neighbours keep theirs); a late
-session_end still closes the session. Late events are counted in the reply.
-An event created after the session_end that closed its session reopens it,
-as OpenPanel's buffer does with events in order.
+that closed the session (remembered in KEYS[6] for ARGV[3] ms after that).
+A late view is queued at once with its own duration (its neighbours keep
+theirs); a late session_end still closes the session. Late events are
+counted in the reply. An event created after the session_end that closed
+its session reopens it, as OpenPanel's buffer does with events in order.
 
-A held member: "<escaped session>|<created ms, 15 digits>|<deadline ms, 15
-digits>|<tag>|<kind: v or e>|<profile field or empty>|<own duration>|<row>".
-The escaped session contains no "|", so "[<esc>|" .. "(<esc>}" is exactly
-its session's range; its row ends with its own duration (absent when 0).
+A pack is records one after another, each "<length>:<record>"; a record is
+<created ms, 15 digits><deadline ms, 15 digits><tag, 14 characters><kind: v
+or e><profile field or empty>|<created ms>|<own duration>|<row>
+(worker/reorder.py). The first 44 characters order the records; what
+follows the profile field is the event as a stored last view is kept
+(KEYS[3]), so a view becomes one with a single copy; a row ends with its own
+duration (absent when 0).
 
-KEYS[1]   held events (ZSET, all scores 0, ordered by member)
-KEYS[2]   sessions with held events (ZSET: escaped session id -> earliest deadline, ms)
-KEYS[3]   the shard's queue (LIST)
-KEYS[4]   last views (HASH: session id -> "<created ms>|<own duration>|<row>")
-KEYS[5]   session index (ZSET: session id -> when its last view was set, ms)
-KEYS[6]   profiles' last views (HASH: profile field -> stored view)
-KEYS[7]   closed sessions (HASH: session id -> the created ms its session_end closed it at)
-KEYS[8]   when each closed session was closed (ZSET: session id -> ms), to forget it
+KEYS[1]     sessions with held events (ZSET: session id -> earliest deadline, ms)
+KEYS[2]     the shard's queue (LIST)
+KEYS[3]     last views (HASH: session id -> "<created ms>|<own duration>|<row>")
+KEYS[4]     session index (ZSET: session id -> when its last view was set, ms)
+KEYS[5]     profiles' last views (HASH: profile field -> stored view)
+KEYS[6]     closed sessions (HASH: session id -> the created ms its session_end closed it at)
+KEYS[7]     when each closed session was closed (ZSET: session id -> ms), to forget it
+KEYS[7+i]   session i's held events (STRING: a pack)
 
-ARGV[1]   now, epoch ms
-ARGV[2]   at most this many sessions per call
-ARGV[3]   TTL of KEYS[4] and KEYS[6], seconds (refreshed when written)
-ARGV[4]   how long a closed session is remembered after its session_end was released, ms
+ARGV[1]     now, epoch ms
+ARGV[2]     TTL of KEYS[3] and KEYS[5], seconds (refreshed when written)
+ARGV[3]     how long a closed session is remembered after its session_end was released, ms
+ARGV[3+i]   session i's id
 
-Returns {rows queued, late events, 1 if more sessions are due else 0}; an error
-reply, before anything is written, when a key has the wrong type.
+Returns {rows queued, late events}; an error reply, before anything is
+written, when a key has the wrong type.
 ]]
 
 -- Every key's type first: a script's writes are not undone when a later command fails,
 -- so a key of the wrong type must stop it before it takes any held event away.
-local types = {'zset', 'zset', 'list', 'hash', 'zset', 'hash', 'hash', 'zset'}
-for i, want in ipairs(types) do
+for i = 1, #KEYS do
+  local want = ({'zset', 'list', 'hash', 'zset', 'hash', 'hash', 'zset'})[i] or 'string'
   local found = redis.call('TYPE', KEYS[i])['ok']
   if found ~= 'none' and found ~= want then
     return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. found .. ', not a ' .. want)
@@ -57,36 +61,29 @@ for i, want in ipairs(types) do
 end
 
 local now = tonumber(ARGV[1])
-local forgotten = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', '(' .. (now - tonumber(ARGV[4])),
+local forgotten = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', '(' .. (now - tonumber(ARGV[3])),
   'LIMIT', 0, 1000)
 if #forgotten > 0 then
-  redis.call('HDEL', KEYS[7], unpack(forgotten))
-  redis.call('ZREM', KEYS[8], unpack(forgotten))
-end
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]) + 1)
-local more = 0
-if #due > tonumber(ARGV[2]) then
-  more = 1
-  due[#due] = nil
-end
-if #due == 0 then
-  return {0, 0, 0}
+  redis.call('HDEL', KEYS[6], unpack(forgotten))
+  redis.call('ZREM', KEYS[7], unpack(forgotten))
 end
 
-local function unescape(text)
-  return (string.gsub(text, '%%(%x%x)', function(h) return string.char(tonumber(h, 16)) end))
+-- The sessions still due (another flush may have released some since they were listed).
+local sessions, held_keys = {}, {}
+local deadlines = #ARGV > 3 and redis.call('ZMSCORE', KEYS[1], unpack(ARGV, 4)) or {}
+for i, deadline in ipairs(deadlines) do
+  if deadline and tonumber(deadline) <= now then
+    sessions[#sessions + 1] = ARGV[i + 3]
+    held_keys[#held_keys + 1] = KEYS[i + 7]
+  end
 end
-
--- A row whose own duration (its last field, absent when 0) is replaced by `ms`.
-local function with_duration(row, own, ms)
-  local cut = (own == '0') and 1 or (13 + #own)
-  return string.sub(row, 1, -1 - cut) .. ',"duration":' .. string.format('%d', ms) .. '}'
+if #sessions == 0 then
+  return {0, 0}
 end
 
 local queue = {}
 local late = 0
-local views_set, views_ended = {}, {}
--- Profile field -> {created, deadline, stored view or false (a session_end)}: the profile's
+-- Profile field -> {created, deadline, its view or false (a session_end)}: the profile's
 -- newest event by created_at, then arrival, among the released ones.
 local profiles = {}
 local profile_order = {}
@@ -100,144 +97,198 @@ local function profile_event(pfield, created, deadline, value)
   profiles[pfield] = {created, deadline, value}
 end
 
-for _, esc in ipairs(due) do
-  local members = redis.call('ZRANGEBYLEX', KEYS[1], '[' .. esc .. '|', '(' .. esc .. '}')
-  local p = #esc + 2  -- where the created ms starts
-  local cut = nil
-  for _, m in ipairs(members) do
-    if tonumber(string.sub(m, p + 16, p + 30)) <= now then
-      local created = tonumber(string.sub(m, p, p + 14))
-      if cut == nil or created > cut then cut = created end
-    end
+-- Commands with many arguments, sent 1000 at a time (Lua's unpack has a stack limit).
+local function call_many(command, key, args)
+  for first = 1, #args, 1000 do
+    redis.call(command, key, unpack(args, first, math.min(first + 999, #args)))
   end
-  local last = 0  -- members[1..last] are released
+end
+
+-- 1. Reads: each due session's held events, what it releases now, its stored state.
+local packs = redis.call('MGET', unpack(held_keys))
+local closed_at = redis.call('HMGET', KEYS[6], unpack(sessions))
+local stored_views = redis.call('HMGET', KEYS[3], unpack(sessions))
+local released = {}  -- {session index, pack, records, how many go}
+local done, done_keys, later = {}, {}, {}  -- sessions with nothing left; deadlines left
+for n, session in ipairs(sessions) do
+  local pack = packs[n] or ''
+  -- Records stay in the pack: each is {order key, created, deadline, first, last, framed}.
+  local records = {}
+  local at = 1
+  while at <= #pack do
+    local colon = string.find(pack, ':', at, true)
+    local stop = colon + tonumber(string.sub(pack, at, colon - 1))
+    local key = string.sub(pack, colon + 1, colon + 44)
+    records[#records + 1] = {
+      key, tonumber(string.sub(key, 1, 15)), tonumber(string.sub(key, 16, 30)), colon + 1, stop, at
+    }
+    at = stop + 1
+  end
+  if #records > 1 then
+    table.sort(records, function(x, y) return x[1] < y[1] end)
+  end
+  -- The newest created_at among the due events; every event created no later goes.
+  local cut = nil
+  for _, r in ipairs(records) do
+    if r[3] <= now and (cut == nil or r[2] > cut) then cut = r[2] end
+  end
+  local last = 0
   local next_deadline = nil
-  for i, m in ipairs(members) do
-    if cut ~= nil and tonumber(string.sub(m, p, p + 14)) <= cut then
+  local rest = {}
+  for i, r in ipairs(records) do
+    if cut ~= nil and r[2] <= cut then
       last = i
     else
-      local deadline = tonumber(string.sub(m, p + 16, p + 30))
-      if next_deadline == nil or deadline < next_deadline then next_deadline = deadline end
+      if next_deadline == nil or r[3] < next_deadline then next_deadline = r[3] end
+      rest[#rest + 1] = string.sub(pack, r[6], r[5])
     end
-  end
-  if last > 0 then
-    redis.call('ZREMRANGEBYLEX', KEYS[1], '[' .. esc .. '|', '[' .. members[last])
   end
   if next_deadline == nil then
-    redis.call('ZREM', KEYS[2], esc)
+    done[#done + 1] = session
+    done_keys[#done_keys + 1] = held_keys[n]
   else
-    redis.call('ZADD', KEYS[2], next_deadline, esc)
+    later[#later + 1] = next_deadline
+    later[#later + 1] = session
+    redis.call('SET', held_keys[n], table.concat(rest))
   end
-
   if last > 0 then
-    local session = unescape(esc)
-    -- A closed session: the created ms its session_end closed it at (false when open).
-    local closed = redis.call('HGET', KEYS[7], session)
-    closed = closed and tonumber(closed)
-    local stored = redis.call('HGET', KEYS[4], session)
-    -- The session's last view: created ms, own duration (text), row.
-    local view_created, view_own, view_row = nil, nil, nil
-    if stored then
-      local bar1 = string.find(stored, '|', 1, true)
-      local bar2 = string.find(stored, '|', bar1 + 1, true)
-      view_created = tonumber(string.sub(stored, 1, bar1 - 1))
-      view_own = string.sub(stored, bar1 + 1, bar2 - 1)
-      view_row = string.sub(stored, bar2 + 1)
+    released[#released + 1] = {n, pack, records, last}
+  end
+end
+
+-- 2. OpenPanel's rules over each session's released events, oldest created first.
+-- A view is {text, where its row starts, where it ends, own duration, created, where its
+-- stored form "<created>|<own>|<row>" starts}: rows are cut out of the pack (or the
+-- stored view) once, when queued, and never copied on the way.
+local function view_of(text, from, stop)
+  local bar1 = string.find(text, '|', from, true)
+  local bar2 = string.find(text, '|', bar1 + 1, true)
+  return {text, bar2 + 1, stop, string.sub(text, bar1 + 1, bar2 - 1),
+    tonumber(string.sub(text, from, bar1 - 1)), from}
+end
+local function as_is(view)
+  return string.sub(view[1], view[2], view[3])
+end
+local function with_duration(view, ms)
+  local cut = (view[4] == '0') and 1 or (13 + #view[4])
+  return string.sub(view[1], view[2], view[3] - cut) .. ',"duration":' .. string.format('%d', ms) .. '}'
+end
+local function stored_form(view)
+  if view[6] == 1 and view[3] == #view[1] then return view[1] end
+  return string.sub(view[1], view[6], view[3])
+end
+
+local views_set, views_ended, indexed = {}, {}, {}
+local closed_set, closed_index, reopened = {}, {}, {}
+for _, entry in ipairs(released) do
+  local n, pack, records, last = entry[1], entry[2], entry[3], entry[4]
+  local session = sessions[n]
+  -- A closed session: the created ms its session_end closed it at (false when open).
+  local closed = closed_at[n] and tonumber(closed_at[n])
+  local stored = stored_views[n]
+  local view = stored and view_of(stored, 1, #stored) or nil  -- the session's last view
+  local view_changed, closed_changed = false, false
+  for i = 1, last do
+    local r = records[i]
+    local created, deadline = r[2], r[3]
+    local kind = string.sub(pack, r[4] + 44, r[4] + 44)
+    local pf_end = string.find(pack, '|', r[4] + 45, true)
+    local pfield = string.sub(pack, r[4] + 45, pf_end - 1)
+    local this = view_of(pack, pf_end + 1, r[5])
+    local is_late = (closed and created < closed) or (view and created < view[5])
+    if is_late then
+      late = late + 1
+    elseif closed then
+      closed, closed_changed = false, true  -- an event after the session_end reopens it
     end
-    local view_changed, closed_changed = false, false
-    for i = 1, last do
-      local m = members[i]
-      local created = tonumber(string.sub(m, p, p + 14))
-      local deadline = tonumber(string.sub(m, p + 16, p + 30))
-      local kind_at = string.find(m, '|', p + 32, true) + 1
-      local kind = string.sub(m, kind_at, kind_at)
-      local pf_end = string.find(m, '|', kind_at + 2, true)
-      local pfield = string.sub(m, kind_at + 2, pf_end - 1)
-      local own_end = string.find(m, '|', pf_end + 1, true)
-      local own = string.sub(m, pf_end + 1, own_end - 1)
-      local row = string.sub(m, own_end + 1)
-      local is_late = (closed and created < closed) or (view_created and created < view_created)
+    if kind == 'v' then
       if is_late then
-        late = late + 1
-      elseif closed then
-        closed, closed_changed = false, true  -- an event after the session_end reopens it
-      end
-      if kind == 'v' then
-        if is_late then
-          queue[#queue + 1] = row
-        else
-          if view_row then
-            queue[#queue + 1] = with_duration(view_row, view_own, math.max(0, created - view_created))
-          end
-          view_created, view_own, view_row = created, own, row
-          view_changed = true
-          if pfield ~= '' then
-            profile_event(pfield, created, deadline, created .. '|' .. own .. '|' .. row)
-          end
-        end
+        queue[#queue + 1] = as_is(this)
       else
-        -- A session_end closes its session, late or not: the waiting view goes first.
-        if view_row then
-          queue[#queue + 1] = view_row
+        if view then
+          queue[#queue + 1] = with_duration(view, math.max(0, created - view[5]))
         end
-        queue[#queue + 1] = row
-        closed = math.max(created, view_created or 0, closed or 0)
-        closed_changed = true
-        view_created, view_own, view_row = nil, nil, nil
+        view = this
         view_changed = true
         if pfield ~= '' then
-          profile_event(pfield, created, deadline, false)
+          profile_event(pfield, created, deadline, this)
         end
       end
-    end
-    if view_changed then
-      if view_row then
-        views_set[#views_set + 1] = {session, view_created .. '|' .. view_own .. '|' .. view_row}
-      else
-        views_ended[#views_ended + 1] = session
+    else
+      -- A session_end closes its session, late or not: the waiting view goes first.
+      if view then
+        queue[#queue + 1] = as_is(view)
+      end
+      queue[#queue + 1] = as_is(this)
+      closed = math.max(created, view and view[5] or 0, closed or 0)
+      closed_changed = true
+      view = nil
+      view_changed = true
+      if pfield ~= '' then
+        profile_event(pfield, created, deadline, false)
       end
     end
-    if closed_changed then
-      if closed then
-        redis.call('HSET', KEYS[7], session, closed)
-        redis.call('ZADD', KEYS[8], now, session)
-      else
-        redis.call('HDEL', KEYS[7], session)
-        redis.call('ZREM', KEYS[8], session)
+  end
+  if view_changed then
+    if view then
+      views_set[#views_set + 1] = session
+      views_set[#views_set + 1] = stored_form(view)
+      indexed[#indexed + 1] = now
+      indexed[#indexed + 1] = session
+    else
+      views_ended[#views_ended + 1] = session
+    end
+  end
+  if closed_changed then
+    if closed then
+      closed_set[#closed_set + 1] = session
+      closed_set[#closed_set + 1] = closed
+      closed_index[#closed_index + 1] = now
+      closed_index[#closed_index + 1] = session
+    else
+      reopened[#reopened + 1] = session
+    end
+  end
+end
+-- A profile's stored view is replaced (or cleared) only by an event not older than it.
+local profiles_set, profiles_ended = {}, {}
+if #profile_order > 0 then
+  local stored = redis.call('HMGET', KEYS[5], unpack(profile_order))
+  for i, pfield in ipairs(profile_order) do
+    local event = profiles[pfield]
+    local value = stored[i]
+    if not value or event[1] >= tonumber(string.sub(value, 1, string.find(value, '|', 1, true) - 1)) then
+      if event[3] then
+        profiles_set[#profiles_set + 1] = pfield
+        profiles_set[#profiles_set + 1] = stored_form(event[3])
+      elseif value then
+        profiles_ended[#profiles_ended + 1] = pfield
       end
     end
   end
 end
 
-for start = 1, #queue, 1000 do
-  redis.call('RPUSH', KEYS[3], unpack(queue, start, math.min(start + 999, #queue)))
+-- 3. Writes, a few commands each for every session of this call.
+if #done_keys > 0 then
+  redis.call('DEL', unpack(done_keys))
 end
-for _, pair in ipairs(views_set) do
-  redis.call('HSET', KEYS[4], pair[1], pair[2])
-  redis.call('ZADD', KEYS[5], now, pair[1])
-end
+call_many('ZREM', KEYS[1], done)
+call_many('ZADD', KEYS[1], later)
+call_many('RPUSH', KEYS[2], queue)
+call_many('HSET', KEYS[3], views_set)
+call_many('ZADD', KEYS[4], indexed)
+call_many('HDEL', KEYS[3], views_ended)
+call_many('ZREM', KEYS[4], views_ended)
 if #views_set > 0 then
-  redis.call('EXPIRE', KEYS[4], tonumber(ARGV[3]))
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[2]))
 end
-for _, session in ipairs(views_ended) do
-  redis.call('HDEL', KEYS[4], session)
-  redis.call('ZREM', KEYS[5], session)
+call_many('HSET', KEYS[6], closed_set)
+call_many('ZADD', KEYS[7], closed_index)
+call_many('HDEL', KEYS[6], reopened)
+call_many('ZREM', KEYS[7], reopened)
+call_many('HSET', KEYS[5], profiles_set)
+call_many('HDEL', KEYS[5], profiles_ended)
+if #profiles_set > 0 then
+  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[2]))
 end
--- A profile's stored view is replaced (or cleared) only by an event not older than it.
-local profiles_set = false
-for _, pfield in ipairs(profile_order) do
-  local event = profiles[pfield]
-  local stored = redis.call('HGET', KEYS[6], pfield)
-  if not stored or event[1] >= tonumber(string.sub(stored, 1, string.find(stored, '|', 1, true) - 1)) then
-    if event[3] then
-      redis.call('HSET', KEYS[6], pfield, event[3])
-      profiles_set = true
-    elseif stored then
-      redis.call('HDEL', KEYS[6], pfield)
-    end
-  end
-end
-if profiles_set then
-  redis.call('EXPIRE', KEYS[6], tonumber(ARGV[3]))
-end
-return {#queue, late, more}
+return {#queue, late}

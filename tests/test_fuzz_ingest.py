@@ -39,7 +39,7 @@ from worker.buffer import EventBuffer
 from worker.deadletters import REASON_INVALID_EVENT, decode_dead_letter
 from worker.events import InvalidEvent, Limits, parse_event
 from worker.keys import Keyspace
-from worker.reorder import held_row
+from worker.reorder import held_packs, held_rows
 from worker.settings import Settings
 
 NOW_MS = int(time.time() * 1000)
@@ -222,8 +222,9 @@ def buffer_ids(client: redis_lib.Redis, settings: Settings) -> Counter[str]:
             view = buffer.get_last_screen_view(session_id=session.decode())
             assert view is not None
             ids[view.id] += 1
-        for member in client.zrange(shard.held, 0, -1):
-            ids[msgspec.json.decode(held_row(member))["id"]] += 1
+        for pack in held_packs(client, shard).values():
+            for row in held_rows(pack):
+                ids[msgspec.json.decode(row)["id"]] += 1
     return ids
 
 

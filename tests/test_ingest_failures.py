@@ -124,7 +124,9 @@ def test_a_permanent_redis_error_dead_letters_the_batch_instead_of_retrying_fore
     settings: Settings,
     run_main: Callable[..., Result],
 ) -> None:
-    redis.rpush(SHARD.views, "x")  # a list where the sessions' last views belong
+    # A list where the sessions' held events are indexed (the default reorder window
+    # holds the batch's screen_views there).
+    redis.rpush(SHARD.held_due, "x")
     proc = stack("worker")
     app = create_app(Settings.from_env({"REDIS_URL": redis_url}))
     batch = [{**e, "name": "screen_view", "session_id": "s1"} for e in events("p")]
@@ -137,11 +139,11 @@ def test_a_permanent_redis_error_dead_letters_the_batch_instead_of_retrying_fore
         app.close()
     [(header, raw)] = dead_letters(redis)
     assert header.reason == "ingest_failed"
-    assert "BufferKeyTypeError" in header.error and SHARD.views in header.error
+    assert "BufferKeyTypeError" in header.error and SHARD.held_due in header.error
     assert json.loads(raw) == batch
     assert EventBuffer(redis, settings).get_buffer_size() == 0  # nothing half-applied
 
-    redis.delete(SHARD.views)
+    redis.delete(SHARD.held_due)
     assert run_main("dlq", "replay", "--yes").code == 0
     view = EventBuffer(redis, settings).get_last_screen_view(session_id="s1")
     assert view is not None and view.id == batch[-1]["id"]

@@ -35,11 +35,11 @@ from redis.exceptions import ResponseError
 
 from worker.errors import BufferKeyTypeError, NotReplicatedError
 from worker.events import KIND_REGULAR, KIND_SCREEN_VIEW, KIND_SESSION_END, Row
-from worker.keys import ShardKeys, escape
-from worker.reorder import RELEASE_SESSIONS, batch_tag, held_member
+from worker.keys import ShardKeys
+from worker.reorder import batch_tag, held_record
 from worker.replication import Replicas
 from worker.replies import text
-from worker.scripts import Released, load_lua, release_args, release_keys
+from worker.scripts import load_lua
 from worker.topology import Client, Node, refreshed_on_error, transactions
 
 # A transaction aborted by a concurrent marker is run again this many times at most
@@ -75,12 +75,10 @@ class ShardWrites:
     visitors: dict[str, list[str]] = field(default_factory=dict)  # project -> profile ids
     dead_letters: Sequence[bytes] = ()
     publish: tuple[str, bytes] | None = None
-    # With a reorder window: session events held for it (worker/reorder.py), and the
-    # deadline of each of their sessions (escaped session id -> ms).
-    held: list[bytes] = field(default_factory=list)
-    held_due: dict[str, int] = field(default_factory=dict)
-    # Release the held events due by now in this transaction (a reorder window is set).
-    release: bool = False
+    # With a reorder window: each session's events held for it, framed records
+    # (worker/reorder.py), all with the same deadline `hold_until`.
+    held: dict[str, list[bytes]] = field(default_factory=dict)
+    hold_until: int = 0
     # The batch's events on this shard by kind (KIND_REGULAR / SCREEN_VIEW / SESSION_END).
     kinds: dict[str, int] = field(default_factory=dict)
 
@@ -95,8 +93,8 @@ def plan_shard(
     """The writes of `events` (in order, with their encoded rows) to one shard.
 
     With `hold_until` (arrival + a reorder window, ms), screen_views and
-    session_ends are held until then instead (worker/reorder.py), and the
-    plan releases what is due; regular events and visitors are written as ever.
+    session_ends are held until then instead (worker/reorder.py: the flush
+    releases them); regular events and visitors are written as ever.
     """
     if hold_until:
         return _plan_held(shard, marker, events, rows, hold_until)
@@ -178,10 +176,9 @@ def _finish(
 def _plan_held(
     shard: ShardKeys, marker: str, events: Sequence[Row], rows: Sequence[bytes], hold_until: int
 ) -> ShardWrites:
-    writes = ShardWrites(shard, marker)
+    writes = ShardWrites(shard, marker, hold_until=hold_until)
     queue = writes.queue_rows
     held = writes.held
-    due = writes.held_due
     visitors: dict[str, dict[str, None]] = {}
     tag = batch_tag(marker)
     views = ends = 0
@@ -197,22 +194,20 @@ def _plan_held(
             views += 1
         else:
             ends += 1
-        session = event.session_id
-        held.append(
-            held_member(
-                session,
-                event.created_ms,
-                hold_until,
-                f"{tag}{n:06d}",
-                kind,
-                shard.profile_field(event.project_id, profile_id) if profile_id else "",
-                event.duration,
-                row,
-            )
+        record = held_record(
+            event.created_ms,
+            hold_until,
+            f"{tag}{n % 1_000_000:06d}",
+            kind,
+            shard.profile_field(event.project_id, profile_id) if profile_id else "",
+            event.duration,
+            row,
         )
-        due[escape(session)] = hold_until
-    # A batch that holds session events releases what is due (a flush releases the rest).
-    writes.release = bool(held)
+        records = held.get(event.session_id)
+        if records is None:
+            held[event.session_id] = [record]
+        else:
+            records.append(record)
     _finish(writes, visitors, len(events), views, ends)
     return writes
 
@@ -222,7 +217,6 @@ class ShardOutcome:
     applied: bool  # False: the batch id had been applied to this shard before
     appended: int  # rows appended to the queue
     queue_length: int
-    late: int = 0  # held events released after their place had passed (worker/reorder.py)
 
 
 @dataclass
@@ -261,16 +255,13 @@ class BatchWriter:
         marker_ttl_s: int,
         visitors_ttl_s: int,
         views_ttl_s: int,
-        closed_ttl_s: int = 600,
         replicas: Replicas | None = None,
     ) -> None:
         self.marker_ttl_s = marker_ttl_s
         self.visitors_ttl_s = visitors_ttl_s
         self.views_ttl_s = views_ttl_s
         self.replicas = replicas or Replicas()
-        self.closed_ttl_s = closed_ttl_s
         self._resolve = load_lua("resolve_views")
-        self._release = load_lua("release_held")
 
     def write(self, redis: Client, plans: Sequence[ShardWrites], now_ms: int) -> list[ShardOutcome]:
         """Apply every plan, atomically per transaction; one outcome per plan.
@@ -354,7 +345,7 @@ class BatchWriter:
         # 2. Per group, everything its shards get in one transaction, every queue's length
         #    after, and the WAIT for its master's replicas.
         sent = [self._transaction(group, now_ms) for group in groups]
-        for group, (count, script_at, length_at) in zip(groups, sent, strict=True):
+        for group, (count, resolve_at, length_at) in zip(groups, sent, strict=True):
             replies = _read(group.connection, count)
             if self.replicas.waits:
                 try:
@@ -362,14 +353,13 @@ class BatchWriter:
                 except NotReplicatedError as exc:
                     group.not_replicated = exc
                 replies = replies[:-1]
-            group.outcomes = _outcomes(group, replies[-1], script_at, length_at)
+            group.outcomes = _outcomes(group, replies[-1], resolve_at, length_at)
 
     def _transaction(self, group: _NodeWrite, now_ms: int) -> tuple[int, list[int], list[int]]:
         """Send a group's MULTI ... EXEC (and WAIT); the number of replies it will get, and
-        where each plan's script call (resolve or release) and queue length are in the EXEC
-        reply."""
+        where each plan's resolve call and queue length are in the EXEC reply."""
         commands: list[tuple[Any, ...]] = [("MULTI",)]
-        script_at: list[int] = []  # index in the EXEC reply of each plan's script call, or -1
+        resolve_at: list[int] = []  # index in the EXEC reply of each plan's resolve call, or -1
         length_at: list[int] = []
         for plan, before in zip(group.plans, group.applied_before, strict=True):
             at = -1
@@ -383,22 +373,14 @@ class BatchWriter:
                     at = len(commands) - 1
                     commands.append(self._resolve_call(plan))
                 commands += self._plain_writes(plan, now_ms)
-                if plan.release:
-                    at = len(commands) - 1
-                    commands.append(self._release_call(plan.shard, now_ms))
-            script_at.append(at)
+            resolve_at.append(at)
             length_at.append(len(commands) - 1)
             commands.append(("LLEN", plan.shard.queue))
         commands.append(("EXEC",))
         if self.replicas.waits:
             commands.append(self.replicas.wait_command())
         _send(group.connection, commands)
-        return len(commands), script_at, length_at
-
-    def _release_call(self, shard: ShardKeys, now_ms: int) -> tuple[Any, ...]:
-        keys = release_keys(shard)
-        args = release_args(now_ms, RELEASE_SESSIONS, self.views_ttl_s, self.closed_ttl_s)
-        return ("EVAL", self._release, len(keys), *keys, *args)
+        return len(commands), resolve_at, length_at
 
     def _resolve_call(self, plan: ShardWrites) -> tuple[Any, ...]:
         args: list[str] = []
@@ -442,13 +424,10 @@ class BatchWriter:
         if plan.profiles_ended:
             out.append(("HDEL", shard.profile_views, *plan.profiles_ended))
         if plan.held:
-            held: list[Any] = []
-            for entry in plan.held:
-                held += (0, entry)
-            out.append(("ZADD", shard.held, *held))
             deadlines: list[Any] = []
-            for due_session, deadline in plan.held_due.items():
-                deadlines += (deadline, due_session)
+            for session, records in plan.held.items():
+                out.append(("APPEND", shard.held(session), b"".join(records)))
+                deadlines += (plan.hold_until, session)
             out.append(("ZADD", shard.held_due, "LT", *deadlines))
         out.append(("SET", plan.marker, 1, "EX", self.marker_ttl_s))
         if plan.publish is not None:
@@ -457,7 +436,7 @@ class BatchWriter:
 
 
 def _writes_queue(plan: ShardWrites) -> bool:
-    return bool(plan.queue_rows or plan.resolve or plan.release)
+    return bool(plan.queue_rows or plan.resolve)
 
 
 def _typed_keys(plan: ShardWrites) -> list[tuple[str, str]]:
@@ -471,11 +450,8 @@ def _typed_keys(plan: ShardWrites) -> list[tuple[str, str]]:
     if plan.resolve:
         keys += [(shard.views, "hash"), (shard.sessions, "zset")]
     if plan.held:
-        keys += [(shard.held, "zset"), (shard.held_due, "zset")]
-    if plan.release:
-        keys += [(shard.views, "hash"), (shard.sessions, "zset"), (shard.closed, "hash")]
-        keys.append((shard.closed_at, "zset"))
-        keys.append((shard.profile_views, "hash"))
+        keys += [(shard.held(session), "string") for session in plan.held]
+        keys.append((shard.held_due, "zset"))
     if plan.profiles_set or plan.profiles_ended:
         keys.append((shard.profile_views, "hash"))
     keys += [(shard.visitors(project), "zset") for project in plan.visitors]
@@ -489,7 +465,7 @@ def _pack(commands: Sequence[tuple[Any, ...]]) -> list[bytes]:
 
 
 def _outcomes(
-    group: _NodeWrite, results: Any, script_at: list[int], length_at: list[int]
+    group: _NodeWrite, results: Any, resolve_at: list[int], length_at: list[int]
 ) -> list[ShardOutcome] | None:
     """Each plan's outcome from its group's EXEC reply (None: aborted by a watched marker)."""
     if results is None:
@@ -504,15 +480,8 @@ def _outcomes(
         for result in results[length_at[n - 1] + 1 if n else 0 : length_at[n]]:
             if isinstance(result, Exception):
                 raise result  # only a race with another writer of the keys' types
-        scripted, late = 0, 0
-        if script_at[n] >= 0:
-            reply = results[script_at[n]]
-            if plan.release:
-                released = Released.from_reply(reply)
-                scripted, late = released.rows, released.late
-            else:
-                scripted = _number(reply)
-        outcomes.append(ShardOutcome(True, len(plan.queue_rows) + scripted, length, late))
+        resolved = _number(results[resolve_at[n]]) if resolve_at[n] >= 0 else 0
+        outcomes.append(ShardOutcome(True, len(plan.queue_rows) + resolved, length))
     return outcomes
 
 

@@ -41,8 +41,6 @@ class ApplyResult:
     skipped_shards: list[int] = field(default_factory=list)
     # Queue length of every shard the batch touched, after the call.
     queue_lengths: dict[int, int] = field(default_factory=dict)
-    # Held events this call released after their place had passed (worker/reorder.py).
-    late: int = 0
     # Events applied by how the buffer treated them: "regular", "screen_view", "session_end".
     kinds: Counter[str] = field(default_factory=Counter)
 
@@ -83,7 +81,6 @@ class EventBuffer:
             marker_ttl_s=settings.batch_marker_ttl_s,
             visitors_ttl_s=settings.active_visitor_window_s + 60,
             views_ttl_s=settings.screen_view_ttl_s,
-            closed_ttl_s=settings.closed_session_ttl_s,
             replicas=Replicas.from_settings(settings),
         )
         self._publish_throttle = _Throttle(settings.publish_throttle_ms)
@@ -147,7 +144,6 @@ class EventBuffer:
                 result.skipped_shards.append(shard)
             else:
                 result.appended += outcome.appended
-                result.late += outcome.late
                 for kind, count in plan.kinds.items():
                     if count:
                         result.kinds[KIND_NAMES[kind]] += count

@@ -71,8 +71,6 @@ class IngestResult:
     max_queue_length: int
     # Events applied by kind ("regular", "screen_view", "session_end"); empty for a duplicate.
     kinds: dict[str, int] = field(default_factory=dict)
-    # Held session events this apply released after their place had passed (worker/reorder.py).
-    late: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -218,7 +216,6 @@ def ingest(
         duplicate=result.duplicate,
         max_queue_length=max(result.queue_lengths.values(), default=0),
         kinds=dict(result.kinds),
-        late=result.late,
     )
 
 

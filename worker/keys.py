@@ -24,9 +24,9 @@ Per shard:
     {p:N}:profile-views         HASH    "<proj>:<pid>" (escaped) -> a profile's last
                                         screen_view, same format
     {p:N}:visitors:<proj>       ZSET    profile id -> last seen (ms); expires with the window
-    {p:N}:held                  ZSET    session events held by the reorder window, all scores 0,
-                                        ordered by session and created_at (worker/reorder.py)
-    {p:N}:held-due              ZSET    escaped session id -> earliest deadline of its held events
+    {p:N}:held:<session>        STRING  a session's events held by the reorder window, one
+                                        pack of records, appended to (worker/reorder.py)
+    {p:N}:held-due              ZSET    session id -> earliest deadline of its held events
     {p:N}:closed                HASH    session id -> created ms its session_end closed it at,
                                         for late views (kept EVENT_BUFFER_CLOSED_SESSION_TTL_S)
     {p:N}:closed-at             ZSET    session id -> when it was closed (ms): what to forget
@@ -86,7 +86,6 @@ class ShardKeys:
     profile_views: str = field(init=False, compare=False)
     backoff: str = field(init=False, compare=False)
     failures: str = field(init=False, compare=False)
-    held: str = field(init=False, compare=False)
     held_due: str = field(init=False, compare=False)
     closed: str = field(init=False, compare=False)
     closed_at: str = field(init=False, compare=False)
@@ -107,13 +106,16 @@ class ShardKeys:
             "profile_views": f"{tag}:profile-views",
             "backoff": f"{tag}:backoff",
             "failures": f"{tag}:failures",
-            "held": f"{tag}:held",
             "held_due": f"{tag}:held-due",
             "closed": f"{tag}:closed",
             "closed_at": f"{tag}:closed-at",
         }
         for name, value in names.items():
             object.__setattr__(self, name, value)
+
+    def held(self, session_id: str) -> str:
+        """A session's events held by the reorder window."""
+        return f"{self.tag}:held:{escape(session_id)}"
 
     def visitors(self, project_id: str) -> str:
         return f"{self.tag}:visitors:{escape(project_id)}"

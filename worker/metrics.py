@@ -24,8 +24,9 @@ Gauges (from Redis, at scrape time):
                                                     the queue (the next row a flush claims);
                                                     0 when the queue is empty
     eventbuffer_dead_letter_depth{shard}            dead letters stored (LLEN)
-    eventbuffer_held_events{shard}                  screen_views and session_ends held by the
-                                                    reorder window (EVENT_BUFFER_REORDER_WINDOW_MS)
+    eventbuffer_held_sessions{shard}                sessions with screen_views or session_ends
+                                                    held by the reorder window
+                                                    (EVENT_BUFFER_REORDER_WINDOW_MS)
     eventbuffer_flush_lock_held{shard}              1 while a flusher holds the shard's lock
     eventbuffer_flush_lock_heartbeat_age_seconds{shard}
                                                     time since the lock's holder last extended
@@ -273,8 +274,6 @@ def record_ingest(result: IngestResult, seconds: float) -> None:
             m.events_applied.labels(kind).inc(count)
     if result.invalid:
         m.dead_letters.labels(REASON_INVALID_EVENT).inc(result.invalid)
-    if result.late:
-        m.events_late.inc(result.late)
 
 
 def record_ingest_failure(kind: str) -> None:
@@ -376,8 +375,8 @@ def _gauges() -> _Gauges:
         ),
         dead=gauge("dead_letter_depth", "Dead letters stored in the shard.", ("shard",)),
         held=gauge(
-            "held_events",
-            "Session events held by the reorder window, not yet given to their session.",
+            "held_sessions",
+            "Sessions with events held by the reorder window, not yet given to them.",
             ("shard",),
         ),
         lock_held=gauge("flush_lock_held", "1 while a flusher holds the shard's lock.", ("shard",)),
@@ -498,7 +497,7 @@ class RedisCollector:
             g.claim_age.add_metric(label, max(0.0, shard.claimed.age_s) if shard.claimed else 0.0)
             g.oldest_age.add_metric(label, shard.oldest_event_age_s)
             g.dead.add_metric(label, shard.dead_letters)
-            g.held.add_metric(label, shard.held)
+            g.held.add_metric(label, shard.held_sessions)
             g.lock_held.add_metric(label, 1 if shard.lock else 0)
             g.lock_stale.add_metric(label, 1 if shard.lock and shard.lock.stale else 0)
             if shard.lock is not None and shard.lock.heartbeat_age_ms is not None:

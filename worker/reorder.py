@@ -6,11 +6,11 @@ processes (the default layout), neighbouring tasks are applied in whichever
 order the processes finish, so a session's later event is often applied
 before an earlier one. With `EVENT_BUFFER_REORDER_WINDOW_MS` > 0 the apply
 therefore does not hand screen_views and session_ends to their session at
-once: it holds them, one member each in the shard's `held` sorted set
-(ordered by session, then created_at), and notes the session's earliest
-deadline (arrival + window) in `held-due`. `release_held.lua` later takes
-each due session's held events created no later than its newest due one,
-oldest first, and applies OpenPanel's rules to them. It runs in every apply's
+once: `hold_events.lua` appends them to their session's pack in the shard's
+`held` hash (one record each, `held_record`), and notes the session's
+earliest deadline (arrival + window) in `held-due`. `release_held.lua` later
+takes each due session's held events created no later than its newest due
+one, oldest first, and applies OpenPanel's rules to them. It runs in every apply's
 transaction (for the sessions due by then) and before every flush of a shard
 (so a quiet buffer is released too).
 
@@ -30,18 +30,20 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import cast
 
 from worker.clock import Clock
-from worker.keys import ShardKeys, escape
+from worker.keys import ShardKeys
+from worker.replies import text
 from worker.scripts import Scripts
 from worker.settings import Settings
+from worker.topology import Client
 
 # Sessions released per script call: an apply releases at most this many (a flush loops).
 RELEASE_SESSIONS = 500
 
 
-def held_member(
-    session_id: str,
+def held_record(
     created_ms: int,
     deadline_ms: int,
     tag: str,
@@ -50,30 +52,62 @@ def held_member(
     own_duration: int,
     row: bytes,
 ) -> bytes:
-    """One held event, as release_held.lua reads it (its header describes the format).
+    """One held event, framed for its session's pack (release_held.lua's header has
+    the format).
 
-    Members of one session sort by created_at, then by deadline (arrival), then by
-    `tag`, which makes events of one batch unique and keeps their batch order.
+    The first 44 bytes order a session's records: created_at, then deadline
+    (arrival), then `tag`, which makes events of one batch unique and keeps their
+    batch order.
     """
-    return b"%s|%015d|%015d|%s|%s|%s|%d|%b" % (
-        escape(session_id).encode(),
+    record = b"%015d%015d%b%b%b|%d|%d|%b" % (
         created_ms,
         deadline_ms,
         tag.encode(),
         kind.encode(),
         profile_field.encode(),
+        created_ms,
         own_duration,
         row,
     )
+    return b"%d:%b" % (len(record), record)
 
 
-def held_row(member: bytes) -> bytes:
-    """The JSON row of a held event (what follows its seven header fields)."""
-    return member.split(b"|", 7)[7]
+def held_rows(pack: bytes) -> list[bytes]:
+    """The JSON rows of the records in a session's pack, in pack order."""
+    rows = []
+    at = 0
+    while at < len(pack):
+        colon = pack.index(b":", at)
+        stop = colon + 1 + int(pack[at:colon])
+        record = pack[colon + 1 : stop]
+        rows.append(record.split(b"|", 3)[3])
+        at = stop
+    return rows
+
+
+def held_times(pack: bytes) -> list[tuple[int, int]]:
+    """(created ms, deadline ms) of the records in a session's pack."""
+    times = []
+    at = 0
+    while at < len(pack):
+        colon = pack.index(b":", at)
+        stop = colon + 1 + int(pack[at:colon])
+        times.append((int(pack[colon + 1 : colon + 16]), int(pack[colon + 16 : colon + 31])))
+        at = stop
+    return times
+
+
+def held_packs(redis: Client, shard: ShardKeys) -> dict[str, bytes]:
+    """Every session of `shard` that holds events, with its pack (for status and tests)."""
+    sessions = [text(m) for m in redis.zrange(shard.held_due, 0, -1)]
+    if not sessions:
+        return {}
+    packs = cast(list[bytes | None], redis.mget([shard.held(session) for session in sessions]))
+    return {s: p for s, p in zip(sessions, packs, strict=True) if p is not None}
 
 
 def batch_tag(marker: str) -> str:
-    """A short prefix for the tags of one batch's held events (see `held_member`)."""
+    """The first 8 characters of the tags of one batch's held events (a tag is 14)."""
     return f"{zlib.crc32(marker.encode('utf-8', 'surrogatepass')):08x}"
 
 
@@ -86,18 +120,22 @@ class ReleaseResult:
 def release_due(
     scripts: Scripts, shard: ShardKeys, settings: Settings, clock: Clock
 ) -> ReleaseResult:
-    """Release every session of `shard` whose held events are due by now (what a flush
-    does first, so events held in a quiet buffer do not wait for the next apply)."""
+    """Release every session of `shard` whose held events are due by now: what a flush
+    does first, so they are queued before it claims.
+
+    The script runs at least once, with no session when none is due: it also forgets
+    closed sessions past `EVENT_BUFFER_CLOSED_SESSION_TTL_S`.
+    """
     result = ReleaseResult()
+    redis = scripts.redis
     while True:
+        now = clock.now_ms()
+        listed = redis.zrangebyscore(shard.held_due, "-inf", now, 0, RELEASE_SESSIONS)
+        due = [text(m) for m in listed]
         released = scripts.release_held(
-            shard,
-            clock.now_ms(),
-            RELEASE_SESSIONS,
-            settings.screen_view_ttl_s,
-            settings.closed_session_ttl_s,
+            shard, due, now, settings.screen_view_ttl_s, settings.closed_session_ttl_s
         )
         result.rows += released.rows
         result.late += released.late
-        if not released.more:
+        if len(due) < RELEASE_SESSIONS:
             return result

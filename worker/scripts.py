@@ -77,31 +77,6 @@ class Released:
 
     rows: int  # rows queued (views given their duration, session_ends, late events)
     late: int  # events that reached their session after their place had passed
-    more: bool  # more sessions were due than one call releases
-
-    @classmethod
-    def from_reply(cls, reply: Any) -> Released:
-        rows, late, more = (number(value) for value in reply)
-        return cls(rows, late, bool(more))
-
-
-def release_keys(shard: ShardKeys) -> list[str]:
-    """KEYS of release_held.lua (the apply runs it inside its transaction, too)."""
-    return [
-        shard.held,
-        shard.held_due,
-        shard.queue,
-        shard.views,
-        shard.sessions,
-        shard.profile_views,
-        shard.closed,
-        shard.closed_at,
-    ]
-
-
-def release_args(now_ms: int, sessions: int, views_ttl_s: int, closed_ttl_s: int) -> list[int]:
-    """ARGV of release_held.lua."""
-    return [now_ms, sessions, views_ttl_s, closed_ttl_s * 1000]
 
 
 class AckResult(IntEnum):
@@ -128,6 +103,11 @@ class Scripts:
         self._release = script("release_held")
         self._dlq_remove = script("dlq_remove")
         self._lock_takeover = script("lock_takeover")
+
+    @property
+    def redis(self) -> Client:
+        """The client these scripts run on."""
+        return self._redis
 
     def claim(
         self,
@@ -236,15 +216,31 @@ class Scripts:
         return AckResult(int(reply))
 
     def release_held(
-        self, shard: ShardKeys, now_ms: int, sessions: int, views_ttl_s: int, closed_ttl_s: int
+        self,
+        shard: ShardKeys,
+        sessions: Sequence[str],
+        now_ms: int,
+        views_ttl_s: int,
+        closed_ttl_s: int,
     ) -> Released:
-        """Release the held events of up to `sessions` due sessions (worker/reorder.py)."""
+        """Release the held events of `sessions` that are still due (worker/reorder.py)."""
+        keys = [
+            shard.held_due,
+            shard.queue,
+            shard.views,
+            shard.sessions,
+            shard.profile_views,
+            shard.closed,
+            shard.closed_at,
+            *(shard.held(session) for session in sessions),
+        ]
         reply = self._release(
-            keys=release_keys(shard),
-            args=release_args(now_ms, sessions, views_ttl_s, closed_ttl_s),
+            keys=keys,
+            args=[now_ms, views_ttl_s, closed_ttl_s * 1000, *sessions],
             client=self._redis,
         )
-        return Released.from_reply(reply)
+        rows, late = (number(value) for value in reply)
+        return Released(rows, late)
 
     def sweep_sessions(
         self, shard: ShardKeys, cutoff_ms: int, candidates: Sequence[tuple[str, str]]

@@ -236,7 +236,7 @@ class Settings:
     )
     reorder_window_ms: int = _setting(
         "EVENT_BUFFER_REORDER_WINDOW_MS",
-        1000,
+        500,
         _int(0),
         "screen_views and session_ends wait this long after they arrive, so that events of "
         "their session applied out of order by concurrent workers are put in created_at "

@@ -68,8 +68,8 @@ class ShardState:
     # Running totals since the shard's stats began: rows inserted, rows taken off the queue.
     rows_total: int = 0
     removed_total: int = 0
-    # Session events held by the reorder window (not yet given to their session).
-    held: int = 0
+    # Sessions with events held by the reorder window (not yet given to them).
+    held_sessions: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -124,8 +124,8 @@ class BufferState:
         return sum(s.waiting_views for s in self.shards)
 
     @property
-    def held(self) -> int:
-        return sum(s.held for s in self.shards)
+    def held_sessions(self) -> int:
+        return sum(s.held_sessions for s in self.shards)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -136,7 +136,7 @@ class BufferState:
                 "claimed": self.claimed,
                 "dead_letters": self.dead_letters,
                 "waiting_views": self.waiting_views,
-                "held": self.held,
+                "held_sessions": self.held_sessions,
             },
             "shards": [s.as_dict() for s in self.shards],
             "masters": [m.as_dict() for m in self.masters],
@@ -174,7 +174,7 @@ def _queue_reads(pipe: Any, shard: ShardKeys) -> None:
     pipe.pttl(shard.backoff)
     pipe.get(shard.failures)
     pipe.hgetall(shard.stats)
-    pipe.zcard(shard.held)
+    pipe.zcard(shard.held_due)
 
 
 def _shard_state(shard: int, replies: Sequence[Any], now_ms: int) -> ShardState:
@@ -207,7 +207,7 @@ def _shard_state(shard: int, replies: Sequence[Any], now_ms: int) -> ShardState:
         last_flush=last,
         rows_total=int(stats.get("rows_total", 0)),
         removed_total=int(stats.get("removed_total", 0)),
-        held=number(held),
+        held_sessions=number(held),
     )
 
 

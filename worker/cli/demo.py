@@ -77,8 +77,8 @@ def demo_wait(
 def demo_timeout_message(
     settings: Settings, app: Celery, landed: int, expected: int, timeout: float
 ) -> str:
-    """Why the demo's events are not all in ClickHouse: where the missing ones are, and
-    whether any worker answers (only then are absent workers blamed)."""
+    """Why the demo's events are not all in ClickHouse: whether any worker answers (only
+    then are absent workers blamed), and where the missing ones are."""
     from worker.names import INGEST_QUEUE
 
     where: list[str] = []
@@ -94,42 +94,37 @@ def demo_timeout_message(
             buffer.redis, buffer.keyspace, buffer.clock.now_ms(), settings.active_visitor_window_s
         )
         where.append(
-            f"Redis holds {state.queued:,} row(s) queued for ClickHouse, "
-            f"{state.waiting_views:,} screen_view(s) waiting as their session's last view, "
-            f"{state.held:,} event(s) held by the reorder window and "
+            f"Redis has {state.queued:,} row(s) queued, {state.waiting_views:,} last view(s), "
+            f"{state.held_sessions:,} session(s) held by the reorder window, "
             f"{state.dead_letters:,} dead letter(s)"
         )
     answered = 0
     with suppress(Exception):
         answered = len(app.control.ping(timeout=1.0) or [])
-    head = (
-        f"timed out after {timeout:.0f} s: {landed} of {expected} demo events are in "
-        f"ClickHouse, {expected - landed} are not" + (f" ({'; '.join(where)})" if where else "")
-    )
+    head = f"timed out after {timeout:.0f} s: {landed} of {expected} demo events are in ClickHouse"
     if not answered:
-        return (
-            f"{head}. No worker seems to be consuming the `{INGEST_QUEUE}` queue (none "
-            "answered a ping); start the local stack with `eventbuffer run` (in this "
-            "directory) and try again."
-        )
-    if waiting_tasks:
-        why = "they have not applied every task yet; try a longer --timeout"
-    elif state is not None and state.held:
         why = (
-            "session events are held by the reorder window (EVENT_BUFFER_REORDER_WINDOW_MS) "
-            "and reach ClickHouse with the first flush after it"
+            f"No worker seems to be consuming the `{INGEST_QUEUE}` queue (none answered a "
+            "ping): start the local stack with `eventbuffer run` (in this directory) and "
+            "try again"
+        )
+    elif waiting_tasks:
+        why = f"{answered} worker(s) answered a ping: they are still applying; wait longer"
+    elif state is not None and state.held_sessions:
+        why = (
+            f"{answered} worker(s) answered a ping; views wait for the reorder window "
+            "(EVENT_BUFFER_REORDER_WINDOW_MS), then the next flush"
         )
     elif state is not None and state.waiting_views:
         why = (
-            "screen_views wait as their session's last view until its next view, its "
-            "session_end or the idle-session sweep (EVENT_BUFFER_SESSION_TIMEOUT_S); "
-            "`eventbuffer status` shows them"
+            f"{answered} worker(s) answered a ping; views wait as last views for their "
+            "session's next view, end or the idle sweep"
         )
     elif state is not None and state.dead_letters:
-        why = "`eventbuffer dlq list` shows the dead letters and why"
+        why = f"{answered} worker(s) answered a ping; see `eventbuffer dlq list`"
     else:
-        why = "the rest is on its way; `eventbuffer status` shows where"
-    return f"{head}. {answered} worker(s) answered a ping: {why}."
+        why = f"{answered} worker(s) answered a ping; see `eventbuffer status`"
+    return f"{head}. {why}. " + "; ".join(where) + "."
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, console: Console) -> int:

@@ -191,7 +191,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -
             "-" if claim is None else f"{claim['count']:,} {claim['age_s']:.0f}s",
             f"{s['dead_letters']:,}",
             f"{s['waiting_views']:,}",
-            f"{s['held']:,}",
+            f"{s['held_sessions']:,}",
             lock_text(s["lock"]),
             backoff_text(s),
             "never" if last is None else f"{ago(last['at_ms'], now)}: {last['rows']:,}",
@@ -200,7 +200,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -
     # Prose wraps at the terminal's width (the CLI's console does not wrap by default).
     say = partial(console.print, soft_wrap=False)
     say("views: screen_views waiting for their session's next view")
-    say("held: session events held by the reorder window, not yet given to their session")
+    say("held: sessions whose events the reorder window holds, not yet given to them")
     for line in lock_lines(data["shards"]):
         say(line)
     for line in master_lines(data):

@@ -162,7 +162,7 @@ def render(data: dict[str, Any], state: WatchState, high_water: int) -> Renderab
         f"in flight {totals['claimed']:,}",
         f"dead {totals['dead_letters']:,}",
         f"views {totals['waiting_views']:,}",
-        f"held {totals['held']:,}",
+        f"held {totals['held_sessions']:,}",
     )
     parts: list[RenderableType] = [shards, summary]
     parts.extend(Text(line) for line in lock_lines(data["shards"]))
