@@ -6,20 +6,22 @@ processes (the default layout), neighbouring tasks are applied in whichever
 order the processes finish, so a session's later event is often applied
 before an earlier one. With `EVENT_BUFFER_REORDER_WINDOW_MS` > 0 the apply
 therefore does not hand screen_views and session_ends to their session at
-once: `hold_events.lua` appends them to their session's pack in the shard's
-`held` hash (one record each, `held_record`), and notes the session's
-earliest deadline (arrival + window) in `held-due`. `release_held.lua` later
-takes each due session's held events created no later than its newest due
-one, oldest first, and applies OpenPanel's rules to them. It runs in every apply's
-transaction (for the sessions due by then) and before every flush of a shard
-(so a quiet buffer is released too).
+once: it appends each one's record (`held_record`) to its session's pack,
+`{p:N}:held:<session>` (a plain APPEND in the apply's transaction: no Lua,
+the rows never pass through Lua while ingesting), and notes the session's
+earliest deadline (arrival + window) in `held-due`. Every flush of a shard
+first calls `release_due`: `release_held.lua` takes each due session's held
+events created no later than its newest due one, oldest first, and applies
+OpenPanel's rules to them, before the flush claims.
 
 The rule that follows: an event is put in its place when it arrives no later
 than one window after every event of its session created after it. One that
 arrives later still is *late*: a late view is queued at once with its own
 duration (the view before it keeps the duration it was given), a late
-session_end still closes its session, and any event of a session already
-closed (remembered `EVENT_BUFFER_CLOSED_SESSION_TTL_S`) is queued as it is.
+session_end still closes its session, and a view created before the
+session_end of a session already closed (remembered
+`EVENT_BUFFER_CLOSED_SESSION_TTL_S`) is queued as it is; one created after it
+reopens the session, as OpenPanel's buffer does with events in order.
 Late events are counted (`eventbuffer_events_late_total`).
 
 Regular events are never held. With a window of 0 nothing is held and the
