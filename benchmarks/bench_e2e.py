@@ -383,7 +383,10 @@ def pipeline(
             "EVENT_BUFFER_FLUSH_INTERVAL_S": str(FLUSH_INTERVAL_S),
             "EVENT_BUFFER_MAX_BATCHES_PER_FLUSH": "1000",
         }
+        if args.e2e_reorder_window is not None:
+            values["EVENT_BUFFER_REORDER_WINDOW_MS"] = str(args.e2e_reorder_window)
         settings = Settings.from_env(values)
+        log(f"[e2e] reorder window {settings.reorder_window_ms} ms")
         env = project_env(**values)
         logs = Path(tmp) / "logs"
         # The ingest layout `eventbuffer run` and the README use.
@@ -428,8 +431,15 @@ def pipeline(
                 tracker.record(producer.send(event), event, session, time.time())
             producer.flush(timeout=60)
 
+            held_due = Keyspace(settings.key_prefix, settings.shards).shard(0).held_due
+
             def drained() -> bool:
-                return int(broker_db.llen(INGEST_QUEUE)) == 0 and int(buffer_db.llen(queue)) == 0
+                # Held session events too: the reorder window's, released by the flushes.
+                return (
+                    int(broker_db.llen(INGEST_QUEUE)) == 0
+                    and int(buffer_db.llen(queue)) == 0
+                    and int(buffer_db.zcard(held_due)) == 0
+                )
 
             drain_started = time.monotonic()
             wait_until(

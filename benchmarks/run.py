@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="end-to-end ClickHouse: chdb (embedded), server (ClickHouse 26.x), or both (default)",
     )
     parser.add_argument(
+        "--e2e-reorder-window",
+        type=int,
+        default=None,
+        help="end-to-end EVENT_BUFFER_REORDER_WINDOW_MS, ms (default: the setting's default)",
+    )
+    parser.add_argument(
         "--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})"
     )
     return parser

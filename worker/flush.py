@@ -280,19 +280,7 @@ class Flusher:
         result = FlushResult(shard=shard_no)
         # Held events whose reorder window has passed join the queue first, whether or
         # not this flush goes on (they must not wait for ClickHouse or the lock).
-        try:
-            released = release_due(self.scripts, shard, self.settings, self.clock)
-        except ResponseError as exc:  # a damaged session key must not stop the flush
-            log.error(
-                "releasing the held events of shard %d failed: %s",
-                shard_no,
-                exc,
-                extra={"shard": shard_no, "error": str(exc)},
-            )
-        else:
-            result.released, result.late = released.rows, released.late
-            if released.late:
-                metrics.record_late(released.late)
+        self._release(shard, result)
         if respect_backoff:
             left_ms = int(self.redis.pttl(shard.backoff))
             if left_ms > 0:
@@ -312,10 +300,11 @@ class Flusher:
             try:
                 limit = max_batches or self.settings.max_batches_per_flush
                 with ReadAhead(self.scripts, shard, self.settings.batch_size) as ahead:
+                    # Between batches too: a long flush must not keep due events waiting.
                     while result.batches < limit and self._flush_one(
                         shard, lock, sink, result, ahead, read_next=result.batches + 1 < limit
                     ):
-                        pass
+                        self._release(shard, result)
             finally:
                 sink.close()
         except (RetryableSinkError, PoisonGuardError):
@@ -328,6 +317,25 @@ class Flusher:
             result.seconds = time.perf_counter() - started
         self.redis.delete(shard.backoff, shard.failures)
         return result
+
+    def _release(self, shard: ShardKeys, result: FlushResult) -> None:
+        """Release the shard's held events that are due (worker/reorder.py), counted in
+        `result`; a failure is logged, never raised: a damaged session key must not stop
+        the flush of the other rows."""
+        try:
+            released = release_due(self.scripts, shard, self.settings, self.clock)
+        except ResponseError as exc:
+            log.error(
+                "releasing the held events of shard %d failed: %s",
+                shard.shard,
+                exc,
+                extra={"shard": shard.shard, "error": str(exc)},
+            )
+            return
+        result.released += released.rows
+        result.late += released.late
+        if released.late:
+            metrics.record_late(released.late)
 
     def _back_off(self, shard: ShardKeys) -> None:
         """After a transient ClickHouse failure, skip this shard for a doubling delay.
