@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from tests.support.clock import ManualClock
 from tests.support.dates import BASE_MS
+from tests.support.sinks import DelegatingSink
 from worker.buffer import EventBuffer
 from worker.events import Event, decode_row, parse_event
 from worker.flush import Flusher
@@ -421,3 +422,42 @@ def test_a_damaged_session_key_does_not_stop_the_flush_of_other_rows(
     [result] = flusher.process_buffer().shards
     assert result.rows == 1 and result.error is None
     assert len(held_packs(redis, shard)) == 1  # kept, for a release once the key is repaired
+
+
+class _SlowSink(DelegatingSink):
+    """Each INSERT takes a window of the manual clock: a long flush run."""
+
+    def __init__(self, inner: ChdbSink, clock: ManualClock) -> None:
+        super().__init__(inner)
+        self.clock = clock
+
+    def write(self, rows: Sequence[bytes], token: str) -> None:
+        super().write(rows, token)
+        self.clock.advance(WINDOW)
+
+
+def test_a_long_flush_run_releases_what_falls_due_between_its_batches(
+    redis: redis_lib.Redis, redis_url: str, clock: ManualClock, sink: ChdbSink
+) -> None:
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": redis_url,
+            "CLICKHOUSE_URL": f"chdb://{sink.path}",
+            "EVENT_BUFFER_REORDER_WINDOW_MS": str(WINDOW),
+            "EVENT_BUFFER_BATCH_SIZE": "2",
+        }
+    )
+    buffer = EventBuffer(redis, settings, clock)
+    clicks = [make_event(n, "click", "", BASE_MS + n) for n in range(4)]
+    view = make_event(10, "screen_view", "s", BASE_MS, 7)
+    end = make_event(11, "session_end", "s", BASE_MS + 100)
+    buffer.apply([*clicks, view, end])
+    flusher = Flusher(
+        redis, settings, lambda: _SlowSink(ChdbSink(sink.path, sink.table), clock), clock
+    )
+    result = flusher.flush_shard(0, max_batches=10)
+    # Nothing was due when the run began; the first batch's insert took a window.
+    assert result.released == 2 and result.batches == 3
+    assert sorted(sink.query("SELECT toString(id), duration FROM events")) == sorted(
+        [(e.id, 0) for e in clicks] + [(view.id, 7), (end.id, 0)]
+    )
