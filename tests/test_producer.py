@@ -431,6 +431,8 @@ def test_a_host_apps_worker_is_untouched_by_eventbuffer(
         host.send_task("host.track", args=["p1", int(time.time() * 1000)])
         # The host's task ran and sent its event through the producer, on the host's broker.
         wait_until(lambda: len(messages(redis)) == 1, timeout=30)
+        # The task's success line is written after its send: wait for it, not just the send.
+        wait_until(lambda: "succeeded" in log_path.read_text(), timeout=30)
         log = log_path.read_text()
         assert "Task host.track" in log and "succeeded" in log, log
         # Celery's own text logs: eventbuffer's JSON format is not applied to the host.
