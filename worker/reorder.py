@@ -31,17 +31,17 @@ apply is OpenPanel's, row for row (worker/apply.py).
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import cast
 
 from worker.clock import Clock
 from worker.keys import ShardKeys
 from worker.replies import text
-from worker.scripts import Scripts
+from worker.scripts import Released, Scripts
 from worker.settings import Settings
 from worker.topology import Client
 
-# Sessions released per script call: an apply releases at most this many (a flush loops).
+# Sessions released per script call (`release_due` calls again while this many were due).
 RELEASE_SESSIONS = 500
 
 
@@ -74,29 +74,24 @@ def held_record(
     return b"%d:%b" % (len(record), record)
 
 
-def held_rows(pack: bytes) -> list[bytes]:
-    """The JSON rows of the records in a session's pack, in pack order."""
-    rows = []
+def _records(pack: bytes) -> Iterator[bytes]:
+    """The records of a session's pack, in pack order."""
     at = 0
     while at < len(pack):
         colon = pack.index(b":", at)
         stop = colon + 1 + int(pack[at:colon])
-        record = pack[colon + 1 : stop]
-        rows.append(record.split(b"|", 3)[3])
+        yield pack[colon + 1 : stop]
         at = stop
-    return rows
+
+
+def held_rows(pack: bytes) -> list[bytes]:
+    """The JSON rows of the records in a session's pack, in pack order."""
+    return [record.split(b"|", 3)[3] for record in _records(pack)]
 
 
 def held_times(pack: bytes) -> list[tuple[int, int]]:
     """(created ms, deadline ms) of the records in a session's pack."""
-    times = []
-    at = 0
-    while at < len(pack):
-        colon = pack.index(b":", at)
-        stop = colon + 1 + int(pack[at:colon])
-        times.append((int(pack[colon + 1 : colon + 16]), int(pack[colon + 16 : colon + 31])))
-        at = stop
-    return times
+    return [(int(record[:15]), int(record[15:30])) for record in _records(pack)]
 
 
 def held_packs(redis: Client, shard: ShardKeys) -> dict[str, bytes]:
@@ -113,22 +108,14 @@ def batch_tag(marker: str) -> str:
     return f"{zlib.crc32(marker.encode('utf-8', 'surrogatepass')):08x}"
 
 
-@dataclass
-class ReleaseResult:
-    rows: int = 0
-    late: int = 0
-
-
-def release_due(
-    scripts: Scripts, shard: ShardKeys, settings: Settings, clock: Clock
-) -> ReleaseResult:
+def release_due(scripts: Scripts, shard: ShardKeys, settings: Settings, clock: Clock) -> Released:
     """Release every session of `shard` whose held events are due by now: what a flush
     does first, so they are queued before it claims.
 
     The script runs at least once, with no session when none is due: it also forgets
     closed sessions past `EVENT_BUFFER_CLOSED_SESSION_TTL_S`.
     """
-    result = ReleaseResult()
+    rows = late = 0
     redis = scripts.redis
     while True:
         now = clock.now_ms()
@@ -137,7 +124,7 @@ def release_due(
         released = scripts.release_held(
             shard, due, now, settings.screen_view_ttl_s, settings.closed_session_ttl_s
         )
-        result.rows += released.rows
-        result.late += released.late
+        rows += released.rows
+        late += released.late
         if len(due) < RELEASE_SESSIONS:
-            return result
+            return Released(rows, late)
