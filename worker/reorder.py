@@ -95,7 +95,7 @@ def held_times(pack: bytes) -> list[tuple[int, int]]:
 
 
 def held_packs(redis: Client, shard: ShardKeys) -> dict[str, bytes]:
-    """Every session of `shard` that holds events, with its pack (for status and tests)."""
+    """Every session of `shard` that holds events, with its pack (for tests and benchmarks)."""
     sessions = [text(m) for m in redis.zrange(shard.held_due, 0, -1)]
     if not sessions:
         return {}

@@ -110,20 +110,19 @@ def demo_timeout_message(
         )
     elif waiting_tasks:
         why = f"{answered} worker(s) answered a ping: they are still applying; wait longer"
-    elif state is not None and state.held_sessions:
-        why = (
-            f"{answered} worker(s) answered a ping; views wait for the reorder window "
-            "(EVENT_BUFFER_REORDER_WINDOW_MS), then the next flush"
-        )
-    elif state is not None and state.waiting_views:
-        why = (
-            f"{answered} worker(s) answered a ping; views wait as last views for their "
-            "session's next view, end or the idle sweep"
-        )
-    elif state is not None and state.dead_letters:
-        why = f"{answered} worker(s) answered a ping; see `eventbuffer dlq list`"
     else:
-        why = f"{answered} worker(s) answered a ping; see `eventbuffer status`"
+        if state is not None and state.held_sessions:
+            hint = (
+                "views wait for the reorder window (EVENT_BUFFER_REORDER_WINDOW_MS), "
+                "then the next flush"
+            )
+        elif state is not None and state.waiting_views:
+            hint = "views wait as last views for their session's next view, end or the idle sweep"
+        elif state is not None and state.dead_letters:
+            hint = "see `eventbuffer dlq list`"
+        else:
+            hint = "see `eventbuffer status`"
+        why = f"{answered} worker(s) answered a ping; {hint}"
     return f"{head}. {why}. " + "; ".join(where) + "."
 
 
