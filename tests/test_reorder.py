@@ -461,3 +461,17 @@ def test_a_long_flush_run_releases_what_falls_due_between_its_batches(
     assert sorted(sink.query("SELECT toString(id), duration FROM events")) == sorted(
         [(e.id, 0) for e in clicks] + [(view.id, 7), (end.id, 0)]
     )
+
+
+def test_events_held_before_the_window_was_set_to_zero_are_still_released(
+    redis: redis_lib.Redis, held_buffer: EventBuffer, clock: ManualClock, redis_url: str
+) -> None:
+    v1 = make_event(0, "screen_view", "s", BASE_MS)
+    v2 = make_event(1, "screen_view", "s", BASE_MS + 200)
+    held_buffer.apply([v1, v2])
+    clock.advance(WINDOW)
+    no_window = window_settings(redis_url, window=0)
+    shard = next(iter(held_buffer.shards()))
+    assert release_due(held_buffer.scripts, shard, no_window, clock).rows == 1
+    assert queued_rows(redis, held_buffer) == Counter({(v1.id, 200): 1})
+    assert held(redis, held_buffer) == 0

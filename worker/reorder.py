@@ -112,8 +112,9 @@ def release_due(scripts: Scripts, shard: ShardKeys, settings: Settings, clock: C
     """Release every session of `shard` whose held events are due by now: what a flush
     does first, so they are queued before it claims.
 
-    The script runs at least once, with no session when none is due: it also forgets
-    closed sessions past `EVENT_BUFFER_CLOSED_SESSION_TTL_S`.
+    With a window the script runs at least once, with no session when none is due:
+    it also forgets closed sessions past `EVENT_BUFFER_CLOSED_SESSION_TTL_S`. Without
+    one, it runs only for events held before the window was set to 0.
     """
     rows = late = 0
     redis = scripts.redis
@@ -121,6 +122,9 @@ def release_due(scripts: Scripts, shard: ShardKeys, settings: Settings, clock: C
         now = clock.now_ms()
         listed = redis.zrangebyscore(shard.held_due, "-inf", now, 0, RELEASE_SESSIONS)
         due = [text(m) for m in listed]
+        if not due and not settings.reorder_window_ms:
+            # Nothing held (nor closed) without a window: no script call before each batch.
+            return Released(rows, late)
         released = scripts.release_held(
             shard, due, now, settings.screen_view_ttl_s, settings.closed_session_ttl_s
         )
