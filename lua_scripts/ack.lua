@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 --[[ ack: remove a claim whose rows are all in ClickHouse.
 
 Only the claim's own id acknowledges it, and only while the caller holds
@@ -22,6 +23,9 @@ ARGV[7..] dead-letter entries to append, for the claim's rejected rows
 Returns 1 when acknowledged; 0 when that claim is no longer open (another
 flusher acknowledged it; nothing is done); -1 when another token holds the
 lock (nothing is done).
+
+allow-oom: runs above maxmemory: it frees memory (trims the acknowledged rows), so it must run when Redis is full
+(lua_scripts/__init__.py says which scripts may).
 ]]
 
 local holder = redis.call('GET', KEYS[1])
@@ -33,12 +37,14 @@ if open[1] ~= ARGV[2] then
   return 0
 end
 
-redis.call('LTRIM', KEYS[3], tonumber(open[2]), -1)
-redis.call('DEL', KEYS[2])
+-- Dead letters first: should storing them fail (a key of the wrong type), the
+-- claimed rows are still in the queue and the claim still open.
 local dead = #ARGV - 6
 for start = 7, #ARGV, 1000 do
   redis.call('RPUSH', KEYS[4], unpack(ARGV, start, math.min(start + 999, #ARGV)))
 end
+redis.call('LTRIM', KEYS[3], tonumber(open[2]), -1)
+redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[5], 'at', ARGV[3], 'rows', ARGV[4], 'dead', dead,
   'claim', ARGV[2], 'claimed', open[2])
 redis.call('HINCRBY', KEYS[5], 'rows_total', ARGV[4])

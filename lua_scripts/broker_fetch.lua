@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 --[[ broker_fetch: move the next task message out of its queue, into the consumer's keeping.
 
 The reliable Redis transport's only way for a message to leave a queue.
@@ -34,6 +35,9 @@ ARGV[4]  one character per source list, "1" for a no-ack source: its message
 Returns false when every source list is empty; {source number (1 for KEYS[4])}
 when the message was moved to KEYS[3]; {source number, raw message} when it
 came from a no-ack source.
+
+allow-oom: runs above maxmemory: flush tasks must be fetched from a full broker (a message moves; its index entry is small)
+(lua_scripts/__init__.py says which scripts may).
 ]]
 
 for i = 4, #KEYS do

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 --[[ broker_heartbeat: a consumer says it is alive, and learns who is not.
 
 Sets the consumer's deadline to now + its timeout, by the server's clock
@@ -14,6 +15,9 @@ ARGV[3]  the most dead consumers to list
 Returns {1 if the consumer was registered already, 0 if this call entered
 it (its first beat, or its entry was removed as dead meanwhile), dead
 consumer id, ...}.
+
+allow-oom: runs above maxmemory: a consumer's liveness must not depend on free memory (one sorted-set score)
+(lua_scripts/__init__.py says which scripts may).
 ]]
 
 local now = redis.call('TIME')

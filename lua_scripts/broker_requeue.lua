@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 --[[ broker_requeue: put in-flight messages of a consumer back on their queues.
 
 Three callers: a rejected message (requeue=True) goes to the back of its
@@ -7,7 +8,7 @@ but only while that consumer's heartbeat deadline has passed, checked here
 in the same atomic step.
 
 Each message moves with one LMOVE out of its own key: never in two places,
-never in none (LMOVE is refused as a whole under OOM). Its index entry goes
+never in none (LMOVE is atomic). Its index entry goes
 after it. A message already gone (acknowledged, or moved by another
 recoverer) only has its index entry removed. (LMOVE's reply makes the
 message a Lua string, the cost broker_fetch.lua avoids: these are the rare
@@ -25,6 +26,9 @@ ARGV[5..] triples, one per message: its seq, its key, its destination (numbers: 
 
 Returns -1 when ARGV[3] is "1" and the consumer is alive (nothing moved),
 else the number of messages moved.
+
+allow-oom: runs above maxmemory: messages move back to their queues (no net growth): a dead worker's tasks are recovered and a held task is requeued in place on a full broker
+(lua_scripts/__init__.py says which scripts may).
 ]]
 
 if ARGV[3] == '1' then

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 --[[ claim: hand the flusher a batch of the oldest queued rows.
 
 A claim is the head of the queue: its first `count` rows, recorded with an
@@ -32,6 +33,9 @@ trims the queue, always from the head, and adds what it trimmed to
 removed_total; rows are only ever appended at the tail. So a row's
 position (removed_total + its index) names it for good, and rows read at
 the right positions, even ahead of the claim, are the claim's rows.
+
+allow-oom: runs above maxmemory: the drain must start when Redis is full (a claim adds one small hash)
+(lua_scripts/__init__.py says which scripts may).
 ]]
 
 local open = redis.call('HMGET', KEYS[2], 'id', 'count', 'at', 'chunk')

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 --[[ dlq_remove: remove given entries from a shard's dead-letter list, atomically.
 
 The caller read the entries (`eventbuffer dlq replay` or `purge`) and names
@@ -15,6 +16,9 @@ ARGV     pairs, one per entry to remove:
            entry  its exact value
 
 Returns the number of entries removed.
+
+allow-oom: runs above maxmemory: it only removes entries
+(lua_scripts/__init__.py says which scripts may).
 ]]
 
 -- Entries start with their JSON header ('{'), so they never equal this.

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 --[[ lock_takeover: take a shard's flush lock from a holder judged dead.
 
 Compare and swap: the lock passes to the new token only if it still holds
@@ -18,6 +19,9 @@ ARGV[4]  the most time (ms) the lock may have left for the takeover; -1 for
 
 Returns 1 when taken over; 0 when the lock no longer holds ARGV[1], has no
 expiry, or was extended since (more than ARGV[4] ms left): nothing is done.
+
+allow-oom: runs above maxmemory: the drain must start when Redis is full (one small string)
+(lua_scripts/__init__.py says which scripts may).
 ]]
 
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 --[[ release_held: apply the held session events whose reorder window has passed, by created_at.
 
 With a reorder window (EVENT_BUFFER_REORDER_WINDOW_MS > 0) the apply does
@@ -48,6 +49,9 @@ ARGV[3+i]   session i's id
 
 Returns {rows queued, late events}; an error reply, before anything is
 written, when a key has the wrong type.
+
+allow-oom: runs above maxmemory: held events move into the queue (no net growth), so a full Redis still drains
+(lua_scripts/__init__.py says which scripts may).
 ]]
 
 -- Every key's type first: a script's writes are not undone when a later command fails,

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 --[[ sweep_sessions: queue the last screen_views of sessions that went quiet.
 
 A session that never sends session_end would otherwise keep its last view
@@ -18,6 +19,9 @@ ARGV[2..] two values per candidate, in order: the session id, and its view's
 Returns the number of views queued. Each is queued unchanged (as
 session_end would), its session leaves the hash and the index; the
 profile's copy is removed only if it still holds this same view.
+
+allow-oom: runs above maxmemory: waiting views move into the queue (no net growth), so a full Redis still drains
+(lua_scripts/__init__.py says which scripts may).
 ]]
 
 local cutoff = tonumber(ARGV[1])

@@ -1,43 +1,46 @@
 """eventbuffer.ingest_event / eventbuffer.ingest_events: validate, then apply in one Lua call.
 
-What a failure does (the batch is never dropped):
+What a failure does (the batch is never dropped, and no failure publishes a
+new message: the broker may be the very Redis that is full, and Celery's
+`Task.retry()` loses the task when its publish is refused):
 
-- Redis unavailable in a way that heals (`worker.redis_errors`: a failover,
-  or a master whose replicas have not confirmed the batch): the task is
-  retried with backoff capped at a minute, for as long as it takes; the batch
-  stays in the broker meanwhile.
-- Anything else (a Lua error, a key of the wrong type, a bug): retried
-  `UNEXPECTED_ATTEMPTS - 1` times, then the raw batch becomes one
+- Redis refuses the batch in a way that heals (`worker.redis_errors`: full
+  at maxmemory, a failover, a master whose replicas have not confirmed the
+  batch): the task waits in place, its message unacknowledged, and tries
+  again with backoff capped at `worker.pause.MAX_WAIT_S`, for as long as it
+  takes. Its worker fetches nothing more meanwhile (`worker/pause.py`: one
+  log line when the pause starts, one when it ends). A worker told to stop
+  gives the message back to its queue.
+- Anything else (a Lua error, a key of the wrong type, a bug): tried
+  `UNEXPECTED_ATTEMPTS` times in all, then the raw batch becomes one
   `ingest_failed` dead letter (`eventbuffer dlq list`; `dlq replay` once the
-  cause is fixed). If even that cannot be stored, the task keeps retrying.
+  cause is fixed). If even that cannot be stored, it waits as above.
 
-Every retry reuses the task id, which is the batch id: the batch markers make
-a retry of a batch that was in fact applied harmless.
+A redelivered task keeps its id, which is the batch id: the batch markers
+make a redelivery of a batch that was in fact applied harmless.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject
 
 from worker import metrics, runtime
 from worker.celery import app
 from worker.deadletters import REASON_INGEST_FAILED
 from worker.ingest import IngestResult, batch_bytes, dead_letter_batch, ingest
 from worker.names import FLUSH_QUEUE, TASK_INGEST_EVENT, TASK_INGEST_EVENTS, TASK_PROCESS_BUFFER
-from worker.redis_errors import is_transient
+from worker.pause import PAUSE, ShutdownRequested, wait_s
+from worker.redis_errors import REDIS_FAILURES, is_transient
 
 log = logging.getLogger(__name__)
 
-# Unexpected failures of one batch before it is dead-lettered (deliveries count).
+# Attempts at a batch that fails unexpectedly before it is dead-lettered.
 UNEXPECTED_ATTEMPTS = 3
-# Counts them across retries, in the retried message's headers.
-FAILURES_HEADER = "eventbuffer_failures"
-RETRY_MAX_S = 60
 
 DELIVERY = {
     "acks_late": True,
@@ -48,37 +51,36 @@ DELIVERY = {
 }
 
 
-def backoff_s(retries: int) -> float:
-    """1 s, 2 s, 4 s ... capped at a minute, with jitter so retries do not come in step."""
-    return float(random.uniform(0.5, 1.0) * min(RETRY_MAX_S, 2**retries))
-
-
-def _failures(task: Task) -> int:
-    headers = task.request.headers or {}
-    try:
-        return int(headers.get(FAILURES_HEADER, 0))
-    except (TypeError, ValueError):
-        return 0
-
-
 def _run(task: Task, payload: Any, batch_id: str | None) -> dict[str, Any]:
     batch = batch_id or task.request.id
-    started = time.perf_counter()
-    try:
-        result = ingest(runtime.buffer(), payload, batch)
-    except Exception as exc:
-        if not is_transient(exc):
-            return _unexpected(task, payload, batch, exc)
-        metrics.record_ingest_failure("transient")
-        delay = backoff_s(task.request.retries)
-        log.warning(
-            "batch %s: Redis unavailable (%s: %s); retry in %.0f s",
-            batch,
-            type(exc).__name__,
-            exc,
-            delay,
-        )
-        raise task.retry(exc=exc, countdown=delay) from None
+    failures = 0
+    waits = 0
+    while True:
+        started = time.perf_counter()
+        try:
+            result = ingest(runtime.buffer(), payload, batch)
+        except Exception as exc:
+            if is_transient(exc):
+                metrics.record_ingest_failure("transient")
+                _wait(task, batch, exc, waits)
+                waits += 1
+                continue
+            failures += 1
+            metrics.record_ingest_failure("unexpected")
+            if failures >= UNEXPECTED_ATTEMPTS:
+                return _dead_letter(task, payload, batch, exc, failures)
+            log.warning(
+                "batch %s failed (%d of %d attempts): %s: %s; retrying",
+                batch,
+                failures,
+                UNEXPECTED_ATTEMPTS,
+                type(exc).__name__,
+                exc,
+            )
+            time.sleep(wait_s(failures - 1))
+            continue
+        PAUSE.succeeded()
+        break
     metrics.record_ingest(result, time.perf_counter() - started)
     if result.invalid:
         log.warning("batch %s: %d invalid event(s) dead-lettered", result.batch_id, result.invalid)
@@ -88,40 +90,45 @@ def _run(task: Task, payload: Any, batch_id: str | None) -> dict[str, Any]:
     return result.as_dict()
 
 
-def _unexpected(task: Task, payload: Any, batch: str, exc: Exception) -> dict[str, Any]:
-    """Retry a few times; then keep the raw batch as a dead letter (never drop it)."""
-    failures = _failures(task) + 1
-    metrics.record_ingest_failure("unexpected")
-    error = f"{type(exc).__name__}: {exc}"
-    if failures < UNEXPECTED_ATTEMPTS:
-        log.warning(
-            "batch %s failed (%d of %d attempts): %s; retrying",
-            batch,
-            failures,
-            UNEXPECTED_ATTEMPTS,
-            error,
-        )
-        headers = {FAILURES_HEADER: failures}
-        raise task.retry(exc=exc, countdown=backoff_s(failures - 1), headers=headers) from None
+def _wait(task: Task, batch: str, exc: Exception, attempt: int) -> None:
+    """Wait before the next attempt; a stopping worker gives the message back instead."""
     try:
-        stored = dead_letter_batch(
-            runtime.buffer(),
-            batch_bytes(payload),
-            batch,
-            reason=REASON_INGEST_FAILED,
-            error=error,
-            task=task.name,
-        )
-    except Exception as store_exc:
-        log.error(
-            "batch %s failed %d times (%s) and could not be dead-lettered (%s); retrying",
-            batch,
-            failures,
-            error,
-            store_exc,
-        )
-        headers = {FAILURES_HEADER: failures}
-        raise task.retry(exc=exc, countdown=RETRY_MAX_S, headers=headers) from None
+        PAUSE.wait(batch, exc, attempt)
+    except ShutdownRequested:
+        log.warning("batch %s: the worker is stopping; its task goes back to its queue", batch)
+        raise Reject(f"Redis refused batch {batch}: {exc}", requeue=True) from None
+
+
+def _dead_letter(
+    task: Task, payload: Any, batch: str, exc: Exception, failures: int
+) -> dict[str, Any]:
+    """Keep the raw batch as one dead letter (never drop it); wait while that is refused."""
+    error = f"{type(exc).__name__}: {exc}"
+    waits = 0
+    while True:
+        try:
+            stored = dead_letter_batch(
+                runtime.buffer(),
+                batch_bytes(payload),
+                batch,
+                reason=REASON_INGEST_FAILED,
+                error=error,
+                task=task.name,
+            )
+            break
+        except REDIS_FAILURES as store_exc:
+            if not waits:
+                log.error(
+                    "batch %s failed %d times (%s) and could not be dead-lettered (%s); "
+                    "waiting until it can be",
+                    batch,
+                    failures,
+                    error,
+                    store_exc,
+                )
+            _wait(task, batch, store_exc, waits)
+            waits += 1
+    PAUSE.succeeded()
     if stored:
         metrics.record_batch_dead_lettered(REASON_INGEST_FAILED)
     log.error(
@@ -135,13 +142,22 @@ def _unexpected(task: Task, payload: Any, batch: str, exc: Exception) -> dict[st
 
 
 def _maybe_request_flush(result: IngestResult) -> None:
-    """Back-pressure: past the high-water mark, ask for a flush now (one pending at most)."""
+    """Back-pressure: past the high-water mark, ask for a flush now (one pending at most).
+
+    Best effort: the batch is applied whatever happens here, so a failure is
+    logged, never raised (the task must not fail, or run again, for it).
+    The request expires with the pending marker, so requests sent while no
+    flush worker runs do not pile up for it: Beat's schedule flushes anyway.
+    """
     settings = runtime.settings()
     if result.max_queue_length <= settings.high_water:
         return
     pending = runtime.buffer().keyspace.flush_pending
-    if runtime.redis_client().set(pending, result.batch_id, nx=True, ex=settings.lock_ttl_s):
-        app.send_task(TASK_PROCESS_BUFFER, queue=FLUSH_QUEUE)
+    try:
+        if runtime.redis_client().set(pending, result.batch_id, nx=True, ex=settings.lock_ttl_s):
+            app.send_task(TASK_PROCESS_BUFFER, queue=FLUSH_QUEUE, expires=settings.lock_ttl_s)
+    except Exception as exc:  # Redis full or away, the broker too: Beat's flush comes anyway
+        log.info("batch %s: could not request an early flush: %s", result.batch_id, exc)
 
 
 @app.task(name=TASK_INGEST_EVENTS, bind=True, **DELIVERY)

@@ -129,17 +129,28 @@ def test_a_queue_name_with_colons_goes_back_to_itself(r: redis_lib.Redis) -> Non
     assert r.lrange(name, 0, -1) == [message(1)]
 
 
-def test_a_fetch_refused_for_memory_leaves_the_message_in_its_queue(r: redis_lib.Redis) -> None:
-    r.lpush(Q, message(1, size=10_000))
-    a = consumer(r, "a")
+def test_a_full_broker_still_hands_out_requeues_and_recovers_messages(r: redis_lib.Redis) -> None:
+    """At maxmemory (noeviction) the flush task must still be fetched, and a dead
+    consumer's tasks still recovered: fetch, heartbeat and requeue run all the same."""
+    r.lpush(Q, message(1, size=10_000), message(2))
+    a, b = consumer(r, "a"), consumer(r, "b")
     r.config_set("maxmemory", 1)
     try:
         with pytest.raises(redis_lib.ResponseError, match="maxmemory"):
-            a.fetch([Q])
+            r.lpush(Q, message(3))  # a plain write is refused ...
+        taken = a.fetch([Q])  # ... a fetch is not
+        assert taken is not None and taken[1].raw == message(1, size=10_000)
+        assert a.requeue(taken[0], Q, front=True) == 1
+        taken = a.fetch([Q])
+        assert taken is not None and taken[1].raw == message(1, size=10_000)
+        # a crashed long ago (its deadline set past by a script Redis lets write).
+        r.eval("#!lua flags=allow-oom\nreturn redis.call('ZADD', KEYS[1], 1, ARGV[1])",
+               1, KEYS.registry, a.id)  # fmt: skip
+        assert b.scripts.heartbeat(b.id, 30_000, 10).dead == [a.id]
+        assert recover(b.scripts, r, a.id) == 1
     finally:
         r.config_set("maxmemory", 0)
-    assert r.lrange(Q, 0, -1) == [message(1, size=10_000)]
-    assert broker_keys(r, a) == []
+    assert r.lrange(Q, 0, -1) == [message(2), message(1, size=10_000)]
 
 
 def test_the_raw_bytes_come_back_unchanged_however_large(r: redis_lib.Redis) -> None:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 
 import msgspec
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from worker import metrics
 from worker.clock import SYSTEM_CLOCK, Clock
@@ -344,10 +344,16 @@ class Flusher:
         failures in a row outlives the delay so it keeps doubling, and a
         successful flush resets both.
         """
-        failures = int(self.redis.incr(shard.failures))
-        self.redis.expire(shard.failures, max(3600, self.settings.retry_backoff_max_s * 4))
-        delay_s = min(self.settings.retry_backoff_max_s, 2**failures)
-        self.redis.set(shard.backoff, failures, px=int(delay_s * 1000))
+        try:
+            failures = int(self.redis.incr(shard.failures))
+            self.redis.expire(shard.failures, max(3600, self.settings.retry_backoff_max_s * 4))
+            delay_s = min(self.settings.retry_backoff_max_s, 2**failures)
+            self.redis.set(shard.backoff, failures, px=int(delay_s * 1000))
+        except OutOfMemoryError:
+            # A full Redis refuses the back-off's writes: the next run tries again at once,
+            # which costs a claim that is already open and one failed connection.
+            log.warning("ClickHouse failed for shard %d; Redis is full: no back-off", shard.shard)
+            return
         log.warning(
             "ClickHouse failed for shard %d (%d in a row): next try in %d s",
             shard.shard,

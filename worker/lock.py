@@ -4,6 +4,10 @@ taken over at once from a holder that is provably dead.
 redis-py's `Lock` already does the right things (SET NX PX with a token,
 release and extend by compare-and-act Lua). This wrapper adds:
 
+- **Acquisition at maxmemory**: the SET NX PX runs in lock_acquire.lua,
+  flagged allow-oom, since a full Redis refuses a plain SET and the flush
+  that would free the memory could never start.
+
 - **A watchdog** thread that extends the lock to its full TTL every third of
   it while held, so a slow insert does not lose it, and records when an
   extension failed (the lock expired or was taken over and may belong to
@@ -264,7 +268,7 @@ class FlushLock:
         """
         token = make_token(int(self.ttl_s * 1000))
         self.took_over = None
-        if not self._lock.acquire(blocking=False, token=token) and not self._take_over(token):
+        if not self._acquire(token) and not self._take_over(token):
             return False
         self.lost = False
         self._stop.clear()
@@ -274,10 +278,18 @@ class FlushLock:
         self._watchdog.start()
         return True
 
+    def _acquire(self, token: str) -> bool:
+        """Take the lock if free: redis-py's SET NX PX, but in lock_acquire.lua, which runs
+        when Redis is at maxmemory too (the flush that frees memory must be able to start)."""
+        if not Scripts(self.redis).acquire_lock(self.name, token, int(self.ttl_s * 1000)):
+            return False
+        self._lock.local.token = token.encode()
+        return True
+
     def _take_over(self, token: str) -> bool:
         state = read_lock(self.redis, self.name)
         if state is None:  # released since
-            return bool(self._lock.acquire(blocking=False, token=token))
+            return self._acquire(token)
         verdict = dead_holder(state)
         if verdict is None:
             return False

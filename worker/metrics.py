@@ -67,6 +67,11 @@ Counters and histograms (recorded by the tasks):
     eventbuffer_ingest_failures_total{kind}       failed ingest attempts: transient (Redis
                                                   away; retried until it is back), unexpected
                                                   (retried a few times, then dead-lettered)
+    eventbuffer_ingest_pauses_total               ingest pauses: a process's batch refused by
+                                                  Redis (full at maxmemory, or away); its tasks
+                                                  wait in place (worker/pause.py)
+    eventbuffer_ingest_paused_seconds_total       seconds ingest tasks spent waiting for Redis
+                                                  (a rate above 0: ingest is paused)
     eventbuffer_apply_seconds                     histogram: one ingest apply (validate + Lua)
     eventbuffer_events_late_total                 session events that reached their session after
                                                   the reorder window had passed their place
@@ -170,6 +175,14 @@ class Metrics:
             "ingest_failures",
             "Failed ingest attempts: transient (retried), unexpected (dead-lettered at the end).",
             ("kind",),
+        )
+        self.ingest_pauses = counter(
+            "ingest_pauses",
+            "Times an ingest process paused because Redis refused writes (full, or away).",
+        )
+        self.ingest_paused_seconds = counter(
+            "ingest_paused_seconds",
+            "Seconds ingest tasks spent waiting for Redis to take writes again.",
         )
         self.apply_seconds = histogram(
             "apply_seconds", "Time to validate and apply one ingest batch.", APPLY_BUCKETS
@@ -278,6 +291,15 @@ def record_ingest(result: IngestResult, seconds: float) -> None:
 
 def record_ingest_failure(kind: str) -> None:
     metrics().ingest_failures.labels(kind).inc()
+
+
+def record_ingest_pause() -> None:
+    """An ingest process paused: Redis refused a batch for a reason that heals by waiting."""
+    metrics().ingest_pauses.inc()
+
+
+def record_ingest_paused_seconds(seconds: float) -> None:
+    metrics().ingest_paused_seconds.inc(seconds)
 
 
 def record_batch_dead_lettered(reason: str) -> None:

@@ -103,6 +103,7 @@ class Scripts:
         self._release = script("release_held")
         self._dlq_remove = script("dlq_remove")
         self._lock_takeover = script("lock_takeover")
+        self._lock_acquire = script("lock_acquire")
 
     @property
     def redis(self) -> Client:
@@ -173,15 +174,22 @@ class Scripts:
     def _rows(self, shard: ShardKeys, start: int, count: int) -> tuple[int, list[bytes]]:
         """Rows `start` to `start + count - 1` of the queue, and the position of its head.
 
-        Read in one MULTI on the shard's master: the head cannot move between the two.
+        Read in one round trip on the shard's master, between two reads of the
+        head's position (only ack.lua moves it, with the trim, atomically): the
+        same position both times means the rows are those behind it; else read
+        again. Not a MULTI, which Redis refuses at maxmemory even when it only
+        reads, and the flush must drain a full Redis.
         """
 
         def read(node: Node) -> tuple[int, list[bytes]]:
-            with node.redis.pipeline(transaction=True) as pipe:
-                pipe.hget(shard.stats, "removed_total")
-                pipe.lrange(shard.queue, start, start + count - 1)
-                removed, rows = pipe.execute()
-            return (0 if removed is None else number(removed)), list(rows)
+            while True:
+                with node.redis.pipeline(transaction=False) as pipe:
+                    pipe.hget(shard.stats, "removed_total")
+                    pipe.lrange(shard.queue, start, start + count - 1)
+                    pipe.hget(shard.stats, "removed_total")
+                    before, rows, after = pipe.execute()
+                if before == after:
+                    return (0 if before is None else number(before)), list(rows)
 
         return on_node(self._redis, shard.queue, read)
 
@@ -266,6 +274,12 @@ class Scripts:
         for index, entry in entries:
             args += (index, entry)
         return int(self._dlq_remove(keys=[shard.dead], args=args, client=self._redis))
+
+    def acquire_lock(self, lock: str, token: str, ttl_ms: int) -> bool:
+        """Give the flush lock `lock` to `token` for `ttl_ms` if nobody holds it (SET NX PX
+        that also runs when Redis is at maxmemory). True if taken."""
+        reply = self._lock_acquire(keys=[lock], args=[token, ttl_ms], client=self._redis)
+        return int(reply) == 1
 
     def take_over_lock(
         self, lock: str, dead_token: str, token: str, ttl_ms: int, most_left_ms: int

@@ -12,6 +12,8 @@ by stock senders) and its bindings, the transport keeps:
                                                          the sender wrote them
     _eventbuffer.broker.unparsable                 LIST  messages kombu cannot deliver, kept
                                                          unchanged for an operator
+    _eventbuffer.broker.idle                       LIST  never written: an idle consumer of a
+                                                         full broker waits on it (BLPOP)
 
 kombu's `global_keyprefix` transport option, when set, prefixes these as it
 prefixes the queues. The names carry no Redis Cluster hash tag: a script
@@ -44,6 +46,10 @@ class BrokerKeys:
 
     def message(self, consumer_id: str, seq: int | str) -> str:
         return f"{self.global_prefix}_eventbuffer.broker.message.{consumer_id}.{seq}"
+
+    @property
+    def idle(self) -> str:
+        return f"{self.global_prefix}_eventbuffer.broker.idle"
 
     @property
     def unparsable(self) -> str:

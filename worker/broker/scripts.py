@@ -75,6 +75,8 @@ class BrokerScripts:
         self._fetch = script("broker_fetch")
         self._requeue = script("broker_requeue")
         self._heartbeat = script("broker_heartbeat")
+        self._publish = script("broker_publish")
+        self._bind = script("broker_bind")
 
     def fetch_commands(
         self,
@@ -160,3 +162,13 @@ class BrokerScripts:
             keys=[self.keys.registry], args=[consumer_id, timeout_ms, limit], client=self._redis
         )
         return Beat(was_registered=int(reply[0]) == 1, dead=[text(m) for m in reply[1:]])
+
+    def publish(self, queue_key: str, message: bytes | str, most_queued: int) -> bool:
+        """Push `message` on `queue_key` even when the broker is full, unless the queue
+        already holds `most_queued` messages. True if pushed."""
+        reply = self._publish(keys=[queue_key], args=[message, most_queued], client=self._redis)
+        return int(reply) > 0
+
+    def bind(self, table_key: str, permanent_key: str, binding: str) -> None:
+        """Record `binding` in an exchange's binding sets, even when the broker is full."""
+        self._bind(keys=[table_key, permanent_key], args=[binding], client=self._redis)

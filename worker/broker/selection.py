@@ -4,9 +4,11 @@
 README's commands) consumes with the reliable transport
 (`worker.broker.transport`) unless EVENT_BUFFER_BROKER_TRANSPORT=kombu.
 Only eventbuffer's workers switch, at `celeryd_init`, before they connect
-(a host app's workers are left alone): Beat, the CLI,
-`EventProducer` and every other sender keep kombu's stock transport, whose
-messages the reliable one consumes as they are.
+(a host app's workers are left alone), and eventbuffer's Beat, at
+`beat_init`, before its first tick (for its flush ticks, published even
+into a full broker). The CLI, `EventProducer` and every other sender keep
+kombu's stock transport, whose messages the reliable one consumes as they
+are.
 
 On a kombu version the transport was not tested with, the worker stops at
 start-up with one line saying so; so does a worker whose buffer is a Redis
@@ -61,3 +63,27 @@ def _celeryd_init(instance: Any = None, conf: Any = None, **_: Any) -> None:
 
 
 signals.celeryd_init.connect(_celeryd_init, weak=False)
+
+
+def _beat_init(sender: Any = None, **_: Any) -> None:
+    """Beat publishes with the reliable transport too, before its first tick: its flush
+    ticks then reach a broker at maxmemory (`Channel._put`), where a flush is the one
+    thing that frees memory. Its other messages, and its consuming, are kombu's."""
+    from worker import runtime
+    from worker.broker.transport import UntestedKombu, check_kombu
+    from worker.celery import app
+
+    conf = app.conf
+    if getattr(sender, "app", None) is not app:
+        return
+    path = worker_transport(runtime.settings())
+    if path is None:
+        return
+    try:
+        check_kombu()
+    except UntestedKombu:
+        return  # stock kombu publishes as it always did
+    conf.broker_transport = path
+
+
+signals.beat_init.connect(_beat_init, weak=False)

@@ -31,6 +31,11 @@ poller), one request outstanding per channel on kombu's BRPOP connection:
   waiting on a queue wakes for its next task; one fetch takes it, the
   others find nothing and wait again.
 
+A full broker (maxmemory) refuses BLMOVE, as it refuses every command
+that may grow memory: an idle consumer then waits one `brpop_timeout` with
+`BLPOP` on a list nothing writes (`_eventbuffer.broker.idle`), which a full
+Redis runs, and tries BLMOVE again; the fetch itself runs on a full broker.
+
 So a busy worker spends two round trips per task (the fetch, the ack), an
 idle one two a second. kombu's BRPOP bookkeeping (pausing a reply while the
 prefetch limit is reached, the health check of the blocking connection,
@@ -56,12 +61,13 @@ import kombu
 import redis
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
-from kombu.utils.json import loads
-from redis.exceptions import NoScriptError
+from kombu.utils.json import dumps, loads
+from redis.exceptions import NoScriptError, OutOfMemoryError
 
 from worker.broker.consumer import Consumer
 from worker.broker.keys import BrokerKeys
-from worker.broker.scripts import Fetched, parse_fetch
+from worker.broker.scripts import BrokerScripts, Fetched, parse_fetch
+from worker.names import FLUSH_QUEUE
 
 log = logging.getLogger("worker.broker")
 
@@ -131,6 +137,14 @@ class QoS(kombu_redis.QoS):
                 self.channel.reliable.ack(seq)
         virtual.QoS.ack(self, delivery_tag)
 
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        """kombu's sweep of messages a stock worker left unacknowledged; skipped while the
+        broker is full (its mutex is a SET NX, refused then), not fatal at start-up."""
+        try:
+            super().restore_visible(*args, **kwargs)
+        except OutOfMemoryError:
+            log.debug("broker full: kombu's unacked sweep skipped")
+
     def restore_unacked(self, client: Any = None) -> None:
         self._flush()
         self.channel.reliable.restore_all(deregister=False)
@@ -157,6 +171,12 @@ class QoS(kombu_redis.QoS):
 class Channel(kombu_redis.Channel):
     QoS = QoS
 
+    #: Queues whose messages are published even when the broker Redis is full
+    #: (broker_publish.lua): the flush queue, since a flush is what frees memory.
+    oom_queues: tuple[str, ...] = (FLUSH_QUEUE,)
+    #: ... as long as the queue holds fewer messages than this.
+    oom_queue_limit = 16
+
     #: Seconds without a heartbeat after which a consumer is dead (transport option).
     consumer_timeout = 30.0
 
@@ -167,6 +187,7 @@ class Channel(kombu_redis.Channel):
 
     _reliable: Consumer | None = None
     _waiting = False  # the outstanding command is a wait (BLMOVE), not a fetch
+    _full = False  # the broker refused the last BLMOVE for memory: wait with BLPOP instead
     _wait_queue = ""  # ... on this queue
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -216,6 +237,53 @@ class Channel(kombu_redis.Channel):
         super().close()  # reads a pending reply, cancels, restores (QoS.restore_unacked_once)
         self.close_consumer(restore=self.do_restore)
 
+    # -- a full broker ----------------------------------------------------------
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        """kombu's bind; one a full broker refused is recorded by broker_bind.lua, so a
+        worker (re)started while Redis is full still declares its queues."""
+        try:
+            super()._queue_bind(exchange, routing_key, pattern, queue)
+        except OutOfMemoryError:
+            if queue in self._expires:
+                # An expiring queue (a worker's remote-control queue): kombu refreshes
+                # its binding every third of its TTL, which creates it once memory is back.
+                log.warning("broker full: queue %s is bound once Redis has memory", queue)
+                return
+            prefix = self.global_keyprefix
+            binding = self.sep.join([routing_key or "", pattern or "", queue or ""])
+            self._scripts().bind(
+                prefix + self.keyprefix_queue % (exchange,),
+                prefix + self.keyprefix_binding_permanent % (exchange,),
+                binding,
+            )
+
+    def _size(self, queue: str) -> int:
+        """A queue's length over its priority lists: kombu reads them in a MULTI, which a
+        full Redis refuses even for reads (a worker could not declare its queues)."""
+        with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            for pri in self.priority_steps:
+                pipe.llen(self._q_for_pri(queue, pri))
+            return sum(int(size or 0) for size in pipe.execute())
+
+    def _scripts(self) -> BrokerScripts:
+        return BrokerScripts(redis.Redis(connection_pool=self.pool), self.broker_keys)
+
+    # -- publishing ------------------------------------------------------------
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        """kombu's publish; a flush request the full broker refused goes by broker_publish.lua."""
+        try:
+            super()._put(queue, message, **kwargs)
+        except OutOfMemoryError:
+            if queue not in self.oom_queues or kwargs.get("_publish_batch") is not None:
+                raise
+            pri = self._get_message_priority(message, reverse=False)
+            key = self.global_keyprefix + self._q_for_pri(queue, pri)
+            if not self._scripts().publish(key, dumps(message), self.oom_queue_limit):
+                log.info("broker full: %s already holds %d messages; this one is dropped",
+                         queue, self.oom_queue_limit)  # fmt: skip
+
     # -- fetching --------------------------------------------------------------
 
     def _sources(self, queues: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -237,9 +305,12 @@ class Channel(kombu_redis.Channel):
             return
         connection = self.client.connection
         sources, owners = self._sources(queues)
-        if self._waiting:  # on the first source: the next queue's default priority
+        if self._waiting and self._full:  # BLMOVE was refused: wait without it
+            commands: list[tuple[Any, ...]] = [("BLPOP", self.broker_keys.idle, timeout or 1)]
+            self._wait_queue = queues[0]
+        elif self._waiting:  # on the first source: the next queue's default priority
             key = sources[0]
-            commands: list[tuple[Any, ...]] = [("BLMOVE", key, key, "RIGHT", "RIGHT", timeout or 0)]
+            commands = [("BLMOVE", key, key, "RIGHT", "RIGHT", timeout or 0)]
             self._wait_queue = queues[0]
         else:
             consumer = self.reliable
@@ -266,7 +337,12 @@ class Channel(kombu_redis.Channel):
         try:
             if self._waiting:
                 self._waiting = False
-                reply = self._read_reply("BLMOVE", **options)
+                full, self._full = self._full, False
+                reply = self._read_reply("BLPOP" if full else "BLMOVE", **options)
+                if isinstance(reply, OutOfMemoryError):
+                    self._full = True  # the next wait blocks on BLPOP, which a full Redis runs
+                    self._waiting = True
+                    raise Empty()
                 if isinstance(reply, Exception):
                     raise reply
                 if reply is None:  # nothing came: wait on the next queue next time

@@ -1,0 +1,135 @@
+"""Ingest waiting out a Redis that refuses writes, in place, one pause per process.
+
+When the buffer's Redis refuses a batch for a reason that heals by waiting
+(full at `maxmemory`, a failover, replicas not confirming it:
+`worker.redis_errors.is_transient`), the ingest task keeps its message
+unacknowledged and tries again in the same process after a growing wait.
+Nothing is published meanwhile: the broker is often that same full Redis,
+and Celery's `Task.retry()` publishes a new message, which a full broker
+refuses, and Celery then acknowledges the original (the task is lost).
+
+While a task waits, its worker fetches nothing more (the solo pool runs one
+task at a time; each prefork process holds its one), so a full Redis pauses
+ingest instead of spinning: the backlog waits in the broker, and in the
+consumer's keeping for the few messages it had prefetched.
+
+A process logs the pause twice: one WARNING when its first attempt fails,
+one INFO when an attempt succeeds again. Metrics count pauses and the
+seconds spent waiting (`eventbuffer_ingest_pauses_total`,
+`eventbuffer_ingest_paused_seconds_total`).
+
+A worker told to stop (warm shutdown) while a task waits gives the message
+back to its queue (`Reject(requeue=True)`) instead of waiting on: the
+reliable transport's requeue runs on a full broker, and kombu's stock
+transport leaves a requeue it cannot write in its unacknowledged set, which
+it restores after the visibility timeout. No path drops the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from worker import metrics
+
+log = logging.getLogger("worker.ingest")
+
+#: The longest wait between two attempts: a drain that made room is seen this quickly.
+MAX_WAIT_S = 10.0
+#: How often a waiting task looks for a shutdown request.
+SHUTDOWN_POLL_S = 0.5
+
+
+class ShutdownRequested(Exception):
+    """The worker is stopping: give the message back instead of waiting on."""
+
+
+def wait_s(attempt: int, cap_s: float = MAX_WAIT_S) -> float:
+    """1 s, 2 s, 4 s ... capped, with jitter so the workers of a fleet do not retry in step."""
+    return float(random.uniform(0.5, 1.0) * min(cap_s, 2.0 ** max(0, attempt)))
+
+
+@dataclass
+class Pause:
+    """One process's ingest pause: started by a failed attempt, ended by a successful one."""
+
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    # Polled while waiting: True once the worker should stop (Celery's shutdown flags).
+    stopping: Callable[[], bool] = lambda: False
+    since: float | None = None
+    waiting: int = 0  # tasks of this process waiting now (more than one on a thread pool)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def paused(self) -> bool:
+        return self.since is not None
+
+    def wait(self, batch_id: str, exc: BaseException, attempt: int) -> None:
+        """After a transient failure of `batch_id`'s attempt number `attempt` (0 first):
+        wait before the next one. Raises ShutdownRequested if the worker stops meanwhile."""
+        with self._lock:
+            if self.since is None:
+                self.since = self.clock()
+                metrics.record_ingest_pause()
+                log.warning(
+                    "ingest paused: Redis refuses writes (%s: %s). Tasks wait unacknowledged "
+                    "in the broker and are retried in place; nothing is lost. A full Redis "
+                    "frees memory as the flush writes the buffer to ClickHouse",
+                    type(exc).__name__,
+                    _one_line(exc),
+                    extra={"batch_id": batch_id, "error": _one_line(exc)},
+                )
+            self.waiting += 1
+        try:
+            self._sleep(wait_s(attempt))
+        finally:
+            with self._lock:
+                self.waiting -= 1
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = self.clock() + seconds
+        while True:
+            if self.stopping():
+                raise ShutdownRequested()
+            left = deadline - self.clock()
+            if left <= 0:
+                break
+            step = min(left, SHUTDOWN_POLL_S)
+            self.sleep(step)
+            metrics.record_ingest_paused_seconds(step)
+
+    def succeeded(self) -> None:
+        """An attempt went through: end the pause, if there was one."""
+        if self.since is None:
+            return
+        with self._lock:
+            if self.since is None:
+                return
+            paused_s = self.clock() - self.since
+            self.since = None
+        log.info(
+            "ingest resumed: Redis takes writes again, after %.0f s paused",
+            paused_s,
+            extra={"paused_seconds": round(paused_s, 3)},
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+def _celery_stopping() -> bool:
+    """True once this worker process was told to stop (Celery sets these flags in the
+    process that handles the signal: the solo pool's, or a thread pool's)."""
+    from celery.worker import state
+
+    return bool(state.should_stop is not None or state.should_terminate is not None)
+
+
+#: The pause of this process's ingest tasks.
+PAUSE = Pause(stopping=_celery_stopping)
