@@ -8,6 +8,8 @@ test Redis is never reconfigured).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -337,3 +339,27 @@ def test_metrics_export_used_memory_maxmemory_and_policy(
     assert value(samples, "eventbuffer_redis_up") == 1
     assert value(samples, "eventbuffer_redis_maxmemory_bytes", **buffer) == MAXMEMORY
     assert not [k for k in samples if dict(k[1]).get("redis") == "broker"]
+
+
+def test_run_on_an_evicting_redis_stops_before_starting_anything(
+    evicting: RedisServer, tmp_path: Path
+) -> None:
+    env = project_env(REDIS_URL=url(evicting), CLICKHOUSE_URL=f"chdb://{tmp_path / 'ch'}")
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "run"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(
+        f"eventbuffer: error: Redis 127.0.0.1:{evicting.port}/0 (buffer, broker)"
+    )
+    assert (
+        "maxmemory-policy allkeys-lru" in line and "CONFIG SET maxmemory-policy noeviction" in line
+    )
+    assert PASSWORD not in done.stdout + done.stderr
+    assert not (tmp_path / "data" / "logs" / "flush.log").exists()  # no worker was started
