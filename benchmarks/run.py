@@ -1,6 +1,7 @@
 """Run the benchmarks, print the table, write the JSON.
 
-    python -m benchmarks [--only apply,ingest,transport,flush,e2e,reorder] [--rounds N] [--quick]
+    python -m benchmarks [--only apply,ingest,transport,flush,e2e,reorder,memory] [--rounds N]
+        [--quick]
     python benchmarks/run.py ...
     make bench
 
@@ -32,7 +33,7 @@ from benchmarks.support import (
     write_json,
 )
 
-BENCHMARKS = ("apply", "standard", "ingest", "transport", "flush", "e2e", "reorder")
+BENCHMARKS = ("apply", "standard", "ingest", "transport", "flush", "e2e", "reorder", "memory")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
 
@@ -108,6 +109,7 @@ def runners() -> dict[str, Callable[[argparse.Namespace], list[Result]]]:
         bench_e2e,
         bench_flush,
         bench_ingest,
+        bench_memory,
         bench_reorder,
         bench_standard,
         bench_transport,
@@ -121,6 +123,7 @@ def runners() -> dict[str, Callable[[argparse.Namespace], list[Result]]]:
         "flush": bench_flush.run,
         "e2e": bench_e2e.run,
         "reorder": bench_reorder.run,
+        "memory": bench_memory.run,
     }
 
 

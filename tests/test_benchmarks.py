@@ -62,3 +62,15 @@ def test_reorder_lateness_is_measured_against_later_created_events() -> None:
     # later-created event (0); the second 10 ms after the third (10); the third is last (0).
     held = [("a", 1, 10), ("a", 2, 30), ("a", 3, 20), ("b", 5, 100), ("b", 4, 150)]
     assert sorted(lateness(held)) == [0, 0, 0, 10, 50]
+
+
+def test_memory_benchmark_measures_at_least_the_rows_it_stores() -> None:
+    from benchmarks.bench_memory import apply_all, measure, row_bytes, send_tasks, stream
+
+    events = stream(1000)
+    row = row_bytes(events)
+    buffer, fresh = measure(apply_all(events, 0), len(events))
+    assert fresh > 0
+    assert row < buffer < 3 * row  # every row, plus what Redis keeps beside it
+    broker, _ = measure(send_tasks(events), len(events))
+    assert 4 / 3 * row < broker < 3 * row  # kombu's body is base64

@@ -602,6 +602,7 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     stack_up(process, log)
     client = redis_lib.Redis.from_url(env["REDIS_URL"])
     assert client.ping()
+    assert client.info("memory")["maxmemory_policy"] == "noeviction"  # workers refuse others
     pids = descendants(process.pid)
     assert len(pids) >= 4  # redis-server, 2 workers (+ pool processes), beat
     # The migration ran in a child: chDB (~250 MB of RSS) never loads into the supervisor.

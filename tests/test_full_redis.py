@@ -211,12 +211,16 @@ def test_a_producer_holds_what_a_full_broker_refuses(
         with pytest.raises(ProducerError) as raised:
             producer.flush(timeout=1)
         assert raised.value.unsent == 30
+        assert producer.stats.failures >= 1
         full(False)
         producer.flush(timeout=20)
+        stats = producer.stats
     finally:
         full(False)
         producer.close(timeout=5)
-    assert redis.llen("ingest") == 3  # three tasks of ten, each sent once
+    # Every held event went out once, each batch as one task.
+    assert (stats.sent_events, stats.pending) == (30, 0)
+    assert redis.llen("ingest") == stats.sent_batches
 
 
 def test_a_plain_send_task_into_a_full_broker_raises(

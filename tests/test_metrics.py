@@ -408,11 +408,32 @@ def test_alert_rules_use_only_exposed_metric_names() -> None:
         "EventBufferOldestEventTooOld",
         "EventBufferDeadLettersRising",
         "EventBufferFlushErrors",
+        "EventBufferRedisMemoryHigh",
+        "EventBufferRedisMemoryCritical",
+        "EventBufferRedisEvicts",
     } <= names
     used = {name for rule in alerts for name in _NAME.findall(rule["expr"])}
     assert used <= exposed_names(), f"unknown metric names: {sorted(used - exposed_names())}"
     for rule in alerts:
         assert rule["labels"]["severity"] and rule["annotations"]["summary"]
+
+
+def test_redis_memory_alerts_fire_at_80_and_95_percent_of_a_set_maxmemory() -> None:
+    rules = yaml.safe_load((MONITORING / "prometheus-alerts.yml").read_text())
+    alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+    for name, threshold, severity in (
+        ("EventBufferRedisMemoryHigh", "0.80", "warning"),
+        ("EventBufferRedisMemoryCritical", "0.95", "critical"),
+    ):
+        expr = " ".join(alerts[name]["expr"].split())
+        # A Redis without a limit (maxmemory 0) divides by nothing: no series, no alert.
+        assert (
+            "eventbuffer_redis_used_memory_bytes / (eventbuffer_redis_maxmemory_bytes > 0)" in expr
+        )
+        assert expr.endswith(f"> {threshold}"), expr
+        assert "by (job, node)" in expr  # a Redis both buffer and broker alerts once
+        assert alerts[name]["labels"]["severity"] == severity
+    assert 'policy!="noeviction"' in alerts["EventBufferRedisEvicts"]["expr"]
 
 
 def test_every_metric_is_named_consistently() -> None:

@@ -43,13 +43,14 @@ from tests.support.servers import start_redis
 from tests.support.traffic import RealisticTraffic, ReferenceTraffic
 from worker.buffer import EventBuffer
 from worker.deadletters import iter_dead_letters
-from worker.errors import NotReplicatedError, SettingsError
+from worker.errors import EvictionPolicyError, NotReplicatedError, SettingsError
 from worker.events import Limits
 from worker.flush import Flusher
 from worker.ingest import ingest
 from worker.keys import CHANNEL_RECEIVED, CHANNEL_SAVED, Keyspace
 from worker.lock import FlushLock, read_lock
 from worker.redis_errors import is_transient
+from worker.redis_memory import check_eviction
 from worker.reorder import release_due
 from worker.replay import plan_replay, replay
 from worker.settings import Settings
@@ -387,6 +388,16 @@ def test_status_and_metrics_name_each_shards_master_and_its_replicas(
         if line.startswith("eventbuffer_held_sessions{")
     )
     assert held == SESSIONS_PER_BATCH
+    # Memory: every master of the cluster, each with its own INFO memory.
+    masters = sorted(f"127.0.0.1:{port}" for port in cluster.topology().masters)
+    buffer = [m for m in data["memory"] if m["redis"] == "buffer"]
+    assert sorted(m["node"] for m in buffer) == masters
+    assert all(m["policy"] == "noeviction" and m["db"] is None for m in buffer)
+    for node in masters:
+        assert any(line.split()[:2] == [node, "buffer"] for line in text.stdout.splitlines())
+        labels = f'node="{node}",redis="buffer"'
+        assert f"eventbuffer_redis_used_memory_bytes{{{labels}}}" in metrics.stdout
+    assert "! Redis 127.0.0.1:1 (broker): cannot read its memory" in text.stdout
 
 
 # -- the broker and result backend of a cluster buffer ----------------------------------
@@ -418,6 +429,28 @@ def test_a_cluster_buffer_refuses_a_missing_or_cluster_valued_broker(
     settings = Settings.from_env({**base, "CELERY_BROKER_URL": "amqp://guest@127.0.0.1//"})
     assert settings.effective_result_backend == ""
     assert settings.effective_min_replicas == 1
+
+
+def test_an_evicting_policy_on_any_master_is_refused_naming_that_master(
+    cluster: LoopbackCluster, tmp_path: Path
+) -> None:
+    settings = cluster_settings(cluster, "eb-evict", tmp_path)  # an AMQP broker: not asked
+    assert check_eviction(settings) == []
+    # Not the node REDIS_URL names: the check asks every master, not the one it knows.
+    seed = int(cluster.url.rsplit(":", 1)[1].split("/")[0])
+    master = next(cluster.node(p) for p in cluster.topology().masters if p != seed)
+    client = master.client()
+    client.config_set("maxmemory-policy", "volatile-lru")
+    try:
+        with pytest.raises(EvictionPolicyError) as refused:
+            check_eviction(settings)
+    finally:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.close()
+    line = str(refused.value)
+    assert f"Redis 127.0.0.1:{master.port} (buffer) has maxmemory-policy volatile-lru" in line
+    others = [p for p in cluster.topology().masters if p != master.port]
+    assert all(f":{p} " not in line for p in others)
 
 
 # -- the figures of "Scaling out" ------------------------------------------------------

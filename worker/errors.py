@@ -10,6 +10,7 @@
     │       └── PoisonGuardError       most of a claim refused (worker/flush.py)
     ├── BufferKeyTypeError     a buffer key holds a value of the wrong type (key)
     ├── NotReplicatedError     too few replicas confirmed a write (node, wanted, confirmed)
+    ├── EvictionPolicyError    the buffer's or broker's Redis would evict keys at maxmemory
     ├── FlushError             a shard's flush stopped (shard, lock)
     │   ├── LockLostError          the flush lock expired or was taken over
     │   │   └── QueueMovedError    another flusher trimmed the queue under this one's claim
@@ -89,6 +90,14 @@ class NotReplicatedError(EventBufferError):
         self.node = node
         self.wanted = wanted
         self.confirmed = confirmed
+
+
+class EvictionPolicyError(EventBufferError):
+    """The buffer's or the broker's Redis has a `maxmemory-policy` other than `noeviction`.
+
+    Its message is the one line a worker stops with at start-up: the server, the policy
+    and the fix (worker/redis_memory.py).
+    """
 
 
 class FlushError(EventBufferError):

@@ -51,6 +51,15 @@ Gauges (from Redis, at scrape time):
                                                     EVENT_BUFFER_METRICS_TOP_PROJECTS projects;
                                                     the rest summed under project="__other__"
     eventbuffer_active_projects                     projects with at least one active visitor
+    eventbuffer_redis_used_memory_bytes{redis,node} INFO memory's used_memory of each master of
+                                                    the buffer (redis="buffer") and of the
+                                                    broker's Redis (redis="broker"; absent for
+                                                    an AMQP broker or one that did not answer)
+    eventbuffer_redis_maxmemory_bytes{redis,node}   its maxmemory; 0: no limit
+    eventbuffer_redis_maxmemory_policy{redis,node,policy}
+                                                    1, labelled with its maxmemory-policy
+                                                    (anything but noeviction loses events
+                                                    at maxmemory)
 
 `eventbuffer_oldest_event_age_seconds` is event-time age, not queue wait: a
 screen_view waits as its session's last view until the next view (or the
@@ -100,6 +109,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -107,6 +117,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis import Redis
+from redis.exceptions import ResponseError
 
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.deadletters import (
@@ -119,6 +130,7 @@ from worker.deadletters import (
 from worker.events import KIND_NAMES
 from worker.keys import Keyspace
 from worker.redis_errors import REDIS_FAILURES
+from worker.redis_memory import RedisMemory, broker_client, broker_memory, buffer_memory
 from worker.settings import Settings
 from worker.state import BufferState, read_state
 from worker.topology import Client, connect
@@ -372,6 +384,9 @@ class _Gauges:
     flush_interval: GaugeMetricFamily
     visitors: GaugeMetricFamily
     projects: GaugeMetricFamily
+    used_memory: GaugeMetricFamily
+    maxmemory: GaugeMetricFamily
+    policy: GaugeMetricFamily
 
     def all(self) -> list[Metric]:
         return list(vars(self).values())
@@ -441,6 +456,21 @@ def _gauges() -> _Gauges:
             ("project",),
         ),
         projects=gauge("active_projects", "Projects with at least one active visitor."),
+        used_memory=gauge(
+            "redis_used_memory_bytes",
+            "INFO memory used_memory of the buffer's masters and the broker's Redis.",
+            ("redis", "node"),
+        ),
+        maxmemory=gauge(
+            "redis_maxmemory_bytes",
+            "maxmemory of the buffer's masters and the broker's Redis (0: no limit).",
+            ("redis", "node"),
+        ),
+        policy=gauge(
+            "redis_maxmemory_policy",
+            "1, labelled with the server's maxmemory-policy (any but noeviction loses events).",
+            ("redis", "node", "policy"),
+        ),
     )
 
 
@@ -459,6 +489,9 @@ class RedisCollector:
     projects with visitors (it walks the keyspace: cheap at a scrape every
     few seconds), one more round trip for their counts. If Redis does not
     answer, only `eventbuffer_redis_up 0` (and the interval) is reported.
+    Memory: one `INFO memory` per master of the buffer, and one of the broker's
+    Redis (its own client; a broker that does not answer only leaves its
+    memory gauges out).
     """
 
     def __init__(
@@ -466,11 +499,14 @@ class RedisCollector:
         settings: Settings,
         redis_factory: Callable[[], Client],
         clock: Clock = SYSTEM_CLOCK,
+        broker_factory: Callable[[], Redis | None] | None = None,
     ) -> None:
         self.settings = settings
         self.keyspace = Keyspace(settings.key_prefix, settings.shards)
         self._redis_factory = redis_factory
         self._redis: Client | None = None
+        self._broker_factory = broker_factory or (lambda: broker_client(settings, 5.0))
+        self._broker: Redis | None = None
         self.clock = clock
         self._lock = threading.Lock()
         # Whether Redis answered the last collect (None before the first).
@@ -509,6 +545,25 @@ class RedisCollector:
             self.settings.effective_min_replicas,
         )
         self.add(g, state)
+        with suppress(ResponseError):  # INFO refused (an ACL): no memory gauges
+            self.add_memory(g, buffer_memory(self._client()))
+        broker = self._broker_client()
+        if broker is not None:
+            with suppress(*REDIS_FAILURES):  # the broker is not the buffer: up stays 1
+                self.add_memory(g, [broker_memory(broker)])
+
+    def _broker_client(self) -> Redis | None:
+        if self._broker is None:
+            self._broker = self._broker_factory()
+        return self._broker
+
+    def add_memory(self, g: _Gauges, servers: Iterable[RedisMemory]) -> None:
+        """The memory gauges of each server read (one INFO memory each)."""
+        for server in servers:
+            labels = [server.redis, server.node]
+            g.used_memory.add_metric(labels, server.used_bytes)
+            g.maxmemory.add_metric(labels, server.maxmemory_bytes)
+            g.policy.add_metric([*labels, server.policy], 1)
 
     def add(self, g: _Gauges, state: BufferState) -> None:
         """The gauges of one buffer state."""

@@ -137,6 +137,14 @@ class Settings:
         "How long a WAIT for `EVENT_BUFFER_MIN_REPLICAS` replicas may block; fewer confirmed "
         "by then: the ingest task is retried (the batch stays in the broker).",
     )
+    allow_eviction: bool = _setting(
+        "EVENT_BUFFER_ALLOW_EVICTION",
+        False,
+        _bool,
+        "`true`: a worker starts although the buffer's or the broker's Redis has a "
+        "`maxmemory-policy` other than `noeviction` (it then deletes keys at `maxmemory`: "
+        "events lost); by default such a worker stops at start-up with one line.",
+    )
     broker_url: str = _setting(
         "CELERY_BROKER_URL",
         "",

@@ -12,7 +12,10 @@ are.
 
 On a kombu version the transport was not tested with, the worker stops at
 start-up with one line saying so; so does a worker whose buffer is a Redis
-Cluster and whose broker or result backend is a cluster node too.
+Cluster and whose broker or result backend is a cluster node too, and one
+whose buffer or broker Redis has a `maxmemory-policy` that evicts keys
+(`worker.redis_memory.check_eviction`; EVENT_BUFFER_ALLOW_EVICTION=true lets
+it start).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ def _celeryd_init(instance: Any = None, conf: Any = None, **_: Any) -> None:
     from worker import runtime
     from worker.broker.transport import UntestedKombu, check_kombu
     from worker.celery import app
-    from worker.errors import SettingsError
+    from worker.errors import EvictionPolicyError, SettingsError
+    from worker.redis_memory import check_eviction
     from worker.topology import check_celery_apart
 
     if getattr(instance, "app", None) is not app or conf is None:
@@ -50,6 +54,12 @@ def _celeryd_init(instance: Any = None, conf: Any = None, **_: Any) -> None:
         check_celery_apart(runtime.settings())
     except SettingsError as exc:
         print(f"eventbuffer: bad setting: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    try:
+        for warning in check_eviction(runtime.settings()):
+            print(warning, file=sys.stderr, flush=True)
+    except EvictionPolicyError as exc:
+        print(exc, file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     path = worker_transport(runtime.settings())
     if path is None:

@@ -1,4 +1,5 @@
-"""A private redis-server (AOF on) for `eventbuffer run` when REDIS_URL is local and down."""
+"""A private redis-server (AOF on, `noeviction`) for `eventbuffer run` when REDIS_URL is
+local and down."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def redis_answers(url: str) -> bool:
 
 
 class PrivateRedis:
-    """redis-server (AOF on, data in data/redis) on REDIS_URL's own port.
+    """redis-server (AOF on, data in data/redis, `maxmemory-policy noeviction`) on REDIS_URL's
+    own port.
 
     It always serves the port REDIS_URL names, where producers look for it:
     `start` refuses a port another program listens on, and `restart` brings a
@@ -93,6 +95,8 @@ class PrivateRedis:
         command = [binary, "-"] if self.password else [binary]
         command += ["--port", str(self.port), "--bind", self.bind, "--dir", str(directory)]
         command += ["--appendonly", "yes", "--appendfsync", "everysec", "--logfile", str(self.log)]
+        # Redis' default, said outright: an evicted key is events lost (worker/redis_memory.py).
+        command += ["--maxmemory-policy", "noeviction"]
         self.command = command
         self.process: subprocess.Popen[bytes] | None = None
         self.exits: deque[float] = deque()

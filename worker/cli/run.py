@@ -26,7 +26,9 @@ from worker.cli.processes import (
     spawn,
     stop_process,
 )
+from worker.errors import EvictionPolicyError
 from worker.names import DEFAULT_QUEUE, FLUSH_QUEUE, INGEST_QUEUE
+from worker.redis_memory import check_eviction
 from worker.settings import Settings
 
 CHILD_STOP_S = 10.0
@@ -168,6 +170,12 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
             redis = PrivateRedis(settings, data)
             redis.start(signals)
         signals.check()
+        # The workers would each stop with this line: say it once, before starting any.
+        try:
+            for warning in check_eviction(settings):
+                console.print(warning, style="yellow")
+        except EvictionPolicyError as exc:
+            raise CliError(str(exc).removeprefix("eventbuffer: "), 2) from None
         env = child_env(settings.redis_url)
         if settings.metrics_port:
             # Every worker process counts in one directory; the first to take the

@@ -1,8 +1,10 @@
-"""`eventbuffer status`: queues, claims, dead letters, locks, back-off, flushes, visitors.
+"""`eventbuffer status`: queues, claims, dead letters, locks, back-off, flushes, visitors,
+and how full each Redis is.
 
 Everything shown comes from `worker.state.read_state` (the one reader of the
-buffer's state, which the metrics collector shows too) and, for the broker,
-`worker.queues`. The table fits an 80-column terminal.
+buffer's state, which the metrics collector shows too), for the broker from
+`worker.queues`, and for each Redis' memory (used, `maxmemory`, policy) from
+`worker.redis_memory`. The table fits an 80-column terminal.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from worker import runtime
 from worker.cli.common import mask, one_line
 from worker.names import DEFAULT_QUEUE
 from worker.queues import queue_depths
+from worker.redis_memory import CRITICAL_RATIO, WARN_RATIO, human_bytes, memory_report
 from worker.settings import Settings
 from worker.state import read_state
 
@@ -66,6 +69,7 @@ def status_data(settings: Settings) -> dict[str, Any]:
         **state.as_dict(),
         "active_visitor_window_s": settings.active_visitor_window_s,
         "broker": broker_data(settings),
+        "memory": [m.as_dict() for m in memory_report(settings, runtime.redis_client())],
     }
 
 
@@ -163,6 +167,74 @@ def broker_lines(broker: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _servers(memory: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any] | None, str]]:
+    """(node, roles, its reading or None, the error) per server, buffer and broker merged."""
+    servers: dict[str, list[dict[str, Any]]] = {}
+    for m in memory:
+        servers.setdefault(m["node"], []).append(m)
+    out = []
+    for node, found in servers.items():
+        roles = ", ".join(dict.fromkeys(m["redis"] for m in found))
+        readings = [m for m in found if "error" not in m]
+        out.append((node, roles, readings[0] if readings else None, found[0].get("error", "")))
+    return out
+
+
+def memory_table(memory: list[dict[str, Any]]) -> Table | None:
+    """Each Redis (the buffer's masters, the broker): used memory, maxmemory, share, policy."""
+    rows = [(n, r, m) for n, r, m, _ in _servers(memory) if m is not None]
+    if not rows:
+        return None
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    table.add_column("redis", no_wrap=True)
+    table.add_column("for", no_wrap=True)
+    for column in ("used", "maxmemory", "%"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("policy", no_wrap=True)
+    for node, roles, m in rows:
+        limited = m["maxmemory_bytes"] > 0
+        table.add_row(
+            node,
+            roles,
+            human_bytes(m["used_bytes"]),
+            human_bytes(m["maxmemory_bytes"]) if limited else "no limit",
+            f"{100 * m['used_ratio']:.0f}" if limited else "-",
+            m["policy"],
+        )
+    return table
+
+
+def memory_lines(memory: list[dict[str, Any]], short: bool = False) -> list[str]:
+    """What needs an operator: a Redis whose memory could not be read, a policy that evicts
+    keys, a server past 80 % or 95 % of its maxmemory (`short`: without the advice, for
+    `--watch`'s 80 columns)."""
+    lines = []
+    for node, roles, m, error in _servers(memory):
+        head = f"Redis {node} ({roles})"
+        if m is None:
+            lines.append(f"! {head}: cannot read its memory ({error})")
+            continue
+        if m["evicts"] and short:
+            lines.append(f"! {head} evicts keys ({m['policy']})")
+        elif m["evicts"]:
+            lines.append(
+                f"! {head} evicts keys at maxmemory ({m['policy']}): events lost; "
+                "`CONFIG SET maxmemory-policy noeviction` (and in redis.conf)"
+            )
+        ratio = m["used_ratio"]
+        if ratio is not None and ratio >= WARN_RATIO:
+            level = "critical" if ratio >= CRITICAL_RATIO else "warning"
+            advice = (
+                ": at 100 % it refuses writes and ingest waits until flushes free memory; "
+                "is ClickHouse up? raise maxmemory (README: How big Redis must be)"
+            )
+            lines.append(
+                f"! {head} is at {100 * ratio:.0f} % of maxmemory ({level})"
+                + ("" if short else advice)
+            )
+    return lines
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     if getattr(args, "watch", False):
         from worker.cli.watch import watch
@@ -215,6 +287,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -
     if data["flush_pending"]:
         say("An early flush has been requested (queue past the high-water mark).")
     for line in broker_lines(data["broker"]):
+        say(line)
+    memory = memory_table(data["memory"])
+    if memory is not None:
+        console.print(memory)
+    for line in memory_lines(data["memory"]):
         say(line)
     window = data["active_visitor_window_s"]
     if data["active_visitors"]:

@@ -5,8 +5,9 @@ and shows, per shard, the queue depth with a sparkline of recent refreshes,
 the open claim, the oldest queued event's age, dead letters, the lock
 (busy or STALE, and its holder below the table), the back-off after
 ClickHouse failures and the last flush; then the ingest and flush rates,
-who holds each held lock, the broker's queues and the active visitors per
-project. It fits an 80-column terminal.
+who holds each held lock, the broker's queues, each Redis' used memory,
+`maxmemory` and policy, and the active visitors per project. It fits an
+80-column terminal.
 
 Rates come from running totals the ack script keeps per shard (rows
 inserted, rows taken off the queue), over the last `RATE_WINDOW_S` seconds
@@ -126,7 +127,14 @@ class WatchState:
 
 def render(data: dict[str, Any], state: WatchState, high_water: int) -> RenderableType:
     """The whole view for one snapshot (a pure function of its inputs: tests render it)."""
-    from worker.cli.status import backoff_text, broker_lines, lock_lines, lock_text
+    from worker.cli.status import (
+        backoff_text,
+        broker_lines,
+        lock_lines,
+        lock_text,
+        memory_lines,
+        memory_table,
+    )
 
     now = data["now_ms"]
     shards = Table(box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False, title_justify="left")
@@ -169,6 +177,11 @@ def render(data: dict[str, Any], state: WatchState, high_water: int) -> Renderab
     if data["flush_pending"]:
         parts.append(Text("An early flush has been requested (queue past the high-water mark)."))
     parts.extend(Text(line) for line in broker_lines(data.get("broker", {})))
+    memory = memory_table(data.get("memory", []))
+    if memory is not None:
+        parts.append(memory)
+    for line in memory_lines(data.get("memory", []), short=True):
+        parts.append(Text(line, style="bold red" if line.startswith("!") else ""))
     visitors = sorted(data["active_visitors"].items(), key=lambda item: (-item[1], item[0]))
     window = data["active_visitor_window_s"]
     if visitors:
