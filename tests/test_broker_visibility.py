@@ -1,0 +1,145 @@
+"""What the reliable transport holds, seen and kept: parked messages, undeliverable tasks,
+tasks in the keeping of live and of dead workers.
+
+Real Redis servers (a private one where memory is filled past `maxmemory`,
+or a buffer Redis is killed), real kombu consumers on the reliable
+transport, real Celery workers SIGKILLed as an OOM killer would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from kombu import Message
+from kombu.asynchronous.timer import Timer
+
+from tests.support.polling import wait_until
+from tests.support.servers import RedisServer, start_redis
+from tests.test_broker_transport import consuming, inflight, publish, queue
+from tests.test_broker_workers import System
+from worker import runtime
+from worker.broker.keys import BrokerKeys
+from worker.consumer import RETRY_FIRST_S, keep_undeliverable
+from worker.keys import ShardKeys
+from worker.settings import Settings
+
+KEYS = BrokerKeys()
+NOT_JSON = b"\xff not json"
+
+
+@pytest.fixture
+def own(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own: its memory limit is changed, or it is killed."""
+    server = start_redis(tmp_path / "own-redis")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def refuse_writes(r: redis_lib.Redis) -> None:
+    """Past maxmemory (noeviction): writes are refused, reads and pops still served."""
+    used = int(r.info("memory")["used_memory"])
+    r.config_set("maxmemory", max(1, used // 2))
+    with pytest.raises(redis_lib.ResponseError, match="maxmemory"):
+        r.set("probe", 1)
+
+
+def accept_writes(r: redis_lib.Redis) -> None:
+    r.config_set("maxmemory", 0)
+
+
+def parked(r: redis_lib.Redis) -> list[bytes]:
+    return list(r.lrange(KEYS.unparsable, 0, -1))
+
+
+def drain_until(conn: Any, until: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "timed out draining events"
+        with suppress(TimeoutError):
+            conn.drain_events(timeout=0.5)
+
+
+# -- (b) an undeliverable task waits unacknowledged, nothing sleeps ----------------------
+
+
+def test_an_undeliverable_task_stays_unacknowledged_while_the_buffer_is_away(
+    own: RedisServer, redis_url: str, redis: redis_lib.Redis, tmp_path: Path
+) -> None:
+    # Broker: the session's Redis; buffer: our own, killed. The dead letter cannot be
+    # stored: the message must not be requeued (nor slept on), but stay in the consumer's
+    # keeping while the timer tries again; once the buffer is back it is a dead letter.
+    q = queue("tq")
+    publish(redis_url, q, [{"n": 0}])
+    held: list[Message] = []
+    settings = Settings.from_env({"REDIS_URL": own.url, "CLICKHOUSE_URL": f"chdb://{tmp_path}"})
+    runtime.configure(settings)
+    timer = Timer()
+    try:
+        with consuming(redis_url, [q], lambda body, message: held.append(message)) as conn:
+            drain_until(conn, lambda: len(held) == 1)
+            [message] = held
+            own.kill()
+            before = time.monotonic()
+            keep_undeliverable(message, "eventbuffer.nope", "NotRegistered", (), timer)
+            took = time.monotonic() - before
+            assert not message.acknowledged
+            assert inflight(redis) == 1 and redis.llen("tq") == 0  # kept, not requeued
+            [scheduled] = timer.queue
+            print(f"keep_undeliverable returned after {took:.3f} s")
+            own.start()
+            for _ in range(5):  # the retries the timer would run (each schedules the next)
+                entries = [event.entry for event in timer.queue]
+                timer.clear()
+                for entry in entries:
+                    entry()
+            assert message.acknowledged
+            assert not timer.queue
+        assert inflight(redis) == 0 and redis.llen("tq") == 0
+        assert own.client().llen(ShardKeys("eventbuffer", 0).dead) == 1
+    finally:
+        timer.stop()
+        runtime.reset()
+    assert scheduled.entry.args[-1] == RETRY_FIRST_S * 2  # the next pause, doubled
+
+
+@pytest.mark.slow
+def test_a_worker_keeps_an_undeliverable_task_unacknowledged_until_the_buffer_is_back(
+    tmp_path: Path,
+) -> None:
+    buffer = start_redis(tmp_path / "buffer")
+    system = System(tmp_path, buffer.url)
+    try:
+        proc = system.worker("w", "-P", "solo")
+        proc.wait_for("ready.")
+        buffer.kill()
+        # An unknown eventbuffer.* task: Celery refuses it before any task runs.
+        system.app.send_task(
+            "eventbuffer.no_such_task", args=[[{"id": "e1"}]], queue="ingest", ignore_result=True
+        )
+        proc.wait_for("stays unacknowledged in the broker")
+        for _ in range(3):  # the timer's retries (1 s, 2 s, ...) keep it where it is
+            assert system.inflight() == 1 and system.broker.llen("ingest") == 0
+            time.sleep(1)
+        text = proc.text()
+        assert text.count("could not be dead-lettered") == 1, text[-3000:]
+        assert "goes back to its queue" not in text
+        buffer.start()
+        proc.wait_for("kept as a dead letter", timeout=60)
+        wait_until(lambda: system.inflight() == 0, 10, "the message acknowledged")
+        assert system.broker.llen("ingest") == 0
+        assert buffer.client().llen(ShardKeys("eventbuffer", 0).dead) == 1
+        proc.stop()
+        assert "Traceback" not in proc.text()
+    finally:
+        if buffer.process is None or buffer.process.poll() is not None:
+            buffer.start()
+        system.close()
+        buffer.stop()
