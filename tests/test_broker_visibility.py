@@ -8,15 +8,16 @@ transport, real Celery workers SIGKILLed as an OOM killer would.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis as redis_lib
-from kombu import Message
+from kombu import Connection, Consumer, Message
 from kombu.asynchronous.timer import Timer
 
 from tests.support.polling import wait_until
@@ -25,6 +26,7 @@ from tests.test_broker_transport import consuming, inflight, publish, queue
 from tests.test_broker_workers import System
 from worker import runtime
 from worker.broker.keys import BrokerKeys
+from worker.broker.transport import TRANSPORT_PATH
 from worker.consumer import RETRY_FIRST_S, keep_undeliverable
 from worker.keys import ShardKeys
 from worker.settings import Settings
@@ -65,6 +67,78 @@ def drain_until(conn: Any, until: Callable[[], bool], timeout: float = 10) -> No
         assert time.monotonic() < deadline, "timed out draining events"
         with suppress(TimeoutError):
             conn.drain_events(timeout=0.5)
+
+
+# -- (a) parked messages are never dropped -------------------------------------------------
+
+
+@contextmanager
+def consuming_no_ack(url: str, name: str, got: list[Any]) -> Iterator[Any]:
+    with Connection(url, transport=TRANSPORT_PATH) as conn:
+        conn.channel_for_test = conn.channel()
+        consumer = Consumer(
+            conn.channel_for_test,
+            queues=[queue(name)],
+            callbacks=[lambda body, message: got.append(body["n"])],
+            accept=["json"],
+            no_ack=True,
+        )
+        with consumer:
+            yield conn
+
+
+def test_a_no_ack_message_redis_refuses_to_park_is_kept_and_parked_once_it_can(
+    own: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A no-ack fetch pops the message (a pop is served past maxmemory); parking it is a
+    # write Redis refuses there. It used to be lost; now it waits in the consumer.
+    r = own.client()
+    q = queue("tq")
+    r.lpush("tq", NOT_JSON)
+    publish(own.url, q, [{"n": 1}])
+    got: list[int] = []
+    with (
+        caplog.at_level(logging.ERROR, logger="worker.broker"),
+        consuming_no_ack(own.url, "tq", got) as conn,
+    ):
+        refuse_writes(r)
+        conn.drain_events(timeout=5)  # the unparsable one: kept, consuming goes on
+        assert got == [1]
+        reliable = conn.channel_for_test.reliable
+        assert parked(r) == [] and reliable.unparked == 1
+        accept_writes(r)
+        # The channel's close tries again (a no-ack channel has no heartbeat).
+    assert parked(r) == [NOT_JSON]
+    assert reliable.unparked == 0
+    assert "could not park 1 message(s)" in caplog.text
+    assert r.llen("tq") == 0 and inflight(r) == 0
+
+
+def test_a_kept_message_redis_refuses_to_park_stays_in_redis_and_a_heartbeat_parks_it(
+    own: RedisServer,
+) -> None:
+    r = own.client()
+    q = queue("tq")
+    publish(own.url, q, [{"n": 0}, {"n": 1}])
+    sent = r.lindex("tq", -1)
+    got: list[int] = []
+
+    def on_message(body: Any, message: Message) -> None:
+        if body["n"] == 0:
+            refuse_writes(r)  # between the fetch and the park
+            raise KeyError("a field the consumer needs")
+        got.append(body["n"])
+        message.ack()
+
+    with consuming(own.url, [q], on_message, consumer_timeout=1) as conn:
+        with pytest.raises(KeyError):  # the delivery's own error, not Redis' refusal
+            conn.drain_events(timeout=5)
+        assert parked(r) == [] and inflight(r) == 1  # in the consumer's keeping, in Redis
+        accept_writes(r)
+        wait_until(lambda: parked(r) == [sent], 10, "a heartbeat to park the message")
+        assert inflight(r) == 0
+        drain_until(conn, lambda: got == [1])
+    assert r.llen("tq") == 0 and inflight(r) == 0
 
 
 # -- (b) an undeliverable task waits unacknowledged, nothing sleeps ----------------------
