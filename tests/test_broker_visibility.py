@@ -8,6 +8,7 @@ transport, real Celery workers SIGKILLed as an OOM killer would.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -19,14 +20,20 @@ import pytest
 import redis as redis_lib
 from kombu import Connection, Consumer, Message
 from kombu.asynchronous.timer import Timer
+from rich.console import Console
 
+from tests.conftest import Result
 from tests.support.polling import wait_until
 from tests.support.servers import RedisServer, start_redis
 from tests.test_broker_transport import consuming, inflight, publish, queue
 from tests.test_broker_workers import System
 from worker import runtime
+from worker.broker.consumer import Consumer as BrokerConsumer
+from worker.broker.holdings import Holder, Holdings, read_holdings
 from worker.broker.keys import BrokerKeys
 from worker.broker.transport import TRANSPORT_PATH
+from worker.cli.status import held_lines
+from worker.cli.watch import WatchState, render
 from worker.consumer import RETRY_FIRST_S, keep_undeliverable
 from worker.keys import ShardKeys
 from worker.settings import Settings
@@ -141,6 +148,19 @@ def test_a_kept_message_redis_refuses_to_park_stays_in_redis_and_a_heartbeat_par
     assert r.llen("tq") == 0 and inflight(r) == 0
 
 
+def test_status_and_metrics_count_parked_messages(
+    run_main: Callable[..., Result], redis: redis_lib.Redis
+) -> None:
+    redis.lpush(KEYS.unparsable, NOT_JSON, b"{}")  # the broker is REDIS_URL here
+    out = " ".join(run_main("status").out.split())
+    assert "! 2 messages kombu cannot deliver parked in _eventbuffer.broker.unparsable" in out
+    data = json.loads(run_main("status", "--json").out)
+    assert data["broker"]["held"]["parked"] == 2
+    metrics = run_main("metrics").out
+    assert "eventbuffer_broker_parked_messages 2.0" in metrics
+    assert 'eventbuffer_broker_tasks_held{consumer="dead"} 0.0' in metrics
+
+
 # -- (b) an undeliverable task waits unacknowledged, nothing sleeps ----------------------
 
 
@@ -217,3 +237,144 @@ def test_a_worker_keeps_an_undeliverable_task_unacknowledged_until_the_buffer_is
             buffer.start()
         system.close()
         buffer.stop()
+
+
+# -- (c) tasks held by live and by dead workers -------------------------------------------
+
+
+def test_holdings_tell_live_from_dead_consumers_and_when_theirs_come_back(
+    redis: redis_lib.Redis,
+) -> None:
+    q = "tq"
+    redis.lpush(q, b"a", b"b", b"c")
+    dying = BrokerConsumer(redis, KEYS, timeout_s=1.0)  # never beats: dead after 1 s
+    assert dying.fetch([q]) is not None and dying.fetch([q]) is not None
+    alive = BrokerConsumer(redis, KEYS, timeout_s=30.0)
+    assert alive.fetch([q]) is not None
+    now = read_holdings(redis, KEYS, timeout_s=1.0)
+    assert (now.held_by_live, now.held_by_dead) == (3, 0)
+    wait_until(
+        lambda: read_holdings(redis, KEYS, timeout_s=1.0).held_by_dead == 2, 10, "a deadline"
+    )
+    later = read_holdings(redis, KEYS, timeout_s=1.0)
+    [dead] = later.dead
+    assert dead.consumer == dying.id and dead.held == 2 and later.held_by_live == 1
+    # Due back at its deadline plus one beat of a live consumer (0.2 s for a 1 s timeout).
+    assert later.due_in_s(dead) <= later.beat_ms / 1000
+    assert later.recovery_due_s == max(0.0, later.due_in_s(dead))
+    alive.start_heartbeat(redis_lib.Redis(connection_pool=redis.connection_pool))
+    try:
+        wait_until(
+            lambda: read_holdings(redis, KEYS, timeout_s=1.0).held_by_dead == 0, 10, "recovery"
+        )
+    finally:
+        alive.stop_heartbeat()
+    assert redis.llen(q) == 2  # back in their queue
+    assert read_holdings(redis, KEYS, timeout_s=1.0).held_by_live == 1
+
+
+@pytest.mark.slow
+def test_status_shows_what_a_killed_worker_holds_until_another_takes_it_back(
+    tmp_path: Path,
+    redis_url: str,
+    redis: redis_lib.Redis,
+    run_main: Callable[..., Result],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    system = System(tmp_path, redis_url)
+    monkeypatch.setenv("CELERY_BROKER_URL", system.broker_server.url)
+    monkeypatch.setenv(
+        "EVENT_BUFFER_CONSUMER_TIMEOUT_S", system.env["EVENT_BUFFER_CONSUMER_TIMEOUT_S"]
+    )
+
+    def status() -> dict[str, Any]:
+        return dict(json.loads(run_main("status", "--json").out)["broker"])
+
+    try:
+        doomed = system.worker("doomed", "-P", "prefork", "-c", "1")
+        doomed.wait_for("ready.")
+        [doomed_id] = system.consumers()
+        system.pause_buffer(4000)
+        system.send(8)
+        wait_until(lambda: system.inflight() == 4, 10, "the worker to hold 4 tasks")
+        held = status()["held"]
+        assert (held["held_by_live"], held["held_by_dead"]) == (4, 0)
+        doomed.kill()
+        system.buffer.execute_command("CLIENT", "UNPAUSE")
+        # The queues look empty; status says where the tasks are. No worker is alive: they
+        # wait for the next one to start.
+        wait_until(lambda: status()["held"]["held_by_dead"] == 4, 20, "the deadline to pass")
+        broker = status()
+        assert broker["queues"]["ingest"]["waiting"] == 4  # 4 never fetched (prefetch 4)
+        assert broker["held"]["held_by_live"] == 0 and broker["held"]["live_consumers"] == 0
+        [entry] = broker["held"]["consumers"]
+        assert entry["consumer"] == doomed_id and not entry["alive"] and entry["held"] == 4
+        text = " ".join(run_main("status").out.split())
+        assert "Broker tasks held by workers (fetched, not acknowledged): 0 by live" in text
+        assert f"! Worker {doomed_id} is dead" in text and "holds 4 tasks" in text
+        assert "when a worker starts on this broker (none is alive)" in text
+        metrics = run_main("metrics").out
+        assert 'eventbuffer_broker_tasks_held{consumer="dead"} 4.0' in metrics
+        assert 'eventbuffer_broker_tasks_held{consumer="live"} 0.0' in metrics
+        other = system.worker("other", "-P", "solo")
+        other.wait_for("ready.")
+        wait_until(lambda: status()["held"]["held_by_dead"] == 0, 20, "the recovery")
+        system.wait_applied()
+        wait_until(lambda: status()["held"]["held_by_live"] == 0, 10, "the last ack")
+        assert "Broker tasks held" not in run_main("status").out
+        other.stop()
+        system.assert_exactly_once()
+        assert f"found consumer {doomed_id} dead" in other.text()
+    finally:
+        system.close()
+
+
+def holdings_snapshot() -> dict[str, Any]:
+    now = 1_000_000
+    timeout = 30_000
+    holdings = Holdings(
+        now_ms=now,
+        timeout_ms=timeout,
+        parked=3,
+        holders=[
+            Holder("ip-10-20-30-40.eu-west-1.compute.internal:4194303:feedface", 4, now + 29_000),
+            Holder("ip-10-20-30-41.eu-west-1.compute.internal:4194303:cafebabe", 7, now + 17_000),
+            Holder("ip-10-20-30-42.eu-west-1.compute.internal:77:deadbeef", 12, now - 2_000),
+        ],
+    )
+    return {"url": "redis://localhost:6379/1", "queues": {}, "held": holdings.as_dict()}
+
+
+def test_held_lines_say_who_is_silent_who_is_dead_and_when_their_tasks_come_back() -> None:
+    lines = " ".join(held_lines(holdings_snapshot()))
+    assert "23 by live workers" not in lines
+    assert "11 by live workers, 12 by dead ones" in lines
+    # Silent for 13 s (heartbeats every 6 s): back within 23 s if it is dead.
+    assert "cafebabe holds 7 tasks and has sent no heartbeat for 13 s (one every 6 s)" in lines
+    assert "if it is dead, they go back to their queues within 23 s" in lines
+    assert "feedface" not in lines  # beating: nothing to say
+    assert "deadbeef is dead (no heartbeat for 32 s) and holds 12 tasks" in lines
+    assert "a live worker puts them back in their queues within 4 s" in lines
+    assert "! 3 messages kombu cannot deliver parked" in lines
+
+
+def test_watch_shows_the_held_lines_within_80_columns(
+    redis: redis_lib.Redis, settings: Settings
+) -> None:
+    runtime.configure(settings)
+    try:
+        from worker.cli.status import status_data
+
+        data = status_data(settings)
+    finally:
+        runtime.reset()
+    data["broker"] = holdings_snapshot()
+    state = WatchState()
+    state.update(data, at=0.0)
+    console = Console(record=True, width=80, force_terminal=False)
+    console.print(render(data, state, settings.high_water))
+    view = console.export_text()
+    assert max(len(line) for line in view.splitlines()) <= 80, view
+    flat = " ".join(view.replace("│", " ").split())
+    assert "11 by live workers, 12 by dead ones" in flat, view
+    assert "a live worker puts them back in their queues within 4 s" in flat, view

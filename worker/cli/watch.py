@@ -5,7 +5,8 @@ and shows, per shard, the queue depth with a sparkline of recent refreshes,
 the open claim, the oldest queued event's age, dead letters, the lock
 (busy or STALE, and its holder below the table), the back-off after
 ClickHouse failures and the last flush; then the ingest and flush rates,
-who holds each held lock, the broker's queues and the active visitors per
+who holds each held lock, the broker's queues (with the tasks live and
+dead workers hold, and parked messages) and the active visitors per
 project. It fits an 80-column terminal.
 
 Rates come from running totals the ack script keeps per shard (rows
@@ -126,7 +127,7 @@ class WatchState:
 
 def render(data: dict[str, Any], state: WatchState, high_water: int) -> RenderableType:
     """The whole view for one snapshot (a pure function of its inputs: tests render it)."""
-    from worker.cli.status import backoff_text, broker_lines, lock_lines, lock_text
+    from worker.cli.status import backoff_text, broker_lines, held_lines, lock_lines, lock_text
 
     now = data["now_ms"]
     shards = Table(box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False, title_justify="left")
@@ -169,6 +170,7 @@ def render(data: dict[str, Any], state: WatchState, high_water: int) -> Renderab
     if data["flush_pending"]:
         parts.append(Text("An early flush has been requested (queue past the high-water mark)."))
     parts.extend(Text(line) for line in broker_lines(data.get("broker", {})))
+    parts.extend(Text(line) for line in held_lines(data.get("broker", {})))
     visitors = sorted(data["active_visitors"].items(), key=lambda item: (-item[1], item[0]))
     window = data["active_visitor_window_s"]
     if visitors:
