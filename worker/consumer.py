@@ -11,7 +11,11 @@ ingest tasks (and to any unknown `eventbuffer.*` name), the raw body is
 stored as one `undeliverable_task` dead letter (`eventbuffer dlq list`;
 `eventbuffer dlq replay` once it can be read) and the message is
 acknowledged. Other messages keep Celery's handling. If the dead letter
-cannot be stored (Redis away), the message goes back to its queue.
+cannot be stored (Redis away), the message stays unacknowledged, in the
+broker's keeping (a worker that dies meanwhile gives it back), and the
+consumer's timer tries again after 1 s, then every 2, 4 ... up to 30 s:
+nothing sleeps on the event loop, and the message is neither lost nor sent
+round its queue in a busy loop.
 
 Enabled by the app's `worker_consumer` setting (`Consumer`) and the ingest
 tasks' `Strategy` (`ingest_strategy`, which checks the arguments before the
@@ -23,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,8 +40,10 @@ from worker.names import TASK_INGEST_EVENT, TASK_INGEST_EVENTS, TASK_PREFIX
 
 log = logging.getLogger(__name__)
 
-# Before a message that could not be dead-lettered goes back to its queue.
-REQUEUE_PAUSE_S = 1.0
+#: A message that could not be dead-lettered is tried again after this long, then after
+#: twice as long each time, up to RETRY_MAX_S.
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 30.0
 
 
 def addressed_task(message: Any) -> str:
@@ -57,8 +62,21 @@ def kept_for(name: str, registered: Any) -> bool:
     return name.startswith(TASK_PREFIX) and name not in registered
 
 
-def keep_undeliverable(message: Any, name: str, error: str, connection_errors: Any) -> None:
-    """Store a message's raw body as a dead letter and acknowledge it (requeue it on failure)."""
+def keep_undeliverable(
+    message: Any,
+    name: str,
+    error: str,
+    connection_errors: Any,
+    timer: Any = None,
+    pause_s: float = RETRY_FIRST_S,
+) -> None:
+    """Store a message's raw body as a dead letter and acknowledge it.
+
+    When it cannot be stored, the message stays unacknowledged and `timer`
+    (the consumer's: `call_after` runs on its event loop) tries again in
+    `pause_s`, doubling up to RETRY_MAX_S. Without a timer it goes back to
+    its queue at once.
+    """
     raw = message.body
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogatepass")
@@ -70,16 +88,33 @@ def keep_undeliverable(message: Any, name: str, error: str, connection_errors: A
             runtime.buffer(), raw, task_id, reason=REASON_UNDELIVERABLE, error=error, task=name
         )
     except Exception as store_exc:
-        log.error(
-            "%s message %s cannot be run (%s) and could not be dead-lettered (%s): "
-            "it goes back to its queue",
-            name,
-            task_id,
-            error,
-            store_exc,
+        if timer is None:
+            log.error(
+                "%s message %s cannot be run (%s) and could not be dead-lettered (%s): "
+                "it goes back to its queue",
+                name,
+                task_id,
+                error,
+                store_exc,
+            )
+            message.reject_log_error(log, connection_errors, requeue=True)
+            return
+        if pause_s <= RETRY_FIRST_S:  # once per message, not on every retry
+            log.error(
+                "%s message %s cannot be run (%s) and could not be dead-lettered (%s): "
+                "it stays unacknowledged in the broker and is tried again in %.0f s, "
+                "then less often",
+                name,
+                task_id,
+                error,
+                store_exc,
+                pause_s,
+            )
+        timer.call_after(
+            pause_s,
+            _keep_again,
+            (message, name, error, connection_errors, timer, min(RETRY_MAX_S, pause_s * 2)),
         )
-        time.sleep(REQUEUE_PAUSE_S)
-        message.reject_log_error(log, connection_errors, requeue=True)
         return
     if stored:
         metrics.record_batch_dead_lettered(REASON_UNDELIVERABLE)
@@ -90,6 +125,16 @@ def keep_undeliverable(message: Any, name: str, error: str, connection_errors: A
         " ".join(error.split())[:500],
     )
     message.ack_log_error(log, connection_errors)
+
+
+def _keep_again(
+    message: Any, name: str, error: str, connection_errors: Any, timer: Any, pause_s: float
+) -> None:
+    """keep_undeliverable again, unless the message was settled or its channel closed
+    meanwhile (a closing channel gives its unacknowledged messages back to the broker)."""
+    if message.acknowledged or getattr(message.channel, "closed", False):
+        return
+    keep_undeliverable(message, name, error, connection_errors, timer, pause_s)
 
 
 def call_problem(signature: inspect.Signature, payload: Any) -> str | None:
@@ -129,7 +174,7 @@ def ingest_strategy(task: Any, app: Any, consumer: Any, **options: Any) -> Calla
         problem = call_problem(signature, message.payload if body is None else body)
         if problem is not None:
             error = f"InvalidTaskError: {problem}"
-            keep_undeliverable(message, task.name, error, connection_errors)
+            keep_undeliverable(message, task.name, error, connection_errors, consumer.timer)
             return None
         return handler(message, body, *args, **kwargs)
 
@@ -155,5 +200,5 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         name = addressed_task(message)
         if not kept_for(name, self.app.tasks):
             return False
-        keep_undeliverable(message, name, error, self.connection_errors)
+        keep_undeliverable(message, name, error, self.connection_errors, self.timer)
         return True

@@ -61,6 +61,19 @@ Gauges (from Redis, at scrape time):
                                                     (anything but noeviction loses events
                                                     at maxmemory)
 
+Gauges of a Redis broker's reliable transport (absent for RabbitMQ, or when
+the broker does not answer; see worker/broker/holdings.py):
+
+    eventbuffer_broker_tasks_held{consumer}         tasks fetched and not acknowledged, in no
+                                                    queue: consumer="live" (being run or
+                                                    prefetched), "dead" (their worker's heartbeat
+                                                    deadline passed: waiting to be put back)
+    eventbuffer_broker_recovery_due_seconds         until the dead workers' tasks are all due
+                                                    back in their queues (deadline + one beat
+                                                    of a live worker); 0 when none, or overdue
+    eventbuffer_broker_parked_messages              messages kombu cannot deliver, kept in
+                                                    _eventbuffer.broker.unparsable
+
 `eventbuffer_oldest_event_age_seconds` is event-time age, not queue wait: a
 screen_view waits as its session's last view until the next view (or the
 end of the session) queues it with its own `created_at`, and imported or
@@ -119,6 +132,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from redis import Redis
 from redis.exceptions import ResponseError
 
+from worker.broker.holdings import Holdings, broker_holdings
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.deadletters import (
     REASON_INGEST_FAILED,
@@ -387,9 +401,47 @@ class _Gauges:
     used_memory: GaugeMetricFamily
     maxmemory: GaugeMetricFamily
     policy: GaugeMetricFamily
+    broker: _BrokerGauges
+
+    def all(self) -> list[Metric]:
+        return [g for g in vars(self).values() if isinstance(g, Metric)] + self.broker.all()
+
+
+@dataclass
+class _BrokerGauges:
+    """A Redis broker's reliable transport: tasks in workers' keeping, parked messages."""
+
+    held: GaugeMetricFamily
+    recovery_due: GaugeMetricFamily
+    parked: GaugeMetricFamily
 
     def all(self) -> list[Metric]:
         return list(vars(self).values())
+
+    def add(self, holdings: Holdings) -> None:
+        self.held.add_metric(["live"], holdings.held_by_live)
+        self.held.add_metric(["dead"], holdings.held_by_dead)
+        self.recovery_due.add_metric([], holdings.recovery_due_s)
+        self.parked.add_metric([], holdings.parked)
+
+
+def _broker_gauges() -> _BrokerGauges:
+    return _BrokerGauges(
+        held=GaugeMetricFamily(
+            f"{PREFIX}_broker_tasks_held",
+            "Tasks fetched and not acknowledged, in no queue: by live workers, or by dead "
+            "ones (waiting to be put back).",
+            labels=["consumer"],
+        ),
+        recovery_due=GaugeMetricFamily(
+            f"{PREFIX}_broker_recovery_due_seconds",
+            "Until the dead workers' tasks are all due back in their queues (0: none, or overdue).",
+        ),
+        parked=GaugeMetricFamily(
+            f"{PREFIX}_broker_parked_messages",
+            "Messages kombu cannot deliver, kept in _eventbuffer.broker.unparsable.",
+        ),
+    )
 
 
 def _gauges() -> _Gauges:
@@ -471,6 +523,7 @@ def _gauges() -> _Gauges:
             "1, labelled with the server's maxmemory-policy (any but noeviction loses events).",
             ("redis", "node", "policy"),
         ),
+        broker=_broker_gauges(),
     )
 
 
@@ -492,6 +545,8 @@ class RedisCollector:
     Memory: one `INFO memory` per master of the buffer, and one of the broker's
     Redis (its own client; a broker that does not answer only leaves its
     memory gauges out).
+    A Redis broker is read apart (two more round trips, `broker_reader`):
+    its gauges are reported whether or not the buffer answered.
     """
 
     def __init__(
@@ -500,6 +555,7 @@ class RedisCollector:
         redis_factory: Callable[[], Client],
         clock: Clock = SYSTEM_CLOCK,
         broker_factory: Callable[[], Redis | None] | None = None,
+        broker_reader: Callable[[], Holdings | None] | None = None,
     ) -> None:
         self.settings = settings
         self.keyspace = Keyspace(settings.key_prefix, settings.shards)
@@ -508,6 +564,9 @@ class RedisCollector:
         self._broker_factory = broker_factory or (lambda: broker_client(settings, 5.0))
         self._broker: Redis | None = None
         self.clock = clock
+        self._broker_reader = broker_reader or (
+            lambda: broker_holdings(settings.effective_broker_url, settings.consumer_timeout_s)
+        )
         self._lock = threading.Lock()
         # Whether Redis answered the last collect (None before the first).
         self.up: bool | None = None
@@ -519,6 +578,7 @@ class RedisCollector:
         with self._lock:
             gauges = _gauges()
             gauges.flush_interval.add_metric([], self.settings.flush_interval_s)
+            self._read_broker(gauges.broker)
             try:
                 self._read(gauges)
             except REDIS_FAILURES:
@@ -526,7 +586,7 @@ class RedisCollector:
                 empty = _gauges()
                 empty.up.add_metric([], 0)
                 empty.flush_interval.add_metric([], self.settings.flush_interval_s)
-                return [empty.up, empty.flush_interval]
+                return [empty.up, empty.flush_interval, *gauges.broker.all()]
             gauges.up.add_metric([], 1)
             self.up = True
             return gauges.all()
@@ -564,6 +624,16 @@ class RedisCollector:
             g.used_memory.add_metric(labels, server.used_bytes)
             g.maxmemory.add_metric(labels, server.maxmemory_bytes)
             g.policy.add_metric([*labels, server.policy], 1)
+
+    def _read_broker(self, g: _BrokerGauges) -> None:
+        """The broker's gauges; none when it is not a Redis or does not answer (never raises:
+        the buffer's gauges do not depend on the broker)."""
+        try:
+            holdings = self._broker_reader()
+        except Exception:
+            return
+        if holdings is not None:
+            g.add(holdings)
 
     def add(self, g: _Gauges, state: BufferState) -> None:
         """The gauges of one buffer state."""

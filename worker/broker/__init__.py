@@ -5,4 +5,6 @@
 - `scripts.py`: the typed wrappers of `lua_scripts/broker_*.lua`.
 - `keys.py`: the transport's keys in the broker Redis.
 - `selection.py`: eventbuffer's workers consume with it (EVENT_BUFFER_BROKER_TRANSPORT).
+- `holdings.py`: what live and dead consumers hold, and the parked messages
+  (`eventbuffer status`, `--watch`, the metrics).
 """

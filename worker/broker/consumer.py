@@ -10,6 +10,12 @@ the messages of consumers whose deadline has passed: a worker killed with
 SIGKILL, or one that never comes back, has its tasks run by any live worker
 within about 1.2 timeouts.
 
+A message kombu cannot deliver is parked, unchanged, on the unparsable
+list. One Redis refuses to park (out of memory, connection lost) is never
+dropped: it waits in the consumer (a fetched one stays in its keeping in
+Redis; a no-ack one, already popped, in memory) and the next heartbeat
+tries again.
+
 The heartbeat is a thread, not an event-loop timer, so that a long task on
 the solo pool (which blocks the event loop) does not make its worker look
 dead. A worker that is alive but stuck keeps its tasks, as it would on
@@ -27,6 +33,7 @@ import os
 import secrets
 import socket
 import threading
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -115,6 +122,11 @@ class Consumer:
         self._heartbeat: Heartbeat | None = None
         self._pid = os.getpid()
         self.closed = False
+        # Messages to park that Redis refused (OOM, a lost connection): the seq of one in
+        # this consumer's keeping, or the bytes of a no-ack one (then only here).
+        self._unparked: deque[int | bytes] = deque()
+        self._parking = threading.Lock()  # one thread parks at a time
+        self._parking_failed = False
 
     @property
     def owned(self) -> bool:
@@ -155,6 +167,68 @@ class Consumer:
         """Out of the way, unchanged: onto the unparsable list. 1 if it moved."""
         return self.scripts.requeue(self.id, [(seq, self.keys.unparsable)], front=False)
 
+    @property
+    def unparked(self) -> int:
+        """Messages waiting to be parked (Redis refused them so far)."""
+        return len(self._unparked)
+
+    def keep_unparsable(self, message: int | bytes) -> bool:
+        """Park a message kombu cannot deliver, never dropping it: its seq (in this
+        consumer's keeping) or, popped from a no-ack source, its bytes.
+
+        True once parked. When Redis refuses, the message waits here (a seq
+        stays in Redis, in this consumer's keeping) and is tried again on
+        every heartbeat, with the next message parked, and at close.
+        """
+        self._unparked.append(message)
+        return self.retry_parking() == 0
+
+    def retry_parking(self, redis: Redis | None = None) -> int:
+        """Park the messages waiting to be; how many still wait. Never raises.
+
+        `redis`: the caller's connection (the heartbeat thread's own);
+        while another thread parks, this one leaves it to that one.
+        """
+        if not self._unparked or not self._parking.acquire(blocking=False):
+            return len(self._unparked)
+        try:
+            client = self.redis if redis is None else redis
+            scripts = self.scripts if redis is None else BrokerScripts(redis, self.keys)
+            parked = 0
+            while self._unparked:
+                message = self._unparked.popleft()
+                try:
+                    if isinstance(message, bytes):
+                        client.lpush(self.keys.unparsable, message)
+                    else:
+                        scripts.requeue(self.id, [(message, self.keys.unparsable)], front=False)
+                except (RedisError, OSError) as exc:
+                    self._unparked.appendleft(message)
+                    if not self._parking_failed:
+                        self._parking_failed = True
+                        log.error(
+                            "broker consumer %s: could not park %d message(s) in %r (%s): "
+                            "kept here, and tried again on every heartbeat, with the next "
+                            "one, and at close",
+                            self.id,
+                            len(self._unparked),
+                            self.keys.unparsable,
+                            exc,
+                        )
+                    return len(self._unparked)
+                parked += 1
+            if self._parking_failed:
+                self._parking_failed = False
+                log.warning(
+                    "broker consumer %s: %d message(s) that waited are parked in %r now",
+                    self.id,
+                    parked,
+                    self.keys.unparsable,
+                )
+            return 0
+        finally:
+            self._parking.release()
+
     def restore_all(self, *, deregister: bool) -> int:
         """Everything this consumer still holds back to the front of its queues."""
         scripts, redis = self.scripts, self.redis
@@ -188,6 +262,7 @@ class Consumer:
             return
         self.closed = True
         self.stop_heartbeat()
+        self._park_before_close()
         if not restore:
             return
         try:
@@ -202,6 +277,21 @@ class Consumer:
             return
         if moved:
             log.info("broker consumer %s: %d unacknowledged task(s) put back", self.id, moved)
+
+    def _park_before_close(self) -> None:
+        """A last try at parking; a no-ack message Redis still refuses is logged whole
+        (its only copy: the process is going), a kept one stays in Redis."""
+        if self.retry_parking() == 0:
+            return
+        for message in list(self._unparked):
+            if isinstance(message, bytes):
+                log.critical(
+                    "broker consumer %s: a message kombu cannot deliver could not be parked "
+                    "in %r and leaves with this process; its bytes: %r",
+                    self.id,
+                    self.keys.unparsable,
+                    message,
+                )
 
 
 class Heartbeat(threading.Thread):
@@ -259,6 +349,7 @@ class Heartbeat(threading.Thread):
                 self.consumer.timeout_ms / 1000,
                 moved,
             )
+        self.consumer.retry_parking(self.redis)  # after the beat, which must not wait for it
 
     def stop(self) -> None:
         self._stopping.set()

@@ -390,24 +390,23 @@ class Channel(kombu_redis.Channel):
             payload: dict[str, Any] = loads(fetched.raw)
             tag = payload["properties"]["delivery_tag"]
         except Exception:
-            if fetched.kept:
-                self._park(fetched.raw, seq)
-            else:
-                client = redis.Redis(connection_pool=self.pool)
-                client.lpush(self.broker_keys.unparsable, fetched.raw)
+            self._park(fetched.raw, seq if fetched.kept else None)
             raise Empty() from None
         if fetched.kept:
             self.qos.expect(tag, seq, source)
         return payload
 
-    def _park(self, raw: bytes, seq: int) -> None:
+    def _park(self, raw: bytes, seq: int | None) -> None:
+        """Onto the unparsable list, unchanged: from the consumer's keeping (`seq`), or the
+        bytes of a no-ack message (`seq` None). Never lost when Redis refuses: it waits in
+        the consumer and is tried again (`Consumer.keep_unparsable`)."""
         log.critical(
             "Cannot deliver this message; it is kept unchanged in %r: %r",
             self.broker_keys.unparsable,
             raw[:256],
             exc_info=True,
         )
-        self.reliable.park(seq)
+        self.reliable.keep_unparsable(raw if seq is None else seq)
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         return self._get_one(queue, no_ack=False)

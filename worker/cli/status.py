@@ -3,8 +3,9 @@ and how full each Redis is.
 
 Everything shown comes from `worker.state.read_state` (the one reader of the
 buffer's state, which the metrics collector shows too), for the broker from
-`worker.queues`, and for each Redis' memory (used, `maxmemory`, policy) from
-`worker.redis_memory`. The table fits an 80-column terminal.
+`worker.queues` and `worker.broker.holdings` (tasks held by live and dead
+workers, parked messages), and for each Redis' memory (used, `maxmemory`,
+policy) from `worker.redis_memory`. The table fits an 80-column terminal.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from worker import runtime
+from worker.broker.holdings import broker_holdings
 from worker.cli.common import mask, one_line
 from worker.names import DEFAULT_QUEUE
 from worker.queues import queue_depths
@@ -51,7 +53,18 @@ def broker_data(settings: Settings) -> dict[str, Any]:
     return {
         "url": mask(settings.effective_broker_url),
         "queues": {d.name: {"waiting": d.waiting, "consumers": d.consumers} for d in depths},
+        **held_data(settings),
     }
+
+
+def held_data(settings: Settings) -> dict[str, Any]:
+    """What the reliable transport's consumers hold ({"held": ...}), or {} (not a Redis
+    broker, or it did not answer: the queues' line says so)."""
+    try:
+        holdings = broker_holdings(settings.effective_broker_url, settings.consumer_timeout_s)
+    except Exception:
+        return {}
+    return {} if holdings is None else {"held": holdings.as_dict()}
 
 
 def status_data(settings: Settings) -> dict[str, Any]:
@@ -235,6 +248,61 @@ def memory_lines(memory: list[dict[str, Any]], short: bool = False) -> list[str]
     return lines
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def held_lines(broker: dict[str, Any]) -> list[str]:
+    """Tasks workers fetched and have not acknowledged (in no queue), by live and by dead
+    workers, when a dead worker's come back, and the messages parked as undeliverable."""
+    held = broker.get("held")
+    if not held:
+        return []
+    lines = []
+    live, dead = held["held_by_live"], held["held_by_dead"]
+    if live or dead:
+        lines.append(
+            f"Broker tasks held by workers (fetched, not acknowledged): {live:,} by live "
+            f"workers, {dead:,} by dead ones"
+        )
+    beat = held["beat_s"]
+    for c in held["consumers"]:
+        if not c["held"]:
+            continue
+        tasks, due = plural(c["held"], "task"), c["due_in_s"]
+        if c["alive"] and c["silent"]:
+            lines.append(
+                f"! Worker {c['consumer']} holds {tasks} and has sent no heartbeat for "
+                f"{c['silent_s']:.0f} s (one every {beat:g} s): if it is dead, they go back "
+                f"to their queues within {max(0.0, due):.0f} s"
+            )
+        elif not c["alive"] and held["live_consumers"] == 0:
+            lines.append(
+                f"! Worker {c['consumer']} is dead (no heartbeat for {c['silent_s']:.0f} s) "
+                f"and holds {tasks}: they go back to their queues when a worker starts on "
+                "this broker (none is alive)"
+            )
+        elif not c["alive"] and due >= 0:
+            lines.append(
+                f"! Worker {c['consumer']} is dead (no heartbeat for {c['silent_s']:.0f} s) "
+                f"and holds {tasks}: a live worker puts them back in their queues within "
+                f"{due:.0f} s"
+            )
+        elif not c["alive"]:
+            lines.append(
+                f"! Worker {c['consumer']} is dead (no heartbeat for {c['silent_s']:.0f} s) "
+                f"and holds {tasks}, overdue by {-due:.0f} s: can the live workers write "
+                "to the broker (see their logs)?"
+            )
+    if held["parked"]:
+        lines.append(
+            f"! {plural(held['parked'], 'message')} kombu cannot deliver parked in "
+            "_eventbuffer.broker.unparsable (README: Troubleshooting, `Cannot deliver "
+            "this message`)"
+        )
+    return lines
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     if getattr(args, "watch", False):
         from worker.cli.watch import watch
@@ -286,7 +354,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -
         )
     if data["flush_pending"]:
         say("An early flush has been requested (queue past the high-water mark).")
-    for line in broker_lines(data["broker"]):
+    for line in broker_lines(data["broker"]) + held_lines(data["broker"]):
         say(line)
     memory = memory_table(data["memory"])
     if memory is not None:

@@ -5,7 +5,8 @@ and shows, per shard, the queue depth with a sparkline of recent refreshes,
 the open claim, the oldest queued event's age, dead letters, the lock
 (busy or STALE, and its holder below the table), the back-off after
 ClickHouse failures and the last flush; then the ingest and flush rates,
-who holds each held lock, the broker's queues, each Redis' used memory,
+who holds each held lock, the broker's queues (with the tasks live and
+dead workers hold, and parked messages), each Redis' used memory,
 `maxmemory` and policy, and the active visitors per project. It fits an
 80-column terminal.
 
@@ -130,6 +131,7 @@ def render(data: dict[str, Any], state: WatchState, high_water: int) -> Renderab
     from worker.cli.status import (
         backoff_text,
         broker_lines,
+        held_lines,
         lock_lines,
         lock_text,
         memory_lines,
@@ -177,6 +179,7 @@ def render(data: dict[str, Any], state: WatchState, high_water: int) -> Renderab
     if data["flush_pending"]:
         parts.append(Text("An early flush has been requested (queue past the high-water mark)."))
     parts.extend(Text(line) for line in broker_lines(data.get("broker", {})))
+    parts.extend(Text(line) for line in held_lines(data.get("broker", {})))
     memory = memory_table(data.get("memory", []))
     if memory is not None:
         parts.append(memory)
