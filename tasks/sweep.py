@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from celery import Task
+
+from tasks.summary import keep_summary
 from worker import runtime
 from worker.celery import app
 from worker.names import TASK_SWEEP
@@ -13,8 +16,8 @@ from worker.sweep import Sweeper
 log = logging.getLogger(__name__)
 
 
-@app.task(name=TASK_SWEEP, ignore_result=False, acks_late=False)
-def sweep() -> dict[str, Any]:
+@app.task(name=TASK_SWEEP, bind=True, ignore_result=True, acks_late=False)
+def sweep(self: Task) -> dict[str, Any]:
     result = Sweeper(runtime.redis_client(), runtime.settings()).sweep()
     if result.views_queued or result.visitors_pruned:
         log.info(
@@ -22,4 +25,4 @@ def sweep() -> dict[str, Any]:
             result.views_queued,
             result.visitors_pruned,
         )
-    return result.as_dict()
+    return keep_summary(self, result.as_dict())

@@ -184,6 +184,8 @@ def test_beat_and_a_flush_worker_drain_a_full_broker(
             "the flush of the full Redis",
             alive=lambda: all(p.alive() for p in procs),
         )
+        time.sleep(3)  # more ticks on the full Redis: the summaries cannot be stored
+        assert all(p.alive() for p in procs), procs[0].text()[-3000:]
     finally:
         for proc in procs:
             proc.stop()
@@ -195,6 +197,7 @@ def test_beat_and_a_flush_worker_drain_a_full_broker(
         sink.close()
     assert (count, unique) == (len(events), len(events))
     assert "Couldn't apply scheduled task" not in procs[1].text()
+    assert "Unrecoverable error" not in procs[0].text()
 
 
 def test_a_producer_holds_what_a_full_broker_refuses(

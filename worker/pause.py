@@ -14,8 +14,9 @@ ingest instead of spinning: the backlog waits in the broker, and in the
 consumer's keeping for the few messages it had prefetched.
 
 A process logs the pause twice: one WARNING when its first attempt fails,
-one INFO when an attempt succeeds again. Metrics count pauses and the
-seconds spent waiting (`eventbuffer_ingest_pauses_total`,
+one INFO when an attempt succeeds again (brief pauses soon after a resume,
+at the edge of maxmemory, are counted, not announced: `Pause`). Metrics
+count pauses and the seconds spent waiting (`eventbuffer_ingest_pauses_total`,
 `eventbuffer_ingest_paused_seconds_total`).
 
 A worker told to stop (warm shutdown) while a task waits gives the message
@@ -55,13 +56,24 @@ def wait_s(attempt: int, cap_s: float = MAX_WAIT_S) -> float:
 
 @dataclass
 class Pause:
-    """One process's ingest pause: started by a failed attempt, ended by a successful one."""
+    """One process's ingest pause: started by a failed attempt, ended by a successful one.
+
+    At the edge of `maxmemory` Redis takes some batches and refuses others
+    (each applied task frees its broker message), so a process may pause
+    and resume every few seconds. A pause that starts within `quiet_s` of
+    the last resume is not announced unless it lasts `quiet_s`: one pause
+    line and one resume line per episode, the brief ones counted in the next.
+    """
 
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     # Polled while waiting: True once the worker should stop (Celery's shutdown flags).
     stopping: Callable[[], bool] = lambda: False
+    quiet_s: float = 60.0
     since: float | None = None
+    announced: bool = False
+    resumed_at: float | None = None
+    brief: int = 0  # pauses not announced since the last announced one
     waiting: int = 0  # tasks of this process waiting now (more than one on a thread pool)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -73,23 +85,36 @@ class Pause:
         """After a transient failure of `batch_id`'s attempt number `attempt` (0 first):
         wait before the next one. Raises ShutdownRequested if the worker stops meanwhile."""
         with self._lock:
+            now = self.clock()
             if self.since is None:
-                self.since = self.clock()
+                self.since, self.announced = now, False
                 metrics.record_ingest_pause()
-                log.warning(
-                    "ingest paused: Redis refuses writes (%s: %s). Tasks wait unacknowledged "
-                    "in the broker and are retried in place; nothing is lost. A full Redis "
-                    "frees memory as the flush writes the buffer to ClickHouse",
-                    type(exc).__name__,
-                    _one_line(exc),
-                    extra={"batch_id": batch_id, "error": _one_line(exc)},
-                )
+                if self.resumed_at is not None and now - self.resumed_at < self.quiet_s:
+                    self.brief += 1
+                else:
+                    self._announce(batch_id, exc)
+            elif not self.announced and now - self.since >= self.quiet_s:
+                self.brief -= 1  # this one turned out not to be brief
+                self._announce(batch_id, exc)
             self.waiting += 1
         try:
             self._sleep(wait_s(attempt))
         finally:
             with self._lock:
                 self.waiting -= 1
+
+    def _announce(self, batch_id: str, exc: BaseException) -> None:
+        brief = f" ({self.brief} brief pause(s) before this one)" if self.brief else ""
+        self.announced, self.brief = True, 0
+        log.warning(
+            "ingest paused: Redis refuses writes (%s: %s)%s. Tasks wait unacknowledged "
+            "in the broker and are retried in place; nothing is lost. A full Redis frees "
+            "memory as the flush writes the buffer to ClickHouse",
+            type(exc).__name__,
+            _one_line(exc),
+            brief,
+            extra={"batch_id": batch_id, "error": _one_line(exc)},
+        )
 
     def _sleep(self, seconds: float) -> None:
         deadline = self.clock() + seconds
@@ -110,13 +135,15 @@ class Pause:
         with self._lock:
             if self.since is None:
                 return
-            paused_s = self.clock() - self.since
-            self.since = None
-        log.info(
-            "ingest resumed: Redis takes writes again, after %.0f s paused",
-            paused_s,
-            extra={"paused_seconds": round(paused_s, 3)},
-        )
+            now = self.clock()
+            paused_s, announced = now - self.since, self.announced
+            self.since, self.resumed_at = None, now
+        if announced:
+            log.info(
+                "ingest resumed: Redis takes writes again, after %.0f s paused",
+                paused_s,
+                extra={"paused_seconds": round(paused_s, 3)},
+            )
 
 
 def _one_line(exc: BaseException) -> str:

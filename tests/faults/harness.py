@@ -330,7 +330,8 @@ class Stack:
             broker_url = self.broker_server.url
         else:
             broker_url = broker
-        self.chdb_url = f"chdb://{tmp / 'clickhouse'}"
+        # CLICKHOUSE_URL in `env` (a ClickHouse server) replaces the embedded default.
+        self.chdb_url = env.get("CLICKHOUSE_URL") or f"chdb://{tmp / 'clickhouse'}"
         defaults = {
             "REDIS_URL": self.buffer_server.url,
             "CELERY_BROKER_URL": broker_url,
