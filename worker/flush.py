@@ -28,6 +28,14 @@ The poison guard: when ClickHouse rejects more than
 schema mismatch after a bad deploy): the flush stops with `PoisonGuardError`
 before anything is dead-lettered, and the claim stays open for a re-drive
 once the cause is fixed.
+
+A hung ClickHouse: every INSERT is bounded by the sink's timeouts
+(`EVENT_BUFFER_CLICKHOUSE_*_TIMEOUT_S`), and the flusher tells its lock each
+time it makes progress (a claim taken, a chunk inserted or rejected, a batch
+acknowledged). A flush without progress for `EVENT_BUFFER_FLUSH_STALL_S`
+(an INSERT whose timeout did not fire) has its lock given up by the
+watchdog (`worker.lock`): another flusher takes the shard over, and this one
+stops at its next lock check.
 """
 
 from __future__ import annotations
