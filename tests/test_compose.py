@@ -123,6 +123,15 @@ def test_ingest_workers_run_the_layout_eventbuffer_run_runs() -> None:
     assert service["deploy"]["replicas"] == len(INGEST_LAYOUT)
 
 
+@pytest.mark.parametrize("file", ["compose.yaml", "compose.cluster.yaml"])
+def test_flush_workers_run_a_pool_that_enforces_time_limits(file: str) -> None:
+    """process_buffer's time limit (A hung ClickHouse) is enforced by Celery's prefork
+    pool only: a `-P solo` flush worker would stay in a hung run for ever."""
+    command = _services(file)["worker-flush"]["command"]
+    assert command[command.index("-P") + 1] == "prefork"
+    assert command[command.index("-c") + 1] == "1"
+
+
 def test_beat_healthcheck_reads_the_schedule_beat_writes() -> None:
     beat = _services()["beat"]
     schedule = beat["command"][beat["command"].index("--schedule") + 1]

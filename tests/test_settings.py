@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from worker.celery import create_app
+from worker.names import TASK_PROCESS_BUFFER
 from worker.settings import Settings, SettingsError
 
 
@@ -76,6 +78,11 @@ def test_settings_are_frozen() -> None:
             {"EVENT_BUFFER_BATCH_MARKER_TTL_S": "400", "EVENT_BUFFER_CONSUMER_TIMEOUT_S": "350"},
             r"\(400\) must exceed 1.2 x EVENT_BUFFER_CONSUMER_TIMEOUT_S \(350\)",
         ),
+        (
+            {"EVENT_BUFFER_FLUSH_STALL_S": "130"},
+            r"EVENT_BUFFER_FLUSH_STALL_S \(130\) must exceed EVENT_BUFFER_CLICKHOUSE_CONNECT_"
+            r"TIMEOUT_S \+ EVENT_BUFFER_CLICKHOUSE_INSERT_TIMEOUT_S \(10 \+ 120\)",
+        ),
     ],
 )
 def test_settings_that_contradict_each_other_are_refused(env: dict[str, str], message: str) -> None:
@@ -109,3 +116,30 @@ def test_a_cluster_buffer_wants_a_replica_a_broker_of_its_own_and_no_cluster_res
         assert "CELERY_BROKER_URL" in str(refused.value) or "REDIS_URL" in str(refused.value)
     with pytest.raises(SettingsError, match="EVENT_BUFFER_REDIS_CLUSTER must be true or false"):
         Settings.from_env({"EVENT_BUFFER_REDIS_CLUSTER": "maybe"})
+
+
+def test_clickhouse_timeouts_bound_a_flush_and_its_task() -> None:
+    """A hung ClickHouse fails an INSERT after its timeouts; a flush without progress for
+    longer gives its lock up; a process_buffer run stuck past every INSERT's timeouts is
+    interrupted (soft limit), then killed (hard limit)."""
+    s = Settings.from_env({})
+    assert (s.clickhouse_connect_timeout_s, s.clickhouse_insert_timeout_s) == (10, 120)
+    assert s.flush_stall_s == 180
+    # 4 chunks of 1000 in a batch of 4000, 1 batch, 1 shard: 4 INSERTs of up to 130 s.
+    assert s.flush_time_limit_s == (4 * 130 + 15, 4 * 130 + 15 + 30)
+    wide = Settings.from_env(
+        {
+            "EVENT_BUFFER_SHARDS": "2",
+            "EVENT_BUFFER_MAX_BATCHES_PER_FLUSH": "3",
+            "EVENT_BUFFER_BATCH_SIZE": "2500",
+            "EVENT_BUFFER_CLICKHOUSE_CONNECT_TIMEOUT_S": "1",
+            "EVENT_BUFFER_CLICKHOUSE_INSERT_TIMEOUT_S": "4",
+            "EVENT_BUFFER_FLUSH_STALL_S": "6",
+        }
+    )
+    assert wide.flush_time_limit_s == (2 * 3 * 3 * 5 + 15, 2 * 3 * 3 * 5 + 15 + 30)
+
+    app = create_app(wide)
+    app.loader.import_default_modules()
+    task = app.tasks[TASK_PROCESS_BUFFER]
+    assert (task.soft_time_limit, task.time_limit) == wide.flush_time_limit_s

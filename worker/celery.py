@@ -57,6 +57,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             Queue(DEFAULT_QUEUE, Exchange(DEFAULT_QUEUE), routing_key=DEFAULT_QUEUE),
         ),
         task_default_queue=INGEST_QUEUE,
+        # A process_buffer run stuck past every INSERT's timeouts is interrupted, then
+        # its process killed (Settings.flush_time_limit_s).
+        task_annotations={
+            TASK_PROCESS_BUFFER: dict(
+                zip(("soft_time_limit", "time_limit"), settings.flush_time_limit_s, strict=True)
+            )
+        },
         task_routes={
             TASK_INGEST_EVENT: {"queue": INGEST_QUEUE},
             TASK_INGEST_EVENTS: {"queue": INGEST_QUEUE},

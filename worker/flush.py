@@ -28,6 +28,14 @@ The poison guard: when ClickHouse rejects more than
 schema mismatch after a bad deploy): the flush stops with `PoisonGuardError`
 before anything is dead-lettered, and the claim stays open for a re-drive
 once the cause is fixed.
+
+A hung ClickHouse: every INSERT is bounded by the sink's timeouts
+(`EVENT_BUFFER_CLICKHOUSE_*_TIMEOUT_S`), and the flusher tells its lock each
+time it makes progress (a claim taken, a chunk inserted or rejected, a batch
+acknowledged). A flush without progress for `EVENT_BUFFER_FLUSH_STALL_S`
+(an INSERT whose timeout did not fire) has its lock given up by the
+watchdog (`worker.lock`): another flusher takes the shard over, and this one
+stops at its next lock check.
 """
 
 from __future__ import annotations
@@ -286,7 +294,15 @@ class Flusher:
             if left_ms > 0:
                 result.backoff_s = left_ms / 1000
                 return result
-        lock = FlushLock(self.redis, shard.lock, self.settings.lock_ttl_s)
+        lock = FlushLock(
+            self.redis,
+            shard.lock,
+            self.settings.lock_ttl_s,
+            stall_s=self.settings.flush_stall_s,
+            clock=self.clock,
+            what=f"shard {shard_no}",
+            on_stall=metrics.record_flush_stall,
+        )
         if not lock.acquire():
             result.locked = False
             return result
@@ -390,6 +406,7 @@ class Flusher:
         result.claim_seconds += time.perf_counter() - phase
         if claim is None:
             return False
+        lock.progress()
         if claim.redriven:
             log.warning("re-driving unacknowledged claim %s on shard %d", claim.id, shard.shard)
         if read_next:
@@ -443,6 +460,7 @@ class Flusher:
         result.ack_seconds += time.perf_counter() - phase
         if outcome == AckResult.LOCK_HELD_BY_OTHER:
             raise LockLostError(f"claim {claim.id}: the lock is held by another flusher")
+        lock.progress()
         if outcome == AckResult.ALREADY_ACKED:
             # Its rows were counted by the flusher that acknowledged it.
             log.info("claim %s was acknowledged by another flusher", claim.id)
@@ -478,8 +496,10 @@ class Flusher:
         if token not in inserts.split:
             try:
                 sink.write([inserts.rows[i] for i in offsets], token)
+                lock.progress()
                 return
             except RowRejectedError as exc:
+                lock.progress()  # ClickHouse answered: not a hung insert
                 if len(offsets) == 1:
                     self._reject(inserts, offsets[0], exc)
                     return

@@ -12,6 +12,13 @@ release and extend by compare-and-act Lua). This wrapper adds:
   it while held, so a slow insert does not lose it, and records when an
   extension failed (the lock expired or was taken over and may belong to
   someone else now): the flusher checks `lost` between chunks and stops.
+- **A stall bound**: the watchdog is a thread, so it would go on extending
+  the lock of a flush whose main thread hangs in an INSERT that never
+  returns. The flusher reports its progress (`progress()`: a chunk
+  inserted, a batch acknowledged); once the last report is older than
+  `stall_s`, the watchdog stops extending, logs one WARNING and marks the
+  lock lost. Its heartbeat goes stale and the next flusher takes the shard
+  over, fenced as below; the stalled flusher stops at its next check.
 - **A token that names its holder**:
   `eb1|<host>|<pid>|<process start>|<pid space>|<ttl ms>|<random hex>`.
   The process start time (clock ticks after boot, from /proc) tells a
@@ -50,6 +57,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -59,6 +67,7 @@ from urllib.parse import unquote
 from redis.exceptions import LockError
 from redis.lock import Lock
 
+from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import LockLostError
 from worker.keys import escape
 from worker.redis_errors import REDIS_FAILURES
@@ -243,14 +252,35 @@ def dead_holder(state: LockState) -> tuple[str, int] | None:
 
 
 class FlushLock:
-    def __init__(self, redis: Client, name: str, ttl_s: float) -> None:
+    def __init__(
+        self,
+        redis: Client,
+        name: str,
+        ttl_s: float,
+        *,
+        stall_s: float | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        what: str = "",
+        on_stall: Callable[[], None] | None = None,
+    ) -> None:
+        """`stall_s`: the watchdog gives the lock up once `progress()` was last called
+        this long ago (None: never); `clock` tells the progress's age; `what` names
+        what the lock guards in that WARNING (e.g. "shard 3"); `on_stall` is called
+        (on the watchdog's thread) when it gives the lock up (a metric)."""
         self.name = name
         self.ttl_s = ttl_s
         self.redis = redis
+        self.stall_s = stall_s
+        self.clock = clock
+        self.what = what or name
+        self.on_stall = on_stall
+        self._progress_ms = clock.now_ms()
         self._lock = Lock(redis, name, timeout=ttl_s, blocking=False, thread_local=False)
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.lost = False
+        # Set (with `lost`) when the watchdog gave the lock up for want of progress.
+        self.stalled = False
         # Set when acquire() took the lock over from a dead holder: whom, and why.
         self.took_over: str | None = None
 
@@ -271,6 +301,8 @@ class FlushLock:
         if not self._acquire(token) and not self._take_over(token):
             return False
         self.lost = False
+        self.stalled = False
+        self.progress()
         self._stop.clear()
         self._watchdog = threading.Thread(
             target=self._keep_alive, name=f"lock-watchdog:{self.name}", daemon=True
@@ -304,18 +336,51 @@ class FlushLock:
         log.warning("took over flush lock %s from %s", self.name, self.took_over)
         return True
 
+    def progress(self) -> None:
+        """The flush moved on (a chunk inserted, a batch acknowledged): keep extending."""
+        self._progress_ms = self.clock.now_ms()
+
     def _keep_alive(self) -> None:
         interval = self.ttl_s / WATCHDOG_INTERVALS
-        while not self._stop.wait(interval):
-            try:
-                self._lock.extend(self.ttl_s, replace_ttl=True)
-            except REDIS_FAILURES as exc:  # LockError too: a RedisError
-                log.warning("flush lock %s could not be extended: %s", self.name, exc)
-                self.lost = True
-                return
+        while not self._stop.wait(interval) and self.keep_alive_once():
+            pass
+
+    def keep_alive_once(self) -> bool:
+        """One watchdog step: extend the lock, or give it up (False: the watchdog stops).
+
+        Given up when the flush made no progress for `stall_s` (the lock is
+        left to go stale, so another flusher takes it over) or when the
+        extension failed (expired, or taken over already).
+        """
+        since_ms = self.clock.now_ms() - self._progress_ms
+        if self.stall_s is not None and since_ms > self.stall_s * 1000:
+            log.warning(
+                "flush of %s made no progress for %.0f s (over EVENT_BUFFER_FLUSH_STALL_S=%g): "
+                "no longer extending its lock %s, so another flusher can take it over",
+                self.what,
+                since_ms / 1000,
+                self.stall_s,
+                self.name,
+                extra={"lock": self.name, "stalled_s": round(since_ms / 1000, 3)},
+            )
+            self.stalled = self.lost = True
+            if self.on_stall is not None:
+                self.on_stall()
+            return False
+        try:
+            self._lock.extend(self.ttl_s, replace_ttl=True)
+        except REDIS_FAILURES as exc:  # LockError too: a RedisError
+            log.warning("flush lock %s could not be extended: %s", self.name, exc)
+            self.lost = True
+            return False
+        return True
 
     def check(self) -> None:
-        """Raise LockLostError if the watchdog saw the lock slip away."""
+        """Raise LockLostError if the watchdog saw the lock slip away, or gave it up."""
+        if self.stalled:
+            raise LockLostError(
+                f"flush lock {self.name} given up: no progress for over {self.stall_s:g} s"
+            )
         if self.lost:
             raise LockLostError(f"flush lock {self.name} expired or was taken over")
 

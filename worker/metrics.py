@@ -109,6 +109,9 @@ Counters and histograms (recorded by the tasks):
                                                   the lock
     eventbuffer_flush_lock_takeovers_total        locks taken over from a provably dead holder
                                                   (its process gone, or its heartbeat stale)
+    eventbuffer_flush_stalls_total                flushes that made no progress for
+                                                  EVENT_BUFFER_FLUSH_STALL_S (a hung INSERT)
+                                                  and gave their lock up
     eventbuffer_flush_batches_total               claims acknowledged
     eventbuffer_flush_redriven_total              claims re-driven (left open by a failure)
     eventbuffer_flush_phase_seconds{phase}        histogram: claim, insert, ack time per shard
@@ -231,6 +234,10 @@ class Metrics:
         self.flush_lock_takeovers = counter(
             "flush_lock_takeovers",
             "Flush locks taken over from a dead holder (process gone, or heartbeat stale).",
+        )
+        self.flush_stalls = counter(
+            "flush_stalls",
+            "Flushes that made no progress for EVENT_BUFFER_FLUSH_STALL_S and gave their lock up.",
         )
         self.flush_batches = counter("flush_batches", "Claims flushed and acknowledged.")
         self.flush_redriven = counter(
@@ -373,6 +380,11 @@ def record_flush(result: FlushResult) -> None:
 
 def record_flush_error() -> None:
     metrics().flush_runs.labels(FLUSH_ERROR).inc()
+
+
+def record_flush_stall() -> None:
+    """A flush's lock watchdog gave the lock up: no progress for the stall bound."""
+    metrics().flush_stalls.inc()
 
 
 # -- gauges read from Redis at scrape time ----------------------------------------------

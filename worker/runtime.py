@@ -13,7 +13,7 @@ import threading
 from worker.buffer import EventBuffer
 from worker.flush import Flusher
 from worker.settings import Settings
-from worker.sinks import Sink, open_sink
+from worker.sinks import Sink, sink_for
 from worker.topology import Client, connect
 
 _lock = threading.RLock()
@@ -61,8 +61,7 @@ def buffer() -> EventBuffer:
 
 
 def sink() -> Sink:
-    current = settings()
-    return open_sink(current.clickhouse_url, current.clickhouse_table)
+    return sink_for(settings())
 
 
 def flusher() -> Flusher:

@@ -102,6 +102,10 @@ def _setting(env: str, default: Any, parse: Callable[[str, str], Any], help: str
     return field(default=default, metadata={"env": env, "parse": parse, "help": help})
 
 
+# process_buffer's hard time limit follows its soft one by this much: time for the
+# soft limit's exception to release the lock and close the sink.
+HARD_TIME_LIMIT_MARGIN_S = 30
+
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "memory")
 CLICKHOUSE_SCHEMES = ("chdb", "clickhouse", "clickhouses")
@@ -340,6 +344,29 @@ class Settings:
         _text,
         "ClickHouse table the events are written to.",
     )
+    clickhouse_connect_timeout_s: int = _setting(
+        "EVENT_BUFFER_CLICKHOUSE_CONNECT_TIMEOUT_S",
+        10,
+        _int(1),
+        "Native protocol: how long opening a connection to ClickHouse may take before the "
+        "flush fails and is retried (a `connect_timeout` in `CLICKHOUSE_URL` wins).",
+    )
+    clickhouse_insert_timeout_s: int = _setting(
+        "EVENT_BUFFER_CLICKHOUSE_INSERT_TIMEOUT_S",
+        120,
+        _int(1),
+        "How long one INSERT may run (ClickHouse's `max_execution_time`, both backends) and, "
+        "over the native protocol, wait for each answer of the server (a "
+        "`send_receive_timeout` in `CLICKHOUSE_URL` wins); then the flush fails and is retried.",
+    )
+    flush_stall_s: int = _setting(
+        "EVENT_BUFFER_FLUSH_STALL_S",
+        180,
+        _int(1),
+        "A flush that made no progress (no chunk inserted, no batch acknowledged) for this "
+        "long stops extending its lock, so another flusher takes the shard over (must exceed "
+        "the connect and insert timeouts together).",
+    )
     metrics_port: int = _setting(
         "EVENT_BUFFER_METRICS_PORT",
         0,
@@ -402,6 +429,15 @@ class Settings:
                 f"EVENT_BUFFER_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}), or a "
                 "redelivered batch could be applied twice"
             )
+        chunk_bound = self.clickhouse_connect_timeout_s + self.clickhouse_insert_timeout_s
+        if self.flush_stall_s <= chunk_bound:
+            raise SettingsError(
+                f"EVENT_BUFFER_FLUSH_STALL_S ({self.flush_stall_s}) must exceed "
+                "EVENT_BUFFER_CLICKHOUSE_CONNECT_TIMEOUT_S + "
+                f"EVENT_BUFFER_CLICKHOUSE_INSERT_TIMEOUT_S ({self.clickhouse_connect_timeout_s} + "
+                f"{self.clickhouse_insert_timeout_s}), or a flush waiting on an INSERT within its "
+                "timeouts loses its shard to another flusher"
+            )
         if self.redis_cluster:
             self._check_cluster()
 
@@ -441,6 +477,25 @@ class Settings:
         if self.redis_cluster:
             return self.result_backend
         return self.result_backend or self.redis_url
+
+    @property
+    def flush_time_limit_s(self) -> tuple[int, int]:
+        """(soft, hard) time limit of one `process_buffer` run, in seconds.
+
+        The soft limit is what a run takes when every INSERT it may send (each
+        shard's batches, each batch's chunks) waits out its connect and insert
+        timeouts, plus one lock TTL for the Redis work: a run past it is stuck,
+        not slow. Celery raises `SoftTimeLimitExceeded` into the task then (the
+        lock is released, the claim stays open for a re-drive); a process
+        stuck where Python cannot interrupt it (inside chDB, a C call) is
+        killed at the hard limit, and its lock, naming a dead process, is
+        taken over at once.
+        """
+        chunks = -(-self.batch_size // self.chunk_size)
+        inserts = self.shards * self.max_batches_per_flush * chunks
+        per_insert = self.clickhouse_connect_timeout_s + self.clickhouse_insert_timeout_s
+        soft = inserts * per_insert + self.lock_ttl_s
+        return soft, soft + HARD_TIME_LIMIT_MARGIN_S
 
     @property
     def effective_min_replicas(self) -> int:

@@ -28,7 +28,7 @@ from worker.errors import EventBufferError
 from worker.keys import ShardKeys
 from worker.logs import redact
 from worker.settings import Settings
-from worker.sinks import RetryableSinkError, Sink, open_sink
+from worker.sinks import RetryableSinkError, Sink, sink_for
 from worker.sinks.chdb import has_data, path_from_url
 from worker.topology import Client
 
@@ -129,7 +129,7 @@ def clickhouse(
     deadline = time.monotonic() + (BUSY_WAIT_S if wait_s is None else wait_s)
     delay = 0.1
     while True:
-        sink = open_sink(settings.clickhouse_url, settings.clickhouse_table)
+        sink = sink_for(settings)
         if not embedded:
             break
         try:

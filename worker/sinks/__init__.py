@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from worker.settings import Settings
 from worker.sinks.base import (
     PermanentSinkError,
     RetryableSinkError,
@@ -17,18 +18,42 @@ __all__ = [
     "Sink",
     "SinkError",
     "open_sink",
+    "sink_for",
 ]
 
 
-def open_sink(url: str, table: str = "events") -> Sink:
-    """The backend for a `chdb://`, `clickhouse://` or `clickhouses://` URL."""
+def open_sink(
+    url: str,
+    table: str = "events",
+    *,
+    connect_timeout_s: float | None = None,
+    insert_timeout_s: float | None = None,
+) -> Sink:
+    """The backend for a `chdb://`, `clickhouse://` or `clickhouses://` URL.
+
+    The timeouts (None: the backend's defaults) bound opening a connection
+    (native protocol only) and each INSERT, so a hung ClickHouse fails a write
+    as retryable instead of holding a flush: see `sink_for`.
+    """
     scheme = url.split("://", 1)[0]
     if scheme == "chdb":
         from worker.sinks.chdb import ChdbSink, path_from_url
 
-        return ChdbSink(path_from_url(url), table)
+        return ChdbSink(path_from_url(url), table, insert_timeout_s=insert_timeout_s)
     if scheme in ("clickhouse", "clickhouses"):
         from worker.sinks.native import NativeSink
 
-        return NativeSink(url, table)
+        return NativeSink(
+            url, table, connect_timeout_s=connect_timeout_s, insert_timeout_s=insert_timeout_s
+        )
     raise ValueError(f"unsupported ClickHouse URL scheme {scheme!r}")
+
+
+def sink_for(settings: Settings) -> Sink:
+    """The sink `settings` name: its URL, table and ClickHouse timeouts."""
+    return open_sink(
+        settings.clickhouse_url,
+        settings.clickhouse_table,
+        connect_timeout_s=settings.clickhouse_connect_timeout_s,
+        insert_timeout_s=settings.clickhouse_insert_timeout_s,
+    )

@@ -23,9 +23,12 @@ import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from worker.errors import PermanentSinkError, RetryableSinkError, RowRejectedError, SinkError
 
 __all__ = [
+    "INTERRUPTS",
     "PermanentSinkError",
     "RetryableSinkError",
     "RowRejectedError",
@@ -35,6 +38,10 @@ __all__ = [
     "error_code",
 ]
 
+
+# Raised into a task from outside (Celery's soft time limit): a sink lets them
+# through instead of turning them into a sink error, so they end the task.
+INTERRUPTS: tuple[type[BaseException], ...] = (SoftTimeLimitExceeded,)
 
 # ClickHouse error codes (src/Common/ErrorCodes.cpp) that mean "try again".
 # Not 164 (READONLY): a read-only user or setting does not heal by waiting;

@@ -18,7 +18,13 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from worker.sinks.base import PermanentSinkError, RetryableSinkError, RowRejectedError, classify
+from worker.sinks.base import (
+    INTERRUPTS,
+    PermanentSinkError,
+    RetryableSinkError,
+    RowRejectedError,
+    classify,
+)
 from worker.sinks.schema import create_table, identifier
 
 _TOKEN = re.compile(r"^[A-Za-z0-9:._-]{1,200}$")
@@ -108,9 +114,16 @@ def path_from_url(url: str) -> str:
 class ChdbSink:
     """Writes JSON rows into an embedded ClickHouse table, unparsed."""
 
-    def __init__(self, path: str, table: str = "events") -> None:
+    def __init__(
+        self, path: str, table: str = "events", *, insert_timeout_s: float | None = None
+    ) -> None:
+        """`insert_timeout_s`: ClickHouse's `max_execution_time` for each INSERT, which
+        the embedded engine checks as it processes the rows (a query that never gets
+        that far is bounded by the flush lock's stall limit and the task's time limit
+        instead: an in-process call cannot be abandoned)."""
         self.path = os.path.abspath(path)
         self.table = table
+        self.insert_timeout_s = insert_timeout_s
         self._quoted_table = identifier(table)
         self._handle = _handle_for(self.path)
         self._holding = False
@@ -137,6 +150,8 @@ class ChdbSink:
             session = self._session()
             try:
                 return session.query(sql, fmt, params=params)
+            except INTERRUPTS:
+                raise
             except Exception as exc:
                 raise classify(str(exc)) from exc
 
@@ -148,10 +163,15 @@ class ChdbSink:
         except UnicodeDecodeError as exc:
             raise RowRejectedError(f"row is not valid UTF-8: {exc}") from exc
         parallel = int(len(data) >= _PARALLEL_PARSING_MIN_BYTES)
+        timeout = (
+            f", max_execution_time = {self.insert_timeout_s:g}"
+            if self.insert_timeout_s is not None
+            else ""
+        )
         self._run(
             f"INSERT INTO {self._quoted_table} "
             f"SETTINGS insert_deduplication_token = '{token}', async_insert = 0, "
-            f"input_format_parallel_parsing = {parallel} "
+            f"input_format_parallel_parsing = {parallel}{timeout} "
             f"FORMAT JSONEachRow\n{data}"
         )
 

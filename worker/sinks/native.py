@@ -40,6 +40,7 @@ from clickhouse_driver.util.helpers import parse_url
 
 from worker.events import Row, datetime_ms
 from worker.sinks.base import (
+    INTERRUPTS,
     PermanentSinkError,
     RetryableSinkError,
     RowRejectedError,
@@ -164,11 +165,21 @@ class NativeSink:
         *,
         async_insert: bool = False,
         require_dedup: bool = True,
+        connect_timeout_s: float | None = None,
+        insert_timeout_s: float | None = None,
     ) -> None:
         """`async_insert=True` makes the server buffer the insert (waiting for it
         to be flushed, deduplicated by token). `require_dedup=False` allows a
         server older than 22.2: re-driven batches may then duplicate rows. For
         legacy servers and tests only.
+
+        `connect_timeout_s` bounds opening the connection; `insert_timeout_s`
+        bounds each wait for the server (clickhouse-driver's
+        `send_receive_timeout`, 300 s unless told) and is the server's
+        `max_execution_time` for an INSERT, so a frozen or hung server fails
+        the write as retryable instead of holding the flush. The URL's own
+        `connect_timeout` or `send_receive_timeout` wins over them; None keeps
+        clickhouse-driver's defaults.
         """
         parts = urlsplit(url)
         if parts.scheme not in ("clickhouse", "clickhouses"):
@@ -187,6 +198,15 @@ class NativeSink:
             reverse=True,
         )
         self._host, self._options = parse_url(url)
+        for option, value in (
+            ("connect_timeout", connect_timeout_s),
+            ("send_receive_timeout", insert_timeout_s),
+            # The ping before a query on an idle connection (5 s unless told).
+            ("sync_request_timeout", insert_timeout_s and min(5, insert_timeout_s)),
+        ):
+            if value is not None:
+                self._options.setdefault(option, value)
+        self.insert_timeout_s = insert_timeout_s
         self._client: Any = None
         self._pid = 0
         self._version: tuple[int, int] | None = None
@@ -296,8 +316,11 @@ class NativeSink:
 
     def _insert_settings(self, token: str) -> dict[str, Any]:
         assert self._version is not None
-        # Every version knows this one: the INSERT waits for every shard.
-        shards: dict[str, Any] = {"insert_distributed_sync": 1} if self._distributed else {}
+        # Every version knows these: the INSERT waits for every shard; the server
+        # itself gives up on an INSERT that runs past the timeout.
+        base: dict[str, Any] = {"insert_distributed_sync": 1} if self._distributed else {}
+        if self.insert_timeout_s is not None:
+            base["max_execution_time"] = self.insert_timeout_s
         if self._version < DEDUP_MIN_VERSION:
             if self.require_dedup:
                 major, minor = self._version
@@ -307,17 +330,17 @@ class NativeSink:
                 )
             # Such a server knows neither setting (and never inserts
             # asynchronously); the driver would only log "Unknown setting".
-            return shards
+            return base
         # async_insert is always sent: from 26.2 the server turns it on by default.
         if self.async_insert:
             return {
-                **shards,
+                **base,
                 "insert_deduplication_token": token,
                 "async_insert": 1,
                 "wait_for_async_insert": 1,
                 "async_insert_deduplicate": 1,
             }
-        return {**shards, "insert_deduplication_token": token, "async_insert": 0}
+        return {**base, "insert_deduplication_token": token, "async_insert": 0}
 
     def _table_columns(self, client: Any) -> list[tuple[str, Convert | None]]:
         if self._columns is None:
@@ -361,6 +384,9 @@ class NativeSink:
         try:
             yield
         except SinkError:
+            raise
+        except INTERRUPTS:
+            self._disconnect()  # interrupted mid-answer: the socket is out of step
             raise
         except (errors.NetworkError, errors.SocketTimeoutError, EOFError, OSError) as exc:
             self._disconnect()
