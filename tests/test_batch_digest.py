@@ -149,7 +149,7 @@ def test_the_same_id_with_other_content_becomes_one_conflict_dead_letter(
     assert not ingest(buffer, first, "counter-7").duplicate
     with caplog.at_level(logging.ERROR, logger="worker.ingest"):
         reused = ingest(buffer, second, "counter-7")
-    assert reused.conflict and not reused.duplicate and reused.appended == 0
+    assert reused.conflict and not reused.duplicate and (reused.appended, reused.invalid) == (0, 0)
     assert queued_ids(redis) == sorted(e["id"] for e in first)  # nothing of it applied
     [(header, raw)] = dead_letters(redis)
     assert (header.reason, header.source, header.claim) == (

@@ -317,7 +317,8 @@ def ingest(
     return IngestResult(
         batch_id=result.batch_id,
         accepted=len(events),
-        invalid=len(dead),
+        # A conflict keeps its invalid items in its own dead letter, not as invalid_event.
+        invalid=0 if result.conflict is not None else len(dead),
         appended=result.appended,
         duplicate=result.duplicate,
         max_queue_length=max(result.queue_lengths.values(), default=0),
