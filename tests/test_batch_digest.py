@@ -412,3 +412,81 @@ def test_an_event_sent_as_the_batch_id_is_kept_and_later_tasks_still_land(
     everything = [*singles, *reused[0], *reused[1], *(e for pair in pairs for e in pair)]
     assert queued_ids(redis) == sorted(e["id"] for e in everything)
     assert dead_letters(redis) == []
+
+
+# -- on a Redis Cluster: one transaction per shard ------------------------------------------
+
+
+@pytest.mark.slow
+def test_conflicts_on_a_redis_cluster(tmp_path: Path) -> None:
+    # Six shards on three masters, each shard its own transaction: a conflict found on one
+    # shard applies nothing on the others; a delivery that finds its own batch applied on
+    # some shards (an earlier delivery failed between transactions) and another batch's
+    # marker on one keeps only that shard's events. Each replay applies each event once.
+    from tests.support.redis_cluster import cluster_unavailable, redis_cluster
+    from worker.deadletters import iter_dead_letters
+    from worker.events import Limits
+    from worker.replay import plan_replay, replay
+    from worker.topology import connect
+
+    if cluster_unavailable() is not None:
+        pytest.skip(str(cluster_unavailable()))
+    with redis_cluster() as cluster:
+        settings = Settings.from_env(
+            {
+                "REDIS_URL": cluster.url,
+                "EVENT_BUFFER_REDIS_CLUSTER": "true",
+                "CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
+                "EVENT_BUFFER_SHARDS": "6",
+                "EVENT_BUFFER_REORDER_WINDOW_MS": "0",
+            }
+        )
+        client = connect(settings, socket_timeout=5)
+        try:
+            buffer = EventBuffer(client, settings)
+            keyspace = buffer.keyspace
+
+            def rows() -> list[str]:
+                return sorted(
+                    json.loads(row)["id"]
+                    for shard in keyspace.all()
+                    for row in client.lrange(shard.queue, 0, -1)
+                )
+
+            def letters() -> list[Any]:
+                return [d for shard in keyspace.all() for d in iter_dead_letters(client, shard)]
+
+            def replay_all() -> None:
+                plan = plan_replay(letters(), Limits.from_settings(settings, buffer.clock))
+                assert not plan.invalid
+                replay(buffer, plan.ready)
+
+            sessions = [session_on(n, 6, f"c{n}") for n in range(6)]
+            first = [ev("a", session_id=sessions[0]), ev("b", session_id=sessions[1])]
+            second = [ev(f"s{n}", session_id=sessions[n]) for n in (1, 2, 3, 4)]
+            ingest(buffer, first, "cluster-reused")
+            result = ingest(buffer, second, "cluster-reused")
+            assert result.conflict and result.appended == 0
+            assert rows() == sorted(e["id"] for e in first)
+            [conflict] = letters()
+            assert conflict.reason == "batch_id_conflict"
+            assert json.loads(conflict.payload) == second
+            assert ingest(buffer, second, "cluster-reused").duplicate
+            replay_all()
+            assert rows() == sorted(e["id"] for e in first + second)
+            assert letters() == []
+
+            whole = [ev(f"w{n}", session_id=sessions[n]) for n in range(6)]
+            ingest(buffer, whole, "cluster-split")
+            lost = keyspace.shard(5)  # (no earlier event is on it)
+            client.delete(lost.queue)  # shard 5's transaction never ran ...
+            client.set(lost.batch("cluster-split"), "0" * 32, ex=60)  # ... another batch's did
+            result = ingest(buffer, whole, "cluster-split")
+            assert result.conflict and result.appended == 0
+            [kept] = letters()
+            assert json.loads(kept.payload) == [whole[5]]
+            assert ingest(buffer, whole, "cluster-split").duplicate
+            replay_all()
+            assert rows() == sorted(e["id"] for e in first + second + whole)
+        finally:
+            client.close()
