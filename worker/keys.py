@@ -32,8 +32,9 @@ Per shard:
     {p:N}:closed-at             ZSET    session id -> when it was closed (ms): what to forget
     {p:N}:batch:<id>            STRING  marker of an applied ingest batch: the digest of
                                         its content (with TTL)
-    {p:N}:conflict:<id>:<digest> STRING a batch kept as a batch_id_conflict dead letter
-                                        (its id was applied with other content; with TTL)
+    {p:N}:conflict:<id>:<digest>
+                                STRING  set when the batch of this id and digest was kept as
+                                        a batch_id_conflict dead letter (with TTL)
 
 Deployment-wide:
 
