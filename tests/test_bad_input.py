@@ -476,19 +476,32 @@ def test_python_only_values_from_an_eager_caller_do_not_break_ingest(
     ]
 
 
-@pytest.mark.parametrize(
-    "batch_id", [5, 2.5, None, ["a"], {"id": 1}, "x" * 10_000, "line\nforged", "\ud800"]
-)
-def test_any_batch_id_is_usable_and_stays_idempotent(
+@pytest.mark.parametrize("batch_id", ["", None, "x" * 10_000, "line\nforged", "\ud800"])
+def test_any_string_id_is_usable_and_stays_idempotent(
     buffer: EventBuffer, redis: redis_lib.Redis, batch_id: Any
 ) -> None:
+    # Task ids (the batch id when the task has no batch_id argument) may be any string.
     first = ingest(buffer, [good(1), {}], batch_id)
     assert first.batch_id.isprintable() and len(first.batch_id) <= 200
-    if batch_id is None or (isinstance(batch_id, str) and not batch_id):
+    if not batch_id:
         return
     second = ingest(buffer, [good(1), {}], batch_id)
     assert second.duplicate and second.batch_id == first.batch_id
     assert buffer.get_buffer_size() == 1 and len(dead_letters(redis)) == 1
+
+
+@pytest.mark.parametrize("batch_id", [5, 2.5, ["a"], {"id": 1}, msgspec.Raw(b'{"name":"e2"}')])
+def test_a_batch_id_that_is_no_string_is_never_an_id(
+    buffer: EventBuffer, redis: redis_lib.Redis, batch_id: Any
+) -> None:
+    # The batch and the would-be id are kept, once, as the task body that would carry them.
+    first = ingest(buffer, [good(1), {}], batch_id)
+    assert first.undeliverable and not first.duplicate and buffer.get_buffer_size() == 0
+    assert ingest(buffer, [good(1), {}], batch_id).duplicate
+    [(header, raw)] = dead_letters(redis)
+    assert (header.reason, header.task) == ("undeliverable_task", "eventbuffer.ingest_events")
+    shown = json.loads(bytes(batch_id)) if isinstance(batch_id, msgspec.Raw) else batch_id
+    assert json.loads(raw) == [[[good(1), {}], shown], {}, {}]
 
 
 @pytest.fixture
@@ -518,5 +531,7 @@ def test_the_task_never_raises_for_bad_arguments(
         assert result.successful(), result.traceback
     single = ingest_event.apply(args=[[1, 2, 3]], task_id=str(uuid.uuid4()))
     assert single.successful() and single.result["invalid"] == 1
-    assert EventBuffer(redis, configured).get_buffer_size() == 3
-    assert redis.llen(SHARD.dead) == 3 + 1 + 1 + 1 + 1
+    assert EventBuffer(redis, configured).get_buffer_size() == 1
+    # 3 invalid items of t1, t2, t3, t4, the single one; the two batches whose batch id
+    # is no string are kept whole (undeliverable_task), never applied under such an id.
+    assert redis.llen(SHARD.dead) == 3 + 1 + 1 + 1 + 1 + 2

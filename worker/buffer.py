@@ -11,13 +11,13 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 import msgspec
 
-from worker.apply import BatchWriter, plan_shard
+from worker.apply import BatchCheck, BatchWriter, Conflict, content_digest, plan_shard
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.deadletters import DeadLetter, encode_dead_letter
 from worker.events import KIND_NAMES, Row, decode_row, encode_event
@@ -43,10 +43,25 @@ class ApplyResult:
     queue_lengths: dict[int, int] = field(default_factory=dict)
     # Events applied by how the buffer treated them: "regular", "screen_view", "session_end".
     kinds: Counter[str] = field(default_factory=Counter)
+    # The digest of the batch's content, which its markers hold.
+    digest: str = ""
+    # Set when the batch id had been applied with other content: nothing of this batch
+    # was applied by this call, it was kept as a batch_id_conflict dead letter.
+    conflict: Conflict | None = None
 
     @property
     def duplicate(self) -> bool:
-        return bool(self.skipped_shards) and len(self.skipped_shards) == len(self.queue_lengths)
+        """Applied before (a redelivery, or a conflict kept before): nothing was done."""
+        return (
+            self.conflict is None
+            and bool(self.skipped_shards)
+            and len(self.skipped_shards) == len(self.queue_lengths)
+        )
+
+
+# Given the shards that hold a batch already and the digest its id's marker holds, the
+# dead letter (header, payload) that keeps a batch whose id was used for other content.
+KeepConflict = Callable[[frozenset[int], str], tuple[DeadLetter, bytes]]
 
 
 def stored_view_row(value: bytes) -> bytes:
@@ -95,33 +110,48 @@ class EventBuffer:
         events: Sequence[Row],
         batch_id: str | None = None,
         dead_letters: Sequence[tuple[DeadLetter, bytes]] = (),
+        *,
+        digest: str | None = None,
+        keep_conflict: KeepConflict | None = None,
     ) -> ApplyResult:
         """Apply validated events in order, atomically per shard.
 
-        `batch_id` makes the call idempotent: applying the same id again (a
-        redelivered task) does nothing, as long as the marker lives
-        (`EVENT_BUFFER_BATCH_MARKER_TTL_S`). Without one, a fresh id is used.
-        `dead_letters` (a header and the raw payload each) are stored with
-        the first shard's call, under the same marker; their headers name
-        that shard.
+        `batch_id` makes the call idempotent: applying the same id again
+        with the same content (a redelivered task) does nothing, as long as
+        the marker lives (`EVENT_BUFFER_BATCH_MARKER_TTL_S`). Without one, a
+        fresh id is used. The markers hold `digest`, the batch's content
+        digest (by default, of the events' rows and the dead letters'
+        payloads). `dead_letters` (a header and the raw payload each) are
+        stored with the first shard's call, under the same marker; their
+        headers name that shard.
+
+        The same id with another digest is a conflict: nothing is applied,
+        and `keep_conflict` (given the shards that hold this very batch
+        already, and the digest found) returns the dead letter to keep
+        instead, stored once per batch id and digest; without it,
+        `BatchIdConflictError` is raised.
         """
         batch_id = batch_id or str(uuid.uuid4())
         result = ApplyResult(batch_id=batch_id, events=len(events), dead=len(dead_letters))
         if not events and not dead_letters:
             return result
+        rows = [encode_event(event) for event in events]
+        if digest is None:
+            digest = content_digest([*rows, *(payload for _, payload in dead_letters)])
+        result.digest = digest
         by_shard: dict[int, tuple[Sequence[Row], list[bytes]]]
         if self.keyspace.shards == 1:  # no routing: every event, in order, on shard 0
-            by_shard = {0: (events, [encode_event(event) for event in events])}
+            by_shard = {0: (events, rows)}
         else:
             routed: dict[int, tuple[list[Row], list[bytes]]] = {}
             route = self.keyspace.route
-            for event in events:
+            for event, row in zip(events, rows, strict=True):
                 shard = route(event.session_id or event.id).shard
                 group = routed.get(shard)
                 if group is None:
                     group = routed[shard] = ([], [])
                 group[0].append(event)
-                group[1].append(encode_event(event))
+                group[1].append(row)
             by_shard = dict(routed) or {0: ([], [])}
         now = self.clock.now_ms()
         hold_until = now + self.settings.reorder_window_ms if self.settings.reorder_window_ms else 0
@@ -129,16 +159,28 @@ class EventBuffer:
         plans = []
         for shard in shards:
             keys = self.keyspace.shard(shard)
-            plans.append(plan_shard(keys, keys.batch(batch_id), *by_shard[shard], hold_until))
+            plan = plan_shard(keys, keys.batch(batch_id), *by_shard[shard], hold_until)
+            plan.digest = digest
+            plans.append(plan)
         # Dead letters go with the first shard's writes; the last carries the publish.
         plans[0].dead_letters = [
             encode_dead_letter(msgspec.structs.replace(header, shard=shards[0]), payload)
             for header, payload in dead_letters
         ]
         if events and self._publish_throttle.ready(now):
-            plans[-1].publish = (CHANNEL_RECEIVED, encode_event(events[-1]))
-        outcomes = self._writer.write(self.redis, plans, now)
-        for shard, plan, outcome in zip(shards, plans, outcomes, strict=True):
+            plans[-1].publish = (CHANNEL_RECEIVED, rows[-1])
+        check = None
+        if keep_conflict is not None:
+            keep = keep_conflict
+
+            def entry(applied: frozenset[int], stored: str) -> bytes:
+                header, payload = keep(applied, stored)
+                return encode_dead_letter(msgspec.structs.replace(header, shard=shards[0]), payload)
+
+            check = BatchCheck(plans[0].shard.conflict(batch_id, digest), entry)
+        written = self._writer.write(self.redis, plans, now, check)
+        result.conflict = written.conflict
+        for shard, plan, outcome in zip(shards, plans, written.outcomes, strict=True):
             result.queue_lengths[shard] = outcome.queue_length
             if not outcome.applied:
                 result.skipped_shards.append(shard)
@@ -148,6 +190,10 @@ class EventBuffer:
                     if count:
                         result.kinds[KIND_NAMES[kind]] += count
         return result
+
+    def shard_of(self, event: Row) -> int:
+        """The shard `apply` puts an event on."""
+        return self.keyspace.route(event.session_id or event.id).shard
 
     # -- reading ------------------------------------------------------------
 

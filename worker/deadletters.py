@@ -32,8 +32,11 @@ REASON_REJECTED = "rejected_by_clickhouse"  # ClickHouse refused the row
 REASON_INGEST_FAILED = "ingest_failed"
 # A whole task message Celery could not run (bad body, kwargs, encoding): its raw body.
 REASON_UNDELIVERABLE = "undeliverable_task"
+# A whole batch whose batch id had been applied before with other content (a producer
+# reusing ids): nothing of it was applied; replayed under a new batch id.
+REASON_BATCH_ID_CONFLICT = "batch_id_conflict"
 # Reasons whose payload is a batch (or a task body holding one), not one event.
-BATCH_REASONS = frozenset({REASON_INGEST_FAILED, REASON_UNDELIVERABLE})
+BATCH_REASONS = frozenset({REASON_INGEST_FAILED, REASON_UNDELIVERABLE, REASON_BATCH_ID_CONFLICT})
 # Shown for an entry whose header cannot be decoded (not written by eventbuffer).
 REASON_UNREADABLE = "unreadable"
 

@@ -9,6 +9,7 @@
     │       ├── RowRejectedError       ClickHouse refused rows of the chunk
     │       └── PoisonGuardError       most of a claim refused (worker/flush.py)
     ├── BufferKeyTypeError     a buffer key holds a value of the wrong type (key)
+    ├── BatchIdConflictError   a batch id was applied before with other content (stored)
     ├── NotReplicatedError     too few replicas confirmed a write (node, wanted, confirmed)
     ├── EvictionPolicyError    the buffer's or broker's Redis would evict keys at maxmemory
     ├── FlushError             a shard's flush stopped (shard, lock)
@@ -72,6 +73,24 @@ class BufferKeyTypeError(EventBufferError):
     def __init__(self, key: str) -> None:
         super().__init__(f"Redis key {key!r} holds a value of the wrong type for the buffer")
         self.key = key
+
+
+class BatchIdConflictError(EventBufferError):
+    """A batch id was applied before with other content, and the caller keeps no conflict.
+
+    `EventBuffer.apply` without a way to keep the batch raises it instead of
+    skipping the batch as a duplicate (ingest keeps it as a
+    `batch_id_conflict` dead letter instead: worker/ingest.py).
+    """
+
+    def __init__(self, marker: str, stored: str, digest: str) -> None:
+        super().__init__(
+            f"batch marker {marker} holds digest {stored}, not this batch's {digest}: "
+            "the batch id was used before for other content"
+        )
+        self.marker = marker
+        self.stored = stored
+        self.digest = digest
 
 
 class NotReplicatedError(EventBufferError):

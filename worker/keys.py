@@ -30,7 +30,11 @@ Per shard:
     {p:N}:closed                HASH    session id -> created ms its session_end closed it at,
                                         for late views (kept EVENT_BUFFER_CLOSED_SESSION_TTL_S)
     {p:N}:closed-at             ZSET    session id -> when it was closed (ms): what to forget
-    {p:N}:batch:<id>            STRING  marker of an applied ingest batch (with TTL)
+    {p:N}:batch:<id>            STRING  marker of an applied ingest batch: the digest of
+                                        its content (with TTL)
+    {p:N}:conflict:<id>:<digest>
+                                STRING  set when the batch of this id and digest was kept as
+                                        a batch_id_conflict dead letter (with TTL)
 
 Deployment-wide:
 
@@ -133,6 +137,10 @@ class ShardKeys:
 
     def batch(self, batch_id: str) -> str:
         return f"{self.tag}:batch:{escape(batch_id)}"
+
+    def conflict(self, batch_id: str, digest: str) -> str:
+        """Set when a batch of this id and digest was kept as a batch_id_conflict dead letter."""
+        return f"{self.tag}:conflict:{escape(batch_id)}:{escape(digest)}"
 
 
 @dataclass(frozen=True)

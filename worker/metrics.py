@@ -85,7 +85,11 @@ Counters and histograms (recorded by the tasks):
     eventbuffer_events_applied_total{kind}        events applied to the buffer: regular,
                                                   screen_view, session_end
     eventbuffer_ingest_batches_total{outcome}     ingest batches: applied, duplicate (skipped),
-                                                  dead_lettered (kept whole after failures)
+                                                  dead_lettered (kept whole after failures),
+                                                  batch_id_conflict (kept whole: its id was
+                                                  applied before with other content)
+    eventbuffer_batch_id_conflicts_total          batches whose id had been applied with other
+                                                  content (kept as batch_id_conflict dead letters)
     eventbuffer_ingest_failures_total{kind}       failed ingest attempts: transient (Redis
                                                   away; retried until it is back), unexpected
                                                   (retried a few times, then dead-lettered)
@@ -100,7 +104,8 @@ Counters and histograms (recorded by the tasks):
                                                   (queued at once, see worker/reorder.py)
     eventbuffer_events_flushed_total              rows written to ClickHouse
     eventbuffer_dead_letters_total{reason}        dead letters: invalid_event, ingest_failed,
-                                                  undeliverable_task (ingest), invalid_json,
+                                                  undeliverable_task, batch_id_conflict
+                                                  (ingest), invalid_json,
                                                   rejected_by_clickhouse (flush)
     eventbuffer_flush_runs_total{result}          shard flushes: success, error, locked (another
                                                   flusher held the lock), backoff (skipped while
@@ -138,6 +143,7 @@ from redis.exceptions import ResponseError
 from worker.broker.holdings import Holdings, broker_holdings
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.deadletters import (
+    REASON_BATCH_ID_CONFLICT,
     REASON_INGEST_FAILED,
     REASON_INVALID_EVENT,
     REASON_INVALID_JSON,
@@ -161,9 +167,11 @@ DEAD_LETTER_REASONS = (
     REASON_INVALID_EVENT,
     REASON_INGEST_FAILED,
     REASON_UNDELIVERABLE,
+    REASON_BATCH_ID_CONFLICT,
     REASON_INVALID_JSON,
     REASON_REJECTED,
 )
+INGEST_OUTCOMES = ("applied", "duplicate", "dead_lettered", REASON_BATCH_ID_CONFLICT)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 OTHER_PROJECTS = "__other__"
 
@@ -197,8 +205,14 @@ class Metrics:
         )
         self.ingest_batches = counter(
             "ingest_batches",
-            "Ingest batches: applied, duplicate (skipped), dead_lettered (after failures).",
+            "Ingest batches: applied, duplicate (skipped), dead_lettered (after failures), "
+            "batch_id_conflict (id applied before with other content: kept whole).",
             ("outcome",),
+        )
+        self.batch_id_conflicts = counter(
+            "batch_id_conflicts",
+            "Batches whose id had been applied before with other content (a producer reusing "
+            "batch ids), kept whole as batch_id_conflict dead letters.",
         )
         self.ingest_failures = counter(
             "ingest_failures",
@@ -258,7 +272,7 @@ class Metrics:
         # Every known label value exists from the start, at 0: rates work from the first scrape.
         for kind in KIND_NAMES.values():
             self.events_applied.labels(kind)
-        for outcome in ("applied", "duplicate", "dead_lettered"):
+        for outcome in INGEST_OUTCOMES:
             self.ingest_batches.labels(outcome)
         for kind in ("transient", "unexpected"):
             self.ingest_failures.labels(kind)
@@ -314,11 +328,19 @@ def record_ingest(result: IngestResult, seconds: float) -> None:
     if result.duplicate:
         m.ingest_batches.labels("duplicate").inc()
         return
-    m.ingest_batches.labels("applied").inc()
+    if result.undeliverable:  # its batch_id was no string: kept whole, as a task body
+        m.dead_letters.labels(REASON_UNDELIVERABLE).inc()
+        return
+    if result.conflict:  # kept whole as a dead letter: its invalid items are in it
+        m.ingest_batches.labels(REASON_BATCH_ID_CONFLICT).inc()
+        m.batch_id_conflicts.inc()
+        m.dead_letters.labels(REASON_BATCH_ID_CONFLICT).inc()
+    else:
+        m.ingest_batches.labels("applied").inc()
     for kind, count in result.kinds.items():
         if count:
             m.events_applied.labels(kind).inc(count)
-    if result.invalid:
+    if result.invalid and not result.conflict:
         m.dead_letters.labels(REASON_INVALID_EVENT).inc(result.invalid)
 
 

@@ -8,7 +8,10 @@ A batch dead letter (`ingest_failed`, `undeliverable_task`) holds a whole
 batch, or the task body that carried it: replaying it runs the batch through
 `ingest()` as its task would have, under the batch's own id (so shards a
 failed task had applied before it failed are skipped while their markers
-live); its invalid events become dead letters of their own.
+live); its invalid events become dead letters of their own. A
+`batch_id_conflict` batch is the exception: its id belongs to another batch,
+so it is replayed under an id derived from the entry, like a single event
+(and its events sent without an id get ids derived from that one).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from worker.buffer import EventBuffer
 from worker.deadletters import (
     BATCH_REASONS,
     PAGE,
+    REASON_BATCH_ID_CONFLICT,
     REASON_UNDELIVERABLE,
     StoredDeadLetter,
     remove_dead_letters,
@@ -67,10 +71,16 @@ class ReplayItem:
     def batch_id(self) -> str:
         """Derived from the entry alone, so a rerun, even with another fix, is skipped.
 
-        A batch keeps its own id (its task id), which its dead letter recorded.
+        A batch keeps its own id (its task id), which its dead letter recorded,
+        unless that id was the problem (a batch_id_conflict).
         """
         header = self.letter.header
-        if self.batch is not None and header is not None and header.claim:
+        if (
+            self.batch is not None
+            and header is not None
+            and header.claim
+            and header.reason != REASON_BATCH_ID_CONFLICT
+        ):
             return header.claim
         digest = hashlib.sha256(self.letter.entry).hexdigest()[:40]
         return f"dlq-replay:{self.letter.shard}:{digest}:{self.occurrence}"
