@@ -45,6 +45,7 @@ from worker.keys import ShardKeys
 from worker.lock import FlushLock, Process, make_token, read_lock, this_process
 from worker.scripts import AckResult, Scripts
 from worker.settings import Settings
+from worker.sinks import RetryableSinkError
 from worker.sinks.chdb import ChdbSink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -336,8 +337,19 @@ def left_behind(redis: redis_lib.Redis, settings: Settings, sink: ChdbSink) -> t
     state = read_lock(redis, SHARD.lock)
     assert state is not None and state.holder is not None, "the dead flusher's lock is gone"
     assert state.ttl_ms > 5_000 and not state.stale
-    rows, distinct, _ = stored(sink)
-    assert rows == distinct == 3
+    # A SIGKILLed pool process may still be dying, its chDB directory still locked.
+    counts: list[tuple[int, int]] = []
+
+    def read() -> bool:
+        try:
+            rows, distinct, _ = stored(sink)
+        except RetryableSinkError:
+            return False
+        counts.append((rows, distinct))
+        return True
+
+    wait_until(read, 15, "the killed flusher's ClickHouse directory to be free", interval=0.2)
+    assert counts[-1] == (3, 3)
     return claim, state.holder
 
 
