@@ -815,12 +815,28 @@ def test_demo_without_workers_times_out_with_advice(
     redis: redis_lib.Redis, redis_url: str, tmp_path: Path
 ) -> None:
     env = project_env(REDIS_URL=redis_url, CLICKHOUSE_URL=f"chdb://{tmp_path}/ch")
+    assert run_cli(["migrate"], env, tmp_path).returncode == 0
     result = run_cli(["demo", "--sessions", "2", "--timeout", "1"], env, tmp_path)
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert "No worker seems to be consuming the `ingest` queue" in line
     assert "eventbuffer run" in line
     assert "ingest task(s) wait in the broker" in line and not line.endswith("…")
+
+
+def test_demo_elsewhere_refuses_to_create_a_stray_database(
+    redis: redis_lib.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Run in another directory, the demo must not make ./data/clickhouse there and flush
+    the shared buffer into it: it says where it looked, as query and flush do."""
+    queue = ShardKeys("eventbuffer", 0).queue
+    redis.rpush(queue, b'{"id":"someone-elses"}')  # a real producer's event, buffered
+    env = project_env(REDIS_URL=redis_url)  # the default: chdb://./data/clickhouse
+    result = run_cli(["demo", "--sessions", "2", "--timeout", "5"], env, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no embedded ClickHouse at" in result.stderr and "eventbuffer migrate" in result.stderr
+    assert not (tmp_path / "data").exists()
+    assert redis.llen(queue) == 1  # nothing flushed anywhere
 
 
 @pytest.mark.slow
@@ -834,6 +850,7 @@ def test_demo_timing_out_with_a_worker_running_says_where_the_events_are(
         CLICKHOUSE_URL=f"chdb://{tmp_path}/ch",
         EVENT_BUFFER_REORDER_WINDOW_MS="60000",  # views surely still held when the demo gives up
     )
+    assert run_cli(["migrate"], env, tmp_path).returncode == 0
     running = worker(env, tmp_path / "worker.log", "-Q", "ingest", "-P", "solo")
     try:
         running.wait_for("ready", timeout=60)

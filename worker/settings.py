@@ -94,7 +94,7 @@ def _check_url(name: str, value: str, scheme: str) -> None:
         from redis.connection import parse_url
 
         try:
-            parse_url(value)
+            parse_url(value)  # type: ignore[no-untyped-call]
         except ValueError as exc:  # its query parameters: db, timeouts, ssl options ...
             raise SettingsError(f"{name} cannot be used: {exc}: {shown!r}") from None
 
