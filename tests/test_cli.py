@@ -664,6 +664,29 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     assert (tmp_path / "data" / "logs" / "flush.log").exists()
 
 
+@pytest.mark.slow
+def test_a_second_run_in_the_directory_or_on_the_redis_is_refused(
+    run_stack: tuple[subprocess.Popen[bytes], dict[str, str], Path], tmp_path: Path
+) -> None:
+    process, env, log = run_stack
+    stack_up(process, log)
+    # Same directory: it would share the logs and, with its own Redis, the AOF.
+    again = run_cli(["run"], env, tmp_path, timeout=30)
+    assert again.returncode == 2, again.stdout + again.stderr
+    [line] = again.stderr.strip().splitlines()
+    assert f"another `eventbuffer run` (pid {process.pid}) is running in this directory" in line
+    # Another directory, the same Redis: a second Beat and more workers on one buffer.
+    other = tmp_path / "other"
+    other.mkdir()
+    elsewhere = run_cli(["run"], env, other, timeout=30)
+    assert elsewhere.returncode == 2, elsewhere.stdout + elsewhere.stderr
+    [line] = elsewhere.stderr.strip().splitlines()
+    assert "another `eventbuffer run` (" in line and f":{process.pid} in {tmp_path}" in line
+    assert "uses the Redis at redis://127.0.0.1:" in line
+    assert process.poll() is None  # the first stack runs on, untouched
+    assert not list((other / "data" / "logs").iterdir())  # the second started nothing
+
+
 def redis_pids(log: Path) -> list[int]:
     """The private redis-server's pids, as `run` printed them: first start, then each restart."""
     text = log.read_text()
