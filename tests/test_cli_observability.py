@@ -311,6 +311,27 @@ def test_metrics_includes_the_counters_of_the_multiprocess_directory(
     assert values[("eventbuffer_apply_seconds_count", frozenset())] == 1
 
 
+def test_metrics_in_the_stacks_directory_include_its_workers_counters(
+    run_main: Callable[..., Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `eventbuffer run` has its workers count in data/metrics; run from that directory,
+    # `eventbuffer metrics` finds them without PROMETHEUS_MULTIPROC_DIR set by hand.
+    directory = tmp_path / "data" / "metrics"
+    directory.mkdir(parents=True)
+    script = (
+        "import sys; from worker import metrics; from worker.ingest import IngestResult;"
+        "metrics.enable_multiprocess(sys.argv[1]);"
+        "metrics.record_ingest(IngestResult('b', 5, 0, 5, False, 5, {'regular': 5}), 0.01)"
+    )
+    subprocess.run([sys.executable, "-c", script, str(directory)], check=True, cwd=ROOT)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # unset (empty), restored afterwards
+    result = run_main("metrics")
+    assert result.code == 0
+    values = samples(result.out)
+    assert values[("eventbuffer_events_applied_total", frozenset({("kind", "regular")}))] == 5
+
+
 def test_metrics_without_redis_reports_it_down(tmp_path: Path) -> None:
     env = {
         "PATH": "/usr/bin:/bin",

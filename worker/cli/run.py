@@ -197,13 +197,13 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
         except EvictionPolicyError as exc:
             raise CliError(str(exc).removeprefix("eventbuffer: "), 2) from None
         env = child_env(settings.redis_url)
-        if settings.metrics_port:
-            # Every worker process counts in one directory; the first to take the
-            # port serves them all (the others say so in their logs).
-            metrics_dir = (data / "metrics").resolve()
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-            metrics_dir.mkdir(parents=True)
-            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        # Every worker process counts in one directory: `eventbuffer metrics` run here
+        # reads it, and with EVENT_BUFFER_METRICS_PORT the first worker to take the port
+        # serves them all (the others say so in their logs).
+        metrics_dir = (data / "metrics").resolve()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         migrate(settings, env, signals)
         fast = ["--without-mingle", "--without-gossip"]
         children = [
