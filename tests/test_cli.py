@@ -922,3 +922,25 @@ def test_run_signal_handling_cannot_deadlock() -> None:
         stop.set()
         thread.join()
         signals.restore()
+
+
+def test_query_against_a_port_that_never_answers_says_so_within_the_timeout(
+    tmp_path: Path,
+) -> None:
+    """A ClickHouse URL whose port accepts and never answers (a wrong port, a hung server):
+    the query stops after the timeout the settings give, and says what happened."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel accepts connections; nothing ever answers
+        port = silent.getsockname()[1]
+        env = project_env(
+            CLICKHOUSE_URL=f"clickhouse://127.0.0.1:{port}/default",
+            EVENT_BUFFER_CLICKHOUSE_CONNECT_TIMEOUT_S="2",
+            EVENT_BUFFER_CLICKHOUSE_INSERT_TIMEOUT_S="3",
+            EVENT_BUFFER_FLUSH_STALL_S="60",
+        )
+        result = run_cli(["query", "SELECT 1"], env, tmp_path, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert f"no answer from 127.0.0.1:{port} within 3 s" in line
+    assert "EVENT_BUFFER_CLICKHOUSE_INSERT_TIMEOUT_S" in line
