@@ -944,3 +944,40 @@ def test_query_against_a_port_that_never_answers_says_so_within_the_timeout(
     [line] = result.stderr.strip().splitlines()
     assert f"no answer from 127.0.0.1:{port} within 3 s" in line
     assert "EVENT_BUFFER_CLICKHOUSE_INSERT_TIMEOUT_S" in line
+
+
+def test_query_against_an_http_port_names_the_native_port(tmp_path: Path) -> None:
+    """ClickHouse's HTTP port (8123) where the native one belongs: say so."""
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        env = project_env(CLICKHOUSE_URL=f"clickhouse://127.0.0.1:{port}/default")
+        result = run_cli(["query", "SELECT 1"], env, tmp_path, timeout=60)
+    finally:
+        server.shutdown()
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "HTTP port (8123)?" in line and "9000" in line
+
+
+def test_run_with_a_local_tls_url_says_what_it_cannot_start(tmp_path: Path) -> None:
+    env = project_env(
+        REDIS_URL=f"rediss://127.0.0.1:{closed_port()}/0", CLICKHOUSE_URL=f"chdb://{tmp_path}/ch"
+    )
+    result = run_cli(["run"], env, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "only for a plain redis:// URL, not rediss://" in line
+    assert "point REDIS_URL at a local address" not in line
+
+
+def test_run_help_names_the_settings_and_where_data_goes() -> None:
+    result = run_cli(["run", "--help"], project_env())
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for needle in ("REDIS_URL", "CLICKHOUSE_URL", "./data/redis", "./data/clickhouse"):
+        assert needle in text, text

@@ -417,6 +417,11 @@ class NativeSink:
                 "(EVENT_BUFFER_CLICKHOUSE_INSERT_TIMEOUT_S; is it ClickHouse's native port, "
                 "9000/9440, and is the server alive?)"
             )
+        if "unexpected packet from server" in text:
+            return (
+                ": is this ClickHouse's HTTP port (8123)? CLICKHOUSE_URL needs the native "
+                "protocol's port: 9000, or 9440 with clickhouses://"
+            )
         if "timed out" in text or isinstance(exc, TimeoutError):
             wait = self._options.get("connect_timeout")
             within = f" within {float(wait):g} s" if wait is not None else ""
