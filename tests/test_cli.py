@@ -664,6 +664,29 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     assert (tmp_path / "data" / "logs" / "flush.log").exists()
 
 
+@pytest.mark.slow
+def test_a_second_run_in_the_directory_or_on_the_redis_is_refused(
+    run_stack: tuple[subprocess.Popen[bytes], dict[str, str], Path], tmp_path: Path
+) -> None:
+    process, env, log = run_stack
+    stack_up(process, log)
+    # Same directory: it would share the logs and, with its own Redis, the AOF.
+    again = run_cli(["run"], env, tmp_path, timeout=30)
+    assert again.returncode == 2, again.stdout + again.stderr
+    [line] = again.stderr.strip().splitlines()
+    assert f"another `eventbuffer run` (pid {process.pid}) is running in this directory" in line
+    # Another directory, the same Redis: a second Beat and more workers on one buffer.
+    other = tmp_path / "other"
+    other.mkdir()
+    elsewhere = run_cli(["run"], env, other, timeout=30)
+    assert elsewhere.returncode == 2, elsewhere.stdout + elsewhere.stderr
+    [line] = elsewhere.stderr.strip().splitlines()
+    assert "another `eventbuffer run` (" in line and f":{process.pid} in {tmp_path}" in line
+    assert "uses the Redis at redis://127.0.0.1:" in line
+    assert process.poll() is None  # the first stack runs on, untouched
+    assert not list((other / "data" / "logs").iterdir())  # the second started nothing
+
+
 def redis_pids(log: Path) -> list[int]:
     """The private redis-server's pids, as `run` printed them: first start, then each restart."""
     text = log.read_text()
@@ -815,12 +838,28 @@ def test_demo_without_workers_times_out_with_advice(
     redis: redis_lib.Redis, redis_url: str, tmp_path: Path
 ) -> None:
     env = project_env(REDIS_URL=redis_url, CLICKHOUSE_URL=f"chdb://{tmp_path}/ch")
+    assert run_cli(["migrate"], env, tmp_path).returncode == 0
     result = run_cli(["demo", "--sessions", "2", "--timeout", "1"], env, tmp_path)
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert "No worker seems to be consuming the `ingest` queue" in line
     assert "eventbuffer run" in line
     assert "ingest task(s) wait in the broker" in line and not line.endswith("…")
+
+
+def test_demo_elsewhere_refuses_to_create_a_stray_database(
+    redis: redis_lib.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Run in another directory, the demo must not make ./data/clickhouse there and flush
+    the shared buffer into it: it says where it looked, as query and flush do."""
+    queue = ShardKeys("eventbuffer", 0).queue
+    redis.rpush(queue, b'{"id":"someone-elses"}')  # a real producer's event, buffered
+    env = project_env(REDIS_URL=redis_url)  # the default: chdb://./data/clickhouse
+    result = run_cli(["demo", "--sessions", "2", "--timeout", "5"], env, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no embedded ClickHouse at" in result.stderr and "eventbuffer migrate" in result.stderr
+    assert not (tmp_path / "data").exists()
+    assert redis.llen(queue) == 1  # nothing flushed anywhere
 
 
 @pytest.mark.slow
@@ -834,6 +873,7 @@ def test_demo_timing_out_with_a_worker_running_says_where_the_events_are(
         CLICKHOUSE_URL=f"chdb://{tmp_path}/ch",
         EVENT_BUFFER_REORDER_WINDOW_MS="60000",  # views surely still held when the demo gives up
     )
+    assert run_cli(["migrate"], env, tmp_path).returncode == 0
     running = worker(env, tmp_path / "worker.log", "-Q", "ingest", "-P", "solo")
     try:
         running.wait_for("ready", timeout=60)
@@ -882,3 +922,62 @@ def test_run_signal_handling_cannot_deadlock() -> None:
         stop.set()
         thread.join()
         signals.restore()
+
+
+def test_query_against_a_port_that_never_answers_says_so_within_the_timeout(
+    tmp_path: Path,
+) -> None:
+    """A ClickHouse URL whose port accepts and never answers (a wrong port, a hung server):
+    the query stops after the timeout the settings give, and says what happened."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel accepts connections; nothing ever answers
+        port = silent.getsockname()[1]
+        env = project_env(
+            CLICKHOUSE_URL=f"clickhouse://127.0.0.1:{port}/default",
+            EVENT_BUFFER_CLICKHOUSE_CONNECT_TIMEOUT_S="2",
+            EVENT_BUFFER_CLICKHOUSE_INSERT_TIMEOUT_S="3",
+            EVENT_BUFFER_FLUSH_STALL_S="60",
+        )
+        result = run_cli(["query", "SELECT 1"], env, tmp_path, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert f"no answer from 127.0.0.1:{port} within 3 s" in line
+    assert "EVENT_BUFFER_CLICKHOUSE_INSERT_TIMEOUT_S" in line
+
+
+def test_query_against_an_http_port_names_the_native_port(tmp_path: Path) -> None:
+    """ClickHouse's HTTP port (8123) where the native one belongs: say so."""
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        env = project_env(CLICKHOUSE_URL=f"clickhouse://127.0.0.1:{port}/default")
+        result = run_cli(["query", "SELECT 1"], env, tmp_path, timeout=60)
+    finally:
+        server.shutdown()
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "HTTP port (8123)?" in line and "9000" in line
+
+
+def test_run_with_a_local_tls_url_says_what_it_cannot_start(tmp_path: Path) -> None:
+    env = project_env(
+        REDIS_URL=f"rediss://127.0.0.1:{closed_port()}/0", CLICKHOUSE_URL=f"chdb://{tmp_path}/ch"
+    )
+    result = run_cli(["run"], env, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "only for a plain redis:// URL, not rediss://" in line
+    assert "point REDIS_URL at a local address" not in line
+
+
+def test_run_help_names_the_settings_and_where_data_goes() -> None:
+    result = run_cli(["run", "--help"], project_env())
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for needle in ("REDIS_URL", "CLICKHOUSE_URL", "./data/redis", "./data/clickhouse"):
+        assert needle in text, text

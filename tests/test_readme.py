@@ -16,3 +16,14 @@ def test_configuration_table_matches_the_settings_object() -> None:
     assert text[start:end].strip() == Settings.markdown_table(), (
         "README table is stale: paste Settings.markdown_table() between the settings markers"
     )
+
+
+def test_the_flower_the_readme_runs_is_an_extra_it_names() -> None:
+    """`celery -A worker flower` needs Flower, which `pip install .` does not bring."""
+    import tomllib
+
+    with (README.parent / "pyproject.toml").open("rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert any(dep.startswith("flower") for dep in extras["flower"])
+    text = README.read_text()
+    assert "celery -A worker flower" in text and "pip install '.[flower]'" in text

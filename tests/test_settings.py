@@ -52,6 +52,13 @@ def test_values_are_read_from_the_environment() -> None:
             "EVENT_BUFFER_BROKER_TRANSPORT must be one of reliable, kombu",
         ),
         ("EVENT_BUFFER_CONSUMER_TIMEOUT_S", "0", "EVENT_BUFFER_CONSUMER_TIMEOUT_S must be >= 1"),
+        # URLs are checked whole: a worker would otherwise die on them later.
+        ("REDIS_URL", "redis://127.0.0.1:6380/abc", "REDIS_URL's database must be a number"),
+        ("REDIS_URL", "redis://127.0.0.1:99999/0", "REDIS_URL has a bad port"),
+        ("REDIS_URL", "unix:///tmp/r.sock?db=x", "REDIS_URL cannot be used: Invalid value"),
+        ("CELERY_BROKER_URL", "amqp://guest@rabbit:56x2//", "CELERY_BROKER_URL has a bad port"),
+        ("CLICKHOUSE_URL", "clickhouse://ch:nine/default", "CLICKHOUSE_URL has a bad port"),
+        ("CELERY_RESULT_BACKEND", "redis://h:6379/results", "database must be a number"),
     ],
 )
 def test_malformed_values_name_the_variable(name: str, value: str, message: str) -> None:
@@ -143,3 +150,10 @@ def test_clickhouse_timeouts_bound_a_flush_and_its_task() -> None:
     app.loader.import_default_modules()
     task = app.tasks[TASK_PROCESS_BUFFER]
     assert (task.soft_time_limit, task.time_limit) == wide.flush_time_limit_s
+
+
+def test_a_bad_url_is_refused_without_its_password() -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"REDIS_URL": "redis://:s3cr@t@127.0.0.1:port/0"})
+    assert "s3cr" not in str(raised.value) and "t@127" not in str(raised.value)
+    assert "127.0.0.1:port" in str(raised.value)

@@ -39,6 +39,7 @@ Per shard:
 Deployment-wide:
 
     <p>:flush-pending           STRING  an early flush was requested (back-pressure)
+    <p>:run-owner               STRING  the `eventbuffer run` stack using this Redis (with TTL)
 
 Pub/sub channels (not keys, so they carry no hash tag): `events:received`
 and `events:saved`, the names OpenPanel's subscribers listen on.
@@ -155,6 +156,11 @@ class Keyspace:
     def flush_pending(self) -> str:
         """Set while an ingest-triggered `process_buffer` waits in the queue."""
         return f"{self.prefix}:flush-pending"
+
+    @property
+    def run_owner(self) -> str:
+        """The `eventbuffer run` stack using this Redis (worker/cli/stack_lock.py)."""
+        return f"{self.prefix}:run-owner"
 
     def __post_init__(self) -> None:
         shards = tuple(ShardKeys(self.prefix, n) for n in range(self.shards))

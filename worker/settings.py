@@ -60,9 +60,43 @@ def _url(*schemes: str) -> Callable[[str, str], str]:
             # Without a scheme the value is shown, but never what precedes an "@" (a password).
             shown = scheme or ("***@" + value.rpartition("@")[2] if "@" in value else value)
             raise SettingsError(f"{name} must start with one of {allowed}, got {shown!r}")
+        _check_url(name, value, scheme)
         return value
 
     return parse
+
+
+# Schemes whose URL names a host: the rest name a path (unix://, chdb://) or nothing (memory://).
+_NETWORK_SCHEMES = frozenset(
+    {"redis", "rediss", "amqp", "amqps", "pyamqp", "clickhouse", "clickhouses"}
+)
+
+
+def _check_url(name: str, value: str, scheme: str) -> None:
+    """Refuse a URL whose port or database cannot be used, now rather than in a worker.
+
+    The message shows the URL without what precedes its "@" (a password).
+    """
+    parts = urlsplit(value)
+    shown = f"{scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+    if scheme in _NETWORK_SCHEMES:
+        try:
+            parts.port  # noqa: B018  (raises for a port that is not a number in range)
+        except ValueError as exc:
+            raise SettingsError(f"{name} has a bad port ({exc}): {shown!r}") from None
+    if scheme in ("redis", "rediss"):
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise SettingsError(
+                f"{name}'s database must be a number (redis://host:6379/0), got {db!r}: {shown!r}"
+            )
+    if scheme in ("redis", "rediss", "unix"):
+        from redis.connection import parse_url
+
+        try:
+            parse_url(value)  # type: ignore[no-untyped-call]
+        except ValueError as exc:  # its query parameters: db, timeouts, ssl options ...
+            raise SettingsError(f"{name} cannot be used: {exc}: {shown!r}") from None
 
 
 def _text(name: str, raw: str) -> str:

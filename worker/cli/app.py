@@ -50,7 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"eventbuffer {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run Redis, ingest + flush workers and Beat locally")
+    run = commands.add_parser(
+        "run",
+        help="run Redis, ingest + flush workers and Beat locally",
+        description=(
+            "Run the whole stack in the foreground until Ctrl-C: Redis (the one at "
+            "REDIS_URL if it answers, else a private redis-server on that address, data in "
+            "./data/redis), the events table in ClickHouse (CLICKHOUSE_URL; embedded by "
+            "default, data in ./data/clickhouse), two ingest workers, a flush worker and "
+            "Celery Beat (logs in ./data/logs). One stack per directory and per Redis. "
+            "Every setting is an environment variable: see the README's Configuration."
+        ),
+    )
     run.set_defaults(handler=cmd_run)
 
     migrate = commands.add_parser("migrate", help="create the ClickHouse table (idempotent)")

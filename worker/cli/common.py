@@ -155,6 +155,14 @@ def clickhouse(
         sink.close()
 
 
+def require_embedded_data(settings: Settings) -> None:
+    """Refuse to write into embedded ClickHouse that does not exist yet: a command run in
+    the wrong directory would create a stray database there and flush the shared buffer
+    into it. Only `migrate` and `run` create one."""
+    if is_embedded(settings) and not has_data(path_from_url(settings.clickhouse_url)):
+        raise missing_embedded_data(settings)
+
+
 def migrate_schema(settings: Settings) -> None:
     """Create the database and table if missing; embedded ClickHouse is released after."""
     with clickhouse(settings, create=True) as sink:

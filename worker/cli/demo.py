@@ -23,6 +23,7 @@ from worker.cli.common import (
     mask,
     migrate_schema,
     progress_bar,
+    require_embedded_data,
 )
 from worker.cli.traffic import demo_events
 from worker.queues import queue_depths
@@ -133,6 +134,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, console: Console) -> 
     if args.sessions < 1:
         raise CliError("--sessions must be at least 1", 2)
     runtime.redis_client().ping()  # fail fast with a clear message
+    require_embedded_data(settings)  # never a stray database where the demo happens to run
     migrate_schema(settings)
     run_id = secrets.token_hex(6)
     events = demo_events(random.Random(args.seed), args.sessions, run_id, int(time.time() * 1000))

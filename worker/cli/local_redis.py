@@ -72,7 +72,15 @@ class PrivateRedis:
         url = settings.redis_url
         parts = urlsplit(url)
         host = parts.hostname or "127.0.0.1"
-        if parts.scheme != "redis" or host not in ("127.0.0.1", "localhost", "::1"):
+        local = host in ("127.0.0.1", "localhost", "::1")
+        if parts.scheme != "redis" and local:
+            # A local address already: the scheme is what `run` cannot serve.
+            raise CliError(
+                f"Redis at {mask(url)} is unreachable; `eventbuffer run` starts a private "
+                f"redis-server only for a plain redis:// URL, not {parts.scheme}:// (TLS or a "
+                "socket): start that Redis yourself, or use redis://127.0.0.1:6379/0"
+            )
+        if not local:
             raise CliError(
                 f"Redis at {mask(url)} is unreachable; start it, or point REDIS_URL at a local "
                 "address (e.g. unset it) so that `eventbuffer run` starts a private redis-server"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from prometheus_client import generate_latest
 from rich.console import Console
@@ -19,9 +20,16 @@ from worker import metrics, runtime
 from worker.cli.common import mask
 from worker.settings import Settings
 
+#: Where `eventbuffer run` has its workers count (run from the directory holding data/).
+RUN_METRICS_DIR = Path("data") / "metrics"
+
 
 def cmd_metrics(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     path = metrics.multiprocess_dir()
+    if path is None and RUN_METRICS_DIR.is_dir():
+        # The stack of this directory: its workers' counters, as its endpoint serves them.
+        path = str(RUN_METRICS_DIR.resolve())
+        os.environ[metrics.MULTIPROC_ENV] = path
     if path is not None and not os.path.isdir(path):
         print(
             f"eventbuffer: warning: {metrics.MULTIPROC_ENV}={path} is not a directory: "

@@ -11,6 +11,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
+from redis import Redis
 from rich.console import Console
 
 from worker.cli.common import ERROR_PREFIX, CliError, is_embedded, mask, one_line, version
@@ -26,7 +27,9 @@ from worker.cli.processes import (
     spawn,
     stop_process,
 )
+from worker.cli.stack_lock import DirectoryLock, RedisOwner
 from worker.errors import EvictionPolicyError
+from worker.keys import Keyspace
 from worker.names import DEFAULT_QUEUE, FLUSH_QUEUE, INGEST_QUEUE
 from worker.redis_memory import check_eviction
 from worker.settings import Settings
@@ -40,15 +43,22 @@ READY_WAIT_S = 60.0
 
 
 def supervise(
-    children: list[Child], redis: PrivateRedis | None, signals: Signals, console: Console
+    children: list[Child],
+    redis: PrivateRedis | None,
+    signals: Signals,
+    console: Console,
+    owner: RedisOwner | None = None,
 ) -> str | None:
     """Wait for a signal (None) or for a worker to die (its message).
 
     A private Redis that exits is restarted on its port (CliError if it keeps exiting).
+    The stack's claim on its Redis (`owner`) is kept alive meanwhile.
     """
     started = time.monotonic()
     announced = False
     while not signals.wait(0.25):
+        if owner is not None:
+            owner.refresh()
         for child in children:
             code = child.process.poll()
             if code is not None:
@@ -160,9 +170,12 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
     data = Path("data")
     logs = data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    directory = DirectoryLock(data)
+    directory.acquire()  # one stack per data directory: before anything is started
     signals = Signals()
     signals.install()
     redis: PrivateRedis | None = None
+    owner: RedisOwner | None = None
     children: list[Child] = []
     failure: str | None = None
     try:
@@ -170,6 +183,13 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
             redis = PrivateRedis(settings, data)
             redis.start(signals)
         signals.check()
+        # ... and one per Redis (a second stack would run a second Beat on the same buffer).
+        owner = RedisOwner(
+            Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5),
+            Keyspace(settings.key_prefix, settings.shards).run_owner,
+            settings.redis_url,
+        )
+        owner.claim()
         # The workers would each stop with this line: say it once, before starting any.
         try:
             for warning in check_eviction(settings):
@@ -177,13 +197,13 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
         except EvictionPolicyError as exc:
             raise CliError(str(exc).removeprefix("eventbuffer: "), 2) from None
         env = child_env(settings.redis_url)
-        if settings.metrics_port:
-            # Every worker process counts in one directory; the first to take the
-            # port serves them all (the others say so in their logs).
-            metrics_dir = (data / "metrics").resolve()
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-            metrics_dir.mkdir(parents=True)
-            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        # Every worker process counts in one directory: `eventbuffer metrics` run here
+        # reads it, and with EVENT_BUFFER_METRICS_PORT the first worker to take the port
+        # serves them all (the others say so in their logs).
+        metrics_dir = (data / "metrics").resolve()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         migrate(settings, env, signals)
         fast = ["--without-mingle", "--without-gossip"]
         children = [
@@ -216,7 +236,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
             ),
         ]
         print_banner(console, settings, redis, children)
-        failure = supervise(children, redis, signals, console)
+        failure = supervise(children, redis, signals, console, owner)
     except Stopped:
         pass
     finally:
@@ -228,9 +248,12 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
                     child.process.terminate()
         for child in children:  # warm shutdown: running tasks finish first
             stop_process(child.process, CHILD_STOP_S, force=signals)
+        if owner is not None:
+            owner.release()
         if redis is not None:
             redis.stop()
         signals.restore()
+        directory.release()
     if failure:
         raise CliError(failure)
     console.print("Stopped.")

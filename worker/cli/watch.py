@@ -165,9 +165,10 @@ def render(data: dict[str, Any], state: WatchState, high_water: int) -> Renderab
 
     totals = data["totals"]
     summary = Table.grid(padding=(0, 2))
+    averaged = f"{state.window_s:.0f} s avg"
     summary.add_row(
-        f"ingest {rate(state.rates.ingested_per_s)}",
-        f"flush {rate(state.rates.flushed_per_s)}",
+        f"ingest {rate(state.rates.ingested_per_s)} ({averaged})",
+        f"flush {rate(state.rates.flushed_per_s)} ({averaged})",
         f"queued {totals['queued']:,}",
         f"in flight {totals['claimed']:,}",
         f"dead {totals['dead_letters']:,}",
@@ -206,7 +207,8 @@ def render(data: dict[str, Any], state: WatchState, high_water: int) -> Renderab
         parts.append(Text(f"No active visitors in the last {window} s."))
     if state.error:
         parts.append(Text(state.error, style="bold red"))
-    title = f"eventbuffer · {data['redis']} · refresh {state.refreshes} · Ctrl-C stops"
+    at = time.strftime("%H:%M:%S", time.localtime(data["now_ms"] / 1000))
+    title = f"eventbuffer · {data['redis']} · as of {at} · Ctrl-C stops"
     return Panel(Group(*parts), title=title, title_align="left", expand=False)
 
 

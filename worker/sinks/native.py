@@ -405,6 +405,32 @@ class NativeSink:
             with suppress(Exception):  # already broken: nothing left to release
                 self._client.disconnect()
 
+    def _timeout_hint(self, exc: BaseException) -> str:
+        """What a timeout meant, in words and with the setting that bounds it: the driver
+        says only "Code: 209" for a server that accepts and never answers."""
+        text = str(exc).lower()
+        if isinstance(exc, errors.SocketTimeoutError) or getattr(exc, "code", None) == 209:
+            wait = self._options.get("send_receive_timeout")
+            within = f" within {float(wait):g} s" if wait is not None else ""
+            return (
+                f": no answer from {self._where}{within} "
+                "(EVENT_BUFFER_CLICKHOUSE_INSERT_TIMEOUT_S; is it ClickHouse's native port, "
+                "9000/9440, and is the server alive?)"
+            )
+        if "unexpected packet from server" in text:
+            return (
+                ": is this ClickHouse's HTTP port (8123)? CLICKHOUSE_URL needs the native "
+                "protocol's port: 9000, or 9440 with clickhouses://"
+            )
+        if "timed out" in text or isinstance(exc, TimeoutError):
+            wait = self._options.get("connect_timeout")
+            within = f" within {float(wait):g} s" if wait is not None else ""
+            return (
+                f": could not connect to {self._where}{within} "
+                "(EVENT_BUFFER_CLICKHOUSE_CONNECT_TIMEOUT_S)"
+            )
+        return ""
+
     def _message(self, exc: BaseException) -> str:
         if isinstance(exc, errors.ServerException):
             # Old servers append a long stack trace to the message.
@@ -413,6 +439,7 @@ class NativeSink:
             detail = f"Code: {exc.code}. {type(exc).__name__}"  # e.g. TooLargeStringSize
         else:
             detail = str(exc) or type(exc).__name__
+        detail += self._timeout_hint(exc)
         message = f"ClickHouse at {self._where}: {detail}"
         for secret in self._secrets:
             message = message.replace(secret, "***")
