@@ -26,10 +26,12 @@ from typing import Any
 
 import msgspec
 
+from worker import bodies
 from worker.buffer import EventBuffer
 from worker.deadletters import REASON_INVALID_EVENT, DeadLetter
 from worker.errors import InvalidEvent
 from worker.events import Event, Limits, parse_event
+from worker.json_slices import JsonSliceError, split_array
 from worker.names import TASK_INGEST_EVENT
 
 # A dead letter keeps the raw item, cut to this many bytes at most (an
@@ -93,6 +95,8 @@ def _raw(item: Any) -> bytes:
     """
     if isinstance(item, bytes):
         return item
+    if isinstance(item, msgspec.Raw):  # a keyword argument left undecoded (worker/bodies.py)
+        return bytes(item)
     try:
         text = json.dumps(item, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError, OverflowError, RecursionError):
@@ -131,23 +135,44 @@ def _items(payload: Any) -> list[Any]:
     client sends its batch as one JSON text) or still undecoded (a worker
     decodes the events argument of a task body lazily: `worker/bodies.py`);
     any other value is a batch of one item. JSON bytes are decoded straight
-    into an Event, with no dict in between.
+    into an Event, with no dict in between. An array msgspec cannot cut
+    into items (one nested too deep, NaN, an integer out of range) is cut by
+    `split_array`, so each item is judged on its own.
     """
     if isinstance(payload, msgspec.Raw):
         raw = bytes(payload).lstrip()
         if raw.startswith(b"["):
-            return [bytes(item) for item in _RAW_ITEMS.decode(raw)]
+            items = _array_items(raw)
+            return [raw] if items is None else items
         if not raw.startswith(b'"'):
             return [raw]
-        payload = _ANY.decode(raw)  # the producer's JSON text, inside a JSON string
+        try:
+            payload = _ANY.decode(raw)  # the producer's JSON text, inside a JSON string
+        except msgspec.DecodeError:
+            return [raw]
     if isinstance(payload, list):
         return [bytes(item) if isinstance(item, msgspec.Raw) else item for item in payload]
     if isinstance(payload, str) and payload.startswith("["):
         try:
-            return [bytes(raw) for raw in _RAW_ITEMS.decode(payload)]
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeEncodeError):
-            pass  # not a JSON array after all: dead-lettered whole, below
+            items = _array_items(payload.encode("utf-8"))
+        except UnicodeEncodeError:
+            items = None
+        if items is not None:
+            return items
+        # not a JSON array after all (or not UTF-8): dead-lettered whole, below
     return [payload]
+
+
+def _array_items(raw: bytes) -> list[Any] | None:
+    """The JSON text of each item of a JSON array; None when it is not one."""
+    try:
+        return [bytes(item) for item in _RAW_ITEMS.decode(raw)]
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        pass
+    try:
+        return list(split_array(raw))
+    except JsonSliceError:
+        return None
 
 
 def _not_an_object(item: bytes) -> str | None:
@@ -283,13 +308,18 @@ def body_batch(task: str, body: bytes) -> Any:
     Protocol 2 bodies are `[args, kwargs, embed]`, protocol 1 bodies
     `{"args": ..., "kwargs": ...}`; the events are the first argument, or the
     `events` (`event` for ingest_event) keyword. Raises TaskBodyError when the
-    body is not JSON or holds neither.
+    body is not JSON or holds neither. The body is decoded as a worker
+    decodes it (`worker/bodies.py`): the events stay raw JSON, and a body
+    with an event nested too deep or holding NaN still yields its events
+    (each judged on its own by `ingest()`).
     """
     try:
-        decoded = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise TaskBodyError(f"the task body is not JSON: {exc}") from None
-    if isinstance(decoded, list):
+        decoded = bodies.decode(body)
+    except RecursionError:
+        raise TaskBodyError("the task body is nested too deeply to decode") from None
+    except ValueError as exc:  # msgspec's, json's and the slicer's errors
+        raise TaskBodyError(f"the task body is not JSON: {one_line(exc)}") from None
+    if isinstance(decoded, list | tuple):
         args = decoded[0] if decoded else None
         kwargs = decoded[1] if len(decoded) > 1 else None
     elif isinstance(decoded, dict):
@@ -305,3 +335,9 @@ def body_batch(task: str, body: bytes) -> Any:
     else:
         raise TaskBodyError(f"the task body carries no {keyword} argument")
     return [value] if single else value
+
+
+def one_line(error: object, limit: int = 300) -> str:
+    """An error's text on one line, cut: it may quote the hostile input at length."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
