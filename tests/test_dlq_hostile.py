@@ -23,8 +23,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import redis as redis_lib
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from tests.conftest import Result
 from tests.support.celery_procs import CeleryProcess, project_env, worker
@@ -42,6 +46,7 @@ from worker.deadletters import (
     iter_dead_letters,
 )
 from worker.ingest import ingest
+from worker.json_slices import JsonSliceError, split_array, split_object
 from worker.keys import ShardKeys
 from worker.settings import Settings
 
@@ -102,6 +107,45 @@ def hand_made(payload: bytes, reason: str = REASON_INVALID_EVENT, **fields: Any)
         reason=reason, error="by hand", source="ingest", at=now_ms(), shard=0, **fields
     )
     return encode_dead_letter(header, payload)
+
+
+# -- cutting JSON one level deep ------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.lists(JSON_VALUES, max_size=6), st.dictionaries(st.text(), JSON_VALUES, max_size=6))
+def test_slices_are_the_elements_msgspec_decodes(items: list[Any], members: dict[str, Any]) -> None:
+    for text in (json.dumps(items), json.dumps(items, indent=2)):
+        assert [msgspec.json.decode(x) for x in split_array(text)] == items
+    pairs = split_object(json.dumps(members, ensure_ascii=False).encode())
+    assert {msgspec.json.decode(k): msgspec.json.decode(v) for k, v in pairs} == members
+
+
+@hsettings(max_examples=1000, deadline=None)
+@given(st.text(alphabet='[]{}",: \\1a', max_size=30) | st.binary(max_size=30))
+def test_any_text_is_cut_as_msgspec_reads_it_or_refused(data: str | bytes) -> None:
+    try:
+        slices = split_array(data)
+    except JsonSliceError:
+        slices = None
+    try:
+        decoded = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return  # the slices (if any) are each decoded strictly, one by one
+    if isinstance(decoded, list):
+        assert slices is not None and [msgspec.json.decode(x) for x in slices] == decoded
+    else:
+        assert slices is None
 
 
 # -- one bad event, not the batch -----------------------------------------------------
@@ -300,12 +344,16 @@ def test_an_index_needs_its_shard_when_there_are_several(
     assert redis.llen(SHARD.dead) == 0
 
 
-def test_a_failed_batch_with_hostile_events_replays_its_valid_ones(
-    run_main: Callable[..., Result], redis: redis_lib.Redis
+@pytest.mark.parametrize("reason", [REASON_INGEST_FAILED, REASON_UNDELIVERABLE])
+def test_a_batch_dead_letter_with_hostile_events_replays_its_valid_ones(
+    run_main: Callable[..., Result], redis: redis_lib.Redis, reason: str
 ) -> None:
     first, last = good("first"), good("last")
     batch = array(as_json(first), deep_event(5_000), nan_and_huge_int(), as_json(last))
-    redis.rpush(SHARD.dead, hand_made(batch, REASON_INGEST_FAILED, claim="failed-batch"))
+    if reason == REASON_UNDELIVERABLE:  # celery-node's body: `null` kwargs
+        batch = b"[[" + batch + b"], null, {}]"
+    letter = hand_made(batch, reason, claim="failed-batch", task="eventbuffer.ingest_events")
+    redis.rpush(SHARD.dead, letter)
     result = run_main("dlq", "replay", "--yes")
     assert (result.code, result.err) == (0, "")
     assert "2 event(s) of the replayed batches failed validation" in result.out

@@ -34,7 +34,7 @@ import msgspec
 from kombu.serialization import registry
 from kombu.utils import json as kombu_json
 
-from worker.json_slices import split_array, split_object
+from worker.json_slices import JsonSliceError, split_array, split_object
 
 _TASK_BODY = msgspec.json.Decoder(tuple[list[msgspec.Raw], msgspec.Raw, msgspec.Raw])
 
@@ -50,11 +50,7 @@ def decode(data: str | bytes) -> Any:
             return _cut(data, exc)
     except RecursionError as exc:  # a positional argument nested too deep to skip over
         return _cut(data, exc)
-    try:
-        keywords = kombu_json.loads(bytes(kwargs))
-    except (ValueError, RecursionError):
-        keywords = _keywords(bytes(kwargs))
-    return args, keywords, kombu_json.loads(bytes(embed))
+    return args, _keywords(bytes(kwargs)), kombu_json.loads(bytes(embed))
 
 
 def _cut(data: str | bytes, exc: Exception) -> Any:
@@ -64,14 +60,13 @@ def _cut(data: str | bytes, exc: Exception) -> Any:
         if raw.lstrip().startswith(b"["):  # protocol 2: [args, kwargs, embed]
             parts = split_array(raw)
             if len(parts) == 3:
-                args = [msgspec.Raw(arg) for arg in split_array(parts[0])]
-                return args, _keywords(parts[1]), kombu_json.loads(parts[2])
+                return _positional(parts[0]), _keywords(parts[1]), kombu_json.loads(parts[2])
         else:  # protocol 1: {"task": ..., "args": [...], "kwargs": {...}, ...}
             body: dict[str, Any] = {}
             for key, value in split_object(raw):
                 name = kombu_json.loads(key)
                 if name == "args":
-                    body[name] = [msgspec.Raw(arg) for arg in split_array(value)]
+                    body[name] = _positional(value)
                 elif name == "kwargs":
                     body[name] = _keywords(value)
                 else:
@@ -82,8 +77,22 @@ def _cut(data: str | bytes, exc: Exception) -> Any:
     raise exc
 
 
-def _keywords(raw: bytes) -> dict[str, Any]:
-    """Keyword arguments one by one: a value kombu cannot decode stays raw JSON."""
+def _positional(raw: bytes) -> Any:
+    """Positional arguments, each left raw; not a list at all: as kombu decodes it."""
+    try:
+        return [msgspec.Raw(arg) for arg in split_array(raw)]
+    except JsonSliceError:
+        return kombu_json.loads(raw)
+
+
+def _keywords(raw: bytes) -> Any:
+    """Keyword arguments as kombu decodes them; if it cannot, one by one, and a value it
+    cannot decode stays raw JSON. (Not a mapping at all, such as celery-node's `null`:
+    as decoded, for the consumer to refuse.)"""
+    try:
+        return kombu_json.loads(raw)
+    except (ValueError, RecursionError):
+        pass
     keywords: dict[str, Any] = {}
     for key, value in split_object(raw):
         try:
