@@ -203,6 +203,19 @@ def test_one_hostile_event_is_dead_lettered_alone(
         assert header.error.startswith("properties: nested too deeply to decode")
 
 
+def test_nan_in_one_event_and_a_huge_int_in_another_fail_alone(
+    redis: redis_lib.Redis, settings: Settings
+) -> None:
+    nan = b'{"project_id": "p1", "name": "nan", "created_at": 1, "x": NaN}'
+    huge = b'{"project_id": "p1", "name": "huge", "created_at": 1, "duration": ' + HUGE + b"}"
+    ok = good("ok")
+    payload = batch_of(body_protocol2(array(nan, as_json(ok), huge)))
+    result = ingest(EventBuffer(redis, settings), payload, "batch-2")
+    assert (result.accepted, result.invalid) == (1, 2)
+    assert queued_ids(redis) == {ok["id"]}
+    assert [raw for _, raw in letters(redis)] == [nan, huge]
+
+
 # -- the tools on hostile dead letters ------------------------------------------------
 
 
@@ -267,6 +280,9 @@ def test_replay_goes_on_past_letters_it_cannot_read(
     tmp_path: Path,
 ) -> None:
     fixes = tmp_path / "fixed.jsonl"
+    fixes.write_bytes(b"[" * DEEP + b"]" * DEEP + b"\n")
+    too_deep = run_main("dlq", "replay", "--file", str(fixes), "--yes")
+    assert too_deep.code == 2 and "fixed.jsonl:1: nested too deeply to decode" in too_deep.err
     fixes.write_text(json.dumps(good("unmatched")) + "\n")
     with_file = run_main("dlq", "replay", "--file", str(fixes), "--yes")
     assert (with_file.code, with_file.err) == (0, "")

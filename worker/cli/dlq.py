@@ -391,6 +391,8 @@ def read_fixes(path: Path) -> dict[str, bytes]:
             obj = msgspec.json.decode(line)
         except msgspec.DecodeError as exc:
             raise CliError(f"{path}:{number}: not valid JSON: {exc}", 2) from None
+        except RecursionError:
+            raise CliError(f"{path}:{number}: nested too deeply to decode", 2) from None
         event_id = canonical_id(obj.get("id")) if isinstance(obj, dict) else None
         if event_id is None:
             raise CliError(
