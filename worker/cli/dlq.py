@@ -165,8 +165,7 @@ def picked(args: argparse.Namespace, settings: Settings) -> list[StoredDeadLette
         for index in indexes:
             letter = letter_at(shard_no, index)
             letters[letter.shard, letter.index] = letter
-    for wanted in ids:
-        letter = letter_of_id(args, settings, wanted)
+    for letter in letters_of_ids(args, settings, ids):
         letters[letter.shard, letter.index] = letter
     return sorted(letters.values(), key=lambda letter: (letter.shard, letter.index))
 
@@ -195,25 +194,30 @@ def letter_at(shard_no: int, index: int) -> StoredDeadLetter:
     return letter
 
 
-def letter_of_id(args: argparse.Namespace, settings: Settings, wanted: str) -> StoredDeadLetter:
-    """The one dead letter of id `wanted` (in `--shard`, or in any shard)."""
-    wanted = wanted.strip().lower()
+def letters_of_ids(
+    args: argparse.Namespace, settings: Settings, ids: list[str]
+) -> list[StoredDeadLetter]:
+    """The one dead letter of each id (in `--shard`, or in any shard), read in one pass."""
+    wanted = {text.strip().lower(): text for text in ids}
     redis = runtime.redis_client()
     keyspace = runtime.buffer().keyspace
     shards = keyspace.all() if args.shard is None else [keyspace.shard(check_shard(args, settings))]
-    found = [
-        letter
-        for shard in shards
-        for letter in iter_dead_letters(redis, shard)
-        if letter.id == wanted
-    ]
-    if not found:
-        where = "any shard" if args.shard is None else f"shard {args.shard}"
-        raise CliError(f"no dead letter of id {safe_text(wanted.encode(), 40)} in {where}")
-    if len(found) > 1:
-        shards_text = ", ".join(str(letter.shard) for letter in found)
-        raise CliError(f"id {wanted} names dead letters of shards {shards_text}: give --shard", 2)
-    return found[0]
+    found: dict[str, list[StoredDeadLetter]] = {key: [] for key in wanted}
+    for shard in shards:
+        for letter in iter_dead_letters(redis, shard):
+            if letter.id in found:
+                found[letter.id].append(letter)
+    where = "any shard" if args.shard is None else f"shard {args.shard}"
+    for key, matches in found.items():
+        shown = safe_text(wanted[key].encode(), 40)
+        if not matches:
+            raise CliError(f"no dead letter of id {shown} in {where}")
+        if len(matches) > 1:
+            shards_text = ", ".join(str(letter.shard) for letter in matches)
+            raise CliError(
+                f"id {shown} names dead letters of shards {shards_text}: give --shard", 2
+            )
+    return [letter for matches in found.values() for letter in matches]
 
 
 def check_shard(args: argparse.Namespace, settings: Settings) -> int:
@@ -336,7 +340,7 @@ def cmd_dlq_show(args: argparse.Namespace, settings: Settings, console: Console)
     if (args.index is None) == (args.id is None):
         raise CliError("give the dead letter's index or its --id (one of them)", 2)
     if args.id is not None:
-        letter = letter_of_id(args, settings, args.id)
+        [letter] = letters_of_ids(args, settings, [args.id])
     else:
         shard_no = 0 if args.shard is None else check_shard(args, settings)
         letter = letter_at(shard_no, args.index)
