@@ -13,6 +13,7 @@ exactly the entries read (`remove_dead_letters`, dlq_remove.lua) serve
 
 from __future__ import annotations
 
+import hashlib
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -77,6 +78,21 @@ def decode_dead_letter(entry: bytes) -> tuple[DeadLetter, bytes]:
 PAGE = 1000
 
 
+# Hex digits of an entry's SHA-256 in its id.
+ID_DIGITS = 12
+
+
+def letter_id(entry: bytes, occurrence: int = 0) -> str:
+    """The id of a dead letter: a digest of its bytes, and which copy of them it is.
+
+    An index shifts as entries before it are removed; the id does not. Equal
+    entries of one shard (two equal invalid events of a batch) are told apart
+    by a suffix: `…-2` is the second copy, counted from the oldest.
+    """
+    digest = hashlib.sha256(entry).hexdigest()[:ID_DIGITS]
+    return digest if occurrence == 0 else f"{digest}-{occurrence + 1}"
+
+
 @dataclass(frozen=True)
 class StoredDeadLetter:
     """One entry of a shard's dead-letter list, as it was read."""
@@ -86,19 +102,28 @@ class StoredDeadLetter:
     entry: bytes  # the exact stored value: header, newline, payload
     header: DeadLetter | None  # None when the header cannot be decoded
     payload: bytes
+    # Entries before it in the shard's list with exactly the same bytes.
+    occurrence: int = 0
 
     @property
     def reason(self) -> str:
         return self.header.reason if self.header else REASON_UNREADABLE
 
+    @property
+    def id(self) -> str:
+        return letter_id(self.entry, self.occurrence)
 
-def parse_entry(shard: int, index: int, entry: bytes) -> StoredDeadLetter:
-    """Split a stored entry; one not written by `encode_dead_letter` keeps all as payload."""
+
+def parse_entry(shard: int, index: int, entry: bytes, occurrence: int = 0) -> StoredDeadLetter:
+    """Split a stored entry; one not written by `encode_dead_letter` keeps all as payload.
+
+    Never raises: whatever the entry holds, it can be listed, shown and removed.
+    """
     try:
         header, payload = decode_dead_letter(entry)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return StoredDeadLetter(shard, index, entry, None, entry)
-    return StoredDeadLetter(shard, index, entry, header, payload)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        return StoredDeadLetter(shard, index, entry, None, entry, occurrence)
+    return StoredDeadLetter(shard, index, entry, header, payload, occurrence)
 
 
 def iter_dead_letters(
@@ -106,10 +131,13 @@ def iter_dead_letters(
 ) -> Iterator[StoredDeadLetter]:
     """The shard's dead letters, oldest first, read a page at a time; `reason` filters."""
     start = 0
+    seen: Counter[bytes] = Counter()  # digests of the entries read so far
     while True:
         page = cast(list[bytes], redis.lrange(shard.dead, start, start + PAGE - 1))
         for offset, entry in enumerate(page):
-            letter = parse_entry(shard.shard, start + offset, entry)
+            digest = hashlib.sha256(entry).digest()
+            letter = parse_entry(shard.shard, start + offset, entry, seen[digest])
+            seen[digest] += 1
             if reason is None or letter.reason == reason:
                 yield letter
         if len(page) < PAGE:
@@ -118,8 +146,13 @@ def iter_dead_letters(
 
 
 def read_dead_letter(redis: Client, shard: ShardKeys, index: int) -> StoredDeadLetter | None:
+    """The entry at `index` of the shard's list, or None (LPOS counts equal ones before it)."""
     entry = cast(bytes | None, redis.lindex(shard.dead, index))
-    return None if entry is None else parse_entry(shard.shard, index, entry)
+    if entry is None:
+        return None
+    # redis-py sends bytes as they are (its stubs say str).
+    before = redis.lpos(shard.dead, cast(str, entry), count=0, maxlen=index) if index else []
+    return parse_entry(shard.shard, index, entry, len(cast(list[int], before or [])))
 
 
 def remove_dead_letters(
@@ -159,6 +192,8 @@ def safe_text(data: bytes, limit: int | None = None) -> str:
     `\\UNNNNNNNN` escapes, so an escape sequence in a payload is shown, never run.
     `limit` cuts the text (in characters) and marks the cut with `…`.
     """
+    if limit is not None:  # the first `limit` characters lie in these bytes
+        data = data[: 4 * limit + 4]
     text = data.decode("utf-8", "backslashreplace")
     out: list[str] = []
     length = 0

@@ -49,6 +49,7 @@ import msgspec
 
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import InvalidEvent as InvalidEvent  # re-exported: part of the API
+from worker.json_slices import JsonSliceError, split_object
 from worker.settings import Settings
 
 MAX_PROPERTY_DEPTH = 8
@@ -228,6 +229,7 @@ _encoder = msgspec.json.Encoder()
 _row_head_decoder = msgspec.json.Decoder(RowHead)
 _event_decoder = msgspec.json.Decoder(Event)
 _row_decoder = msgspec.json.Decoder(Row)
+_any_decoder = msgspec.json.Decoder()
 _MSGSPEC_PATH = re.compile(r"\s*-\s*at\s*`\$\.?([^`]*)`\s*$")
 _MSGSPEC_KEY = re.compile(r"^(.*?)\s*-\s*at\s*`key`\s*in\s*`\$\.?([^`]*)`\s*$")
 _COORDINATES = {"longitude": (-180, 180), "latitude": (-90, 90)}
@@ -283,6 +285,8 @@ def parse_event(
         raise InvalidEvent("$", _decode_problem(obj, exc)) from None
     except UnicodeEncodeError:  # a str holding lone surrogates, before any parsing
         raise InvalidEvent("$", "not valid UTF-8 (the text holds a lone surrogate)") from None
+    except RecursionError:  # JSON nested ~1,000 levels deep: the decoder's own limit
+        raise _too_deep(obj) from None
     finally:
         _date_bounds.reset(token)
         _default_id.reset(id_token)
@@ -319,6 +323,25 @@ def _invalid(exc: msgspec.ValidationError) -> InvalidEvent:
             return InvalidEvent(field, f"must be a finite number from {low} to {high}")
         return InvalidEvent(field, message[: match.start()])
     return InvalidEvent("$", message)
+
+
+def _too_deep(obj: Any) -> InvalidEvent:
+    """An event nested deeper than the decoder goes: name the top-level field that is."""
+    field = "$"
+    if isinstance(obj, bytes | bytearray | memoryview | str):
+        try:
+            for key, value in split_object(obj):
+                try:
+                    _any_decoder.decode(value)
+                except RecursionError:
+                    name = _any_decoder.decode(key)
+                    field = name if isinstance(name, str) else "$"
+                    break
+                except msgspec.MsgspecError:
+                    continue
+        except (JsonSliceError, msgspec.MsgspecError):
+            pass
+    return InvalidEvent(field, "nested too deeply to decode (JSON over ~1,000 levels)")
 
 
 def _field_path(path: str) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 
 import msgspec
 
+from worker import bodies
 from worker.apply import content_digest
 from worker.buffer import EventBuffer
 from worker.deadletters import (
@@ -44,6 +45,7 @@ from worker.deadletters import (
 )
 from worker.errors import InvalidEvent
 from worker.events import Event, Limits, encode_event, parse_event
+from worker.json_slices import JsonSliceError, split_array
 from worker.names import TASK_INGEST_EVENT, TASK_INGEST_EVENTS
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,8 @@ def _raw(item: Any) -> bytes:
     """
     if isinstance(item, bytes):
         return item
+    if isinstance(item, msgspec.Raw):  # a keyword argument left undecoded (worker/bodies.py)
+        return bytes(item)
     try:
         text = json.dumps(item, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError, OverflowError, RecursionError):
@@ -181,23 +185,44 @@ def _items(payload: Any) -> list[Any]:
     client sends its batch as one JSON text) or still undecoded (a worker
     decodes the events argument of a task body lazily: `worker/bodies.py`);
     any other value is a batch of one item. JSON bytes are decoded straight
-    into an Event, with no dict in between.
+    into an Event, with no dict in between. An array msgspec cannot cut
+    into items (one nested too deep, NaN, an integer out of range) is cut by
+    `split_array`, so each item is judged on its own.
     """
     if isinstance(payload, msgspec.Raw):
         raw = bytes(payload).lstrip()
         if raw.startswith(b"["):
-            return [bytes(item) for item in _RAW_ITEMS.decode(raw)]
+            items = _array_items(raw)
+            return [raw] if items is None else items
         if not raw.startswith(b'"'):
             return [raw]
-        payload = _ANY.decode(raw)  # the producer's JSON text, inside a JSON string
+        try:
+            payload = _ANY.decode(raw)  # the producer's JSON text, inside a JSON string
+        except msgspec.DecodeError:
+            return [raw]
     if isinstance(payload, list):
         return [bytes(item) if isinstance(item, msgspec.Raw) else item for item in payload]
     if isinstance(payload, str) and payload.startswith("["):
         try:
-            return [bytes(raw) for raw in _RAW_ITEMS.decode(payload)]
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeEncodeError):
-            pass  # not a JSON array after all: dead-lettered whole, below
+            items = _array_items(payload.encode("utf-8"))
+        except UnicodeEncodeError:
+            items = None
+        if items is not None:
+            return items
+        # not a JSON array after all (or not UTF-8): dead-lettered whole, below
     return [payload]
+
+
+def _array_items(raw: bytes) -> list[Any] | None:
+    """The JSON text of each item of a JSON array; None when it is not one."""
+    try:
+        return [bytes(item) for item in _RAW_ITEMS.decode(raw)]
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        pass
+    try:
+        return list(split_array(raw))
+    except JsonSliceError:
+        return None
 
 
 def _not_an_object(item: bytes) -> str | None:
@@ -484,13 +509,18 @@ def body_batch(task: str, body: bytes) -> Any:
     args=[e1, e2])`, whose `e2` lands in `batch_id`; arguments the task does
     not take) is added to the batch as one more item: an event, or an
     invalid_event dead letter once replayed, never dropped. Raises
-    TaskBodyError when the body is not JSON or holds no events.
+    TaskBodyError when the body is not JSON or holds no events. The body is
+    decoded as a worker decodes it (`worker/bodies.py`): the events stay raw
+    JSON, and a body with an event nested too deep or holding NaN still
+    yields its events (each judged on its own by `ingest()`).
     """
     try:
-        decoded = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise TaskBodyError(f"the task body is not JSON: {exc}") from None
-    if isinstance(decoded, list):
+        decoded = bodies.decode(body)
+    except RecursionError:
+        raise TaskBodyError("the task body is nested too deeply to decode") from None
+    except ValueError as exc:  # msgspec's, json's and the slicer's errors
+        raise TaskBodyError(f"the task body is not JSON: {one_line(exc)}") from None
+    if isinstance(decoded, list | tuple):
         args = decoded[0] if decoded else None
         kwargs = decoded[1] if len(decoded) > 1 else None
     elif isinstance(decoded, dict):
@@ -509,9 +539,25 @@ def body_batch(task: str, body: bytes) -> Any:
         raise TaskBodyError(f"the task body carries no {keyword} argument")
     if rest and "batch_id" not in kwargs:
         kwargs["batch_id"] = rest.pop(0)
-    if "batch_id" in kwargs and batch_id_problem(kwargs["batch_id"]) is None:
+    if "batch_id" in kwargs and batch_id_problem(_decoded(kwargs["batch_id"])) is None:
         del kwargs["batch_id"]
     extra = rest + list(kwargs.values())
     if not extra:
         return [value] if single else value
     return [value, *extra] if single else [*_items(value), *extra]
+
+
+def _decoded(value: Any) -> Any:
+    """A task argument the worker's decoder left raw, decoded (itself if it is not JSON)."""
+    if not isinstance(value, msgspec.Raw):
+        return value
+    try:
+        return msgspec.json.decode(value)
+    except (msgspec.DecodeError, RecursionError):
+        return value
+
+
+def one_line(error: object, limit: int = 300) -> str:
+    """An error's text on one line, cut: it may quote the hostile input at length."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +35,9 @@ from worker.deadletters import (
 )
 from worker.errors import InvalidEvent
 from worker.events import KIND_REGULAR, Limits, Row, encode_event, parse_event
-from worker.ingest import TaskBodyError, body_batch, ingest
+from worker.ingest import TaskBodyError, body_batch, ingest, one_line
+from worker.json_slices import JsonSliceError, split_array, split_object
+from worker.redis_errors import REDIS_FAILURES
 
 
 class QueuedRow(Row):
@@ -59,9 +60,6 @@ class ReplayItem:
     letter: StoredDeadLetter
     payload: bytes  # the entry's payload, or its corrected version from a fix file
     fixed: bool  # the payload comes from a fix file
-    # Earlier entries of the same shard with exactly the same bytes (two equal
-    # invalid events of one batch): each is an event of its own.
-    occurrence: int = 0
     event: Row | None = None
     # A batch dead letter's events argument, as its ingest task takes it.
     batch: Any = None
@@ -83,7 +81,9 @@ class ReplayItem:
         ):
             return header.claim
         digest = hashlib.sha256(self.letter.entry).hexdigest()[:40]
-        return f"dlq-replay:{self.letter.shard}:{digest}:{self.occurrence}"
+        # `occurrence`: earlier entries of the same shard with exactly the same
+        # bytes (two equal invalid events of one batch): each is an event of its own.
+        return f"dlq-replay:{self.letter.shard}:{digest}:{self.letter.occurrence}"
 
 
 @dataclass
@@ -101,6 +101,8 @@ class ReplayResult:
     removed: int = 0  # entries removed from the dead letters
     # Invalid events of replayed batches, dead-lettered on their own now.
     invalid_events: int = 0
+    # Items that failed when applied, with why (`error`): they stay dead letters.
+    failed: list[ReplayItem] = field(default_factory=list)
 
 
 def canonical_id(value: Any) -> str | None:
@@ -113,29 +115,55 @@ def canonical_id(value: Any) -> str | None:
         return None
 
 
+class _IdOnly(msgspec.Struct):
+    """Only the `id` of a payload: decoding it skips (and so never builds) the rest."""
+
+    id: Any = None
+
+
+_id_decoder = msgspec.json.Decoder(_IdOnly)
+
+
 def payload_event_id(payload: bytes) -> str | None:
-    """The `id` of a dead letter's payload, when it is a JSON object with a UUID id."""
+    """The `id` of a dead letter's payload, when it is a JSON object with a UUID id.
+
+    None for anything else, whatever the payload holds (not JSON, nested too
+    deep, numbers out of range: only the id is decoded when it can be).
+    """
     try:
-        obj = msgspec.json.decode(payload)
-    except msgspec.DecodeError:
-        return None
-    return canonical_id(obj.get("id")) if isinstance(obj, dict) else None
+        obj = _id_decoder.decode(payload)
+    except (msgspec.DecodeError, RecursionError):
+        return _sliced_id(payload)
+    return canonical_id(obj.id)
+
+
+def _sliced_id(payload: bytes) -> str | None:
+    """The id of an object msgspec cannot skip through (a member nested too deep)."""
+    try:
+        for key, value in split_object(payload):
+            if msgspec.json.decode(key) == "id":
+                return canonical_id(msgspec.json.decode(value))
+    except (ValueError, RecursionError):  # not an object, or its id is no JSON string
+        pass
+    return None
 
 
 def validate_payload(payload: bytes, limits: Limits, already_queued: bool) -> Row:
     """The event a payload makes, as ingest would accept it; raises InvalidEvent.
 
     Only JSON objects count, as at ingest (JSON text inside a JSON string is
-    no event). `already_queued` payloads (flush dead letters) become
-    `QueuedRow`s.
+    no event); they are decoded as ingest decodes an item of a batch, so
+    what ingest refuses (nesting too deep, NaN, huge integers) is refused
+    here as invalid, never raised. `already_queued` payloads (flush dead
+    letters) become `QueuedRow`s.
     """
-    try:
-        obj = msgspec.json.decode(payload)
-    except msgspec.DecodeError as exc:
-        raise InvalidEvent("$", f"not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
+    if not payload.lstrip().startswith(b"{"):
+        try:
+            obj = msgspec.json.decode(payload)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise InvalidEvent("$", f"not valid JSON: {one_line(exc)}") from None
         raise InvalidEvent("$", f"an event must be an object, got {type(obj).__name__}")
-    event = parse_event(obj, limits)
+    event = parse_event(payload, limits)
     if already_queued:
         return msgspec.json.decode(encode_event(event), type=QueuedRow)
     return event
@@ -152,36 +180,48 @@ def plan_replay(
     """
     plan = ReplayPlan()
     matched: set[str] = set()
-    seen: Counter[tuple[int, bytes]] = Counter()
     for letter in letters:
-        occurrence = seen[letter.shard, letter.entry]
-        seen[letter.shard, letter.entry] += 1
-        payload, fixed = letter.payload, False
-        if letter.reason in BATCH_REASONS:
-            if fixes is None:  # a fix file corrects single events, matched by id
-                _plan_batch(plan, ReplayItem(letter, payload, False, occurrence))
-            continue
-        if fixes is not None:
-            event_id = payload_event_id(letter.payload)
-            if event_id is None or event_id not in fixes:
-                continue
-            payload, fixed = fixes[event_id], True
-            matched.add(event_id)
-        item = ReplayItem(letter, payload, fixed, occurrence)
-        if letter.header is None:
-            item.error = "the entry's header cannot be decoded"
-            plan.invalid.append(item)
-            continue
         try:
-            item.event = validate_payload(payload, limits, letter.header.source == "flush")
-        except InvalidEvent as exc:
-            item.error = str(exc)
-            plan.invalid.append(item)
-            continue
-        plan.ready.append(item)
+            _plan_letter(plan, letter, limits, fixes, matched)
+        except Exception as exc:  # one letter's content never stops the plan
+            error = f"cannot be read for a replay: {type(exc).__name__}: {one_line(exc)}"
+            plan.invalid.append(ReplayItem(letter, letter.payload, False, error=error))
     if fixes is not None:
         plan.unmatched_ids = [i for i in fixes if i not in matched]
     return plan
+
+
+def _plan_letter(
+    plan: ReplayPlan,
+    letter: StoredDeadLetter,
+    limits: Limits,
+    fixes: Mapping[str, bytes] | None,
+    matched: set[str],
+) -> None:
+    """Add `letter` to the plan: ready, invalid (with why), or left out (no fix for it)."""
+    payload, fixed = letter.payload, False
+    if letter.reason in BATCH_REASONS:
+        if fixes is None:  # a fix file corrects single events, matched by id
+            _plan_batch(plan, ReplayItem(letter, payload, False))
+        return
+    if fixes is not None:
+        event_id = payload_event_id(letter.payload)
+        if event_id is None or event_id not in fixes:
+            return
+        payload, fixed = fixes[event_id], True
+        matched.add(event_id)
+    item = ReplayItem(letter, payload, fixed)
+    if letter.header is None:
+        item.error = "the entry's header cannot be decoded"
+        plan.invalid.append(item)
+        return
+    try:
+        item.event = validate_payload(payload, limits, letter.header.source == "flush")
+    except InvalidEvent as exc:
+        item.error = str(exc)
+        plan.invalid.append(item)
+        return
+    plan.ready.append(item)
 
 
 def _plan_batch(plan: ReplayPlan, item: ReplayItem) -> None:
@@ -192,12 +232,28 @@ def _plan_batch(plan: ReplayPlan, item: ReplayItem) -> None:
         if header.reason == REASON_UNDELIVERABLE:
             item.batch = body_batch(header.task, item.payload)
         else:
-            item.batch = msgspec.json.decode(item.payload)
-    except (TaskBodyError, msgspec.DecodeError) as exc:
+            item.batch = stored_batch(item.payload)
+    except TaskBodyError as exc:
         item.error = str(exc)
         plan.invalid.append(item)
         return
     plan.ready.append(item)
+
+
+def stored_batch(payload: bytes) -> Any:
+    """An `ingest_failed` dead letter's batch, as `ingest()` takes it; raises TaskBodyError.
+
+    A batch msgspec cannot decode whole (an event nested too deep, NaN, a
+    huge integer) is cut into the JSON text of its events, each then judged
+    on its own by `ingest()`.
+    """
+    try:
+        return msgspec.json.decode(payload)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        try:
+            return split_array(payload)
+        except JsonSliceError:
+            raise TaskBodyError(f"the batch is not JSON: {one_line(exc)}") from None
 
 
 def replay(
@@ -214,20 +270,32 @@ def replay(
     result = ReplayResult()
     for start in range(0, len(items), PAGE):
         page = items[start : start + PAGE]
+        done: list[StoredDeadLetter] = []
         for item in page:
-            if item.batch is not None:
-                ingested = ingest(buffer, item.batch, item.batch_id)
-                result.invalid_events += 0 if ingested.duplicate else ingested.invalid
-                duplicate = ingested.duplicate
-            else:
-                assert item.event is not None, "only ready items are replayed"
-                duplicate = buffer.apply([item.event], batch_id=item.batch_id).duplicate
+            try:
+                duplicate = _apply(buffer, item, result)
+            except REDIS_FAILURES:
+                raise
+            except Exception as exc:  # one letter never stops the others
+                item.error = f"{type(exc).__name__}: {one_line(exc)}"
+                result.failed.append(item)
+                continue
+            done.append(item.letter)
             if duplicate:
                 result.already_applied += 1
             else:
                 result.applied += 1
-        letters = [item.letter for item in page]
-        result.removed += remove_dead_letters(buffer.scripts, buffer.keyspace, letters)
+        result.removed += remove_dead_letters(buffer.scripts, buffer.keyspace, done)
         if progress:
             progress(len(page))
     return result
+
+
+def _apply(buffer: EventBuffer, item: ReplayItem, result: ReplayResult) -> bool:
+    """Apply one ready item; True when its batch id had been applied before."""
+    if item.batch is not None:
+        ingested = ingest(buffer, item.batch, item.batch_id)
+        result.invalid_events += 0 if ingested.duplicate else ingested.invalid
+        return ingested.duplicate
+    assert item.event is not None, "only ready items are replayed"
+    return buffer.apply([item.event], batch_id=item.batch_id).duplicate
