@@ -133,6 +133,16 @@ class Sink(Protocol):
         """Like `query`, also returning the result's column names."""
         ...
 
+    def format_query(self, sql: str) -> str:
+        """ClickHouse's own single-line text of `sql`, which must be one statement.
+
+        The engine parses it (`formatQuerySingleLine`, read-only) and runs none
+        of it: comments, heredocs and characters its lexer skips are gone from
+        the answer. Raises SinkError for a syntax error, several statements, or
+        a server without the function.
+        """
+        ...
+
     def migrate(self) -> None:
         """Create the database and table if they do not exist (idempotent)."""
         ...
