@@ -668,6 +668,62 @@ def test_run_starts_the_stack_and_stops_it_cleanly(
     assert (tmp_path / "data" / "logs" / "flush.log").exists()
 
 
+@pytest.mark.slow
+def test_run_keeps_its_data_and_logs_to_its_user(tmp_path: Path) -> None:
+    """Under umask 022, the AOF (every buffered event), logs and chDB data stay private."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)  # from an older run
+    data.chmod(0o755)
+    env = project_env(
+        REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0",
+        CLICKHOUSE_URL="chdb://data/clickhouse",
+        EVENT_BUFFER_FLUSH_INTERVAL_S="1",
+    )
+    log = tmp_path / "run.out"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            umask=0o022,
+        )
+    pids: set[int] = set()
+    try:
+        stack_up(process, log)
+        pids = descendants(process.pid)
+        app = create_app(Settings.from_env({"REDIS_URL": env["REDIS_URL"]}))
+        try:
+            body = {"project_id": "private", "name": "signup", "created_at": BASE_MS}
+            app.send_task("eventbuffer.ingest_event", args=[body], queue="ingest")
+        finally:
+            app.close()
+        aof = data / "redis" / "appendonlydir"
+        wait_for(
+            lambda: any(b"private" in f.read_bytes() for f in aof.iterdir()), 20, "the AOF", log
+        )
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, log.read_text()
+    finally:
+        pids |= descendants(process.pid)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert data.stat().st_mode & 0o777 == 0o700
+    found = {path.relative_to(data).parts[0] for path in data.rglob("*")}
+    assert {"redis", "logs", "clickhouse", "celerybeat-schedule.dat"} <= found, found
+    shared = [
+        f"{path.relative_to(data)} {path.stat().st_mode & 0o777:o}"
+        for path in [data, *data.rglob("*")]
+        if not path.is_symlink() and path.stat().st_mode & 0o077
+    ]
+    assert shared == []
+
+
 def redis_pids(log: Path) -> list[int]:
     """The private redis-server's pids, as `run` printed them: first start, then each restart."""
     text = log.read_text()
