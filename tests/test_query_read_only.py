@@ -102,7 +102,14 @@ def refused(result: Result, *words: str) -> None:
 def outfile_attacks(target: Path) -> list[str]:
     heredoc = f"SELECT 'x' WHERE $$'$$ != '' INTO OUTFILE '{target}' APPEND FORMAT TSVRaw"
     hidden = [f"SELECT 'pwned' INTO{z}OUTFILE '{target}' FORMAT TSVRaw" for z in ZERO_WIDTH]
-    return [heredoc, *hidden, f"SELECT 1 INTO OUTFILE '{target}'"]
+    others = [
+        f"SHOW TABLES INTO OUTFILE '{target}'",
+        f"DESCRIBE TABLE events INTO OUTFILE '{target}'",
+        f"EXISTS TABLE events INTO OUTFILE '{target}'",
+        f"SHOW CREATE TABLE events INTO OUTFILE '{target}'",
+        f"EXPLAIN SELECT 1 INTO OUTFILE '{target}'",
+    ]
+    return [heredoc, *hidden, f"SELECT 1 INTO OUTFILE '{target}'", *others]
 
 
 def test_into_outfile_is_refused_however_it_is_hidden(
