@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import Result
 from tests.support.native_server import chdb_server, chdb_serves, local_server, server_binary
-from worker.cli.statement import Node, check, tree
+from worker.cli.statement import Node, _code, check, tree
 
 # Characters ClickHouse's lexer skips as whitespace, which Python's \s does not all match.
 ZERO_WIDTH = ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u180e"]
@@ -266,3 +266,11 @@ def test_a_tree_that_does_not_add_up_is_refused() -> None:
             tree(lines)
     with pytest.raises(Exception, match="INTO OUTFILE"):
         check(node("SelectWithUnionQuery", node("ExpressionList"), node("Literal '/x'")), set())
+
+
+def test_the_rendering_is_read_without_its_quoted_parts() -> None:
+    code, escaped = _code("SELECT 'INTO OUTFILE \\'x\\'' AS `a b`, \"c\" INTO OUTFILE 'y'")
+    assert code.split() == ["SELECT", "AS", ",", "INTO", "OUTFILE"]
+    assert not escaped
+    assert _code("SELECT 1 AS `a\\nb`")[1]
+    assert _code('SELECT 1 AS "a\\"b"')[1]
