@@ -43,7 +43,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings, console: Console) ->
     sql = sys.stdin.read() if args.sql == "-" else args.sql
     started = time.perf_counter()
     # Only a writing query may create embedded ClickHouse's data directory.
-    with clickhouse(settings, create=args.write) as sink:
+    with clickhouse(settings, create=args.write, readonly=not args.write) as sink:
         statement = sql if args.write else read_only_statement(sink, sql)
         try:
             columns, rows = sink.query_with_columns(statement, readonly=not args.write)
