@@ -123,7 +123,9 @@ class Sink(Protocol):
         """Run a query; `params` are never formatted in by hand.
 
         `readonly`: the engine itself refuses anything but reading (ClickHouse's
-        `readonly = 1`, which the query cannot lift).
+        `readonly = 1`, which the query cannot lift). It does not refuse
+        `INTO OUTFILE` in chDB nor table functions under DESCRIBE: SQL from a
+        user goes through worker/cli/statement.py first.
         """
         ...
 
