@@ -144,6 +144,9 @@ def test_query_output_is_verbatim(run_main: Callable[..., Result]) -> None:
         "SELECT 1 INTO/**/OUTFILE '/tmp/eventbuffer-test-outfile'",
         "SELECT 1 INTO -- a comment\n OUTFILE '/tmp/eventbuffer-test-outfile'",
         "-- only a comment",
+        # readonly = 1 lets DESCRIBE over it read the file: refused before it runs.
+        "SELECT * FROM file('/etc/hostname', 'LineAsString')",
+        "DESCRIBE file('/etc/hostname', 'LineAsString')",
     ],
 )
 def test_query_refuses_writes_without_write(run_main: Callable[..., Result], sql: str) -> None:
@@ -159,10 +162,10 @@ def test_query_refuses_writes_without_write(run_main: Callable[..., Result], sql
 @pytest.mark.parametrize(
     "sql",
     [
-        # Reading keywords that still write: the engine's readonly mode refuses them.
+        # Starting with a reading keyword, still writing: the engine refuses them (its
+        # parser, for the INSERT; readonly = 1, for the settings).
         "SELECT * FROM events SETTINGS readonly = 0",
         "WITH 1 AS x INSERT INTO events (project_id, name, created_at) VALUES ('p', 'x', now())",
-        "SELECT * FROM file('/etc/hostname', 'LineAsString')",
         "EXPLAIN SELECT 1 SETTINGS readonly = 0",
     ],
 )
@@ -227,6 +230,7 @@ def test_query_allows_reads(run_main: Callable[..., Result], sql: str) -> None:
 
 
 def test_query_write_runs_changes(run_main: Callable[..., Result]) -> None:
+    assert run_main("migrate").code == 0  # ClickHouse checks the statement: it must be there
     create = "CREATE TABLE scratch (x UInt8) ENGINE = MergeTree ORDER BY x"
     assert run_main("query", create).code == 2
     assert run_main("query", create, "--write").code == 0
@@ -685,6 +689,62 @@ def test_a_second_run_in_the_directory_or_on_the_redis_is_refused(
     assert "uses the Redis at redis://127.0.0.1:" in line
     assert process.poll() is None  # the first stack runs on, untouched
     assert not list((other / "data" / "logs").iterdir())  # the second started nothing
+
+
+@pytest.mark.slow
+def test_run_keeps_its_data_and_logs_to_its_user(tmp_path: Path) -> None:
+    """Under umask 022, the AOF (every buffered event), logs and chDB data stay private."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)  # from an older run
+    data.chmod(0o755)
+    env = project_env(
+        REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0",
+        CLICKHOUSE_URL="chdb://data/clickhouse",
+        EVENT_BUFFER_FLUSH_INTERVAL_S="1",
+    )
+    log = tmp_path / "run.out"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            umask=0o022,
+        )
+    pids: set[int] = set()
+    try:
+        stack_up(process, log)
+        pids = descendants(process.pid)
+        app = create_app(Settings.from_env({"REDIS_URL": env["REDIS_URL"]}))
+        try:
+            body = {"project_id": "private", "name": "signup", "created_at": BASE_MS}
+            app.send_task("eventbuffer.ingest_event", args=[body], queue="ingest")
+        finally:
+            app.close()
+        aof = data / "redis" / "appendonlydir"
+        wait_for(
+            lambda: any(b"private" in f.read_bytes() for f in aof.iterdir()), 20, "the AOF", log
+        )
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, log.read_text()
+    finally:
+        pids |= descendants(process.pid)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert data.stat().st_mode & 0o777 == 0o700
+    found = {path.relative_to(data).parts[0] for path in data.rglob("*")}
+    assert {"redis", "logs", "clickhouse", "celerybeat-schedule.dat"} <= found, found
+    shared = [
+        f"{path.relative_to(data)} {path.stat().st_mode & 0o777:o}"
+        for path in [data, *data.rglob("*")]
+        if not path.is_symlink() and path.stat().st_mode & 0o077
+    ]
+    assert shared == []
 
 
 def redis_pids(log: Path) -> list[int]:

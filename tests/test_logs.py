@@ -57,6 +57,23 @@ def test_redact_masks_url_passwords_and_password_parameters() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        # An unencoded "@" in a password: clients split user info at the last one.
+        ("redis://:p@ss@host:6379/0", "redis://:***@host:6379/0"),
+        ("redis://user:a@b@c@host:6379/0", "redis://user:***@host:6379/0"),
+        ("amqp://guest:@@@host//", "amqp://guest:***@host//"),
+        ("rediss://:x@y@h1:1/0,rediss://:z@h2:2/0", "rediss://:***@h2:2/0"),
+    ],
+)
+def test_redact_masks_a_password_holding_unencoded_at_signs(url: str, masked: str) -> None:
+    from urllib.parse import urlsplit
+
+    assert urlsplit(url).hostname in ("host", "h1")  # what a client connects to
+    assert redact(f"connecting to {url} now") == f"connecting to {masked} now"
+
+
 def test_json_lines_carry_fields_and_no_secrets(
     json_log: tuple[logging.Logger, io.StringIO],
 ) -> None:

@@ -38,7 +38,7 @@ from worker.metrics import (
 )
 from worker.reorder import held_packs, held_rows
 from worker.scripts import Scripts
-from worker.settings import Settings
+from worker.settings import Settings, SettingsError
 from worker.sinks import open_sink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,6 +248,60 @@ def test_worker_processes_of_one_host_share_one_endpoint(
     assert sum("serving Prometheus metrics on port" in log for log in logs) == 1
     assert sum("is taken, by another worker of this host" in log for log in logs) == 1
     assert not any("cannot serve" in log for log in logs)
+
+
+def outward_address() -> str | None:
+    """This host's address on its default route, if it has one (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") else address
+
+
+def connects(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_the_endpoint_listens_on_loopback_unless_told_otherwise(
+    redis_url: str, tmp_path: Path
+) -> None:
+    outward = outward_address()
+    for address in (None, "0.0.0.0"):
+        port = free_port("0.0.0.0")
+        env = project_env(
+            REDIS_URL=redis_url,
+            CLICKHOUSE_URL=f"chdb://{tmp_path / 'ch'}",
+            EVENT_BUFFER_METRICS_PORT=str(port),
+            **({"EVENT_BUFFER_METRICS_ADDRESS": address} if address else {}),
+        )
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        proc = worker(env, tmp_path / f"worker-{port}.log", "-Q", "ingest", "-P", "solo")
+        try:
+            proc.wait_for("ready.")
+            wait_until(
+                lambda port=port: reachable(port), 20, "the metrics endpoint", alive=proc.alive
+            )
+            if outward is not None:
+                assert connects(outward, port) == (address == "0.0.0.0"), (address, outward)
+        finally:
+            proc.stop()
+        shown = address or "127.0.0.1"
+        assert f"serving Prometheus metrics on port {port} of {shown}" in proc.text()
+
+
+def test_the_metrics_address_is_an_ip_address() -> None:
+    assert Settings.from_env({}).metrics_address == "127.0.0.1"
+    assert Settings.from_env({"EVENT_BUFFER_METRICS_ADDRESS": " :: "}).metrics_address == "::"
+    with pytest.raises(SettingsError, match="EVENT_BUFFER_METRICS_ADDRESS must be an IP"):
+        Settings.from_env({"EVENT_BUFFER_METRICS_ADDRESS": "everywhere"})
 
 
 # -- in-process: recording and the Redis collector ------------------------------------------

@@ -624,6 +624,23 @@ def test_cli_errors_show_no_password(
         assert_no_secret(result.out + result.err, PASSWORD, "Wr0ng-pw/guess")
 
 
+def test_an_unencoded_at_in_a_password_is_masked_whole(run_cli: Callable[..., Result]) -> None:
+    closed = free_port()
+    redis_url = f"redis://:hunter@2secret@127.0.0.1:{closed}/0"
+    clickhouse = f"clickhouse://app:pa@ss@word@127.0.0.1:{closed}/db?connect_timeout=1"
+    for env, argv in (
+        ({"REDIS_URL": redis_url}, ["status"]),
+        ({"REDIS_URL": redis_url, "CLICKHOUSE_URL": clickhouse}, ["query", "SELECT 1"]),
+        ({"REDIS_URL": redis_url, "CLICKHOUSE_URL": clickhouse}, ["migrate"]),
+    ):
+        result = run_cli(env, *argv)
+        assert result.code == 1, (argv, result)
+        text = result.out + result.err
+        assert "***@127.0.0.1" in text, text
+        for piece in ("hunter", "2secret", "pa@", "ss@", "word@"):
+            assert piece not in text, (argv, text)
+
+
 def test_settings_errors_show_no_password() -> None:
     for env in (
         {"REDIS_URL": f"default:{PASSWORD}@redis.internal:6379/0"},

@@ -26,7 +26,10 @@ from typing import Any
 
 FORMATS = ("console", "json")
 
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*:)[^@\s]*@")
+# The password runs to the LAST "@" before a space: clients split user info from
+# the host at its last "@" (urlsplit does), so an unencoded "@" in a password is
+# part of it. Masking too much (a later "@" on the same word) is the safe error.
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*:)\S*@")
 _QUERY_PASSWORD = re.compile(r"((?:password|passwd|pwd)=)[^&\s]*", re.IGNORECASE)
 
 # Attributes every LogRecord has: anything else on a record came from `extra=`.

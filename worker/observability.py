@@ -15,7 +15,8 @@ process before the pool forks):
   (prometheus-client wants it empty when the first worker using it starts).
 - Else, with `EVENT_BUFFER_METRICS_PORT` set, a private temporary directory
   is created, exported to the pool processes, and removed at shutdown.
-- With a port, an HTTP server in the main process serves `/metrics`: the
+- With a port, an HTTP server in the main process serves `/metrics` on
+  `EVENT_BUFFER_METRICS_ADDRESS` (127.0.0.1 unless set): the
   counters of every pool process (`MultiProcessCollector`) and the Redis
   gauges. A port in use is logged as an error; the worker runs on without it.
 - A pool process that exits (`worker_process_shutdown`) is marked dead, so
@@ -85,18 +86,22 @@ def _worker_init(sender: Any = None, **_: Any) -> None:
         metrics.enable_multiprocess(path)
         metrics.metrics()  # every series exists, at 0, from the first scrape
     if settings.metrics_port:
-        start_http_server(settings.metrics_port)
+        start_http_server(settings.metrics_port, settings.metrics_address)
 
 
-def start_http_server(port: int, addr: str = "") -> None:
-    """Serve /metrics on `port` (all interfaces) from a thread of this process."""
+def start_http_server(port: int, addr: str = "127.0.0.1") -> None:
+    """Serve /metrics on `addr`:`port` from a thread of this process.
+
+    `addr` is EVENT_BUFFER_METRICS_ADDRESS: loopback unless asked otherwise,
+    since the endpoint names projects and the shape of the traffic.
+    """
     from prometheus_client import start_http_server as serve
 
     from worker import metrics, runtime
 
     registry = metrics.build_registry(runtime.settings())
     try:
-        _state.server, _state.thread = serve(port, addr=addr or "0.0.0.0", registry=registry)
+        _state.server, _state.thread = serve(port, addr=addr, registry=registry)
     except OSError as exc:
         shared = metrics.multiprocess_dir()
         if shared is not None and _state.created_dir is None:
@@ -109,9 +114,10 @@ def start_http_server(port: int, addr: str = "") -> None:
                 "counters too",
             )
         else:
-            _state.notice = (logging.ERROR, f"metrics: cannot serve on port {port} ({exc})")
+            message = f"metrics: cannot serve on port {port} of {addr} ({exc})"
+            _state.notice = (logging.ERROR, message)
         return
-    _state.notice = (logging.INFO, f"metrics: serving Prometheus metrics on port {port}")
+    _state.notice = (logging.INFO, f"metrics: serving Prometheus metrics on port {port} of {addr}")
 
 
 def _worker_ready(sender: Any = None, **_: Any) -> None:

@@ -13,6 +13,7 @@ errors (`worker.errors`, itself a leaf).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -111,6 +112,16 @@ def _port(name: str, raw: str) -> int:
     if value > 65535:
         raise SettingsError(f"{name} must be a TCP port (0-65535), got {value}")
     return value
+
+
+def _ip_address(name: str, raw: str) -> str:
+    value = raw.strip()
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise SettingsError(
+            f"{name} must be an IP address (127.0.0.1, 0.0.0.0, ::), got {value!r}"
+        ) from None
 
 
 def _choice(*choices: str) -> Callable[[str, str], str]:
@@ -405,7 +416,15 @@ class Settings:
         "EVENT_BUFFER_METRICS_PORT",
         0,
         _port,
-        "Workers serve Prometheus metrics over HTTP on this port (all interfaces); 0 = off.",
+        "Workers serve Prometheus metrics over HTTP on this port; 0 = off.",
+    )
+    metrics_address: str = _setting(
+        "EVENT_BUFFER_METRICS_ADDRESS",
+        "127.0.0.1",
+        _ip_address,
+        "Address the metrics endpoint listens on: `127.0.0.1` (this host only), `0.0.0.0` "
+        "(every interface: a Prometheus on another host, or a container's published "
+        "port) or one interface's IP address.",
     )
     metrics_top_projects: int = _setting(
         "EVENT_BUFFER_METRICS_TOP_PROJECTS",

@@ -29,7 +29,7 @@ def query_when_free(url: str, sql: str, timeout: float = 30) -> list[tuple[Any, 
 
 
 class DelegatingSink:
-    """Delegates `write`, `query`, `migrate` and `close` to `inner`, a real sink.
+    """Delegates `write`, `query`, `format_query`, `migrate` and `close` to `inner`, a real sink.
 
     Subclasses override `write` (and keep their own state) to record, fail,
     pause or kill around the real INSERT.
@@ -51,6 +51,9 @@ class DelegatingSink:
         self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         return self.inner.query_with_columns(sql, params, readonly=readonly)
+
+    def format_query(self, sql: str) -> str:
+        return self.inner.format_query(sql)
 
     def migrate(self) -> None:
         self.inner.migrate()

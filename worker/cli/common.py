@@ -113,13 +113,19 @@ def missing_embedded_data(settings: Settings) -> CliError:
 
 @contextmanager
 def clickhouse(
-    settings: Settings, wait_s: float | None = None, *, create: bool = False
+    settings: Settings,
+    wait_s: float | None = None,
+    *,
+    create: bool = False,
+    readonly: bool = False,
 ) -> Iterator[Sink]:
     """A sink for the block; closed right after it.
 
     Embedded ClickHouse is opened at once (every sink of this process on the
     same directory shares the session), retrying for `wait_s` while another
     process holds the directory (default BUSY_WAIT_S); then `ClickHouseBusy`.
+    With `readonly` it is opened read-only at once, so the read-only queries
+    that follow need not reopen it (another process could take it between).
     Its data directory is created only with `create` (`migrate`); any other
     command finding none says where it looked.
     """
@@ -134,7 +140,7 @@ def clickhouse(
             break
         try:
             with stderr_silenced():
-                sink.query("SELECT 1")
+                sink.query("SELECT 1", readonly=readonly)
             break
         except RetryableSinkError:
             sink.close()

@@ -166,10 +166,36 @@ def ingest_workers(env: dict[str, str], logs: Path, fast: list[str]) -> list[Chi
     return workers
 
 
+# Files `run` and its children create: for this user only (no group, no others).
+PRIVATE_UMASK = 0o077
+
+
+def private_directory(path: Path) -> Path:
+    """`path` created (or made) readable by this user only.
+
+    `data/` holds Redis' AOF (every buffered event), the logs and embedded
+    ClickHouse: under a umask of 022 they would be world-readable. A data
+    directory from an older run keeps its files' modes, but nobody else can
+    reach them through it any more.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
-    data = Path("data")
-    logs = data / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    # Inherited by Redis, the workers, Beat and the migration: AOF, logs, chDB
+    # data and Beat's schedule are created 0600 (directories 0700).
+    previous_umask = os.umask(PRIVATE_UMASK)
+    try:
+        return _run(settings, console)
+    finally:
+        os.umask(previous_umask)
+
+
+def _run(settings: Settings, console: Console) -> int:
+    data = private_directory(Path("data"))
+    logs = private_directory(data / "logs")
     directory = DirectoryLock(data)
     directory.acquire()  # one stack per data directory: before anything is started
     signals = Signals()

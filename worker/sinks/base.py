@@ -130,7 +130,9 @@ class Sink(Protocol):
         """Run a query; `params` are never formatted in by hand.
 
         `readonly`: the engine itself refuses anything but reading (ClickHouse's
-        `readonly = 1`, which the query cannot lift).
+        `readonly = 1`, which the query cannot lift). It does not refuse
+        `INTO OUTFILE` in chDB nor table functions under DESCRIBE: SQL from a
+        user goes through worker/cli/statement.py first.
         """
         ...
 
@@ -138,6 +140,16 @@ class Sink(Protocol):
         self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Like `query`, also returning the result's column names."""
+        ...
+
+    def format_query(self, sql: str) -> str:
+        """ClickHouse's own single-line text of `sql`, which must be one statement.
+
+        The engine parses it (`formatQuerySingleLine`, read-only) and runs none
+        of it: comments, heredocs and characters its lexer skips are gone from
+        the answer. Raises SinkError for a syntax error, several statements, or
+        a server without the function.
+        """
         ...
 
     def migrate(self) -> None:

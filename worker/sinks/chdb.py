@@ -45,8 +45,18 @@ class _Handle:
         self.lock = threading.RLock()
         self.users = 0
         self.session: Any = None
+        self.readonly = False
 
-    def open(self) -> Any:
+    def open(self, readonly: bool = False) -> Any:
+        """The session, opened read-only or writable as asked.
+
+        A read-only session stays read-only (nothing in a query can lift
+        `readonly = 1`): asking for the other kind closes it and opens anew.
+        Consecutive read-only queries share one session, so another process
+        cannot take the directory between them.
+        """
+        if self.session is not None and self.readonly != readonly:
+            self.close()
         if self.session is None:
             from chdb import session as chdb_session
 
@@ -58,6 +68,15 @@ class _Handle:
                     f"embedded ClickHouse at {self.path} could not be opened "
                     f"(held by another process?): {exc}"
                 ) from exc
+            if readonly:
+                try:
+                    # chDB turns introspection functions on by default.
+                    self.session.query("SET allow_introspection_functions = 0")
+                    self.session.query("SET readonly = 1")
+                except Exception:
+                    self.close()
+                    raise
+            self.readonly = readonly
         return self.session
 
     def close(self) -> None:
@@ -128,16 +147,22 @@ class ChdbSink:
         self._handle = _handle_for(self.path)
         self._holding = False
 
-    def _session(self) -> Any:
+    def _session(self, readonly: bool = False) -> Any:
         handle = self._handle
         with handle.lock:
-            session = handle.open()
+            session = handle.open(readonly)
             if not self._holding:
                 handle.users += 1
                 self._holding = True
             return session
 
-    def _run(self, sql: str, fmt: str = "CSV", params: dict[str, Any] | None = None) -> Any:
+    def _run(
+        self,
+        sql: str,
+        fmt: str = "CSV",
+        params: dict[str, Any] | None = None,
+        readonly: bool = False,
+    ) -> Any:
         if params:
             # ClickHouse parses a {name:Type} parameter's text in its Escaped (TSV)
             # format: a backslash, tab or newline in a string must be escaped, or
@@ -147,7 +172,7 @@ class ChdbSink:
                 for name, value in params.items()
             }
         with self._handle.lock:
-            session = self._session()
+            session = self._session(readonly)
             try:
                 return session.query(sql, fmt, params=params)
             except INTERRUPTS:
@@ -185,25 +210,25 @@ class ChdbSink:
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Column names and rows of a query; `readonly`: the engine refuses any write.
 
-        A read-only query runs in a session of its own with `readonly = 1`,
-        which nothing in the query can lift (the setting forbids changing
-        settings); the shared session is closed for it and reopens on next use.
+        A read-only query runs in a session opened with `readonly = 1`, which
+        nothing in the query can lift (the setting forbids changing settings);
+        the next writing query closes it and opens a writable one.
+        `readonly` does not stop `INTO OUTFILE`, nor table functions in every
+        place (`DESCRIBE file(...)`): `eventbuffer query` checks the parsed
+        statement for those first (worker/cli/statement.py).
         """
-        if readonly:
-            with self._handle.lock:
-                self._handle.close()
-                try:
-                    self._run("SET readonly = 1")
-                    result = self._run(sql, "JSONCompact", params=params)
-                finally:
-                    self._handle.close()
-        else:
-            result = self._run(sql, "JSONCompact", params=params)
+        result = self._run(sql, "JSONCompact", params=params, readonly=readonly)
         raw = result.bytes()
         if not raw:
             return [], []
         data = json.loads(raw)
         return [column["name"] for column in data["meta"]], [tuple(row) for row in data["data"]]
+
+    def format_query(self, sql: str) -> str:
+        [(text,)] = self.query(
+            "SELECT formatQuerySingleLine({sql:String})", {"sql": sql}, readonly=True
+        )
+        return str(text)
 
     def migrate(self) -> None:
         self._run(create_table(self.table))

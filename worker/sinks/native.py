@@ -261,6 +261,10 @@ class NativeSink:
             )
         return [name for name, _ in types], [tuple(row) for row in rows]
 
+    def format_query(self, sql: str) -> str:
+        [(text,)] = self.query("SELECT formatQuerySingleLine(%(sql)s)", {"sql": sql}, readonly=True)
+        return str(text)
+
     def migrate(self, cluster: str | None = None) -> None:
         """Create the database and table; with `cluster`, on every host of it."""
         if cluster is None:
