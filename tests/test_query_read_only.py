@@ -191,7 +191,6 @@ def test_describe_url_does_connect_with_write(
         ("TRUNCATE TABLE events", "TRUNCATE"),
         ("EXPLAIN INSERT INTO events (project_id) VALUES ('p')", "INSERT"),
         ("SELECT 1 AS `a\n Function numbers`", "quoted name"),
-        ("-- only a comment", "one statement"),
     ],
 )
 def test_statements_that_change_data_are_refused(
@@ -199,6 +198,15 @@ def test_statements_that_change_data_are_refused(
 ) -> None:
     refused(query(sql), word)
     assert query("EXISTS TABLE events", "--format", "tsv").out.splitlines()[1] == "1"
+
+
+def test_a_query_with_nothing_to_run_is_refused_as_unparsable(
+    query: Callable[..., Result],
+) -> None:
+    result = query("-- only a comment")
+    assert result.code == 2 and result.out == ""
+    [line] = result.err.strip().splitlines()
+    assert "ClickHouse cannot parse the query" in line  # --write would not help
 
 
 @pytest.mark.parametrize(

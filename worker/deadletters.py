@@ -36,6 +36,15 @@ REASON_UNDELIVERABLE = "undeliverable_task"
 # A whole batch whose batch id had been applied before with other content (a producer
 # reusing ids): nothing of it was applied; replayed under a new batch id.
 REASON_BATCH_ID_CONFLICT = "batch_id_conflict"
+# Every reason eventbuffer stores, in the order the metrics and the CLI list them.
+REASONS = (
+    REASON_INVALID_EVENT,
+    REASON_INGEST_FAILED,
+    REASON_UNDELIVERABLE,
+    REASON_BATCH_ID_CONFLICT,
+    REASON_INVALID_JSON,
+    REASON_REJECTED,
+)
 # Reasons whose payload is a batch (or a task body holding one), not one event.
 BATCH_REASONS = frozenset({REASON_INGEST_FAILED, REASON_UNDELIVERABLE, REASON_BATCH_ID_CONFLICT})
 # Shown for an entry whose header cannot be decoded (not written by eventbuffer).

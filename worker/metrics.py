@@ -146,9 +146,8 @@ from worker.deadletters import (
     REASON_BATCH_ID_CONFLICT,
     REASON_INGEST_FAILED,
     REASON_INVALID_EVENT,
-    REASON_INVALID_JSON,
-    REASON_REJECTED,
     REASON_UNDELIVERABLE,
+    REASONS,
 )
 from worker.events import KIND_NAMES
 from worker.keys import Keyspace
@@ -163,14 +162,7 @@ if TYPE_CHECKING:  # the flush and ingest modules record here: no import cycle a
     from worker.ingest import IngestResult
 
 PREFIX = "eventbuffer"
-DEAD_LETTER_REASONS = (
-    REASON_INVALID_EVENT,
-    REASON_INGEST_FAILED,
-    REASON_UNDELIVERABLE,
-    REASON_BATCH_ID_CONFLICT,
-    REASON_INVALID_JSON,
-    REASON_REJECTED,
-)
+DEAD_LETTER_REASONS = REASONS
 INGEST_OUTCOMES = ("applied", "duplicate", "dead_lettered", REASON_BATCH_ID_CONFLICT)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 OTHER_PROJECTS = "__other__"

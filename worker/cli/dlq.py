@@ -31,6 +31,7 @@ from worker import runtime
 from worker.cli.common import CliError, progress_bar
 from worker.cli.status import ago, iso
 from worker.deadletters import (
+    REASONS,
     StoredDeadLetter,
     iter_dead_letters,
     read_dead_letter,
@@ -65,7 +66,7 @@ def add_dlq_parser(commands: Any) -> None:
             "--reason",
             default=None,
             metavar="R",
-            help="only this reason: invalid_event, invalid_json, rejected_by_clickhouse (all)",
+            help=f"only this reason: {', '.join(REASONS)} (all)",
         )
 
     listing = actions.add_parser("list", help="one line per dead letter, oldest first")

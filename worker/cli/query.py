@@ -21,6 +21,8 @@ from worker.cli.common import CliError, clickhouse, is_embedded
 from worker.cli.statement import read_only_statement
 from worker.errors import SinkError
 from worker.settings import Settings
+from worker.sinks import Sink
+from worker.sinks.schema import identifier
 
 UNKNOWN_TABLE = 60  # ClickHouse's error code
 
@@ -39,6 +41,16 @@ def _tsv(value: Any) -> str:
     return _cell(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
 
 
+def _table_exists(sink: Sink, table: str) -> bool:
+    """Does the events table exist? (A query naming another table, a typo, must not be
+    told to run `migrate`.) Assumed to exist when ClickHouse cannot say."""
+    try:
+        [(found,)] = sink.query(f"EXISTS TABLE {identifier(table)}")
+    except (SinkError, ValueError):
+        return True
+    return bool(int(found))
+
+
 def cmd_query(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     sql = sys.stdin.read() if args.sql == "-" else args.sql
     started = time.perf_counter()
@@ -48,7 +60,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings, console: Console) ->
         try:
             columns, rows = sink.query_with_columns(statement, readonly=not args.write)
         except SinkError as exc:
-            if exc.code == UNKNOWN_TABLE and settings.clickhouse_table in str(exc):
+            if exc.code == UNKNOWN_TABLE and not _table_exists(sink, settings.clickhouse_table):
                 where = "embedded ClickHouse" if is_embedded(settings) else "the server"
                 raise CliError(
                     f"{' '.join(str(exc).split())[:300]} (the `{settings.clickhouse_table}` "

@@ -264,11 +264,13 @@ def _parse_refusal(exc: SinkError) -> CliError:
             f"formatQuerySingleLine to parse it with ({_short(exc)}); {_HINT}",
             2,
         )
-    return CliError(
-        f"refusing it: not one statement ClickHouse can parse ({_short(exc)}); "
-        "read-only queries are one statement; --write runs the text as typed",
-        2,
-    )
+    if "multi-statement" in str(exc).lower() or "multiple statements" in str(exc).lower():
+        return CliError(
+            f"refusing it: several statements ({_short(exc)}); a read-only query is one "
+            "statement; --write runs the text as typed",
+            2,
+        )
+    return CliError(f"ClickHouse cannot parse the query: {_short(exc)}", 2)
 
 
 def _unreadable(line: str) -> CliError:
