@@ -293,6 +293,13 @@ class Settings:
         _int(256),
         "An event larger than this as a JSON row is refused (dead-lettered at ingest).",
     )
+    max_message_bytes: int = _setting(
+        "EVENT_BUFFER_MAX_MESSAGE_BYTES",
+        8 << 20,
+        _int(65536),
+        "A broker message larger than this is not decoded: the reliable transport parks its "
+        "first bytes (`_eventbuffer.broker.unparsable`); whole-batch dead letters are cut to it.",
+    )
     max_future_s: int = _setting(
         "EVENT_BUFFER_MAX_FUTURE_S",
         86400,
