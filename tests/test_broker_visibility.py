@@ -326,6 +326,8 @@ def test_status_shows_what_a_killed_worker_holds_until_another_takes_it_back(
     try:
         doomed = system.worker("doomed", "-P", "prefork", "-c", "1")
         doomed.wait_for("ready.")
+        # Registered by its heartbeat thread's first beat, which may come after "ready.".
+        wait_until(lambda: len(system.consumers()) == 1, 10, "the worker's registry entry")
         [doomed_id] = system.consumers()
         system.pause_buffer(4000)
         system.send(8)

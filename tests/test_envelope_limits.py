@@ -245,3 +245,12 @@ def test_status_counts_held_tasks_whatever_the_registry_holds(redis: redis_lib.R
     assert held_by_consumers(redis, KEYS) == 2
     holdings = read_holdings(redis, KEYS, 30)
     assert holdings.held_by_dead == 2 and len(holdings.holders) == 3
+
+
+def test_the_message_limit_leaves_room_for_a_producers_fullest_batch() -> None:
+    assert Settings().message_limit_bytes == 16 << 20  # 100 events of 64 KiB: 8.7 MB in base64
+    big = Settings.from_env({"EVENT_BUFFER_MAX_EVENT_BYTES": "500000"})
+    assert big.message_limit_bytes > 100 * 500_000 * 4 // 3
+    assert (
+        Settings.from_env({"EVENT_BUFFER_MAX_MESSAGE_BYTES": "70000"}).message_limit_bytes == 70000
+    )

@@ -64,7 +64,7 @@ def broker_config(settings: Settings) -> dict[str, Any]:
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
         broker_transport_options=redis_transport_options(
-            settings.visibility_timeout_s, settings.consumer_timeout_s, settings.max_message_bytes
+            settings.visibility_timeout_s, settings.consumer_timeout_s, settings.message_limit_bytes
         ),
     )
     if (tls := redis_tls_options(settings.effective_broker_url)) is not None:

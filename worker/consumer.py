@@ -262,7 +262,7 @@ def ingest_strategy(task: Any, app: Any, consumer: Any, **options: Any) -> Calla
     handler = default_strategy(task, app, consumer, **options)
     signature = inspect.signature(task.run)
     connection_errors = consumer.connection_errors
-    max_bytes = runtime.settings().max_message_bytes
+    max_bytes = runtime.settings().message_limit_bytes
 
     def checked_handler(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
         size = len(message.body) if isinstance(message.body, bytes | str) else 0

@@ -262,7 +262,7 @@ def dead_letter_batch(
     EVENT_BUFFER_MAX_MESSAGE_BYTES is cut to its first that many bytes (the
     error says so): a dead letter never holds more than one message may.
     """
-    limit = buffer.settings.max_message_bytes
+    limit = buffer.settings.message_limit_bytes
     if len(raw) > limit:
         error += f" (raw batch of {len(raw)} bytes cut to its first {limit})"
         raw = raw[:limit]

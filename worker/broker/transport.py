@@ -69,6 +69,7 @@ from worker.broker.envelope import OVERSIZED_HEAD_BYTES, envelope_problem, overs
 from worker.broker.keys import BrokerKeys
 from worker.broker.scripts import BrokerScripts, Fetched, parse_fetch
 from worker.names import FLUSH_QUEUE
+from worker.settings import DEFAULT_MESSAGE_LIMIT_BYTES
 
 log = logging.getLogger("worker.broker")
 
@@ -193,7 +194,7 @@ class Channel(kombu_redis.Channel):
     consumer_timeout = 30.0
     #: A message larger than this is parked, cut, and never decoded (transport option;
     #: EVENT_BUFFER_MAX_MESSAGE_BYTES).
-    max_message_bytes = 8 << 20
+    max_message_bytes = DEFAULT_MESSAGE_LIMIT_BYTES
 
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options,
