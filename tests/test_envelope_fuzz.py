@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,10 +33,11 @@ from worker.settings import Settings
 
 pytestmark = pytest.mark.slow
 
-#: Messages per example, and examples: a few hundred envelopes in all.
+#: Messages per example, and examples: a few hundred envelopes in all (FUZZ_EXAMPLES=200
+#: for a longer hunt: about a minute; FUZZ_POOL=prefork or threads for another pool).
 HOSTILE_PER_EXAMPLE = 60
 VALID_PER_EXAMPLE = 12
-EXAMPLES = 5
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "5"))  # more for a longer hunt
 
 ENVELOPE_FIELDS = ["body", "content-type", "content-encoding", "headers", "properties"]
 PROPERTY_FIELDS = [
@@ -170,7 +172,7 @@ def hostile(draw: st.DrawFn) -> bytes:
 
 @pytest.fixture(scope="module")
 def fuzz_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Rig, Celery]]:
-    rig = Rig(tmp_path_factory.mktemp("fuzz"))
+    rig = Rig(tmp_path_factory.mktemp("fuzz"), pool=os.environ.get("FUZZ_POOL", "solo"))
     app = create_app(Settings.from_env(rig.env))
     try:
         rig.ensure_worker()

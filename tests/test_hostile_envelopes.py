@@ -50,8 +50,9 @@ def event(tag: str = "ok") -> dict[str, Any]:
 class Rig:
     """A broker Redis and a buffer Redis of this module's own, and one solo worker."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, pool: str = "solo") -> None:
         self.tmp = tmp
+        self.pool = pool
         self.broker_server = start_redis(tmp / "broker")
         self.buffer_server = start_redis(tmp / "buffer")
         self.env = project_env(
@@ -81,7 +82,7 @@ class Rig:
             "-Q",
             "ingest",
             "-P",
-            "solo",
+            self.pool,
             "-n",
             f"w{self.starts}@%h",
         )
@@ -245,6 +246,25 @@ def test_bad_celery_headers_on_an_ingest_task_make_a_dead_letter(
     assert letter.task == "eventbuffer.ingest_events"
     assert f"headers.{header}" in letter.error
     assert raw == base64.b64decode(envelope["body"])  # the raw body: replayable
+    assert rig.parked() == []
+
+
+@pytest.mark.parametrize(("field", "value"), [("id", ["x"]), ("timelimit", "abc")])
+def test_bad_task_fields_in_a_protocol1_body_make_a_dead_letter(
+    rig: Rig, field: str, value: Any
+) -> None:
+    events = [event("kept")]
+    envelope = protocol1_envelope(events)
+    body = json.loads(base64.b64decode(envelope["body"]))
+    body[field] = value
+    raw = json.dumps(body).encode()
+    envelope["body"] = base64.b64encode(raw).decode()
+    rig.push(encoded(envelope))
+    then_a_valid_task_runs(rig)
+    assert not set(e["id"] for e in events) & set(rig.applied())
+    [(letter, stored)] = rig.dead_letters()
+    assert letter.reason == REASON_UNDELIVERABLE and f"body.{field}" in letter.error
+    assert stored == raw
     assert rig.parked() == []
 
 

@@ -287,45 +287,46 @@ def ingest_strategy(task: Any, app: Any, consumer: Any, **options: Any) -> Calla
 TEXT_HEADERS = ("root_id", "parent_id", "group", "shadow", "origin", "lang")
 
 
-def header_problem(headers: Any) -> str | None:
-    """Why Celery cannot take a protocol 2 message with these headers, or None.
+def header_problem(headers: Any, where: str = "headers") -> str | None:
+    """Why Celery cannot take a message with these task fields (protocol 2 headers, or
+    a protocol 1 body: the names are the same), or None.
 
     Celery itself fails on them outside any handler (an unhashable id, time
     limits it cannot unpack, a date it cannot parse), which stops a worker.
     """
     if not isinstance(headers, dict):
-        return "the headers are not an object"
+        return f"the {where} are not an object"
     task_id = headers.get("id")
     if not isinstance(task_id, str) or not task_id:
-        return f"headers.id is {_kind(task_id)}, not a non-empty string"
+        return f"{where}.id is {_kind(task_id)}, not a non-empty string"
     for name in TEXT_HEADERS:
         value = headers.get(name)
         if value is not None and not isinstance(value, str):
-            return f"headers.{name} is {_kind(value)}, not a string"
+            return f"{where}.{name} is {_kind(value)}, not a string"
     limits = headers.get("timelimit")
     if limits is not None and not (
         isinstance(limits, list | tuple)
         and len(limits) == 2
         and all(_number(limit) or limit is None for limit in limits)
     ):
-        return f"headers.timelimit {limits!r:.60} is not [hard, soft] seconds (or nulls)"
+        return f"{where}.timelimit {limits!r:.60} is not [hard, soft] seconds (or nulls)"
     retries = headers.get("retries")
     if retries is not None and not (isinstance(retries, int) and not isinstance(retries, bool)):
-        return f"headers.retries is {_kind(retries)}, not an integer"
+        return f"{where}.retries is {_kind(retries)}, not an integer"
     for name in ("eta", "expires"):
         value = headers.get(name)
         if value is None:
             continue
         if not isinstance(value, str):
-            return f"headers.{name} is {_kind(value)}, not an ISO 8601 date"
+            return f"{where}.{name} is {_kind(value)}, not an ISO 8601 date"
         try:
             maybe_iso8601(value)
         except (ValueError, OverflowError, TypeError) as exc:
-            return f"headers.{name} {value!r:.60} is not an ISO 8601 date ({exc})"
+            return f"{where}.{name} {value!r:.60} is not an ISO 8601 date ({exc})"
     for name in ("argsrepr", "kwargsrepr"):
         value = headers.get(name)
         if value is not None and not isinstance(value, str):
-            return f"headers.{name} is {_kind(value)}, not a string"
+            return f"{where}.{name} is {_kind(value)}, not a string"
     return None
 
 
@@ -339,25 +340,28 @@ def _kind(value: Any) -> str:
     )
 
 
-def without_eta(message: Any) -> str | None:
-    """Clear a message's ETA (protocol 2 headers, or a protocol 1 body): its task runs now.
-    Returns the ETA it had, or None."""
+def task_fields(message: Any) -> dict[str, Any] | None:
+    """Where a message's task fields are: its headers (protocol 2), or its decoded body
+    (protocol 1: the same names); None when it names no task (Celery reports that)."""
     headers = message.headers
     if isinstance(headers, dict) and "task" in headers:
-        eta = headers.get("eta")
-        if eta is None:
-            return None
-        headers["eta"] = None
-        return str(eta)
+        return headers
     try:
         payload = message.decode()  # protocol 1: decoded once, cached for Celery's use
     except Exception:
         return None  # Celery reports it (on_decode_error)
-    if isinstance(payload, dict) and payload.get("eta") is not None:
-        eta = payload["eta"]
-        payload["eta"] = None
-        return str(eta)
-    return None
+    return payload if isinstance(payload, dict) and "task" in payload else None
+
+
+def without_eta(message: Any) -> str | None:
+    """Clear a message's ETA (protocol 2 headers, or a protocol 1 body): its task runs now.
+    Returns the ETA it had, or None."""
+    fields = task_fields(message)
+    if fields is None or fields.get("eta") is None:
+        return None
+    eta = fields["eta"]
+    fields["eta"] = None
+    return str(eta)
 
 
 class Consumer(CeleryConsumer):  # type: ignore[misc]
@@ -370,9 +374,10 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
 
         def on_task_received(message: Any) -> Any:
             try:
-                headers = message.headers
-                if isinstance(headers, dict) and "task" in headers:
-                    problem = header_problem(headers)
+                fields = task_fields(message)
+                if fields is not None:
+                    protocol2 = fields is message.headers
+                    problem = header_problem(fields, "headers" if protocol2 else "body")
                     if problem is not None:
                         return self._refuse(message, f"InvalidTaskError: {problem}")
                 eta = without_eta(message)
