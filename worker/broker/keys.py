@@ -10,8 +10,10 @@ by stock senders) and its bindings, the transport keeps:
                                                          fetched and has not acknowledged
     _eventbuffer.broker.message.<consumer>.<seq>   LIST  that message, alone, its bytes as
                                                          the sender wrote them
-    _eventbuffer.broker.unparsable                 LIST  messages kombu cannot deliver, kept
-                                                         unchanged for an operator
+    _eventbuffer.broker.unparsable                 LIST  messages kombu cannot deliver (or
+                                                         Celery cannot run), kept unchanged
+                                                         for an operator; a too large one cut
+                                                         (worker/broker/envelope.py)
     _eventbuffer.broker.idle                       LIST  never written: an idle consumer of a
                                                          full broker waits on it (BLPOP)
 
