@@ -331,6 +331,14 @@ def test_a_far_future_eta_is_ignored_and_the_task_runs_now(rig: Rig) -> None:
     assert "its ETA" in (rig.proc.text() if rig.proc else "")
 
 
+def test_an_expired_ingest_task_is_applied_not_dropped(rig: Rig) -> None:
+    events = [event("expired")]
+    rig.send(events, expires="2000-01-01T00:00:00+00:00")
+    rig.wait_applied([e["id"] for e in events], timeout=20)
+    then_a_valid_task_runs(rig)
+    assert "its expiry" in (rig.proc.text() if rig.proc else "")
+
+
 # -- the size limit ------------------------------------------------------------------------
 
 

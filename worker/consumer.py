@@ -36,7 +36,8 @@ string, is parked too, where Celery would acknowledge and drop it.
 ETA and countdown are ignored: every task runs when it arrives. No
 eventbuffer task is sent with one (the buffer orders events by
 `created_at`), and Celery would hold each such task in the worker's memory
-until its time came, however far ahead.
+until its time came, however far ahead. An ingest task's `expires` is
+ignored too: Celery would acknowledge an expired task and drop its events.
 
 Enabled by the app's `worker_consumer` setting (`Consumer`) and the ingest
 tasks' `Strategy` (`ingest_strategy`, which checks the arguments and the
@@ -257,7 +258,8 @@ def ingest_strategy(task: Any, app: Any, consumer: Any, **options: Any) -> Calla
     The payload is decoded once (kombu caches it) for both; a message that
     does not fit, or whose body is over EVENT_BUFFER_MAX_MESSAGE_BYTES (the
     reliable transport parks those before; other transports do not), is
-    kept as a dead letter instead of failing outside the task.
+    kept as a dead letter instead of failing outside the task. An `expires`
+    is ignored: Celery would drop an expired task's events.
     """
     handler = default_strategy(task, app, consumer, **options)
     signature = inspect.signature(task.run)
@@ -265,6 +267,15 @@ def ingest_strategy(task: Any, app: Any, consumer: Any, **options: Any) -> Calla
     max_bytes = runtime.settings().message_limit_bytes
 
     def checked_handler(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
+        fields = task_fields(message)
+        if fields is not None and fields.get("expires") is not None:
+            # Celery would revoke an expired task: acknowledge it, events and all.
+            log.info(
+                "%s message: its expiry %.60s is ignored (events are never dropped)",
+                task.name,
+                fields["expires"],
+            )
+            fields["expires"] = None
         size = len(message.body) if isinstance(message.body, bytes | str) else 0
         if size > max_bytes:
             problem: str | None = (
