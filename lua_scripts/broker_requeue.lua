@@ -14,18 +14,25 @@ recoverer) only has its index entry removed. (LMOVE's reply makes the
 message a Lua string, the cost broker_fetch.lua avoids: these are the rare
 paths.)
 
+Index entries are data anyone who can write to the broker can forge, and a
+recovery must not be blocked by them: a destination that is not a list
+(WRONGTYPE) gets the message parked on KEYS[3] instead, and a message key
+that is not a list (no message a fetch moved) only loses its index entry.
+
 KEYS[1]     consumer registry (ZSET: consumer id -> heartbeat deadline, epoch ms)
 KEYS[2]     the consumer's in-flight index (HASH: seq -> the list its message came from)
-KEYS[3..n]  the messages' keys and their destination lists
+KEYS[3]     the unparsable list (parked messages), for a destination that is not a list
+KEYS[4..n]  the messages' keys and their destination lists
 
 ARGV[1]  consumer id
 ARGV[2]  "front": to the right end, fetched next (restore, recovery); "back": left end (reject)
 ARGV[3]  "1": only if the consumer's deadline has passed (recovery); "0": always
 ARGV[4]  "1": remove the consumer from the registry once its index is empty
-ARGV[5..] triples, one per message: its seq, its key, its destination (numbers: 1 for KEYS[3])
+ARGV[5..] triples, one per message: its seq, its key, its destination (numbers: 1 for
+          KEYS[3], 2 for KEYS[4] ...)
 
 Returns -1 when ARGV[3] is "1" and the consumer is alive (nothing moved),
-else the number of messages moved.
+else the number of messages moved (parked ones included).
 
 allow-oom: runs above maxmemory: messages move back to their queues (no net growth): a dead worker's tasks are recovered and a held task is requeued in place on a full broker
 (lua_scripts/__init__.py says which scripts may).
@@ -51,7 +58,11 @@ local moved = 0
 for i = 5, #ARGV, 3 do
   local key = KEYS[2 + tonumber(ARGV[i + 1])]
   local destination = KEYS[2 + tonumber(ARGV[i + 2])]
-  if redis.call('LMOVE', key, destination, 'LEFT', side) then
+  local reply = redis.pcall('LMOVE', key, destination, 'LEFT', side)
+  if type(reply) == 'table' and reply.err and destination ~= KEYS[3] then
+    reply = redis.pcall('LMOVE', key, KEYS[3], 'LEFT', 'LEFT')
+  end
+  if reply and not (type(reply) == 'table' and reply.err) then
     moved = moved + 1
   end
   redis.call('HDEL', KEYS[2], ARGV[i])

@@ -8,7 +8,6 @@ event loop uses too).
 
 from __future__ import annotations
 
-import binascii
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -256,9 +255,7 @@ def test_a_message_kombu_cannot_deliver_is_parked_not_redelivered_forever(
     got: list[int] = []
 
     with consuming(url, [q], acking(got)) as conn:
-        with pytest.raises(binascii.Error):
-            conn.drain_events(timeout=5)
-        drain(conn, lambda: len(got) == 1)
+        drain(conn, lambda: len(got) == 1)  # the bad one parked, not raised: consuming goes on
     assert got == [1]
     assert redis.lrange(KEYS.unparsable, 0, -1) == [bad]
     assert inflight(redis) == 0 and not redis.exists("tq")
@@ -280,8 +277,6 @@ def test_a_message_whose_delivery_raises_a_key_error_is_parked_too(
         message.ack()
 
     with consuming(url, [q], on_message) as conn:
-        with pytest.raises(KeyError):
-            conn.drain_events(timeout=5)
         drain(conn, lambda: len(got) == 1)
     assert redis.lrange(KEYS.unparsable, 0, -1) == [sent]
     assert inflight(redis) == 0 and not redis.exists("tq")

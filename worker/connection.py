@@ -13,7 +13,9 @@ from urllib.parse import parse_qs, urlsplit
 from worker.settings import Settings
 
 
-def redis_transport_options(visibility_timeout_s: int, consumer_timeout_s: int) -> dict[str, int]:
+def redis_transport_options(
+    visibility_timeout_s: int, consumer_timeout_s: int, max_message_bytes: int | None = None
+) -> dict[str, int]:
     """Redis broker: when an unacknowledged task (its worker died) is delivered again.
 
     The reliable transport (eventbuffer's workers, `worker/broker/`) puts a
@@ -24,15 +26,19 @@ def redis_transport_options(visibility_timeout_s: int, consumer_timeout_s: int) 
     back within ~1.1 timeouts. A worker killed during a sweep leaves the
     sweep's mutex behind: let it expire with the timeout instead of kombu's
     fixed 300 s. AMQP brokers ignore these options: they redeliver as soon
-    as the dead worker's connection closes.
+    as the dead worker's connection closes. The reliable transport parks a
+    message larger than `max_message_bytes` without decoding it.
     """
-    return {
+    options = {
         "consumer_timeout": consumer_timeout_s,
         "visibility_timeout": visibility_timeout_s,
         "unacked_restore_interval": max(1, visibility_timeout_s // 10),
         "unacked_restore_throttle": 1,
         "unacked_mutex_expire": min(300, visibility_timeout_s),
     }
+    if max_message_bytes is not None:
+        options["max_message_bytes"] = max_message_bytes
+    return options
 
 
 def redis_tls_options(url: str) -> dict[str, Any] | None:
@@ -58,7 +64,7 @@ def broker_config(settings: Settings) -> dict[str, Any]:
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
         broker_transport_options=redis_transport_options(
-            settings.visibility_timeout_s, settings.consumer_timeout_s
+            settings.visibility_timeout_s, settings.consumer_timeout_s, settings.message_limit_bytes
         ),
     )
     if (tls := redis_tls_options(settings.effective_broker_url)) is not None:

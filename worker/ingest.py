@@ -473,8 +473,14 @@ def dead_letter_batch(
 
     Stored under a marker of its own (`dead:<batch id>`), so a redelivered
     task that fails again adds nothing; the batch id itself stays free for a
-    replay. Returns False when it had been stored before.
+    replay. Returns False when it had been stored before. A batch over
+    EVENT_BUFFER_MAX_MESSAGE_BYTES is cut to its first that many bytes (the
+    error says so): a dead letter never holds more than one message may.
     """
+    limit = buffer.settings.message_limit_bytes
+    if len(raw) > limit:
+        error += f" (raw batch of {len(raw)} bytes cut to its first {limit})"
+        raw = raw[:limit]
     header = DeadLetter(
         reason=reason,
         error=" ".join(error.split()),

@@ -150,6 +150,8 @@ def _setting(env: str, default: Any, parse: Callable[[str, str], Any], help: str
 # process_buffer's hard time limit follows its soft one by this much: time for the
 # soft limit's exception to release the lock and close the sink.
 HARD_TIME_LIMIT_MARGIN_S = 30
+#: EVENT_BUFFER_MAX_MESSAGE_BYTES when unset, unless producers' batches may be larger.
+DEFAULT_MESSAGE_LIMIT_BYTES = 16 << 20
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "memory")
@@ -342,6 +344,15 @@ class Settings:
         _int(256),
         "An event larger than this as a JSON row is refused (dead-lettered at ingest).",
     )
+    max_message_bytes: int | None = _setting(
+        "EVENT_BUFFER_MAX_MESSAGE_BYTES",
+        None,
+        _int(65536),
+        "A broker message larger than this is not decoded: the reliable transport parks its "
+        "first bytes (`_eventbuffer.broker.unparsable`); whole-batch dead letters are cut to it. "
+        "Empty: 16 MiB, or what a producer's fullest batch needs if more "
+        "(`EVENT_BUFFER_MICRO_BATCH_SIZE` x `EVENT_BUFFER_MAX_EVENT_BYTES`, x 4/3 for base64).",
+    )
     max_future_s: int = _setting(
         "EVENT_BUFFER_MAX_FUTURE_S",
         86400,
@@ -519,6 +530,15 @@ class Settings:
             raise SettingsError(f"CELERY_BROKER_URL names the cluster of REDIS_URL: {both}")
         if self.result_backend and _same_server(self.result_backend, self.redis_url):
             raise SettingsError(f"CELERY_RESULT_BACKEND names the cluster of REDIS_URL: {both}")
+
+    @property
+    def message_limit_bytes(self) -> int:
+        """EVENT_BUFFER_MAX_MESSAGE_BYTES, or when unset the larger of 16 MiB and a full batch
+        of the largest events a producer may send, as kombu's base64 body, with room to spare."""
+        if self.max_message_bytes is not None:
+            return self.max_message_bytes
+        fullest_batch = self.micro_batch_size * self.max_event_bytes * 4 // 3
+        return max(DEFAULT_MESSAGE_LIMIT_BYTES, fullest_batch + (1 << 20))
 
     @property
     def effective_broker_url(self) -> str:

@@ -38,9 +38,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker.broker.keys import BrokerKeys, oldest_last
+from worker.broker.keys import BrokerKeys, forged_entries, oldest_last
 from worker.broker.scripts import BrokerScripts, ConsumerAlive, Fetched
 from worker.replies import number, text
 
@@ -52,6 +54,10 @@ REQUEUE_BATCH = 100
 DEAD_PER_BEAT = 10
 #: Beats per consumer timeout.
 BEATS_PER_TIMEOUT = 5
+
+
+#: A message waiting to be parked: see Consumer.keep_unparsable.
+Unparked = int | bytes | tuple[int, bytes]
 
 
 def new_consumer_id() -> str:
@@ -69,7 +75,19 @@ def put_back(
     ConsumerAlive if its deadline moved on (it beat again), leaving the rest
     where they are.
     """
-    held = oldest_last(redis.hgetall(scripts.keys.inflight(consumer_id)))
+    index = scripts.keys.inflight(consumer_id)
+    entries = redis.hgetall(index)
+    forged = forged_entries(entries)
+    if forged:  # no fetch wrote them: they would keep the index (and the entry) forever
+        redis.hdel(index, *forged)
+        log.warning(
+            "broker consumer %s: %d in-flight index entr(y/ies) no fetch wrote removed "
+            "(a seq that is not a number, or a source that is not text): %r",
+            consumer_id,
+            len(forged),
+            forged[:5],
+        )
+    held = oldest_last(entries)
     batches = [held[i : i + REQUEUE_BATCH] for i in range(0, len(held), REQUEUE_BATCH)]
     batches = batches or [[]]  # an empty index: one call, to leave the registry
     moved = 0
@@ -101,7 +119,9 @@ def held_by_consumers(redis: Redis, keys: BrokerKeys) -> int:
     with redis.pipeline(transaction=False) as pipe:
         for consumer_id in consumers:
             pipe.hlen(keys.inflight(consumer_id))
-        return sum(number(n) for n in pipe.execute())
+        # An index that is not a hash (not one a fetch wrote) counts 0, not an error.
+        replies = pipe.execute(raise_on_error=False)
+        return sum(number(n) for n in replies if not isinstance(n, Exception))
 
 
 class Consumer:
@@ -123,8 +143,9 @@ class Consumer:
         self._pid = os.getpid()
         self.closed = False
         # Messages to park that Redis refused (OOM, a lost connection): the seq of one in
-        # this consumer's keeping, or the bytes of a no-ack one (then only here).
-        self._unparked: deque[int | bytes] = deque()
+        # this consumer's keeping, or the bytes of a no-ack one (then only here), or the seq
+        # of one in its keeping with what to park in its place (an oversized message's cut).
+        self._unparked: deque[Unparked] = deque()
         self._parking = threading.Lock()  # one thread parks at a time
         self._parking_failed = False
 
@@ -172,9 +193,10 @@ class Consumer:
         """Messages waiting to be parked (Redis refused them so far)."""
         return len(self._unparked)
 
-    def keep_unparsable(self, message: int | bytes) -> bool:
+    def keep_unparsable(self, message: Unparked) -> bool:
         """Park a message kombu cannot deliver, never dropping it: its seq (in this
-        consumer's keeping) or, popped from a no-ack source, its bytes.
+        consumer's keeping) or, popped from a no-ack source, its bytes; or (seq, bytes):
+        the bytes are parked in place of the message in its keeping, which goes.
 
         True once parked. When Redis refuses, the message waits here (a seq
         stays in Redis, in this consumer's keeping) and is tried again on
@@ -200,6 +222,8 @@ class Consumer:
                 try:
                     if isinstance(message, bytes):
                         client.lpush(self.keys.unparsable, message)
+                    elif isinstance(message, tuple):
+                        self._park_in_place(client, *message)
                     else:
                         scripts.requeue(self.id, [(message, self.keys.unparsable)], front=False)
                 except (RedisError, OSError) as exc:
@@ -228,6 +252,15 @@ class Consumer:
             return 0
         finally:
             self._parking.release()
+
+    def _park_in_place(self, client: Redis, seq: int, record: bytes) -> None:
+        """Park `record` and drop message `seq` from this consumer's keeping, in one
+        MULTI: both or neither (a full Redis refuses the whole)."""
+        with client.pipeline(transaction=True) as pipe:
+            pipe.lpush(self.keys.unparsable, record)
+            pipe.delete(self.keys.message(self.id, seq))
+            pipe.hdel(self.inflight, str(seq))
+            pipe.execute()
 
     def restore_all(self, *, deregister: bool) -> int:
         """Everything this consumer still holds back to the front of its queues."""
@@ -284,7 +317,14 @@ class Consumer:
         if self.retry_parking() == 0:
             return
         for message in list(self._unparked):
-            if isinstance(message, bytes):
+            if isinstance(message, tuple):
+                log.critical(
+                    "broker consumer %s: an oversized message could not be parked in %r; it "
+                    "stays in Redis (put back in its queue, it is cut and parked when fetched)",
+                    self.id,
+                    self.keys.unparsable,
+                )
+            elif isinstance(message, bytes):
                 log.critical(
                     "broker consumer %s: a message kombu cannot deliver could not be parked "
                     "in %r and leaves with this process; its bytes: %r",
@@ -333,12 +373,40 @@ class Heartbeat(threading.Thread):
                 "its unacknowledged tasks were given to other workers and may run twice",
                 me,
             )
+        for member in beat.foreign:
+            # Not UTF-8: no consumer made it (ours are host:pid:hex); its index, if any, was
+            # not written by a fetch either. Listed as dead on every beat, it would take the
+            # place of a consumer that really died.
+            self.scripts.forget(member)
+            log.warning(
+                "broker consumer %s: removed a registry entry no consumer wrote: %r", me, member
+            )
         for dead in beat.dead:
             if dead == me:
                 continue
             try:
                 moved = recover(self.scripts, self.redis, dead)
             except ConsumerAlive:
+                continue
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                raise  # Redis is away: the beat failed, and the next one tries again
+            except (ResponseError, ValueError, TypeError) as exc:
+                # Not Redis being away: something in this entry, its index or its keys is
+                # not what a consumer writes (an index that is not a hash, say). Every beat
+                # would fail on it again, and the dead consumers after it would never be
+                # recovered: the entry leaves the registry.
+                self.scripts.forget(dead.encode("utf-8"))
+                log.error(
+                    "broker consumer %s: cannot recover consumer %s (%s: %s); its registry "
+                    "entry is removed so that it does not block the recovery of others",
+                    me,
+                    dead,
+                    type(exc).__name__,
+                    exc,
+                )
+                continue
+            except Exception:  # one consumer's failure must not hold up the others'
+                log.exception("broker consumer %s: error recovering consumer %s", me, dead)
                 continue
             log.log(
                 logging.WARNING if moved else logging.INFO,

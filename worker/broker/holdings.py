@@ -131,7 +131,10 @@ def read_holdings(redis: Redis, keys: BrokerKeys, timeout_s: float) -> Holdings:
         with redis.pipeline(transaction=False) as pipe:
             for consumer_id, _ in consumers:
                 pipe.hlen(keys.inflight(consumer_id))
-            held = pipe.execute()
+            # An index that is not a hash (no fetch wrote it) holds nothing: not an error.
+            held = [
+                0 if isinstance(n, Exception) else n for n in pipe.execute(raise_on_error=False)
+            ]
     holders = [
         Holder(consumer_id, number(n), deadline)
         for (consumer_id, deadline), n in zip(consumers, held, strict=True)

@@ -10,8 +10,10 @@ by stock senders) and its bindings, the transport keeps:
                                                          fetched and has not acknowledged
     _eventbuffer.broker.message.<consumer>.<seq>   LIST  that message, alone, its bytes as
                                                          the sender wrote them
-    _eventbuffer.broker.unparsable                 LIST  messages kombu cannot deliver, kept
-                                                         unchanged for an operator
+    _eventbuffer.broker.unparsable                 LIST  messages kombu cannot deliver (or
+                                                         Celery cannot run), kept unchanged
+                                                         for an operator; a too large one cut
+                                                         (worker/broker/envelope.py)
     _eventbuffer.broker.idle                       LIST  never written: an idle consumer of a
                                                          full broker waits on it (BLPOP)
 
@@ -58,6 +60,31 @@ class BrokerKeys:
 
 def oldest_last(index: Mapping[Any, Any]) -> list[tuple[int, str]]:
     """An in-flight index as (seq, source) pairs, newest first: pushed in this order to the
-    front of their queues, the oldest message is again the first in line."""
-    pairs = [(number(seq), text(source)) for seq, source in index.items()]
+    front of their queues, the oldest message is again the first in line. Entries no
+    fetch wrote (see `forged_entries`) are left out."""
+    pairs = []
+    for seq, source in index.items():
+        if _seq(seq) is not None and _source(source) is not None:
+            pairs.append((number(seq), text(source)))
     return sorted(pairs, reverse=True)
+
+
+def forged_entries(index: Mapping[Any, Any]) -> list[Any]:
+    """Fields of an in-flight index that no fetch wrote: a seq that is not a decimal
+    number, or a source that is not text. Anyone who can write to the broker can add
+    them; left in place, they would keep a dead consumer from ever being recovered."""
+    return [seq for seq, source in index.items() if _seq(seq) is None or _source(source) is None]
+
+
+def _seq(value: Any) -> int | None:
+    raw = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else None
+
+
+def _source(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return str(value)

@@ -16,7 +16,7 @@ nothing moved) is answered with `load_fetch` and a new attempt.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
@@ -46,6 +46,8 @@ class Beat:
 
     was_registered: bool
     dead: list[str]
+    #: Dead entries whose ids are not UTF-8: no consumer wrote them (ours are text).
+    foreign: list[bytes] = field(default_factory=list)
 
 
 def no_ack_flags(no_ack: Sequence[bool]) -> str:
@@ -133,8 +135,13 @@ class BrokerScripts:
         Raises ConsumerAlive when `only_if_dead` and the consumer's deadline
         has not passed (nothing moved).
         """
-        keys: list[str] = [self.keys.registry, self.keys.inflight(consumer_id)]
-        index: dict[str, int] = {}
+        # KEYS[3] is the unparsable list, where a message goes whose destination is not one.
+        keys: list[str] = [
+            self.keys.registry,
+            self.keys.inflight(consumer_id),
+            self.keys.unparsable,
+        ]
+        index: dict[str, int] = {self.keys.unparsable: 1}
 
         def number(key: str) -> int:
             found = index.get(key)
@@ -161,7 +168,21 @@ class BrokerScripts:
         reply = self._heartbeat(
             keys=[self.keys.registry], args=[consumer_id, timeout_ms, limit], client=self._redis
         )
-        return Beat(was_registered=int(reply[0]) == 1, dead=[text(m) for m in reply[1:]])
+        dead: list[str] = []
+        foreign: list[bytes] = []
+        for member in reply[1:]:
+            if isinstance(member, bytes):
+                try:
+                    dead.append(member.decode("utf-8"))
+                except UnicodeDecodeError:
+                    foreign.append(member)
+            else:
+                dead.append(text(member))
+        return Beat(was_registered=int(reply[0]) == 1, dead=dead, foreign=foreign)
+
+    def forget(self, member: bytes) -> int:
+        """Remove a registry entry no consumer made (its id is not text): 1 if removed."""
+        return int(self._redis.zrem(self.keys.registry, member))
 
     def publish(self, queue_key: str, message: bytes | str, most_queued: int) -> bool:
         """Push `message` on `queue_key` even when the broker is full, unless the queue

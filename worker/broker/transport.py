@@ -65,9 +65,11 @@ from kombu.utils.json import dumps, loads
 from redis.exceptions import NoScriptError, OutOfMemoryError
 
 from worker.broker.consumer import Consumer
+from worker.broker.envelope import OVERSIZED_HEAD_BYTES, envelope_problem, oversized_record
 from worker.broker.keys import BrokerKeys
 from worker.broker.scripts import BrokerScripts, Fetched, parse_fetch
 from worker.names import FLUSH_QUEUE
+from worker.settings import DEFAULT_MESSAGE_LIMIT_BYTES
 
 log = logging.getLogger("worker.broker")
 
@@ -137,6 +139,17 @@ class QoS(kombu_redis.QoS):
                 self.channel.reliable.ack(seq)
         virtual.QoS.ack(self, delivery_tag)
 
+    def forget(self, delivery_tag: str, seq: int) -> None:
+        """Drop what is known of message `seq` (parked instead of settled through kombu)."""
+        held = self._held.get(delivery_tag)
+        if held is None:
+            return
+        held[:] = [entry for entry in held if entry[0] != seq]
+        if not held:
+            self._held.pop(delivery_tag, None)
+            if delivery_tag in self._delivered:
+                virtual.QoS.ack(self, delivery_tag)  # out of the prefetch count
+
     def restore_visible(self, *args: Any, **kwargs: Any) -> None:
         """kombu's sweep of messages a stock worker left unacknowledged; skipped while the
         broker is full (its mutex is a SET NX, refused then), not fatal at start-up."""
@@ -179,10 +192,14 @@ class Channel(kombu_redis.Channel):
 
     #: Seconds without a heartbeat after which a consumer is dead (transport option).
     consumer_timeout = 30.0
+    #: A message larger than this is parked, cut, and never decoded (transport option;
+    #: EVENT_BUFFER_MAX_MESSAGE_BYTES).
+    max_message_bytes = DEFAULT_MESSAGE_LIMIT_BYTES
 
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options,
         "consumer_timeout",
+        "max_message_bytes",
     )
 
     _reliable: Consumer | None = None
@@ -375,38 +392,83 @@ class Channel(kombu_redis.Channel):
             self.connection._deliver(payload, queue)
         except Exception as exc:
             # kombu or Celery could not take it (a body it cannot decode, say): stock
-            # kombu has lost such a message by now; here it would come back after
-            # every restart, so it is parked, unchanged, before the error goes on.
-            # Not when the broker went away (kombu counts KeyError among connection
-            # errors, for its poller; from a delivery it is the message's fault).
-            lost_broker = isinstance(exc, self.connection_errors) and not isinstance(exc, KeyError)
-            if fetched.kept and not lost_broker:
-                self._park(fetched.raw, seq)
-            raise
+            # kombu has lost such a message by now, or died on it; here it would come
+            # back after every restart, so it is parked, unchanged, and consuming goes on:
+            # no message may stop a worker. Not when the broker went away (kombu counts
+            # KeyError among connection errors, for its poller; from a delivery it is the
+            # message's fault).
+            if isinstance(exc, self.connection_errors) and not isinstance(exc, KeyError):
+                raise
+            if fetched.kept:
+                self.qos.forget(payload["properties"]["delivery_tag"], seq)
+            self._park(fetched.raw, seq if fetched.kept else None, f"{type(exc).__name__}: {exc}")
 
     def _decode(self, fetched: Fetched, seq: int, source: str) -> dict[str, Any]:
-        """The kombu message in `fetched`, expected by the QoS; one that is not is parked."""
+        """The kombu message in `fetched`, expected by the QoS. One that is too large is
+        parked cut, without being decoded; one that is not a kombu envelope kombu can
+        deliver (`envelope_problem`) is parked unchanged; either raises Empty."""
+        kept = seq if fetched.kept else None
+        if len(fetched.raw) > self.max_message_bytes:
+            self._park_oversized(fetched.raw, kept)
+            raise Empty()
         try:
-            payload: dict[str, Any] = loads(fetched.raw)
-            tag = payload["properties"]["delivery_tag"]
-        except Exception:
-            self._park(fetched.raw, seq if fetched.kept else None)
-            raise Empty() from None
+            payload: Any = loads(fetched.raw)
+        except Exception as exc:
+            problem: str | None = f"not JSON ({type(exc).__name__}: {exc})"
+        else:
+            problem = envelope_problem(payload)
+        if problem is not None:
+            self._park(fetched.raw, kept, problem)
+            raise Empty()
         if fetched.kept:
-            self.qos.expect(tag, seq, source)
-        return payload
+            self.qos.expect(payload["properties"]["delivery_tag"], seq, source)
+        return payload  # type: ignore[no-any-return]
 
-    def _park(self, raw: bytes, seq: int | None) -> None:
+    def _park(self, raw: bytes, seq: int | None, problem: str) -> None:
         """Onto the unparsable list, unchanged: from the consumer's keeping (`seq`), or the
         bytes of a no-ack message (`seq` None). Never lost when Redis refuses: it waits in
         the consumer and is tried again (`Consumer.keep_unparsable`)."""
         log.critical(
-            "Cannot deliver this message; it is kept unchanged in %r: %r",
+            "Cannot deliver this message (%s); it is kept unchanged in %r: %r",
+            " ".join(problem.split())[:300],
             self.broker_keys.unparsable,
             raw[:256],
-            exc_info=True,
         )
         self.reliable.keep_unparsable(raw if seq is None else seq)
+
+    def _park_oversized(self, raw: bytes, seq: int | None) -> None:
+        """A message over max_message_bytes: its first bytes, with a line saying so, are
+        parked in its place (`oversized_record`); it is never decoded."""
+        record = oversized_record(raw, int(self.max_message_bytes))
+        log.critical(
+            "Cannot deliver this message: %d bytes, over EVENT_BUFFER_MAX_MESSAGE_BYTES (%d); "
+            "its first %d bytes are kept in %r, not decoded: %r ... %r",
+            len(raw),
+            int(self.max_message_bytes),
+            min(len(raw), int(self.max_message_bytes), OVERSIZED_HEAD_BYTES),
+            self.broker_keys.unparsable,
+            raw[:128],
+            raw[-256:],
+        )
+        self.reliable.keep_unparsable(record if seq is None else (seq, record))
+
+    def park_delivered(self, delivery_tag: str, problem: str) -> bool:
+        """Park a message kombu delivered and nobody settled (one Celery would drop, or
+        dies on): it leaves the consumer's keeping for the unparsable list, unchanged.
+        False when this channel holds no such message (already settled, or no-ack)."""
+        taken = self.qos._take(delivery_tag)
+        if taken is None:
+            return False
+        seq, _ = taken
+        virtual.QoS.ack(self.qos, delivery_tag)  # out of the prefetch count; nothing sent
+        log.critical(
+            "Cannot run this message (%s); it is kept unchanged in %r (delivery tag %r)",
+            " ".join(problem.split())[:300],
+            self.broker_keys.unparsable,
+            delivery_tag,
+        )
+        self.reliable.keep_unparsable(seq)
+        return True
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         return self._get_one(queue, no_ack=False)
