@@ -1065,3 +1065,37 @@ def test_dlq_reason_help_lists_every_stored_reason() -> None:
     text = " ".join(result.stdout.split())
     for reason in REASONS:
         assert reason in text, reason
+
+
+def test_run_banner_fits_80_columns_without_breaking_the_python_example(
+    settings: Settings,
+) -> None:
+    from rich.console import Console
+
+    from worker.cli.run import print_banner
+
+    console = Console(width=80, record=True, color_system=None)
+    print_banner(console, settings, None, [])
+    lines = console.export_text().splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    example = "\n".join(line for line in lines if line.startswith("          "))
+    assert '"name": "signup",' in example and '"created_at": "2026-01-01T12:00:00Z"})' in example
+
+
+def test_dlq_list_at_80_columns_keeps_each_reason_whole(
+    run_main: Callable[..., Result], redis: redis_lib.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.ingest import ingest
+
+    buffer = EventBuffer(redis, Settings.from_env({"REDIS_URL": run_main_redis(redis)}))
+    ingest(buffer, [{"name": "x" * 300}, {"project_id": "p"}], "b-80")
+    monkeypatch.setenv("COLUMNS", "80")
+    listing = run_main("dlq", "list")
+    assert listing.code == 0, listing.err
+    assert listing.out.count("invalid_event") >= 2, listing.out
+    assert all(len(line) <= 80 for line in listing.out.splitlines())
+
+
+def run_main_redis(redis: redis_lib.Redis) -> str:
+    kwargs = redis.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"

@@ -315,8 +315,13 @@ def cmd_dlq_list(args: argparse.Namespace, settings: Settings, console: Console)
     for column in ("shard", "index"):
         table.add_column(column, justify="right")
     table.add_column("id", no_wrap=True)
-    for column in ("reason", "field", "when", "error", "payload"):
-        table.add_column(column, overflow="fold")
+    # The reason and the time are short words a reader scans for: never broken mid-word
+    # (at 80 columns the error and payload columns give way instead).
+    table.add_column("reason", no_wrap=True)
+    table.add_column("field", overflow="fold")
+    table.add_column("when", no_wrap=True)
+    for column in ("error", "payload"):
+        table.add_column(column, overflow="fold", ratio=1)
     for letter in shown:
         header = letter.header
         table.add_row(

@@ -139,11 +139,11 @@ def print_banner(
     console.print(f"  Beat runs process_buffer every {settings.flush_interval_s} s.")
     console.print("Send events:")
     console.print("  eventbuffer demo                    # realistic traffic, then a summary")
-    console.print("  python: from worker.producer import EventProducer")
-    console.print(
-        '          with EventProducer() as p: p.send({"project_id": "p1", '
-        '"name": "signup", "created_at": "2026-01-01T12:00:00Z"})'
-    )
+    # One statement per line, each under 80 columns: a terminal must not wrap it mid-string.
+    console.print("  python: from worker.producer import EventProducer", soft_wrap=True)
+    console.print("          with EventProducer() as p:", soft_wrap=True)
+    console.print('              p.send({"project_id": "p1", "name": "signup",', soft_wrap=True)
+    console.print('                      "created_at": "2026-01-01T12:00:00Z"})', soft_wrap=True)
     console.print("Look inside (from this directory):")
     console.print("  eventbuffer status")
     console.print(
