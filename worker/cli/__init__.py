@@ -23,6 +23,28 @@ and its live view `watch`, `query`, `demo`, `metrics`), and what `run`
 and `demo` are built from (`local_redis`, `processes`, `traffic`).
 """
 
-from worker.cli.app import main
+from __future__ import annotations
+
+import sys
 
 __all__ = ["main"]
+
+# What the command line needs beyond what a producer needs (a producer-only install,
+# README "Installing only the producer", has none of them).
+_FULL_INSTALL = ("rich", "chdb", "clickhouse_driver", "prometheus_client")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        from worker.cli.app import main as run
+    except ModuleNotFoundError as exc:
+        if exc.name not in _FULL_INSTALL:
+            raise
+        print(
+            f"eventbuffer: the command line needs the full install ({exc.name} is missing): "
+            "`pip install eventbuffer` with its dependencies; this one has only what "
+            "EventProducer needs",
+            file=sys.stderr,
+        )
+        return 2
+    return run(argv)
