@@ -242,3 +242,28 @@ def test_a_plain_send_task_into_a_full_broker_raises(
         app.close()
     assert "maxmemory" in str(raised.value)
     assert redis.llen("ingest") == 0
+
+
+def test_a_producer_leaves_the_last_of_a_broker_redis_to_the_workers(
+    redis_url: str, redis: redis_lib.Redis, full: Callable[[bool], None]
+) -> None:
+    """Past 95 % of the broker's maxmemory, EventProducer holds its batches (so queued tasks
+    cannot take the room every apply needs: a full Redis of tasks and an empty buffer
+    would be stuck), and sends them once there is room."""
+    used = int(redis.info("memory")["used_memory"])
+    redis.config_set("maxmemory", int(used / 0.97))  # ~97 % used: writes still accepted
+    producer = EventProducer(settings=Settings.from_env({"REDIS_URL": redis_url}), batch_ms=0)
+    try:
+        for event in batch("headroom", 0, size=20):
+            producer.send(event)
+        with pytest.raises(ProducerError, match="over 95 %"):
+            producer.flush(timeout=1)
+        assert redis.llen("ingest") == 0  # held by the producer, not refused by Redis
+        redis.lpush("not-a-producer", b"x")  # Redis itself still takes writes
+        full(False)
+        producer.flush(timeout=20)
+        stats = producer.stats
+    finally:
+        full(False)
+        producer.close(timeout=5)
+    assert (stats.sent_events, stats.pending) == (20, 0)

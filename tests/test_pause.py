@@ -96,3 +96,16 @@ def test_a_stopping_worker_stops_waiting() -> None:
     with pytest.raises(ShutdownRequested):
         pause(t, stopping=True).wait("b1", OOM, 3)
     assert t.slept == 0
+
+
+def test_another_error_right_after_a_resume_is_announced(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    t = FakeTime()
+    p = pause(t)
+    with caplog.at_level(logging.INFO, logger="worker.ingest"):
+        p.wait("b1", OOM, 0)
+        p.succeeded()
+        p.wait("b2", ConnectionError("failover"), 0)
+    assert lines(caplog) == ["ingest paused", "ingest resumed", "ingest paused"]
+    assert "ConnectionError: failover" in caplog.records[2].getMessage()

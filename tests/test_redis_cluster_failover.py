@@ -284,7 +284,7 @@ def test_master_kills_lose_and_double_nothing_under_load(
     doubled = {i: n for i, (n, _) in found.items() if n > 1}
     wrong = {i: d for i, (_, d) in found.items() if d != [traffic.expected.get(i, -1)]}
     logs = "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("*.log")))
-    transient = Counter(re.findall(r"Redis unavailable \((\w+):", logs))
+    transient = Counter(re.findall(r"ingest paused: Redis refuses writes \((\w+):", logs))
     unexpected = re.findall(r"batch \S+ failed \(\d of \d attempts\): ([^\n]{0,160})", logs)
     flush_errors = Counter(
         "not replicated" if "replica(s) required" in line else line[:80]

@@ -74,6 +74,7 @@ class Pause:
     announced: bool = False
     resumed_at: float | None = None
     brief: int = 0  # pauses not announced since the last announced one
+    kind: str = ""  # the error of the last announced pause
     waiting: int = 0  # tasks of this process waiting now (more than one on a thread pool)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -89,8 +90,9 @@ class Pause:
             if self.since is None:
                 self.since, self.announced = now, False
                 metrics.record_ingest_pause()
-                if self.resumed_at is not None and now - self.resumed_at < self.quiet_s:
-                    self.brief += 1
+                recent = self.resumed_at is not None and now - self.resumed_at < self.quiet_s
+                if recent and type(exc).__name__ == self.kind:
+                    self.brief += 1  # the same failure again, right after a resume
                 else:
                     self._announce(batch_id, exc)
             elif not self.announced and now - self.since >= self.quiet_s:
@@ -105,7 +107,7 @@ class Pause:
 
     def _announce(self, batch_id: str, exc: BaseException) -> None:
         brief = f" ({self.brief} brief pause(s) before this one)" if self.brief else ""
-        self.announced, self.brief = True, 0
+        self.announced, self.brief, self.kind = True, 0, type(exc).__name__
         log.warning(
             "ingest paused: Redis refuses writes (%s: %s)%s. Tasks wait unacknowledged "
             "in the broker and are retried in place; nothing is lost. A full Redis frees "

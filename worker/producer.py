@@ -55,6 +55,7 @@ from kombu.serialization import registry
 from worker.connection import broker_config
 from worker.errors import BufferFull, ProducerClosed, ProducerError
 from worker.events import Event, Limits, encode_event, parse_event
+from worker.headroom import Headroom
 from worker.names import INGEST_QUEUE, TASK_INGEST_EVENTS
 from worker.settings import Settings
 
@@ -140,6 +141,8 @@ class _Core:
             "interval_step": 0.2,
             "interval_max": 0.5,
         }
+        # No publishing into a nearly full broker Redis: its last 5 % is the workers'.
+        self.headroom = Headroom(str(app.conf.broker_url or ""))
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -204,6 +207,7 @@ class _Core:
                     return None
                 batch = self.sealed[0]
             try:
+                self.headroom.check(self.pending)
                 self.app.send_task(
                     TASK_INGEST_EVENTS,
                     # The rows as a JSON array of event objects, exactly what any
