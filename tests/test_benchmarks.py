@@ -74,3 +74,29 @@ def test_memory_benchmark_measures_at_least_the_rows_it_stores() -> None:
     assert row < buffer < 3 * row  # every row, plus what Redis keeps beside it
     broker, _ = measure(send_tasks(events), len(events))
     assert 4 / 3 * row < broker < 3 * row  # kombu's body is base64
+
+
+def test_outage_benchmark_counts_announced_and_brief_ingest_pauses() -> None:
+    from benchmarks.bench_outage import count_pauses
+
+    tail = ". Tasks wait unacknowledged in the broker and are retried in place; nothing is lost."
+    text = "\n".join(
+        [
+            "ingest paused: Redis refuses writes (OutOfMemoryError: command not allowed when "
+            f"used memory > 'maxmemory'.){tail}",
+            "ingest resumed: Redis takes writes again, after 12 s paused",
+            "ingest paused: Redis refuses writes (OutOfMemoryError: ...) "
+            f"(3 brief pause(s) before this one){tail}",
+        ]
+    )
+    assert count_pauses(text) == 1 + (1 + 3)
+    assert count_pauses("ingest resumed: ...") == 0
+
+
+def test_outage_benchmark_sizes_maxmemory_from_the_growth_rate() -> None:
+    from benchmarks.bench_outage import maxmemory_for
+
+    # Growing 300 kB/s, 15 s before the outage's half: full then.
+    assert maxmemory_for(5_000_000, 300_000.0, 15.0) == 5_000_000 + 4_500_000
+    # Never at what Redis already uses (it would refuse every write at once).
+    assert maxmemory_for(5_000_000, 10.0, 1.0) == 5_000_000 + (1 << 20)
