@@ -45,6 +45,7 @@ import logging
 import re
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,14 +53,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.support import Result, log, skipped
-from tests.faults.harness import Stack, logs, wait
+from tests.faults.harness import Load, Stack, logs, wait
 from tests.support.native_server import ChdbServer, chdb_serves
+from tests.support.traffic import ReferenceTraffic
 from worker import producer as producer_module
 
 VARIANTS = ("full", "unlimited")
 FILL_AT = 0.5  # `full`: Redis reaches maxmemory about this far into the outage
 FULL = 0.99  # used_memory this close to maxmemory: full (writes are refused at the edge)
 WIDTH = 40  # interleaved sessions open at once
+SPACING_MS = 2_000  # between sessions' start times (ReferenceTraffic)
 BACKOFF_MAX_S = 4  # EVENT_BUFFER_RETRY_BACKOFF_MAX_S: the flush retries at least this often
 PAUSE = re.compile(r"ingest paused: .*?(?:\((\d+) brief pause\(s\) before this one\))?\. Tasks")
 
@@ -190,7 +193,12 @@ def measure(args: argparse.Namespace, variant: str, tmp: Path) -> Outcome:
         stack.beat()
         for proc in (*ingest, flush):
             proc.wait_for("ready.", 90)
-        load = stack.load(rate, sessions_per_batch=None, width=WIDTH, max_events=10**9)
+        # Sessions 2 s apart in time (not the model's 5 min): a long stream's dates
+        # stay inside the accepted window (millions of events from 30 days ago).
+        traffic = ReferenceTraffic(uuid.uuid4().hex[:8], spacing_ms=SPACING_MS)
+        load = Load(stack.app, traffic, rate, sessions_per_batch=None, width=WIDTH,
+                    max_events=10**9)  # fmt: skip
+        stack.loads.append(load)
         load.start()
         wait(lambda: stack.saved.rows >= 2_000, 120, "a first flush")
         time.sleep(2)
@@ -204,6 +212,7 @@ def measure(args: argparse.Namespace, variant: str, tmp: Path) -> Outcome:
             f"{normal_rate:,.0f} rows/s flushed ({elapsed:.0f} s)"
         )
 
+        sent_down = load.count
         server.stop()
         down_at = time.monotonic()
         maxmemory = 0
@@ -250,10 +259,23 @@ def measure(args: argparse.Namespace, variant: str, tmp: Path) -> Outcome:
         first_at: float | None = None
         first_rows = saved
         deadline = back_at + 900
+        timeline: list[tuple[float, int, int, int, int]] = []  # where the backlog is, 1/s
         while stack.saved.rows < accepted:
-            rows = stack.saved.rows
+            if load.errors:
+                raise RuntimeError(f"the load stopped: {load.errors}")
+            rows, now = stack.saved.rows, time.monotonic()
             if first_at is None and rows > saved:
-                first_at, first_rows = time.monotonic(), rows
+                first_at, first_rows = now, rows
+            if not timeline or now - back_at >= timeline[-1][0] + 1:
+                timeline.append(
+                    (
+                        round(now - back_at, 1),
+                        accepted - rows,
+                        stack.queued(),
+                        load.producer.stats.pending,
+                        used_memory(stack)[0],
+                    )
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"backlog not drained in 900 s: {stack.saved.rows:,} of {accepted:,} rows"
@@ -294,7 +316,15 @@ def measure(args: argparse.Namespace, variant: str, tmp: Path) -> Outcome:
             missing=tally.missing,
             duplicated=tally.duplicated,
             wrong_durations=tally.wrong_durations,
-            extra={"peak_broker_tasks": peak_tasks, "landed": tally.landed, "back_at": back_at},
+            extra={
+                "peak_broker_tasks": peak_tasks,
+                "landed": tally.landed,
+                "back_at": back_at,
+                "accepted_during_outage": accepted - sent_down,
+                # (s after the restart, backlog left, buffer rows, producer held, used_memory)
+                "drain_timeline": timeline,
+                "arrival_during_outage": (accepted - sent_down) / (back_at - down_at),
+            },
         )
     finally:
         for built in stacks:
@@ -313,6 +343,7 @@ def results(o: Outcome) -> list[Result]:
     common = dict(vars(o))
     common.pop("extra")
     common.update(o.extra, drain_rate=o.drain_rate, net_rate=o.net_rate, ratio=o.ratio)
+    timeline = common.pop("drain_timeline", [])
     name = f"outage {o.outage_s:.0f} s, Redis {o.variant}"
     return [
         Result(
@@ -327,8 +358,9 @@ def results(o: Outcome) -> list[Result]:
                 f"{o.producer_held:,} held by the producer, {o.elsewhere:,} in "
                 f"{o.broker_tasks:,} broker tasks and held); drained {o.drain_s:.1f} s after "
                 f"the restart (first flush after {o.first_flush_s:.1f} s; backlog / that "
-                f"{o.net_rate:,.0f} ev/s); arrival "
-                f"{o.arrival_rate:,.0f} ev/s; {full}; {o.pauses} ingest pause(s), "
+                f"{o.net_rate:,.0f} ev/s); accepted {o.arrival_rate:,.0f} ev/s before the "
+                f"outage, {o.extra.get('arrival_during_outage', 0):,.0f} during it; {full}; "
+                f"{o.pauses} ingest pause(s), "
                 f"{o.buffer_full:,} BufferFull, {o.extra.get('producer_not_sent', 0):,} refused "
                 f"producer sends ({o.extra.get('producer_refused_after_restart', 0)} after the "
                 f"restart; next retry due {retry_s} after it)"
@@ -343,7 +375,13 @@ def results(o: Outcome) -> list[Result]:
             baseline_name="-",
             rounds=1,
             better="lower",
-            extra={"backlog": o.backlog, "first_flush_s": o.first_flush_s},
+            extra={
+                "backlog": o.backlog,
+                "first_flush_s": o.first_flush_s,
+                "timeline": "(s after the restart, backlog left, buffer rows, producer held, "
+                "used_memory)",
+                "drain_timeline": timeline,
+            },
         ),
         Result(
             name=f"{name}: missing / duplicated",
