@@ -83,6 +83,7 @@ class Outcome:
     restart_s: float  # stopping to answering again: how long the server took to start
     first_flush_s: float  # from the restart to the first rows acknowledged
     drain_s: float  # from the restart until the backlog was acknowledged
+    caught_up_s: float  # from the restart until the producer and broker hold no backlog
     drained_rows: int  # rows acknowledged after the first acknowledgement since the restart
     maxmemory: int  # 0: unlimited
     full_after_s: float | None  # into the outage, when used_memory reached maxmemory
@@ -149,6 +150,32 @@ class ProducerLog(logging.Handler):
         finally:
             logger.removeHandler(self)
             logger.propagate = propagate
+
+
+TIMELINE = (
+    "(s after the restart, backlog left, buffer rows, held by the producer, broker tasks, "
+    "used_memory, of which clients' buffers (mem_clients_normal), keys)"
+)
+
+
+def sample(stack: Stack, load: Load, at: float, backlog: int) -> tuple[float, ...]:
+    """One line of the drain's timeline (`TIMELINE`)."""
+    memory = stack.redis.info("memory")
+    return (
+        round(at, 1),
+        backlog,
+        stack.queued(),
+        load.producer.stats.pending,
+        stack.broker_backlog(),
+        int(memory["used_memory"]),
+        int(memory.get("mem_clients_normal", 0)),
+        int(stack.redis.dbsize()),
+    )
+
+
+def caught_up(stack: Stack, load: Load, arrival: float) -> bool:
+    """The producer holds under a second of arrivals and the broker under 50 tasks."""
+    return load.producer.stats.pending <= arrival and stack.broker_backlog() < 50
 
 
 def used_memory(stack: Stack) -> tuple[int, int]:
@@ -259,7 +286,7 @@ def measure(args: argparse.Namespace, variant: str, tmp: Path) -> Outcome:
         first_at: float | None = None
         first_rows = saved
         deadline = back_at + 900
-        timeline: list[tuple[float, int, int, int, int]] = []  # where the backlog is, 1/s
+        timeline: list[tuple[float, ...]] = []  # where the backlog is, once a second
         while stack.saved.rows < accepted:
             if load.errors:
                 raise RuntimeError(f"the load stopped: {load.errors}")
@@ -267,15 +294,7 @@ def measure(args: argparse.Namespace, variant: str, tmp: Path) -> Outcome:
             if first_at is None and rows > saved:
                 first_at, first_rows = now, rows
             if not timeline or now - back_at >= timeline[-1][0] + 1:
-                timeline.append(
-                    (
-                        round(now - back_at, 1),
-                        accepted - rows,
-                        stack.queued(),
-                        load.producer.stats.pending,
-                        used_memory(stack)[0],
-                    )
-                )
+                timeline.append(sample(stack, load, now - back_at, accepted - rows))
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"backlog not drained in 900 s: {stack.saved.rows:,} of {accepted:,} rows"
@@ -289,6 +308,19 @@ def measure(args: argparse.Namespace, variant: str, tmp: Path) -> Outcome:
             f"[outage] {variant}: drained in {drained_at - back_at:.1f} s (first flush "
             f"after {first_at - back_at:.1f} s), {drained_rows:,} rows"
         )
+        # Caught up: the producer holds under a second of arrivals again and the broker
+        # no backlog of tasks (arrivals during the drain may have queued behind it).
+        while not caught_up(stack, load, arrival):
+            if load.errors:
+                raise RuntimeError(f"the load stopped: {load.errors}")
+            now = time.monotonic()
+            if now > deadline:
+                raise RuntimeError("not caught up 900 s after the restart")
+            if not timeline or now - back_at >= timeline[-1][0] + 1:
+                timeline.append(sample(stack, load, now - back_at, accepted - stack.saved.rows))
+            time.sleep(0.1)
+        caught_up_at = time.monotonic()
+        log(f"[outage] {variant}: caught up {caught_up_at - back_at:.1f} s after the restart")
         time.sleep(2)  # the stream goes on a little after the drain too
         load.finish(timeout=300)
         stack.wait_drained(load.count, timeout=600)
@@ -307,6 +339,7 @@ def measure(args: argparse.Namespace, variant: str, tmp: Path) -> Outcome:
             restart_s=back_at - stopped_at,
             first_flush_s=first_at - back_at,
             drain_s=drained_at - back_at,
+            caught_up_s=caught_up_at - back_at,
             drained_rows=drained_rows,
             maxmemory=maxmemory,
             full_after_s=full_at,
@@ -321,7 +354,8 @@ def measure(args: argparse.Namespace, variant: str, tmp: Path) -> Outcome:
                 "landed": tally.landed,
                 "back_at": back_at,
                 "accepted_during_outage": accepted - sent_down,
-                # (s after the restart, backlog left, buffer rows, producer held, used_memory)
+                # (s after the restart, backlog left, buffer rows, producer held, broker
+                # tasks, used_memory, of which clients' buffers, keys)
                 "drain_timeline": timeline,
                 "arrival_during_outage": (accepted - sent_down) / (back_at - down_at),
             },
@@ -363,7 +397,9 @@ def results(o: Outcome) -> list[Result]:
                 f"{o.pauses} ingest pause(s), "
                 f"{o.buffer_full:,} BufferFull, {o.extra.get('producer_not_sent', 0):,} refused "
                 f"producer sends ({o.extra.get('producer_refused_after_restart', 0)} after the "
-                f"restart; next retry due {retry_s} after it)"
+                f"restart; next retry due {retry_s} after it); caught up (the producer holding "
+                f"under a second of arrivals, the broker under 50 tasks) {o.caught_up_s:.1f} s "
+                "after the restart"
             ),
             extra=common,
         ),
@@ -378,10 +414,19 @@ def results(o: Outcome) -> list[Result]:
             extra={
                 "backlog": o.backlog,
                 "first_flush_s": o.first_flush_s,
-                "timeline": "(s after the restart, backlog left, buffer rows, producer held, "
-                "used_memory)",
+                "timeline": TIMELINE,
                 "drain_timeline": timeline,
             },
+        ),
+        Result(
+            name=f"{name}: time to catch up",
+            unit="s",
+            eventbuffer=o.caught_up_s,
+            baseline=None,
+            baseline_name="-",
+            rounds=1,
+            better="lower",
+            note="until the producer holds under a second of arrivals, the broker under 50 tasks",
         ),
         Result(
             name=f"{name}: missing / duplicated",
