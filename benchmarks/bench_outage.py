@@ -62,6 +62,7 @@ from tests.faults.harness import Load, Stack, logs, wait
 from tests.support.native_server import ChdbServer, chdb_serves
 from tests.support.traffic import ReferenceTraffic
 from worker import producer as producer_module
+from worker.errors import ProducerError
 
 VARIANTS = ("full", "unlimited")
 FILL_AT = 0.5  # `full`: Redis reaches maxmemory about this far into the outage
@@ -69,6 +70,7 @@ FULL = 0.99  # used_memory this close to maxmemory: full (writes are refused at 
 WIDTH = 40  # interleaved sessions open at once
 SPACING_MS = 2_000  # between sessions' start times (ReferenceTraffic)
 CATCH_UP_S = 90.0  # after the drain, how long to wait for the producer and broker to catch up
+FINISH_S = 300.0  # once the stream stops, how long the producer may take to send what it holds
 BACKOFF_MAX_S = 4  # EVENT_BUFFER_RETRY_BACKOFF_MAX_S: the flush retries at least this often
 PAUSE = re.compile(r"ingest paused: .*?(?:\((\d+) brief pause\(s\) before this one\))?\. Tasks")
 
@@ -98,9 +100,9 @@ class Outcome:
     pauses: int  # ingest pauses (announced ones plus the brief ones they count)
     buffer_full: int  # BufferFull from the producer's send()
     sent: int
-    missing: int
-    duplicated: int
-    wrong_durations: int
+    missing: int | None  # None: not tallied (stuck: the producer still held events)
+    duplicated: int | None
+    wrong_durations: int | None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -340,10 +342,20 @@ def measure(args: argparse.Namespace, variant: str, tmp: Path) -> Outcome:
         else:
             log(f"[outage] {variant}: caught up {caught_up_at - back_at:.1f} s after the restart")
         time.sleep(2)  # the stream goes on a little after the drain too
-        load.finish(timeout=300)
-        stack.wait_drained(load.count, timeout=600)
-        tally = stack.finish(load)
+        stuck = ""
+        try:
+            load.finish(timeout=FINISH_S)
+        except ProducerError as exc:  # nothing moves: report it, there is nothing to tally
+            stuck = (
+                f"the producer could not send in {FINISH_S:.0f} s after the stream stopped: {exc}"
+            )
+            log(f"[outage] {variant}: STUCK: {stuck}")
         pauses = count_pauses(logs(stack, "ingest"))
+        if stuck:
+            tally = None
+        else:
+            stack.wait_drained(load.count, timeout=600)
+            tally = stack.finish(load)
         return Outcome(
             variant=variant,
             outage_s=outage_s,
@@ -363,13 +375,14 @@ def measure(args: argparse.Namespace, variant: str, tmp: Path) -> Outcome:
             full_after_s=full_at,
             pauses=pauses,
             buffer_full=load.buffer_full,
-            sent=tally.sent,
-            missing=tally.missing,
-            duplicated=tally.duplicated,
-            wrong_durations=tally.wrong_durations,
+            sent=load.count if tally is None else tally.sent,
+            missing=None if tally is None else tally.missing,
+            duplicated=None if tally is None else tally.duplicated,
+            wrong_durations=None if tally is None else tally.wrong_durations,
             extra={
                 "peak_broker_tasks": peak_tasks,
-                "landed": tally.landed,
+                "landed": None if tally is None else tally.landed,
+                "stuck": stuck,
                 "back_at": back_at,
                 "accepted_during_outage": accepted - sent_down,
                 # (s after the restart, backlog left, buffer rows, producer held, broker
@@ -397,6 +410,7 @@ def results(o: Outcome) -> list[Result]:
         else f"NOT caught up {CATCH_UP_S:.0f} s after the drain (the producer holding "
         f"{o.extra.get('producer_held_at_give_up', 0):,} events, growing)"
     )
+    tallied = None if o.missing is None or o.duplicated is None else (o.missing, o.duplicated)
     due = o.extra.get("producer_next_retry_after_restart_s")
     retry_s = "-" if due is None else f"{due:.1f} s"
     common = dict(vars(o))
@@ -457,14 +471,18 @@ def results(o: Outcome) -> list[Result]:
         Result(
             name=f"{name}: missing / duplicated",
             unit="events",
-            eventbuffer=float(o.missing + o.duplicated),
+            eventbuffer=None if tallied is None else float(sum(tallied)),
             baseline=None,
             baseline_name="-",
             rounds=1,
             target="0",
-            passed=o.missing == 0 and o.duplicated == 0,
+            passed=None if tallied is None else tallied == (0, 0),
             better="lower",
-            note=f"{o.sent:,} sent: {o.missing} missing, {o.duplicated} duplicated",
+            note=(
+                f"{o.sent:,} sent: {o.missing} missing, {o.duplicated} duplicated"
+                if tallied is not None
+                else f"{o.sent:,} sent, not tallied: STUCK: {o.extra.get('stuck', '')}"
+            ),
         ),
     ]
 

@@ -119,3 +119,9 @@ def test_outage_benchmark_reports_a_run_that_never_caught_up() -> None:
     assert rows["time to catch up"].eventbuffer is None
     assert rows["missing / duplicated"].passed is True
     assert rows["time to drain"].extra["drain_timeline"] == [(0.0, 60_000)]
+
+    stuck = Outcome(**{**vars(outcome), "missing": None, "duplicated": None})
+    stuck.extra = {**outcome.extra, "stuck": "300 s after the stream stopped"}
+    tally = {r.name.split(": ")[1]: r for r in results(stuck)}["missing / duplicated"]
+    assert tally.passed is None and tally.eventbuffer is None
+    assert "not tallied: STUCK: 300 s after the stream stopped" in tally.note
