@@ -1,7 +1,7 @@
 """Run the benchmarks, print the table, write the JSON.
 
-    python -m benchmarks [--only apply,ingest,transport,flush,e2e,reorder,memory] [--rounds N]
-        [--quick]
+    python -m benchmarks [--only apply,standard,ingest,transport,flush,e2e,reorder,memory,outage]
+        [--rounds N] [--quick] [--outage-s S] [--outage-rate R] [--outage-redis full,unlimited]
     python benchmarks/run.py ...
     make bench
 
@@ -33,7 +33,9 @@ from benchmarks.support import (
     write_json,
 )
 
-BENCHMARKS = ("apply", "standard", "ingest", "transport", "flush", "e2e", "reorder", "memory")
+BENCHMARKS = (
+    "apply", "standard", "ingest", "transport", "flush", "e2e", "reorder", "memory", "outage",
+)  # fmt: skip
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
 
@@ -82,6 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="end-to-end EVENT_BUFFER_REORDER_WINDOW_MS, ms (default: the setting's default)",
     )
     parser.add_argument(
+        "--outage-s",
+        type=float,
+        default=None,
+        help="outage: seconds ClickHouse is down (default 60, quick 20)",
+    )
+    parser.add_argument(
+        "--outage-rate",
+        type=float,
+        default=1000.0,
+        help="outage: events/s the producer offers throughout (default 1000)",
+    )
+    parser.add_argument(
+        "--outage-redis",
+        default="full,unlimited",
+        help=(
+            "outage: full (maxmemory reached half-way through the outage), unlimited "
+            "(no maxmemory: the backlog all in the buffer), or both (default)"
+        ),
+    )
+    parser.add_argument(
         "--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})"
     )
     return parser
@@ -98,6 +120,8 @@ def configure(args: argparse.Namespace) -> None:
     args.ingest_events = 20_000 if quick else 40_000
     args.standard_events = 30_000 if quick else 100_000
     args.flush_rows = 20_000 if quick else 40_000
+    if args.outage_s is None:
+        args.outage_s = 20.0 if quick else 60.0
     # Rates measured alone in this run (producer, ingest, flush), set by those
     # benchmarks; e2e offers half of the pipeline they make (bench_e2e.capacity).
     args.stage_rates = {}
@@ -110,6 +134,7 @@ def runners() -> dict[str, Callable[[argparse.Namespace], list[Result]]]:
         bench_flush,
         bench_ingest,
         bench_memory,
+        bench_outage,
         bench_reorder,
         bench_standard,
         bench_transport,
@@ -124,6 +149,7 @@ def runners() -> dict[str, Callable[[argparse.Namespace], list[Result]]]:
         "e2e": bench_e2e.run,
         "reorder": bench_reorder.run,
         "memory": bench_memory.run,
+        "outage": bench_outage.run,
     }
 
 

@@ -74,3 +74,54 @@ def test_memory_benchmark_measures_at_least_the_rows_it_stores() -> None:
     assert row < buffer < 3 * row  # every row, plus what Redis keeps beside it
     broker, _ = measure(send_tasks(events), len(events))
     assert 4 / 3 * row < broker < 3 * row  # kombu's body is base64
+
+
+def test_outage_benchmark_counts_announced_and_brief_ingest_pauses() -> None:
+    from benchmarks.bench_outage import count_pauses
+
+    tail = ". Tasks wait unacknowledged in the broker and are retried in place; nothing is lost."
+    text = "\n".join(
+        [
+            "ingest paused: Redis refuses writes (OutOfMemoryError: command not allowed when "
+            f"used memory > 'maxmemory'.){tail}",
+            "ingest resumed: Redis takes writes again, after 12 s paused",
+            "ingest paused: Redis refuses writes (OutOfMemoryError: ...) "
+            f"(3 brief pause(s) before this one){tail}",
+        ]
+    )
+    assert count_pauses(text) == 1 + (1 + 3)
+    assert count_pauses("ingest resumed: ...") == 0
+
+
+def test_outage_benchmark_sizes_maxmemory_from_the_growth_rate() -> None:
+    from benchmarks.bench_outage import maxmemory_for
+
+    # Growing 300 kB/s, 15 s before the outage's half: full then.
+    assert maxmemory_for(5_000_000, 300_000.0, 15.0) == 5_000_000 + 4_500_000
+    # Never at what Redis already uses (it would refuse every write at once).
+    assert maxmemory_for(5_000_000, 10.0, 1.0) == 5_000_000 + (1 << 20)
+
+
+def test_outage_benchmark_reports_a_run_that_never_caught_up() -> None:
+    from benchmarks.bench_outage import Outcome, results
+
+    outcome = Outcome(
+        variant="full", outage_s=60.0, arrival_rate=1000.0, normal_flush_rate=1000.0,
+        backlog=60_000, buffer_rows=30_000, producer_held=29_960, elsewhere=40, broker_tasks=0,
+        restart_s=0.5, first_flush_s=1.0, drain_s=21.0, caught_up_s=None, drained_rows=50_000,
+        maxmemory=12 << 20, full_after_s=30.0, pauses=2, buffer_full=0, sent=120_000,
+        missing=0, duplicated=0, wrong_durations=0,
+        extra={"producer_held_at_give_up": 70_000, "drain_timeline": [(0.0, 60_000)]},
+    )  # fmt: skip
+    assert outcome.drain_rate == 2500.0 and outcome.ratio == 2.5
+    rows = {r.name.split(": ")[1]: r for r in results(outcome)}
+    assert "NOT caught up" in rows["drain rate"].note
+    assert rows["time to catch up"].eventbuffer is None
+    assert rows["missing / duplicated"].passed is True
+    assert rows["time to drain"].extra["drain_timeline"] == [(0.0, 60_000)]
+
+    stuck = Outcome(**{**vars(outcome), "missing": None, "duplicated": None})
+    stuck.extra = {**outcome.extra, "stuck": "300 s after the stream stopped"}
+    tally = {r.name.split(": ")[1]: r for r in results(stuck)}["missing / duplicated"]
+    assert tally.passed is None and tally.eventbuffer is None
+    assert "not tallied: STUCK: 300 s after the stream stopped" in tally.note
