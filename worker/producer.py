@@ -55,7 +55,7 @@ from kombu.serialization import registry
 from worker.connection import broker_config
 from worker.errors import BufferFull, ProducerClosed, ProducerError
 from worker.events import Event, Limits, encode_event, parse_event
-from worker.headroom import Headroom
+from worker.headroom import BrokerNearlyFull, Headroom
 from worker.names import INGEST_QUEUE, TASK_INGEST_EVENTS
 from worker.settings import Settings
 
@@ -221,6 +221,13 @@ class _Core:
                     # Without it the Redis result backend subscribes to every task id.
                     ignore_result=True,
                 )
+            except BrokerNearlyFull as exc:
+                # Not a failure: the room frees as the workers apply, so look again in a
+                # second (a back-off growing to 30 s would leave that room unused).
+                with self.cond:
+                    self.retry_at = time.monotonic() + self.headroom.every_s
+                log.debug("batch %s waits: %s", batch.task_id, exc)
+                return exc
             except Exception as exc:
                 with self.cond:
                     self.failures += 1
@@ -268,6 +275,9 @@ class _Core:
                 raise ProducerError(
                     f"{held} events not sent, still held (broker failing: {error})", held
                 ) from error
+            if isinstance(error, BrokerNearlyFull):  # room comes back as workers apply
+                time.sleep(min(self.headroom.every_s, remaining))
+                continue
             time.sleep(min(delay, remaining))
             delay = min(RETRY_MAX_S, delay * 2)
 
