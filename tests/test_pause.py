@@ -109,3 +109,15 @@ def test_another_error_right_after_a_resume_is_announced(
         p.wait("b2", ConnectionError("failover"), 0)
     assert lines(caplog) == ["ingest paused", "ingest resumed", "ingest paused"]
     assert "ConnectionError: failover" in caplog.records[2].getMessage()
+
+
+def test_a_new_cause_within_a_pause_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    t = FakeTime()
+    p = pause(t)
+    with caplog.at_level(logging.INFO, logger="worker.ingest"):
+        p.wait("b1", ConnectionError("master down"), 0)
+        p.wait("b1", ConnectionError("master down"), 1)
+        p.wait("b1", RuntimeError("not replicated"), 2)
+        p.wait("b1", RuntimeError("not replicated"), 3)
+        p.succeeded()
+    assert lines(caplog) == ["ingest paused", "ingest still paused, now", "ingest resumed"]

@@ -284,7 +284,7 @@ def test_master_kills_lose_and_double_nothing_under_load(
     doubled = {i: n for i, (n, _) in found.items() if n > 1}
     wrong = {i: d for i, (_, d) in found.items() if d != [traffic.expected.get(i, -1)]}
     logs = "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("*.log")))
-    transient = Counter(re.findall(r"ingest paused: Redis refuses writes \((\w+):", logs))
+    transient = Counter(re.findall(r"Redis refuses writes \((\w+):", logs))
     unexpected = re.findall(r"batch \S+ failed \(\d of \d attempts\): ([^\n]{0,160})", logs)
     flush_errors = Counter(
         "not replicated" if "replica(s) required" in line else line[:80]
@@ -318,6 +318,11 @@ def test_master_kills_lose_and_double_nothing_under_load(
     assert dead_letters == 0
     # While the promoted master had no replica, ingest waited: no task succeeded.
     assert succeeded_alone == 0, f"{succeeded_alone} tasks succeeded unreplicated"
-    assert transient["NotReplicatedError"] > 0 and transient["ConnectionError"] > 0
+    # The failover was seen: ingest waited out the dead master, and the promoted master
+    # without a replica refused to confirm writes (to ingest, or to the flush's claims and
+    # acks: ingest tasks now wait in place, up to 10 s between attempts, and may not
+    # try during that stretch).
+    assert transient["ConnectionError"] > 0, transient
+    assert transient["NotReplicatedError"] > 0 or flush_errors["not replicated"] > 0
     assert isinstance(uncovered[0], RedisClusterException), uncovered
     assert all(is_transient(error) for error in uncovered if error is not None), uncovered

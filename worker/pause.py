@@ -98,6 +98,16 @@ class Pause:
             elif not self.announced and now - self.since >= self.quiet_s:
                 self.brief -= 1  # this one turned out not to be brief
                 self._announce(batch_id, exc)
+            elif self.announced and type(exc).__name__ != self.kind:
+                # Another cause in the same pause (a failover's connection errors, then its
+                # promoted master without replicas): one line per change, not per attempt.
+                self.kind = type(exc).__name__
+                log.info(
+                    "ingest still paused, now: Redis refuses writes (%s: %s)",
+                    self.kind,
+                    _one_line(exc),
+                    extra={"batch_id": batch_id, "error": _one_line(exc)},
+                )
             self.waiting += 1
         try:
             self._sleep(wait_s(attempt))
