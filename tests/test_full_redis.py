@@ -267,3 +267,32 @@ def test_a_producer_leaves_the_last_of_a_broker_redis_to_the_workers(
         full(False)
         producer.close(timeout=5)
     assert (stats.sent_events, stats.pending) == (20, 0)
+
+
+def test_a_producer_waits_for_headroom_a_few_seconds_not_forever(
+    redis_url: str, redis: redis_lib.Redis
+) -> None:
+    """Memory Redis holds apart from the buffer may keep it above 95 % for good: after
+    HEADROOM_WAIT_MAX_S a batch goes out anyway (a producer stuck on it would be a new
+    way to stop ingest). The broker reads as 99 % full here, whatever Redis says."""
+    from worker.headroom import Headroom
+    from worker.producer import HEADROOM_WAIT_MAX_S
+
+    class AlwaysNearlyFull(Headroom):
+        def ratio(self) -> float:
+            return 0.99
+
+    producer = EventProducer(settings=Settings.from_env({"REDIS_URL": redis_url}), batch_ms=0)
+    producer._core.headroom = AlwaysNearlyFull("")
+    try:
+        for event in batch("courtesy", 0, size=20):
+            producer.send(event)
+        started = time.monotonic()
+        producer.flush(timeout=HEADROOM_WAIT_MAX_S + 20)
+        waited = time.monotonic() - started
+        stats = producer.stats
+    finally:
+        producer.close(timeout=5)
+    assert (stats.sent_events, stats.pending) == (20, 0)
+    assert redis.llen("ingest") == stats.sent_batches
+    assert waited >= HEADROOM_WAIT_MAX_S - 1.5  # it did hold the batch first

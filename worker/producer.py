@@ -61,6 +61,10 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# The longest a batch waits for the broker to fall under the headroom limit
+# (worker/headroom.py) before it is sent anyway.
+HEADROOM_WAIT_MAX_S = 5.0
+
 # Background retry after a failed publish: 0.5 s doubling to 30 s.
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 30.0
@@ -159,6 +163,8 @@ class _Core:
         self.failures = 0
         self.failures_in_row = 0
         self.retry_at = 0.0
+        # Since when the broker has been above the headroom limit (None: it is not).
+        self.nearly_full_since: float | None = None
         self.closed = False
         self.abandoned = False
         self.stopping = False
@@ -207,7 +213,10 @@ class _Core:
                     return None
                 batch = self.sealed[0]
             try:
-                self.headroom.check(self.pending)
+                if self.nearly_full_since is None or (
+                    time.monotonic() - self.nearly_full_since < HEADROOM_WAIT_MAX_S
+                ):
+                    self.headroom.check(self.pending)
                 self.app.send_task(
                     TASK_INGEST_EVENTS,
                     # The rows as a JSON array of event objects, exactly what any
@@ -223,8 +232,13 @@ class _Core:
                 )
             except BrokerNearlyFull as exc:
                 # Not a failure: the room frees as the workers apply, so look again in a
-                # second (a back-off growing to 30 s would leave that room unused).
+                # second (a back-off growing to 30 s would leave that room unused). A
+                # courtesy, not a wait without end: after HEADROOM_WAIT_MAX_S the batch is
+                # sent anyway (memory Redis holds apart from the buffer could keep the
+                # ratio above the limit for good), and a refusal is then a failure.
                 with self.cond:
+                    if self.nearly_full_since is None:
+                        self.nearly_full_since = time.monotonic()
                     self.retry_at = time.monotonic() + self.headroom.every_s
                 log.debug("batch %s waits: %s", batch.task_id, exc)
                 return exc
@@ -251,6 +265,7 @@ class _Core:
                 self.sent_events += len(batch.events)
                 self.failures_in_row = 0
                 self.retry_at = 0.0
+                self.nearly_full_since = None
             return None
         finally:
             self.send_lock.release()
