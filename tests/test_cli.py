@@ -118,7 +118,7 @@ def test_migrate_is_idempotent_and_query_prints_rows(run_main: Callable[..., Res
     as_table = run_main("query", "SHOW TABLES")
     assert as_table.code == 0
     assert "events" in as_table.out
-    assert "1 row in" in as_table.out
+    assert "2 rows in" in as_table.out  # events and the migrations record
 
 
 def test_query_output_is_verbatim(run_main: Callable[..., Result]) -> None:

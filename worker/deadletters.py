@@ -23,6 +23,7 @@ from typing import cast
 import msgspec
 
 from worker.keys import Keyspace, ShardKeys
+from worker.retention import REASON_PAST_RETENTION
 from worker.scripts import Scripts
 from worker.topology import Client
 
@@ -44,6 +45,7 @@ REASONS = (
     REASON_BATCH_ID_CONFLICT,
     REASON_INVALID_JSON,
     REASON_REJECTED,
+    REASON_PAST_RETENTION,  # older than EVENT_BUFFER_RETENTION_DAYS at ingest (worker/retention.py)
 )
 # Reasons whose payload is a batch (or a task body holding one), not one event.
 BATCH_REASONS = frozenset({REASON_INGEST_FAILED, REASON_UNDELIVERABLE, REASON_BATCH_ID_CONFLICT})

@@ -47,6 +47,7 @@ from worker.errors import InvalidEvent
 from worker.events import Event, Limits, encode_event, parse_event
 from worker.json_slices import JsonSliceError, split_array
 from worker.names import TASK_INGEST_EVENT, TASK_INGEST_EVENTS
+from worker.retention import check_retention
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,9 @@ def ingest(
             elif not isinstance(item, dict):
                 # JSON text is no event object here: only dicts come from producers.
                 raise InvalidEvent("$", f"an event must be an object, got {_json_type(item)}")
-            events.append(parse_event(item, limits, partial(derive, index) if derive else None))
+            event = parse_event(item, limits, partial(derive, index) if derive else None)
+            check_retention(event.created_ms, now, buffer.settings.retention_days)
+            events.append(event)
             positions.append(index)
         except InvalidEvent as exc:
             invalid.append(index)
@@ -286,7 +289,7 @@ def ingest(
                 error += f" (raw payload of {len(raw)} bytes cut to {max_dead_bytes})"
                 raw = raw[:max_dead_bytes]
             header = DeadLetter(
-                reason=REASON_INVALID_EVENT,
+                reason=getattr(exc, "reason", REASON_INVALID_EVENT),  # past_retention
                 error=error,
                 field=exc.field,
                 source="ingest",

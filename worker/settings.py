@@ -450,6 +450,14 @@ class Settings:
         _choice("console", "json"),
         "Worker and Beat logs: `console` (Celery's text lines) or `json` (one object per line).",
     )
+    retention_days: int = _setting(
+        "EVENT_BUFFER_RETENTION_DAYS",
+        0,
+        _int(0),
+        "Rows are deleted this many days after their `created_at` (the table's TTL, set by "
+        "`eventbuffer migrate`); ingest dead-letters older events (`past_retention`). "
+        "0: kept forever.",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -19,7 +19,7 @@ from worker.cli.demo import cmd_demo
 from worker.cli.dlq import add_dlq_parser
 from worker.cli.flush import cmd_flush
 from worker.cli.metrics import cmd_metrics
-from worker.cli.migrate import cmd_migrate
+from worker.cli.migrate import add_migrate_arguments, cmd_migrate
 from worker.cli.query import cmd_query
 from worker.cli.run import cmd_run
 from worker.cli.status import cmd_status
@@ -64,12 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=cmd_run)
 
-    migrate = commands.add_parser("migrate", help="create the ClickHouse table (idempotent)")
+    migrate = commands.add_parser(
+        "migrate", help="create or upgrade the ClickHouse table (versioned migrations)"
+    )
     migrate.add_argument(
         "--cluster",
         metavar="NAME",
         help="create it ON CLUSTER NAME: Replicated local tables and a Distributed table",
     )
+    add_migrate_arguments(migrate)
     migrate.set_defaults(handler=cmd_migrate)
 
     flush = commands.add_parser("flush", help="drain the buffer into ClickHouse now")

@@ -20,12 +20,13 @@ Errors are typed so the flusher knows what to do:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from worker.errors import PermanentSinkError, RetryableSinkError, RowRejectedError, SinkError
+from worker.sinks.migrations import Report
 
 __all__ = [
     "INTERRUPTS",
@@ -152,8 +153,16 @@ class Sink(Protocol):
         """
         ...
 
-    def migrate(self) -> None:
-        """Create the database and table if they do not exist (idempotent)."""
+    def migrate(
+        self,
+        cluster: str | None = None,
+        *,
+        retention_days: int = 0,
+        columns: Sequence[tuple[str, str]] = ...,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> Report:
+        """Apply the pending migrations, the table first (worker/sinks/migrations.py):
+        idempotent, safe from several processes or hosts at once."""
         ...
 
     def close(self) -> None:

@@ -15,9 +15,10 @@ import json
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from worker.sinks import migrations
 from worker.sinks.base import (
     INTERRUPTS,
     PermanentSinkError,
@@ -25,7 +26,8 @@ from worker.sinks.base import (
     RowRejectedError,
     classify,
 )
-from worker.sinks.schema import create_table, identifier
+from worker.sinks.migrations import Report
+from worker.sinks.schema import COLUMNS, identifier
 
 _TOKEN = re.compile(r"^[A-Za-z0-9:._-]{1,200}$")
 # ClickHouse parses JSON in parallel only in segments of at least this many
@@ -230,8 +232,28 @@ class ChdbSink:
         )
         return str(text)
 
-    def migrate(self) -> None:
-        self._run(create_table(self.table))
+    def migrate(
+        self,
+        cluster: str | None = None,
+        *,
+        retention_days: int = 0,
+        columns: Sequence[tuple[str, str]] = COLUMNS,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> Report:
+        """Apply the pending migrations (worker/sinks/migrations.py): the table first.
+
+        Embedded ClickHouse is one process's at a time, so it has no cluster.
+        """
+        if cluster is not None:
+            raise ValueError("embedded ClickHouse has no cluster")
+        return migrations.migrate(
+            self.query,
+            table=self.table,
+            database=None,
+            retention_days=retention_days,
+            columns=columns,
+            on_wait=on_wait,
+        )
 
     def close(self) -> None:
         handle = self._handle

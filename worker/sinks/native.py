@@ -15,8 +15,8 @@ the table is described) adds `insert_distributed_sync=1` (an alias of
 `distributed_foreground_insert` since 23.x): the INSERT returns only once
 every shard has stored its rows, each shard receiving the chunk's token with
 its part of the chunk, so a failure on any shard fails the write and the
-re-drive repeats it with the same token. `migrate(cluster=NAME)` creates the
-Replicated local tables and the Distributed table `ON CLUSTER`.
+re-drive repeats it with the same token. `migrate(cluster=NAME)` applies the
+migrations `ON CLUSTER` (Replicated local tables under the Distributed table).
 
 Deduplication of re-driven flushes rests on `insert_deduplication_token`
 (ClickHouse 22.2+). clickhouse-driver drops settings an old server does not
@@ -39,6 +39,7 @@ from clickhouse_driver import Client, errors
 from clickhouse_driver.util.helpers import parse_url
 
 from worker.events import Row, datetime_ms
+from worker.sinks import migrations
 from worker.sinks.base import (
     INTERRUPTS,
     PermanentSinkError,
@@ -47,12 +48,8 @@ from worker.sinks.base import (
     SinkError,
     classify,
 )
-from worker.sinks.schema import (
-    create_cluster_tables,
-    create_database,
-    create_table,
-    identifier,
-)
+from worker.sinks.migrations import Report
+from worker.sinks.schema import COLUMNS, create_database, identifier
 
 DEDUP_MIN_VERSION = (22, 2)
 
@@ -265,22 +262,39 @@ class NativeSink:
         [(text,)] = self.query("SELECT formatQuerySingleLine(%(sql)s)", {"sql": sql}, readonly=True)
         return str(text)
 
-    def migrate(self, cluster: str | None = None) -> None:
-        """Create the database and table; with `cluster`, on every host of it."""
-        if cluster is None:
-            statements = [create_database(self.database), create_table(self.table, self.database)]
-        else:
-            statements = create_cluster_tables(self.table, self.database, cluster)
+    def migrate(
+        self,
+        cluster: str | None = None,
+        *,
+        retention_days: int = 0,
+        columns: Sequence[tuple[str, str]] = COLUMNS,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> Report:
+        """Create the database, then apply the pending migrations
+        (worker/sinks/migrations.py); with `cluster`, `ON CLUSTER` on every host of it."""
         # The handshake names a database and fails if it does not exist yet,
         # so create it from a session on the user's default database.
         with self._lock, self._errors():
             bootstrap = Client(self._host, **{**self._options, "database": ""})
             try:
-                for statement in statements:
-                    bootstrap.execute(statement)
+                bootstrap.execute(
+                    create_database(self.database)
+                    + ("" if cluster is None else f" ON CLUSTER {identifier(cluster)}")
+                )
             finally:
                 bootstrap.disconnect()
-        self._columns = None
+        try:
+            return migrations.migrate(
+                self.query,
+                table=self.table,
+                database=self.database,
+                cluster=cluster,
+                retention_days=retention_days,
+                columns=columns,
+                on_wait=on_wait,
+            )
+        finally:
+            self._columns = None
 
     @property
     def distributed(self) -> bool:

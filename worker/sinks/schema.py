@@ -134,3 +134,98 @@ def create_cluster_tables(
         f"CREATE TABLE IF NOT EXISTS {db}.{identifier(table)} {on}\n{_columns(columns)}"
         f"ENGINE = Distributed({identifier(cluster)}, {db}, {identifier(local)}, {SHARDING_KEY})",
     ]
+
+
+# --- Versioned migrations (worker/sinks/migrations.py) ------------------------
+
+MIGRATIONS_TABLE = "eventbuffer_migrations"
+# Exists only while a `migrate` holds the lock; its `holder` column's DEFAULT
+# names the holder (host, pid, server time), readable on every host.
+MIGRATIONS_LOCK_TABLE = "eventbuffer_migrations_lock"
+
+# Data-skipping indexes (migration 2): `forget` finds one person's rows by them.
+SKIPPING_INDEXES: tuple[tuple[str, str], ...] = (
+    ("idx_profile_id", "profile_id"),
+    ("idx_device_id", "device_id"),
+)
+SKIPPING_INDEX_TYPE = "bloom_filter"
+SKIPPING_INDEX_GRANULARITY = 4
+
+
+def qualified(table: str, database: str | None) -> str:
+    """`db`.`table`, or `table` alone on the session's database."""
+    return identifier(table) if database is None else f"{identifier(database)}.{identifier(table)}"
+
+
+def on_cluster(cluster: str | None) -> str:
+    return "" if cluster is None else f" ON CLUSTER {identifier(cluster)}"
+
+
+def shared_replicated_engine(table: str, database: str) -> str:
+    """A ReplicatedMergeTree every host of the cluster is a replica of (one Keeper path
+    for all shards): a small bookkeeping table that reads the same from any host. The
+    replica name joins the host's `{shard}` and `{replica}` macros, unique per host."""
+    path = f"/clickhouse/eventbuffer/{database}/{table}"
+    return f"ReplicatedMergeTree('{path}', '{{shard}}-{{replica}}')"
+
+
+def create_migrations_table(database: str | None, cluster: str | None = None) -> str:
+    """The record of applied migrations: one row per application (a setting-dependent
+    migration applied again adds a row, `sequence` 2, 3...: the last is in force), for
+    each events table of the database (`table_name`)."""
+    if cluster is not None and database is None:
+        raise ValueError("a cluster's migrations table needs a database")
+    engine = (
+        "MergeTree"
+        if cluster is None
+        else shared_replicated_engine(MIGRATIONS_TABLE, str(database))
+    )
+    return (
+        f"CREATE TABLE IF NOT EXISTS {qualified(MIGRATIONS_TABLE, database)}"
+        f"{on_cluster(cluster)}\n"
+        "(\n    version UInt32,\n    name String,\n    checksum String,\n"
+        "    applied_at DateTime DEFAULT now(),\n    host String,\n    detail String,\n"
+        "    sequence UInt32,\n    table_name String\n)\n"
+        f"ENGINE = {engine}\nORDER BY (table_name, version, sequence)"
+    )
+
+
+def create_lock_table(database: str | None, cluster: str | None, holder: str) -> str:
+    """Taking the migrations lock: a CREATE without IF NOT EXISTS, which exactly one of
+    several concurrent callers wins (on a cluster, through the ordered DDL queue)."""
+    quoted = holder.replace("\\", "\\\\").replace("'", "\\'")
+    return (
+        f"CREATE TABLE {qualified(MIGRATIONS_LOCK_TABLE, database)}{on_cluster(cluster)} "
+        f"(holder String DEFAULT '{quoted}') ENGINE = Memory"
+    )
+
+
+def drop_lock_table(database: str | None, cluster: str | None) -> str:
+    return f"DROP TABLE IF EXISTS {qualified(MIGRATIONS_LOCK_TABLE, database)}{on_cluster(cluster)}"
+
+
+def add_skipping_indexes(table: str, database: str | None, cluster: str | None) -> list[str]:
+    """Migration 2's DDL: add each index (if missing), then build it for existing parts
+    (MATERIALIZE INDEX runs as a background mutation: the ALTER returns at once)."""
+    target = f"ALTER TABLE {qualified(table, database)}{on_cluster(cluster)}"
+    statements = [
+        f"{target} ADD INDEX IF NOT EXISTS {name} {column} "
+        f"TYPE {SKIPPING_INDEX_TYPE} GRANULARITY {SKIPPING_INDEX_GRANULARITY}"
+        for name, column in SKIPPING_INDEXES
+    ]
+    statements += [f"{target} MATERIALIZE INDEX {name}" for name, _ in SKIPPING_INDEXES]
+    return statements
+
+
+def retention_ttl(days: int) -> str:
+    """The table TTL that deletes rows `days` after their `created_at`."""
+    return f"TTL created_at + INTERVAL {int(days)} DAY DELETE"
+
+
+def modify_ttl(table: str, database: str | None, cluster: str | None, days: int) -> str:
+    target = f"{qualified(table, database)}{on_cluster(cluster)}"
+    return f"ALTER TABLE {target} MODIFY {retention_ttl(days)}"
+
+
+def remove_ttl(table: str, database: str | None, cluster: str | None) -> str:
+    return f"ALTER TABLE {qualified(table, database)}{on_cluster(cluster)} REMOVE TTL"
