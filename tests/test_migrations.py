@@ -369,6 +369,44 @@ def test_several_processes_migrate_a_server_at_once(db_url: str) -> None:
         sink.close()
 
 
+def migrate_together(url: str, count: int, **options: Any) -> list[Any]:
+    """`count` sinks call migrate() at the same moment (a barrier); their reports."""
+    barrier = threading.Barrier(count)
+    reports: list[Any] = [None] * count
+
+    def one(n: int) -> None:
+        sink = NativeSink(url, require_dedup=False)
+        try:
+            sink.query("SELECT 1")  # connected before the barrier
+            barrier.wait(timeout=30)
+            reports[n] = sink.migrate(**options)
+        except Exception as exc:
+            reports[n] = exc
+        finally:
+            sink.close()
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return reports
+
+
+def test_concurrent_migrates_apply_each_version_once(db_url: str) -> None:
+    """Eight at the same instant: without the lock, several read an empty record and
+    each applies and records every migration."""
+    create_database(db_url)
+    reports = migrate_together(db_url, 8)
+    assert all(not isinstance(r, Exception) for r in reports), reports
+    assert sorted(len(r.applied) for r in reports) == [0] * 7 + [3]
+    sink = NativeSink(db_url)
+    try:
+        assert versions(read_records(sink.query, urlsplit(db_url).path[1:])) == {1: 1, 2: 1, 3: 1}
+    finally:
+        sink.close()
+
+
 def test_migrate_waits_for_the_lock_holder(db_url: str) -> None:
     create_database(db_url)
     database = urlsplit(db_url).path[1:]
@@ -520,6 +558,19 @@ def test_old_server_upgrades_with_recorded_no_ops(old_url: str) -> None:
         assert [s.state for s in states] == ["applied", "applied", "blocked"]
         assert sink.migrate(columns=COMPAT_COLUMNS).applied == []
         assert versions(read_records(sink.query, database)) == {1: 1, 2: 1, 3: 1}
+    finally:
+        sink.close()
+
+
+def test_old_server_concurrent_migrates_apply_each_version_once(old_url: str) -> None:
+    url = old_table(old_url)
+    reports = migrate_together(url, 6, columns=COMPAT_COLUMNS)
+    assert all(not isinstance(r, Exception) for r in reports), reports
+    assert sorted(len(r.applied) for r in reports) == [0] * 5 + [2]
+    assert sum(r.found for r in reports) == 1
+    sink = NativeSink(url, require_dedup=False)
+    try:
+        assert versions(read_records(sink.query, urlsplit(url).path[1:])) == {1: 1, 2: 1, 3: 1}
     finally:
         sink.close()
 

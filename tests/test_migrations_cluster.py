@@ -1,0 +1,161 @@
+"""Migrations `ON CLUSTER` on the loopback cluster: Debian's ClickHouse 18.16 with
+ZooKeeper, 2 shards x 2 replicas (tests/support/clickhouse_cluster.py).
+
+`migrate --cluster` from two hosts at the same moment: the lock (a `CREATE
+TABLE ... ON CLUSTER`, which the ordered distributed DDL queue lets exactly one
+win on every host) makes one apply and the other find it done; the record
+table is one Replicated table every host reads. A cluster made by the previous
+release's `migrate --cluster` upgrades in place, rows kept. 18.16 has neither
+skipping indexes (a recorded no-op) nor TTL (a retention is refused).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from tests.support.clickhouse_cluster import Cluster, Node, clickhouse_cluster, cluster_unavailable
+from tests.test_migrations import COMPAT_COLUMNS, now_ms, row, versions
+from worker.sinks.migrations import MigrationError, read_records
+from worker.sinks.native import NativeSink
+from worker.sinks.schema import MIGRATIONS_LOCK_TABLE, MIGRATIONS_TABLE
+
+pytestmark = pytest.mark.slow
+
+# What the previous release's `eventbuffer migrate --cluster` ran (its
+# create_cluster_tables, on the columns 18.16 has), verbatim but for the names.
+PREVIOUS_RELEASE_CLUSTER_DDL = (
+    "CREATE DATABASE IF NOT EXISTS `{db}` ON CLUSTER `{cluster}`",
+    "CREATE TABLE IF NOT EXISTS `{db}`.`events_local` ON CLUSTER `{cluster}`\n(\n"
+    "    id UUID,\n    name String,\n    device_id String,\n    project_id String,\n"
+    "    profile_id String,\n    session_id String,\n    created_at DateTime,\n"
+    "    duration UInt64\n)\n"
+    "ENGINE = ReplicatedMergeTree("
+    "'/clickhouse/tables/{{shard}}/{db}/events_local', '{{replica}}')\n"
+    "PARTITION BY toYYYYMM(created_at)\n"
+    "ORDER BY (project_id, toDate(created_at), profile_id, name)\n"
+    "SETTINGS replicated_deduplication_window = 10000, "
+    "replicated_deduplication_window_seconds = 604800",
+    "CREATE TABLE IF NOT EXISTS `{db}`.`events` ON CLUSTER `{cluster}`\n(\n"
+    "    id UUID,\n    name String,\n    device_id String,\n    project_id String,\n"
+    "    profile_id String,\n    session_id String,\n    created_at DateTime,\n"
+    "    duration UInt64\n)\n"
+    "ENGINE = Distributed(`{cluster}`, `{db}`, `events_local`, cityHash64(toString(id)))",
+)
+
+
+def on(node: Node, database: str) -> NativeSink:
+    url = urlunsplit(urlsplit(node.url)._replace(path=f"/{database}"))
+    return NativeSink(url, require_dedup=False)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    why = cluster_unavailable()
+    if why is not None:
+        pytest.skip(f"the 18.16 cluster {why} (bash .ci/run installs both)")
+    with clickhouse_cluster(shards=2, replicas=2) as started:
+        yield started
+
+
+def migrate_from(nodes: list[Node], database: str, **options: Any) -> list[Any]:
+    """Each node's own sink calls migrate(--cluster) at the same moment; their reports."""
+    barrier = threading.Barrier(len(nodes))
+    reports: list[Any] = [None] * len(nodes)
+
+    def one(n: int, node: Node) -> None:
+        sink = on(node, "default")
+        sink.database = database  # the URL's database may not exist yet
+        try:
+            sink.query("SELECT 1")
+            barrier.wait(timeout=30)
+            reports[n] = sink.migrate("eventbuffer", columns=COMPAT_COLUMNS, **options)
+        except Exception as exc:
+            reports[n] = exc
+        finally:
+            sink.close()
+
+    threads = [threading.Thread(target=one, args=(n, node)) for n, node in enumerate(nodes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    return reports
+
+
+def every_node_records(cluster: Cluster, database: str) -> list[dict[int, int]]:
+    found = []
+    for node in cluster.nodes:
+        sink = on(node, database)
+        try:
+            sink.query(f"SYSTEM SYNC REPLICA {database}.{MIGRATIONS_TABLE}")
+            found.append(versions(read_records(sink.query, database)))
+            tables = dict(
+                sink.query(f"SELECT name, engine FROM system.tables WHERE database = '{database}'")
+            )
+        finally:
+            sink.close()
+        assert tables == {
+            "events": "Distributed",
+            "events_local": "ReplicatedMergeTree",
+            MIGRATIONS_TABLE: "ReplicatedMergeTree",
+        }, node.name
+        assert MIGRATIONS_LOCK_TABLE not in tables
+    return found
+
+
+def test_migrate_from_two_hosts_at_once(cluster: Cluster) -> None:
+    database = f"eb_{uuid.uuid4().hex[:10]}"
+    reports = migrate_from([cluster.node(1, 1), cluster.node(2, 2)], database)
+    assert all(not isinstance(r, Exception) for r in reports), reports
+    assert sorted(len(r.applied) for r in reports) == [0, 3]
+    winner = next(r for r in reports if r.applied)
+    assert winner.applied[1][2].startswith("skipped: ClickHouse 18.16")
+    assert every_node_records(cluster, database) == [{1: 1, 2: 1, 3: 1}] * 4
+
+
+def test_previous_release_cluster_upgrades_in_place(cluster: Cluster) -> None:
+    database = f"eb_{uuid.uuid4().hex[:10]}"
+    admin = on(cluster.nodes[0], "default")
+    try:
+        for ddl in PREVIOUS_RELEASE_CLUSTER_DDL:
+            admin.query(ddl.format(db=database, cluster=cluster.name))
+    finally:
+        admin.close()
+    writer = on(cluster.nodes[0], database)
+    sent = [str(uuid.UUID(int=n + 1)) for n in range(30)]
+    try:
+        writer.write([row(now_ms(), id=i, profile_id=f"u{i[-1]}") for i in sent], "c:0")
+    finally:
+        writer.close()
+
+    reports = migrate_from([cluster.node(1, 2), cluster.node(2, 1)], database)
+
+    assert all(not isinstance(r, Exception) for r in reports), reports
+    assert sum(r.found for r in reports) == 1
+    assert sorted(len(r.applied) for r in reports) == [0, 2]
+    assert every_node_records(cluster, database) == [{1: 1, 2: 1, 3: 1}] * 4
+    reader = on(cluster.nodes[3], database)
+    try:
+        stored = sorted(r[0] for r in reader.query("SELECT toString(id) FROM events"))
+    finally:
+        reader.close()
+    assert stored == sorted(sent)
+
+
+def test_retention_is_refused_on_18_16(cluster: Cluster) -> None:
+    database = f"eb_{uuid.uuid4().hex[:10]}"
+    [report] = migrate_from([cluster.nodes[0]], database, retention_days=30)
+    assert isinstance(report, MigrationError)
+    assert "TTL" in str(report) and "18.16" in str(report)
+    # Migrations 1 and 2 were applied and recorded; 3 stays pending.
+    sink = on(cluster.nodes[0], database)
+    try:
+        assert versions(read_records(sink.query, database)) == {1: 1, 2: 1}
+    finally:
+        sink.close()
