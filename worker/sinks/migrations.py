@@ -151,6 +151,12 @@ def _skipping_indexes(target: Target, run: Run) -> Plan:
             "the server is upgraded",
         )
     statements = add_skipping_indexes(target.data_table, target.database, target.cluster)
+    # Servers from before indexes left "experimental" want the setting in the session.
+    experimental = run(
+        "SELECT value FROM system.settings WHERE name = 'allow_experimental_data_skipping_indices'"
+    )
+    if experimental and str(experimental[0][0]) == "0":
+        statements.insert(0, "SET allow_experimental_data_skipping_indices = 1")
     names = ", ".join(column for _, column in SKIPPING_INDEXES)
     return Plan(indexes, tuple(statements), f"{SKIPPING_INDEX_TYPE} indexes on {names}")
 
@@ -204,7 +210,7 @@ def table_migration(name: str, body: str, *, order_by: str) -> Callable[[Target,
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events table", _events_table),
-    Migration(2, "skipping indexes on profile_id and device_id", _skipping_indexes, reapply=True),
+    Migration(2, "skipping indexes", _skipping_indexes, reapply=True),
     Migration(3, "retention TTL", _retention, reapply=True),
     # 4: the `forget` audit table (eventbuffer_forget_audit), added with `forget`.
 )
