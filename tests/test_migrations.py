@@ -240,6 +240,9 @@ def test_retention_on_a_new_table(embedded: ChdbSink) -> None:
     )
     embedded.query("OPTIMIZE TABLE events FINAL")
     assert ids(embedded) == [recent]
+    # A caller not told the setting (retention_days=None) leaves the TTL alone.
+    assert embedded.migrate().applied == []
+    assert "TTL created_at + toIntervalDay(30)" in engine_full(embedded)
 
 
 def test_retention_on_an_existing_table_then_changed_and_removed(embedded: ChdbSink) -> None:

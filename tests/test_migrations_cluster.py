@@ -146,6 +146,13 @@ def test_previous_release_cluster_upgrades_in_place(cluster: Cluster) -> None:
     finally:
         reader.close()
     assert stored == sorted(sent)
+    # Without --cluster, the Distributed table is refused (its ALTERs would fail).
+    alone = on(cluster.nodes[0], database)
+    try:
+        with pytest.raises(MigrationError, match="run `eventbuffer migrate --cluster NAME`"):
+            alone.migrate(columns=COMPAT_COLUMNS)
+    finally:
+        alone.close()
 
 
 def test_retention_is_refused_on_18_16(cluster: Cluster) -> None:

@@ -172,7 +172,7 @@ def require_embedded_data(settings: Settings) -> None:
 def migrate_schema(settings: Settings) -> None:
     """Create the database and table if missing; embedded ClickHouse is released after."""
     with clickhouse(settings, create=True) as sink:
-        sink.migrate()
+        sink.migrate(retention_days=settings.retention_days)
 
 
 class RateColumn(ProgressColumn):

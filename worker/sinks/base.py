@@ -157,7 +157,7 @@ class Sink(Protocol):
         self,
         cluster: str | None = None,
         *,
-        retention_days: int = 0,
+        retention_days: int | None = None,
         columns: Sequence[tuple[str, str]] = ...,
         on_wait: Callable[[str], None] | None = None,
     ) -> Report:

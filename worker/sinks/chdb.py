@@ -236,7 +236,7 @@ class ChdbSink:
         self,
         cluster: str | None = None,
         *,
-        retention_days: int = 0,
+        retention_days: int | None = None,
         columns: Sequence[tuple[str, str]] = COLUMNS,
         on_wait: Callable[[str], None] | None = None,
     ) -> Report:

@@ -118,6 +118,9 @@ class Migration:
     plan: Callable[[Target, Run], Plan]
     # Applied again when its definition changes (it depends on a setting or the server).
     reapply: bool = False
+    # Depends on EVENT_BUFFER_RETENTION_DAYS: a `migrate` not told the setting
+    # (retention_days=None) leaves it as recorded.
+    uses_retention: bool = False
 
 
 # --- The migrations ------------------------------------------------------------
@@ -211,7 +214,7 @@ def table_migration(name: str, body: str, *, order_by: str) -> Callable[[Target,
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events table", _events_table),
     Migration(2, "skipping indexes", _skipping_indexes, reapply=True),
-    Migration(3, "retention TTL", _retention, reapply=True),
+    Migration(3, "retention TTL", _retention, reapply=True, uses_retention=True),
     # 4: the `forget` audit table (eventbuffer_forget_audit), added with `forget`.
 )
 
@@ -480,20 +483,24 @@ def migrate(
     table: str,
     database: str | None,
     cluster: str | None = None,
-    retention_days: int = 0,
+    retention_days: int | None = None,
     columns: Sequence[tuple[str, str]] = COLUMNS,
     on_wait: Callable[[str], None] | None = None,
     lock_timeout_s: float = LOCK_TIMEOUT_S,
 ) -> Report:
     """Apply every pending or outdated migration, in order, under the lock.
 
-    The database must exist. Raises MigrationError (nothing after the failing
-    migration is applied; those before it stay recorded) or SinkError.
+    `retention_days`: EVENT_BUFFER_RETENTION_DAYS; None (a caller that does not
+    know the setting: tests, benchmarks) leaves a recorded retention as it is
+    and applies 0 only where none is recorded. The database must exist. Raises
+    MigrationError (nothing after the failing migration is applied; those
+    before it stay recorded) or SinkError.
     """
     identifier(table)
     text, version = server_version(run)
-    target = Target(table, database, cluster, retention_days, version, columns)
+    target = Target(table, database, cluster, retention_days or 0, version, columns)
     report = Report(server=text)
+    _check_layout(run, target)
     run(create_migrations_table(database, cluster))
     with migrations_lock(run, database, cluster, timeout_s=lock_timeout_s, on_wait=on_wait):
         _sync_records(run, target)
@@ -515,7 +522,8 @@ def migrate(
             history = records.get(migration.version)
             plan = migration.plan(target, run)
             check = checksum(plan.definition)
-            if history and (history[-1].checksum == check or not migration.reapply):
+            keep = not migration.reapply or (migration.uses_retention and retention_days is None)
+            if history and (history[-1].checksum == check or keep):
                 report.version = migration.version
                 continue
             for statement in plan.statements:
@@ -525,6 +533,22 @@ def migrate(
             report.created |= migration.version == 1
             report.version = migration.version
     return report
+
+
+def _check_layout(run: Run, target: Target) -> None:
+    """Refuse a cluster's Distributed table without --cluster (its ALTERs would fail
+    there, and the local tables would be left as they are)."""
+    if target.cluster is not None:
+        return
+    rows = run(
+        "SELECT engine FROM system.tables WHERE "
+        f"database = {_database_expr(target.database)} AND name = {_literal(target.table)}"
+    )
+    if rows and str(rows[0][0]) == "Distributed":
+        raise MigrationError(
+            f"table `{target.table}` is a Distributed table: run `eventbuffer migrate "
+            "--cluster NAME` with the cluster it was created on"
+        )
 
 
 def status(
