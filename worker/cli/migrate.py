@@ -151,15 +151,17 @@ def _show_status(
         print(json.dumps(data, indent=2, ensure_ascii=False))
         return 0
     grid = Table(box=box.SIMPLE, show_edge=False)
-    for column in ("version", "name", "status", "applied", "host", "detail"):
-        grid.add_column(column)
+    for column in ("#", "name", "status", "applied (UTC)", "host", "detail"):
+        grid.add_column(column, no_wrap=column in ("#", "status", "applied (UTC)"))
     for s in states:
         applied = s.applied
         grid.add_row(
             str(s.version),
             s.name,
             s.state,
-            _iso(applied.applied_at) if applied else ("(found)" if s.found else "-"),
+            _iso(applied.applied_at)[:16].replace("T", " ")
+            if applied
+            else ("(found)" if s.found else "-"),
             applied.host if applied else "-",
             s.detail,
         )

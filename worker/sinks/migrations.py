@@ -188,7 +188,7 @@ def _retention(target: Target, run: Run) -> Plan:
             "server, or set EVENT_BUFFER_RETENTION_DAYS=0 and drop old partitions yourself"
         )
     statement = modify_ttl(target.data_table, target.database, target.cluster, days)
-    return Plan(retention_ttl(days), (statement,), f"{retention_ttl(days)} (rows kept {days} days)")
+    return Plan(retention_ttl(days), (statement,), retention_ttl(days))
 
 
 def table_migration(name: str, body: str, *, order_by: str) -> Callable[[Target, Run], Plan]:
