@@ -23,6 +23,7 @@ from worker.cli.migrate import cmd_migrate
 from worker.cli.query import cmd_query
 from worker.cli.run import cmd_run
 from worker.cli.status import cmd_status
+from worker.cli.watch import cmd_watch
 from worker.errors import NotReplicatedError
 from worker.lock import LockLostError
 from worker.settings import Settings, SettingsError
@@ -40,6 +41,10 @@ def check_settings(settings: Settings) -> None:
         raise SettingsError(
             "CLICKHOUSE_URL: a chdb:// URL needs a path, e.g. chdb://data/clickhouse"
         )
+
+
+def _status(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    return (cmd_watch if args.watch else cmd_status)(args, settings, console)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--iterations", type=int, default=0, help="--watch: stop after N refreshes (0: never)"
     )
-    status.set_defaults(handler=cmd_status)
+    status.set_defaults(handler=_status)
 
     metrics = commands.add_parser(
         "metrics", help="print the Prometheus metrics once (Redis gauges, worker counters)"
