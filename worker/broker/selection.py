@@ -57,7 +57,7 @@ def install(app: Any) -> None:
 
 def _celeryd_init(app: Any, instance: Any = None, conf: Any = None, **_: Any) -> None:
     from worker import runtime
-    from worker.broker.transport import UntestedKombu, check_kombu
+    from worker.broker.transport import UntestedKombu, check_kombu, install_alias
     from worker.errors import EvictionPolicyError, SettingsError
     from worker.redis_memory import check_eviction
     from worker.topology import check_celery_apart
@@ -83,6 +83,7 @@ def _celeryd_init(app: Any, instance: Any = None, conf: Any = None, **_: Any) ->
     except UntestedKombu as exc:
         print(exc, file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    install_alias()
     conf.broker_transport = path
 
 
@@ -91,7 +92,7 @@ def _beat_init(app: Any, sender: Any = None, **_: Any) -> None:
     ticks then reach a broker at maxmemory (`Channel._put`), where a flush is the one
     thing that frees memory. Its other messages, and its consuming, are kombu's."""
     from worker import runtime
-    from worker.broker.transport import UntestedKombu, check_kombu
+    from worker.broker.transport import UntestedKombu, check_kombu, install_alias
 
     conf = app.conf
     if getattr(sender, "app", None) is not app:
@@ -103,4 +104,5 @@ def _beat_init(app: Any, sender: Any = None, **_: Any) -> None:
         check_kombu()
     except UntestedKombu:
         return  # stock kombu publishes as it always did
+    install_alias()
     conf.broker_transport = path

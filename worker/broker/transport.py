@@ -78,7 +78,7 @@ TESTED_KOMBU_VERSIONS = ("5.7.0",)
 
 #: What a worker's broker_transport names to use it.
 TRANSPORT_PATH = "worker.broker.transport:Transport"
-#: The name kombu knows it by once this module is imported: the scheme of the
+#: The name kombu knows it by once `install_alias()` ran: the scheme of the
 #: worker's broker URL in its banner and logs ("Connected to eventbuffer-redis://...").
 TRANSPORT_ALIAS = "eventbuffer-redis"
 
@@ -499,4 +499,10 @@ class Transport(kombu_redis.Transport):
         super().__init__(*args, **kwargs)
 
 
-TRANSPORT_ALIASES.setdefault(TRANSPORT_ALIAS, TRANSPORT_PATH)
+def install_alias() -> None:
+    """Let kombu resolve `TRANSPORT_ALIAS` in this process (and the ones it forks).
+
+    Called where a worker or Beat switches to this transport (`worker.broker.selection`);
+    importing this module changes nothing of kombu's.
+    """
+    TRANSPORT_ALIASES.setdefault(TRANSPORT_ALIAS, TRANSPORT_PATH)
