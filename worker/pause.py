@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from worker import metrics
+from worker.errors import ShutdownRequested as ShutdownRequested
 
 log = logging.getLogger("worker.ingest")
 
@@ -43,10 +44,6 @@ log = logging.getLogger("worker.ingest")
 MAX_WAIT_S = 10.0
 #: How often a waiting task looks for a shutdown request.
 SHUTDOWN_POLL_S = 0.5
-
-
-class ShutdownRequested(Exception):
-    """The worker is stopping: give the message back instead of waiting on."""
 
 
 def wait_s(attempt: int, cap_s: float = MAX_WAIT_S) -> float:

@@ -68,6 +68,7 @@ from worker.broker.consumer import Consumer
 from worker.broker.envelope import OVERSIZED_HEAD_BYTES, envelope_problem, oversized_record
 from worker.broker.keys import BrokerKeys
 from worker.broker.scripts import BrokerScripts, Fetched, parse_fetch
+from worker.errors import UntestedKombu as UntestedKombu
 from worker.names import FLUSH_QUEUE
 from worker.settings import DEFAULT_MESSAGE_LIMIT_BYTES
 
@@ -81,10 +82,6 @@ TRANSPORT_PATH = "worker.broker.transport:Transport"
 #: The name kombu knows it by once `install_alias()` ran: the scheme of the
 #: worker's broker URL in its banner and logs ("Connected to eventbuffer-redis://...").
 TRANSPORT_ALIAS = "eventbuffer-redis"
-
-
-class UntestedKombu(RuntimeError):
-    """The installed kombu is not one this transport was tested with."""
 
 
 def check_kombu(version: str | None = None) -> None:

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from worker.errors import SettingsError
 from worker.sinks.base import (
     INTERRUPTS,
     PermanentSinkError,
@@ -126,7 +127,7 @@ def path_from_url(url: str) -> str:
     """`chdb:///abs/path` -> /abs/path; `chdb://rel/path` -> <cwd>/rel/path."""
     rest = url.split("://", 1)[1]
     if not rest:
-        raise ValueError("a chdb:// URL needs a path, e.g. chdb://data/clickhouse")
+        raise SettingsError("a chdb:// URL needs a path, e.g. chdb://data/clickhouse")
     return os.path.abspath(rest)
 
 
