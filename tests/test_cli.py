@@ -431,6 +431,8 @@ def test_status_json_matches_redis(
         ("EVENT_BUFFER_BATCH_SIZE", "abc", "status"),
         ("CLICKHOUSE_URL", "http://example.com", "migrate"),
         ("EVENT_BUFFER_TABLE", "events; DROP", "query"),
+        ("CLICKHOUSE_URL", "chdb://", "status"),
+        ("CLICKHOUSE_URL", "clickhouse://h:9000/db?connect_timeout=x", "status"),
     ],
 )
 def test_bad_settings_exit_2_with_one_line(
@@ -474,8 +476,29 @@ def test_unreachable_clickhouse_is_one_line_naming_the_url(
     assert "hunter2" not in result.stderr + result.stdout
 
 
-def test_a_celery_worker_with_a_bad_setting_says_one_line(tmp_path: Path) -> None:
-    env = project_env(EVENT_BUFFER_SHARDS="many", REDIS_URL="redis://:hunter2@127.0.0.1:1/0")
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("EVENT_BUFFER_SHARDS", "many", "EVENT_BUFFER_SHARDS must be an integer, got 'many'"),
+        # Settings are checked alike for the CLI and the workers: not at the first flush.
+        (
+            "CLICKHOUSE_URL",
+            "clickhouse://h:9000/db?connect_timeout=x",
+            "CLICKHOUSE_URL cannot be used: could not convert string to float: 'x': "
+            "'clickhouse://h:9000/db'",
+        ),
+        (
+            "EVENT_BUFFER_TABLE",
+            "events; DROP",
+            "EVENT_BUFFER_TABLE must be a ClickHouse identifier (letters, digits, _), "
+            "got 'events; DROP'",
+        ),
+    ],
+)
+def test_a_celery_worker_with_a_bad_setting_says_one_line(
+    tmp_path: Path, variable: str, value: str, message: str
+) -> None:
+    env = project_env(REDIS_URL="redis://:hunter2@127.0.0.1:1/0", **{variable: value})
     for program in ("worker", "beat"):
         result = subprocess.run(
             [sys.executable, "-m", "celery", "-A", "worker", program],
@@ -486,9 +509,7 @@ def test_a_celery_worker_with_a_bad_setting_says_one_line(tmp_path: Path) -> Non
             timeout=60,
         )
         assert result.returncode == 2, result.stderr
-        assert result.stderr.strip().splitlines() == [
-            "eventbuffer: bad setting: EVENT_BUFFER_SHARDS must be an integer, got 'many'"
-        ]
+        assert result.stderr.strip().splitlines() == [f"eventbuffer: bad setting: {message}"]
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
 
 from worker import runtime
-from worker.cli.common import ERROR_PREFIX, CliError, is_embedded, mask, one_line, version
+from worker.cli.common import ERROR_PREFIX, CliError, mask, one_line, version
 from worker.cli.demo import cmd_demo
 from worker.cli.dlq import add_dlq_parser
 from worker.cli.flush import cmd_flush
@@ -28,19 +28,6 @@ from worker.errors import NotReplicatedError
 from worker.lock import LockLostError
 from worker.settings import Settings, SettingsError
 from worker.sinks import SinkError
-from worker.sinks.schema import identifier
-
-
-def check_settings(settings: Settings) -> None:
-    """What `Settings.from_env` cannot check alone, as `SettingsError`s naming the variable."""
-    try:
-        identifier(settings.clickhouse_table)
-    except ValueError as exc:
-        raise SettingsError(f"EVENT_BUFFER_TABLE: {exc}") from None
-    if is_embedded(settings) and not settings.clickhouse_url.split("://", 1)[1].strip("/"):
-        raise SettingsError(
-            "CLICKHOUSE_URL: a chdb:// URL needs a path, e.g. chdb://data/clickhouse"
-        )
 
 
 def _status(args: argparse.Namespace, settings: Settings, console: Console) -> int:
@@ -142,7 +129,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings: Settings | None = None
     try:
         settings = Settings.from_env()
-        check_settings(settings)
         runtime.configure(settings)
         return int(args.handler(args, settings, console))
     except SettingsError as exc:
