@@ -5,8 +5,8 @@
 one pipelined round trip for all shards (queue depth, the head row's age,
 the open claim, dead letters, waiting views, the lock with its holder and
 heartbeat (`worker.lock.lock_state`), the back-off, the last flush); then
-a SCAN for the projects with visitors (on a cluster, of every master) and
-one more round trip for their counts; on a cluster (or with replicas
+one round trip for the projects with visitors (each shard's project index;
+`worker.visitors.active_projects`) and one more for their counts; on a cluster (or with replicas
 wanted), one INFO per master holding shards, for its replicas. It only
 reads: nothing is pruned.
 
@@ -234,7 +234,8 @@ def read_state(
         for n, shard in enumerate(shards)
     ]
     cutoff = now_ms - visitor_window_s * 1000
-    visitors = count_active_visitors(redis, keyspace, active_projects(redis, keyspace), cutoff)
+    projects = active_projects(redis, keyspace, since_ms=cutoff)
+    visitors = count_active_visitors(redis, keyspace, projects, cutoff)
     masters: list[MasterState] = []
     cluster_masters = 0
     if is_cluster(redis) or min_replicas > 0:

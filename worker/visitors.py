@@ -16,10 +16,27 @@ from worker.replies import number, text
 from worker.topology import Client
 
 
-def active_projects(redis: Client, keyspace: Keyspace) -> list[str]:
-    """Projects with a visitors set on any shard (SCAN; read-only)."""
+def active_projects(redis: Client, keyspace: Keyspace, since_ms: int | None = None) -> list[str]:
+    """Projects with a visitor seen on any shard (at or after `since_ms`, if given); read-only.
+
+    Each shard's project index (`ShardKeys.visitor_projects`: project -> when a
+    visitor of it was last seen, written by the apply beside the visitors set)
+    answers in one pipelined round trip for all shards. A shard without an
+    index (its data predates it) is SCANned for its visitors sets instead.
+    """
+    shards = keyspace.all()
+    low = "-inf" if since_ms is None else since_ms
+    pipe = redis.pipeline(transaction=False)
+    for shard in shards:
+        pipe.exists(shard.visitor_projects)
+        pipe.zrangebyscore(shard.visitor_projects, low, "+inf")
+    replies = pipe.execute()
     projects: set[str] = set()
-    for shard in keyspace.all():
+    for n, shard in enumerate(shards):
+        indexed, members = replies[2 * n], replies[2 * n + 1]
+        if indexed:
+            projects.update(text(member) for member in members)
+            continue
         for key in redis.scan_iter(match=shard.visitors_pattern(), count=1000):
             projects.add(shard.project_of_visitors_key(text(key)))
     return sorted(projects)
