@@ -18,7 +18,7 @@ import pytest
 import redis as redis_lib
 from kombu import Connection, Consumer, Exchange, Message, Producer, Queue
 
-from worker.broker.keys import BrokerKeys
+from worker.broker.broker_keys import BrokerKeys
 from worker.broker.transport import TRANSPORT_PATH, UntestedKombu, check_kombu
 
 KEYS = BrokerKeys()

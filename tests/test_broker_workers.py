@@ -32,7 +32,7 @@ from tests.support.celery_procs import ROOT, CeleryProcess, project_env, worker
 from tests.support.dates import BASE_MS
 from tests.support.polling import wait_until
 from tests.support.servers import RedisServer
-from worker.broker.keys import BrokerKeys
+from worker.broker.broker_keys import BrokerKeys
 from worker.celery import create_app
 from worker.keys import Keyspace
 from worker.settings import Settings

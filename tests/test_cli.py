@@ -28,7 +28,7 @@ from tests.support.dates import BASE_MS
 from tests.support.polling import wait_until
 from tests.support.servers import free_port
 from worker import cli
-from worker.broker.keys import BrokerKeys
+from worker.broker.broker_keys import BrokerKeys
 from worker.buffer import EventBuffer
 from worker.celery import create_app
 from worker.cli.local_redis import redis_answers

@@ -17,8 +17,8 @@ from worker import runtime
 from worker.cli.common import ERROR_PREFIX, CliError, mask, one_line, version
 from worker.cli.demo import cmd_demo
 from worker.cli.dlq import add_dlq_parser
-from worker.cli.flush import cmd_flush
-from worker.cli.metrics import cmd_metrics
+from worker.cli.flush_cmd import cmd_flush
+from worker.cli.metrics_cmd import cmd_metrics
 from worker.cli.migrate import cmd_migrate
 from worker.cli.query import cmd_query
 from worker.cli.run import cmd_run

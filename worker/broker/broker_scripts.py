@@ -22,7 +22,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import NoScriptError
 
-from worker.broker.keys import BrokerKeys
+from worker.broker.broker_keys import BrokerKeys
 from worker.errors import ConsumerAlive as ConsumerAlive
 from worker.replies import text
 from worker.scripts import script
