@@ -83,7 +83,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # `-P prefork` (the default), replacing a retired pool process at once.
         worker_pool="worker.prefork:TaskPool",
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-        # Task events cost ~5% of ingest throughput; Flower turns them on itself
+        # Task events cost ingest throughput; Flower turns them on itself
         # (`celery -A worker control enable_events` does the same by hand).
         task_send_sent_event=False,
         worker_send_task_events=False,
