@@ -20,9 +20,9 @@ import pytest
 import redis as redis_lib
 from kombu import Message
 
+from tests.support.broker_transport import consuming, drain, inflight, publish, queue
 from tests.support.envelopes import encoded, task_envelope
 from tests.support.servers import RedisServer, start_redis
-from tests.test_broker_transport import consuming, drain, inflight, publish, queue
 from worker import runtime
 from worker.broker.broker_consumer import BrokerConsumer, held_by_consumers, recover
 from worker.broker.broker_keys import BrokerKeys, forged_entries, oldest_last
