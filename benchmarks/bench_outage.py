@@ -8,7 +8,7 @@ EVENT_BUFFER_RETRY_BACKOFF_MAX_S=4), a ClickHouse 26.x server (chDB's engine
 serving the native protocol, tests/support/native_server.py) and
 `EventProducer` in this process sending the fault suite's reference sessions
 (40 interleaved, micro-batched by the 10 ms timer) at `--outage-rate` events/s
-(tests/faults/harness.py `Stack`, `Load`).
+(`Stack` and `Load` of tests/support/fault_stack.py and fault_load.py).
 
 After a warm-up the normal flush rate is measured (rows acknowledged out of
 the buffer per second, `events:saved`), then the server is stopped for
@@ -58,7 +58,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.support import Result, log, skipped
-from tests.faults.harness import Load, Stack, logs, wait
+from tests.support.fault_load import Load, wait
+from tests.support.fault_processes import logs
+from tests.support.fault_stack import Stack
 from tests.support.native_server import ChdbServer, chdb_serves
 from tests.support.traffic import ReferenceTraffic
 from worker import producer as producer_module

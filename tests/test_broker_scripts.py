@@ -1,7 +1,7 @@
 """The reliable transport's scripts and consumer against a real Redis.
 
 broker_fetch.lua, broker_requeue.lua and broker_heartbeat.lua, driven
-through `worker.broker.consumer.Consumer` (no kombu). The last part walks
+through `worker.broker.broker_consumer.Consumer` (no kombu). The last part walks
 one message through a consumer's life and crashes the consumer (or the
 worker recovering it) between every two steps: the message is always
 somewhere it comes back from.
@@ -21,9 +21,9 @@ from collections.abc import Iterator
 import pytest
 import redis as redis_lib
 
-from worker.broker.consumer import REQUEUE_BATCH, Consumer, recover
-from worker.broker.keys import BrokerKeys
-from worker.broker.scripts import BrokerScripts, ConsumerAlive
+from worker.broker.broker_consumer import REQUEUE_BATCH, BrokerConsumer, recover
+from worker.broker.broker_keys import BrokerKeys
+from worker.broker.broker_scripts import BrokerScripts, ConsumerAlive
 
 KEYS = BrokerKeys()
 Q = "ingest"
@@ -37,16 +37,16 @@ def message(n: int, size: int = 0) -> bytes:
     return json.dumps({"body": json.dumps(body), "properties": {"delivery_tag": f"t{n}"}}).encode()
 
 
-def consumer(client: redis_lib.Redis, name: str, timeout_s: float = TIMEOUT_S) -> Consumer:
-    return Consumer(client, KEYS, timeout_s, consumer_id=name)
+def consumer(client: redis_lib.Redis, name: str, timeout_s: float = TIMEOUT_S) -> BrokerConsumer:
+    return BrokerConsumer(client, KEYS, timeout_s, consumer_id=name)
 
 
-def expire(client: redis_lib.Redis, who: Consumer) -> None:
+def expire(client: redis_lib.Redis, who: BrokerConsumer) -> None:
     """`who` crashed long enough ago: its deadline lies in the past."""
     client.zadd(KEYS.registry, {who.id: 1})
 
 
-def drain(client: redis_lib.Redis, who: Consumer, sources: list[str]) -> list[bytes]:
+def drain(client: redis_lib.Redis, who: BrokerConsumer, sources: list[str]) -> list[bytes]:
     """Everything `who` can fetch from `sources` now, acknowledged."""
     got = []
     while (taken := who.fetch(sources)) is not None:
@@ -56,7 +56,7 @@ def drain(client: redis_lib.Redis, who: Consumer, sources: list[str]) -> list[by
     return got
 
 
-def held(client: redis_lib.Redis, who: Consumer) -> dict[int, tuple[str, bytes | None]]:
+def held(client: redis_lib.Redis, who: BrokerConsumer) -> dict[int, tuple[str, bytes | None]]:
     """What `who` holds: seq -> (its source list, the message in its own key)."""
     return {
         int(seq): (source.decode(), client.lindex(KEYS.message(who.id, int(seq)), 0))
@@ -64,7 +64,7 @@ def held(client: redis_lib.Redis, who: Consumer) -> dict[int, tuple[str, bytes |
     }
 
 
-def broker_keys(client: redis_lib.Redis, who: Consumer) -> list[bytes]:
+def broker_keys(client: redis_lib.Redis, who: BrokerConsumer) -> list[bytes]:
     """Keys of `who` in Redis: its index and its messages."""
     return sorted(client.keys(who.inflight) + client.keys(KEYS.message(who.id, "*")))
 

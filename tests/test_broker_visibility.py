@@ -23,14 +23,14 @@ from kombu.asynchronous.timer import Timer
 from rich.console import Console
 
 from tests.conftest import Result
+from tests.support.broker_system import System
+from tests.support.broker_transport import consuming, inflight, publish, queue
 from tests.support.polling import wait_until
 from tests.support.servers import RedisServer, start_redis
-from tests.test_broker_transport import consuming, inflight, publish, queue
-from tests.test_broker_workers import System
 from worker import runtime
-from worker.broker.consumer import Consumer as BrokerConsumer
+from worker.broker.broker_consumer import BrokerConsumer
+from worker.broker.broker_keys import BrokerKeys
 from worker.broker.holdings import Holder, Holdings, read_holdings
-from worker.broker.keys import BrokerKeys
 from worker.broker.transport import TRANSPORT_PATH
 from worker.cli.status import held_lines
 from worker.cli.watch import WatchState, render

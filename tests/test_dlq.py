@@ -1,6 +1,6 @@
 """`eventbuffer dlq list|show|replay|purge` against real Redis and embedded ClickHouse (chDB).
 
-Commands run in-process through `main(argv)`, as in test_cli.py. Dead letters
+Commands run in-process through `main(argv)`, as in tests/test_cli_*.py. Dead letters
 are made the way production makes them: invalid events through `ingest()`,
 rows ClickHouse refuses through a flush, plus a few written by hand where a
 test needs one that validates now (a rule that was relaxed since).

@@ -20,14 +20,14 @@ import pytest
 import redis as redis_lib
 from kombu import Message
 
+from tests.support.broker_transport import consuming, drain, inflight, publish, queue
 from tests.support.envelopes import encoded, task_envelope
 from tests.support.servers import RedisServer, start_redis
-from tests.test_broker_transport import consuming, drain, inflight, publish, queue
 from worker import runtime
-from worker.broker.consumer import Consumer, held_by_consumers, recover
+from worker.broker.broker_consumer import BrokerConsumer, held_by_consumers, recover
+from worker.broker.broker_keys import BrokerKeys, forged_entries, oldest_last
 from worker.broker.envelope import OversizedHeader, envelope_problem, oversized_record
 from worker.broker.holdings import read_holdings
-from worker.broker.keys import BrokerKeys, forged_entries, oldest_last
 from worker.buffer import EventBuffer
 from worker.consumer import RETRY_ATTEMPTS, header_problem, keep_undeliverable
 from worker.deadletters import REASON_INGEST_FAILED, decode_dead_letter
@@ -153,7 +153,7 @@ def test_an_oversized_message_is_cut_without_being_delivered(
 def test_an_oversized_message_redis_refuses_to_park_stays_in_redis(own: RedisServer) -> None:
     r = own.client()
     r.lpush("tq", b"y" * 1000)
-    who = Consumer(r, KEYS, 30, consumer_id="c1")
+    who = BrokerConsumer(r, KEYS, 30, consumer_id="c1")
     taken = who.fetch(["tq"])
     assert taken is not None
     seq, fetched = taken
@@ -182,14 +182,14 @@ def test_forged_index_entries_are_told_apart() -> None:
 def test_a_dead_consumers_forged_entries_and_destinations_do_not_stop_its_recovery(
     redis: redis_lib.Redis,
 ) -> None:
-    dead = Consumer(redis, KEYS, 0.001, consumer_id="dead")
+    dead = BrokerConsumer(redis, KEYS, 0.001, consumer_id="dead")
     redis.lpush("q", b"m1", b"m2")
     assert dead.fetch(["q"]) is not None and dead.fetch(["q"]) is not None
     redis.hset(dead.inflight, mapping={"abc": "q", "3": "wrong"})  # forged: a bad seq...
     redis.rpush(KEYS.message("dead", 3), b"m3")
     redis.set("wrong", "not a list")  # ... and a destination that is not a list
     redis.zadd(KEYS.registry, {"dead": 1})
-    live = Consumer(redis, KEYS, 30, consumer_id="live")
+    live = BrokerConsumer(redis, KEYS, 30, consumer_id="live")
     assert recover(live.scripts, redis, "dead") == 3
     assert redis.lrange("q", 0, -1) == [b"m2", b"m1"]  # in their order, at the front
     assert redis.lrange(KEYS.unparsable, 0, -1) == [b"m3"]

@@ -31,8 +31,8 @@ from tests.support.dates import BASE_MS
 from tests.support.envelopes import encoded, protocol1_envelope, task_envelope
 from tests.support.polling import wait_until
 from tests.support.servers import start_redis
+from worker.broker.broker_keys import BrokerKeys
 from worker.broker.envelope import OversizedHeader
-from worker.broker.keys import BrokerKeys
 from worker.deadletters import REASON_UNDELIVERABLE, decode_dead_letter
 from worker.keys import Keyspace
 

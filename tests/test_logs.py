@@ -20,7 +20,7 @@ from worker import runtime
 from worker.buffer import EventBuffer
 from worker.celery import create_app
 from worker.events import parse_event
-from worker.logs import JsonFormatter, RedactSecrets, configure_handlers, redact
+from worker.logs import JsonFormatter, RedactSecrets, configure_handlers, one_line, redact
 from worker.settings import Settings
 from worker.sinks import open_sink
 
@@ -216,3 +216,12 @@ def test_a_json_worker_logs_json_lines_without_the_redis_password(tmp_path: Path
     assert len(records) < 15
     received = [r for r in records if r["message"].endswith("received")]
     assert received and all("args" not in r and "data" not in r for r in received)
+
+
+def test_one_line_is_an_errors_text_on_one_line_cut_and_without_passwords() -> None:
+    error = ConnectionError("cannot reach\n  redis://app:hunter2@cache:6379/0\n\tafter 3 tries")
+    assert one_line(error) == "cannot reach redis://app:***@cache:6379/0 after 3 tries"
+    assert one_line("x" * 500, 10) == "x" * 9 + "…"
+    assert one_line("x" * 10, 10) == "x" * 10
+    assert one_line(TimeoutError()) == "TimeoutError"
+    assert one_line("") == ""

@@ -15,12 +15,17 @@ import pytest
 import redis as redis_lib
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.celery_procs import project_env, worker
 from tests.support.clock import ManualClock
 from tests.support.dates import DAY
 from tests.support.polling import wait_until
+from tests.support.prometheus import (
+    Samples,
+    parse,
+    total,
+    value,
+)
 from tests.support.servers import free_port
 from tests.support.traffic import ReferenceTraffic
 from worker.buffer import EventBuffer
@@ -42,25 +47,9 @@ from worker.settings import Settings, SettingsError
 from worker.sinks import open_sink
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
 MONITORING = ROOT / "monitoring"
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def total(samples: Samples, name: str) -> float:
-    return sum(v for (n, _), v in samples.items() if n == name)
 
 
 def scrape(port: int) -> Samples:
@@ -74,9 +63,6 @@ def reachable(port: int) -> bool:
         return True
     except (urllib.error.URLError, ConnectionError, OSError):
         return False
-
-
-# -- a real worker: prefork, two pool processes --------------------------------------------
 
 
 @pytest.mark.slow
@@ -304,11 +290,8 @@ def test_the_metrics_address_is_an_ip_address() -> None:
         Settings.from_env({"EVENT_BUFFER_METRICS_ADDRESS": "everywhere"})
 
 
-# -- in-process: recording and the Redis collector ------------------------------------------
-
-
 def test_recording_from_result_objects() -> None:
-    import worker.metrics as metrics_module
+    import worker.metrics.counters as metrics_module
 
     metrics = Metrics(CollectorRegistry())
     metrics_module._metrics = metrics
@@ -429,8 +412,6 @@ def test_redis_down_is_a_gauge_not_an_error() -> None:
     assert "eventbuffer_buffer_depth" not in families
 
 
-# -- the monitoring files -------------------------------------------------------------------
-
 _NAME = re.compile(r"\beventbuffer_[a-z0-9_]+\b")
 
 
@@ -494,3 +475,10 @@ def test_every_metric_is_named_consistently() -> None:
     names = exposed_names()
     assert all(name.startswith("eventbuffer_") for name in names)
     assert len(names) >= 20
+
+
+def test_the_readme_names_every_exposed_series() -> None:
+    """The README's Observability section is the catalogue: no series goes unnamed there."""
+    readme = (ROOT / "README.md").read_text()
+    families = {re.sub(r"_(bucket|sum|count)$", "", name) for name in exposed_names()}
+    assert sorted(name for name in families if name not in readme) == []

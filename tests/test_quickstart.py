@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import stack_up, wait_for
 from tests.support.servers import free_port
-from tests.test_cli import stack_up, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 # Build output and local state: never part of what a user installs.

@@ -17,37 +17,40 @@ tests/test_redis_cluster_failover.py.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
-import redis as redis_lib
 
 from tests.support.celery_procs import ROOT, project_env, worker
 from tests.support.clock import ManualClock
+from tests.support.cluster_buffer import (
+    SESSIONS_PER_BATCH,
+    SHARDS,
+    batches,
+    cluster_settings,
+    keys_by_master,
+    landed,
+    shard_master,
+    stopped,
+)
 from tests.support.redis_cluster import (
-    ClusterNodeServer,
     LoopbackCluster,
     cluster_unavailable,
     redis_cluster,
 )
-from tests.support.servers import start_redis
-from tests.support.traffic import RealisticTraffic, ReferenceTraffic
+from tests.support.traffic import ReferenceTraffic
 from worker.buffer import EventBuffer
 from worker.deadletters import iter_dead_letters
 from worker.errors import EvictionPolicyError, NotReplicatedError, SettingsError
 from worker.events import Limits
 from worker.flush import Flusher
 from worker.ingest import ingest
-from worker.keys import CHANNEL_RECEIVED, CHANNEL_SAVED, Keyspace
+from worker.keys import CHANNEL_RECEIVED, CHANNEL_SAVED
 from worker.lock import FlushLock, read_lock
 from worker.redis_errors import is_transient
 from worker.redis_memory import check_eviction
@@ -63,29 +66,11 @@ pytestmark = pytest.mark.skipif(
     cluster_unavailable() is not None, reason=str(cluster_unavailable())
 )
 
-SHARDS = 6
-SESSIONS_PER_BATCH = 40  # 280 events per batch
-
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LoopbackCluster]:
     with redis_cluster() as started:
         yield started
-
-
-def cluster_settings(cluster: LoopbackCluster, prefix: str, tmp: Path, **env: str) -> Settings:
-    return Settings.from_env(
-        {
-            "REDIS_URL": cluster.url,
-            "EVENT_BUFFER_REDIS_CLUSTER": "true",
-            "CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
-            "CLICKHOUSE_URL": f"chdb://{tmp / 'clickhouse'}",
-            "EVENT_BUFFER_SHARDS": str(SHARDS),
-            "EVENT_BUFFER_KEY_PREFIX": prefix,
-            "EVENT_BUFFER_REPLICA_TIMEOUT_MS": "300",
-            **env,
-        }
-    )
 
 
 @pytest.fixture
@@ -106,59 +91,6 @@ def sink(tmp_path: Path) -> Iterator[ChdbSink]:
         yield made
     finally:
         made.close()
-
-
-def batches(traffic: ReferenceTraffic, count: int) -> list[list[dict[str, Any]]]:
-    """`count` batches of whole sessions of the reference model."""
-    out = []
-    for _ in range(count):
-        events: list[dict[str, Any]] = []
-        for _ in range(SESSIONS_PER_BATCH):
-            events += traffic.session()
-        out.append(events)
-    return out
-
-
-def landed(sink: ChdbSink) -> dict[str, list[int]]:
-    """event id -> the duration of every row ClickHouse holds for it."""
-    try:
-        rows = sink.query("SELECT toString(id), groupArray(duration) FROM events GROUP BY id")
-    finally:
-        sink.close()
-    return {row[0]: [int(d) for d in row[1]] for row in rows}
-
-
-def keys_by_master(cluster: LoopbackCluster, prefix: str) -> dict[int, int]:
-    """master port -> how many keys of the buffer with `prefix` it holds (SCAN of each)."""
-    counts: dict[int, int] = {}
-    for master in cluster.masters():
-        client = master.client()
-        try:
-            found = sum(1 for _ in client.scan_iter(match="{" + prefix + ":*", count=1000))
-        finally:
-            client.close()
-        if found:
-            counts[master.port] = found
-    return counts
-
-
-@contextmanager
-def stopped(node: ClusterNodeServer) -> Iterator[None]:
-    """SIGSTOP a node for the block (shorter than the cluster's node timeout: no failover)."""
-    assert node.process is not None
-    os.kill(node.process.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(node.process.pid, signal.SIGCONT)
-
-
-def shard_master(cluster: LoopbackCluster, client: Client, keyspace: Keyspace, n: int) -> Any:
-    slot = client.keyslot(keyspace.shard(n).tag)  # type: ignore[union-attr]
-    return cluster.master_of_slot(slot)
-
-
-# -- the buffer on a cluster ---------------------------------------------------------
 
 
 def test_sessions_over_six_shards_land_exactly_once_with_the_reference_durations(
@@ -258,9 +190,6 @@ def test_dead_letters_sweep_and_the_flush_lock_on_a_cluster(
     assert read_lock(client, lock.name) is None
 
 
-# -- WAIT: a write counts only once a replica has it --------------------------------
-
-
 def test_a_batch_is_not_acknowledged_until_its_masters_replica_has_it(
     cluster: LoopbackCluster, client: Client, tmp_path: Path
 ) -> None:
@@ -337,9 +266,6 @@ def test_no_row_is_inserted_under_a_claim_its_masters_replica_has_not_confirmed(
     assert buffer.get_buffer_size() == 0
 
 
-# -- status and metrics --------------------------------------------------------------
-
-
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """`eventbuffer ARGS` of this checkout in a process of its own."""
     return subprocess.run(
@@ -400,9 +326,6 @@ def test_status_and_metrics_name_each_shards_master_and_its_replicas(
     assert "! Redis 127.0.0.1:1 (broker): cannot read its memory" in text.stdout
 
 
-# -- the broker and result backend of a cluster buffer ----------------------------------
-
-
 def test_a_cluster_buffer_refuses_a_missing_or_cluster_valued_broker(
     cluster: LoopbackCluster, tmp_path: Path
 ) -> None:
@@ -451,106 +374,3 @@ def test_an_evicting_policy_on_any_master_is_refused_naming_that_master(
     assert f"Redis 127.0.0.1:{master.port} (buffer) has maxmemory-policy volatile-lru" in line
     others = [p for p in cluster.topology().masters if p != master.port]
     assert all(f":{p} " not in line for p in others)
-
-
-# -- the figures of "Scaling out" ------------------------------------------------------
-
-
-BALANCE = {0: 0, 1: 1}  # shard -> index of the master (by slot range) it is moved to
-ROUNDS = 3
-# (events per batch, batches per round): an ingest task's batch, and a bigger one, whose
-# per-shard transactions are five times as large.
-SIZES = ((300, 15), (1500, 3))
-
-
-def _cpu_s(clients: list[redis_lib.Redis]) -> list[float]:
-    """CPU seconds each server has used (INFO cpu: user + sys)."""
-    out = []
-    for c in clients:
-        info = c.info("cpu")
-        out.append(float(info["used_cpu_user"]) + float(info["used_cpu_sys"]))
-    return out
-
-
-def _round(
-    buffer: EventBuffer,
-    stream: RealisticTraffic,
-    servers: list[redis_lib.Redis],
-    size: tuple[int, int],
-) -> tuple[float, float, float]:
-    """(events/s, the busiest master's and all masters' CPU µs per event) of one round."""
-    per_batch, count = size
-    work = [stream.events(per_batch) for _ in range(count)]
-    before = _cpu_s(servers)
-    started = time.perf_counter()
-    for events in work:
-        ingest(buffer, events, str(uuid.uuid4()))
-    elapsed = time.perf_counter() - started
-    used = [b - a for a, b in zip(before, _cpu_s(servers), strict=True)]
-    events = per_batch * count
-    return events / elapsed, max(used) / events * 1e6, sum(used) / events * 1e6
-
-
-def test_apply_rate_of_six_shards_on_three_masters_against_one_shard_on_one_redis(
-    cluster: LoopbackCluster, client: Client, tmp_path: Path
-) -> None:
-    """Validation and apply of batches of realistic events (`ingest()`, what an ingest
-    task runs), rounds alternating between the layouts on the same stream; medians.
-    Every server has AOF with appendfsync always; the cluster's 6 shards are moved to
-    2 per master first."""
-    settings = cluster_settings(cluster, "eventbuffer", tmp_path)
-    keyspace = Keyspace("eventbuffer", SHARDS)
-    ranges = sorted(cluster.masters(), key=lambda m: min(cluster.topology().masters[m.port]))
-    for shard, index in BALANCE.items():
-        cluster.move_empty_slot(client.keyslot(keyspace.shard(shard).tag), ranges[index])  # type: ignore[union-attr]
-    client.nodes_manager.initialize()  # type: ignore[union-attr]
-    per_master: dict[int, int] = {}
-    for n in range(SHARDS):
-        port = shard_master(cluster, client, keyspace, n).port
-        per_master[port] = per_master.get(port, 0) + 1
-    assert sorted(per_master.values()) == [2, 2, 2]
-
-    single_server = start_redis(
-        tmp_path / "single", "--appendonly", "yes", "--appendfsync", "always"
-    )
-    single = redis_lib.Redis.from_url(single_server.url)
-    try:
-        layouts = {
-            "6 shards on 3 masters, WAIT for 1 replica": EventBuffer(client, settings),
-            "6 shards on 3 masters, no WAIT": EventBuffer(
-                client,
-                cluster_settings(cluster, "eventbuffer", tmp_path, EVENT_BUFFER_MIN_REPLICAS="0"),
-            ),
-            "1 shard on one Redis": EventBuffer(
-                single, Settings.from_env({"REDIS_URL": single_server.url})
-            ),
-        }
-        masters = [m.client() for m in cluster.masters()]
-        servers = {name: [single] if "one Redis" in name else masters for name in layouts}
-        stream = RealisticTraffic(seed=11)
-        rounds: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
-        for _ in range(ROUNDS):
-            for size in SIZES:
-                for name, buffer in layouts.items():
-                    found = _round(buffer, stream, servers[name], size)
-                    rounds.setdefault((name, size[0]), []).append(found)
-        for m in masters:
-            m.close()
-    finally:
-        single.close()
-        single_server.stop()
-
-    def median(values: list[float]) -> float:
-        return sorted(values)[len(values) // 2]
-
-    figures = {
-        f"{name}, batches of {per_batch}": {
-            "events_per_s": round(median([r[0] for r in found])),
-            "busiest_master_cpu_us_per_event": round(median([r[1] for r in found]), 2),
-            "all_masters_cpu_us_per_event": round(median([r[2] for r in found]), 2),
-        }
-        for (name, per_batch), found in rounds.items()
-    }
-    (tmp_path / "cluster_figures.json").write_text(json.dumps({"medians": figures}))
-    print(f"\napply, medians of {ROUNDS} rounds: {json.dumps(figures, indent=1)}")
-    assert all(f["events_per_s"] > 0 for f in figures.values())

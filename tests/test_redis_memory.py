@@ -20,8 +20,8 @@ from rich.console import Console
 
 from tests.conftest import Result
 from tests.support.celery_procs import project_env, worker
+from tests.support.prometheus import parse, value
 from tests.support.servers import RedisServer, free_port, start_redis
-from tests.test_metrics import parse, value
 from worker import cli, runtime
 from worker.cli.status import memory_lines, status_data
 from worker.cli.watch import WatchState, render

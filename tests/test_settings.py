@@ -59,6 +59,18 @@ def test_values_are_read_from_the_environment() -> None:
         ("CELERY_BROKER_URL", "amqp://guest@rabbit:56x2//", "CELERY_BROKER_URL has a bad port"),
         ("CLICKHOUSE_URL", "clickhouse://ch:nine/default", "CLICKHOUSE_URL has a bad port"),
         ("CELERY_RESULT_BACKEND", "redis://h:6379/results", "database must be a number"),
+        # What a worker's first flush (or only the CLI) used to find out.
+        ("CLICKHOUSE_URL", "clickhouse://ch:0/default", "CLICKHOUSE_URL has a bad port"),
+        ("CLICKHOUSE_URL", "clickhouse://[::1/default", "CLICKHOUSE_URL cannot be read as a URL"),
+        (
+            "CLICKHOUSE_URL",
+            "clickhouse://ch:9000/default?connect_timeout=soon",
+            "CLICKHOUSE_URL cannot be used: could not convert",
+        ),
+        ("CLICKHOUSE_URL", "clickhouses://ch/default?secure=maybe", "CLICKHOUSE_URL cannot be"),
+        ("CLICKHOUSE_URL", "clickhouse://ch/my-db", "database must be a ClickHouse"),
+        ("CLICKHOUSE_URL", "chdb://", "CLICKHOUSE_URL: a chdb:// URL needs a path"),
+        ("EVENT_BUFFER_TABLE", "events; DROP", "must be a ClickHouse identifier"),
     ],
 )
 def test_malformed_values_name_the_variable(name: str, value: str, message: str) -> None:

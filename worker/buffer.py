@@ -25,8 +25,8 @@ from worker.keys import CHANNEL_RECEIVED, Keyspace, ShardKeys
 from worker.replication import Replicas
 from worker.scripts import Scripts
 from worker.settings import Settings
-from worker.state import active_projects, count_active_visitors
 from worker.topology import Client
+from worker.visitors import active_projects, count_active_visitors
 
 
 @dataclass

@@ -15,6 +15,7 @@ convention), so importing `worker` or the producer client never creates it.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from celery import Celery, signals
@@ -82,7 +83,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # `-P prefork` (the default), replacing a retired pool process at once.
         worker_pool="worker.prefork:TaskPool",
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-        # Task events cost ~5% of ingest throughput; Flower turns them on itself
+        # Task events cost ingest throughput; Flower turns them on itself
         # (`celery -A worker control enable_events` does the same by hand).
         task_send_sent_event=False,
         worker_send_task_events=False,
@@ -107,19 +108,7 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-# The application `celery -A worker` runs. Celery imports its configuration
-# module (worker/celeryconfig.py, built from the environment) when it first
-# needs it, not at import: importing this module never fails, and a bad
-# setting stops the worker with one line where the configuration is first used.
-app = _new_app()
-app.config_from_object("worker.celeryconfig")
-
-# Signal handlers that act for this app only: its workers consume a Redis broker
-# with the reliable transport (worker/broker/); the Prometheus endpoint of a worker.
-import worker.broker.selection  # noqa: E402
-
-
-def _decode_task_bodies_lazily(sender: Any = None, **_: Any) -> None:
+def _decode_task_bodies_lazily(app: Celery, sender: Any = None, **_: Any) -> None:
     """In eventbuffer's workers, task arguments stay raw JSON until a task decodes them."""
     if getattr(sender, "app", None) is app:
         from worker import bodies
@@ -127,5 +116,30 @@ def _decode_task_bodies_lazily(sender: Any = None, **_: Any) -> None:
         bodies.install()
 
 
-signals.worker_init.connect(_decode_task_bodies_lazily, weak=False)
-import worker.observability  # noqa: E402, F401
+def set_up(app: Celery) -> None:
+    """Wire `app`'s process-wide hooks: nothing of this is done on importing a module.
+
+    - its workers and Beat consume a Redis broker with the reliable transport
+      (`worker.broker.selection`);
+    - its workers serve Prometheus metrics (`worker.observability`);
+    - its workers keep task arguments raw until a task decodes them (`worker.bodies`).
+    """
+    from worker import observability
+    from worker.broker import selection
+
+    selection.install(app)
+    observability.install(app)
+    signals.worker_init.connect(
+        partial(_decode_task_bodies_lazily, app),
+        weak=False,
+        dispatch_uid=f"eventbuffer-bodies-{id(app)}",
+    )
+
+
+# The application `celery -A worker` runs. Celery imports its configuration
+# module (worker/celeryconfig.py, built from the environment) when it first
+# needs it, not at import: importing this module never fails, and a bad
+# setting stops the worker with one line where the configuration is first used.
+app = _new_app()
+app.config_from_object("worker.celeryconfig")
+set_up(app)

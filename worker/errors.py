@@ -16,12 +16,22 @@
     │   ├── LockLostError          the flush lock expired or was taken over
     │   │   └── QueueMovedError    another flusher trimmed the queue under this one's claim
     │   └── LockHeldError          a live flusher kept the lock longer than it could wait (holder)
-    └── ProducerError          the producer client holds events it could not send (unsent)
-        ├── BufferFull             max_pending events are held
-        └── ProducerClosed         send() after close()
+    ├── ProducerError          the producer client holds events it could not send (unsent)
+    │   ├── BufferFull             max_pending events are held
+    │   ├── ProducerClosed         send() after close()
+    │   └── BrokerNearlyFull       the broker stayed above its headroom (worker/headroom.py)
+    ├── TaskBodyError          a task body holds no batch of events eventbuffer can read
+    ├── JsonSliceError         a JSON text whose outer level cannot be cut (worker/json_slices.py)
+    ├── ShutdownRequested      the worker stops while an ingest task waits in place
+    ├── UntestedKombu          the installed kombu is not one the reliable transport was tested with
+    ├── ConsumerAlive          a broker recovery found its consumer alive again
+    ├── CliError               a command line failure, with its exit code (worker/cli/common.py)
+    │   └── ClickHouseBusy         embedded ClickHouse held by another process
+    └── Stopped                SIGINT or SIGTERM while `eventbuffer run` was starting
 
 Each is re-exported by the module that raises it (`worker.events.InvalidEvent`,
-`worker.sinks.SinkError`, ...). This module imports nothing.
+`worker.sinks.SinkError`, ...). This module imports nothing. Errors that were
+`ValueError`s or `RuntimeError`s before they joined the tree still are.
 """
 
 from __future__ import annotations
@@ -165,3 +175,27 @@ class BufferFull(ProducerError):
 
 class ProducerClosed(ProducerError):
     """`send()` after `close()`."""
+
+
+class TaskBodyError(EventBufferError, ValueError):
+    """A task body holds no batch of events eventbuffer can read."""
+
+
+class JsonSliceError(EventBufferError, ValueError):
+    """The text is not a JSON array (or object) whose outer level can be cut."""
+
+
+class ShutdownRequested(EventBufferError):
+    """The worker is stopping: give the message back instead of waiting on."""
+
+
+class UntestedKombu(EventBufferError, RuntimeError):
+    """The installed kombu is not one the reliable transport was tested with."""
+
+
+class ConsumerAlive(EventBufferError):
+    """A recovery found the consumer alive again: none of its messages were moved."""
+
+
+class Stopped(EventBufferError):
+    """SIGINT or SIGTERM arrived while `eventbuffer run` was starting."""

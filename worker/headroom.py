@@ -4,8 +4,8 @@ When the broker is the buffer's own Redis (the default layout), queued task
 messages can fill it to `maxmemory`. Every apply is then refused (it writes
 the batch's rows before the task's message is deleted), the buffer is empty
 so no flush frees anything, and ingest is stuck although each applied task
-would free more than it takes (985 bytes per event queued against 705
-buffered: README "How big Redis must be"). `benchmarks/bench_outage.py`
+would free more than it takes (a queued event's message is larger than its
+buffered row: README "How big Redis must be"). `benchmarks/bench_outage.py`
 found that state after a ClickHouse outage, with producers retrying their
 held batches into the freshly drained Redis.
 

@@ -44,6 +44,7 @@ from worker.deadletters import (
     DeadLetter,
 )
 from worker.errors import InvalidEvent
+from worker.errors import TaskBodyError as TaskBodyError
 from worker.events import Event, Limits, encode_event, parse_event
 from worker.json_slices import JsonSliceError, split_array
 from worker.names import TASK_INGEST_EVENT, TASK_INGEST_EVENTS
@@ -502,10 +503,6 @@ def dead_letter_batch(
         keep_conflict=lambda applied, stored: (header, raw),
     )
     return not result.duplicate
-
-
-class TaskBodyError(ValueError):
-    """A task body holds no batch of events eventbuffer can read."""
 
 
 def body_batch(task: str, body: bytes) -> Any:

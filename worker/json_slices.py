@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 
+from worker.errors import JsonSliceError as JsonSliceError
+
 # One token of what the scan cares about: a whole string (escapes kept), a run of
 # openers, a run of closers, a comma, or a colon. Everything else (numbers,
 # literals, whitespace) lies between tokens and belongs to the current slice.
@@ -27,10 +29,6 @@ _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[{]+|[\]}]+|[,:]|"', re.DOTALL
 _CLOSER_OF = bytes.maketrans(b"]}", b"[{")
 _KEY = re.compile(rb'\s*("[^"\\]*(?:\\.[^"\\]*)*")\s*:', re.DOTALL)
 _WHITESPACE = b" \t\r\n"
-
-
-class JsonSliceError(ValueError):
-    """The text is not a JSON array (or object) whose outer level can be cut."""
 
 
 def split_array(data: bytes | bytearray | memoryview | str) -> list[bytes]:

@@ -24,6 +24,9 @@ Per shard:
     {p:N}:profile-views         HASH    "<proj>:<pid>" (escaped) -> a profile's last
                                         screen_view, same format
     {p:N}:visitors:<proj>       ZSET    profile id -> last seen (ms); expires with the window
+    {p:N}:visitor-projects      ZSET    project id -> when a visitor of it was last seen on
+                                        the shard (ms): the projects with visitors, read
+                                        without a SCAN (worker/visitors.py)
     {p:N}:held:<session>        STRING  a session's events held by the reorder window, one
                                         pack of records, appended to (worker/reorder.py)
     {p:N}:held-due              ZSET    session id -> earliest deadline of its held events
@@ -94,6 +97,7 @@ class ShardKeys:
     held_due: str = field(init=False, compare=False)
     closed: str = field(init=False, compare=False)
     closed_at: str = field(init=False, compare=False)
+    visitor_projects: str = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         if "{" in self.prefix or "}" in self.prefix:
@@ -114,6 +118,7 @@ class ShardKeys:
             "held_due": f"{tag}:held-due",
             "closed": f"{tag}:closed",
             "closed_at": f"{tag}:closed-at",
+            "visitor_projects": f"{tag}:visitor-projects",
         }
         for name, value in names.items():
             object.__setattr__(self, name, value)

@@ -46,6 +46,18 @@ def redact(text: str) -> str:
     return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
 
 
+def one_line(error: object, limit: int = 300) -> str:
+    """An error's text on one line, cut to `limit` characters, passwords masked.
+
+    Its text may quote hostile input at length, or span lines (a Redis reply, a
+    traceback's last words); an exception without text is named by its type.
+    """
+    text = " ".join(str(error).split())
+    if not text and isinstance(error, BaseException):
+        text = type(error).__name__
+    return redact(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
 def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
         return redact(value)

@@ -9,7 +9,8 @@ usual, then each gets `worker.logs.RedactSecrets`, and with
 `EVENT_BUFFER_LOG_FORMAT=json` the JSON formatter.
 
 Metrics (`worker_init` of a worker running eventbuffer's app, in its main
-process before the pool forks):
+process before the pool forks; the hooks are connected by `install(app)`,
+which the app's set-up calls):
 
 - With `PROMETHEUS_MULTIPROC_DIR` set, that directory is used as it is
   (prometheus-client wants it empty when the first worker using it starts).
@@ -62,11 +63,32 @@ class AppLogging(Logging):  # type: ignore[misc]
         return configured
 
 
+class _App:
+    # The app whose workers this module serves: set by `install`.
+    app: Any = None
+
+
+def install(app: Any) -> None:
+    """Connect the metrics endpoint's hooks for the workers of `app`.
+
+    Called once by the app's set-up (`worker.celery`); importing this module connects nothing.
+    """
+    _App.app = app
+    signals.worker_init.connect(_worker_init, weak=False, dispatch_uid="eventbuffer-metrics-init")
+    signals.worker_ready.connect(
+        _worker_ready, weak=False, dispatch_uid="eventbuffer-metrics-ready"
+    )
+    signals.worker_process_shutdown.connect(
+        _worker_process_shutdown, weak=False, dispatch_uid="eventbuffer-metrics-process-shutdown"
+    )
+    signals.worker_shutdown.connect(
+        _worker_shutdown, weak=False, dispatch_uid="eventbuffer-metrics-shutdown"
+    )
+
+
 def _is_ours(sender: Any) -> bool:
     """Does the signal come from a worker (or its consumer) running eventbuffer's app?"""
-    from worker.celery import app
-
-    return getattr(sender, "app", None) is app
+    return _App.app is not None and getattr(sender, "app", None) is _App.app
 
 
 def _worker_init(sender: Any = None, **_: Any) -> None:
@@ -150,9 +172,3 @@ def _worker_shutdown(sender: Any = None, **_: Any) -> None:
     if _state.created_dir is not None:
         shutil.rmtree(_state.created_dir, ignore_errors=True)
         _state.created_dir = None
-
-
-signals.worker_init.connect(_worker_init, weak=False)
-signals.worker_ready.connect(_worker_ready, weak=False)
-signals.worker_process_shutdown.connect(_worker_process_shutdown, weak=False)
-signals.worker_shutdown.connect(_worker_shutdown, weak=False)

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from worker import metrics
+from worker.errors import ShutdownRequested as ShutdownRequested
+from worker.logs import one_line
 
 log = logging.getLogger("worker.ingest")
 
@@ -43,10 +45,6 @@ log = logging.getLogger("worker.ingest")
 MAX_WAIT_S = 10.0
 #: How often a waiting task looks for a shutdown request.
 SHUTDOWN_POLL_S = 0.5
-
-
-class ShutdownRequested(Exception):
-    """The worker is stopping: give the message back instead of waiting on."""
 
 
 def wait_s(attempt: int, cap_s: float = MAX_WAIT_S) -> float:
@@ -105,8 +103,8 @@ class Pause:
                 log.info(
                     "ingest still paused, now: Redis refuses writes (%s: %s)",
                     self.kind,
-                    _one_line(exc),
-                    extra={"batch_id": batch_id, "error": _one_line(exc)},
+                    one_line(exc),
+                    extra={"batch_id": batch_id, "error": one_line(exc)},
                 )
             self.waiting += 1
         try:
@@ -123,9 +121,9 @@ class Pause:
             "in the broker and are retried in place; nothing is lost. A full Redis frees "
             "memory as the flush writes the buffer to ClickHouse",
             type(exc).__name__,
-            _one_line(exc),
+            one_line(exc),
             brief,
-            extra={"batch_id": batch_id, "error": _one_line(exc)},
+            extra={"batch_id": batch_id, "error": one_line(exc)},
         )
 
     def _sleep(self, seconds: float) -> None:
@@ -156,10 +154,6 @@ class Pause:
                 paused_s,
                 extra={"paused_seconds": round(paused_s, 3)},
             )
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
 
 
 def _celery_stopping() -> bool:

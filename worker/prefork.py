@@ -7,8 +7,8 @@ exits, so the exit itself finds nobody listening, and until the next round
 the worker has no process to run tasks in. The flush worker on embedded
 ClickHouse retires its process every 10 flushes (chDB keeps memory for
 every session it opens and closes), so at a 1 s flush interval those
-gaps stalled the flush for up to 5 s every 10 s (benchmarks/bench_e2e.py:
-p99 latency 4.4-5.5 s, against 0.8-0.9 s on a ClickHouse server).
+gaps stalled the flush for up to 5 s every 10 s (`benchmarks/bench_e2e.py`
+measures the latency; its figures are in the README's Benchmarks).
 
 This pool is Celery's own with that maintenance every half second: the
 replacement starts within ~0.5 s of the exit. The celeryconfig names it as

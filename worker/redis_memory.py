@@ -27,7 +27,7 @@ from typing import Any
 from redis import Redis
 
 from worker.errors import EvictionPolicyError
-from worker.logs import redact
+from worker.logs import one_line, redact
 from worker.redis_errors import REDIS_FAILURES
 from worker.settings import Settings
 from worker.topology import Client, connect, is_cluster, masters, refreshed_on_error
@@ -195,11 +195,6 @@ def broker_memory(client: Redis) -> RedisMemory:
     return read_memory(client, BROKER, server_name(client), _db(client))
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return redact(text if len(text) <= 200 else text[:199] + "…")
-
-
 def _url_node(url: str) -> str:
     """host:port of a Redis URL, for naming a server that did not answer."""
     try:
@@ -223,7 +218,7 @@ def memory_report(
             buffer = connect(settings, socket_connect_timeout=TIMEOUT_S, socket_timeout=TIMEOUT_S)
         out.extend(buffer_memory(buffer))
     except REDIS_FAILURES as exc:
-        out.append(Unreadable(BUFFER, _url_node(settings.redis_url), _one_line(exc)))
+        out.append(Unreadable(BUFFER, _url_node(settings.redis_url), one_line(exc, 200)))
     finally:
         if own and buffer is not None:
             buffer.close()
@@ -232,7 +227,7 @@ def memory_report(
         try:
             out.append(broker_memory(broker))
         except REDIS_FAILURES as exc:
-            out.append(Unreadable(BROKER, server_name(broker), _one_line(exc)))
+            out.append(Unreadable(BROKER, server_name(broker), one_line(exc, 200)))
         finally:
             broker.close()
     return out

@@ -15,10 +15,11 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from worker.errors import SettingsError
 
@@ -78,13 +79,23 @@ def _check_url(name: str, value: str, scheme: str) -> None:
 
     The message shows the URL without what precedes its "@" (a password).
     """
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:  # an unclosed IPv6 bracket ...
+        shown = f"{scheme}://{value.split('://', 1)[1].rpartition('@')[2]}"
+        raise SettingsError(f"{name} cannot be read as a URL ({exc}): {shown!r}") from None
     shown = f"{scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
     if scheme in _NETWORK_SCHEMES:
         try:
-            parts.port  # noqa: B018  (raises for a port that is not a number in range)
+            port = parts.port  # raises for a port that is not a number in range
         except ValueError as exc:
             raise SettingsError(f"{name} has a bad port ({exc}): {shown!r}") from None
+        if port == 0:
+            raise SettingsError(f"{name} has a bad port (0 names no server): {shown!r}")
+    if scheme in ("clickhouse", "clickhouses"):
+        _check_clickhouse_url(name, value, parts.path, shown)
+    if scheme == "chdb" and not value.split("://", 1)[1].strip("/"):
+        raise SettingsError(f"{name}: a chdb:// URL needs a path, e.g. chdb://data/clickhouse")
     if scheme in ("redis", "rediss"):
         db = parts.path.strip("/")
         if db and not db.isdigit():
@@ -98,6 +109,38 @@ def _check_url(name: str, value: str, scheme: str) -> None:
             parse_url(value)  # type: ignore[no-untyped-call]
         except ValueError as exc:  # its query parameters: db, timeouts, ssl options ...
             raise SettingsError(f"{name} cannot be used: {exc}: {shown!r}") from None
+
+
+#: A ClickHouse database or table name eventbuffer accepts (it is back-quoted in SQL).
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_clickhouse_url(name: str, value: str, path: str, shown: str) -> None:
+    """The database is a name eventbuffer can quote; the query parameters ones
+    clickhouse-driver can read (`connect_timeout=x` fails here, not at the first flush)."""
+    database = unquote(path[1:])
+    if database and not IDENTIFIER.match(database):
+        raise SettingsError(
+            f"{name}'s database must be a ClickHouse identifier (letters, digits, _), "
+            f"got {database!r}: {shown!r}"
+        )
+    try:
+        from clickhouse_driver.util.helpers import parse_url
+    except ImportError:  # a producer-only install never opens a sink
+        return
+    try:
+        parse_url(value)
+    except ValueError as exc:
+        raise SettingsError(f"{name} cannot be used: {exc}: {shown!r}") from None
+
+
+def _identifier(name: str, raw: str) -> str:
+    value = _text(name, raw)
+    if not IDENTIFIER.match(value):
+        raise SettingsError(
+            f"{name} must be a ClickHouse identifier (letters, digits, _), got {value!r}"
+        )
+    return value
 
 
 def _text(name: str, raw: str) -> str:
@@ -397,7 +440,7 @@ class Settings:
     clickhouse_table: str = _setting(
         "EVENT_BUFFER_TABLE",
         "events",
-        _text,
+        _identifier,
         "ClickHouse table the events are written to.",
     )
     clickhouse_connect_timeout_s: int = _setting(

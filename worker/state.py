@@ -5,13 +5,12 @@
 one pipelined round trip for all shards (queue depth, the head row's age,
 the open claim, dead letters, waiting views, the lock with its holder and
 heartbeat (`worker.lock.lock_state`), the back-off, the last flush); then
-a SCAN for the projects with visitors (on a cluster, of every master) and
-one more round trip for their counts; on a cluster (or with replicas
+one round trip for the projects with visitors (each shard's project index;
+`worker.visitors.active_projects`) and one more for their counts; on a cluster (or with replicas
 wanted), one INFO per master holding shards, for its replicas. It only
 reads: nothing is pruned.
 
-`count_active_visitors()` is the one count of active visitors, read-only
-here and pruning for `EventBuffer.get_active_visitor_count` (as the seed).
+Active visitors are counted by `worker.visitors`, read-only here.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from worker.lock import LockState, lock_state
 from worker.replies import number, text, text_map
 from worker.topology import Client, Node, is_cluster, node_for, refreshed_on_error
 from worker.topology import masters as topology_masters
+from worker.visitors import active_projects, count_active_visitors
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,8 @@ def read_state(
         for n, shard in enumerate(shards)
     ]
     cutoff = now_ms - visitor_window_s * 1000
-    visitors = count_active_visitors(redis, keyspace, active_projects(redis, keyspace), cutoff)
+    projects = active_projects(redis, keyspace, since_ms=cutoff)
+    visitors = count_active_visitors(redis, keyspace, projects, cutoff)
     masters: list[MasterState] = []
     cluster_masters = 0
     if is_cluster(redis) or min_replicas > 0:
@@ -263,48 +264,3 @@ def master_states(redis: Client, keyspace: Keyspace, wanted: int) -> list[Master
         )
         out.append(MasterState(name, shards, online, wanted))
     return out
-
-
-def active_projects(redis: Client, keyspace: Keyspace) -> list[str]:
-    """Projects with a visitors set on any shard (SCAN; read-only)."""
-    projects: set[str] = set()
-    for shard in keyspace.all():
-        for key in redis.scan_iter(match=shard.visitors_pattern(), count=1000):
-            projects.add(shard.project_of_visitors_key(text(key)))
-    return sorted(projects)
-
-
-def count_active_visitors(
-    redis: Client, keyspace: Keyspace, projects: Sequence[str], cutoff_ms: int, prune: bool = False
-) -> dict[str, int]:
-    """Distinct profiles seen at or after `cutoff_ms`, per project, over every shard.
-
-    With `prune`, older entries are removed first (OpenPanel's
-    getActiveVisitorCount does); without, nothing is written.
-    """
-    shards = keyspace.all()
-    pipe = redis.pipeline(transaction=False)
-    for project in projects:
-        for shard in shards:
-            key = shard.visitors(project)
-            if prune:
-                pipe.zremrangebyscore(key, "-inf", f"({cutoff_ms}")
-            if len(shards) == 1:
-                pipe.zcount(key, cutoff_ms, "+inf")
-            else:
-                pipe.zrangebyscore(key, cutoff_ms, "+inf")
-    replies = iter(pipe.execute())
-    counts: dict[str, int] = {}
-    for project in projects:
-        members: set[bytes] = set()
-        total = 0
-        for _ in shards:
-            if prune:
-                next(replies)
-            reply = next(replies)
-            if len(shards) == 1:
-                total = number(reply)
-            else:
-                members.update(reply)
-        counts[project] = total if len(shards) == 1 else len(members)
-    return counts

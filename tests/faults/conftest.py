@@ -1,6 +1,6 @@
 """Fixtures of the fault-injection suite, its marker, and the summary table.
 
-Every scenario records one row (`harness.record`); at the end of the run the
+Every scenario records one row (`fault_results.record`); at the end of the run the
 table is printed and the rows are written as JSON under pytest's temporary
 directory (the path is printed with the table).
 """
@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 
+from tests.support import fault_results
+from tests.support.fault_stack import Stack
 from tests.support.servers import rabbitmq_reachable
-
-from . import harness
-from .harness import Stack
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -32,7 +31,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _fault_report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    harness.REPORT["path"] = tmp_path_factory.mktemp("faults-report") / "last_run.json"
+    fault_results.REPORT["path"] = tmp_path_factory.mktemp("faults-report") / "last_run.json"
     yield
 
 
@@ -87,7 +86,7 @@ def amqp_url() -> Iterator[str]:
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    if not harness.RESULTS:
+    if not fault_results.RESULTS:
         return
     head = ("scenario", "sent", "landed", "missing", "dup", "wrong dur", "recovery s",
             "faults", "asserted")  # fmt: skip
@@ -103,7 +102,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             r.faults,
             r.asserted,
         )
-        for r in harness.RESULTS
+        for r in fault_results.RESULTS
     ]
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
 
@@ -118,7 +117,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.write_line("  ".join("-" * w for w in widths))
     for row in rows:
         terminalreporter.write_line(line(row))
-    notes = [(r.scenario, r.note) for r in harness.RESULTS if r.note]
+    notes = [(r.scenario, r.note) for r in fault_results.RESULTS if r.note]
     if notes:
         terminalreporter.write_line("")
         for scenario, note in notes:
@@ -128,5 +127,5 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         "recovery s: from the end of the fault (last kill, server back, lock or directory "
         "released) until every handed-over event was acknowledged out of the buffer"
     )
-    if harness.REPORT["path"] is not None:
-        terminalreporter.write_line(f"JSON report: {harness.REPORT['path']}")
+    if fault_results.REPORT["path"] is not None:
+        terminalreporter.write_line(f"JSON report: {fault_results.REPORT['path']}")

@@ -18,9 +18,9 @@ import time
 
 import pytest
 
+from tests.support.fault_load import wait
+from tests.support.fault_stack import Stack, assert_exactly_once
 from worker.producer import ProducerError
-
-from .harness import Stack, assert_exactly_once, wait
 
 pytestmark = pytest.mark.faults
 

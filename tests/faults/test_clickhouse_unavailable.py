@@ -13,7 +13,9 @@ import time
 
 import pytest
 
-from .harness import LineReader, Stack, assert_exactly_once, chdb_holder, logs, wait
+from tests.support.fault_load import wait
+from tests.support.fault_processes import LineReader, chdb_holder, logs
+from tests.support.fault_stack import Stack, assert_exactly_once
 
 pytestmark = pytest.mark.faults
 

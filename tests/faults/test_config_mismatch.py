@@ -18,13 +18,14 @@ import time
 import pytest
 
 from tests.support.dates import BASE_MS
+from tests.support.fault_load import wait
+from tests.support.fault_processes import phase_flusher_args
+from tests.support.fault_stack import Stack, Tally
 from worker.buffer import EventBuffer
 from worker.events import parse_event
 from worker.flush import Flusher
 from worker.settings import Settings
 from worker.sinks import open_sink
-
-from .harness import Stack, Tally, phase_flusher_args, wait
 
 pytestmark = pytest.mark.faults
 

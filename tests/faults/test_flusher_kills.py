@@ -28,7 +28,9 @@ from typing import Any
 
 import pytest
 
-from .harness import Stack, assert_exactly_once, logs, phase_flusher_args, wait
+from tests.support.fault_load import wait
+from tests.support.fault_processes import logs, phase_flusher_args
+from tests.support.fault_stack import Stack, assert_exactly_once
 
 pytestmark = pytest.mark.faults
 

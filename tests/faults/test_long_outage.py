@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.fault_load import wait
+from tests.support.fault_processes import logs
+from tests.support.fault_stack import Stack
 from tests.support.native_server import ChdbServer
-
-from .harness import Stack, logs, wait
 
 pytestmark = pytest.mark.faults
 

@@ -25,7 +25,9 @@ import time
 
 import pytest
 
-from .harness import EVENTS_PER_SESSION, Stack, assert_exactly_once, logs
+from tests.support.fault_processes import logs
+from tests.support.fault_stack import Stack, assert_exactly_once
+from tests.support.traffic import EVENTS_PER_SESSION
 
 pytestmark = pytest.mark.faults
 

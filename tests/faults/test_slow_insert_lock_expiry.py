@@ -22,7 +22,9 @@ import time
 
 import pytest
 
-from .harness import LineReader, LogTail, Stack, assert_exactly_once, phase_flusher_args, wait
+from tests.support.fault_load import wait
+from tests.support.fault_processes import LineReader, LogTail, phase_flusher_args
+from tests.support.fault_stack import Stack, assert_exactly_once
 
 pytestmark = pytest.mark.faults
 

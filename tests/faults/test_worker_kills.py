@@ -32,7 +32,7 @@ task is likely not acknowledged yet (the batch marker's case). The other
 kills come at random moments, right after the worker caught up on the
 backlog of its restart.
 
-Each task holds whole sessions (see harness.Traffic), so redelivery order
+Each task holds whole sessions (see tests/support/fault_load.py), so redelivery order
 cannot change durations.
 """
 
@@ -49,20 +49,13 @@ from collections import Counter
 import pytest
 
 from tests.support.celery_procs import CeleryProcess
+from tests.support.fault_load import Load, wait
+from tests.support.fault_processes import LogTail, logs, pool_children
+from tests.support.fault_stack import Stack, assert_exactly_once
 from tests.support.flushing import eventbuffer_flush
+from tests.support.traffic import EVENTS_PER_SESSION
 from worker.lock import LockState, read_lock
 from worker.settings import Settings
-
-from .harness import (
-    EVENTS_PER_SESSION,
-    Load,
-    LogTail,
-    Stack,
-    assert_exactly_once,
-    logs,
-    pool_children,
-    wait,
-)
 
 pytestmark = pytest.mark.faults
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import redis as redis_lib
 
 from tests.support.polling import wait_until
-from worker.broker.consumer import held_by_consumers
-from worker.broker.keys import BrokerKeys
+from worker.broker.broker_consumer import held_by_consumers
+from worker.broker.broker_keys import BrokerKeys
 
 ROOT = Path(__file__).resolve().parents[2]
 

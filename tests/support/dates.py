@@ -41,3 +41,8 @@ def iso(ms: int) -> str:
 def stored(ms: int) -> str:
     """How eventbuffer stores an instant: `YYYY-MM-DD HH:MM:SS.mmm` (UTC)."""
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(" ", "milliseconds")[:23]
+
+
+def now_ms() -> int:
+    """This moment, in Unix milliseconds."""
+    return int(time.time() * 1000)

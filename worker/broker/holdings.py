@@ -1,7 +1,7 @@
 """What the reliable transport holds in a broker Redis: `eventbuffer status` and the metrics.
 
 A task a worker fetched and has not acknowledged is in no queue: it sits in
-that worker's keeping (`worker.broker.consumer`). While the worker lives, it
+that worker's keeping (`worker.broker.broker_consumer`). While the worker lives, it
 is being run (or waits in its prefetch). When the worker dies, the task
 waits until its heartbeat deadline passes and a live worker's next
 heartbeat puts it back in its queue: up to a timeout and one beat interval
@@ -29,8 +29,8 @@ from typing import Any
 
 from redis import Redis
 
-from worker.broker.consumer import BEATS_PER_TIMEOUT
-from worker.broker.keys import BrokerKeys
+from worker.broker.broker_consumer import BEATS_PER_TIMEOUT
+from worker.broker.broker_keys import BrokerKeys
 from worker.replies import number, text
 
 #: A consumer with no heartbeat for this many beat intervals is shown as silent.

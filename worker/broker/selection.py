@@ -3,7 +3,8 @@
 `celery -A worker worker` (and so `eventbuffer run`, compose.yaml and the
 README's commands) consumes with the reliable transport
 (`worker.broker.transport`) unless EVENT_BUFFER_BROKER_TRANSPORT=kombu.
-Only eventbuffer's workers switch, at `celeryd_init`, before they connect
+Only eventbuffer's workers switch (hooks connected by `install(app)`, which
+the app's set-up calls), at `celeryd_init`, before they connect
 (a host app's workers are left alone), and eventbuffer's Beat, at
 `beat_init`, before its first tick (for its flush ticks, published even
 into a full broker). The CLI, `EventProducer` and every other sender keep
@@ -21,6 +22,7 @@ it start).
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import Any
 
 from celery import signals
@@ -40,10 +42,22 @@ def worker_transport(settings: Settings) -> str | None:
     return None
 
 
-def _celeryd_init(instance: Any = None, conf: Any = None, **_: Any) -> None:
+def install(app: Any) -> None:
+    """Connect the hooks that switch `app`'s workers and Beat to the reliable transport.
+
+    Called once by the app's set-up (`worker.celery`); importing this module connects nothing.
+    """
+    signals.celeryd_init.connect(
+        partial(_celeryd_init, app), weak=False, dispatch_uid=f"eventbuffer-celeryd-{id(app)}"
+    )
+    signals.beat_init.connect(
+        partial(_beat_init, app), weak=False, dispatch_uid=f"eventbuffer-beat-{id(app)}"
+    )
+
+
+def _celeryd_init(app: Any, instance: Any = None, conf: Any = None, **_: Any) -> None:
     from worker import runtime
-    from worker.broker.transport import UntestedKombu, check_kombu
-    from worker.celery import app
+    from worker.broker.transport import UntestedKombu, check_kombu, install_alias
     from worker.errors import EvictionPolicyError, SettingsError
     from worker.redis_memory import check_eviction
     from worker.topology import check_celery_apart
@@ -69,19 +83,16 @@ def _celeryd_init(instance: Any = None, conf: Any = None, **_: Any) -> None:
     except UntestedKombu as exc:
         print(exc, file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    install_alias()
     conf.broker_transport = path
 
 
-signals.celeryd_init.connect(_celeryd_init, weak=False)
-
-
-def _beat_init(sender: Any = None, **_: Any) -> None:
+def _beat_init(app: Any, sender: Any = None, **_: Any) -> None:
     """Beat publishes with the reliable transport too, before its first tick: its flush
     ticks then reach a broker at maxmemory (`Channel._put`), where a flush is the one
     thing that frees memory. Its other messages, and its consuming, are kombu's."""
     from worker import runtime
-    from worker.broker.transport import UntestedKombu, check_kombu
-    from worker.celery import app
+    from worker.broker.transport import UntestedKombu, check_kombu, install_alias
 
     conf = app.conf
     if getattr(sender, "app", None) is not app:
@@ -93,7 +104,5 @@ def _beat_init(sender: Any = None, **_: Any) -> None:
         check_kombu()
     except UntestedKombu:
         return  # stock kombu publishes as it always did
+    install_alias()
     conf.broker_transport = path
-
-
-signals.beat_init.connect(_beat_init, weak=False)

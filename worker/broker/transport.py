@@ -5,7 +5,7 @@ unacknowledged: a worker killed in between loses it. Here a message leaves
 its queue list only inside broker_fetch.lua, which moves it in the same
 atomic step to a key of its own listed in the consumer's in-flight index;
 an ack deletes both; a dead consumer's messages are put back by the live
-ones (`worker.broker.consumer`). The raw bytes stay as the sender wrote
+ones (`worker.broker.broker_consumer`). The raw bytes stay as the sender wrote
 them and are never encoded again: the only copy that leaves Redis is the
 one the worker decodes to run the task.
 
@@ -64,10 +64,11 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps, loads
 from redis.exceptions import NoScriptError, OutOfMemoryError
 
-from worker.broker.consumer import Consumer
+from worker.broker.broker_consumer import BrokerConsumer
+from worker.broker.broker_keys import BrokerKeys
+from worker.broker.broker_scripts import BrokerScripts, Fetched, parse_fetch
 from worker.broker.envelope import OVERSIZED_HEAD_BYTES, envelope_problem, oversized_record
-from worker.broker.keys import BrokerKeys
-from worker.broker.scripts import BrokerScripts, Fetched, parse_fetch
+from worker.errors import UntestedKombu as UntestedKombu
 from worker.names import FLUSH_QUEUE
 from worker.settings import DEFAULT_MESSAGE_LIMIT_BYTES
 
@@ -78,13 +79,9 @@ TESTED_KOMBU_VERSIONS = ("5.7.0",)
 
 #: What a worker's broker_transport names to use it.
 TRANSPORT_PATH = "worker.broker.transport:Transport"
-#: The name kombu knows it by once this module is imported: the scheme of the
+#: The name kombu knows it by once `install_alias()` ran: the scheme of the
 #: worker's broker URL in its banner and logs ("Connected to eventbuffer-redis://...").
 TRANSPORT_ALIAS = "eventbuffer-redis"
-
-
-class UntestedKombu(RuntimeError):
-    """The installed kombu is not one this transport was tested with."""
 
 
 def check_kombu(version: str | None = None) -> None:
@@ -202,7 +199,7 @@ class Channel(kombu_redis.Channel):
         "max_message_bytes",
     )
 
-    _reliable: Consumer | None = None
+    _reliable: BrokerConsumer | None = None
     _waiting = False  # the outstanding command is a wait (BLMOVE), not a fetch
     _full = False  # the broker refused the last BLMOVE for memory: wait with BLPOP instead
     _wait_queue = ""  # ... on this queue
@@ -219,11 +216,11 @@ class Channel(kombu_redis.Channel):
     # -- the consumer --------------------------------------------------------
 
     @property
-    def reliable(self) -> Consumer:
+    def reliable(self) -> BrokerConsumer:
         """This channel's consumer, made on first use (publishing channels never make one)."""
         if self._reliable is None:
             client = redis.Redis(connection_pool=self.pool)
-            self._reliable = Consumer(client, self.broker_keys, float(self.consumer_timeout))
+            self._reliable = BrokerConsumer(client, self.broker_keys, float(self.consumer_timeout))
             weakref.finalize(self, self._reliable.close)  # a channel dropped unclosed
         return self._reliable
 
@@ -427,7 +424,7 @@ class Channel(kombu_redis.Channel):
     def _park(self, raw: bytes, seq: int | None, problem: str) -> None:
         """Onto the unparsable list, unchanged: from the consumer's keeping (`seq`), or the
         bytes of a no-ack message (`seq` None). Never lost when Redis refuses: it waits in
-        the consumer and is tried again (`Consumer.keep_unparsable`)."""
+        the consumer and is tried again (`BrokerConsumer.keep_unparsable`)."""
         log.critical(
             "Cannot deliver this message (%s); it is kept unchanged in %r: %r",
             " ".join(problem.split())[:300],
@@ -499,4 +496,10 @@ class Transport(kombu_redis.Transport):
         super().__init__(*args, **kwargs)
 
 
-TRANSPORT_ALIASES.setdefault(TRANSPORT_ALIAS, TRANSPORT_PATH)
+def install_alias() -> None:
+    """Let kombu resolve `TRANSPORT_ALIAS` in this process (and the ones it forks).
+
+    Called where a worker or Beat switches to this transport (`worker.broker.selection`);
+    importing this module changes nothing of kombu's.
+    """
+    TRANSPORT_ALIASES.setdefault(TRANSPORT_ALIAS, TRANSPORT_PATH)

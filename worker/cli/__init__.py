@@ -18,9 +18,11 @@ command opens it as late as possible, closes it right after use, and retries
 for a while when another process (a flush worker) holds it.
 
 Modules: `app` (parser, dispatch, errors and exit codes), `common` (shared
-helpers), one module per command (`run`, `migrate`, `flush`, `status`
-and its live view `watch`, `query`, `demo`, `metrics`), and what `run`
-and `demo` are built from (`local_redis`, `processes`, `traffic`).
+helpers), one module per command, named after it (`run`, `migrate`,
+`status` and its live view `watch`, `query`, `demo`, `dlq`), with `_cmd`
+where a library module bears the command's name (`flush_cmd`,
+`metrics_cmd`), and what `run` and `demo` are built from (`local_redis`,
+`processes`, `traffic`).
 """
 
 from __future__ import annotations

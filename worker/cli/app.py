@@ -14,32 +14,24 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
 
 from worker import runtime
-from worker.cli.common import ERROR_PREFIX, CliError, is_embedded, mask, one_line, version
+from worker.cli.common import ERROR_PREFIX, CliError, mask, one_line, version
 from worker.cli.demo import cmd_demo
 from worker.cli.dlq import add_dlq_parser
-from worker.cli.flush import cmd_flush
-from worker.cli.metrics import cmd_metrics
+from worker.cli.flush_cmd import cmd_flush
+from worker.cli.metrics_cmd import cmd_metrics
 from worker.cli.migrate import add_migrate_arguments, cmd_migrate
 from worker.cli.query import cmd_query
 from worker.cli.run import cmd_run
 from worker.cli.status import cmd_status
+from worker.cli.watch import cmd_watch
 from worker.errors import NotReplicatedError
 from worker.lock import LockLostError
 from worker.settings import Settings, SettingsError
 from worker.sinks import SinkError
-from worker.sinks.schema import identifier
 
 
-def check_settings(settings: Settings) -> None:
-    """What `Settings.from_env` cannot check alone, as `SettingsError`s naming the variable."""
-    try:
-        identifier(settings.clickhouse_table)
-    except ValueError as exc:
-        raise SettingsError(f"EVENT_BUFFER_TABLE: {exc}") from None
-    if is_embedded(settings) and not settings.clickhouse_url.split("://", 1)[1].strip("/"):
-        raise SettingsError(
-            "CLICKHOUSE_URL: a chdb:// URL needs a path, e.g. chdb://data/clickhouse"
-        )
+def _status(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    return (cmd_watch if args.watch else cmd_status)(args, settings, console)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--iterations", type=int, default=0, help="--watch: stop after N refreshes (0: never)"
     )
-    status.set_defaults(handler=cmd_status)
+    status.set_defaults(handler=_status)
 
     metrics = commands.add_parser(
         "metrics", help="print the Prometheus metrics once (Redis gauges, worker counters)"
@@ -140,7 +132,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings: Settings | None = None
     try:
         settings = Settings.from_env()
-        check_settings(settings)
         runtime.configure(settings)
         return int(args.handler(args, settings, console))
     except SettingsError as exc:

@@ -26,6 +26,7 @@ from rich.text import Text
 
 from worker.errors import EventBufferError
 from worker.keys import ShardKeys
+from worker.logs import one_line as logs_one_line
 from worker.logs import redact
 from worker.settings import Settings
 from worker.sinks import RetryableSinkError, Sink, sink_for
@@ -60,8 +61,8 @@ mask = redact
 
 
 def one_line(text: object, limit: int = 400) -> str:
-    line = " ".join(str(text).split())
-    return mask(line if len(line) <= limit else line[: limit - 1] + "…")
+    """`worker.logs.one_line`, with the CLI's longer limit."""
+    return logs_one_line(text, limit)
 
 
 @cache

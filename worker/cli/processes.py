@@ -14,10 +14,7 @@ from types import FrameType
 from typing import Any
 
 from worker.cli.common import SOURCE_ROOT
-
-
-class Stopped(Exception):
-    """SIGINT or SIGTERM arrived while `run` was starting."""
+from worker.errors import Stopped as Stopped
 
 
 class Signals:

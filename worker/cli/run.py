@@ -89,7 +89,7 @@ def migrate(settings: Settings, env: dict[str, str], signals: Signals) -> None:
     """`eventbuffer migrate` in a child process; CliError (one line) if it fails.
 
     Not in this process: loading chDB (or the native driver) would stay in the
-    supervisor's memory for as long as `run` runs (~250 MB for chDB), and the
+    supervisor's memory for as long as `run` runs (chDB's engine is large), and the
     child also releases embedded ClickHouse before the flush worker needs it.
     """
     process = subprocess.Popen(
@@ -238,8 +238,8 @@ def _run(settings: Settings, console: Console) -> int:
                 "flush",
                 "flush worker",
                 # One pool process (embedded ClickHouse admits one process at a
-                # time), replaced every 10 tasks: chDB keeps ~10 MB per session
-                # it opens, writes and closes, and a fresh process returns them.
+                # time), replaced every 10 tasks: chDB keeps memory for every
+                # session it opens, writes and closes, and a fresh process returns it.
                 # The replacement starts within ~0.5 s (worker/prefork.py);
                 # benchmarks/bench_e2e.py measures the latency against a server.
                 [

@@ -304,10 +304,7 @@ def held_lines(broker: dict[str, Any]) -> list[str]:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -> int:
-    if getattr(args, "watch", False):
-        from worker.cli.watch import watch
-
-        return watch(args, settings, console, status_data)
+    """`eventbuffer status` (and `--json`); `--watch` is `worker.cli.watch.cmd_watch`."""
     data = status_data(settings)
     if args.json:
         print(json.dumps(data, indent=2))

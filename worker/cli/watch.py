@@ -39,6 +39,16 @@ from rich.table import Table
 from rich.text import Text
 
 from worker.cli.common import one_line
+from worker.cli.status import (
+    backoff_text,
+    broker_lines,
+    held_lines,
+    lock_lines,
+    lock_text,
+    memory_lines,
+    memory_table,
+    status_data,
+)
 from worker.redis_errors import REDIS_FAILURES
 from worker.settings import Settings
 
@@ -128,16 +138,6 @@ class WatchState:
 
 def render(data: dict[str, Any], state: WatchState, high_water: int) -> RenderableType:
     """The whole view for one snapshot (a pure function of its inputs: tests render it)."""
-    from worker.cli.status import (
-        backoff_text,
-        broker_lines,
-        held_lines,
-        lock_lines,
-        lock_text,
-        memory_lines,
-        memory_table,
-    )
-
     now = data["now_ms"]
     shards = Table(box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False, title_justify="left")
     for column in ("shard", "queued", "history", "claimed", "oldest", "dead"):
@@ -242,3 +242,8 @@ def watch(
     if not console.is_terminal:
         console.line()  # a terminal got one from Live; a file or pipe ends the frame here
     return 0
+
+
+def cmd_watch(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    """`eventbuffer status --watch`."""
+    return watch(args, settings, console, status_data)

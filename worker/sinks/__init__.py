@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.settings import Settings
+from worker.settings import Settings, SettingsError
 from worker.sinks.base import (
     PermanentSinkError,
     RetryableSinkError,
@@ -46,7 +46,7 @@ def open_sink(
         return NativeSink(
             url, table, connect_timeout_s=connect_timeout_s, insert_timeout_s=insert_timeout_s
         )
-    raise ValueError(f"unsupported ClickHouse URL scheme {scheme!r}")
+    raise SettingsError(f"unsupported ClickHouse URL scheme {scheme!r}")
 
 
 def sink_for(settings: Settings) -> Sink:

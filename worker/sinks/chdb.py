@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from worker.errors import SettingsError
 from worker.sinks import migrations
 from worker.sinks.base import (
     INTERRUPTS,
@@ -128,7 +129,7 @@ def path_from_url(url: str) -> str:
     """`chdb:///abs/path` -> /abs/path; `chdb://rel/path` -> <cwd>/rel/path."""
     rest = url.split("://", 1)[1]
     if not rest:
-        raise ValueError("a chdb:// URL needs a path, e.g. chdb://data/clickhouse")
+        raise SettingsError("a chdb:// URL needs a path, e.g. chdb://data/clickhouse")
     return os.path.abspath(rest)
 
 

@@ -38,6 +38,7 @@ import msgspec
 from clickhouse_driver import Client, errors
 from clickhouse_driver.util.helpers import parse_url
 
+from worker.errors import SettingsError
 from worker.events import Row, datetime_ms
 from worker.sinks import migrations
 from worker.sinks.base import (
@@ -180,7 +181,7 @@ class NativeSink:
         """
         parts = urlsplit(url)
         if parts.scheme not in ("clickhouse", "clickhouses"):
-            raise ValueError("a native sink URL starts with clickhouse:// or clickhouses://")
+            raise SettingsError("a native sink URL starts with clickhouse:// or clickhouses://")
         self.table = table
         self.database = unquote(parts.path[1:]) or "default"
         self.async_insert = async_insert

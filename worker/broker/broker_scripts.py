@@ -22,13 +22,10 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import NoScriptError
 
-from worker.broker.keys import BrokerKeys
+from worker.broker.broker_keys import BrokerKeys
+from worker.errors import ConsumerAlive as ConsumerAlive
 from worker.replies import text
 from worker.scripts import script
-
-
-class ConsumerAlive(Exception):
-    """A recovery found the consumer alive again: none of its messages were moved."""
 
 
 @dataclass(frozen=True)

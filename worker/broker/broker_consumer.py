@@ -42,8 +42,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker.broker.keys import BrokerKeys, forged_entries, oldest_last
-from worker.broker.scripts import BrokerScripts, ConsumerAlive, Fetched
+from worker.broker.broker_keys import BrokerKeys, forged_entries, oldest_last
+from worker.broker.broker_scripts import BrokerScripts, Fetched
+from worker.errors import ConsumerAlive
 from worker.replies import number, text
 
 log = logging.getLogger("worker.broker")
@@ -56,7 +57,7 @@ DEAD_PER_BEAT = 10
 BEATS_PER_TIMEOUT = 5
 
 
-#: A message waiting to be parked: see Consumer.keep_unparsable.
+#: A message waiting to be parked: see BrokerConsumer.keep_unparsable.
 Unparked = int | bytes | tuple[int, bytes]
 
 
@@ -124,7 +125,7 @@ def held_by_consumers(redis: Redis, keys: BrokerKeys) -> int:
         return sum(number(n) for n in replies if not isinstance(n, Exception))
 
 
-class Consumer:
+class BrokerConsumer:
     def __init__(
         self,
         redis: Redis,
@@ -337,7 +338,7 @@ class Consumer:
 class Heartbeat(threading.Thread):
     """Beats for one consumer every fifth of its timeout, and recovers dead consumers."""
 
-    def __init__(self, consumer: Consumer, redis: Redis) -> None:
+    def __init__(self, consumer: BrokerConsumer, redis: Redis) -> None:
         super().__init__(name=f"broker-heartbeat-{consumer.id}", daemon=True)
         self.consumer = consumer
         self.scripts = BrokerScripts(redis, consumer.keys)

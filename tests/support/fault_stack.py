@@ -1,29 +1,11 @@
-"""The fault-injection harness: a whole eventbuffer system under load, and its accounting.
+"""The fault suite's system: a whole eventbuffer under load, and its accounting.
 
 A scenario builds a `Stack` (its own redis-server for the buffer, optionally
 a second one or RabbitMQ as the broker, embedded ClickHouse in a temporary
 directory, Celery ingest/flush workers and Beat as real subprocesses), drives
-it with a `Load` (the real `EventProducer` in a background thread, sending
-sessions of the reference model at a steady rate), injects its fault, waits
+it with a `Load` (`tests/support/fault_load.py`), injects its fault, waits
 until the system has drained (`Stack.wait_drained`), stops every process and
 compares ClickHouse with the ids the producer accepted (`Stack.tally`).
-
-The reference model (`tests.support.traffic.ReferenceTraffic`): every
-session is 5 screen_views with known gaps, a click after the third view
-and a session_end. A view's expected duration is the gap to the next view
-of its session; the last view, the click and the session_end have 0. Two
-ways to send them:
-
-- whole sessions per task (`Load(..., sessions_per_batch=k)`): the producer's
-  batch size is exactly k sessions and its timer never fires, so every task
-  holds complete sessions in order. Durations are then exact even when tasks
-  are redelivered or run on several worker processes in any order (the
-  README's "Ordering" caveat) - used wherever the ingest path is faulted;
-- interleaved (`sessions_per_batch=None`): `width` sessions are open at once
-  and their events interleave, with the producer's normal micro-batching, so
-  a session spans many tasks and its last view waits in Redis between them.
-  Exact with one ingest process and no redelivery - used where the fault is
-  downstream (flusher, lock, ClickHouse).
 
 Every wait is bounded; every process is stopped by `Stack.close()`.
 """
@@ -33,16 +15,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,198 +28,20 @@ import redis as redis_lib
 from celery import Celery
 
 from tests.support.celery_procs import CeleryProcess, beat, ingest_backlog, project_env, worker
-from tests.support.polling import wait_until
+from tests.support.fault_load import (
+    Load,
+)
+from tests.support.fault_results import (
+    ScenarioResult,
+    record,
+)
 from tests.support.servers import RedisServer
 from tests.support.sinks import query_when_free
-from tests.support.traffic import EVENTS_PER_SESSION, ReferenceTraffic
+from tests.support.traffic import ReferenceTraffic
 from worker.celery import create_app
 from worker.keys import CHANNEL_SAVED, Keyspace
-from worker.producer import BufferFull, EventProducer, ProducerError
 from worker.settings import Settings
 from worker.sinks import open_sink
-
-HERE = Path(__file__).resolve().parent
-PHASE_FLUSHER = HERE / "phase_flusher.py"
-
-
-# -- results ------------------------------------------------------------------
-
-
-@dataclass
-class ScenarioResult:
-    """One row of the summary table (and of the JSON report)."""
-
-    scenario: str
-    sent: int
-    landed: int
-    missing: int
-    duplicated: int
-    recovery_s: float | None
-    wrong_durations: int = 0
-    unexpected: int = 0
-    faults: str = ""
-    asserted: str = "missing=0 dup=0"
-    note: str = ""
-
-
-RESULTS: list[ScenarioResult] = []
-REPORT: dict[str, Path | None] = {"path": None}
-
-
-def record(result: ScenarioResult) -> ScenarioResult:
-    """Keep a scenario's row for the summary, and rewrite the JSON report at once."""
-    RESULTS.append(result)
-    path = REPORT["path"]
-    if path is not None:
-        path.write_text(json.dumps([asdict(r) for r in RESULTS], indent=2))
-    return result
-
-
-# -- the reference model ------------------------------------------------------
-
-
-class _WholeSessions:
-    """Units of one complete session each."""
-
-    def __init__(self, traffic: ReferenceTraffic) -> None:
-        self.traffic = traffic
-        self.closing = False
-
-    def next_unit(self) -> list[dict[str, Any]] | None:
-        return None if self.closing else self.traffic.session()
-
-
-class _Interleaved:
-    """`width` open sessions, one event of the next session in turn; winds down on close."""
-
-    def __init__(self, traffic: ReferenceTraffic, width: int) -> None:
-        self.traffic = traffic
-        self.open: deque[deque[dict[str, Any]]] = deque(
-            deque(traffic.session()) for _ in range(width)
-        )
-        self.closing = False
-
-    def next_unit(self) -> list[dict[str, Any]] | None:
-        while self.open:
-            current = self.open.popleft()
-            event = current.popleft()
-            if current:
-                self.open.append(current)
-            elif not self.closing:
-                self.open.append(deque(self.traffic.session()))
-            return [event]
-        return None
-
-
-class Load:
-    """The producer client sending the reference model at a steady rate, in a thread.
-
-    `handed` is every id that `EventProducer.send()` accepted: what the system
-    owes ClickHouse. `stop()` ends the stream at a session boundary (an
-    interleaved stream first finishes its open sessions), `finish()` then
-    flushes the producer until nothing is held.
-    """
-
-    def __init__(
-        self,
-        app: Celery,
-        traffic: ReferenceTraffic,
-        rate: float,
-        *,
-        sessions_per_batch: int | None = 4,
-        width: int = 20,
-        max_events: int = 20_000,
-    ) -> None:
-        if sessions_per_batch is None:
-            self.producer = EventProducer(app, batch_size=100, batch_ms=10)
-            self.stream: _WholeSessions | _Interleaved = _Interleaved(traffic, width)
-        else:
-            # Only the size trigger seals a batch: each task is whole sessions.
-            self.producer = EventProducer(
-                app, batch_size=EVENTS_PER_SESSION * sessions_per_batch, batch_ms=3_600_000
-            )
-            self.stream = _WholeSessions(traffic)
-        self.traffic = traffic
-        self.rate = rate
-        self.max_events = max_events
-        self.handed: list[str] = []
-        self.errors: list[str] = []
-        self.buffer_full = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fault-load", daemon=True)
-        self.started = 0.0
-        self.stopped_at: float | None = None
-
-    def start(self) -> Load:
-        self.started = time.monotonic()
-        self._thread.start()
-        return self
-
-    @property
-    def count(self) -> int:
-        return len(self.handed)
-
-    def _run(self) -> None:
-        try:
-            while True:
-                if self._stop.is_set() or len(self.handed) >= self.max_events:
-                    self.stream.closing = True
-                unit = self.stream.next_unit()
-                if unit is None:
-                    return
-                for event in unit:
-                    self._send(event)
-                if not self.stream.closing:
-                    lag = self.started + len(self.handed) / self.rate - time.monotonic()
-                    if lag > 0:
-                        self._stop.wait(lag)
-        except Exception as exc:  # reported by finish()
-            self.errors.append(repr(exc))
-
-    def _send(self, event: dict[str, Any]) -> None:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                self.handed.append(self.producer.send(event))
-                return
-            except BufferFull:
-                self.buffer_full += 1
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def wait_for(self, events: int, timeout: float) -> None:
-        wait(lambda: self.count >= events, timeout, f"the load to hand over {events} events")
-
-    def stop(self, timeout: float = 30) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "the load thread did not stop"
-        self.stopped_at = time.monotonic()
-
-    def finish(self, timeout: float = 60) -> None:
-        """Stop, then flush until the producer holds nothing (raises if it cannot)."""
-        if self.stopped_at is None:
-            self.stop()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.producer.flush(timeout=max(1.0, deadline - time.monotonic()))
-                break
-            except ProducerError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        self.producer.close(timeout=5)
-        assert self.producer.stats.pending == 0
-        assert not self.errors, self.errors
-
-
-# -- waiting ------------------------------------------------------------------
-
-
-def wait(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    wait_until(condition, timeout, what, interval=interval)
 
 
 class SavedCounter:
@@ -282,9 +82,6 @@ class SavedCounter:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
-
-
-# -- the system ---------------------------------------------------------------
 
 
 def amqp_queue_depth(app: Celery, name: str) -> int:
@@ -584,119 +381,3 @@ def assert_exactly_once(stack: Stack, tally: Tally) -> None:
     assert tally.wrong_durations == 0, f"durations differ from the model: {details}"
     assert stack.queued() == 0 and stack.claim_open() is None
     assert stack.dead_letters() == 0
-
-
-# -- helpers for single processes ---------------------------------------------
-
-
-def pool_children(proc: CeleryProcess) -> list[int]:
-    assert proc.process is not None
-    out = subprocess.run(
-        ["pgrep", "-P", str(proc.process.pid)], capture_output=True, text=True, timeout=10
-    ).stdout
-    return [int(pid) for pid in out.split()]
-
-
-class LineReader:
-    """Reads a child's stdout lines (JSON where possible) in a thread, for bounded waits."""
-
-    def __init__(self, stream: Any) -> None:
-        self.lines: queue.Queue[Any] = queue.Queue()
-        self.seen: list[Any] = []
-        self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _run(self, stream: Any) -> None:
-        for line in stream:
-            try:
-                item = json.loads(line)
-            except ValueError:
-                item = {"text": line.rstrip()}
-            self.lines.put(item)
-
-    def next_matching(self, key: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {key!r} line within {timeout}s; saw {self.seen}")
-            try:
-                item = self.lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            self.seen.append(item)
-            if key in item:
-                return item  # type: ignore[no-any-return]
-
-    def drain(self, timeout: float = 5) -> list[Any]:
-        self._thread.join(timeout)
-        while True:
-            try:
-                self.seen.append(self.lines.get_nowait())
-            except queue.Empty:
-                return self.seen
-
-
-def phase_flusher_args(phase: str, *extra: str) -> list[str]:
-    return [sys.executable, str(PHASE_FLUSHER), "--phase", phase, *extra]
-
-
-CHDB_HOLDER = """
-import sys, time
-from chdb import session
-path, hold = sys.argv[1], float(sys.argv[2])
-deadline = time.monotonic() + 30
-while True:
-    try:
-        s = session.Session(path)
-        break
-    except Exception as exc:
-        if time.monotonic() > deadline:
-            raise
-        time.sleep(0.05)
-s.query("SELECT count() FROM events")
-print('{"held": 1}', flush=True)
-time.sleep(hold)
-s.close()
-print('{"released": 1}', flush=True)
-"""
-
-
-def chdb_holder(stack: Stack, seconds: float) -> subprocess.Popen[str]:
-    """A helper process that opens the ClickHouse directory and keeps it for `seconds`."""
-    from worker.sinks.chdb import path_from_url
-
-    return stack.popen(
-        [sys.executable, "-c", CHDB_HOLDER, path_from_url(stack.chdb_url), str(seconds)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def logs(stack: Stack, prefix: str) -> str:
-    """Every log file of the stack whose name starts with `prefix`, concatenated."""
-    return "".join(p.read_text(errors="replace") for p in sorted(stack.tmp.glob(f"{prefix}*.log")))
-
-
-class LogTail:
-    """Counts a needle in what a log file gains, reading only the new bytes."""
-
-    def __init__(self, path: Path, needle: str) -> None:
-        self.path = path
-        self.needle = needle.encode()
-        self.offset = path.stat().st_size if path.exists() else 0
-        self.count = 0
-        self._rest = b""
-
-    def poll(self) -> int:
-        if self.path.exists():
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-            self.offset += len(data)
-            text = self._rest + data
-            cut = text.rfind(b"\n") + 1
-            self.count += text[:cut].count(self.needle)
-            self._rest = text[cut:]
-        return self.count

@@ -75,7 +75,7 @@ class LockWait:
         )
 
 
-def flush_shard(flusher: Flusher, shard: int, say: Callable[[str], None]) -> FlushResult:
+def flush_waiting_for_lock(flusher: Flusher, shard: int, say: Callable[[str], None]) -> FlushResult:
     """One batch of one shard under its lock, waiting while another flusher holds it.
 
     Raises LockHeldError when a live holder keeps the lock past the wait.
@@ -107,7 +107,7 @@ def drain_shard(
 
     Raises LockHeldError when a live flusher keeps the shard's lock past the wait.
     """
-    while (result := flush_shard(flusher, shard, say)).batches:
+    while (result := flush_waiting_for_lock(flusher, shard, say)).batches:
         for name in ("rows", "dead", "batches", "redriven"):
             setattr(total, name, getattr(total, name) + getattr(result, name))
         advance()
