@@ -34,6 +34,7 @@ import zlib
 from collections.abc import Iterator
 from typing import cast
 
+from worker import stored_view
 from worker.clock import Clock
 from worker.keys import ShardKeys
 from worker.replies import text
@@ -52,16 +53,17 @@ def held_record(
     kind: str,
     profile_field: str,
     own_duration: int,
-    row: bytes,
+    head: bytes,
 ) -> bytes:
     """One held event, framed for its session's pack (release_held.lua's header has
-    the format).
+    the format): its header, then the event in its stored form (worker/stored_view.py,
+    `head` being its row without duration and closing brace).
 
     The first 44 bytes order a session's records: created_at, then deadline
     (arrival), then `tag`, which makes events of one batch unique and keeps their
     batch order.
     """
-    record = b"%015d%015d%b%b%b|%d|%d|%b" % (
+    record = b"%015d%015d%b%b%b|%d;%d;%b" % (
         created_ms,
         deadline_ms,
         tag.encode(),
@@ -69,7 +71,7 @@ def held_record(
         profile_field.encode(),
         created_ms,
         own_duration,
-        row,
+        head,
     )
     return b"%d:%b" % (len(record), record)
 
@@ -85,8 +87,9 @@ def _records(pack: bytes) -> Iterator[bytes]:
 
 
 def held_rows(pack: bytes) -> list[bytes]:
-    """The JSON rows of the records in a session's pack, in pack order."""
-    return [record.split(b"|", 3)[3] for record in _records(pack)]
+    """The JSON rows of the records in a session's pack, in pack order (as they are: with
+    their own durations). Records of the legacy stored form are read too."""
+    return [stored_view.row_of(record.split(b"|", 1)[1]) for record in _records(pack)]
 
 
 def held_times(pack: bytes) -> list[tuple[int, int]]:
