@@ -44,6 +44,8 @@ KEYS[5]     profiles' last views (HASH: profile field -> stored view)
 KEYS[6]     closed sessions (HASH: session id -> the created ms its session_end closed it at)
 KEYS[7]     when each closed session was closed (ZSET: session id -> ms), to forget it
 KEYS[7+i]   session i's held events (STRING: a pack)
+KEYS[8+n]   optional, after the n sessions' keys: the release generation (STRING, a
+            counter every release increments: worker/reorder_release.py WATCHes it)
 
 ARGV[1]     now, epoch ms
 ARGV[2]     TTL of KEYS[3] and KEYS[5], seconds (refreshed when written)
@@ -305,5 +307,8 @@ call_many('HSET', KEYS[5], profiles_set)
 call_many('HDEL', KEYS[5], profiles_ended)
 if #profiles_set > 0 then
   redis.call('EXPIRE', KEYS[5], tonumber(ARGV[2]))
+end
+if #KEYS > 7 + #ARGV - 3 then
+  redis.call('INCR', KEYS[#KEYS])
 end
 return {#queue, late}

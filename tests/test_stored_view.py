@@ -14,6 +14,7 @@ row Python builds, and decode to the event with the expected duration.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -27,6 +28,7 @@ from worker import stored_view
 from worker.events import Event, Row, as_row, decode_row, encode_event, parse_event
 from worker.keys import ShardKeys
 from worker.reorder import held_packs, held_record, held_rows
+from worker.reorder_release import release, release_in_redis
 from worker.scripts import Scripts, load_lua
 
 KEYS = ShardKeys("eventbuffer", 0)
@@ -72,7 +74,7 @@ def client(redis: redis_lib.Redis) -> Iterator[redis_lib.Redis]:
 
 
 PROPERTY = hyp_settings(
-    max_examples=60,
+    max_examples=150,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -190,3 +192,137 @@ def test_release_held_queues_what_python_builds(
                 assert client.hget(KEYS.profile_views, pfield) == stored_view.of_event(view)
         assert released.rows == len(expected)
         assert client.lrange(KEYS.queue, 0, -1) == expected
+
+
+# -- the release decided in Python (worker/reorder_release.py) against release_held.lua --
+
+SESSIONS = ["s1", "s;2", "s|3"]
+PFIELDS = ["", "p:u1", "p:u2"]
+
+
+@st.composite
+def held_state(draw: st.DrawFn) -> dict[str, object]:
+    """Sessions with held events (some due, some not, in any order, either record form),
+    stored last views (either form), closed sessions (some past their memory)."""
+    base = NOW - 10**6
+    packs: dict[str, bytes] = {}
+    views: dict[str, bytes] = {}
+    profiles: dict[str, bytes] = {}
+    closed: dict[str, int] = {}
+    closed_at: dict[str, int] = {}
+    for s, session in enumerate(SESSIONS):
+        records = []
+        for n in range(draw(st.integers(0, 5))):
+            kind = draw(st.sampled_from("vve"))
+            created = base + draw(st.integers(0, 6)) * 100
+            deadline = draw(st.sampled_from([5, 10, 20]))  # due at 10: 5 and 10
+            pfield = draw(st.sampled_from(PFIELDS))
+            event = draw(events(created_ms=created))
+            event = msgspec.structs.replace(
+                as_row(event),
+                session_id=session,
+                name="screen_view" if kind == "v" else "session_end",
+            )
+            tag = f"{s:07d}{n:07d}"
+            if draw(st.booleans()):
+                records.append(legacy_record(created, deadline, tag, kind, pfield, event))
+            else:
+                head = stored_view.head_of(event, encode_event(event))
+                records.append(
+                    held_record(created, deadline, tag, kind, pfield, event.duration, head)
+                )
+        if records:
+            packs[session] = b"".join(records)
+        if draw(st.booleans()):
+            stored = as_row(draw(events(created_ms=base + draw(st.integers(0, 6)) * 100)))
+            views[session] = draw(st.sampled_from(forms(stored)))
+            pfield = draw(st.sampled_from(PFIELDS))
+            if pfield:
+                profiles[pfield] = views[session]
+        if draw(st.booleans()):
+            closed[session] = base + draw(st.integers(0, 6)) * 100
+            closed_at[session] = draw(st.sampled_from([1, 9]))  # 1: past its memory
+    return {
+        "packs": packs,
+        "views": views,
+        "profiles": profiles,
+        "closed": closed,
+        "closed_at": closed_at,
+    }
+
+
+def load_state(client: redis_lib.Redis, state: dict[str, Any]) -> None:
+    client.flushall()
+    for session, pack in state["packs"].items():
+        client.set(KEYS.held(session), pack)
+        client.zadd(KEYS.held_due, {session: 5})
+    if state["views"]:
+        client.hset(KEYS.views, mapping=state["views"])
+        client.zadd(KEYS.sessions, {session: 1 for session in state["views"]})
+    if state["profiles"]:
+        client.hset(KEYS.profile_views, mapping=state["profiles"])
+    if state["closed"]:
+        client.hset(KEYS.closed, mapping=state["closed"])
+        client.zadd(KEYS.closed_at, state["closed_at"])
+
+
+def records(pack: bytes) -> list[bytes]:
+    out = []
+    while pack:
+        length, _, rest = pack.partition(b":")
+        out.append(rest[: int(length)])
+        pack = rest[int(length) :]
+    return out
+
+
+def snapshot(client: redis_lib.Redis) -> dict[str, object]:
+    return {
+        "queue": client.lrange(KEYS.queue, 0, -1),
+        "views": client.hgetall(KEYS.views),
+        "sessions": client.zrange(KEYS.sessions, 0, -1, withscores=True),
+        "profiles": client.hgetall(KEYS.profile_views),
+        "closed": client.hgetall(KEYS.closed),
+        "closed_at": client.zrange(KEYS.closed_at, 0, -1, withscores=True),
+        "due": client.zrange(KEYS.held_due, 0, -1, withscores=True),
+        # A pack's order is not meaningful (records are sorted when read): its records.
+        "packs": {s: sorted(records(client.get(KEYS.held(s)) or b"")) for s in SESSIONS},
+    }
+
+
+@PROPERTY
+@given(state=held_state())
+def test_the_release_decided_in_python_is_release_held_lua(
+    client: redis_lib.Redis, state: dict[str, Any]
+) -> None:
+    due = list(state["packs"])
+    load_state(client, state)
+    in_redis = release_in_redis(client, KEYS, due, 10, 60, 0)  # closed memory: until ms 10
+    expected = snapshot(client)
+    load_state(client, state)
+    in_python = release(client, KEYS, due, 10, 60, 0)
+    assert (in_python.rows, in_python.late) == (in_redis.rows, in_redis.late)
+    assert snapshot(client) == expected
+
+
+def test_records_appended_during_a_release_stay_held(client: redis_lib.Redis) -> None:
+    """release_rewrite.lua keeps what an apply appended after the release read the pack,
+    with its deadline, whatever the release kept."""
+    view = as_row(parse_event({"name": "screen_view", "project_id": "p", "session_id": "s",
+                               "created_at": NOW}))  # fmt: skip
+    head = stored_view.head_of(view, encode_event(view))
+    read = held_record(NOW, 5, "t" * 14, "v", "", 0, head)
+    kept = held_record(NOW + 1, 30, "u" * 14, "v", "", 0, head)
+    added = held_record(NOW + 2, 20, "w" * 14, "v", "", 0, head)
+    script = load_lua("release_rewrite")
+    for kept_records, deadline, due in ((b"", "", 20.0), (kept, "30", 20.0)):
+        client.flushall()
+        client.set(KEYS.held("s"), read + kept_records)
+        client.append(KEYS.held("s"), added)  # after the release read the pack
+        args = ["s", len(read + kept_records), deadline, kept_records]
+        assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
+        assert client.get(KEYS.held("s")) == kept_records + added
+        assert client.zscore(KEYS.held_due, "s") == due
+    client.flushall()
+    client.set(KEYS.held("s"), read)
+    assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), "s", len(read), "", b"") == 1
+    assert client.exists(KEYS.held("s")) == 0 and client.zcard(KEYS.held_due) == 0

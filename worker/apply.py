@@ -30,13 +30,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hiredis import pack_command
 from redis.exceptions import ResponseError
 
 from worker.apply_plan import ShardWrites
 from worker.errors import BatchIdConflictError, BufferKeyTypeError, NotReplicatedError
 from worker.replication import Replicas
 from worker.replies import text
+from worker.resp import read_replies, send_commands
 from worker.scripts import load_lua
 from worker.topology import Client, Node, refreshed_on_error, transactions
 
@@ -151,6 +151,7 @@ class BatchWriter:
         self.views_ttl_s = views_ttl_s
         self.replicas = replicas or Replicas()
         self._resolve = load_lua("resolve_views")
+        self._key_types = load_lua("key_types")
 
     def write(
         self,
@@ -243,15 +244,17 @@ class BatchWriter:
             checks: list[tuple[Any, ...]] = [("WATCH", *(p.marker for p in plans), *conflict_keys)]
             checks += [("GET", plan.marker) for plan in plans]
             checks += [("EXISTS", key) for key in conflict_keys]
-            checks += [("TYPE", key) for key, _ in keys]
-            _send(group.connection, checks)
+            if keys:  # one script call, not a TYPE and its reply per key
+                names = [key for key, _ in keys]
+                types = [kind for _, kind in keys]
+                checks.append(("EVAL", self._key_types, len(keys), *names, *types))
+            send_commands(group.connection, checks)
         for n, (group, keys) in enumerate(zip(groups, typed, strict=True)):
             extra = 1 if check is not None and n == 0 else 0
             read = 1 + len(group.plans) + extra
-            checked = _read(group.connection, read + len(keys))
-            for (key, expected), found in zip(keys, checked[read:], strict=True):
-                if text(found) not in ("none", expected):
-                    raise BufferKeyTypeError(key)  # the connections are dropped, WATCH and all
+            checked = read_replies(group.connection, read + (1 if keys else 0))
+            if keys and checked[read]:  # the connections are dropped, WATCH and all
+                raise BufferKeyTypeError(keys[_number(checked[read][0]) - 1][0])
             group.stored = checked[1 : 1 + len(group.plans)]
             group.kept_before = bool(extra and checked[read - 1])
             group.keep = None
@@ -261,7 +264,7 @@ class BatchWriter:
         #    after, and the WAIT for its master's replicas.
         sent = [self._transaction(group, now_ms) for group in groups]
         for group, (count, resolve_at, length_at) in zip(groups, sent, strict=True):
-            replies = _read(group.connection, count)
+            replies = read_replies(group.connection, count)
             if self.replicas.waits:
                 try:
                     self.replicas.check(replies[-1], "the batch's apply", group.node.name)
@@ -335,7 +338,7 @@ class BatchWriter:
         commands.append(("EXEC",))
         if self.replicas.waits:
             commands.append(self.replicas.wait_command())
-        _send(group.connection, commands)
+        send_commands(group.connection, commands)
         return len(commands), resolve_at, length_at
 
     def _resolve_call(self, plan: ShardWrites) -> tuple[Any, ...]:
@@ -419,12 +422,6 @@ def _typed_keys(plan: ShardWrites) -> list[tuple[str, str]]:
     return keys
 
 
-def _pack(commands: Sequence[tuple[Any, ...]]) -> list[bytes]:
-    """The commands as RESP: hiredis packs the arguments as they are (bytes, str, int),
-    without redis-py's encoding of each in Python first."""
-    return [pack_command(command) for command in commands]
-
-
 def _outcomes(
     group: _NodeWrite, results: Any, resolve_at: list[int], length_at: list[int]
 ) -> list[ShardOutcome] | None:
@@ -448,27 +445,6 @@ def _outcomes(
         resolved = _number(results[resolve_at[n]]) if resolve_at[n] >= 0 else 0
         outcomes.append(ShardOutcome(True, len(plan.queue_rows) + resolved, length))
     return outcomes
-
-
-def _send(connection: Any, commands: Sequence[tuple[Any, ...]]) -> None:
-    """Send `commands` in one write (one system call, not one per command); `_read` takes
-    their replies."""
-    connection.send_packed_command([b"".join(_pack(commands))])
-
-
-def _read(connection: Any, count: int) -> list[Any]:
-    """Read `count` replies (errors inside EXEC stay values); raise the first error after."""
-    replies = []
-    error: ResponseError | None = None
-    for _ in range(count):
-        try:
-            replies.append(connection.read_response())
-        except ResponseError as exc:  # read every reply before raising, or the next ones stay
-            replies.append(exc)
-            error = error or exc
-    if error is not None:
-        raise error
-    return replies
 
 
 def _number(reply: Any) -> int:

@@ -10,9 +10,11 @@ once: it appends each one's record (`held_record`) to its session's pack,
 `{p:N}:held:<session>` (a plain APPEND in the apply's transaction: no Lua,
 the rows never pass through Lua while ingesting), and notes the session's
 earliest deadline (arrival + window) in `held-due`. Every flush of a shard
-first calls `release_due`: `release_held.lua` takes each due session's held
-events created no later than its newest due one, oldest first, and applies
-OpenPanel's rules to them, before the flush claims.
+first calls `release_due`: each due session's held events created no later
+than its newest due one go, oldest first, through OpenPanel's rules, before
+the flush claims (decided in Python and written in one WATCHed transaction,
+worker/reorder_release.py; release_held.lua has the rules, and does the same
+inside Redis when that transaction cannot run).
 
 The rule that follows: an event is put in its place when it arrives no later
 than one window after every event of its session created after it. One that
@@ -37,6 +39,7 @@ from typing import cast
 from worker import stored_view
 from worker.clock import Clock
 from worker.keys import ShardKeys
+from worker.reorder_release import release
 from worker.replies import text
 from worker.scripts import Released, Scripts
 from worker.settings import Settings
@@ -128,8 +131,8 @@ def release_due(scripts: Scripts, shard: ShardKeys, settings: Settings, clock: C
         if not due and not settings.reorder_window_ms:
             # Nothing held (nor closed) without a window: no script call before each batch.
             return Released(rows, late)
-        released = scripts.release_held(
-            shard, due, now, settings.screen_view_ttl_s, settings.closed_session_ttl_s
+        released = release(
+            redis, shard, due, now, settings.screen_view_ttl_s, settings.closed_session_ttl_s
         )
         rows += released.rows
         late += released.late

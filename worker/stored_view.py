@@ -80,6 +80,13 @@ def as_is(head: bytes, own_duration: int) -> bytes:
     return head + b"}" if own_duration == 0 else with_duration(head, own_duration)
 
 
+def is_current(value: bytes) -> bool:
+    """Is this stored view in the current form (not the legacy one)?"""
+    first = value.find(SEPARATOR, 0, 24)  # after the created ms: at most 21 characters
+    legacy = value.find(LEGACY_SEPARATOR, 0, 24)
+    return first > 0 and (legacy < 0 or first < legacy)
+
+
 def parse(value: bytes) -> StoredView:
     """A stored view of either form (the legacy `<ms>|<own>|<row>` too)."""
     first = value.find(SEPARATOR, 0, 24)  # after the created ms: at most 21 characters
