@@ -241,7 +241,7 @@ def held_state(draw: st.DrawFn) -> dict[str, object]:
                 profiles[pfield] = views[session]
         if draw(st.booleans()):
             closed[session] = base + draw(st.integers(0, 6)) * 100
-            closed_at[session] = draw(st.sampled_from([1, 9]))  # 1: past its memory
+            closed_at[session] = draw(st.sampled_from([1, 50]))  # 1: past its memory
     return {
         "packs": packs,
         "views": views,

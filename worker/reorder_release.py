@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import ConnectionError, OutOfMemoryError, ResponseError, TimeoutError
 
 from worker import stored_view
 from worker.keys import ShardKeys
@@ -57,22 +57,29 @@ def release(
     closed_ttl_s: int,
 ) -> Released:
     """Release the held events of `sessions` that are still due at `now_ms`."""
-    node = node_for(redis, shard.queue)
-    for _attempt in range(ATTEMPTS):
-        with refreshed_on_error(redis):
-            pool = node.redis.connection_pool
-            connection: Any = pool.get_connection()
-            try:
+    for attempt in range(ATTEMPTS):
+        node = node_for(redis, shard.queue)
+        pool = node.redis.connection_pool
+        connection: Any = pool.get_connection()
+        try:
+            with refreshed_on_error(redis):
                 done = _release_once(connection, shard, sessions, now_ms, views_ttl_s,
                                      closed_ttl_s)  # fmt: skip
-            except OutOfMemoryError:
-                connection.disconnect()  # it may hold a WATCH
-                break  # a full Redis: only the allow-oom script may write
-            except BaseException:
-                connection.disconnect()
+        except OutOfMemoryError:
+            connection.disconnect()  # it may hold a WATCH
+            break  # a full Redis: only the allow-oom script may write
+        except (ConnectionError, TimeoutError):
+            connection.disconnect()
+            if attempt + 1 == ATTEMPTS:
                 raise
-            finally:
-                pool.release(connection)
+            # Safe to run again, even after an EXEC that went through: a release reads
+            # what the last one wrote (its writes are one transaction).
+            continue
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
         if done is not None:
             return done
     return release_in_redis(redis, shard, sessions, now_ms, views_ttl_s, closed_ttl_s)
@@ -160,6 +167,10 @@ def _release_once(
         send_commands(connection, [("HMGET", shard.profile_views, *plan.profile_order)])
         profiles = read_replies(connection, 1)[0]
     writes = plan.writes(shard, forgotten, profiles, views_ttl_s)
+    if not writes:  # nothing due, nothing to forget: no transaction, no write
+        send_commands(connection, [("UNWATCH",)])
+        read_replies(connection, 1)
+        return Released(0, 0)
     writes.append(("INCR", gen))
     commands: list[tuple[Any, ...]] = [("MULTI",), *writes, ("EXEC",)]
     send_commands(connection, commands)
