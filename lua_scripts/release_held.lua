@@ -27,20 +27,25 @@ its session reopens it, as OpenPanel's buffer does with events in order.
 
 A pack is records one after another, each "<length>:<record>"; a record is
 <created ms, 15 digits><deadline ms, 15 digits><tag, 14 characters><kind: v
-or e><profile field or empty>|<created ms>|<own duration>|<row>
+or e><profile field or empty>|<the event in its stored form>
 (worker/reorder.py). The first 44 characters order the records; what
 follows the profile field is the event as a stored last view is kept
-(KEYS[3]), so a view becomes one with a single copy; a row ends with its own
-duration (absent when 0).
+(KEYS[3]), so a view becomes one with a single copy. The stored form
+(worker/stored_view.py) is "<created ms>;<own duration>;<head>", head being
+the row without its duration field and closing brace: every row queued is
+the head and a suffix (the legacy form "<created ms>|<own duration>|<row>",
+whose row ends with its own duration, is still read).
 
 KEYS[1]     sessions with held events (ZSET: session id -> earliest deadline, ms)
 KEYS[2]     the shard's queue (LIST)
-KEYS[3]     last views (HASH: session id -> "<created ms>|<own duration>|<row>")
+KEYS[3]     last views (HASH: session id -> stored view)
 KEYS[4]     session index (ZSET: session id -> when its last view was set, ms)
 KEYS[5]     profiles' last views (HASH: profile field -> stored view)
 KEYS[6]     closed sessions (HASH: session id -> the created ms its session_end closed it at)
 KEYS[7]     when each closed session was closed (ZSET: session id -> ms), to forget it
 KEYS[7+i]   session i's held events (STRING: a pack)
+KEYS[8+n]   optional, after the n sessions' keys: the release generation (STRING, a
+            counter every release increments: worker/reorder_release.py WATCHes it)
 
 ARGV[1]     now, epoch ms
 ARGV[2]     TTL of KEYS[3] and KEYS[5], seconds (refreshed when written)
@@ -161,25 +166,33 @@ for n, session in ipairs(sessions) do
 end
 
 -- 2. OpenPanel's rules over each session's released events, oldest created first.
--- A view is {text, where its row starts, where it ends, own duration, created, where its
--- stored form "<created>|<own>|<row>" starts}: rows are cut out of the pack (or the
--- stored view) once, when queued, and never copied on the way.
+-- A view is {text, where its head starts, where it ends, own duration (text), created,
+-- where its stored form starts, where that ends, created (text), legacy form?}: rows are
+-- built from the head once, when queued, and never copied on the way.
 local function view_of(text, from, stop)
-  local bar1 = string.find(text, '|', from, true)
-  local bar2 = string.find(text, '|', bar1 + 1, true)
-  return {text, bar2 + 1, stop, string.sub(text, bar1 + 1, bar2 - 1),
-    tonumber(string.sub(text, from, bar1 - 1)), from}
-end
-local function as_is(view)
-  return string.sub(view[1], view[2], view[3])
+  local created, sep, own, at = string.match(text, '^(-?%d+)([;|])(-?%d+)[;|]()', from)
+  local legacy = sep == '|'
+  local head_stop = stop
+  if legacy then  -- the row ends with its own duration (absent when 0)
+    head_stop = stop - ((own == '0') and 1 or (13 + #own))
+  end
+  return {text, at, head_stop, own, tonumber(created), from, stop, created, legacy}
 end
 local function with_duration(view, ms)
-  local cut = (view[4] == '0') and 1 or (13 + #view[4])
-  return string.sub(view[1], view[2], view[3] - cut) .. ',"duration":' .. string.format('%d', ms) .. '}'
+  return string.sub(view[1], view[2], view[3]) .. ',"duration":' .. string.format('%d', ms) .. '}'
+end
+local function as_is(view)
+  if view[4] == '0' then
+    return string.sub(view[1], view[2], view[3]) .. '}'
+  end
+  return string.sub(view[1], view[2], view[3]) .. ',"duration":' .. view[4] .. '}'
 end
 local function stored_form(view)
-  if view[6] == 1 and view[3] == #view[1] then return view[1] end
-  return string.sub(view[1], view[6], view[3])
+  if view[9] then  -- written anew in the current form
+    return view[8] .. ';' .. view[4] .. ';' .. string.sub(view[1], view[2], view[3])
+  end
+  if view[6] == 1 and view[7] == #view[1] then return view[1] end
+  return string.sub(view[1], view[6], view[7])
 end
 
 local views_set, views_ended, indexed = {}, {}, {}
@@ -261,7 +274,7 @@ if #profile_order > 0 then
   for i, pfield in ipairs(profile_order) do
     local event = profiles[pfield]
     local value = stored[i]
-    if not value or event[1] >= tonumber(string.sub(value, 1, string.find(value, '|', 1, true) - 1)) then
+    if not value or event[1] >= tonumber(string.match(value, '^-?%d+')) then
       if event[3] then
         profiles_set[#profiles_set + 1] = pfield
         profiles_set[#profiles_set + 1] = stored_form(event[3])
@@ -294,5 +307,8 @@ call_many('HSET', KEYS[5], profiles_set)
 call_many('HDEL', KEYS[5], profiles_ended)
 if #profiles_set > 0 then
   redis.call('EXPIRE', KEYS[5], tonumber(ARGV[2]))
+end
+if #KEYS > 7 + #ARGV - 3 then
+  redis.call('INCR', KEYS[#KEYS])
 end
 return {#queue, late}

@@ -9,7 +9,12 @@ rest of the batch, new last views included, is written by the plain
 commands after this one, so this script never sees the batch's own rows.
 
 KEYS[1]   the shard's queue (LIST of JSON rows)
-KEYS[2]   the shard's last views (HASH: session id -> "<created ms>|<own duration>|<row>")
+KEYS[2]   the shard's last views (HASH: session id -> stored view)
+
+A stored view is "<created ms>;<own duration>;<head>", head being the view's
+row without its duration field and closing brace; the rows queued for it are
+built from the head and a suffix. worker/stored_view.py describes the form,
+and the legacy "<created ms>|<own duration>|<row>" still read here.
 
 ARGV      two values per session: its id, and the created ms of its first
           screen_view of the batch ("" when its first event is a session_end)
@@ -25,6 +30,17 @@ for i = 1, #ARGV, 2 do
   sessions[#sessions + 1] = ARGV[i]
 end
 
+-- A stored view's created ms, own duration (text) and head (its first and last
+-- position), in either form (worker/stored_view.py).
+local function parse(value)
+  local created, sep, own, at = string.match(value, '^(-?%d+)([;|])(-?%d+)[;|]()')
+  local stop = #value
+  if sep == '|' then  -- legacy: the row ends with its own duration (absent when 0)
+    stop = stop - ((own == '0') and 1 or (13 + #own))
+  end
+  return tonumber(created), own, at, stop
+end
+
 local out = {}
 for start = 1, #sessions, 1000 do
   local last = math.min(start + 999, #sessions)
@@ -32,18 +48,16 @@ for start = 1, #sessions, 1000 do
   for j = start, last do
     local value = stored[j - start + 1]
     if value then
-      local bar1 = string.find(value, '|', 1, true)
-      local bar2 = string.find(value, '|', bar1 + 1, true)
+      local created, own, at, stop = parse(value)
       local first = ARGV[2 * j]
-      if first == '' then
-        out[#out + 1] = string.sub(value, bar2 + 1)
+      local ms = own
+      if first ~= '' then
+        ms = string.format('%d', math.max(0, tonumber(first) - created))
+      end
+      if ms == '0' and first == '' then
+        out[#out + 1] = string.sub(value, at, stop) .. '}'
       else
-        local ms = math.max(0, tonumber(first) - tonumber(string.sub(value, 1, bar1 - 1)))
-        -- Cut the row's own duration (its last field, absent when 0) and append the new one.
-        local own = bar2 - bar1 - 1
-        local cut = (own == 1 and string.byte(value, bar1 + 1) == 48) and 1 or (13 + own)
-        out[#out + 1] = string.sub(value, bar2 + 1, -1 - cut)
-          .. ',"duration":' .. string.format('%d', ms) .. '}'
+        out[#out + 1] = string.sub(value, at, stop) .. ',"duration":' .. ms .. '}'
       end
     end
   end

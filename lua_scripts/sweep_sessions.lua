@@ -9,7 +9,8 @@ new view meanwhile is left alone.
 
 KEYS[1]   the shard's queue (LIST)
 KEYS[2]   the shard's session index (ZSET: session id -> last view set, ms)
-KEYS[3]   the shard's last views (HASH: session id -> stored view)
+KEYS[3]   the shard's last views (HASH: session id -> stored view, worker/stored_view.py:
+          "<created ms>;<own duration>;<head>", or the legacy "<created ms>|<own>|<row>")
 KEYS[4]   the shard's profiles' last views (HASH: profile field -> stored view)
 
 ARGV[1]   cutoff, epoch ms: sessions whose index score is above it are active
@@ -24,6 +25,17 @@ allow-oom: runs above maxmemory: waiting views move into the queue (no net growt
 (lua_scripts/__init__.py says which scripts may).
 ]]
 
+-- The row of a stored view as it is (its own duration), in either form (worker/stored_view.py).
+local function as_is(value)
+  local sep, own, at = string.match(value, '^-?%d+([;|])(-?%d+)[;|]()')
+  if sep == '|' then
+    return string.sub(value, at)  -- legacy: the row, with its own duration
+  elseif own == '0' then
+    return string.sub(value, at) .. '}'
+  end
+  return string.sub(value, at) .. ',"duration":' .. own .. '}'
+end
+
 local cutoff = tonumber(ARGV[1])
 local queued = 0
 for i = 2, #ARGV, 2 do
@@ -32,9 +44,7 @@ for i = 2, #ARGV, 2 do
   if score and tonumber(score) <= cutoff then
     local value = redis.call('HGET', KEYS[3], session)
     if value then
-      local bar1 = string.find(value, '|', 1, true)
-      local bar2 = string.find(value, '|', bar1 + 1, true)
-      redis.call('RPUSH', KEYS[1], string.sub(value, bar2 + 1))
+      redis.call('RPUSH', KEYS[1], as_is(value))
       queued = queued + 1
       redis.call('HDEL', KEYS[3], session)
       if profile ~= '' and redis.call('HGET', KEYS[4], profile) == value then

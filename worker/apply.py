@@ -1,15 +1,10 @@
 """Applying a batch to the buffer: the writes planned in Python, made in one transaction.
 
-OpenPanel's rules (see `worker/buffer.py`) mostly follow from the batch
-itself: within a batch, a session's view gets its duration from the
-session's next view, a session_end queues the view before it, and the
-session's (and its profiles') last view at the end of the batch is known.
-`plan_shard()` works all of that out in Python. Only one thing needs what
-Redis holds: the view each session was waiting with before this batch,
-which the session's first event of the batch queues (with a duration, for
-a view; as it is, for a session_end). `resolve_views.lua` does that part
-inside the transaction, so it sees the stored views as they are at that
-moment, whoever wrote them.
+The plan of each shard's writes is made in Python from the batch alone
+(worker/apply_plan.py); the one part that needs what Redis holds, the view
+each session was waiting with before the batch, is `resolve_views.lua`,
+called inside the transaction so it sees the stored views as they are at
+that moment, whoever wrote them.
 
 `BatchWriter` makes every shard's writes in one MULTI/EXEC on one
 connection (one per shard on a Redis Cluster, sent together; then a WAIT
@@ -35,15 +30,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hiredis import pack_command
 from redis.exceptions import ResponseError
 
+from worker.apply_plan import ShardWrites
 from worker.errors import BatchIdConflictError, BufferKeyTypeError, NotReplicatedError
-from worker.events import KIND_REGULAR, KIND_SCREEN_VIEW, KIND_SESSION_END, Row
-from worker.keys import ShardKeys
-from worker.reorder import batch_tag, held_record
 from worker.replication import Replicas
 from worker.replies import text
+from worker.resp import read_replies, send_commands
 from worker.scripts import load_lua
 from worker.topology import Client, Node, refreshed_on_error, transactions
 
@@ -67,173 +60,6 @@ def content_digest(parts: Sequence[bytes]) -> str:
     digest.update(b"\n")
     digest.update(b"".join(parts))
     return digest.hexdigest()[:32]
-
-
-def _with_duration(row: bytes, own: int, ms: int) -> bytes:
-    """A row whose last field is its own `duration` (absent when 0), with `ms` instead."""
-    head = row[:-1] if own == 0 else row[: -(13 + len(str(own)))]
-    return b'%b,"duration":%d}' % (head, ms)
-
-
-def stored_view(created_ms: int, own_duration: int, row: bytes) -> bytes:
-    """How a last view is stored: "<created ms>|<own duration>|<row>"."""
-    return b"%d|%d|%b" % (created_ms, own_duration, row)
-
-
-@dataclass
-class ShardWrites:
-    """Everything one batch writes to one shard, as plain command arguments."""
-
-    shard: ShardKeys
-    marker: str
-    # The marker's value: the digest of the batch's content (the same on every shard).
-    digest: str = ""
-    queue_rows: list[bytes] = field(default_factory=list)
-    # The session's first event of the batch and what it does with the view
-    # stored before it: (session id, created ms of a first view; "" for a first session_end).
-    resolve: list[tuple[str, str]] = field(default_factory=list)
-    views_set: list[tuple[str, bytes]] = field(default_factory=list)  # session -> last view
-    views_ended: list[str] = field(default_factory=list)
-    profiles_set: dict[str, bytes] = field(default_factory=dict)
-    profiles_ended: set[str] = field(default_factory=set)
-    visitors: dict[str, list[str]] = field(default_factory=dict)  # project -> profile ids
-    dead_letters: Sequence[bytes] = ()
-    publish: tuple[str, bytes] | None = None
-    # With a reorder window: each session's events held for it, framed records
-    # (worker/reorder.py), all with the same deadline `hold_until`.
-    held: dict[str, list[bytes]] = field(default_factory=dict)
-    hold_until: int = 0
-    # The batch's events on this shard by kind (KIND_REGULAR / SCREEN_VIEW / SESSION_END).
-    kinds: dict[str, int] = field(default_factory=dict)
-
-
-def plan_shard(
-    shard: ShardKeys,
-    marker: str,
-    events: Sequence[Row],
-    rows: Sequence[bytes],
-    hold_until: int = 0,
-) -> ShardWrites:
-    """The writes of `events` (in order, with their encoded rows) to one shard.
-
-    With `hold_until` (arrival + a reorder window, ms), screen_views and
-    session_ends are held until then instead (worker/reorder.py: the flush
-    releases them); regular events and visitors are written as ever.
-    """
-    if hold_until:
-        return _plan_held(shard, marker, events, rows, hold_until)
-    writes = ShardWrites(shard, marker)
-    queue = writes.queue_rows
-    # session id -> its pending view in this batch (created, own duration, row), or None
-    pending: dict[str, tuple[int, int, bytes] | None] = {}
-    profiles: dict[str, bytes | None] = {}
-    visitors: dict[str, dict[str, None]] = {}
-    views = ends = 0
-    for event, row in zip(events, rows, strict=True):
-        profile_id = event.profile_id
-        if profile_id:
-            _add_visitor(visitors, event.project_id, profile_id)
-        kind = event.kind
-        if kind == KIND_REGULAR:
-            queue.append(row)
-            continue
-        session = event.session_id
-        first = session not in pending
-        previous = None if first else pending[session]
-        if kind == KIND_SCREEN_VIEW:
-            views += 1
-            created = event.created_ms
-            if first:
-                writes.resolve.append((session, str(created)))
-            elif previous is not None:
-                queue.append(
-                    _with_duration(previous[2], previous[1], max(0, created - previous[0]))
-                )
-            pending[session] = (created, event.duration, row)
-            if profile_id:
-                profiles[shard.profile_field(event.project_id, profile_id)] = stored_view(
-                    created, event.duration, row
-                )
-        else:  # session_end
-            ends += 1
-            if first:
-                writes.resolve.append((session, ""))
-            elif previous is not None:
-                queue.append(previous[2])  # queued with its own duration
-            pending[session] = None
-            queue.append(row)
-            if profile_id:
-                profiles[shard.profile_field(event.project_id, profile_id)] = None
-    for session, view in pending.items():
-        if view is None:
-            writes.views_ended.append(session)
-        else:
-            writes.views_set.append((session, stored_view(*view)))
-    for profile, value in profiles.items():
-        if value is None:
-            writes.profiles_ended.add(profile)
-        else:
-            writes.profiles_set[profile] = value
-    _finish(writes, visitors, len(events), views, ends)
-    return writes
-
-
-def _add_visitor(visitors: dict[str, dict[str, None]], project_id: str, profile_id: str) -> None:
-    members = visitors.get(project_id)
-    if members is None:
-        members = visitors[project_id] = {}
-    members[profile_id] = None
-
-
-def _finish(
-    writes: ShardWrites, visitors: dict[str, dict[str, None]], total: int, views: int, ends: int
-) -> None:
-    """The plan's visitors (per project, in order of first sight) and counts by kind."""
-    writes.visitors = {project: list(members) for project, members in visitors.items()}
-    writes.kinds = {
-        KIND_REGULAR: total - views - ends,
-        KIND_SCREEN_VIEW: views,
-        KIND_SESSION_END: ends,
-    }
-
-
-def _plan_held(
-    shard: ShardKeys, marker: str, events: Sequence[Row], rows: Sequence[bytes], hold_until: int
-) -> ShardWrites:
-    writes = ShardWrites(shard, marker, hold_until=hold_until)
-    queue = writes.queue_rows
-    held = writes.held
-    visitors: dict[str, dict[str, None]] = {}
-    tag = batch_tag(marker)
-    views = ends = 0
-    for n, (event, row) in enumerate(zip(events, rows, strict=True)):
-        profile_id = event.profile_id
-        if profile_id:
-            _add_visitor(visitors, event.project_id, profile_id)
-        kind = event.kind
-        if kind == KIND_REGULAR:
-            queue.append(row)
-            continue
-        if kind == KIND_SCREEN_VIEW:
-            views += 1
-        else:
-            ends += 1
-        record = held_record(
-            event.created_ms,
-            hold_until,
-            f"{tag}{n % 1_000_000:06d}",
-            kind,
-            shard.profile_field(event.project_id, profile_id) if profile_id else "",
-            event.duration,
-            row,
-        )
-        records = held.get(event.session_id)
-        if records is None:
-            held[event.session_id] = [record]
-        else:
-            records.append(record)
-    _finish(writes, visitors, len(events), views, ends)
-    return writes
 
 
 @dataclass(frozen=True)
@@ -325,6 +151,7 @@ class BatchWriter:
         self.views_ttl_s = views_ttl_s
         self.replicas = replicas or Replicas()
         self._resolve = load_lua("resolve_views")
+        self._key_types = load_lua("key_types")
 
     def write(
         self,
@@ -417,15 +244,17 @@ class BatchWriter:
             checks: list[tuple[Any, ...]] = [("WATCH", *(p.marker for p in plans), *conflict_keys)]
             checks += [("GET", plan.marker) for plan in plans]
             checks += [("EXISTS", key) for key in conflict_keys]
-            checks += [("TYPE", key) for key, _ in keys]
-            _send(group.connection, checks)
+            if keys:  # one script call, not a TYPE and its reply per key
+                names = [key for key, _ in keys]
+                types = [kind for _, kind in keys]
+                checks.append(("EVAL", self._key_types, len(keys), *names, *types))
+            send_commands(group.connection, checks)
         for n, (group, keys) in enumerate(zip(groups, typed, strict=True)):
             extra = 1 if check is not None and n == 0 else 0
             read = 1 + len(group.plans) + extra
-            checked = _read(group.connection, read + len(keys))
-            for (key, expected), found in zip(keys, checked[read:], strict=True):
-                if text(found) not in ("none", expected):
-                    raise BufferKeyTypeError(key)  # the connections are dropped, WATCH and all
+            checked = read_replies(group.connection, read + (1 if keys else 0))
+            if keys and checked[read]:  # the connections are dropped, WATCH and all
+                raise BufferKeyTypeError(keys[_number(checked[read][0]) - 1][0])
             group.stored = checked[1 : 1 + len(group.plans)]
             group.kept_before = bool(extra and checked[read - 1])
             group.keep = None
@@ -435,7 +264,7 @@ class BatchWriter:
         #    after, and the WAIT for its master's replicas.
         sent = [self._transaction(group, now_ms) for group in groups]
         for group, (count, resolve_at, length_at) in zip(groups, sent, strict=True):
-            replies = _read(group.connection, count)
+            replies = read_replies(group.connection, count)
             if self.replicas.waits:
                 try:
                     self.replicas.check(replies[-1], "the batch's apply", group.node.name)
@@ -509,7 +338,7 @@ class BatchWriter:
         commands.append(("EXEC",))
         if self.replicas.waits:
             commands.append(self.replicas.wait_command())
-        _send(group.connection, commands)
+        send_commands(group.connection, commands)
         return len(commands), resolve_at, length_at
 
     def _resolve_call(self, plan: ShardWrites) -> tuple[Any, ...]:
@@ -593,12 +422,6 @@ def _typed_keys(plan: ShardWrites) -> list[tuple[str, str]]:
     return keys
 
 
-def _pack(commands: Sequence[tuple[Any, ...]]) -> list[bytes]:
-    """The commands as RESP: hiredis packs the arguments as they are (bytes, str, int),
-    without redis-py's encoding of each in Python first."""
-    return [pack_command(command) for command in commands]
-
-
 def _outcomes(
     group: _NodeWrite, results: Any, resolve_at: list[int], length_at: list[int]
 ) -> list[ShardOutcome] | None:
@@ -622,26 +445,6 @@ def _outcomes(
         resolved = _number(results[resolve_at[n]]) if resolve_at[n] >= 0 else 0
         outcomes.append(ShardOutcome(True, len(plan.queue_rows) + resolved, length))
     return outcomes
-
-
-def _send(connection: Any, commands: Sequence[tuple[Any, ...]]) -> None:
-    """Send `commands` in one write; `_read` takes their replies."""
-    connection.send_packed_command(_pack(commands))
-
-
-def _read(connection: Any, count: int) -> list[Any]:
-    """Read `count` replies (errors inside EXEC stay values); raise the first error after."""
-    replies = []
-    error: ResponseError | None = None
-    for _ in range(count):
-        try:
-            replies.append(connection.read_response())
-        except ResponseError as exc:  # read every reply before raising, or the next ones stay
-            replies.append(exc)
-            error = error or exc
-    if error is not None:
-        raise error
-    return replies
 
 
 def _number(reply: Any) -> int:

@@ -1,9 +1,10 @@
 """EventBuffer: applying events to the Redis buffer, and reading its state.
 
 Applying is one transaction for the shards of each master the batch
-touches (worker/apply.py): regular events are queued, screen_views wait as their
-session's "last view" until the next view gives them a duration, and
-session_end flushes the last view. See `worker/apply.py`.
+touches, planned in worker/apply_plan.py and made by worker/apply.py: regular
+events are queued, screen_views wait as their session's "last view"
+(worker/stored_view.py) until the next view gives them a duration, and
+session_end flushes the last view.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import cast
 
 import msgspec
 
-from worker.apply import BatchCheck, BatchWriter, Conflict, content_digest, plan_shard
+from worker import stored_view
+from worker.apply import BatchCheck, BatchWriter, Conflict, content_digest
+from worker.apply_plan import plan_shard
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.deadletters import DeadLetter, encode_dead_letter
 from worker.events import KIND_NAMES, Row, decode_row, encode_event
@@ -65,8 +68,8 @@ KeepConflict = Callable[[frozenset[int], str], tuple[DeadLetter, bytes]]
 
 
 def stored_view_row(value: bytes) -> bytes:
-    """The JSON row of a stored last view, "<created ms>|<own duration>|<row>"."""
-    return value.split(b"|", 2)[2]
+    """The JSON row of a stored last view, as it is (worker/stored_view.py)."""
+    return stored_view.row_of(value)
 
 
 class _Throttle:
@@ -219,7 +222,7 @@ class EventBuffer:
         newest: tuple[int, bytes] | None = None
         for value in cast(list[bytes | None], pipe.execute()):
             if value is not None:
-                created = int(value.partition(b"|")[0])
+                created = stored_view.created_ms(value)
                 if newest is None or created > newest[0]:
                     newest = (created, value)
         return decode_row(stored_view_row(newest[1])) if newest else None

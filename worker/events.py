@@ -13,9 +13,9 @@ Normalized means: `id` is a canonical UUID (assigned here when missing),
 flat string->string map (nested objects become dotted keys, as OpenPanel's
 `toDots` does; nulls are dropped).
 
-The JSON row omits fields at their defaults (ClickHouse fills those in), and
-`duration` is the last field: the apply script rewrites a stored
-screen_view's duration at the end of its JSON without decoding it.
+The JSON row omits fields at their defaults (ClickHouse fills those in). The
+order of its fields is free: a waiting view is stored without its duration
+(worker/stored_view.py).
 
 Limits (`Limits`, from the settings `EVENT_BUFFER_MAX_EVENT_BYTES`,
 `EVENT_BUFFER_MAX_FUTURE_S` and `EVENT_BUFFER_MAX_PAST_DAYS`; their defaults
@@ -142,7 +142,6 @@ class Row(msgspec.Struct, kw_only=True, omit_defaults=True):
     imported_at: str | None = None
     sdk_name: str = ""
     sdk_version: str = ""
-    # Keep `duration` the last field: the apply script relies on it.
     duration: int = 0
 
     @property

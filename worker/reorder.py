@@ -10,9 +10,11 @@ once: it appends each one's record (`held_record`) to its session's pack,
 `{p:N}:held:<session>` (a plain APPEND in the apply's transaction: no Lua,
 the rows never pass through Lua while ingesting), and notes the session's
 earliest deadline (arrival + window) in `held-due`. Every flush of a shard
-first calls `release_due`: `release_held.lua` takes each due session's held
-events created no later than its newest due one, oldest first, and applies
-OpenPanel's rules to them, before the flush claims.
+first calls `release_due`: each due session's held events created no later
+than its newest due one go, oldest first, through OpenPanel's rules, before
+the flush claims (decided in Python and written in one WATCHed transaction,
+worker/reorder_release.py; release_held.lua has the rules, and does the same
+inside Redis when that transaction cannot run).
 
 The rule that follows: an event is put in its place when it arrives no later
 than one window after every event of its session created after it. One that
@@ -34,8 +36,10 @@ import zlib
 from collections.abc import Iterator
 from typing import cast
 
+from worker import stored_view
 from worker.clock import Clock
 from worker.keys import ShardKeys
+from worker.reorder_release import release
 from worker.replies import text
 from worker.scripts import Released, Scripts
 from worker.settings import Settings
@@ -52,16 +56,17 @@ def held_record(
     kind: str,
     profile_field: str,
     own_duration: int,
-    row: bytes,
+    head: bytes,
 ) -> bytes:
     """One held event, framed for its session's pack (release_held.lua's header has
-    the format).
+    the format): its header, then the event in its stored form (worker/stored_view.py,
+    `head` being its row without duration and closing brace).
 
     The first 44 bytes order a session's records: created_at, then deadline
     (arrival), then `tag`, which makes events of one batch unique and keeps their
     batch order.
     """
-    record = b"%015d%015d%b%b%b|%d|%d|%b" % (
+    record = b"%015d%015d%b%b%b|%d;%d;%b" % (
         created_ms,
         deadline_ms,
         tag.encode(),
@@ -69,7 +74,7 @@ def held_record(
         profile_field.encode(),
         created_ms,
         own_duration,
-        row,
+        head,
     )
     return b"%d:%b" % (len(record), record)
 
@@ -85,8 +90,9 @@ def _records(pack: bytes) -> Iterator[bytes]:
 
 
 def held_rows(pack: bytes) -> list[bytes]:
-    """The JSON rows of the records in a session's pack, in pack order."""
-    return [record.split(b"|", 3)[3] for record in _records(pack)]
+    """The JSON rows of the records in a session's pack, in pack order (as they are: with
+    their own durations). Records of the legacy stored form are read too."""
+    return [stored_view.row_of(record.split(b"|", 1)[1]) for record in _records(pack)]
 
 
 def held_times(pack: bytes) -> list[tuple[int, int]]:
@@ -125,8 +131,8 @@ def release_due(scripts: Scripts, shard: ShardKeys, settings: Settings, clock: C
         if not due and not settings.reorder_window_ms:
             # Nothing held (nor closed) without a window: no script call before each batch.
             return Released(rows, late)
-        released = scripts.release_held(
-            shard, due, now, settings.screen_view_ttl_s, settings.closed_session_ttl_s
+        released = release(
+            redis, shard, due, now, settings.screen_view_ttl_s, settings.closed_session_ttl_s
         )
         rows += released.rows
         late += released.late

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import cast
 
-from worker.buffer import stored_view_row
+from worker import stored_view
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.events import decode_row
 from worker.keys import Keyspace, ShardKeys
@@ -69,7 +69,7 @@ class Sweeper:
             for session_id, value in zip(session_ids, stored, strict=True):
                 profile_field = ""
                 if value is not None:
-                    event = decode_row(stored_view_row(value))
+                    event = decode_row(stored_view.row_of(value))
                     if event.profile_id:
                         profile_field = shard.profile_field(event.project_id, event.profile_id)
                 candidates.append((session_id, profile_field))

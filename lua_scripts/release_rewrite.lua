@@ -1,0 +1,53 @@
+--[[ release_rewrite: what stays of each released session's held events (worker/reorder_release.py).
+
+Runs inside the transaction of a release decided in Python. For each session
+it was given, the pack read (its length then) loses what was released: the
+records that stay (their frames, joined) replace the pack's first `read`
+bytes, and whatever an apply appended since is kept after them (an apply
+only ever appends). The session's deadline in KEYS[1] becomes the earliest
+of what stays; the pack and the deadline go when nothing stays. A pack
+shorter than what was read was rewritten by someone else: left alone (the
+release's WATCH makes that a race that cannot happen).
+
+KEYS[1]     sessions with held events (ZSET: session id -> earliest deadline, ms)
+KEYS[1+i]   session i's held events (STRING: a pack, release_held.lua's header has it)
+
+ARGV        four values per session, in KEYS' order: its id, the pack's length read,
+            the earliest deadline of the records that stay ("" when none), those records
+
+Returns the number of packs rewritten.
+]]
+
+local rewritten = 0
+for i = 2, #KEYS do
+  local a = (i - 2) * 4 + 1
+  local session, read, deadline, kept = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3]
+  local size = redis.call('STRLEN', KEYS[i])
+  if size > read then
+    -- An apply appended records meanwhile: they stay, and their deadlines count.
+    local added = redis.call('GETRANGE', KEYS[i], read, -1)
+    local earliest = (deadline ~= '') and tonumber(deadline) or nil
+    local at = 1
+    while at <= #added do
+      local colon = string.find(added, ':', at, true)
+      local due = tonumber(string.sub(added, colon + 16, colon + 30))
+      if earliest == nil or due < earliest then earliest = due end
+      at = colon + tonumber(string.sub(added, at, colon - 1)) + 1
+    end
+    redis.call('SET', KEYS[i], kept .. added)
+    redis.call('ZADD', KEYS[1], earliest, session)
+    rewritten = rewritten + 1
+  elseif size == read then
+    if deadline == '' then
+      redis.call('DEL', KEYS[i])
+      redis.call('ZREM', KEYS[1], session)
+    else
+      if #kept ~= read then
+        redis.call('SET', KEYS[i], kept)
+      end
+      redis.call('ZADD', KEYS[1], tonumber(deadline), session)
+    end
+    rewritten = rewritten + 1
+  end
+end
+return rewritten

@@ -1,0 +1,328 @@
+"""Property test: the stored view's two sides, Python (worker/stored_view.py) and Lua, agree.
+
+A waiting view is stored as "<created ms>;<own duration>;<head>" (its row
+without duration and closing brace); every row queued for it is built from
+the head and a suffix. Python writes that form and reads it (the sweep, the
+last-view getters, held rows); resolve_views.lua, release_held.lua and
+sweep_sessions.lua read it in Redis. For random events (text full of the
+separators and of `"duration":`, own durations, profiles), stored in the
+current form and in the legacy "<created ms>|<own>|<row>" form an earlier
+release left in Redis, every script's queued row must be byte for byte the
+row Python builds, and decode to the event with the expected duration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import pytest
+import redis as redis_lib
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
+
+from tests.support.clock import ManualClock
+from worker import stored_view
+from worker.events import Event, Row, as_row, decode_row, encode_event, parse_event
+from worker.keys import ShardKeys
+from worker.reorder import held_packs, held_record, held_rows
+from worker.reorder_release import release, release_in_redis
+from worker.scripts import Scripts, load_lua
+
+KEYS = ShardKeys("eventbuffer", 0)
+NOW = ManualClock().now_ms()
+TRICKY = st.text(
+    alphabet=st.sampled_from(["a", ";", "|", "}", "{", '"', "\\", ":", ",", "é", "😀", "1", " "]),
+    max_size=12,
+) | st.sampled_from(['"duration":5}', ";0;", "|0|{", ',"duration":0}'])
+
+
+@st.composite
+def events(draw: st.DrawFn, created_ms: int | None = None) -> Event:
+    fields = {
+        "name": "screen_view",
+        "project_id": "p" + draw(TRICKY),
+        "session_id": "s" + draw(TRICKY),
+        "profile_id": draw(st.sampled_from(["", "u1", "u;|2"])),
+        "path": draw(TRICKY),
+        "properties": draw(st.dictionaries(TRICKY, TRICKY, max_size=3)),
+        "created_at": NOW - draw(st.integers(0, 10**9)) if created_ms is None else created_ms,
+        "duration": draw(st.sampled_from([0, 0, 1, 7, 12_345_678])),
+        "sdk_name": draw(TRICKY),
+    }
+    return parse_event(fields)
+
+
+def legacy(event: Row) -> bytes:
+    """The form an earlier release stored: the row, with duration its last field."""
+    row = encode_event(event)
+    assert row.endswith(b"}") and (
+        event.duration == 0 or row.endswith(b',"duration":%d}' % event.duration)
+    )
+    return b"%d|%d|%b" % (event.created_ms, event.duration, row)
+
+
+def forms(event: Row) -> list[bytes]:
+    return [stored_view.of_event(event), legacy(event)]
+
+
+@pytest.fixture
+def client(redis: redis_lib.Redis) -> Iterator[redis_lib.Redis]:
+    yield redis
+
+
+PROPERTY = hyp_settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@PROPERTY
+@given(event=events(), gap=st.integers(-5_000, 10**7))
+def test_python_builds_the_rows_of_both_forms(event: Event, gap: int) -> None:
+    row = as_row(event)
+    for value in forms(event):
+        view = stored_view.parse(value)
+        assert (view.created_ms, view.own_duration) == (event.created_ms, event.duration)
+        assert stored_view.row_of(value) == stored_view.as_is(view.head, event.duration)
+        assert decode_row(stored_view.row_of(value)) == row, "as it is: its own row"
+        timed = decode_row(stored_view.with_duration(view.head, max(0, gap)))
+        assert timed == msgspec.structs.replace(row, duration=max(0, gap))
+
+
+@PROPERTY
+@given(event=events(), gap=st.integers(-5_000, 10**7), first_is_view=st.booleans())
+def test_resolve_views_queues_what_python_builds(
+    client: redis_lib.Redis, event: Event, gap: int, first_is_view: bool
+) -> None:
+    script = load_lua("resolve_views")
+    for value in forms(event):
+        client.flushall()
+        client.hset(KEYS.views, event.session_id, value)
+        first = str(event.created_ms + gap) if first_is_view else ""
+        assert client.eval(script, 2, KEYS.queue, KEYS.views, event.session_id, first) == 1
+        head = stored_view.parse(value).head
+        expected = (
+            stored_view.with_duration(head, max(0, gap))
+            if first_is_view
+            else stored_view.as_is(head, event.duration)
+        )
+        assert client.lrange(KEYS.queue, 0, -1) == [expected]
+
+
+@PROPERTY
+@given(event=events())
+def test_sweep_queues_the_row_python_reads(client: redis_lib.Redis, event: Event) -> None:
+    scripts = Scripts(client)
+    pfield = KEYS.profile_field(event.project_id, event.profile_id) if event.profile_id else ""
+    for value in forms(event):
+        client.flushall()
+        client.hset(KEYS.views, event.session_id, value)
+        client.zadd(KEYS.sessions, {event.session_id: 1})
+        if pfield:
+            client.hset(KEYS.profile_views, pfield, value)
+        assert scripts.sweep_sessions(KEYS, 10, [(event.session_id, pfield)]) == 1
+        assert client.lrange(KEYS.queue, 0, -1) == [stored_view.row_of(value)]
+        assert client.hlen(KEYS.profile_views) == 0
+
+
+def legacy_record(created: int, deadline: int, tag: str, kind: str, pfield: str, row: Row) -> bytes:
+    """A held record as an earlier release framed it (its stored view in the legacy form)."""
+    record = b"%015d%015d%b%b%b|%b" % (
+        created, deadline, tag.encode(), kind.encode(), pfield.encode(), legacy(row)
+    )  # fmt: skip
+    return b"%d:%b" % (len(record), record)
+
+
+@PROPERTY
+@given(
+    stored=events(),
+    data=st.data(),
+    gap=st.integers(0, 10**6),
+    legacy_records=st.booleans(),
+    then_end=st.booleans(),
+)
+def test_release_held_queues_what_python_builds(
+    client: redis_lib.Redis,
+    stored: Event,
+    data: st.DataObject,
+    gap: int,
+    legacy_records: bool,
+    then_end: bool,
+) -> None:
+    """A session waiting with a stored view (either form) gets a held view (either form),
+    maybe then a session_end: the rows queued and the view stored are Python's."""
+    session = stored.session_id
+    created = stored.created_ms + gap
+    later = data.draw(events(created_ms=created))
+    view = msgspec.structs.replace(as_row(later), session_id=session)
+    end = msgspec.structs.replace(view, name="session_end", duration=0, id="end")
+    pfield = KEYS.profile_field(view.project_id, view.profile_id) if view.profile_id else ""
+    scripts = Scripts(client)
+    for value in forms(stored):
+        client.flushall()
+        client.hset(KEYS.views, session, value)
+        records = []
+        for n, (kind, event) in enumerate([("v", view), ("e", end)][: 2 if then_end else 1]):
+            tag = f"t{n:013d}"
+            if legacy_records:
+                records.append(legacy_record(created, 5, tag, kind, pfield, event))
+            else:
+                head = stored_view.head_of(event, encode_event(event))
+                records.append(held_record(created, 5, tag, kind, pfield, event.duration, head))
+        client.set(KEYS.held(session), b"".join(records))
+        client.zadd(KEYS.held_due, {session: 5})
+        assert [decode_row(r) for r in held_rows(held_packs(client, KEYS)[session])] == (
+            [view, end][: len(records)]
+        )
+        released = scripts.release_held(KEYS, [session], 10, 60, 60)
+        head = stored_view.parse(value).head
+        expected = [stored_view.with_duration(head, gap)]
+        if then_end:
+            for event in (view, end):
+                own = stored_view.head_of(event, encode_event(event))
+                expected.append(stored_view.as_is(own, event.duration))
+            assert client.hget(KEYS.views, session) is None
+        else:
+            assert client.hget(KEYS.views, session) == stored_view.of_event(view)
+            if pfield:
+                assert client.hget(KEYS.profile_views, pfield) == stored_view.of_event(view)
+        assert released.rows == len(expected)
+        assert client.lrange(KEYS.queue, 0, -1) == expected
+
+
+# -- the release decided in Python (worker/reorder_release.py) against release_held.lua --
+
+SESSIONS = ["s1", "s;2", "s|3"]
+PFIELDS = ["", "p:u1", "p:u2"]
+
+
+@st.composite
+def held_state(draw: st.DrawFn) -> dict[str, object]:
+    """Sessions with held events (some due, some not, in any order, either record form),
+    stored last views (either form), closed sessions (some past their memory)."""
+    base = NOW - 10**6
+    packs: dict[str, bytes] = {}
+    views: dict[str, bytes] = {}
+    profiles: dict[str, bytes] = {}
+    closed: dict[str, int] = {}
+    closed_at: dict[str, int] = {}
+    for s, session in enumerate(SESSIONS):
+        records = []
+        for n in range(draw(st.integers(0, 5))):
+            kind = draw(st.sampled_from("vve"))
+            created = base + draw(st.integers(0, 6)) * 100
+            deadline = draw(st.sampled_from([5, 10, 20]))  # due at 10: 5 and 10
+            pfield = draw(st.sampled_from(PFIELDS))
+            event = draw(events(created_ms=created))
+            event = msgspec.structs.replace(
+                as_row(event),
+                session_id=session,
+                name="screen_view" if kind == "v" else "session_end",
+            )
+            tag = f"{s:07d}{n:07d}"
+            if draw(st.booleans()):
+                records.append(legacy_record(created, deadline, tag, kind, pfield, event))
+            else:
+                head = stored_view.head_of(event, encode_event(event))
+                records.append(
+                    held_record(created, deadline, tag, kind, pfield, event.duration, head)
+                )
+        if records:
+            packs[session] = b"".join(records)
+        if draw(st.booleans()):
+            stored = as_row(draw(events(created_ms=base + draw(st.integers(0, 6)) * 100)))
+            views[session] = draw(st.sampled_from(forms(stored)))
+            pfield = draw(st.sampled_from(PFIELDS))
+            if pfield:
+                profiles[pfield] = views[session]
+        if draw(st.booleans()):
+            closed[session] = base + draw(st.integers(0, 6)) * 100
+            closed_at[session] = draw(st.sampled_from([1, 50]))  # 1: past its memory
+    return {
+        "packs": packs,
+        "views": views,
+        "profiles": profiles,
+        "closed": closed,
+        "closed_at": closed_at,
+    }
+
+
+def load_state(client: redis_lib.Redis, state: dict[str, Any]) -> None:
+    client.flushall()
+    for session, pack in state["packs"].items():
+        client.set(KEYS.held(session), pack)
+        client.zadd(KEYS.held_due, {session: 5})
+    if state["views"]:
+        client.hset(KEYS.views, mapping=state["views"])
+        client.zadd(KEYS.sessions, {session: 1 for session in state["views"]})
+    if state["profiles"]:
+        client.hset(KEYS.profile_views, mapping=state["profiles"])
+    if state["closed"]:
+        client.hset(KEYS.closed, mapping=state["closed"])
+        client.zadd(KEYS.closed_at, state["closed_at"])
+
+
+def records(pack: bytes) -> list[bytes]:
+    out = []
+    while pack:
+        length, _, rest = pack.partition(b":")
+        out.append(rest[: int(length)])
+        pack = rest[int(length) :]
+    return out
+
+
+def snapshot(client: redis_lib.Redis) -> dict[str, object]:
+    return {
+        "queue": client.lrange(KEYS.queue, 0, -1),
+        "views": client.hgetall(KEYS.views),
+        "sessions": client.zrange(KEYS.sessions, 0, -1, withscores=True),
+        "profiles": client.hgetall(KEYS.profile_views),
+        "closed": client.hgetall(KEYS.closed),
+        "closed_at": client.zrange(KEYS.closed_at, 0, -1, withscores=True),
+        "due": client.zrange(KEYS.held_due, 0, -1, withscores=True),
+        # A pack's order is not meaningful (records are sorted when read): its records.
+        "packs": {s: sorted(records(client.get(KEYS.held(s)) or b"")) for s in SESSIONS},
+    }
+
+
+@PROPERTY
+@given(state=held_state())
+def test_the_release_decided_in_python_is_release_held_lua(
+    client: redis_lib.Redis, state: dict[str, Any]
+) -> None:
+    due = list(state["packs"])
+    load_state(client, state)
+    in_redis = release_in_redis(client, KEYS, due, 10, 60, 0)  # closed memory: until ms 10
+    expected = snapshot(client)
+    load_state(client, state)
+    in_python = release(client, KEYS, due, 10, 60, 0)
+    assert (in_python.rows, in_python.late) == (in_redis.rows, in_redis.late)
+    assert snapshot(client) == expected
+
+
+def test_records_appended_during_a_release_stay_held(client: redis_lib.Redis) -> None:
+    """release_rewrite.lua keeps what an apply appended after the release read the pack,
+    with its deadline, whatever the release kept."""
+    view = as_row(parse_event({"name": "screen_view", "project_id": "p", "session_id": "s",
+                               "created_at": NOW}))  # fmt: skip
+    head = stored_view.head_of(view, encode_event(view))
+    read = held_record(NOW, 5, "t" * 14, "v", "", 0, head)
+    kept = held_record(NOW + 1, 30, "u" * 14, "v", "", 0, head)
+    added = held_record(NOW + 2, 20, "w" * 14, "v", "", 0, head)
+    script = load_lua("release_rewrite")
+    for kept_records, deadline, due in ((b"", "", 20.0), (kept, "30", 20.0)):
+        client.flushall()
+        client.set(KEYS.held("s"), read + kept_records)
+        client.append(KEYS.held("s"), added)  # after the release read the pack
+        args = ["s", len(read + kept_records), deadline, kept_records]
+        assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
+        assert client.get(KEYS.held("s")) == kept_records + added
+        assert client.zscore(KEYS.held_due, "s") == due
+    client.flushall()
+    client.set(KEYS.held("s"), read)
+    assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), "s", len(read), "", b"") == 1
+    assert client.exists(KEYS.held("s")) == 0 and client.zcard(KEYS.held_due) == 0

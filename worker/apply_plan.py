@@ -1,0 +1,184 @@
+"""Planning a batch's apply: what each shard gets, worked out in Python from the batch alone.
+
+OpenPanel's rules (see `worker/buffer.py`) mostly follow from the batch
+itself: within a batch, a session's view gets its duration from the
+session's next view, a session_end queues the view before it, and the
+session's (and its profiles') last view at the end of the batch is known.
+`plan_shard()` works all of that out. Only one thing needs what Redis holds:
+the view each session was waiting with before this batch, which the
+session's first event of the batch queues (with a duration, for a view; as
+it is, for a session_end). `resolve_views.lua` does that part inside the
+transaction (worker/apply.py), so it sees the stored views as they are at
+that moment, whoever wrote them.
+
+Views are kept in their stored form (worker/stored_view.py): a head (the row
+without duration) from which every row queued for the view is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from worker import stored_view
+from worker.events import KIND_REGULAR, KIND_SCREEN_VIEW, KIND_SESSION_END, Row
+from worker.keys import ShardKeys
+from worker.reorder import batch_tag, held_record
+
+
+@dataclass
+class ShardWrites:
+    """Everything one batch writes to one shard, as plain command arguments."""
+
+    shard: ShardKeys
+    marker: str
+    # The marker's value: the digest of the batch's content (the same on every shard).
+    digest: str = ""
+    queue_rows: list[bytes] = field(default_factory=list)
+    # The session's first event of the batch and what it does with the view
+    # stored before it: (session id, created ms of a first view; "" for a first session_end).
+    resolve: list[tuple[str, str]] = field(default_factory=list)
+    views_set: list[tuple[str, bytes]] = field(default_factory=list)  # session -> last view
+    views_ended: list[str] = field(default_factory=list)
+    profiles_set: dict[str, bytes] = field(default_factory=dict)
+    profiles_ended: set[str] = field(default_factory=set)
+    visitors: dict[str, list[str]] = field(default_factory=dict)  # project -> profile ids
+    dead_letters: Sequence[bytes] = ()
+    publish: tuple[str, bytes] | None = None
+    # With a reorder window: each session's events held for it, framed records
+    # (worker/reorder.py), all with the same deadline `hold_until`.
+    held: dict[str, list[bytes]] = field(default_factory=dict)
+    hold_until: int = 0
+    # The batch's events on this shard by kind (KIND_REGULAR / SCREEN_VIEW / SESSION_END).
+    kinds: dict[str, int] = field(default_factory=dict)
+
+
+def plan_shard(
+    shard: ShardKeys,
+    marker: str,
+    events: Sequence[Row],
+    rows: Sequence[bytes],
+    hold_until: int = 0,
+) -> ShardWrites:
+    """The writes of `events` (in order, with their encoded rows) to one shard.
+
+    With `hold_until` (arrival + a reorder window, ms), screen_views and
+    session_ends are held until then instead (worker/reorder.py: the flush
+    releases them); regular events and visitors are written as ever.
+    """
+    if hold_until:
+        return _plan_held(shard, marker, events, rows, hold_until)
+    writes = ShardWrites(shard, marker)
+    queue = writes.queue_rows
+    # session id -> its pending view in this batch (created, own duration, head), or None
+    pending: dict[str, tuple[int, int, bytes] | None] = {}
+    profiles: dict[str, bytes | None] = {}
+    visitors: dict[str, dict[str, None]] = {}
+    with_duration = stored_view.with_duration
+    views = ends = 0
+    for event, row in zip(events, rows, strict=True):
+        profile_id = event.profile_id
+        if profile_id:
+            _add_visitor(visitors, event.project_id, profile_id)
+        kind = event.kind
+        if kind == KIND_REGULAR:
+            queue.append(row)
+            continue
+        session = event.session_id
+        first = session not in pending
+        previous = None if first else pending[session]
+        if kind == KIND_SCREEN_VIEW:
+            views += 1
+            created = event.created_ms
+            if first:
+                writes.resolve.append((session, str(created)))
+            elif previous is not None:
+                queue.append(with_duration(previous[2], max(0, created - previous[0])))
+            own = event.duration
+            view = (created, own, row[:-1] if own == 0 else stored_view.head_of(event, row))
+            pending[session] = view
+            if profile_id:
+                profiles[shard.profile_field(event.project_id, profile_id)] = stored_view.encode(
+                    *view
+                )
+        else:  # session_end
+            ends += 1
+            if first:
+                writes.resolve.append((session, ""))
+            elif previous is not None:
+                queue.append(stored_view.as_is(previous[2], previous[1]))
+            pending[session] = None
+            queue.append(row)
+            if profile_id:
+                profiles[shard.profile_field(event.project_id, profile_id)] = None
+    for session, pending_view in pending.items():
+        if pending_view is None:
+            writes.views_ended.append(session)
+        else:
+            writes.views_set.append((session, stored_view.encode(*pending_view)))
+    for profile, value in profiles.items():
+        if value is None:
+            writes.profiles_ended.add(profile)
+        else:
+            writes.profiles_set[profile] = value
+    _finish(writes, visitors, len(events), views, ends)
+    return writes
+
+
+def _add_visitor(visitors: dict[str, dict[str, None]], project_id: str, profile_id: str) -> None:
+    members = visitors.get(project_id)
+    if members is None:
+        members = visitors[project_id] = {}
+    members[profile_id] = None
+
+
+def _finish(
+    writes: ShardWrites, visitors: dict[str, dict[str, None]], total: int, views: int, ends: int
+) -> None:
+    """The plan's visitors (per project, in order of first sight) and counts by kind."""
+    writes.visitors = {project: list(members) for project, members in visitors.items()}
+    writes.kinds = {
+        KIND_REGULAR: total - views - ends,
+        KIND_SCREEN_VIEW: views,
+        KIND_SESSION_END: ends,
+    }
+
+
+def _plan_held(
+    shard: ShardKeys, marker: str, events: Sequence[Row], rows: Sequence[bytes], hold_until: int
+) -> ShardWrites:
+    writes = ShardWrites(shard, marker, hold_until=hold_until)
+    queue = writes.queue_rows
+    held = writes.held
+    visitors: dict[str, dict[str, None]] = {}
+    tag = batch_tag(marker)
+    views = ends = 0
+    for n, (event, row) in enumerate(zip(events, rows, strict=True)):
+        profile_id = event.profile_id
+        if profile_id:
+            _add_visitor(visitors, event.project_id, profile_id)
+        kind = event.kind
+        if kind == KIND_REGULAR:
+            queue.append(row)
+            continue
+        if kind == KIND_SCREEN_VIEW:
+            views += 1
+        else:
+            ends += 1
+        own = event.duration
+        record = held_record(
+            event.created_ms,
+            hold_until,
+            f"{tag}{n % 1_000_000:06d}",
+            kind,
+            shard.profile_field(event.project_id, profile_id) if profile_id else "",
+            own,
+            row[:-1] if own == 0 else stored_view.head_of(event, row),
+        )
+        records = held.get(event.session_id)
+        if records is None:
+            held[event.session_id] = [record]
+        else:
+            records.append(record)
+    _finish(writes, visitors, len(events), views, ends)
+    return writes

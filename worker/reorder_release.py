@@ -1,0 +1,397 @@
+"""Releasing held events: decided in Python, written by Redis in one WATCHed transaction.
+
+The rules are release_held.lua's (its header has them, and the pack format):
+per due session, every held event created no later than its newest due one
+goes, oldest created first, through OpenPanel's session rules; a late event
+is queued at once. Here Python does the deciding, and Redis only the
+checking and the writing, so row bytes are cut and joined by Python and
+travel as plain command arguments (RPUSH, HSET), not through Lua strings:
+
+1. On one connection to the shard's master: WATCH the state the rules read
+   (last views, profiles' last views, closed sessions and when they closed,
+   and `held-gen`, which every release increments); read the due sessions'
+   deadlines, held packs, closed marks and last views.
+2. Decide, in Python (`_decide`); read the profiles' last views it touches.
+3. MULTI: queue the rows, write the views, closed marks and profiles, rewrite
+   each pack (`release_rewrite.lua`: what stays, plus whatever an apply
+   appended meanwhile; the deadline from both), INCR `held-gen`; EXEC.
+
+An apply only ever appends to a pack and lowers a deadline, so applies do not
+abort the transaction; a concurrent release, the sweep or an apply without a
+window (they write the watched keys) make it run again with what they wrote.
+After a few aborted runs, or when Redis refuses the writes (a full Redis,
+where only scripts flagged allow-oom still run), the same sessions go
+through release_held.lua, which does it all inside Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from redis.exceptions import ConnectionError, OutOfMemoryError, ResponseError, TimeoutError
+
+from worker import stored_view
+from worker.keys import ShardKeys
+from worker.replies import number
+from worker.resp import read_replies, send_commands
+from worker.scripts import Released, load_lua, script
+from worker.topology import Client, node_for, refreshed_on_error
+
+ATTEMPTS = 3  # transactions aborted by a concurrent writer before the script does it
+
+_REWRITE = load_lua("release_rewrite")
+
+
+def generation_key(shard: ShardKeys) -> str:
+    """Incremented by every release: a release that read before another one wrote aborts."""
+    return f"{shard.tag}:held-gen"
+
+
+def release(
+    redis: Client,
+    shard: ShardKeys,
+    sessions: Sequence[str],
+    now_ms: int,
+    views_ttl_s: int,
+    closed_ttl_s: int,
+) -> Released:
+    """Release the held events of `sessions` that are still due at `now_ms`."""
+    for attempt in range(ATTEMPTS):
+        node = node_for(redis, shard.queue)
+        pool = node.redis.connection_pool
+        connection: Any = pool.get_connection()
+        try:
+            with refreshed_on_error(redis):
+                done = _release_once(connection, shard, sessions, now_ms, views_ttl_s,
+                                     closed_ttl_s)  # fmt: skip
+        except OutOfMemoryError:
+            connection.disconnect()  # it may hold a WATCH
+            break  # a full Redis: only the allow-oom script may write
+        except (ConnectionError, TimeoutError):
+            connection.disconnect()
+            if attempt + 1 == ATTEMPTS:
+                raise
+            # Safe to run again, even after an EXEC that went through: a release reads
+            # what the last one wrote (its writes are one transaction).
+            continue
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
+        if done is not None:
+            return done
+    return release_in_redis(redis, shard, sessions, now_ms, views_ttl_s, closed_ttl_s)
+
+
+def release_in_redis(
+    redis: Client,
+    shard: ShardKeys,
+    sessions: Sequence[str],
+    now_ms: int,
+    views_ttl_s: int,
+    closed_ttl_s: int,
+) -> Released:
+    """The same release, made by release_held.lua inside Redis."""
+    keys = [
+        shard.held_due,
+        shard.queue,
+        shard.views,
+        shard.sessions,
+        shard.profile_views,
+        shard.closed,
+        shard.closed_at,
+        *(shard.held(session) for session in sessions),
+        generation_key(shard),
+    ]
+    reply = script("release_held")(
+        keys=keys, args=[now_ms, views_ttl_s, closed_ttl_s * 1000, *sessions], client=redis
+    )
+    rows, late = (number(value) for value in reply)
+    return Released(rows, late)
+
+
+def _release_once(
+    connection: Any,
+    shard: ShardKeys,
+    sessions: Sequence[str],
+    now_ms: int,
+    views_ttl_s: int,
+    closed_ttl_s: int,
+) -> Released | None:
+    """One WATCHed read, decision and transaction; None when the transaction was aborted."""
+    gen = generation_key(shard)
+    watched = (gen, shard.views, shard.profile_views, shard.closed, shard.closed_at)
+    reads: list[tuple[Any, ...]] = [
+        ("WATCH", *watched),
+        ("TYPE", shard.queue),
+        ("TYPE", shard.sessions),
+        ("TYPE", shard.profile_views),
+        ("ZRANGEBYSCORE", shard.closed_at, "-inf", f"({now_ms - closed_ttl_s * 1000}",
+         "LIMIT", 0, 1000),
+    ]  # fmt: skip
+    if sessions:
+        reads += [
+            ("ZMSCORE", shard.held_due, *sessions),
+            ("MGET", *(shard.held(session) for session in sessions)),
+            ("HMGET", shard.closed, *sessions),
+            ("HMGET", shard.views, *sessions),
+        ]
+    send_commands(connection, reads)
+    replies = read_replies(connection, len(reads))
+    typed = ((shard.queue, "list"), (shard.sessions, "zset"), (shard.profile_views, "hash"))
+    for (key, want), found in zip(typed, replies[1:4], strict=True):
+        kind = found.decode() if isinstance(found, bytes) else str(found)
+        if kind not in ("none", want):
+            raise ResponseError(f"WRONGTYPE {key} holds a {kind}, not a {want}")
+    forgotten: list[bytes] = replies[4]
+    plan = _Plan(now_ms)
+    if sessions:
+        deadlines, packs, closed, views = replies[5:9]
+        gone = set(forgotten)
+        for n, session in enumerate(sessions):
+            deadline = deadlines[n]
+            if deadline is None or float(deadline) > now_ms:
+                continue  # released by another flush since it was listed
+            pack = packs[n]
+            if pack is None:
+                pack = _missing_pack(connection, shard.held(session))
+            mark = closed[n]
+            closed_at = (
+                int(float(mark)) if mark is not None and session.encode() not in gone else None
+            )
+            plan.session(session, shard.held(session), pack, closed_at, views[n])
+    profiles: list[bytes | None] = []
+    if plan.profile_order:
+        send_commands(connection, [("HMGET", shard.profile_views, *plan.profile_order)])
+        profiles = read_replies(connection, 1)[0]
+    writes = plan.writes(shard, forgotten, profiles, views_ttl_s)
+    if not writes:  # nothing due, nothing to forget: no transaction, no write
+        send_commands(connection, [("UNWATCH",)])
+        read_replies(connection, 1)
+        return Released(0, 0)
+    writes.append(("INCR", gen))
+    commands: list[tuple[Any, ...]] = [("MULTI",), *writes, ("EXEC",)]
+    send_commands(connection, commands)
+    results = read_replies(connection, len(commands))[-1]
+    if results is None:
+        return None
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return Released(len(plan.queue), plan.late)
+
+
+def _missing_pack(connection: Any, key: str) -> bytes:
+    """MGET reads a key of another type as absent: say so, as the script does."""
+    send_commands(connection, [("TYPE", key)])
+    found = read_replies(connection, 1)[0]
+    kind = found.decode() if isinstance(found, bytes) else str(found)
+    if kind != "none":
+        raise ResponseError(f"WRONGTYPE {key} holds a {kind}, not a string")
+    return b""
+
+
+# A view on its way, where it lies in the text that holds it (a stored last view, or a
+# pack): (created ms, own duration, text, head start, head end, stored form's start, legacy?).
+_ViewAt = tuple[int, int, bytes, int, int, int, bool]
+
+
+def _view_at(text: bytes, start: int, stop: int) -> _ViewAt:
+    """The stored view in `text[start:stop]`, of either form (worker/stored_view.py)."""
+    semi = text.find(b";", start, start + 24)
+    if semi > 0 and text.find(b"|", start, semi) < 0:
+        second = text.index(b";", semi + 1)
+        own = int(text[semi + 1 : second])
+        return (int(text[start:semi]), own, text, second + 1, stop, start, False)
+    bar = text.index(b"|", start)
+    second = text.index(b"|", bar + 1)
+    own = int(text[bar + 1 : second])
+    cut = 1 if own == 0 else 13 + second - bar - 1  # the legacy row ends with its own duration
+    return (int(text[start:bar]), own, text, second + 1, stop - cut, start, True)
+
+
+def _as_is(view: _ViewAt) -> bytes:
+    head = view[2][view[3] : view[4]]
+    return head + b"}" if view[1] == 0 else b'%b,"duration":%d}' % (head, view[1])
+
+
+def _form(view: _ViewAt) -> bytes:
+    """Its stored form (written anew in the current form when read in the legacy one)."""
+    created, own, text, head, end, start, legacy = view
+    if legacy:
+        return stored_view.encode(created, own, text[head:end])
+    return text if start == 0 and end == len(text) else text[start:end]
+
+
+class _Plan:
+    """What a release writes, decided session by session (release_held.lua's rules)."""
+
+    def __init__(self, now_ms: int) -> None:
+        self.now = now_ms
+        self.queue: list[bytes] = []
+        self.late = 0
+        # per session: its id, key, length read, the records that stay, their deadline
+        self.packs: list[tuple[str, str, int, bytes, int | None]] = []
+        self.views_set: list[Any] = []
+        self.indexed: list[Any] = []
+        self.views_ended: list[str] = []
+        self.closed_set: list[Any] = []
+        self.closed_index: list[Any] = []
+        self.reopened: list[str] = []
+        # profile field -> (created, deadline, view or None for a session_end)
+        self.profiles: dict[str, tuple[int, int, _ViewAt | None]] = {}
+        self.profile_order: list[str] = []
+
+    def session(
+        self, session: str, key: str, pack: bytes, closed: int | None, stored: bytes | None
+    ) -> None:
+        records = []  # (order key, created, deadline, start of the record, end, start of frame)
+        at = 0
+        size = len(pack)
+        while at < size:
+            colon = pack.index(b":", at)
+            stop = colon + 1 + int(pack[at:colon])
+            header = pack[colon + 1 : colon + 45]
+            records.append((header, int(header[:15]), int(header[15:30]), colon + 1, stop, at))
+            at = stop
+        if len(records) > 1:
+            records.sort()
+        cut = None
+        for record in records:
+            if record[2] <= self.now and (cut is None or record[1] > cut):
+                cut = record[1]
+        released = 0
+        kept = []
+        next_deadline = None
+        for record in records:
+            if cut is not None and record[1] <= cut:
+                released += 1
+            else:
+                if next_deadline is None or record[2] < next_deadline:
+                    next_deadline = record[2]
+                kept.append(pack[record[5] : record[4]])
+        self.packs.append((session, key, size, b"".join(kept), next_deadline))
+        if released:
+            self._rules(session, pack, records[:released], closed, stored)
+
+    def _rules(
+        self, session: str, pack: bytes, records: list[Any], closed: int | None,
+        stored: bytes | None,
+    ) -> None:  # fmt: skip
+        queue = self.queue
+        view = _view_at(stored, 0, len(stored)) if stored is not None else None
+        view_changed = closed_changed = False
+        for _header, created, deadline, start, stop, _frame in records:
+            kind = pack[start + 44]
+            bar = pack.index(b"|", start + 45)
+            pfield = pack[start + 45 : bar].decode() if bar > start + 45 else ""
+            this = _view_at(pack, bar + 1, stop)
+            late = (closed is not None and created < closed) or (
+                view is not None and created < view[0]
+            )
+            if late:
+                self.late += 1
+            elif closed is not None:
+                closed, closed_changed = None, True  # an event after the session_end reopens it
+            if kind == 0x76:  # "v": a screen_view
+                if late:
+                    queue.append(_as_is(this))
+                else:
+                    if view is not None:
+                        gap = created - view[0]
+                        queue.append(
+                            b'%b,"duration":%d}' % (view[2][view[3] : view[4]], max(0, gap))
+                        )
+                    view = this
+                    view_changed = True
+                    if pfield:
+                        self._profile_event(pfield, created, deadline, this)
+            else:
+                # A session_end closes its session, late or not: the waiting view goes first.
+                if view is not None:
+                    queue.append(_as_is(view))
+                queue.append(_as_is(this))
+                closed = max(
+                    created, view[0] if view is not None else 0,
+                    closed if closed is not None else 0,
+                )  # fmt: skip
+                closed_changed = True
+                view = None
+                view_changed = True
+                if pfield:
+                    self._profile_event(pfield, created, deadline, None)
+        if view_changed:
+            if view is not None:
+                self.views_set += (session, _form(view))
+                self.indexed += (self.now, session)
+            else:
+                self.views_ended.append(session)
+        if closed_changed:
+            if closed is not None:
+                self.closed_set += (session, closed)
+                self.closed_index += (self.now, session)
+            else:
+                self.reopened.append(session)
+
+    def _profile_event(
+        self, pfield: str, created: int, deadline: int, view: _ViewAt | None
+    ) -> None:
+        known = self.profiles.get(pfield)
+        if known is None:
+            self.profile_order.append(pfield)
+        elif created < known[0] or (created == known[0] and deadline < known[1]):
+            return
+        self.profiles[pfield] = (created, deadline, view)
+
+    def writes(
+        self,
+        shard: ShardKeys,
+        forgotten: list[bytes],
+        profiles: Sequence[bytes | None],
+        views_ttl_s: int,
+    ) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        if forgotten:
+            out.append(("HDEL", shard.closed, *forgotten))
+            out.append(("ZREM", shard.closed_at, *forgotten))
+        if self.packs:
+            args: list[Any] = []
+            keys: list[str] = []
+            for session, key, size, kept, deadline in self.packs:
+                keys.append(key)
+                args += (session, size, "" if deadline is None else deadline, kept)
+            out.append(("EVAL", _REWRITE, 1 + len(keys), shard.held_due, *keys, *args))
+        if self.queue:
+            out.append(("RPUSH", shard.queue, *self.queue))
+        if self.views_set:
+            out.append(("HSET", shard.views, *self.views_set))
+            out.append(("ZADD", shard.sessions, *self.indexed))
+        if self.views_ended:
+            out.append(("HDEL", shard.views, *self.views_ended))
+            out.append(("ZREM", shard.sessions, *self.views_ended))
+        if self.views_set:
+            out.append(("EXPIRE", shard.views, views_ttl_s))
+        if self.closed_set:
+            out.append(("HSET", shard.closed, *self.closed_set))
+            out.append(("ZADD", shard.closed_at, *self.closed_index))
+        if self.reopened:
+            out.append(("HDEL", shard.closed, *self.reopened))
+            out.append(("ZREM", shard.closed_at, *self.reopened))
+        profiles_set: list[Any] = []
+        profiles_ended: list[str] = []
+        for pfield, value in zip(self.profile_order, profiles, strict=True):
+            created, _deadline, view = self.profiles[pfield]
+            if value is None or created >= stored_view.created_ms(value):
+                if view is not None:
+                    profiles_set += (pfield, _form(view))
+                elif value is not None:
+                    profiles_ended.append(pfield)
+        if profiles_set:
+            out.append(("HSET", shard.profile_views, *profiles_set))
+        if profiles_ended:
+            out.append(("HDEL", shard.profile_views, *profiles_ended))
+        if profiles_set:
+            out.append(("EXPIRE", shard.profile_views, views_ttl_s))
+        return out
