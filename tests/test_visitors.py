@@ -69,11 +69,6 @@ def test_the_state_counts_the_visitors_of_the_indexed_projects(
     assert count_active_visitors(redis, keyspace, ["shop"], now - 500) == {"shop": 0}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the apply (worker/apply.py, not this change's file) does not write the project "
-    "index yet; drop this mark with the ZADD that writes it",
-)
 def test_applying_events_indexes_their_projects(
     redis: redis_lib.Redis, settings: Settings, clock: ManualClock
 ) -> None:

@@ -362,6 +362,12 @@ class BatchWriter:
                 scored += (now_ms, member)
             out.append(("ZADD", key, *scored))
             out.append(("EXPIRE", key, self.visitors_ttl_s))
+        if plan.visitors:
+            # The shard's index of projects with visitors (read by the gauges
+            # instead of a keyspace SCAN; pruned by the sweep).
+            index = (x for p in plan.visitors for x in (now_ms, p))
+            out.append(("ZADD", shard.visitor_projects, *index))
+            out.append(("EXPIRE", shard.visitor_projects, self.visitors_ttl_s))
         if plan.views_set:
             stored: list[Any] = []
             indexed: list[Any] = []
@@ -419,6 +425,7 @@ def _typed_keys(plan: ShardWrites) -> list[tuple[str, str]]:
     if plan.profiles_set or plan.profiles_ended:
         keys.append((shard.profile_views, "hash"))
     keys += [(shard.visitors(project), "zset") for project in plan.visitors]
+    keys += [(shard.visitor_projects, "zset")] if plan.visitors else []
     return keys
 
 

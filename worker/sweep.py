@@ -83,4 +83,6 @@ class Sweeper:
         pruned = 0
         for key in self.redis.scan_iter(match=shard.visitors_pattern(), count=500):
             pruned += int(self.redis.zremrangebyscore(key, "-inf", f"({cutoff}"))
+        # The shard's project index: a project unseen for the window has no visitors left.
+        self.redis.zremrangebyscore(shard.visitor_projects, "-inf", f"({cutoff}")
         return pruned
