@@ -6,6 +6,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,6 +16,7 @@ from worker.events import (
     KIND_REGULAR,
     KIND_SCREEN_VIEW,
     KIND_SESSION_END,
+    Event,
     InvalidEvent,
     _canonical_date,
     _epoch_date,
@@ -24,6 +26,7 @@ from worker.events import (
     parse_datetime,
     parse_event,
 )
+from worker.events.problems import invalid
 
 BASE = {"project_id": "p", "name": "x", "created_at": f"{DAY}T00:00:00Z"}
 
@@ -79,6 +82,32 @@ def test_invalid_events_name_the_field(payload: Any, field: str, problem: str) -
         parse_event(payload)
     assert raised.value.field == field
     assert problem in raised.value.problem
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"name": "x", "created_at": 1}, "project_id"),
+        (with_(session_id=5), "session_id"),
+        (with_(name=""), "name"),
+        (with_(properties={1: "a"}), "properties"),
+        (with_(properties=["a"]), "properties"),
+        (with_(longitude=500.0), "longitude"),
+        ({1: "x", **BASE}, "$"),
+        (b'{"project_id":"p","name":"x","created_at":1,"duration":"5"}', "duration"),
+        (b'{"project_id":"p","created_at":1}', "name"),
+        (b'{"project_id":"p","name":"x","created_at":1,"properties":{"a":1e999}}', "properties"),
+        (b"[1, 2]", "$"),
+    ],
+)
+def test_field_names_do_not_depend_on_the_wording_of_msgspec(payload: Any, field: str) -> None:
+    """The field comes from the input, not from msgspec's message: a release that words
+    its messages otherwise names the same fields."""
+    with pytest.raises(InvalidEvent) as raised:
+        parse_event(payload)
+    assert raised.value.field == field
+    reworded = msgspec.ValidationError("a message in words no msgspec release has used")
+    assert invalid(payload, Event, reworded).field == field
 
 
 def test_non_objects_and_bad_json_are_rejected() -> None:
