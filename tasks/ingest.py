@@ -30,9 +30,10 @@ from celery import Task
 from celery.exceptions import Reject
 
 from worker import metrics, runtime
+from worker.bodies import batch_bytes
 from worker.celery import app
 from worker.deadletters import REASON_INGEST_FAILED
-from worker.ingest import IngestResult, batch_bytes, dead_letter_batch, ingest
+from worker.ingest import IngestResult, dead_letter_batch, ingest
 from worker.names import FLUSH_QUEUE, TASK_INGEST_EVENT, TASK_INGEST_EVENTS, TASK_PROCESS_BUFFER
 from worker.pause import PAUSE, ShutdownRequested, wait_s
 from worker.redis_errors import REDIS_FAILURES, is_transient

@@ -10,7 +10,6 @@ from kombu import serialization
 from kombu.utils import json as kombu_json
 
 from worker import bodies
-from worker.ingest import _items
 
 
 def test_a_task_body_keeps_its_positional_arguments_raw() -> None:
@@ -21,7 +20,7 @@ def test_a_task_body_keeps_its_positional_arguments_raw() -> None:
     assert json.loads(bytes(args[0])) == events
     assert (kwargs, embed) == ({"batch_id": "b"}, {"callbacks": None})
     # ingest reads the raw events argument as one JSON item per event, undecoded
-    assert [json.loads(item) for item in _items(args[0])] == events
+    assert [json.loads(item) for item in bodies.items(args[0])] == events
 
 
 def test_other_bodies_decode_as_kombu_decodes_them() -> None:

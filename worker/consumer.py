@@ -7,7 +7,7 @@ that is not registered (the consumer's `on_*` handlers), and a body whose
 arguments do not fit the task, such as celery-node's
 `client.sendTask(name, args)`, which sends `[args, null, {}]` (the trace
 refuses it only in the pool), or whose `batch_id` argument is no batch id
-(`worker.ingest.batch_id_problem`: `send_task("eventbuffer.ingest_event",
+(`worker.bodies.batch_id_problem`: `send_task("eventbuffer.ingest_event",
 args=[e1, e2])` makes `e2` the batch id). For messages addressed to eventbuffer's
 ingest tasks (and to any unknown `eventbuffer.*` name), the raw body is
 stored as one `undeliverable_task` dead letter (`eventbuffer dlq list`;
@@ -54,14 +54,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
 from celery.utils.time import maybe_iso8601
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.strategy import default as default_strategy
 
 from worker import metrics, runtime
+from worker.bodies import call_problem
 from worker.deadletters import REASON_UNDELIVERABLE
-from worker.ingest import batch_id_problem, dead_letter_batch
+from worker.ingest import dead_letter_batch
 from worker.names import TASK_INGEST_EVENT, TASK_INGEST_EVENTS, TASK_PREFIX
 from worker.redis_errors import REDIS_FAILURES
 
@@ -230,37 +230,6 @@ def _keep_again(
     if message.acknowledged or getattr(message.channel, "closed", False):
         return
     keep_undeliverable(message, name, error, connection_errors, timer, pause_s, attempt)
-
-
-def call_problem(signature: inspect.Signature, payload: Any) -> str | None:
-    """Why a decoded task body cannot call a task of this signature, or None when it can.
-
-    Protocol 2 bodies are `[args, kwargs, embed]`; protocol 1 bodies a dict
-    with `args` and `kwargs` (missing ones are empty). A `batch_id` argument
-    must be a short string of printable characters (or absent): anything
-    else would become the id of the batch, and be none.
-    """
-    if isinstance(payload, list | tuple) and len(payload) == 3:
-        args, kwargs = payload[0], payload[1]
-    elif isinstance(payload, dict):
-        args, kwargs = payload.get("args", ()), payload.get("kwargs", {})
-    else:
-        return "the body is neither a protocol 1 nor a protocol 2 task body"
-    if not isinstance(args, list | tuple):
-        return f"the task's arguments are not a list (got {type(args).__name__})"
-    if not isinstance(kwargs, dict):
-        return f"the task's keyword arguments are not a mapping (got {type(kwargs).__name__})"
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        return f"the arguments do not fit the task: {exc}"
-    batch_id = bound.arguments.get("batch_id")
-    if isinstance(batch_id, msgspec.Raw):  # a positional argument, left undecoded
-        try:
-            batch_id = msgspec.json.decode(batch_id)
-        except msgspec.DecodeError as exc:
-            return f"the batch_id argument is not JSON: {exc}"
-    return batch_id_problem(batch_id)
 
 
 def ingest_strategy(task: Any, app: Any, consumer: Any, **options: Any) -> Callable[..., Any]:
