@@ -38,6 +38,7 @@ starts (`worker/celery.py`), so the CLI, Beat and producers are unaffected.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from typing import Any
@@ -189,6 +190,24 @@ def batch_id_problem(value: Any) -> str | None:
     if not value.isprintable():
         return "the batch_id argument holds unprintable characters"
     return None
+
+
+def batch_key(batch_id: str) -> str:
+    """A usable batch id from a batch id or task id (same input, same id).
+
+    Ids that are long or hold unprintable characters (a newline would forge
+    a log line) are replaced by their digest: only a task id can be one (a
+    task's batch_id argument is checked before the task runs:
+    `batch_id_problem`, in the consumer's strategy). Anything but a string is refused.
+    """
+    if not isinstance(batch_id, str):
+        raise TypeError(f"a batch id must be a string, got {type(batch_id).__name__}")
+    if not batch_id:
+        return ""  # EventBuffer.apply picks a fresh id
+    if len(batch_id) > MAX_BATCH_ID_CHARS or not batch_id.isprintable():
+        digest = hashlib.sha256(batch_id.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"sha256:{digest}"
+    return batch_id
 
 
 def items(payload: Any) -> list[Any]:

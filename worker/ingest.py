@@ -35,8 +35,9 @@ import msgspec
 
 from worker import bodies
 from worker.apply import content_digest
-from worker.bodies import MAX_BATCH_ID_CHARS, batch_bytes, batch_id_problem, item_json, json_type
+from worker.bodies import batch_bytes, batch_id_problem, batch_key, item_json, json_type
 from worker.buffer import EventBuffer
+from worker.dead_batches import dead_letter_batch as dead_letter_batch  # re-exported
 from worker.deadletters import (
     REASON_BATCH_ID_CONFLICT,
     REASON_INVALID_EVENT,
@@ -105,24 +106,6 @@ class IngestResult:
         return out
 
 
-def _batch_key(batch_id: str) -> str:
-    """A usable batch id from a batch id or task id (same input, same id).
-
-    Ids that are long or hold unprintable characters (a newline would forge
-    a log line) are replaced by their digest: only a task id can be one (a
-    task's batch_id argument is checked before the task runs:
-    `batch_id_problem`, worker/consumer.py). Anything but a string is refused.
-    """
-    if not isinstance(batch_id, str):
-        raise TypeError(f"a batch id must be a string, got {type(batch_id).__name__}")
-    if not batch_id:
-        return ""  # EventBuffer.apply picks a fresh id
-    if len(batch_id) > MAX_BATCH_ID_CHARS or not batch_id.isprintable():
-        digest = hashlib.sha256(batch_id.encode("utf-8", "surrogatepass")).hexdigest()
-        return f"sha256:{digest}"
-    return batch_id
-
-
 _RAW_ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
 _ANY = msgspec.json.Decoder()
 _JSON_TYPES = {ord("["): "array", ord('"'): "string", ord("t"): "boolean", ord("f"): "boolean",
@@ -159,7 +142,7 @@ def ingest(
         return _undeliverable(buffer, payload, batch_id)
     if limits is None:
         limits = Limits.from_settings(buffer.settings, buffer.clock)
-    batch_id = _batch_key(batch_id)
+    batch_id = batch_key(batch_id)
     items = bodies.items(payload)
     events: list[Event] = []
     positions: list[int] = []  # of each valid event in `items`
@@ -327,47 +310,3 @@ def _canonical(item: Any) -> bytes:
 def _item_bytes(item: Any) -> bytes:
     """An item of a batch as the JSON text it was sent as (or its JSON, for a dict)."""
     return item if isinstance(item, bytes) else item_json(item)
-
-
-# -- whole batches that could not be applied -----------------------------------------
-
-
-def dead_letter_batch(
-    buffer: EventBuffer,
-    raw: bytes,
-    batch_id: str,
-    *,
-    reason: str,
-    error: str,
-    task: str,
-) -> bool:
-    """Keep a whole batch (or task body) that could not be applied as one dead letter.
-
-    Stored under a marker of its own (`dead:<batch id>`), so a redelivered
-    task that fails again adds nothing; the batch id itself stays free for a
-    replay. Returns False when it had been stored before. A batch over
-    EVENT_BUFFER_MAX_MESSAGE_BYTES is cut to its first that many bytes (the
-    error says so): a dead letter never holds more than one message may.
-    """
-    limit = buffer.settings.message_limit_bytes
-    if len(raw) > limit:
-        error += f" (raw batch of {len(raw)} bytes cut to its first {limit})"
-        raw = raw[:limit]
-    header = DeadLetter(
-        reason=reason,
-        error=" ".join(error.split()),
-        source="ingest",
-        at=buffer.clock.now_ms(),
-        shard=0,
-        claim=batch_id,
-        task=task,
-    )
-    # The marker holds the digest of `raw`: another batch or body under the same id
-    # (ids reused by a producer) is kept too, once (under its conflict key).
-    result = buffer.apply(
-        [],
-        batch_id=f"dead:{_batch_key(batch_id)}",
-        dead_letters=[(header, raw)],
-        keep_conflict=lambda applied, stored: (header, raw),
-    )
-    return not result.duplicate
