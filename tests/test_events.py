@@ -11,13 +11,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support.clock import ManualClock
 from tests.support.dates import BASE_MS, DAY
 from worker.events import (
+    DEFAULT_LIMITS,
     KIND_REGULAR,
     KIND_SCREEN_VIEW,
     KIND_SESSION_END,
     Event,
     InvalidEvent,
+    Limits,
     _canonical_date,
     _epoch_date,
     decode_row,
@@ -25,6 +28,7 @@ from worker.events import (
     flatten_properties,
     parse_datetime,
     parse_event,
+    parse_events,
 )
 from worker.events.problems import invalid
 
@@ -206,3 +210,41 @@ def test_flat_properties_are_kept_and_nested_ones_flattened() -> None:
         "n": "2",
         "o.q": "true",
     }
+
+
+def test_a_batch_decoded_whole_judges_each_event_as_parse_event_does() -> None:
+    """`parse_events` (one decode for the batch) gives each item what `parse_event` gives
+    it alone: the same row, or the same field and problem; ids from the position."""
+    fixed = str(uuid.uuid4())
+    batch = [
+        with_(),
+        with_(id=fixed.upper(), properties={"a": {"b": [1, None, "x"]}, "c": "d"}),
+        with_(created_at="2026-13-45"),
+        with_(created_at=0),
+        with_(country="üü"),
+        with_(id="not-a-uuid"),
+        with_(properties={"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": "j"}}}}}}}}}),
+        with_(properties={"k": "v" * 2_000_000}),
+        with_(name="x\ud800"),
+    ]
+    ids = [str(uuid.UUID(int=n)) for n in range(len(batch))]
+    limits = Limits(clock=ManualClock(BASE_MS))
+    for sent in (batch, msgspec.json.encode(batch[:-1])):
+        results = parse_events(sent, limits, ids.__getitem__)
+        assert results is not None
+        items = sent if isinstance(sent, list) else msgspec.json.decode(sent)
+        assert len(results) == len(items)
+        for n, (item, result) in enumerate(zip(items, results, strict=True)):
+            try:
+                alone: Any = parse_event(item, limits, lambda n=n: ids[n])
+            except InvalidEvent as exc:
+                alone = exc
+            if isinstance(alone, InvalidEvent):
+                assert isinstance(result, InvalidEvent)
+                assert (result.field, result.problem) == (alone.field, alone.problem)
+            else:
+                assert not isinstance(result, InvalidEvent)
+                assert encode_event(result) == encode_event(alone)
+    # Not a list of events (an item of the wrong type, not an object): item by item.
+    assert parse_events([with_(), with_(name=5)], DEFAULT_LIMITS) is None
+    assert parse_events(b'[{"name": "x"}, 5]', DEFAULT_LIMITS) is None

@@ -224,8 +224,8 @@ def items(payload: Any) -> list[Any]:
     if isinstance(payload, msgspec.Raw):
         raw = bytes(payload).lstrip()
         if raw.startswith(b"["):
-            items = _arrayitems(raw)
-            return [raw] if items is None else items
+            found = _array_items(raw)
+            return [raw] if found is None else found
         if not raw.startswith(b'"'):
             return [raw]
         try:
@@ -236,16 +236,43 @@ def items(payload: Any) -> list[Any]:
         return [bytes(item) if isinstance(item, msgspec.Raw) else item for item in payload]
     if isinstance(payload, str) and payload.startswith("["):
         try:
-            items = _arrayitems(payload.encode("utf-8"))
+            found = _array_items(payload.encode("utf-8"))
         except UnicodeEncodeError:
-            items = None
-        if items is not None:
-            return items
+            found = None
+        if found is not None:
+            return found
         # not a JSON array after all (or not UTF-8): dead-lettered whole, below
     return [payload]
 
 
-def _arrayitems(raw: bytes) -> list[Any] | None:
+def event_array(payload: Any) -> bytes | list[Any] | None:
+    """The batch as one JSON array (bytes) or list, to decode whole; None when it is none.
+
+    What `items` would cut into items, given whole: a raw JSON array (the
+    worker leaves a task's events undecoded), the producer's JSON text (in a
+    JSON string, or a str), a list of dicts. Whether its items are events is
+    for the decoder to say."""
+    if isinstance(payload, list):
+        return payload if all(type(item) is dict for item in payload) else None
+    if isinstance(payload, msgspec.Raw):
+        raw = bytes(payload).lstrip()
+        if raw.startswith(b"["):
+            return raw
+        if not raw.startswith(b'"'):
+            return None
+        try:
+            payload = _ANY.decode(raw)
+        except msgspec.DecodeError:
+            return None
+    if isinstance(payload, str) and payload.startswith("["):
+        try:
+            return payload.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+    return None
+
+
+def _array_items(raw: bytes) -> list[Any] | None:
     """The JSON text of each item of a JSON array; None when it is not one."""
     try:
         return [bytes(item) for item in _RAW_ITEMS.decode(raw)]

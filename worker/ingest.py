@@ -45,7 +45,7 @@ from worker.deadletters import (
     DeadLetter,
 )
 from worker.errors import InvalidEvent
-from worker.events import Event, Limits, encode_event, parse_event
+from worker.events import Event, Limits, encode_event, parse_event, parse_events
 from worker.names import TASK_INGEST_EVENTS
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,12 @@ def derived_ids(batch_id: str) -> Callable[[int], str]:
     uuid5). Same batch, same position, same id: a redelivered batch routes
     its events to the same shards, whose batch markers skip them.
     """
-    base = uuid.uuid5(_ID_NAMESPACE, batch_id).int
+    h = f"{uuid.uuid5(_ID_NAMESPACE, batch_id).int:032x}"
+    # Only the node field changes with the position: the rest is formatted once.
+    head, node = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-", int(h[20:], 16)
 
     def derive(index: int) -> str:
-        h = f"{base ^ (index & 0xFFFF_FFFF_FFFF):032x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        return f"{head}{node ^ (index & 0xFFFF_FFFF_FFFF):012x}"
 
     return derive
 
@@ -106,7 +107,6 @@ class IngestResult:
         return out
 
 
-_RAW_ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
 _ANY = msgspec.json.Decoder()
 _JSON_TYPES = {ord("["): "array", ord('"'): "string", ord("t"): "boolean", ord("f"): "boolean",
                ord("n"): "null"}  # fmt: skip
@@ -120,6 +120,31 @@ def _not_an_object(item: bytes) -> str | None:
     if not text:
         return "nothing"
     return _JSON_TYPES.get(text[0], "number")
+
+
+def _validate_array(
+    payload: Any, limits: Limits, derive: Callable[[int], str] | None
+) -> list[Event | InvalidEvent] | None:
+    """Each event of a batch that decodes whole as a list of events, or None."""
+    batch = bodies.event_array(payload)
+    return None if batch is None else parse_events(batch, limits, derive)
+
+
+def _validate_item(
+    item: Any, index: int, limits: Limits, derive: Callable[[int], str] | None
+) -> Event | InvalidEvent:
+    """One item of a batch: its Event, or the InvalidEvent saying why it is none."""
+    try:
+        if isinstance(item, bytes):  # JSON bytes: from a JSON text or a lazy task body
+            kind = _not_an_object(item)
+            if kind is not None:
+                raise InvalidEvent("$", f"an event must be an object, got {kind}")
+        elif not isinstance(item, dict):
+            # JSON text is no event object here: only dicts come from producers.
+            raise InvalidEvent("$", f"an event must be an object, got {json_type(item)}")
+        return parse_event(item, limits, partial(derive, index) if derive else None)
+    except InvalidEvent as exc:
+        return exc
 
 
 def ingest(
@@ -143,9 +168,8 @@ def ingest(
     if limits is None:
         limits = Limits.from_settings(buffer.settings, buffer.clock)
     batch_id = batch_key(batch_id)
-    items = bodies.items(payload)
     events: list[Event] = []
-    positions: list[int] = []  # of each valid event in `items`
+    positions: list[int] = []  # of each valid event in the batch
     invalid: list[int] = []  # positions of the items dead-lettered
     dead: list[tuple[DeadLetter, bytes]] = []
     now = buffer.clock.now_ms()
@@ -154,34 +178,43 @@ def ingest(
     # position: a redelivered batch routes it to the same shard, whose batch
     # marker skips it (a random id could land on another shard).
     derive = derived_ids(batch_id) if batch_id else None
-    for index, item in enumerate(items):
-        try:
-            if isinstance(item, bytes):  # JSON bytes: from a JSON text or a lazy task body
-                kind = _not_an_object(item)
-                if kind is not None:
-                    raise InvalidEvent("$", f"an event must be an object, got {kind}")
-            elif not isinstance(item, dict):
-                # JSON text is no event object here: only dicts come from producers.
-                raise InvalidEvent("$", f"an event must be an object, got {json_type(item)}")
-            events.append(parse_event(item, limits, partial(derive, index) if derive else None))
+    # The whole batch in one decode when it is a JSON array of event objects of the
+    # right types (the common case); else item by item, each judged on its own.
+    results = _validate_array(payload, limits, derive)
+    sliced: list[Any] | None = None
+
+    def items_of() -> list[Any]:
+        """The batch's items (each a dict, or the JSON bytes of one), cut once, if needed."""
+        nonlocal sliced
+        if sliced is None:
+            sliced = bodies.items(payload)
+        return sliced
+
+    if results is None:
+        results = [_validate_item(item, n, limits, derive) for n, item in enumerate(items_of())]
+    for index, outcome in enumerate(results):
+        if not isinstance(outcome, InvalidEvent):
+            events.append(outcome)
             positions.append(index)
-        except InvalidEvent as exc:
-            invalid.append(index)
-            raw = item_json(item)
-            error = str(exc)
-            if len(raw) > max_dead_bytes:
-                error += f" (raw payload of {len(raw)} bytes cut to {max_dead_bytes})"
-                raw = raw[:max_dead_bytes]
-            header = DeadLetter(
-                reason=REASON_INVALID_EVENT,
-                error=error,
-                field=exc.field,
-                source="ingest",
-                at=now,
-                shard=0,  # set to the shard that stores it, by EventBuffer.apply
-                claim=batch_id,
-            )
-            dead.append((header, raw))
+            continue
+        invalid.append(index)
+        item = items_of()[index]
+        raw = item_json(item)
+        error = str(outcome)
+        if len(raw) > max_dead_bytes:
+            error += f" (raw payload of {len(raw)} bytes cut to {max_dead_bytes})"
+            raw = raw[:max_dead_bytes]
+        header = DeadLetter(
+            reason=REASON_INVALID_EVENT,
+            error=error,
+            field=outcome.field,
+            source="ingest",
+            at=now,
+            shard=0,  # set to the shard that stores it, by EventBuffer.apply
+            claim=batch_id,
+        )
+        dead.append((header, raw))
+    items = items_of() if invalid else [None] * len(results)
     digest = batch_digest(items, events, positions, invalid)
 
     def keep(applied: frozenset[int], stored: str) -> tuple[DeadLetter, bytes]:
@@ -195,7 +228,7 @@ def ingest(
                     if buffer.shard_of(event) not in applied]  # fmt: skip
             if first not in applied:  # the invalid items' dead letters were not stored
                 left = sorted(left + invalid)
-            raw = b"[" + b",".join(_item_bytes(items[n]) for n in left) + b"]"
+            raw = b"[" + b",".join(_item_bytes(items_of()[n]) for n in left) + b"]"
         error = (
             f"batch id {batch_id} was applied before with other content (digest {stored}; "
             f"this batch: {digest}): nothing of this batch was applied; "

@@ -42,6 +42,7 @@ from worker.events.validation import (
     DEFAULT_LIMITS,
     Limits,
     parse_event,
+    parse_events,
 )
 
 __all__ = [
@@ -68,4 +69,5 @@ __all__ = [
     "normalize_date",
     "parse_datetime",
     "parse_event",
+    "parse_events",
 ]

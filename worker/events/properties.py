@@ -39,11 +39,16 @@ def _flatten(prefix: str, value: Any, out: dict[str, str], depth: int) -> None:
     if isinstance(value, str):
         out[prefix] = value
     elif isinstance(value, dict):
+        leaves = depth < MAX_PROPERTY_DEPTH  # a string one level down is within the limit
         for key, item in value.items():
             if not isinstance(key, str):
                 where = f"properties.{prefix}" if prefix else "properties"
                 raise InvalidEvent(where, f"keys must be strings, got {type(key).__name__}")
-            _flatten(f"{prefix}.{key}" if prefix else key, item, out, depth + 1)
+            name = f"{prefix}.{key}" if prefix else key
+            if leaves and type(item) is str:  # most values: no call for them
+                out[name] = item
+            else:
+                _flatten(name, item, out, depth + 1)
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
             _flatten(f"{prefix}.{index}", item, out, depth + 1)

@@ -76,6 +76,7 @@ DEFAULT_LIMITS = Limits()
 
 _encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(Event)
+_batch_decoder = msgspec.json.Decoder(list[Event])
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
 
@@ -105,28 +106,70 @@ def parse_event(
         raise InvalidEvent("$", "not valid UTF-8 (the text holds a lone surrogate)") from None
     except RecursionError:  # JSON nested ~1,000 levels deep: the decoder's own limit
         raise too_deep(obj) from None
-    now = limits.clock.now_ms()
-    _normalize(event, (now - limits.max_past_ms, now + limits.max_future_ms), default_id)
-    try:
-        row = _encoder.encode(event)
-    except UnicodeEncodeError:
-        raise surrogate_field(event, event.properties) from None
-    if len(row) > limits.max_event_bytes:
-        raise oversized(event, len(row), limits.max_event_bytes)
-    event.__dict__["_row"] = row
-    return event
-
-
-def _normalize(event: Event, bounds: tuple[int, int], default_id: Callable[[], str] | None) -> None:
-    """Bring a decoded event's values to the stored form, checking what the types cannot.
-
-    Runs once every field has decoded (as a `__post_init__` would), so an
-    event with a field of the wrong type is reported for that field first.
-    """
     if event.id:
         event.id = _normalize_id(event.id)
     else:
         event.id = default_id() if default_id is not None else _uuid4()
+    now = limits.clock.now_ms()
+    _normalize(event, (now - limits.max_past_ms, now + limits.max_future_ms))
+    return _with_row(event, limits.max_event_bytes)
+
+
+def parse_events(
+    batch: bytes | list[Any], limits: Limits, default_id: Callable[[int], str] | None = None
+) -> list[Event | InvalidEvent] | None:
+    """A batch's events in one decode: each normalized `Event`, or the `InvalidEvent` it
+    raised; None when the batch does not decode whole as a list of events (an item
+    not an object, of the wrong types, ...): then each item goes through `parse_event`
+    on its own, which names its field.
+
+    `batch` is a JSON array (bytes) or a list of dicts; an event without an
+    `id` at position n gets `default_id(n)`, or a random one. The same
+    checks, in the same order, as `parse_event` on each item.
+    """
+    try:
+        if isinstance(batch, list):
+            events = msgspec.convert(batch, list[Event])
+        else:
+            events = _batch_decoder.decode(batch)
+    except (msgspec.MsgspecError, RecursionError, UnicodeEncodeError):
+        return None
+    now = limits.clock.now_ms()
+    bounds = (now - limits.max_past_ms, now + limits.max_future_ms)
+    max_bytes = limits.max_event_bytes
+    out: list[Event | InvalidEvent] = []
+    for index, event in enumerate(events):
+        try:
+            if event.id:
+                event.id = _normalize_id(event.id)
+            else:
+                event.id = default_id(index) if default_id is not None else _uuid4()
+            _normalize(event, bounds)
+            out.append(_with_row(event, max_bytes))
+        except InvalidEvent as exc:
+            out.append(exc)
+    return out
+
+
+def _with_row(event: Event, max_bytes: int) -> Event:
+    """The event with its encoded row kept on it, once the row is known to fit."""
+    try:
+        row = _encoder.encode(event)
+    except UnicodeEncodeError:
+        raise surrogate_field(event, event.properties) from None
+    if len(row) > max_bytes:
+        raise oversized(event, len(row), max_bytes)
+    event.__dict__["_row"] = row
+    return event
+
+
+def _normalize(event: Event, bounds: tuple[int, int]) -> None:
+    """Bring a decoded event's values to the stored form, checking what the types cannot.
+
+    Runs once every field has decoded (as a `__post_init__` would), so an
+    event with a field of the wrong type is reported for that field first;
+    the id is normalized (or assigned) before.
+    """
     event.created_at, event.__dict__["_created_ms"] = normalize_date(
         "created_at", event.created_at, bounds
     )
