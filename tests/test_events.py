@@ -248,3 +248,14 @@ def test_a_batch_decoded_whole_judges_each_event_as_parse_event_does() -> None:
     # Not a list of events (an item of the wrong type, not an object): item by item.
     assert parse_events([with_(), with_(name=5)], DEFAULT_LIMITS) is None
     assert parse_events(b'[{"name": "x"}, 5]', DEFAULT_LIMITS) is None
+
+
+def test_an_iso_week_date_is_stored_as_a_calendar_date() -> None:
+    """`2026-W49-1T10:00:00Z` has the length and separators of the common form: the fast
+    path once stored it as sent, a text ClickHouse cannot read as a DateTime64."""
+    year, week, weekday = datetime.fromisoformat(DAY).isocalendar()
+    for sent in (
+        f"{year}-W{week:02d}-{weekday}T10:00:00Z",
+        f"{year}-W{week:02d}-{weekday}T10:00:00.000Z",
+    ):
+        assert parse_event(with_(created_at=sent)).created_at == f"{DAY} 10:00:00.000"

@@ -42,7 +42,8 @@ def _canonical_date(text: str) -> tuple[str, int] | None:
     (the stored form: what the producer client sends, and replays). The
     separators must stand where those forms have them; `fromisoformat`
     checks the rest (digits, the day exists, hours < 24, ...), and the text
-    and epoch ms are those of the general path.
+    and epoch ms are those of the general path (which stores any other
+    ISO-8601 form, such as a week date, as `YYYY-MM-DD`).
     """
     size = len(text)
     if size == 23 and text[10] == " " and text[19] == ".":  # the stored form already
@@ -53,7 +54,9 @@ def _canonical_date(text: str) -> tuple[str, int] | None:
         naive = text[:19] + ".000"
     else:
         return None
-    if not (naive[13] == ":" and naive[16] == ":"):
+    # `YYYY-MM-DD`: Python's fromisoformat also reads other dates of ten characters
+    # (a week date, `2026-W49-1`), which this path would store as they were sent.
+    if not (naive[4] == "-" and naive[7] == "-" and naive[13] == ":" and naive[16] == ":"):
         return None
     try:
         parsed = datetime.fromisoformat(naive)
