@@ -46,3 +46,14 @@ def test_installed_the_worker_decodes_lazily_and_sends_raw_arguments_as_json() -
     finally:  # this test process goes back to kombu's own decoder
         serialization.register_json()
     assert serialization.loads(body, "application/json", "utf-8") == json.loads(body)
+
+
+def test_the_same_body_is_decoded_once() -> None:
+    """Celery decodes a message's body twice (the strategy, then the trace), the very
+    same object: the second decode is the first's result; an equal body is decoded anew."""
+    body = json.dumps([[[{"name": "x"}]], {}, {}]).encode()
+    first = bodies.decode(body)
+    assert bodies.decode(body) is first
+    again = bodies.decode(bytes(bytearray(body)))
+    assert again is not first and again[1:] == first[1:]
+    assert [bytes(arg) for arg in again[0]] == [bytes(arg) for arg in first[0]]

@@ -60,8 +60,19 @@ _ANY = msgspec.json.Decoder()
 MAX_BATCH_ID_CHARS = 200
 
 
+# The last task body decoded, and what it gave. Celery decodes a message's body
+# twice in the same process (the strategy's `message.payload`, then the trace,
+# with the very same body object): the second time costs nothing. Held by
+# reference, so its id cannot be reused by another body while it is kept.
+_last: tuple[Any, Any] = (None, None)
+
+
 def decode(data: str | bytes) -> Any:
     """A JSON message body: a task body with raw positional arguments, else as kombu does."""
+    global _last
+    last = _last
+    if data is last[0]:
+        return last[1]
     try:
         args, kwargs, embed = _TASK_BODY.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError):
@@ -71,7 +82,9 @@ def decode(data: str | bytes) -> Any:
             return _cut(data, exc)
     except RecursionError as exc:  # a positional argument nested too deep to skip over
         return _cut(data, exc)
-    return args, _keywords(bytes(kwargs)), kombu_json.loads(bytes(embed))
+    decoded = args, _keywords(bytes(kwargs)), kombu_json.loads(bytes(embed))
+    _last = (data, decoded)
+    return decoded
 
 
 def _cut(data: str | bytes, exc: Exception) -> Any:
