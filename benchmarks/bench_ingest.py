@@ -42,6 +42,8 @@ from worker.settings import Settings
 
 BATCH = 1000
 TARGET_EVENTS_PER_S = 80_000
+# The producer client's path against the standard interface's (issue 22).
+TARGET_STANDARD_RATIO = 1.5
 
 
 def run(args: argparse.Namespace) -> list[Result]:
@@ -131,6 +133,24 @@ def run(args: argparse.Namespace) -> list[Result]:
     log(f"[ingest] producer side   {producer_rate:>10,.0f} events/s (send() until close())")
     log(f"[ingest] workers' CPU    {median(busy):>10.2f} cores while draining ({layout})")
     args.stage_rates.update(producer=producer_rate, ingest=celery_rate)
+    standard = getattr(args, "standard_rate", None)  # the standard benchmark, in this run
+    versus = (
+        [
+            Result(
+                "ingest: producer client vs standard interface",
+                "events/s",
+                celery_rate,
+                standard,
+                "send_task of 500 dicts, drained (the standard benchmark)",
+                rounds,
+                target=f">= {TARGET_STANDARD_RATIO}x",
+                passed=celery_rate >= TARGET_STANDARD_RATIO * standard,
+                note="both drained by the same layout, in this run",
+            )
+        ]
+        if standard
+        else []
+    )
     return [
         Result(
             "ingest: producer client's tasks, drained",
@@ -146,5 +166,6 @@ def run(args: argparse.Namespace) -> list[Result]:
                 "(validation and publishing in one thread)"
             ),
             extra={"events": n, "producer_batch": BATCH, "producer_rate": producer_rate},
-        )
+        ),
+        *versus,
     ]

@@ -14,7 +14,8 @@ new message: the broker may be the very Redis that is full, and Celery's
 - Anything else (a Lua error, a key of the wrong type, a bug): tried
   `UNEXPECTED_ATTEMPTS` times in all, then the raw batch becomes one
   `ingest_failed` dead letter (`eventbuffer dlq list`; `dlq replay` once the
-  cause is fixed). If even that cannot be stored, it waits as above.
+  cause is fixed). If even that cannot be stored, it waits as above
+  (`worker/dead_batches.py`: the same policy as the consumer's).
 
 A redelivered task keeps its id, which is the batch id: the batch markers
 make a redelivery of a batch that was in fact applied harmless.
@@ -30,12 +31,14 @@ from celery import Task
 from celery.exceptions import Reject
 
 from worker import metrics, runtime
+from worker.bodies import batch_bytes
 from worker.celery import app
+from worker.dead_batches import keep_batch
 from worker.deadletters import REASON_INGEST_FAILED
-from worker.ingest import IngestResult, batch_bytes, dead_letter_batch, ingest
+from worker.ingest import IngestResult, ingest
 from worker.names import FLUSH_QUEUE, TASK_INGEST_EVENT, TASK_INGEST_EVENTS, TASK_PROCESS_BUFFER
 from worker.pause import PAUSE, ShutdownRequested, wait_s
-from worker.redis_errors import REDIS_FAILURES, is_transient
+from worker.redis_errors import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -102,35 +105,31 @@ def _wait(task: Task, batch: str, exc: Exception, attempt: int) -> None:
 def _dead_letter(
     task: Task, payload: Any, batch: str, exc: Exception, failures: int
 ) -> dict[str, Any]:
-    """Keep the raw batch as one dead letter (never drop it); wait while that is refused."""
+    """Keep the raw batch as one dead letter (never drop it); wait while Redis refuses
+    (`worker.dead_batches`: the failure policy the consumer follows too)."""
     error = f"{type(exc).__name__}: {exc}"
+    raw = batch_bytes(payload)
     waits = 0
     while True:
-        try:
-            stored = dead_letter_batch(
-                runtime.buffer(),
-                batch_bytes(payload),
-                batch,
-                reason=REASON_INGEST_FAILED,
-                error=error,
-                task=task.name,
-            )
+        kept = keep_batch(
+            runtime.buffer, raw, batch, reason=REASON_INGEST_FAILED, error=error, task=task.name
+        )
+        if kept.failed is not None:
+            raise kept.failed
+        if kept.retry is None:
             break
-        except REDIS_FAILURES as store_exc:
-            if not waits:
-                log.error(
-                    "batch %s failed %d times (%s) and could not be dead-lettered (%s); "
-                    "waiting until it can be",
-                    batch,
-                    failures,
-                    error,
-                    store_exc,
-                )
-            _wait(task, batch, store_exc, waits)
-            waits += 1
+        if not waits:
+            log.error(
+                "batch %s failed %d times (%s) and could not be dead-lettered (%s); "
+                "waiting until it can be",
+                batch,
+                failures,
+                error,
+                kept.retry,
+            )
+        _wait(task, batch, kept.retry, waits)
+        waits += 1
     PAUSE.succeeded()
-    if stored:
-        metrics.record_batch_dead_lettered(REASON_INGEST_FAILED)
     log.error(
         "batch %s failed %d times: dead-lettered whole as %s (eventbuffer dlq list)",
         batch,

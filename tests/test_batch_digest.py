@@ -31,12 +31,13 @@ from tests.support.celery_procs import project_env, worker
 from tests.support.clock import ManualClock
 from tests.support.dates import BASE_MS
 from tests.support.polling import wait_until
+from worker import bodies
+from worker.bodies import MAX_BATCH_ID_CHARS, body_batch, call_problem
 from worker.buffer import EventBuffer
 from worker.celery import create_app
-from worker.consumer import call_problem
 from worker.deadletters import DeadLetter, decode_dead_letter
 from worker.errors import BatchIdConflictError
-from worker.ingest import MAX_BATCH_ID_CHARS, _items, body_batch, dead_letter_batch, ingest
+from worker.ingest import dead_letter_batch, ingest
 from worker.keys import ShardKeys, shard_for
 from worker.settings import Settings
 
@@ -358,7 +359,7 @@ def test_a_replayed_undeliverable_body_keeps_every_argument_as_an_item() -> None
         # The worker leaves events raw (worker/bodies.py); ingest() decodes each.
         return [
             msgspec.json.decode(item) if isinstance(item, bytes) else item
-            for item in _items(body_batch(task, body))
+            for item in bodies.items(body_batch(task, body))
         ]
 
     e1, e2 = {"name": "e1"}, {"name": "e2"}

@@ -10,7 +10,6 @@ from kombu import serialization
 from kombu.utils import json as kombu_json
 
 from worker import bodies
-from worker.ingest import _items
 
 
 def test_a_task_body_keeps_its_positional_arguments_raw() -> None:
@@ -21,7 +20,7 @@ def test_a_task_body_keeps_its_positional_arguments_raw() -> None:
     assert json.loads(bytes(args[0])) == events
     assert (kwargs, embed) == ({"batch_id": "b"}, {"callbacks": None})
     # ingest reads the raw events argument as one JSON item per event, undecoded
-    assert [json.loads(item) for item in _items(args[0])] == events
+    assert [json.loads(item) for item in bodies.items(args[0])] == events
 
 
 def test_other_bodies_decode_as_kombu_decodes_them() -> None:
@@ -47,3 +46,14 @@ def test_installed_the_worker_decodes_lazily_and_sends_raw_arguments_as_json() -
     finally:  # this test process goes back to kombu's own decoder
         serialization.register_json()
     assert serialization.loads(body, "application/json", "utf-8") == json.loads(body)
+
+
+def test_the_same_body_is_decoded_once() -> None:
+    """Celery decodes a message's body twice (the strategy, then the trace), the very
+    same object: the second decode is the first's result; an equal body is decoded anew."""
+    body = json.dumps([[[{"name": "x"}]], {}, {}]).encode()
+    first = bodies.decode(body)
+    assert bodies.decode(body) is first
+    again = bodies.decode(bytes(bytearray(body)))
+    assert again is not first and again[1:] == first[1:]
+    assert [bytes(arg) for arg in again[0]] == [bytes(arg) for arg in first[0]]

@@ -6,16 +6,21 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support.clock import ManualClock
 from tests.support.dates import BASE_MS, DAY
 from worker.events import (
+    DEFAULT_LIMITS,
     KIND_REGULAR,
     KIND_SCREEN_VIEW,
     KIND_SESSION_END,
+    Event,
     InvalidEvent,
+    Limits,
     _canonical_date,
     _epoch_date,
     decode_row,
@@ -23,7 +28,9 @@ from worker.events import (
     flatten_properties,
     parse_datetime,
     parse_event,
+    parse_events,
 )
+from worker.events.problems import invalid
 
 BASE = {"project_id": "p", "name": "x", "created_at": f"{DAY}T00:00:00Z"}
 
@@ -79,6 +86,32 @@ def test_invalid_events_name_the_field(payload: Any, field: str, problem: str) -
         parse_event(payload)
     assert raised.value.field == field
     assert problem in raised.value.problem
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"name": "x", "created_at": 1}, "project_id"),
+        (with_(session_id=5), "session_id"),
+        (with_(name=""), "name"),
+        (with_(properties={1: "a"}), "properties"),
+        (with_(properties=["a"]), "properties"),
+        (with_(longitude=500.0), "longitude"),
+        ({1: "x", **BASE}, "$"),
+        (b'{"project_id":"p","name":"x","created_at":1,"duration":"5"}', "duration"),
+        (b'{"project_id":"p","created_at":1}', "name"),
+        (b'{"project_id":"p","name":"x","created_at":1,"properties":{"a":1e999}}', "properties"),
+        (b"[1, 2]", "$"),
+    ],
+)
+def test_field_names_do_not_depend_on_the_wording_of_msgspec(payload: Any, field: str) -> None:
+    """The field comes from the input, not from msgspec's message: a release that words
+    its messages otherwise names the same fields."""
+    with pytest.raises(InvalidEvent) as raised:
+        parse_event(payload)
+    assert raised.value.field == field
+    reworded = msgspec.ValidationError("a message in words no msgspec release has used")
+    assert invalid(payload, Event, reworded).field == field
 
 
 def test_non_objects_and_bad_json_are_rejected() -> None:
@@ -177,3 +210,52 @@ def test_flat_properties_are_kept_and_nested_ones_flattened() -> None:
         "n": "2",
         "o.q": "true",
     }
+
+
+def test_a_batch_decoded_whole_judges_each_event_as_parse_event_does() -> None:
+    """`parse_events` (one decode for the batch) gives each item what `parse_event` gives
+    it alone: the same row, or the same field and problem; ids from the position."""
+    fixed = str(uuid.uuid4())
+    batch = [
+        with_(),
+        with_(id=fixed.upper(), properties={"a": {"b": [1, None, "x"]}, "c": "d"}),
+        with_(created_at="2026-13-45"),
+        with_(created_at=0),
+        with_(country="üü"),
+        with_(id="not-a-uuid"),
+        with_(properties={"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": "j"}}}}}}}}}),
+        with_(properties={"k": "v" * 2_000_000}),
+        with_(name="x\ud800"),
+    ]
+    ids = [str(uuid.UUID(int=n)) for n in range(len(batch))]
+    limits = Limits(clock=ManualClock(BASE_MS))
+    for sent in (batch, msgspec.json.encode(batch[:-1])):
+        results = parse_events(sent, limits, ids.__getitem__)
+        assert results is not None
+        items = sent if isinstance(sent, list) else msgspec.json.decode(sent)
+        assert len(results) == len(items)
+        for n, (item, result) in enumerate(zip(items, results, strict=True)):
+            try:
+                alone: Any = parse_event(item, limits, lambda n=n: ids[n])
+            except InvalidEvent as exc:
+                alone = exc
+            if isinstance(alone, InvalidEvent):
+                assert isinstance(result, InvalidEvent)
+                assert (result.field, result.problem) == (alone.field, alone.problem)
+            else:
+                assert not isinstance(result, InvalidEvent)
+                assert encode_event(result) == encode_event(alone)
+    # Not a list of events (an item of the wrong type, not an object): item by item.
+    assert parse_events([with_(), with_(name=5)], DEFAULT_LIMITS) is None
+    assert parse_events(b'[{"name": "x"}, 5]', DEFAULT_LIMITS) is None
+
+
+def test_an_iso_week_date_is_stored_as_a_calendar_date() -> None:
+    """`2026-W49-1T10:00:00Z` has the length and separators of the common form: the fast
+    path once stored it as sent, a text ClickHouse cannot read as a DateTime64."""
+    year, week, weekday = datetime.fromisoformat(DAY).isocalendar()
+    for sent in (
+        f"{year}-W{week:02d}-{weekday}T10:00:00Z",
+        f"{year}-W{week:02d}-{weekday}T10:00:00.000Z",
+    ):
+        assert parse_event(with_(created_at=sent)).created_at == f"{DAY} 10:00:00.000"

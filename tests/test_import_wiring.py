@@ -14,8 +14,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 import worker
 from tests.support.celery_procs import ROOT
 
@@ -81,11 +79,6 @@ def test_importing_the_library_connects_no_hook_and_no_transport_alias() -> None
         assert wiring["after"][part] == wiring["before"][part]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker/producer.py registers the eventbuffer-json serializer on import "
-    "(the producer's part of issue 19); drop this mark once it is registered by a call",
-)
 def test_importing_the_library_changes_no_serializer() -> None:
     wiring = _wiring(*_library_modules())
     for part in ("serializers", "decoders"):

@@ -448,3 +448,28 @@ def test_a_host_apps_worker_is_untouched_by_eventbuffer(
             host_worker.wait(15)
         except subprocess.TimeoutExpired:
             host_worker.kill()
+
+
+def test_the_serializer_is_registered_by_a_producer_not_by_the_import() -> None:
+    """Importing the producer changes nothing in kombu; making one registers its encoder."""
+    script = """
+from kombu.exceptions import SerializerNotInstalled
+from kombu.serialization import dumps
+import worker.producer
+def registered():
+    try:
+        dumps([1], serializer="eventbuffer-json")
+    except SerializerNotInstalled:
+        return False
+    return True
+print(registered())
+worker.producer.EventProducer(batch_ms=0).close(timeout=0)
+print(registered())
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENT_BUFFER_")}
+    env.update(PYTHONPATH=str(ROOT), REDIS_URL="redis://127.0.0.1:1/0")
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]

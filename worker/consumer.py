@@ -7,7 +7,7 @@ that is not registered (the consumer's `on_*` handlers), and a body whose
 arguments do not fit the task, such as celery-node's
 `client.sendTask(name, args)`, which sends `[args, null, {}]` (the trace
 refuses it only in the pool), or whose `batch_id` argument is no batch id
-(`worker.ingest.batch_id_problem`: `send_task("eventbuffer.ingest_event",
+(`worker.bodies.batch_id_problem`: `send_task("eventbuffer.ingest_event",
 args=[e1, e2])` makes `e2` the batch id). For messages addressed to eventbuffer's
 ingest tasks (and to any unknown `eventbuffer.*` name), the raw body is
 stored as one `undeliverable_task` dead letter (`eventbuffer dlq list`;
@@ -19,7 +19,8 @@ consumer's timer tries again after 1 s, then every 2, 4 ... up to 30 s:
 nothing sleeps on the event loop, and the message is neither lost nor sent
 round its queue in a busy loop.
 
-Only a Redis failure is waited for that way, and at most RETRY_ATTEMPTS
+Only a Redis failure is waited for that way (`worker/dead_batches.py`: the
+policy the ingest task follows too), and at most RETRY_ATTEMPTS
 times (about 10 minutes); after that, or at once when storing fails for any
 other reason (a body the dead letter cannot hold), the message is parked
 unchanged in the broker (the reliable transport's
@@ -54,16 +55,15 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
 from celery.utils.time import maybe_iso8601
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.strategy import default as default_strategy
 
-from worker import metrics, runtime
+from worker import runtime
+from worker.bodies import call_problem
+from worker.dead_batches import keep_batch
 from worker.deadletters import REASON_UNDELIVERABLE
-from worker.ingest import batch_id_problem, dead_letter_batch
 from worker.names import TASK_INGEST_EVENT, TASK_INGEST_EVENTS, TASK_PREFIX
-from worker.redis_errors import REDIS_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,6 @@ RETRY_MAX_S = 30.0
 RETRY_ATTEMPTS = 25
 #: A message rejected without a dead letter has this much of its body logged.
 LOGGED_BODY_BYTES = 65536
-
-#: Failures to store a dead letter that heal by waiting: the buffer's Redis away.
-STORE_FAILURES: tuple[type[BaseException], ...] = (*REDIS_FAILURES, OSError)
 
 
 def addressed_task(message: Any) -> str:
@@ -121,15 +118,15 @@ def keep_undeliverable(
     headers = message.headers if isinstance(message.headers, dict) else {}
     task_id = headers.get("id") if isinstance(headers.get("id"), str) else ""
     task_id = task_id or "sha256:" + hashlib.sha256(raw).hexdigest()
-    try:
-        stored = dead_letter_batch(
-            runtime.buffer(), raw, task_id, reason=REASON_UNDELIVERABLE, error=error, task=name
-        )
-    except Exception as store_exc:
-        redis_away = isinstance(store_exc, STORE_FAILURES)
-        if not redis_away or attempt >= RETRY_ATTEMPTS:
+    kept = keep_batch(
+        runtime.buffer, raw, task_id, reason=REASON_UNDELIVERABLE, error=error, task=name
+    )
+    if not kept.kept:
+        store_exc = kept.retry or kept.failed
+        assert store_exc is not None
+        if kept.retry is None or attempt >= RETRY_ATTEMPTS:
             why = f"{error}; its dead letter could not be stored: {type(store_exc).__name__}: "
-            park(message, why + str(store_exc), connection_errors, requeue=redis_away)
+            park(message, why + str(store_exc), connection_errors, requeue=kept.retry is not None)
             return
         if timer is None:
             log.error(
@@ -167,8 +164,6 @@ def keep_undeliverable(
             ),
         )
         return
-    if stored:
-        metrics.record_batch_dead_lettered(REASON_UNDELIVERABLE)
     log.error(
         "%s message %s cannot be run (%s): kept as a dead letter (eventbuffer dlq list)",
         name,
@@ -230,37 +225,6 @@ def _keep_again(
     if message.acknowledged or getattr(message.channel, "closed", False):
         return
     keep_undeliverable(message, name, error, connection_errors, timer, pause_s, attempt)
-
-
-def call_problem(signature: inspect.Signature, payload: Any) -> str | None:
-    """Why a decoded task body cannot call a task of this signature, or None when it can.
-
-    Protocol 2 bodies are `[args, kwargs, embed]`; protocol 1 bodies a dict
-    with `args` and `kwargs` (missing ones are empty). A `batch_id` argument
-    must be a short string of printable characters (or absent): anything
-    else would become the id of the batch, and be none.
-    """
-    if isinstance(payload, list | tuple) and len(payload) == 3:
-        args, kwargs = payload[0], payload[1]
-    elif isinstance(payload, dict):
-        args, kwargs = payload.get("args", ()), payload.get("kwargs", {})
-    else:
-        return "the body is neither a protocol 1 nor a protocol 2 task body"
-    if not isinstance(args, list | tuple):
-        return f"the task's arguments are not a list (got {type(args).__name__})"
-    if not isinstance(kwargs, dict):
-        return f"the task's keyword arguments are not a mapping (got {type(kwargs).__name__})"
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        return f"the arguments do not fit the task: {exc}"
-    batch_id = bound.arguments.get("batch_id")
-    if isinstance(batch_id, msgspec.Raw):  # a positional argument, left undecoded
-        try:
-            batch_id = msgspec.json.decode(batch_id)
-        except msgspec.DecodeError as exc:
-            return f"the batch_id argument is not JSON: {exc}"
-    return batch_id_problem(batch_id)
 
 
 def ingest_strategy(task: Any, app: Any, consumer: Any, **options: Any) -> Callable[..., Any]:

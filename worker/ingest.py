@@ -24,7 +24,6 @@ which `eventbuffer dlq replay` applies under a new batch id.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -36,7 +35,9 @@ import msgspec
 
 from worker import bodies
 from worker.apply import content_digest
+from worker.bodies import batch_bytes, batch_id_problem, batch_key, item_json, json_type
 from worker.buffer import EventBuffer
+from worker.dead_batches import dead_letter_batch as dead_letter_batch  # re-exported
 from worker.deadletters import (
     REASON_BATCH_ID_CONFLICT,
     REASON_INVALID_EVENT,
@@ -44,11 +45,9 @@ from worker.deadletters import (
     DeadLetter,
 )
 from worker.errors import InvalidEvent
-from worker.errors import TaskBodyError as TaskBodyError
-from worker.events import Event, Limits, encode_event, parse_event
-from worker.json_slices import JsonSliceError, split_array
-from worker.names import TASK_INGEST_EVENT, TASK_INGEST_EVENTS
-from worker.retention import check_retention
+from worker.events import Event, Limits, encode_event, parse_event, parse_events
+from worker.names import TASK_INGEST_EVENTS
+from worker.retention import PastRetention, check_retention
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +66,14 @@ def derived_ids(batch_id: str) -> Callable[[int], str]:
     uuid5). Same batch, same position, same id: a redelivered batch routes
     its events to the same shards, whose batch markers skip them.
     """
-    base = uuid.uuid5(_ID_NAMESPACE, batch_id).int
+    h = f"{uuid.uuid5(_ID_NAMESPACE, batch_id).int:032x}"
+    # Only the node field changes with the position: the rest is formatted once.
+    head, node = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-", int(h[20:], 16)
 
     def derive(index: int) -> str:
-        h = f"{base ^ (index & 0xFFFF_FFFF_FFFF):032x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        return f"{head}{node ^ (index & 0xFFFF_FFFF_FFFF):012x}"
 
     return derive
-
-
-# Batch ids become part of a Redis key. A task's batch_id argument must be a string of
-# printable characters no longer than this (else the task is undeliverable); a task id
-# (the batch id when the argument is absent) that is not is replaced by its digest.
-MAX_BATCH_ID_CHARS = 200
 
 
 @dataclass
@@ -114,117 +108,9 @@ class IngestResult:
         return out
 
 
-def _raw(item: Any) -> bytes:
-    """The item as JSON, for its dead letter, whatever it holds (never raises).
-
-    Items of a batch sent as JSON text are already their own JSON bytes.
-
-    `json.dumps` keeps what was sent (NaN stays NaN, a lone surrogate
-    becomes its \\u escape); what it cannot encode (tuple keys, bytes from
-    a Python caller) is shown with `repr`.
-    """
-    if isinstance(item, bytes):
-        return item
-    if isinstance(item, msgspec.Raw):  # a keyword argument left undecoded (worker/bodies.py)
-        return bytes(item)
-    try:
-        text = json.dumps(item, ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        try:
-            text = repr(item)
-        except (ValueError, RecursionError):  # too deep, or an int too long for str()
-            text = f"<unprintable {type(item).__name__}>"
-    return text.encode("utf-8", "backslashreplace")
-
-
-def batch_id_problem(value: Any) -> str | None:
-    """Why a task's `batch_id` argument cannot be a batch id, or None when it can.
-
-    Absent (None) or empty, the task id is the batch id. Anything else must
-    be a string of at most MAX_BATCH_ID_CHARS printable characters: a batch
-    id says which deliveries are one batch, so a value that is not one (an
-    event passed as a second argument, say) must never become one.
-    """
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        return f"the batch_id argument must be a string, got {_json_type(value)}"
-    if len(value) > MAX_BATCH_ID_CHARS:
-        return f"the batch_id argument is longer than {MAX_BATCH_ID_CHARS} characters"
-    if not value.isprintable():
-        return "the batch_id argument holds unprintable characters"
-    return None
-
-
-def _batch_key(batch_id: str) -> str:
-    """A usable batch id from a batch id or task id (same input, same id).
-
-    Ids that are long or hold unprintable characters (a newline would forge
-    a log line) are replaced by their digest: only a task id can be one (a
-    task's batch_id argument is checked before the task runs:
-    `batch_id_problem`, worker/consumer.py). Anything but a string is refused.
-    """
-    if not isinstance(batch_id, str):
-        raise TypeError(f"a batch id must be a string, got {type(batch_id).__name__}")
-    if not batch_id:
-        return ""  # EventBuffer.apply picks a fresh id
-    if len(batch_id) > MAX_BATCH_ID_CHARS or not batch_id.isprintable():
-        digest = hashlib.sha256(batch_id.encode("utf-8", "surrogatepass")).hexdigest()
-        return f"sha256:{digest}"
-    return batch_id
-
-
-_RAW_ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
 _ANY = msgspec.json.Decoder()
 _JSON_TYPES = {ord("["): "array", ord('"'): "string", ord("t"): "boolean", ord("f"): "boolean",
                ord("n"): "null"}  # fmt: skip
-
-
-def _items(payload: Any) -> list[Any]:
-    """The items of a batch: each a dict, or the JSON bytes of one item.
-
-    A list as sent; the elements of a JSON array sent as text (the producer
-    client sends its batch as one JSON text) or still undecoded (a worker
-    decodes the events argument of a task body lazily: `worker/bodies.py`);
-    any other value is a batch of one item. JSON bytes are decoded straight
-    into an Event, with no dict in between. An array msgspec cannot cut
-    into items (one nested too deep, NaN, an integer out of range) is cut by
-    `split_array`, so each item is judged on its own.
-    """
-    if isinstance(payload, msgspec.Raw):
-        raw = bytes(payload).lstrip()
-        if raw.startswith(b"["):
-            items = _array_items(raw)
-            return [raw] if items is None else items
-        if not raw.startswith(b'"'):
-            return [raw]
-        try:
-            payload = _ANY.decode(raw)  # the producer's JSON text, inside a JSON string
-        except msgspec.DecodeError:
-            return [raw]
-    if isinstance(payload, list):
-        return [bytes(item) if isinstance(item, msgspec.Raw) else item for item in payload]
-    if isinstance(payload, str) and payload.startswith("["):
-        try:
-            items = _array_items(payload.encode("utf-8"))
-        except UnicodeEncodeError:
-            items = None
-        if items is not None:
-            return items
-        # not a JSON array after all (or not UTF-8): dead-lettered whole, below
-    return [payload]
-
-
-def _array_items(raw: bytes) -> list[Any] | None:
-    """The JSON text of each item of a JSON array; None when it is not one."""
-    try:
-        return [bytes(item) for item in _RAW_ITEMS.decode(raw)]
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        pass
-    try:
-        return list(split_array(raw))
-    except JsonSliceError:
-        return None
 
 
 def _not_an_object(item: bytes) -> str | None:
@@ -235,6 +121,31 @@ def _not_an_object(item: bytes) -> str | None:
     if not text:
         return "nothing"
     return _JSON_TYPES.get(text[0], "number")
+
+
+def _validate_array(
+    payload: Any, limits: Limits, derive: Callable[[int], str] | None
+) -> list[Event | InvalidEvent] | None:
+    """Each event of a batch that decodes whole as a list of events, or None."""
+    batch = bodies.event_array(payload)
+    return None if batch is None else parse_events(batch, limits, derive)
+
+
+def _validate_item(
+    item: Any, index: int, limits: Limits, derive: Callable[[int], str] | None
+) -> Event | InvalidEvent:
+    """One item of a batch: its Event, or the InvalidEvent saying why it is none."""
+    try:
+        if isinstance(item, bytes):  # JSON bytes: from a JSON text or a lazy task body
+            kind = _not_an_object(item)
+            if kind is not None:
+                raise InvalidEvent("$", f"an event must be an object, got {kind}")
+        elif not isinstance(item, dict):
+            # JSON text is no event object here: only dicts come from producers.
+            raise InvalidEvent("$", f"an event must be an object, got {json_type(item)}")
+        return parse_event(item, limits, partial(derive, index) if derive else None)
+    except InvalidEvent as exc:
+        return exc
 
 
 def ingest(
@@ -257,10 +168,9 @@ def ingest(
         return _undeliverable(buffer, payload, batch_id)
     if limits is None:
         limits = Limits.from_settings(buffer.settings, buffer.clock)
-    batch_id = _batch_key(batch_id)
-    items = _items(payload)
+    batch_id = batch_key(batch_id)
     events: list[Event] = []
-    positions: list[int] = []  # of each valid event in `items`
+    positions: list[int] = []  # of each valid event in the batch
     invalid: list[int] = []  # positions of the items dead-lettered
     dead: list[tuple[DeadLetter, bytes]] = []
     now = buffer.clock.now_ms()
@@ -269,36 +179,49 @@ def ingest(
     # position: a redelivered batch routes it to the same shard, whose batch
     # marker skips it (a random id could land on another shard).
     derive = derived_ids(batch_id) if batch_id else None
-    for index, item in enumerate(items):
-        try:
-            if isinstance(item, bytes):  # JSON bytes: from a JSON text or a lazy task body
-                kind = _not_an_object(item)
-                if kind is not None:
-                    raise InvalidEvent("$", f"an event must be an object, got {kind}")
-            elif not isinstance(item, dict):
-                # JSON text is no event object here: only dicts come from producers.
-                raise InvalidEvent("$", f"an event must be an object, got {_json_type(item)}")
-            event = parse_event(item, limits, partial(derive, index) if derive else None)
-            check_retention(event.created_ms, now, buffer.settings.retention_days)
-            events.append(event)
-            positions.append(index)
-        except InvalidEvent as exc:
-            invalid.append(index)
-            raw = _raw(item)
-            error = str(exc)
-            if len(raw) > max_dead_bytes:
-                error += f" (raw payload of {len(raw)} bytes cut to {max_dead_bytes})"
-                raw = raw[:max_dead_bytes]
-            header = DeadLetter(
-                reason=getattr(exc, "reason", REASON_INVALID_EVENT),  # past_retention
-                error=error,
-                field=exc.field,
-                source="ingest",
-                at=now,
-                shard=0,  # set to the shard that stores it, by EventBuffer.apply
-                claim=batch_id,
-            )
-            dead.append((header, raw))
+    # The whole batch in one decode when it is a JSON array of event objects of the
+    # right types (the common case); else item by item, each judged on its own.
+    results = _validate_array(payload, limits, derive)
+    sliced: list[Any] | None = None
+
+    def items_of() -> list[Any]:
+        """The batch's items (each a dict, or the JSON bytes of one), cut once, if needed."""
+        nonlocal sliced
+        if sliced is None:
+            sliced = bodies.items(payload)
+        return sliced
+
+    if results is None:
+        results = [_validate_item(item, n, limits, derive) for n, item in enumerate(items_of())]
+    retention_days = buffer.settings.retention_days
+    for index, outcome in enumerate(results):
+        if not isinstance(outcome, InvalidEvent):
+            try:
+                check_retention(outcome.created_ms, now, retention_days)
+            except PastRetention as exc:
+                outcome = exc
+            else:
+                events.append(outcome)
+                positions.append(index)
+                continue
+        invalid.append(index)
+        item = items_of()[index]
+        raw = item_json(item)
+        error = str(outcome)
+        if len(raw) > max_dead_bytes:
+            error += f" (raw payload of {len(raw)} bytes cut to {max_dead_bytes})"
+            raw = raw[:max_dead_bytes]
+        header = DeadLetter(
+            reason=getattr(outcome, "reason", REASON_INVALID_EVENT),  # or past_retention
+            error=error,
+            field=outcome.field,
+            source="ingest",
+            at=now,
+            shard=0,  # set to the shard that stores it, by EventBuffer.apply
+            claim=batch_id,
+        )
+        dead.append((header, raw))
+    items = items_of() if invalid else [None] * len(results)
     digest = batch_digest(items, events, positions, invalid)
 
     def keep(applied: frozenset[int], stored: str) -> tuple[DeadLetter, bytes]:
@@ -312,7 +235,7 @@ def ingest(
                     if buffer.shard_of(event) not in applied]  # fmt: skip
             if first not in applied:  # the invalid items' dead letters were not stored
                 left = sorted(left + invalid)
-            raw = b"[" + b",".join(_item_bytes(items[n]) for n in left) + b"]"
+            raw = b"[" + b",".join(_item_bytes(items_of()[n]) for n in left) + b"]"
         error = (
             f"batch id {batch_id} was applied before with other content (digest {stored}; "
             f"this batch: {digest}): nothing of this batch was applied; "
@@ -394,7 +317,7 @@ def _undeliverable(buffer: EventBuffer, payload: Any, batch_id: Any) -> IngestRe
 
 def _json_bytes(value: Any) -> bytes:
     """A value as JSON text: an undecoded argument as it was sent."""
-    return bytes(value) if isinstance(value, msgspec.Raw) else _raw(value)
+    return bytes(value) if isinstance(value, msgspec.Raw) else item_json(value)
 
 
 def batch_digest(
@@ -421,149 +344,9 @@ def _canonical(item: Any) -> bytes:
         value = _ANY.decode(item) if isinstance(item, bytes) else item
         return msgspec.json.encode(value, order="sorted")
     except (msgspec.DecodeError, TypeError, ValueError, OverflowError, RecursionError):
-        return _raw(item)
+        return item_json(item)
 
 
 def _item_bytes(item: Any) -> bytes:
     """An item of a batch as the JSON text it was sent as (or its JSON, for a dict)."""
-    return item if isinstance(item, bytes) else _raw(item)
-
-
-def _json_type(item: Any) -> str:
-    if item is None:
-        return "null"
-    if isinstance(item, bool):
-        return "boolean"
-    if isinstance(item, int | float):
-        return "number"
-    if isinstance(item, str):
-        return "string"
-    if isinstance(item, list):
-        return "array"
-    if isinstance(item, dict):
-        return "object"
-    return type(item).__name__
-
-
-# -- whole batches that could not be applied -----------------------------------------
-
-
-def batch_bytes(payload: Any) -> bytes:
-    """A task's batch as stored in a dead letter: the JSON text as sent, or the list as JSON.
-
-    A list's items that the worker left undecoded (`msgspec.Raw`: the single
-    event of `ingest_event`) are kept as the JSON text they were sent as.
-    """
-    if isinstance(payload, str):
-        return payload.encode("utf-8", "surrogatepass")
-    if isinstance(payload, msgspec.Raw):  # as the worker left it (worker/bodies.py)
-        return bytes(payload)
-    if isinstance(payload, list) and any(isinstance(item, msgspec.Raw) for item in payload):
-        raws = (bytes(item) if isinstance(item, msgspec.Raw) else _raw(item) for item in payload)
-        return b"[" + b",".join(raws) + b"]"
-    return _raw(payload)
-
-
-def dead_letter_batch(
-    buffer: EventBuffer,
-    raw: bytes,
-    batch_id: str,
-    *,
-    reason: str,
-    error: str,
-    task: str,
-) -> bool:
-    """Keep a whole batch (or task body) that could not be applied as one dead letter.
-
-    Stored under a marker of its own (`dead:<batch id>`), so a redelivered
-    task that fails again adds nothing; the batch id itself stays free for a
-    replay. Returns False when it had been stored before. A batch over
-    EVENT_BUFFER_MAX_MESSAGE_BYTES is cut to its first that many bytes (the
-    error says so): a dead letter never holds more than one message may.
-    """
-    limit = buffer.settings.message_limit_bytes
-    if len(raw) > limit:
-        error += f" (raw batch of {len(raw)} bytes cut to its first {limit})"
-        raw = raw[:limit]
-    header = DeadLetter(
-        reason=reason,
-        error=" ".join(error.split()),
-        source="ingest",
-        at=buffer.clock.now_ms(),
-        shard=0,
-        claim=batch_id,
-        task=task,
-    )
-    # The marker holds the digest of `raw`: another batch or body under the same id
-    # (ids reused by a producer) is kept too, once (under its conflict key).
-    result = buffer.apply(
-        [],
-        batch_id=f"dead:{_batch_key(batch_id)}",
-        dead_letters=[(header, raw)],
-        keep_conflict=lambda applied, stored: (header, raw),
-    )
-    return not result.duplicate
-
-
-def body_batch(task: str, body: bytes) -> Any:
-    """The events argument of a raw Celery task body for `task`, as `ingest()` takes it.
-
-    Protocol 2 bodies are `[args, kwargs, embed]`, protocol 1 bodies
-    `{"args": ..., "kwargs": ...}`; the events are the first argument, or the
-    `events` (`event` for ingest_event) keyword. Every other argument that
-    is not a usable batch id (`send_task("eventbuffer.ingest_event",
-    args=[e1, e2])`, whose `e2` lands in `batch_id`; arguments the task does
-    not take) is added to the batch as one more item: an event, or an
-    invalid_event dead letter once replayed, never dropped. Raises
-    TaskBodyError when the body is not JSON or holds no events. The body is
-    decoded as a worker decodes it (`worker/bodies.py`): the events stay raw
-    JSON, and a body with an event nested too deep or holding NaN still
-    yields its events (each judged on its own by `ingest()`).
-    """
-    try:
-        decoded = bodies.decode(body)
-    except RecursionError:
-        raise TaskBodyError("the task body is nested too deeply to decode") from None
-    except ValueError as exc:  # msgspec's, json's and the slicer's errors
-        raise TaskBodyError(f"the task body is not JSON: {one_line(exc)}") from None
-    if isinstance(decoded, list | tuple):
-        args = decoded[0] if decoded else None
-        kwargs = decoded[1] if len(decoded) > 1 else None
-    elif isinstance(decoded, dict):
-        args, kwargs = decoded.get("args"), decoded.get("kwargs")
-    else:
-        raise TaskBodyError("the task body is neither a protocol 1 nor a protocol 2 body")
-    single = task == TASK_INGEST_EVENT
-    keyword = "event" if single else "events"
-    args = args if isinstance(args, list) else []
-    kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
-    if args:
-        value, rest = args[0], args[1:]
-    elif keyword in kwargs:
-        value, rest = kwargs.pop(keyword), []
-    else:
-        raise TaskBodyError(f"the task body carries no {keyword} argument")
-    if rest and "batch_id" not in kwargs:
-        kwargs["batch_id"] = rest.pop(0)
-    if "batch_id" in kwargs and batch_id_problem(_decoded(kwargs["batch_id"])) is None:
-        del kwargs["batch_id"]
-    extra = rest + list(kwargs.values())
-    if not extra:
-        return [value] if single else value
-    return [value, *extra] if single else [*_items(value), *extra]
-
-
-def _decoded(value: Any) -> Any:
-    """A task argument the worker's decoder left raw, decoded (itself if it is not JSON)."""
-    if not isinstance(value, msgspec.Raw):
-        return value
-    try:
-        return msgspec.json.decode(value)
-    except (msgspec.DecodeError, RecursionError):
-        return value
-
-
-def one_line(error: object, limit: int = 300) -> str:
-    """An error's text on one line, cut: it may quote the hostile input at length."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return item if isinstance(item, bytes) else item_json(item)

@@ -95,15 +95,20 @@ class ProducerStats:
 
 # The producer's task bodies: plain JSON (content type application/json, as any
 # sender's), encoded by msgspec so the batch's rows, JSON already, are spliced in
-# as they are. Registered as an encoder only: no decoder of the host changes.
+# as they are. Registered as an encoder only, when a producer is made
+# (`register_serializer`), not on import: no decoder of the host changes.
 SERIALIZER = "eventbuffer-json"
-registry.register(
-    SERIALIZER,
-    msgspec.json.encode,
-    None,
-    content_type="application/json",
-    content_encoding="utf-8",
-)
+
+
+def register_serializer() -> None:
+    """Register kombu's `eventbuffer-json` encoder in this process (again: no change)."""
+    registry.register(
+        SERIALIZER,
+        msgspec.json.encode,
+        None,
+        content_type="application/json",
+        content_encoding="utf-8",
+    )
 
 
 def batch_arg(rows: list[bytes]) -> msgspec.Raw:
@@ -445,6 +450,7 @@ class EventProducer:
         connection = app.connection_for_write()
         connection.get_transport_cls()
         connection.release()
+        register_serializer()  # the encoder its batches are sent with
         self._core = _Core(app, batch_size, batch_ms, max_pending, send_retries)
         _live.add(self._core)
         # Collected without close(): the core still sends what it holds. Not at

@@ -24,6 +24,7 @@ from typing import Any
 
 import msgspec
 
+from worker.bodies import body_batch
 from worker.buffer import EventBuffer
 from worker.deadletters import (
     BATCH_REASONS,
@@ -33,10 +34,11 @@ from worker.deadletters import (
     StoredDeadLetter,
     remove_dead_letters,
 )
-from worker.errors import InvalidEvent
+from worker.errors import InvalidEvent, TaskBodyError
 from worker.events import KIND_REGULAR, Limits, Row, encode_event, parse_event
-from worker.ingest import TaskBodyError, body_batch, ingest, one_line
+from worker.ingest import ingest
 from worker.json_slices import JsonSliceError, split_array, split_object
+from worker.logs import one_line
 from worker.redis_errors import REDIS_FAILURES
 
 

@@ -1,0 +1,69 @@
+"""Event properties: any JSON object, flattened to the string->string map stored.
+
+Nested objects become dotted keys and arrays their indexes (as OpenPanel's
+`toDots` does), nulls are dropped, booleans and numbers become their text;
+non-string keys, NaN and infinities, and nesting deeper than
+`MAX_PROPERTY_DEPTH` are refused with the dotted path of the offender.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from worker.errors import InvalidEvent
+
+MAX_PROPERTY_DEPTH = 8
+
+
+def flatten_properties(props: dict[str, Any]) -> dict[str, str]:
+    """Flatten to string->string: nested keys joined by '.', nulls dropped.
+
+    Properties that are flat strings already (most are) are returned as they are.
+    """
+    for key, value in props.items():
+        if type(key) is not str or type(value) is not str:
+            break
+    else:
+        return props
+    out: dict[str, str] = {}
+    _flatten("", props, out, 0)
+    return out
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str], depth: int) -> None:
+    if depth > MAX_PROPERTY_DEPTH:
+        raise InvalidEvent(
+            f"properties.{prefix}", f"nested deeper than {MAX_PROPERTY_DEPTH} levels"
+        )
+    if isinstance(value, str):
+        out[prefix] = value
+    elif isinstance(value, dict):
+        leaves = depth < MAX_PROPERTY_DEPTH  # a string one level down is within the limit
+        for key, item in value.items():
+            if not isinstance(key, str):
+                where = f"properties.{prefix}" if prefix else "properties"
+                raise InvalidEvent(where, f"keys must be strings, got {type(key).__name__}")
+            name = f"{prefix}.{key}" if prefix else key
+            if leaves and type(item) is str:  # most values: no call for them
+                out[name] = item
+            else:
+                _flatten(name, item, out, depth + 1)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _flatten(f"{prefix}.{index}", item, out, depth + 1)
+    elif value is None:
+        return
+    elif isinstance(value, bool):
+        out[prefix] = "true" if value else "false"
+    elif isinstance(value, int):
+        try:
+            out[prefix] = str(value)
+        except ValueError:  # more digits than Python converts (sys.set_int_max_str_digits)
+            raise InvalidEvent(f"properties.{prefix}", "integer too large") from None
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidEvent(f"properties.{prefix}", "must be a finite number")
+        out[prefix] = repr(value)
+    else:
+        raise InvalidEvent(f"properties.{prefix}", f"unsupported type {type(value).__name__}")

@@ -1,0 +1,204 @@
+"""Untrusted input to a normalized `Event`: `parse_event`, and the `Limits` it applies.
+
+`parse_event()` is the one entry point for untrusted input (dicts from
+Celery, JSON bytes from a producer); it returns a normalized `Event` or
+raises `InvalidEvent` naming the field and the problem.
+
+It decodes the input into an `Event` (msgspec checks the types and
+constraints), then normalizes it here, with the limits and the default id
+passed in as arguments: `id` a canonical UUID (assigned when missing),
+`created_at` a UTC string `YYYY-MM-DD HH:MM:SS.mmm` (`worker.events.dates`),
+`properties` a flat string->string map (`worker.events.properties`).
+
+Limits (`Limits`, from the settings `EVENT_BUFFER_MAX_EVENT_BYTES`,
+`EVENT_BUFFER_MAX_FUTURE_S` and `EVENT_BUFFER_MAX_PAST_DAYS`; their defaults
+when none are given): `created_at` and `imported_at` must lie within
+[now - max past, now + max future] of the limits' clock, and the encoded JSON
+row within `max_event_bytes`. Besides those, `parse_event` refuses what
+cannot be stored faithfully: NaN and infinities, strings that are not valid
+UTF-8 (bytes input, or Python strings with lone surrogates), non-string
+property keys, properties nested deeper than `MAX_PROPERTY_DEPTH`.
+
+`parse_event` encodes the row once, to measure it, and keeps it on the event:
+`encode_event` returns that row instead of encoding again. So an event must
+not be changed after `parse_event` (build a new one with
+`msgspec.structs.replace`, which carries no row).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from worker.clock import SYSTEM_CLOCK, Clock
+from worker.errors import InvalidEvent
+from worker.events.dates import clip, normalize_date
+from worker.events.model import Event
+from worker.events.problems import decode_problem, invalid, oversized, surrogate_field, too_deep
+from worker.events.properties import flatten_properties
+from worker.settings import Settings
+
+_DEFAULTS = Settings()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What `parse_event` accepts beyond the event's shape.
+
+    `max_future_ms` / `max_past_ms` bound `created_at` and `imported_at`
+    around `clock.now_ms()`; `max_event_bytes` bounds the encoded JSON row.
+    The defaults are those of the settings.
+    """
+
+    max_event_bytes: int = _DEFAULTS.max_event_bytes
+    max_future_ms: int = _DEFAULTS.max_future_s * 1000
+    max_past_ms: int = _DEFAULTS.max_past_days * 86_400_000
+    clock: Clock = field(default=SYSTEM_CLOCK, compare=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> Limits:
+        return cls(
+            max_event_bytes=settings.max_event_bytes,
+            max_future_ms=settings.max_future_s * 1000,
+            max_past_ms=settings.max_past_days * 86_400_000,
+            clock=clock,
+        )
+
+
+DEFAULT_LIMITS = Limits()
+
+_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(Event)
+_batch_decoder = msgspec.json.Decoder(list[Event])
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+
+
+def parse_event(
+    obj: Any, limits: Limits | None = None, default_id: Callable[[], str] | None = None
+) -> Event:
+    """Validate untrusted input (a dict, JSON bytes or str) into a normalized Event.
+
+    `limits` default to the settings' defaults (`DEFAULT_LIMITS`); an event
+    without an `id` gets `default_id()` (a canonical UUID), or a random one.
+    Raises `InvalidEvent` naming the field for anything it cannot accept.
+    """
+    if limits is None:
+        limits = DEFAULT_LIMITS
+    try:
+        if isinstance(obj, dict):
+            event = msgspec.convert(obj, Event)
+        elif isinstance(obj, bytes | bytearray | memoryview | str):
+            event = _event_decoder.decode(obj)
+        else:
+            raise InvalidEvent("$", f"an event must be an object, got {type(obj).__name__}")
+    except msgspec.ValidationError as exc:
+        raise invalid(obj, Event, exc) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent("$", decode_problem(obj, exc)) from None
+    except UnicodeEncodeError:  # a str holding lone surrogates, before any parsing
+        raise InvalidEvent("$", "not valid UTF-8 (the text holds a lone surrogate)") from None
+    except RecursionError:  # JSON nested ~1,000 levels deep: the decoder's own limit
+        raise too_deep(obj) from None
+    if event.id:
+        event.id = _normalize_id(event.id)
+    else:
+        event.id = default_id() if default_id is not None else _uuid4()
+    now = limits.clock.now_ms()
+    _normalize(event, (now - limits.max_past_ms, now + limits.max_future_ms))
+    return _with_row(event, limits.max_event_bytes)
+
+
+def parse_events(
+    batch: bytes | list[Any], limits: Limits, default_id: Callable[[int], str] | None = None
+) -> list[Event | InvalidEvent] | None:
+    """A batch's events in one decode: each normalized `Event`, or the `InvalidEvent` it
+    raised; None when the batch does not decode whole as a list of events (an item
+    not an object, of the wrong types, ...): then each item goes through `parse_event`
+    on its own, which names its field.
+
+    `batch` is a JSON array (bytes) or a list of dicts; an event without an
+    `id` at position n gets `default_id(n)`, or a random one. The same
+    checks, in the same order, as `parse_event` on each item.
+    """
+    try:
+        if isinstance(batch, list):
+            events = msgspec.convert(batch, list[Event])
+        else:
+            events = _batch_decoder.decode(batch)
+    except (msgspec.MsgspecError, RecursionError, UnicodeEncodeError):
+        return None
+    now = limits.clock.now_ms()
+    bounds = (now - limits.max_past_ms, now + limits.max_future_ms)
+    max_bytes = limits.max_event_bytes
+    out: list[Event | InvalidEvent] = []
+    for index, event in enumerate(events):
+        try:
+            if event.id:
+                event.id = _normalize_id(event.id)
+            else:
+                event.id = default_id(index) if default_id is not None else _uuid4()
+            _normalize(event, bounds)
+            out.append(_with_row(event, max_bytes))
+        except InvalidEvent as exc:
+            out.append(exc)
+    return out
+
+
+def _with_row(event: Event, max_bytes: int) -> Event:
+    """The event with its encoded row kept on it, once the row is known to fit."""
+    try:
+        row = _encoder.encode(event)
+    except UnicodeEncodeError:
+        raise surrogate_field(event, event.properties) from None
+    if len(row) > max_bytes:
+        raise oversized(event, len(row), max_bytes)
+    event.__dict__["_row"] = row
+    return event
+
+
+def _normalize(event: Event, bounds: tuple[int, int]) -> None:
+    """Bring a decoded event's values to the stored form, checking what the types cannot.
+
+    Runs once every field has decoded (as a `__post_init__` would), so an
+    event with a field of the wrong type is reported for that field first;
+    the id is normalized (or assigned) before.
+    """
+    event.created_at, event.__dict__["_created_ms"] = normalize_date(
+        "created_at", event.created_at, bounds
+    )
+    if event.imported_at is not None:
+        event.imported_at = normalize_date("imported_at", event.imported_at, bounds)[0]
+    if event.properties:
+        event.properties = flatten_properties(event.properties)
+    # The column is FixedString(2): two bytes, not two characters.
+    if event.country and len(event.country.encode("utf-8", "surrogatepass")) > 2:
+        raise InvalidEvent("country", f"longer than 2 bytes in UTF-8: {event.country!r}")
+    if event.longitude is not None and not math.isfinite(event.longitude):
+        raise InvalidEvent("longitude", "must be a finite number")
+    if event.latitude is not None and not math.isfinite(event.latitude):
+        raise InvalidEvent("latitude", "must be a finite number")
+
+
+def _normalize_id(value: str) -> str:
+    if _CANONICAL_UUID.match(value):
+        return value
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidEvent("id", f"not a UUID: {clip(value)!r}") from None
+
+
+def _uuid4() -> str:
+    """`str(uuid.uuid4())`, in half the time."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
