@@ -47,6 +47,7 @@ from worker.errors import InvalidEvent
 from worker.events import Event, Limits, encode_event, parse_event
 from worker.json_slices import JsonSliceError, split_array
 from worker.names import TASK_INGEST_EVENT, TASK_INGEST_EVENTS
+from worker.privacy.tombstones import drop_forgotten_events
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +327,10 @@ def ingest(
         )
         return header, raw
 
+    # A forgotten person's events, created up to their request, are dropped (worker/privacy).
+    events, positions = drop_forgotten_events(
+        buffer.redis, buffer.keyspace, events, positions, buffer.clock
+    )
     result = buffer.apply(
         events, batch_id=batch_id, dead_letters=dead, digest=digest, keep_conflict=keep
     )

@@ -450,6 +450,14 @@ class Settings:
         _choice("console", "json"),
         "Worker and Beat logs: `console` (Celery's text lines) or `json` (one object per line).",
     )
+    forget_tombstone_days: int = _setting(
+        "EVENT_BUFFER_FORGET_TOMBSTONE_DAYS",
+        30,
+        _int(1),
+        "`eventbuffer forget` leaves a tombstone this many days: events of the forgotten "
+        "person created up to the request that arrive meanwhile (from the broker, a "
+        "producer's retries, a replay) are dropped at ingest and before every insert.",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
