@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from worker import runtime
-from worker.cli.common import CliError, clickhouse
+from worker.cli.common import CliError, clickhouse, require_embedded_data
 from worker.cli.dlq import confirm
 from worker.privacy.forget import forget
 from worker.privacy.selector import KINDS, Selector
@@ -60,8 +60,8 @@ def cmd_forget(args: argparse.Namespace, settings: Settings, console: Console) -
         )
     redis = runtime.redis_client()
     say = (lambda _: None) if args.json else console.print
-    with clickhouse(settings) as sink:
-        report = forget(redis, sink, settings, selector, say=say)
+    require_embedded_data(settings)
+    report = forget(redis, lambda: clickhouse(settings), settings, selector, say=say)
     data = report.as_dict()
     if args.json:
         print(json.dumps(data, ensure_ascii=False))

@@ -24,6 +24,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -116,7 +117,7 @@ def who() -> tuple[str, str]:
 
 def forget(
     redis: Client,
-    sink: Sink,
+    sink: Sink | Callable[[], AbstractContextManager[Sink]],
     settings: Settings,
     selector: Selector,
     *,
@@ -126,6 +127,8 @@ def forget(
 ) -> Report:
     """Erase the person's events created up to now, everywhere; returns what was removed.
 
+    `sink`: ClickHouse, or what opens it for the ClickHouse steps only (an
+    embedded ClickHouse is then left to the flush worker meanwhile).
     `settle_s`: the wait between the tombstone and the buffer (default: one
     reorder window and a little), so that events applied just before the
     tombstone are due for release.
@@ -149,8 +152,10 @@ def forget(
             lock.release()
         report.buffer.add(removed)
     say(f"Buffer: {report.buffer.buffer_rows} queued row(s) removed.")
-    report.clickhouse_rows = erase_rows(sink, selector, report.requested_ms)
-    say(f"ClickHouse: {report.clickhouse_rows} row(s) deleted.")
-    record_audit(sink, report.audit_row())
+    opened = sink if callable(sink) else (lambda: nullcontext(sink))
+    with opened() as clickhouse:
+        report.clickhouse_rows = erase_rows(clickhouse, selector, report.requested_ms)
+        say(f"ClickHouse: {report.clickhouse_rows} row(s) deleted.")
+        record_audit(clickhouse, report.audit_row())
     log.info("forgot %s %s of project %s", selector.kind, selector.value, selector.project_id)
     return report

@@ -8,7 +8,7 @@ places read them:
   an HMGET per project of the batch naming exactly the batch's profile,
   device and session ids. A project without tombstones answers nothing, so
   the read costs one round trip of empty replies.
-- the flusher, right before each INSERT (`drop_forgotten_rows`): the fence
+- the flusher, right before each INSERT (`write_fenced`): the fence
   for rows already queued or claimed when the request came. One HGETALL of
   the projects that have tombstones, usually empty; only then are the rows
   of those projects decoded and their ids looked up.
@@ -31,6 +31,7 @@ from worker.keys import Keyspace
 from worker.privacy.scripts import forget_tombstone
 from worker.privacy.selector import KINDS, PersonHead, Selector, tombstone_field
 from worker.replies import text
+from worker.sinks.base import Sink
 from worker.topology import Client
 
 log = logging.getLogger(__name__)
@@ -192,3 +193,14 @@ def drop_forgotten_rows(
         return rows
     log.info("fence: dropped %d row(s) of forgotten people before an insert", len(dropped))
     return [row for index, row in enumerate(rows) if index not in dropped]
+
+
+def write_fenced(
+    sink: Sink, redis: Client, keyspace: Keyspace, rows: Sequence[bytes], token: str
+) -> None:
+    """The flusher's INSERT of a chunk, fenced: the rows of forgotten people are dropped
+    right before it (`drop_forgotten_rows`), and a chunk left empty is not sent (its
+    token stays unused: a re-drive drops the same rows and skips it again)."""
+    kept = drop_forgotten_rows(redis, keyspace, rows)
+    if kept:
+        sink.write(kept, token)
