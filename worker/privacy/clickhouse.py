@@ -117,12 +117,15 @@ def target(sink: Sink) -> Target:
 def _where(selector: Selector, until_ms: int, millis: bool, p: Params) -> str:
     moment = until_ms / 1000 if millis else until_ms // 1000
     text = format_datetime(datetime.fromtimestamp(moment, UTC))
-    if not millis:
-        text = text[:19]
+    # A typed constant: 18.16 cannot compare its sort key's toDate(created_at) with text.
+    if millis:
+        moment_sql = f"toDateTime64({p('until', text)}, 3, 'UTC')"
+    else:
+        moment_sql = f"toDateTime({p('until', text[:19])}, 'UTC')"
     return (
         f"project_id = {p('project', selector.project_id)} "
         f"AND {selector.column} = {p('person', selector.value)} "
-        f"AND created_at <= {p('until', text)}"
+        f"AND created_at <= {moment_sql}"
     )
 
 
@@ -164,7 +167,10 @@ def record_audit(sink: Sink, values: dict[str, Any], cluster: str | None = None)
     p = Params(sink)
     kinds = dict(AUDIT_COLUMNS)
     names = ", ".join(column for column, _ in AUDIT_COLUMNS)
-    placeholders = ", ".join(
-        p(column, values[column], kinds[column].split("(")[0]) for column, _ in AUDIT_COLUMNS
+    # INSERT ... SELECT: the whole statement runs on the server (an INSERT ... VALUES
+    # over the native protocol waits for data blocks instead).
+    selected = ", ".join(
+        f"CAST({p(column, values[column], kinds[column].split('(')[0])} AS {kinds[column]})"
+        for column, _ in AUDIT_COLUMNS
     )
-    sink.query(f"INSERT INTO {identifier(AUDIT_TABLE)} ({names}) VALUES ({placeholders})", p.values)
+    sink.query(f"INSERT INTO {identifier(AUDIT_TABLE)} ({names}) SELECT {selected}", p.values)
