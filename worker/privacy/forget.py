@@ -54,6 +54,8 @@ class Report:
     buffer: ShardRemoval = field(default_factory=ShardRemoval)
     user: str = ""
     host: str = ""
+    # Seconds spent per step: tombstone (with the settle wait), buffer, clickhouse, audit.
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         b = self.buffer
@@ -71,6 +73,7 @@ class Report:
             "tombstone_expires_at": _iso(self.tombstone_expires_ms),
             "user": self.user,
             "host": self.host,
+            "seconds": {step: round(s, 3) for step, s in self.seconds.items()},
         }
 
     def audit_row(self) -> dict[str, Any]:
@@ -136,6 +139,14 @@ def forget(
     keyspace = Keyspace(settings.key_prefix, settings.shards)
     user, host = who()
     report = Report(selector, clock.now_ms(), user=user, host=host)
+    step = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal step
+        now = time.perf_counter()
+        report.seconds[name] = now - step
+        step = now
+
     report.requested_ms, report.tombstone_expires_ms = store_tombstone(
         redis, keyspace, selector, report.requested_ms, settings.forget_tombstone_days, clock
     )
@@ -144,6 +155,7 @@ def forget(
         settle_s = settings.reorder_window_ms / 1000 + 0.1 if settings.reorder_window_ms else 0
     if settle_s:
         time.sleep(settle_s)
+    lap("tombstone")
     for shard in keyspace.all():
         lock = hold_flush_lock(redis, shard, settings)
         try:
@@ -151,11 +163,14 @@ def forget(
         finally:
             lock.release()
         report.buffer.add(removed)
+    lap("buffer")
     say(f"Buffer: {report.buffer.buffer_rows} queued row(s) removed.")
     opened = sink if callable(sink) else (lambda: nullcontext(sink))
     with opened() as clickhouse:
         report.clickhouse_rows = erase_rows(clickhouse, selector, report.requested_ms)
+        lap("clickhouse")
         say(f"ClickHouse: {report.clickhouse_rows} row(s) deleted.")
         record_audit(clickhouse, report.audit_row())
+        lap("audit")
     log.info("forgot %s %s of project %s", selector.kind, selector.value, selector.project_id)
     return report
