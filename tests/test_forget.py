@@ -316,3 +316,86 @@ def test_cli_needs_exactly_one_selector(run_main: Any) -> None:
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
         run_main("forget", "--project", "p1")
+
+
+# -- dead letters, held events, durations ----------------------------------------------
+
+
+def test_dead_letters_lose_the_person_only(
+    redis: redis_lib.Redis, settings: Settings, sink: ChdbSink, clock: ManualClock
+) -> None:
+    from worker.deadletters import REASON_INGEST_FAILED, DeadLetter, encode_dead_letter
+
+    t = NOW_MS - 60_000
+    header = DeadLetter(
+        reason=REASON_INGEST_FAILED, error="boom", source="ingest", at=t, shard=0, claim="b"
+    )
+    alice, bob = ev("click", t, "alice"), ev("click", t, "bob")
+    later = ev("click", NOW_MS + 5_000, "alice")  # after the request: not hers to erase yet
+    batch = encode_dead_letter(header, json.dumps([alice, bob]).encode())
+    body = encode_dead_letter(header, json.dumps([[[alice]], {"kwargs": {}}]).encode())
+    junk = encode_dead_letter(header, b'not json "p1" ... "alice"')
+    other_junk = encode_dead_letter(header, b'not json "p1" ... "bob"')
+    kept = encode_dead_letter(header, json.dumps(later).encode())
+    redis.rpush(SHARD.dead, batch, body, junk, other_junk, kept)
+
+    report = forget(redis, sink, settings, ALICE, clock=clock)
+
+    assert report.buffer.dead_letters == 2  # the task body and the junk, whole
+    assert report.buffer.dead_letters_rewritten == 1  # the batch, without Alice
+    left = redis.lrange(SHARD.dead, 0, -1)
+    assert left[1:] == [other_junk, kept]
+    head, _, payload = left[0].partition(b"\n")
+    assert head == batch.partition(b"\n")[0]
+    assert json.loads(payload) == [bob]
+
+
+def test_held_events_are_released_then_erased(
+    redis: redis_lib.Redis, redis_url: str, chdb_url: str, sink: ChdbSink, clock: ManualClock
+) -> None:
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": redis_url,
+            "CLICKHOUSE_URL": chdb_url,
+            "EVENT_BUFFER_REORDER_WINDOW_MS": "500",
+        }
+    )
+    buffer = EventBuffer(redis, settings, clock)
+    t = NOW_MS - 60_000
+    for who in ("alice", "bob"):
+        ingest(
+            buffer,
+            [ev("screen_view", t, who, f"s-{who}", path="/a"),
+             ev("screen_view", t + 3_000, who, f"s-{who}", path="/b")],
+            f"held-{who}",
+        )  # fmt: skip
+    assert redis.zcard(SHARD.held_due) == 2
+    clock.advance(600)  # the window after the tombstone: what forget's settle wait is for
+    report = forget(redis, sink, settings, ALICE, clock=clock, settle_s=0)
+    assert report.buffer.buffer_rows == 1 and report.buffer.last_views == 1
+    assert [(r["profile_id"], r["path"], r.get("duration", 0)) for r in queued(redis)] == [
+        ("bob", "/a", 3_000)
+    ]
+    assert redis.zcard(SHARD.held_due) == 0
+
+
+def test_the_view_before_a_forgotten_one_keeps_its_duration(
+    redis: redis_lib.Redis,
+    settings: Settings,
+    buffer: EventBuffer,
+    sink: ChdbSink,
+    flusher: Flusher,
+    clock: ManualClock,
+) -> None:
+    """One session: Bob's view A, then a view X under Alice's profile, then (after the
+    request) Bob's view B. A lasts until X, as it did before the request; B starts anew."""
+    t = NOW_MS - 60_000
+    ingest(buffer, [ev("screen_view", t, "bob", "shared", path="/a")], "a")
+    ingest(buffer, [ev("screen_view", t + 4_000, "alice", "shared", path="/x")], "x")
+    forget(redis, sink, settings, ALICE, clock=clock)
+    ingest(buffer, [ev("screen_view", NOW_MS + 1_000, "bob", "shared", path="/b")], "b")
+    ingest(buffer, [ev("session_end", NOW_MS + 2_000, "bob", "shared")], "end")
+    drain(flusher)
+    assert sink.query("SELECT path, duration FROM events ORDER BY created_at") == [
+        ("/a", 4_000), ("/b", 0), ("", 0)
+    ]  # fmt: skip
