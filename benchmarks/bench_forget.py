@@ -15,7 +15,10 @@ Reported, each the median of the rounds (a new person each round):
 - `forget --device`: the same by device id, which the sort key does not
   hold: every row of the project is read (until a data-skipping index on
   device_id narrows it);
-- the share of the request spent in ClickHouse.
+- the share of the request spent in ClickHouse;
+- what the tombstone read costs ingest: in-process `ingest()` of 500-event
+  batches with the read, without it (replaced by a no-op), and with 100
+  tombstones of other people in the batch's project, alternating rounds.
 
 `python -m benchmarks.bench_forget [--rows N] [--rounds R]`, or through
 `python -m benchmarks --only forget`.
@@ -165,10 +168,62 @@ def measure(rows: int, rounds: int) -> dict[str, object]:
     }
 
 
+def ingest_cost(rounds: int, batches: int = 40, size: int = 500) -> dict[str, float]:
+    """Events/s of in-process ingest: with the tombstone read, without it, and with 100
+    tombstones in the project (medians of `rounds`, the modes alternating)."""
+    import worker.ingest as ingest_module
+    from worker.ingest import ingest
+    from worker.privacy.tombstones import store_tombstone
+
+    real = ingest_module.drop_forgotten_events
+    rates: dict[str, list[float]] = {"with": [], "without": [], "tombstoned": []}
+    with private_redis("forget-ingest") as server:
+        redis = server.client(0)
+        settings = Settings.from_env(
+            {"REDIS_URL": server.db_url(0), "EVENT_BUFFER_REORDER_WINDOW_MS": "0"}
+        )
+        buffer = EventBuffer(redis, settings)
+        now = buffer.clock.now_ms()
+        try:
+            modes = list(rates)
+            for n in range(rounds):
+                for mode in modes[n % 3 :] + modes[: n % 3]:  # each mode first in turn
+                    ingest_module.drop_forgotten_events = (  # type: ignore[assignment]
+                        real if mode != "without" else (lambda _r, _k, e, p, _c=None: (e, p))
+                    )
+                    redis.flushall()
+                    if mode == "tombstoned":
+                        for gone in range(100):
+                            selector = Selector("p1", "profile", f"gone-{gone}")
+                            store_tombstone(redis, buffer.keyspace, selector, now, 30)
+                    work = [
+                        [
+                            {
+                                "project_id": "p1",
+                                "name": "click",
+                                "profile_id": f"u{b}-{i}",
+                                "device_id": f"d{b}-{i}",
+                                "session_id": f"s{b}-{i % 50}",
+                                "created_at": now - 1000 + i,
+                            }
+                            for i in range(size)
+                        ]
+                        for b in range(batches)
+                    ]
+                    started = time.perf_counter()
+                    for b, batch in enumerate(work):
+                        ingest(buffer, batch, f"{mode}-{n}-{b}")
+                    rates[mode].append(batches * size / (time.perf_counter() - started))
+        finally:
+            ingest_module.drop_forgotten_events = real
+    return {mode: statistics.median(values) for mode, values in rates.items()}
+
+
 def run(args: argparse.Namespace) -> list[Result]:
     rows = getattr(args, "forget_rows", None) or (QUICK_ROWS if args.quick else ROWS)
     rounds = args.rounds
     m = measure(rows, rounds)
+    cost = ingest_cost(max(rounds, 5))
     note = (
         f"{m['rows']:,} rows (filled in {m['fill_s']:.0f} s), {QUEUED:,} queued in Redis; "
         f"a person has ~{m['erased_profile']:.0f} rows"
@@ -198,6 +253,16 @@ def run(args: argparse.Namespace) -> list[Result]:
             f"{m['clickhouse_device_s']:.2f} s",
             extra=m,
         ),
+        Result(
+            "ingest with the tombstone read (batches of 500, in process)",
+            "ev/s",
+            cost["with"],
+            cost["without"],
+            "without the read",
+            max(rounds, 5),
+            note=f"100 tombstones in the project: {cost['tombstoned']:,.0f} ev/s",
+            extra=cost,
+        ),
     ]
 
 
@@ -205,8 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=ROWS, help=f"table size ({ROWS:,})")
     parser.add_argument("--rounds", type=int, default=3, help="people forgotten per selector")
+    parser.add_argument("--ingest-only", action="store_true", help="only the ingest cost")
     args = parser.parse_args(argv)
-    print(measure(args.rows, args.rounds))
+    if not args.ingest_only:
+        print(measure(args.rows, args.rounds))
+    print(ingest_cost(max(args.rounds, 5)))
     return 0
 
 

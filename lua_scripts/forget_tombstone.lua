@@ -10,15 +10,20 @@ clock must not shorten an erasure) and the expiry with it.
 
 Both keys carry the tag `{<prefix>:forget}`: one Redis Cluster slot. Fields
 past their expiry are dropped here; each key expires with its last field.
+A project's entry in KEYS[2] changes with every request (it carries the
+request's token), so readers cache a project's tombstones under it and read
+them again only after a change.
 
 KEYS[1]  the project's tombstones (HASH)
-KEYS[2]  the projects that have tombstones (HASH: project id -> latest expiry ms)
+KEYS[2]  the projects that have tombstones (HASH: project id ->
+         "<latest expiry ms>|<token of the last change>")
 
 ARGV[1]  the tombstone's field, "<kind>:<escaped id>"
 ARGV[2]  the request's moment, epoch ms
 ARGV[3]  its expiry, epoch ms
 ARGV[4]  the project id (KEYS[2]'s field)
 ARGV[5]  now, epoch ms
+ARGV[6]  a token new to this request (its uuid)
 
 Returns {request ms, expiry ms} of the tombstone now stored (an earlier
 request's when it was later than this one).
@@ -53,11 +58,12 @@ for i = 1, #fields, 2 do
 end
 redis.call('PEXPIREAT', KEYS[1], latest)
 
-redis.call('HSET', KEYS[2], ARGV[4], latest)
+redis.call('HSET', KEYS[2], ARGV[4], latest .. '|' .. ARGV[6])
 local newest = 0
 local projects = redis.call('HGETALL', KEYS[2])
 for i = 1, #projects, 2 do
-  local until_ms = tonumber(projects[i + 1])
+  local value = projects[i + 1]
+  local until_ms = tonumber(string.sub(value, 1, (string.find(value, '|', 1, true) or 0) - 1))
   if until_ms <= now then
     redis.call('HDEL', KEYS[2], projects[i])
   elseif until_ms > newest then

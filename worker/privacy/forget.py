@@ -35,7 +35,7 @@ from worker.privacy.buffer import erase_shard, hold_flush_lock
 from worker.privacy.clickhouse import erase_rows, record_audit
 from worker.privacy.scripts import ShardRemoval
 from worker.privacy.selector import Selector
-from worker.privacy.tombstones import store_tombstone
+from worker.privacy.tombstones import REFRESH_S, store_tombstone
 from worker.settings import Settings
 from worker.sinks.base import Sink
 from worker.topology import Client
@@ -133,8 +133,9 @@ def forget(
     `sink`: ClickHouse, or what opens it for the ClickHouse steps only (an
     embedded ClickHouse is then left to the flush worker meanwhile).
     `settle_s`: the wait between the tombstone and the buffer (default: one
-    reorder window and a little), so that events applied just before the
-    tombstone are due for release.
+    reorder window, or ingest's tombstone refresh if longer, and a little), so
+    that events applied just before the tombstone are due for release and
+    every ingest process has seen it.
     """
     keyspace = Keyspace(settings.key_prefix, settings.shards)
     user, host = who()
@@ -152,7 +153,7 @@ def forget(
     )
     say(f"Tombstone stored until {_iso(report.tombstone_expires_ms)}.")
     if settle_s is None:
-        settle_s = settings.reorder_window_ms / 1000 + 0.1 if settings.reorder_window_ms else 0
+        settle_s = max(settings.reorder_window_ms / 1000, REFRESH_S) + 0.1
     if settle_s:
         time.sleep(settle_s)
     lap("tombstone")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +86,7 @@ def forget_tombstone(
     """Store a tombstone; returns the (request ms, expiry ms) now stored for that person."""
     reply = script("forget_tombstone")(
         keys=[keyspace.tombstones(project_id), keyspace.tombstoned_projects],
-        args=[field, request_ms, expiry_ms, project_id, now_ms],
+        args=[field, request_ms, expiry_ms, project_id, now_ms, uuid.uuid4().hex],
         client=redis,
     )
     return number(reply[0]), number(reply[1])

@@ -4,14 +4,20 @@
 the moment of the request, kept `EVENT_BUFFER_FORGET_TOMBSTONE_DAYS`. Two
 places read them:
 
-- ingest, before the apply (`drop_forgotten_events`): one pipelined read,
-  an HMGET per project of the batch naming exactly the batch's profile,
-  device and session ids. A project without tombstones answers nothing, so
-  the read costs one round trip of empty replies.
-- the flusher, right before each INSERT (`write_fenced`): the fence
-  for rows already queued or claimed when the request came. One HGETALL of
-  the projects that have tombstones, usually empty; only then are the rows
-  of those projects decoded and their ids looked up.
+- ingest, before the apply (`drop_forgotten_events`): the hash of projects
+  that have tombstones, read at most every `REFRESH_S` per process and
+  client (a read per batch cost in-process ingest 10-30 % under load, see
+  the README's benchmark); nothing more when the batch's projects have none.
+  `forget` waits longer than `REFRESH_S` after storing a tombstone before
+  it erases the buffer, so every batch applied after that pass was checked
+  against it (and this process forgets its copy at once).
+- the flusher, right before each INSERT (`write_fenced`): the fence for
+  rows already queued or claimed when the request came. One HGETALL of that
+  hash every time (an INSERT costs far more), usually empty; only then are
+  the rows of those projects decoded.
+
+A project's entry in that hash changes with every request, so each process
+keeps the project's tombstones (one HGETALL) until the entry changes.
 
 An event created after the request is new data and passes: only
 `created_at <= request` is dropped.
@@ -20,8 +26,11 @@ An event created after the request is new data and passes: only
 from __future__ import annotations
 
 import logging
+import time
+import weakref
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import msgspec
 
@@ -29,7 +38,7 @@ from worker.clock import SYSTEM_CLOCK, Clock
 from worker.events import Event, datetime_ms
 from worker.keys import Keyspace
 from worker.privacy.scripts import forget_tombstone
-from worker.privacy.selector import KINDS, PersonHead, Selector, tombstone_field
+from worker.privacy.selector import PersonHead, Selector
 from worker.replies import text
 from worker.sinks.base import Sink
 from worker.topology import Client
@@ -37,6 +46,8 @@ from worker.topology import Client
 log = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
+# Ingest reads the tombstoned projects at most this often per process and client.
+REFRESH_S = 0.2
 T = TypeVar("T")
 _head_decoder = msgspec.json.Decoder(PersonHead)
 
@@ -51,6 +62,7 @@ def store_tombstone(
 ) -> tuple[int, int]:
     """Record the request; returns the (request ms, expiry ms) stored for the person
     (a later request's moment, should one be stored already)."""
+    _projects.clear()  # this process sees it at once; the others within REFRESH_S
     return forget_tombstone(
         redis,
         keyspace,
@@ -75,41 +87,89 @@ def _moment(value: object, now_ms: int) -> int | None:
         return None
 
 
-def _ids(head: PersonHead | Event) -> list[str]:
-    """The tombstone fields an event could be under."""
-    return [
-        tombstone_field(kind, value)
-        for kind in KINDS
-        if (value := getattr(head, f"{kind}_id") or "")
-    ]
+Stones = dict[tuple[str, str], tuple[int, int]]  # (kind, id) -> (request ms, expiry ms)
 
 
-def _lookup(
-    redis: Client, keyspace: Keyspace, wanted: dict[str, set[str]], now_ms: int
-) -> dict[tuple[str, str], int]:
-    """(project, field) -> request ms of each live tombstone among `wanted`, in one round trip."""
-    if not wanted:
-        return {}
-    order = [(project, sorted(fields)) for project, fields in wanted.items() if fields]
-    if not order:
-        return {}
-    with redis.pipeline(transaction=False) as pipe:
-        for project, fields in order:
-            pipe.hmget(keyspace.tombstones(project), fields)
-        replies = pipe.execute()
-    found: dict[tuple[str, str], int] = {}
-    for (project, fields), values in zip(order, replies, strict=True):
-        for field, value in zip(fields, values, strict=True):
-            moment = _moment(value, now_ms)
-            if moment is not None:
-                found[(project, field)] = moment
+def _forgotten(stones: Stones, head: PersonHead | Event, created_ms: int, now_ms: int) -> bool:
+    """Whether a tombstone of the event's project covers it (by any of its ids)."""
+    for key in (
+        ("profile", head.profile_id),
+        ("device", head.device_id),
+        ("session", head.session_id),
+    ):
+        stone = stones.get(key)
+        if stone is not None and created_ms <= stone[0] and stone[1] > now_ms:
+            return True
+    return False
+
+
+def _live(entry: object, now_ms: int) -> str | None:
+    """A project's entry among the tombstoned projects, "<latest expiry>|<token>", if it
+    has a tombstone that has not expired."""
+    if entry is None:
+        return None
+    value = text(entry)
+    expiry = value.partition("|")[0]
+    return value if expiry.isdigit() and int(expiry) > now_ms else None
+
+
+# The tombstoned projects as ingest last read them, per client: (monotonic time, entries).
+_projects: weakref.WeakKeyDictionary[Any, tuple[float, dict[str, str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _tombstoned(redis: Client, keyspace: Keyspace, now_ms: int, fresh: bool) -> dict[str, str]:
+    """Project -> its live entry among the tombstoned projects; read now when `fresh`,
+    else at most every REFRESH_S."""
+    cached = None if fresh else _projects.get(redis)
+    if cached is not None and time.monotonic() - cached[0] < REFRESH_S:
+        raw = cached[1]
+    else:
+        started = time.monotonic()
+        raw = {
+            text(project): text(entry)
+            for project, entry in redis.hgetall(keyspace.tombstoned_projects).items()
+        }
+        if not fresh:
+            _projects[redis] = (started, raw)
+    return {project: entry for project, entry in raw.items() if _live(entry, now_ms)}
+
+
+# A project's tombstones, read once per change of its entry among the tombstoned
+# projects (each change carries a new token): (key, entry) -> field -> request ms.
+_CACHE_PROJECTS = 1024
+_cache: dict[tuple[str, str], Stones] = {}
+
+
+def _tombstones(redis: Client, keyspace: Keyspace, entries: dict[str, str]) -> dict[str, Stones]:
+    """Project -> field -> (request ms, expiry ms), for projects whose entry is live:
+    from the cache, else read in one round trip."""
+    found: dict[str, Stones] = {}
+    missing = []
+    for project, entry in entries.items():
+        cached = _cache.get((keyspace.tombstones(project), entry))
+        if cached is None:
+            missing.append((project, entry))
+        else:
+            found[project] = cached
+    if missing:
+        with redis.pipeline(transaction=False) as pipe:
+            for project, _ in missing:
+                pipe.hgetall(keyspace.tombstones(project))
+            replies = pipe.execute()
+        for (project, entry), reply in zip(missing, replies, strict=True):
+            stones: Stones = {}
+            for field, value in reply.items():
+                kind, _, escaped = text(field).partition(":")
+                request, _, expiry = text(value).partition("|")
+                if request.isdigit() and expiry.isdigit():
+                    stones[(kind, unquote(escaped))] = (int(request), int(expiry))
+            if len(_cache) >= _CACHE_PROJECTS:
+                _cache.clear()
+            _cache[(keyspace.tombstones(project), entry)] = stones
+            found[project] = stones
     return found
-
-
-def _forgotten(
-    tombs: dict[tuple[str, str], int], project: str, fields: list[str], created_ms: int
-) -> bool:
-    return any(created_ms <= tombs.get((project, field), -1) for field in fields)
 
 
 def drop_forgotten_events(
@@ -120,23 +180,31 @@ def drop_forgotten_events(
     clock: Clock = SYSTEM_CLOCK,
 ) -> tuple[list[Event], list[T]]:
     """`events` (and their `positions`, kept alongside) without those of forgotten people
-    created at or before their request. One pipelined read; the lists themselves when
-    nothing is dropped."""
+    created at or before their request.
+
+    The tombstoned projects come from a copy at most REFRESH_S old: no read at all
+    for most batches. A project that has tombstones has them cached in this
+    process until its next request (one HGETALL then). The lists themselves come
+    back when nothing is dropped.
+    """
     if not events:
         return events, positions
-    wanted: dict[str, set[str]] = {}
-    fields_of = []
-    for event in events:
-        fields = _ids(event)
-        fields_of.append(fields)
-        if fields:
-            wanted.setdefault(event.project_id, set()).update(fields)
-    tombs = _lookup(redis, keyspace, wanted, clock.now_ms())
-    if not tombs:
+    now_ms = clock.now_ms()
+    tombstoned = _tombstoned(redis, keyspace, now_ms, fresh=False)
+    if not tombstoned:
         return events, positions
+    entries = {
+        project: tombstoned[project]
+        for project in {event.project_id for event in events}
+        if project in tombstoned
+    }
+    if not entries:
+        return events, positions
+    stones = _tombstones(redis, keyspace, entries)
     keep = [
-        not _forgotten(tombs, event.project_id, fields, event.created_ms)
-        for event, fields in zip(events, fields_of, strict=True)
+        event.project_id not in stones
+        or not _forgotten(stones[event.project_id], event, event.created_ms, now_ms)
+        for event in events
     ]
     dropped = keep.count(False)
     if not dropped:
@@ -157,37 +225,35 @@ def drop_forgotten_rows(
     if not rows:
         return rows
     now_ms = clock.now_ms()
-    projects = [
-        project
-        for project, expiry in (
-            (text(k), text(v)) for k, v in redis.hgetall(keyspace.tombstoned_projects).items()
-        )
-        if expiry.isdigit() and int(expiry) > now_ms
-    ]
-    if not projects:
+    entries = _tombstoned(redis, keyspace, now_ms, fresh=True)
+    if not entries:
         return rows
-    needles = [b'"project_id":' + msgspec.json.encode(project) for project in projects]
+    needles = [b'"project_id":' + msgspec.json.encode(project) for project in entries]
     heads: dict[int, PersonHead] = {}
-    wanted: dict[str, set[str]] = {}
     for index, row in enumerate(rows):
         if not any(needle in row for needle in needles):
             continue
         try:
-            head = _head_decoder.decode(row)
+            heads[index] = _head_decoder.decode(row)
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue  # not a row: the flusher dead-letters it as it would have
-        heads[index] = head
-        wanted.setdefault(head.project_id, set()).update(_ids(head))
-    tombs = _lookup(redis, keyspace, wanted, now_ms)
-    if not tombs:
+    if not heads:
         return rows
+    stones = _tombstones(
+        redis,
+        keyspace,
+        {p: entries[p] for p in {h.project_id for h in heads.values()} if p in entries},
+    )
     dropped: set[int] = set()
     for index, head in heads.items():
+        project = stones.get(head.project_id)
+        if project is None:
+            continue
         try:
             created_ms = datetime_ms(head.created_at)
         except ValueError:
             continue
-        if _forgotten(tombs, head.project_id, _ids(head), created_ms):
+        if _forgotten(project, head, created_ms, now_ms):
             dropped.add(index)
     if not dropped:
         return rows
