@@ -17,6 +17,7 @@ from rich.console import Console
 from worker import runtime
 from worker.cli.common import CliError, clickhouse, require_embedded_data
 from worker.cli.dlq import confirm
+from worker.errors import LockHeldError
 from worker.privacy.forget import forget
 from worker.privacy.selector import KINDS, Selector
 from worker.settings import Settings
@@ -61,7 +62,10 @@ def cmd_forget(args: argparse.Namespace, settings: Settings, console: Console) -
     redis = runtime.redis_client()
     say = (lambda _: None) if args.json else console.print
     require_embedded_data(settings)
-    report = forget(redis, lambda: clickhouse(settings), settings, selector, say=say)
+    try:
+        report = forget(redis, lambda: clickhouse(settings), settings, selector, say=say)
+    except LockHeldError as exc:
+        raise CliError(str(exc), 1) from None
     data = report.as_dict()
     if args.json:
         print(json.dumps(data, ensure_ascii=False))

@@ -92,11 +92,11 @@ class Target:
 
 def target(sink: Sink) -> Target:
     table = sink.table
+    identifier(table)  # a plain name: it is quoted into the lookups below
     rows = sink.query(
         "SELECT engine_full FROM system.tables WHERE database = currentDatabase() "
         f"AND name = '{table}'"
     )
-    identifier(table)
     if not rows:
         raise PermanentSinkError(f"table {table} does not exist: run `eventbuffer migrate`")
     engine = str(rows[0][0])
