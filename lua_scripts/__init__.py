@@ -11,6 +11,9 @@ release of held and waiting session events into the queue
 (`release_held`, `sweep_sessions`), `dlq_remove`, and the reliable broker
 transport's fetch, heartbeat and requeue (`broker_*`). Each adds a few
 bytes at most, and a successful flush frees far more.
+`eventbuffer forget`'s scripts (`forget_shard`, which only removes or
+shortens entries, and `forget_tombstone`, one small field) run there too:
+an erasure must not wait for room.
 
 The ingest side is refused: the apply (a MULTI/EXEC, with
 `resolve_views` inside it) writes the new events, and a full Redis must

@@ -62,6 +62,7 @@ from worker.deadletters import (
 from worker.errors import EventBufferError, LockLostError, NotReplicatedError, SinkError
 from worker.keys import CHANNEL_SAVED, Keyspace, ShardKeys
 from worker.lock import FlushLock
+from worker.privacy.tombstones import write_fenced
 from worker.read_ahead import ReadAhead, decode_heads
 from worker.reorder import release_due
 from worker.replication import Replicas
@@ -495,7 +496,9 @@ class Flusher:
         """
         if token not in inserts.split:
             try:
-                sink.write([inserts.rows[i] for i in offsets], token)
+                write_fenced(
+                    sink, self.redis, self.keyspace, [inserts.rows[i] for i in offsets], token
+                )
                 lock.progress()
                 return
             except RowRejectedError as exc:

@@ -47,6 +47,7 @@ from worker.deadletters import (
 from worker.errors import InvalidEvent
 from worker.events import Event, Limits, encode_event, parse_event, parse_events
 from worker.names import TASK_INGEST_EVENTS
+from worker.privacy.tombstones import drop_forgotten_events
 from worker.retention import PastRetention, check_retention
 
 log = logging.getLogger(__name__)
@@ -253,6 +254,10 @@ def ingest(
         )
         return header, raw
 
+    # A forgotten person's events, created up to their request, are dropped (worker/privacy).
+    events, positions = drop_forgotten_events(
+        buffer.redis, buffer.keyspace, events, positions, buffer.clock
+    )
     result = buffer.apply(
         events, batch_id=batch_id, dead_letters=dead, digest=digest, keep_conflict=keep
     )

@@ -43,6 +43,10 @@ Deployment-wide:
 
     <p>:flush-pending           STRING  an early flush was requested (back-pressure)
     <p>:run-owner               STRING  the `eventbuffer run` stack using this Redis (with TTL)
+    {<p>:forget}:project:<proj> HASH    `eventbuffer forget`'s tombstones of a project:
+                                        "<kind>:<id>" -> "<request ms>|<expiry ms>"
+                                        (worker/privacy/tombstones.py; expires with the last)
+    {<p>:forget}:projects       HASH    project id -> expiry ms of its latest tombstone
 
 Pub/sub channels (not keys, so they carry no hash tag): `events:received`
 and `events:saved`, the names OpenPanel's subscribers listen on.
@@ -166,6 +170,20 @@ class Keyspace:
     def run_owner(self) -> str:
         """The `eventbuffer run` stack using this Redis (worker/cli/stack_lock.py)."""
         return f"{self.prefix}:run-owner"
+
+    @property
+    def forget_tag(self) -> str:
+        """The hash tag of the tombstones' keys: one slot, so one script sets both."""
+        return "{" + f"{self.prefix}:forget" + "}"
+
+    @property
+    def tombstoned_projects(self) -> str:
+        """Projects that have tombstones (worker/privacy/tombstones.py)."""
+        return f"{self.forget_tag}:projects"
+
+    def tombstones(self, project_id: str) -> str:
+        """One project's tombstones (worker/privacy/tombstones.py)."""
+        return f"{self.forget_tag}:project:{escape(project_id)}"
 
     def __post_init__(self) -> None:
         shards = tuple(ShardKeys(self.prefix, n) for n in range(self.shards))

@@ -501,6 +501,14 @@ class Settings:
         "`eventbuffer migrate`); ingest dead-letters older events (`past_retention`). "
         "0: kept forever.",
     )
+    forget_tombstone_days: int = _setting(
+        "EVENT_BUFFER_FORGET_TOMBSTONE_DAYS",
+        30,
+        _int(1),
+        "`eventbuffer forget` leaves a tombstone this many days: events of the forgotten "
+        "person created up to the request that arrive meanwhile (from the broker, a "
+        "producer's retries, a replay) are dropped at ingest and before every insert.",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -18,6 +18,7 @@ from worker.cli.common import ERROR_PREFIX, CliError, mask, one_line, version
 from worker.cli.demo import cmd_demo
 from worker.cli.dlq import add_dlq_parser
 from worker.cli.flush_cmd import cmd_flush
+from worker.cli.forget import add_forget_parser
 from worker.cli.metrics_cmd import cmd_metrics
 from worker.cli.migrate import add_migrate_arguments, cmd_migrate
 from worker.cli.query import cmd_query
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     add_dlq_parser(commands)
+    add_forget_parser(commands)
     return parser
 
 
