@@ -1,11 +1,11 @@
 """Prometheus counters and histograms: what the workers did.
 
 They are recorded by the Celery tasks (`tasks/`) and the flusher from their
-result objects (`IngestResult`, `FlushResult`), through `record_ingest()`,
-`record_flush()` and the other `record_*` functions. Under the prefork pool
-every pool process counts in its own files in `PROMETHEUS_MULTIPROC_DIR`
-(prometheus-client's multiprocess mode, set up by `worker/observability.py`
-before the pool forks) and the worker's HTTP endpoint sums them
+result objects (`IngestResult`; a flush's `FlushResult`, read as a `FlushOutcome`),
+through `record_ingest()`, `record_flush()` and the other `record_*` functions.
+Under the prefork pool every pool process counts in its own files in
+`PROMETHEUS_MULTIPROC_DIR` (prometheus-client's multiprocess mode, set up by
+`worker/observability.py` before the pool forks) and the worker's HTTP endpoint sums them
 (`worker.metrics.exposition`). Each series' meaning is its help text below;
 the README's Observability section lists them all.
 """
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
 
@@ -27,8 +28,7 @@ from worker.deadletters import (
 )
 from worker.events import KIND_NAMES
 
-if TYPE_CHECKING:  # the flush and ingest modules record here: no import cycle at run time
-    from worker.flush import FlushResult
+if TYPE_CHECKING:  # the ingest module records here: no import cycle at run time
     from worker.ingest import IngestResult
 
 PREFIX = "eventbuffer"
@@ -231,7 +231,40 @@ def record_late(count: int) -> None:
     metrics().events_late.inc(count)
 
 
-def record_flush(result: FlushResult) -> None:
+class FlushOutcome(Protocol):
+    """What `record_flush` reads of one shard's flush (`worker.flush.FlushResult`).
+
+    Described here rather than imported: the flusher records into this module,
+    so this module does not depend on the flusher.
+    """
+
+    @property
+    def locked(self) -> bool: ...
+    @property
+    def took_over(self) -> str | None: ...
+    @property
+    def backoff_s(self) -> float: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def batches(self) -> int: ...
+    @property
+    def redriven(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def claim_seconds(self) -> float: ...
+    @property
+    def insert_seconds(self) -> float: ...
+    @property
+    def ack_seconds(self) -> float: ...
+    @property
+    def chunk_rows(self) -> Sequence[int]: ...
+    @property
+    def dead_reasons(self) -> Mapping[str, int]: ...
+
+
+def record_flush(result: FlushOutcome) -> None:
     m = metrics()
     if result.backoff_s > 0:
         m.flush_runs.labels(FLUSH_BACKOFF).inc()
