@@ -1,13 +1,14 @@
 """Prometheus counters and histograms: what the workers did.
 
 They are recorded by the Celery tasks (`tasks/`) and the flusher from their
-result objects (`IngestResult`; a flush's `FlushResult`, read as a `FlushOutcome`),
-through `record_ingest()`, `record_flush()` and the other `record_*` functions.
-Under the prefork pool every pool process counts in its own files in
+result objects (`IngestResult` and `FlushResult`, read as an `IngestOutcome` and
+a `FlushOutcome`: this module imports neither the ingest nor the flush), through
+`record_ingest()`, `record_flush()` and the other `record_*` functions. Under
+the prefork pool every pool process counts in its own files in
 `PROMETHEUS_MULTIPROC_DIR` (prometheus-client's multiprocess mode, set up by
-`worker/observability.py` before the pool forks) and the worker's HTTP endpoint sums them
-(`worker.metrics.exposition`). Each series' meaning is its help text below;
-the README's Observability section lists them all.
+`worker/observability.py` before the pool forks) and the worker's HTTP endpoint
+sums them (`worker.metrics.exposition`). Each series' meaning is its help text
+below; the README's Observability section lists them all.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
 
@@ -27,9 +28,6 @@ from worker.deadletters import (
     REASONS,
 )
 from worker.events import KIND_NAMES
-
-if TYPE_CHECKING:  # the ingest module records here: no import cycle at run time
-    from worker.ingest import IngestResult
 
 PREFIX = "eventbuffer"
 DEAD_LETTER_REASONS = REASONS
@@ -183,7 +181,26 @@ def enable_multiprocess(path: str) -> None:
 # -- recording (called by tasks/) -------------------------------------------------------
 
 
-def record_ingest(result: IngestResult, seconds: float) -> None:
+class IngestOutcome(Protocol):
+    """What `record_ingest` reads of one batch's ingest (`worker.ingest.IngestResult`).
+
+    Described here rather than imported: the ingest records into this module,
+    so this module does not depend on the ingest.
+    """
+
+    @property
+    def duplicate(self) -> bool: ...
+    @property
+    def undeliverable(self) -> bool: ...
+    @property
+    def conflict(self) -> bool: ...
+    @property
+    def invalid(self) -> int: ...
+    @property
+    def kinds(self) -> Mapping[str, int]: ...
+
+
+def record_ingest(result: IngestOutcome, seconds: float) -> None:
     m = metrics()
     m.apply_seconds.observe(seconds)
     if result.duplicate:
