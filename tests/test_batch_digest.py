@@ -200,7 +200,7 @@ def test_a_conflict_is_replayed_under_a_new_batch_id(
 
 
 def test_a_conflict_is_counted() -> None:
-    import worker.metrics as metrics_module
+    import worker.metrics.counters as metrics_module
     from worker.ingest import IngestResult
 
     metrics = metrics_module.Metrics(CollectorRegistry())

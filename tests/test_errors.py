@@ -5,15 +5,17 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+from pathlib import Path
 
 import pytest
 
 import tasks
 import worker
-from worker.errors import EventBufferError, SettingsError
+from worker.errors import EventBufferError, IdentifierError, SettingsError
 from worker.sinks import open_sink
-from worker.sinks.chdb import path_from_url
+from worker.sinks.chdb import ChdbSink, path_from_url
 from worker.sinks.native import NativeSink
+from worker.sinks.schema import identifier
 
 
 def _modules() -> list[str]:
@@ -50,3 +52,20 @@ def test_the_sinks_refuse_a_url_of_another_scheme_as_a_settings_error() -> None:
         path_from_url("chdb://")
     with pytest.raises(SettingsError, match="starts with clickhouse://"):
         NativeSink("chdb://data")
+
+
+@pytest.mark.parametrize("name", ["events; DROP TABLE x", "1events", "", "ev-ents", "`events`"])
+def test_a_name_clickhouse_cannot_take_is_an_identifier_error(name: str) -> None:
+    with pytest.raises(IdentifierError) as raised:
+        identifier(name)
+    assert raised.value.name == name
+    assert isinstance(raised.value, EventBufferError) and isinstance(raised.value, ValueError)
+    assert str(raised.value) == f"not a valid ClickHouse identifier: {name!r}"
+    assert identifier("events_2") == "`events_2`"
+
+
+def test_the_sinks_refuse_a_table_name_as_an_identifier_error(tmp_path: Path) -> None:
+    with pytest.raises(IdentifierError, match="not a valid ClickHouse identifier"):
+        NativeSink("clickhouse://127.0.0.1:1/default", table="events; DROP")
+    with pytest.raises(IdentifierError, match="not a valid ClickHouse identifier"):
+        ChdbSink(str(tmp_path / "clickhouse"), table="events; DROP")

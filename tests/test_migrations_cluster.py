@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from tests.support.clickhouse_cluster import Cluster, Node, clickhouse_cluster, cluster_unavailable
-from tests.test_migrations import COMPAT_COLUMNS, now_ms, row, versions
+from tests.support.migrations import COMPAT_COLUMNS, now_ms, row, versions
 from worker.sinks.migrations import MigrationError, read_records
 from worker.sinks.native import NativeSink
 from worker.sinks.schema import MIGRATIONS_LOCK_TABLE, MIGRATIONS_TABLE

@@ -116,6 +116,13 @@ def _decode_task_bodies_lazily(app: Celery, sender: Any = None, **_: Any) -> Non
         bodies.install()
 
 
+def _process_settings() -> Settings:
+    """This process's settings (`worker.runtime`), imported when a hook first asks."""
+    from worker import runtime
+
+    return runtime.settings()
+
+
 def set_up(app: Celery) -> None:
     """Wire `app`'s process-wide hooks: nothing of this is done on importing a module.
 
@@ -127,7 +134,7 @@ def set_up(app: Celery) -> None:
     from worker import observability
     from worker.broker import selection
 
-    selection.install(app)
+    selection.install(app, _process_settings)
     observability.install(app)
     signals.worker_init.connect(
         partial(_decode_task_bodies_lazily, app),

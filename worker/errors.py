@@ -8,6 +8,7 @@
     │   └── PermanentSinkError     will not heal by retrying; not the rows' fault
     │       ├── RowRejectedError       ClickHouse refused rows of the chunk
     │       └── PoisonGuardError       most of a claim refused (worker/flush.py)
+    ├── IdentifierError        a database, table or cluster name ClickHouse cannot take (name)
     ├── BufferKeyTypeError     a buffer key holds a value of the wrong type (key)
     ├── BatchIdConflictError   a batch id was applied before with other content (stored)
     ├── NotReplicatedError     too few replicas confirmed a write (node, wanted, confirmed)
@@ -72,6 +73,18 @@ class PermanentSinkError(SinkError):
 
 class RowRejectedError(PermanentSinkError):
     """ClickHouse rejected one or more rows of the chunk."""
+
+
+class IdentifierError(EventBufferError, ValueError):
+    """A database, table or cluster name is not a plain ClickHouse identifier (letters,
+    digits, `_`, not starting with a digit), so it cannot be put into a statement.
+
+    `name` is the name refused (worker/sinks/schema.py's `identifier`).
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"not a valid ClickHouse identifier: {name!r}")
+        self.name = name
 
 
 class BufferKeyTypeError(EventBufferError):

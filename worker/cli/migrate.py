@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from worker.cli.common import CliError, clickhouse, is_embedded, mask, require_embedded_data
+from worker.errors import IdentifierError
 from worker.settings import Settings
 from worker.sinks import SinkError
 from worker.sinks.migrations import MigrationError, MigrationState, Report, status
@@ -44,7 +45,7 @@ def _cluster(args: argparse.Namespace, settings: Settings) -> str | None:
     if cluster is not None:
         try:
             identifier(cluster)
-        except ValueError as exc:
+        except IdentifierError as exc:
             raise CliError(f"--cluster: {exc}") from None
     if cluster is not None and is_embedded(settings):
         raise CliError(

@@ -1,20 +1,22 @@
 """Prometheus counters and histograms: what the workers did.
 
 They are recorded by the Celery tasks (`tasks/`) and the flusher from their
-result objects (`IngestResult`, `FlushResult`), through `record_ingest()`,
-`record_flush()` and the other `record_*` functions. Under the prefork pool
-every pool process counts in its own files in `PROMETHEUS_MULTIPROC_DIR`
-(prometheus-client's multiprocess mode, set up by `worker/observability.py`
-before the pool forks) and the worker's HTTP endpoint sums them
-(`worker.metrics.exposition`). Each series' meaning is its help text below;
-the README's Observability section lists them all.
+result objects (`IngestResult` and `FlushResult`, read as an `IngestOutcome` and
+a `FlushOutcome`: this module imports neither the ingest nor the flush), through
+`record_ingest()`, `record_flush()` and the other `record_*` functions. Under
+the prefork pool every pool process counts in its own files in
+`PROMETHEUS_MULTIPROC_DIR` (prometheus-client's multiprocess mode, set up by
+`worker/observability.py` before the pool forks) and the worker's HTTP endpoint
+sums them (`worker.metrics.exposition`). Each series' meaning is its help text
+below; the README's Observability section lists them all.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
 
@@ -26,10 +28,6 @@ from worker.deadletters import (
     REASONS,
 )
 from worker.events import KIND_NAMES
-
-if TYPE_CHECKING:  # the flush and ingest modules record here: no import cycle at run time
-    from worker.flush import FlushResult
-    from worker.ingest import IngestResult
 
 PREFIX = "eventbuffer"
 DEAD_LETTER_REASONS = REASONS
@@ -183,7 +181,26 @@ def enable_multiprocess(path: str) -> None:
 # -- recording (called by tasks/) -------------------------------------------------------
 
 
-def record_ingest(result: IngestResult, seconds: float) -> None:
+class IngestOutcome(Protocol):
+    """What `record_ingest` reads of one batch's ingest (`worker.ingest.IngestResult`).
+
+    Described here rather than imported: the ingest records into this module,
+    so this module does not depend on the ingest.
+    """
+
+    @property
+    def duplicate(self) -> bool: ...
+    @property
+    def undeliverable(self) -> bool: ...
+    @property
+    def conflict(self) -> bool: ...
+    @property
+    def invalid(self) -> int: ...
+    @property
+    def kinds(self) -> Mapping[str, int]: ...
+
+
+def record_ingest(result: IngestOutcome, seconds: float) -> None:
     m = metrics()
     m.apply_seconds.observe(seconds)
     if result.duplicate:
@@ -231,7 +248,40 @@ def record_late(count: int) -> None:
     metrics().events_late.inc(count)
 
 
-def record_flush(result: FlushResult) -> None:
+class FlushOutcome(Protocol):
+    """What `record_flush` reads of one shard's flush (`worker.flush.FlushResult`).
+
+    Described here rather than imported: the flusher records into this module,
+    so this module does not depend on the flusher.
+    """
+
+    @property
+    def locked(self) -> bool: ...
+    @property
+    def took_over(self) -> str | None: ...
+    @property
+    def backoff_s(self) -> float: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def batches(self) -> int: ...
+    @property
+    def redriven(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def claim_seconds(self) -> float: ...
+    @property
+    def insert_seconds(self) -> float: ...
+    @property
+    def ack_seconds(self) -> float: ...
+    @property
+    def chunk_rows(self) -> Sequence[int]: ...
+    @property
+    def dead_reasons(self) -> Mapping[str, int]: ...
+
+
+def record_flush(result: FlushOutcome) -> None:
     m = metrics()
     if result.backoff_s > 0:
         m.flush_runs.labels(FLUSH_BACKOFF).inc()

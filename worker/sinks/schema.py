@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from worker.errors import IdentifierError
+
 # Blocks remembered for dedup. A block is one chunk (default 1000 rows), so
 # this covers the last ~10M rows: far more than can be in flight at once.
 # On a cluster a chunk becomes one block per shard and partition it touches.
@@ -70,9 +72,11 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def identifier(name: str) -> str:
-    """Validate a database or table name and return it back-quoted."""
+    """Validate a database, table or cluster name and return it back-quoted.
+
+    Raises IdentifierError (a ValueError) for any other name."""
     if not _IDENTIFIER.match(name):
-        raise ValueError(f"not a valid ClickHouse identifier: {name!r}")
+        raise IdentifierError(name)
     return f"`{name}`"
 
 

@@ -1,0 +1,112 @@
+"""The migrations lock, on ClickHouse 26.x from chDB serving the native protocol:
+several `migrate` processes at once, eight sinks migrating at the same instant,
+a `migrate` waits for the lock's holder, and a dead holder's lock is broken.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.support.migrations import (
+    create_database,
+    finish,
+    fresh_database_url,
+    index_names,
+    migrate_together,
+    start_migrate,
+    versions,
+)
+from tests.support.native_server import chdb_server, chdb_serves
+from worker.sinks.migrations import _host, migrations_lock, read_records
+from worker.sinks.native import NativeSink
+from worker.sinks.schema import MIGRATIONS_LOCK_TABLE, create_lock_table
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    why = chdb_serves()
+    if why is not None:
+        pytest.skip(f"no ClickHouse 26.x server here: {why}")
+    with chdb_server() as url:
+        yield url
+
+
+@pytest.fixture
+def db_url(server_url: str) -> str:
+    return fresh_database_url(server_url)
+
+
+def test_several_processes_migrate_a_server_at_once(db_url: str) -> None:
+    results = [finish(p) for p in [start_migrate(db_url) for _ in range(4)]]
+    assert [code for code, _, _ in results] == [0] * 4, results
+    assert sum("created table `events`" in out for _, out, _ in results) == 1
+    assert sum("nothing to do" in out for _, out, _ in results) == 3
+    sink = NativeSink(db_url)
+    try:
+        database = urlsplit(db_url).path[1:]
+        assert versions(read_records(sink.query, database)) == {1: 1, 2: 1, 3: 1}
+        assert index_names(sink, f"'{database}'") == ["idx_device_id", "idx_profile_id"]
+        assert not sink.query(f"EXISTS TABLE {MIGRATIONS_LOCK_TABLE}")[0][0]
+    finally:
+        sink.close()
+
+
+def test_concurrent_migrates_apply_each_version_once(db_url: str) -> None:
+    """Eight at the same instant: without the lock, several read an empty record and
+    each applies and records every migration."""
+    create_database(db_url)
+    reports = migrate_together(db_url, 8)
+    assert all(not isinstance(r, Exception) for r in reports), reports
+    assert sorted(len(r.applied) for r in reports) == [0] * 7 + [3]
+    sink = NativeSink(db_url)
+    try:
+        assert versions(read_records(sink.query, urlsplit(db_url).path[1:])) == {1: 1, 2: 1, 3: 1}
+    finally:
+        sink.close()
+
+
+def test_migrate_waits_for_the_lock_holder(db_url: str) -> None:
+    create_database(db_url)
+    database = urlsplit(db_url).path[1:]
+    admin = NativeSink(db_url)
+    try:
+        with migrations_lock(admin.query, database, None):
+            waiting = start_migrate(db_url)
+            assert waiting.stderr is not None
+            line = waiting.stderr.readline()
+            assert line.startswith("waiting for another migrate to finish"), line
+            assert f"pid={os.getpid()}" in line
+            time.sleep(1)
+            assert waiting.poll() is None  # still waiting
+            assert read_records(admin.query, database) == {}
+        code, out, err = finish(waiting)
+        assert code == 0, err
+        assert "created table `events`" in out
+        assert versions(read_records(admin.query, database)) == {1: 1, 2: 1, 3: 1}
+    finally:
+        admin.close()
+
+
+def test_a_dead_holders_lock_is_broken(db_url: str) -> None:
+    create_database(db_url)
+    database = urlsplit(db_url).path[1:]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    admin = NativeSink(db_url)
+    try:
+        [(since,)] = admin.query("SELECT toUInt32(toUnixTimestamp(now()))")
+        admin.query(
+            create_lock_table(database, None, f"host={_host()} pid={gone.pid} since={since}")
+        )
+        seen: list[str] = []
+        report = admin.migrate(on_wait=seen.append)
+        assert [v for v, _, _ in report.applied] == [1, 2, 3]
+        assert seen and seen[0].startswith("breaking the migrations lock") and "gone" in seen[0]
+    finally:
+        admin.close()
