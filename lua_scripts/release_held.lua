@@ -92,18 +92,21 @@ end
 
 local queue = {}
 local late = 0
--- Profile field -> {created, deadline, its view or false (a session_end)}: the profile's
--- newest event by created_at, then arrival, among the released ones.
+-- Profile field -> {created, order key, its view or false (a session_end)}: the profile's
+-- newest event by created_at, then arrival, then batch order (the record's order key),
+-- among the released ones. Sessions are released one after another: a tie on created_at
+-- and arrival between two sessions of one profile goes by the key, not to the session
+-- released last.
 local profiles = {}
 local profile_order = {}
-local function profile_event(pfield, created, deadline, value)
+local function profile_event(pfield, created, order, value)
   local known = profiles[pfield]
   if known == nil then
     profile_order[#profile_order + 1] = pfield
-  elseif created < known[1] or (created == known[1] and deadline < known[2]) then
+  elseif created < known[1] or (created == known[1] and order < known[2]) then
     return
   end
-  profiles[pfield] = {created, deadline, value}
+  profiles[pfield] = {created, order, value}
 end
 
 -- Commands with many arguments, sent 1000 at a time (Lua's unpack has a stack limit).
@@ -207,7 +210,7 @@ for _, entry in ipairs(released) do
   local view_changed, closed_changed = false, false
   for i = 1, last do
     local r = records[i]
-    local created, deadline = r[2], r[3]
+    local created = r[2]
     local kind = string.sub(pack, r[4] + 44, r[4] + 44)
     local pf_end = string.find(pack, '|', r[4] + 45, true)
     local pfield = string.sub(pack, r[4] + 45, pf_end - 1)
@@ -228,7 +231,7 @@ for _, entry in ipairs(released) do
         view = this
         view_changed = true
         if pfield ~= '' then
-          profile_event(pfield, created, deadline, this)
+          profile_event(pfield, created, r[1], this)
         end
       end
     else
@@ -242,7 +245,7 @@ for _, entry in ipairs(released) do
       view = nil
       view_changed = true
       if pfield ~= '' then
-        profile_event(pfield, created, deadline, false)
+        profile_event(pfield, created, r[1], false)
       end
     end
   end

@@ -203,16 +203,23 @@ PFIELDS = ["", "p:u1", "p:u2"]
 @st.composite
 def held_state(draw: st.DrawFn) -> dict[str, object]:
     """Sessions with held events (some due, some not, in any order, either record form),
-    stored last views (either form), closed sessions (some past their memory)."""
+    stored last views (either form), closed sessions (some past their memory).
+
+    Created times and deadlines are drawn from a few values and the sessions share
+    profiles, so two sessions of one profile often hold events of equal created_at and
+    arrival; the tags (a batch's order) are in any order across sessions, not in the
+    order the sessions are released."""
     base = NOW - 10**6
+    # Unique tags in random order: 8-character batch prefix, 6-digit place in its batch.
+    tags = iter(draw(st.permutations(range(len(SESSIONS) * 5))))
     packs: dict[str, bytes] = {}
     views: dict[str, bytes] = {}
     profiles: dict[str, bytes] = {}
     closed: dict[str, int] = {}
     closed_at: dict[str, int] = {}
-    for s, session in enumerate(SESSIONS):
+    for session in SESSIONS:
         records = []
-        for n in range(draw(st.integers(0, 5))):
+        for _ in range(draw(st.integers(0, 5))):
             kind = draw(st.sampled_from("vve"))
             created = base + draw(st.integers(0, 6)) * 100
             deadline = draw(st.sampled_from([5, 10, 20]))  # due at 10: 5 and 10
@@ -223,7 +230,7 @@ def held_state(draw: st.DrawFn) -> dict[str, object]:
                 session_id=session,
                 name="screen_view" if kind == "v" else "session_end",
             )
-            tag = f"{s:07d}{n:07d}"
+            tag = f"{draw(st.sampled_from([0, 1])):08x}{next(tags):06d}"
             if draw(st.booleans()):
                 records.append(legacy_record(created, deadline, tag, kind, pfield, event))
             else:
@@ -248,6 +255,8 @@ def held_state(draw: st.DrawFn) -> dict[str, object]:
         "profiles": profiles,
         "closed": closed,
         "closed_at": closed_at,
+        # the order the sessions are handed to the release
+        "due": draw(st.permutations([session for session in SESSIONS if session in packs])),
     }
 
 
@@ -294,7 +303,7 @@ def snapshot(client: redis_lib.Redis) -> dict[str, object]:
 def test_the_release_decided_in_python_is_release_held_lua(
     client: redis_lib.Redis, state: dict[str, Any]
 ) -> None:
-    due = list(state["packs"])
+    due = list(state["due"])
     load_state(client, state)
     in_redis = release_in_redis(client, KEYS, due, 10, 60, 0)  # closed memory: until ms 10
     expected = snapshot(client)
@@ -302,6 +311,38 @@ def test_the_release_decided_in_python_is_release_held_lua(
     in_python = release(client, KEYS, due, 10, 60, 0)
     assert (in_python.rows, in_python.late) == (in_redis.rows, in_redis.late)
     assert snapshot(client) == expected
+    # The order the sessions are released in decides only the order of the queue: a tie
+    # between two sessions of one profile goes by created_at, arrival, then batch order.
+    load_state(client, state)
+    release(client, KEYS, due[::-1], 10, 60, 0)
+    reversed_run = snapshot(client)
+    assert sorted(reversed_run.pop("queue")) == sorted(expected.pop("queue"))
+    assert reversed_run == expected
+
+
+@pytest.mark.parametrize("in_redis", [False, True], ids=["python", "lua"])
+@pytest.mark.parametrize("due", [["s1", "s3"], ["s3", "s1"]])
+def test_a_tie_between_two_sessions_of_one_profile_goes_to_the_later_in_its_batch(
+    client: redis_lib.Redis, in_redis: bool, due: list[str]
+) -> None:
+    """Views of sessions s3 then s1 (one batch: same created_at and deadline), both of
+    profile u1: u1's last view is s1's, in whichever order the sessions are released."""
+    pfield = KEYS.profile_field("proj", "u1")
+    client.flushall()
+    tagged = {}
+    for n, session in enumerate(["s3", "s1"]):
+        view = as_row(parse_event({"name": "screen_view", "project_id": "proj",
+                                   "session_id": session, "profile_id": "u1",
+                                   "created_at": NOW}))  # fmt: skip
+        head = stored_view.head_of(view, encode_event(view))
+        client.set(
+            KEYS.held(session), held_record(NOW, 5, f"cafe0123{n:06d}", "v", pfield, 0, head)
+        )
+        client.zadd(KEYS.held_due, {session: 5})
+        tagged[session] = stored_view.of_event(view)
+    released = (release_in_redis if in_redis else release)(client, KEYS, due, 10, 60, 60)
+    assert (released.rows, released.late) == (0, 0)
+    assert client.hget(KEYS.profile_views, pfield) == tagged["s1"]
 
 
 def test_records_appended_during_a_release_stay_held(client: redis_lib.Redis) -> None:

@@ -240,8 +240,9 @@ class _Plan:
         self.closed_set: list[Any] = []
         self.closed_index: list[Any] = []
         self.reopened: list[str] = []
-        # profile field -> (created, deadline, view or None for a session_end)
-        self.profiles: dict[str, tuple[int, int, _ViewAt | None]] = {}
+        # profile field -> (created, order key, view or None for a session_end): the
+        # profile's newest released event by created_at, then arrival, then batch order
+        self.profiles: dict[str, tuple[int, bytes, _ViewAt | None]] = {}
         self.profile_order: list[str] = []
 
     def session(
@@ -283,7 +284,7 @@ class _Plan:
         queue = self.queue
         view = _view_at(stored, 0, len(stored)) if stored is not None else None
         view_changed = closed_changed = False
-        for _header, created, deadline, start, stop, _frame in records:
+        for order, created, _deadline, start, stop, _frame in records:
             kind = pack[start + 44]
             bar = pack.index(b"|", start + 45)
             pfield = pack[start + 45 : bar].decode() if bar > start + 45 else ""
@@ -307,7 +308,7 @@ class _Plan:
                     view = this
                     view_changed = True
                     if pfield:
-                        self._profile_event(pfield, created, deadline, this)
+                        self._profile_event(pfield, created, order, this)
             else:
                 # A session_end closes its session, late or not: the waiting view goes first.
                 if view is not None:
@@ -321,7 +322,7 @@ class _Plan:
                 view = None
                 view_changed = True
                 if pfield:
-                    self._profile_event(pfield, created, deadline, None)
+                    self._profile_event(pfield, created, order, None)
         if view_changed:
             if view is not None:
                 self.views_set += (session, _form(view))
@@ -335,15 +336,16 @@ class _Plan:
             else:
                 self.reopened.append(session)
 
-    def _profile_event(
-        self, pfield: str, created: int, deadline: int, view: _ViewAt | None
-    ) -> None:
+    def _profile_event(self, pfield: str, created: int, order: bytes, view: _ViewAt | None) -> None:
+        # `order` is the record's order key (created, deadline, tag): sessions are released
+        # one after another, so a tie on created_at and arrival between two sessions of one
+        # profile goes to the later one in its batch, not to the session released last.
         known = self.profiles.get(pfield)
         if known is None:
             self.profile_order.append(pfield)
-        elif created < known[0] or (created == known[0] and deadline < known[1]):
+        elif created < known[0] or (created == known[0] and order < known[1]):
             return
-        self.profiles[pfield] = (created, deadline, view)
+        self.profiles[pfield] = (created, order, view)
 
     def writes(
         self,
@@ -382,7 +384,7 @@ class _Plan:
         profiles_set: list[Any] = []
         profiles_ended: list[str] = []
         for pfield, value in zip(self.profile_order, profiles, strict=True):
-            created, _deadline, view = self.profiles[pfield]
+            created, _order, view = self.profiles[pfield]
             if value is None or created >= stored_view.created_ms(value):
                 if view is not None:
                     profiles_set += (pfield, _form(view))
