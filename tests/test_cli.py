@@ -31,13 +31,13 @@ from worker import cli
 from worker.broker.keys import BrokerKeys
 from worker.buffer import EventBuffer
 from worker.celery import create_app
+from worker.claims import Claims
 from worker.cli.local_redis import redis_answers
 from worker.cli.run import INGEST_LAYOUT
 from worker.events import Event, parse_event
 from worker.ingest import ingest
 from worker.keys import ShardKeys
 from worker.lock import FlushLock
-from worker.scripts import Scripts
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink, path_from_url
 
@@ -371,7 +371,7 @@ def test_status_json_matches_redis(
             event("session_end", now + 1, session_id="s10"),
         ]
     )
-    claim = Scripts(redis).claim(SHARD, "claim-1", 2, now - 5_000, 1000)
+    claim = Claims(redis).claim(SHARD, "claim-1", 2, now - 5_000, 1000)
     assert claim is not None
     redis.hset(
         SHARD.stats,

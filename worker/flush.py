@@ -52,6 +52,7 @@ import msgspec
 from redis.exceptions import OutOfMemoryError, ResponseError
 
 from worker import metrics
+from worker.claims import SPLIT_FIELD, AckResult, Claims, ReadAhead, decode_heads
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.deadletters import (
     REASON_INVALID_JSON,
@@ -59,25 +60,36 @@ from worker.deadletters import (
     DeadLetter,
     encode_dead_letter,
 )
-from worker.errors import EventBufferError, LockLostError, NotReplicatedError, SinkError
+from worker.errors import (
+    FlushError,
+    LockLostError,
+    NotReplicatedError,
+    SinkError,
+)
+from worker.flush_report import FlushResult, FlushSummary, log_failed, log_flushed
 from worker.keys import CHANNEL_SAVED, Keyspace, ShardKeys
 from worker.lock import FlushLock
-from worker.read_ahead import ReadAhead, decode_heads
 from worker.reorder import release_due
 from worker.replication import Replicas
-from worker.replies import text
-from worker.scripts import AckResult, Scripts
+from worker.scripts import Scripts
 from worker.settings import Settings
 from worker.sinks.base import PermanentSinkError, RetryableSinkError, RowRejectedError, Sink
 from worker.topology import Client
+
+__all__ = [
+    "POISON_GUARD_MIN_ROWS",
+    "SPLIT_FIELD",
+    "FlushResult",
+    "FlushSummary",
+    "Flusher",
+    "PoisonGuardError",
+]
 
 log = logging.getLogger(__name__)
 
 # The poison guard needs this many rejected rows before it stops a flush, so a
 # small claim with a few bad rows still dead-letters them.
 POISON_GUARD_MIN_ROWS = 10
-# Claim hash fields `split:<token>` mark chunks that were rejected and halved.
-SPLIT_FIELD = "split:"
 
 
 class PoisonGuardError(PermanentSinkError):
@@ -111,103 +123,6 @@ class _Inserts:
     first_rejection: RowRejectedError | None = None
 
 
-@dataclass
-class FlushResult:
-    """What one flush of one shard did."""
-
-    shard: int
-    locked: bool = True  # False: another flusher held the lock; nothing was done
-    # "<host:pid>: <why>" when the lock was taken over from a dead holder.
-    took_over: str | None = None
-    # Seconds left of a back-off after ClickHouse failures; nothing was done.
-    backoff_s: float = 0.0
-    rows: int = 0  # rows sent to ClickHouse (duplicates of a re-drive are dropped there)
-    # Rows queued by releasing held session events first (worker/reorder.py), and how
-    # many of those events were late.
-    released: int = 0
-    late: int = 0
-    dead: int = 0
-    batches: int = 0
-    redriven: int = 0
-    claims: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    # Time spent in each phase, summed over the batches (for metrics and logs).
-    claim_seconds: float = 0.0
-    insert_seconds: float = 0.0
-    ack_seconds: float = 0.0
-    # Rows of every chunk inserted, in order.
-    chunk_rows: list[int] = field(default_factory=list)
-    dead_reasons: Counter[str] = field(default_factory=Counter)
-    # Why the flush of this shard stopped (ClickHouse, or the lock lost); None if it did not.
-    error: EventBufferError | None = None
-
-    def as_dict(self) -> dict[str, object]:
-        shown: dict[str, object] = {"error": str(self.error)} if self.error is not None else {}
-        if self.took_over is not None:
-            shown["took_over"] = self.took_over
-        return {
-            **shown,
-            "shard": self.shard,
-            "locked": self.locked,
-            "backoff_s": round(self.backoff_s, 3),
-            "rows": self.rows,
-            "dead": self.dead,
-            "batches": self.batches,
-            "redriven": self.redriven,
-            "claims": list(self.claims),
-            "seconds": round(self.seconds, 4),
-            "phases": {
-                "claim": round(self.claim_seconds, 4),
-                "insert": round(self.insert_seconds, 4),
-                "ack": round(self.ack_seconds, 4),
-            },
-        }
-
-
-@dataclass
-class FlushSummary:
-    """One `process_buffer` run: a result per shard, failed shards included."""
-
-    shards: list[FlushResult]
-
-    @property
-    def rows(self) -> int:
-        return sum(s.rows for s in self.shards)
-
-    @property
-    def dead(self) -> int:
-        return sum(s.dead for s in self.shards)
-
-    @property
-    def errors(self) -> list[FlushResult]:
-        return [s for s in self.shards if s.error is not None]
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "rows": self.rows,
-            "dead": self.dead,
-            "locked": all(s.locked for s in self.shards),
-            "errors": len(self.errors),
-            "shards": [s.as_dict() for s in self.shards],
-        }
-
-
-def flush_fields(result: FlushResult) -> dict[str, object]:
-    """The structured fields of a shard's flush line (JSON logs)."""
-    return {
-        "shard": result.shard,
-        "rows": result.rows,
-        "dead": result.dead,
-        "batches": result.batches,
-        "redriven": result.redriven,
-        "chunks": len(result.chunk_rows),
-        "seconds": round(result.seconds, 4),
-        "claim_seconds": round(result.claim_seconds, 4),
-        "insert_seconds": round(result.insert_seconds, 4),
-        "ack_seconds": round(result.ack_seconds, 4),
-    }
-
-
 class Flusher:
     """Moves rows from the Redis buffer into ClickHouse, one locked shard at a time."""
 
@@ -224,11 +139,14 @@ class Flusher:
         self.clock = clock
         self.keyspace = Keyspace(settings.key_prefix, settings.shards)
         self.replicas = Replicas.from_settings(settings)
-        self.scripts = Scripts(redis, self.replicas)
+        self.scripts = Scripts(redis)
+        self.claims = Claims(redis, self.replicas)
 
     def process_buffer(self, max_batches: int | None = None) -> FlushSummary:
         """Flush every shard once, each under its own lock: what `process_buffer` runs.
 
+        One sink serves every shard of the run (on chDB, one session per run,
+        not one per shard), opened on the first insert and closed at the end.
         A shard whose flush fails (ClickHouse, its lock lost, or its master's
         replicas not confirming a claim or an ack) is reported in its result
         and logged; the other shards still flush, and the failed one is
@@ -239,43 +157,32 @@ class Flusher:
         # A back-pressure request is served by this run, whichever asked for it.
         self.redis.delete(self.keyspace.flush_pending)
         results: list[FlushResult] = []
-        for shard in self.keyspace.all():
-            try:
-                result = self.flush_shard(shard.shard, max_batches)
-            except (SinkError, LockLostError, NotReplicatedError) as exc:
-                metrics.record_flush_error()
-                log.error(
-                    "flush of shard %d failed, will retry next run: %s",
-                    shard.shard,
-                    exc,
-                    extra={"shard": shard.shard, "error": str(exc)},
-                )
-                results.append(FlushResult(shard=shard.shard, error=exc))
-                continue
-            except Exception:
-                metrics.record_flush_error()
-                raise
-            metrics.record_flush(result)
-            results.append(result)
-            if result.batches:
-                log.info(
-                    "flushed shard %d: %d rows, %d dead, %d batches (%d re-driven) in %.3fs "
-                    "(claim %.3fs, insert %.3fs, ack %.3fs)",
-                    shard.shard,
-                    result.rows,
-                    result.dead,
-                    result.batches,
-                    result.redriven,
-                    result.seconds,
-                    result.claim_seconds,
-                    result.insert_seconds,
-                    result.ack_seconds,
-                    extra=flush_fields(result),
-                )
+        sink = self.sink_factory()
+        try:
+            for shard in self.keyspace.all():
+                try:
+                    result = self.flush_shard(shard.shard, max_batches, sink=sink)
+                except (SinkError, LockLostError, NotReplicatedError) as exc:
+                    metrics.record_flush_error()
+                    log_failed(shard.shard, exc)
+                    results.append(FlushResult(shard=shard.shard, error=exc))
+                    continue
+                except Exception:
+                    metrics.record_flush_error()
+                    raise
+                metrics.record_flush(result)
+                results.append(result)
+                log_flushed(result)
+        finally:
+            sink.close()
         return FlushSummary(results)
 
     def flush_shard(
-        self, shard_no: int, max_batches: int | None = None, respect_backoff: bool = True
+        self,
+        shard_no: int,
+        max_batches: int | None = None,
+        respect_backoff: bool = True,
+        sink: Sink | None = None,
     ) -> FlushResult:
         """Up to `max_batches` batches (default: the setting) of one shard.
 
@@ -283,6 +190,8 @@ class Flusher:
         (one provably dead is taken over: `took_over` says from whom), or
         with `backoff_s` set while the shard backs off after ClickHouse
         failed (unless `respect_backoff` is False: an operator's explicit flush).
+        Writes through `sink`, left open; without one, opens and closes its own.
+        A `FlushError` raised (the lock lost) names the shard and its lock.
         """
         shard = self.keyspace.shard(shard_no)
         result = FlushResult(shard=shard_no)
@@ -312,21 +221,29 @@ class Flusher:
         # sink included): else its watchdog keeps it alive for the life of
         # the process and every later flush of this shard reports it held.
         try:
-            sink = self.sink_factory()
+            own = sink is None
+            writer = self.sink_factory() if sink is None else sink
             try:
                 limit = max_batches or self.settings.max_batches_per_flush
-                with ReadAhead(self.scripts, shard, self.settings.batch_size) as ahead:
+                with ReadAhead(self.claims, shard, self.settings.batch_size) as ahead:
                     # Between batches too: a long flush must not keep due events waiting.
                     while result.batches < limit and self._flush_one(
-                        shard, lock, sink, result, ahead, read_next=result.batches + 1 < limit
+                        shard, lock, writer, result, ahead, read_next=result.batches + 1 < limit
                     ):
                         self._release(shard, result)
             finally:
-                sink.close()
+                if own:
+                    writer.close()
         except (RetryableSinkError, PoisonGuardError):
             # The guard too: each attempt re-inserts thousands of rows one by
             # one until it trips again, so it should not run every tick.
             self._back_off(shard)
+            raise
+        except FlushError as exc:
+            if exc.shard is None:
+                exc.shard = shard_no
+            if exc.lock is None:
+                exc.lock = shard.lock
             raise
         finally:
             lock.release()
@@ -395,7 +312,7 @@ class Flusher:
         """
         phase = time.perf_counter()
         ready = ahead.take()
-        claim = self.scripts.claim(
+        claim = self.claims.claim(
             shard,
             str(uuid.uuid4()),
             self.settings.batch_size,
@@ -425,7 +342,9 @@ class Flusher:
         invalid_json = len(dead)
 
         rows = [item[2] for item in keyed]
-        inserts = _Inserts(shard, claim.id, rows, self._splits(shard, claim.redriven), dead=dead)
+        # Chunks an earlier flush of the claim halved (a new claim has none yet).
+        split = self.claims.splits(shard) if claim.redriven else set()
+        inserts = _Inserts(shard, claim.id, rows, split, dead=dead)
         size = claim.chunk_size  # the claim's, not this flusher's: same chunks, same tokens
         phase = time.perf_counter()
         try:
@@ -448,7 +367,7 @@ class Flusher:
             {"shard": shard.shard, "claim": claim.id, "rows": inserted, "projects": projects}
         )
         phase = time.perf_counter()
-        outcome = self.scripts.ack(
+        outcome = self.claims.ack(
             shard,
             lock_token=lock.token,
             claim_id=claim.id,
@@ -459,7 +378,11 @@ class Flusher:
         )
         result.ack_seconds += time.perf_counter() - phase
         if outcome == AckResult.LOCK_HELD_BY_OTHER:
-            raise LockLostError(f"claim {claim.id}: the lock is held by another flusher")
+            raise LockLostError(
+                f"claim {claim.id}: the lock is held by another flusher",
+                shard=shard.shard,
+                lock=shard.lock,
+            )
         lock.progress()
         if outcome == AckResult.ALREADY_ACKED:
             # Its rows were counted by the flusher that acknowledged it.
@@ -473,13 +396,6 @@ class Flusher:
         result.dead_reasons[REASON_REJECTED] += len(rejected)
         result.claims.append(claim.id)
         return True
-
-    def _splits(self, shard: ShardKeys, redriven: bool) -> set[str]:
-        """Tokens of the open claim's chunks that an earlier flush halved."""
-        if not redriven:
-            return set()  # a new claim: nothing of it was written yet
-        names = (text(n) for n in self.redis.hkeys(shard.claim))
-        return {n[len(SPLIT_FIELD) :] for n in names if n.startswith(SPLIT_FIELD)}
 
     def _write(
         self, sink: Sink, inserts: _Inserts, offsets: list[int], token: str, lock: FlushLock
@@ -504,13 +420,7 @@ class Flusher:
                     self._reject(inserts, offsets[0], exc)
                     return
             lock.check()
-            claim = inserts.shard.claim
-            self.replicas.run(
-                self.redis,
-                claim,
-                lambda target: target.hset(claim, SPLIT_FIELD + token, 1),
-                f"the halving of chunk {token}",
-            )
+            self.claims.record_split(inserts.shard, token)
             inserts.split.add(token)
         middle = len(offsets) // 2
         for part, half in enumerate((offsets[:middle], offsets[middle:])):

@@ -157,8 +157,8 @@ from worker.settings import Settings
 from worker.state import BufferState, read_state
 from worker.topology import Client, connect
 
-if TYPE_CHECKING:  # the flush and ingest modules record here: no import cycle at run time
-    from worker.flush import FlushResult
+if TYPE_CHECKING:  # the ingest module records here: no import cycle at run time
+    from worker.flush_report import FlushResult
     from worker.ingest import IngestResult
 
 PREFIX = "eventbuffer"
