@@ -99,6 +99,7 @@ def test_a_head_that_moved_before_the_rows_were_read_stops_the_claim(
     with pytest.raises(QueueMovedError, match="moved \\(from 0 to 2 rows removed\\)") as raised:
         AckedMeanwhile(redis).claim(KEYS, "c1", 4, 0, 1000)
     assert isinstance(raised.value, LockLostError)  # the flush stops as for a lost lock
+    assert (raised.value.shard, raised.value.lock) == (0, KEYS.lock)
 
 
 def test_a_flush_of_many_claims_reads_each_claims_rows_ahead(

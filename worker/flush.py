@@ -350,7 +350,7 @@ class Flusher:
         try:
             for index, start in enumerate(range(0, len(rows), size)):
                 lock.check()
-                offsets = list(range(start, min(start + size, len(rows))))
+                offsets = range(start, min(start + size, len(rows)))
                 self._write(sink, inserts, offsets, f"{claim.id}:{index}", lock)
                 result.chunk_rows.append(len(offsets))
         finally:
@@ -398,7 +398,7 @@ class Flusher:
         return True
 
     def _write(
-        self, sink: Sink, inserts: _Inserts, offsets: list[int], token: str, lock: FlushLock
+        self, sink: Sink, inserts: _Inserts, offsets: range, token: str, lock: FlushLock
     ) -> None:
         """Insert rows[offsets]; on a row-level rejection, halve until the bad rows are alone.
 
@@ -411,7 +411,7 @@ class Flusher:
         """
         if token not in inserts.split:
             try:
-                sink.write([inserts.rows[i] for i in offsets], token)
+                sink.write(inserts.rows[offsets.start : offsets.stop], token)
                 lock.progress()
                 return
             except RowRejectedError as exc:
