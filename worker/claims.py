@@ -23,7 +23,10 @@ lock (worker/lock.py):
    chDB and the ClickHouse driver's socket release the GIL). The next claim
    takes them only if it starts at the position they were read from
    (`QueueRows.take`): rows read ahead are the claim's rows or not used at
-   all. A read-ahead that fails is dropped; the claim then reads its rows.
+   all. The thread also puts them in insert order (`Ordered`: sorted by
+   created_at, id and bytes, so a chunk holds mostly one month's partition,
+   and a re-drive, which gets the same rows by position, cuts the same
+   chunks). A read-ahead that fails is dropped; the claim then reads its rows.
 4. **Halvings.** A chunk ClickHouse rejects is halved until the bad rows
    are alone; each halving is recorded in the claim (`split:<token>`)
    before the halves are written, so a re-drive takes the same halves and
@@ -39,6 +42,7 @@ The claim and the ack are followed by a WAIT for replicas when
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -108,15 +112,51 @@ def decode_heads(rows: Sequence[bytes]) -> list[Head]:
 
 
 @dataclass(frozen=True)
+class Ordered:
+    """A claim's rows in the order they are inserted, and the rows that are not JSON rows."""
+
+    rows: list[bytes]  # sorted by (created_at, id, bytes)
+    projects: list[str]  # the project_id of each of `rows`
+    counts: Counter[str]  # rows per project
+    invalid: list[tuple[bytes, str]]  # (row, why it is not a JSON row), in queue order
+
+
+def order(rows: Sequence[bytes], heads: Sequence[Head]) -> Ordered:
+    """`rows` (with their `heads`) in insert order."""
+    keyed: list[tuple[str, str, bytes, str]] = []
+    invalid: list[tuple[bytes, str]] = []
+    for raw, head in zip(rows, heads, strict=True):
+        if isinstance(head, str):
+            invalid.append((raw, head))
+        else:
+            keyed.append((head.created_at, head.id, raw, head.project_id))
+    keyed.sort()
+    projects = [item[3] for item in keyed]
+    return Ordered([item[2] for item in keyed], projects, Counter(projects), invalid)
+
+
+@dataclass(frozen=True)
 class Decoded:
-    """Rows read ahead, with their heads."""
+    """Rows read ahead, with their heads, in insert order."""
 
     rows: QueueRows
     heads: list[Head]
+    ordered: Ordered
 
     def heads_of(self, claim: Claim) -> list[Head]:
         """The heads of the claim's first rows, as many as came from these rows."""
         return self.heads[: len(self.rows.take(claim.position, len(claim.rows)))]
+
+
+def ordered_rows(claim: Claim, ready: Decoded | None) -> Ordered:
+    """The claim's rows in insert order, using what `ready` read ahead where it holds them."""
+    if ready is None:
+        return order(claim.rows, decode_heads(claim.rows))
+    if ready.rows.position == claim.position and len(ready.rows.rows) == len(claim.rows):
+        return ready.ordered  # the usual case: the claim is exactly the rows read ahead
+    heads = ready.heads_of(claim)
+    heads += decode_heads(claim.rows[len(heads) :])
+    return order(claim.rows, heads)
 
 
 class Claims:
@@ -298,4 +338,5 @@ class ReadAhead:
 
     def _read(self, claim: Claim) -> Decoded:
         rows = self._claims.read_ahead(self._shard, claim, self._count)
-        return Decoded(rows, decode_heads(rows.rows))
+        heads = decode_heads(rows.rows)
+        return Decoded(rows, heads, order(rows.rows, heads))

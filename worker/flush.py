@@ -1,14 +1,17 @@
 """The flush: claim a batch, insert it in deduplicated chunks, then acknowledge.
 
-Per shard, under that shard's lock:
+One sink serves a whole `process_buffer` run (on chDB, one session per
+run). Per shard, under that shard's lock (the claim protocol itself, with
+its read-ahead, is worker/claims.py's):
 
-1. claim.lua hands back the open claim if a previous flush died (a
-   re-drive), else claims the oldest `EVENT_BUFFER_BATCH_SIZE` rows under a
-   new id. Claimed rows stay in the queue until step 3.
-2. Rows are sorted by (created_at, id, bytes), so a re-drive of the claim
-   splits into exactly the same chunks, and each chunk is inserted with the
-   token `<claim id>:<chunk index>`. ClickHouse drops a chunk it has seen.
-3. ack.lua trims the claimed rows, appends dead letters and publishes
+1. The claim: the open claim if a previous flush died (a re-drive), else
+   the oldest `EVENT_BUFFER_BATCH_SIZE` rows under a new id. Claimed rows
+   stay in the queue until step 3.
+2. Rows are sorted by (created_at, id, bytes) and cut into chunks of the
+   claim's recorded chunk size, so a re-drive of the claim splits into
+   exactly the same chunks; each chunk is inserted with the token
+   `<claim id>:<chunk index>`. ClickHouse drops a chunk it has seen.
+3. The ack trims the claimed rows, appends dead letters and publishes
    `events:saved`, in one atomic step, only after every chunk succeeded.
 
 A kill anywhere leaves the claim open; the next flush re-drives it with the
@@ -16,18 +19,10 @@ same tokens: nothing is lost and nothing is written twice. The dead
 flusher's lock does not hold it up: a holder provably dead is taken over
 (`worker.lock`).
 
-Rows that are not valid JSON, and rows ClickHouse rejects (found by halving
-a rejected chunk until single rows are left), become dead letters with the
-reason; the rest of the batch lands. Each halving is recorded in the claim
-before the halves are written, so a re-drive takes the same halves (and
-tokens) even if ClickHouse would now take the whole chunk.
-
-The poison guard: when ClickHouse rejects more than
-`EVENT_BUFFER_DLQ_MAX_RATIO` of a claim's rows (and at least
-`POISON_GUARD_MIN_ROWS`), the rows are not at fault but the table is (a
-schema mismatch after a bad deploy): the flush stops with `PoisonGuardError`
-before anything is dead-lettered, and the claim stays open for a re-drive
-once the cause is fixed.
+Rows that are not valid JSON, and rows ClickHouse rejects, become dead
+letters with the reason; the rest of the batch lands. Halving a rejected
+chunk and the poison guard (most of a claim rejected: a schema mismatch,
+not bad rows) are worker/claim_insert.py's.
 
 A hung ClickHouse: every INSERT is bounded by the sink's timeouts
 (`EVENT_BUFFER_CLICKHOUSE_*_TIMEOUT_S`), and the flusher tells its lock each
@@ -44,15 +39,14 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from operator import itemgetter
+from collections.abc import Callable
 
 import msgspec
 from redis.exceptions import OutOfMemoryError, ResponseError
 
 from worker import metrics
-from worker.claims import SPLIT_FIELD, AckResult, Claims, ReadAhead, decode_heads
+from worker.claim_insert import POISON_GUARD_MIN_ROWS, ClaimInsert, PoisonGuardError
+from worker.claims import SPLIT_FIELD, AckResult, Claims, ReadAhead, ordered_rows
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.deadletters import (
     REASON_INVALID_JSON,
@@ -73,7 +67,7 @@ from worker.reorder import release_due
 from worker.replication import Replicas
 from worker.scripts import Scripts
 from worker.settings import Settings
-from worker.sinks.base import PermanentSinkError, RetryableSinkError, RowRejectedError, Sink
+from worker.sinks.base import RetryableSinkError, Sink
 from worker.topology import Client
 
 __all__ = [
@@ -86,41 +80,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# The poison guard needs this many rejected rows before it stops a flush, so a
-# small claim with a few bad rows still dead-letters them.
-POISON_GUARD_MIN_ROWS = 10
-
-
-class PoisonGuardError(PermanentSinkError):
-    """ClickHouse rejected most of a claim: stop instead of dead-lettering it.
-
-    Raised before any dead letter is written; the claim stays open. Rows of
-    the claim already inserted stay in ClickHouse: the re-drive takes the
-    same chunks, halves and tokens, so ClickHouse drops them as duplicates.
-    """
-
-    def __init__(
-        self, message: str, *, rejected: int, rows: int, first_error: str, code: int | None
-    ) -> None:
-        super().__init__(message, code)
-        self.rejected = rejected
-        self.rows = rows
-        self.first_error = first_error
-
-
-@dataclass
-class _Inserts:
-    """The rows of one claim on their way into ClickHouse, and what was rejected."""
-
-    shard: ShardKeys
-    claim_id: str
-    rows: Sequence[bytes]
-    # Tokens of chunks halved after a rejection, by this flush or an earlier one of the claim.
-    split: set[str]
-    rejected: set[int] = field(default_factory=set)  # offsets into rows
-    dead: list[bytes] = field(default_factory=list)
-    first_rejection: RowRejectedError | None = None
 
 
 class Flusher:
@@ -329,39 +288,42 @@ class Flusher:
         if read_next:
             ahead.start(claim)
 
-        heads = ready.heads_of(claim) if ready is not None else []
-        heads += decode_heads(claim.rows[len(heads) :])
-        keyed: list[tuple[str, str, bytes, str]] = []
-        dead: list[bytes] = []
-        for raw, head in zip(claim.rows, heads, strict=True):
-            if isinstance(head, str):
-                dead.append(self._dead(REASON_INVALID_JSON, head, raw, shard, claim.id))
-                continue
-            keyed.append((head.created_at, head.id, raw, head.project_id))
-        keyed.sort()
+        ordered = ordered_rows(claim, ready)
+        dead = [
+            self._dead(REASON_INVALID_JSON, why, raw, shard, claim.id)
+            for raw, why in ordered.invalid
+        ]
         invalid_json = len(dead)
-
-        rows = [item[2] for item in keyed]
-        # Chunks an earlier flush of the claim halved (a new claim has none yet).
-        split = self.claims.splits(shard) if claim.redriven else set()
-        inserts = _Inserts(shard, claim.id, rows, split, dead=dead)
+        rows = ordered.rows
+        inserts = ClaimInsert(
+            sink=sink,
+            claims=self.claims,
+            shard=shard,
+            claim_id=claim.id,
+            rows=rows,
+            # Chunks an earlier flush of the claim halved (a new claim has none yet).
+            split=self.claims.splits(shard) if claim.redriven else set(),
+            lock=lock,
+            dlq_max_ratio=self.settings.dlq_max_ratio,
+            dead_letter=lambda raw, why: self._dead(REASON_REJECTED, why, raw, shard, claim.id),
+        )
         size = claim.chunk_size  # the claim's, not this flusher's: same chunks, same tokens
         phase = time.perf_counter()
         try:
             for index, start in enumerate(range(0, len(rows), size)):
                 lock.check()
                 offsets = range(start, min(start + size, len(rows)))
-                self._write(sink, inserts, offsets, f"{claim.id}:{index}", lock)
+                inserts.chunk(index, offsets)
                 result.chunk_rows.append(len(offsets))
         finally:
             result.insert_seconds += time.perf_counter() - phase
         lock.check()
         rejected = inserts.rejected
+        dead += inserts.dead
 
+        projects = ordered.counts
         if rejected:
-            projects = Counter(item[3] for n, item in enumerate(keyed) if n not in rejected)
-        else:
-            projects = Counter(map(itemgetter(3), keyed))
+            projects = Counter(p for n, p in enumerate(ordered.projects) if n not in rejected)
         inserted = len(rows) - len(rejected)
         notice = msgspec.json.encode(
             {"shard": shard.shard, "claim": claim.id, "rows": inserted, "projects": projects}
@@ -396,68 +358,6 @@ class Flusher:
         result.dead_reasons[REASON_REJECTED] += len(rejected)
         result.claims.append(claim.id)
         return True
-
-    def _write(
-        self, sink: Sink, inserts: _Inserts, offsets: range, token: str, lock: FlushLock
-    ) -> None:
-        """Insert rows[offsets]; on a row-level rejection, halve until the bad rows are alone.
-
-        The halves get tokens derived from the parent's. A halved chunk is
-        recorded in the claim before its halves are written, and a re-drive
-        goes straight to the halves of a recorded chunk: had it retried the
-        whole chunk and ClickHouse now took it (the table was fixed), the
-        rows its halves had written would land a second time, under a token
-        ClickHouse has not seen.
-        """
-        if token not in inserts.split:
-            try:
-                sink.write(inserts.rows[offsets.start : offsets.stop], token)
-                lock.progress()
-                return
-            except RowRejectedError as exc:
-                lock.progress()  # ClickHouse answered: not a hung insert
-                if len(offsets) == 1:
-                    self._reject(inserts, offsets[0], exc)
-                    return
-            lock.check()
-            self.claims.record_split(inserts.shard, token)
-            inserts.split.add(token)
-        middle = len(offsets) // 2
-        for part, half in enumerate((offsets[:middle], offsets[middle:])):
-            self._write(sink, inserts, half, f"{token}.{part}", lock)
-
-    def _reject(self, inserts: _Inserts, offset: int, exc: RowRejectedError) -> None:
-        """Dead-letter a row ClickHouse refused, unless most of the claim is refused."""
-        inserts.rejected.add(offset)
-        if inserts.first_rejection is None:
-            inserts.first_rejection = exc
-        # Out of the rows sent to ClickHouse: rows that are not JSON never reach
-        # it, and are not what a schema mismatch makes fail.
-        rejected, total = len(inserts.rejected), len(inserts.rows)
-        ratio = self.settings.dlq_max_ratio
-        # Checked at every rejected row, so the flush stops as soon as the
-        # share is certain, without halving the rest of the claim.
-        if rejected >= POISON_GUARD_MIN_ROWS and rejected > ratio * total:
-            first = " ".join(str(inserts.first_rejection).split())[:500]
-            # What to check first, then the evidence: the CLI cuts long lines.
-            message = (
-                f"{rejected} of {total} rows rejected by ClickHouse on shard "
-                f"{inserts.shard.shard} (over EVENT_BUFFER_DLQ_MAX_RATIO={ratio:g}): schema "
-                "mismatch? Stopped without dead-lettering; the claim stays open and is "
-                f"re-driven once fixed. First error: {first} (claim {inserts.claim_id})"
-            )
-            raise PoisonGuardError(
-                message,
-                rejected=rejected,
-                rows=total,
-                first_error=first,
-                code=inserts.first_rejection.code,
-            )
-        inserts.dead.append(
-            self._dead(
-                REASON_REJECTED, str(exc), inserts.rows[offset], inserts.shard, inserts.claim_id
-            )
-        )
 
     def _dead(self, reason: str, error: str, raw: bytes, shard: ShardKeys, claim: str) -> bytes:
         header = DeadLetter(
