@@ -68,6 +68,17 @@ Head = RowHead | str  # a row's head, or why the row is not a JSON row
 
 
 @dataclass(frozen=True)
+class ClaimHead:
+    """What claim.lua hands back: a claim without its rows."""
+
+    id: str
+    redriven: bool
+    chunk_size: int
+    count: int  # rows claimed: the first `count` rows of the queue
+    position: int  # rows taken off the queue's head before the claim's first, ever
+
+
+@dataclass(frozen=True)
 class Claim:
     """A batch handed to a flusher: the head of a shard's queue."""
 
@@ -179,12 +190,17 @@ class Claims:
     ) -> Claim | None:
         """The shard's open claim, else a new one of up to `max_rows`; None if empty.
 
-        Its rows come from `ahead` (read before the claim was made) where
-        those are the claim's; the rest are read from the queue. Raises
-        NotReplicatedError when the claim is on the master only: its rows
-        must not be inserted then (see worker/replication.py);
-        QueueMovedError when the queue's head moved before the rows were read.
+        `claim_head`, then `claim_rows`: see both.
         """
+        head = self.claim_head(shard, new_id, max_rows, now_ms, chunk_size)
+        return None if head is None else self.claim_rows(shard, head, ahead)
+
+    def claim_head(
+        self, shard: ShardKeys, new_id: str, max_rows: int, now_ms: int, chunk_size: int
+    ) -> ClaimHead | None:
+        """claim.lua: the shard's open claim, else a new one of up to `max_rows`; None if
+        the queue is empty. Raises NotReplicatedError when the claim is on the master
+        only: its rows must not be inserted then (see worker/replication.py)."""
         reply = self.replicas.run(
             self.redis,
             shard.claim,
@@ -198,15 +214,26 @@ class Claims:
         )
         if not reply:
             return None
-        claim_id = text(reply[0])
-        count, position = int(reply[4]), int(reply[5])
+        return ClaimHead(
+            id=text(reply[0]),
+            redriven=int(reply[1]) == 1,
+            chunk_size=int(reply[3]),
+            count=int(reply[4]),
+            position=int(reply[5]),
+        )
+
+    def claim_rows(self, shard: ShardKeys, head: ClaimHead, ahead: QueueRows | None) -> Claim:
+        """The claim with its rows: from `ahead` (read before) where those are the claim's,
+        the rest read from the queue. Raises QueueMovedError when the queue's head moved
+        before the rows were read."""
+        claim_id, count, position = head.id, head.count, head.position
         rows = ahead.take(position, count) if ahead is not None else []
         if len(rows) < count:
-            head, more = self.rows(shard, len(rows), count - len(rows))
-            if head != position:
+            now_at, more = self.rows(shard, len(rows), count - len(rows))
+            if now_at != position:
                 raise QueueMovedError(
                     f"claim {claim_id} of shard {shard.shard}: the queue's head moved "
-                    f"(from {position} to {head} rows removed) before its rows were "
+                    f"(from {position} to {now_at} rows removed) before its rows were "
                     "read: another flusher acknowledged a claim",
                     shard=shard.shard,
                     lock=shard.lock,
@@ -221,8 +248,8 @@ class Claims:
             )
         return Claim(
             id=claim_id,
-            redriven=int(reply[1]) == 1,
-            chunk_size=int(reply[3]),
+            redriven=head.redriven,
+            chunk_size=head.chunk_size,
             rows=rows,
             position=position,
         )
@@ -311,6 +338,11 @@ class ReadAhead:
         """Read the rows queued behind `claim`, replacing any read not taken."""
         self._pending = self._pool.submit(self._read, claim)
 
+    def start_head(self) -> None:
+        """Read the rows at the queue's head: the next claim's, open or new (the flusher
+        claims meanwhile, and gets its sink ready)."""
+        self._pending = self._pool.submit(self._read_head)
+
     def take(self) -> Decoded | None:
         """The last read started (waiting for it), or None: none started, or it failed."""
         pending, self._pending = self._pending, None
@@ -337,6 +369,12 @@ class ReadAhead:
         self.close()
 
     def _read(self, claim: Claim) -> Decoded:
-        rows = self._claims.read_ahead(self._shard, claim, self._count)
+        return self._decoded(self._claims.read_ahead(self._shard, claim, self._count))
+
+    def _read_head(self) -> Decoded:
+        return self._decoded(QueueRows(*self._claims.rows(self._shard, 0, self._count)))
+
+    @staticmethod
+    def _decoded(rows: QueueRows) -> Decoded:
         heads = decode_heads(rows.rows)
         return Decoded(rows, heads, order(rows.rows, heads))
