@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = path_from_url(settings.clickhouse_url)
     flusher = Flusher(client, settings, lambda: HookedSink(path, settings.clickhouse_table, args))
 
-    real_claim, real_ack = flusher.claims.claim, flusher.claims.ack
+    real_claim, real_ack = flusher.claims.claim_rows, flusher.claims.ack
 
     def claim(*a: Any, **kw: Any) -> Any:
         result = real_claim(*a, **kw)
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         emit(acked=outcome, claim=kw.get("claim_id"))
         return outcome
 
-    flusher.claims.claim = claim  # type: ignore[method-assign]
+    flusher.claims.claim_rows = claim  # type: ignore[method-assign]
     flusher.claims.ack = ack  # type: ignore[method-assign]
     try:
         result = flusher.flush_shard(0, max_batches=1, respect_backoff=False)
