@@ -316,20 +316,3 @@ def test_a_lost_lock_names_its_shard_and_lock(
     [result] = flusher_for(redis, settings, Stolen(sink)).process_buffer().shards
     assert isinstance(result.error, FlushError)
     assert (result.error.shard, result.error.lock) == (0, KEYS.lock)
-
-
-def test_the_sink_connects_only_for_a_claim(
-    redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
-) -> None:
-    """An empty buffer opens no chDB session (the CLI may need the directory meanwhile)."""
-    connects: list[str] = []
-
-    class Counted(RecordingSink):
-        def connect(self) -> None:
-            connects.append("connect")
-            super().connect()
-
-    flusher = flusher_for(redis, settings, Counted(sink))
-    assert flusher.process_buffer().rows == 0 and connects == []
-    EventBuffer(redis, settings).add(event("x", f"{DAY}T12:00:00Z"))
-    assert flusher.process_buffer().rows == 1 and connects == ["connect"]

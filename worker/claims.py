@@ -338,11 +338,6 @@ class ReadAhead:
         """Read the rows queued behind `claim`, replacing any read not taken."""
         self._pending = self._pool.submit(self._read, claim)
 
-    def start_head(self) -> None:
-        """Read the rows at the queue's head: the next claim's, open or new (the flusher
-        claims meanwhile, and gets its sink ready)."""
-        self._pending = self._pool.submit(self._read_head)
-
     def take(self) -> Decoded | None:
         """The last read started (waiting for it), or None: none started, or it failed."""
         pending, self._pending = self._pending, None
@@ -370,9 +365,6 @@ class ReadAhead:
 
     def _read(self, claim: Claim) -> Decoded:
         return self._decoded(self._claims.read_ahead(self._shard, claim, self._count))
-
-    def _read_head(self) -> Decoded:
-        return self._decoded(QueueRows(*self._claims.rows(self._shard, 0, self._count)))
 
     @staticmethod
     def _decoded(rows: QueueRows) -> Decoded:

@@ -185,7 +185,6 @@ class Flusher:
             try:
                 limit = max_batches or self.settings.max_batches_per_flush
                 with ReadAhead(self.claims, shard, self.settings.batch_size) as ahead:
-                    ahead.start_head()  # the first claim's rows, read while it is made
                     # Between batches too: a long flush must not keep due events waiting.
                     while result.batches < limit and self._flush_one(
                         shard, lock, writer, result, ahead, read_next=result.batches + 1 < limit
@@ -265,12 +264,11 @@ class Flusher:
     ) -> bool:
         """One claim from claim to ack. False when the shard had nothing to claim.
 
-        The claim takes the rows `ahead` read where they are its rows (the
-        queue's head for a run's first claim, read while the claim is made
-        and the sink connects; then the rows behind the previous claim);
-        with `read_next` (not for the last claim a run may take), the rows
-        behind this claim are read on `ahead`'s thread while this claim's
-        chunks are inserted.
+        The claim takes the rows `ahead` read behind the previous one where
+        they are its rows (a run's first claim reads its own); with
+        `read_next` (not for the last claim a run may take), the rows behind
+        this claim are read on `ahead`'s thread while this claim's chunks
+        are inserted.
         """
         phase = time.perf_counter()
         head = self.claims.claim_head(
@@ -284,7 +282,6 @@ class Flusher:
             result.claim_seconds += time.perf_counter() - phase
             return False
         lock.progress()
-        sink.connect()  # the first claim's rows are read meanwhile (at once when connected)
         ready = ahead.take()
         claim = self.claims.claim_rows(shard, head, ready.rows if ready is not None else None)
         result.claim_seconds += time.perf_counter() - phase

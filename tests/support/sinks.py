@@ -58,9 +58,6 @@ class DelegatingSink:
     def migrate(self) -> None:
         self.inner.migrate()
 
-    def connect(self) -> None:
-        self.inner.connect()
-
     def close(self) -> None:
         self.inner.close()
 

@@ -156,14 +156,6 @@ class Sink(Protocol):
         """Create the database and table if they do not exist (idempotent)."""
         ...
 
-    def connect(self) -> None:
-        """Open the connection (or embedded session) now, ready to write.
-
-        A write opens it anyway; the flusher calls this once it has a claim,
-        while the claim's rows are read on another thread. Raises as `write`.
-        """
-        ...
-
     def close(self) -> None:
         """Release connections or the embedded data directory."""
         ...

@@ -180,11 +180,6 @@ class ChdbSink:
             except Exception as exc:
                 raise classify(str(exc)) from exc
 
-    def connect(self) -> None:
-        """Open the writable session now (a write opens it anyway)."""
-        with self._handle.lock:
-            self._session()
-
     def write(self, rows: Sequence[bytes], token: str) -> None:
         if not _TOKEN.match(token):
             raise PermanentSinkError(f"unsafe dedup token {token!r}")

@@ -239,16 +239,6 @@ class NativeSink:
                     self._columns = None  # the table may have changed: describe it again
                 raise
 
-    def connect(self) -> None:
-        """Connect and describe the table now (a write does it anyway)."""
-        with self._lock:
-            try:
-                with self._errors():
-                    self._table_columns(self._connected())
-            except PermanentSinkError:
-                self._columns = None
-                raise
-
     def query(
         self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
     ) -> list[tuple[Any, ...]]:
