@@ -1,25 +1,31 @@
-"""flush: rows/s from the Redis buffer into ClickHouse.
+"""flush: rows/s from the Redis buffer into ClickHouse, against the best raw insert.
 
 eventbuffer's path: `Flusher.process_buffer().shards` draining a queue of N rows
-(batch 4000, chunk 1000, max_batches_per_flush large): lock, claim.lua,
+with the default claim and chunk sizes (`EVENT_BUFFER_BATCH_SIZE`,
+`EVENT_BUFFER_CHUNK_SIZE`; max_batches_per_flush large): lock, claim.lua,
 decode heads, sort, chunked INSERTs with dedup tokens, ack.lua, and opening
-and closing the sink as every run does.
+and closing the sink as every run does. Also timed, for comparison, the
+seed's sizes (claims of 4,000 rows in chunks of 1,000) and any sizes given in
+`BENCH_FLUSH_SIZES` ("claim x chunk" pairs, e.g. `20000x10000,50000x50000`:
+how the defaults were chosen).
 
-Baselines, on the same rows into the same backend, alternating:
+Baselines, on the same rows into the same backend: raw inserts in chunks of
+1,000, 10,000 and 100,000 rows; the target compares the flush with the best
+of the three (issue 22):
 
-- chDB: `INSERT INTO events FORMAT JSONEachRow` of the same JSON lines in
-  chunks of 1000 through one chdb Session (opened and closed in the timed
-  region, as the flusher's sink is).
-- native: clickhouse-driver columnar INSERTs of the same rows in chunks of
-  1000 on one connection (decoding the JSON lines into columns is timed: the
-  rows are JSON in Redis). Against `CLICKHOUSE_TEST_URL` (a modern server,
-  the real `events` table) when set; else against Debian's ClickHouse 18.16
-  (private, on free ports) with a compatibility table (no Map, no
-  DateTime64, no dedup tokens: `require_dedup=False`); else skipped.
+- chDB: `INSERT INTO events FORMAT JSONEachRow` of the same JSON lines
+  through one chdb Session (opened and closed in the timed region, as the
+  flusher's sink is).
+- native: clickhouse-driver columnar INSERTs of the same rows on one
+  connection (decoding the JSON lines into columns is timed: the rows are
+  JSON in Redis). Against `CLICKHOUSE_TEST_URL` (a modern server, the real
+  `events` table) when set; else against Debian's ClickHouse 18.16 (private,
+  on free ports) with a compatibility table (no Map, no DateTime64, no dedup
+  tokens: `require_dedup=False`); else skipped.
 
-Between rounds the table is dropped and created again (untimed), so no
-insert is dropped by block deduplication and both paths start equal. Rows
-are counted after every run.
+Every runner runs once per round, in rotating order. Between runs the table
+is dropped and created again (untimed), so no insert is dropped by block
+deduplication and every path starts equal. Rows are counted after every run.
 """
 
 from __future__ import annotations
@@ -55,9 +61,9 @@ from worker.sinks import Sink
 from worker.sinks.chdb import ChdbSink, close_all
 from worker.sinks.schema import create_table
 
-CHUNK = 1000
-BATCH = 4000
-TARGET_RATIO = 1.0
+RAW_CHUNKS = (1_000, 10_000, 100_000)
+SEED_SIZES = (4_000, 1_000)  # the seed's claim and chunk (OpenPanel's 1,000-row inserts)
+TARGET_RATIO = 0.9
 
 # Only types ClickHouse 18.16 has: no Map (properties), no DateTime64, no LowCardinality.
 COMPAT_TABLE = "events_compat"
@@ -75,87 +81,151 @@ ORDER BY (project_id, toDate(created_at), profile_id, name)
 """
 
 
-def flush_settings(redis_url: str, clickhouse_url: str, table: str) -> Settings:
-    return Settings.from_env(
-        {
-            "REDIS_URL": redis_url,
-            "CLICKHOUSE_URL": clickhouse_url,
-            "EVENT_BUFFER_TABLE": table,
-            "EVENT_BUFFER_BATCH_SIZE": str(BATCH),
-            "EVENT_BUFFER_CHUNK_SIZE": str(CHUNK),
-            "EVENT_BUFFER_MAX_BATCHES_PER_FLUSH": "100000",
-        }
-    )
+def flush_settings(
+    redis_url: str, clickhouse_url: str, table: str, sizes: tuple[int, int] | None = None
+) -> Settings:
+    """The flusher's settings; `sizes` (claim, chunk) replaces the defaults."""
+    env = {
+        "REDIS_URL": redis_url,
+        "CLICKHOUSE_URL": clickhouse_url,
+        "EVENT_BUFFER_TABLE": table,
+        "EVENT_BUFFER_MAX_BATCHES_PER_FLUSH": "100000",
+    }
+    if sizes is not None:
+        env["EVENT_BUFFER_BATCH_SIZE"], env["EVENT_BUFFER_CHUNK_SIZE"] = map(str, sizes)
+    return Settings.from_env(env)
 
 
-def chunks(rows: Sequence[bytes]) -> Iterator[Sequence[bytes]]:
-    for start in range(0, len(rows), CHUNK):
-        yield rows[start : start + CHUNK]
+def compared_sizes() -> list[tuple[int, int]]:
+    """(claim, chunk) pairs timed beside the defaults: the seed's, and BENCH_FLUSH_SIZES."""
+    sizes = [SEED_SIZES]
+    for pair in filter(None, os.environ.get("BENCH_FLUSH_SIZES", "").split(",")):
+        claim, chunk = pair.lower().split("x")
+        sizes.append((int(claim), int(chunk)))
+    return sizes
+
+
+def chunks(rows: Sequence[bytes], size: int) -> Iterator[Sequence[bytes]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
 
 
 class Bench:
-    """Alternate `Flusher.process_buffer` and a raw insert of the same rows."""
+    """Alternate `Flusher.process_buffer` (at several sizes) and raw inserts of the same rows."""
 
     def __init__(
         self,
         label: str,
         rows: list[bytes],
-        settings: Settings,
+        settings: Callable[[tuple[int, int] | None], Settings],
         sink_factory: Callable[[], Sink],
         recreate: Callable[[], None],
         count: Callable[[], int],
-        raw_insert: Callable[[list[bytes]], None],
+        raw_insert: Callable[[list[bytes], int], None],
     ) -> None:
         self.label = label
         self.rows = rows
-        self.settings = settings
         self.recreate = recreate
         self.count = count
         self.raw_insert = raw_insert
         self.warnings: list[str] = []
-        self.client = redis_lib.Redis.from_url(settings.redis_url)
-        self.flusher = Flusher(self.client, settings, sink_factory)
-        self.queue = self.flusher.keyspace.shard(0).queue
+        defaults = settings(None)
+        self.sizes = {"defaults": (defaults.batch_size, defaults.chunk_size)}
+        self.flushers = {"defaults": Flusher(self._client(defaults), defaults, sink_factory)}
+        for sizes in compared_sizes():
+            if sizes in self.sizes.values():
+                continue
+            name = f"{sizes[0]}x{sizes[1]}"
+            configured = settings(sizes)
+            self.sizes[name] = sizes
+            self.flushers[name] = Flusher(self._client(configured), configured, sink_factory)
+        self.client = self.flushers["defaults"].redis
+        self.queue = self.flushers["defaults"].keyspace.shard(0).queue
+
+    @staticmethod
+    def _client(settings: Settings) -> Any:
+        return redis_lib.Redis.from_url(settings.redis_url)
 
     def _check(self, what: str, landed: int) -> None:
         if landed != len(self.rows):
             self.warnings.append(f"{what}: {landed} rows landed, expected {len(self.rows)}")
 
-    def eventbuffer(self) -> float:
-        self.recreate()
-        self.client.flushdb()
-        pipe = self.client.pipeline(transaction=False)
-        for chunk in chunks(self.rows):
-            pipe.rpush(self.queue, *chunk)
-        pipe.execute()
-        started = time.perf_counter()
-        results = self.flusher.process_buffer().shards
-        seconds = time.perf_counter() - started
-        self._check("eventbuffer", self.count())
-        self._check("eventbuffer (flush result)", sum(r.rows for r in results))
-        return seconds
+    def eventbuffer(self, name: str) -> Callable[[], float]:
+        flusher = self.flushers[name]
 
-    def baseline(self) -> float:
-        self.recreate()
-        started = time.perf_counter()
-        self.raw_insert(self.rows)
-        seconds = time.perf_counter() - started
-        self._check("baseline", self.count())
-        return seconds
+        def run() -> float:
+            self.recreate()
+            self.client.flushdb()
+            pipe = self.client.pipeline(transaction=False)
+            for chunk in chunks(self.rows, 1000):
+                pipe.rpush(self.queue, *chunk)
+            pipe.execute()
+            started = time.perf_counter()
+            results = flusher.process_buffer().shards
+            seconds = time.perf_counter() - started
+            self._check(f"flush {name}", self.count())
+            self._check(f"flush {name} (flush result)", sum(r.rows for r in results))
+            return seconds
+
+        return run
+
+    def baseline(self, chunk: int) -> Callable[[], float]:
+        def run() -> float:
+            self.recreate()
+            started = time.perf_counter()
+            self.raw_insert(self.rows, chunk)
+            seconds = time.perf_counter() - started
+            self._check(f"raw {chunk}", self.count())
+            return seconds
+
+        return run
 
     def run(self, rounds: int, name: str, baseline_name: str, note: str) -> Result:
-        self.eventbuffer()  # warm-up of both paths
-        self.baseline()
+        runners = {f"flush {n}": self.eventbuffer(n) for n in self.flushers}
+        runners |= {f"raw {c}": self.baseline(c) for c in RAW_CHUNKS}
+        for runner in runners.values():  # warm-up of every path
+            runner()
         self.warnings.clear()
-        timings = alternate(rounds, {"eventbuffer": self.eventbuffer, "baseline": self.baseline})
-        self.client.close()
+        timings = alternate(rounds, runners)
+        for flusher in self.flushers.values():
+            flusher.redis.close()
         n = len(self.rows)
-        mine = median([n / s for s in timings["eventbuffer"]])
-        theirs = median([n / s for s in timings["baseline"]])
-        log(f"[flush] {self.label}: Flusher {mine:,.0f} rows/s, raw {theirs:,.0f} rows/s")
+        rates = {what: median([n / s for s in seconds]) for what, seconds in timings.items()}
+        # Each round's flush against that round's best raw insert: on a busy machine
+        # the rounds' speeds move together, and these ratios move less than the rates.
+        paired = {
+            what: median(
+                [
+                    min(timings[f"raw {c}"][r] for c in RAW_CHUNKS) / seconds[r]
+                    for r in range(len(seconds))
+                ]
+            )
+            for what, seconds in timings.items()
+            if what.startswith("flush ")
+        }
+        mine = rates["flush defaults"]
+        best = max(RAW_CHUNKS, key=lambda c: rates[f"raw {c}"])
+        theirs = rates[f"raw {best}"]
+        claim, chunk = self.sizes["defaults"]
+        for what, rate in rates.items():
+            each = f"; {paired[what]:.2f}x per round" if what in paired else ""
+            log(
+                f"[flush] {self.label}: {what} {rate:,.0f} rows/s "
+                f"({rate / theirs:.2f}x best raw{each})"
+            )
         for warning in self.warnings:
             log(f"[flush] WARNING: {warning}")
-        notes = [note, *self.warnings]
+        compared = ", ".join(
+            f"{what} {rate / theirs:.2f}x"
+            for what, rate in rates.items()
+            if what != "flush defaults"
+        )
+        notes = [
+            note,
+            f"claim {claim}, chunk {chunk}; best raw: chunks of {best}; "
+            f"median of each round's ratio to its best raw {paired['flush defaults']:.2f}x; "
+            f"{compared}",
+        ]
         return Result(
             name,
             "rows/s",
@@ -165,8 +235,15 @@ class Bench:
             rounds,
             target=f">= {TARGET_RATIO}x",
             passed=mine >= TARGET_RATIO * theirs,
-            note="; ".join(filter(None, notes)),
-            extra={"rows": n, "batch": BATCH, "chunk": CHUNK},
+            note="; ".join(filter(None, [*notes, *self.warnings])),
+            extra={
+                "rows": n,
+                "batch": claim,
+                "chunk": chunk,
+                "best_raw_chunk": best,
+                "rates": {what: round(rate) for what, rate in rates.items()},
+                "paired_ratios": {what: round(ratio, 3) for what, ratio in paired.items()},
+            },
         )
 
 
@@ -178,7 +255,9 @@ def bench_chdb(redis_url: str, rows: list[bytes], rounds: int, tmp: Path) -> Res
 
     path = tmp / "clickhouse"
     url = f"chdb://{path}"
-    settings = flush_settings(redis_url, url, "events")
+
+    def settings(sizes: tuple[int, int] | None) -> Settings:
+        return flush_settings(redis_url, url, "events", sizes)
 
     def admin(*statements: str) -> list[tuple[Any, ...]]:
         sink = ChdbSink(str(path))
@@ -196,10 +275,10 @@ def bench_chdb(redis_url: str, rows: list[bytes], rounds: int, tmp: Path) -> Res
     def count() -> int:
         return int(admin("SELECT count() FROM events")[0][0])
 
-    def raw_insert(data: list[bytes]) -> None:
+    def raw_insert(data: list[bytes], size: int) -> None:
         session: Any = chdb_session.Session(str(path))  # type: ignore[no-untyped-call]
         try:
-            for chunk in chunks(data):
+            for chunk in chunks(data, size):
                 body = b"\n".join(chunk).decode("utf-8")
                 session.query(f"INSERT INTO events FORMAT JSONEachRow\n{body}", "CSV")
         finally:
@@ -210,7 +289,7 @@ def bench_chdb(redis_url: str, rows: list[bytes], rounds: int, tmp: Path) -> Res
         return bench.run(
             rounds,
             "flush chDB",
-            "INSERT FORMAT JSONEachRow, chunks of 1000, one chdb Session",
+            "best of INSERT FORMAT JSONEachRow in chunks of 1k/10k/100k, one chdb Session",
             "",
         )
     finally:
@@ -300,8 +379,8 @@ def bench_native(redis_url: str, rows: list[bytes], rounds: int, tmp: Path) -> R
         names = ", ".join(name for name, _, _ in columns)
         insert_sql = f"INSERT INTO {table} ({names}) VALUES"
 
-        def raw_insert(data: list[bytes]) -> None:
-            for chunk in chunks(data):
+        def raw_insert(data: list[bytes], size: int) -> None:
+            for chunk in chunks(data, size):
                 decoded = decoder.decode(b"[" + b",".join(chunk) + b"]")
                 block = []
                 for name, convert, default in columns:
@@ -309,14 +388,19 @@ def bench_native(redis_url: str, rows: list[bytes], rounds: int, tmp: Path) -> R
                     block.append([convert(v) if v is not None else v for v in values])
                 client.execute(insert_sql, block, columnar=True)
 
-        settings = flush_settings(redis_url, url, table)
+        def settings(sizes: tuple[int, int] | None) -> Settings:
+            return flush_settings(redis_url, url, table, sizes)
+
         bench = Bench(label, rows, settings, sink_factory, recreate, count, raw_insert)
         note = f"server {version}" + (
             "; 18.16 has no Map/DateTime64: compat table without properties, no dedup tokens"
             if legacy
             else ""
         )
-        baseline = "clickhouse-driver columnar INSERT, chunks of 1000 (JSON decode timed)"
+        baseline = (
+            "best of clickhouse-driver columnar INSERTs in chunks of 1k/10k/100k "
+            "(JSON decode timed)"
+        )
         return bench.run(rounds, f"flush {label}", baseline, note)
 
 
@@ -324,7 +408,7 @@ def run(args: argparse.Namespace) -> list[Result]:
     n = args.flush_rows
     dicts, _ = traffic(n, seed=13)
     rows = [encode_event(parse_event(d)) for d in dicts]
-    log(f"[flush] {mix(dicts)}; batch {BATCH}, chunk {CHUNK}; {args.rounds} rounds")
+    log(f"[flush] {mix(dicts)}; {args.rounds} rounds")
     results = []
     with (
         private_redis("flush") as server,

@@ -121,7 +121,7 @@ def configure(args: argparse.Namespace) -> None:
     args.apply_events = 10_000 if quick else 20_000
     args.ingest_events = 20_000 if quick else 40_000
     args.standard_events = 30_000 if quick else 100_000
-    args.flush_rows = 20_000 if quick else 40_000
+    args.flush_rows = 20_000 if quick else 100_000
     if args.outage_s is None:
         args.outage_s = 20.0 if quick else 60.0
     # Rates measured alone in this run (producer, ingest, flush), set by those

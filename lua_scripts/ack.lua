@@ -6,7 +6,7 @@ the flush lock (or nobody does): a flusher whose lock expired and was taken
 over cannot trim rows the new holder is working on.
 
 KEYS[1]  the shard's flush lock (STRING holding the owner's token)
-KEYS[2]  the shard's open claim (HASH: id, count, at)
+KEYS[2]  the shard's open claim (HASH: id, count, at, chunk, redrives, split:<token>; deleted)
 KEYS[3]  the shard's queue (LIST)
 KEYS[4]  the shard's dead letters (LIST)
 KEYS[5]  the shard's flush stats (HASH: the last flush, and running totals

@@ -27,12 +27,13 @@ Returns {} when there is no open claim and the queue is empty, otherwise
 of rows removed from the head before them.
 
 The rows themselves are not returned: the caller reads them with LRANGE
-(a Lua string of every row would cost Redis ~2 µs per row), checking in
-the same MULTI that removed_total still equals `position`. Only ack.lua
-trims the queue, always from the head, and adds what it trimmed to
-removed_total; rows are only ever appended at the tail. So a row's
-position (removed_total + its index) names it for good, and rows read at
-the right positions, even ahead of the claim, are the claim's rows.
+(a Lua string of every row would cost Redis ~2 µs per row), between two
+reads of removed_total that must equal `position`. Only ack.lua trims the
+queue, always from the head, and adds what it trimmed to removed_total;
+rows are only ever appended at the tail. So a row's position
+(removed_total + its index) names it for good, and rows read at the right
+positions, even ahead of the claim, are the claim's rows (worker/claims.py
+holds the whole protocol).
 
 allow-oom: runs above maxmemory: the drain must start when Redis is full (a claim adds one small hash)
 (lua_scripts/__init__.py says which scripts may).

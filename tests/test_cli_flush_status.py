@@ -20,9 +20,9 @@ from tests.support.cli import (
 )
 from tests.support.dates import BASE_MS
 from worker.buffer import EventBuffer
+from worker.claims import Claims
 from worker.ingest import ingest
 from worker.lock import FlushLock
-from worker.scripts import Scripts
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink
 
@@ -122,7 +122,7 @@ def test_status_json_matches_redis(
             event("session_end", now + 1, session_id="s10"),
         ]
     )
-    claim = Scripts(redis).claim(SHARD, "claim-1", 2, now - 5_000, 1000)
+    claim = Claims(redis).claim(SHARD, "claim-1", 2, now - 5_000, 1000)
     assert claim is not None
     redis.hset(
         SHARD.stats,

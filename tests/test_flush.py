@@ -14,6 +14,7 @@ from tests.support.flushing import flush_error
 from tests.support.sinks import RecordingSink
 from worker.buffer import EventBuffer
 from worker.deadletters import REASON_INVALID_JSON, REASON_REJECTED, decode_dead_letter
+from worker.errors import FlushError
 from worker.events import Event, parse_event
 from worker.flush import Flusher
 from worker.keys import CHANNEL_SAVED, ShardKeys
@@ -271,3 +272,47 @@ def test_clickhouse_failures_back_off_with_a_doubling_delay(
     result = flusher_for(redis, settings, sink).flush_shard(0, respect_backoff=False)
     assert result.rows == 1
     assert not redis.exists(KEYS.backoff) and not redis.exists(KEYS.failures)
+
+
+def test_one_sink_serves_every_shard_of_a_run(
+    redis: redis_lib.Redis, redis_url: str, chdb_url: str
+) -> None:
+    """On chDB a sink is a session: one per run, not one per shard (each one leaks memory)."""
+    settings = settings_with(redis_url, chdb_url, EVENT_BUFFER_SHARDS="3")
+    inner = ChdbSink(path_from_url(chdb_url))
+    inner.migrate()
+    opened: list[RecordingSink] = []
+    closed: list[RecordingSink] = []
+
+    class Counted(RecordingSink):
+        def close(self) -> None:
+            closed.append(self)
+            super().close()
+
+    def factory() -> Sink:
+        opened.append(Counted(ChdbSink(path_from_url(chdb_url))))
+        return opened[-1]
+
+    buffer = EventBuffer(redis, settings)
+    buffer.apply([event("x", f"{DAY}T12:00:00Z", session_id=f"s{n}") for n in range(30)])
+    assert all(length for length in buffer.queue_lengths().values())  # rows in every shard
+    summary = Flusher(redis, settings, factory).process_buffer()
+    assert (summary.rows, len(summary.shards)) == (30, 3)
+    assert len(opened) == 1 and closed == opened
+    assert len({token.split(":")[0] for _, token in opened[0].writes}) == 3
+    assert inner.query("SELECT count() FROM events") == [(30,)]
+    inner.close()
+
+
+def test_a_lost_lock_names_its_shard_and_lock(
+    redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
+) -> None:
+    class Stolen(RecordingSink):
+        def write(self, rows: Any, token: str) -> None:
+            redis.set(KEYS.lock, "another flusher", px=30_000)  # taken over mid-flush
+            super().write(rows, token)
+
+    EventBuffer(redis, settings).add(event("x", f"{DAY}T12:00:00Z"))
+    [result] = flusher_for(redis, settings, Stolen(sink)).process_buffer().shards
+    assert isinstance(result.error, FlushError)
+    assert (result.error.shard, result.error.lock) == (0, KEYS.lock)

@@ -22,6 +22,7 @@ from tests.conftest import Result
 from tests.support.clock import ManualClock
 from tests.support.dates import iso
 from worker.buffer import EventBuffer
+from worker.claims import Claims
 from worker.deadletters import iter_dead_letters
 from worker.flush import Flusher
 from worker.ingest import ingest
@@ -30,7 +31,6 @@ from worker.privacy.clickhouse import AUDIT_TABLE, audit_ddl
 from worker.privacy.forget import forget
 from worker.privacy.selector import Selector
 from worker.privacy.tombstones import drop_forgotten_rows
-from worker.scripts import Scripts
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink
 
@@ -100,7 +100,7 @@ def seed(buffer: EventBuffer, flusher: Flusher, clock: ManualClock) -> None:
     assert flusher.process_buffer().rows == 8
     # Claimed by a flusher that died before its insert: the claim stays open.
     ingest(buffer, [ev("claimed", t + 10_000, "alice"), ev("claimed", t + 10_000, "bob")], "c")
-    claim = Scripts(buffer.redis).claim(SHARD, "dead-claim", 100, clock.now_ms(), 1000)
+    claim = Claims(buffer.redis).claim(SHARD, "dead-claim", 100, clock.now_ms(), 1000)
     assert claim is not None and len(claim.rows) == 2
     # Queued behind the claim, and last views waiting (session and profile).
     for who in ("alice", "bob"):

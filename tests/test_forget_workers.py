@@ -44,10 +44,10 @@ from tests.support.polling import wait_until
 from tests.support.servers import RedisServer
 from worker.buffer import EventBuffer
 from worker.celery import create_app
+from worker.claims import Claims
 from worker.keys import Keyspace
 from worker.lock import FlushLock
 from worker.privacy.clickhouse import AUDIT_TABLE
-from worker.scripts import Scripts
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink, path_from_url
 
@@ -212,7 +212,7 @@ def test_forget_while_workers_ingest_and_beat_flushes(stack: Stack) -> None:
         flusher.stop()
         time.sleep(1)
         keyspace = Keyspace(stack.settings.key_prefix, stack.settings.shards)
-        claim = Scripts(stack.redis).claim(keyspace.shard(0), "dead-claim", 20, now_ms(), 5)
+        claim = Claims(stack.redis).claim(keyspace.shard(0), "dead-claim", 20, now_ms(), 5)
         assert claim is not None and any(b'"alice"' in row for row in claim.rows)
         # In the broker, on a queue nobody consumes until after the request.
         waiting = [view("alice", 1000, now_ms() - 50), end("alice", 1000, now_ms())]

@@ -49,10 +49,10 @@ from tests.support.exactly_once import assert_exactly_once, open_claim
 from tests.support.polling import wait_until
 from tests.support.sinks import DelegatingSink
 from worker.buffer import EventBuffer
+from worker.claims import Claims
 from worker.events import parse_event
 from worker.flush import Flusher, FlushResult
 from worker.lock import FlushLock, LockLostError
-from worker.scripts import Scripts
 from worker.settings import Settings
 from worker.sinks import open_sink
 from worker.sinks.chdb import ChdbSink
@@ -221,7 +221,7 @@ def test_frozen_flusher_resumes_while_new_holder_is_mid_claim(
     lock = FlushLock(redis, shard.lock, config.lock_ttl_s)
     assert lock.acquire()
     try:
-        new_claim = Scripts(redis).claim(
+        new_claim = Claims(redis).claim(
             shard, str(uuid.uuid4()), config.batch_size, 0, config.chunk_size
         )
         assert new_claim is not None

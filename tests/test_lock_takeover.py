@@ -31,9 +31,10 @@ import pytest
 import redis as redis_lib
 
 from tests.support.polling import wait_until
+from worker.claims import AckResult, Claims
 from worker.keys import ShardKeys
 from worker.lock import FlushLock, Process, make_token, read_lock, this_process
-from worker.scripts import AckResult, Scripts
+from worker.scripts import Scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +53,7 @@ sys.path.insert(0, sys.argv[1])
 import redis
 from worker.keys import ShardKeys
 from worker.lock import FlushLock
-from worker.scripts import Scripts
+from worker.claims import Claims
 client = redis.Redis.from_url(sys.argv[2])
 shard = ShardKeys("eventbuffer", 0)
 lock = FlushLock(client, shard.lock, float(sys.argv[3]))
@@ -61,8 +62,8 @@ print(json.dumps({"token": lock.token.decode()}), flush=True)
 while not lock.lost:
     time.sleep(0.02)
 claim = client.hget(shard.claim, "id").decode()
-ack = Scripts(client).ack(shard, lock_token=lock.token, claim_id=claim, now_ms=0,
-                          rows_inserted=0, dead_letters=[], saved=None)
+ack = Claims(client).ack(shard, lock_token=lock.token, claim_id=claim, now_ms=0,
+                         rows_inserted=0, dead_letters=[], saved=None)
 print(json.dumps({"lost": True, "ack": int(ack)}), flush=True)
 """
 
@@ -250,7 +251,7 @@ def test_a_frozen_holder_taken_over_is_fenced_when_it_wakes(
             f"{re.escape(holder)}: its heartbeat is [45] s old", lock.took_over or ""
         )
         # The frozen holder's own ack, as it would send it: refused, the claim stays open.
-        ack = Scripts(redis).ack(
+        ack = Claims(redis).ack(
             SHARD,
             lock_token=token.encode(),
             claim_id="claim-1",

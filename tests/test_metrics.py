@@ -30,8 +30,9 @@ from tests.support.servers import free_port
 from tests.support.traffic import ReferenceTraffic
 from worker.buffer import EventBuffer
 from worker.celery import create_app
+from worker.claims import Claims
 from worker.events import datetime_ms, parse_event
-from worker.flush import FlushResult
+from worker.flush_report import FlushResult
 from worker.ingest import IngestResult
 from worker.lock import Process, make_token
 from worker.metrics import (
@@ -42,7 +43,6 @@ from worker.metrics import (
     top_projects,
 )
 from worker.reorder import held_packs, held_rows
-from worker.scripts import Scripts
 from worker.settings import Settings, SettingsError
 from worker.sinks import open_sink
 
@@ -375,7 +375,7 @@ def test_redis_gauges_match_the_buffer(redis: redis_lib.Redis, settings: Setting
 
     # An open claim, a back-off and a held lock show on the next scrape.
     shard = buffer.keyspace.shard(0)
-    claim = Scripts(redis).claim(shard, "claim-1", 5, clock.now_ms() - 7_000, 1000)
+    claim = Claims(redis).claim(shard, "claim-1", 5, clock.now_ms() - 7_000, 1000)
     assert claim is not None
     redis.set(shard.backoff, 1, px=4_000)
     redis.set(shard.lock, "token", px=60_000)

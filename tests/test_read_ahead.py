@@ -1,4 +1,4 @@
-"""Claims by position, and the next claim's rows read ahead (worker/read_ahead.py).
+"""Claims by position, and the next claim's rows read ahead (worker/claims.py).
 
 claim.lua returns a claim's size and position (rows ever removed from the
 queue's head), and its rows are read by LRANGE checked against that
@@ -15,11 +15,11 @@ import redis as redis_lib
 
 from tests.support.dates import DAY
 from worker.buffer import EventBuffer
+from worker.claims import AckResult, Claim, Claims, QueueRows
 from worker.errors import LockLostError, QueueMovedError
 from worker.events import Event, parse_event
 from worker.flush import Flusher
 from worker.keys import ShardKeys
-from worker.scripts import AckResult, Claim, QueueRows, Scripts
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink, path_from_url
 
@@ -33,13 +33,13 @@ def events(n: int) -> list[Event]:
     ]
 
 
-def claim(scripts: Scripts, claim_id: str, rows: int, ahead: QueueRows | None = None) -> Claim:
+def claim(scripts: Claims, claim_id: str, rows: int, ahead: QueueRows | None = None) -> Claim:
     made = scripts.claim(KEYS, claim_id, rows, 0, 1000, ahead=ahead)
     assert made is not None
     return made
 
 
-def ack(scripts: Scripts, made: Claim) -> None:
+def ack(scripts: Claims, made: Claim) -> None:
     result = scripts.ack(
         KEYS,
         lock_token=b"nobody holds the lock",
@@ -64,7 +64,7 @@ def test_claims_are_named_by_position_and_rows_read_ahead_are_the_next_claims(
 ) -> None:
     EventBuffer(redis, settings).apply(events(10))
     queue = redis.lrange(KEYS.queue, 0, -1)
-    scripts = Scripts(redis)
+    scripts = Claims(redis)
 
     first = claim(scripts, "c1", 4)
     assert (first.position, first.rows, first.redriven) == (0, queue[:4], False)
@@ -83,13 +83,13 @@ def test_claims_are_named_by_position_and_rows_read_ahead_are_the_next_claims(
     assert (third.position, third.rows) == (9, queue[9:])
 
 
-class AckedMeanwhile(Scripts):
-    """Scripts where another flusher acknowledges 2 rows between a claim and its read."""
+class AckedMeanwhile(Claims):
+    """Claims where another flusher acknowledges 2 rows between a claim and its read."""
 
-    def _rows(self, shard: ShardKeys, start: int, count: int) -> Any:
-        self._redis.ltrim(shard.queue, 2, -1)
-        self._redis.hincrby(shard.stats, "removed_total", 2)
-        return super()._rows(shard, start, count)
+    def rows(self, shard: ShardKeys, start: int, count: int) -> Any:
+        self.redis.ltrim(shard.queue, 2, -1)
+        self.redis.hincrby(shard.stats, "removed_total", 2)
+        return super().rows(shard, start, count)
 
 
 def test_a_head_that_moved_before_the_rows_were_read_stops_the_claim(
@@ -99,6 +99,7 @@ def test_a_head_that_moved_before_the_rows_were_read_stops_the_claim(
     with pytest.raises(QueueMovedError, match="moved \\(from 0 to 2 rows removed\\)") as raised:
         AckedMeanwhile(redis).claim(KEYS, "c1", 4, 0, 1000)
     assert isinstance(raised.value, LockLostError)  # the flush stops as for a lost lock
+    assert (raised.value.shard, raised.value.lock) == (0, KEYS.lock)
 
 
 def test_a_flush_of_many_claims_reads_each_claims_rows_ahead(
@@ -113,8 +114,8 @@ def test_a_flush_of_many_claims_reads_each_claims_rows_ahead(
     sink.migrate()
     flusher = Flusher(redis, settings, lambda: sink)
     reads: list[str] = []
-    scripts = flusher.scripts
-    real_rows, real_ahead = scripts._rows, scripts.read_ahead
+    scripts = flusher.claims
+    real_rows, real_ahead = scripts.rows, scripts.read_ahead
 
     def rows(shard: ShardKeys, start: int, count: int) -> Any:
         reads.append("read")
@@ -124,11 +125,11 @@ def test_a_flush_of_many_claims_reads_each_claims_rows_ahead(
         reads.append("ahead")
         return real_ahead(shard, made, count)
 
-    scripts._rows, scripts.read_ahead = rows, read_ahead  # type: ignore[method-assign]
+    scripts.rows, scripts.read_ahead = rows, read_ahead  # type: ignore[method-assign]
     [result] = flusher.process_buffer(max_batches=10).shards
     assert (result.rows, result.batches) == (23, 5)
     # Only the first claim read its own rows; each later one had them read ahead
-    # (every read ahead reads through _rows too, once).
+    # (every read ahead reads through rows() too, once).
     assert reads.count("ahead") == 5
     assert reads.count("read") - reads.count("ahead") == 1
     landed = sink.query("SELECT toString(id) FROM events")

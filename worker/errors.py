@@ -7,7 +7,7 @@
     │   ├── RetryableSinkError     transient: retry the same write later
     │   └── PermanentSinkError     will not heal by retrying; not the rows' fault
     │       ├── RowRejectedError       ClickHouse refused rows of the chunk
-    │       └── PoisonGuardError       most of a claim refused (worker/flush.py)
+    │       └── PoisonGuardError       most of a claim refused (worker/claim_insert.py)
     ├── IdentifierError        a database, table or cluster name ClickHouse cannot take (name)
     ├── BufferKeyTypeError     a buffer key holds a value of the wrong type (key)
     ├── BatchIdConflictError   a batch id was applied before with other content (stored)

@@ -1,14 +1,17 @@
 """The flush: claim a batch, insert it in deduplicated chunks, then acknowledge.
 
-Per shard, under that shard's lock:
+One sink serves a whole `process_buffer` run (on chDB, one session per
+run). Per shard, under that shard's lock (the claim protocol itself, with
+its read-ahead, is worker/claims.py's):
 
-1. claim.lua hands back the open claim if a previous flush died (a
-   re-drive), else claims the oldest `EVENT_BUFFER_BATCH_SIZE` rows under a
-   new id. Claimed rows stay in the queue until step 3.
-2. Rows are sorted by (created_at, id, bytes), so a re-drive of the claim
-   splits into exactly the same chunks, and each chunk is inserted with the
-   token `<claim id>:<chunk index>`. ClickHouse drops a chunk it has seen.
-3. ack.lua trims the claimed rows, appends dead letters and publishes
+1. The claim: the open claim if a previous flush died (a re-drive), else
+   the oldest `EVENT_BUFFER_BATCH_SIZE` rows under a new id. Claimed rows
+   stay in the queue until step 3.
+2. Rows are sorted by (created_at, id, bytes) and cut into chunks of the
+   claim's recorded chunk size, so a re-drive of the claim splits into
+   exactly the same chunks; each chunk is inserted with the token
+   `<claim id>:<chunk index>`. ClickHouse drops a chunk it has seen.
+3. The ack trims the claimed rows, appends dead letters and publishes
    `events:saved`, in one atomic step, only after every chunk succeeded.
 
 A kill anywhere leaves the claim open; the next flush re-drives it with the
@@ -16,18 +19,10 @@ same tokens: nothing is lost and nothing is written twice. The dead
 flusher's lock does not hold it up: a holder provably dead is taken over
 (`worker.lock`).
 
-Rows that are not valid JSON, and rows ClickHouse rejects (found by halving
-a rejected chunk until single rows are left), become dead letters with the
-reason; the rest of the batch lands. Each halving is recorded in the claim
-before the halves are written, so a re-drive takes the same halves (and
-tokens) even if ClickHouse would now take the whole chunk.
-
-The poison guard: when ClickHouse rejects more than
-`EVENT_BUFFER_DLQ_MAX_RATIO` of a claim's rows (and at least
-`POISON_GUARD_MIN_ROWS`), the rows are not at fault but the table is (a
-schema mismatch after a bad deploy): the flush stops with `PoisonGuardError`
-before anything is dead-lettered, and the claim stays open for a re-drive
-once the cause is fixed.
+Rows that are not valid JSON, and rows ClickHouse rejects, become dead
+letters with the reason; the rest of the batch lands. Halving a rejected
+chunk and the poison guard (most of a claim rejected: a schema mismatch,
+not bad rows) are worker/claim_insert.py's.
 
 A hung ClickHouse: every INSERT is bounded by the sink's timeouts
 (`EVENT_BUFFER_CLICKHOUSE_*_TIMEOUT_S`), and the flusher tells its lock each
@@ -44,14 +39,15 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from operator import itemgetter
+from collections.abc import Callable
+from functools import partial
 
 import msgspec
 from redis.exceptions import OutOfMemoryError, ResponseError
 
 from worker import metrics
+from worker.claim_insert import POISON_GUARD_MIN_ROWS, ClaimInsert, PoisonGuardError
+from worker.claims import SPLIT_FIELD, AckResult, Claims, ReadAhead, ordered_rows
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.deadletters import (
     REASON_INVALID_JSON,
@@ -59,154 +55,33 @@ from worker.deadletters import (
     DeadLetter,
     encode_dead_letter,
 )
-from worker.errors import EventBufferError, LockLostError, NotReplicatedError, SinkError
+from worker.errors import (
+    FlushError,
+    LockLostError,
+    NotReplicatedError,
+    SinkError,
+)
+from worker.flush_report import FlushResult, FlushSummary, log_failed, log_flushed
 from worker.keys import CHANNEL_SAVED, Keyspace, ShardKeys
 from worker.lock import FlushLock
 from worker.privacy.tombstones import write_fenced
-from worker.read_ahead import ReadAhead, decode_heads
 from worker.reorder import release_due
 from worker.replication import Replicas
-from worker.replies import text
-from worker.scripts import AckResult, Scripts
+from worker.scripts import Scripts
 from worker.settings import Settings
-from worker.sinks.base import PermanentSinkError, RetryableSinkError, RowRejectedError, Sink
+from worker.sinks.base import RetryableSinkError, Sink
 from worker.topology import Client
 
+__all__ = [
+    "POISON_GUARD_MIN_ROWS",
+    "SPLIT_FIELD",
+    "FlushResult",
+    "FlushSummary",
+    "Flusher",
+    "PoisonGuardError",
+]
+
 log = logging.getLogger(__name__)
-
-# The poison guard needs this many rejected rows before it stops a flush, so a
-# small claim with a few bad rows still dead-letters them.
-POISON_GUARD_MIN_ROWS = 10
-# Claim hash fields `split:<token>` mark chunks that were rejected and halved.
-SPLIT_FIELD = "split:"
-
-
-class PoisonGuardError(PermanentSinkError):
-    """ClickHouse rejected most of a claim: stop instead of dead-lettering it.
-
-    Raised before any dead letter is written; the claim stays open. Rows of
-    the claim already inserted stay in ClickHouse: the re-drive takes the
-    same chunks, halves and tokens, so ClickHouse drops them as duplicates.
-    """
-
-    def __init__(
-        self, message: str, *, rejected: int, rows: int, first_error: str, code: int | None
-    ) -> None:
-        super().__init__(message, code)
-        self.rejected = rejected
-        self.rows = rows
-        self.first_error = first_error
-
-
-@dataclass
-class _Inserts:
-    """The rows of one claim on their way into ClickHouse, and what was rejected."""
-
-    shard: ShardKeys
-    claim_id: str
-    rows: Sequence[bytes]
-    # Tokens of chunks halved after a rejection, by this flush or an earlier one of the claim.
-    split: set[str]
-    rejected: set[int] = field(default_factory=set)  # offsets into rows
-    dead: list[bytes] = field(default_factory=list)
-    first_rejection: RowRejectedError | None = None
-
-
-@dataclass
-class FlushResult:
-    """What one flush of one shard did."""
-
-    shard: int
-    locked: bool = True  # False: another flusher held the lock; nothing was done
-    # "<host:pid>: <why>" when the lock was taken over from a dead holder.
-    took_over: str | None = None
-    # Seconds left of a back-off after ClickHouse failures; nothing was done.
-    backoff_s: float = 0.0
-    rows: int = 0  # rows sent to ClickHouse (duplicates of a re-drive are dropped there)
-    # Rows queued by releasing held session events first (worker/reorder.py), and how
-    # many of those events were late.
-    released: int = 0
-    late: int = 0
-    dead: int = 0
-    batches: int = 0
-    redriven: int = 0
-    claims: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    # Time spent in each phase, summed over the batches (for metrics and logs).
-    claim_seconds: float = 0.0
-    insert_seconds: float = 0.0
-    ack_seconds: float = 0.0
-    # Rows of every chunk inserted, in order.
-    chunk_rows: list[int] = field(default_factory=list)
-    dead_reasons: Counter[str] = field(default_factory=Counter)
-    # Why the flush of this shard stopped (ClickHouse, or the lock lost); None if it did not.
-    error: EventBufferError | None = None
-
-    def as_dict(self) -> dict[str, object]:
-        shown: dict[str, object] = {"error": str(self.error)} if self.error is not None else {}
-        if self.took_over is not None:
-            shown["took_over"] = self.took_over
-        return {
-            **shown,
-            "shard": self.shard,
-            "locked": self.locked,
-            "backoff_s": round(self.backoff_s, 3),
-            "rows": self.rows,
-            "dead": self.dead,
-            "batches": self.batches,
-            "redriven": self.redriven,
-            "claims": list(self.claims),
-            "seconds": round(self.seconds, 4),
-            "phases": {
-                "claim": round(self.claim_seconds, 4),
-                "insert": round(self.insert_seconds, 4),
-                "ack": round(self.ack_seconds, 4),
-            },
-        }
-
-
-@dataclass
-class FlushSummary:
-    """One `process_buffer` run: a result per shard, failed shards included."""
-
-    shards: list[FlushResult]
-
-    @property
-    def rows(self) -> int:
-        return sum(s.rows for s in self.shards)
-
-    @property
-    def dead(self) -> int:
-        return sum(s.dead for s in self.shards)
-
-    @property
-    def errors(self) -> list[FlushResult]:
-        return [s for s in self.shards if s.error is not None]
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "rows": self.rows,
-            "dead": self.dead,
-            "locked": all(s.locked for s in self.shards),
-            "errors": len(self.errors),
-            "shards": [s.as_dict() for s in self.shards],
-        }
-
-
-def flush_fields(result: FlushResult) -> dict[str, object]:
-    """The structured fields of a shard's flush line (JSON logs)."""
-    return {
-        "shard": result.shard,
-        "rows": result.rows,
-        "dead": result.dead,
-        "batches": result.batches,
-        "redriven": result.redriven,
-        "chunks": len(result.chunk_rows),
-        "seconds": round(result.seconds, 4),
-        "claim_seconds": round(result.claim_seconds, 4),
-        "insert_seconds": round(result.insert_seconds, 4),
-        "ack_seconds": round(result.ack_seconds, 4),
-    }
 
 
 class Flusher:
@@ -225,11 +100,14 @@ class Flusher:
         self.clock = clock
         self.keyspace = Keyspace(settings.key_prefix, settings.shards)
         self.replicas = Replicas.from_settings(settings)
-        self.scripts = Scripts(redis, self.replicas)
+        self.scripts = Scripts(redis)
+        self.claims = Claims(redis, self.replicas)
 
     def process_buffer(self, max_batches: int | None = None) -> FlushSummary:
         """Flush every shard once, each under its own lock: what `process_buffer` runs.
 
+        One sink serves every shard of the run (on chDB, one session per run,
+        not one per shard), opened on the first insert and closed at the end.
         A shard whose flush fails (ClickHouse, its lock lost, or its master's
         replicas not confirming a claim or an ack) is reported in its result
         and logged; the other shards still flush, and the failed one is
@@ -240,43 +118,32 @@ class Flusher:
         # A back-pressure request is served by this run, whichever asked for it.
         self.redis.delete(self.keyspace.flush_pending)
         results: list[FlushResult] = []
-        for shard in self.keyspace.all():
-            try:
-                result = self.flush_shard(shard.shard, max_batches)
-            except (SinkError, LockLostError, NotReplicatedError) as exc:
-                metrics.record_flush_error()
-                log.error(
-                    "flush of shard %d failed, will retry next run: %s",
-                    shard.shard,
-                    exc,
-                    extra={"shard": shard.shard, "error": str(exc)},
-                )
-                results.append(FlushResult(shard=shard.shard, error=exc))
-                continue
-            except Exception:
-                metrics.record_flush_error()
-                raise
-            metrics.record_flush(result)
-            results.append(result)
-            if result.batches:
-                log.info(
-                    "flushed shard %d: %d rows, %d dead, %d batches (%d re-driven) in %.3fs "
-                    "(claim %.3fs, insert %.3fs, ack %.3fs)",
-                    shard.shard,
-                    result.rows,
-                    result.dead,
-                    result.batches,
-                    result.redriven,
-                    result.seconds,
-                    result.claim_seconds,
-                    result.insert_seconds,
-                    result.ack_seconds,
-                    extra=flush_fields(result),
-                )
+        sink = self.sink_factory()
+        try:
+            for shard in self.keyspace.all():
+                try:
+                    result = self.flush_shard(shard.shard, max_batches, sink=sink)
+                except (SinkError, LockLostError, NotReplicatedError) as exc:
+                    metrics.record_flush_error()
+                    log_failed(shard.shard, exc)
+                    results.append(FlushResult(shard=shard.shard, error=exc))
+                    continue
+                except Exception:
+                    metrics.record_flush_error()
+                    raise
+                metrics.record_flush(result)
+                results.append(result)
+                log_flushed(result)
+        finally:
+            sink.close()
         return FlushSummary(results)
 
     def flush_shard(
-        self, shard_no: int, max_batches: int | None = None, respect_backoff: bool = True
+        self,
+        shard_no: int,
+        max_batches: int | None = None,
+        respect_backoff: bool = True,
+        sink: Sink | None = None,
     ) -> FlushResult:
         """Up to `max_batches` batches (default: the setting) of one shard.
 
@@ -284,6 +151,8 @@ class Flusher:
         (one provably dead is taken over: `took_over` says from whom), or
         with `backoff_s` set while the shard backs off after ClickHouse
         failed (unless `respect_backoff` is False: an operator's explicit flush).
+        Writes through `sink`, left open; without one, opens and closes its own.
+        A `FlushError` raised (the lock lost) names the shard and its lock.
         """
         shard = self.keyspace.shard(shard_no)
         result = FlushResult(shard=shard_no)
@@ -313,21 +182,29 @@ class Flusher:
         # sink included): else its watchdog keeps it alive for the life of
         # the process and every later flush of this shard reports it held.
         try:
-            sink = self.sink_factory()
+            own = sink is None
+            writer = self.sink_factory() if sink is None else sink
             try:
                 limit = max_batches or self.settings.max_batches_per_flush
-                with ReadAhead(self.scripts, shard, self.settings.batch_size) as ahead:
+                with ReadAhead(self.claims, shard, self.settings.batch_size) as ahead:
                     # Between batches too: a long flush must not keep due events waiting.
                     while result.batches < limit and self._flush_one(
-                        shard, lock, sink, result, ahead, read_next=result.batches + 1 < limit
+                        shard, lock, writer, result, ahead, read_next=result.batches + 1 < limit
                     ):
                         self._release(shard, result)
             finally:
-                sink.close()
+                if own:
+                    writer.close()
         except (RetryableSinkError, PoisonGuardError):
             # The guard too: each attempt re-inserts thousands of rows one by
             # one until it trips again, so it should not run every tick.
             self._back_off(shard)
+            raise
+        except FlushError as exc:
+            if exc.shard is None:
+                exc.shard = shard_no
+            if exc.lock is None:
+                exc.lock = shard.lock
             raise
         finally:
             lock.release()
@@ -390,66 +267,74 @@ class Flusher:
         """One claim from claim to ack. False when the shard had nothing to claim.
 
         The claim takes the rows `ahead` read behind the previous one where
-        they are its rows; with `read_next` (not for the last claim a run
-        may take), the rows behind this claim are read on `ahead`'s thread
-        while this claim's chunks are inserted.
+        they are its rows (a run's first claim reads its own); with
+        `read_next` (not for the last claim a run may take), the rows behind
+        this claim are read on `ahead`'s thread while this claim's chunks
+        are inserted.
         """
         phase = time.perf_counter()
-        ready = ahead.take()
-        claim = self.scripts.claim(
+        head = self.claims.claim_head(
             shard,
             str(uuid.uuid4()),
             self.settings.batch_size,
             self.clock.now_ms(),
             self.settings.chunk_size,
-            ahead=ready.rows if ready is not None else None,
         )
-        result.claim_seconds += time.perf_counter() - phase
-        if claim is None:
+        if head is None:
+            result.claim_seconds += time.perf_counter() - phase
             return False
         lock.progress()
+        ready = ahead.take()
+        claim = self.claims.claim_rows(shard, head, ready.rows if ready is not None else None)
+        result.claim_seconds += time.perf_counter() - phase
         if claim.redriven:
             log.warning("re-driving unacknowledged claim %s on shard %d", claim.id, shard.shard)
         if read_next:
             ahead.start(claim)
 
-        heads = ready.heads_of(claim) if ready is not None else []
-        heads += decode_heads(claim.rows[len(heads) :])
-        keyed: list[tuple[str, str, bytes, str]] = []
-        dead: list[bytes] = []
-        for raw, head in zip(claim.rows, heads, strict=True):
-            if isinstance(head, str):
-                dead.append(self._dead(REASON_INVALID_JSON, head, raw, shard, claim.id))
-                continue
-            keyed.append((head.created_at, head.id, raw, head.project_id))
-        keyed.sort()
+        ordered = ordered_rows(claim, ready)
+        dead = [
+            self._dead(REASON_INVALID_JSON, why, raw, shard, claim.id)
+            for raw, why in ordered.invalid
+        ]
         invalid_json = len(dead)
-
-        rows = [item[2] for item in keyed]
-        inserts = _Inserts(shard, claim.id, rows, self._splits(shard, claim.redriven), dead=dead)
+        rows = ordered.rows
+        inserts = ClaimInsert(
+            sink=sink,
+            claims=self.claims,
+            shard=shard,
+            claim_id=claim.id,
+            rows=rows,
+            # Chunks an earlier flush of the claim halved (a new claim has none yet).
+            split=self.claims.splits(shard) if claim.redriven else set(),
+            lock=lock,
+            dlq_max_ratio=self.settings.dlq_max_ratio,
+            dead_letter=lambda raw, why: self._dead(REASON_REJECTED, why, raw, shard, claim.id),
+            write=partial(write_fenced, sink, self.redis, self.keyspace),
+        )
         size = claim.chunk_size  # the claim's, not this flusher's: same chunks, same tokens
         phase = time.perf_counter()
         try:
             for index, start in enumerate(range(0, len(rows), size)):
                 lock.check()
-                offsets = list(range(start, min(start + size, len(rows))))
-                self._write(sink, inserts, offsets, f"{claim.id}:{index}", lock)
+                offsets = range(start, min(start + size, len(rows)))
+                inserts.chunk(index, offsets)
                 result.chunk_rows.append(len(offsets))
         finally:
             result.insert_seconds += time.perf_counter() - phase
         lock.check()
         rejected = inserts.rejected
+        dead += inserts.dead
 
+        projects = ordered.counts
         if rejected:
-            projects = Counter(item[3] for n, item in enumerate(keyed) if n not in rejected)
-        else:
-            projects = Counter(map(itemgetter(3), keyed))
+            projects = Counter(p for n, p in enumerate(ordered.projects) if n not in rejected)
         inserted = len(rows) - len(rejected)
         notice = msgspec.json.encode(
             {"shard": shard.shard, "claim": claim.id, "rows": inserted, "projects": projects}
         )
         phase = time.perf_counter()
-        outcome = self.scripts.ack(
+        outcome = self.claims.ack(
             shard,
             lock_token=lock.token,
             claim_id=claim.id,
@@ -460,7 +345,11 @@ class Flusher:
         )
         result.ack_seconds += time.perf_counter() - phase
         if outcome == AckResult.LOCK_HELD_BY_OTHER:
-            raise LockLostError(f"claim {claim.id}: the lock is held by another flusher")
+            raise LockLostError(
+                f"claim {claim.id}: the lock is held by another flusher",
+                shard=shard.shard,
+                lock=shard.lock,
+            )
         lock.progress()
         if outcome == AckResult.ALREADY_ACKED:
             # Its rows were counted by the flusher that acknowledged it.
@@ -474,83 +363,6 @@ class Flusher:
         result.dead_reasons[REASON_REJECTED] += len(rejected)
         result.claims.append(claim.id)
         return True
-
-    def _splits(self, shard: ShardKeys, redriven: bool) -> set[str]:
-        """Tokens of the open claim's chunks that an earlier flush halved."""
-        if not redriven:
-            return set()  # a new claim: nothing of it was written yet
-        names = (text(n) for n in self.redis.hkeys(shard.claim))
-        return {n[len(SPLIT_FIELD) :] for n in names if n.startswith(SPLIT_FIELD)}
-
-    def _write(
-        self, sink: Sink, inserts: _Inserts, offsets: list[int], token: str, lock: FlushLock
-    ) -> None:
-        """Insert rows[offsets]; on a row-level rejection, halve until the bad rows are alone.
-
-        The halves get tokens derived from the parent's. A halved chunk is
-        recorded in the claim before its halves are written, and a re-drive
-        goes straight to the halves of a recorded chunk: had it retried the
-        whole chunk and ClickHouse now took it (the table was fixed), the
-        rows its halves had written would land a second time, under a token
-        ClickHouse has not seen.
-        """
-        if token not in inserts.split:
-            try:
-                write_fenced(
-                    sink, self.redis, self.keyspace, [inserts.rows[i] for i in offsets], token
-                )
-                lock.progress()
-                return
-            except RowRejectedError as exc:
-                lock.progress()  # ClickHouse answered: not a hung insert
-                if len(offsets) == 1:
-                    self._reject(inserts, offsets[0], exc)
-                    return
-            lock.check()
-            claim = inserts.shard.claim
-            self.replicas.run(
-                self.redis,
-                claim,
-                lambda target: target.hset(claim, SPLIT_FIELD + token, 1),
-                f"the halving of chunk {token}",
-            )
-            inserts.split.add(token)
-        middle = len(offsets) // 2
-        for part, half in enumerate((offsets[:middle], offsets[middle:])):
-            self._write(sink, inserts, half, f"{token}.{part}", lock)
-
-    def _reject(self, inserts: _Inserts, offset: int, exc: RowRejectedError) -> None:
-        """Dead-letter a row ClickHouse refused, unless most of the claim is refused."""
-        inserts.rejected.add(offset)
-        if inserts.first_rejection is None:
-            inserts.first_rejection = exc
-        # Out of the rows sent to ClickHouse: rows that are not JSON never reach
-        # it, and are not what a schema mismatch makes fail.
-        rejected, total = len(inserts.rejected), len(inserts.rows)
-        ratio = self.settings.dlq_max_ratio
-        # Checked at every rejected row, so the flush stops as soon as the
-        # share is certain, without halving the rest of the claim.
-        if rejected >= POISON_GUARD_MIN_ROWS and rejected > ratio * total:
-            first = " ".join(str(inserts.first_rejection).split())[:500]
-            # What to check first, then the evidence: the CLI cuts long lines.
-            message = (
-                f"{rejected} of {total} rows rejected by ClickHouse on shard "
-                f"{inserts.shard.shard} (over EVENT_BUFFER_DLQ_MAX_RATIO={ratio:g}): schema "
-                "mismatch? Stopped without dead-lettering; the claim stays open and is "
-                f"re-driven once fixed. First error: {first} (claim {inserts.claim_id})"
-            )
-            raise PoisonGuardError(
-                message,
-                rejected=rejected,
-                rows=total,
-                first_error=first,
-                code=inserts.first_rejection.code,
-            )
-        inserts.dead.append(
-            self._dead(
-                REASON_REJECTED, str(exc), inserts.rows[offset], inserts.shard, inserts.claim_id
-            )
-        )
 
     def _dead(self, reason: str, error: str, raw: bytes, shard: ShardKeys, claim: str) -> bytes:
         header = DeadLetter(

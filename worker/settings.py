@@ -260,13 +260,13 @@ class Settings:
     )
     batch_size: int = _setting(
         "EVENT_BUFFER_BATCH_SIZE",
-        4000,
+        20_000,
         _int(1),
         "Events claimed from a shard's queue per flush batch.",
     )
     chunk_size: int = _setting(
         "EVENT_BUFFER_CHUNK_SIZE",
-        1000,
+        10_000,
         _int(1),
         "Rows per ClickHouse INSERT within a batch (each with its own dedup token).",
     )

@@ -128,13 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = path_from_url(settings.clickhouse_url)
     flusher = Flusher(client, settings, lambda: HookedSink(path, settings.clickhouse_table, args))
 
-    real_claim, real_ack = flusher.scripts.claim, flusher.scripts.ack
+    real_claim, real_ack = flusher.claims.claim_rows, flusher.claims.ack
 
     def claim(*a: Any, **kw: Any) -> Any:
         result = real_claim(*a, **kw)
         if result is not None:
             State.claim = result.id
-            State.chunks = math.ceil(len(result.rows) / settings.chunk_size)
+            State.chunks = math.ceil(len(result.rows) / result.chunk_size)
             emit(claimed=result.id, rows=len(result.rows), redriven=result.redriven)
             if args.phase == "claim":
                 die("claim", result.id)
@@ -147,8 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         emit(acked=outcome, claim=kw.get("claim_id"))
         return outcome
 
-    flusher.scripts.claim = claim  # type: ignore[method-assign]
-    flusher.scripts.ack = ack  # type: ignore[method-assign]
+    flusher.claims.claim_rows = claim  # type: ignore[method-assign]
+    flusher.claims.ack = ack  # type: ignore[method-assign]
     try:
         result = flusher.flush_shard(0, max_batches=1, respect_backoff=False)
     except LockLostError as exc:

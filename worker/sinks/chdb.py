@@ -186,22 +186,25 @@ class ChdbSink:
     def write(self, rows: Sequence[bytes], token: str) -> None:
         if not _TOKEN.match(token):
             raise PermanentSinkError(f"unsafe dedup token {token!r}")
-        try:
-            data = b"\n".join(rows).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RowRejectedError(f"row is not valid UTF-8: {exc}") from exc
-        parallel = int(len(data) >= _PARALLEL_PARSING_MIN_BYTES)
+        size = sum(map(len, rows))
+        parallel = int(size >= _PARALLEL_PARSING_MIN_BYTES)
         timeout = (
             f", max_execution_time = {self.insert_timeout_s:g}"
             if self.insert_timeout_s is not None
             else ""
         )
-        self._run(
+        head = (
             f"INSERT INTO {self._quoted_table} "
             f"SETTINGS insert_deduplication_token = '{token}', async_insert = 0, "
             f"input_format_parallel_parsing = {parallel}{timeout} "
-            f"FORMAT JSONEachRow\n{data}"
+            "FORMAT JSONEachRow"
         )
+        try:
+            # One join and one decode: the statement is as large as the chunk.
+            sql = b"\n".join([head.encode(), *rows]).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RowRejectedError(f"row is not valid UTF-8: {exc}") from exc
+        self._run(sql)
 
     def query(
         self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
