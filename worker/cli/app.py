@@ -18,6 +18,7 @@ from worker.cli.common import ERROR_PREFIX, CliError, is_embedded, mask, one_lin
 from worker.cli.demo import cmd_demo
 from worker.cli.dlq import add_dlq_parser
 from worker.cli.flush import cmd_flush
+from worker.cli.import_cmd import add_import_parser
 from worker.cli.metrics import cmd_metrics
 from worker.cli.migrate import cmd_migrate
 from worker.cli.query import cmd_query
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     add_dlq_parser(commands)
+    add_import_parser(commands)
     return parser
 
 
