@@ -1,6 +1,7 @@
 """Run the benchmarks, print the table, write the JSON.
 
-    python -m benchmarks [--only apply,standard,ingest,transport,flush,e2e,reorder,memory,outage]
+    python -m benchmarks [--only apply,standard,ingest,transport,flush,e2e,reorder,memory,outage,
+                                 import]
         [--rounds N] [--quick] [--outage-s S] [--outage-rate R] [--outage-redis full,unlimited]
     python benchmarks/run.py ...
     make bench
@@ -35,6 +36,7 @@ from benchmarks.support import (
 
 BENCHMARKS = (
     "apply", "standard", "ingest", "transport", "flush", "e2e", "reorder", "memory", "outage",
+    "import",
 )  # fmt: skip
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
@@ -132,6 +134,7 @@ def runners() -> dict[str, Callable[[argparse.Namespace], list[Result]]]:
         bench_apply,
         bench_e2e,
         bench_flush,
+        bench_import,
         bench_ingest,
         bench_memory,
         bench_outage,
@@ -150,6 +153,7 @@ def runners() -> dict[str, Callable[[argparse.Namespace], list[Result]]]:
         "reorder": bench_reorder.run,
         "memory": bench_memory.run,
         "outage": bench_outage.run,
+        "import": bench_import.run,
     }
 
 
