@@ -241,3 +241,39 @@ def _phase(cwd: Path) -> str:
         if key in meta:
             return phase
     return "reading"
+
+
+@pytest.mark.parametrize("fetch_all_max", [0, 10**6])
+def test_the_check_for_ids_already_there_reads_them_either_way(
+    tmp_path: Path, chdb: str, monkeypatch: pytest.MonkeyPatch, fetch_all_max: int
+) -> None:
+    """The check before each chunk: a busy time range asks about the ids in batches, a
+    quiet one reads the range's ids whole; both find exactly the ids there."""
+    from worker.importer import writer
+    from worker.sinks.chdb import ChdbSink, close_all, path_from_url
+
+    monkeypatch.setattr(writer, "FETCH_ALL_MAX", fetch_all_max)
+    monkeypatch.setattr(writer, "IDS_PER_QUERY", 7)
+    export = generate_export(tmp_path / "export", 300, files=1)
+    summary_of(run_import_cli(tmp_path, import_env(chdb), "--json", *export.files))
+    there = [str(i) for (i,) in query(chdb, "SELECT toString(id) FROM events LIMIT 40")]
+    absent = [f"00000000-0000-4000-8000-{n:012d}" for n in range(30)]
+    sink = ChdbSink(path_from_url(chdb))
+    try:
+        found = writer.existing_ids(
+            sink,
+            there + absent,
+            ["shop", "blog"],
+            "2000-01-01 00:00:00.000",
+            "2100-01-01 00:00:00.000",
+        )
+        assert found == set(there)
+        assert (
+            writer.existing_ids(
+                sink, there, ["nobody"], "2000-01-01 00:00:00.000", "2100-01-01 00:00:00.000"
+            )
+            == set()
+        )
+    finally:
+        sink.close()
+        close_all()

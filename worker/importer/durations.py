@@ -70,8 +70,8 @@ class _Walk:
 def compute_durations(state: ImportState, advance: Callable[[int], None]) -> None:
     """Walk every session (and actor) of the state once, storing durations and sessions."""
     walked = state.get("walked") or ""
-    after: tuple[str, int, str, int] = (
-        (walked, 2**62, "\uffff", 2**62) if walked else ("", -1, "", -1)
+    after: tuple[str, int, str, str, int, int] = (
+        (walked, 2**62, "\uffff", "\uffff", 2**62, 2**62) if walked else ("", -1, "", "", -1, -1)
     )
     walk: _Walk | None = None
     updates: dict[int, list[int | str | None]] = {}
@@ -87,7 +87,7 @@ def compute_durations(state: ImportState, advance: Callable[[int], None]) -> Non
             walk.feed(rowid, ms, event_id, kind, own, updates)
             seen += 1
         last = page[-1]
-        after = (last[1], last[2], last[3], last[0])
+        after = (last[1], last[2], last[3], last[4], last[5], last[0])
     if walk is not None:
         _commit(state, updates, walk.group)
     advance(seen)

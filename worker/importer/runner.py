@@ -166,7 +166,7 @@ def run_import(
         _read_files(state, options, settings, report)
         if state.get("sorted") is None:
             report("sorting", 0, 1, "")
-            state.sort()
+            state.sort_by_session()
             state.put("sorted", "1")
             report("sorting", 1, 1, "")
         if state.get("durations") is None:
@@ -179,6 +179,11 @@ def run_import(
 
             compute_durations(state, advance)
             state.put("durations", "1")
+        if state.get("time_sorted") is None:
+            report("sorting by time", 0, 1, "")
+            state.sort_by_time()
+            state.put("time_sorted", "1")
+            report("sorting by time", 1, 1, "")
         _insert(state, options, connect, report)
         summary = _summary(state, directory, resumed)
         _finish(state, directory, summary)
@@ -275,19 +280,18 @@ def _insert(
     total = _count(state, "SELECT count() FROM rows")
     progress = state.get("inserted")
     if progress is None:
-        idx, after = 0, (-(2**62), "", -1)
+        idx, after = 0, (-(2**62), "")
     else:
         last = json.loads(progress)
-        idx, after = last[0] + 1, (int(last[1]), str(last[2]), int(last[3]))
+        idx, after = last[0] + 1, (int(last[1]), str(last[2]))
     done = _count(state, "SELECT coalesce(sum(imported + duplicates), 0) FROM files")
     report("inserting", done, total, "")
     while page := state.time_page(after, options.chunk_rows):
-        end = page[-1]
-        end_key = (int(end[1]), str(end[2]), int(end[0]))
+        end_key = (int(page[-1][0]), str(page[-1][1]))
         counts: dict[int, list[int]] = {}
         candidates: dict[str, tuple[int, bytes, int | None, str | None]] = {}
         projects: set[str] = set()
-        for _rowid, _ms, event_id, file, project, row, dur, sess, dup in page:
+        for _ms, event_id, file, project, dup, dur, sess, row in page:
             per_file = counts.setdefault(file, [0, 0])
             if dup or event_id in candidates:
                 per_file[1] += 1
@@ -295,7 +299,7 @@ def _insert(
             candidates[event_id] = (file, row, dur, sess)
             projects.add(project)
         ids = list(candidates)
-        first, last_text = _ms_text(page[0][1]), _ms_text(end[1])
+        first, last_text = _ms_text(page[0][0]), _ms_text(end_key[0])
         existing = state.chunk_intent(idx)
         with _Opened(connect) as sink:
             present = existing_ids(sink, ids, projects, first, last_text) if ids else set()

@@ -74,12 +74,16 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 """
 
-# What the durations pass walks (sessions' views and ends, actors of derived
-# sessions) and what the insert pass reads (every row, by created_at).
-_INDEXES = """
-CREATE INDEX IF NOT EXISTS rows_by_session ON rows (grp, ms, id) WHERE grp != '';
-CREATE INDEX IF NOT EXISTS rows_by_time ON rows (ms, id);
-"""
+# The two orders the later passes read, each an index holding every column the
+# pass needs (read in order, without a lookup into the table per row): sessions'
+# views and ends (and actors of derived sessions) for the durations pass; every
+# row by created_at for the insert pass, built after the durations are stored.
+_BY_SESSION = (
+    "CREATE INDEX IF NOT EXISTS rows_by_session ON rows (grp, ms, id, kind, own) WHERE grp != ''"
+)
+_BY_TIME = (
+    "CREATE INDEX IF NOT EXISTS rows_by_time ON rows (ms, id, file, project, dup, dur, sess, row)"
+)
 
 # One row as the state keeps it (the columns of `rows` up to `row`).
 RowRecord = tuple[str, int, str, str, int, int, str, int, bytes]
@@ -164,20 +168,25 @@ class ImportState:
         )
         self.commit()
 
-    def sort(self) -> None:
-        """Build the two orders the later passes read (SQLite sorts on disk)."""
-        self.db.executescript(_INDEXES)
+    def sort_by_session(self) -> None:
+        """The durations pass's order (SQLite sorts on disk, in bounded memory)."""
+        self.db.execute(_BY_SESSION)
+
+    def sort_by_time(self) -> None:
+        """The insert pass's order, with the durations in it."""
+        self.db.execute(_BY_TIME)
 
     # durations -------------------------------------------------------------
 
     def session_page(
-        self, after: tuple[str, int, str, int], limit: int
+        self, after: tuple[str, int, str, str, int, int], limit: int
     ) -> list[tuple[int, str, int, str, str, int]]:
-        """(rowid, group, ms, id, kind, own duration) after `after`, in session order."""
+        """(rowid, group, ms, id, kind, own duration) after `after` (the same, rowid last),
+        in session order: the index's own order, read without a lookup per row."""
         return self.db.execute(
             "SELECT rowid, grp, ms, id, kind, own FROM rows INDEXED BY rows_by_session "
-            "WHERE grp != '' AND (grp, ms, id, rowid) > (?, ?, ?, ?) "
-            "ORDER BY grp, ms, id, rowid LIMIT ?",
+            "WHERE grp != '' AND (grp, ms, id, kind, own, rowid) > (?, ?, ?, ?, ?, ?) "
+            "ORDER BY grp, ms, id, kind, own, rowid LIMIT ?",
             (*after, limit),
         ).fetchall()
 
@@ -196,14 +205,26 @@ class ImportState:
 
     # inserting -------------------------------------------------------------
 
-    def time_page(self, after: tuple[int, str, int], limit: int) -> list[tuple[Any, ...]]:
-        """(rowid, ms, id, file, project, row, dur, sess, dup) after `after`, by created_at."""
-        return self.db.execute(
-            "SELECT rowid, ms, id, file, project, row, dur, sess, dup "
-            "FROM rows INDEXED BY rows_by_time "
-            "WHERE (ms, id, rowid) > (?, ?, ?) ORDER BY ms, id, rowid LIMIT ?",
+    def time_page(self, after: tuple[int, str], limit: int) -> list[tuple[Any, ...]]:
+        """(ms, id, file, project, dup, dur, sess, row) of the next `limit` rows after
+        `after` (ms, id) by created_at, and every other row with the last one's (ms, id):
+        copies of one event never straddle two chunks."""
+        columns = "ms, id, file, project, dup, dur, sess, row"
+        page = self.db.execute(
+            f"SELECT {columns} FROM rows INDEXED BY rows_by_time "
+            "WHERE (ms, id) > (?, ?) ORDER BY ms, id LIMIT ?",
             (*after, limit),
         ).fetchall()
+        if not page:
+            return page
+        last = (page[-1][0], page[-1][1])
+        head = [row for row in page if (row[0], row[1]) != last]
+        tail = self.db.execute(
+            f"SELECT {columns} FROM rows INDEXED BY rows_by_time WHERE ms = ? AND id = ? "
+            "ORDER BY ms, id",
+            last,
+        ).fetchall()
+        return head + tail
 
     def chunk_intent(self, idx: int) -> set[str] | None:
         row = self.db.execute("SELECT existing FROM chunks WHERE idx = ?", (idx,)).fetchone()
@@ -219,7 +240,7 @@ class ImportState:
         self.commit()
 
     def chunk_done(
-        self, idx: int, after: tuple[int, str, int], counts: dict[int, tuple[int, int]]
+        self, idx: int, after: tuple[int, str], counts: dict[int, tuple[int, int]]
     ) -> None:
         """Chunk `idx` is in ClickHouse: its per-file (imported, duplicates) and the cursor."""
         self.begin()
@@ -231,14 +252,6 @@ class ImportState:
             )
         self.db.execute("DELETE FROM chunks WHERE idx = ?", (idx,))
         self.put("inserted", json.dumps([idx, *after]))
-        self.commit()
-
-    def add_duplicates(self, counts: dict[int, int]) -> None:
-        self.begin()
-        for file, duplicates in counts.items():
-            self.db.execute(
-                "UPDATE files SET duplicates = duplicates + ? WHERE idx = ?", (duplicates, file)
-            )
         self.commit()
 
     # the end ---------------------------------------------------------------
