@@ -166,10 +166,11 @@ def _peak_rss_mb(tmp: Path, events: int) -> tuple[float, float]:
         [sys.executable, "-c", _RSS_WRAPPER, *command],
         cwd=work,
         env=env,
-        check=True,
         capture_output=True,
         text=True,
     )
+    if done.returncode:
+        raise RuntimeError(f"eventbuffer import failed: {done.stderr[-2000:]}")
     seconds = time.perf_counter() - started
     peak_kb = int(done.stderr.strip().splitlines()[-1])
     shutil.rmtree(work, ignore_errors=True)

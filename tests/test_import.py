@@ -277,3 +277,27 @@ def test_the_check_for_ids_already_there_reads_them_either_way(
     finally:
         sink.close()
         close_all()
+
+
+def test_one_run_per_import_at_a_time(tmp_path: Path, chdb: str) -> None:
+    export = generate_export(tmp_path / "export", 20_000, files=2)
+    env = import_env(chdb, EVENT_BUFFER_IMPORT_CHUNK_ROWS="2000")
+    first = subprocess.Popen(
+        import_command("--json", *export.files),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(lambda: _read_lines(tmp_path) > 0, 60, "the first import's progress")
+        second = run_import_cli(tmp_path, env, "--json", *export.files)
+        assert second.returncode == 1
+        assert "running already" in second.stderr
+        out, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0, err.decode()[-2000:]
+    assert json.loads(out.decode().strip().splitlines()[-1])["imported"] == export.events

@@ -99,7 +99,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings, console: Console) -
         with progress_bar(console, disable=not show) as progress:
             summary = run_import(options, settings, connect, _Bar(progress))
     except ImportError_ as exc:
-        raise CliError(str(exc), 2) from None
+        raise CliError(str(exc), 2 if exc.usage else 1) from None
     if args.json:
         print(json.dumps(summary.as_json(), ensure_ascii=False))
         return 0

@@ -26,12 +26,15 @@ already in ClickHouse.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import sqlite3
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,7 +69,12 @@ Progress = Callable[[str, int, int, str], None]
 
 
 class ImportError_(EventBufferError):
-    """The import cannot go on (bad arguments, a file that cannot be read)."""
+    """The import cannot start or go on: `usage` for bad arguments (nothing was done),
+    else a failure a re-run of the same command continues after."""
+
+    def __init__(self, message: str, *, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
 
 
 @dataclass
@@ -142,54 +150,90 @@ def run_import(
     progress: Progress | None = None,
 ) -> ImportSummary:
     if options.format in NEEDS_PROJECT and not options.project_id:
-        raise ImportError_(f"--format {options.format} needs --project ID (its export has none)")
+        raise ImportError_(
+            f"--format {options.format} needs --project ID (its export has none)", usage=True
+        )
     reader_for(options.format)  # an unknown format fails before any state is made
     for path in options.files:
         if not os.path.isfile(path):
-            raise ImportError_(f"{path}: no such file")
+            raise ImportError_(f"{path}: no such file", usage=True)
     started = time.perf_counter()
     key, paths = import_key(options, settings)
     directory = (options.state_root / key).absolute()
-    resumed = (directory / "state.sqlite").exists()
-    state = ImportState(directory)
-    report = progress or (lambda phase, done, total, name: None)
-    try:
-        now = datetime.now(UTC).replace(microsecond=0)
-        state.initialise(
-            paths,
-            {
-                "imported_at": now.strftime("%Y-%m-%d %H:%M:%S.000"),
-                "format": options.format,
-                "project": options.project_id or "",
-            },
-        )
-        _read_files(state, options, settings, report)
-        if state.get("sorted") is None:
-            report("sorting", 0, 1, "")
-            state.sort_by_session()
-            state.put("sorted", "1")
-            report("sorting", 1, 1, "")
-        if state.get("durations") is None:
-            total = _count(state, "SELECT count() FROM rows WHERE grp != ''")
-            done = [0]
-
-            def advance(n: int) -> None:
-                done[0] += n
-                report("durations", done[0], total, "")
-
-            compute_durations(state, advance)
-            state.put("durations", "1")
-        if state.get("time_sorted") is None:
-            report("sorting by time", 0, 1, "")
-            state.sort_by_time()
-            state.put("time_sorted", "1")
-            report("sorting by time", 1, 1, "")
-        _insert(state, options, connect, report)
-        summary = _summary(state, directory, resumed)
-        _finish(state, directory, summary)
-    finally:
-        state.close()
+    directory.mkdir(parents=True, exist_ok=True)
+    with _only_run(directory):
+        resumed = (directory / "state.sqlite").exists()
+        try:
+            state = ImportState(directory)
+        except sqlite3.Error as exc:
+            raise ImportError_(f"the import's state in {directory}: {exc}") from exc
+        try:
+            summary = _run(state, options, settings, connect, progress, paths, resumed)
+        except sqlite3.Error as exc:
+            raise ImportError_(f"the import's state in {directory}: {exc}") from exc
+        finally:
+            state.close()
     summary.seconds = time.perf_counter() - started
+    return summary
+
+
+@contextmanager
+def _only_run(directory: Path) -> Iterator[None]:
+    """One process per import (per state directory) at a time."""
+    with open(directory / "lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ImportError_(
+                f"an import with these arguments is running already (its state: {directory})"
+            ) from None
+        yield
+
+
+def _run(
+    state: ImportState,
+    options: ImportOptions,
+    settings: Settings,
+    connect: Callable[[], AbstractContextManager[Sink]],
+    progress: Progress | None,
+    paths: list[str],
+    resumed: bool,
+) -> ImportSummary:
+    directory = state.directory
+    report = progress or (lambda phase, done, total, name: None)
+    now = datetime.now(UTC).replace(microsecond=0)
+    state.initialise(
+        paths,
+        {
+            "imported_at": now.strftime("%Y-%m-%d %H:%M:%S.000"),
+            "format": options.format,
+            "project": options.project_id or "",
+        },
+    )
+    _read_files(state, options, settings, report)
+    if state.get("sorted") is None:
+        report("sorting", 0, 1, "")
+        state.sort_by_session()
+        state.put("sorted", "1")
+        report("sorting", 1, 1, "")
+    if state.get("durations") is None:
+        total = _count(state, "SELECT count() FROM rows WHERE grp != ''")
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            report("durations", done[0], total, "")
+
+        compute_durations(state, advance)
+        state.put("durations", "1")
+    if state.get("time_sorted") is None:
+        report("sorting by time", 0, 1, "")
+        state.sort_by_time()
+        state.put("time_sorted", "1")
+        report("sorting by time", 1, 1, "")
+    _insert(state, options, connect, report)
+    summary = _summary(state, directory, resumed)
+    _finish(state, directory, summary)
     return summary
 
 
@@ -230,7 +274,7 @@ def _read_files(
                         state.add_batch(idx, line, rows, rejects)
                         rows, rejects = [], []
                         report("reading", position(), size, path)
-            except (OSError, EOFError) as exc:  # a truncated or corrupt gzip stream
+            except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupt gzip stream
                 rejects.append(
                     (idx, line + 1, "$", f"the file cannot be read past here: {exc}", "")
                 )
