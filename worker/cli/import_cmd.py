@@ -20,7 +20,13 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
-from worker.cli.common import CliError, clickhouse, progress_bar, require_embedded_data
+from worker.cli.common import (
+    CliError,
+    clickhouse,
+    is_embedded,
+    progress_bar,
+    require_embedded_data,
+)
 from worker.importer import ImportError_, ImportOptions, run_import
 from worker.importer.readers import FORMATS
 from worker.settings import Settings
@@ -87,6 +93,8 @@ def cmd_import(args: argparse.Namespace, settings: Settings, console: Console) -
         project_id=args.project,
         chunk_rows=settings.import_chunk_rows,
         state_root=Path(settings.import_dir),
+        # Embedded ClickHouse is opened by a child process per step, never by this one.
+        isolate=is_embedded(settings),
     )
 
     @contextmanager

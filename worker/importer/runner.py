@@ -37,11 +37,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from worker.errors import EventBufferError
 from worker.importer.durations import compute_durations
+from worker.importer.isolation import ChildFailed, in_child
 from worker.importer.readers import NEEDS_PROJECT, ReaderOptions, reader_for
 from worker.importer.rows import (
     KIND_REGULAR,
@@ -84,6 +86,8 @@ class ImportOptions:
     project_id: str | None = None
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     state_root: Path = Path("data/imports")
+    # Each ClickHouse step in a child process (embedded ClickHouse: worker/importer/isolation.py).
+    isolate: bool = False
 
 
 @dataclass
@@ -171,6 +175,8 @@ def run_import(
             summary = _run(state, options, settings, connect, progress, paths, resumed)
         except sqlite3.Error as exc:
             raise ImportError_(f"the import's state in {directory}: {exc}") from exc
+        except ChildFailed as exc:
+            raise ImportError_(f"writing to ClickHouse: {exc}") from exc
         finally:
             state.close()
     summary.seconds = time.perf_counter() - started
@@ -330,6 +336,16 @@ def _insert(
         idx, after = last[0] + 1, (int(last[1]), str(last[2]))
     done = _count(state, "SELECT coalesce(sum(imported + duplicates), 0) FROM files")
     report("inserting", done, total, "")
+
+    def clickhouse(step: Callable[[Sink], Any]) -> Any:
+        """One step with ClickHouse open (in a child process with `isolate`)."""
+
+        def work() -> Any:
+            with _Opened(connect) as sink:
+                return step(sink)
+
+        return in_child(work) if options.isolate else work()
+
     while page := state.time_page(after, options.chunk_rows):
         end_key = (int(page[-1][0]), str(page[-1][1]))
         counts: dict[int, list[int]] = {}
@@ -345,18 +361,21 @@ def _insert(
         ids = list(candidates)
         first, last_text = _ms_text(page[0][0]), _ms_text(end_key[0])
         existing = state.chunk_intent(idx)
-        with _Opened(connect) as sink:
-            present = existing_ids(sink, ids, projects, first, last_text) if ids else set()
-            if existing is None:
-                existing = present
-                state.record_intent(idx, existing)
-            todo = [i for i in ids if i not in present]
-            if todo:
-                rows = [
-                    finish_row(candidates[i][1], imported_at, candidates[i][2], candidates[i][3])
-                    for i in todo
-                ]
-                _write(sink, rows, chunk_token(todo))
+        present = set(
+            clickhouse(partial(_present, ids=ids, projects=projects, first=first, last=last_text))
+        )
+        if existing is None:
+            existing = present
+            state.record_intent(idx, existing)
+        todo = [i for i in ids if i not in present]
+        if todo:
+            rows = [
+                finish_row(candidates[i][1], imported_at, candidates[i][2], candidates[i][3])
+                for i in todo
+            ]
+            token = chunk_token(todo)
+            clickhouse(partial(_write, rows=rows, token=token))
+            del rows
         for event_id, (file, _row, _dur, _sess) in candidates.items():
             counts[file][1 if event_id in existing else 0] += 1
         state.chunk_done(idx, end_key, {f: (c[0], c[1]) for f, c in counts.items()})
@@ -364,6 +383,10 @@ def _insert(
         report("inserting", done, total, "")
         idx += 1
         after = end_key
+
+
+def _present(sink: Sink, *, ids: list[str], projects: set[str], first: str, last: str) -> list[str]:
+    return sorted(existing_ids(sink, ids, projects, first, last)) if ids else []
 
 
 class _Opened:
