@@ -1,16 +1,15 @@
-"""ClickHouse work of an import in a short-lived child process (embedded ClickHouse).
+"""The insert pass of an import in short-lived child processes (embedded ClickHouse).
 
 chDB keeps memory for every session a process opens and closes (about 2 MB
-each, measured with chDB 4.4): an import that opens it for every chunk, so a
-flush worker can get in between, would grow with the export's size. With
-`isolate`, each step that needs ClickHouse (the check of a chunk's ids, its
-insert) runs in a forked child that opens chDB, does the step and exits:
-the importer's own memory stays flat, and chDB is never open in it. The
-child dies with the importer (PR_SET_PDEATHSIG), so a killed import leaves
-no writer behind.
-
-The step's result comes back as JSON over a pipe; the sink errors the
-runner acts on come back as the same types.
+each, measured with chDB 4.4), and an import opens it twice per chunk (to
+check the chunk's ids, to insert it), so that a flush worker can get in
+between. With `isolate`, the insert pass runs in forked children that each
+insert up to `CHUNKS_PER_CHILD` chunks and exit: the importer never opens
+chDB itself, and what chDB keeps is given back with each child. (A process
+that has loaded chDB must not fork: the child hangs. The importer never
+loads it.) A child dies with the importer (PR_SET_PDEATHSIG), so a killed
+import leaves no writer behind; it works on the state with a SQLite
+connection of its own, and reports progress and its result over a pipe.
 """
 
 from __future__ import annotations
@@ -25,18 +24,14 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.errors import EventBufferError
-from worker.sinks import PermanentSinkError, RetryableSinkError, RowRejectedError, SinkError
 
 _PR_SET_PDEATHSIG = 1
-_ERRORS: dict[str, type[SinkError]] = {
-    "retryable": RetryableSinkError,
-    "rejected": RowRejectedError,
-    "permanent": PermanentSinkError,
-}
+
+Progress = Callable[[str, int, int, str], None]
 
 
 class ChildFailed(EventBufferError):
-    """The child process failed otherwise than with a sink error (or died)."""
+    """The child process failed (its error, one line) or died."""
 
 
 def _die_with_parent() -> None:
@@ -45,16 +40,9 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _kind(exc: SinkError) -> str:
-    if isinstance(exc, RetryableSinkError):
-        return "retryable"
-    if isinstance(exc, RowRejectedError):
-        return "rejected"
-    return "permanent"
-
-
-def in_child(work: Callable[[], Any]) -> Any:
-    """`work()` in a forked child; its JSON-able result, or its sink error raised here."""
+def in_child(work: Callable[[Progress], Any], report: Progress) -> Any:
+    """`work(progress)` in a forked child, its progress passed on to `report` here;
+    its JSON-able result, or ChildFailed with its error."""
     sys.stdout.flush()
     sys.stderr.flush()
     read_end, write_end = os.pipe()
@@ -64,27 +52,33 @@ def in_child(work: Callable[[], Any]) -> Any:
         try:
             os.close(read_end)
             _die_with_parent()
+            out = os.fdopen(write_end, "w", buffering=1)
+
+            def progress(phase: str, done: int, total: int, name: str) -> None:
+                out.write(json.dumps(["progress", phase, done, total, name]) + "\n")
+
             try:
-                answer: list[Any] = ["ok", work()]
-            except SinkError as exc:
-                answer = [_kind(exc), str(exc)]
+                answer: list[Any] = ["ok", work(progress)]
             except BaseException as exc:
                 answer = ["error", f"{type(exc).__name__}: {exc}"]
-            with os.fdopen(write_end, "wb") as out:
-                out.write(json.dumps(answer).encode())
+            out.write(json.dumps(answer) + "\n")
+            out.close()
         except BaseException:
             code = 1
         finally:
             os._exit(code)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as answers:
-        data = answers.read()
+    result: list[Any] | None = None
+    with os.fdopen(read_end, "r") as messages:
+        for line in messages:
+            message = json.loads(line)
+            if message[0] == "progress":
+                report(*message[1:])
+            else:
+                result = message
     _, status = os.waitpid(pid, 0)
-    if not data:
+    if result is None:
         raise ChildFailed(f"the ClickHouse writer process ended without an answer ({status})")
-    kind, value = json.loads(data)
-    if kind == "ok":
-        return value
-    if kind in _ERRORS:
-        raise _ERRORS[kind](value)
-    raise ChildFailed(value)
+    if result[0] == "ok":
+        return result[1]
+    raise ChildFailed(result[1])

@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,8 @@ from worker.settings import Settings
 from worker.sinks import RetryableSinkError, Sink
 
 BATCH_RECORDS = 5_000
+# With `isolate`, a child process inserts this many chunks, then the next one takes over.
+CHUNKS_PER_CHILD = 20
 DEFAULT_CHUNK_ROWS = 50_000
 # A chunk whose insert fails as retryable (ClickHouse away, chDB held by a flush) is
 # tried again this many times, with backoff, before the import stops (a re-run continues).
@@ -326,6 +327,32 @@ def _insert(
     connect: Callable[[], AbstractContextManager[Sink]],
     report: Progress,
 ) -> None:
+    """The insert pass; with `isolate`, in child processes of `CHUNKS_PER_CHILD` chunks each."""
+    if not options.isolate:
+        _insert_chunks(state, options, connect, report, None)
+        return
+    directory = state.directory
+    while True:
+
+        def chunks(progress: Progress) -> bool:
+            child_state = ImportState(directory)  # its own connection, never the parent's
+            try:
+                return _insert_chunks(child_state, options, connect, progress, CHUNKS_PER_CHILD)
+            finally:
+                child_state.close()
+
+        if in_child(chunks, report):
+            return
+
+
+def _insert_chunks(
+    state: ImportState,
+    options: ImportOptions,
+    connect: Callable[[], AbstractContextManager[Sink]],
+    report: Progress,
+    max_chunks: int | None,
+) -> bool:
+    """Insert chunks from where the state says, `max_chunks` at most; True when all are in."""
     imported_at = state.get("imported_at") or ""
     total = _count(state, "SELECT count() FROM rows")
     progress = state.get("inserted")
@@ -336,17 +363,11 @@ def _insert(
         idx, after = last[0] + 1, (int(last[1]), str(last[2]))
     done = _count(state, "SELECT coalesce(sum(imported + duplicates), 0) FROM files")
     report("inserting", done, total, "")
-
-    def clickhouse(step: Callable[[Sink], Any]) -> Any:
-        """One step with ClickHouse open (in a child process with `isolate`)."""
-
-        def work() -> Any:
-            with _Opened(connect) as sink:
-                return step(sink)
-
-        return in_child(work) if options.isolate else work()
-
+    chunks = 0
     while page := state.time_page(after, options.chunk_rows):
+        if max_chunks is not None and chunks == max_chunks:
+            return False
+        chunks += 1
         end_key = (int(page[-1][0]), str(page[-1][1]))
         counts: dict[int, list[int]] = {}
         candidates: dict[str, tuple[int, bytes, int | None, str | None]] = {}
@@ -361,9 +382,8 @@ def _insert(
         ids = list(candidates)
         first, last_text = _ms_text(page[0][0]), _ms_text(end_key[0])
         existing = state.chunk_intent(idx)
-        present = set(
-            clickhouse(partial(_present, ids=ids, projects=projects, first=first, last=last_text))
-        )
+        with _Opened(connect) as sink:
+            present = existing_ids(sink, ids, projects, first, last_text) if ids else set()
         if existing is None:
             existing = present
             state.record_intent(idx, existing)
@@ -373,8 +393,8 @@ def _insert(
                 finish_row(candidates[i][1], imported_at, candidates[i][2], candidates[i][3])
                 for i in todo
             ]
-            token = chunk_token(todo)
-            clickhouse(partial(_write, rows=rows, token=token))
+            with _Opened(connect) as sink:
+                _write(sink, rows, chunk_token(todo))
             del rows
         for event_id, (file, _row, _dur, _sess) in candidates.items():
             counts[file][1 if event_id in existing else 0] += 1
@@ -383,10 +403,7 @@ def _insert(
         report("inserting", done, total, "")
         idx += 1
         after = end_key
-
-
-def _present(sink: Sink, *, ids: list[str], projects: set[str], first: str, last: str) -> list[str]:
-    return sorted(existing_ids(sink, ids, projects, first, last)) if ids else []
+    return True
 
 
 class _Opened:
