@@ -1,7 +1,7 @@
 """The insert pass of an import in short-lived child processes (embedded ClickHouse).
 
-chDB keeps memory for every session a process opens and closes (about 2 MB
-each, measured with chDB 4.4), and an import opens it twice per chunk (to
+chDB keeps memory for every session a process opens and closes (a few MB
+each: the README's "Running in production"), and an import opens it twice per chunk (to
 check the chunk's ids, to insert it), so that a flush worker can get in
 between. With `isolate`, the insert pass runs in forked children that each
 insert up to `CHUNKS_PER_CHILD` chunks and exit: the importer never opens

@@ -61,7 +61,7 @@ from worker.sinks import RetryableSinkError, Sink
 
 BATCH_RECORDS = 5_000
 # With `isolate`, a child process inserts this many chunks, then the next one takes over.
-CHUNKS_PER_CHILD = 20
+CHUNKS_PER_CHILD = 10
 DEFAULT_CHUNK_ROWS = 50_000
 # A chunk whose insert fails as retryable (ClickHouse away, chDB held by a flush) is
 # tried again this many times, with backoff, before the import stops (a re-run continues).
