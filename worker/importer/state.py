@@ -113,6 +113,10 @@ class ImportState:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
+    def count(self, sql: str) -> int:
+        """The one number a `SELECT count()...` answers."""
+        return int(self.db.execute(sql).fetchone()[0])
+
     def put(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
