@@ -1,7 +1,7 @@
 """Run the benchmarks, print the table, write the JSON.
 
     python -m benchmarks [--only apply,standard,ingest,transport,flush,e2e,reorder,memory,outage,
-        forget]
+        forget,import]
         [--rounds N] [--quick] [--outage-s S] [--outage-rate R] [--outage-redis full,unlimited]
     python benchmarks/run.py ...
     make bench
@@ -37,6 +37,7 @@ from benchmarks.support import (
 BENCHMARKS = (
     "apply", "standard", "ingest", "transport", "flush", "e2e", "reorder", "memory", "outage",
     "forget",
+    "import",
 )  # fmt: skip
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
@@ -135,6 +136,7 @@ def runners() -> dict[str, Callable[[argparse.Namespace], list[Result]]]:
         bench_e2e,
         bench_flush,
         bench_forget,
+        bench_import,
         bench_ingest,
         bench_memory,
         bench_outage,
@@ -154,6 +156,7 @@ def runners() -> dict[str, Callable[[argparse.Namespace], list[Result]]]:
         "memory": bench_memory.run,
         "outage": bench_outage.run,
         "forget": bench_forget.run,
+        "import": bench_import.run,
     }
 
 

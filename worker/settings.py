@@ -509,6 +509,20 @@ class Settings:
         "person created up to the request that arrive meanwhile (from the broker, a "
         "producer's retries, a replay) are dropped at ingest and before every insert.",
     )
+    import_chunk_rows: int = _setting(
+        "EVENT_BUFFER_IMPORT_CHUNK_ROWS",
+        50_000,
+        _int(1),
+        "`eventbuffer import`: rows per ClickHouse INSERT (each checked for ids already there, "
+        "with its own dedup token).",
+    )
+    import_dir: str = _setting(
+        "EVENT_BUFFER_IMPORT_DIR",
+        "data/imports",
+        _text,
+        "`eventbuffer import`: where each import keeps its state, rejected lines and summary "
+        "(a directory per set of arguments).",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -19,6 +19,7 @@ from worker.cli.demo import cmd_demo
 from worker.cli.dlq import add_dlq_parser
 from worker.cli.flush_cmd import cmd_flush
 from worker.cli.forget import add_forget_parser
+from worker.cli.import_cmd import add_import_parser
 from worker.cli.metrics_cmd import cmd_metrics
 from worker.cli.migrate import add_migrate_arguments, cmd_migrate
 from worker.cli.query import cmd_query
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dlq_parser(commands)
     add_forget_parser(commands)
+    add_import_parser(commands)
     return parser
 
 

@@ -1,0 +1,200 @@
+"""import: `eventbuffer import` rows/s vs a raw INSERT of the same rows, and its memory.
+
+eventbuffer's path: `eventbuffer import --json` on a generated eventbuffer
+export in gzip files (tests/support/exports.py: sessions spread over the
+files in no order), timed by the command itself (`seconds` of its summary:
+its start-up is not counted): reading and validating every line, the state
+on disk, the durations pass, and chunked inserts (50,000 rows, each checked
+against the table for ids it holds already) into embedded ClickHouse (chDB),
+opened for each step by a child process, as the command does.
+
+Baseline, on the same rows into the same engine, alternating: `INSERT INTO
+events FORMAT JSONEachRow` of the rows as the import writes them (validated,
+with their durations and `imported_at`), in chunks of the same size through
+one chDB session. Between rounds the table is dropped and created again and
+the import's state removed (untimed).
+
+Memory: the command itself (`python -m worker.cli import`) on a larger export
+in a child process; its peak RSS (getrusage of the child) is reported, with
+that of an export a tenth its size, to show it does not grow with the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.support import Result, alternate, log, median, project_env
+from tests.support.exports import generate_export
+from worker.importer.rows import finish_row, limits_for, validate
+from worker.importer.sources import iter_lines, open_export
+from worker.settings import Settings
+from worker.sinks.chdb import ChdbSink, close_all
+from worker.sinks.schema import create_table
+
+CHUNK = 50_000
+_RSS_WRAPPER = (
+    "import resource, subprocess, sys; "
+    "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)"
+)
+TARGET_RATIO = 0.8
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    events = 50_000 if args.quick else 200_000
+    rss_events = 1_000_000
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-import-") as name:
+        tmp = Path(name)
+        export = generate_export(tmp / "export", events, files=4)
+        log(f"[import] {export.events:,} events in {len(export.files)} gzip files; chunk {CHUNK}")
+        results.append(bench_chdb(export.files, export.events, args.rounds, tmp))
+        results.append(bench_memory(tmp, rss_events))
+    return results
+
+
+def _rows_as_imported(files: list[Path], settings: Settings) -> list[bytes]:
+    """The rows the import writes (durations aside, which do not change their size)."""
+    limits = limits_for(settings)
+    rows = []
+    for path in files:
+        stream, _ = open_export(str(path))
+        with contextlib.closing(stream):
+            for line in iter_lines(stream):
+                valid = validate(line, limits, None)
+                rows.append(finish_row(valid.row, "2026-01-01 00:00:00.000", None, None))
+    return rows
+
+
+def bench_chdb(files: list[Path], events: int, rounds: int, tmp: Path) -> Result:
+    data = tmp / "clickhouse"
+    settings = Settings.from_env({"CLICKHOUSE_URL": f"chdb://{data}"})
+    rows = _rows_as_imported(files, settings)
+    assert len(rows) == events
+    state_root = tmp / "imports"
+
+    def fresh() -> None:
+        close_all()
+        sink = ChdbSink(str(data))
+        sink.query("DROP TABLE IF EXISTS events")
+        sink.query(create_table("events"))
+        sink.close()
+        shutil.rmtree(state_root, ignore_errors=True)
+
+    def count() -> int:
+        sink = ChdbSink(str(data))
+        try:
+            return int(sink.query("SELECT count() FROM events")[0][0])
+        finally:
+            sink.close()
+
+    env = project_env(
+        CLICKHOUSE_URL=f"chdb://{data}",
+        REDIS_URL="redis://127.0.0.1:1/0",
+        EVENT_BUFFER_IMPORT_DIR=str(state_root),
+        EVENT_BUFFER_IMPORT_CHUNK_ROWS=str(CHUNK),
+    )
+
+    def eventbuffer() -> float:
+        fresh()
+        done = subprocess.run(
+            [sys.executable, "-m", "worker.cli", "import", "--json", *map(str, files)],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            raise RuntimeError(f"eventbuffer import failed: {done.stderr[-2000:]}")
+        summary = json.loads(done.stdout.strip().splitlines()[-1])
+        assert summary["imported"] == events and count() == events, summary
+        # The command's own timing of the import: its start-up is not counted.
+        return events / float(summary["seconds"])
+
+    def raw() -> float:
+        fresh()
+        from chdb import session as chdb_session
+
+        started = time.perf_counter()
+        session = chdb_session.Session(str(data))
+        try:
+            for start in range(0, len(rows), CHUNK):
+                body = b"\n".join(rows[start : start + CHUNK]).decode()
+                session.query(f"INSERT INTO events FORMAT JSONEachRow\n{body}")
+        finally:
+            session.close()
+        seconds = time.perf_counter() - started
+        assert count() == events
+        return events / seconds
+
+    rates = alternate(rounds, {"eventbuffer": eventbuffer, "raw": raw})
+    ours, base = median(rates["eventbuffer"]), median(rates["raw"])
+    log(f"[import] chDB: import {ours:,.0f} rows/s, raw JSONEachRow {base:,.0f} rows/s")
+    return Result(
+        "import into chDB (eventbuffer export, gzip) vs raw INSERT ... FORMAT JSONEachRow",
+        "rows/s",
+        ours,
+        base,
+        "raw JSONEachRow insert",
+        rounds,
+        target=f">= {TARGET_RATIO}x",
+        passed=ours >= TARGET_RATIO * base,
+        extra={"events": events, "chunk_rows": CHUNK, "rates": rates},
+    )
+
+
+def _peak_rss_mb(tmp: Path, events: int) -> tuple[float, float]:
+    """(peak RSS in MB, seconds) of `eventbuffer import` on a fresh export of `events`."""
+    work = tmp / f"rss-{events}"
+    export = generate_export(work / "export", events, files=8, seed=3)
+    data = work / "clickhouse"
+    sink = ChdbSink(str(data))
+    sink.migrate()
+    sink.close()
+    close_all()
+    env = project_env(CLICKHOUSE_URL=f"chdb://{data}", REDIS_URL="redis://127.0.0.1:1/0")
+    command = [sys.executable, "-m", "worker.cli", "import", "--json", *map(str, export.files)]
+    started = time.perf_counter()
+    # A small wrapper process runs the command and reports its children's peak RSS: a
+    # child forked from this (large) process would count this one's pages as its own.
+    done = subprocess.run(
+        [sys.executable, "-c", _RSS_WRAPPER, *command],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        raise RuntimeError(f"eventbuffer import failed: {done.stderr[-2000:]}")
+    seconds = time.perf_counter() - started
+    peak_kb = int(done.stderr.strip().splitlines()[-1])
+    shutil.rmtree(work, ignore_errors=True)
+    return peak_kb / 1024, seconds
+
+
+def bench_memory(tmp: Path, events: int) -> Result:
+    small_mb, _ = _peak_rss_mb(tmp, events // 10)
+    peak_mb, seconds = _peak_rss_mb(tmp, events)
+    log(
+        f"[import] peak RSS: {peak_mb:,.0f} MB for {events:,} events ({seconds:.0f} s), "
+        f"{small_mb:,.0f} MB for {events // 10:,}"
+    )
+    return Result(
+        f"import: peak RSS of `eventbuffer import` for {events:,} events (vs {events // 10:,})",
+        "MB",
+        peak_mb,
+        small_mb,
+        f"{events // 10:,} events",
+        1,
+        better="lower",
+        note="bounded: the export is sorted on disk by SQLite, not in memory",
+        extra={"seconds": seconds},
+    )

@@ -1,0 +1,267 @@
+"""An import's state on disk: one SQLite file, so a killed import continues where it was.
+
+The state lives in `<state root>/<key>/state.sqlite`, where the key is a hash
+of the import's arguments (format, project, ClickHouse URL and table, and
+each file's absolute path, size and modification time): running the same
+command again finds it. It holds:
+
+- `meta`: the import's time (`imported_at` of every row), its phase.
+- `files`: per file, the last line read into the state and the counts.
+- `rows`: every valid event of the export (its stored row and what sorting
+  and the durations need), appended while reading. SQLite keeps them on
+  disk and sorts them with bounded memory (`CREATE INDEX` is an external
+  sort): a 10 GB export needs disk, not 10 GB of RAM.
+- `rejects`: every line refused, with its file, number and reason.
+- `chunks`: the one chunk being inserted: which of its ids ClickHouse had
+  already (decided once, before the insert), so a re-run after a crash
+  inserts the same rows and counts them the same way.
+
+Each step commits with the progress it made, in one SQLite transaction
+(WAL; a process killed at any point loses only the uncommitted step).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "state.sqlite"
+REJECTS_FILE = "rejects.ndjson"
+SUMMARY_FILE = "summary.json"
+
+# SQLite's page cache for the state: what the sorts and scans may keep in memory.
+CACHE_KIB = 64 * 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    idx INTEGER PRIMARY KEY,
+    path TEXT NOT NULL,
+    line INTEGER NOT NULL DEFAULT 0,
+    done INTEGER NOT NULL DEFAULT 0,
+    valid INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0,
+    imported INTEGER NOT NULL DEFAULT 0,
+    duplicates INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS rows (
+    grp TEXT NOT NULL,
+    ms INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    file INTEGER NOT NULL,
+    line INTEGER NOT NULL,
+    project TEXT NOT NULL,
+    own INTEGER NOT NULL,
+    row BLOB NOT NULL,
+    dur INTEGER,
+    sess TEXT,
+    dup INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS rejects (
+    file INTEGER NOT NULL,
+    line INTEGER NOT NULL,
+    field TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    raw TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    idx INTEGER PRIMARY KEY,
+    existing TEXT NOT NULL
+);
+"""
+
+# The two orders the later passes read, each an index holding every column the
+# pass needs (read in order, without a lookup into the table per row): sessions'
+# views and ends (and actors of derived sessions) for the durations pass; every
+# row by created_at for the insert pass, built after the durations are stored.
+_BY_SESSION = (
+    "CREATE INDEX IF NOT EXISTS rows_by_session ON rows (grp, ms, id, kind, own) WHERE grp != ''"
+)
+_BY_TIME = (
+    "CREATE INDEX IF NOT EXISTS rows_by_time ON rows (ms, id, file, project, dup, dur, sess, row)"
+)
+
+# One row as the state keeps it (the columns of `rows` up to `row`).
+RowRecord = tuple[str, int, str, str, int, int, str, int, bytes]
+
+
+class ImportState:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(directory / STATE_FILE, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        self.db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        self.db.execute("PRAGMA temp_store = FILE")
+        self.db.executescript(_SCHEMA)
+
+    @property
+    def rejects_path(self) -> Path:
+        return self.directory / REJECTS_FILE
+
+    def close(self) -> None:
+        self.db.close()
+
+    # meta ------------------------------------------------------------------
+
+    def get(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def count(self, sql: str) -> int:
+        """The one number a `SELECT count()...` answers."""
+        return int(self.db.execute(sql).fetchone()[0])
+
+    def put(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def begin(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.db.execute("COMMIT")
+
+    def initialise(self, paths: Sequence[str], meta: dict[str, str]) -> None:
+        """Record the files and the import's fixed facts, once (a resumed import keeps them)."""
+        if self.get("created") is not None:
+            return
+        self.begin()
+        for idx, path in enumerate(paths):
+            self.db.execute("INSERT INTO files (idx, path) VALUES (?, ?)", (idx, path))
+        for key, value in meta.items():
+            self.put(key, value)
+        self.put("created", "1")
+        self.commit()
+
+    # reading ---------------------------------------------------------------
+
+    def files(self) -> list[dict[str, Any]]:
+        cursor = self.db.execute(
+            "SELECT idx, path, line, done, valid, rejected, imported, duplicates "
+            "FROM files ORDER BY idx"
+        )
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor]
+
+    def add_batch(
+        self,
+        file: int,
+        line: int,
+        rows: Sequence[RowRecord],
+        rejects: Sequence[tuple[int, int, str, str, str]],
+        *,
+        done: bool = False,
+    ) -> None:
+        """Rows and rejects of a file up to `line`, and that progress, in one transaction."""
+        self.begin()
+        self.db.executemany(
+            "INSERT INTO rows (grp, ms, id, kind, file, line, project, own, row) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        self.db.executemany("INSERT INTO rejects VALUES (?, ?, ?, ?, ?)", rejects)
+        self.db.execute(
+            "UPDATE files SET line = ?, done = ?, valid = valid + ?, rejected = rejected + ? "
+            "WHERE idx = ?",
+            (line, int(done), len(rows), len(rejects), file),
+        )
+        self.commit()
+
+    def sort_by_session(self) -> None:
+        """The durations pass's order (SQLite sorts on disk, in bounded memory)."""
+        self.db.execute(_BY_SESSION)
+
+    def sort_by_time(self) -> None:
+        """The insert pass's order, with the durations in it."""
+        self.db.execute(_BY_TIME)
+
+    # durations -------------------------------------------------------------
+
+    def session_page(
+        self, after: tuple[str, int, str, str, int, int], limit: int
+    ) -> list[tuple[int, str, int, str, str, int]]:
+        """(rowid, group, ms, id, kind, own duration) after `after` (the same, rowid last),
+        in session order: the index's own order, read without a lookup per row."""
+        return self.db.execute(
+            "SELECT rowid, grp, ms, id, kind, own FROM rows INDEXED BY rows_by_session "
+            "WHERE grp != '' AND (grp, ms, id, kind, own, rowid) > (?, ?, ?, ?, ?, ?) "
+            "ORDER BY grp, ms, id, kind, own, rowid LIMIT ?",
+            (*after, limit),
+        ).fetchall()
+
+    def apply_updates(
+        self, updates: Iterable[tuple[int | None, str | None, int, int]], walked: str
+    ) -> None:
+        """(duration, session, duplicate, rowid) for rows of groups up to `walked`, with it."""
+        self.begin()
+        self.db.executemany(
+            "UPDATE rows SET dur = coalesce(?, dur), sess = coalesce(?, sess), dup = ? "
+            "WHERE rowid = ?",
+            updates,
+        )
+        self.put("walked", walked)
+        self.commit()
+
+    # inserting -------------------------------------------------------------
+
+    def time_page(self, after: tuple[int, str], limit: int) -> list[tuple[Any, ...]]:
+        """(ms, id, file, project, dup, dur, sess, row) of the next `limit` rows after
+        `after` (ms, id) by created_at, and every other row with the last one's (ms, id):
+        copies of one event never straddle two chunks."""
+        columns = "ms, id, file, project, dup, dur, sess, row"
+        page = self.db.execute(
+            f"SELECT {columns} FROM rows INDEXED BY rows_by_time "
+            "WHERE (ms, id) > (?, ?) ORDER BY ms, id LIMIT ?",
+            (*after, limit),
+        ).fetchall()
+        if not page:
+            return page
+        last = (page[-1][0], page[-1][1])
+        head = [row for row in page if (row[0], row[1]) != last]
+        tail = self.db.execute(
+            f"SELECT {columns} FROM rows INDEXED BY rows_by_time WHERE ms = ? AND id = ? "
+            "ORDER BY ms, id",
+            last,
+        ).fetchall()
+        return head + tail
+
+    def chunk_intent(self, idx: int) -> set[str] | None:
+        row = self.db.execute("SELECT existing FROM chunks WHERE idx = ?", (idx,)).fetchone()
+        if row is None:
+            return None
+        return set(json.loads(row[0]))
+
+    def record_intent(self, idx: int, existing: set[str]) -> None:
+        self.begin()
+        self.db.execute(
+            "INSERT OR REPLACE INTO chunks VALUES (?, ?)", (idx, json.dumps(sorted(existing)))
+        )
+        self.commit()
+
+    def chunk_done(
+        self, idx: int, after: tuple[int, str], counts: dict[int, tuple[int, int]]
+    ) -> None:
+        """Chunk `idx` is in ClickHouse: its per-file (imported, duplicates) and the cursor."""
+        self.begin()
+        for file, (imported, duplicates) in counts.items():
+            self.db.execute(
+                "UPDATE files SET imported = imported + ?, duplicates = duplicates + ? "
+                "WHERE idx = ?",
+                (imported, duplicates, file),
+            )
+        self.db.execute("DELETE FROM chunks WHERE idx = ?", (idx,))
+        self.put("inserted", json.dumps([idx, *after]))
+        self.commit()
+
+    # the end ---------------------------------------------------------------
+
+    def rejects(self) -> Iterator[tuple[str, int, str, str, str]]:
+        yield from self.db.execute(
+            "SELECT f.path, r.line, r.field, r.reason, r.raw FROM rejects r "
+            "JOIN files f ON f.idx = r.file ORDER BY r.file, r.line"
+        )
