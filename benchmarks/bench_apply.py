@@ -42,7 +42,7 @@ from tests.support.clock import ManualClock
 from tests.support.traffic import mix, traffic
 from worker.buffer import EventBuffer
 from worker.events import KIND_REGULAR, KIND_SCREEN_VIEW, Event, encode_event, parse_event
-from worker.ingest import ingest
+from worker.ingestion import ingest
 from worker.reorder import release_due
 from worker.settings import Settings
 
@@ -385,7 +385,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             "apply b1000 of pre-validated events",
             rounds,
             note=(
-                "parse_event from dicts + apply (worker.ingest.ingest), vs apply alone; "
+                "parse_event from dicts + apply (worker.ingestion.ingest), vs apply alone; "
                 f"parse_event alone ~{parse_rate:,.0f} events/s"
             ),
             extra={"events": n, "parse_event_rate": parse_rate, "seed_rate": seed_rate},

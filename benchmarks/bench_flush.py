@@ -55,7 +55,7 @@ from benchmarks.support import (
 from tests.support.native_server import local_server, server_binary
 from tests.support.traffic import mix, traffic
 from worker.events import encode_event, parse_event
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.settings import Settings
 from worker.sinks import Sink
 from worker.sinks.chdb import ChdbSink, close_all

@@ -41,7 +41,7 @@ from benchmarks.support import Result, log, private_redis
 from worker.buffer import EventBuffer
 from worker.events import parse_event
 from worker.privacy.clickhouse import count_rows
-from worker.privacy.forget import forget
+from worker.privacy.forget_request import forget
 from worker.privacy.selector import Selector
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink, path_from_url
@@ -171,8 +171,8 @@ def measure(rows: int, rounds: int) -> dict[str, object]:
 def ingest_cost(rounds: int, batches: int = 40, size: int = 500) -> dict[str, float]:
     """Events/s of in-process ingest: with the tombstone read, without it, and with 100
     tombstones in the project (medians of `rounds`, the modes alternating)."""
-    import worker.ingest as ingest_module
-    from worker.ingest import ingest
+    import worker.ingestion as ingest_module
+    from worker.ingestion import ingest
     from worker.privacy.tombstones import store_tombstone
 
     real = ingest_module.drop_forgotten_events

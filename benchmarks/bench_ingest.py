@@ -9,7 +9,7 @@ The producer's own rate (validation and publishing, in this process) is
 reported beside it.
 
 Baseline: the same events applied in this process by the worker's own
-function (`worker.ingest.ingest`, batches of `BATCH`), one process: the
+function (`worker.ingestion.ingest`, batches of `BATCH`), one process: the
 ratio shows what Celery costs and what a second process gains.
 """
 
@@ -36,7 +36,7 @@ from tests.support.traffic import mix, traffic
 from worker.buffer import EventBuffer
 from worker.celery import create_app
 from worker.cli.run import INGEST_LAYOUT
-from worker.ingest import ingest
+from worker.ingestion import ingest
 from worker.producer import EventProducer
 from worker.settings import Settings
 

@@ -9,7 +9,7 @@ screen_view, 35 % custom events with nested properties, 5 % session_end,
 `INFO memory`'s `used_memory` before and after; the figure is the
 difference divided by the events:
 
-- `buffer`: applied as ingest applies a task (`worker.ingest.ingest`,
+- `buffer`: applied as ingest applies a task (`worker.ingestion.ingest`,
   batches of 200, one batch marker each) with no reorder window: queued rows,
   each open session's last view, the visitors sets, the markers;
 - `buffer, window`: the same with the reorder window at its default
@@ -41,7 +41,7 @@ from tests.support.clock import ManualClock
 from tests.support.traffic import RealisticTraffic, mix
 from worker.buffer import EventBuffer
 from worker.events import encode_event, parse_event
-from worker.ingest import ingest
+from worker.ingestion import ingest
 from worker.names import INGEST_QUEUE, TASK_INGEST_EVENTS
 from worker.producer import EventProducer
 from worker.settings import Settings

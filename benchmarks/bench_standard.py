@@ -15,7 +15,7 @@ clock runs from the first row in the buffer until every row is there
   window, the round also times releasing what is still held at its end.
 
 against two baselines on the same events: the worker's own function in
-this process (`worker.ingest.ingest`, no Celery), and raw pipelined RPUSH of
+this process (`worker.ingestion.ingest`, no Celery), and raw pipelined RPUSH of
 the events' rows (the ceiling of getting these bytes into Redis).
 
 Beside the rates, the CPU per event: the workers' (from /proc, while they
@@ -60,7 +60,7 @@ from worker.buffer import EventBuffer
 from worker.cli.run import INGEST_LAYOUT
 from worker.clock import SYSTEM_CLOCK
 from worker.events import Limits, encode_event, parse_event, parse_events
-from worker.ingest import derived_ids, ingest
+from worker.ingestion import derived_ids, ingest
 from worker.reorder import release_due
 from worker.settings import Settings
 
@@ -302,7 +302,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             "events/s",
             rate["eventbuffer"],
             rate["in-process"],
-            "worker.ingest.ingest in this process, same tasks",
+            "worker.ingestion.ingest in this process, same tasks",
             rounds,
             note="what Celery and the broker cost",
         ),

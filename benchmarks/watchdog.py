@@ -42,7 +42,7 @@ from benchmarks.support import (
 from tests.support.traffic import traffic
 from worker.buffer import EventBuffer
 from worker.events import parse_event
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.lock import WATCHDOG_INTERVALS
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink

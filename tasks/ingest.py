@@ -35,7 +35,7 @@ from worker.bodies import batch_bytes
 from worker.celery import app
 from worker.dead_batches import keep_batch
 from worker.deadletters import REASON_INGEST_FAILED
-from worker.ingest import IngestResult, ingest
+from worker.ingestion import IngestResult, ingest
 from worker.names import FLUSH_QUEUE, TASK_INGEST_EVENT, TASK_INGEST_EVENTS, TASK_PROCESS_BUFFER
 from worker.pause import PAUSE, ShutdownRequested, wait_s
 from worker.redis_errors import is_transient

@@ -11,7 +11,7 @@ from tasks.summary import keep_summary
 from worker import runtime
 from worker.celery import app
 from worker.names import TASK_SWEEP
-from worker.sweep import Sweeper
+from worker.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 

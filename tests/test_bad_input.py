@@ -38,7 +38,7 @@ from worker.events import (
     encode_event,
     parse_event,
 )
-from worker.ingest import ingest
+from worker.ingestion import ingest
 from worker.keys import ShardKeys
 from worker.producer import EventProducer
 from worker.settings import Settings, SettingsError

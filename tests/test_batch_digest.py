@@ -37,7 +37,7 @@ from worker.buffer import EventBuffer
 from worker.celery import create_app
 from worker.deadletters import DeadLetter, decode_dead_letter
 from worker.errors import BatchIdConflictError
-from worker.ingest import dead_letter_batch, ingest
+from worker.ingestion import dead_letter_batch, ingest
 from worker.keys import ShardKeys, shard_for
 from worker.settings import Settings
 
@@ -148,7 +148,7 @@ def test_the_same_id_with_other_content_becomes_one_conflict_dead_letter(
     second = [ev("c"), {"project_id": "p", "name": "d", "created_at": BASE_MS}, {"bad": 1}]
     third = [ev("e")]
     assert not ingest(buffer, first, "counter-7").duplicate
-    with caplog.at_level(logging.ERROR, logger="worker.ingest"):
+    with caplog.at_level(logging.ERROR, logger="worker.ingestion"):
         reused = ingest(buffer, second, "counter-7")
     assert reused.conflict and not reused.duplicate and (reused.appended, reused.invalid) == (0, 0)
     assert queued_ids(redis) == sorted(e["id"] for e in first)  # nothing of it applied
@@ -201,7 +201,7 @@ def test_a_conflict_is_replayed_under_a_new_batch_id(
 
 def test_a_conflict_is_counted() -> None:
     import worker.metrics.counters as metrics_module
-    from worker.ingest import IngestResult
+    from worker.ingestion import IngestResult
 
     metrics = metrics_module.Metrics(CollectorRegistry())
     metrics_module._metrics = metrics

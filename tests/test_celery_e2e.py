@@ -27,7 +27,7 @@ from tests.support.polling import wait_until
 from tests.support.servers import rabbitmq_reachable
 from worker.buffer import EventBuffer
 from worker.celery import create_app
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.settings import Settings
 from worker.sinks import RetryableSinkError, open_sink
 

@@ -21,7 +21,7 @@ from tests.support.cli import (
 from tests.support.dates import BASE_MS
 from worker.buffer import EventBuffer
 from worker.claims import Claims
-from worker.ingest import ingest
+from worker.ingestion import ingest
 from worker.lock import FlushLock
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink

@@ -15,7 +15,7 @@ from tests.support.cli import (
 )
 from worker import cli
 from worker.buffer import EventBuffer
-from worker.ingest import ingest
+from worker.ingestion import ingest
 from worker.settings import Settings
 
 

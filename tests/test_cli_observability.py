@@ -22,7 +22,7 @@ from worker.buffer import EventBuffer
 from worker.cli.status import status_data
 from worker.cli.watch import WatchState, render, sparkline, watch
 from worker.events import parse_event
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.keys import ShardKeys
 from worker.lock import Process, make_token
 from worker.settings import Settings
@@ -297,7 +297,7 @@ def test_metrics_includes_the_counters_of_the_multiprocess_directory(
     directory.mkdir()
     # Another process counts there, as a worker's pool process does.
     script = (
-        "import sys; from worker import metrics; from worker.ingest import IngestResult;"
+        "import sys; from worker import metrics; from worker.ingestion import IngestResult;"
         "metrics.enable_multiprocess(sys.argv[1]);"
         "metrics.record_ingest(IngestResult('b', 3, 0, 3, False, 3, {'regular': 3}), 0.01)"
     )
@@ -319,7 +319,7 @@ def test_metrics_in_the_stacks_directory_include_its_workers_counters(
     directory = tmp_path / "data" / "metrics"
     directory.mkdir(parents=True)
     script = (
-        "import sys; from worker import metrics; from worker.ingest import IngestResult;"
+        "import sys; from worker import metrics; from worker.ingestion import IngestResult;"
         "metrics.enable_multiprocess(sys.argv[1]);"
         "metrics.record_ingest(IngestResult('b', 5, 0, 5, False, 5, {'regular': 5}), 0.01)"
     )

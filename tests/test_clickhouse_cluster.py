@@ -41,7 +41,7 @@ from tests.support.native_server import chdb_serves
 from tests.test_crash_safety import RUNNER, make_events, parse_run, runner_args, send
 from worker.buffer import EventBuffer
 from worker.events import encode_event, parse_event
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.settings import Settings
 from worker.sinks.base import RetryableSinkError
 from worker.sinks.native import NativeSink

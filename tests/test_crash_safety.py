@@ -34,7 +34,7 @@ from tests.support.dates import DAY_MS, MONTH_START_MS
 from tests.support.exactly_once import assert_exactly_once, open_claim, stored
 from worker.buffer import EventBuffer
 from worker.events import decode_row, parse_event
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink
 

@@ -33,7 +33,7 @@ from worker.deadletters import (
     remove_dead_letters,
 )
 from worker.events import encode_event, parse_event
-from worker.ingest import ingest
+from worker.ingestion import ingest
 from worker.keys import ShardKeys
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink, path_from_url

@@ -45,7 +45,7 @@ from worker.deadletters import (
     encode_dead_letter,
     iter_dead_letters,
 )
-from worker.ingest import ingest
+from worker.ingestion import ingest
 from worker.json_slices import JsonSliceError, split_array, split_object
 from worker.keys import ShardKeys
 from worker.settings import Settings

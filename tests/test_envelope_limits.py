@@ -31,7 +31,7 @@ from worker.broker.holdings import read_holdings
 from worker.buffer import EventBuffer
 from worker.consumer import RETRY_ATTEMPTS, header_problem, keep_undeliverable
 from worker.deadletters import REASON_INGEST_FAILED, decode_dead_letter
-from worker.ingest import dead_letter_batch
+from worker.ingestion import dead_letter_batch
 from worker.keys import ShardKeys
 from worker.settings import Settings
 

@@ -16,7 +16,7 @@ from worker.buffer import EventBuffer
 from worker.deadletters import REASON_INVALID_JSON, REASON_REJECTED, decode_dead_letter
 from worker.errors import FlushError
 from worker.events import Event, parse_event
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.keys import CHANNEL_SAVED, ShardKeys
 from worker.lock import FlushLock
 from worker.settings import Settings

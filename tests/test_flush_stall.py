@@ -26,7 +26,7 @@ from tests.support.sinks import DelegatingSink
 from tests.test_lock_expiry import flush_all, send
 from worker import metrics
 from worker.errors import LockLostError
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.keys import ShardKeys
 from worker.lock import FlushLock, read_lock
 from worker.settings import Settings

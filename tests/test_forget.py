@@ -24,11 +24,11 @@ from tests.support.dates import iso
 from worker.buffer import EventBuffer
 from worker.claims import Claims
 from worker.deadletters import iter_dead_letters
-from worker.flush import Flusher
-from worker.ingest import ingest
+from worker.flusher import Flusher
+from worker.ingestion import ingest
 from worker.keys import Keyspace, ShardKeys
 from worker.privacy.clickhouse import AUDIT_TABLE, audit_ddl
-from worker.privacy.forget import forget
+from worker.privacy.forget_request import forget
 from worker.privacy.selector import Selector
 from worker.privacy.tombstones import drop_forgotten_rows
 from worker.settings import Settings

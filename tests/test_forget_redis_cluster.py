@@ -25,10 +25,10 @@ from tests.test_redis_cluster import (  # noqa: F401 (fixtures)
     sink,
 )
 from worker.buffer import EventBuffer
-from worker.flush import Flusher
-from worker.ingest import ingest
+from worker.flusher import Flusher
+from worker.ingestion import ingest
 from worker.keys import Keyspace
-from worker.privacy.forget import forget
+from worker.privacy.forget_request import forget
 from worker.privacy.selector import Selector
 from worker.sinks.chdb import ChdbSink
 from worker.topology import Client

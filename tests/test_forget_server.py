@@ -28,7 +28,7 @@ from tests.test_clickhouse_cluster import (  # noqa: F401 (fixtures)
 from tests.test_clickhouse_cluster import database as cluster_database  # noqa: F401
 from worker.events import encode_event, parse_event
 from worker.privacy.clickhouse import AUDIT_TABLE
-from worker.privacy.forget import forget
+from worker.privacy.forget_request import forget
 from worker.privacy.selector import Selector
 from worker.settings import Settings
 from worker.sinks.native import NativeSink

@@ -270,8 +270,8 @@ def test_forget_killed_halfway_is_completed_by_running_it_again(
     events = [
         {**view(who, s, t + s), "name": "click"} for s in range(40) for who in ("alice", "bob")
     ]
-    from worker.flush import Flusher
-    from worker.ingest import ingest
+    from worker.flusher import Flusher
+    from worker.ingestion import ingest
 
     ingest(buffer, events[:40], "first")
     Flusher(redis, settings, lambda: sink).process_buffer()

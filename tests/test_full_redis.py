@@ -32,8 +32,8 @@ from tests.support.polling import wait_until
 from worker.buffer import EventBuffer
 from worker.celery import create_app
 from worker.errors import BufferFull, ProducerError
-from worker.flush import Flusher
-from worker.ingest import ingest
+from worker.flusher import Flusher
+from worker.ingestion import ingest
 from worker.keys import ShardKeys
 from worker.lock import FlushLock
 from worker.producer import EventProducer

@@ -11,7 +11,7 @@ from tests.support.clock import ManualClock
 from tests.support.dates import now_ms
 from worker.buffer import EventBuffer
 from worker.events import as_row, parse_event
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.reorder import release_due
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink

@@ -53,7 +53,7 @@ from tests.test_lock_expiry import send
 from worker.buffer import EventBuffer
 from worker.celery import create_app
 from worker.errors import RetryableSinkError
-from worker.flush import Flusher, FlushResult
+from worker.flusher import Flusher, FlushResult
 from worker.keys import ShardKeys
 from worker.names import TASK_PROCESS_BUFFER
 from worker.settings import Settings

@@ -22,7 +22,7 @@ from tests.support.exports import generate_export
 from tests.support.importing import import_command, import_env, landed, query
 from worker.buffer import EventBuffer
 from worker.events import parse_event
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink, close_all, path_from_url
 

@@ -11,7 +11,7 @@ from tests.support.dates import at
 from worker.buffer import EventBuffer
 from worker.deadletters import REASON_INVALID_EVENT, decode_dead_letter
 from worker.events import decode_row
-from worker.ingest import ingest
+from worker.ingestion import ingest
 from worker.keys import ShardKeys
 from worker.settings import Settings
 

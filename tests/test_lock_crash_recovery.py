@@ -27,7 +27,7 @@ from tests.support.polling import wait_until
 from worker.buffer import EventBuffer
 from worker.celery import create_app
 from worker.events import parse_event
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.keys import ShardKeys
 from worker.lock import Process, make_token, read_lock
 from worker.settings import Settings

@@ -51,7 +51,7 @@ from tests.support.sinks import DelegatingSink
 from worker.buffer import EventBuffer
 from worker.claims import Claims
 from worker.events import parse_event
-from worker.flush import Flusher, FlushResult
+from worker.flusher import Flusher, FlushResult
 from worker.lock import FlushLock, LockLostError
 from worker.settings import Settings
 from worker.sinks import open_sink

@@ -129,7 +129,7 @@ def test_the_flush_logs_one_structured_line_per_shard(
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(RedactSecrets())
-    flush_logger = logging.getLogger("worker.flush")
+    flush_logger = logging.getLogger("worker.flusher")
     flush_logger.addHandler(handler)
     flush_logger.setLevel(logging.INFO)
     runtime.configure(settings)
@@ -140,7 +140,7 @@ def test_the_flush_logs_one_structured_line_per_shard(
         runtime.reset()
     assert summary["rows"] == 25
     [line] = lines(stream)
-    assert line["logger"] == "worker.flush" and line["level"] == "info"
+    assert line["logger"] == "worker.flusher" and line["level"] == "info"
     assert (line["shard"], line["rows"], line["dead"], line["batches"], line["redriven"]) == (
         0,
         25,
@@ -206,7 +206,7 @@ def test_a_json_worker_logs_json_lines_without_the_redis_password(tmp_path: Path
     )
     [invalid] = [r for r in records if r["logger"] == "tasks.ingest"]
     assert invalid["level"] == "warning" and invalid["task_name"] == "eventbuffer.ingest_events"
-    [flushed] = [r for r in records if r["logger"] == "worker.flush"]
+    [flushed] = [r for r in records if r["logger"] == "worker.flusher"]
     assert (flushed["rows"], flushed["batches"], flushed["task_name"]) == (
         1,
         1,

@@ -33,7 +33,7 @@ from worker.celery import create_app
 from worker.claims import Claims
 from worker.events import datetime_ms, parse_event
 from worker.flush_report import FlushResult
-from worker.ingest import IngestResult
+from worker.ingestion import IngestResult
 from worker.lock import Process, make_token
 from worker.metrics import (
     OTHER_PROJECTS,

@@ -32,8 +32,8 @@ from tests.support.tls_redis import (
 from worker import cli, runtime
 from worker.buffer import EventBuffer
 from worker.events import encode_event, parse_event
-from worker.flush import Flusher
-from worker.ingest import ingest
+from worker.flusher import Flusher
+from worker.ingestion import ingest
 from worker.logs import JsonFormatter, RedactSecrets
 from worker.settings import Settings, SettingsError
 from worker.sinks import SinkError, open_sink

@@ -22,7 +22,7 @@ from tests.support.servers import RedisServer
 from tests.support.sinks import DelegatingSink
 from worker.buffer import EventBuffer
 from worker.events import Event, as_row, decode_row, parse_event
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.scripts import load_lua
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink

@@ -44,7 +44,7 @@ def test_waits_grow_to_a_cap_with_jitter() -> None:
 def test_one_line_when_paused_and_one_when_resumed(caplog: pytest.LogCaptureFixture) -> None:
     t = FakeTime()
     p = pause(t)
-    with caplog.at_level(logging.INFO, logger="worker.ingest"):
+    with caplog.at_level(logging.INFO, logger="worker.ingestion"):
         for attempt in range(5):
             p.wait("b1", OOM, attempt)
         assert p.paused and t.slept >= 0.5 * (1 + 2 + 4 + 8 + 10)
@@ -59,7 +59,7 @@ def test_brief_pauses_after_a_resume_are_counted_not_logged(
 ) -> None:
     t = FakeTime()
     p = pause(t)
-    with caplog.at_level(logging.INFO, logger="worker.ingest"):
+    with caplog.at_level(logging.INFO, logger="worker.ingestion"):
         p.wait("b1", OOM, 0)
         p.succeeded()
         for _ in range(3):  # Redis at the edge: refused, taken, refused ...
@@ -83,7 +83,7 @@ def test_a_pause_long_after_the_last_resume_is_announced_at_once(
 ) -> None:
     t = FakeTime()
     p = pause(t)
-    with caplog.at_level(logging.INFO, logger="worker.ingest"):
+    with caplog.at_level(logging.INFO, logger="worker.ingestion"):
         p.wait("b1", OOM, 0)
         p.succeeded()
         t.now += 61
@@ -103,7 +103,7 @@ def test_another_error_right_after_a_resume_is_announced(
 ) -> None:
     t = FakeTime()
     p = pause(t)
-    with caplog.at_level(logging.INFO, logger="worker.ingest"):
+    with caplog.at_level(logging.INFO, logger="worker.ingestion"):
         p.wait("b1", OOM, 0)
         p.succeeded()
         p.wait("b2", ConnectionError("failover"), 0)
@@ -114,7 +114,7 @@ def test_another_error_right_after_a_resume_is_announced(
 def test_a_new_cause_within_a_pause_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
     t = FakeTime()
     p = pause(t)
-    with caplog.at_level(logging.INFO, logger="worker.ingest"):
+    with caplog.at_level(logging.INFO, logger="worker.ingestion"):
         p.wait("b1", ConnectionError("master down"), 0)
         p.wait("b1", ConnectionError("master down"), 1)
         p.wait("b1", RuntimeError("not replicated"), 2)

@@ -29,7 +29,7 @@ from tests.support.flushing import flush_error
 from tests.support.sinks import RecordingSink
 from worker.deadletters import REASON_REJECTED, decode_dead_letter
 from worker.events import encode_event, parse_event
-from worker.flush import POISON_GUARD_MIN_ROWS, SPLIT_FIELD, Flusher, PoisonGuardError
+from worker.flusher import POISON_GUARD_MIN_ROWS, SPLIT_FIELD, Flusher, PoisonGuardError
 from worker.keys import ShardKeys
 from worker.settings import Settings, SettingsError
 from worker.sinks.base import PermanentSinkError, RetryableSinkError, Sink
@@ -221,7 +221,7 @@ def test_the_guard_stops_a_flush_where_every_row_is_rejected(
 ) -> None:
     queue_rows(redis, 60, range(60))
     queued = redis.lrange(KEYS.queue, 0, -1)
-    with caplog.at_level(logging.ERROR, logger="worker.flush"):
+    with caplog.at_level(logging.ERROR, logger="worker.flusher"):
         error = flush_error(flusher_for(redis, settings, sink), PoisonGuardError)
 
     assert isinstance(error, PermanentSinkError)

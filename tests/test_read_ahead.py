@@ -18,7 +18,7 @@ from worker.buffer import EventBuffer
 from worker.claims import AckResult, Claim, Claims, QueueRows
 from worker.errors import LockLostError, QueueMovedError
 from worker.events import Event, parse_event
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.keys import ShardKeys
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink, path_from_url

@@ -48,8 +48,8 @@ from worker.buffer import EventBuffer
 from worker.deadletters import iter_dead_letters
 from worker.errors import EvictionPolicyError, NotReplicatedError, SettingsError
 from worker.events import Limits
-from worker.flush import Flusher
-from worker.ingest import ingest
+from worker.flusher import Flusher
+from worker.ingestion import ingest
 from worker.keys import CHANNEL_RECEIVED, CHANNEL_SAVED
 from worker.lock import FlushLock, read_lock
 from worker.redis_errors import is_transient
@@ -59,7 +59,7 @@ from worker.replay import plan_replay, replay
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink
 from worker.state import read_state
-from worker.sweep import Sweeper
+from worker.sweeper import Sweeper
 from worker.topology import Client, connect
 
 pytestmark = pytest.mark.skipif(

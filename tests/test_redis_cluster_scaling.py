@@ -25,7 +25,7 @@ from tests.support.redis_cluster import (
 from tests.support.servers import start_redis
 from tests.support.traffic import RealisticTraffic
 from worker.buffer import EventBuffer
-from worker.ingest import ingest
+from worker.ingestion import ingest
 from worker.keys import Keyspace
 from worker.settings import Settings
 from worker.topology import Client, connect

@@ -50,7 +50,7 @@ from worker.events import (
     parse_datetime,
     parse_event,
 )
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.keys import shard_for
 from worker.reorder import release_due
 from worker.settings import Settings

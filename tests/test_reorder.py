@@ -27,7 +27,7 @@ from tests.support.dates import BASE_MS
 from tests.support.sinks import DelegatingSink
 from worker.buffer import EventBuffer
 from worker.events import Event, decode_row, parse_event
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.reorder import held_packs, held_rows, release_due
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink

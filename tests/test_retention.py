@@ -23,7 +23,7 @@ from tests.support.migrations import (
 )
 from worker.buffer import EventBuffer
 from worker.deadletters import REASON_INVALID_EVENT, iter_dead_letters
-from worker.ingest import ingest
+from worker.ingestion import ingest
 from worker.retention import REASON_PAST_RETENTION
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink

@@ -13,7 +13,7 @@ from worker.events import Event, as_row, decode_row, parse_event
 from worker.keys import ShardKeys
 from worker.scripts import Scripts
 from worker.settings import Settings
-from worker.sweep import Sweeper
+from worker.sweeper import Sweeper
 
 KEYS = ShardKeys("eventbuffer", 0)
 MINUTE = 60_000

@@ -28,8 +28,8 @@ from tests.support.tls_redis import (
 from worker.buffer import EventBuffer
 from worker.celery import celery_config, create_app
 from worker.events import as_row, parse_event
-from worker.flush import Flusher
-from worker.ingest import ingest
+from worker.flusher import Flusher
+from worker.ingestion import ingest
 from worker.settings import Settings
 from worker.sinks import open_sink
 from worker.sinks.chdb import ChdbSink, path_from_url

@@ -19,7 +19,7 @@ eventbuffer's workers the `application/json` decoder is this module's
 unchanged): a protocol 2 body `[args, kwargs, embed]` is decoded with its
 positional arguments left as `msgspec.Raw` (the JSON text of each, sliced
 without being parsed), so the second decode costs little and the ingest
-task decodes its events straight from JSON into `Event`s (`worker.ingest`).
+task decodes its events straight from JSON into `Event`s (`worker.ingestion`).
 Anything else (protocol 1 bodies, remote control messages) is decoded as
 kombu always did.
 

@@ -103,7 +103,7 @@ class BatchIdConflictError(EventBufferError):
 
     `EventBuffer.apply` without a way to keep the batch raises it instead of
     skipping the batch as a duplicate (ingest keeps it as a
-    `batch_id_conflict` dead letter instead: worker/ingest.py).
+    `batch_id_conflict` dead letter instead: worker/ingestion.py).
     """
 
     def __init__(self, marker: str, stored: str, digest: str) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from worker.errors import EventBufferError
 
 # The flusher's logger: its lines keep the name they always had.
-log = logging.getLogger("worker.flush")
+log = logging.getLogger("worker.flusher")
 
 
 @dataclass

@@ -39,7 +39,7 @@ from worker import metrics
 from worker.errors import ShutdownRequested as ShutdownRequested
 from worker.logs import one_line
 
-log = logging.getLogger("worker.ingest")
+log = logging.getLogger("worker.ingestion")
 
 #: The longest wait between two attempts: a drain that made room is seen this quickly.
 MAX_WAIT_S = 10.0

@@ -36,7 +36,7 @@ from worker.deadletters import (
 )
 from worker.errors import InvalidEvent, TaskBodyError
 from worker.events import KIND_REGULAR, Limits, Row, encode_event, parse_event
-from worker.ingest import ingest
+from worker.ingestion import ingest
 from worker.json_slices import JsonSliceError, split_array, split_object
 from worker.logs import one_line
 from worker.redis_errors import REDIS_FAILURES

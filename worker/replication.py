@@ -9,7 +9,7 @@ for `EVENT_BUFFER_MIN_REPLICAS` (1 by default on a cluster, 0 otherwise: no
 WAIT is sent). Fewer confirmations within `EVENT_BUFFER_REPLICA_TIMEOUT_MS`
 raise `NotReplicatedError`.
 
-Which writes wait, and why (worker/apply.py, worker/flush.py):
+Which writes wait, and why (worker/apply.py, worker/flusher.py):
 
 - **The apply of a batch.** Its ingest task must not succeed before the
   batch is on a replica: the task is retried instead (transient), and its

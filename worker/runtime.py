@@ -11,7 +11,7 @@ import os
 import threading
 
 from worker.buffer import EventBuffer
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.settings import Settings
 from worker.sinks import Sink, sink_for
 from worker.topology import Client, connect

@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 import redis as redis_lib
 
 from tests.support.sinks import DelegatingSink
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.lock import LockLostError
 from worker.settings import Settings
 from worker.sinks.base import RetryableSinkError

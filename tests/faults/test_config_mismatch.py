@@ -23,7 +23,7 @@ from tests.support.fault_processes import phase_flusher_args
 from tests.support.fault_stack import Stack, Tally
 from worker.buffer import EventBuffer
 from worker.events import parse_event
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.settings import Settings
 from worker.sinks import open_sink
 

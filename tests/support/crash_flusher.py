@@ -41,7 +41,7 @@ import redis as redis_lib
 
 from tests.support.sinks import DelegatingSink
 from worker.buffer import EventBuffer
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.lock import LockLostError
 from worker.settings import Settings
 from worker.sinks.base import Sink

@@ -21,7 +21,7 @@ import tasks.ingest as ingest_tasks
 from worker import runtime
 from worker.buffer import EventBuffer
 from worker.celery import app
-from worker.ingest import IngestResult
+from worker.ingestion import IngestResult
 
 __all__ = ["app"]
 

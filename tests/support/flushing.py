@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from worker.errors import EventBufferError
-from worker.flush import Flusher
+from worker.flusher import Flusher
 
 E = TypeVar("E", bound=EventBufferError)
 ROOT = Path(__file__).resolve().parents[2]

@@ -39,7 +39,7 @@ import redis as redis_lib
 
 from tests.support.sinks import DelegatingSink
 from worker.errors import LockLostError
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.settings import Settings
 from worker.sinks.native import NativeSink
 

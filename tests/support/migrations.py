@@ -18,7 +18,7 @@ import redis as redis_lib
 
 from worker.buffer import EventBuffer
 from worker.events import encode_event, parse_event
-from worker.flush import Flusher
+from worker.flusher import Flusher
 from worker.settings import Settings
 from worker.sinks.base import RetryableSinkError
 from worker.sinks.migrations import Record

@@ -20,7 +20,7 @@ from rich.console import Console
 from worker import runtime
 from worker.cli.common import CliError, clickhouse, progress_bar, waiting_views
 from worker.errors import LockHeldError
-from worker.flush import Flusher, FlushResult
+from worker.flusher import Flusher, FlushResult
 from worker.lock import LockState, read_lock
 from worker.settings import Settings
 

@@ -18,7 +18,7 @@ from worker import runtime
 from worker.cli.common import CliError, clickhouse, require_embedded_data
 from worker.cli.dlq import confirm
 from worker.errors import LockHeldError
-from worker.privacy.forget import forget
+from worker.privacy.forget_request import forget
 from worker.privacy.selector import KINDS, Selector
 from worker.settings import Settings
 

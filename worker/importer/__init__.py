@@ -2,7 +2,7 @@
 
 Modules: `options` (what an import is asked), `readers/` (one per export
 format), `sources` (plain or gzip files), `rows` (the one use of the event
-model), `state` (the resumable state on disk), `reading` (the first pass),
+model), `import_state` (the resumable state on disk), `reading` (the first pass),
 `sessions` (sessions derived by a 30-minute gap), `durations` (the durations
 pass), `writer` (a chunk's check and token), `inserting` (the last pass),
 `isolation` (that pass in child processes, for embedded ClickHouse),

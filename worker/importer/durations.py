@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from worker.importer.import_state import ImportState
 from worker.importer.rows import KIND_SCREEN_VIEW, KIND_SESSION_END
 from worker.importer.sessions import DERIVED, SessionCutter
-from worker.importer.state import ImportState
 
 PAGE_ROWS = 20_000
 COMMIT_ROWS = 50_000

@@ -23,10 +23,10 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 
+from worker.importer.import_state import ImportState
 from worker.importer.isolation import in_child
 from worker.importer.options import ImportOptions, Progress
 from worker.importer.rows import finish_row
-from worker.importer.state import ImportState
 from worker.importer.writer import chunk_token, existing_ids
 from worker.sinks import RetryableSinkError, Sink
 

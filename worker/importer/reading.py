@@ -17,12 +17,12 @@ import time
 import zlib
 from typing import Any
 
+from worker.importer.import_state import ImportState, RowRecord
 from worker.importer.options import ImportOptions, Progress
 from worker.importer.readers import ReaderOptions, reader_for
 from worker.importer.rows import KIND_REGULAR, InvalidEvent, kind_of, limits_for, validate
 from worker.importer.sessions import actor_group, session_group
 from worker.importer.sources import export_name, open_export
-from worker.importer.state import ImportState, RowRecord
 from worker.retention import REASON_PAST_RETENTION, PastRetention, check_retention
 from worker.settings import Settings
 

@@ -1,4 +1,4 @@
-"""The import, in three passes over its state (worker/importer/state.py), each resumable.
+"""The import, in three passes over its state (worker/importer/import_state.py), each resumable.
 
 1. Read (worker/importer/reading.py): every file, record by record, through
    its format's reader and the ingest task's validation; valid rows are
@@ -42,12 +42,12 @@ from typing import Any
 
 from worker.errors import EventBufferError
 from worker.importer.durations import compute_durations
+from worker.importer.import_state import REJECTS_FILE, SUMMARY_FILE, ImportState
 from worker.importer.inserting import insert
 from worker.importer.isolation import ChildFailed
 from worker.importer.options import DEFAULT_CHUNK_ROWS, ImportOptions, Progress
 from worker.importer.readers import NEEDS_PROJECT, reader_for
 from worker.importer.reading import read_files
-from worker.importer.state import REJECTS_FILE, SUMMARY_FILE, ImportState
 from worker.settings import Settings
 from worker.sinks import Sink
 

@@ -182,7 +182,7 @@ def enable_multiprocess(path: str) -> None:
 
 
 class IngestOutcome(Protocol):
-    """What `record_ingest` reads of one batch's ingest (`worker.ingest.IngestResult`).
+    """What `record_ingest` reads of one batch's ingest (`worker.ingestion.IngestResult`).
 
     Described here rather than imported: the ingest records into this module,
     so this module does not depend on the ingest.
@@ -249,7 +249,7 @@ def record_late(count: int) -> None:
 
 
 class FlushOutcome(Protocol):
-    """What `record_flush` reads of one shard's flush (`worker.flush.FlushResult`).
+    """What `record_flush` reads of one shard's flush (`worker.flusher.FlushResult`).
 
     Described here rather than imported: the flusher records into this module,
     so this module does not depend on the flusher.

@@ -5,9 +5,9 @@ buffer, open claims, dead letters and ClickHouse, and the audit record.
   which events are theirs.
 - `tombstones.py`: the request's moment, kept for days; ingest drops what
   arrives later, and the flusher's fence drops it right before an insert.
-- `buffer.py`: the Redis side, per shard under its flush lock
+- `buffer_erasure.py`: the Redis side, per shard under its flush lock
   (lua_scripts/forget_shard.lua).
 - `clickhouse.py`: the rows in ClickHouse (DELETE, a mutation, ON CLUSTER)
   and the audit table `eventbuffer_forget_audit`.
-- `forget.py`: one request, in that order.
+- `forget_request.py`: one request, in that order.
 """

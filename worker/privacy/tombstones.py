@@ -37,7 +37,7 @@ import msgspec
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.events import Event, datetime_ms
 from worker.keys import Keyspace
-from worker.privacy.scripts import forget_tombstone
+from worker.privacy.forget_scripts import forget_tombstone
 from worker.privacy.selector import PersonHead, Selector
 from worker.replies import text
 from worker.sinks.base import Sink

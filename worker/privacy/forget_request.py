@@ -31,9 +31,9 @@ from typing import Any
 
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.keys import Keyspace
-from worker.privacy.buffer import erase_shard, hold_flush_lock
+from worker.privacy.buffer_erasure import erase_shard, hold_flush_lock
 from worker.privacy.clickhouse import erase_rows, record_audit
-from worker.privacy.scripts import ShardRemoval
+from worker.privacy.forget_scripts import ShardRemoval
 from worker.privacy.selector import Selector
 from worker.privacy.tombstones import REFRESH_S, store_tombstone
 from worker.settings import Settings

@@ -28,7 +28,7 @@ from worker.deadletters import decode_dead_letter
 from worker.errors import LockHeldError
 from worker.keys import ShardKeys
 from worker.lock import FlushLock, read_lock
-from worker.privacy.scripts import Found, ShardRemoval, forget_shard
+from worker.privacy.forget_scripts import Found, ShardRemoval, forget_shard
 from worker.privacy.selector import Selector, decode_any
 from worker.reorder import release_due
 from worker.replies import text
