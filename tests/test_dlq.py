@@ -344,7 +344,7 @@ def test_replay_asks_first(
     [line] = refused.err.strip().splitlines()
     assert "refusing to replay dead letters without --yes" in line
 
-    monkeypatch.setattr("worker.cli.dlq.stdin_is_interactive", lambda: True)
+    monkeypatch.setattr("worker.cli.common.stdin_is_interactive", lambda: True)
     monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
     declined = run_main("dlq", "replay")
     assert declined.code == 1 and "not confirmed" in declined.err
@@ -428,7 +428,7 @@ def test_purge_asks_for_the_count(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ingest_invalid(EventBuffer(redis, settings))
-    monkeypatch.setattr("worker.cli.dlq.stdin_is_interactive", lambda: True)
+    monkeypatch.setattr("worker.cli.common.stdin_is_interactive", lambda: True)
     monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))
     wrong = run_main("dlq", "purge")
     assert wrong.code == 1 and "not confirmed: nothing was changed" in wrong.err
@@ -470,7 +470,7 @@ def test_a_big_replay_shows_progress_and_keeps_order(
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("worker.cli.dlq.PROGRESS_MIN_ENTRIES", 10)
+    monkeypatch.setattr("worker.cli.dlq_replay.PROGRESS_MIN_ENTRIES", 10)
     monkeypatch.setattr("worker.deadletters.PAGE", 7)  # several pages, and a partial one
     events = [raw_event("bulk", created_at=NOW_MS + n) for n in range(30)]
     redis.rpush(SHARD.dead, *(hand_made(json.dumps(e).encode()) for e in events))

@@ -297,9 +297,9 @@ def test_cli_refuses_without_yes_off_a_terminal(
 def test_cli_asks_on_a_terminal(
     run_main: Any, seeded: None, monkeypatch: pytest.MonkeyPatch, redis: redis_lib.Redis
 ) -> None:
-    from worker.cli import dlq
+    from worker.cli import common
 
-    monkeypatch.setattr(dlq, "stdin_is_interactive", lambda: True)
+    monkeypatch.setattr(common, "stdin_is_interactive", lambda: True)
     monkeypatch.setattr("rich.console.Console.input", lambda self, prompt: "n")
     result = run_main("forget", "--project", "p1", "--device", "dev-alice")
     assert result.code == 1 and "not confirmed" in result.err

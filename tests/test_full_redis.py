@@ -276,7 +276,7 @@ def test_a_producer_waits_for_headroom_a_few_seconds_not_forever(
     HEADROOM_WAIT_MAX_S a batch goes out anyway (a producer stuck on it would be a new
     way to stop ingest). The broker reads as 99 % full here, whatever Redis says."""
     from worker.headroom import Headroom
-    from worker.producer import HEADROOM_WAIT_MAX_S
+    from worker.producer_sender import HEADROOM_WAIT_MAX_S
 
     class AlwaysNearlyFull(Headroom):
         def ratio(self) -> float:

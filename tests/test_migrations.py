@@ -33,7 +33,8 @@ from tests.support.migrations import (
 )
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink, path_from_url
-from worker.sinks.migrations import MIGRATIONS, _host, read_records
+from worker.sinks.migrations import MIGRATIONS, read_records
+from worker.sinks.migrations_lock import _host
 from worker.sinks.schema import COLUMNS
 
 

@@ -23,7 +23,8 @@ from tests.support.migrations import (
     versions,
 )
 from tests.support.native_server import chdb_server, chdb_serves
-from worker.sinks.migrations import _host, migrations_lock, read_records
+from worker.sinks.migrations import read_records
+from worker.sinks.migrations_lock import _host, migrations_lock
 from worker.sinks.native import NativeSink
 from worker.sinks.schema import MIGRATIONS_LOCK_TABLE, create_lock_table
 

@@ -102,7 +102,7 @@ import json, sys, time
 import redis
 from worker.buffer import EventBuffer
 from worker.events import parse_event
-from worker.flusher import Flusher
+from worker.flush import Flusher
 from worker.settings import Settings
 from worker.sinks.base import RetryableSinkError
 from worker.sinks.native import NativeSink

@@ -13,7 +13,7 @@ So `EventProducer` checks the broker's memory (one `INFO memory`, at most
 once a second) and holds its batches, as it holds any batch the broker
 refuses, while a Redis broker with a `maxmemory` is above `LIMIT` of it: the
 last 5 % is the workers'. For a few seconds per batch at most
-(`worker.producer.HEADROOM_WAIT_MAX_S`): memory Redis holds apart from the
+(`worker.producer_sender.HEADROOM_WAIT_MAX_S`): memory Redis holds apart from the
 buffer could keep it above the limit for good, and a producer must not wait
 on that forever. A producer that publishes with a plain `send_task`
 gets no such care: give the broker a Redis of its own to rule the state out.

@@ -190,3 +190,19 @@ def progress_bar(console: Console, *, disable: bool = False) -> Progress:
 def waiting_views(redis: Client, shard: ShardKeys) -> int:
     """screen_views held as their session's last view (not in the queue yet)."""
     return int(redis.hlen(shard.views))
+
+
+def stdin_is_interactive() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def confirm(console: Console, question: str, expected: str, action: str) -> None:
+    """Ask on the terminal; raise CliError unless the answer is `expected` (or y/yes)."""
+    if not stdin_is_interactive():
+        raise CliError(f"refusing to {action} without --yes: stdin is not a terminal to ask on", 2)
+    try:
+        answer = console.input(question).strip().lower()
+    except EOFError:
+        answer = ""
+    if answer not in (expected.lower(), *(("y", "yes") if expected == "y" else ())):
+        raise CliError("not confirmed: nothing was changed", 1)

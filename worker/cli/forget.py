@@ -15,8 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from worker import runtime
-from worker.cli.common import CliError, clickhouse, require_embedded_data
-from worker.cli.dlq import confirm
+from worker.cli.common import CliError, clickhouse, confirm, require_embedded_data
 from worker.errors import LockHeldError
 from worker.privacy.forget_request import forget
 from worker.privacy.selector import KINDS, Selector

@@ -16,7 +16,8 @@ shard sees the same block again (same token, same content) and drops it.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from worker.errors import IdentifierError
 
@@ -159,6 +160,20 @@ SKIPPING_INDEX_GRANULARITY = 4
 def qualified(table: str, database: str | None) -> str:
     """`db`.`table`, or `table` alone on the session's database."""
     return identifier(table) if database is None else f"{identifier(database)}.{identifier(table)}"
+
+
+# Runs one statement, returns its rows; raises SinkError (a sink's `query`).
+Run = Callable[[str], list[tuple[Any, ...]]]
+
+
+def string_literal(text: str) -> str:
+    """`text` as a ClickHouse string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def database_expr(database: str | None) -> str:
+    """The database as an expression: a literal, or the session's (`currentDatabase()`)."""
+    return "currentDatabase()" if database is None else string_literal(database)
 
 
 def on_cluster(cluster: str | None) -> str:
