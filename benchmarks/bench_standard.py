@@ -55,7 +55,7 @@ from benchmarks.support import (
 from tests.support.polling import wait_until
 from tests.support.traffic import mix, traffic
 from worker import bodies
-from worker.apply import plan_shard
+from worker.apply_plan import plan_shard
 from worker.buffer import EventBuffer
 from worker.cli.run import INGEST_LAYOUT
 from worker.clock import SYSTEM_CLOCK
