@@ -27,7 +27,7 @@ Returns {} when there is no open claim and the queue is empty, otherwise
 of rows removed from the head before them.
 
 The rows themselves are not returned: the caller reads them with LRANGE
-(a Lua string of every row would cost Redis ~2 µs per row), between two
+(a Lua string of every row would cost Redis a copy per row), between two
 reads of removed_total that must equal `position`. Only ack.lua trims the
 queue, always from the head, and adds what it trimmed to removed_total;
 rows are only ever appended at the tail. So a row's position

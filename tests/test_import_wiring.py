@@ -2,7 +2,7 @@
 
 Each check runs in a fresh interpreter, so what another test imported first
 cannot hide a module that connects a signal handler, registers a kombu
-transport alias or changes kombu's serializers on import.
+transport alias, an exit hook, or changes kombu's serializers on import.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ APP_MODULES = {"worker.celery", "worker.celeryconfig"}
 
 _PROBE = textwrap.dedent(
     """
-    import importlib, json, sys
+    import atexit, importlib, json, sys
     from celery import signals
     from kombu.serialization import registry
     from kombu.transport import TRANSPORT_ALIASES
@@ -37,6 +37,7 @@ _PROBE = textwrap.dedent(
         return {
             "hooks": hooks,
             "aliases": sorted(TRANSPORT_ALIASES),
+            "exit_hooks": atexit._ncallbacks(),
             "serializers": sorted(registry._encoders),
             "decoders": decoders,
         }
@@ -74,8 +75,9 @@ def _library_modules() -> list[str]:
 
 
 def test_importing_the_library_connects_no_hook_and_no_transport_alias() -> None:
+    """Nor an exit hook: the producer's (send what is held at exit) comes with a producer."""
     wiring = _wiring(*_library_modules())
-    for part in ("hooks", "aliases"):
+    for part in ("hooks", "aliases", "exit_hooks"):
         assert wiring["after"][part] == wiring["before"][part]
 
 

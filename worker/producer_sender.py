@@ -333,9 +333,21 @@ class BatchSender:
 _live: weakref.WeakSet[BatchSender] = weakref.WeakSet()
 
 
+_hooks_installed = False
+_hooks_lock = threading.Lock()
+
+
 def send_at_exit(sender: BatchSender) -> None:
-    """Give `sender` one last `close()` at interpreter exit (and forget it in a forked child)."""
-    _live.add(sender)
+    """Give `sender` one last `close()` at interpreter exit (and forget it in a forked child).
+
+    The process hooks are installed by the first producer made, not on import."""
+    global _hooks_installed
+    with _hooks_lock:
+        if not _hooks_installed:
+            atexit.register(_close_all_at_exit)
+            os.register_at_fork(after_in_child=_forget_in_child)
+            _hooks_installed = True
+        _live.add(sender)
 
 
 def _close_all_at_exit() -> None:
@@ -351,7 +363,3 @@ def _forget_in_child() -> None:
         closed = core.closed
         core._reset_state()
         core.closed = closed
-
-
-atexit.register(_close_all_at_exit)
-os.register_at_fork(after_in_child=_forget_in_child)

@@ -33,7 +33,7 @@ from worker.sinks.schema import COLUMNS, identifier
 _TOKEN = re.compile(r"^[A-Za-z0-9:._-]{1,200}$")
 # ClickHouse parses JSON in parallel only in segments of at least this many
 # bytes (`min_chunk_bytes_for_parallel_parsing`); below it the parallel
-# parser's threads are pure overhead: ~10% of a 1000-row insert's time.
+# parser's threads are pure overhead for a small insert (see the README's flush benchmark).
 _PARALLEL_PARSING_MIN_BYTES = 10 * 1024 * 1024
 _PARAM_ESCAPES = str.maketrans(
     {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": "\\0", "\b": "\\b", "\f": "\\f"}
