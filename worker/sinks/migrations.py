@@ -50,6 +50,8 @@ from typing import Any
 
 from worker.errors import SinkError
 from worker.sinks.schema import (
+    AUDIT_ORDER_BY,
+    AUDIT_TABLE,
     COLUMNS,
     MIGRATIONS_LOCK_TABLE,
     MIGRATIONS_TABLE,
@@ -57,6 +59,7 @@ from worker.sinks.schema import (
     SKIPPING_INDEX_TYPE,
     SKIPPING_INDEXES,
     add_skipping_indexes,
+    audit_body,
     create_cluster_tables,
     create_lock_table,
     create_migrations_table,
@@ -215,7 +218,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events table", _events_table),
     Migration(2, "skipping indexes", _skipping_indexes, reapply=True),
     Migration(3, "retention TTL", _retention, reapply=True, uses_retention=True),
-    # 4: the `forget` audit table (eventbuffer_forget_audit), added with `forget`.
+    Migration(
+        4,
+        "forget audit table",
+        table_migration(AUDIT_TABLE, audit_body(), order_by=AUDIT_ORDER_BY),
+    ),
 )
 
 
