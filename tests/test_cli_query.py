@@ -27,6 +27,7 @@ from tests.support.cli import (
 from worker.buffer import EventBuffer
 from worker.settings import Settings
 from worker.sinks.chdb import path_from_url
+from worker.sinks.schema import AUDIT_TABLE, MIGRATIONS_TABLE
 
 
 def test_migrate_is_idempotent_and_query_prints_rows(run_main: Callable[..., Result]) -> None:
@@ -48,8 +49,10 @@ def test_migrate_is_idempotent_and_query_prints_rows(run_main: Callable[..., Res
     assert as_tsv.out.splitlines() == ["n\ts", "0\tv0", "1\tv1", "2\tv2"]
     as_table = run_main("query", "SHOW TABLES")
     assert as_table.code == 0
-    assert "events" in as_table.out
-    assert "2 rows in" in as_table.out  # events and the migrations record
+    # events, the migrations record and the tables migrations create (the forget audit)
+    tables = ["events", MIGRATIONS_TABLE, AUDIT_TABLE]
+    assert all(name in as_table.out for name in tables)
+    assert f"{len(tables)} rows in" in as_table.out
 
 
 def test_query_output_is_verbatim(run_main: Callable[..., Result]) -> None:

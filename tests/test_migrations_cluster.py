@@ -20,12 +20,33 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from tests.support.clickhouse_cluster import Cluster, Node, clickhouse_cluster, cluster_unavailable
-from tests.support.migrations import COMPAT_COLUMNS, now_ms, row, versions
-from worker.sinks.migrations import MigrationError, read_records
+from tests.support.migrations import (
+    COMPAT_COLUMNS,
+    ONCE,
+    RETENTION,
+    SKIPPING_INDEXES,
+    after,
+    applied_details,
+    now_ms,
+    row,
+    versions,
+)
+from worker.privacy.clickhouse import record_audit
+from worker.sinks.migrations import MIGRATIONS, MigrationError, read_records
 from worker.sinks.native import NativeSink
-from worker.sinks.schema import MIGRATIONS_LOCK_TABLE, MIGRATIONS_TABLE
+from worker.sinks.schema import AUDIT_COLUMNS, AUDIT_TABLE, MIGRATIONS_LOCK_TABLE, MIGRATIONS_TABLE
 
 pytestmark = pytest.mark.slow
+
+AUDIT_ROW = {
+    "requested_at": "2026-01-02 03:04:05",
+    "tombstone_expires_at": "2026-02-01 03:04:05",
+    "user": "ops",
+    "host": "h1",
+    "project_id": "p",
+    "selector": "profile",
+    "selector_id": "u1",
+}
 
 # What the previous release's `eventbuffer migrate --cluster` ran (its
 # create_cluster_tables, on the columns 18.16 has), verbatim but for the names.
@@ -104,6 +125,7 @@ def every_node_records(cluster: Cluster, database: str) -> list[dict[int, int]]:
             "events": "Distributed",
             "events_local": "ReplicatedMergeTree",
             MIGRATIONS_TABLE: "ReplicatedMergeTree",
+            AUDIT_TABLE: "ReplicatedMergeTree",
         }, node.name
         assert MIGRATIONS_LOCK_TABLE not in tables
     return found
@@ -113,10 +135,26 @@ def test_migrate_from_two_hosts_at_once(cluster: Cluster) -> None:
     database = f"eb_{uuid.uuid4().hex[:10]}"
     reports = migrate_from([cluster.node(1, 1), cluster.node(2, 2)], database)
     assert all(not isinstance(r, Exception) for r in reports), reports
-    assert sorted(len(r.applied) for r in reports) == [0, 3]
+    assert sorted(len(r.applied) for r in reports) == [0, len(MIGRATIONS)]
     winner = next(r for r in reports if r.applied)
-    assert winner.applied[1][2].startswith("skipped: ClickHouse 18.16")
-    assert every_node_records(cluster, database) == [{1: 1, 2: 1, 3: 1}] * 4
+    assert applied_details(winner)[SKIPPING_INDEXES].startswith("skipped: ClickHouse 18.16")
+    assert every_node_records(cluster, database) == [ONCE] * 4
+    # The forget audit table is one replicated table: a request recorded through one
+    # host is read on every other.
+    writer = on(cluster.node(1, 1), database)
+    try:
+        record_audit(writer, dict.fromkeys((c for c, _ in AUDIT_COLUMNS), 0) | AUDIT_ROW)
+    finally:
+        writer.close()
+    for node in cluster.nodes:
+        reader = on(node, database)
+        try:
+            reader.query(f"SYSTEM SYNC REPLICA {database}.{AUDIT_TABLE}")
+            assert reader.query(f"SELECT user, selector_id FROM {AUDIT_TABLE}") == [
+                ("ops", "u1")
+            ], node.name
+        finally:
+            reader.close()
 
 
 def test_previous_release_cluster_upgrades_in_place(cluster: Cluster) -> None:
@@ -138,8 +176,8 @@ def test_previous_release_cluster_upgrades_in_place(cluster: Cluster) -> None:
 
     assert all(not isinstance(r, Exception) for r in reports), reports
     assert sum(r.found for r in reports) == 1
-    assert sorted(len(r.applied) for r in reports) == [0, 2]
-    assert every_node_records(cluster, database) == [{1: 1, 2: 1, 3: 1}] * 4
+    assert sorted(len(r.applied) for r in reports) == [0, len(after(1))]
+    assert every_node_records(cluster, database) == [ONCE] * 4
     reader = on(cluster.nodes[3], database)
     try:
         stored = sorted(r[0] for r in reader.query("SELECT toString(id) FROM events"))
@@ -160,9 +198,10 @@ def test_retention_is_refused_on_18_16(cluster: Cluster) -> None:
     [report] = migrate_from([cluster.nodes[0]], database, retention_days=30)
     assert isinstance(report, MigrationError)
     assert "TTL" in str(report) and "18.16" in str(report)
-    # Migrations 1 and 2 were applied and recorded; 3 stays pending.
+    # The migrations before it were applied and recorded; it and those after stay pending.
     sink = on(cluster.nodes[0], database)
     try:
-        assert versions(read_records(sink.query, database)) == {1: 1, 2: 1}
+        before = {v: n for v, n in ONCE.items() if v < RETENTION}
+        assert versions(read_records(sink.query, database)) == before
     finally:
         sink.close()

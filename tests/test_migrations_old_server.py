@@ -16,8 +16,15 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.support.migrations import (
+    ALL,
+    AUDIT,
     COMPAT_COLUMNS,
+    ONCE,
+    RETENTION,
     ROOT,
+    SKIPPING_INDEXES,
+    after,
+    applied_details,
     cli_env,
     finish,
     ids,
@@ -28,8 +35,21 @@ from tests.support.migrations import (
     versions,
 )
 from tests.support.native_server import local_server, server_binary
+from worker.privacy.clickhouse import record_audit
 from worker.sinks.migrations import MigrationError, read_records, status
 from worker.sinks.native import NativeSink
+from worker.sinks.schema import AUDIT_COLUMNS, AUDIT_TABLE
+
+# One forget request's audit row (worker.privacy.forget_request's audit_row()).
+AUDIT_ROW = dict.fromkeys((name for name, _ in AUDIT_COLUMNS), 0) | {
+    "requested_at": "2026-01-02 03:04:05",
+    "tombstone_expires_at": "2026-02-01 03:04:05",
+    "user": "ops",
+    "host": "h1",
+    "project_id": "p",
+    "selector": "profile",
+    "selector_id": "u1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +67,17 @@ def test_old_server_upgrades_with_recorded_no_ops(old_url: str) -> None:
     try:
         sink.write([row(now_ms(), id=str(uuid.UUID(int=7)))], "t")
         report = sink.migrate(columns=COMPAT_COLUMNS)
-        assert report.found and [v for v, _, _ in report.applied] == [2, 3]
-        details = dict((v, d) for v, _, d in report.applied)
-        assert details[2].startswith("skipped: ClickHouse 18.16 has no data-skipping indexes")
+        assert report.found and [v for v, _, _ in report.applied] == after(1)
+        details = applied_details(report)
+        skipped = "skipped: ClickHouse 18.16 has no data-skipping indexes"
+        assert details[SKIPPING_INDEXES].startswith(skipped)
+        # The forget audit table, with its DateTime('UTC') columns, as forget fills it.
+        assert details[AUDIT] == f"table `{AUDIT_TABLE}`"
+        described = [(r[0], r[1]) for r in sink.query(f"DESCRIBE TABLE {AUDIT_TABLE}")]
+        assert described == list(AUDIT_COLUMNS)
+        record_audit(sink, AUDIT_ROW)
+        [(selector, at)] = sink.query(f"SELECT selector, toString(requested_at) FROM {AUDIT_TABLE}")
+        assert (selector, at) == ("profile", "2026-01-02 03:04:05")
         assert ids(sink) == [str(uuid.UUID(int=7))]
         with pytest.raises(MigrationError, match=r"ClickHouse 18\.16 does not have"):
             sink.migrate(columns=COMPAT_COLUMNS, retention_days=30)
@@ -60,9 +88,11 @@ def test_old_server_upgrades_with_recorded_no_ops(old_url: str) -> None:
             retention_days=30,
             columns=COMPAT_COLUMNS,
         )
-        assert [s.state for s in states] == ["applied", "applied", "blocked"]
+        assert {s.version: s.state for s in states} == dict.fromkeys(ALL, "applied") | {
+            RETENTION: "blocked"
+        }
         assert sink.migrate(columns=COMPAT_COLUMNS).applied == []
-        assert versions(read_records(sink.query, database)) == {1: 1, 2: 1, 3: 1}
+        assert versions(read_records(sink.query, database)) == ONCE
     finally:
         sink.close()
 
@@ -71,11 +101,11 @@ def test_old_server_concurrent_migrates_apply_each_version_once(old_url: str) ->
     url = old_table(old_url)
     reports = migrate_together(url, 6, columns=COMPAT_COLUMNS)
     assert all(not isinstance(r, Exception) for r in reports), reports
-    assert sorted(len(r.applied) for r in reports) == [0] * 5 + [2]
+    assert sorted(len(r.applied) for r in reports) == [0] * 5 + [len(after(1))]
     assert sum(r.found for r in reports) == 1
     sink = NativeSink(url, require_dedup=False)
     try:
-        assert versions(read_records(sink.query, urlsplit(url).path[1:])) == {1: 1, 2: 1, 3: 1}
+        assert versions(read_records(sink.query, urlsplit(url).path[1:])) == ONCE
     finally:
         sink.close()
 
@@ -107,9 +137,9 @@ def test_old_server_several_processes_at_once(old_url: str) -> None:
     results = [finish(p) for p in processes]
     assert [code for code, _, _ in results] == [0] * 4, results
     outs = sorted(out.strip() for _, out, _ in results)
-    assert outs == ["[2, 3] True"] + ["[] False"] * 3 or outs.count("[] False") == 3, outs
+    assert outs == [f"{after(1)} True"] + ["[] False"] * 3 or outs.count("[] False") == 3, outs
     sink = NativeSink(url, require_dedup=False)
     try:
-        assert versions(read_records(sink.query, database)) == {1: 1, 2: 1, 3: 1}
+        assert versions(read_records(sink.query, database)) == ONCE
     finally:
         sink.close()

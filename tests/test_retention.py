@@ -14,7 +14,10 @@ import redis as redis_lib
 
 from tests.support.migrations import (
     DAY_MS,
+    ONCE,
     PREVIOUS_RELEASE_DDL,
+    RETENTION,
+    applied_details,
     engine_full,
     ids,
     now_ms,
@@ -41,7 +44,7 @@ def embedded(tmp_path: Path) -> Iterator[ChdbSink]:
 
 def test_retention_on_a_new_table(embedded: ChdbSink) -> None:
     report = embedded.migrate(retention_days=30)
-    assert report.applied[-1][2].startswith("TTL created_at + INTERVAL 30 DAY DELETE")
+    assert applied_details(report)[RETENTION].startswith("TTL created_at + INTERVAL 30 DAY DELETE")
     assert "TTL created_at + toIntervalDay(30)" in engine_full(embedded)
     old, recent = str(uuid.UUID(int=1)), str(uuid.UUID(int=2))
     embedded.write(
@@ -68,15 +71,16 @@ def test_retention_on_an_existing_table_then_changed_and_removed(embedded: ChdbS
     assert ids(embedded) == [recent]
 
     # A longer retention later: applied again (recorded as another row of 3).
-    assert [v for v, _, _ in embedded.migrate(retention_days=90).applied] == [3]
+    assert [v for v, _, _ in embedded.migrate(retention_days=90).applied] == [RETENTION]
     assert "toIntervalDay(90)" in engine_full(embedded)
     # 0 removes the TTL: an old row then stays.
-    assert embedded.migrate(retention_days=0).applied[0][2] == "retention TTL removed"
+    removed = embedded.migrate(retention_days=0)
+    assert applied_details(removed) == {RETENTION: "retention TTL removed"}
     assert " TTL " not in engine_full(embedded)
     embedded.write([row(now_ms() - 200 * DAY_MS, id=older)], "t:1")
     embedded.query("OPTIMIZE TABLE events FINAL")
     assert ids(embedded) == sorted([recent, older])
-    assert versions(read_records(embedded.query, None)) == {1: 1, 2: 1, 3: 3}
+    assert versions(read_records(embedded.query, None)) == ONCE | {RETENTION: 3}
     assert embedded.migrate(retention_days=0).applied == []
 
 

@@ -21,11 +21,19 @@ from worker.events import encode_event, parse_event
 from worker.flusher import Flusher
 from worker.settings import Settings
 from worker.sinks.base import RetryableSinkError
-from worker.sinks.migrations import Record
+from worker.sinks.migrations import MIGRATIONS, Record
 from worker.sinks.native import NativeSink
 
 ROOT = Path(__file__).resolve().parents[2]
 DAY_MS = 86_400_000
+
+# Every migration's version, in order: what a test meaning "every migration" expects
+# (a new migration then needs no test edited), and each recorded once.
+ALL = [migration.version for migration in MIGRATIONS]
+LATEST = ALL[-1]
+ONCE = dict.fromkeys(ALL, 1)
+# The specific migrations tests name.
+EVENTS_TABLE, SKIPPING_INDEXES, RETENTION, AUDIT = 1, 2, 3, 4
 
 # The previous release's `eventbuffer migrate` ran exactly this (its
 # worker.sinks.schema.create_table("events")): kept verbatim, not generated.
@@ -91,6 +99,16 @@ def now_ms() -> int:
 
 def ids(sink: Any, table: str = "events") -> list[str]:
     return sorted(r[0] for r in sink.query(f"SELECT toString(id) FROM {table}"))
+
+
+def after(version: int) -> list[int]:
+    """Every migration after `version`, in order."""
+    return [v for v in ALL if v > version]
+
+
+def applied_details(report: Any) -> dict[int, str]:
+    """A `migrate` report's applied migrations: version -> detail."""
+    return {version: detail for version, _, detail in report.applied}
 
 
 def versions(records: dict[int, list[Record]]) -> dict[int, int]:

@@ -23,43 +23,27 @@ from worker.errors import PermanentSinkError
 from worker.events import format_datetime
 from worker.privacy.selector import Selector
 from worker.sinks.base import Sink
-from worker.sinks.schema import identifier
+from worker.sinks.schema import (
+    AUDIT_COLUMNS,
+    AUDIT_ORDER_BY,
+    AUDIT_TABLE,
+    audit_body,
+    identifier,
+    qualified,
+)
 
-AUDIT_TABLE = "eventbuffer_forget_audit"
 # How long forget waits for a mutation to have deleted every row.
 MUTATION_WAIT_S = 600.0
 MUTATION_POLL_S = 0.2
 _DISTRIBUTED = re.compile(r"Distributed\(\s*'?([A-Za-z0-9_]+)'?\s*,\s*'?([A-Za-z0-9_]*)'?\s*,")
 
-# The audit's columns: none of them is ever erased by forget.
-AUDIT_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("requested_at", "DateTime('UTC')"),
-    ("requested_ms", "UInt64"),
-    ("user", "String"),
-    ("host", "String"),
-    ("project_id", "String"),
-    ("selector", "String"),
-    ("selector_id", "String"),
-    ("clickhouse_rows", "UInt64"),
-    ("buffer_rows", "UInt64"),
-    ("claimed_rows", "UInt64"),
-    ("last_views", "UInt64"),
-    ("dead_letters", "UInt64"),
-    ("visitors", "UInt64"),
-    ("tombstone_expires_at", "DateTime('UTC')"),
-)
 
-
-def audit_ddl(database: str | None = None, cluster: str | None = None) -> str:
-    """CREATE TABLE IF NOT EXISTS for the audit table (any ClickHouse since 18.16)."""
-    name = identifier(AUDIT_TABLE)
-    if database is not None:
-        name = f"{identifier(database)}.{name}"
-    on = f" ON CLUSTER {identifier(cluster)}" if cluster else ""
-    body = ",\n    ".join(f"{column} {kind}" for column, kind in AUDIT_COLUMNS)
+def audit_ddl(database: str | None = None) -> str:
+    """CREATE TABLE IF NOT EXISTS for the audit table (any ClickHouse since 18.16): the
+    fallback on a database `eventbuffer migrate` has not created it in (migration 4)."""
     return (
-        f"CREATE TABLE IF NOT EXISTS {name}{on}\n(\n    {body}\n)\n"
-        "ENGINE = MergeTree\nORDER BY (requested_at, project_id)"
+        f"CREATE TABLE IF NOT EXISTS {qualified(AUDIT_TABLE, database)}\n{audit_body()}\n"
+        f"ENGINE = MergeTree\nORDER BY {AUDIT_ORDER_BY}"
     )
 
 

@@ -18,8 +18,8 @@ Every migration's DDL is idempotent (IF NOT EXISTS, MODIFY TTL to a value).
 Adding a migration is one entry at the end of `MIGRATIONS`, e.g. a table of
 its own (`table_migration`):
 
-    Migration(4, "forget audit table", table_migration("eventbuffer_forget_audit",
-              "(requested_at DateTime, host String, ...)", order_by="requested_at"))
+    Migration(5, "replay log", table_migration("eventbuffer_replays",
+              "(replayed_at DateTime, host String, ...)", order_by="replayed_at"))
 """
 
 from __future__ import annotations
@@ -29,12 +29,15 @@ from dataclasses import dataclass
 
 from worker.errors import SinkError
 from worker.sinks.schema import (
+    AUDIT_ORDER_BY,
+    AUDIT_TABLE,
     COLUMNS,
     SKIPPING_INDEX_GRANULARITY,
     SKIPPING_INDEX_TYPE,
     SKIPPING_INDEXES,
     Run,
     add_skipping_indexes,
+    audit_body,
     create_cluster_tables,
     create_table,
     database_expr,
@@ -187,5 +190,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events table", _events_table),
     Migration(2, "skipping indexes", _skipping_indexes, reapply=True),
     Migration(3, "retention TTL", _retention, reapply=True, uses_retention=True),
-    # 4: the `forget` audit table (eventbuffer_forget_audit), added with `forget`.
+    Migration(
+        4,
+        "forget audit table",
+        table_migration(AUDIT_TABLE, audit_body(), order_by=AUDIT_ORDER_BY),
+    ),
 )

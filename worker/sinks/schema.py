@@ -248,3 +248,33 @@ def modify_ttl(table: str, database: str | None, cluster: str | None, days: int)
 
 def remove_ttl(table: str, database: str | None, cluster: str | None) -> str:
     return f"ALTER TABLE {qualified(table, database)}{on_cluster(cluster)} REMOVE TTL"
+
+
+# --- The `forget` audit table (migration 4) ------------------------------------
+
+# One row per `eventbuffer forget` request; forget never erases it. `migrate`
+# creates it (migration 4, replicated on every host of a cluster); forget creates
+# it too, IF NOT EXISTS, on a database not migrated yet.
+AUDIT_TABLE = "eventbuffer_forget_audit"
+AUDIT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("requested_at", "DateTime('UTC')"),
+    ("requested_ms", "UInt64"),
+    ("user", "String"),
+    ("host", "String"),
+    ("project_id", "String"),
+    ("selector", "String"),
+    ("selector_id", "String"),
+    ("clickhouse_rows", "UInt64"),
+    ("buffer_rows", "UInt64"),
+    ("claimed_rows", "UInt64"),
+    ("last_views", "UInt64"),
+    ("dead_letters", "UInt64"),
+    ("visitors", "UInt64"),
+    ("tombstone_expires_at", "DateTime('UTC')"),
+)
+AUDIT_ORDER_BY = "(requested_at, project_id)"
+
+
+def audit_body() -> str:
+    """The audit table's columns in parentheses, one a line (migration 4's body)."""
+    return _columns(AUDIT_COLUMNS).rstrip("\n")
