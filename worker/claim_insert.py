@@ -51,9 +51,10 @@ class PoisonGuardError(PermanentSinkError):
 
 # (row, why ClickHouse refused it) -> a dead letter's bytes
 DeadLetterer = Callable[[bytes, str], bytes]
-# (rows, dedup token) -> None: the INSERT of a chunk (the flusher's is fenced: the
-# rows of forgotten people are dropped right before it, worker/privacy)
-ChunkWriter = Callable[[Sequence[bytes], str], None]
+# (rows, dedup token) -> rows dropped instead of inserted (None: none): the INSERT of a
+# chunk (the flusher's is fenced: the rows of forgotten people are dropped right before
+# it, worker/privacy)
+ChunkWriter = Callable[[Sequence[bytes], str], int | None]
 
 
 class ClaimInsert:
@@ -87,6 +88,7 @@ class ClaimInsert:
         self.rejected: set[int] = set()  # offsets into rows
         self.dead: list[bytes] = []  # dead letters of the rejected rows
         self.first_rejection: RowRejectedError | None = None
+        self.fenced = 0  # rows the writer dropped (a forgotten person's) instead of inserting
 
     def chunk(self, index: int, offsets: range) -> None:
         """Insert chunk `index`, the rows at `offsets`."""
@@ -96,7 +98,7 @@ class ClaimInsert:
         """Insert rows[offsets]; on a row-level rejection, halve until the bad rows are alone."""
         if token not in self.split:
             try:
-                self.write(self.rows[offsets.start : offsets.stop], token)
+                self.fenced += self.write(self.rows[offsets.start : offsets.stop], token) or 0
                 self.lock.progress()
                 return
             except RowRejectedError as exc:

@@ -329,7 +329,8 @@ class Flusher:
         projects = ordered.counts
         if rejected:
             projects = Counter(p for n, p in enumerate(ordered.projects) if n not in rejected)
-        inserted = len(rows) - len(rejected)
+        # Rows the forget fence dropped are neither inserted nor saved.
+        inserted = len(rows) - len(rejected) - inserts.fenced
         notice = msgspec.json.encode(
             {"shard": shard.shard, "claim": claim.id, "rows": inserted, "projects": projects}
         )

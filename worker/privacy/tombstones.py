@@ -263,10 +263,13 @@ def drop_forgotten_rows(
 
 def write_fenced(
     sink: Sink, redis: Client, keyspace: Keyspace, rows: Sequence[bytes], token: str
-) -> None:
+) -> int:
     """The flusher's INSERT of a chunk, fenced: the rows of forgotten people are dropped
     right before it (`drop_forgotten_rows`), and a chunk left empty is not sent (its
-    token stays unused: a re-drive drops the same rows and skips it again)."""
+    token stays unused: a re-drive drops the same rows and skips it again).
+
+    Returns how many rows the fence dropped (not inserted, not counted as saved)."""
     kept = drop_forgotten_rows(redis, keyspace, rows)
     if kept:
         sink.write(kept, token)
+    return len(rows) - len(kept)
