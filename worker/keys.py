@@ -102,6 +102,7 @@ class ShardKeys:
     closed: str = field(init=False, compare=False)
     closed_at: str = field(init=False, compare=False)
     visitor_projects: str = field(init=False, compare=False)
+    held_generation: str = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         if "{" in self.prefix or "}" in self.prefix:
@@ -123,6 +124,8 @@ class ShardKeys:
             "closed": f"{tag}:closed",
             "closed_at": f"{tag}:closed-at",
             "visitor_projects": f"{tag}:visitor-projects",
+            # incremented by every release of held events (worker/reorder_release.py)
+            "held_generation": f"{tag}:held-gen",
         }
         for name, value in names.items():
             object.__setattr__(self, name, value)

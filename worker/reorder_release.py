@@ -33,19 +33,13 @@ from redis.exceptions import ConnectionError, OutOfMemoryError, ResponseError, T
 
 from worker import stored_view
 from worker.keys import ShardKeys
-from worker.replies import number
 from worker.resp import read_replies, send_commands
-from worker.scripts import Released, load_lua, script
+from worker.scripts import Released, Scripts, load_lua
 from worker.topology import Client, node_for, refreshed_on_error
 
 ATTEMPTS = 3  # transactions aborted by a concurrent writer before the script does it
 
 _REWRITE = load_lua("release_rewrite")
-
-
-def generation_key(shard: ShardKeys) -> str:
-    """Incremented by every release: a release that read before another one wrote aborts."""
-    return f"{shard.tag}:held-gen"
 
 
 def release(
@@ -94,22 +88,7 @@ def release_in_redis(
     closed_ttl_s: int,
 ) -> Released:
     """The same release, made by release_held.lua inside Redis."""
-    keys = [
-        shard.held_due,
-        shard.queue,
-        shard.views,
-        shard.sessions,
-        shard.profile_views,
-        shard.closed,
-        shard.closed_at,
-        *(shard.held(session) for session in sessions),
-        generation_key(shard),
-    ]
-    reply = script("release_held")(
-        keys=keys, args=[now_ms, views_ttl_s, closed_ttl_s * 1000, *sessions], client=redis
-    )
-    rows, late = (number(value) for value in reply)
-    return Released(rows, late)
+    return Scripts(redis).release_held(shard, sessions, now_ms, views_ttl_s, closed_ttl_s)
 
 
 def _release_once(
@@ -121,7 +100,7 @@ def _release_once(
     closed_ttl_s: int,
 ) -> Released | None:
     """One WATCHed read, decision and transaction; None when the transaction was aborted."""
-    gen = generation_key(shard)
+    gen = shard.held_generation
     watched = (gen, shard.views, shard.profile_views, shard.closed, shard.closed_at)
     reads: list[tuple[Any, ...]] = [
         ("WATCH", *watched),

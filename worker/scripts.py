@@ -83,6 +83,7 @@ class Scripts:
             shard.closed,
             shard.closed_at,
             *(shard.held(session) for session in sessions),
+            shard.held_generation,  # every release increments it (worker/reorder_release.py)
         ]
         reply = self._release(
             keys=keys,
