@@ -29,6 +29,7 @@ from tests.support.servers import (  # noqa: E402
     docker_reachable,
     start_redis,
 )
+from tests.support.tls_redis import Certs, TlsRedis, make_certs, serve_tls_redis  # noqa: E402
 from worker.buffer import EventBuffer  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 from worker.sinks.chdb import ChdbSink  # noqa: E402
@@ -173,3 +174,24 @@ def run_main(
         return Result(code, captured.out, captured.err)
 
     return invoke
+
+
+# A Redis served over TLS with its own certificates (tests/support/tls_redis.py),
+# one per test module that asks for it.
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def tls_redis(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
+    with serve_tls_redis(certs, tmp_path_factory.mktemp("tls-redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def tls_client(tls_redis: TlsRedis) -> Iterator[redis_lib.Redis]:
+    client = tls_redis.client()
+    client.flushall()
+    yield client
+    client.close()

@@ -7,7 +7,7 @@ import logging
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,10 +24,7 @@ from tests.support.passwords import (
 )
 from tests.support.servers import free_port
 from tests.support.tls_redis import (
-    Certs,
     TlsRedis,
-    make_certs,
-    serve_tls_redis,
 )
 from worker import cli, runtime
 from worker.buffer import EventBuffer
@@ -38,25 +35,6 @@ from worker.logs import JsonFormatter, RedactSecrets
 from worker.settings import Settings, SettingsError
 from worker.sinks import SinkError, open_sink
 from worker.sinks.native import NativeSink
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return make_certs(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture(scope="module")
-def tls_redis(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
-    with serve_tls_redis(certs, tmp_path_factory.mktemp("tls-redis")) as server:
-        yield server
-
-
-@pytest.fixture
-def tls_client(tls_redis: TlsRedis) -> Iterator[redis_lib.Redis]:
-    client = tls_redis.client()
-    client.flushall()
-    yield client
-    client.close()
 
 
 @pytest.mark.parametrize(

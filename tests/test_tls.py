@@ -4,7 +4,6 @@ user, password and TLS options are parsed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,10 +19,7 @@ from tests.support.passwords import (
 )
 from tests.support.polling import wait_until
 from tests.support.tls_redis import (
-    Certs,
     TlsRedis,
-    make_certs,
-    serve_tls_redis,
 )
 from worker.buffer import EventBuffer
 from worker.celery import celery_config, create_app
@@ -34,25 +30,6 @@ from worker.settings import Settings
 from worker.sinks import open_sink
 from worker.sinks.chdb import ChdbSink, path_from_url
 from worker.sinks.native import NativeSink
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return make_certs(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture(scope="module")
-def tls_redis(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
-    with serve_tls_redis(certs, tmp_path_factory.mktemp("tls-redis")) as server:
-        yield server
-
-
-@pytest.fixture
-def tls_client(tls_redis: TlsRedis) -> Iterator[redis_lib.Redis]:
-    client = tls_redis.client()
-    client.flushall()
-    yield client
-    client.close()
 
 
 def test_the_tls_redis_is_tls_only_and_checks_password_and_certificate(
