@@ -1,13 +1,18 @@
 """The `eventbuffer` command: a local stack in one command, and tools to look inside.
 
     eventbuffer run        Redis (found or started), schema, ingest + flush workers and Beat
-    eventbuffer migrate    create the ClickHouse database and table (idempotent)
+    eventbuffer migrate    create or upgrade the ClickHouse table: versioned migrations
+                           (--status: applied and pending)
     eventbuffer flush      drain the buffer into ClickHouse now, in this process
     eventbuffer status     queues, claims, dead letters, locks, last flushes, active visitors
                            (--json: one JSON object; --watch: a live view)
     eventbuffer metrics    print the Prometheus metrics once (Redis gauges, worker counters)
     eventbuffer query SQL  run a (read-only unless --write) query against ClickHouse
     eventbuffer demo       send realistic traffic and wait until it has landed
+    eventbuffer dlq        list, show, replay or purge dead letters
+    eventbuffer forget     erase a person's events everywhere (ClickHouse, buffer, dead
+                           letters, later arrivals), audited
+    eventbuffer import     import history from export files (resumable, exactly once)
 
 Expected failures (bad settings, Redis or ClickHouse unreachable, embedded
 ClickHouse busy) end with ONE line on stderr: exit code 2 for bad settings
@@ -19,8 +24,9 @@ for a while when another process (a flush worker) holds it.
 
 Modules: `app` (parser, dispatch, errors and exit codes), `common` (shared
 helpers), one module per command, named after it (`run`, `migrate`,
-`status` and its live view `watch`, `query`, `demo`, `dlq`), with `_cmd`
-where a library module bears the command's name (`flush_cmd`,
+`status` and its live view `watch`, `query`, `demo`, `dlq` with
+`dlq_pick` and `dlq_replay`, `forget`), with `_cmd` where a library module
+or a Python keyword bears the command's name (`flush_cmd`, `import_cmd`,
 `metrics_cmd`), and what `run` and `demo` are built from (`local_redis`,
 `processes`, `traffic`).
 """
