@@ -48,6 +48,7 @@ chDB flush process is replaced every 10 flushes), start to end is shown too.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -347,6 +348,21 @@ def capacity(stage_rates: dict[str, float]) -> float:
     return 1 / sum(1 / rate for rate in stage_rates.values())
 
 
+def cpu_shares(rows: list[dict[str, Any]], names: list[str]) -> dict[str, float]:
+    """Cores each process used over the timeline's intervals, weighted by their length."""
+    shares = {}
+    for name in names:
+        pairs = [
+            (row[f"{name}_cpu"], row["t"] - previous["t"])
+            for previous, row in itertools.pairwise(rows)
+            if f"{name}_cpu" in row
+        ]
+        spent = sum(seconds for _, seconds in pairs)
+        if spent > 0:
+            shares[name] = sum(cores * seconds for cores, seconds in pairs) / spent
+    return shares
+
+
 def command_stats(
     client: Any, since: dict[str, tuple[int, int]] | None = None
 ) -> dict[str, tuple[int, int]]:
@@ -612,6 +628,11 @@ def pipeline(
         )
     )
     timeline.print()
+    shares = cpu_shares(timeline.rows, list(pids))
+    log(
+        "[e2e] CPU in the window, cores (µs per event offered): "
+        + ", ".join(f"{n} {c:.2f} ({1e6 * c / max(offered, 1):.1f})" for n, c in shares.items())
+    )
     sustained = not gave_up
     standard = getattr(args, "standard_rate", None)
 
@@ -634,6 +655,7 @@ def pipeline(
         "standard_rate": standard,
         "redis_commandstats": redis_used,
         "insert_log": inserts,
+        "cpu_cores": shares,
     }
     method = (
         "latency from send() (or, for a screen_view, the send of the event that releases it) "

@@ -34,6 +34,7 @@ from benchmarks.bench_standard import TASK_EVENTS, fill
 from benchmarks.support import (
     CeleryChild,
     Result,
+    celery_worker,
     cpu_seconds,
     log,
     private_redis,
@@ -249,16 +250,8 @@ def flush_drain(
     rows = sum(int(client.llen(q)) for q in queues)
     env = project_env(**values)
     workers = [
-        CeleryChild(
-            f"flush{shards}-{i}",
-            [*COMMON, "-Q", FLUSH_QUEUE, "-P", "solo", "-n", f"flush{shards}-{i}@%h"],
-            env,
-            tmp / "logs",
-        )
-        for i in range(shards)
+        celery_worker(f"flush{shards}-{i}", FLUSH_QUEUE, env, tmp / "logs") for i in range(shards)
     ]
-    for worker in workers:
-        worker.wait_ready(" ready.")
     redis_pid = redis.process.pid if redis.process is not None else None
     assert server.process is not None
     meter = CpuMeter(

@@ -167,3 +167,10 @@ def test_scale_sizing_follows_the_measured_costs_per_event() -> None:
     assert large["ingest_processes"] == round(1_000_000 * 20e-6 / UTILISATION)
     assert large["flush_processes"] == 20 and large["redis_nodes"] == 8
     assert large["clickhouse_shards"] == -(-16 // CLICKHOUSE_CORES)
+
+
+def test_e2e_cpu_shares_weigh_each_interval_by_its_length() -> None:
+    from benchmarks.bench_e2e import cpu_shares
+
+    rows = [{"t": 0.0}, {"t": 5.0, "ingest_cpu": 1.0}, {"t": 6.0, "ingest_cpu": 0.4}]
+    assert cpu_shares(rows, ["ingest", "flush"]) == {"ingest": (5 * 1.0 + 1 * 0.4) / 6}
