@@ -186,7 +186,11 @@ class Timeline:
     def sample(self) -> None:
         now = time.monotonic()
         self._next = now + SAMPLE_S
-        cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        # This process's own threads only: the workers, Redis and the server are its children.
+        cpu = {
+            name: time.process_time() if pid == os.getpid() else cpu_seconds(pid)
+            for name, pid in self.pids.items()
+        }
         row: dict[str, Any] = {
             "t": round(now - self._started, 1),
             "broker_tasks": self.broker_tasks(),
