@@ -462,6 +462,12 @@ def run(args: argparse.Namespace) -> list[Result]:
     return results
 
 
+def flush_workers(args: argparse.Namespace, backend: Backend) -> int:
+    """Flush workers (and shards) of this run: `--e2e-flush-workers` on a server, else 1."""
+    wanted = int(getattr(args, "e2e_flush_workers", None) or 1)
+    return wanted if isinstance(backend, Server) else 1
+
+
 def pipeline(
     args: argparse.Namespace, rate: float, why: str, timer_ms: int, backend: Backend
 ) -> list[Result]:
@@ -476,6 +482,8 @@ def pipeline(
             "CLICKHOUSE_URL": backend.url,
             "EVENT_BUFFER_FLUSH_INTERVAL_S": str(FLUSH_INTERVAL_S),
             "EVENT_BUFFER_MAX_BATCHES_PER_FLUSH": "1000",
+            # One shard per flush worker (a server only: chDB admits one process).
+            "EVENT_BUFFER_SHARDS": str(flush_workers(args, backend)),
         }
         if args.e2e_reorder_window is not None:
             values["EVENT_BUFFER_REORDER_WINDOW_MS"] = str(args.e2e_reorder_window)
@@ -489,11 +497,15 @@ def pipeline(
             for i, argv in enumerate(INGEST_LAYOUT, start=1)
         }
         flush = celery_worker("flush", "flush", env, logs, *backend.flush_pool)
+        more_flush = {
+            f"flush{i}": celery_worker(f"flush{i}", "flush", env, logs, *backend.flush_pool)
+            for i in range(2, settings.shards + 1)
+        }
         beat = celery_beat(env, logs)
-        workers = {**ingest, "flush": flush}
+        workers = {**ingest, "flush": flush, **more_flush}
         buffer_db = server.client(0)
         broker_db = server.client(1)
-        queue = Keyspace(settings.key_prefix, settings.shards).shard(0).queue
+        shards = Keyspace(settings.key_prefix, settings.shards).all()
         app = create_app(settings)
         producer = EventProducer(
             app, batch_size=PRODUCER_BATCH, batch_ms=args.producer_batch_ms, settings=settings
@@ -510,7 +522,7 @@ def pipeline(
             pids,
             list(workers),
             lambda: int(broker_db.llen(INGEST_QUEUE)),
-            lambda: int(buffer_db.llen(queue)),
+            lambda: sum(int(buffer_db.llen(shard.queue)) for shard in shards),
         )
 
         per_task = max(1.0, min(PRODUCER_BATCH, rate * timer_ms / 1000))
@@ -548,14 +560,12 @@ def pipeline(
                 tracker.record(producer.send(event), event, session, time.time())
             producer.flush(timeout=60)
 
-            held_due = Keyspace(settings.key_prefix, settings.shards).shard(0).held_due
-
             def drained() -> bool:
                 # Held session events too: the reorder window's, released by the flushes.
                 return (
                     int(broker_db.llen(INGEST_QUEUE)) == 0
-                    and int(buffer_db.llen(queue)) == 0
-                    and int(buffer_db.zcard(held_due)) == 0
+                    and all(int(buffer_db.llen(shard.queue)) == 0 for shard in shards)
+                    and all(int(buffer_db.zcard(shard.held_due)) == 0 for shard in shards)
                 )
 
             drain_started = time.monotonic()
@@ -573,11 +583,11 @@ def pipeline(
             app.close()
             buffer_db.close()
             broker_db.close()
-            for child in (beat, flush, *ingest.values()):
+            for child in (beat, flush, *more_flush.values(), *ingest.values()):
                 child.stop()
 
         landed = landed_rows(backend)
-        flushes = flush_log_summary(flush.text())
+        flushes = flush_log_summary("".join(w.text() for w in (flush, *more_flush.values())))
         inserts = backend.insert_log() if isinstance(backend, Server) else {}
 
     in_window = {i: t for i, t in tracker.handover.items() if window_start <= t <= window_end}

@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--e2e-flush-workers",
+        type=int,
+        default=1,
+        help="end-to-end solo flush workers on the server run, one shard each (default 1)",
+    )
+    parser.add_argument(
         "--producer-batch-ms",
         type=int,
         default=None,

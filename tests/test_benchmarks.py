@@ -174,3 +174,12 @@ def test_e2e_cpu_shares_weigh_each_interval_by_its_length() -> None:
 
     rows = [{"t": 0.0}, {"t": 5.0, "ingest_cpu": 1.0}, {"t": 6.0, "ingest_cpu": 0.4}]
     assert cpu_shares(rows, ["ingest", "flush"]) == {"ingest": (5 * 1.0 + 1 * 0.4) / 6}
+
+
+def test_e2e_flush_workers_apply_to_the_server_run_only() -> None:
+    from benchmarks.bench_e2e import Embedded, Server, flush_workers
+
+    args = build_parser().parse_args(["--e2e-flush-workers", "2"])
+    assert flush_workers(args, Server("clickhouse://default@127.0.0.1:1/default")) == 2
+    assert flush_workers(args, Embedded(ROOT / "unused")) == 1
+    assert flush_workers(build_parser().parse_args([]), Server("clickhouse://x")) == 1
