@@ -9,13 +9,19 @@ processes), one flush worker (on chDB one prefork process, replaced every
 10 tasks, as `eventbuffer run` starts it), Celery Beat
 with EVENT_BUFFER_FLUSH_INTERVAL_S=1 (plus back-pressure past the high-water
 mark), and EventProducer (batches up to 1000, the default 10 ms timer) in
-this process, offering events at a fixed rate: `--rate`, else 50% of the
+this process, offering events at a fixed rate: `--rate`, else
+`--e2e-fraction` of the standard interface's rate measured in the same run
+(the `standard` benchmark's, else a few drains of its layout here,
+`bench_scale.ingest_rate`), else 50% of the
 pipeline's capacity on this machine as this run's producer, ingest and
 flush benchmarks measured it (`capacity`), else 10,000/s. After a warm-up,
 the measurement window lasts `--duration` seconds; then every session is
 ended and the pipeline drained, and every event handed over must be in
 ClickHouse (or, applied after its session_end by the other ingest process,
-still wait in Redis as a last view; counted apart).
+still wait in Redis as a last view; counted apart). A rate the pipeline
+cannot sustain is given up once the backlog (broker and buffer) holds more
+than `GIVE_UP_BACKLOG_S` seconds of offered events: the window ends there,
+and the rows that became visible per second are what it sustained.
 
 Latency, from hand-over to visibility in ClickHouse:
 
@@ -42,6 +48,7 @@ chDB flush process is replaced every 10 flushes), start to end is shown too.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -64,7 +71,7 @@ from benchmarks.support import (
     rss_kb,
     skipped,
 )
-from tests.support.native_server import chdb_server
+from tests.support.native_server import ChdbServer
 from tests.support.polling import wait_until
 from tests.support.traffic import RealisticTraffic
 from worker.buffer import stored_view_row
@@ -84,6 +91,11 @@ PRODUCER_BATCH = 1000
 RSS_GROWTH_LIMIT = 0.10
 SAMPLE_S = 5.0
 RSS_SAMPLE_S = 1.0  # the peaks of the chDB flush process's sawtooth need finer samples
+# Past this many seconds of offered events waiting, the p99 bound is long lost and the
+# rest of the window would only fill Redis: the run stops offering.
+GIVE_UP_BACKLOG_S = 30.0
+# The end-to-end target against the standard interface's rate (issue 22).
+TARGET_STANDARD_FRACTION = 0.5
 
 
 @dataclass
@@ -113,9 +125,12 @@ def offer(
     tracker: Tracker,
     rate: float,
     seconds: float,
-    on_tick: Any = None,
+    on_tick: Callable[[], bool | None] | None = None,
 ) -> tuple[int, float]:
-    """Send at `rate` events/s for `seconds`; returns (events sent, worst backlog in s)."""
+    """Send at `rate` events/s for `seconds`; returns (events sent, worst backlog in s).
+
+    Stops early when `on_tick` returns True.
+    """
     started = time.monotonic()
     sent: int = 0
     worst = 0.0
@@ -130,8 +145,8 @@ def offer(
             event_id = producer.send(event)
             tracker.record(event_id, event, session, time.time())
             sent += 1
-        if on_tick is not None:
-            on_tick()
+        if on_tick is not None and on_tick():
+            return sent, worst
         time.sleep(0.002)
 
 
@@ -171,7 +186,11 @@ class Timeline:
     def sample(self) -> None:
         now = time.monotonic()
         self._next = now + SAMPLE_S
-        cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        # This process's own threads only: the workers, Redis and the server are its children.
+        cpu = {
+            name: time.process_time() if pid == os.getpid() else cpu_seconds(pid)
+            for name, pid in self.pids.items()
+        }
         row: dict[str, Any] = {
             "t": round(now - self._started, 1),
             "broker_tasks": self.broker_tasks(),
@@ -292,8 +311,21 @@ class Server(Backend):
     flush_pool = ("-P", "solo")
     pool_note = "flush: one solo process (nothing to recycle: the server holds the data)"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, pid: int | None = None) -> None:
         self.url = url
+        self.pid = pid
+
+    def insert_log(self) -> dict[str, Any]:
+        """The flush's INSERTs as the server's `system.query_log` has them."""
+        self._query("SYSTEM FLUSH LOGS")
+        rows = self._query(
+            "SELECT count(), sum(written_rows), round(avg(query_duration_ms), 1), "
+            "quantile(0.99)(query_duration_ms), round(sum(query_duration_ms) / 1000, 1) "
+            "FROM system.query_log WHERE type = 'QueryFinish' AND query_kind = 'Insert' "
+            "AND has(tables, 'default.events')"
+        )
+        keys = ("inserts", "rows", "ms_mean", "ms_p99", "seconds_total")
+        return dict(zip(keys, (float(v) for v in rows[0]), strict=True)) if rows else {}
 
 
 def landed_rows(backend: Backend) -> dict[str, float]:
@@ -320,6 +352,35 @@ def capacity(stage_rates: dict[str, float]) -> float:
     return 1 / sum(1 / rate for rate in stage_rates.values())
 
 
+def cpu_shares(rows: list[dict[str, Any]], names: list[str]) -> dict[str, float]:
+    """Cores each process used over the timeline's intervals, weighted by their length."""
+    shares = {}
+    for name in names:
+        pairs = [
+            (row[f"{name}_cpu"], row["t"] - previous["t"])
+            for previous, row in itertools.pairwise(rows)
+            if f"{name}_cpu" in row
+        ]
+        spent = sum(seconds for _, seconds in pairs)
+        if spent > 0:
+            shares[name] = sum(cores * seconds for cores, seconds in pairs) / spent
+    return shares
+
+
+def command_stats(
+    client: Any, since: dict[str, tuple[int, int]] | None = None
+) -> dict[str, tuple[int, int]]:
+    """Redis `INFO commandstats`: command -> (calls, µs), minus `since` if given."""
+    stats: dict[str, tuple[int, int]] = {}
+    for key, value in client.info("commandstats").items():
+        name = key.removeprefix("cmdstat_")
+        calls, usec = int(value["calls"]), int(value["usec"])
+        before = (since or {}).get(name, (0, 0))
+        if calls - before[0]:
+            stats[name] = (calls - before[0], usec - before[1])
+    return stats
+
+
 def waiting_view_ids(client: Any, keyspace: Keyspace) -> set[str]:
     """Ids of the screen_views the buffer still holds as a session's last view."""
     ids = set()
@@ -329,18 +390,45 @@ def waiting_view_ids(client: Any, keyspace: Keyspace) -> set[str]:
     return ids
 
 
+def standard_rate(args: argparse.Namespace) -> tuple[float, str]:
+    """The standard interface's rate in this run: the `standard` benchmark's, else measured."""
+    measured = getattr(args, "standard_rate", None)
+    if measured:
+        return float(measured), "the standard benchmark"
+    from benchmarks.bench_scale import ingest_rate
+
+    rounds = 3
+    drains = ingest_rate(2, args.standard_events, rounds)
+    rates = sorted(d.rate for d in drains)
+    log("[e2e] standard interface's drains: " + ", ".join(f"{r:,.0f}" for r in rates))
+    args.standard_rate = rates[len(rates) // 2]
+    return args.standard_rate, f"median of {rounds} drains of its layout, here"
+
+
+def offered_rate(args: argparse.Namespace) -> tuple[float, str]:
+    """Events/s to offer, and why."""
+    stages = {k: v for k, v in args.stage_rates.items() if v}
+    fraction = getattr(args, "e2e_fraction", None)
+    if args.rate:
+        return float(args.rate), "--rate"
+    if fraction:
+        standard, source = standard_rate(args)
+        return fraction * standard, (
+            f"{fraction:g}x the standard interface's {standard:,.0f} ev/s ({source})"
+        )
+    if {"ingest", "flush"} <= set(stages):
+        figures = ", ".join(f"{name} {value:,.0f}/s" for name, value in stages.items())
+        return (
+            0.5 * capacity(stages),
+            f"50% of the pipeline's capacity, 1 / sum(1 / rate) of {figures} measured alone",
+        )
+    return DEFAULT_RATE, "default (run with the ingest and flush benchmarks for 50%)"
+
+
 def run(args: argparse.Namespace) -> list[Result]:
     duration = float(args.duration)
     warmup = 3.0 if args.quick else 5.0
-    stages = {k: v for k, v in args.stage_rates.items() if v}
-    if args.rate:
-        rate, why = float(args.rate), "--rate"
-    elif {"ingest", "flush"} <= set(stages):
-        figures = ", ".join(f"{name} {value:,.0f}/s" for name, value in stages.items())
-        rate = 0.5 * capacity(stages)
-        why = f"50% of the pipeline's capacity, 1 / sum(1 / rate) of {figures} measured alone"
-    else:
-        rate, why = DEFAULT_RATE, "default (run with the ingest and flush benchmarks for 50%)"
+    rate, why = offered_rate(args)
     timer = args.producer_batch_ms
     timer_ms = Settings().micro_batch_ms if timer is None else timer
     log(
@@ -360,12 +448,24 @@ def run(args: argparse.Namespace) -> list[Result]:
     # The same pipeline writing to a server, as production runs it: what
     # embedded ClickHouse's recycled flush process costs shows as the difference.
     try:
-        with chdb_server() as url:
-            results += pipeline(args, rate, why, timer_ms, Server(url))
+        with tempfile.TemporaryDirectory(prefix="bench-e2e-server-") as tmp:
+            server = ChdbServer(Path(tmp))
+            try:
+                server.start()
+                pid = server.process.pid if server.process is not None else None
+                results += pipeline(args, rate, why, timer_ms, Server(server.url, pid))
+            finally:
+                server.stop()
     except Exception as exc:  # a server that does not start must not hide the chDB figures
         log(f"[e2e] ClickHouse server run failed: {exc!r}")
         results.append(skipped("e2e (ClickHouse server)", f"failed: {exc!r}"))
     return results
+
+
+def flush_workers(args: argparse.Namespace, backend: Backend) -> int:
+    """Flush workers (and shards) of this run: `--e2e-flush-workers` on a server, else 1."""
+    wanted = int(getattr(args, "e2e_flush_workers", None) or 1)
+    return wanted if isinstance(backend, Server) else 1
 
 
 def pipeline(
@@ -382,6 +482,8 @@ def pipeline(
             "CLICKHOUSE_URL": backend.url,
             "EVENT_BUFFER_FLUSH_INTERVAL_S": str(FLUSH_INTERVAL_S),
             "EVENT_BUFFER_MAX_BATCHES_PER_FLUSH": "1000",
+            # One shard per flush worker (a server only: chDB admits one process).
+            "EVENT_BUFFER_SHARDS": str(flush_workers(args, backend)),
         }
         if args.e2e_reorder_window is not None:
             values["EVENT_BUFFER_REORDER_WINDOW_MS"] = str(args.e2e_reorder_window)
@@ -395,11 +497,15 @@ def pipeline(
             for i, argv in enumerate(INGEST_LAYOUT, start=1)
         }
         flush = celery_worker("flush", "flush", env, logs, *backend.flush_pool)
+        more_flush = {
+            f"flush{i}": celery_worker(f"flush{i}", "flush", env, logs, *backend.flush_pool)
+            for i in range(2, settings.shards + 1)
+        }
         beat = celery_beat(env, logs)
-        workers = {**ingest, "flush": flush}
+        workers = {**ingest, "flush": flush, **more_flush}
         buffer_db = server.client(0)
         broker_db = server.client(1)
-        queue = Keyspace(settings.key_prefix, settings.shards).shard(0).queue
+        shards = Keyspace(settings.key_prefix, settings.shards).all()
         app = create_app(settings)
         producer = EventProducer(
             app, batch_size=PRODUCER_BATCH, batch_ms=args.producer_batch_ms, settings=settings
@@ -410,20 +516,43 @@ def pipeline(
         pids = {**{n: w.pid for n, w in workers.items()}, "beat": beat.pid, "producer": os.getpid()}
         if server.process is not None:
             pids["redis"] = server.process.pid
+        if isinstance(backend, Server) and backend.pid:
+            pids["clickhouse"] = backend.pid
         timeline = Timeline(
             pids,
             list(workers),
             lambda: int(broker_db.llen(INGEST_QUEUE)),
-            lambda: int(buffer_db.llen(queue)),
+            lambda: sum(int(buffer_db.llen(shard.queue)) for shard in shards),
         )
 
+        per_task = max(1.0, min(PRODUCER_BATCH, rate * timer_ms / 1000))
+        gave_up: list[float] = []
+
+        def tick() -> bool:
+            """Sample; True once the backlog is past GIVE_UP_BACKLOG_S of offered events."""
+            timeline.maybe_sample()
+            if not timeline.rows:
+                return False
+            last = timeline.rows[-1]
+            waiting = last["broker_tasks"] * per_task + last["buffer_rows"]
+            if waiting > GIVE_UP_BACKLOG_S * rate:
+                gave_up.append(last["t"])
+                log(
+                    f"[e2e] giving up at t={last['t']:.0f} s: ~{waiting:,.0f} events waiting "
+                    f"(> {GIVE_UP_BACKLOG_S:.0f} s of the offered rate)"
+                )
+                return True
+            return False
+
+        redis_before = command_stats(buffer_db)
         try:
             offer(producer, stream, tracker, rate, warmup)
             window_start = time.time()
             timeline.sample()
-            sent, backlog = offer(producer, stream, tracker, rate, duration, timeline.maybe_sample)
+            sent, backlog = offer(producer, stream, tracker, rate, duration, tick)
             window_end = time.time()
             timeline.sample()
+            redis_used = command_stats(buffer_db, redis_before)
             # Close every session, so every view is released: an event that
             # does not land after that is lost, or waits as a last view
             # (applied after its session_end, see waiting_view_ids).
@@ -431,20 +560,18 @@ def pipeline(
                 tracker.record(producer.send(event), event, session, time.time())
             producer.flush(timeout=60)
 
-            held_due = Keyspace(settings.key_prefix, settings.shards).shard(0).held_due
-
             def drained() -> bool:
                 # Held session events too: the reorder window's, released by the flushes.
                 return (
                     int(broker_db.llen(INGEST_QUEUE)) == 0
-                    and int(buffer_db.llen(queue)) == 0
-                    and int(buffer_db.zcard(held_due)) == 0
+                    and all(int(buffer_db.llen(shard.queue)) == 0 for shard in shards)
+                    and all(int(buffer_db.zcard(shard.held_due)) == 0 for shard in shards)
                 )
 
             drain_started = time.monotonic()
             wait_until(
                 drained,
-                180,
+                max(180.0, GIVE_UP_BACKLOG_S * 4),
                 "the pipeline to drain",
                 interval=0.2,
                 alive=lambda: all(w.alive() for w in (*workers.values(), beat)),
@@ -456,20 +583,22 @@ def pipeline(
             app.close()
             buffer_db.close()
             broker_db.close()
-            for child in (beat, flush, *ingest.values()):
+            for child in (beat, flush, *more_flush.values(), *ingest.values()):
                 child.stop()
 
         landed = landed_rows(backend)
-        flushes = flush_log_summary(flush.text())
+        flushes = flush_log_summary("".join(w.text() for w in (flush, *more_flush.values())))
+        inserts = backend.insert_log() if isinstance(backend, Server) else {}
 
     in_window = {i: t for i, t in tracker.handover.items() if window_start <= t <= window_end}
     latencies = sorted(landed[i] - t for i, t in in_window.items() if i in landed)
     not_landed = {i for i in tracker.handover if i not in landed}
     out_of_order = len(not_landed & waiting)
     missing = len(not_landed) - out_of_order
+    window_s = window_end - window_start  # shorter than `duration` if the run gave up
     visible_in_window = sum(1 for t in landed.values() if window_start <= t <= window_end)
-    throughput = visible_in_window / duration
-    offered = sent / duration
+    throughput = visible_in_window / window_s
+    offered = sent / window_s
     p50, p99 = quantile(latencies, 0.50), quantile(latencies, 0.99)
     worst = latencies[-1] if latencies else float("nan")
     bound = FLUSH_INTERVAL_S + 1.0
@@ -503,7 +632,23 @@ def pipeline(
     )
     log(f"[e2e] worker RSS: {rss_text}")
     log(f"[e2e] flush worker: {flushes}")
+    if inserts:
+        log(f"[e2e] server's query_log, the flush's INSERTs: {inserts}")
+    top = sorted(redis_used.items(), key=lambda kv: -kv[1][1])[:8]
+    log(
+        "[e2e] Redis commandstats in the window (calls, µs, µs per event offered): "
+        + ", ".join(
+            f"{name} {calls:,} {usec:,} {usec / max(sent, 1):.2f}" for name, (calls, usec) in top
+        )
+    )
     timeline.print()
+    shares = cpu_shares(timeline.rows, list(pids))
+    log(
+        "[e2e] CPU in the window, cores (µs per event offered): "
+        + ", ".join(f"{n} {c:.2f} ({1e6 * c / max(offered, 1):.1f})" for n, c in shares.items())
+    )
+    sustained = not gave_up
+    standard = getattr(args, "standard_rate", None)
 
     common = {
         "duration_s": duration,
@@ -519,6 +664,12 @@ def pipeline(
         "stage_rates": {k: v for k, v in args.stage_rates.items() if v},
         "flushes": flushes,
         "producer_batch_ms": timer_ms,
+        "window_s": window_s,
+        "gave_up_at_s": gave_up[0] if gave_up else None,
+        "standard_rate": standard,
+        "redis_commandstats": redis_used,
+        "insert_log": inserts,
+        "cpu_cores": shares,
     }
     method = (
         "latency from send() (or, for a screen_view, the send of the event that releases it) "
@@ -526,7 +677,33 @@ def pipeline(
     )
     growth_max = max(growth.values()) if growth else None
     peaks_max = max(peaks.values()) if peaks else None
+    versus: list[Result] = []
+    if standard:
+        ratio = throughput / standard
+        versus.append(
+            Result(
+                f"e2e sustained vs the standard interface ({backend.label})",
+                "events/s",
+                throughput,
+                standard,
+                "standard interface (README layout, drained alone)",
+                1,
+                target=f">= {TARGET_STANDARD_FRACTION}x for {duration:.0f} s",
+                passed=sustained
+                and ratio >= TARGET_STANDARD_FRACTION * 0.98
+                and bool(latencies)
+                and p99 <= bound
+                and missing == 0,
+                note=(
+                    f"offered {offered:,.0f}/s for {window_s:.0f} s"
+                    + (f", gave up at {gave_up[0]:.0f} s (backlog)" if gave_up else "")
+                    + f"; p99 {p99:.2f} s; {missing} lost"
+                ),
+                extra=common,
+            )
+        )
     return [
+        *versus,
         Result(
             f"e2e throughput ({backend.label})",
             "events/s",

@@ -1,7 +1,7 @@
 """Run the benchmarks, print the table, write the JSON.
 
     python -m benchmarks [--only apply,standard,ingest,transport,flush,e2e,reorder,memory,outage,
-        forget,import]
+        forget,import,scale]
         [--rounds N] [--quick] [--outage-s S] [--outage-rate R] [--outage-redis full,unlimited]
     python benchmarks/run.py ...
     make bench
@@ -38,6 +38,7 @@ BENCHMARKS = (
     "apply", "standard", "ingest", "transport", "flush", "e2e", "reorder", "memory", "outage",
     "forget",
     "import",
+    "scale",
 )  # fmt: skip
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
@@ -68,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
             "end-to-end offered events/s (default: 50%% of the pipeline's capacity "
             "from this run's ingest and flush figures, else 10000)"
         ),
+    )
+    parser.add_argument(
+        "--e2e-fraction",
+        type=float,
+        default=None,
+        help=(
+            "end-to-end offered rate as a fraction of the standard interface's rate measured "
+            "in the same run (the standard benchmark's, else measured first); --rate wins"
+        ),
+    )
+    parser.add_argument(
+        "--e2e-flush-workers",
+        type=int,
+        default=1,
+        help="end-to-end solo flush workers on the server run, one shard each (default 1)",
     )
     parser.add_argument(
         "--producer-batch-ms",
@@ -141,6 +157,7 @@ def runners() -> dict[str, Callable[[argparse.Namespace], list[Result]]]:
         bench_memory,
         bench_outage,
         bench_reorder,
+        bench_scale,
         bench_standard,
         bench_transport,
     )
@@ -157,6 +174,7 @@ def runners() -> dict[str, Callable[[argparse.Namespace], list[Result]]]:
         "outage": bench_outage.run,
         "forget": bench_forget.run,
         "import": bench_import.run,
+        "scale": bench_scale.run,
     }
 
 

@@ -125,3 +125,61 @@ def test_outage_benchmark_reports_a_run_that_never_caught_up() -> None:
     tally = {r.name.split(": ")[1]: r for r in results(stuck)}["missing / duplicated"]
     assert tally.passed is None and tally.eventbuffer is None
     assert "not tallied: STUCK: 300 s after the stream stopped" in tally.note
+
+
+def test_e2e_fraction_offers_that_share_of_the_standard_interfaces_rate() -> None:
+    from benchmarks.bench_e2e import offered_rate
+
+    args = build_parser().parse_args(["--only", "standard,e2e", "--e2e-fraction", "0.5"])
+    configure(args)
+    assert args.e2e_fraction == 0.5 and args.duration == 60.0
+    args.standard_rate = 40_000.0  # as the standard benchmark leaves it
+    rate, why = offered_rate(args)
+    assert rate == 20_000.0
+    assert "0.5x the standard interface's 40,000 ev/s" in why
+    args.rate = 7_000.0  # --rate wins
+    assert offered_rate(args)[0] == 7_000.0
+
+
+def test_e2e_duration_option_sets_the_window() -> None:
+    args = build_parser().parse_args(["--quick", "--duration", "300"])
+    configure(args)
+    assert args.duration == 300.0 and args.e2e_fraction is None
+
+
+def test_scale_sizing_follows_the_measured_costs_per_event() -> None:
+    from benchmarks.bench_scale import CLICKHOUSE_CORES, UTILISATION, Drain, costs, sizing
+
+    producer = Drain(1000, 0.1, {"producer": 0.010, "redis": 0.001})
+    ingest = Drain(1000, 0.1, {"ingest": 0.020, "redis": 0.002})
+    flush = Drain(1000, 0.1, {"flush": 0.010, "redis": 0.001, "clickhouse": 0.008})
+    us = costs(producer, ingest, flush)
+    assert us == {
+        "producer": 10.0,
+        "ingest": 20.0,
+        "flush": 10.0,
+        "redis": 4.0,
+        "clickhouse": 8.0,
+    }
+    small, _, large = sizing(us)
+    assert small["rate"] == 10_000 and small["redis_nodes"] == 1
+    # 1M ev/s: 20 s of ingest CPU per second at 50% -> 40 processes; Redis 4 s -> 8 nodes.
+    assert large["ingest_processes"] == round(1_000_000 * 20e-6 / UTILISATION)
+    assert large["flush_processes"] == 20 and large["redis_nodes"] == 8
+    assert large["clickhouse_shards"] == -(-16 // CLICKHOUSE_CORES)
+
+
+def test_e2e_cpu_shares_weigh_each_interval_by_its_length() -> None:
+    from benchmarks.bench_e2e import cpu_shares
+
+    rows = [{"t": 0.0}, {"t": 5.0, "ingest_cpu": 1.0}, {"t": 6.0, "ingest_cpu": 0.4}]
+    assert cpu_shares(rows, ["ingest", "flush"]) == {"ingest": (5 * 1.0 + 1 * 0.4) / 6}
+
+
+def test_e2e_flush_workers_apply_to_the_server_run_only() -> None:
+    from benchmarks.bench_e2e import Embedded, Server, flush_workers
+
+    args = build_parser().parse_args(["--e2e-flush-workers", "2"])
+    assert flush_workers(args, Server("clickhouse://default@127.0.0.1:1/default")) == 2
+    assert flush_workers(args, Embedded(ROOT / "unused")) == 1
+    assert flush_workers(build_parser().parse_args([]), Server("clickhouse://x")) == 1
