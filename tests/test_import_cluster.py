@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,8 +65,9 @@ def test_an_import_through_the_distributed_table_lands_once(
     tmp_path: Path, cluster: Cluster, database: str
 ) -> None:
     url = with_database(cluster.url, database)
-    export = generate_export(tmp_path / "export", 8_000, files=2)
-    env = import_env("chdb:///unused", CLICKHOUSE_URL=url, EVENT_BUFFER_IMPORT_CHUNK_ROWS="1000")
+    # Enough chunks (40) that the kill lands before the import's end.
+    export = generate_export(tmp_path / "export", 20_000, files=2)
+    env = import_env("chdb:///unused", CLICKHOUSE_URL=url, EVENT_BUFFER_IMPORT_CHUNK_ROWS="500")
     process = subprocess.Popen(
         import_command("--json", *export.files), cwd=tmp_path, env=env, stderr=subprocess.PIPE
     )
@@ -78,7 +78,7 @@ def test_an_import_through_the_distributed_table_lands_once(
         "a first chunk",
         alive=lambda: process.poll() is None,
     )
-    time.sleep(0.2)
+    assert process.poll() is None, "the import ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.stderr is not None
