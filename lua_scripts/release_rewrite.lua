@@ -2,26 +2,33 @@
 
 Runs inside the transaction of a release decided in Python. For each session
 it was given, the pack read (its length then) loses what was released: the
-records that stay (their frames, joined) replace the pack's first `read`
-bytes, and whatever an apply appended since is kept after them (an apply
-only ever appends). The session's deadline in KEYS[1] becomes the earliest
-of what stays; the pack and the deadline go when nothing stays. A pack
-shorter than what was read was rewritten by someone else: left alone (the
-release's WATCH makes that a race that cannot happen).
+records that stay replace the pack's first `read` bytes, and whatever an
+apply appended since is kept after them (an apply only ever appends). The
+records that stay come either as their frames, joined (`kept`), or, when
+they are the pack's tail as read (every released record before every kept
+one: events arrived in created_at order, the common case), as the offset
+they start at (`from`): the pack is then cut inside Redis, and the kept
+bytes never travel back and forth. The session's deadline in KEYS[1] becomes
+the earliest of what stays; the pack and the deadline go when nothing
+stays. A pack shorter than what was read was rewritten by someone else:
+left alone (the release's WATCH makes that a race that cannot happen).
 
 KEYS[1]     sessions with held events (ZSET: session id -> earliest deadline, ms)
 KEYS[1+i]   session i's held events (STRING: a pack, release_held.lua's header has it)
 
-ARGV        four values per session, in KEYS' order: its id, the pack's length read,
-            the earliest deadline of the records that stay ("" when none), those records
+ARGV        five values per session, in KEYS' order: its id, the pack's length read,
+            the earliest deadline of the records that stay ("" when none), `from` (the
+            offset in the pack read where the records that stay start, or "" when they
+            are given), `kept` (those records, or "" when `from` is given)
 
 Returns the number of packs rewritten.
 ]]
 
 local rewritten = 0
 for i = 2, #KEYS do
-  local a = (i - 2) * 4 + 1
-  local session, read, deadline, kept = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3]
+  local a = (i - 2) * 5 + 1
+  local session, read, deadline = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2]
+  local from, kept = tonumber(ARGV[a + 3]), ARGV[a + 4]
   local size = redis.call('STRLEN', KEYS[i])
   if size > read then
     -- An apply appended records meanwhile: they stay, and their deadlines count.
@@ -34,7 +41,13 @@ for i = 2, #KEYS do
       if earliest == nil or due < earliest then earliest = due end
       at = colon + tonumber(string.sub(added, at, colon - 1)) + 1
     end
-    redis.call('SET', KEYS[i], kept .. added)
+    if from then
+      if from > 0 then
+        redis.call('SET', KEYS[i], redis.call('GETRANGE', KEYS[i], from, -1))
+      end
+    else
+      redis.call('SET', KEYS[i], kept .. added)
+    end
     redis.call('ZADD', KEYS[1], earliest, session)
     rewritten = rewritten + 1
   elseif size == read then
@@ -42,7 +55,11 @@ for i = 2, #KEYS do
       redis.call('DEL', KEYS[i])
       redis.call('ZREM', KEYS[1], session)
     else
-      if #kept ~= read then
+      if from then
+        if from > 0 then
+          redis.call('SET', KEYS[i], redis.call('GETRANGE', KEYS[i], from, -1))
+        end
+      elseif #kept ~= read then
         redis.call('SET', KEYS[i], kept)
       end
       redis.call('ZADD', KEYS[1], tonumber(deadline), session)

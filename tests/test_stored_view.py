@@ -347,7 +347,8 @@ def test_a_tie_between_two_sessions_of_one_profile_goes_to_the_later_in_its_batc
 
 def test_records_appended_during_a_release_stay_held(client: redis_lib.Redis) -> None:
     """release_rewrite.lua keeps what an apply appended after the release read the pack,
-    with its deadline, whatever the release kept."""
+    with its deadline, whatever the release kept (given, or as the pack's tail from an
+    offset)."""
     view = as_row(parse_event({"name": "screen_view", "project_id": "p", "session_id": "s",
                                "created_at": NOW}))  # fmt: skip
     head = stored_view.head_of(view, encode_event(view))
@@ -356,14 +357,24 @@ def test_records_appended_during_a_release_stay_held(client: redis_lib.Redis) ->
     added = held_record(NOW + 2, 20, "w" * 14, "v", "", 0, head)
     script = load_lua("release_rewrite")
     for kept_records, deadline, due in ((b"", "", 20.0), (kept, "30", 20.0)):
+        for as_bytes in (True, False):
+            client.flushall()
+            client.set(KEYS.held("s"), read + kept_records)
+            client.append(KEYS.held("s"), added)  # after the release read the pack
+            stays = ("", kept_records) if as_bytes else (len(read), b"")
+            args = ["s", len(read + kept_records), deadline, *stays]
+            assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
+            assert client.get(KEYS.held("s")) == kept_records + added
+            assert client.zscore(KEYS.held_due, "s") == due
+    for start in ("", len(read)):
         client.flushall()
-        client.set(KEYS.held("s"), read + kept_records)
-        client.append(KEYS.held("s"), added)  # after the release read the pack
-        args = ["s", len(read + kept_records), deadline, kept_records]
+        client.set(KEYS.held("s"), read)
+        args = ["s", len(read), "", start, b""]
         assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
-        assert client.get(KEYS.held("s")) == kept_records + added
-        assert client.zscore(KEYS.held_due, "s") == due
+        assert client.exists(KEYS.held("s")) == 0 and client.zcard(KEYS.held_due) == 0
+    # Nothing appended: the tail from the offset stays, with its deadline.
     client.flushall()
-    client.set(KEYS.held("s"), read)
-    assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), "s", len(read), "", b"") == 1
-    assert client.exists(KEYS.held("s")) == 0 and client.zcard(KEYS.held_due) == 0
+    client.set(KEYS.held("s"), read + kept)
+    args = ["s", len(read + kept), "30", len(read), b""]
+    assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
+    assert client.get(KEYS.held("s")) == kept and client.zscore(KEYS.held_due, "s") == 30.0

@@ -14,7 +14,9 @@ travel as plain command arguments (RPUSH, HSET), not through Lua strings:
 2. Decide, in Python (`_decide`); read the profiles' last views it touches.
 3. MULTI: queue the rows, write the views, closed marks and profiles, rewrite
    each pack (`release_rewrite.lua`: what stays, plus whatever an apply
-   appended meanwhile; the deadline from both), INCR `held-gen`; EXEC.
+   appended meanwhile; the deadline from both; when what stays is the pack's
+   tail, as with events arrived in order, only its offset is sent and Redis
+   cuts the pack), INCR `held-gen`; EXEC.
 
 An apply only ever appends to a pack and lowers a deadline, so applies do not
 abort the transaction; a concurrent release, the sweep or an apply without a
@@ -211,8 +213,9 @@ class _Plan:
         self.now = now_ms
         self.queue: list[bytes] = []
         self.late = 0
-        # per session: its id, key, length read, the records that stay, their deadline
-        self.packs: list[tuple[str, str, int, bytes, int | None]] = []
+        # per session: its id, key, length read, where the records that stay start in the
+        # pack ("" when they are given instead), those records, their deadline
+        self.packs: list[tuple[str, str, int, int | str, bytes, int | None]] = []
         self.views_set: list[Any] = []
         self.indexed: list[Any] = []
         self.views_ended: list[str] = []
@@ -243,16 +246,24 @@ class _Plan:
             if record[2] <= self.now and (cut is None or record[1] > cut):
                 cut = record[1]
         released = 0
-        kept = []
         next_deadline = None
+        released_end = 0  # where the last released record ends in the pack
+        kept_start = size  # where the first kept record starts
         for record in records:
             if cut is not None and record[1] <= cut:
                 released += 1
+                if record[4] > released_end:
+                    released_end = record[4]
             else:
                 if next_deadline is None or record[2] < next_deadline:
                     next_deadline = record[2]
-                kept.append(pack[record[5] : record[4]])
-        self.packs.append((session, key, size, b"".join(kept), next_deadline))
+                if record[5] < kept_start:
+                    kept_start = record[5]
+        if released_end <= kept_start:  # what stays is the pack's tail: Redis cuts it
+            self.packs.append((session, key, size, kept_start, b"", next_deadline))
+        else:
+            kept = b"".join([pack[r[5] : r[4]] for r in records[released:]])
+            self.packs.append((session, key, size, "", kept, next_deadline))
         if released:
             self._rules(session, pack, records[:released], closed, stored)
 
@@ -340,9 +351,9 @@ class _Plan:
         if self.packs:
             args: list[Any] = []
             keys: list[str] = []
-            for session, key, size, kept, deadline in self.packs:
+            for session, key, size, start, kept, deadline in self.packs:
                 keys.append(key)
-                args += (session, size, "" if deadline is None else deadline, kept)
+                args += (session, size, "" if deadline is None else deadline, start, kept)
             out.append(("EVAL", _REWRITE, 1 + len(keys), shard.held_due, *keys, *args))
         if self.queue:
             out.append(("RPUSH", shard.queue, *self.queue))
