@@ -28,6 +28,7 @@ through release_held.lua, which does it all inside Redis.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +36,7 @@ from redis.exceptions import ConnectionError, OutOfMemoryError, ResponseError, T
 
 from worker import stored_view
 from worker.keys import ShardKeys
-from worker.resp import read_replies, send_commands
+from worker.resp import Framed, read_replies, send_commands
 from worker.scripts import Released, Scripts, load_lua
 from worker.topology import Client, node_for, refreshed_on_error
 
@@ -153,7 +154,7 @@ def _release_once(
         read_replies(connection, 1)
         return Released(0, 0)
     writes.append(("INCR", gen))
-    commands: list[tuple[Any, ...]] = [("MULTI",), *writes, ("EXEC",)]
+    commands: list[tuple[Any, ...] | Framed] = [("MULTI",), *writes, ("EXEC",)]
     send_commands(connection, commands)
     results = read_replies(connection, len(commands))[-1]
     if results is None:
@@ -161,7 +162,7 @@ def _release_once(
     for result in results:
         if isinstance(result, Exception):
             raise result
-    return Released(len(plan.queue), plan.late)
+    return Released(plan.rows, plan.late)
 
 
 def _missing_pack(connection: Any, key: str) -> bytes:
@@ -175,43 +176,55 @@ def _missing_pack(connection: Any, key: str) -> bytes:
 
 
 # A view on its way, where it lies in the text that holds it (a stored last view, or a
-# pack): (created ms, own duration, text, head start, head end, stored form's start, legacy?).
-_ViewAt = tuple[int, int, bytes, int, int, int, bool]
+# pack): (created ms, own duration as written, text, head start, head end, stored form's
+# start, legacy?).
+_ViewAt = tuple[int, bytes, bytes, int, int, int, bool]
+
+# A held record from its frame (release_held.lua's header has the format): the frame's
+# length, created and deadline (the first two of the 44 characters that order records),
+# after the tag: kind, profile field, then the event's stored form up to its head
+# (worker/stored_view.py: "<created>;<own>;" or the legacy "<created>|<own>|").
+_RECORD = re.compile(rb"(\d+):([-\d]{15})([-\d]{15}).{14}(.)([^|]*)\|-?\d+([;|])(-?\d+)\6", re.S)
+# A stored last view, up to its head.
+_STORED = re.compile(rb"(-?\d+)([;|])(-?\d+)\2")
 
 
-def _view_at(text: bytes, start: int, stop: int) -> _ViewAt:
-    """The stored view in `text[start:stop]`, of either form (worker/stored_view.py)."""
-    semi = text.find(b";", start, start + 24)
-    if semi > 0 and text.find(b"|", start, semi) < 0:
-        second = text.index(b";", semi + 1)
-        own = int(text[semi + 1 : second])
-        return (int(text[start:semi]), own, text, second + 1, stop, start, False)
-    bar = text.index(b"|", start)
-    second = text.index(b"|", bar + 1)
-    own = int(text[bar + 1 : second])
-    cut = 1 if own == 0 else 13 + second - bar - 1  # the legacy row ends with its own duration
-    return (int(text[start:bar]), own, text, second + 1, stop - cut, start, True)
-
-
-def _as_is(view: _ViewAt) -> bytes:
-    head = view[2][view[3] : view[4]]
-    return head + b"}" if view[1] == 0 else b'%b,"duration":%d}' % (head, view[1])
+def _view_of(text: bytes) -> _ViewAt:
+    """The stored last view `text`, of either form (worker/stored_view.py)."""
+    found = _STORED.match(text)
+    if found is None:
+        raise ValueError(f"not a stored view: {text[:40]!r}")
+    created, separator, own = found.groups()
+    stop = len(text)
+    legacy = separator == b"|"
+    if legacy:  # the legacy row ends with its own duration (absent when 0)
+        stop -= 1 if own == b"0" else 13 + len(own)
+    return (int(created), own, text, found.end(), stop, 0, legacy)
 
 
 def _form(view: _ViewAt) -> bytes:
     """Its stored form (written anew in the current form when read in the legacy one)."""
     created, own, text, head, end, start, legacy = view
     if legacy:
-        return stored_view.encode(created, own, text[head:end])
+        return stored_view.encode(created, int(own), text[head:end])
     return text if start == 0 and end == len(text) else text[start:end]
 
 
+_AS_IS = b"}\r\n"  # the end of a row queued with no duration of its own
+
+
 class _Plan:
-    """What a release writes, decided session by session (release_held.lua's rules)."""
+    """What a release writes, decided session by session (release_held.lua's rules).
+
+    The rows it queues are kept as the RPUSH's frames (`frames`: each row's length,
+    its head, its duration and `}`), joined once into the write (worker/resp.py
+    `Framed`): no row is put together before that.
+    """
 
     def __init__(self, now_ms: int) -> None:
         self.now = now_ms
-        self.queue: list[bytes] = []
+        self.frames: list[Any] = []
+        self.rows = 0
         self.late = 0
         # per session: its id, key, length read, where the records that stay start in the
         # pack ("" when they are given instead), those records, their deadline
@@ -227,23 +240,42 @@ class _Plan:
         self.profiles: dict[str, tuple[int, bytes, _ViewAt | None]] = {}
         self.profile_order: list[str] = []
 
+    def _queue(self, view: _ViewAt, ms: int | None) -> None:
+        """Queue `view`'s row: with `ms` as its duration, or as it is (None)."""
+        if ms is None:
+            own = view[1]
+            end = _AS_IS if own == b"0" else b',"duration":%b}\r\n' % own
+        else:
+            end = b',"duration":%d}\r\n' % ms
+        head = view[3]
+        stop = view[4]
+        self.frames += (b"$%d\r\n" % (stop - head + len(end) - 2), view[2][head:stop], end)
+        self.rows += 1
+
     def session(
         self, session: str, key: str, pack: bytes, closed: int | None, stored: bytes | None
     ) -> None:
-        records = []  # (order key, created, deadline, start of the record, end, start of frame)
+        # (order key, created, deadline, start of the record, end, start of frame, the match)
+        records = []
         at = 0
         size = len(pack)
+        match = _RECORD.match
         while at < size:
-            colon = pack.index(b":", at)
-            stop = colon + 1 + int(pack[at:colon])
-            header = pack[colon + 1 : colon + 45]
-            records.append((header, int(header[:15]), int(header[15:30]), colon + 1, stop, at))
+            found = match(pack, at)
+            if found is None:
+                raise ValueError(f"not a held record: {pack[at : at + 60]!r}")
+            length, created, deadline = found.group(1, 2, 3)
+            start = at + len(length) + 1
+            stop = start + int(length)
+            records.append((pack[start : start + 44], int(created), int(deadline), start, stop,
+                            at, found))  # fmt: skip
             at = stop
         if len(records) > 1:
             records.sort()
+        now = self.now
         cut = None
         for record in records:
-            if record[2] <= self.now and (cut is None or record[1] > cut):
+            if record[2] <= now and (cut is None or record[1] > cut):
                 cut = record[1]
         released = 0
         next_deadline = None
@@ -271,14 +303,17 @@ class _Plan:
         self, session: str, pack: bytes, records: list[Any], closed: int | None,
         stored: bytes | None,
     ) -> None:  # fmt: skip
-        queue = self.queue
-        view = _view_at(stored, 0, len(stored)) if stored is not None else None
+        view = _view_of(stored) if stored is not None else None
         view_changed = closed_changed = False
-        for order, created, _deadline, start, stop, _frame in records:
-            kind = pack[start + 44]
-            bar = pack.index(b"|", start + 45)
-            pfield = pack[start + 45 : bar].decode() if bar > start + 45 else ""
-            this = _view_at(pack, bar + 1, stop)
+        queue = self._queue
+        for order, created, _deadline, _start, stop, _frame, found in records:
+            kind, pfield_bytes, separator, own = found.group(4, 5, 6, 7)
+            pfield = pfield_bytes.decode() if pfield_bytes else ""
+            if separator == b";":
+                this = (created, own, pack, found.end(), stop, found.end(5) + 1, False)
+            else:  # the legacy row ends with its own duration (absent when 0)
+                cut = 1 if own == b"0" else 13 + len(own)
+                this = (created, own, pack, found.end(), stop - cut, found.end(5) + 1, True)
             late = (closed is not None and created < closed) or (
                 view is not None and created < view[0]
             )
@@ -286,15 +321,13 @@ class _Plan:
                 self.late += 1
             elif closed is not None:
                 closed, closed_changed = None, True  # an event after the session_end reopens it
-            if kind == 0x76:  # "v": a screen_view
+            if kind == b"v":  # a screen_view
                 if late:
-                    queue.append(_as_is(this))
+                    queue(this, None)
                 else:
                     if view is not None:
                         gap = created - view[0]
-                        queue.append(
-                            b'%b,"duration":%d}' % (view[2][view[3] : view[4]], max(0, gap))
-                        )
+                        queue(view, gap if gap > 0 else 0)
                     view = this
                     view_changed = True
                     if pfield:
@@ -302,8 +335,8 @@ class _Plan:
             else:
                 # A session_end closes its session, late or not: the waiting view goes first.
                 if view is not None:
-                    queue.append(_as_is(view))
-                queue.append(_as_is(this))
+                    queue(view, None)
+                queue(this, None)
                 closed = max(
                     created, view[0] if view is not None else 0,
                     closed if closed is not None else 0,
@@ -343,8 +376,8 @@ class _Plan:
         forgotten: list[bytes],
         profiles: Sequence[bytes | None],
         views_ttl_s: int,
-    ) -> list[tuple[Any, ...]]:
-        out: list[tuple[Any, ...]] = []
+    ) -> list[tuple[Any, ...] | Framed]:
+        out: list[tuple[Any, ...] | Framed] = []
         if forgotten:
             out.append(("HDEL", shard.closed, *forgotten))
             out.append(("ZREM", shard.closed_at, *forgotten))
@@ -355,8 +388,8 @@ class _Plan:
                 keys.append(key)
                 args += (session, size, "" if deadline is None else deadline, start, kept)
             out.append(("EVAL", _REWRITE, 1 + len(keys), shard.held_due, *keys, *args))
-        if self.queue:
-            out.append(("RPUSH", shard.queue, *self.queue))
+        if self.rows:
+            out.append(Framed(("RPUSH", shard.queue), self.rows, self.frames))
         if self.views_set:
             out.append(("HSET", shard.views, *self.views_set))
             out.append(("ZADD", shard.sessions, *self.indexed))
