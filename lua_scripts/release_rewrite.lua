@@ -10,7 +10,7 @@ one: events arrived in created_at order, the common case), as the offset
 they start at (`from`): the pack is then cut inside Redis, and the kept
 bytes never travel back and forth. The session's deadline in KEYS[1] becomes
 the earliest of what stays; the pack and the deadline go when nothing
-stays. A pack shorter than what was read was rewritten by someone else:
+stays (the deadlines and removals of all sessions in a few calls at the end). A pack shorter than what was read was rewritten by someone else:
 left alone (the release's WATCH makes that a race that cannot happen).
 
 KEYS[1]     sessions with held events (ZSET: session id -> earliest deadline, ms)
@@ -23,6 +23,23 @@ ARGV        five values per session, in KEYS' order: its id, the pack's length r
 
 Returns the number of packs rewritten.
 ]]
+
+-- The deadlines and removals of every session, written in a few calls at the end.
+local deadlines, gone, gone_keys = {}, {}, {}
+local function due_at(session, deadline)
+  deadlines[#deadlines + 1] = deadline
+  deadlines[#deadlines + 1] = session
+end
+-- What stays of the pack read: from an offset (cut inside Redis), or as given.
+local function keep(key, from, kept, read)
+  if from then
+    if from > 0 then
+      redis.call('SET', key, redis.call('GETRANGE', key, from, -1))
+    end
+  elseif #kept ~= read then
+    redis.call('SET', key, kept)
+  end
+end
 
 local rewritten = 0
 for i = 2, #KEYS do
@@ -42,29 +59,35 @@ for i = 2, #KEYS do
       at = colon + tonumber(string.sub(added, at, colon - 1)) + 1
     end
     if from then
-      if from > 0 then
-        redis.call('SET', KEYS[i], redis.call('GETRANGE', KEYS[i], from, -1))
-      end
+      keep(KEYS[i], from, kept, read)
     else
       redis.call('SET', KEYS[i], kept .. added)
     end
-    redis.call('ZADD', KEYS[1], earliest, session)
+    due_at(session, earliest)
     rewritten = rewritten + 1
   elseif size == read then
     if deadline == '' then
-      redis.call('DEL', KEYS[i])
-      redis.call('ZREM', KEYS[1], session)
+      gone[#gone + 1] = session
+      gone_keys[#gone_keys + 1] = KEYS[i]
     else
-      if from then
-        if from > 0 then
-          redis.call('SET', KEYS[i], redis.call('GETRANGE', KEYS[i], from, -1))
-        end
-      elseif #kept ~= read then
-        redis.call('SET', KEYS[i], kept)
-      end
-      redis.call('ZADD', KEYS[1], tonumber(deadline), session)
+      keep(KEYS[i], from, kept, read)
+      due_at(session, tonumber(deadline))
     end
     rewritten = rewritten + 1
   end
 end
+-- Commands with many arguments, sent 1000 at a time (Lua's unpack has a stack limit).
+local function call_many(command, key, args)
+  for first = 1, #args, 1000 do
+    local last = math.min(first + 999, #args)
+    if key then
+      redis.call(command, key, unpack(args, first, last))
+    else
+      redis.call(command, unpack(args, first, last))
+    end
+  end
+end
+call_many('DEL', nil, gone_keys)
+call_many('ZREM', KEYS[1], gone)
+call_many('ZADD', KEYS[1], deadlines)
 return rewritten
