@@ -113,10 +113,11 @@ def _release_once(
         ("ZRANGEBYSCORE", shard.closed_at, "-inf", f"({now_ms - closed_ttl_s * 1000}",
          "LIMIT", 0, 1000),
     ]  # fmt: skip
+    keys = [shard.held(session) for session in sessions]
     if sessions:
         reads += [
             ("ZMSCORE", shard.held_due, *sessions),
-            ("MGET", *(shard.held(session) for session in sessions)),
+            ("MGET", *keys),
             ("HMGET", shard.closed, *sessions),
             ("HMGET", shard.views, *sessions),
         ]
@@ -138,12 +139,12 @@ def _release_once(
                 continue  # released by another flush since it was listed
             pack = packs[n]
             if pack is None:
-                pack = _missing_pack(connection, shard.held(session))
+                pack = _missing_pack(connection, keys[n])
             mark = closed[n]
             closed_at = (
                 int(float(mark)) if mark is not None and session.encode() not in gone else None
             )
-            plan.session(session, shard.held(session), pack, closed_at, views[n])
+            plan.session(session, keys[n], pack, closed_at, views[n])
     profiles: list[bytes | None] = []
     if plan.profile_order:
         send_commands(connection, [("HMGET", shard.profile_views, *plan.profile_order)])
