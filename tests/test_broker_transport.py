@@ -8,6 +8,7 @@ event loop uses too).
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 from contextlib import suppress
@@ -15,7 +16,11 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
+from hypothesis import given
+from hypothesis import strategies as st
 from kombu import Connection, Consumer, Message, Queue
+from kombu.transport.virtual import Base64 as KombuBase64
+from kombu.utils.json import loads as kombu_loads
 
 from tests.support.broker_transport import (
     KEYS,
@@ -25,7 +30,13 @@ from tests.support.broker_transport import (
     publish,
     queue,
 )
-from worker.broker.transport import TRANSPORT_PATH, UntestedKombu, check_kombu
+from worker.broker.transport import (
+    TRANSPORT_PATH,
+    Base64,
+    UntestedKombu,
+    check_kombu,
+    decode_envelope,
+)
 
 
 def acking(got: list[Any], field: str = "n") -> Callable[[Any, Message], None]:
@@ -312,3 +323,64 @@ def test_an_untested_kombu_is_refused_with_one_line() -> None:
         check_kombu("5.8.0")
     message = str(refused.value)
     assert "\n" not in message and "5.8.0" in message and "EVENT_BUFFER_BROKER_TRANSPORT" in message
+
+
+def _decoded(codec: Any, body: Any) -> Any:
+    try:
+        return codec.decode(body)
+    except Exception as exc:  # the same failure, kind and words
+        return type(exc), str(exc)
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=300).map(lambda b: base64.b64encode(b).decode()),
+        st.binary(max_size=300).map(base64.b64encode),
+        st.binary(max_size=300).map(lambda b: base64.encodebytes(b).decode()),  # wrapped lines
+        st.text(alphabet="ABCxyz0189+/=\n -_!é\ud800", max_size=40),
+    )
+)
+def test_the_base64_codec_decodes_bodies_as_kombus_does(body: Any) -> None:
+    """The transport's fast base64 decoder gives kombu's result, or kombu's error."""
+    assert _decoded(Base64(), body) == _decoded(KombuBase64(), body)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["__type__", "__value__", "a", "body"]), inner, max_size=3
+        )
+    ),
+    max_leaves=12,
+)
+
+
+@given(
+    st.one_of(
+        JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+        st.sampled_from(
+            [
+                b'{"__type__": "uuid", "__value__": "0b3f1e5c-6a34-4f2c-9c52-21f3b3a1b1a1"}',
+                b'[{"__type__": "bytes", "__value__": "aGk="}]',
+                b'{"a": NaN}',
+                b'"\\ud800"',
+                b"\xef\xbb\xbf{}",
+                b"[" * 2000 + b"]" * 2000,
+                b"\xff",
+            ]
+        ),
+    )
+)
+def test_envelopes_decode_as_kombus_loads_decodes_them(raw: bytes) -> None:
+    """The transport's envelope decoder gives kombu's value (types too), or kombu's error."""
+    mine, kombu_s = _decoded_json(decode_envelope, raw), _decoded_json(kombu_loads, raw)
+    assert repr(mine) == repr(kombu_s)
+
+
+def _decoded_json(decode: Callable[[bytes], Any], raw: bytes) -> Any:
+    try:
+        return decode(raw)
+    except Exception as exc:  # the same failure, kind and words
+        return type(exc), str(exc)

@@ -196,10 +196,37 @@ def test_canonical_dates_take_the_fast_path_to_the_same_result(
         f"{DAY}T10:00:00.0a0Z",
         f"{DAY}T1\uff10:00:00.000Z",  # a non-ASCII digit (fullwidth zero)
         f"{DAY}T10:00:00.000+00:00",  # not the canonical form: the general path
+        "2026-1a-07T10:00:00.000Z",
+        "0000-01-01T00:00:00.000Z",  # no year 0
+        "+026-11-07T10:00:00.000Z",
+        "2026-W49-1T10:00:00.000Z",
+        f"{DAY}T10:00:0a.000Z",
+        f"{DAY}T10:00:0\uff10Z",
+        f"{DAY}T-1:00:00.000Z",
+        f"{DAY} 10:00:00.+00",
     ],
 )
 def test_anything_else_leaves_the_fast_path(text: str) -> None:
     assert _canonical_date(text) is None
+
+
+CANONICAL_FORMS = ["2026-11-07T10:00:00.000Z", "2026-11-07 10:00:00.000", "2026-11-07T10:00:00Z"]
+EDITS = st.tuples(st.integers(0, 23), st.sampled_from("0123456789 -:.TZ+a\uff10"))
+
+
+@given(st.sampled_from(CANONICAL_FORMS), st.lists(EDITS, max_size=4))
+def test_the_fast_path_says_what_the_general_path_says_or_leaves_it(
+    template: str, edits: list[tuple[int, str]]
+) -> None:
+    """A canonical form with characters changed: the fast path gives the general path's
+    result, or leaves the text to it."""
+    chars = list(template)
+    for at, char in edits:
+        chars[at % len(chars)] = char
+    text = "".join(chars)
+    fast = _canonical_date(text)
+    if fast is not None:
+        assert fast == general(text)
 
 
 def test_flat_properties_are_kept_and_nested_ones_flattened() -> None:

@@ -152,32 +152,44 @@ def _plan_held(
     held = writes.held
     visitors: dict[str, dict[str, None]] = {}
     tag = batch_tag(marker)
+    profile_field = shard.profile_field
     views = ends = 0
+    # Row.kind and _add_visitor inlined: this loop runs for every event of the batch.
     for n, (event, row) in enumerate(zip(events, rows, strict=True)):
         profile_id = event.profile_id
         if profile_id:
-            _add_visitor(visitors, event.project_id, profile_id)
-        kind = event.kind
-        if kind == KIND_REGULAR:
+            members = visitors.get(event.project_id)
+            if members is None:
+                visitors[event.project_id] = {profile_id: None}
+            else:
+                members[profile_id] = None
+        session = event.session_id
+        if not session:
             queue.append(row)
             continue
-        if kind == KIND_SCREEN_VIEW:
+        name = event.name
+        if name == "screen_view":
+            kind = KIND_SCREEN_VIEW
             views += 1
-        else:
+        elif name == "session_end":
+            kind = KIND_SESSION_END
             ends += 1
+        else:
+            queue.append(row)
+            continue
         own = event.duration
         record = held_record(
             event.created_ms,
             hold_until,
             f"{tag}{n % 1_000_000:06d}",
             kind,
-            shard.profile_field(event.project_id, profile_id) if profile_id else "",
+            profile_field(event.project_id, profile_id) if profile_id else "",
             own,
             row[:-1] if own == 0 else stored_view.head_of(event, row),
         )
-        records = held.get(event.session_id)
+        records = held.get(session)
         if records is None:
-            held[event.session_id] = [record]
+            held[session] = [record]
         else:
             records.append(record)
     _finish(writes, visitors, len(events), views, ends)

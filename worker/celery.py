@@ -15,6 +15,7 @@ convention), so importing `worker` or the producer client never creates it.
 
 from __future__ import annotations
 
+import gc
 from functools import partial
 from typing import Any
 
@@ -123,13 +124,43 @@ def _process_settings() -> Settings:
     return runtime.settings()
 
 
+# A worker's young objects are collected after this many allocations instead of
+# Python's 700. An ingest task of 500 events allocates thousands of objects that live
+# until it ends: at 700, each is traversed by several collections and moved up the
+# generations, which then triggers full collections of the whole heap (~7% of an ingest
+# worker's CPU). The garbage is freed by reference counting all the same; only cycles
+# wait for a collection, and the code that runs tasks makes few.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+_gc_tuned = False  # this process runs one of eventbuffer's workers (or is its pool's)
+
+
+def _tune_garbage_collector(app: Celery, sender: Any = None, **_: Any) -> None:
+    """In eventbuffer's workers: collect the young generation less often (the thresholds
+    are inherited by a pool's processes)."""
+    global _gc_tuned
+    if getattr(sender, "app", None) is app:
+        young, older, oldest = gc.get_threshold()
+        gc.set_threshold(max(GC_YOUNG_THRESHOLD, young), older, oldest)
+        _gc_tuned = True
+
+
+def _freeze_start_up_objects(**_: Any) -> None:
+    """One of eventbuffer's workers ready (or its pool's process started): what start-up
+    made stays, so it is left out of every collection from now on (`gc.freeze`)."""
+    if _gc_tuned:
+        gc.freeze()
+
+
 def set_up(app: Celery) -> None:
     """Wire `app`'s process-wide hooks: nothing of this is done on importing a module.
 
     - its workers and Beat consume a Redis broker with the reliable transport
       (`worker.broker.selection`);
     - its workers serve Prometheus metrics (`worker.observability`);
-    - its workers keep task arguments raw until a task decodes them (`worker.bodies`).
+    - its workers keep task arguments raw until a task decodes them (`worker.bodies`);
+    - its workers collect garbage less often, leaving start-up's objects out.
     """
     from worker import observability
     from worker.broker import selection
@@ -140,6 +171,17 @@ def set_up(app: Celery) -> None:
         partial(_decode_task_bodies_lazily, app),
         weak=False,
         dispatch_uid=f"eventbuffer-bodies-{id(app)}",
+    )
+    signals.worker_init.connect(
+        partial(_tune_garbage_collector, app),
+        weak=False,
+        dispatch_uid=f"eventbuffer-gc-{id(app)}",
+    )
+    signals.worker_ready.connect(
+        _freeze_start_up_objects, weak=False, dispatch_uid="eventbuffer-gc-freeze"
+    )
+    signals.worker_process_init.connect(
+        _freeze_start_up_objects, weak=False, dispatch_uid="eventbuffer-gc-freeze-child"
     )
 
 

@@ -48,7 +48,7 @@ from worker.errors import InvalidEvent
 from worker.events import Event, Limits, encode_event, parse_event, parse_events
 from worker.names import TASK_INGEST_EVENTS
 from worker.privacy.tombstones import drop_forgotten_events
-from worker.retention import PastRetention, check_retention
+from worker.retention import PastRetention, check_retention, retention_cutoff_ms
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,13 @@ def ingest(
     if results is None:
         results = [_validate_item(item, n, limits, derive) for n, item in enumerate(items_of())]
     retention_days = buffer.settings.retention_days
+    cutoff = retention_cutoff_ms(now, retention_days)
     for index, outcome in enumerate(results):
         if not isinstance(outcome, InvalidEvent):
+            if cutoff is None or outcome.created_ms >= cutoff:  # within: no call each
+                events.append(outcome)
+                positions.append(index)
+                continue
             try:
                 check_retention(outcome.created_ms, now, retention_days)
             except PastRetention as exc:

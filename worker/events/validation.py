@@ -39,7 +39,7 @@ import msgspec
 
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import InvalidEvent
-from worker.events.dates import clip, normalize_date
+from worker.events.dates import _canonical_date, clip, normalize_date
 from worker.events.model import Event
 from worker.events.problems import decode_problem, invalid, oversized, surrogate_field, too_deep
 from worker.events.properties import flatten_properties
@@ -170,16 +170,28 @@ def _normalize(event: Event, bounds: tuple[int, int]) -> None:
     event with a field of the wrong type is reported for that field first;
     the id is normalized (or assigned) before.
     """
-    event.created_at, event.__dict__["_created_ms"] = normalize_date(
-        "created_at", event.created_at, bounds
-    )
+    created = event.created_at
+    # The common case first (what `normalize_date` tries first too): a canonical date
+    # within the bounds; anything else gets the general path and its error.
+    if (
+        type(created) is str
+        and (fast := _canonical_date(created)) is not None
+        and bounds[0] <= fast[1] <= bounds[1]
+    ):
+        event.created_at, event.__dict__["_created_ms"] = fast
+    else:
+        event.created_at, event.__dict__["_created_ms"] = normalize_date(
+            "created_at", created, bounds
+        )
     if event.imported_at is not None:
         event.imported_at = normalize_date("imported_at", event.imported_at, bounds)[0]
     if event.properties:
         event.properties = flatten_properties(event.properties)
-    # The column is FixedString(2): two bytes, not two characters.
-    if event.country and len(event.country.encode("utf-8", "surrogatepass")) > 2:
-        raise InvalidEvent("country", f"longer than 2 bytes in UTF-8: {event.country!r}")
+    # The column is FixedString(2): two bytes, not two characters (ASCII: one each, and
+    # the model allows two characters at most).
+    country = event.country
+    if country and not country.isascii() and len(country.encode("utf-8", "surrogatepass")) > 2:
+        raise InvalidEvent("country", f"longer than 2 bytes in UTF-8: {country!r}")
     if event.longitude is not None and not math.isfinite(event.longitude):
         raise InvalidEvent("longitude", "must be a finite number")
     if event.latitude is not None and not math.isfinite(event.latitude):
