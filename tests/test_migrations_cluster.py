@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,7 +28,10 @@ from tests.support.migrations import (
     SKIPPING_INDEXES,
     after,
     applied_details,
+    contend_for_lock,
+    dead_holder,
     now_ms,
+    one_at_a_time,
     row,
     versions,
 )
@@ -205,3 +209,28 @@ def test_retention_is_refused_on_18_16(cluster: Cluster) -> None:
         assert versions(read_records(sink.query, database)) == before
     finally:
         sink.close()
+
+
+def test_a_dead_holders_lock_is_broken_by_one_of_many(cluster: Cluster, tmp_path: Path) -> None:
+    """A dead holder's lock found by a migrate on each host at once: one breaks it, on every
+    host. (The ordered DDL queue makes two breakers rare here: this checks the break on a
+    cluster; tests/test_migrations_lock.py shows the race.)"""
+    database = f"eb_{uuid.uuid4().hex[:10]}"
+    admin = on(cluster.nodes[0], "default")
+    try:
+        admin.query(f"CREATE DATABASE {database} ON CLUSTER {cluster.name}")
+        urls = [
+            urlunsplit(urlsplit(node.url)._replace(path=f"/{database}")) for node in cluster.nodes
+        ]
+        for round in range(2):
+            dead_holder(admin.query, database, cluster.name)
+            lines = contend_for_lock(urls, database, cluster.name, tmp_path / str(round))
+            assert len(lines) == 2 * len(urls) and one_at_a_time(lines), lines
+        for node in cluster.nodes:
+            sink = on(node, database)
+            try:
+                assert not sink.query(f"SHOW TABLES LIKE '{MIGRATIONS_LOCK_TABLE}%'"), node.name
+            finally:
+                sink.close()
+    finally:
+        admin.close()

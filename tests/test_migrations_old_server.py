@@ -11,6 +11,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -26,11 +27,14 @@ from tests.support.migrations import (
     after,
     applied_details,
     cli_env,
+    contend_for_lock,
+    dead_holder,
     finish,
     ids,
     migrate_together,
     now_ms,
     old_table,
+    one_at_a_time,
     row,
     versions,
 )
@@ -38,7 +42,7 @@ from tests.support.native_server import local_server, server_binary
 from worker.privacy.clickhouse import record_audit
 from worker.sinks.migrations import MigrationError, read_records, status
 from worker.sinks.native import NativeSink
-from worker.sinks.schema import AUDIT_COLUMNS, AUDIT_TABLE
+from worker.sinks.schema import AUDIT_COLUMNS, AUDIT_TABLE, MIGRATIONS_LOCK_TABLE
 
 # One forget request's audit row (worker.privacy.forget_request's audit_row()).
 AUDIT_ROW = dict.fromkeys((name for name, _ in AUDIT_COLUMNS), 0) | {
@@ -143,3 +147,19 @@ def test_old_server_several_processes_at_once(old_url: str) -> None:
         assert versions(read_records(sink.query, database)) == ONCE
     finally:
         sink.close()
+
+
+def test_old_server_dead_holders_lock_is_broken_by_one_of_many(
+    old_url: str, tmp_path: Path
+) -> None:
+    url = old_table(old_url)
+    database = urlsplit(url).path[1:]
+    admin = NativeSink(url, require_dedup=False)
+    try:
+        for round in range(3):  # the race is not lost every time: three chances
+            dead_holder(admin.query, database, None)
+            lines = contend_for_lock([url] * 6, database, None, tmp_path / str(round))
+            assert len(lines) == 12 and one_at_a_time(lines), lines
+        assert not admin.query(f"SHOW TABLES LIKE '{MIGRATIONS_LOCK_TABLE}%'")
+    finally:
+        admin.close()

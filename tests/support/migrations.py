@@ -22,7 +22,9 @@ from worker.flusher import Flusher
 from worker.settings import Settings
 from worker.sinks.base import RetryableSinkError
 from worker.sinks.migrations import MIGRATIONS, Record
+from worker.sinks.migrations_lock import Holder, _host
 from worker.sinks.native import NativeSink
+from worker.sinks.schema import MIGRATIONS_LOCK_TABLE, create_lock_table
 
 ROOT = Path(__file__).resolve().parents[2]
 DAY_MS = 86_400_000
@@ -226,3 +228,51 @@ def flush_all(redis: redis_lib.Redis, settings: Settings, stop: threading.Event 
 def fresh_database_url(server_url: str) -> str:
     """The URL of a database no test has used (created by `migrate`, or by the test)."""
     return with_database(server_url, f"eb_{uuid.uuid4().hex[:10]}")
+
+
+def contend_for_lock(urls: list[str], database: str, cluster: str | None, tmp: Path) -> list[str]:
+    """One process per URL takes the migrations lock, all released at the same moment
+    (tests/support/lock_contender.py); every `enter`/`exit` line they logged, in order."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    log, go = tmp / "inside.log", tmp / "go"
+    contender = [sys.executable, "-m", "tests.support.lock_contender"]
+    processes = [
+        subprocess.Popen(
+            [*contender, url, database, cluster or "", str(log), str(go)],
+            env=cli_env(url),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for url in urls
+    ]
+    for process in processes:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready", finish(process)
+    go.touch()
+    results = [finish(process) for process in processes]
+    assert [code for code, _, _ in results] == [0] * len(urls), results
+    return log.read_text().splitlines()
+
+
+def one_at_a_time(lines: list[str]) -> bool:
+    """Whether the contenders' log shows each `enter` followed by its own `exit`."""
+    pairs = [lines[n : n + 2] for n in range(0, len(lines), 2)]
+    return all(
+        len(pair) == 2 and pair[0].startswith("enter ") and pair[1] == "exit " + pair[0][6:]
+        for pair in pairs
+    )
+
+
+def dead_holder(
+    run: Any, database: str, cluster: str | None, table: str = MIGRATIONS_LOCK_TABLE
+) -> Holder:
+    """Leave the migrations lock (or `table`) held by a process of this host that no
+    longer runs; that holder."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    [(since,)] = run("SELECT toUInt32(toUnixTimestamp(now()))")
+    holder = Holder(_host(), gone.pid, int(since))
+    run(create_lock_table(database, cluster, str(holder), table))
+    return holder
