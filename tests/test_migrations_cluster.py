@@ -22,6 +22,7 @@ import pytest
 
 from tests.support.clickhouse_cluster import Cluster, Node, clickhouse_cluster, cluster_unavailable
 from tests.support.migrations import (
+    AUDIT,
     COMPAT_COLUMNS,
     ONCE,
     RETENTION,
@@ -195,6 +196,44 @@ def test_previous_release_cluster_upgrades_in_place(cluster: Cluster) -> None:
             alone.migrate(columns=COMPAT_COLUMNS)
     finally:
         alone.close()
+
+
+def test_audit_tables_forget_made_before_migrate_become_replicated(cluster: Cluster) -> None:
+    """`forget` through two hosts before any `migrate --cluster` left each a plain audit
+    table: migrate through one converts its own and names what is left; through the
+    other, converts that one; the rows of both are then read on every host."""
+    database = f"eb_{uuid.uuid4().hex[:10]}"
+    first, second = cluster.node(1, 1), cluster.node(2, 2)
+    admin = on(cluster.nodes[0], "default")
+    try:
+        admin.query(f"CREATE DATABASE {database} ON CLUSTER {cluster.name}")
+    finally:
+        admin.close()
+    for node, user in ((first, "ops-a"), (second, "ops-b")):
+        sink = on(node, database)
+        try:
+            record_audit(
+                sink, dict.fromkeys((c for c, _ in AUDIT_COLUMNS), 0) | AUDIT_ROW | {"user": user}
+            )
+        finally:
+            sink.close()
+
+    [refused] = migrate_from([first], database)
+    assert isinstance(refused, MigrationError), refused
+    assert "1 of the 4 hosts" in str(refused) and "unreplicated" in str(refused)
+    [report] = migrate_from([second], database)
+    assert not isinstance(report, Exception), report
+    assert [v for v, _, _ in report.applied] == [AUDIT]
+
+    assert every_node_records(cluster, database) == [ONCE] * 4
+    for node in cluster.nodes:
+        reader = on(node, database)
+        try:
+            reader.query(f"SYSTEM SYNC REPLICA {database}.{AUDIT_TABLE}")
+            users = reader.query(f"SELECT user FROM {AUDIT_TABLE} ORDER BY user")
+            assert users == [("ops-a",), ("ops-b",)], node.name
+        finally:
+            reader.close()
 
 
 def test_retention_is_refused_on_18_16(cluster: Cluster) -> None:

@@ -184,8 +184,14 @@ def shared_replicated_engine(table: str, database: str) -> str:
     """A ReplicatedMergeTree every host of the cluster is a replica of (one Keeper path
     for all shards): a small bookkeeping table that reads the same from any host. The
     replica name joins the host's `{shard}` and `{replica}` macros, unique per host."""
-    path = f"/clickhouse/eventbuffer/{database}/{table}"
-    return f"ReplicatedMergeTree('{path}', '{{shard}}-{{replica}}')"
+    return (
+        f"ReplicatedMergeTree('{shared_replicated_path(table, database)}', '{{shard}}-{{replica}}')"
+    )
+
+
+def shared_replicated_path(table: str, database: str) -> str:
+    """The Keeper path of `shared_replicated_engine`'s table (its `replicas` list its hosts)."""
+    return f"/clickhouse/eventbuffer/{database}/{table}"
 
 
 def create_migrations_table(database: str | None, cluster: str | None = None) -> str:
