@@ -29,10 +29,8 @@ from tests.support.migrations import (
     SKIPPING_INDEXES,
     after,
     applied_details,
-    contend_for_lock,
-    dead_holder,
     now_ms,
-    one_at_a_time,
+    race_for_a_dead_holders_lock,
     row,
     versions,
 )
@@ -261,10 +259,7 @@ def test_a_dead_holders_lock_is_broken_by_one_of_many(cluster: Cluster, tmp_path
         urls = [
             urlunsplit(urlsplit(node.url)._replace(path=f"/{database}")) for node in cluster.nodes
         ]
-        for round in range(2):
-            dead_holder(admin.query, database, cluster.name)
-            lines = contend_for_lock(urls, database, cluster.name, tmp_path / str(round))
-            assert len(lines) == 2 * len(urls) and one_at_a_time(lines), lines
+        race_for_a_dead_holders_lock(admin.query, urls, database, cluster.name, tmp_path, 2)
         for node in cluster.nodes:
             sink = on(node, database)
             try:

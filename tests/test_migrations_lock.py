@@ -7,45 +7,25 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
-
-import pytest
 
 from tests.support.migrations import (
     ALL,
     ONCE,
-    contend_for_lock,
     create_database,
     dead_holder,
     finish,
-    fresh_database_url,
     index_names,
     migrate_together,
-    one_at_a_time,
+    race_for_a_dead_holders_lock,
     start_migrate,
     versions,
 )
-from tests.support.native_server import chdb_server, chdb_serves
 from worker.sinks.migrations import read_records
 from worker.sinks.migrations_lock import break_lock_table, migrations_lock
 from worker.sinks.native import NativeSink
 from worker.sinks.schema import MIGRATIONS_LOCK_TABLE
-
-
-@pytest.fixture(scope="module")
-def server_url() -> Iterator[str]:
-    why = chdb_serves()
-    if why is not None:
-        pytest.skip(f"no ClickHouse 26.x server here: {why}")
-    with chdb_server() as url:
-        yield url
-
-
-@pytest.fixture
-def db_url(server_url: str) -> str:
-    return fresh_database_url(server_url)
 
 
 def test_several_processes_migrate_a_server_at_once(db_url: str) -> None:
@@ -121,11 +101,7 @@ def test_a_dead_holders_lock_is_broken_by_one_of_many(db_url: str, tmp_path: Pat
     database = urlsplit(db_url).path[1:]
     admin = NativeSink(db_url)
     try:
-        for round in range(3):  # the race is not lost every time: three chances
-            dead_holder(admin.query, database, None)
-            lines = contend_for_lock([db_url] * 6, database, None, tmp_path / str(round))
-            assert len(lines) == 12 and one_at_a_time(lines), lines
-        assert not admin.query(f"SHOW TABLES LIKE '{MIGRATIONS_LOCK_TABLE}%'")
+        race_for_a_dead_holders_lock(admin.query, [db_url] * 6, database, None, tmp_path)
     finally:
         admin.close()
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -27,22 +26,19 @@ from tests.support.migrations import (
     after,
     applied_details,
     cli_env,
-    contend_for_lock,
-    dead_holder,
     finish,
     ids,
     migrate_together,
     now_ms,
     old_table,
-    one_at_a_time,
+    race_for_a_dead_holders_lock,
     row,
     versions,
 )
-from tests.support.native_server import local_server, server_binary
 from worker.privacy.clickhouse import record_audit
 from worker.sinks.migrations import MigrationError, read_records, status
 from worker.sinks.native import NativeSink
-from worker.sinks.schema import AUDIT_COLUMNS, AUDIT_TABLE, MIGRATIONS_LOCK_TABLE
+from worker.sinks.schema import AUDIT_COLUMNS, AUDIT_TABLE
 
 # One forget request's audit row (worker.privacy.forget_request's audit_row()).
 AUDIT_ROW = dict.fromkeys((name for name, _ in AUDIT_COLUMNS), 0) | {
@@ -56,16 +52,8 @@ AUDIT_ROW = dict.fromkeys((name for name, _ in AUDIT_COLUMNS), 0) | {
 }
 
 
-@pytest.fixture(scope="module")
-def old_url() -> Iterator[str]:
-    if server_binary() is None:
-        pytest.skip("clickhouse-server (Debian package) is not installed")
-    with local_server() as url:
-        yield url
-
-
-def test_old_server_upgrades_with_recorded_no_ops(old_url: str) -> None:
-    url = old_table(old_url)
+def test_old_server_upgrades_with_recorded_no_ops(old_server_url: str) -> None:
+    url = old_table(old_server_url)
     database = urlsplit(url).path[1:]
     sink = NativeSink(url, require_dedup=False)
     try:
@@ -101,8 +89,8 @@ def test_old_server_upgrades_with_recorded_no_ops(old_url: str) -> None:
         sink.close()
 
 
-def test_old_server_concurrent_migrates_apply_each_version_once(old_url: str) -> None:
-    url = old_table(old_url)
+def test_old_server_concurrent_migrates_apply_each_version_once(old_server_url: str) -> None:
+    url = old_table(old_server_url)
     reports = migrate_together(url, 6, columns=COMPAT_COLUMNS)
     assert all(not isinstance(r, Exception) for r in reports), reports
     assert sorted(len(r.applied) for r in reports) == [0] * 5 + [len(after(1))]
@@ -124,8 +112,8 @@ print([v for v, _, _ in report.applied], report.found)
 """
 
 
-def test_old_server_several_processes_at_once(old_url: str) -> None:
-    url = old_table(old_url)
+def test_old_server_several_processes_at_once(old_server_url: str) -> None:
+    url = old_table(old_server_url)
     database = urlsplit(url).path[1:]
     processes = [
         subprocess.Popen(
@@ -150,16 +138,12 @@ def test_old_server_several_processes_at_once(old_url: str) -> None:
 
 
 def test_old_server_dead_holders_lock_is_broken_by_one_of_many(
-    old_url: str, tmp_path: Path
+    old_server_url: str, tmp_path: Path
 ) -> None:
-    url = old_table(old_url)
+    url = old_table(old_server_url)
     database = urlsplit(url).path[1:]
     admin = NativeSink(url, require_dedup=False)
     try:
-        for round in range(3):  # the race is not lost every time: three chances
-            dead_holder(admin.query, database, None)
-            lines = contend_for_lock([url] * 6, database, None, tmp_path / str(round))
-            assert len(lines) == 12 and one_at_a_time(lines), lines
-        assert not admin.query(f"SHOW TABLES LIKE '{MIGRATIONS_LOCK_TABLE}%'")
+        race_for_a_dead_holders_lock(admin.query, [url] * 6, database, None, tmp_path)
     finally:
         admin.close()

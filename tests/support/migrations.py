@@ -276,3 +276,16 @@ def dead_holder(
     holder = Holder(_host(), gone.pid, int(since))
     run(create_lock_table(database, cluster, str(holder), table))
     return holder
+
+
+def race_for_a_dead_holders_lock(
+    run: Any, urls: list[str], database: str, cluster: str | None, tmp: Path, rounds: int = 3
+) -> None:
+    """`rounds` times (the race between breakers is not lost every time): the lock left
+    to a dead holder, then one process per URL released at once to take it; they must
+    enter one at a time, and leave no lock table behind."""
+    for n in range(rounds):
+        dead_holder(run, database, cluster)
+        lines = contend_for_lock(urls, database, cluster, tmp / str(n))
+        assert len(lines) == 2 * len(urls) and one_at_a_time(lines), lines
+        assert not run(f"SHOW TABLES LIKE '{MIGRATIONS_LOCK_TABLE}%'")
