@@ -259,7 +259,7 @@ def test_a_dead_holders_lock_is_broken_by_one_of_many(cluster: Cluster, tmp_path
         urls = [
             urlunsplit(urlsplit(node.url)._replace(path=f"/{database}")) for node in cluster.nodes
         ]
-        race_for_a_dead_holders_lock(admin.query, urls, database, cluster.name, tmp_path, 2)
+        race_for_a_dead_holders_lock(admin.query, urls, database, cluster.name, tmp_path, 3)
         for node in cluster.nodes:
             sink = on(node, database)
             try:

@@ -1,10 +1,12 @@
-"""One contender for the migrations lock, as its own process (tests/test_migrations_lock*.py).
+"""One contender for the migrations lock, as its own process (tests/support/migrations.py's
+`race_for_a_dead_holders_lock`).
 
-`python -m tests.support.lock_contender URL DATABASE CLUSTER LOG GO`: connects,
-prints `ready`, waits until the file GO exists, takes the lock
-(`migrations_lock`, CLUSTER "" for none), and appends `enter PID` then, after a
-while inside, `exit PID` to LOG. Two contenders inside at once show as two
-`enter` lines in a row; the lock's wait and break messages go to stderr.
+`python -m tests.support.lock_contender URL DATABASE CLUSTER LOG GO`: connects and
+prints `ready`; then, for each line read from stdin (a round), waits until the file
+GO<round> exists, takes the lock (`migrations_lock`, CLUSTER "" for none), appends
+`enter PID` then, after a while inside, `exit PID` to LOG, releases the lock and prints
+`done`. Two contenders inside at once show as two `enter` lines in a row; the lock's
+wait and break messages go to stderr.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from worker.sinks.migrations_lock import migrations_lock
 from worker.sinks.native import NativeSink
 
-INSIDE_S = 0.5  # long enough for a second contender to get in, were the lock broken twice
+INSIDE_S = 0.2  # long enough for a second contender to get in, were the lock broken twice
 
 
 def _append(log: Path, line: str) -> None:
@@ -33,14 +35,17 @@ def main(url: str, database: str, cluster: str, log: str, go: str) -> None:
     try:
         sink.query("SELECT 1")
         print("ready", flush=True)
-        while not Path(go).exists():
-            time.sleep(0.005)
-        with migrations_lock(
-            sink.query, database, cluster or None, on_wait=lambda m: print(m, file=sys.stderr)
-        ):
-            _append(Path(log), f"enter {os.getpid()}")
-            time.sleep(INSIDE_S)
-            _append(Path(log), f"exit {os.getpid()}")
+        for line in sys.stdin:
+            released = Path(f"{go}{line.strip()}")
+            while not released.exists():
+                time.sleep(0.002)
+            with migrations_lock(
+                sink.query, database, cluster or None, on_wait=lambda m: print(m, file=sys.stderr)
+            ):
+                _append(Path(log), f"enter {os.getpid()}")
+                time.sleep(INSIDE_S)
+                _append(Path(log), f"exit {os.getpid()}")
+            print("done", flush=True)
     finally:
         sink.close()
 

@@ -230,17 +230,17 @@ def fresh_database_url(server_url: str) -> str:
     return with_database(server_url, f"eb_{uuid.uuid4().hex[:10]}")
 
 
-def contend_for_lock(urls: list[str], database: str, cluster: str | None, tmp: Path) -> list[str]:
-    """One process per URL takes the migrations lock, all released at the same moment
-    (tests/support/lock_contender.py); every `enter`/`exit` line they logged, in order."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    log, go = tmp / "inside.log", tmp / "go"
+def contenders(urls: list[str], database: str, cluster: str | None, tmp: Path) -> list[Any]:
+    """One process per URL that takes the migrations lock once a round, released at the
+    same moment (tests/support/lock_contender.py), logging to `tmp`/inside.log."""
     contender = [sys.executable, "-m", "tests.support.lock_contender"]
+    log, go = tmp / "inside.log", tmp / "go"
     processes = [
         subprocess.Popen(
             [*contender, url, database, cluster or "", str(log), str(go)],
             env=cli_env(url),
             cwd=ROOT,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -250,9 +250,21 @@ def contend_for_lock(urls: list[str], database: str, cluster: str | None, tmp: P
     for process in processes:
         assert process.stdout is not None
         assert process.stdout.readline().strip() == "ready", finish(process)
-    go.touch()
-    results = [finish(process) for process in processes]
-    assert [code for code, _, _ in results] == [0] * len(urls), results
+    return processes
+
+
+def contend_for_lock(processes: list[Any], tmp: Path, round: int) -> list[str]:
+    """Release every contender for a round; once each is done, the round's `enter`/`exit`
+    lines, in order."""
+    log = tmp / "inside.log"
+    log.write_text("")
+    for process in processes:
+        process.stdin.write(f"{round}\n")
+        process.stdin.flush()
+    (tmp / f"go{round}").touch()
+    for process in processes:
+        line = process.stdout.readline().strip()
+        assert line == "done", (line, finish(process))
     return log.read_text().splitlines()
 
 
@@ -279,13 +291,18 @@ def dead_holder(
 
 
 def race_for_a_dead_holders_lock(
-    run: Any, urls: list[str], database: str, cluster: str | None, tmp: Path, rounds: int = 3
+    run: Any, urls: list[str], database: str, cluster: str | None, tmp: Path, rounds: int = 20
 ) -> None:
     """`rounds` times (the race between breakers is not lost every time): the lock left
     to a dead holder, then one process per URL released at once to take it; they must
     enter one at a time, and leave no lock table behind."""
-    for n in range(rounds):
-        dead_holder(run, database, cluster)
-        lines = contend_for_lock(urls, database, cluster, tmp / str(n))
-        assert len(lines) == 2 * len(urls) and one_at_a_time(lines), lines
-        assert not run(f"SHOW TABLES LIKE '{MIGRATIONS_LOCK_TABLE}%'")
+    processes = contenders(urls, database, cluster, tmp)
+    try:
+        for n in range(rounds):
+            dead_holder(run, database, cluster)
+            lines = contend_for_lock(processes, tmp, n)
+            assert len(lines) == 2 * len(urls) and one_at_a_time(lines), (n, lines)
+            assert not run(f"SHOW TABLES LIKE '{MIGRATIONS_LOCK_TABLE}%'")
+    finally:
+        results = [finish(process) for process in processes]  # stdin closed: they stop
+    assert [code for code, _, _ in results] == [0] * len(urls), results
