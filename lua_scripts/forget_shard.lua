@@ -1,7 +1,7 @@
 #!lua flags=allow-oom
 --[[ forget_shard: erase one person's events from one shard, atomically.
 
-`eventbuffer forget` (worker/privacy/erase.py) found the entries in Python
+`eventbuffer forget` (worker/privacy/buffer_erasure.py) found the entries in Python
 (rows are JSON: matching them here would hold Redis for a whole queue) and
 names each one by where it read it and its exact value. This script removes
 exactly those that are still there and unchanged; whatever moved or changed
@@ -11,7 +11,7 @@ The caller holds the shard's flush lock, so no claim is acknowledged and no
 rows are read ahead while queue rows are removed from the middle of the
 queue. Rows of the open claim (the first `count` rows) are never removed:
 the claim's chunks and dedup tokens must stay what they were. The flusher
-drops them right before its insert instead (worker/privacy/fence.py), and
+drops them right before its insert instead (worker/privacy/tombstones.py), and
 its ack trims them.
 
 KEYS[1]  the shard's queue (LIST of JSON rows)
@@ -89,34 +89,33 @@ if dead_marked > 0 then
   dead_removed = redis.call('LREM', KEYS[3], 0, marker)
 end
 
-local views = 0
-count = tonumber(ARGV[at])
-at = at + 1
-for _ = 1, count do
-  local session, value = ARGV[at], ARGV[at + 1]
-  at = at + 2
-  if redis.call('HGET', KEYS[4], session) == value then
-    redis.call('HDEL', KEYS[4], session)
-    redis.call('ZREM', KEYS[6], session)
-    views = views + 1
-  else
-    missed = missed + 1
+-- The views named at ARGV[from]: a count n, then n pairs (field, exact value).
+-- Removes each field `hash` still holds with that value (and from `index`, a
+-- ZSET, when given); counts the others as missed. Returns how many it removed
+-- and the ARGV position after the pairs.
+local function remove_views(hash, index, from)
+  local removed = 0
+  local n = tonumber(ARGV[from])
+  local pos = from + 1
+  for _ = 1, n do
+    local field, value = ARGV[pos], ARGV[pos + 1]
+    pos = pos + 2
+    if redis.call('HGET', hash, field) == value then
+      redis.call('HDEL', hash, field)
+      if index then
+        redis.call('ZREM', index, field)
+      end
+      removed = removed + 1
+    else
+      missed = missed + 1
+    end
   end
+  return removed, pos
 end
 
-local profile_views = 0
-count = tonumber(ARGV[at])
-at = at + 1
-for _ = 1, count do
-  local field, value = ARGV[at], ARGV[at + 1]
-  at = at + 2
-  if redis.call('HGET', KEYS[5], field) == value then
-    redis.call('HDEL', KEYS[5], field)
-    profile_views = profile_views + 1
-  else
-    missed = missed + 1
-  end
-end
+local views, profile_views
+views, at = remove_views(KEYS[4], KEYS[6], at)
+profile_views, at = remove_views(KEYS[5], nil, at)
 
 local visitors = 0
 if ARGV[1] ~= '' then

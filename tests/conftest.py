@@ -110,6 +110,47 @@ def sink(settings: Settings) -> Iterator[ChdbSink]:
 
 
 @pytest.fixture
+def embedded(tmp_path: Path) -> Iterator[ChdbSink]:
+    """An embedded chDB sink on a data directory of the test's own, not migrated."""
+    made = ChdbSink(str(tmp_path / "clickhouse"))
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture(scope="module")
+def chdb_server_url() -> Iterator[str]:
+    """ClickHouse 26.x from chDB serving the native protocol, one per module."""
+    from tests.support.native_server import chdb_server, chdb_serves
+
+    why = chdb_serves()
+    if why is not None:
+        pytest.skip(f"no ClickHouse 26.x server here: {why}")
+    with chdb_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def old_server_url() -> Iterator[str]:
+    """Debian's ClickHouse 18.16 (`clickhouse-server`), run privately, one per module."""
+    from tests.support.native_server import local_server, server_binary
+
+    if server_binary() is None:
+        pytest.skip("clickhouse-server (Debian package) is not installed")
+    with local_server() as url:
+        yield url
+
+
+@pytest.fixture
+def db_url(chdb_server_url: str) -> str:
+    """A database on the module's chDB server that no test has used (not created yet)."""
+    from tests.support.migrations import fresh_database_url
+
+    return fresh_database_url(chdb_server_url)
+
+
+@pytest.fixture
 def clock() -> ManualClock:
     return ManualClock()
 

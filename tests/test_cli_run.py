@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from tests.support.cli import (
     lingering_connections,
     redis_pids,
     run_cli,
+    running_stack,
     stack_up,
     wait_for,
 )
@@ -42,26 +42,8 @@ def run_stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[st
         CLICKHOUSE_URL=f"chdb://{tmp_path / 'ch'}",
         EVENT_BUFFER_FLUSH_INTERVAL_S="1",
     )
-    log = tmp_path / "run.out"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "run"],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    seen: set[int] = set()
-    try:
+    with running_stack(tmp_path, env) as (process, log, _):
         yield process, env, log
-    finally:
-        seen |= descendants(process.pid)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for pid in seen:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
@@ -168,20 +150,9 @@ def test_run_keeps_its_data_and_logs_to_its_user(tmp_path: Path) -> None:
         CLICKHOUSE_URL="chdb://data/clickhouse",
         EVENT_BUFFER_FLUSH_INTERVAL_S="1",
     )
-    log = tmp_path / "run.out"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "run"],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            umask=0o022,
-        )
-    pids: set[int] = set()
-    try:
+    with running_stack(tmp_path, env, umask=0o022) as (process, log, pids):
         stack_up(process, log)
-        pids = descendants(process.pid)
+        pids |= descendants(process.pid)
         app = create_app(Settings.from_env({"REDIS_URL": env["REDIS_URL"]}))
         try:
             body = {"project_id": "private", "name": "signup", "created_at": BASE_MS}
@@ -194,14 +165,6 @@ def test_run_keeps_its_data_and_logs_to_its_user(tmp_path: Path) -> None:
         )
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0, log.read_text()
-    finally:
-        pids |= descendants(process.pid)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
     assert data.stat().st_mode & 0o777 == 0o700
     found = {path.relative_to(data).parts[0] for path in data.rglob("*")}
     assert {"redis", "logs", "clickhouse", "celerybeat-schedule.dat"} <= found, found

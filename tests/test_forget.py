@@ -20,7 +20,7 @@ import redis as redis_lib
 
 from tests.conftest import Result
 from tests.support.clock import ManualClock
-from tests.support.dates import iso
+from tests.support.people import person_event
 from worker.buffer import EventBuffer
 from worker.claims import Claims
 from worker.deadletters import iter_dead_letters
@@ -51,20 +51,6 @@ def flusher(redis: redis_lib.Redis, settings: Settings, sink: ChdbSink, clock: M
     return Flusher(redis, settings, lambda: sink, clock)
 
 
-def ev(name: str, ms: int, profile: str, session: str = "", **fields: Any) -> dict[str, Any]:
-    event = {
-        "project_id": "p1",
-        "name": name,
-        "created_at": iso(ms),
-        "profile_id": profile,
-        "device_id": f"dev-{profile}",
-        **fields,
-    }
-    if session:
-        event["session_id"] = session
-    return event
-
-
 def rows(sink: ChdbSink, where: str = "1") -> list[tuple[Any, ...]]:
     return sink.query(
         f"SELECT profile_id, name, toUnixTimestamp64Milli(created_at), duration FROM events "
@@ -90,16 +76,20 @@ def seed(buffer: EventBuffer, flusher: Flusher, clock: ManualClock) -> None:
         ingest(
             buffer,
             [
-                ev("screen_view", t, who, f"s-{who}-1", path="/a"),
-                ev("screen_view", t + 5_000, who, f"s-{who}-1", path="/b"),
-                ev("click", t + 6_000, who),
-                ev("session_end", t + 9_000, who, f"s-{who}-1"),
+                person_event("screen_view", t, who, f"s-{who}-1", path="/a"),
+                person_event("screen_view", t + 5_000, who, f"s-{who}-1", path="/b"),
+                person_event("click", t + 6_000, who),
+                person_event("session_end", t + 9_000, who, f"s-{who}-1"),
             ],
             f"flushed-{who}",
         )
     assert flusher.process_buffer().rows == 8
     # Claimed by a flusher that died before its insert: the claim stays open.
-    ingest(buffer, [ev("claimed", t + 10_000, "alice"), ev("claimed", t + 10_000, "bob")], "c")
+    ingest(
+        buffer,
+        [person_event("claimed", t + 10_000, "alice"), person_event("claimed", t + 10_000, "bob")],
+        "c",
+    )
     claim = Claims(buffer.redis).claim(SHARD, "dead-claim", 100, clock.now_ms(), 1000)
     assert claim is not None and len(claim.rows) == 2
     # Queued behind the claim, and last views waiting (session and profile).
@@ -107,14 +97,14 @@ def seed(buffer: EventBuffer, flusher: Flusher, clock: ManualClock) -> None:
         ingest(
             buffer,
             [
-                ev("queued", t + 11_000, who),
-                ev("screen_view", t + 12_000, who, f"s-{who}-2", path="/c"),
-                ev("screen_view", t + 20_000, who, f"s-{who}-2", path="/d"),
+                person_event("queued", t + 11_000, who),
+                person_event("screen_view", t + 12_000, who, f"s-{who}-2", path="/c"),
+                person_event("screen_view", t + 20_000, who, f"s-{who}-2", path="/d"),
             ],
             f"queued-{who}",
         )
         # A dead letter: a country of three letters.
-        ingest(buffer, [ev("bad", t + 13_000, who, country="SWE")], f"dead-{who}")
+        ingest(buffer, [person_event("bad", t + 13_000, who, country="SWE")], f"dead-{who}")
 
 
 def test_forget_erases_the_person_everywhere_and_nothing_else(
@@ -153,12 +143,12 @@ def test_forget_erases_the_person_everywhere_and_nothing_else(
     assert flusher.process_buffer().rows == 1
     assert rows(sink, "profile_id = 'alice'") == []
     # Late events: created before the request, dropped; after it, kept.
-    ingest(buffer, [ev("late", NOW_MS - 1, "alice", "s-alice-2")], "late")
+    ingest(buffer, [person_event("late", NOW_MS - 1, "alice", "s-alice-2")], "late")
     assert all(row["profile_id"] != "alice" for row in queued(redis))  # dropped at ingest
     assert buffer.get_active_visitor_count("p1") == 1  # and not active again
     assert buffer.get_last_screen_view(session_id="s-alice-2") is None
-    ingest(buffer, [ev("new", NOW_MS + 1, "alice")], "new")
-    ingest(buffer, [ev("late", NOW_MS - 1, "bob")], "late-bob")
+    ingest(buffer, [person_event("new", NOW_MS + 1, "alice")], "new")
+    ingest(buffer, [person_event("late", NOW_MS - 1, "bob")], "late-bob")
     flusher.process_buffer()
     assert [r[1] for r in rows(sink, "profile_id = 'alice'")] == ["new"]
     bob_after = rows(sink, "profile_id = 'bob'")
@@ -331,8 +321,10 @@ def test_dead_letters_lose_the_person_only(
     header = DeadLetter(
         reason=REASON_INGEST_FAILED, error="boom", source="ingest", at=t, shard=0, claim="b"
     )
-    alice, bob = ev("click", t, "alice"), ev("click", t, "bob")
-    later = ev("click", NOW_MS + 5_000, "alice")  # after the request: not hers to erase yet
+    alice, bob = person_event("click", t, "alice"), person_event("click", t, "bob")
+    later = person_event(
+        "click", NOW_MS + 5_000, "alice"
+    )  # after the request: not hers to erase yet
     batch = encode_dead_letter(header, json.dumps([alice, bob]).encode())
     body = encode_dead_letter(header, json.dumps([[[alice]], {"kwargs": {}}]).encode())
     junk = encode_dead_letter(header, b'not json "p1" ... "alice"')
@@ -366,8 +358,8 @@ def test_held_events_are_released_then_erased(
     for who in ("alice", "bob"):
         ingest(
             buffer,
-            [ev("screen_view", t, who, f"s-{who}", path="/a"),
-             ev("screen_view", t + 3_000, who, f"s-{who}", path="/b")],
+            [person_event("screen_view", t, who, f"s-{who}", path="/a"),
+             person_event("screen_view", t + 3_000, who, f"s-{who}", path="/b")],
             f"held-{who}",
         )  # fmt: skip
     assert redis.zcard(SHARD.held_due) == 2
@@ -391,11 +383,11 @@ def test_the_view_before_a_forgotten_one_keeps_its_duration(
     """One session: Bob's view A, then a view X under Alice's profile, then (after the
     request) Bob's view B. A lasts until X, as it did before the request; B starts anew."""
     t = NOW_MS - 60_000
-    ingest(buffer, [ev("screen_view", t, "bob", "shared", path="/a")], "a")
-    ingest(buffer, [ev("screen_view", t + 4_000, "alice", "shared", path="/x")], "x")
+    ingest(buffer, [person_event("screen_view", t, "bob", "shared", path="/a")], "a")
+    ingest(buffer, [person_event("screen_view", t + 4_000, "alice", "shared", path="/x")], "x")
     forget(redis, sink, settings, ALICE, clock=clock)
-    ingest(buffer, [ev("screen_view", NOW_MS + 1_000, "bob", "shared", path="/b")], "b")
-    ingest(buffer, [ev("session_end", NOW_MS + 2_000, "bob", "shared")], "end")
+    ingest(buffer, [person_event("screen_view", NOW_MS + 1_000, "bob", "shared", path="/b")], "b")
+    ingest(buffer, [person_event("session_end", NOW_MS + 2_000, "bob", "shared")], "end")
     drain(flusher)
     assert sink.query("SELECT path, duration FROM events ORDER BY created_at") == [
         ("/a", 4_000), ("/b", 0), ("", 0)

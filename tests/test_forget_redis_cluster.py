@@ -14,16 +14,16 @@ from typing import Any
 
 import pytest
 
-from tests.support.dates import iso
-from tests.support.redis_cluster import LoopbackCluster
-from tests.test_redis_cluster import (  # noqa: F401 (fixtures)
+from tests.support.cluster_buffer import (
     SHARDS,
-    client,
-    cluster,
+    client_fixture,  # noqa: F401 (fixture `client`)
+    cluster_fixture,  # noqa: F401 (fixture `cluster`)
     cluster_settings,
-    pytestmark,
-    sink,
+    needs_cluster,
 )
+from tests.support.people import person_event
+from tests.support.redis_cluster import LoopbackCluster
+from tests.test_redis_cluster import sink  # noqa: F401 (a fixture)
 from worker.buffer import EventBuffer
 from worker.flusher import Flusher
 from worker.ingestion import ingest
@@ -33,18 +33,13 @@ from worker.privacy.selector import Selector
 from worker.sinks.chdb import ChdbSink
 from worker.topology import Client
 
+pytestmark = needs_cluster
+
 NOW_MS = time.time_ns() // 1_000_000
 
 
 def event(who: str, session: int, n: int) -> dict[str, Any]:
-    return {
-        "id": str(uuid.uuid4()),
-        "project_id": "p1",
-        "name": "click",
-        "profile_id": who,
-        "session_id": f"{who}-{session}",
-        "created_at": iso(NOW_MS - 60_000 + n),
-    }
+    return person_event("click", NOW_MS - 60_000 + n, who, f"{who}-{session}")
 
 
 @pytest.fixture
@@ -54,8 +49,8 @@ def prefix() -> str:
 
 
 def test_forget_on_a_redis_cluster(
-    cluster: LoopbackCluster,  # noqa: F811
-    client: Client,  # noqa: F811
+    cluster: LoopbackCluster,
+    client: Client,
     sink: ChdbSink,  # noqa: F811
     prefix: str,
     tmp_path: Path,

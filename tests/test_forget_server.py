@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis as redis_lib
 
 from tests.support.clickhouse_cluster import Cluster
-from tests.support.native_server import local_server, server_binary
+from tests.support.people import person_event
 from tests.test_clickhouse_cluster import (  # noqa: F401 (fixtures)
     COMPAT_COLUMNS,
     old_cluster,
@@ -40,30 +39,11 @@ ALICE = Selector("p1", "profile", "alice")
 
 
 def row(who: str, ms: int) -> bytes:
-    return encode_event(
-        parse_event(
-            {
-                "id": str(uuid.uuid4()),
-                "project_id": "p1",
-                "name": "click",
-                "profile_id": who,
-                "session_id": f"s-{who}",
-                "created_at": ms,
-            }
-        )
-    )
+    return encode_event(parse_event(person_event("click", ms, who, f"s-{who}")))
 
 
 def seed_rows() -> list[bytes]:
     return [row(who, NOW_MS - 60_000 + n * 1000) for n in range(20) for who in ("alice", "bob")]
-
-
-@pytest.fixture(scope="module")
-def server_url() -> Iterator[str]:
-    if server_binary() is None:
-        pytest.skip("clickhouse-server (Debian package) is not installed")
-    with local_server() as url:
-        yield url
 
 
 def counts(sink: NativeSink) -> dict[str, int]:
@@ -71,17 +51,17 @@ def counts(sink: NativeSink) -> dict[str, int]:
 
 
 def test_forget_on_the_18_16_server_waits_for_its_mutation(
-    server_url: str, redis: redis_lib.Redis, redis_url: str
+    old_server_url: str, redis: redis_lib.Redis, redis_url: str
 ) -> None:
     db = f"eb_{uuid.uuid4().hex[:10]}"
-    admin = NativeSink(server_url, require_dedup=False)
+    admin = NativeSink(old_server_url, require_dedup=False)
     admin.query(f"CREATE DATABASE {db}")
     columns = ", ".join(f"{name} {kind}" for name, kind in COMPAT_COLUMNS)
     admin.query(
         f"CREATE TABLE {db}.events ({columns}) ENGINE = MergeTree ORDER BY (project_id, id)"
     )
     admin.close()
-    url = with_database(server_url, db)
+    url = with_database(old_server_url, db)
     sink = NativeSink(url, require_dedup=False)
     try:
         [(version,)] = sink.query("SELECT version()")

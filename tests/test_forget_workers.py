@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -39,7 +38,7 @@ from tests.support.celery_procs import (
     project_env,
     worker,
 )
-from tests.support.dates import iso
+from tests.support.people import person_event
 from tests.support.polling import wait_until
 from tests.support.servers import RedisServer
 from worker.buffer import EventBuffer
@@ -61,16 +60,7 @@ def now_ms() -> int:
 
 
 def view(who: str, session: int, ms: int) -> dict[str, Any]:
-    return {
-        "id": str(uuid.uuid4()),
-        "project_id": "p1",
-        "name": "screen_view",
-        "profile_id": who,
-        "device_id": f"dev-{who}",
-        "session_id": f"{who}-{session}",
-        "created_at": iso(ms),
-        "path": f"/{ms}",
-    }
+    return person_event("screen_view", ms, who, f"{who}-{session}", path=f"/{ms}")
 
 
 def end(who: str, session: int, ms: int) -> dict[str, Any]:

@@ -12,7 +12,6 @@ cluster (tests/test_migrations_cluster.py).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +43,6 @@ from worker.sinks.chdb import ChdbSink, path_from_url
 from worker.sinks.migrations import MIGRATIONS, read_records
 from worker.sinks.migrations_lock import _host
 from worker.sinks.schema import AUDIT_COLUMNS, AUDIT_TABLE, COLUMNS
-
-
-@pytest.fixture
-def embedded(tmp_path: Path) -> Iterator[ChdbSink]:
-    sink = ChdbSink(str(tmp_path / "clickhouse"))
-    try:
-        yield sink
-    finally:
-        sink.close()
 
 
 def test_fresh_migrate_applies_every_version_once(embedded: ChdbSink) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,6 +22,7 @@ import pytest
 
 from tests.support.clickhouse_cluster import Cluster, Node, clickhouse_cluster, cluster_unavailable
 from tests.support.migrations import (
+    AUDIT,
     COMPAT_COLUMNS,
     ONCE,
     RETENTION,
@@ -28,6 +30,7 @@ from tests.support.migrations import (
     after,
     applied_details,
     now_ms,
+    race_for_a_dead_holders_lock,
     row,
     versions,
 )
@@ -193,6 +196,44 @@ def test_previous_release_cluster_upgrades_in_place(cluster: Cluster) -> None:
         alone.close()
 
 
+def test_audit_tables_forget_made_before_migrate_become_replicated(cluster: Cluster) -> None:
+    """`forget` through two hosts before any `migrate --cluster` left each a plain audit
+    table: migrate through one converts its own and names what is left; through the
+    other, converts that one; the rows of both are then read on every host."""
+    database = f"eb_{uuid.uuid4().hex[:10]}"
+    first, second = cluster.node(1, 1), cluster.node(2, 2)
+    admin = on(cluster.nodes[0], "default")
+    try:
+        admin.query(f"CREATE DATABASE {database} ON CLUSTER {cluster.name}")
+    finally:
+        admin.close()
+    for node, user in ((first, "ops-a"), (second, "ops-b")):
+        sink = on(node, database)
+        try:
+            record_audit(
+                sink, dict.fromkeys((c for c, _ in AUDIT_COLUMNS), 0) | AUDIT_ROW | {"user": user}
+            )
+        finally:
+            sink.close()
+
+    [refused] = migrate_from([first], database)
+    assert isinstance(refused, MigrationError), refused
+    assert "1 of the 4 hosts" in str(refused) and "unreplicated" in str(refused)
+    [report] = migrate_from([second], database)
+    assert not isinstance(report, Exception), report
+    assert [v for v, _, _ in report.applied] == [AUDIT]
+
+    assert every_node_records(cluster, database) == [ONCE] * 4
+    for node in cluster.nodes:
+        reader = on(node, database)
+        try:
+            reader.query(f"SYSTEM SYNC REPLICA {database}.{AUDIT_TABLE}")
+            users = reader.query(f"SELECT user FROM {AUDIT_TABLE} ORDER BY user")
+            assert users == [("ops-a",), ("ops-b",)], node.name
+        finally:
+            reader.close()
+
+
 def test_retention_is_refused_on_18_16(cluster: Cluster) -> None:
     database = f"eb_{uuid.uuid4().hex[:10]}"
     [report] = migrate_from([cluster.nodes[0]], database, retention_days=30)
@@ -205,3 +246,25 @@ def test_retention_is_refused_on_18_16(cluster: Cluster) -> None:
         assert versions(read_records(sink.query, database)) == before
     finally:
         sink.close()
+
+
+def test_a_dead_holders_lock_is_broken_by_one_of_many(cluster: Cluster, tmp_path: Path) -> None:
+    """A dead holder's lock found by a migrate on each host at once: one breaks it, on every
+    host. (The ordered DDL queue makes two breakers rare here: this checks the break on a
+    cluster; tests/test_migrations_lock.py shows the race.)"""
+    database = f"eb_{uuid.uuid4().hex[:10]}"
+    admin = on(cluster.nodes[0], "default")
+    try:
+        admin.query(f"CREATE DATABASE {database} ON CLUSTER {cluster.name}")
+        urls = [
+            urlunsplit(urlsplit(node.url)._replace(path=f"/{database}")) for node in cluster.nodes
+        ]
+        race_for_a_dead_holders_lock(admin.query, urls, database, cluster.name, tmp_path, 3)
+        for node in cluster.nodes:
+            sink = on(node, database)
+            try:
+                assert not sink.query(f"SHOW TABLES LIKE '{MIGRATIONS_LOCK_TABLE}%'"), node.name
+            finally:
+                sink.close()
+    finally:
+        admin.close()

@@ -6,43 +6,26 @@ a `migrate` waits for the lock's holder, and a dead holder's lock is broken.
 from __future__ import annotations
 
 import os
-import subprocess
 import time
-from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
-
-import pytest
 
 from tests.support.migrations import (
     ALL,
     ONCE,
     create_database,
+    dead_holder,
     finish,
-    fresh_database_url,
     index_names,
     migrate_together,
+    race_for_a_dead_holders_lock,
     start_migrate,
     versions,
 )
-from tests.support.native_server import chdb_server, chdb_serves
 from worker.sinks.migrations import read_records
-from worker.sinks.migrations_lock import _host, migrations_lock
+from worker.sinks.migrations_lock import break_lock_table, migrations_lock
 from worker.sinks.native import NativeSink
-from worker.sinks.schema import MIGRATIONS_LOCK_TABLE, create_lock_table
-
-
-@pytest.fixture(scope="module")
-def server_url() -> Iterator[str]:
-    why = chdb_serves()
-    if why is not None:
-        pytest.skip(f"no ClickHouse 26.x server here: {why}")
-    with chdb_server() as url:
-        yield url
-
-
-@pytest.fixture
-def db_url(server_url: str) -> str:
-    return fresh_database_url(server_url)
+from worker.sinks.schema import MIGRATIONS_LOCK_TABLE
 
 
 def test_several_processes_migrate_a_server_at_once(db_url: str) -> None:
@@ -99,17 +82,41 @@ def test_migrate_waits_for_the_lock_holder(db_url: str) -> None:
 def test_a_dead_holders_lock_is_broken(db_url: str) -> None:
     create_database(db_url)
     database = urlsplit(db_url).path[1:]
-    gone = subprocess.Popen(["true"])
-    gone.wait()
     admin = NativeSink(db_url)
     try:
-        [(since,)] = admin.query("SELECT toUInt32(toUnixTimestamp(now()))")
-        admin.query(
-            create_lock_table(database, None, f"host={_host()} pid={gone.pid} since={since}")
-        )
+        dead_holder(admin.query, database, None)
         seen: list[str] = []
         report = admin.migrate(on_wait=seen.append)
         assert [v for v, _, _ in report.applied] == ALL
         assert seen and seen[0].startswith("breaking the migrations lock") and "gone" in seen[0]
+    finally:
+        admin.close()
+
+
+def test_a_dead_holders_lock_is_broken_by_one_of_many(db_url: str, tmp_path: Path) -> None:
+    """Six processes find the same dead holder's lock at once: one breaks it, and the
+    lock still lets one in at a time (two breakers would each drop the lock, the second
+    dropping the one the first had just taken)."""
+    create_database(db_url)
+    database = urlsplit(db_url).path[1:]
+    admin = NativeSink(db_url)
+    try:
+        race_for_a_dead_holders_lock(admin.query, [db_url] * 6, database, None, tmp_path)
+    finally:
+        admin.close()
+
+
+def test_a_dead_breakers_break_lock_is_broken_too(db_url: str) -> None:
+    """A breaker killed between taking the right to break and dropping it: the next
+    waiter breaks its break lock, then the lock."""
+    create_database(db_url)
+    database = urlsplit(db_url).path[1:]
+    admin = NativeSink(db_url)
+    try:
+        stale = dead_holder(admin.query, database, None)
+        dead_holder(admin.query, database, None, break_lock_table(stale))
+        report = admin.migrate()
+        assert [v for v, _, _ in report.applied] == ALL
+        assert not admin.query(f"SHOW TABLES LIKE '{MIGRATIONS_LOCK_TABLE}%'")
     finally:
         admin.close()

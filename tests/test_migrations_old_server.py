@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -31,10 +31,10 @@ from tests.support.migrations import (
     migrate_together,
     now_ms,
     old_table,
+    race_for_a_dead_holders_lock,
     row,
     versions,
 )
-from tests.support.native_server import local_server, server_binary
 from worker.privacy.clickhouse import record_audit
 from worker.sinks.migrations import MigrationError, read_records, status
 from worker.sinks.native import NativeSink
@@ -52,16 +52,8 @@ AUDIT_ROW = dict.fromkeys((name for name, _ in AUDIT_COLUMNS), 0) | {
 }
 
 
-@pytest.fixture(scope="module")
-def old_url() -> Iterator[str]:
-    if server_binary() is None:
-        pytest.skip("clickhouse-server (Debian package) is not installed")
-    with local_server() as url:
-        yield url
-
-
-def test_old_server_upgrades_with_recorded_no_ops(old_url: str) -> None:
-    url = old_table(old_url)
+def test_old_server_upgrades_with_recorded_no_ops(old_server_url: str) -> None:
+    url = old_table(old_server_url)
     database = urlsplit(url).path[1:]
     sink = NativeSink(url, require_dedup=False)
     try:
@@ -97,8 +89,8 @@ def test_old_server_upgrades_with_recorded_no_ops(old_url: str) -> None:
         sink.close()
 
 
-def test_old_server_concurrent_migrates_apply_each_version_once(old_url: str) -> None:
-    url = old_table(old_url)
+def test_old_server_concurrent_migrates_apply_each_version_once(old_server_url: str) -> None:
+    url = old_table(old_server_url)
     reports = migrate_together(url, 6, columns=COMPAT_COLUMNS)
     assert all(not isinstance(r, Exception) for r in reports), reports
     assert sorted(len(r.applied) for r in reports) == [0] * 5 + [len(after(1))]
@@ -120,8 +112,8 @@ print([v for v, _, _ in report.applied], report.found)
 """
 
 
-def test_old_server_several_processes_at_once(old_url: str) -> None:
-    url = old_table(old_url)
+def test_old_server_several_processes_at_once(old_server_url: str) -> None:
+    url = old_table(old_server_url)
     database = urlsplit(url).path[1:]
     processes = [
         subprocess.Popen(
@@ -143,3 +135,15 @@ def test_old_server_several_processes_at_once(old_url: str) -> None:
         assert versions(read_records(sink.query, database)) == ONCE
     finally:
         sink.close()
+
+
+def test_old_server_dead_holders_lock_is_broken_by_one_of_many(
+    old_server_url: str, tmp_path: Path
+) -> None:
+    url = old_table(old_server_url)
+    database = urlsplit(url).path[1:]
+    admin = NativeSink(url, require_dedup=False)
+    try:
+        race_for_a_dead_holders_lock(admin.query, [url] * 6, database, None, tmp_path)
+    finally:
+        admin.close()

@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,30 +27,14 @@ from tests.support.migrations import (
     create_database,
     engine_full,
     flush_all,
-    fresh_database_url,
     ids,
     index_names,
     versions,
 )
-from tests.support.native_server import chdb_server, chdb_serves
 from tests.test_crash_safety import make_events, send
 from worker.settings import Settings
 from worker.sinks.migrations import read_records
 from worker.sinks.native import NativeSink
-
-
-@pytest.fixture(scope="module")
-def server_url() -> Iterator[str]:
-    why = chdb_serves()
-    if why is not None:
-        pytest.skip(f"no ClickHouse 26.x server here: {why}")
-    with chdb_server() as url:
-        yield url
-
-
-@pytest.fixture
-def db_url(server_url: str) -> str:
-    return fresh_database_url(server_url)
 
 
 def test_rolling_upgrade_flushes_queued_rows_into_the_migrated_table(

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Result
-from tests.support.native_server import chdb_server, chdb_serves, local_server, server_binary
+from tests.support.native_server import local_server, server_binary
 from worker.cli.statement import Node, _code, check, tree
 
 # Characters ClickHouse's lexer skips as whitespace, which Python's \s does not all match.
@@ -64,15 +64,6 @@ def listener() -> Iterator[Listener]:
     server.close()
 
 
-@pytest.fixture(scope="module")
-def server_url() -> Iterator[str]:
-    why = chdb_serves()
-    if why is not None:
-        pytest.skip(why)
-    with chdb_server() as url:
-        yield url
-
-
 @pytest.fixture(params=["chdb", "server"])
 def query(
     request: pytest.FixtureRequest,
@@ -81,7 +72,7 @@ def query(
 ) -> Callable[..., Result]:
     """`eventbuffer query ARGS` against embedded chDB or a ClickHouse 26 server."""
     if request.param == "server":
-        monkeypatch.setenv("CLICKHOUSE_URL", request.getfixturevalue("server_url"))
+        monkeypatch.setenv("CLICKHOUSE_URL", request.getfixturevalue("chdb_server_url"))
     assert run_main("migrate").code == 0
 
     def invoke(*argv: str) -> Result:

@@ -32,17 +32,16 @@ from tests.support.cluster_buffer import (
     SESSIONS_PER_BATCH,
     SHARDS,
     batches,
+    client_fixture,  # noqa: F401 (fixture `client`)
+    cluster_fixture,  # noqa: F401 (fixture `cluster`)
     cluster_settings,
     keys_by_master,
     landed,
+    needs_cluster,
     shard_master,
     stopped,
 )
-from tests.support.redis_cluster import (
-    LoopbackCluster,
-    cluster_unavailable,
-    redis_cluster,
-)
+from tests.support.redis_cluster import LoopbackCluster
 from tests.support.traffic import ReferenceTraffic
 from worker.buffer import EventBuffer
 from worker.deadletters import iter_dead_letters
@@ -60,26 +59,9 @@ from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink
 from worker.state import read_state
 from worker.sweeper import Sweeper
-from worker.topology import Client, connect
+from worker.topology import Client
 
-pytestmark = pytest.mark.skipif(
-    cluster_unavailable() is not None, reason=str(cluster_unavailable())
-)
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LoopbackCluster]:
-    with redis_cluster() as started:
-        yield started
-
-
-@pytest.fixture
-def client(cluster: LoopbackCluster) -> Iterator[Client]:
-    made = connect(cluster_settings(cluster, "x", Path("/nonexistent")), socket_timeout=5)
-    try:
-        yield made
-    finally:
-        made.close()
+pytestmark = needs_cluster
 
 
 @pytest.fixture

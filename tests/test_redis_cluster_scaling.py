@@ -6,48 +6,28 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis as redis_lib
 
 from tests.support.cluster_buffer import (
     SHARDS,
+    client_fixture,  # noqa: F401 (fixture `client`)
+    cluster_fixture,  # noqa: F401 (fixture `cluster`)
     cluster_settings,
+    needs_cluster,
     shard_master,
 )
-from tests.support.redis_cluster import (
-    LoopbackCluster,
-    cluster_unavailable,
-    redis_cluster,
-)
+from tests.support.redis_cluster import LoopbackCluster
 from tests.support.servers import start_redis
 from tests.support.traffic import RealisticTraffic
 from worker.buffer import EventBuffer
 from worker.ingestion import ingest
 from worker.keys import Keyspace
 from worker.settings import Settings
-from worker.topology import Client, connect
+from worker.topology import Client
 
-pytestmark = pytest.mark.skipif(
-    cluster_unavailable() is not None, reason=str(cluster_unavailable())
-)
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LoopbackCluster]:
-    with redis_cluster() as started:
-        yield started
-
-
-@pytest.fixture
-def client(cluster: LoopbackCluster) -> Iterator[Client]:
-    made = connect(cluster_settings(cluster, "x", Path("/nonexistent")), socket_timeout=5)
-    try:
-        yield made
-    finally:
-        made.close()
+pytestmark = needs_cluster
 
 
 BALANCE = {0: 0, 1: 1}  # shard -> index of the master (by slot range) it is moved to

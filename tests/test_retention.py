@@ -6,10 +6,7 @@ dead-letters an event already past the retention.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import redis as redis_lib
 
 from tests.support.migrations import (
@@ -31,15 +28,6 @@ from worker.retention import REASON_PAST_RETENTION
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink
 from worker.sinks.migrations import read_records
-
-
-@pytest.fixture
-def embedded(tmp_path: Path) -> Iterator[ChdbSink]:
-    sink = ChdbSink(str(tmp_path / "clickhouse"))
-    try:
-        yield sink
-    finally:
-        sink.close()
 
 
 def test_retention_on_a_new_table(embedded: ChdbSink) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +139,34 @@ def lingering_connections(port: int) -> int:
 def run_main_redis(redis: redis_lib.Redis) -> str:
     kwargs = redis.connection_pool.connection_kwargs
     return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+
+
+@contextmanager
+def running_stack(
+    cwd: Path, env: dict[str, str], **popen: Any
+) -> Iterator[tuple[subprocess.Popen[bytes], Path, set[int]]]:
+    """`eventbuffer run` in `cwd`, its output in `cwd`/run.out: (the process, that log,
+    the set of its processes to kill on the way out, which a test may add to: those it
+    started are found again then, but not once `run` has exited). Whatever of them still
+    runs at the end is killed."""
+    log = cwd / "run.out"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run"],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            **popen,
+        )
+    seen: set[int] = set()
+    try:
+        yield process, log, seen
+    finally:
+        seen |= descendants(process.pid)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pid in seen:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -10,20 +10,46 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support.redis_cluster import (
     ClusterNodeServer,
     LoopbackCluster,
+    cluster_unavailable,
+    redis_cluster,
 )
 from tests.support.traffic import ReferenceTraffic
 from worker.keys import Keyspace
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink
-from worker.topology import Client
+from worker.topology import Client, connect
 
 SHARDS = 6
 
 
 SESSIONS_PER_BATCH = 40  # 280 events per batch
+
+# A module of tests on the loopback cluster: skipped, saying why, where it cannot start.
+needs_cluster = pytest.mark.skipif(
+    cluster_unavailable() is not None, reason=str(cluster_unavailable())
+)
+
+
+# Fixtures `cluster` (one per module) and `client` (of it, per test), for the modules that
+# import them (under other names: a test's parameter then shadows no import).
+@pytest.fixture(scope="module", name="cluster")
+def cluster_fixture() -> Iterator[LoopbackCluster]:
+    with redis_cluster() as started:
+        yield started
+
+
+@pytest.fixture(name="client")
+def client_fixture(cluster: LoopbackCluster) -> Iterator[Client]:
+    made = connect(cluster_settings(cluster, "x", Path("/nonexistent")), socket_timeout=5)
+    try:
+        yield made
+    finally:
+        made.close()
 
 
 def cluster_settings(cluster: LoopbackCluster, prefix: str, tmp: Path, **env: str) -> Settings:

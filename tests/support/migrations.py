@@ -22,7 +22,9 @@ from worker.flusher import Flusher
 from worker.settings import Settings
 from worker.sinks.base import RetryableSinkError
 from worker.sinks.migrations import MIGRATIONS, Record
+from worker.sinks.migrations_lock import Holder, _host
 from worker.sinks.native import NativeSink
+from worker.sinks.schema import MIGRATIONS_LOCK_TABLE, create_lock_table
 
 ROOT = Path(__file__).resolve().parents[2]
 DAY_MS = 86_400_000
@@ -226,3 +228,81 @@ def flush_all(redis: redis_lib.Redis, settings: Settings, stop: threading.Event 
 def fresh_database_url(server_url: str) -> str:
     """The URL of a database no test has used (created by `migrate`, or by the test)."""
     return with_database(server_url, f"eb_{uuid.uuid4().hex[:10]}")
+
+
+def contenders(urls: list[str], database: str, cluster: str | None, tmp: Path) -> list[Any]:
+    """One process per URL that takes the migrations lock once a round, released at the
+    same moment (tests/support/lock_contender.py), logging to `tmp`/inside.log."""
+    contender = [sys.executable, "-m", "tests.support.lock_contender"]
+    log, go = tmp / "inside.log", tmp / "go"
+    processes = [
+        subprocess.Popen(
+            [*contender, url, database, cluster or "", str(log), str(go)],
+            env=cli_env(url),
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for url in urls
+    ]
+    for process in processes:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready", finish(process)
+    return processes
+
+
+def contend_for_lock(processes: list[Any], tmp: Path, round: int) -> list[str]:
+    """Release every contender for a round; once each is done, the round's `enter`/`exit`
+    lines, in order."""
+    log = tmp / "inside.log"
+    log.write_text("")
+    for process in processes:
+        process.stdin.write(f"{round}\n")
+        process.stdin.flush()
+    (tmp / f"go{round}").touch()
+    for process in processes:
+        line = process.stdout.readline().strip()
+        assert line == "done", (line, finish(process))
+    return log.read_text().splitlines()
+
+
+def one_at_a_time(lines: list[str]) -> bool:
+    """Whether the contenders' log shows each `enter` followed by its own `exit`."""
+    pairs = [lines[n : n + 2] for n in range(0, len(lines), 2)]
+    return all(
+        len(pair) == 2 and pair[0].startswith("enter ") and pair[1] == "exit " + pair[0][6:]
+        for pair in pairs
+    )
+
+
+def dead_holder(
+    run: Any, database: str, cluster: str | None, table: str = MIGRATIONS_LOCK_TABLE
+) -> Holder:
+    """Leave the migrations lock (or `table`) held by a process of this host that no
+    longer runs; that holder."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    [(since,)] = run("SELECT toUInt32(toUnixTimestamp(now()))")
+    holder = Holder(_host(), gone.pid, int(since))
+    run(create_lock_table(database, cluster, str(holder), table))
+    return holder
+
+
+def race_for_a_dead_holders_lock(
+    run: Any, urls: list[str], database: str, cluster: str | None, tmp: Path, rounds: int = 20
+) -> None:
+    """`rounds` times (the race between breakers is not lost every time): the lock left
+    to a dead holder, then one process per URL released at once to take it; they must
+    enter one at a time, and leave no lock table behind."""
+    processes = contenders(urls, database, cluster, tmp)
+    try:
+        for n in range(rounds):
+            dead_holder(run, database, cluster)
+            lines = contend_for_lock(processes, tmp, n)
+            assert len(lines) == 2 * len(urls) and one_at_a_time(lines), (n, lines)
+            assert not run(f"SHOW TABLES LIKE '{MIGRATIONS_LOCK_TABLE}%'")
+    finally:
+        results = [finish(process) for process in processes]  # stdin closed: they stop
+    assert [code for code, _, _ in results] == [0] * len(urls), results

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from worker.errors import SinkError
 from worker.sinks.schema import (
+    AUDIT_COLUMNS,
     AUDIT_ORDER_BY,
     AUDIT_TABLE,
     COLUMNS,
@@ -49,6 +50,7 @@ from worker.sinks.schema import (
     remove_ttl,
     retention_ttl,
     shared_replicated_engine,
+    shared_replicated_path,
     string_literal,
 )
 
@@ -83,6 +85,9 @@ class Plan:
     definition: str  # what the checksum covers
     statements: tuple[str, ...]
     detail: str  # recorded, and shown by --status
+    # Run after the statements, before the record: raises MigrationError if they
+    # left something this host cannot fix (the migration stays pending).
+    verify: Callable[[Run], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,68 @@ def table_migration(name: str, body: str, *, order_by: str) -> Callable[[Target,
     return plan
 
 
+_audit_replicated = table_migration(AUDIT_TABLE, audit_body(), order_by=AUDIT_ORDER_BY)
+# Where migration 4 keeps a host's unreplicated audit table while it copies its rows.
+AUDIT_UNREPLICATED = f"{AUDIT_TABLE}_unreplicated"
+
+
+def _audit_table(target: Target, run: Run) -> Plan:
+    """The forget audit table. On a cluster, `eventbuffer forget` run before `migrate
+    --cluster` left a plain MergeTree on the host it talked to, which the CREATE ... IF
+    NOT EXISTS ON CLUSTER would keep: this host's is set aside, the replicated table
+    created, its rows copied in (the same block twice is dropped by the replicated
+    table's dedup, should a `migrate` stopped after the copy run again) and it is
+    dropped. Another host's cannot be reached from here: `verify` fails naming how many,
+    and `migrate --cluster` run through each converts it."""
+    plan = _audit_replicated(target, run)
+    if target.cluster is None:
+        return plan
+    database = str(target.database)
+    audit, kept = qualified(AUDIT_TABLE, database), qualified(AUDIT_UNREPLICATED, database)
+    engines = {
+        str(name): str(engine)
+        for name, engine in run(
+            "SELECT name, engine FROM system.tables WHERE "
+            f"database = {string_literal(database)} AND name IN "
+            f"({string_literal(AUDIT_TABLE)}, {string_literal(AUDIT_UNREPLICATED)})"
+        )
+    }
+    statements = list(plan.statements)
+    plain = AUDIT_TABLE in engines and not engines[AUDIT_TABLE].startswith("Replicated")
+    if plain:
+        statements.insert(0, f"RENAME TABLE {audit} TO {kept}")
+    if plain or AUDIT_UNREPLICATED in engines:
+        columns = ", ".join(name for name, _ in AUDIT_COLUMNS)
+        statements += [
+            f"INSERT INTO {audit} ({columns}) SELECT {columns} FROM {kept}",
+            f"DROP TABLE {kept}",
+        ]
+    cluster = str(target.cluster)
+
+    def every_host_a_replica(run: Run) -> None:
+        [(hosts,)] = run(
+            f"SELECT count() FROM system.clusters WHERE cluster = {string_literal(cluster)}"
+        )
+        path = shared_replicated_path(AUDIT_TABLE, database)
+        replicas = sorted(
+            str(name)
+            for (name,) in run(
+                "SELECT name FROM system.zookeeper WHERE "
+                f"path = {string_literal(path + '/replicas')}"
+            )
+        )
+        if len(replicas) < int(hosts):
+            raise MigrationError(
+                f"{int(hosts) - len(replicas)} of the {int(hosts)} hosts of cluster "
+                f"`{cluster}` keep an unreplicated `{AUDIT_TABLE}` (`eventbuffer forget` ran "
+                f"there before `migrate --cluster`): run `eventbuffer migrate --cluster "
+                f"{cluster}` with CLICKHOUSE_URL naming each of them, which converts its "
+                f"table, rows kept (the hosts already replicas: {', '.join(replicas)})"
+            )
+
+    return Plan(plan.definition, tuple(statements), plan.detail, every_host_a_replica)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events table", _events_table),
     Migration(2, "skipping indexes", _skipping_indexes, reapply=True),
@@ -193,6 +260,6 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         4,
         "forget audit table",
-        table_migration(AUDIT_TABLE, audit_body(), order_by=AUDIT_ORDER_BY),
+        _audit_table,
     ),
 )

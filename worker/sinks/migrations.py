@@ -249,6 +249,8 @@ def migrate(
                 continue
             for statement in plan.statements:
                 run(statement)
+            if plan.verify is not None:
+                plan.verify(run)
             _record(run, target, migration, check, plan.detail, len(history or ()) + 1)
             report.applied.append((migration.version, migration.name, plan.detail))
             report.created |= migration.version == 1

@@ -14,10 +14,22 @@ at once when its holder was a process of this host that no longer runs, else
 after `lock_timeout_s`. Every migration's DDL is idempotent
 (worker/sinks/migration_plans.py), so even a lock broken while its holder
 still ran could only repeat work, never undo it.
+
+Breaking is itself exclusive: several waiters may find the same stale lock,
+and two that each dropped it would let two in (the second breaker dropping
+the lock the first had just taken again). So the right to break the lock of
+one holder is a second lock, `eventbuffer_migrations_lock_break_<digest of
+that holder>`, taken the same way. Its winner reads the holder again, drops
+the lock only if it is still that holder's (no one else may drop it: they
+would need the break lock), drops the break lock and then takes the lock
+through the normal path like every other waiter; the losers go back to
+waiting. A break lock whose own holder died is broken the same way (its name
+is then the digest of that breaker).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -58,10 +70,12 @@ def _server_now(run: Run) -> int:
     return int(run("SELECT toUInt32(toUnixTimestamp(now()))")[0][0])
 
 
-def read_holder(run: Run, database: str | None) -> Holder | None:
+def read_holder(
+    run: Run, database: str | None, table: str = MIGRATIONS_LOCK_TABLE
+) -> Holder | None:
     rows = run(
         "SELECT default_expression FROM system.columns WHERE "
-        f"database = {database_expr(database)} AND table = {string_literal(MIGRATIONS_LOCK_TABLE)} "
+        f"database = {database_expr(database)} AND table = {string_literal(table)} "
         "AND name = 'holder'"
     )
     if not rows:
@@ -71,6 +85,12 @@ def read_holder(run: Run, database: str | None) -> Holder | None:
     if match is None:
         return Holder(text, 0, 0)
     return Holder(match["host"], int(match["pid"]), int(match["since"]))
+
+
+def break_lock_table(holder: Holder) -> str:
+    """The table whose CREATE wins the right to break `holder`'s lock."""
+    digest = hashlib.sha256(str(holder).encode()).hexdigest()[:16]
+    return f"{MIGRATIONS_LOCK_TABLE}_break_{digest}"
 
 
 def _process_gone(pid: int) -> bool:
@@ -89,6 +109,45 @@ def _host() -> str:
 
 def _already_exists(exc: SinkError) -> bool:
     return exc.code == TABLE_ALREADY_EXISTS or "already exists" in str(exc)
+
+
+def _stale(holder: Holder, me: Holder, timeout_s: float) -> str | None:
+    """Why `holder`'s lock may be broken, or None while it may not."""
+    if holder.host == me.host and holder.pid != me.pid and _process_gone(holder.pid):
+        return "its process is gone"
+    if me.since - holder.since > timeout_s:
+        return f"held over {timeout_s:g} s"
+    return None
+
+
+def _break(
+    run: Run,
+    database: str | None,
+    cluster: str | None,
+    table: str,
+    stale: Holder,
+    me: Holder,
+    timeout_s: float,
+) -> bool:
+    """Drop `table` (a lock) if it is still `stale`'s, as the only breaker of `stale`'s
+    lock: whether this call dropped it."""
+    guard = break_lock_table(stale)
+    try:
+        run(create_lock_table(database, cluster, str(me), guard))
+    except SinkError as exc:
+        if not _already_exists(exc):
+            raise
+        breaker = read_holder(run, database, guard)
+        if breaker is not None and _stale(breaker, me, timeout_s) is not None:
+            _break(run, database, cluster, guard, breaker, me, timeout_s)
+        return False  # another waiter breaks it (or, its breaker dead, it was just cleared)
+    try:
+        if read_holder(run, database, table) != stale:
+            return False  # released, or broken and taken again, since it was read
+        run(drop_lock_table(database, cluster, table))
+        return True
+    finally:
+        run(drop_lock_table(database, cluster, guard))
 
 
 @contextmanager
@@ -113,12 +172,12 @@ def migrations_lock(
         holder = read_holder(run, database)
         if holder is None:
             continue  # released in between: try again
-        dead = holder.host == me.host and holder.pid != me.pid and _process_gone(holder.pid)
-        if dead or me.since - holder.since > timeout_s:
+        why = _stale(holder, me, timeout_s)
+        if why is not None and _break(
+            run, database, cluster, MIGRATIONS_LOCK_TABLE, holder, me, timeout_s
+        ):
             if on_wait is not None:
-                why = "its process is gone" if dead else f"held over {timeout_s:g} s"
                 on_wait(f"breaking the migrations lock of {holder} ({why})")
-            run(drop_lock_table(database, cluster))
             continue
         if on_wait is not None and holder != shown:
             on_wait(f"waiting for another migrate to finish ({holder})")

@@ -184,8 +184,14 @@ def shared_replicated_engine(table: str, database: str) -> str:
     """A ReplicatedMergeTree every host of the cluster is a replica of (one Keeper path
     for all shards): a small bookkeeping table that reads the same from any host. The
     replica name joins the host's `{shard}` and `{replica}` macros, unique per host."""
-    path = f"/clickhouse/eventbuffer/{database}/{table}"
-    return f"ReplicatedMergeTree('{path}', '{{shard}}-{{replica}}')"
+    return (
+        f"ReplicatedMergeTree('{shared_replicated_path(table, database)}', '{{shard}}-{{replica}}')"
+    )
+
+
+def shared_replicated_path(table: str, database: str) -> str:
+    """The Keeper path of `shared_replicated_engine`'s table (its `replicas` list its hosts)."""
+    return f"/clickhouse/eventbuffer/{database}/{table}"
 
 
 def create_migrations_table(database: str | None, cluster: str | None = None) -> str:
@@ -209,18 +215,23 @@ def create_migrations_table(database: str | None, cluster: str | None = None) ->
     )
 
 
-def create_lock_table(database: str | None, cluster: str | None, holder: str) -> str:
-    """Taking the migrations lock: a CREATE without IF NOT EXISTS, which exactly one of
-    several concurrent callers wins (on a cluster, through the ordered DDL queue)."""
+def create_lock_table(
+    database: str | None, cluster: str | None, holder: str, table: str = MIGRATIONS_LOCK_TABLE
+) -> str:
+    """Taking the migrations lock (or, `table`, the right to break a stale one): a CREATE
+    without IF NOT EXISTS, which exactly one of several concurrent callers wins (on a
+    cluster, through the ordered DDL queue)."""
     quoted = holder.replace("\\", "\\\\").replace("'", "\\'")
     return (
-        f"CREATE TABLE {qualified(MIGRATIONS_LOCK_TABLE, database)}{on_cluster(cluster)} "
+        f"CREATE TABLE {qualified(table, database)}{on_cluster(cluster)} "
         f"(holder String DEFAULT '{quoted}') ENGINE = Memory"
     )
 
 
-def drop_lock_table(database: str | None, cluster: str | None) -> str:
-    return f"DROP TABLE IF EXISTS {qualified(MIGRATIONS_LOCK_TABLE, database)}{on_cluster(cluster)}"
+def drop_lock_table(
+    database: str | None, cluster: str | None, table: str = MIGRATIONS_LOCK_TABLE
+) -> str:
+    return f"DROP TABLE IF EXISTS {qualified(table, database)}{on_cluster(cluster)}"
 
 
 def add_skipping_indexes(table: str, database: str | None, cluster: str | None) -> list[str]:
