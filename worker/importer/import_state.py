@@ -18,6 +18,13 @@ command again finds it. It holds:
 
 Each step commits with the progress it made, in one SQLite transaction
 (WAL; a process killed at any point loses only the uncommitted step).
+`synchronous = OFF`: a commit is in the WAL file (the OS's page cache) when
+COMMIT returns, without an fsync. A killed process (SIGKILL included) loses
+nothing committed, since the page cache outlives it; a power loss or an OS
+crash may lose the last commits or damage the file. Lost commits are redone,
+and what they had inserted is found by the check against the table; a
+damaged state stops the import (exit 1) until its directory is removed, and
+the re-run, starting anew, finds every row already in ClickHouse.
 """
 
 from __future__ import annotations
@@ -82,7 +89,8 @@ _BY_SESSION = (
     "CREATE INDEX IF NOT EXISTS rows_by_session ON rows (grp, ms, id, kind, own) WHERE grp != ''"
 )
 _BY_TIME = (
-    "CREATE INDEX IF NOT EXISTS rows_by_time ON rows (ms, id, file, project, dup, dur, sess, row)"
+    "CREATE INDEX IF NOT EXISTS rows_by_time "
+    "ON rows (ms, id, file, line, project, dup, own, dur, sess, row)"
 )
 
 # One row as the state keeps it (the columns of `rows` up to `row`).
@@ -95,7 +103,7 @@ class ImportState:
         directory.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(directory / STATE_FILE, isolation_level=None)
         self.db.execute("PRAGMA journal_mode = WAL")
-        self.db.execute("PRAGMA synchronous = NORMAL")
+        self.db.execute("PRAGMA synchronous = OFF")
         self.db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         self.db.execute("PRAGMA temp_store = FILE")
         self.db.executescript(_SCHEMA)
@@ -210,10 +218,10 @@ class ImportState:
     # inserting -------------------------------------------------------------
 
     def time_page(self, after: tuple[int, str], limit: int) -> list[tuple[Any, ...]]:
-        """(ms, id, file, project, dup, dur, sess, row) of the next `limit` rows after
+        """(ms, id, file, line, project, dup, own, dur, sess, row) of the next `limit` rows after
         `after` (ms, id) by created_at, and every other row with the last one's (ms, id):
         copies of one event never straddle two chunks."""
-        columns = "ms, id, file, project, dup, dur, sess, row"
+        columns = "ms, id, file, line, project, dup, own, dur, sess, row"
         page = self.db.execute(
             f"SELECT {columns} FROM rows INDEXED BY rows_by_time "
             "WHERE (ms, id) > (?, ?) ORDER BY ms, id LIMIT ?",
@@ -244,10 +252,18 @@ class ImportState:
         self.commit()
 
     def chunk_done(
-        self, idx: int, after: tuple[int, str], counts: dict[int, tuple[int, int]]
+        self,
+        idx: int,
+        after: tuple[int, str],
+        counts: dict[int, tuple[int, int]],
+        rejects: Sequence[tuple[int, int, str, str, str]] = (),
     ) -> None:
-        """Chunk `idx` is in ClickHouse: its per-file (imported, duplicates) and the cursor."""
+        """Chunk `idx` is in ClickHouse: its per-file (imported, duplicates), the rows
+        ClickHouse refused (as rejects) and the cursor."""
         self.begin()
+        self.db.executemany("INSERT INTO rejects VALUES (?, ?, ?, ?, ?)", rejects)
+        for file, _line, _field, _reason, _raw in rejects:
+            self.db.execute("UPDATE files SET rejected = rejected + 1 WHERE idx = ?", (file,))
         for file, (imported, duplicates) in counts.items():
             self.db.execute(
                 "UPDATE files SET imported = imported + ?, duplicates = duplicates + ? "

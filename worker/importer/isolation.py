@@ -1,9 +1,9 @@
 """The insert pass of an import in short-lived child processes (embedded ClickHouse).
 
 chDB keeps memory for every session a process opens and closes (a few MB
-each: the README's "Running in production"), and an import opens it twice per chunk (to
-check the chunk's ids, to insert it), so that a flush worker can get in
-between. With `isolate`, the insert pass runs in forked children that each
+each: the README's "Running in production"), and an import opens it once per chunk (to
+check the chunk's ids and insert it), so that a flush worker can get in
+between chunks. With `isolate`, the insert pass runs in forked children that each
 insert up to `CHUNKS_PER_CHILD` chunks and exit: the importer never opens
 chDB itself, and what chDB keeps is given back with each child. (A process
 that has loaded chDB must not fork: the child hangs. The importer never
@@ -34,7 +34,7 @@ class ChildFailed(EventBufferError):
     """The child process failed (its error, one line) or died."""
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     with contextlib.suppress(Exception):  # not Linux: the child may outlive a killed parent
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -51,7 +51,7 @@ def in_child(work: Callable[[Progress], Any], report: Progress) -> Any:
         code = 0
         try:
             os.close(read_end)
-            _die_with_parent()
+            die_with_parent()
             out = os.fdopen(write_end, "w", buffering=1)
 
             def progress(phase: str, done: int, total: int, name: str) -> None:

@@ -81,6 +81,8 @@ class ImportSummary:
     rejects_file: str = ""
     seconds: float = 0.0
     resumed: bool = False
+    # Seconds each pass took in this run (a resumed run times only what it did).
+    passes: dict[str, float] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +96,7 @@ class ImportSummary:
             "rejects_file": self.rejects_file,
             "seconds": round(self.seconds, 3),
             "resumed": self.resumed,
+            "passes": {name: round(seconds, 3) for name, seconds in self.passes.items()},
         }
 
 
@@ -187,12 +190,23 @@ def _run(
             "project": options.project_id or "",
         },
     )
+    passes: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now_ = time.perf_counter()
+        passes[name] = now_ - clock
+        clock = now_
+
     read_files(state, options, settings, report)
+    lap("reading")
     if state.get("sorted") is None:
         report("sorting", 0, 1, "")
         state.sort_by_session()
         state.put("sorted", "1")
         report("sorting", 1, 1, "")
+    lap("sorting")
     if state.get("durations") is None:
         total = state.count("SELECT count() FROM rows WHERE grp != ''")
         done = [0]
@@ -203,14 +217,19 @@ def _run(
 
         compute_durations(state, advance)
         state.put("durations", "1")
+    lap("durations")
     if state.get("time_sorted") is None:
         report("sorting by time", 0, 1, "")
         state.sort_by_time()
         state.put("time_sorted", "1")
         report("sorting by time", 1, 1, "")
+    lap("sorting by time")
     insert(state, options, connect, report)
+    lap("inserting")
     summary = _summary(state, directory, resumed)
     _finish(state, directory, summary)
+    lap("finishing")
+    summary.passes = passes
     return summary
 
 
