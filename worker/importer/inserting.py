@@ -24,6 +24,7 @@ With `isolate` (embedded ClickHouse) the pass runs in child processes of
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker.importer.import_state import ImportState
-from worker.importer.isolation import in_child
+from worker.importer.isolation import Child
 from worker.importer.options import ImportOptions, Progress
 from worker.importer.rows import finish_row
 from worker.importer.writer import chunk_token, existing_ids
@@ -48,28 +49,55 @@ REASON_REFUSED = "refused by ClickHouse"
 RAW_CLIP = 2_000
 
 
+def start_insert(
+    state: ImportState,
+    options: ImportOptions,
+    connect: Callable[[], AbstractContextManager[Sink]],
+) -> Child | None:
+    """With `isolate`, the insert pass's first child, forked now: it loads chDB while this
+    process sorts and walks the durations, and inserts when `insert` lets it."""
+    if not options.isolate:
+        return None
+    return Child(_chunks_in_child(state, options, connect), warm=_load_chdb)
+
+
 def insert(
     state: ImportState,
     options: ImportOptions,
     connect: Callable[[], AbstractContextManager[Sink]],
     report: Progress,
+    first: Child | None = None,
 ) -> None:
-    """The insert pass; with `isolate`, in child processes of `CHUNKS_PER_CHILD` chunks each."""
+    """The insert pass; with `isolate`, in child processes of `CHUNKS_PER_CHILD` chunks each
+    (the first one `first`, when `start_insert` forked it)."""
     if not options.isolate:
         _insert_chunks(state, options, connect, report, None)
         return
+    work = _chunks_in_child(state, options, connect)
+    child = first
+    while not (child or Child(work)).result(report):
+        child = None
+
+
+def _chunks_in_child(
+    state: ImportState,
+    options: ImportOptions,
+    connect: Callable[[], AbstractContextManager[Sink]],
+) -> Callable[[Progress], bool]:
     directory = state.directory
-    while True:
 
-        def chunks(progress: Progress) -> bool:
-            child_state = ImportState(directory)  # its own connection, never the parent's
-            try:
-                return _insert_chunks(child_state, options, connect, progress, CHUNKS_PER_CHILD)
-            finally:
-                child_state.close()
+    def chunks(progress: Progress) -> bool:
+        child_state = ImportState(directory)  # its own connection, never the parent's
+        try:
+            return _insert_chunks(child_state, options, connect, progress, CHUNKS_PER_CHILD)
+        finally:
+            child_state.close()
 
-        if in_child(chunks, report):
-            return
+    return chunks
+
+
+def _load_chdb() -> None:
+    importlib.import_module("chdb.session")
 
 
 def _insert_chunks(

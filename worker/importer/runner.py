@@ -43,8 +43,8 @@ from typing import Any
 from worker.errors import EventBufferError
 from worker.importer.durations import compute_durations
 from worker.importer.import_state import REJECTS_FILE, SUMMARY_FILE, ImportState
-from worker.importer.inserting import insert
-from worker.importer.isolation import ChildFailed
+from worker.importer.inserting import insert, start_insert
+from worker.importer.isolation import Child, ChildFailed
 from worker.importer.options import DEFAULT_CHUNK_ROWS, ImportOptions, Progress
 from worker.importer.readers import NEEDS_PROJECT, reader_for
 from worker.importer.reading import read_files
@@ -201,6 +201,28 @@ def _run(
 
     read_files(state, options, settings, report)
     lap("reading")
+    first = start_insert(state, options, connect)
+    try:
+        _passes(state, options, connect, report, lap, first)
+    finally:
+        if first is not None:
+            first.cancel()  # not needed, or done with
+    summary = _summary(state, directory, resumed)
+    _finish(state, directory, summary)
+    lap("finishing")
+    summary.passes = passes
+    return summary
+
+
+def _passes(
+    state: ImportState,
+    options: ImportOptions,
+    connect: Callable[[], AbstractContextManager[Sink]],
+    report: Progress,
+    lap: Callable[[str], None],
+    first: Child | None,
+) -> None:
+    """Sorting, durations, inserting (the passes after reading)."""
     if state.get("sorted") is None:
         report("sorting", 0, 1, "")
         state.sort_by_session()
@@ -224,13 +246,8 @@ def _run(
         state.put("time_sorted", "1")
         report("sorting by time", 1, 1, "")
     lap("sorting by time")
-    insert(state, options, connect, report)
+    insert(state, options, connect, report, first)
     lap("inserting")
-    summary = _summary(state, directory, resumed)
-    _finish(state, directory, summary)
-    lap("finishing")
-    summary.passes = passes
-    return summary
 
 
 def _summary(state: ImportState, directory: Path, resumed: bool) -> ImportSummary:
