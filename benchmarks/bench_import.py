@@ -14,6 +14,20 @@ with their durations and `imported_at`), in chunks of the same size through
 one chDB session. Between rounds the table is dropped and created again and
 the import's state removed (untimed).
 
+Server: the same on Debian's ClickHouse 18.16 (private, on free ports;
+tests/support/native_server.local_server) into a table of the `events` columns
+18.16 has (no Map, no DateTime64: bench_flush's compatibility table). The
+import runs as the command does, in a child process, through the flush's
+native sink (`require_dedup=False`: 18.16 has no insert_deduplication_token,
+so a re-driven chunk rests on the check against the table alone), timed by its
+summary. Baseline: the same rows POSTed to the server's HTTP interface as
+`INSERT ... FORMAT JSONEachRow` (input_format_skip_unknown_fields=1) in
+chunks of the same size over one connection, with their dates cut to the
+second (18.16's JSONEachRow cannot parse milliseconds into a DateTime; cut
+untimed).
+
+Per-pass seconds (the summary's `passes`) are logged with each result.
+
 Memory: the command itself (`python -m worker.cli import`) on a larger export
 in a child process; its peak RSS (getrusage of the child) is reported, with
 that of an export a tenth its size, to show it does not grow with the file.
@@ -23,20 +37,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlencode
 
-from benchmarks.support import Result, alternate, log, median, project_env
+from benchmarks.bench_flush import COMPAT_DDL, COMPAT_TABLE
+from benchmarks.support import Result, alternate, log, median, project_env, skipped
 from tests.support.exports import generate_export
-from worker.importer.rows import finish_row, limits_for, validate
+from tests.support.native_server import local_server, server_binary
+from tests.support.servers import free_port
+from worker.importer import ImportOptions, run_import
+from worker.importer.rows import limits_for, validate
 from worker.importer.sources import iter_lines, open_export
 from worker.settings import Settings
+from worker.sinks import Sink
 from worker.sinks.chdb import ChdbSink, close_all
+from worker.sinks.native import NativeSink
 from worker.sinks.schema import create_table
 
 CHUNK = 50_000
@@ -57,6 +81,7 @@ def run(args: argparse.Namespace) -> list[Result]:
         export = generate_export(tmp / "export", events, files=4)
         log(f"[import] {export.events:,} events in {len(export.files)} gzip files; chunk {CHUNK}")
         results.append(bench_chdb(export.files, export.events, args.rounds, tmp))
+        results.append(bench_server(export.files, export.events, args.rounds, tmp))
         results.append(bench_memory(tmp, rss_events))
     return results
 
@@ -69,8 +94,7 @@ def _rows_as_imported(files: list[Path], settings: Settings) -> list[bytes]:
         stream, _ = open_export(str(path))
         with contextlib.closing(stream):
             for line in iter_lines(stream):
-                valid = validate(line, limits, None)
-                rows.append(finish_row(valid.row, "2026-01-01 00:00:00.000", None, None))
+                rows.append(validate(line, limits, None, "2026-01-01 00:00:00.000").row)
     return rows
 
 
@@ -96,6 +120,7 @@ def bench_chdb(files: list[Path], events: int, rounds: int, tmp: Path) -> Result
         finally:
             sink.close()
 
+    passes: list[dict[str, float]] = []
     env = project_env(
         CLICKHOUSE_URL=f"chdb://{data}",
         REDIS_URL="redis://127.0.0.1:1/0",
@@ -116,6 +141,7 @@ def bench_chdb(files: list[Path], events: int, rounds: int, tmp: Path) -> Result
             raise RuntimeError(f"eventbuffer import failed: {done.stderr[-2000:]}")
         summary = json.loads(done.stdout.strip().splitlines()[-1])
         assert summary["imported"] == events and count() == events, summary
+        passes.append(summary["passes"])
         # The command's own timing of the import: its start-up is not counted.
         return events / float(summary["seconds"])
 
@@ -138,6 +164,7 @@ def bench_chdb(files: list[Path], events: int, rounds: int, tmp: Path) -> Result
     rates = alternate(rounds, {"eventbuffer": eventbuffer, "raw": raw})
     ours, base = median(rates["eventbuffer"]), median(rates["raw"])
     log(f"[import] chDB: import {ours:,.0f} rows/s, raw JSONEachRow {base:,.0f} rows/s")
+    log(f"[import] chDB passes (s): {_median_passes(passes)}")
     return Result(
         "import into chDB (eventbuffer export, gzip) vs raw INSERT ... FORMAT JSONEachRow",
         "rows/s",
@@ -147,7 +174,135 @@ def bench_chdb(files: list[Path], events: int, rounds: int, tmp: Path) -> Result
         rounds,
         target=f">= {TARGET_RATIO}x",
         passed=ours >= TARGET_RATIO * base,
-        extra={"events": events, "chunk_rows": CHUNK, "rates": rates},
+        extra={
+            "events": events,
+            "chunk_rows": CHUNK,
+            "rates": rates,
+            "passes": _median_passes(passes),
+        },
+    )
+
+
+def _median_passes(runs: list[dict[str, float]]) -> dict[str, float]:
+    names = [name for name in runs[0]] if runs else []
+    return {name: round(median([run.get(name, 0.0) for run in runs]), 3) for name in names}
+
+
+_MS = re.compile(rb'("(?:created_at|imported_at)":"[0-9-]{10} [0-9:]{8})\.[0-9]{3}"')
+
+
+def server_import_main() -> None:
+    """`python -c '...server_import_main()' URL TABLE STATE_ROOT FILE...`: the import into a
+    ClickHouse server through the native sink without dedup tokens (18.16), as the
+    command runs it (a sink opened per step); prints the summary as JSON."""
+    url, table, state_root, *files = sys.argv[1:]
+    settings = Settings.from_env(
+        {"CLICKHOUSE_URL": url, "EVENT_BUFFER_TABLE": table, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    )
+
+    @contextlib.contextmanager
+    def connect() -> Iterator[Sink]:
+        sink = NativeSink(url, table, require_dedup=False)
+        try:
+            yield sink
+        finally:
+            sink.close()
+
+    options = ImportOptions(files=files, chunk_rows=CHUNK, state_root=Path(state_root))
+    print(json.dumps(run_import(options, settings, connect).as_json()))
+
+
+def bench_server(files: list[Path], events: int, rounds: int, tmp: Path) -> Result:
+    name = "import into ClickHouse 18.16 (native sink) vs raw HTTP INSERT ... FORMAT JSONEachRow"
+    if server_binary() is None:
+        return skipped(name, "clickhouse-server (Debian package) is not installed")
+    settings = Settings.from_env({"CLICKHOUSE_URL": "chdb:///unused"})
+    rows = [_MS.sub(rb'\1"', row) for row in _rows_as_imported(files, settings)]
+    state_root = tmp / "imports-server"
+    http_port = free_port()
+    passes: list[dict[str, float]] = []
+    with local_server(http_port=http_port) as url:
+        admin = NativeSink(url, require_dedup=False)
+
+        def fresh() -> None:
+            admin.query(f"DROP TABLE IF EXISTS {COMPAT_TABLE}")
+            admin.query(COMPAT_DDL)
+            shutil.rmtree(state_root, ignore_errors=True)
+
+        def count() -> int:
+            return int(admin.query(f"SELECT count() FROM {COMPAT_TABLE}")[0][0])
+
+        def eventbuffer() -> float:
+            fresh()
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "from benchmarks.bench_import import server_import_main; server_import_main()",
+                    url,
+                    COMPAT_TABLE,
+                    str(state_root),
+                    *map(str, files),
+                ],
+                env=project_env(),
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode:
+                raise RuntimeError(f"the import into the server failed: {done.stderr[-2000:]}")
+            summary = json.loads(done.stdout.strip().splitlines()[-1])
+            assert summary["imported"] == events and count() == events, summary
+            passes.append(summary["passes"])
+            return events / float(summary["seconds"])
+
+        def raw() -> float:
+            fresh()
+            query = urlencode(
+                {
+                    "query": f"INSERT INTO {COMPAT_TABLE} FORMAT JSONEachRow",
+                    "input_format_skip_unknown_fields": 1,
+                }
+            )
+            started = time.perf_counter()
+            connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=300)
+            try:
+                for start in range(0, len(rows), CHUNK):
+                    connection.request(
+                        "POST", f"/?{query}", body=b"\n".join(rows[start : start + CHUNK])
+                    )
+                    answer = connection.getresponse()
+                    body = answer.read()
+                    if answer.status != 200:
+                        raise RuntimeError(f"raw insert: {answer.status} {body[:500]!r}")
+            finally:
+                connection.close()
+            seconds = time.perf_counter() - started
+            assert count() == events
+            return events / seconds
+
+        try:
+            rates = alternate(rounds, {"eventbuffer": eventbuffer, "raw": raw})
+        finally:
+            admin.close()
+    ours, base = median(rates["eventbuffer"]), median(rates["raw"])
+    log(f"[import] server 18.16: import {ours:,.0f} rows/s, raw JSONEachRow {base:,.0f} rows/s")
+    log(f"[import] server passes (s): {_median_passes(passes)}")
+    return Result(
+        name,
+        "rows/s",
+        ours,
+        base,
+        "raw JSONEachRow insert (HTTP)",
+        rounds,
+        target=f">= {TARGET_RATIO}x",
+        passed=ours >= TARGET_RATIO * base,
+        extra={
+            "events": events,
+            "chunk_rows": CHUNK,
+            "rates": rates,
+            "passes": _median_passes(passes),
+        },
     )
 
 

@@ -286,13 +286,13 @@ def test_the_check_for_ids_already_there_reads_them_either_way(
             sink,
             there + absent,
             ["shop", "blog"],
-            "2000-01-01 00:00:00.000",
-            "2100-01-01 00:00:00.000",
+            "2000-01-01 00:00:00",
+            "2100-01-01 00:00:00",
         )
         assert found == set(there)
         assert (
             writer.existing_ids(
-                sink, there, ["nobody"], "2000-01-01 00:00:00.000", "2100-01-01 00:00:00.000"
+                sink, there, ["nobody"], "2000-01-01 00:00:00", "2100-01-01 00:00:00"
             )
             == set()
         )

@@ -51,14 +51,16 @@ def server_binary() -> str | None:
 
 
 @contextmanager
-def local_server(timeout: float = 30.0) -> Iterator[str]:
-    """Run a private clickhouse-server; yield its `clickhouse://` URL."""
+def local_server(timeout: float = 30.0, http_port: int | None = None) -> Iterator[str]:
+    """Run a private clickhouse-server; yield its `clickhouse://` URL. Its HTTP
+    interface listens on `http_port` when given (else on a free port)."""
     binary = server_binary()
     if binary is None:
         raise FileNotFoundError(f"clickhouse-server or {SERVER_CONFIG} is not installed")
     with tempfile.TemporaryDirectory(prefix="clickhouse-test-") as tmp:
         base = Path(tmp)
-        tcp_port, http_port, interserver_port = free_port(), free_port(), free_port()
+        tcp_port, interserver_port = free_port(), free_port()
+        http_port = http_port or free_port()
         command = [
             binary,
             f"--config-file={SERVER_CONFIG}",

@@ -95,6 +95,6 @@ def compute_durations(state: ImportState, advance: Callable[[int], None]) -> Non
 
 def _commit(state: ImportState, updates: dict[int, list[int | str | None]], walked: str) -> None:
     state.apply_updates(
-        ((change[0], change[1], change[2], rowid) for rowid, change in updates.items()),  # type: ignore[misc]
+        ((rowid, change[0], change[1], change[2]) for rowid, change in updates.items()),  # type: ignore[misc]
         walked,
     )

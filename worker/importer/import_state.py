@@ -11,13 +11,23 @@ command again finds it. It holds:
   and the durations need), appended while reading. SQLite keeps them on
   disk and sorts them with bounded memory (`CREATE INDEX` is an external
   sort): a 10 GB export needs disk, not 10 GB of RAM.
-- `rejects`: every line refused, with its file, number and reason.
+- `fixes`: what the durations pass gave a row (its duration, its derived
+  session, that it repeats another), by the row's rowid.
+- `rejects`: every line refused (by validation, or by ClickHouse), with its
+  file, number and reason.
 - `chunks`: the one chunk being inserted: which of its ids ClickHouse had
   already (decided once, before the insert), so a re-run after a crash
   inserts the same rows and counts them the same way.
 
 Each step commits with the progress it made, in one SQLite transaction
 (WAL; a process killed at any point loses only the uncommitted step).
+`synchronous = OFF`: a commit is in the WAL file (the OS's page cache) when
+COMMIT returns, without an fsync. A killed process (SIGKILL included) loses
+nothing committed, since the page cache outlives it; a power loss or an OS
+crash may lose the last commits or damage the file. Lost commits are redone,
+and what they had inserted is found by the check against the table; a
+damaged state stops the import (exit 1) until its directory is removed, and
+the re-run, starting anew, finds every row already in ClickHouse.
 """
 
 from __future__ import annotations
@@ -56,7 +66,10 @@ CREATE TABLE IF NOT EXISTS rows (
     line INTEGER NOT NULL,
     project TEXT NOT NULL,
     own INTEGER NOT NULL,
-    row BLOB NOT NULL,
+    row BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fixes (
+    rid INTEGER PRIMARY KEY,
     dur INTEGER,
     sess TEXT,
     dup INTEGER NOT NULL DEFAULT 0
@@ -74,16 +87,17 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 """
 
-# The two orders the later passes read, each an index holding every column the
-# pass needs (read in order, without a lookup into the table per row): sessions'
-# views and ends (and actors of derived sessions) for the durations pass; every
-# row by created_at for the insert pass, built after the durations are stored.
+# The two orders the later passes read, each an index holding every column of
+# `rows` the pass needs (read in order, without a lookup into the table per
+# row): sessions' views and ends (and actors of derived sessions) for the
+# durations pass; every row by created_at for the insert pass. What the
+# durations pass finds (a duration, a derived session, a repeat) goes into
+# `fixes`, a narrow table by the row's rowid, joined in by the insert pass:
+# cheaper than rewriting each wide row, and the sort by time needs no wait.
 _BY_SESSION = (
     "CREATE INDEX IF NOT EXISTS rows_by_session ON rows (grp, ms, id, kind, own) WHERE grp != ''"
 )
-_BY_TIME = (
-    "CREATE INDEX IF NOT EXISTS rows_by_time ON rows (ms, id, file, project, dup, dur, sess, row)"
-)
+_BY_TIME = "CREATE INDEX IF NOT EXISTS rows_by_time ON rows (ms, id, file, line, project, own, row)"
 
 # One row as the state keeps it (the columns of `rows` up to `row`).
 RowRecord = tuple[str, int, str, str, int, int, str, int, bytes]
@@ -95,7 +109,7 @@ class ImportState:
         directory.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(directory / STATE_FILE, isolation_level=None)
         self.db.execute("PRAGMA journal_mode = WAL")
-        self.db.execute("PRAGMA synchronous = NORMAL")
+        self.db.execute("PRAGMA synchronous = OFF")
         self.db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         self.db.execute("PRAGMA temp_store = FILE")
         self.db.executescript(_SCHEMA)
@@ -177,7 +191,7 @@ class ImportState:
         self.db.execute(_BY_SESSION)
 
     def sort_by_time(self) -> None:
-        """The insert pass's order, with the durations in it."""
+        """The insert pass's order (the durations' `fixes` are joined in as it reads)."""
         self.db.execute(_BY_TIME)
 
     # durations -------------------------------------------------------------
@@ -195,28 +209,27 @@ class ImportState:
         ).fetchall()
 
     def apply_updates(
-        self, updates: Iterable[tuple[int | None, str | None, int, int]], walked: str
+        self, updates: Iterable[tuple[int, int | None, str | None, int]], walked: str
     ) -> None:
-        """(duration, session, duplicate, rowid) for rows of groups up to `walked`, with it."""
+        """(rowid, duration, session, duplicate) for rows of groups up to `walked` (each row
+        once: a group's rows are walked within one commit), with it."""
         self.begin()
-        self.db.executemany(
-            "UPDATE rows SET dur = coalesce(?, dur), sess = coalesce(?, sess), dup = ? "
-            "WHERE rowid = ?",
-            updates,
-        )
+        self.db.executemany("INSERT OR REPLACE INTO fixes VALUES (?, ?, ?, ?)", updates)
         self.put("walked", walked)
         self.commit()
 
     # inserting -------------------------------------------------------------
 
     def time_page(self, after: tuple[int, str], limit: int) -> list[tuple[Any, ...]]:
-        """(ms, id, file, project, dup, dur, sess, row) of the next `limit` rows after
+        """(ms, id, file, line, project, dup, own, dur, sess, row) of the next `limit` rows after
         `after` (ms, id) by created_at, and every other row with the last one's (ms, id):
         copies of one event never straddle two chunks."""
-        columns = "ms, id, file, project, dup, dur, sess, row"
+        columns = (
+            "r.ms, r.id, r.file, r.line, r.project, coalesce(f.dup, 0), r.own, f.dur, f.sess, "
+            "r.row FROM rows AS r INDEXED BY rows_by_time LEFT JOIN fixes AS f ON f.rid = r.rowid"
+        )
         page = self.db.execute(
-            f"SELECT {columns} FROM rows INDEXED BY rows_by_time "
-            "WHERE (ms, id) > (?, ?) ORDER BY ms, id LIMIT ?",
+            f"SELECT {columns} WHERE (r.ms, r.id) > (?, ?) ORDER BY r.ms, r.id LIMIT ?",
             (*after, limit),
         ).fetchall()
         if not page:
@@ -224,8 +237,7 @@ class ImportState:
         last = (page[-1][0], page[-1][1])
         head = [row for row in page if (row[0], row[1]) != last]
         tail = self.db.execute(
-            f"SELECT {columns} FROM rows INDEXED BY rows_by_time WHERE ms = ? AND id = ? "
-            "ORDER BY ms, id",
+            f"SELECT {columns} WHERE r.ms = ? AND r.id = ? ORDER BY r.ms, r.id",
             last,
         ).fetchall()
         return head + tail
@@ -244,10 +256,18 @@ class ImportState:
         self.commit()
 
     def chunk_done(
-        self, idx: int, after: tuple[int, str], counts: dict[int, tuple[int, int]]
+        self,
+        idx: int,
+        after: tuple[int, str],
+        counts: dict[int, tuple[int, int]],
+        rejects: Sequence[tuple[int, int, str, str, str]] = (),
     ) -> None:
-        """Chunk `idx` is in ClickHouse: its per-file (imported, duplicates) and the cursor."""
+        """Chunk `idx` is in ClickHouse: its per-file (imported, duplicates), the rows
+        ClickHouse refused (as rejects) and the cursor."""
         self.begin()
+        self.db.executemany("INSERT INTO rejects VALUES (?, ?, ?, ?, ?)", rejects)
+        for file, _line, _field, _reason, _raw in rejects:
+            self.db.execute("UPDATE files SET rejected = rejected + 1 WHERE idx = ?", (file,))
         for file, (imported, duplicates) in counts.items():
             self.db.execute(
                 "UPDATE files SET imported = imported + ?, duplicates = duplicates + ? "

@@ -3,21 +3,34 @@
 Record by record through the format's reader (worker/importer/readers/) and
 the ingest task's validation (worker/importer/rows.py). Valid rows are
 appended to the state with what sorting and the durations need (their
-session, or the actor whose sessions are derived); a record that is not a
-valid event becomes a reject (file, line, field, reason, the record as read).
-Both are committed every `BATCH_RECORDS` records with the line reached, so a
-re-run skips what was read. A gzip file cut short or corrupt is read up to
-the damage, which is one reject.
+session, or the actor whose sessions are derived), as the row is inserted:
+`imported_at` is set here already; a record that is not a valid event
+becomes a reject (file, line, field, reason, the record as read). Both are
+committed every `BATCH_RECORDS` records with the line reached, so a re-run
+skips what was read. A gzip file cut short or corrupt is read up to the
+damage, which is one reject.
+
+Validation is the pass's cost (Python, per record), so with several files
+left and more than one CPU the files are read by up to `READ_WORKERS` forked
+worker processes, a file each at a time. Only this process writes the state:
+a worker sends its file's batches, in order, over a bounded queue (bounded
+memory), and this process commits each with the line it reaches. A worker
+dies with the importer (PR_SET_PDEATHSIG): a killed import loses only the
+batches not yet committed, which the re-run reads again.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import queue
 import time
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 from worker.importer.import_state import ImportState, RowRecord
+from worker.importer.isolation import die_with_parent
 from worker.importer.options import ImportOptions, Progress
 from worker.importer.readers import ReaderOptions, reader_for
 from worker.importer.rows import KIND_REGULAR, InvalidEvent, kind_of, limits_for, validate
@@ -26,57 +39,156 @@ from worker.importer.sources import export_name, open_export
 from worker.retention import REASON_PAST_RETENTION, PastRetention, check_retention
 from worker.settings import Settings
 
-BATCH_RECORDS = 5_000
+BATCH_RECORDS = 10_000
 RAW_CLIP = 2_000
+# At most this many reader processes (never more than the CPUs or the files left).
+READ_WORKERS = 4
+# Batches in flight from the workers to this process: what bounds the pass's memory.
+QUEUE_BATCHES = 4
+
+Reject = tuple[int, int, str, str, str]
+# (file, line reached, rows, rejects, done, bytes of the file read, its size, its path)
+Batch = tuple[int, int, list[RowRecord], list[Reject], bool, int, int, str]
 
 
 def read_files(
     state: ImportState, options: ImportOptions, settings: Settings, report: Progress
 ) -> None:
-    limits = limits_for(settings)
+    imported_at = state.get("imported_at") or None
+    todo = [info for info in state.files() if not info["done"]]
+    workers = min(READ_WORKERS, len(todo), len(os.sched_getaffinity(0)))
     now_ms = int(time.time() * 1000)
-    read = reader_for(options.format)
-    for info in state.files():
-        if info["done"]:
-            continue
-        idx, path = info["idx"], info["path"]
-        size = os.path.getsize(path)
-        reader_options = ReaderOptions(options.project_id, export_name(path))
-        stream, position = open_export(path)
-        rows: list[RowRecord] = []
-        rejects: list[tuple[int, int, str, str, str]] = []
-        line = info["line"]
-        try:
-            records = read(stream, reader_options, info["line"])
+    if workers <= 1:
+        for info in todo:
+            for batch in _read_file(info, options, settings, now_ms, imported_at):
+                _commit(state, batch, report)
+        return
+    for batch in _in_workers(todo, workers, options, settings, now_ms, imported_at):
+        _commit(state, batch, report)
+
+
+def _commit(state: ImportState, batch: Batch, report: Progress) -> None:
+    idx, line, rows, rejects, done, position, size, path = batch
+    state.add_batch(idx, line, rows, rejects, done=done)
+    report("reading", position, size, path)
+
+
+def _in_workers(
+    todo: list[dict[str, Any]],
+    workers: int,
+    options: ImportOptions,
+    settings: Settings,
+    now_ms: int,
+    imported_at: str | None,
+) -> Iterator[Batch]:
+    """The batches of every file in `todo`, read by `workers` forked processes; each
+    file's batches in order. A worker that fails stops the pass with its error."""
+    context = multiprocessing.get_context("fork")
+    files: Any = context.Queue()
+    batches: Any = context.Queue(QUEUE_BATCHES)
+    for info in todo:
+        files.put(info)
+    for _ in range(workers):
+        files.put(None)
+    processes = [
+        context.Process(
+            target=_worker,
+            args=(files, batches, options, settings, now_ms, imported_at),
+            daemon=True,
+        )
+        for _ in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    running = workers
+    try:
+        while running:
             try:
-                for record in records:
-                    line = record.number
-                    if record.error is not None:
-                        rejects.append((idx, line, "$", record.error, _clip(record.raw)))
+                message = batches.get(timeout=1.0)
+            except queue.Empty:
+                if not all(p.is_alive() or p.exitcode == 0 for p in processes):
+                    raise OSError("a reader process died") from None
+                continue
+            if message[0] == "batch":
+                yield message[1]
+            elif message[0] == "error":
+                raise OSError(message[1])
+            else:  # "end"
+                running -= 1
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
+        files.close()
+        batches.close()
+
+
+def _worker(
+    files: Any,
+    batches: Any,
+    options: ImportOptions,
+    settings: Settings,
+    now_ms: int,
+    imported_at: str | None,
+) -> None:
+    die_with_parent()
+    try:
+        while (info := files.get()) is not None:
+            for batch in _read_file(info, options, settings, now_ms, imported_at):
+                batches.put(("batch", batch))
+    except BaseException as exc:
+        batches.put(("error", f"{type(exc).__name__}: {exc}"))
+    else:
+        batches.put(("end",))
+    batches.close()
+    batches.join_thread()
+
+
+def _read_file(
+    info: dict[str, Any],
+    options: ImportOptions,
+    settings: Settings,
+    now_ms: int,
+    imported_at: str | None,
+) -> Iterator[Batch]:
+    """One file's batches from the line the state has reached, the last one `done`."""
+    limits = limits_for(settings)
+    read = reader_for(options.format)
+    idx, path = info["idx"], info["path"]
+    size = os.path.getsize(path)
+    reader_options = ReaderOptions(options.project_id, export_name(path))
+    stream, position = open_export(path)
+    rows: list[RowRecord] = []
+    rejects: list[Reject] = []
+    line = info["line"]
+    try:
+        records = read(stream, reader_options, info["line"])
+        try:
+            for record in records:
+                line = record.number
+                if record.error is not None:
+                    rejects.append((idx, line, "$", record.error, _clip(record.raw)))
+                else:
+                    try:
+                        valid = validate(record.data, limits, record.default_id, imported_at)
+                        # Past the retention (the table's TTL would delete it at once).
+                        check_retention(valid.created_ms, now_ms, settings.retention_days)
+                    except PastRetention as exc:
+                        problem = f"{REASON_PAST_RETENTION}: {exc.problem}"
+                        rejects.append((idx, line, exc.field, problem, _clip(record.raw)))
+                    except InvalidEvent as exc:
+                        rejects.append((idx, line, exc.field, exc.problem, _clip(record.raw)))
                     else:
-                        try:
-                            valid = validate(record.data, limits, record.default_id)
-                            # Past the retention (the table's TTL would delete it at once).
-                            check_retention(valid.created_ms, now_ms, settings.retention_days)
-                        except PastRetention as exc:
-                            problem = f"{REASON_PAST_RETENTION}: {exc.problem}"
-                            rejects.append((idx, line, exc.field, problem, _clip(record.raw)))
-                        except InvalidEvent as exc:
-                            rejects.append((idx, line, exc.field, exc.problem, _clip(record.raw)))
-                        else:
-                            rows.append(_row_record(valid, record.actor, idx, line))
-                    if len(rows) + len(rejects) >= BATCH_RECORDS:
-                        state.add_batch(idx, line, rows, rejects)
-                        rows, rejects = [], []
-                        report("reading", position(), size, path)
-            except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupt gzip stream
-                rejects.append(
-                    (idx, line + 1, "$", f"the file cannot be read past here: {exc}", "")
-                )
-            state.add_batch(idx, line, rows, rejects, done=True)
-            report("reading", size, size, path)
-        finally:
-            stream.close()
+                        rows.append(_row_record(valid, record.actor, idx, line))
+                if len(rows) + len(rejects) >= BATCH_RECORDS:
+                    yield idx, line, rows, rejects, False, position(), size, path
+                    rows, rejects = [], []
+        except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupt gzip stream
+            rejects.append((idx, line + 1, "$", f"the file cannot be read past here: {exc}", ""))
+        yield idx, line, rows, rejects, True, size, size, path
+    finally:
+        stream.close()
 
 
 def _row_record(valid: Any, actor: str, file: int, line: int) -> RowRecord:

@@ -29,11 +29,14 @@ __all__ = [
     "limits_for",
     "stable_id",
     "validate",
+    "with_field",
 ]
 
 KIND_REGULAR = "r"
 KIND_SCREEN_VIEW = "v"
 KIND_SESSION_END = "e"
+
+_encode = msgspec.json.Encoder().encode
 
 # The namespace of every id the importer derives (uuid5-style: SHA-1, version 5).
 NAMESPACE = uuid.UUID("5f0c3f4e-6f0e-5a7e-9d0b-7a1f3c2b9e01")
@@ -56,9 +59,18 @@ def limits_for(settings: Settings) -> Limits:
     return Limits.from_settings(settings)
 
 
-def validate(record: Any, limits: Limits, default_id: Callable[[], str] | None) -> Valid:
-    """`parse_event` on one record (JSON bytes or a dict); raises InvalidEvent."""
+def validate(
+    record: Any,
+    limits: Limits,
+    default_id: Callable[[], str] | None,
+    imported_at: str | None = None,
+) -> Valid:
+    """`parse_event` on one record (JSON bytes or a dict); raises InvalidEvent. With
+    `imported_at`, the row carries it unless the record had its own."""
     event = parse_event(record, limits, default_id)
+    row = encode_event(event)
+    if imported_at is not None and event.imported_at is None:
+        row = with_field(row, "imported_at", imported_at)
     return Valid(
         event.id,
         event.project_id,
@@ -66,7 +78,7 @@ def validate(record: Any, limits: Limits, default_id: Callable[[], str] | None) 
         event.name,
         event.created_ms,
         event.duration,
-        encode_event(event),
+        row,
     )
 
 
@@ -79,20 +91,25 @@ def kind_of(name: str) -> str:
     return KIND_REGULAR
 
 
-def finish_row(row: bytes, imported_at: str, duration: int | None, session_id: str | None) -> bytes:
-    """The row as it is inserted: `imported_at` set (unless the record had one), and the
-    duration and session the durations pass gave it (None: unchanged)."""
-    stored = decode_row(row)
-    changes: dict[str, Any] = {}
-    if stored.imported_at is None:
-        changes["imported_at"] = imported_at
-    if duration is not None and duration != stored.duration:
-        changes["duration"] = duration
+def with_field(row: bytes, name: str, value: str | int) -> bytes:
+    """The JSON row with one more field, `name` (which it must not hold), at its end:
+    JSONEachRow and the native sink's decoding take fields in any order."""
+    return b'%b,"%b":%b}' % (row[:-1], name.encode(), _encode(value))
+
+
+def finish_row(row: bytes, own: int, duration: int | None, session_id: str | None) -> bytes:
+    """The row as it is inserted: the duration and session the durations pass gave it
+    (None: unchanged). `own` is the event's own duration: 0 means the row has no
+    `duration` (omitted as a default), nor has it a `session_id` when one is derived,
+    so both are added to its bytes; a duration replacing another re-encodes it."""
+    if duration is not None and duration != own:
+        if own == 0:
+            row = with_field(row, "duration", duration)
+        else:
+            row = encode_event(msgspec.structs.replace(decode_row(row), duration=duration))
     if session_id is not None:
-        changes["session_id"] = session_id
-    if not changes:
-        return row
-    return encode_event(msgspec.structs.replace(stored, **changes))
+        row = with_field(row, "session_id", session_id)
+    return row
 
 
 def stable_id(*parts: str | bytes | int) -> str:

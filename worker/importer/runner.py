@@ -43,8 +43,8 @@ from typing import Any
 from worker.errors import EventBufferError
 from worker.importer.durations import compute_durations
 from worker.importer.import_state import REJECTS_FILE, SUMMARY_FILE, ImportState
-from worker.importer.inserting import insert
-from worker.importer.isolation import ChildFailed
+from worker.importer.inserting import insert, start_insert
+from worker.importer.isolation import Child, ChildFailed
 from worker.importer.options import DEFAULT_CHUNK_ROWS, ImportOptions, Progress
 from worker.importer.readers import NEEDS_PROJECT, reader_for
 from worker.importer.reading import read_files
@@ -81,6 +81,8 @@ class ImportSummary:
     rejects_file: str = ""
     seconds: float = 0.0
     resumed: bool = False
+    # Seconds each pass took in this run (a resumed run times only what it did).
+    passes: dict[str, float] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +96,7 @@ class ImportSummary:
             "rejects_file": self.rejects_file,
             "seconds": round(self.seconds, 3),
             "resumed": self.resumed,
+            "passes": {name: round(seconds, 3) for name, seconds in self.passes.items()},
         }
 
 
@@ -187,12 +190,45 @@ def _run(
             "project": options.project_id or "",
         },
     )
+    passes: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now_ = time.perf_counter()
+        passes[name] = now_ - clock
+        clock = now_
+
     read_files(state, options, settings, report)
+    lap("reading")
+    first = start_insert(state, options, connect)
+    try:
+        _passes(state, options, connect, report, lap, first)
+    finally:
+        if first is not None:
+            first.cancel()  # not needed, or done with
+    summary = _summary(state, directory, resumed)
+    _finish(state, directory, summary)
+    lap("finishing")
+    summary.passes = passes
+    return summary
+
+
+def _passes(
+    state: ImportState,
+    options: ImportOptions,
+    connect: Callable[[], AbstractContextManager[Sink]],
+    report: Progress,
+    lap: Callable[[str], None],
+    first: Child | None,
+) -> None:
+    """Sorting, durations, inserting (the passes after reading)."""
     if state.get("sorted") is None:
         report("sorting", 0, 1, "")
         state.sort_by_session()
         state.put("sorted", "1")
         report("sorting", 1, 1, "")
+    lap("sorting")
     if state.get("durations") is None:
         total = state.count("SELECT count() FROM rows WHERE grp != ''")
         done = [0]
@@ -203,15 +239,15 @@ def _run(
 
         compute_durations(state, advance)
         state.put("durations", "1")
+    lap("durations")
     if state.get("time_sorted") is None:
         report("sorting by time", 0, 1, "")
         state.sort_by_time()
         state.put("time_sorted", "1")
         report("sorting by time", 1, 1, "")
-    insert(state, options, connect, report)
-    summary = _summary(state, directory, resumed)
-    _finish(state, directory, summary)
-    return summary
+    lap("sorting by time")
+    insert(state, options, connect, report, first)
+    lap("inserting")
 
 
 def _summary(state: ImportState, directory: Path, resumed: bool) -> ImportSummary:

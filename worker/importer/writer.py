@@ -35,10 +35,12 @@ def existing_ids(
     ids: Sequence[str],
     projects: Iterable[str],
     first: str,
-    last: str,
+    end: str,
 ) -> set[str]:
     """Which of `ids` (canonical UUIDs) the table holds, for rows of `projects` created
-    from `first` to `last` (stored date texts): the primary key narrows the scan.
+    from `first` and before `end` (UTC date texts to the second, as DateTime values:
+    ClickHouse 18.16 takes neither milliseconds in them nor a bare text against
+    a sort key of `toDate(created_at)`): the primary key narrows the scan.
 
     One count first: none in the range (a first import) ends it. A range holding
     few rows has its ids read whole; a busier one is asked about the ids, a batch
@@ -46,7 +48,8 @@ def existing_ids(
     found: set[str] = set()
     where = (
         f"project_id IN ({', '.join(quote(p) for p in sorted(set(projects)))}) "
-        f"AND created_at >= {quote(first)} AND created_at <= {quote(last)}"
+        f"AND created_at >= toDateTime({quote(first)}, 'UTC') "
+        f"AND created_at < toDateTime({quote(end)}, 'UTC')"
     )
     table = f"`{sink.table}`"
     [(count,)] = sink.query(f"SELECT count() FROM {table} WHERE {where}")
