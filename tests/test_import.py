@@ -323,3 +323,30 @@ def test_one_run_per_import_at_a_time(tmp_path: Path, chdb: str) -> None:
             first.wait()
     assert first.returncode == 0, err.decode()[-2000:]
     assert json.loads(out.decode().strip().splitlines()[-1])["imported"] == export.events
+
+
+def test_a_state_an_earlier_release_left_is_set_aside_not_resumed(
+    tmp_path: Path, chdb: str
+) -> None:
+    export = generate_export(tmp_path / "export", 3_000, files=2)
+    env = import_env(chdb)
+    first = summary_of(run_import_cli(tmp_path, env, "--json", *export.files))
+    assert first["imported"] == export.events
+    # The same arguments' state, as a release without a layout mark would have left it
+    # mid-import: other columns, no files recorded yet.
+    old = Path(first["state"]) / "state.sqlite"
+    db = sqlite3.connect(old)
+    db.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('created', '1');"
+        "CREATE TABLE rows (grp TEXT, ms INTEGER, row BLOB);"
+    )
+    db.close()
+    again = summary_of(run_import_cli(tmp_path, env, "--json", *export.files))
+    # Resumed, it would have found no files to read and counted nothing.
+    assert again["resumed"] is False
+    assert again["state_set_aside"].endswith("state.sqlite.layout-1")
+    assert Path(again["state_set_aside"]).exists()
+    assert again["imported"] == 0
+    assert again["duplicates"] == export.events
+    check_exactly_once(chdb, export)

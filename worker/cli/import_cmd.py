@@ -123,4 +123,9 @@ def cmd_import(args: argparse.Namespace, settings: Settings, console: Console) -
         )
     if summary.rejected:
         console.print(f"Rejected lines (file, line, reason): {summary.rejects_file}")
+    if summary.set_aside:
+        console.print(
+            f"A state an earlier release left for these files was set aside, not resumed: "
+            f"{summary.set_aside}"
+        )
     return 0

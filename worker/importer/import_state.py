@@ -42,6 +42,9 @@ STATE_FILE = "state.sqlite"
 REJECTS_FILE = "rejects.ndjson"
 SUMMARY_FILE = "summary.json"
 
+# The state's layout: a state of another layout (an earlier release's) is not resumed.
+LAYOUT = "2"
+
 # SQLite's page cache for the state: what the sorts and scans may keep in memory.
 CACHE_KIB = 64 * 1024
 
@@ -107,6 +110,9 @@ class ImportState:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        # A state an earlier release made (another layout) is set aside, not resumed:
+        # this run starts anew, and finds in ClickHouse whatever that one inserted.
+        self.set_aside = _set_aside_other_layout(directory)
         self.db = sqlite3.connect(directory / STATE_FILE, isolation_level=None)
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = OFF")
@@ -149,6 +155,7 @@ class ImportState:
             self.db.execute("INSERT INTO files (idx, path) VALUES (?, ?)", (idx, path))
         for key, value in meta.items():
             self.put(key, value)
+        self.put("layout", LAYOUT)
         self.put("created", "1")
         self.commit()
 
@@ -285,3 +292,27 @@ class ImportState:
             "SELECT f.path, r.line, r.field, r.reason, r.raw FROM rejects r "
             "JOIN files f ON f.idx = r.file ORDER BY r.file, r.line"
         )
+
+
+def _set_aside_other_layout(directory: Path) -> Path | None:
+    """Rename a state of another layout (and its WAL) aside; the path it went to, if any."""
+    path = directory / STATE_FILE
+    if not path.exists():
+        return None
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        try:
+            rows = dict(
+                db.execute("SELECT key, value FROM meta WHERE key IN ('created', 'layout')")
+            )
+        except sqlite3.OperationalError:  # no meta table: nothing was recorded yet
+            return None
+    finally:
+        db.close()  # the last connection: SQLite folds the WAL into the file
+    if "created" not in rows or rows.get("layout") == LAYOUT:
+        return None
+    aside = path.with_name(f"{STATE_FILE}.layout-{rows.get('layout', '1')}")
+    path.replace(aside)
+    for suffix in ("-wal", "-shm"):
+        path.with_name(STATE_FILE + suffix).unlink(missing_ok=True)
+    return aside

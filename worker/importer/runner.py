@@ -81,6 +81,8 @@ class ImportSummary:
     rejects_file: str = ""
     seconds: float = 0.0
     resumed: bool = False
+    # A state an earlier release left here, not resumed (another layout): where it went.
+    set_aside: str = ""
     # Seconds each pass took in this run (a resumed run times only what it did).
     passes: dict[str, float] = field(default_factory=dict)
 
@@ -96,6 +98,7 @@ class ImportSummary:
             "rejects_file": self.rejects_file,
             "seconds": round(self.seconds, 3),
             "resumed": self.resumed,
+            "state_set_aside": self.set_aside,
             "passes": {name: round(seconds, 3) for name, seconds in self.passes.items()},
         }
 
@@ -145,8 +148,12 @@ def run_import(
             state = ImportState(directory)
         except sqlite3.Error as exc:
             raise ImportError_(f"the import's state in {directory}: {exc}") from exc
+        if state.set_aside is not None:
+            resumed = False
         try:
             summary = _run(state, options, settings, connect, progress, paths, resumed)
+            if state.set_aside is not None:
+                summary.set_aside = str(state.set_aside)
         except sqlite3.Error as exc:
             raise ImportError_(f"the import's state in {directory}: {exc}") from exc
         except ChildFailed as exc:
