@@ -12,8 +12,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import hiredis
 from hiredis import pack_command
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError, ResponseError
+
+try:  # redis-py's parser with hiredis, and what its reader answers for an incomplete reply
+    from redis._parsers import hiredis as _parsers
+except ImportError:  # another redis-py: every reply through `read_response`
+    _parsers = None  # type: ignore[assignment]
+_NOT_ENOUGH_DATA: object | None = getattr(_parsers, "NOT_ENOUGH_DATA", None)
+_HIREDIS_PARSER: type | None = getattr(_parsers, "_HiredisParser", None)
+_PUSH: type | None = getattr(hiredis, "PushNotification", None)  # RESP3 pushes (hiredis 3.2+)
 
 
 class Framed:
@@ -44,11 +53,40 @@ def send_commands(connection: Any, commands: Sequence[tuple[Any, ...] | Framed])
 
 
 def read_replies(connection: Any, count: int) -> list[Any]:
-    """Read `count` replies (errors inside EXEC stay values); raise the first error after."""
-    replies = []
+    """Read `count` replies (errors inside EXEC stay values); raise the first error after.
+
+    With redis-py's hiredis parser, the replies already received are taken from its
+    reader in a loop (the +QUEUED of a long transaction: one C call each, not a
+    `read_response` each); the socket is read only through `read_response`, so its
+    timeouts, connection errors and disconnects stay redis-py's. A reply that redis-py
+    raises (a connection error) is raised, after a disconnect; a RESP3 push message goes
+    to the parser's handler, as in `read_response`. Without that parser (another
+    redis-py, or no hiredis), every reply is read with `read_response`.
+    """
+    parser, reader = _buffered_reader(connection)
+    replies: list[Any] = []
     error: ResponseError | None = None
-    for _ in range(count):
-        try:
+    while len(replies) < count:
+        if reader is not None:
+            try:
+                reply = reader.gets()
+            except BaseException:  # a protocol error: the stream is lost, as redis-py does
+                connection.disconnect()
+                raise
+            if reply is not _NOT_ENOUGH_DATA:
+                if _PUSH is not None and isinstance(reply, _PUSH):
+                    parser.handle_push_response(reply)  # RESP3: as read_response does
+                    continue
+                if isinstance(reply, list) and reply and isinstance(reply[0], ConnectionError):
+                    reply = reply[0]  # redis-py raises these, as read_response would
+                if isinstance(reply, ConnectionError):
+                    connection.disconnect()
+                    raise reply
+                if isinstance(reply, ResponseError):
+                    error = error or reply
+                replies.append(reply)
+                continue
+        try:  # nothing buffered (or no such reader): redis-py reads the socket
             replies.append(connection.read_response())
         except ResponseError as exc:  # read every reply before raising, or the next ones stay
             replies.append(exc)
@@ -56,3 +94,13 @@ def read_replies(connection: Any, count: int) -> list[Any]:
     if error is not None:
         raise error
     return replies
+
+
+def _buffered_reader(connection: Any) -> tuple[Any, Any]:
+    """redis-py's hiredis parser on `connection` and its reader, or (None, None)."""
+    parser = getattr(connection, "_parser", None)
+    if _HIREDIS_PARSER is None or _NOT_ENOUGH_DATA is None:
+        return None, None
+    if not isinstance(parser, _HIREDIS_PARSER) or not hasattr(parser, "handle_push_response"):
+        return None, None
+    return parser, getattr(parser, "_reader", None)
