@@ -94,6 +94,8 @@ RSS_SAMPLE_S = 1.0  # the peaks of the chDB flush process's sawtooth need finer 
 # Past this many seconds of offered events waiting, the p99 bound is long lost and the
 # rest of the window would only fill Redis: the run stops offering.
 GIVE_UP_BACKLOG_S = 30.0
+# Kinds the reorder window holds before they are queued (worker/reorder.py).
+HELD_KINDS = ("screen_view", "session_end")
 # The end-to-end target against the standard interface's rate (issue 22).
 TARGET_STANDARD_FRACTION = 0.5
 
@@ -104,12 +106,14 @@ class Tracker:
 
     handover: dict[str, float] = field(default_factory=dict)
     waiting_view: dict[str, str] = field(default_factory=dict)  # session -> view id
+    held: set[str] = field(default_factory=set)  # ids of the kinds the reorder window holds
     sent: int = 0
 
     def record(self, event_id: str, event: dict[str, Any], session: str, at: float) -> None:
         self.sent += 1
         name = event["name"]
-        if name in ("screen_view", "session_end"):
+        if name in HELD_KINDS:
+            self.held.add(event_id)
             previous = self.waiting_view.pop(session, None)
             if previous is not None:
                 self.handover[previous] = at  # this event releases the session's last view
@@ -253,6 +257,48 @@ def quantile(sorted_values: list[float], q: float) -> float:
         return float("nan")
     index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return sorted_values[index]
+
+
+def latency_breakdown(
+    latency: dict[str, float], held: set[str], landed_at: list[float], window: tuple[float, float]
+) -> dict[str, Any]:
+    """Where the latency comes from: `latency` (id -> s, events handed over in the window)
+    split into the kinds the reorder window holds and the rest; the gaps between the
+    distinct instants the window's rows became visible (the flush's INSERTs: a gap past
+    the flush interval is a flush that ran long or waited); the worst seconds (p99 of the
+    events handed over in each second of the window, by the second's start)."""
+    start, end = window
+    kinds: dict[str, list[float]] = {"held": [], "other": []}
+    for event_id, seconds in latency.items():
+        kinds["held" if event_id in held else "other"].append(seconds)
+    out: dict[str, Any] = {}
+    for kind, values in kinds.items():
+        values.sort()
+        out[kind] = {
+            "events": len(values),
+            "p50": round(quantile(values, 0.5), 3),
+            "p99": round(quantile(values, 0.99), 3),
+        }
+    instants = sorted({round(t, 3) for t in landed_at if start <= t <= end})
+    gaps = sorted(b - a for a, b in itertools.pairwise(instants))
+    out["insert_instants"] = len(instants)
+    out["insert_gap_s"] = {
+        "p50": round(quantile(gaps, 0.5), 3),
+        "p99": round(quantile(gaps, 0.99), 3),
+        "max": round(gaps[-1], 3) if gaps else None,
+    }
+    return out
+
+
+def worst_seconds(
+    latency: dict[str, float], handover: dict[str, float], start: float, count: int = 5
+) -> list[tuple[int, float]]:
+    """(second of the window, p99 latency of the events handed over in it), worst first."""
+    by_second: dict[int, list[float]] = {}
+    for event_id, seconds in latency.items():
+        by_second.setdefault(int(handover[event_id] - start), []).append(seconds)
+    p99s = [(second, quantile(sorted(v), 0.99)) for second, v in by_second.items()]
+    return [(second, round(p99, 3)) for second, p99 in sorted(p99s, key=lambda x: -x[1])[:count]]
 
 
 LANDED_SQL = "SELECT toString(id), toUnixTimestamp64Milli(_inserted) FROM events"
@@ -591,7 +637,12 @@ def pipeline(
         inserts = backend.insert_log() if isinstance(backend, Server) else {}
 
     in_window = {i: t for i, t in tracker.handover.items() if window_start <= t <= window_end}
-    latencies = sorted(landed[i] - t for i, t in in_window.items() if i in landed)
+    latency = {i: landed[i] - t for i, t in in_window.items() if i in landed}
+    latencies = sorted(latency.values())
+    breakdown = latency_breakdown(
+        latency, tracker.held, list(landed.values()), (window_start, window_end)
+    )
+    breakdown["worst_seconds"] = worst_seconds(latency, tracker.handover, window_start)
     not_landed = {i for i in tracker.handover if i not in landed}
     out_of_order = len(not_landed & waiting)
     missing = len(not_landed) - out_of_order
@@ -625,6 +676,12 @@ def pipeline(
         f"[e2e] latency hand-over -> visible over {len(latencies):,} events: p50 {p50:.3f} s, "
         f"mean {statistics.fmean(latencies) if latencies else float('nan'):.3f} s, "
         f"p99 {p99:.3f} s, max {worst:.3f} s; drain after the window {drain_s:.1f} s"
+    )
+    log(
+        f"[e2e] latency by kind: held by the reorder window {breakdown['held']}, "
+        f"the rest {breakdown['other']}; {breakdown['insert_instants']} insert instants, "
+        f"gaps between them {breakdown['insert_gap_s']} s; worst seconds (t, p99) "
+        f"{breakdown['worst_seconds']}"
     )
     log(
         f"[e2e] after every session ended: {missing} events lost; {out_of_order} views "
@@ -670,6 +727,7 @@ def pipeline(
         "redis_commandstats": redis_used,
         "insert_log": inserts,
         "cpu_cores": shares,
+        "latency_breakdown": breakdown,
     }
     method = (
         "latency from send() (or, for a screen_view, the send of the event that releases it) "

@@ -183,3 +183,18 @@ def test_e2e_flush_workers_apply_to_the_server_run_only() -> None:
     assert flush_workers(args, Server("clickhouse://default@127.0.0.1:1/default")) == 2
     assert flush_workers(args, Embedded(ROOT / "unused")) == 1
     assert flush_workers(build_parser().parse_args([]), Server("clickhouse://x")) == 1
+
+
+def test_e2e_latency_breakdown_splits_held_kinds_and_finds_insert_gaps() -> None:
+    from benchmarks.bench_e2e import latency_breakdown, worst_seconds
+
+    latency = {"v1": 1.5, "v2": 1.7, "c1": 0.4, "c2": 0.6}
+    handover = {"v1": 100.2, "v2": 101.5, "c1": 100.1, "c2": 101.9}
+    # Rows became visible at three instants; the window is 100-110.
+    landed = [101.0, 101.0, 102.0, 105.5, 120.0]
+    out = latency_breakdown(latency, {"v1", "v2"}, landed, (100.0, 110.0))
+    assert out["held"] == {"events": 2, "p50": 1.5, "p99": 1.7}
+    assert out["other"] == {"events": 2, "p50": 0.4, "p99": 0.6}
+    assert out["insert_instants"] == 3
+    assert out["insert_gap_s"] == {"p50": 1.0, "p99": 3.5, "max": 3.5}
+    assert worst_seconds(latency, handover, 100.0) == [(1, 1.7), (0, 1.5)]

@@ -331,6 +331,35 @@ def test_redelivery_of_an_applied_batch_applies_nothing(
     assert buffer.get_buffer_size() == 3
 
 
+def test_a_run_stopped_by_its_batch_limit_asks_for_the_next_at_once(
+    app: Celery, env: dict[str, str], redis: redis_lib.Redis, tmp_path: Path
+) -> None:
+    # One claim of 30 per run (EVENT_BUFFER_MAX_BATCHES_PER_FLUSH=1) and 80 rows queued.
+    # No Beat runs and no ingest asks for a flush: only a run whose last claim was
+    # full can ask for the next, until the queue is empty.
+    env = {**env, "EVENT_BUFFER_BATCH_SIZE": "30", "EVENT_BUFFER_CHUNK_SIZE": "30"}
+    buffer = EventBuffer(redis, settings_of(env))
+    from worker.events import parse_event
+
+    buffer.apply(
+        [parse_event({"project_id": "p", "name": "x", "created_at": T0 + n}) for n in range(80)]
+    )
+    proc = worker(env, tmp_path / "worker.log", "-Q", "flush", "-P", "solo")
+    try:
+        proc.wait_for("ready.")
+        app.send_task("eventbuffer.process_buffer")
+        wait_until(
+            lambda: buffer.get_buffer_size() == 0,
+            30,
+            "the runs that follow the first",
+            alive=proc.alive,
+            interval=0.2,
+        )
+    finally:
+        proc.stop()
+    assert landed(env["CLICKHOUSE_URL"]) == (80, 80)
+
+
 def test_two_concurrent_process_buffer_runs_one_does_the_work(
     app: Celery, env: dict[str, str], redis: redis_lib.Redis, tmp_path: Path
 ) -> None:

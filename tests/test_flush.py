@@ -188,6 +188,30 @@ def test_invalid_json_and_rejected_rows_are_dead_lettered_the_rest_lands(
     assert redis.llen(KEYS.queue) == 0
 
 
+def test_a_row_that_is_not_utf8_is_dead_lettered_the_rest_lands(
+    redis: redis_lib.Redis, redis_url: str, chdb_url: str
+) -> None:
+    # chDB takes the statement as bytes and ClickHouse stores a String's bytes as they
+    # come: a row that is not UTF-8 (in a field the flush's own decoding skips) must
+    # not be stored, but found and dead-lettered like any row ClickHouse refuses.
+    settings = settings_with(redis_url, chdb_url, EVENT_BUFFER_CHUNK_SIZE="4")
+    sink = ChdbSink(path_from_url(chdb_url))
+    sink.migrate()
+    good = [event("ok", f"{DAY}T12:00:0{n}Z", city="Malmö") for n in range(5)]
+    EventBuffer(redis, settings).apply(good)
+    bad_row = (
+        b'{"id":"00000000-0000-4000-8000-000000000002","name":"bad","project_id":"p1",'
+        b'"created_at":"%b 12:00:02.500","city":"M\xfcnchen"}' % DAY.encode()
+    )
+    redis.rpush(KEYS.queue, bad_row)
+    [result] = flusher_for(redis, settings, sink).process_buffer().shards
+    assert (result.rows, result.dead) == (5, 1)
+    assert sink.query("SELECT count(), countIf(city = 'Malmö') FROM events") == [(5, 5)]
+    [(header, payload)] = [decode_dead_letter(entry) for entry in redis.lrange(KEYS.dead, 0, -1)]
+    assert (header.reason, payload) == (REASON_REJECTED, bad_row)
+    assert "UTF-8" in header.error
+
+
 def test_saved_notice_carries_per_project_counts(
     redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
 ) -> None:

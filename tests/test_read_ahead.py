@@ -8,16 +8,19 @@ Against a real Redis, and a real chDB for the flush.
 
 from __future__ import annotations
 
+import itertools
+import random
 from typing import Any
 
+import msgspec
 import pytest
 import redis as redis_lib
 
 from tests.support.dates import DAY
 from worker.buffer import EventBuffer
-from worker.claims import AckResult, Claim, Claims, QueueRows
+from worker.claims import AckResult, Claim, Claims, Head, QueueRows, order
 from worker.errors import LockLostError, QueueMovedError
-from worker.events import Event, parse_event
+from worker.events import Event, RowHead, parse_event
 from worker.flusher import Flusher
 from worker.keys import ShardKeys
 from worker.settings import Settings
@@ -135,3 +138,36 @@ def test_a_flush_of_many_claims_reads_each_claims_rows_ahead(
     landed = sink.query("SELECT toString(id) FROM events")
     assert sorted(i for (i,) in landed) == sorted(e.id for e in sent)
     assert redis.llen(KEYS.queue) == 0
+
+
+@pytest.mark.parametrize("nul", [False, True], ids=["plain", "with-nul"])
+def test_insert_order_is_created_at_then_id_then_bytes_whatever_the_strings_hold(
+    nul: bool,
+) -> None:
+    # `order` sorts by one string per row (created_at NUL id): the order must be the
+    # tuple's, which a re-drive by an older flusher also cuts its chunks by, even for a
+    # created_at that is a prefix of another, a NUL inside either string, or ties.
+    stamps = ["2026-11-07 12:00:00.000", "2026-11-07 12:00:00", "2026", ""]
+    ids = ["a", "ab", ""]
+    if nul:  # a row no validated producer writes
+        stamps += ["2026\0a", "2026\0"]
+        ids += ["a\0", "\0", "a\0b"]
+    rows: list[bytes] = []
+    heads: list[Head] = []
+    for n, (stamp, event_id) in enumerate(itertools.product(stamps, ids)):
+        for copy in (2, 1):  # the same pair twice: ordered by the rows' bytes
+            rows.append(
+                msgspec.json.encode({"created_at": stamp, "id": event_id, "n": n, "c": copy})
+            )
+            heads.append(RowHead(id=event_id, created_at=stamp, project_id=f"p{copy}"))
+    rows.append(b"{not json")
+    heads.append("not a JSON row")
+    shuffled = list(zip(rows, heads, strict=True))
+    random.Random(7).shuffle(shuffled)
+    ordered = order([r for r, _ in shuffled], [h for _, h in shuffled])
+    expected = sorted(
+        (h.created_at, h.id, r, h.project_id) for r, h in shuffled if isinstance(h, RowHead)
+    )
+    assert ordered.rows == [item[2] for item in expected]
+    assert ordered.projects == [item[3] for item in expected]
+    assert ordered.invalid == [(b"{not json", "not a JSON row")]

@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
+from operator import eq
 from types import TracebackType
 
 import msgspec
@@ -133,17 +134,34 @@ class Ordered:
 
 
 def order(rows: Sequence[bytes], heads: Sequence[Head]) -> Ordered:
-    """`rows` (with their `heads`) in insert order."""
-    keyed: list[tuple[str, str, bytes, str]] = []
+    """`rows` (with their `heads`) in insert order: by (created_at, id, bytes).
+
+    Sorted by one string per row, `created_at NUL id`, which orders exactly as
+    the pair does when neither holds a NUL (the usual rows): no tuple per row
+    (the garbage collector's work), and strings compare faster than tuples.
+    Rows whose pairs tie (the same event twice) are then ordered by their
+    bytes; a NUL in either string, by the full key.
+    """
+    keys: list[str] = []
+    kept: list[bytes] = []
+    valid: list[RowHead] = []
     invalid: list[tuple[bytes, str]] = []
     for raw, head in zip(rows, heads, strict=True):
         if isinstance(head, str):
             invalid.append((raw, head))
         else:
-            keyed.append((head.created_at, head.id, raw, head.project_id))
-    keyed.sort()
-    projects = [item[3] for item in keyed]
-    return Ordered([item[2] for item in keyed], projects, Counter(projects), invalid)
+            keys.append(f"{head.created_at}\0{head.id}")
+            kept.append(raw)
+            valid.append(head)
+    index = sorted(range(len(keys)), key=keys.__getitem__)
+    if "".join(keys).count("\0") != len(keys):
+        index.sort(key=lambda i: (valid[i].created_at, valid[i].id, kept[i]))
+    else:
+        ordered = [keys[i] for i in index]
+        if any(map(eq, ordered, ordered[1:])):
+            index.sort(key=lambda i: (keys[i], kept[i]))
+    projects = [valid[i].project_id for i in index]
+    return Ordered([kept[i] for i in index], projects, Counter(projects), invalid)
 
 
 @dataclass(frozen=True)

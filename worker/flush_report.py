@@ -42,6 +42,8 @@ class FlushResult:
     ack_seconds: float = 0.0
     # Rows of every chunk inserted, in order.
     chunk_rows: list[int] = field(default_factory=list)
+    # The run stopped at its batch limit with its last claim full: more rows wait.
+    more: bool = False
     dead_reasons: Counter[str] = field(default_factory=Counter)
     # Why the flush of this shard stopped (ClickHouse, or the lock lost); None if it did not.
     error: EventBufferError | None = None
@@ -82,6 +84,11 @@ class FlushSummary:
     @property
     def dead(self) -> int:
         return sum(s.dead for s in self.shards)
+
+    @property
+    def more(self) -> bool:
+        """A shard stopped at its batch limit with more rows waiting."""
+        return any(s.more for s in self.shards)
 
     @property
     def errors(self) -> list[FlushResult]:

@@ -192,6 +192,10 @@ class Flusher:
                         shard, lock, writer, result, ahead, read_next=result.batches + 1 < limit
                     ):
                         self._release(shard, result)
+                    # Stopped by the limit, not by an empty queue, after a full claim:
+                    # the rows behind it should not wait for Beat's next tick
+                    # (tasks/flush.py asks for another run at once).
+                    result.more = result.more and result.batches >= limit
             finally:
                 if own:
                     writer.close()
@@ -283,6 +287,7 @@ class Flusher:
         if head is None:
             result.claim_seconds += time.perf_counter() - phase
             return False
+        result.more = head.count >= self.settings.batch_size  # a full claim: maybe more behind
         lock.progress()
         ready = ahead.take()
         claim = self.claims.claim_rows(shard, head, ready.rows if ready is not None else None)

@@ -161,7 +161,7 @@ class ChdbSink:
 
     def _run(
         self,
-        sql: str,
+        sql: str | bytes,
         fmt: str = "CSV",
         params: dict[str, Any] | None = None,
         readonly: bool = False,
@@ -199,11 +199,16 @@ class ChdbSink:
             f"input_format_parallel_parsing = {parallel}{timeout} "
             "FORMAT JSONEachRow"
         )
-        try:
-            # One join and one decode: the statement is as large as the chunk.
-            sql = b"\n".join([head.encode(), *rows]).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RowRejectedError(f"row is not valid UTF-8: {exc}") from exc
+        # One join, handed to chDB as bytes (it takes them as it takes a str's UTF-8):
+        # the statement is as large as the chunk, and a decode to str would copy it
+        # once more. ClickHouse stores a String's bytes as they come, so the rows are
+        # checked to be UTF-8 here (an ASCII chunk, the usual one, is at once).
+        sql = b"\n".join([head.encode(), *rows])
+        if not sql.isascii():
+            try:
+                sql.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RowRejectedError(f"row is not valid UTF-8: {exc}") from exc
         self._run(sql)
 
     def query(
