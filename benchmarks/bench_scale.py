@@ -39,6 +39,7 @@ from benchmarks.support import (
     log,
     private_redis,
     redis_values,
+    wait_applied,
 )
 from tests.support.native_server import ChdbServer
 from tests.support.polling import wait_until
@@ -118,15 +119,15 @@ def ingest_drain(
         wait_until(lambda: int(client.llen(queue)) > 0, 60, "the first row")
         started = time.perf_counter()
         meter.start()
-        wait_until(
-            lambda: int(client.exists(*markers)) == len(markers),
-            300,
-            f"{processes} ingest processes to apply every event",
-            interval=0.005,
-            alive=lambda: all(w.alive() for w in workers),
-        )
+        wait_applied(client, markers, workers, f"{processes} ingest processes", interval=0.005)
         seconds = time.perf_counter() - started
         return Drain(n, seconds, meter.stop())
+
+
+def rotated(counts: tuple[int, ...], number: int) -> tuple[int, ...]:
+    """Round `number`'s order of `counts`: each starts a round in turn."""
+    shift = number % len(counts)
+    return counts[shift:] + counts[:shift]
 
 
 def ingest_rate(processes: int, events: int, rounds: int) -> list[Drain]:
@@ -148,8 +149,7 @@ def ingest_scale(
         buffer = EventBuffer(stack.server.client(0), stack.settings)
         try:
             for number in range(rounds):
-                shift = number % len(counts)
-                for k in counts[shift:] + counts[:shift]:
+                for k in rotated(counts, number):
                     drain = ingest_drain(k, tasks, stack, buffer)
                     drains[k].append(drain)
                     log(
@@ -263,8 +263,7 @@ def flush_scale(
         server.start()
         try:
             for number in range(rounds):
-                shift = number % len(counts)
-                for k in counts[shift:] + counts[:shift]:
+                for k in rotated(counts, number):
                     drain = flush_drain(k, dicts, server, stack)
                     drains[k].append(drain)
                     log(

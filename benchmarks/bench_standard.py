@@ -48,6 +48,7 @@ from benchmarks.support import (
     ingest_children,
     log,
     median,
+    wait_applied,
 )
 from tests.support.polling import wait_until
 from tests.support.traffic import mix, traffic
@@ -172,15 +173,7 @@ def run(args: argparse.Namespace) -> list[Result]:
                     wait_until(lambda: int(client.llen(queue)) > 0, 60, "the first row")
                     started = time.perf_counter()
                     before = sum(cpu_seconds(w.pid) for w in workers)
-                    # Done when every task's batch marker is set (parallel workers may
-                    # apply a session's tasks in any order: row counts vary).
-                    wait_until(
-                        lambda: int(client.exists(*markers)) == len(markers),
-                        300,
-                        f"{name} to apply every event",
-                        interval=0.002,
-                        alive=lambda: all(w.alive() for w in workers),
-                    )
+                    wait_applied(client, markers, workers, name, interval=0.002)
                     used = sum(cpu_seconds(w.pid) for w in workers) - before
                     if window:  # what the workers left held, released as a flush would
                         later = FixedClock(SYSTEM_CLOCK.now_ms() + settings.reorder_window_ms)

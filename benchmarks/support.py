@@ -478,6 +478,23 @@ def ingest_children(
             worker.stop()
 
 
+def wait_applied(
+    client: Any, markers: Sequence[str], workers: Sequence[CeleryChild], what: str, interval: float
+) -> None:
+    """Until every task's batch marker is set (up to 300 s), while `workers` all run.
+
+    Parallel workers may apply a session's tasks in any order: row counts
+    vary, the markers do not.
+    """
+    wait_until(
+        lambda: int(client.exists(*markers)) == len(markers),
+        300,
+        f"{what} to apply every event",
+        interval=interval,
+        alive=lambda: all(w.alive() for w in workers),
+    )
+
+
 @contextlib.contextmanager
 def flush_children(
     name: str, count: int, env: Mapping[str, str], logs: Path
