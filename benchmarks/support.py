@@ -340,7 +340,7 @@ def redis_values(server: RedisServer, **overrides: str) -> dict[str, str]:
 
 @dataclass
 class BenchStack:
-    """A private Redis, a temporary directory, and the settings both give the workers.
+    """A private Redis, a temporary directory, and the settings a benchmark uses on them.
 
     `values` are the settings' environment values; `env` is the children's
     environment (`project_env` of them); `settings` is what they read.
@@ -461,7 +461,7 @@ def celery_worker(
 def ingest_children(
     name: str, layout: Sequence[Sequence[str]], env: Mapping[str, str], logs: Path
 ) -> Iterator[list[CeleryChild]]:
-    """One `celery worker -Q ingest` a `layout` entry (its options), stopped at the end.
+    """One `celery worker -Q ingest` per `layout` entry (its options), stopped at the end.
 
     The children are named `<name>0`, `<name>1`, ... and not waited for: a
     benchmark that drains a full queue starts its clock on the first row.
