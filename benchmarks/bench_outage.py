@@ -50,7 +50,6 @@ import logging
 import re
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -62,7 +61,6 @@ from tests.support.fault_load import Load, wait
 from tests.support.fault_processes import logs
 from tests.support.fault_stack import Stack
 from tests.support.native_server import ChdbServer, chdb_serves
-from tests.support.traffic import ReferenceTraffic
 from worker import producer as producer_module
 from worker.errors import ProducerError
 
@@ -224,20 +222,11 @@ def measure(args: argparse.Namespace, variant: str, tmp: Path) -> Outcome:
             EVENT_BUFFER_RETRY_BACKOFF_MAX_S=str(BACKOFF_MAX_S),
         )
         stacks.append(stack)
-        ingest = [
-            stack.ingest_worker("-P", "solo", name=f"ingest{n}", queues="ingest,celery")
-            for n in (1, 2)
-        ]
-        flush = stack.flush_worker()
-        stack.beat()
-        for proc in (*ingest, flush):
-            proc.wait_for("ready.", 90)
+        stack.readme_layout(ready_s=90)
         # Sessions 2 s apart in time (not the model's 5 min): a long stream's dates
         # stay inside the accepted window (millions of events from 30 days ago).
-        traffic = ReferenceTraffic(uuid.uuid4().hex[:8], spacing_ms=SPACING_MS)
-        load = Load(stack.app, traffic, rate, sessions_per_batch=None, width=WIDTH,
-                    max_events=10**9)  # fmt: skip
-        stack.loads.append(load)
+        load = stack.load(rate, spacing_ms=SPACING_MS, sessions_per_batch=None, width=WIDTH,
+                          max_events=10**9)  # fmt: skip
         load.start()
         wait(lambda: stack.saved.rows >= 2_000, 120, "a first flush")
         time.sleep(2)

@@ -23,22 +23,23 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_standard import TASK_EVENTS, fill
 from benchmarks.support import (
-    CeleryChild,
+    BenchStack,
     Result,
-    celery_worker,
+    bench_stack,
     cpu_seconds,
+    flush_children,
+    ingest_children,
     log,
     private_redis,
-    project_env,
+    redis_values,
+    wait_applied,
 )
 from tests.support.native_server import ChdbServer
 from tests.support.polling import wait_until
@@ -59,7 +60,6 @@ RATES = (10_000, 100_000, 1_000_000)
 # processes) or of a ClickHouse server's cores (merges and queries take the rest).
 UTILISATION = 0.5
 CLICKHOUSE_CORES = 8  # cores of one ClickHouse server (shard) in the sizing model
-COMMON = ["worker", "--without-mingle", "--without-gossip"]
 
 
 @dataclass
@@ -100,48 +100,34 @@ class CpuMeter:
 
 
 def ingest_drain(
-    processes: int,
-    tasks: list[list[dict[str, Any]]],
-    redis_pid: int | None,
-    env: dict[str, str],
-    broker_url: str,
-    buffer: EventBuffer,
-    logs: Path,
+    processes: int, tasks: list[list[dict[str, Any]]], stack: BenchStack, buffer: EventBuffer
 ) -> Drain:
     """The standard interface's tasks drained by `processes` solo ingest workers."""
     client = buffer.redis
     client.flushdb()
     n = sum(len(events) for events in tasks)
-    markers = [buffer.keyspace.shard(0).batch(i) for i in fill(broker_url, tasks)]
-    queue = buffer.keyspace.shard(0).queue
-    workers = [
-        CeleryChild(
-            f"scale{processes}-{i}",
-            [*COMMON, "-Q", "ingest", "-P", "solo", "-n", f"scale{processes}-{i}@%h"],
-            env,
-            logs,
-        )
-        for i in range(processes)
+    markers = [
+        buffer.keyspace.shard(0).batch(i) for i in fill(stack.settings.effective_broker_url, tasks)
     ]
-    meter = CpuMeter(
-        {"ingest": [w.pid for w in workers], "redis": [redis_pid] if redis_pid else []}
-    )
-    try:
+    queue = buffer.keyspace.shard(0).queue
+    layout = [["-P", "solo"]] * processes
+    with ingest_children(f"scale{processes}-", layout, stack.env, stack.logs) as workers:
+        redis_pid = stack.redis_pid
+        meter = CpuMeter(
+            {"ingest": [w.pid for w in workers], "redis": [redis_pid] if redis_pid else []}
+        )
         wait_until(lambda: int(client.llen(queue)) > 0, 60, "the first row")
         started = time.perf_counter()
         meter.start()
-        wait_until(
-            lambda: int(client.exists(*markers)) == len(markers),
-            300,
-            f"{processes} ingest processes to apply every event",
-            interval=0.005,
-            alive=lambda: all(w.alive() for w in workers),
-        )
+        wait_applied(client, markers, workers, f"{processes} ingest processes", interval=0.005)
         seconds = time.perf_counter() - started
         return Drain(n, seconds, meter.stop())
-    finally:
-        for worker in workers:
-            worker.stop()
+
+
+def rotated(counts: tuple[int, ...], number: int) -> tuple[int, ...]:
+    """Round `number`'s order of `counts`: each starts a round in turn."""
+    shift = number % len(counts)
+    return counts[shift:] + counts[:shift]
 
 
 def ingest_rate(processes: int, events: int, rounds: int) -> list[Drain]:
@@ -159,33 +145,12 @@ def ingest_scale(
     dicts, _ = traffic(events, seed=13)
     tasks = [dicts[i : i + TASK_EVENTS] for i in range(0, events, TASK_EVENTS)]
     drains: dict[int, list[Drain]] = {k: [] for k in counts}
-    with (
-        private_redis("scale") as server,
-        tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp,
-    ):
-        values = {
-            "REDIS_URL": server.db_url(0),
-            "CELERY_BROKER_URL": server.db_url(1),
-            "CLICKHOUSE_URL": f"chdb://{tmp}/clickhouse",
-            "EVENT_BUFFER_HIGH_WATER": str(10**9),  # no flush worker here
-        }
-        settings = Settings.from_env(values)
-        env = project_env(**values)
-        buffer = EventBuffer(server.client(0), settings)
-        redis_pid = server.process.pid if server.process is not None else None
+    with bench_stack("scale") as stack:
+        buffer = EventBuffer(stack.server.client(0), stack.settings)
         try:
             for number in range(rounds):
-                shift = number % len(counts)
-                for k in counts[shift:] + counts[:shift]:
-                    drain = ingest_drain(
-                        k,
-                        tasks,
-                        redis_pid,
-                        env,
-                        settings.effective_broker_url,
-                        buffer,
-                        Path(tmp) / "logs",
-                    )
+                for k in rotated(counts, number):
+                    drain = ingest_drain(k, tasks, stack, buffer)
                     drains[k].append(drain)
                     log(
                         f"[scale] ingest x{k}: {drain.rate:,.0f} ev/s, ingest "
@@ -200,8 +165,7 @@ def producer_cost(events: int) -> Drain:
     """EventProducer sending `events` into the broker: this process's and Redis's CPU."""
     dicts, _ = traffic(events, seed=11)
     with private_redis("scale-producer") as server:
-        values = {"REDIS_URL": server.db_url(0), "CELERY_BROKER_URL": server.db_url(1)}
-        settings = Settings.from_env(values)
+        settings = Settings.from_env(redis_values(server))
         app = create_app(settings)
         redis_pid = server.process.pid if server.process is not None else None
         meter = CpuMeter({"redis": [redis_pid] if redis_pid else []})
@@ -221,22 +185,19 @@ def producer_cost(events: int) -> Drain:
 
 
 def flush_drain(
-    shards: int, dicts: list[dict[str, Any]], server: ChdbServer, redis: Any, tmp: Path
+    shards: int, dicts: list[dict[str, Any]], server: ChdbServer, stack: BenchStack
 ) -> Drain:
     """`shards` shards filled in this process, drained by as many solo flush workers."""
-    values = {
-        "REDIS_URL": redis.db_url(0),
-        "CELERY_BROKER_URL": redis.db_url(1),
-        "CLICKHOUSE_URL": server.url,
-        "EVENT_BUFFER_SHARDS": str(shards),
-        "EVENT_BUFFER_REORDER_WINDOW_MS": "0",
-        "EVENT_BUFFER_MAX_BATCHES_PER_FLUSH": "1000",
-        "EVENT_BUFFER_HIGH_WATER": str(10**9),
-    }
-    settings = Settings.from_env(values)
-    client = redis.client(0)
+    stack = stack.with_values(
+        CLICKHOUSE_URL=server.url,
+        EVENT_BUFFER_SHARDS=str(shards),
+        EVENT_BUFFER_REORDER_WINDOW_MS="0",
+        EVENT_BUFFER_MAX_BATCHES_PER_FLUSH="1000",
+    )
+    settings = stack.settings
+    client = stack.server.client(0)
     client.flushdb()
-    redis.client(1).flushdb()
+    stack.server.client(1).flushdb()
     sink = open_sink(server.url)
     try:
         sink.query("DROP TABLE IF EXISTS events")
@@ -248,53 +209,48 @@ def flush_drain(
         ingest(buffer, dicts[start : start + 1000], str(uuid.uuid4()))
     queues = [shard.queue for shard in buffer.keyspace.all()]
     rows = sum(int(client.llen(q)) for q in queues)
-    env = project_env(**values)
-    workers = [
-        celery_worker(f"flush{shards}-{i}", FLUSH_QUEUE, env, tmp / "logs") for i in range(shards)
-    ]
-    redis_pid = redis.process.pid if redis.process is not None else None
-    assert server.process is not None
-    meter = CpuMeter(
-        {
-            "flush": [w.pid for w in workers],
-            "redis": [redis_pid] if redis_pid else [],
-            "clickhouse": [server.process.pid],
-        }
-    )
-    app = create_app(settings)
-    broker = redis.client(1)
-
-    def landed() -> int:
-        sink = open_sink(server.url)
-        try:
-            return int(sink.query("SELECT count() FROM events")[0][0])
-        finally:
-            sink.close()
-
-    def drained() -> bool:
-        if int(broker.llen(FLUSH_QUEUE)) == 0:  # keep every worker busy until the buffer is empty
-            for _ in range(shards):
-                app.send_task(TASK_PROCESS_BUFFER, queue=FLUSH_QUEUE)
-        return sum(int(client.llen(q)) for q in queues) == 0 and landed() == rows
-
-    try:
-        meter.start()
-        started = time.perf_counter()
-        wait_until(
-            drained,
-            300,
-            f"{shards} flush workers to drain {rows} rows",
-            interval=0.02,
-            alive=lambda: all(w.alive() for w in workers),
+    with flush_children(f"flush{shards}-", shards, stack.env, stack.logs) as workers:
+        redis_pid = stack.redis_pid
+        assert server.process is not None
+        meter = CpuMeter(
+            {
+                "flush": [w.pid for w in workers],
+                "redis": [redis_pid] if redis_pid else [],
+                "clickhouse": [server.process.pid],
+            }
         )
-        seconds = time.perf_counter() - started
-        return Drain(rows, seconds, meter.stop())
-    finally:
-        app.close()
-        for worker in workers:
-            worker.stop()
-        broker.close()
-        client.close()
+        app = create_app(settings)
+        broker = stack.server.client(1)
+
+        def landed() -> int:
+            sink = open_sink(server.url)
+            try:
+                return int(sink.query("SELECT count() FROM events")[0][0])
+            finally:
+                sink.close()
+
+        def drained() -> bool:
+            if int(broker.llen(FLUSH_QUEUE)) == 0:  # keep every worker busy until it is empty
+                for _ in range(shards):
+                    app.send_task(TASK_PROCESS_BUFFER, queue=FLUSH_QUEUE)
+            return sum(int(client.llen(q)) for q in queues) == 0 and landed() == rows
+
+        try:
+            meter.start()
+            started = time.perf_counter()
+            wait_until(
+                drained,
+                300,
+                f"{shards} flush workers to drain {rows} rows",
+                interval=0.02,
+                alive=lambda: all(w.alive() for w in workers),
+            )
+            seconds = time.perf_counter() - started
+            return Drain(rows, seconds, meter.stop())
+        finally:
+            app.close()
+            broker.close()
+            client.close()
 
 
 def flush_scale(
@@ -302,17 +258,13 @@ def flush_scale(
 ) -> dict[int, list[Drain]]:
     dicts, _ = traffic(events, seed=19)
     drains: dict[int, list[Drain]] = {k: [] for k in counts}
-    with (
-        private_redis("scale-flush") as redis,
-        tempfile.TemporaryDirectory(prefix="bench-scale-flush-") as tmp,
-    ):
-        server = ChdbServer(Path(tmp) / "server")
+    with bench_stack("scale-flush") as stack:
+        server = ChdbServer(stack.tmp / "server")
         server.start()
         try:
             for number in range(rounds):
-                shift = number % len(counts)
-                for k in counts[shift:] + counts[:shift]:
-                    drain = flush_drain(k, dicts, server, redis, Path(tmp))
+                for k in rotated(counts, number):
+                    drain = flush_drain(k, dicts, server, stack)
                     drains[k].append(drain)
                     log(
                         f"[scale] flush x{k}: {drain.rate:,.0f} rows/s, flush "

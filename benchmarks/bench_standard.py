@@ -33,24 +33,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 import uuid
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import Celery
 
 from benchmarks.support import (
-    CeleryChild,
     Result,
     alternate,
+    bench_stack,
     cpu_seconds,
+    ingest_children,
     log,
     median,
-    private_redis,
-    project_env,
+    wait_applied,
 )
 from tests.support.polling import wait_until
 from tests.support.traffic import mix, traffic
@@ -62,7 +60,6 @@ from worker.clock import SYSTEM_CLOCK
 from worker.events import Limits, encode_event, parse_event, parse_events
 from worker.ingestion import derived_ids, ingest
 from worker.reorder import release_due
-from worker.settings import Settings
 
 TASK_EVENTS = 500
 
@@ -156,50 +153,27 @@ def run(args: argparse.Namespace) -> list[Result]:
     cpu: dict[str, list[float]] = {}
     per_event: dict[str, list[float]] = {}  # workers' CPU µs per event
 
-    with (
-        private_redis("standard") as server,
-        tempfile.TemporaryDirectory(prefix="bench-standard-") as tmp,
-    ):
-        values = {
-            "REDIS_URL": server.db_url(0),
-            "CELERY_BROKER_URL": server.db_url(1),
-            "CLICKHOUSE_URL": f"chdb://{tmp}/clickhouse",
-            "EVENT_BUFFER_HIGH_WATER": str(10**9),  # no flush worker here
-        }
-        settings = Settings.from_env(values)
+    with bench_stack("standard") as stack:
+        settings = stack.settings
         broker_url = settings.effective_broker_url
-        env = project_env(**values)
-        client = server.client(0)
-        broker = server.client(1)
+        client = stack.server.client(0)
+        broker = stack.server.client(1)
         buffer = EventBuffer(client, settings)
         queue = buffer.keyspace.shard(0).queue
-        logs = Path(tmp) / "logs"
 
         def drained_by(
-            layout: list[list[str]], name: str, label: str, window: bool = True
+            layout: Sequence[Sequence[str]], name: str, label: str, window: bool = True
         ) -> Callable[[], float]:
-            env_ = env if window else {**env, "EVENT_BUFFER_REORDER_WINDOW_MS": "0"}
+            env = stack.env if window else {**stack.env, "EVENT_BUFFER_REORDER_WINDOW_MS": "0"}
 
             def round_() -> float:
                 client.flushdb()
                 markers = [buffer.keyspace.shard(0).batch(i) for i in fill(broker_url, tasks)]
-                workers = [
-                    CeleryChild(f"{name}{i}", [*argv, "-n", f"{name}{i}@%h"], env_, logs)
-                    for i, argv in enumerate(layout)
-                ]
-                try:
+                with ingest_children(name, layout, env, stack.logs) as workers:
                     wait_until(lambda: int(client.llen(queue)) > 0, 60, "the first row")
                     started = time.perf_counter()
                     before = sum(cpu_seconds(w.pid) for w in workers)
-                    # Done when every task's batch marker is set (parallel workers may
-                    # apply a session's tasks in any order: row counts vary).
-                    wait_until(
-                        lambda: int(client.exists(*markers)) == len(markers),
-                        300,
-                        f"{name} to apply every event",
-                        interval=0.002,
-                        alive=lambda: all(w.alive() for w in workers),
-                    )
+                    wait_applied(client, markers, workers, name, interval=0.002)
                     used = sum(cpu_seconds(w.pid) for w in workers) - before
                     if window:  # what the workers left held, released as a flush would
                         later = FixedClock(SYSTEM_CLOCK.now_ms() + settings.reorder_window_ms)
@@ -210,9 +184,6 @@ def run(args: argparse.Namespace) -> list[Result]:
                     if int(broker.llen("ingest")):
                         log(f"[standard] WARNING: {name} left tasks in the queue")
                     return seconds
-                finally:
-                    for worker in workers:
-                        worker.stop()
 
             return round_
 
@@ -236,15 +207,10 @@ def run(args: argparse.Namespace) -> list[Result]:
             pipe.execute()
             return time.perf_counter() - started
 
-        common = ["worker", "-Q", "ingest", "--without-mingle", "--without-gossip"]
         runs = {
-            "eventbuffer": drained_by(
-                [[*common, *argv] for argv in INGEST_LAYOUT], "eb", "eventbuffer"
-            ),
-            "prefork": drained_by([common], "prefork", "prefork"),
-            "eventbuffer w0": drained_by(
-                [[*common, *argv] for argv in INGEST_LAYOUT], "eb0", "eventbuffer w0", window=False
-            ),
+            "eventbuffer": drained_by(INGEST_LAYOUT, "eb", "eventbuffer"),
+            "prefork": drained_by([[]], "prefork", "prefork"),
+            "eventbuffer w0": drained_by(INGEST_LAYOUT, "eb0", "eventbuffer w0", window=False),
             "in-process": in_process,
             "raw RPUSH": raw_rpush,
         }

@@ -32,6 +32,8 @@ if str(ROOT) not in sys.path:
 
 from tests.support.polling import wait_until  # noqa: E402
 from tests.support.servers import RedisServer, start_redis  # noqa: E402
+from worker.names import FLUSH_QUEUE  # noqa: E402
+from worker.settings import Settings  # noqa: E402
 
 # -- results -------------------------------------------------------------------
 
@@ -331,6 +333,61 @@ def private_redis(prefix: str) -> Iterator[RedisServer]:
             server.stop()
 
 
+def redis_values(server: RedisServer, **overrides: str) -> dict[str, str]:
+    """Settings on a private Redis: the buffer in db 0, the broker in db 1, plus `overrides`."""
+    return {"REDIS_URL": server.db_url(0), "CELERY_BROKER_URL": server.db_url(1), **overrides}
+
+
+@dataclass
+class BenchStack:
+    """A private Redis, a temporary directory, and the settings a benchmark uses on them.
+
+    `values` are the settings' environment values; `env` is the children's
+    environment (`project_env` of them); `settings` is what they read.
+    """
+
+    server: RedisServer
+    tmp: Path
+    values: dict[str, str]
+
+    def __post_init__(self) -> None:
+        self.settings = Settings.from_env(self.values)
+        self.env = project_env(**self.values)
+
+    def with_values(self, **overrides: str) -> BenchStack:
+        """The same Redis and directory, with some settings changed."""
+        return BenchStack(self.server, self.tmp, {**self.values, **overrides})
+
+    @property
+    def logs(self) -> Path:
+        return self.tmp / "logs"
+
+    @property
+    def redis_pid(self) -> int | None:
+        return self.server.process.pid if self.server.process is not None else None
+
+
+@contextlib.contextmanager
+def bench_stack(prefix: str, **overrides: str) -> Iterator[BenchStack]:
+    """A private Redis and a temporary directory (`bench-<prefix>-`), removed at the end.
+
+    The settings: buffer and broker on that Redis (`redis_values`), chDB in the
+    directory, and no back-pressure from the buffer's high water (no flush
+    worker drains it unless the benchmark starts one), then `overrides`.
+    """
+    with (
+        private_redis(prefix) as server,
+        tempfile.TemporaryDirectory(prefix=f"bench-{prefix}-") as tmp,
+    ):
+        values = redis_values(
+            server,
+            CLICKHOUSE_URL=f"chdb://{tmp}/clickhouse",
+            EVENT_BUFFER_HIGH_WATER=str(10**9),
+            **overrides,
+        )
+        yield BenchStack(server, Path(tmp), values)
+
+
 # -- Celery child processes ---------------------------------------------------
 
 
@@ -398,6 +455,59 @@ def celery_worker(
     child = CeleryChild(name, args, env, logs)
     child.wait_ready(" ready.")
     return child
+
+
+@contextlib.contextmanager
+def ingest_children(
+    name: str, layout: Sequence[Sequence[str]], env: Mapping[str, str], logs: Path
+) -> Iterator[list[CeleryChild]]:
+    """One `celery worker -Q ingest` per `layout` entry (its options), stopped at the end.
+
+    The children are named `<name>0`, `<name>1`, ... and not waited for: a
+    benchmark that drains a full queue starts its clock on the first row.
+    """
+    common = ["worker", "-Q", "ingest", "--without-mingle", "--without-gossip"]
+    workers: list[CeleryChild] = []
+    try:
+        for i, argv in enumerate(layout):
+            args = [*common, *argv, "-n", f"{name}{i}@%h"]
+            workers.append(CeleryChild(f"{name}{i}", args, env, logs))
+        yield workers
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def wait_applied(
+    client: Any, markers: Sequence[str], workers: Sequence[CeleryChild], what: str, interval: float
+) -> None:
+    """Until every task's batch marker is set (up to 300 s), while `workers` all run.
+
+    Parallel workers may apply a session's tasks in any order: row counts
+    vary, the markers do not.
+    """
+    wait_until(
+        lambda: int(client.exists(*markers)) == len(markers),
+        300,
+        f"{what} to apply every event",
+        interval=interval,
+        alive=lambda: all(w.alive() for w in workers),
+    )
+
+
+@contextlib.contextmanager
+def flush_children(
+    name: str, count: int, env: Mapping[str, str], logs: Path
+) -> Iterator[list[CeleryChild]]:
+    """`count` solo flush workers (`<name>0`, ...), each ready, stopped at the end."""
+    workers: list[CeleryChild] = []
+    try:
+        for i in range(count):
+            workers.append(celery_worker(f"{name}{i}", FLUSH_QUEUE, env, logs))
+        yield workers
+    finally:
+        for worker in workers:
+            worker.stop()
 
 
 def celery_beat(env: Mapping[str, str], logs: Path) -> CeleryChild:

@@ -46,14 +46,7 @@ def test_clickhouse_down_two_minutes_while_redis_fills(stacks, tmp_path: Path) -
             CLICKHOUSE_URL=server.url,
             EVENT_BUFFER_RETRY_BACKOFF_MAX_S="4",
         )
-        ingest = [
-            stack.ingest_worker("-P", "solo", name=f"ingest{n}", queues="ingest,celery")
-            for n in (1, 2)
-        ]
-        flush = stack.flush_worker()
-        stack.beat()
-        for proc in (*ingest, flush):
-            proc.wait_for("ready.", 60)
+        stack.readme_layout()
         load = stack.load(RATE, sessions_per_batch=None, width=40, max_events=1_000_000)
         load.start()
         wait(lambda: stack.saved.rows >= 2_000, 60, "a first flush before the outage")

@@ -187,13 +187,28 @@ class Stack:
         self.procs.append(proc)
         return proc
 
+    def readme_layout(self, ready_s: float = 60) -> tuple[list[CeleryProcess], CeleryProcess]:
+        """The README's layout, ready: two `-P solo` ingest workers (on `ingest` and
+        Celery's default queue), a solo flush worker, and Beat. Returns (ingest, flush)."""
+        ingest = [
+            self.ingest_worker("-P", "solo", name=f"ingest{n}", queues="ingest,celery")
+            for n in (1, 2)
+        ]
+        flush = self.flush_worker()
+        self.beat()
+        for proc in (*ingest, flush):
+            proc.wait_for("ready.", ready_s)
+        return ingest, flush
+
     def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
         process = subprocess.Popen(args, env=self.env, **kwargs)
         self.popens.append(process)
         return process
 
-    def load(self, rate: float, **kwargs: Any) -> Load:
-        load = Load(self.app, ReferenceTraffic(uuid.uuid4().hex[:8]), rate, **kwargs)
+    def load(self, rate: float, spacing_ms: int = 300_000, **kwargs: Any) -> Load:
+        """`Load` at `rate` of reference sessions `spacing_ms` apart in time."""
+        traffic = ReferenceTraffic(uuid.uuid4().hex[:8], spacing_ms=spacing_ms)
+        load = Load(self.app, traffic, rate, **kwargs)
         self.loads.append(load)
         return load
 
