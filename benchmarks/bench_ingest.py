@@ -16,20 +16,17 @@ ratio shows what Celery costs and what a second process gains.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 from benchmarks.support import (
     CeleryChild,
     Result,
     alternate,
+    bench_stack,
     cpu_seconds,
     log,
     median,
-    private_redis,
-    project_env,
 )
 from tests.support.polling import wait_until
 from tests.support.traffic import mix, traffic
@@ -38,7 +35,6 @@ from worker.celery import create_app
 from worker.cli.run import INGEST_LAYOUT
 from worker.ingestion import ingest
 from worker.producer import EventProducer
-from worker.settings import Settings
 
 BATCH = 1000
 TARGET_EVENTS_PER_S = 80_000
@@ -54,24 +50,14 @@ def run(args: argparse.Namespace) -> list[Result]:
     producer_rates: list[float] = []
     busy: list[float] = []
 
-    with (
-        private_redis("ingest") as server,
-        tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp,
-    ):
-        values = {
-            "REDIS_URL": server.db_url(0),
-            "CELERY_BROKER_URL": server.db_url(1),
-            "CLICKHOUSE_URL": f"chdb://{tmp}/clickhouse",
-            # No flush worker runs here: keep back-pressure from queueing flush tasks.
-            "EVENT_BUFFER_HIGH_WATER": str(10**9),
-        }
-        settings = Settings.from_env(values)
-        env = project_env(**values)
+    # No flush worker runs here: bench_stack keeps back-pressure from queueing flush tasks.
+    with bench_stack("ingest") as stack:
+        server, settings, env = stack.server, stack.settings, stack.env
         client = server.client(0)
         buffer = EventBuffer(client, settings)
         queue = buffer.keyspace.shard(0).queue
         app = create_app(settings)
-        logs = Path(tmp) / "logs"
+        logs = stack.logs
 
         def fill() -> None:
             """Send every event through the producer (timed apart: the producer's rate)."""

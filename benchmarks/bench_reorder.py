@@ -30,23 +30,20 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
-from benchmarks.support import CeleryChild, Result, log, private_redis, project_env
+from benchmarks.support import CeleryChild, Result, bench_stack, log
 from tests.support.polling import wait_until
 from tests.support.traffic import RealisticTraffic
 from worker.cli.run import INGEST_LAYOUT
 from worker.keys import Keyspace
 from worker.reorder import held_packs, held_times
-from worker.settings import Settings
 
 TASK_EVENTS = 20
 RATE = 5_000  # events/s offered in the live scenarios (about a quarter of one process' rate)
@@ -117,22 +114,13 @@ def send(app: Celery, tasks: list[list[dict[str, Any]]], rate: float | None) -> 
 def run(args: argparse.Namespace) -> list[Result]:
     events = 10_000 if args.quick else 30_000
     results = []
-    with (
-        private_redis("reorder") as server,
-        tempfile.TemporaryDirectory(prefix="bench-reorder-") as tmp,
-    ):
-        values = {
-            "REDIS_URL": server.db_url(0),
-            "CELERY_BROKER_URL": server.db_url(1),
-            "CLICKHOUSE_URL": f"chdb://{tmp}/clickhouse",
-            "EVENT_BUFFER_HIGH_WATER": str(10**9),  # no flush worker here
-            "EVENT_BUFFER_REORDER_WINDOW_MS": str(HUGE_WINDOW_MS),
-        }
-        settings = Settings.from_env(values)
+    # No flush worker here (bench_stack keeps back-pressure off).
+    with bench_stack("reorder", EVENT_BUFFER_REORDER_WINDOW_MS=str(HUGE_WINDOW_MS)) as stack:
+        server, settings = stack.server, stack.settings
         keyspace = Keyspace(settings.key_prefix, settings.shards)
-        env = project_env(**values)
+        env = stack.env
         client = server.client(0)
-        logs = Path(tmp) / "logs"
+        logs = stack.logs
         app = Celery("foreign-sender", broker=settings.effective_broker_url, set_as_current=False)
         app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True)
 
