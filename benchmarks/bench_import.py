@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -130,20 +130,8 @@ def bench_chdb(files: list[Path], events: int, rounds: int, tmp: Path) -> Result
 
     def eventbuffer() -> float:
         fresh()
-        done = subprocess.run(
-            [sys.executable, "-m", "worker.cli", "import", "--json", *map(str, files)],
-            env=env,
-            cwd=tmp,
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode:
-            raise RuntimeError(f"eventbuffer import failed: {done.stderr[-2000:]}")
-        summary = json.loads(done.stdout.strip().splitlines()[-1])
-        assert summary["imported"] == events and count() == events, summary
-        passes.append(summary["passes"])
-        # The command's own timing of the import: its start-up is not counted.
-        return events / float(summary["seconds"])
+        command = [sys.executable, "-m", "worker.cli", "import", "--json", *map(str, files)]
+        return _timed_import(command, env, tmp, events, count, passes)
 
     def raw() -> float:
         fresh()
@@ -234,27 +222,16 @@ def bench_server(files: list[Path], events: int, rounds: int, tmp: Path) -> Resu
 
         def eventbuffer() -> float:
             fresh()
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    "from benchmarks.bench_import import server_import_main; server_import_main()",
-                    url,
-                    COMPAT_TABLE,
-                    str(state_root),
-                    *map(str, files),
-                ],
-                env=project_env(),
-                cwd=tmp,
-                capture_output=True,
-                text=True,
-            )
-            if done.returncode:
-                raise RuntimeError(f"the import into the server failed: {done.stderr[-2000:]}")
-            summary = json.loads(done.stdout.strip().splitlines()[-1])
-            assert summary["imported"] == events and count() == events, summary
-            passes.append(summary["passes"])
-            return events / float(summary["seconds"])
+            command = [
+                sys.executable,
+                "-c",
+                "from benchmarks.bench_import import server_import_main; server_import_main()",
+                url,
+                COMPAT_TABLE,
+                str(state_root),
+                *map(str, files),
+            ]
+            return _timed_import(command, project_env(), tmp, events, count, passes)
 
         def raw() -> float:
             fresh()
@@ -353,3 +330,22 @@ def bench_memory(tmp: Path, events: int) -> Result:
         note="bounded: the export is sorted on disk by SQLite, not in memory",
         extra={"seconds": seconds},
     )
+
+
+def _timed_import(
+    command: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    events: int,
+    count: Callable[[], int],
+    passes: list[dict[str, float]],
+) -> float:
+    """Run one import command; its rows/s by the command's own timing (start-up not
+    counted), once every event is found in the table."""
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the import failed: {done.stderr[-2000:]}")
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["imported"] == events and count() == events, summary
+    passes.append(summary["passes"])
+    return events / float(summary["seconds"])
