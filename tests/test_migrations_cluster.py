@@ -23,6 +23,7 @@ import pytest
 from tests.support.clickhouse_cluster import Cluster, Node, clickhouse_cluster, cluster_unavailable
 from tests.support.migrations import (
     AUDIT,
+    AUDIT_ROW,
     COMPAT_COLUMNS,
     ONCE,
     RETENTION,
@@ -37,19 +38,10 @@ from tests.support.migrations import (
 from worker.privacy.clickhouse import record_audit
 from worker.sinks.migrations import MIGRATIONS, MigrationError, read_records
 from worker.sinks.native import NativeSink
-from worker.sinks.schema import AUDIT_COLUMNS, AUDIT_TABLE, MIGRATIONS_LOCK_TABLE, MIGRATIONS_TABLE
+from worker.sinks.schema import AUDIT_TABLE, MIGRATIONS_LOCK_TABLE, MIGRATIONS_TABLE
 
 pytestmark = pytest.mark.slow
 
-AUDIT_ROW = {
-    "requested_at": "2026-01-02 03:04:05",
-    "tombstone_expires_at": "2026-02-01 03:04:05",
-    "user": "ops",
-    "host": "h1",
-    "project_id": "p",
-    "selector": "profile",
-    "selector_id": "u1",
-}
 
 # What the previous release's `eventbuffer migrate --cluster` ran (its
 # create_cluster_tables, on the columns 18.16 has), verbatim but for the names.
@@ -146,7 +138,7 @@ def test_migrate_from_two_hosts_at_once(cluster: Cluster) -> None:
     # host is read on every other.
     writer = on(cluster.node(1, 1), database)
     try:
-        record_audit(writer, dict.fromkeys((c for c, _ in AUDIT_COLUMNS), 0) | AUDIT_ROW)
+        record_audit(writer, AUDIT_ROW)
     finally:
         writer.close()
     for node in cluster.nodes:
@@ -210,9 +202,7 @@ def test_audit_tables_forget_made_before_migrate_become_replicated(cluster: Clus
     for node, user in ((first, "ops-a"), (second, "ops-b")):
         sink = on(node, database)
         try:
-            record_audit(
-                sink, dict.fromkeys((c for c, _ in AUDIT_COLUMNS), 0) | AUDIT_ROW | {"user": user}
-            )
+            record_audit(sink, AUDIT_ROW | {"user": user})
         finally:
             sink.close()
 

@@ -18,6 +18,7 @@ import pytest
 from tests.support.migrations import (
     ALL,
     AUDIT,
+    AUDIT_ROW,
     COMPAT_COLUMNS,
     ONCE,
     RETENTION,
@@ -39,17 +40,6 @@ from worker.privacy.clickhouse import record_audit
 from worker.sinks.migrations import MigrationError, read_records, status
 from worker.sinks.native import NativeSink
 from worker.sinks.schema import AUDIT_COLUMNS, AUDIT_TABLE
-
-# One forget request's audit row (worker.privacy.forget_request's audit_row()).
-AUDIT_ROW = dict.fromkeys((name for name, _ in AUDIT_COLUMNS), 0) | {
-    "requested_at": "2026-01-02 03:04:05",
-    "tombstone_expires_at": "2026-02-01 03:04:05",
-    "user": "ops",
-    "host": "h1",
-    "project_id": "p",
-    "selector": "profile",
-    "selector_id": "u1",
-}
 
 
 def test_old_server_upgrades_with_recorded_no_ops(old_server_url: str) -> None:

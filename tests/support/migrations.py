@@ -24,7 +24,7 @@ from worker.sinks.base import RetryableSinkError
 from worker.sinks.migrations import MIGRATIONS, Record
 from worker.sinks.migrations_lock import Holder, _host
 from worker.sinks.native import NativeSink
-from worker.sinks.schema import MIGRATIONS_LOCK_TABLE, create_lock_table
+from worker.sinks.schema import AUDIT_COLUMNS, MIGRATIONS_LOCK_TABLE, create_lock_table
 
 ROOT = Path(__file__).resolve().parents[2]
 DAY_MS = 86_400_000
@@ -306,3 +306,16 @@ def race_for_a_dead_holders_lock(
     finally:
         results = [finish(process) for process in processes]  # stdin closed: they stop
     assert [code for code, _, _ in results] == [0] * len(urls), results
+
+
+# One forget request's audit row (worker.privacy.forget_request's audit_row()): every
+# column, the counts at 0.
+AUDIT_ROW = dict.fromkeys((name for name, _ in AUDIT_COLUMNS), 0) | {
+    "requested_at": "2026-01-02 03:04:05",
+    "tombstone_expires_at": "2026-02-01 03:04:05",
+    "user": "ops",
+    "host": "h1",
+    "project_id": "p",
+    "selector": "profile",
+    "selector_id": "u1",
+}
