@@ -150,24 +150,14 @@ def bench_chdb(files: list[Path], events: int, rounds: int, tmp: Path) -> Result
         return events / seconds
 
     rates = alternate(rounds, {"eventbuffer": eventbuffer, "raw": raw})
-    ours, base = median(rates["eventbuffer"]), median(rates["raw"])
-    log(f"[import] chDB: import {ours:,.0f} rows/s, raw JSONEachRow {base:,.0f} rows/s")
-    log(f"[import] chDB passes (s): {_median_passes(passes)}")
-    return Result(
+    return _import_result(
+        "chDB",
         "import into chDB (eventbuffer export, gzip) vs raw INSERT ... FORMAT JSONEachRow",
-        "rows/s",
-        ours,
-        base,
         "raw JSONEachRow insert",
+        rates,
+        passes,
+        events,
         rounds,
-        target=f">= {TARGET_RATIO}x",
-        passed=ours >= TARGET_RATIO * base,
-        extra={
-            "events": events,
-            "chunk_rows": CHUNK,
-            "rates": rates,
-            "passes": _median_passes(passes),
-        },
     )
 
 
@@ -262,24 +252,14 @@ def bench_server(files: list[Path], events: int, rounds: int, tmp: Path) -> Resu
             rates = alternate(rounds, {"eventbuffer": eventbuffer, "raw": raw})
         finally:
             admin.close()
-    ours, base = median(rates["eventbuffer"]), median(rates["raw"])
-    log(f"[import] server 18.16: import {ours:,.0f} rows/s, raw JSONEachRow {base:,.0f} rows/s")
-    log(f"[import] server passes (s): {_median_passes(passes)}")
-    return Result(
+    return _import_result(
+        "server 18.16",
         name,
-        "rows/s",
-        ours,
-        base,
         "raw JSONEachRow insert (HTTP)",
+        rates,
+        passes,
+        events,
         rounds,
-        target=f">= {TARGET_RATIO}x",
-        passed=ours >= TARGET_RATIO * base,
-        extra={
-            "events": events,
-            "chunk_rows": CHUNK,
-            "rates": rates,
-            "passes": _median_passes(passes),
-        },
     )
 
 
@@ -349,3 +329,34 @@ def _timed_import(
     assert summary["imported"] == events and count() == events, summary
     passes.append(summary["passes"])
     return events / float(summary["seconds"])
+
+
+def _import_result(
+    engine: str,
+    name: str,
+    baseline: str,
+    rates: dict[str, list[float]],
+    passes: list[dict[str, float]],
+    events: int,
+    rounds: int,
+) -> Result:
+    """The import's rate against the raw insert's, logged with the passes' median seconds."""
+    ours, base = median(rates["eventbuffer"]), median(rates["raw"])
+    log(f"[import] {engine}: import {ours:,.0f} rows/s, raw JSONEachRow {base:,.0f} rows/s")
+    log(f"[import] {engine} passes (s): {_median_passes(passes)}")
+    return Result(
+        name,
+        "rows/s",
+        ours,
+        base,
+        baseline,
+        rounds,
+        target=f">= {TARGET_RATIO}x",
+        passed=ours >= TARGET_RATIO * base,
+        extra={
+            "events": events,
+            "chunk_rows": CHUNK,
+            "rates": rates,
+            "passes": _median_passes(passes),
+        },
+    )
