@@ -49,11 +49,12 @@ from dataclasses import dataclass
 from enum import IntEnum
 from operator import eq
 from types import TracebackType
+from typing import cast
 
 import msgspec
 
 from worker.errors import QueueMovedError
-from worker.events import RowHead, decode_row_head
+from worker.events import RowHead, decode_row_head, decode_row_heads
 from worker.keys import ShardKeys
 from worker.replication import Replicas
 from worker.replies import number, text
@@ -114,6 +115,10 @@ class AckResult(IntEnum):
 
 def decode_heads(rows: Sequence[bytes]) -> list[Head]:
     """Each row's head (id, created_at, project_id), or the decoding error's text."""
+    try:
+        return list(decode_row_heads(rows))  # every row a JSON row: the usual claim
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass  # one row at a time, to tell which
     heads: list[Head] = []
     for raw in rows:
         try:
@@ -142,17 +147,20 @@ def order(rows: Sequence[bytes], heads: Sequence[Head]) -> Ordered:
     Rows whose pairs tie (the same event twice) are then ordered by their
     bytes; a NUL in either string, by the full key.
     """
-    keys: list[str] = []
-    kept: list[bytes] = []
-    valid: list[RowHead] = []
+    if len(rows) != len(heads):
+        raise ValueError(f"{len(rows)} rows, {len(heads)} heads")
+    kept: Sequence[bytes] = rows
+    valid = cast("Sequence[RowHead]", heads)
     invalid: list[tuple[bytes, str]] = []
-    for raw, head in zip(rows, heads, strict=True):
-        if isinstance(head, str):
-            invalid.append((raw, head))
-        else:
-            keys.append(f"{head.created_at}\0{head.id}")
-            kept.append(raw)
-            valid.append(head)
+    if str in set(map(type, heads)):  # rows that are not JSON rows (else none to set apart)
+        kept, valid = [], []
+        for raw, head in zip(rows, heads, strict=True):
+            if isinstance(head, str):
+                invalid.append((raw, head))
+            else:
+                kept.append(raw)
+                valid.append(head)
+    keys = [f"{head.created_at}\0{head.id}" for head in valid]
     index = sorted(range(len(keys)), key=keys.__getitem__)
     if "".join(keys).count("\0") != len(keys):
         index.sort(key=lambda i: (valid[i].created_at, valid[i].id, kept[i]))

@@ -32,6 +32,7 @@ from worker.events.model import (
     as_row,
     decode_row,
     decode_row_head,
+    decode_row_heads,
     encode_event,
 )
 from worker.events.properties import (
@@ -63,6 +64,7 @@ __all__ = [
     "datetime_ms",
     "decode_row",
     "decode_row_head",
+    "decode_row_heads",
     "encode_event",
     "flatten_properties",
     "format_datetime",

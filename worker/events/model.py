@@ -13,6 +13,7 @@ order of its fields is free: a waiting view is stored without its duration
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 import msgspec
@@ -123,8 +124,13 @@ class Event(Row, kw_only=True, omit_defaults=True, dict=True):
         return datetime_ms(self.created_at)
 
 
-class RowHead(msgspec.Struct):
-    """The few fields a flush needs from a stored row: decoding skips the rest."""
+class RowHead(msgspec.Struct, gc=False):
+    """The few fields a flush needs from a stored row: decoding skips the rest.
+
+    Not tracked by the garbage collector (`gc=False`: strings only, no cycle
+    possible): a flush decodes one per row, and tracked they would set off a
+    collection every 700.
+    """
 
     id: str
     created_at: str
@@ -153,6 +159,12 @@ def decode_row(data: bytes | str) -> Row:
 def decode_row_head(data: bytes) -> RowHead:
     """Decode only id, created_at and project_id; raises msgspec errors on bad rows."""
     return _row_head_decoder.decode(data)
+
+
+def decode_row_heads(rows: Iterable[bytes]) -> list[RowHead]:
+    """`decode_row_head` of every row in one call (no Python frame per row); raises msgspec
+    errors at the first bad row."""
+    return list(map(_row_head_decoder.decode, rows))
 
 
 def as_row(event: Row) -> Row:
