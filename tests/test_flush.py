@@ -328,31 +328,6 @@ def test_one_sink_serves_every_shard_of_a_run(
     inner.close()
 
 
-def test_a_run_with_a_claim_opens_its_sink_on_a_thread_and_a_failed_open_is_left_to_the_write(
-    redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
-) -> None:
-    """The sink opens on a thread while the claim's rows are read (worker/sinks/opening.py),
-    only once there is a claim (an empty tick leaves chDB's directory free); an open that
-    fails there is dropped, and the first write opens the sink itself."""
-    opens: list[str] = []
-
-    class FailingOpen(RecordingSink):
-        def open(self) -> None:
-            opens.append(threading.current_thread().name)
-            raise RetryableSinkError("Code: 425. directory held (injected)", 425)
-
-    recording = FailingOpen(sink)
-    flusher = flusher_for(redis, settings, recording)
-    [empty] = flusher.process_buffer().shards
-    assert (empty.error, empty.rows, opens) == (None, 0, [])
-    EventBuffer(redis, settings).add(event("x", f"{DAY}T12:00:00Z"))
-    [result] = flusher.process_buffer().shards
-    assert (result.error, result.rows) == (None, 1)
-    assert opens == ["sink-open"]
-    assert len(recording.accepted) == 1
-    assert sink.query("SELECT count() FROM events") == [(1,)]
-
-
 def test_a_lost_lock_names_its_shard_and_lock(
     redis: redis_lib.Redis, settings: Settings, sink: ChdbSink
 ) -> None:

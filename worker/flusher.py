@@ -70,7 +70,6 @@ from worker.replication import Replicas
 from worker.scripts import Scripts
 from worker.settings import Settings
 from worker.sinks.base import RetryableSinkError, Sink
-from worker.sinks.opening import Opening
 from worker.topology import Client
 
 __all__ = [
@@ -185,20 +184,12 @@ class Flusher:
         try:
             own = sink is None
             writer = self.sink_factory() if sink is None else sink
-            # The sink opens on a thread once the shard has a claim (worker/sinks/opening.py).
-            opening = Opening(writer)
             try:
                 limit = max_batches or self.settings.max_batches_per_flush
                 with ReadAhead(self.claims, shard, self.settings.batch_size) as ahead:
                     # Between batches too: a long flush must not keep due events waiting.
                     while result.batches < limit and self._flush_one(
-                        shard,
-                        lock,
-                        writer,
-                        result,
-                        ahead,
-                        read_next=result.batches + 1 < limit,
-                        opening=opening,
+                        shard, lock, writer, result, ahead, read_next=result.batches + 1 < limit
                     ):
                         self._release(shard, result)
                     # Stopped by the limit, not by an empty queue, after a full claim:
@@ -206,7 +197,6 @@ class Flusher:
                     # (tasks/flush.py asks for another run at once).
                     result.more = result.more and result.batches >= limit
             finally:
-                opening.join()
                 if own:
                     writer.close()
         except (RetryableSinkError, PoisonGuardError):
@@ -277,7 +267,6 @@ class Flusher:
         result: FlushResult,
         ahead: ReadAhead,
         read_next: bool,
-        opening: Opening,
     ) -> bool:
         """One claim from claim to ack. False when the shard had nothing to claim.
 
@@ -285,8 +274,7 @@ class Flusher:
         they are its rows (a run's first claim reads its own); with
         `read_next` (not for the last claim a run may take), the rows behind
         this claim are read on `ahead`'s thread while this claim's chunks
-        are inserted. Once there is a claim, `opening` opens the sink on its
-        thread while the claim's rows are read and sorted.
+        are inserted.
         """
         phase = time.perf_counter()
         head = self.claims.claim_head(
@@ -301,7 +289,6 @@ class Flusher:
             return False
         result.more = head.count >= self.settings.batch_size  # a full claim: maybe more behind
         lock.progress()
-        opening.start()
         ready = ahead.take()
         claim = self.claims.claim_rows(shard, head, ready.rows if ready is not None else None)
         result.claim_seconds += time.perf_counter() - phase

@@ -29,8 +29,7 @@ def query_when_free(url: str, sql: str, timeout: float = 30) -> list[tuple[Any, 
 
 
 class DelegatingSink:
-    """Delegates `open`, `write`, `query`, `format_query`, `migrate` and `close` to `inner`,
-    a real sink.
+    """Delegates `write`, `query`, `format_query`, `migrate` and `close` to `inner`, a real sink.
 
     Subclasses override `write` (and keep their own state) to record, fail,
     pause or kill around the real INSERT.
@@ -39,9 +38,6 @@ class DelegatingSink:
     def __init__(self, inner: Sink) -> None:
         self.inner = inner
         self.table = inner.table
-
-    def open(self) -> None:
-        self.inner.open()
 
     def write(self, rows: Sequence[bytes], token: str) -> None:
         self.inner.write(rows, token)

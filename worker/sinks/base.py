@@ -118,16 +118,6 @@ class Sink(Protocol):
 
     table: str
 
-    def open(self) -> None:
-        """Get ready for the first write now, so it does not wait (the flusher calls it
-        on a thread while it reads a claim's rows: worker/sinks/opening.py).
-
-        On chDB the session is opened; a server's sink connects at its first write
-        (done on a thread, a connect to a hung server would wait out its timeout
-        there, then once more in the write). Raises what `write` would.
-        """
-        ...
-
     def write(self, rows: Sequence[bytes], token: str) -> None:
         """Insert the JSON rows as one block deduplicated by `token`.
 

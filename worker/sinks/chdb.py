@@ -183,10 +183,6 @@ class ChdbSink:
             except Exception as exc:
                 raise classify(str(exc)) from exc
 
-    def open(self) -> None:
-        """Open the writable session now (chDB's own work, without the GIL)."""
-        self._session()
-
     def write(self, rows: Sequence[bytes], token: str) -> None:
         if not _TOKEN.match(token):
             raise PermanentSinkError(f"unsafe dedup token {token!r}")

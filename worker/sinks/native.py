@@ -213,9 +213,6 @@ class NativeSink:
         # clickhouse-driver's Client is not thread-safe.
         self._lock = threading.RLock()
 
-    def open(self) -> None:
-        """Nothing: the connection is made by the first write (see `Sink.open`)."""
-
     def write(self, rows: Sequence[bytes], token: str) -> None:
         if not rows:
             return
