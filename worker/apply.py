@@ -390,8 +390,9 @@ class BatchWriter:
             out.append(("HDEL", shard.profile_views, *plan.profiles_ended))
         if plan.held:
             deadlines: list[Any] = []
+            keys = plan.held_keys
             for session, records in plan.held.items():
-                out.append(("APPEND", shard.held(session), b"".join(records)))
+                out.append(("APPEND", keys[session], b"".join(records)))
                 deadlines += (plan.hold_until, session)
             out.append(("ZADD", shard.held_due, "LT", *deadlines))
         out.append(("SET", plan.marker, plan.digest or LEGACY_MARKER, "EX", self.marker_ttl_s))
@@ -420,7 +421,7 @@ def _typed_keys(plan: ShardWrites) -> list[tuple[str, str]]:
     if plan.resolve:
         keys += [(shard.views, "hash"), (shard.sessions, "zset")]
     if plan.held:
-        keys += [(shard.held(session), "string") for session in plan.held]
+        keys += [(key, "string") for key in plan.held_keys.values()]
         keys.append((shard.held_due, "zset"))
     if plan.profiles_set or plan.profiles_ended:
         keys.append((shard.profile_views, "hash"))
