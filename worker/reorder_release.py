@@ -29,6 +29,7 @@ through release_held.lua, which does it all inside Redis.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 
 from redis.exceptions import ConnectionError, OutOfMemoryError, ResponseError, TimeoutError
@@ -177,6 +178,20 @@ def _missing_pack(connection: Any, key: str) -> bytes:
 
 
 _AS_IS = b"}\r\n"  # the end of a row queued with no duration of its own
+_DEADLINE = itemgetter(slice(15, 30))  # of a record's header
+
+
+# "$<length>\r\n", the start of a bulk string's frame, by length: rows' lengths repeat.
+_PREFIXES: dict[int, bytes] = {}
+
+
+def _prefix(length: int) -> bytes:
+    """The frame's start of a bulk string of `length` bytes (remembered, up to a few
+    thousand lengths: formatting it is a good part of queuing a row)."""
+    prefix = b"$%d\r\n" % length
+    if len(_PREFIXES) < 8192:
+        _PREFIXES[length] = prefix
+    return prefix
 
 
 def _as_is_end(own: bytes) -> bytes:
@@ -219,6 +234,7 @@ class _Plan:
         self, session: str, key: str, pack: bytes, closed: int | None, stored: bytes | None
     ) -> None:
         size = len(pack)
+        now = self.now
         # A pack of current records splits into their fields in one call (worker/held_pack.py):
         # every fourth field a header of HEADER bytes, and an empty field after the last.
         # An earlier record (no FIELD_END in it) would lengthen a header or that last field.
@@ -231,7 +247,10 @@ class _Plan:
             owns = fields[2::4]
             heads = fields[3::4]
             created = [int(header[:15]) for header in headers]
-            deadlines = [int(header[15:30]) for header in headers]
+            deadlines: list[int] | None = None  # read when not every record is due
+            # Every record due: the greatest deadline, compared as its 15 characters (they
+            # order as the numbers do, against a time not before 1970).
+            all_due = now >= 0 and max(map(_DEADLINE, headers), default=b"") <= b"%015d" % now
         else:
             events = held_events(pack)
             count = len(events)
@@ -241,6 +260,7 @@ class _Plan:
             heads = [e.head for e in events]
             created = [e.created_ms for e in events]
             deadlines = [e.deadline_ms for e in events]
+            all_due = max(deadlines, default=now) <= now
             spans = [(e.start, e.stop) for e in events]
         order: list[int] | None = None  # pack positions in created order, when not the same
         if count > 1 and headers != sorted(headers):
@@ -250,12 +270,14 @@ class _Plan:
             owns = [owns[n] for n in order]
             heads = [heads[n] for n in order]
             created = [created[n] for n in order]
-            deadlines = [deadlines[n] for n in order]
-        now = self.now
-        if count and max(deadlines) <= now:
-            released = count  # all due (the newest created among them is the cut)
+            if deadlines is not None:
+                deadlines = [deadlines[n] for n in order]
+        times: list[int] = []  # the deadlines, read when not every record is due
+        if all_due:
+            released = count  # (the newest created among them is the cut)
         else:
-            due = [c for c, deadline in zip(created, deadlines, strict=True) if deadline <= now]
+            times = deadlines if deadlines is not None else [int(h[15:30]) for h in headers]
+            due = [c for c, deadline in zip(created, times, strict=True) if deadline <= now]
             cut = max(due) if due else None
             released = 0 if cut is None else sum(1 for c in created if c <= cut)
         if released == count:
@@ -273,7 +295,7 @@ class _Plan:
                 spans = [spans[n] for n in order]
             released_end = max((stop for _, stop in spans[:released]), default=0)
             kept_start = min(start for start, _ in spans[released:])
-            next_deadline = min(deadlines[released:])
+            next_deadline = min(times[released:])
             if released_end <= kept_start:  # what stays is the pack's tail: Redis cuts it
                 self.packs.append((session, key, size, kept_start, b"", next_deadline))
             else:
@@ -299,6 +321,7 @@ class _Plan:
             view_own = b"%d" % view.own_duration
         view_changed = closed_changed = False
         frames = self.frames
+        prefixes = _PREFIXES
         rows = late_count = 0
         # Each profile's last event of the session, in the records' order: the newest by
         # created_at, arrival and batch order when no created_at is negative (they sort by
@@ -317,13 +340,15 @@ class _Plan:
             if header[44] == 118:  # b"v": a screen_view
                 if late:
                     end = _as_is_end(own)
-                    frames += (b"$%d\r\n" % (len(head) + len(end) - 2), head, end)
+                    size = len(head) + len(end) - 2
+                    frames += (prefixes.get(size) or _prefix(size), head, end)
                     rows += 1
                 else:
                     if view_head is not None:
                         gap = this - view_created
                         end = b',"duration":%d}\r\n' % (gap if gap > 0 else 0)
-                        frames += (b"$%d\r\n" % (len(view_head) + len(end) - 2), view_head, end)
+                        size = len(view_head) + len(end) - 2
+                        frames += (prefixes.get(size) or _prefix(size), view_head, end)
                         rows += 1
                     view_created, view_own, view_head = this, own, head
                     view_changed = True
@@ -335,10 +360,12 @@ class _Plan:
                 # A session_end closes its session, late or not: the waiting view goes first.
                 if view_head is not None:
                     end = _as_is_end(view_own)
-                    frames += (b"$%d\r\n" % (len(view_head) + len(end) - 2), view_head, end)
+                    size = len(view_head) + len(end) - 2
+                    frames += (prefixes.get(size) or _prefix(size), view_head, end)
                     rows += 1
                 end = _as_is_end(own)
-                frames += (b"$%d\r\n" % (len(head) + len(end) - 2), head, end)
+                size = len(head) + len(end) - 2
+                frames += (prefixes.get(size) or _prefix(size), head, end)
                 rows += 1
                 closed = max(
                     this, view_created if view_head is not None else 0,
