@@ -179,6 +179,8 @@ def _missing_pack(connection: Any, key: str) -> bytes:
 
 _AS_IS = b"}\r\n"  # the end of a row queued with no duration of its own
 _DEADLINE = itemgetter(slice(15, 30))  # of a record's header
+_VIEW = b"v"[0]  # a record's kind: a screen_view (b"e": a session_end)
+_NO_FLOOR = -(10**18)  # before any created ms a record holds (15 characters)
 
 
 # "$<length>\r\n", the start of a bulk string's frame, by length: rows' lengths repeat.
@@ -328,34 +330,36 @@ class _Plan:
         # their 15 characters); with one that is, every event is compared.
         profiles: dict[bytes, tuple[int, bytes, bytes, bytes | None]] = {}
         each = created[0] < 0
+        # An event created before `floor` is late: before the session_end that closed the
+        # session, or before its waiting view (so a view's gap is never negative).
+        floor = _NO_FLOOR if closed is None else closed
+        if view_head is not None and view_created > floor:
+            floor = view_created
         for this, header, pfield, own, head in zip(created, headers, pfields, owns, heads,
                                                    strict=True):  # fmt: skip
-            late = (closed is not None and this < closed) or (
-                view_head is not None and this < view_created
-            )
-            if late:
+            if this < floor:
                 late_count += 1
-            elif closed is not None:
-                closed, closed_changed = None, True  # an event after the session_end reopens it
-            if header[44] == 118:  # b"v": a screen_view
-                if late:
+                if header[44] == _VIEW:  # queued as it is; its neighbours keep theirs
                     end = _as_is_end(own)
                     size = len(head) + len(end) - 2
                     frames += (prefixes.get(size) or _prefix(size), head, end)
                     rows += 1
-                else:
-                    if view_head is not None:
-                        gap = this - view_created
-                        end = b',"duration":%d}\r\n' % (gap if gap > 0 else 0)
-                        size = len(view_head) + len(end) - 2
-                        frames += (prefixes.get(size) or _prefix(size), view_head, end)
-                        rows += 1
-                    view_created, view_own, view_head = this, own, head
-                    view_changed = True
-                    if pfield:
-                        profiles[pfield] = (this, header, own, head)
-                        if each:
-                            self._profile_event(pfield, *profiles.pop(pfield))
+                    continue
+            elif closed is not None:
+                closed, closed_changed = None, True  # an event after the session_end reopens it
+            if header[44] == _VIEW:
+                if view_head is not None:
+                    end = b',"duration":%d}\r\n' % (this - view_created)
+                    size = len(view_head) + len(end) - 2
+                    frames += (prefixes.get(size) or _prefix(size), view_head, end)
+                    rows += 1
+                view_created, view_own, view_head = this, own, head
+                floor = this
+                view_changed = True
+                if pfield:
+                    profiles[pfield] = (this, header, own, head)
+                    if each:
+                        self._profile_event(pfield, *profiles.pop(pfield))
             else:
                 # A session_end closes its session, late or not: the waiting view goes first.
                 if view_head is not None:
@@ -371,6 +375,7 @@ class _Plan:
                     this, view_created if view_head is not None else 0,
                     closed if closed is not None else 0,
                 )  # fmt: skip
+                floor = closed
                 closed_changed = True
                 view_head = None
                 view_changed = True
