@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from tests.support.clock import ManualClock
 from worker import stored_view
 from worker.events import Event, Row, as_row, decode_row, encode_event, parse_event
-from worker.held_pack import held_record_bytes
+from worker.held_pack import FIELD_END, HEADER, held_record_bytes
 from worker.keys import ShardKeys
 from worker.reorder import held_packs, held_record, held_rows
 from worker.reorder_release import release, release_in_redis
@@ -382,3 +382,31 @@ def test_records_appended_during_a_release_stay_held(client: redis_lib.Redis) ->
     args = ["s", len(read + kept), "30", len(read), b""]
     assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
     assert client.get(KEYS.held("s")) == kept and client.zscore(KEYS.held_due, "s") == 30.0
+
+
+def test_records_of_both_forms_appended_during_a_release_stay_held(
+    client: redis_lib.Redis,
+) -> None:
+    """During a rolling upgrade the records appended meanwhile may be of either form:
+    release_rewrite.lua reads the deadline of each."""
+    view = as_row(parse_event({"name": "screen_view", "project_id": "p", "session_id": "s",
+                               "created_at": NOW}))  # fmt: skip
+    read = current_record(NOW, 5, "t" * 14, "v", "", view)
+    added = [
+        framed_record(NOW + 1, 30, "u" * 14, "v", "p:u1", view),
+        current_record(NOW + 2, 20, "w" * 14, "v", "", view),
+        legacy_record(NOW + 3, 15, "x" * 14, "v", "", view),
+        current_record(NOW + 4, 25, "y" * 14, "e", "p:u1", view),
+    ]
+    # the current form (byte 45 ends the header), and two an earlier version framed
+    assert [r[HEADER : HEADER + 1] == FIELD_END for r in added] == [False, True, False, True]
+    script = load_lua("release_rewrite")
+    for n in range(1, len(added) + 1):
+        client.flushall()
+        client.set(KEYS.held("s"), read)
+        for record in added[:n]:
+            client.append(KEYS.held("s"), record)  # after the release read the pack
+        args = ["s", len(read), "", len(read), b""]
+        assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
+        assert client.get(KEYS.held("s")) == b"".join(added[:n])
+        assert client.zscore(KEYS.held_due, "s") == [30.0, 20.0, 15.0, 15.0][n - 1]
