@@ -25,16 +25,17 @@ theirs); a late session_end still closes the session. Late events are
 counted in the reply. An event created after the session_end that closed
 its session reopens it, as OpenPanel's buffer does with events in order.
 
-A pack is records one after another, each "<length>:<record>"; a record is
-<created ms, 15 digits><deadline ms, 15 digits><tag, 14 characters><kind: v
-or e><profile field or empty>|<the event in its stored form>
-(worker/reorder.py). The first 44 characters order the records; what
-follows the profile field is the event as a stored last view is kept
-(KEYS[3]), so a view becomes one with a single copy. The stored form
-(worker/stored_view.py) is "<created ms>;<own duration>;<head>", head being
-the row without its duration field and closing brace: every row queued is
-the head and a suffix (the legacy form "<created ms>|<own duration>|<row>",
-whose row ends with its own duration, is still read).
+A pack is records one after another (worker/held_pack.py): four fields each,
+each ended by the byte 0x1f: <created ms, 15 digits><deadline ms, 15
+digits><tag, 14 characters><kind: v or e>, the profile field (or empty), the
+event's own duration, its head (the row without its duration field and
+closing brace: every row queued is the head and a suffix). The first 44
+characters order the records. Packs written by an earlier version hold
+records framed "<length>:<header><profile field>|<stored form>", the stored
+form (worker/stored_view.py) "<created ms>;<own duration>;<head>" or the
+legacy "<created ms>|<own duration>|<row>", whose row ends with its own
+duration; both are still read, in one pack too (byte 46 of a current record
+is 0x1f, never so in a framed one).
 
 KEYS[1]     sessions with held events (ZSET: session id -> earliest deadline, ms)
 KEYS[2]     the shard's queue (LIST)
@@ -124,17 +125,31 @@ local released = {}  -- {session index, pack, records, how many go}
 local done, done_keys, later = {}, {}, {}  -- sessions with nothing left; deadlines left
 for n, session in ipairs(sessions) do
   local pack = packs[n] or ''
-  -- Records stay in the pack: each is {order key, created, deadline, first, last, framed}.
+  -- Records stay in the pack: each is {order key, created, deadline, first, last, framed,
+  -- end of the profile field, end of the own duration (both only for a current record)}.
   local records = {}
   local at = 1
   while at <= #pack do
-    local colon = string.find(pack, ':', at, true)
-    local stop = colon + tonumber(string.sub(pack, at, colon - 1))
-    local key = string.sub(pack, colon + 1, colon + 44)
-    records[#records + 1] = {
-      key, tonumber(string.sub(key, 1, 15)), tonumber(string.sub(key, 16, 30)), colon + 1, stop, at
-    }
-    at = stop + 1
+    if string.byte(pack, at + 45) == 31 then  -- a current record
+      local pf_end = string.find(pack, '\31', at + 46, true)
+      local own_end = string.find(pack, '\31', pf_end + 1, true)
+      local stop = string.find(pack, '\31', own_end + 1, true)
+      local key = string.sub(pack, at, at + 43)
+      records[#records + 1] = {
+        key, tonumber(string.sub(key, 1, 15)), tonumber(string.sub(key, 16, 30)), at, stop, at,
+        pf_end, own_end
+      }
+      at = stop + 1
+    else  -- framed by an earlier version
+      local colon = string.find(pack, ':', at, true)
+      local stop = colon + tonumber(string.sub(pack, at, colon - 1))
+      local key = string.sub(pack, colon + 1, colon + 44)
+      records[#records + 1] = {
+        key, tonumber(string.sub(key, 1, 15)), tonumber(string.sub(key, 16, 30)), colon + 1, stop,
+        at
+      }
+      at = stop + 1
+    end
   end
   if #records > 1 then
     table.sort(records, function(x, y) return x[1] < y[1] end)
@@ -191,7 +206,7 @@ local function as_is(view)
   return string.sub(view[1], view[2], view[3]) .. ',"duration":' .. view[4] .. '}'
 end
 local function stored_form(view)
-  if view[9] then  -- written anew in the current form
+  if view[9] then  -- written anew in the current form (a legacy view, a current record)
     return view[8] .. ';' .. view[4] .. ';' .. string.sub(view[1], view[2], view[3])
   end
   if view[6] == 1 and view[7] == #view[1] then return view[1] end
@@ -212,9 +227,17 @@ for _, entry in ipairs(released) do
     local r = records[i]
     local created = r[2]
     local kind = string.sub(pack, r[4] + 44, r[4] + 44)
-    local pf_end = string.find(pack, '|', r[4] + 45, true)
-    local pfield = string.sub(pack, r[4] + 45, pf_end - 1)
-    local this = view_of(pack, pf_end + 1, r[5])
+    local pfield, this
+    if r[7] then  -- a current record: its head, own duration and created at hand
+      pfield = string.sub(pack, r[4] + 46, r[7] - 1)
+      local own = string.sub(pack, r[7] + 1, r[8] - 1)
+      -- stored (stored_form) as "<created>;<own>;<head>", written anew
+      this = {pack, r[8] + 1, r[5] - 1, own, created, nil, nil, string.format('%d', created), true}
+    else
+      local pf_end = string.find(pack, '|', r[4] + 45, true)
+      pfield = string.sub(pack, r[4] + 45, pf_end - 1)
+      this = view_of(pack, pf_end + 1, r[5])
+    end
     local is_late = (closed and created < closed) or (view and created < view[5])
     if is_late then
       late = late + 1

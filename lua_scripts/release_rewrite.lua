@@ -14,7 +14,8 @@ stays (the deadlines and removals of all sessions in a few calls at the end). A 
 left alone (the release's WATCH makes that a race that cannot happen).
 
 KEYS[1]     sessions with held events (ZSET: session id -> earliest deadline, ms)
-KEYS[1+i]   session i's held events (STRING: a pack, release_held.lua's header has it)
+KEYS[1+i]   session i's held events (STRING: a pack, release_held.lua's header has it,
+            of records of the current form or framed by an earlier version)
 
 ARGV        five values per session, in KEYS' order: its id, the pack's length read,
             the earliest deadline of the records that stay ("" when none), `from` (the
@@ -53,10 +54,20 @@ for i = 2, #KEYS do
     local earliest = (deadline ~= '') and tonumber(deadline) or nil
     local at = 1
     while at <= #added do
-      local colon = string.find(added, ':', at, true)
-      local due = tonumber(string.sub(added, colon + 16, colon + 30))
+      local due
+      if string.byte(added, at + 45) == 31 then
+        -- A current record: a 45-byte header and four fields, each ended by 0x1f.
+        due = tonumber(string.sub(added, at + 15, at + 29))
+        local stop = at + 45
+        for _ = 1, 3 do stop = string.find(added, '\31', stop + 1, true) end
+        at = stop + 1
+      else
+        -- One an earlier version framed: "<length>:<record>".
+        local colon = string.find(added, ':', at, true)
+        due = tonumber(string.sub(added, colon + 16, colon + 30))
+        at = colon + tonumber(string.sub(added, at, colon - 1)) + 1
+      end
       if earliest == nil or due < earliest then earliest = due end
-      at = colon + tonumber(string.sub(added, at, colon - 1)) + 1
     end
     if from then
       keep(KEYS[i], from, kept, read)

@@ -25,10 +25,14 @@ from hypothesis import strategies as st
 from tests.support.clock import ManualClock
 from tests.support.dates import BASE_MS
 from tests.support.sinks import DelegatingSink
+from worker import stored_view
 from worker.buffer import EventBuffer
 from worker.events import Event, decode_row, parse_event
 from worker.flusher import Flusher
+from worker.held_pack import FIELD_END, HEADER, held_events
+from worker.keys import ShardKeys
 from worker.reorder import held_packs, held_rows, release_due
+from worker.reorder_release import release_in_redis
 from worker.settings import Settings
 from worker.sinks.chdb import ChdbSink
 
@@ -475,3 +479,48 @@ def test_events_held_before_the_window_was_set_to_zero_are_still_released(
     assert release_due(held_buffer.scripts, shard, no_window, clock).rows == 1
     assert queued_rows(redis, held_buffer) == Counter({(v1.id, 200): 1})
     assert held(redis, held_buffer) == 0
+
+
+def earlier_record(event: Event, deadline: int, tag: str, pfield: str = "") -> bytes:
+    """A held record as the version before the current record form appended it:
+    "<length>:<header><profile field>|<stored view>" (worker/held_pack.py)."""
+    kind = b"v" if event.name == "screen_view" else b"e"
+    record = b"%015d%015d%b%b%b|%b" % (
+        event.created_ms, deadline, tag.encode(), kind, pfield.encode(), stored_view.of_event(event)
+    )  # fmt: skip
+    return b"%d:%b" % (len(record), record)
+
+
+@pytest.mark.parametrize("in_redis", [False, True], ids=["python", "lua"])
+def test_a_pack_an_earlier_version_began_is_released_in_created_order(
+    redis: redis_lib.Redis, held_buffer: EventBuffer, clock: ManualClock, in_redis: bool
+) -> None:
+    """A rolling upgrade: an earlier version's apply held v1 (its record form), this one
+    then appended v3 and the session_end to the same pack, and the earlier one v2 after
+    them (created before v3). The release reads both forms, in created_at order."""
+    pfield = ShardKeys.profile_field("proj", "u1")
+    v1 = make_event(0, "screen_view", "s", BASE_MS, profile="u1")
+    v2 = make_event(1, "screen_view", "s", BASE_MS + 300, 4, profile="u1")
+    v3 = make_event(2, "screen_view", "s", BASE_MS + 1000, 7, profile="u1")
+    end = make_event(3, "session_end", "s", BASE_MS + 2000, profile="u1")
+    shard = next(iter(held_buffer.shards()))
+    deadline = clock.now_ms() + WINDOW
+    redis.append(shard.held("s"), earlier_record(v1, deadline, "0000000a000000", pfield))
+    redis.zadd(shard.held_due, {"s": deadline})
+    held_buffer.apply([v3, end])
+    redis.append(shard.held("s"), earlier_record(v2, deadline, "0000000b000000", pfield))
+    pack = held_packs(redis, shard)["s"]
+    forms = [pack[e.start + HEADER : e.start + HEADER + 1] == FIELD_END for e in held_events(pack)]
+    assert forms == [False, True, True, False]
+    assert [decode_row(row).id for row in held_rows(pack)] == [v1.id, v3.id, end.id, v2.id]
+    clock.advance(WINDOW)
+    if in_redis:
+        released = release_in_redis(redis, shard, ["s"], clock.now_ms(), 60, 60)
+    else:
+        released = release_due(held_buffer.scripts, shard, held_buffer.settings, clock)
+    assert (released.rows, released.late) == (4, 0)
+    assert [
+        (row.id, row.duration) for row in map(decode_row, redis.lrange(shard.queue, 0, -1))
+    ] == [(v1.id, 300), (v2.id, 700), (v3.id, 7), (end.id, 0)]
+    assert held(redis, held_buffer) == 0 and redis.zcard(shard.held_due) == 0
+    assert held_buffer.get_last_screen_view(project_id="proj", profile_id="u1") is None

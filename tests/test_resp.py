@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
+from hiredis import pack_command
 from redis._parsers import _RESP2Parser, _RESP3Parser
 from redis.connection import Connection
 from redis.exceptions import ExecAbortError, ResponseError
 
-from worker.resp import read_replies, send_commands
+from worker.resp import Framed, read_replies, send_commands
 
 PARSERS = {
     "hiredis-resp3": {"protocol": 3},
@@ -119,3 +120,16 @@ def test_the_replies_are_read_in_bulk(redis: redis_lib.Redis) -> None:
     finally:
         client.connection_pool.release(connection)
         client.close()
+
+
+def test_an_append_framed_by_hand_is_redis_py_s(connection: Any, redis: redis_lib.Redis) -> None:
+    """`Framed.append` sends what pack_command would: the values, joined, appended."""
+    key = "held:{p:0}:s é".encode()
+    values = [b"a\r\n" * 100, b"", b"\x1f\x00b" * 3000]
+    assert b"".join(Framed.append(key, values).parts) == pack_command(
+        ("APPEND", key, b"".join(values))
+    )
+    redis.set(key, b"before")
+    send_commands(connection, [Framed.append(key, values), Framed.append(b"new", [b"x", b"y"])])
+    assert read_replies(connection, 2) == [6 + len(b"".join(values)), 2]
+    assert redis.get(key) == b"before" + b"".join(values) and redis.get(b"new") == b"xy"

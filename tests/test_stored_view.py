@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from tests.support.clock import ManualClock
 from worker import stored_view
 from worker.events import Event, Row, as_row, decode_row, encode_event, parse_event
+from worker.held_pack import FIELD_END, HEADER, held_record_bytes
 from worker.keys import ShardKeys
 from worker.reorder import held_packs, held_record, held_rows
 from worker.reorder_release import release, release_in_redis
@@ -137,12 +138,32 @@ def legacy_record(created: int, deadline: int, tag: str, kind: str, pfield: str,
     return b"%d:%b" % (len(record), record)
 
 
+def framed_record(created: int, deadline: int, tag: str, kind: str, pfield: str, row: Row) -> bytes:
+    """A held record as the version before the current record form wrote it: framed
+    "<length>:<record>", the event in the current stored form (a rolling upgrade leaves
+    them in packs, next to current records)."""
+    record = b"%015d%015d%b%b%b|%b" % (
+        created, deadline, tag.encode(), kind.encode(), pfield.encode(), stored_view.of_event(row)
+    )  # fmt: skip
+    return b"%d:%b" % (len(record), record)
+
+
+def current_record(
+    created: int, deadline: int, tag: str, kind: str, pfield: str, row: Row
+) -> bytes:
+    head = stored_view.head_of(row, encode_event(row))
+    return held_record(created, deadline, tag, kind, pfield, row.duration, head)
+
+
+RECORD_FORMS = [legacy_record, framed_record, current_record]
+
+
 @PROPERTY
 @given(
     stored=events(),
     data=st.data(),
     gap=st.integers(0, 10**6),
-    legacy_records=st.booleans(),
+    record_form=st.sampled_from(RECORD_FORMS),
     then_end=st.booleans(),
 )
 def test_release_held_queues_what_python_builds(
@@ -150,10 +171,10 @@ def test_release_held_queues_what_python_builds(
     stored: Event,
     data: st.DataObject,
     gap: int,
-    legacy_records: bool,
+    record_form: Any,
     then_end: bool,
 ) -> None:
-    """A session waiting with a stored view (either form) gets a held view (either form),
+    """A session waiting with a stored view (either form) gets a held view (any record form),
     maybe then a session_end: the rows queued and the view stored are Python's."""
     session = stored.session_id
     created = stored.created_ms + gap
@@ -168,11 +189,7 @@ def test_release_held_queues_what_python_builds(
         records = []
         for n, (kind, event) in enumerate([("v", view), ("e", end)][: 2 if then_end else 1]):
             tag = f"t{n:013d}"
-            if legacy_records:
-                records.append(legacy_record(created, 5, tag, kind, pfield, event))
-            else:
-                head = stored_view.head_of(event, encode_event(event))
-                records.append(held_record(created, 5, tag, kind, pfield, event.duration, head))
+            records.append(record_form(created, 5, tag, kind, pfield, event))
         client.set(KEYS.held(session), b"".join(records))
         client.zadd(KEYS.held_due, {session: 5})
         assert [decode_row(r) for r in held_rows(held_packs(client, KEYS)[session])] == (
@@ -202,8 +219,9 @@ PFIELDS = ["", "p:u1", "p:u2"]
 
 @st.composite
 def held_state(draw: st.DrawFn) -> dict[str, object]:
-    """Sessions with held events (some due, some not, in any order, either record form),
-    stored last views (either form), closed sessions (some past their memory).
+    """Sessions with held events (some due, some not, in any order, of any record form,
+    one pack mixing them), stored last views (either form), closed sessions (some past
+    their memory).
 
     Created times and deadlines are drawn from a few values and the sessions share
     profiles, so two sessions of one profile often hold events of equal created_at and
@@ -231,13 +249,8 @@ def held_state(draw: st.DrawFn) -> dict[str, object]:
                 name="screen_view" if kind == "v" else "session_end",
             )
             tag = f"{draw(st.sampled_from([0, 1])):08x}{next(tags):06d}"
-            if draw(st.booleans()):
-                records.append(legacy_record(created, deadline, tag, kind, pfield, event))
-            else:
-                head = stored_view.head_of(event, encode_event(event))
-                records.append(
-                    held_record(created, deadline, tag, kind, pfield, event.duration, head)
-                )
+            form = draw(st.sampled_from(RECORD_FORMS))
+            records.append(form(created, deadline, tag, kind, pfield, event))
         if records:
             packs[session] = b"".join(records)
         if draw(st.booleans()):
@@ -275,15 +288,6 @@ def load_state(client: redis_lib.Redis, state: dict[str, Any]) -> None:
         client.zadd(KEYS.closed_at, state["closed_at"])
 
 
-def records(pack: bytes) -> list[bytes]:
-    out = []
-    while pack:
-        length, _, rest = pack.partition(b":")
-        out.append(rest[: int(length)])
-        pack = rest[int(length) :]
-    return out
-
-
 def snapshot(client: redis_lib.Redis) -> dict[str, object]:
     return {
         "queue": client.lrange(KEYS.queue, 0, -1),
@@ -294,7 +298,7 @@ def snapshot(client: redis_lib.Redis) -> dict[str, object]:
         "closed_at": client.zrange(KEYS.closed_at, 0, -1, withscores=True),
         "due": client.zrange(KEYS.held_due, 0, -1, withscores=True),
         # A pack's order is not meaningful (records are sorted when read): its records.
-        "packs": {s: sorted(records(client.get(KEYS.held(s)) or b"")) for s in SESSIONS},
+        "packs": {s: sorted(held_record_bytes(client.get(KEYS.held(s)) or b"")) for s in SESSIONS},
     }
 
 
@@ -378,3 +382,31 @@ def test_records_appended_during_a_release_stay_held(client: redis_lib.Redis) ->
     args = ["s", len(read + kept), "30", len(read), b""]
     assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
     assert client.get(KEYS.held("s")) == kept and client.zscore(KEYS.held_due, "s") == 30.0
+
+
+def test_records_of_both_forms_appended_during_a_release_stay_held(
+    client: redis_lib.Redis,
+) -> None:
+    """During a rolling upgrade the records appended meanwhile may be of either form:
+    release_rewrite.lua reads the deadline of each."""
+    view = as_row(parse_event({"name": "screen_view", "project_id": "p", "session_id": "s",
+                               "created_at": NOW}))  # fmt: skip
+    read = current_record(NOW, 5, "t" * 14, "v", "", view)
+    added = [
+        framed_record(NOW + 1, 30, "u" * 14, "v", "p:u1", view),
+        current_record(NOW + 2, 20, "w" * 14, "v", "", view),
+        legacy_record(NOW + 3, 15, "x" * 14, "v", "", view),
+        current_record(NOW + 4, 25, "y" * 14, "e", "p:u1", view),
+    ]
+    # the current form (byte 45 ends the header), and two an earlier version framed
+    assert [r[HEADER : HEADER + 1] == FIELD_END for r in added] == [False, True, False, True]
+    script = load_lua("release_rewrite")
+    for n in range(1, len(added) + 1):
+        client.flushall()
+        client.set(KEYS.held("s"), read)
+        for record in added[:n]:
+            client.append(KEYS.held("s"), record)  # after the release read the pack
+        args = ["s", len(read), "", len(read), b""]
+        assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
+        assert client.get(KEYS.held("s")) == b"".join(added[:n])
+        assert client.zscore(KEYS.held_due, "s") == [30.0, 20.0, 15.0, 15.0][n - 1]

@@ -36,7 +36,7 @@ from worker.apply_plan import ShardWrites
 from worker.errors import BatchIdConflictError, BufferKeyTypeError, NotReplicatedError
 from worker.replication import Replicas
 from worker.replies import text
-from worker.resp import read_replies, send_commands
+from worker.resp import Framed, read_replies, send_commands
 from worker.scripts import load_lua
 from worker.topology import Client, Node, refreshed_on_error, transactions
 
@@ -312,7 +312,7 @@ class BatchWriter:
     def _transaction(self, group: _NodeWrite, now_ms: int) -> tuple[int, list[int], list[int]]:
         """Send a group's MULTI ... EXEC (and WAIT); the number of replies it will get, and
         where each plan's resolve call and queue length are in the EXEC reply."""
-        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        commands: list[tuple[Any, ...] | Framed] = [("MULTI",)]
         if group.keep is not None:
             key, entry = group.keep
             commands.append(("RPUSH", group.plans[0].shard.dead, entry))
@@ -348,9 +348,9 @@ class BatchWriter:
         shard = plan.shard
         return ("EVAL", self._resolve, 2, shard.queue, shard.views, *args)
 
-    def _plain_writes(self, plan: ShardWrites, now_ms: int) -> list[tuple[Any, ...]]:
+    def _plain_writes(self, plan: ShardWrites, now_ms: int) -> list[tuple[Any, ...] | Framed]:
         shard = plan.shard
-        out: list[tuple[Any, ...]] = []
+        out: list[tuple[Any, ...] | Framed] = []
         if plan.dead_letters:
             out.append(("RPUSH", shard.dead, *plan.dead_letters))
         if plan.queue_rows:
@@ -390,8 +390,9 @@ class BatchWriter:
             out.append(("HDEL", shard.profile_views, *plan.profiles_ended))
         if plan.held:
             deadlines: list[Any] = []
+            keys = plan.held_keys
             for session, records in plan.held.items():
-                out.append(("APPEND", shard.held(session), b"".join(records)))
+                out.append(Framed.append(keys[session].encode(), records))
                 deadlines += (plan.hold_until, session)
             out.append(("ZADD", shard.held_due, "LT", *deadlines))
         out.append(("SET", plan.marker, plan.digest or LEGACY_MARKER, "EX", self.marker_ttl_s))
@@ -420,7 +421,7 @@ def _typed_keys(plan: ShardWrites) -> list[tuple[str, str]]:
     if plan.resolve:
         keys += [(shard.views, "hash"), (shard.sessions, "zset")]
     if plan.held:
-        keys += [(shard.held(session), "string") for session in plan.held]
+        keys += [(key, "string") for key in plan.held_keys.values()]
         keys.append((shard.held_due, "zset"))
     if plan.profiles_set or plan.profiles_ended:
         keys.append((shard.profile_views, "hash"))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from worker import stored_view
 from worker.events import KIND_REGULAR, KIND_SCREEN_VIEW, KIND_SESSION_END, Row
 from worker.keys import ShardKeys
-from worker.reorder import batch_tag, held_record
+from worker.reorder import batch_tag
 
 
 @dataclass
@@ -45,9 +45,10 @@ class ShardWrites:
     visitors: dict[str, list[str]] = field(default_factory=dict)  # project -> profile ids
     dead_letters: Sequence[bytes] = ()
     publish: tuple[str, bytes] | None = None
-    # With a reorder window: each session's events held for it, framed records
-    # (worker/reorder.py), all with the same deadline `hold_until`.
+    # With a reorder window: each session's events held for it, records
+    # (worker/held_pack.py), all with the same deadline `hold_until`, and its pack's key.
     held: dict[str, list[bytes]] = field(default_factory=dict)
+    held_keys: dict[str, str] = field(default_factory=dict)
     hold_until: int = 0
     # The batch's events on this shard by kind (KIND_REGULAR / SCREEN_VIEW / SESSION_END).
     kinds: dict[str, int] = field(default_factory=dict)
@@ -151,8 +152,13 @@ def _plan_held(
     queue = writes.queue_rows
     held = writes.held
     visitors: dict[str, dict[str, None]] = {}
-    tag = batch_tag(marker)
+    # held_record's bytes (worker/held_pack.py), built here: what every record of the batch
+    # shares after its created ms (deadline, the tag's batch part) is formatted once.
+    batch = b"%015d%b" % (hold_until, batch_tag(marker).encode())
+    view_record = b"%%015d%b%%06dv\x1f%%b\x1f%%d\x1f%%b\x1f" % batch
+    end_record = b"%%015d%b%%06de\x1f%%b\x1f%%d\x1f%%b\x1f" % batch
     profile_field = shard.profile_field
+    fields: dict[tuple[str, str], bytes] = {}  # (project, profile) -> its profile field
     views = ends = 0
     # Row.kind and _add_visitor inlined: this loop runs for every event of the batch.
     for n, (event, row) in enumerate(zip(events, rows, strict=True)):
@@ -169,21 +175,26 @@ def _plan_held(
             continue
         name = event.name
         if name == "screen_view":
-            kind = KIND_SCREEN_VIEW
+            template = view_record
             views += 1
         elif name == "session_end":
-            kind = KIND_SESSION_END
+            template = end_record
             ends += 1
         else:
             queue.append(row)
             continue
+        if profile_id:
+            pair = (event.project_id, profile_id)
+            pfield = fields.get(pair)
+            if pfield is None:
+                pfield = fields[pair] = profile_field(*pair).encode()
+        else:
+            pfield = b""
         own = event.duration
-        record = held_record(
+        record = template % (
             event.created_ms,
-            hold_until,
-            f"{tag}{n % 1_000_000:06d}",
-            kind,
-            profile_field(event.project_id, profile_id) if profile_id else "",
+            n % 1_000_000,
+            pfield,
             own,
             row[:-1] if own == 0 else stored_view.head_of(event, row),
         )
@@ -192,5 +203,6 @@ def _plan_held(
             held[session] = [record]
         else:
             records.append(record)
+    writes.held_keys = {session: shard.held(session) for session in held}
     _finish(writes, visitors, len(events), views, ends)
     return writes

@@ -28,7 +28,7 @@ Per shard:
                                         the shard (ms): the projects with visitors, read
                                         without a SCAN (worker/visitors.py)
     {p:N}:held:<session>        STRING  a session's events held by the reorder window, one
-                                        pack of records, appended to (worker/reorder.py)
+                                        pack of records, appended to (worker/held_pack.py)
     {p:N}:held-due              ZSET    session id -> earliest deadline of its held events
     {p:N}:closed                HASH    session id -> created ms its session_end closed it at,
                                         for late views (kept EVENT_BUFFER_CLOSED_SESSION_TTL_S)

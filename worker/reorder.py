@@ -33,11 +33,10 @@ apply is OpenPanel's, row for row (worker/apply.py).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
 from typing import cast
 
-from worker import stored_view
 from worker.clock import Clock
+from worker.held_pack import held_record, held_rows, held_times
 from worker.keys import ShardKeys
 from worker.reorder_release import release
 from worker.replies import text
@@ -45,59 +44,10 @@ from worker.scripts import Released, Scripts
 from worker.settings import Settings
 from worker.topology import Client
 
+__all__ = ["batch_tag", "held_packs", "held_record", "held_rows", "held_times", "release_due"]
+
 # Sessions released per script call (`release_due` calls again while this many were due).
 RELEASE_SESSIONS = 500
-
-
-def held_record(
-    created_ms: int,
-    deadline_ms: int,
-    tag: str,
-    kind: str,
-    profile_field: str,
-    own_duration: int,
-    head: bytes,
-) -> bytes:
-    """One held event, framed for its session's pack (release_held.lua's header has
-    the format): its header, then the event in its stored form (worker/stored_view.py,
-    `head` being its row without duration and closing brace).
-
-    The first 44 bytes order a session's records: created_at, then deadline
-    (arrival), then `tag`, which makes events of one batch unique and keeps their
-    batch order.
-    """
-    record = b"%015d%015d%b%b%b|%d;%d;%b" % (
-        created_ms,
-        deadline_ms,
-        tag.encode(),
-        kind.encode(),
-        profile_field.encode(),
-        created_ms,
-        own_duration,
-        head,
-    )
-    return b"%d:%b" % (len(record), record)
-
-
-def _records(pack: bytes) -> Iterator[bytes]:
-    """The records of a session's pack, in pack order."""
-    at = 0
-    while at < len(pack):
-        colon = pack.index(b":", at)
-        stop = colon + 1 + int(pack[at:colon])
-        yield pack[colon + 1 : stop]
-        at = stop
-
-
-def held_rows(pack: bytes) -> list[bytes]:
-    """The JSON rows of the records in a session's pack, in pack order (as they are: with
-    their own durations). Records of the legacy stored form are read too."""
-    return [stored_view.row_of(record.split(b"|", 1)[1]) for record in _records(pack)]
-
-
-def held_times(pack: bytes) -> list[tuple[int, int]]:
-    """(created ms, deadline ms) of the records in a session's pack."""
-    return [(int(record[:15]), int(record[15:30])) for record in _records(pack)]
 
 
 def held_packs(redis: Client, shard: ShardKeys) -> dict[str, bytes]:

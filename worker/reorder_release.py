@@ -28,13 +28,14 @@ through release_held.lua, which does it all inside Redis.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 
 from redis.exceptions import ConnectionError, OutOfMemoryError, ResponseError, TimeoutError
 
 from worker import stored_view
+from worker.held_pack import FIELD_END, HEADER, held_events
 from worker.keys import ShardKeys
 from worker.resp import Framed, read_replies, send_commands
 from worker.scripts import Released, Scripts, load_lua
@@ -176,42 +177,28 @@ def _missing_pack(connection: Any, key: str) -> bytes:
     return b""
 
 
-# A view on its way, where it lies in the text that holds it (a stored last view, or a
-# pack): (created ms, own duration as written, text, head start, head end, stored form's
-# start, legacy?).
-_ViewAt = tuple[int, bytes, bytes, int, int, int, bool]
-
-# A held record from its frame (release_held.lua's header has the format): the frame's
-# length, created and deadline (the first two of the 44 characters that order records),
-# after the tag: kind, profile field, then the event's stored form up to its head
-# (worker/stored_view.py: "<created>;<own>;" or the legacy "<created>|<own>|").
-_RECORD = re.compile(rb"(\d+):([-\d]{15})([-\d]{15}).{14}(.)([^|]*)\|-?\d+([;|])(-?\d+)\6", re.S)
-# A stored last view, up to its head.
-_STORED = re.compile(rb"(-?\d+)([;|])(-?\d+)\2")
-
-
-def _view_of(text: bytes) -> _ViewAt:
-    """The stored last view `text`, of either form (worker/stored_view.py)."""
-    found = _STORED.match(text)
-    if found is None:
-        raise ValueError(f"not a stored view: {text[:40]!r}")
-    created, separator, own = found.groups()
-    stop = len(text)
-    legacy = separator == b"|"
-    if legacy:  # the legacy row ends with its own duration (absent when 0)
-        stop -= 1 if own == b"0" else 13 + len(own)
-    return (int(created), own, text, found.end(), stop, 0, legacy)
-
-
-def _form(view: _ViewAt) -> bytes:
-    """Its stored form (written anew in the current form when read in the legacy one)."""
-    created, own, text, head, end, start, legacy = view
-    if legacy:
-        return stored_view.encode(created, int(own), text[head:end])
-    return text if start == 0 and end == len(text) else text[start:end]
-
-
 _AS_IS = b"}\r\n"  # the end of a row queued with no duration of its own
+_DEADLINE = itemgetter(slice(15, 30))  # of a record's header
+_VIEW = b"v"[0]  # a record's kind: a screen_view (b"e": a session_end)
+_NO_FLOOR = -(10**18)  # before any created ms a record holds (15 characters)
+
+
+# "$<length>\r\n", the start of a bulk string's frame, by length: rows' lengths repeat.
+_PREFIXES: dict[int, bytes] = {}
+
+
+def _prefix(length: int) -> bytes:
+    """The frame's start of a bulk string of `length` bytes (remembered, up to a few
+    thousand lengths: formatting it is a good part of queuing a row)."""
+    prefix = b"$%d\r\n" % length
+    if len(_PREFIXES) < 8192:
+        _PREFIXES[length] = prefix
+    return prefix
+
+
+def _as_is_end(own: bytes) -> bytes:
+    """The end of the frame of a row queued as it is (with its own duration, if any)."""
+    return _AS_IS if own == b"0" else b',"duration":%b}\r\n' % own
 
 
 class _Plan:
@@ -220,6 +207,9 @@ class _Plan:
     The rows it queues are kept as the RPUSH's frames (`frames`: each row's length,
     its head, its duration and `}`), joined once into the write (worker/resp.py
     `Framed`): no row is put together before that.
+
+    A view on its way is its created ms, its own duration as written (decimal) and
+    its head (worker/stored_view.py).
     """
 
     def __init__(self, now_ms: int) -> None:
@@ -236,120 +226,170 @@ class _Plan:
         self.closed_set: list[Any] = []
         self.closed_index: list[Any] = []
         self.reopened: list[str] = []
-        # profile field -> (created, order key, view or None for a session_end): the
+        # profile field -> (created, header, own, head; head None for a session_end): the
         # profile's newest released event by created_at, then arrival, then batch order
-        self.profiles: dict[str, tuple[int, bytes, _ViewAt | None]] = {}
-        self.profile_order: list[str] = []
-
-    def _queue(self, view: _ViewAt, ms: int | None) -> None:
-        """Queue `view`'s row: with `ms` as its duration, or as it is (None)."""
-        if ms is None:
-            own = view[1]
-            end = _AS_IS if own == b"0" else b',"duration":%b}\r\n' % own
-        else:
-            end = b',"duration":%d}\r\n' % ms
-        head = view[3]
-        stop = view[4]
-        self.frames += (b"$%d\r\n" % (stop - head + len(end) - 2), view[2][head:stop], end)
-        self.rows += 1
+        # (the first 44 bytes of the header)
+        self.profiles: dict[bytes, tuple[int, bytes, bytes, bytes | None]] = {}
+        self.profile_order: list[bytes] = []
 
     def session(
         self, session: str, key: str, pack: bytes, closed: int | None, stored: bytes | None
     ) -> None:
-        # (order key, created, deadline, start of the record, end, start of frame, the match)
-        records = []
-        at = 0
         size = len(pack)
-        match = _RECORD.match
-        while at < size:
-            found = match(pack, at)
-            if found is None:
-                raise ValueError(f"not a held record: {pack[at : at + 60]!r}")
-            length, created, deadline = found.group(1, 2, 3)
-            start = at + len(length) + 1
-            stop = start + int(length)
-            records.append((pack[start : start + 44], int(created), int(deadline), start, stop,
-                            at, found))  # fmt: skip
-            at = stop
-        if len(records) > 1:
-            records.sort()
         now = self.now
-        cut = None
-        for record in records:
-            if record[2] <= now and (cut is None or record[1] > cut):
-                cut = record[1]
-        released = 0
-        next_deadline = None
-        released_end = 0  # where the last released record ends in the pack
-        kept_start = size  # where the first kept record starts
-        for record in records:
-            if cut is not None and record[1] <= cut:
-                released += 1
-                if record[4] > released_end:
-                    released_end = record[4]
-            else:
-                if next_deadline is None or record[2] < next_deadline:
-                    next_deadline = record[2]
-                if record[5] < kept_start:
-                    kept_start = record[5]
-        if released_end <= kept_start:  # what stays is the pack's tail: Redis cuts it
-            self.packs.append((session, key, size, kept_start, b"", next_deadline))
+        # A pack of current records splits into their fields in one call (worker/held_pack.py):
+        # every fourth field a header of HEADER bytes, and an empty field after the last.
+        # An earlier record (no FIELD_END in it) would lengthen a header or that last field.
+        fields = pack.split(FIELD_END)
+        count = len(fields) // 4
+        headers = fields[0 : 4 * count : 4]
+        spans: list[tuple[int, int]] | None = None  # (start, stop) in the pack, pack order
+        if fields[-1] == b"" and sum(map(len, headers)) == HEADER * count:
+            pfields = fields[1::4]
+            owns = fields[2::4]
+            heads = fields[3::4]
+            created = [int(header[:15]) for header in headers]
+            deadlines: list[int] | None = None  # read when not every record is due
+            # Every record due: the greatest deadline, compared as its 15 characters (they
+            # order as the numbers do, against a time not before 1970).
+            all_due = now >= 0 and max(map(_DEADLINE, headers), default=b"") <= b"%015d" % now
         else:
-            kept = b"".join([pack[r[5] : r[4]] for r in records[released:]])
-            self.packs.append((session, key, size, "", kept, next_deadline))
+            events = held_events(pack)
+            count = len(events)
+            headers = [e.order + e.kind for e in events]
+            pfields = [e.profile_field for e in events]
+            owns = [e.own_duration for e in events]
+            heads = [e.head for e in events]
+            created = [e.created_ms for e in events]
+            deadlines = [e.deadline_ms for e in events]
+            all_due = max(deadlines, default=now) <= now
+            spans = [(e.start, e.stop) for e in events]
+        order: list[int] | None = None  # pack positions in created order, when not the same
+        if count > 1 and headers != sorted(headers):
+            order = sorted(range(count), key=lambda n: headers[n][:44])
+            headers = [headers[n] for n in order]
+            pfields = [pfields[n] for n in order]
+            owns = [owns[n] for n in order]
+            heads = [heads[n] for n in order]
+            created = [created[n] for n in order]
+            if deadlines is not None:
+                deadlines = [deadlines[n] for n in order]
+        times: list[int] = []  # the deadlines, read when not every record is due
+        if all_due:
+            released = count  # (the newest created among them is the cut)
+        else:
+            times = deadlines if deadlines is not None else [int(h[15:30]) for h in headers]
+            due = [c for c, deadline in zip(created, times, strict=True) if deadline <= now]
+            cut = max(due) if due else None
+            released = 0 if cut is None else sum(1 for c in created if c <= cut)
+        if released == count:
+            self.packs.append((session, key, size, size, b"", None))
+        else:
+            if spans is None:
+                spans = []
+                at = 0
+                for n in range(count):
+                    stop = at + len(fields[4 * n]) + len(fields[4 * n + 1]) + \
+                        len(fields[4 * n + 2]) + len(fields[4 * n + 3]) + 4  # fmt: skip
+                    spans.append((at, stop))
+                    at = stop
+            if order is not None:
+                spans = [spans[n] for n in order]
+            released_end = max((stop for _, stop in spans[:released]), default=0)
+            kept_start = min(start for start, _ in spans[released:])
+            next_deadline = min(times[released:])
+            if released_end <= kept_start:  # what stays is the pack's tail: Redis cuts it
+                self.packs.append((session, key, size, kept_start, b"", next_deadline))
+            else:
+                kept = b"".join([pack[start:stop] for start, stop in spans[released:]])
+                self.packs.append((session, key, size, "", kept, next_deadline))
         if released:
-            self._rules(session, pack, records[:released], closed, stored)
+            if released < count:
+                del headers[released:], pfields[released:], owns[released:], heads[released:]
+                del created[released:]
+            self._rules(session, created, headers, pfields, owns, heads, closed, stored)
 
     def _rules(
-        self, session: str, pack: bytes, records: list[Any], closed: int | None,
-        stored: bytes | None,
+        self, session: str, created: list[int], headers: list[bytes], pfields: list[bytes],
+        owns: list[bytes], heads: list[bytes], closed: int | None, stored: bytes | None,
     ) -> None:  # fmt: skip
-        view = _view_of(stored) if stored is not None else None
+        # The session's waiting view: created, own duration, head (None: no view waits).
+        view_head: bytes | None = None
+        view_created = 0
+        view_own = b"0"
+        if stored is not None:
+            view = stored_view.parse(stored)
+            view_created, view_head = view.created_ms, view.head
+            view_own = b"%d" % view.own_duration
         view_changed = closed_changed = False
-        queue = self._queue
-        for order, created, _deadline, _start, stop, _frame, found in records:
-            kind, pfield_bytes, separator, own = found.group(4, 5, 6, 7)
-            pfield = pfield_bytes.decode() if pfield_bytes else ""
-            if separator == b";":
-                this = (created, own, pack, found.end(), stop, found.end(5) + 1, False)
-            else:  # the legacy row ends with its own duration (absent when 0)
-                cut = 1 if own == b"0" else 13 + len(own)
-                this = (created, own, pack, found.end(), stop - cut, found.end(5) + 1, True)
-            late = (closed is not None and created < closed) or (
-                view is not None and created < view[0]
-            )
-            if late:
-                self.late += 1
+        frames = self.frames
+        prefixes = _PREFIXES
+        rows = late_count = 0
+        # Each profile's last event of the session, in the records' order: the newest by
+        # created_at, arrival and batch order when no created_at is negative (they sort by
+        # their 15 characters); with one that is, every event is compared.
+        profiles: dict[bytes, tuple[int, bytes, bytes, bytes | None]] = {}
+        each = created[0] < 0
+        # An event created before `floor` is late: before the session_end that closed the
+        # session, or before its waiting view (so a view's gap is never negative).
+        floor = _NO_FLOOR if closed is None else closed
+        if view_head is not None and view_created > floor:
+            floor = view_created
+        for this, header, pfield, own, head in zip(created, headers, pfields, owns, heads,
+                                                   strict=True):  # fmt: skip
+            if this < floor:
+                late_count += 1
+                if header[44] == _VIEW:  # queued as it is; its neighbours keep theirs
+                    end = _as_is_end(own)
+                    size = len(head) + len(end) - 2
+                    frames += (prefixes.get(size) or _prefix(size), head, end)
+                    rows += 1
+                    continue
             elif closed is not None:
                 closed, closed_changed = None, True  # an event after the session_end reopens it
-            if kind == b"v":  # a screen_view
-                if late:
-                    queue(this, None)
-                else:
-                    if view is not None:
-                        gap = created - view[0]
-                        queue(view, gap if gap > 0 else 0)
-                    view = this
-                    view_changed = True
-                    if pfield:
-                        self._profile_event(pfield, created, order, this)
-            else:
-                # A session_end closes its session, late or not: the waiting view goes first.
-                if view is not None:
-                    queue(view, None)
-                queue(this, None)
-                closed = max(
-                    created, view[0] if view is not None else 0,
-                    closed if closed is not None else 0,
-                )  # fmt: skip
-                closed_changed = True
-                view = None
+            if header[44] == _VIEW:
+                if view_head is not None:
+                    end = b',"duration":%d}\r\n' % (this - view_created)
+                    size = len(view_head) + len(end) - 2
+                    frames += (prefixes.get(size) or _prefix(size), view_head, end)
+                    rows += 1
+                view_created, view_own, view_head = this, own, head
+                floor = this
                 view_changed = True
                 if pfield:
-                    self._profile_event(pfield, created, order, None)
+                    profiles[pfield] = (this, header, own, head)
+                    if each:
+                        self._profile_event(pfield, *profiles.pop(pfield))
+            else:
+                # A session_end closes its session, late or not: the waiting view goes first.
+                if view_head is not None:
+                    end = _as_is_end(view_own)
+                    size = len(view_head) + len(end) - 2
+                    frames += (prefixes.get(size) or _prefix(size), view_head, end)
+                    rows += 1
+                end = _as_is_end(own)
+                size = len(head) + len(end) - 2
+                frames += (prefixes.get(size) or _prefix(size), head, end)
+                rows += 1
+                closed = max(
+                    this, view_created if view_head is not None else 0,
+                    closed if closed is not None else 0,
+                )  # fmt: skip
+                floor = closed
+                closed_changed = True
+                view_head = None
+                view_changed = True
+                if pfield:
+                    profiles[pfield] = (this, header, own, None)
+                    if each:
+                        self._profile_event(pfield, *profiles.pop(pfield))
+        self.rows += rows
+        self.late += late_count
+        for pfield, event in profiles.items():
+            self._profile_event(pfield, *event)
         if view_changed:
-            if view is not None:
-                self.views_set += (session, _form(view))
+            if view_head is not None:
+                self.views_set += (session, b"%d;%b;%b" % (view_created, view_own, view_head))
                 self.indexed += (self.now, session)
             else:
                 self.views_ended.append(session)
@@ -360,16 +400,19 @@ class _Plan:
             else:
                 self.reopened.append(session)
 
-    def _profile_event(self, pfield: str, created: int, order: bytes, view: _ViewAt | None) -> None:
-        # `order` is the record's order key (created, deadline, tag): sessions are released
-        # one after another, so a tie on created_at and arrival between two sessions of one
-        # profile goes to the later one in its batch, not to the session released last.
+    def _profile_event(
+        self, pfield: bytes, created: int, header: bytes, own: bytes, head: bytes | None
+    ) -> None:
+        # The header's first 44 bytes are the record's order key (created, deadline, tag):
+        # sessions are released one after another, so a tie on created_at and arrival
+        # between two sessions of one profile goes to the later one in its batch, not to
+        # the session released last.
         known = self.profiles.get(pfield)
         if known is None:
             self.profile_order.append(pfield)
-        elif created < known[0] or (created == known[0] and order < known[1]):
+        elif created < known[0] or (created == known[0] and header[:44] < known[1][:44]):
             return
-        self.profiles[pfield] = (created, order, view)
+        self.profiles[pfield] = (created, header, own, head)
 
     def writes(
         self,
@@ -406,12 +449,12 @@ class _Plan:
             out.append(("HDEL", shard.closed, *self.reopened))
             out.append(("ZREM", shard.closed_at, *self.reopened))
         profiles_set: list[Any] = []
-        profiles_ended: list[str] = []
+        profiles_ended: list[bytes] = []
         for pfield, value in zip(self.profile_order, profiles, strict=True):
-            created, _order, view = self.profiles[pfield]
+            created, _header, own, head = self.profiles[pfield]
             if value is None or created >= stored_view.created_ms(value):
-                if view is not None:
-                    profiles_set += (pfield, _form(view))
+                if head is not None:
+                    profiles_set += (pfield, b"%d;%b;%b" % (created, own, head))
                 elif value is not None:
                     profiles_ended.append(pfield)
         if profiles_set:

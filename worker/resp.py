@@ -39,6 +39,17 @@ class Framed:
         after_count = packed.index(b"\r\n")
         self.parts: list[Any] = [b"*%d" % (len(command) + count), packed[after_count:], *values]
 
+    @classmethod
+    def append(cls, key: bytes, values: list[bytes]) -> Framed:
+        """APPEND to `key` the concatenation of `values`, framed here: the values are
+        joined once, with the write (the apply's held records: worker/apply.py)."""
+        framed = cls.__new__(cls)
+        head = b"*3\r\n$6\r\nAPPEND\r\n$%d\r\n%b\r\n$%d\r\n" % (
+            len(key), key, sum(map(len, values))
+        )  # fmt: skip
+        framed.parts = [head, *values, b"\r\n"]
+        return framed
+
 
 def send_commands(connection: Any, commands: Sequence[tuple[Any, ...] | Framed]) -> None:
     """Send `commands` in one write (one system call, not one per command); their replies
