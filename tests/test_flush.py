@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -340,3 +343,56 @@ def test_a_lost_lock_names_its_shard_and_lock(
     [result] = flusher_for(redis, settings, Stolen(sink)).process_buffer().shards
     assert isinstance(result.error, FlushError)
     assert (result.error.shard, result.error.lock) == (0, KEYS.lock)
+
+
+def test_chunks_reach_chdb_through_a_file_that_is_removed_after(
+    redis: redis_lib.Redis, settings: Settings, sink: ChdbSink, tmp_path: Any, monkeypatch: Any
+) -> None:
+    # The rows go to chDB by `FROM INFILE` (its binding scans a statement's whole text);
+    # the file is removed once inserted, and a file a killed process left is removed
+    # by the next process's first chunk.
+    from worker.sinks import chdb as chdb_module
+
+    monkeypatch.setattr(chdb_module, "_chunk_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(chdb_module, "_swept", set())
+    dead = subprocess_pid_that_exited()
+    orphan = tmp_path / f"eventbuffer-chunk-{dead}-abc.rows"
+    orphan.write_bytes(b"{}")
+    alive = tmp_path / f"eventbuffer-chunk-{os.getpid()}-def.rows"
+    alive.write_bytes(b"{}")
+    unrelated = tmp_path / "other.rows"
+    unrelated.write_bytes(b"{}")
+    seen: list[str] = []
+    real_run = sink._run
+
+    def recording_run(sql: str | bytes, *args: Any, **kwargs: Any) -> Any:
+        seen.append(sql if isinstance(sql, str) else sql[:200].decode())
+        return real_run(sql, *args, **kwargs)
+
+    monkeypatch.setattr(sink, "_run", recording_run)
+    EventBuffer(redis, settings).apply([event("a", f"{DAY}T12:00:0{n}Z") for n in range(3)])
+    [result] = flusher_for(redis, settings, sink).process_buffer().shards
+    assert result.rows == 3
+    assert sink.query("SELECT count() FROM events") == [(3,)]
+    inserts = [sql for sql in seen if sql.startswith("INSERT")]
+    assert len(inserts) == 1 and "FROM INFILE" in inserts[0]
+    left = sorted(path.name for path in tmp_path.iterdir() if path.name.endswith(".rows"))
+    assert left == sorted([alive.name, unrelated.name])
+
+
+def test_chunks_go_in_the_statement_when_no_file_can_be_written(
+    redis: redis_lib.Redis, settings: Settings, sink: ChdbSink, tmp_path: Any, monkeypatch: Any
+) -> None:
+    from worker.sinks import chdb as chdb_module
+
+    monkeypatch.setattr(chdb_module, "_chunk_dir", lambda: str(tmp_path / "missing"))
+    EventBuffer(redis, settings).apply([event("a", f"{DAY}T12:00:0{n}Z") for n in range(3)])
+    [result] = flusher_for(redis, settings, sink).process_buffer().shards
+    assert result.rows == 3
+    assert sink.query("SELECT count() FROM events") == [(3,)]
+
+
+def subprocess_pid_that_exited() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
