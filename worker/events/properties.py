@@ -26,20 +26,42 @@ def flatten_properties(props: dict[str, Any]) -> dict[str, str]:
             break
     else:
         return props
+    return flattened(props)
+
+
+def flattened(props: dict[Any, Any]) -> dict[str, str]:
+    """`flatten_properties` into a new map, always (for properties known not to be flat):
+    the top level here, with its members' common kinds (strings, integers, objects, null)
+    handled without a call each."""
     out: dict[str, str] = {}
-    _flatten_object("", props, out, 0)
+    for key, item in props.items():
+        if type(key) is not str and not isinstance(key, str):
+            raise InvalidEvent("properties", f"keys must be strings, got {type(key).__name__}")
+        kind = type(item)
+        if kind is str:
+            out[key] = item
+        elif kind is dict:
+            _flatten_object(key, item, out, 1)
+        elif kind is int:
+            try:
+                out[key] = str(item)
+            except ValueError:  # more digits than Python converts
+                raise InvalidEvent(f"properties.{key}", "integer too large") from None
+        elif item is not None:
+            _flatten(key, item, out, 1)
     return out
 
 
 def _flatten_object(prefix: str, value: dict[Any, Any], out: dict[str, str], depth: int) -> None:
-    """An object at `depth` (at most MAX_PROPERTY_DEPTH): what `_flatten` does with it, with
-    its members' common kinds (strings, integers, objects, null) handled here, no call each."""
+    """An object at `depth` (at most MAX_PROPERTY_DEPTH), below the top level: what
+    `_flatten` does with it, with its members' common kinds handled here, no call each."""
     leaves = depth < MAX_PROPERTY_DEPTH  # a member one level down is within the limit
+    dotted = f"{prefix}." if prefix else ""  # under an empty key (`{"": {...}}`): none
     for key, item in value.items():
-        if not isinstance(key, str):
+        if type(key) is not str and not isinstance(key, str):
             where = f"properties.{prefix}" if prefix else "properties"
             raise InvalidEvent(where, f"keys must be strings, got {type(key).__name__}")
-        name = f"{prefix}.{key}" if prefix else key
+        name = dotted + key
         if leaves:
             kind = type(item)
             if kind is str:

@@ -42,7 +42,7 @@ from worker.errors import InvalidEvent
 from worker.events.dates import _canonical_date, clip, normalize_date
 from worker.events.model import Event
 from worker.events.problems import decode_problem, invalid, oversized, surrogate_field, too_deep
-from worker.events.properties import flatten_properties
+from worker.events.properties import flattened
 from worker.settings import Settings
 
 _DEFAULTS = Settings()
@@ -77,7 +77,10 @@ DEFAULT_LIMITS = Limits()
 _encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(Event)
 _batch_decoder = msgspec.json.Decoder(list[Event])
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+_encode = _encoder.encode
+_canonical_uuid = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z"
+).match
 
 
 def parse_event(
@@ -106,13 +109,14 @@ def parse_event(
         raise InvalidEvent("$", "not valid UTF-8 (the text holds a lone surrogate)") from None
     except RecursionError:  # JSON nested ~1,000 levels deep: the decoder's own limit
         raise too_deep(obj) from None
-    if event.id:
-        event.id = _normalize_id(event.id)
-    else:
+    if not event.id:
         event.id = default_id() if default_id is not None else _uuid4()
+    elif not _canonical_uuid(event.id):
+        event.id = _normalize_id(event.id)
     now = limits.clock.now_ms()
-    _normalize(event, (now - limits.max_past_ms, now + limits.max_future_ms))
-    return _with_row(event, limits.max_event_bytes)
+    return _finished(
+        event, now - limits.max_past_ms, now + limits.max_future_ms, limits.max_event_bytes
+    )
 
 
 def parse_events(
@@ -135,58 +139,49 @@ def parse_events(
     except (msgspec.MsgspecError, RecursionError, UnicodeEncodeError):
         return None
     now = limits.clock.now_ms()
-    bounds = (now - limits.max_past_ms, now + limits.max_future_ms)
+    low, high = now - limits.max_past_ms, now + limits.max_future_ms
     max_bytes = limits.max_event_bytes
     out: list[Event | InvalidEvent] = []
+    append = out.append
     for index, event in enumerate(events):
         try:
-            if event.id:
-                event.id = _normalize_id(event.id)
-            else:
+            if not event.id:
                 event.id = default_id(index) if default_id is not None else _uuid4()
-            _normalize(event, bounds)
-            out.append(_with_row(event, max_bytes))
+            elif not _canonical_uuid(event.id):
+                event.id = _normalize_id(event.id)
+            append(_finished(event, low, high, max_bytes))
         except InvalidEvent as exc:
-            out.append(exc)
+            append(exc)
     return out
 
 
-def _with_row(event: Event, max_bytes: int) -> Event:
-    """The event with its encoded row kept on it, once the row is known to fit."""
-    try:
-        row = _encoder.encode(event)
-    except UnicodeEncodeError:
-        raise surrogate_field(event, event.properties) from None
-    if len(row) > max_bytes:
-        raise oversized(event, len(row), max_bytes)
-    event.__dict__["_row"] = row
-    return event
+def _finished(event: Event, low: int, high: int, max_bytes: int) -> Event:
+    """A decoded event brought to the stored form, with its encoded row kept on it.
 
-
-def _normalize(event: Event, bounds: tuple[int, int]) -> None:
-    """Bring a decoded event's values to the stored form, checking what the types cannot.
-
-    Runs once every field has decoded (as a `__post_init__` would), so an
-    event with a field of the wrong type is reported for that field first;
-    the id is normalized (or assigned) before.
+    Checks what the types cannot, once every field has decoded (as a
+    `__post_init__` would), so an event with a field of the wrong type is
+    reported for that field first; the id is normalized (or assigned) before. `low` and
+    `high` bound `created_at` and `imported_at` (epoch ms), `max_bytes` the row.
+    The common case (a canonical id and date, flat string properties) takes
+    no call it can do without; anything else gets the general path and its error.
     """
     created = event.created_at
-    # The common case first (what `normalize_date` tries first too): a canonical date
-    # within the bounds; anything else gets the general path and its error.
     if (
         type(created) is str
         and (fast := _canonical_date(created)) is not None
-        and bounds[0] <= fast[1] <= bounds[1]
+        and low <= fast[1] <= high
     ):
-        event.created_at, event.__dict__["_created_ms"] = fast
+        event.created_at, created_ms = fast
     else:
-        event.created_at, event.__dict__["_created_ms"] = normalize_date(
-            "created_at", created, bounds
-        )
+        event.created_at, created_ms = normalize_date("created_at", created, (low, high))
     if event.imported_at is not None:
-        event.imported_at = normalize_date("imported_at", event.imported_at, bounds)[0]
-    if event.properties:
-        event.properties = flatten_properties(event.properties)
+        event.imported_at = normalize_date("imported_at", event.imported_at, (low, high))[0]
+    properties = event.properties
+    if properties:
+        for value in properties.values():
+            if type(value) is not str:
+                event.properties = flattened(properties)
+                break
     # The column is FixedString(2): two bytes, not two characters (ASCII: one each, and
     # the model allows two characters at most).
     country = event.country
@@ -196,11 +191,19 @@ def _normalize(event: Event, bounds: tuple[int, int]) -> None:
         raise InvalidEvent("longitude", "must be a finite number")
     if event.latitude is not None and not math.isfinite(event.latitude):
         raise InvalidEvent("latitude", "must be a finite number")
+    try:
+        row = _encode(event)
+    except UnicodeEncodeError:
+        raise surrogate_field(event, event.properties) from None
+    if len(row) > max_bytes:
+        raise oversized(event, len(row), max_bytes)
+    kept = event.__dict__
+    kept["_created_ms"] = created_ms
+    kept["_row"] = row
+    return event
 
 
 def _normalize_id(value: str) -> str:
-    if _CANONICAL_UUID.match(value):
-        return value
     try:
         return str(uuid.UUID(value))
     except ValueError:
