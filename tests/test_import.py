@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,32 @@ def test_importing_the_same_files_again_lands_nothing(tmp_path: Path, chdb: str)
     )
     assert again["imported"] == 0
     assert again["duplicates"] == export.events
+    check_exactly_once(chdb, export)
+
+
+def test_copies_of_an_event_in_several_files_land_once_whatever_the_chunks(
+    tmp_path: Path, chdb: str
+) -> None:
+    """Overlapping exports: every event in three files (each shuffled its own way). Each
+    lands once with its duration (the copies do not count as views), the copies count as
+    duplicates, and chunks of 7 rows never split an event's copies (rows in `created_at`
+    order: a chunk's last event's copies follow it into the same chunk)."""
+    export = generate_export(tmp_path / "export", 600, files=1)
+    rng = random.Random(5)
+    lines = []
+    for line in gzip.decompress(export.files[0].read_bytes()).decode().splitlines():
+        event = json.loads(line)
+        event.setdefault("id", str(uuid.UUID(int=rng.getrandbits(128), version=4)))
+        lines.append(json.dumps(event))
+    copies = []
+    for number in range(3):
+        rng.shuffle(lines)
+        path = tmp_path / f"copy-{number}.ndjson"
+        path.write_text("\n".join(lines) + "\n")
+        copies.append(path)
+    env = import_env(chdb, EVENT_BUFFER_IMPORT_CHUNK_ROWS="7")
+    summary = summary_of(run_import_cli(tmp_path, env, "--json", *copies))
+    assert (summary["imported"], summary["duplicates"]) == (export.events, 2 * export.events)
     check_exactly_once(chdb, export)
 
 
