@@ -76,7 +76,7 @@ CREATE TABLE IF NOT EXISTS rows (
     row BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS fixes (
-    rid INTEGER PRIMARY KEY,
+    rid INTEGER NOT NULL,
     dur INTEGER,
     sess TEXT,
     dup INTEGER NOT NULL DEFAULT 0
@@ -106,21 +106,32 @@ CREATE TABLE IF NOT EXISTS chunks (
 # The durations pass's order: an index holding every column of `rows` that
 # pass needs (sessions' views and ends, and actors of derived sessions), read
 # in order without a lookup into the table per row. What the pass finds (a
-# duration, a derived session, a repeat) goes into `fixes`, a narrow table by
-# the row's rowid: cheaper than rewriting each wide row in place.
+# duration, a derived session, a repeat) is appended to `fixes` by the row's
+# rowid (each row once: a group's rows are walked within one commit): cheaper
+# than rewriting each wide row in place, and than keeping `fixes` by rowid as
+# it fills (the pass meets rowids in no order); the sort by time indexes it.
 _BY_SESSION = (
     "CREATE INDEX IF NOT EXISTS rows_by_session ON rows (grp, ms, id, kind, own) WHERE grp != ''"
 )
-# The insert pass's order: every row with its fixes applied (`finish`, a Python
-# function of the row, its own duration, and the fix's duration and session),
-# sorted by created_at into `ordered`. A sorted copy appended in order costs less
-# than an index holding the rows' bytes (SQLite sorts both the same way), and the
-# insert pass then reads each chunk as it is stored: no join, no lookups, no
-# per-row work. Ties (copies of one event) are ordered by file and line.
+# The insert pass's order: every row with its fixes applied, sorted by created_at
+# into `ordered`. A sorted copy appended in order costs less than an index holding
+# the rows' bytes (SQLite sorts both the same way), and the insert pass then reads
+# each chunk as it is stored: no join, no lookups, no per-row work. Ties (copies
+# of one event) are ordered by file and line. `fixes` is indexed first (covering:
+# the join reads no row of it). The common fix, a duration for a row without one of
+# its own (and no derived session), is appended to the row's JSON by SQLite itself
+# (as worker/importer/rows.py's `with_field` does: `,"duration":N` before its
+# closing brace); any other goes through `finish`, a Python function of the row,
+# its own duration, and the fix's duration and session.
+_FIXES_BY_ROW = "CREATE INDEX IF NOT EXISTS fixes_by_row ON fixes (rid, dur, sess, dup)"
 _FILL_ORDERED = (
     "INSERT INTO ordered (ms, id, file, line, project, dup, row) "
     "SELECT r.ms, r.id, r.file, r.line, r.project, coalesce(f.dup, 0), "
-    "CASE WHEN f.rid IS NULL THEN r.row ELSE finish(r.row, r.own, f.dur, f.sess) END "
+    "CASE WHEN f.rid IS NULL THEN r.row "
+    "WHEN f.sess IS NULL AND f.dur IS NULL THEN r.row "
+    "WHEN f.sess IS NULL AND r.own = 0 AND f.dur != 0 THEN "
+    "CAST(substr(r.row, 1, length(r.row) - 1) || ',\"duration\":' || f.dur || '}' AS BLOB) "
+    "ELSE finish(r.row, r.own, f.dur, f.sess) END "
     "FROM rows AS r LEFT JOIN fixes AS f ON f.rid = r.rowid "
     "ORDER BY r.ms, r.id, r.file, r.line"
 )
@@ -229,6 +240,7 @@ class ImportState:
         self.db.create_function("finish", 4, finish, deterministic=True)
         self.begin()
         self.db.execute("DELETE FROM ordered")
+        self.db.execute(_FIXES_BY_ROW)
         self.db.execute(_FILL_ORDERED)
         self.put("time_sorted", "1")
         self.commit()
@@ -253,7 +265,7 @@ class ImportState:
         """(rowid, duration, session, duplicate) for rows of groups up to `walked` (each row
         once: a group's rows are walked within one commit), with it."""
         self.begin()
-        self.db.executemany("INSERT OR REPLACE INTO fixes VALUES (?, ?, ?, ?)", updates)
+        self.db.executemany("INSERT INTO fixes VALUES (?, ?, ?, ?)", updates)
         self.put("walked", walked)
         self.commit()
 
