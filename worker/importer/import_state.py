@@ -13,6 +13,9 @@ command again finds it. It holds:
   sort): a 10 GB export needs disk, not 10 GB of RAM.
 - `fixes`: what the durations pass gave a row (its duration, its derived
   session, that it repeats another), by the row's rowid.
+- `ordered`: every row as it is inserted (the durations' fixes applied), in
+  `created_at` order, written once by the sort by time (SQLite's external
+  sort again) for the insert pass to read in rowid order.
 - `rejects`: every line refused (by validation, or by ClickHouse), with its
   file, number and reason.
 - `chunks`: the one chunk being inserted: which of its ids ClickHouse had
@@ -34,7 +37,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +47,7 @@ REJECTS_FILE = "rejects.ndjson"
 SUMMARY_FILE = "summary.json"
 
 # The state's layout: a state of another layout (an earlier release's) is not resumed.
-LAYOUT = "2"
+LAYOUT = "3"
 
 # SQLite's page cache for the state: what the sorts and scans may keep in memory.
 CACHE_KIB = 64 * 1024
@@ -72,10 +76,19 @@ CREATE TABLE IF NOT EXISTS rows (
     row BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS fixes (
-    rid INTEGER PRIMARY KEY,
+    rid INTEGER NOT NULL,
     dur INTEGER,
     sess TEXT,
     dup INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS ordered (
+    ms INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    file INTEGER NOT NULL,
+    line INTEGER NOT NULL,
+    project TEXT NOT NULL,
+    dup INTEGER NOT NULL,
+    row BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS rejects (
     file INTEGER NOT NULL,
@@ -90,17 +103,40 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 """
 
-# The two orders the later passes read, each an index holding every column of
-# `rows` the pass needs (read in order, without a lookup into the table per
-# row): sessions' views and ends (and actors of derived sessions) for the
-# durations pass; every row by created_at for the insert pass. What the
-# durations pass finds (a duration, a derived session, a repeat) goes into
-# `fixes`, a narrow table by the row's rowid, joined in by the insert pass:
-# cheaper than rewriting each wide row, and the sort by time needs no wait.
+# The durations pass's order: an index holding every column of `rows` that
+# pass needs (sessions' views and ends, and actors of derived sessions), read
+# in order without a lookup into the table per row. What the pass finds (a
+# duration, a derived session, a repeat) is appended to `fixes` by the row's
+# rowid (each row once: a group's rows are walked within one commit): cheaper
+# than rewriting each wide row in place, and than keeping `fixes` by rowid as
+# it fills (the pass meets rowids in no order); the sort by time indexes it.
 _BY_SESSION = (
     "CREATE INDEX IF NOT EXISTS rows_by_session ON rows (grp, ms, id, kind, own) WHERE grp != ''"
 )
-_BY_TIME = "CREATE INDEX IF NOT EXISTS rows_by_time ON rows (ms, id, file, line, project, own, row)"
+# The insert pass's order: every row with its fixes applied, sorted by created_at
+# into `ordered`. A sorted copy appended in order costs less than an index holding
+# the rows' bytes (SQLite sorts both the same way), and the insert pass then reads
+# each chunk as it is stored: no join, no lookups, no per-row work. Ties (copies
+# of one event) are ordered by file and line. `fixes` is indexed first (covering:
+# the join reads no row of it). The common fix, a duration for a row without one of
+# its own (and no derived session), is appended to the row's JSON by SQLite itself
+# (as worker/importer/rows.py's `with_field` does: `,"duration":N` before its
+# closing brace); any other goes through `finish`, a Python function of the row,
+# its own duration, and the fix's duration and session.
+_FIXES_BY_ROW = "CREATE INDEX IF NOT EXISTS fixes_by_row ON fixes (rid, dur, sess, dup)"
+_FILL_ORDERED = (
+    "INSERT INTO ordered (ms, id, file, line, project, dup, row) "
+    "SELECT r.ms, r.id, r.file, r.line, r.project, coalesce(f.dup, 0), "
+    "CASE WHEN f.rid IS NULL THEN r.row "
+    "WHEN f.sess IS NULL AND f.dur IS NULL THEN r.row "
+    "WHEN f.sess IS NULL AND r.own = 0 AND f.dur != 0 THEN "
+    "CAST(substr(r.row, 1, length(r.row) - 1) || ',\"duration\":' || f.dur || '}' AS BLOB) "
+    "ELSE finish(r.row, r.own, f.dur, f.sess) END "
+    "FROM rows AS r LEFT JOIN fixes AS f ON f.rid = r.rowid "
+    "ORDER BY r.ms, r.id, r.file, r.line"
+)
+# After a chunk's last row, rows read at a time while they are copies of it.
+_TAIL_ROWS = 64
 
 # One row as the state keeps it (the columns of `rows` up to `row`).
 RowRecord = tuple[str, int, str, str, int, int, str, int, bytes]
@@ -197,9 +233,17 @@ class ImportState:
         """The durations pass's order (SQLite sorts on disk, in bounded memory)."""
         self.db.execute(_BY_SESSION)
 
-    def sort_by_time(self) -> None:
-        """The insert pass's order (the durations' `fixes` are joined in as it reads)."""
-        self.db.execute(_BY_TIME)
+    def sort_by_time(self, finish: Callable[[bytes, int, int | None, str | None], bytes]) -> None:
+        """The insert pass's rows, `finish(row, own duration, duration, session)` applied to
+        those the durations pass fixed, into `ordered` by created_at; with the meta
+        `time_sorted`, in one transaction (a re-run after a kill starts it anew)."""
+        self.db.create_function("finish", 4, finish, deterministic=True)
+        self.begin()
+        self.db.execute("DELETE FROM ordered")
+        self.db.execute(_FIXES_BY_ROW)
+        self.db.execute(_FILL_ORDERED)
+        self.put("time_sorted", "1")
+        self.commit()
 
     # durations -------------------------------------------------------------
 
@@ -221,33 +265,32 @@ class ImportState:
         """(rowid, duration, session, duplicate) for rows of groups up to `walked` (each row
         once: a group's rows are walked within one commit), with it."""
         self.begin()
-        self.db.executemany("INSERT OR REPLACE INTO fixes VALUES (?, ?, ?, ?)", updates)
+        self.db.executemany("INSERT INTO fixes VALUES (?, ?, ?, ?)", updates)
         self.put("walked", walked)
         self.commit()
 
     # inserting -------------------------------------------------------------
 
-    def time_page(self, after: tuple[int, str], limit: int) -> list[tuple[Any, ...]]:
-        """(ms, id, file, line, project, dup, own, dur, sess, row) of the next `limit` rows after
-        `after` (ms, id) by created_at, and every other row with the last one's (ms, id):
-        copies of one event never straddle two chunks."""
-        columns = (
-            "r.ms, r.id, r.file, r.line, r.project, coalesce(f.dup, 0), r.own, f.dur, f.sess, "
-            "r.row FROM rows AS r INDEXED BY rows_by_time LEFT JOIN fixes AS f ON f.rid = r.rowid"
-        )
+    def time_page(self, after: int, limit: int) -> list[tuple[Any, ...]]:
+        """(rowid, ms, id, file, line, project, dup, row) of the next `limit` rows of
+        `ordered` after rowid `after`, and every row right after them that is a copy
+        of the last one (its ms and id): copies of one event never straddle two chunks."""
+        columns = "rowid, ms, id, file, line, project, dup, row FROM ordered"
         page = self.db.execute(
-            f"SELECT {columns} WHERE (r.ms, r.id) > (?, ?) ORDER BY r.ms, r.id LIMIT ?",
-            (*after, limit),
+            f"SELECT {columns} WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, limit)
         ).fetchall()
         if not page:
             return page
-        last = (page[-1][0], page[-1][1])
-        head = [row for row in page if (row[0], row[1]) != last]
-        tail = self.db.execute(
-            f"SELECT {columns} WHERE r.ms = ? AND r.id = ? ORDER BY r.ms, r.id",
-            last,
-        ).fetchall()
-        return head + tail
+        key = (page[-1][1], page[-1][2])
+        while True:
+            tail = self.db.execute(
+                f"SELECT {columns} WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                (page[-1][0], _TAIL_ROWS),
+            ).fetchall()
+            copies = list(takewhile(lambda row: (row[1], row[2]) == key, tail))
+            page.extend(copies)
+            if len(copies) < _TAIL_ROWS:
+                return page
 
     def chunk_intent(self, idx: int) -> set[str] | None:
         row = self.db.execute("SELECT existing FROM chunks WHERE idx = ?", (idx,)).fetchone()
@@ -265,7 +308,7 @@ class ImportState:
     def chunk_done(
         self,
         idx: int,
-        after: tuple[int, str],
+        after: int,
         counts: dict[int, tuple[int, int]],
         rejects: Sequence[tuple[int, int, str, str, str]] = (),
     ) -> None:
@@ -282,7 +325,7 @@ class ImportState:
                 (imported, duplicates, file),
             )
         self.db.execute("DELETE FROM chunks WHERE idx = ?", (idx,))
-        self.put("inserted", json.dumps([idx, *after]))
+        self.put("inserted", json.dumps([idx, after]))
         self.commit()
 
     # the end ---------------------------------------------------------------

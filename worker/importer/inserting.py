@@ -18,8 +18,10 @@ the row again; it is counted once, when its chunk commits.
 
 ClickHouse is opened for each chunk (its check and its insert) and closed
 right after (a flush worker gets an embedded ClickHouse between chunks).
-With `isolate` (embedded ClickHouse) the pass runs in child processes of
-`CHUNKS_PER_CHILD` chunks (worker/importer/isolation.py).
+With `isolate` (embedded ClickHouse) the importer hands each chunk to a
+child process that checks and inserts it (worker/importer/isolation.py),
+`CHUNKS_PER_CHILD` chunks per child, and reads the next chunk from its state
+while the child inserts; only the importer touches the state.
 """
 
 from __future__ import annotations
@@ -30,17 +32,20 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
-from typing import Any
+from multiprocessing.connection import Connection
+from typing import Any, NamedTuple, Protocol
 
 from worker.importer.import_state import ImportState
 from worker.importer.isolation import Child
 from worker.importer.options import ImportOptions, Progress
-from worker.importer.rows import finish_row
 from worker.importer.writer import chunk_token, existing_ids
 from worker.sinks import RetryableSinkError, RowRejectedError, Sink
 
 # With `isolate`, a child process inserts this many chunks, then the next one takes over.
 CHUNKS_PER_CHILD = 10
+# The next child is forked (and loads chDB) when the one inserting has this many
+# chunks left to insert, and more chunks remain than it will take.
+FORK_AHEAD_CHUNKS = 3
 # A step that fails as retryable (ClickHouse away, chDB held by a flush) is tried again
 # this many times, with backoff, before the import stops (a re-run continues).
 WRITE_ATTEMPTS = 8
@@ -48,119 +53,233 @@ WRITE_ATTEMPTS = 8
 REASON_REFUSED = "refused by ClickHouse"
 RAW_CLIP = 2_000
 
-
-def start_insert(
-    state: ImportState,
-    options: ImportOptions,
-    connect: Callable[[], AbstractContextManager[Sink]],
-) -> Child | None:
-    """With `isolate`, the insert pass's first child, forked now: it loads chDB while this
-    process sorts and walks the durations, and inserts when `insert` lets it."""
-    if not options.isolate:
-        return None
-    return Child(_chunks_in_child(state, options, connect), warm=_load_chdb)
+Connect = Callable[[], AbstractContextManager[Sink]]
 
 
-def insert(
-    state: ImportState,
-    options: ImportOptions,
-    connect: Callable[[], AbstractContextManager[Sink]],
-    report: Progress,
-    first: Child | None = None,
-) -> None:
-    """The insert pass; with `isolate`, in child processes of `CHUNKS_PER_CHILD` chunks each
-    (the first one `first`, when `start_insert` forked it)."""
-    if not options.isolate:
-        _insert_chunks(state, options, connect, report, None)
-        return
-    work = _chunks_in_child(state, options, connect)
-    child = first
-    while not (child or Child(work)).result(report):
-        child = None
+class Chunk(NamedTuple):
+    """What writing one chunk needs: the ids to insert unless ClickHouse has them, their
+    rows (in the same order), and where the check looks (projects, seconds)."""
+
+    ids: list[str]
+    rows: list[bytes]
+    projects: list[str]
+    first: str
+    end: str
 
 
-def _chunks_in_child(
-    state: ImportState,
-    options: ImportOptions,
-    connect: Callable[[], AbstractContextManager[Sink]],
-) -> Callable[[Progress], bool]:
-    directory = state.directory
+class Writer(Protocol):
+    def write(
+        self,
+        chunk: Chunk,
+        record: Callable[[set[str]], None],
+        meanwhile: Callable[[], None],
+        more: int,
+    ) -> dict[str, str]:
+        """Check and insert `chunk` (`write_chunk`); `meanwhile()` runs while the rows
+        are being inserted, where they are inserted elsewhere; `more`: how many chunks
+        may follow. The rows refused (id -> ClickHouse's message)."""
+        ...
 
-    def chunks(progress: Progress) -> bool:
-        child_state = ImportState(directory)  # its own connection, never the parent's
-        try:
-            return _insert_chunks(child_state, options, connect, progress, CHUNKS_PER_CHILD)
-        finally:
-            child_state.close()
+    def close(self) -> None: ...
 
-    return chunks
+
+def write_chunk(
+    connect: Connect, chunk: Chunk, record: Callable[[set[str]], None]
+) -> dict[str, str]:
+    """Open ClickHouse, ask which of the chunk's ids it holds, give that answer to
+    `record` (the state keeps it before anything is inserted), insert the other rows,
+    close; the rows ClickHouse refused (id -> its message)."""
+    refused: dict[str, str] = {}
+    with _Opened(connect) as sink:
+        present = (
+            existing_ids(sink, chunk.ids, chunk.projects, chunk.first, chunk.end)
+            if chunk.ids
+            else set()
+        )
+        record(present)
+        todo = [
+            (event_id, row)
+            for event_id, row in zip(chunk.ids, chunk.rows, strict=True)
+            if event_id not in present
+        ]
+        if todo:
+            _write_isolating(sink, todo, refused)
+    return refused
+
+
+class _InProcess:
+    """A ClickHouse server: each chunk written by this process."""
+
+    def __init__(self, connect: Connect) -> None:
+        self.connect = connect
+
+    def write(
+        self,
+        chunk: Chunk,
+        record: Callable[[set[str]], None],
+        meanwhile: Callable[[], None],
+        more: int,
+    ) -> dict[str, str]:
+        refused = write_chunk(self.connect, chunk, record)
+        meanwhile()
+        return refused
+
+    def close(self) -> None:
+        pass
+
+
+class _InChildren:
+    """Embedded ClickHouse: each chunk written by a child process, `CHUNKS_PER_CHILD`
+    per child (worker/importer/isolation.py). The first child is forked at once."""
+
+    def __init__(self, connect: Connect) -> None:
+        self.connect = connect
+        self.current: Child | None = None
+        self.written = 0  # chunks handed to `current`
+        self.next: Child | None = self._fork()
+
+    def _fork(self) -> Child:
+        return Child(_serve(self.connect), warm=_load_chdb)
+
+    def write(
+        self,
+        chunk: Chunk,
+        record: Callable[[set[str]], None],
+        meanwhile: Callable[[], None],
+        more: int,
+    ) -> dict[str, str]:
+        if (
+            self.current is None
+            or self.written == CHUNKS_PER_CHILD
+            or self.current.channel.closed  # let go after what was thought the last chunk
+        ):
+            if self.current is not None:
+                self.current.close()
+            self.current, self.next, self.written = self.next or self._fork(), None, 0
+        child = self.current
+        self.written += 1
+        left = CHUNKS_PER_CHILD - self.written  # after this one
+        if self.next is None and more > left and left < FORK_AHEAD_CHUNKS:
+            self.next = self._fork()
+        child.send(chunk)
+        record(child.receive())
+        child.send(True)  # recorded: insert
+        meanwhile()
+        refused: dict[str, str] = child.receive()
+        if not more:  # the last chunk: the child exits while the importer finishes
+            child.let_go()
+        return refused
+
+    def close(self) -> None:
+        for child in (self.current, self.next):
+            if child is not None:
+                child.close()
+        self.current = self.next = None
+
+
+def _serve(connect: Connect) -> Callable[[Connection], None]:
+    """A child's work: each chunk it is sent checked and written, until the channel closes."""
+
+    def serve(channel: Connection) -> None:
+        while True:
+            chunk: Chunk = channel.recv()
+
+            def record(present: set[str]) -> None:
+                channel.send(present)
+                channel.recv()  # the importer recorded it
+
+            channel.send(write_chunk(connect, chunk, record))
+
+    return serve
 
 
 def _load_chdb() -> None:
     importlib.import_module("chdb.session")
 
 
-def _insert_chunks(
-    state: ImportState,
-    options: ImportOptions,
-    connect: Callable[[], AbstractContextManager[Sink]],
-    report: Progress,
-    max_chunks: int | None,
-) -> bool:
-    """Insert chunks from where the state says, `max_chunks` at most; True when all are in."""
+def start_insert(options: ImportOptions, connect: Connect) -> Writer:
+    """The insert pass's writer, made now: with `isolate`, its first child is forked and
+    loads chDB while this process sorts and walks the durations. `close()` it after."""
+    return _InChildren(connect) if options.isolate else _InProcess(connect)
+
+
+def insert(state: ImportState, options: ImportOptions, writer: Writer, report: Progress) -> None:
+    """Insert the chunks from where the state says to the last."""
     total = state.count("SELECT count() FROM rows")
     progress = state.get("inserted")
     if progress is None:
-        idx, after = 0, (-(2**62), "")
+        idx, after = 0, 0
     else:
         last = json.loads(progress)
-        idx, after = last[0] + 1, (int(last[1]), str(last[2]))
+        idx, after = last[0] + 1, int(last[1])
     done = state.count("SELECT coalesce(sum(imported + duplicates), 0) FROM files")
     report("inserting", done, total, "")
-    chunks = 0
-    while page := state.time_page(after, options.chunk_rows):
-        if max_chunks is not None and chunks == max_chunks:
-            return False
-        chunks += 1
-        end_key = (int(page[-1][0]), str(page[-1][1]))
-        counts: dict[int, list[int]] = {}
-        # id -> (file, line, row as inserted)
-        candidates: dict[str, tuple[int, int, bytes]] = {}
-        projects: set[str] = set()
-        for _ms, event_id, file, line, project, dup, own, dur, sess, row in page:
-            per_file = counts.setdefault(file, [0, 0])
-            if dup or event_id in candidates:
-                per_file[1] += 1
-                continue
-            candidates[event_id] = (file, line, finish_row(row, own, dur, sess))
-            projects.add(project)
-        ids = list(candidates)
-        existing = state.chunk_intent(idx)
-        refused: dict[str, str] = {}
-        with _Opened(connect) as sink:
-            # Seconds around the chunk's created_at range: a server whose created_at
-            # is a DateTime (to the second) takes these bounds too.
-            first, end = _second_text(page[0][0]), _second_text(end_key[0] + 1000)
-            present = existing_ids(sink, ids, projects, first, end) if ids else set()
-            if existing is None:
-                existing = present
-                state.record_intent(idx, existing)
-            todo = [i for i in ids if i not in present]
-            if todo:
-                _write_isolating(sink, [(i, candidates[i][2]) for i in todo], refused)
-        rejects: list[tuple[int, int, str, str, str]] = []
-        for event_id, (file, line, row) in candidates.items():
-            if event_id in refused:
-                reason = f"{REASON_REFUSED}: {refused[event_id]}"
-                rejects.append((file, line, "$", reason, _clip(row)))
-            else:
-                counts[file][1 if event_id in existing else 0] += 1
-        state.chunk_done(idx, end_key, {f: (c[0], c[1]) for f, c in counts.items()}, rejects)
+    page = state.time_page(after, options.chunk_rows)
+    while page:
+        more = -(-(total - done - len(page)) // options.chunk_rows)
+        following = _insert_chunk(state, writer, idx, page, options.chunk_rows, more)
         done += len(page)
         report("inserting", done, total, "")
         idx += 1
-        after = end_key
-    return True
+        page = following
+
+
+def _insert_chunk(
+    state: ImportState,
+    writer: Writer,
+    idx: int,
+    page: list[tuple[Any, ...]],
+    chunk_rows: int,
+    more: int,
+) -> list[tuple[Any, ...]]:
+    """Chunk `idx` (`page`, rows of `ordered`) into ClickHouse and committed; the next
+    chunk's rows, read while this one is inserted."""
+    end_key = int(page[-1][0])  # the chunk's last rowid in `ordered`
+    counts: dict[int, list[int]] = {}
+    # id -> (file, line, row as inserted)
+    candidates: dict[str, tuple[int, int, bytes]] = {}
+    projects: set[str] = set()
+    for _rowid, _ms, event_id, file, line, project, dup, row in page:
+        per_file = counts.setdefault(file, [0, 0])
+        if dup or event_id in candidates:
+            per_file[1] += 1
+            continue
+        candidates[event_id] = (file, line, row)
+        projects.add(project)
+    ids = list(candidates)
+    # Seconds around the chunk's created_at range: a server whose created_at
+    # is a DateTime (to the second) takes these bounds too.
+    chunk = Chunk(
+        ids,
+        [candidates[i][2] for i in ids],
+        sorted(projects),
+        _second_text(page[0][1]),
+        _second_text(page[-1][1] + 1000),
+    )
+    existing = state.chunk_intent(idx)
+
+    def record(present: set[str]) -> None:
+        nonlocal existing
+        if existing is None:
+            existing = present
+            state.record_intent(idx, existing)
+
+    following: list[tuple[Any, ...]] = []
+
+    def meanwhile() -> None:
+        following.extend(state.time_page(end_key, chunk_rows))
+
+    refused = writer.write(chunk, record, meanwhile, more)
+    assert existing is not None  # recorded before the insert
+    rejects: list[tuple[int, int, str, str, str]] = []
+    for event_id, (file, line, row) in candidates.items():
+        if event_id in refused:
+            reason = f"{REASON_REFUSED}: {refused[event_id]}"
+            rejects.append((file, line, "$", reason, _clip(row)))
+        else:
+            counts[file][1 if event_id in existing else 0] += 1
+    state.chunk_done(idx, end_key, {f: (c[0], c[1]) for f, c in counts.items()}, rejects)
+    return following
 
 
 def _second_text(ms: int) -> str:

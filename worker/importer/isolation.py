@@ -3,39 +3,44 @@
 chDB keeps memory for every session a process opens and closes (a few MB
 each: the README's "Running in production"), and an import opens it once per chunk (to
 check the chunk's ids and insert it), so that a flush worker can get in
-between chunks. With `isolate`, the insert pass runs in forked children that each
-insert up to `CHUNKS_PER_CHILD` chunks and exit: the importer never opens
-chDB itself, and what chDB keeps is given back with each child. (A process
-that has loaded chDB must not fork: the child hangs. The importer never
-loads it.) A child dies with the importer (PR_SET_PDEATHSIG), so a killed
-import leaves no writer behind; it works on the state with a SQLite
-connection of its own, and reports progress and its result over a pipe.
-The first child is forked as soon as the files are read (`Child` with
-`warm`): it loads chDB (a second or so) while the importer sorts the state
-and walks the durations, then waits to be told to insert; an import that
-stops before then closes its pipe and it exits, unstarted.
+between chunks. With `isolate`, only forked children ever load chDB (a
+process that has loaded chDB must not fork: the child hangs; the importer
+never loads it). The importer reads each chunk from its state and hands it
+to a child over a duplex channel; the child checks and inserts it and waits
+for the next one, and after `CHUNKS_PER_CHILD` chunks (worker/importer/
+inserting.py) it is let go and exits, giving back what chDB kept. Only the
+importer touches the state. A child is forked ahead of its turn (`Child`
+with `warm`): it loads chDB (a second or so) while the importer sorts the
+state and walks the durations, or while the child before it inserts. A
+child dies with the importer (PR_SET_PDEATHSIG), so a killed import leaves
+no writer behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
+import multiprocessing
 import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
+from multiprocessing.connection import Connection
+from typing import Any, NamedTuple, NoReturn
 
 from worker.errors import EventBufferError
 
 _PR_SET_PDEATHSIG = 1
 
-Progress = Callable[[str, int, int, str], None]
-
 
 class ChildFailed(EventBufferError):
     """The child process failed (its error, one line) or died."""
+
+
+class _Failure(NamedTuple):
+    """What a child sends instead of an answer when its work failed."""
+
+    text: str
 
 
 def die_with_parent() -> None:
@@ -44,70 +49,73 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def in_child(work: Callable[[Progress], Any], report: Progress) -> Any:
-    """`work(progress)` in a forked child, its progress passed on to `report` here;
-    its JSON-able result, or ChildFailed with its error."""
-    return Child(work).result(report)
-
-
 class Child:
     """A forked child that runs `warm()` at once (loading chDB, say, while this process
-    still has other work), then `work(progress)` when `result` tells it to go."""
+    still has other work), then `serve(channel)`: it answers what this process sends
+    over the duplex channel, until this process closes it (`close`)."""
 
     def __init__(
-        self, work: Callable[[Progress], Any], warm: Callable[[], Any] | None = None
+        self, serve: Callable[[Connection], None], warm: Callable[[], Any] | None = None
     ) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        go_read, go_write = os.pipe()
-        read_end, write_end = os.pipe()
+        mine, theirs = multiprocessing.Pipe()
         pid = os.fork()
         if pid == 0:  # the child: never returns
-            os.close(go_write)
-            os.close(read_end)
-            _child(work, warm, go_read, write_end)
-        os.close(go_read)
-        os.close(write_end)
+            mine.close()
+            # This process's ends of the other children's channels: a copy kept open here
+            # would hide from a child that this process let it go.
+            for other in list(_running):
+                other.channel.close()
+            _child(serve, warm, theirs)
+        theirs.close()
         self.pid = pid
-        self._go: int | None = go_write
-        self._messages: int | None = read_end
+        self.channel: Connection = mine
+        self.status: int | None = None
+        _running.add(self)
 
-    def result(self, report: Progress) -> Any:
-        """Let the child work; its result (progress passed on to `report`), or ChildFailed."""
-        assert self._go is not None and self._messages is not None
-        os.write(self._go, b"g")
-        os.close(self._go)
-        self._go = None
-        result: list[Any] | None = None
-        with os.fdopen(self._messages, "r") as messages:
-            self._messages = None
-            for line in messages:
-                message = json.loads(line)
-                if message[0] == "progress":
-                    report(*message[1:])
-                else:
-                    result = message
-        _, status = os.waitpid(self.pid, 0)
-        if result is None:
-            raise ChildFailed(f"the ClickHouse writer process ended without an answer ({status})")
-        if result[0] == "ok":
-            return result[1]
-        raise ChildFailed(result[1])
+    def send(self, message: Any) -> None:
+        try:
+            self.channel.send(message)
+        except OSError:  # the child is gone (a broken pipe)
+            raise self._died() from None
 
-    def cancel(self) -> None:
-        """The child is not needed (its work was never asked for): it ends, unstarted."""
-        if self._go is None:
+    def receive(self) -> Any:
+        """The child's next answer, or ChildFailed with its error."""
+        try:
+            answer = self.channel.recv()
+        except (EOFError, OSError):
+            raise self._died() from None
+        if isinstance(answer, _Failure):
+            self.close()
+            raise ChildFailed(answer.text)
+        return answer
+
+    def let_go(self) -> None:
+        """The child is not needed any more: it reads the end of the channel and exits
+        (a process that loaded chDB takes a moment to), while this one goes on."""
+        if not self.channel.closed:
+            self.channel.close()
+
+    def close(self) -> None:
+        """Let the child go and reap it."""
+        if self.status is not None:
             return
-        os.close(self._go)  # the child reads the end of the pipe, and exits
-        self._go = None
-        if self._messages is not None:
-            os.close(self._messages)
-            self._messages = None
-        os.waitpid(self.pid, 0)
+        self.let_go()
+        _, self.status = os.waitpid(self.pid, 0)
+        _running.discard(self)
+
+    def _died(self) -> ChildFailed:
+        self.close()
+        return ChildFailed(f"the ClickHouse writer process ended without an answer ({self.status})")
+
+
+# The children forked and not reaped yet.
+_running: set[Child] = set()
 
 
 def _child(
-    work: Callable[[Progress], Any], warm: Callable[[], Any] | None, go: int, write_end: int
+    serve: Callable[[Connection], None], warm: Callable[[], Any] | None, channel: Connection
 ) -> NoReturn:
     code = 0
     try:
@@ -115,19 +123,14 @@ def _child(
         if warm is not None:
             with contextlib.suppress(Exception):  # the work meets any failure again
                 warm()
-        if os.read(go, 1) != b"g":  # cancelled
-            os._exit(0)
-        out = os.fdopen(write_end, "w", buffering=1)
-
-        def progress(phase: str, done: int, total: int, name: str) -> None:
-            out.write(json.dumps(["progress", phase, done, total, name]) + "\n")
-
         try:
-            answer: list[Any] = ["ok", work(progress)]
+            serve(channel)
+        except EOFError:  # the importer closed the channel: nothing more to do
+            pass
         except BaseException as exc:
-            answer = ["error", f"{type(exc).__name__}: {exc}"]
-        out.write(json.dumps(answer) + "\n")
-        out.close()
+            code = 1
+            with contextlib.suppress(Exception):
+                channel.send(_Failure(f"{type(exc).__name__}: {exc}"))
     except BaseException:
         code = 1
     finally:

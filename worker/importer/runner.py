@@ -5,8 +5,10 @@
    appended to the state, bad ones recorded as rejects (file, line, reason),
    committed with the line reached. A re-run skips the lines already read.
 2. Durations (worker/importer/durations.py): once every file is read, the
-   state is sorted and each session walked in `created_at` order.
-3. Insert (worker/importer/inserting.py): rows in `created_at` order,
+   state is sorted and each session walked in `created_at` order. Then the
+   rows, as they are inserted (the durations applied), are sorted by
+   `created_at` into a table of their own, in one transaction.
+3. Insert (worker/importer/inserting.py): that table in order,
    `chunk_rows` at a time. For each
    chunk the importer asks ClickHouse which ids it already holds (counted as
    duplicates), records that answer, inserts the rest with a token derived
@@ -43,11 +45,12 @@ from typing import Any
 from worker.errors import EventBufferError
 from worker.importer.durations import compute_durations
 from worker.importer.import_state import REJECTS_FILE, SUMMARY_FILE, ImportState
-from worker.importer.inserting import insert, start_insert
-from worker.importer.isolation import Child, ChildFailed
+from worker.importer.inserting import Writer, insert, start_insert
+from worker.importer.isolation import ChildFailed
 from worker.importer.options import DEFAULT_CHUNK_ROWS, ImportOptions, Progress
 from worker.importer.readers import NEEDS_PROJECT, reader_for
 from worker.importer.reading import read_files
+from worker.importer.rows import finish_row
 from worker.settings import Settings
 from worker.sinks import Sink
 
@@ -208,12 +211,11 @@ def _run(
 
     read_files(state, options, settings, report)
     lap("reading")
-    first = start_insert(state, options, connect)
+    writer = start_insert(options, connect)
     try:
-        _passes(state, options, connect, report, lap, first)
+        _passes(state, options, report, lap, writer)
     finally:
-        if first is not None:
-            first.cancel()  # not needed, or done with
+        writer.close()  # with chDB: its child processes end
     summary = _summary(state, directory, resumed)
     _finish(state, directory, summary)
     lap("finishing")
@@ -224,10 +226,9 @@ def _run(
 def _passes(
     state: ImportState,
     options: ImportOptions,
-    connect: Callable[[], AbstractContextManager[Sink]],
     report: Progress,
     lap: Callable[[str], None],
-    first: Child | None,
+    writer: Writer,
 ) -> None:
     """Sorting, durations, inserting (the passes after reading)."""
     if state.get("sorted") is None:
@@ -249,11 +250,10 @@ def _passes(
     lap("durations")
     if state.get("time_sorted") is None:
         report("sorting by time", 0, 1, "")
-        state.sort_by_time()
-        state.put("time_sorted", "1")
+        state.sort_by_time(finish_row)
         report("sorting by time", 1, 1, "")
     lap("sorting by time")
-    insert(state, options, connect, report, first)
+    insert(state, options, writer, report)
     lap("inserting")
 
 
