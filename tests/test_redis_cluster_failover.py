@@ -113,13 +113,19 @@ class ForeignSender:
 
 
 def buffer_open(client: Client, keyspace: Keyspace) -> tuple[int, int]:
-    """(rows queued, claims open) over every shard."""
+    """(rows queued or held by the reorder window, claims open) over every shard.
+
+    Held events count as queued: between the flush that empties a queue and the one
+    that releases the last events held (a window later), the queue is empty while
+    they still wait, and stopping the workers then would leave them unflushed."""
     pipe = client.pipeline(transaction=False)
     for shard in keyspace.all():
         pipe.llen(shard.queue)
+        pipe.zcard(shard.held_due)
         pipe.exists(shard.claim)
     replies = pipe.execute()
-    return sum(int(n) for n in replies[::2]), sum(int(n) for n in replies[1::2])
+    queued = sum(int(n) for n in replies[0::3]) + sum(int(n) for n in replies[1::3])
+    return queued, sum(int(n) for n in replies[2::3])
 
 
 def cluster_down(cluster: LoopbackCluster) -> bool:
