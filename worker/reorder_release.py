@@ -336,9 +336,16 @@ class _Plan:
         view_created = 0
         view_own = b"0"
         if stored is not None:
-            view = stored_view.parse(stored)
-            view_created, view_head = view.created_ms, view.head
-            view_own = b"%d" % view.own_duration
+            # The current form, "<created>;<own>;<head>", split in one call (the first ";"
+            # within 24 bytes, no "|" before it: stored_view.parse's test); else parse.
+            parts = stored.split(b";", 2)
+            if len(parts) == 3 and 0 < len(parts[0]) < 24 and b"|" not in parts[0]:
+                view_created, view_head = int(parts[0]), parts[2]
+                view_own = b"%d" % int(parts[1])
+            else:
+                view = stored_view.parse(stored)
+                view_created, view_head = view.created_ms, view.head
+                view_own = b"%d" % view.own_duration
         view_changed = closed_changed = False
         frames = self.frames
         prefixes = _PREFIXES
