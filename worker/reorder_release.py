@@ -28,6 +28,7 @@ through release_held.lua, which does it all inside Redis.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any
@@ -214,6 +215,9 @@ class _Plan:
 
     def __init__(self, now_ms: int) -> None:
         self.now = now_ms
+        # now as a header's deadline is written (15 digits), to compare with them; before
+        # 1970 (never in use) one that no deadline is at or below
+        self.now_text = b"%015d" % now_ms if now_ms >= 0 else b""
         self.frames: list[Any] = []
         self.rows = 0
         self.late = 0
@@ -252,7 +256,7 @@ class _Plan:
             deadlines: list[int] | None = None  # read when not every record is due
             # Every record due: the greatest deadline, compared as its 15 characters (they
             # order as the numbers do, against a time not before 1970).
-            all_due = now >= 0 and max(map(_DEADLINE, headers), default=b"") <= b"%015d" % now
+            all_due = max(map(_DEADLINE, headers), default=b"") <= self.now_text
         else:
             events = held_events(pack)
             count = len(events)
@@ -274,39 +278,53 @@ class _Plan:
             created = [created[n] for n in order]
             if deadlines is not None:
                 deadlines = [deadlines[n] for n in order]
+        released = count
         times: list[int] = []  # the deadlines, read when not every record is due
-        if all_due:
-            released = count  # (the newest created among them is the cut)
-        else:
+        if not all_due:
             times = deadlines if deadlines is not None else [int(h[15:30]) for h in headers]
-            due = [c for c, deadline in zip(created, times, strict=True) if deadline <= now]
-            cut = max(due) if due else None
-            released = 0 if cut is None else sum(1 for c in created if c <= cut)
+            # The newest created among the records due is the cut: every record created no
+            # later goes, the first `released` in created order (by bisection when none is
+            # negative: then the headers' order is the numbers').
+            cut = max([c for c, deadline in zip(created, times, strict=True) if deadline <= now],
+                      default=None)  # fmt: skip
+            if cut is None:
+                released = 0
+            elif created[0] >= 0:
+                released = bisect_right(created, cut)
+            else:
+                released = sum(1 for c in created if c <= cut)
         if released == count:
             self.packs.append((session, key, size, size, b"", None))
         else:
-            if spans is None:
-                spans = []
-                at = 0
-                for n in range(count):
-                    stop = at + len(fields[4 * n]) + len(fields[4 * n + 1]) + \
-                        len(fields[4 * n + 2]) + len(fields[4 * n + 3]) + 4  # fmt: skip
-                    spans.append((at, stop))
-                    at = stop
-            if order is not None:
-                spans = [spans[n] for n in order]
-            released_end = max((stop for _, stop in spans[:released]), default=0)
-            kept_start = min(start for start, _ in spans[released:])
             next_deadline = min(times[released:])
-            if released_end <= kept_start:  # what stays is the pack's tail: Redis cuts it
+            if order is None and spans is None:
+                # Pack order is created order: what stays is the pack's tail, from the end
+                # of the released records' fields (each ended by FIELD_END).
+                kept_start = sum(map(len, fields[: 4 * released])) + 4 * released
                 self.packs.append((session, key, size, kept_start, b"", next_deadline))
             else:
-                kept = b"".join([pack[start:stop] for start, stop in spans[released:]])
-                self.packs.append((session, key, size, "", kept, next_deadline))
+                if spans is None:
+                    spans = []
+                    at = 0
+                    for n in range(count):
+                        stop = at + len(fields[4 * n]) + len(fields[4 * n + 1]) + \
+                            len(fields[4 * n + 2]) + len(fields[4 * n + 3]) + 4  # fmt: skip
+                        spans.append((at, stop))
+                        at = stop
+                if order is not None:
+                    spans = [spans[n] for n in order]
+                released_end = max((stop for _, stop in spans[:released]), default=0)
+                kept_start = min(start for start, _ in spans[released:])
+                if released_end <= kept_start:  # what stays is the pack's tail: Redis cuts it
+                    self.packs.append((session, key, size, kept_start, b"", next_deadline))
+                else:
+                    kept = b"".join([pack[start:stop] for start, stop in spans[released:]])
+                    self.packs.append((session, key, size, "", kept, next_deadline))
+            if not released:
+                return
+            del headers[released:], pfields[released:], owns[released:], heads[released:]
+            del created[released:]
         if released:
-            if released < count:
-                del headers[released:], pfields[released:], owns[released:], heads[released:]
-                del created[released:]
             self._rules(session, created, headers, pfields, owns, heads, closed, stored)
 
     def _rules(
@@ -318,9 +336,16 @@ class _Plan:
         view_created = 0
         view_own = b"0"
         if stored is not None:
-            view = stored_view.parse(stored)
-            view_created, view_head = view.created_ms, view.head
-            view_own = b"%d" % view.own_duration
+            # The current form, "<created>;<own>;<head>", split in one call (the first ";"
+            # within 24 bytes, no "|" before it: stored_view.parse's test); else parse.
+            parts = stored.split(b";", 2)
+            if len(parts) == 3 and 0 < len(parts[0]) < 24 and b"|" not in parts[0]:
+                view_created, view_head = int(parts[0]), parts[2]
+                view_own = b"%d" % int(parts[1])
+            else:
+                view = stored_view.parse(stored)
+                view_created, view_head = view.created_ms, view.head
+                view_own = b"%d" % view.own_duration
         view_changed = closed_changed = False
         frames = self.frames
         prefixes = _PREFIXES
