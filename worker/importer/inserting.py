@@ -58,10 +58,12 @@ Connect = Callable[[], AbstractContextManager[Sink]]
 
 class Chunk(NamedTuple):
     """What writing one chunk needs: the ids to insert unless ClickHouse has them, their
-    rows (in the same order), and where the check looks (projects, seconds)."""
+    rows (in the same order, joined by newlines: a stored row is one line of JSON), and
+    where the check looks (projects, seconds). One `bytes` of rows goes to a child
+    process as one copy, where a list of them costs a pickled object per row."""
 
     ids: list[str]
-    rows: list[bytes]
+    rows: bytes
     projects: list[str]
     first: str
     end: str
@@ -97,13 +99,15 @@ def write_chunk(
             else set()
         )
         record(present)
-        todo = [
-            (event_id, row)
-            for event_id, row in zip(chunk.ids, chunk.rows, strict=True)
-            if event_id not in present
-        ]
-        if todo:
-            _write_isolating(sink, todo, refused)
+        ids = chunk.ids
+        rows = chunk.rows.split(b"\n") if ids else []
+        if len(rows) != len(ids):
+            raise ValueError(f"a chunk of {len(ids)} ids came with {len(rows)} rows")
+        if present:
+            kept = [n for n, event_id in enumerate(ids) if event_id not in present]
+            ids, rows = [ids[n] for n in kept], [rows[n] for n in kept]
+        if ids:
+            _write_isolating(sink, ids, rows, refused)
     return refused
 
 
@@ -251,7 +255,7 @@ def _insert_chunk(
     # is a DateTime (to the second) takes these bounds too.
     chunk = Chunk(
         ids,
-        [candidates[i][2] for i in ids],
+        b"\n".join([candidates[i][2] for i in ids]),
         sorted(projects),
         _second_text(page[0][1]),
         _second_text(page[-1][1] + 1000),
@@ -292,20 +296,23 @@ def _clip(row: bytes) -> str:
     return text if len(text) <= RAW_CLIP else text[:RAW_CLIP] + "…"
 
 
-def _write_isolating(sink: Sink, rows: list[tuple[str, bytes]], refused: dict[str, str]) -> None:
-    """Insert (id, row) pairs; a part ClickHouse refuses for its data (RowRejectedError)
-    is halved until the refused row is alone, which goes into `refused` (id -> message)
-    while the rest is inserted, as the flush isolates a bad row. Each insert's token is
-    derived from its ids, so a re-run after a crash drives the same halves."""
+def _write_isolating(
+    sink: Sink, ids: list[str], rows: list[bytes], refused: dict[str, str]
+) -> None:
+    """Insert `rows` (of `ids`, in the same order); a part ClickHouse refuses for its data
+    (RowRejectedError) is halved until the refused row is alone, which goes into
+    `refused` (id -> message) while the rest is inserted, as the flush isolates a bad
+    row. Each insert's token is derived from its ids, so a re-run after a crash drives
+    the same halves."""
     try:
-        _write(sink, [row for _, row in rows], chunk_token(i for i, _ in rows))
+        _write(sink, rows, chunk_token(ids))
     except RowRejectedError as exc:
         if len(rows) == 1:
-            refused[rows[0][0]] = str(exc)
+            refused[ids[0]] = str(exc)
             return
         middle = len(rows) // 2
-        _write_isolating(sink, rows[:middle], refused)
-        _write_isolating(sink, rows[middle:], refused)
+        _write_isolating(sink, ids[:middle], rows[:middle], refused)
+        _write_isolating(sink, ids[middle:], rows[middle:], refused)
 
 
 class _Opened:
