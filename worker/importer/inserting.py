@@ -68,6 +68,7 @@ class Chunk(NamedTuple):
     projects: list[str]
     first: str
     end: str
+    token: str  # the insert's token when every id goes in (computed by the importer)
 
 
 class Writer(Protocol):
@@ -104,11 +105,12 @@ def write_chunk(
         rows = chunk.rows.split(b"\n") if ids else []
         if len(rows) != len(ids):
             raise ValueError(f"a chunk of {len(ids)} ids came with {len(rows)} rows")
+        token: str | None = chunk.token
         if present:
             kept = [n for n, event_id in enumerate(ids) if event_id not in present]
-            ids, rows = [ids[n] for n in kept], [rows[n] for n in kept]
+            ids, rows, token = [ids[n] for n in kept], [rows[n] for n in kept], None
         if ids:
-            _write_isolating(sink, ids, rows, refused)
+            _write_isolating(sink, ids, rows, refused, token)
     return refused
 
 
@@ -280,6 +282,7 @@ def _prepare(page: list[tuple[Any, ...]]) -> _Prepared:
         sorted(projects),
         _second_text(page[0][1]),
         _second_text(page[-1][1] + 1000),
+        chunk_token(ids),
     )
     return _Prepared(chunk, len(page), int(page[-1][0]), files, lines, rows, repeats)
 
@@ -341,15 +344,19 @@ def _clip(row: bytes) -> str:
 
 
 def _write_isolating(
-    sink: Sink, ids: list[str], rows: list[bytes], refused: dict[str, str]
+    sink: Sink,
+    ids: list[str],
+    rows: list[bytes],
+    refused: dict[str, str],
+    token: str | None = None,
 ) -> None:
     """Insert `rows` (of `ids`, in the same order); a part ClickHouse refuses for its data
     (RowRejectedError) is halved until the refused row is alone, which goes into
     `refused` (id -> message) while the rest is inserted, as the flush isolates a bad
     row. Each insert's token is derived from its ids, so a re-run after a crash drives
-    the same halves."""
+    the same halves. `token`: `chunk_token(ids)`, when the caller has it already."""
     try:
-        _write(sink, rows, chunk_token(ids))
+        _write(sink, rows, token or chunk_token(ids))
     except RowRejectedError as exc:
         if len(rows) == 1:
             refused[ids[0]] = str(exc)
