@@ -29,7 +29,8 @@ from __future__ import annotations
 import importlib
 import json
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
@@ -58,13 +59,16 @@ Connect = Callable[[], AbstractContextManager[Sink]]
 
 class Chunk(NamedTuple):
     """What writing one chunk needs: the ids to insert unless ClickHouse has them, their
-    rows (in the same order), and where the check looks (projects, seconds)."""
+    rows (in the same order, joined by newlines: a stored row is one line of JSON), and
+    where the check looks (projects, seconds). One `bytes` of rows goes to a child
+    process as one copy, where a list of them costs a pickled object per row."""
 
     ids: list[str]
-    rows: list[bytes]
+    rows: bytes
     projects: list[str]
     first: str
     end: str
+    token: str  # the insert's token when every id goes in (computed by the importer)
 
 
 class Writer(Protocol):
@@ -97,13 +101,16 @@ def write_chunk(
             else set()
         )
         record(present)
-        todo = [
-            (event_id, row)
-            for event_id, row in zip(chunk.ids, chunk.rows, strict=True)
-            if event_id not in present
-        ]
-        if todo:
-            _write_isolating(sink, todo, refused)
+        ids = chunk.ids
+        rows = chunk.rows.split(b"\n") if ids else []
+        if len(rows) != len(ids):
+            raise ValueError(f"a chunk of {len(ids)} ids came with {len(rows)} rows")
+        token: str | None = chunk.token
+        if present:
+            kept = [n for n, event_id in enumerate(ids) if event_id not in present]
+            ids, rows, token = [ids[n] for n in kept], [rows[n] for n in kept], None
+        if ids:
+            _write_isolating(sink, ids, rows, refused, token)
     return refused
 
 
@@ -215,47 +222,81 @@ def insert(state: ImportState, options: ImportOptions, writer: Writer, report: P
     done = state.count("SELECT coalesce(sum(imported + duplicates), 0) FROM files")
     report("inserting", done, total, "")
     page = state.time_page(after, options.chunk_rows)
-    while page:
-        more = -(-(total - done - len(page)) // options.chunk_rows)
-        following = _insert_chunk(state, writer, idx, page, options.chunk_rows, more)
-        done += len(page)
+    prepared = _prepare(page) if page else None
+    while prepared is not None:
+        more = -(-(total - done - prepared.size) // options.chunk_rows)
+        following = _insert_chunk(state, writer, idx, prepared, options.chunk_rows, more)
+        done += prepared.size
         report("inserting", done, total, "")
         idx += 1
-        page = following
+        prepared = following
+
+
+class _Prepared(NamedTuple):
+    """A page of `ordered` made ready to write: its chunk (each event once: not a row the
+    durations pass marked a repeat, nor a second row of one id), and for each of the
+    chunk's ids its file, line and row; per file, the page's rows not in the chunk."""
+
+    chunk: Chunk
+    size: int  # rows of the page
+    end_key: int  # the page's last rowid in `ordered`
+    files: Sequence[int]
+    lines: Sequence[int]
+    rows: Sequence[bytes]
+    repeats: Counter[int]
+
+
+def _prepare(page: list[tuple[Any, ...]]) -> _Prepared:
+    """The chunk of `page` (rows of `ordered`), column by column: the common page (no
+    repeats) takes no Python step per row."""
+    _rowids, _ms, page_ids, page_files, page_lines, page_projects, dups, page_rows = zip(
+        *page, strict=True
+    )
+    repeats: Counter[int] = Counter()
+    files: Sequence[int]
+    lines: Sequence[int]
+    rows: Sequence[bytes]
+    if not any(dups) and len(set(page_ids)) == len(page_ids):
+        ids = list(page_ids)
+        files, lines, rows, projects = page_files, page_lines, page_rows, set(page_projects)
+    else:
+        seen: set[str] = set()
+        kept: list[int] = []
+        for n, (event_id, dup) in enumerate(zip(page_ids, dups, strict=True)):
+            if dup or event_id in seen:
+                continue
+            seen.add(event_id)
+            kept.append(n)
+        ids = [page_ids[n] for n in kept]
+        files = [page_files[n] for n in kept]
+        lines = [page_lines[n] for n in kept]
+        rows = [page_rows[n] for n in kept]
+        projects = {page_projects[n] for n in kept}
+        repeats.update(page_files)
+        repeats.subtract(files)
+    # Seconds around the chunk's created_at range: a server whose created_at
+    # is a DateTime (to the second) takes these bounds too.
+    chunk = Chunk(
+        ids,
+        b"\n".join(rows),
+        sorted(projects),
+        _second_text(page[0][1]),
+        _second_text(page[-1][1] + 1000),
+        chunk_token(ids),
+    )
+    return _Prepared(chunk, len(page), int(page[-1][0]), files, lines, rows, repeats)
 
 
 def _insert_chunk(
     state: ImportState,
     writer: Writer,
     idx: int,
-    page: list[tuple[Any, ...]],
+    prepared: _Prepared,
     chunk_rows: int,
     more: int,
-) -> list[tuple[Any, ...]]:
-    """Chunk `idx` (`page`, rows of `ordered`) into ClickHouse and committed; the next
-    chunk's rows, read while this one is inserted."""
-    end_key = int(page[-1][0])  # the chunk's last rowid in `ordered`
-    counts: dict[int, list[int]] = {}
-    # id -> (file, line, row as inserted)
-    candidates: dict[str, tuple[int, int, bytes]] = {}
-    projects: set[str] = set()
-    for _rowid, _ms, event_id, file, line, project, dup, row in page:
-        per_file = counts.setdefault(file, [0, 0])
-        if dup or event_id in candidates:
-            per_file[1] += 1
-            continue
-        candidates[event_id] = (file, line, row)
-        projects.add(project)
-    ids = list(candidates)
-    # Seconds around the chunk's created_at range: a server whose created_at
-    # is a DateTime (to the second) takes these bounds too.
-    chunk = Chunk(
-        ids,
-        [candidates[i][2] for i in ids],
-        sorted(projects),
-        _second_text(page[0][1]),
-        _second_text(page[-1][1] + 1000),
-    )
+) -> _Prepared | None:
+    """Chunk `idx` (`prepared`) into ClickHouse and committed; the next chunk, read from
+    the state and prepared while this one is inserted (None after the last)."""
     existing = state.chunk_intent(idx)
 
     def record(present: set[str]) -> None:
@@ -264,22 +305,32 @@ def _insert_chunk(
             existing = present
             state.record_intent(idx, existing)
 
-    following: list[tuple[Any, ...]] = []
+    following: list[_Prepared] = []
 
     def meanwhile() -> None:
-        following.extend(state.time_page(end_key, chunk_rows))
+        page = state.time_page(prepared.end_key, chunk_rows)
+        if page:
+            following.append(_prepare(page))
 
-    refused = writer.write(chunk, record, meanwhile, more)
+    refused = writer.write(prepared.chunk, record, meanwhile, more)
     assert existing is not None  # recorded before the insert
+    # Per file: [imported, duplicates (in ClickHouse already, or repeats)].
+    counts = {file: [0, repeats] for file, repeats in prepared.repeats.items()}
     rejects: list[tuple[int, int, str, str, str]] = []
-    for event_id, (file, line, row) in candidates.items():
-        if event_id in refused:
-            reason = f"{REASON_REFUSED}: {refused[event_id]}"
-            rejects.append((file, line, "$", reason, _clip(row)))
-        else:
-            counts[file][1 if event_id in existing else 0] += 1
-    state.chunk_done(idx, end_key, {f: (c[0], c[1]) for f, c in counts.items()}, rejects)
-    return following
+    if not refused and not existing:
+        for file, imported in Counter(prepared.files).items():
+            counts.setdefault(file, [0, 0])[0] += imported
+    else:
+        for n, event_id in enumerate(prepared.chunk.ids):
+            file = prepared.files[n]
+            per_file = counts.setdefault(file, [0, 0])
+            if event_id in refused:
+                reason = f"{REASON_REFUSED}: {refused[event_id]}"
+                rejects.append((file, prepared.lines[n], "$", reason, _clip(prepared.rows[n])))
+            else:
+                per_file[1 if event_id in existing else 0] += 1
+    state.chunk_done(idx, prepared.end_key, {f: (c[0], c[1]) for f, c in counts.items()}, rejects)
+    return following[0] if following else None
 
 
 def _second_text(ms: int) -> str:
@@ -292,20 +343,27 @@ def _clip(row: bytes) -> str:
     return text if len(text) <= RAW_CLIP else text[:RAW_CLIP] + "…"
 
 
-def _write_isolating(sink: Sink, rows: list[tuple[str, bytes]], refused: dict[str, str]) -> None:
-    """Insert (id, row) pairs; a part ClickHouse refuses for its data (RowRejectedError)
-    is halved until the refused row is alone, which goes into `refused` (id -> message)
-    while the rest is inserted, as the flush isolates a bad row. Each insert's token is
-    derived from its ids, so a re-run after a crash drives the same halves."""
+def _write_isolating(
+    sink: Sink,
+    ids: list[str],
+    rows: list[bytes],
+    refused: dict[str, str],
+    token: str | None = None,
+) -> None:
+    """Insert `rows` (of `ids`, in the same order); a part ClickHouse refuses for its data
+    (RowRejectedError) is halved until the refused row is alone, which goes into
+    `refused` (id -> message) while the rest is inserted, as the flush isolates a bad
+    row. Each insert's token is derived from its ids, so a re-run after a crash drives
+    the same halves. `token`: `chunk_token(ids)`, when the caller has it already."""
     try:
-        _write(sink, [row for _, row in rows], chunk_token(i for i, _ in rows))
+        _write(sink, rows, token or chunk_token(ids))
     except RowRejectedError as exc:
         if len(rows) == 1:
-            refused[rows[0][0]] = str(exc)
+            refused[ids[0]] = str(exc)
             return
         middle = len(rows) // 2
-        _write_isolating(sink, rows[:middle], refused)
-        _write_isolating(sink, rows[middle:], refused)
+        _write_isolating(sink, ids[:middle], rows[:middle], refused)
+        _write_isolating(sink, ids[middle:], rows[middle:], refused)
 
 
 class _Opened:

@@ -73,7 +73,6 @@ def existing_ids(
 
 def chunk_token(ids: Iterable[str]) -> str:
     """The dedup token of an insert: derived from the ids it inserts (order-free)."""
-    digest = hashlib.sha256()
-    for event_id in sorted(ids):
-        digest.update(event_id.encode("ascii"))
+    # One update of the ids joined: the same digest as an update per id, in one call.
+    digest = hashlib.sha256("".join(sorted(ids)).encode("ascii"))
     return f"import:{digest.hexdigest()[:48]}"
