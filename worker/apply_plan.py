@@ -71,66 +71,74 @@ def plan_shard(
         return _plan_held(shard, marker, events, rows, hold_until)
     writes = ShardWrites(shard, marker)
     queue = writes.queue_rows
+    resolve = writes.resolve
     # session id -> its pending view in this batch (created, own duration, head), or None
     pending: dict[str, tuple[int, int, bytes] | None] = {}
-    profiles: dict[str, bytes | None] = {}
+    # profile field -> its last view in this batch (encoded at the end), or None
+    profiles: dict[str, tuple[int, int, bytes] | None] = {}
     visitors: dict[str, dict[str, None]] = {}
+    fields: dict[tuple[str, str], str] = {}  # (project, profile) -> its profile field
+    profile_field = shard.profile_field
     with_duration = stored_view.with_duration
     views = ends = 0
+    # Row.kind and the visitors' set inlined: this loop runs for every event of the batch.
     for event, row in zip(events, rows, strict=True):
         profile_id = event.profile_id
         if profile_id:
-            _add_visitor(visitors, event.project_id, profile_id)
-        kind = event.kind
-        if kind == KIND_REGULAR:
+            members = visitors.get(event.project_id)
+            if members is None:
+                visitors[event.project_id] = {profile_id: None}
+            else:
+                members[profile_id] = None
+        session = event.session_id
+        if not session:
             queue.append(row)
             continue
-        session = event.session_id
-        first = session not in pending
-        previous = None if first else pending[session]
-        if kind == KIND_SCREEN_VIEW:
+        name = event.name
+        if name == "screen_view":
             views += 1
             created = event.created_ms
-            if first:
-                writes.resolve.append((session, str(created)))
-            elif previous is not None:
-                queue.append(with_duration(previous[2], max(0, created - previous[0])))
+            if session not in pending:
+                resolve.append((session, str(created)))
+            else:
+                previous = pending[session]
+                if previous is not None:
+                    queue.append(with_duration(previous[2], max(0, created - previous[0])))
             own = event.duration
             view = (created, own, row[:-1] if own == 0 else stored_view.head_of(event, row))
             pending[session] = view
-            if profile_id:
-                profiles[shard.profile_field(event.project_id, profile_id)] = stored_view.encode(
-                    *view
-                )
-        else:  # session_end
+        elif name == "session_end":
             ends += 1
-            if first:
-                writes.resolve.append((session, ""))
-            elif previous is not None:
-                queue.append(stored_view.as_is(previous[2], previous[1]))
-            pending[session] = None
+            if session not in pending:
+                resolve.append((session, ""))
+            else:
+                previous = pending[session]
+                if previous is not None:
+                    queue.append(stored_view.as_is(previous[2], previous[1]))
+            pending[session] = view = None
             queue.append(row)
-            if profile_id:
-                profiles[shard.profile_field(event.project_id, profile_id)] = None
+        else:
+            queue.append(row)
+            continue
+        if profile_id:
+            pair = (event.project_id, profile_id)
+            pfield = fields.get(pair)
+            if pfield is None:
+                pfield = fields[pair] = profile_field(*pair)
+            profiles[pfield] = view
+    encode = stored_view.encode
     for session, pending_view in pending.items():
         if pending_view is None:
             writes.views_ended.append(session)
         else:
-            writes.views_set.append((session, stored_view.encode(*pending_view)))
+            writes.views_set.append((session, encode(*pending_view)))
     for profile, value in profiles.items():
         if value is None:
             writes.profiles_ended.add(profile)
         else:
-            writes.profiles_set[profile] = value
+            writes.profiles_set[profile] = encode(*value)
     _finish(writes, visitors, len(events), views, ends)
     return writes
-
-
-def _add_visitor(visitors: dict[str, dict[str, None]], project_id: str, profile_id: str) -> None:
-    members = visitors.get(project_id)
-    if members is None:
-        members = visitors[project_id] = {}
-    members[profile_id] = None
 
 
 def _finish(
@@ -160,7 +168,7 @@ def _plan_held(
     profile_field = shard.profile_field
     fields: dict[tuple[str, str], bytes] = {}  # (project, profile) -> its profile field
     views = ends = 0
-    # Row.kind and _add_visitor inlined: this loop runs for every event of the batch.
+    # Row.kind and the visitors' set inlined: this loop runs for every event of the batch.
     for n, (event, row) in enumerate(zip(events, rows, strict=True)):
         profile_id = event.profile_id
         if profile_id:
