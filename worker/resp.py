@@ -122,6 +122,9 @@ def read_replies(connection: Any, count: int) -> list[Any]:
                 connection.disconnect()
                 raise
             if reply is not _NOT_ENOUGH_DATA:
+                if type(reply) is bytes:  # the usual (+QUEUED): none of the cases below
+                    replies.append(reply)
+                    continue
                 if _PUSH is not None and isinstance(reply, _PUSH):
                     parser.handle_push_response(reply)  # RESP3: as read_response does
                     continue
