@@ -7,6 +7,7 @@ replies and the errors raised must be the same whichever reads them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -133,3 +134,51 @@ def test_an_append_framed_by_hand_is_redis_py_s(connection: Any, redis: redis_li
     send_commands(connection, [Framed.append(key, values), Framed.append(b"new", [b"x", b"y"])])
     assert read_replies(connection, 2) == [6 + len(b"".join(values)), 2]
     assert redis.get(key) == b"before" + b"".join(values) and redis.get(b"new") == b"xy"
+
+
+class _Sent:
+    """A connection that keeps what `send_commands` writes."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def send_packed_command(self, packed: list[bytes]) -> None:
+        self.written += packed
+
+
+def test_long_commands_are_framed_as_pack_command_frames_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Long commands are framed in Python: byte for byte what hiredis' pack_command makes,
+    for bytes, str (UTF-8), int (negative, big) and mixed; other types and strings UTF-8
+    cannot encode go to pack_command as ever (its errors too)."""
+    packed: list[tuple[Any, ...]] = []
+
+    def counted(command: tuple[Any, ...]) -> bytes:
+        packed.append(command)
+        return pack_command(command)
+
+    monkeypatch.setattr("worker.resp.pack_command", counted)
+    rows = [b'{"a":"\\u00e9\r\n"}' * n for n in range(12)] + [b""]
+    commands: list[tuple[Any, ...]] = [
+        ("RPUSH", "{p:0}:queue", *rows),
+        ("HSET", "{p:0}:v", *(x for n in range(20) for x in (f"sé:{n} %", b"%d;0;{" % n))),
+        ("ZADD", "k", "LT", *(x for n in range(20) for x in (-(10**n), b"m"))),
+        ("HSET", b"h", *("f", 0, "g", 2**70, b"x", "", "y", "z", "w", -1, "v", b"\x1f")),
+        ("ZADD", "k", *(x for n in range(10) for x in (n / 3, f"m{n}".encode()))),  # floats
+        ("EVAL", "return 1", 3, "a", "b", "c", "list", "hash", "zset"),  # ends with a str
+        ("SET", "k", b"v"),  # short
+    ]
+    for command in commands:
+        sent = _Sent()
+        send_commands(sent, [command, ("PING",), command])
+        ping = pack_command(("PING",))
+        assert sent.written == [pack_command(command) + ping + pack_command(command)]
+    # hiredis packed the short ones, those with a float, and those not ending with bytes
+    hiredis = ["ZADD", "PING", "ZADD", "EVAL", "PING", "EVAL", "SET", "PING", "SET"]
+    assert [c[0] for c in packed] == ["PING"] * 4 + hiredis
+    for bad in (("RPUSH", "q", "\ud800", *[b"x"] * 10), ("RPUSH", "q", True, *[b"x"] * 10)):
+        with pytest.raises(Exception) as expected:
+            pack_command(bad)
+        with pytest.raises(type(expected.value), match=re.escape(str(expected.value))):
+            send_commands(_Sent(), [bad])

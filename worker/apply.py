@@ -56,7 +56,8 @@ def content_digest(parts: Sequence[bytes]) -> str:
     time on a batch of 500 rows), cut to 128 bits: a batch id is reused by
     mistake, not forged (whoever can send tasks can send any batch anyway).
     """
-    digest = hashlib.sha1(b",".join(b"%d" % len(part) for part in parts), usedforsecurity=False)
+    lengths = (b"%d," * len(parts) % tuple(map(len, parts)))[:-1]  # b",".join of b"%d"s
+    digest = hashlib.sha1(lengths, usedforsecurity=False)
     digest.update(b"\n")
     digest.update(b"".join(parts))
     return digest.hexdigest()[:32]
@@ -389,11 +390,13 @@ class BatchWriter:
         if plan.profiles_ended:
             out.append(("HDEL", shard.profile_views, *plan.profiles_ended))
         if plan.held:
-            deadlines: list[Any] = []
             keys = plan.held_keys
-            for session, records in plan.held.items():
-                out.append(Framed.append(keys[session].encode(), records))
-                deadlines += (plan.hold_until, session)
+            append = Framed.append
+            out += [
+                append(keys[session].encode(), records) for session, records in plan.held.items()
+            ]
+            until = plan.hold_until
+            deadlines = [x for session in plan.held for x in (until, session)]
             out.append(("ZADD", shard.held_due, "LT", *deadlines))
         out.append(("SET", plan.marker, plan.digest or LEGACY_MARKER, "EX", self.marker_ttl_s))
         if plan.publish is not None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from worker import stored_view
 from worker.events import KIND_REGULAR, KIND_SCREEN_VIEW, KIND_SESSION_END, Row
-from worker.keys import ShardKeys
+from worker.keys import ShardKeys, escape
 from worker.reorder import batch_tag
 
 
@@ -71,66 +71,74 @@ def plan_shard(
         return _plan_held(shard, marker, events, rows, hold_until)
     writes = ShardWrites(shard, marker)
     queue = writes.queue_rows
+    resolve = writes.resolve
     # session id -> its pending view in this batch (created, own duration, head), or None
     pending: dict[str, tuple[int, int, bytes] | None] = {}
-    profiles: dict[str, bytes | None] = {}
+    # profile field -> its last view in this batch (encoded at the end), or None
+    profiles: dict[str, tuple[int, int, bytes] | None] = {}
     visitors: dict[str, dict[str, None]] = {}
+    fields: dict[tuple[str, str], str] = {}  # (project, profile) -> its profile field
+    profile_field = shard.profile_field
     with_duration = stored_view.with_duration
     views = ends = 0
+    # Row.kind and the visitors' set inlined: this loop runs for every event of the batch.
     for event, row in zip(events, rows, strict=True):
         profile_id = event.profile_id
         if profile_id:
-            _add_visitor(visitors, event.project_id, profile_id)
-        kind = event.kind
-        if kind == KIND_REGULAR:
+            members = visitors.get(event.project_id)
+            if members is None:
+                visitors[event.project_id] = {profile_id: None}
+            else:
+                members[profile_id] = None
+        session = event.session_id
+        if not session:
             queue.append(row)
             continue
-        session = event.session_id
-        first = session not in pending
-        previous = None if first else pending[session]
-        if kind == KIND_SCREEN_VIEW:
+        name = event.name
+        if name == "screen_view":
             views += 1
             created = event.created_ms
-            if first:
-                writes.resolve.append((session, str(created)))
-            elif previous is not None:
-                queue.append(with_duration(previous[2], max(0, created - previous[0])))
+            if session not in pending:
+                resolve.append((session, str(created)))
+            else:
+                previous = pending[session]
+                if previous is not None:
+                    queue.append(with_duration(previous[2], max(0, created - previous[0])))
             own = event.duration
             view = (created, own, row[:-1] if own == 0 else stored_view.head_of(event, row))
             pending[session] = view
-            if profile_id:
-                profiles[shard.profile_field(event.project_id, profile_id)] = stored_view.encode(
-                    *view
-                )
-        else:  # session_end
+        elif name == "session_end":
             ends += 1
-            if first:
-                writes.resolve.append((session, ""))
-            elif previous is not None:
-                queue.append(stored_view.as_is(previous[2], previous[1]))
-            pending[session] = None
+            if session not in pending:
+                resolve.append((session, ""))
+            else:
+                previous = pending[session]
+                if previous is not None:
+                    queue.append(stored_view.as_is(previous[2], previous[1]))
+            pending[session] = view = None
             queue.append(row)
-            if profile_id:
-                profiles[shard.profile_field(event.project_id, profile_id)] = None
+        else:
+            queue.append(row)
+            continue
+        if profile_id:
+            pair = (event.project_id, profile_id)
+            pfield = fields.get(pair)
+            if pfield is None:
+                pfield = fields[pair] = profile_field(*pair)
+            profiles[pfield] = view
+    encode = stored_view.encode
     for session, pending_view in pending.items():
         if pending_view is None:
             writes.views_ended.append(session)
         else:
-            writes.views_set.append((session, stored_view.encode(*pending_view)))
+            writes.views_set.append((session, encode(*pending_view)))
     for profile, value in profiles.items():
         if value is None:
             writes.profiles_ended.add(profile)
         else:
-            writes.profiles_set[profile] = value
+            writes.profiles_set[profile] = encode(*value)
     _finish(writes, visitors, len(events), views, ends)
     return writes
-
-
-def _add_visitor(visitors: dict[str, dict[str, None]], project_id: str, profile_id: str) -> None:
-    members = visitors.get(project_id)
-    if members is None:
-        members = visitors[project_id] = {}
-    members[profile_id] = None
 
 
 def _finish(
@@ -155,13 +163,19 @@ def _plan_held(
     # held_record's bytes (worker/held_pack.py), built here: what every record of the batch
     # shares after its created ms (deadline, the tag's batch part) is formatted once.
     batch = b"%015d%b" % (hold_until, batch_tag(marker).encode())
-    view_record = b"%%015d%b%%06dv\x1f%%b\x1f%%d\x1f%%b\x1f" % batch
-    end_record = b"%%015d%b%%06de\x1f%%b\x1f%%d\x1f%%b\x1f" % batch
+    # The event's number in the batch (%06d, mod 10**6) comes from a table, and an own
+    # duration of 0 (the usual) is written in the template: one number formatted per
+    # record (its created ms), not three.
+    view_record = b"%%015d%b%%bv\x1f%%b\x1f%%d\x1f%%b\x1f" % batch
+    end_record = b"%%015d%b%%be\x1f%%b\x1f%%d\x1f%%b\x1f" % batch
+    view_record_0 = b"%%015d%b%%bv\x1f%%b\x1f0\x1f%%b\x1f" % batch
+    end_record_0 = b"%%015d%b%%be\x1f%%b\x1f0\x1f%%b\x1f" % batch
     profile_field = shard.profile_field
     fields: dict[tuple[str, str], bytes] = {}  # (project, profile) -> its profile field
     views = ends = 0
-    # Row.kind and _add_visitor inlined: this loop runs for every event of the batch.
-    for n, (event, row) in enumerate(zip(events, rows, strict=True)):
+    numbers = _numbers(len(events))
+    # Row.kind and the visitors' set inlined: this loop runs for every event of the batch.
+    for number, (event, row) in zip(numbers, zip(events, rows, strict=True), strict=False):
         profile_id = event.profile_id
         if profile_id:
             members = visitors.get(event.project_id)
@@ -175,10 +189,10 @@ def _plan_held(
             continue
         name = event.name
         if name == "screen_view":
-            template = view_record
+            view = True
             views += 1
         elif name == "session_end":
-            template = end_record
+            view = False
             ends += 1
         else:
             queue.append(row)
@@ -191,18 +205,40 @@ def _plan_held(
         else:
             pfield = b""
         own = event.duration
-        record = template % (
-            event.created_ms,
-            n % 1_000_000,
-            pfield,
-            own,
-            row[:-1] if own == 0 else stored_view.head_of(event, row),
-        )
+        if own == 0:
+            record = (view_record_0 if view else end_record_0) % (
+                event.created_ms, number, pfield, row[:-1]
+            )  # fmt: skip
+        else:
+            record = (view_record if view else end_record) % (
+                event.created_ms, number, pfield, own, stored_view.head_of(event, row)
+            )  # fmt: skip
         records = held.get(session)
         if records is None:
             held[session] = [record]
         else:
             records.append(record)
-    writes.held_keys = {session: shard.held(session) for session in held}
+    held_key = shard.held("")  # the keys' common start (escape("") is "")
+    writes.held_keys = {session: held_key + escape(session) for session in held}
     _finish(writes, visitors, len(events), views, ends)
     return writes
+
+
+# b"%06d" of 0, 1, ...: the numbers of a batch's events in their held records (mod 10**6).
+# Replaced whole when it grows (never extended in place: threads may be reading it).
+_NUMBERS: list[bytes] = []
+_NUMBERS_KEPT = 100_000
+
+
+def _numbers(count: int) -> list[bytes]:
+    """At least `count` numbers (b"%06d" of n mod 10**6): kept for batches of up to
+    `_NUMBERS_KEPT` events, made for the batch above."""
+    global _NUMBERS
+    numbers = _NUMBERS
+    if count <= len(numbers):
+        return numbers
+    if count > _NUMBERS_KEPT:
+        return [b"%06d" % (n % 1_000_000) for n in range(count)]
+    numbers = [b"%06d" % n for n in range(max(count, 1_000))]
+    _NUMBERS = numbers
+    return numbers
