@@ -18,7 +18,7 @@ from tests.support.sinks import RecordingSink
 from worker.buffer import EventBuffer
 from worker.deadletters import REASON_INVALID_JSON, REASON_REJECTED, decode_dead_letter
 from worker.errors import FlushError
-from worker.events import Event, parse_event
+from worker.events import Event, encode_event, parse_event
 from worker.flusher import Flusher
 from worker.keys import CHANNEL_SAVED, ShardKeys
 from worker.lock import FlushLock
@@ -390,6 +390,79 @@ def test_chunks_go_in_the_statement_when_no_file_can_be_written(
     [result] = flusher_for(redis, settings, sink).process_buffer().shards
     assert result.rows == 3
     assert sink.query("SELECT count() FROM events") == [(3,)]
+
+
+def test_chunk_files_are_written_on_a_thread_while_other_chunks_are_inserted(
+    redis: redis_lib.Redis,
+    redis_url: str,
+    chdb_url: str,
+    sink: ChdbSink,
+    tmp_path: Any,
+    monkeypatch: Any,
+) -> None:
+    # Claims of 4 rows in chunks of 2, three claims: every chunk but the run's first is
+    # prepared (joined, written to its file) on the sink's thread, asked for before the
+    # INSERT of the chunk before it (by the read-ahead for the first chunk of a claim).
+    # Every row lands once; no file is left.
+    from worker.sinks import chdb as chdb_module
+
+    monkeypatch.setattr(chdb_module, "_chunk_dir", lambda: str(tmp_path))
+    settings = settings_with(
+        redis_url,
+        chdb_url,
+        EVENT_BUFFER_REORDER_WINDOW_MS="0",
+        EVENT_BUFFER_BATCH_SIZE="4",
+        EVENT_BUFFER_CHUNK_SIZE="2",
+        EVENT_BUFFER_MAX_BATCHES_PER_FLUSH="10",
+    )
+    prepared: dict[tuple[bytes, ...], str] = {}  # a chunk's rows -> the thread that wrote it
+    inserted: list[tuple[bytes, ...]] = []
+    real_prepare = chdb_module._prepare
+    real_run = sink._run
+
+    def prepare(rows: Any) -> Any:
+        prepared[tuple(sorted(rows))] = threading.current_thread().name
+        return real_prepare(rows)
+
+    def run(sql: str | bytes, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(sql, str) and sql.startswith("INSERT"):
+            path = sql.split("FROM INFILE '")[1].split("'")[0]
+            with open(path, "rb") as file:
+                inserted.append(tuple(sorted(file.read().split(b"\n"))))
+        return real_run(sql, *args, **kwargs)
+
+    monkeypatch.setattr(chdb_module, "_prepare", prepare)
+    monkeypatch.setattr(sink, "_run", run)
+    EventBuffer(redis, settings).apply(
+        [event("a", f"{DAY}T12:00:{n:02}Z", session_id=f"s{n}") for n in range(12)]
+    )
+    [result] = flusher_for(redis, settings, sink).process_buffer().shards
+    assert (result.rows, result.batches, result.chunk_rows) == (12, 3, [2] * 6)
+    assert sink.query("SELECT count(), uniqExact(id) FROM events") == [(12, 12)]
+    assert len(inserted) == 6 and len({row for rows in inserted for row in rows}) == 12
+    threads = [prepared[rows] for rows in inserted]
+    assert threads[0] == threading.current_thread().name
+    assert all(name.startswith("chdb-chunks") for name in threads[1:]), threads
+    assert not [path for path in tmp_path.iterdir() if path.name.endswith(".rows")]
+
+
+def test_a_prepared_chunk_is_inserted_only_for_the_very_rows_it_holds(
+    sink: ChdbSink, tmp_path: Any, monkeypatch: Any
+) -> None:
+    # The flush prepares a chunk before the fence runs; a chunk the fence shortened is
+    # written from its own rows, never from the file prepared for the whole chunk.
+    from worker.sinks import chdb as chdb_module
+
+    monkeypatch.setattr(chdb_module, "_chunk_dir", lambda: str(tmp_path))
+    rows = [encode_event(event("a", f"{DAY}T12:00:0{n}Z")) for n in range(3)]
+    sink.prepare(rows)
+    sink.write(rows[:2], "t:0")  # the fence dropped the last row
+    assert sink.query("SELECT count() FROM events") == [(2,)]
+    sink.write(list(rows), "t:1")  # the same row objects: the prepared file
+    assert sink.query("SELECT count() FROM events") == [(5,)]
+    sink.prepare(rows[:1])
+    sink.close()  # a prepared chunk never written: its file is removed
+    assert not [path for path in tmp_path.iterdir() if path.name.endswith(".rows")]
 
 
 def subprocess_pid_that_exited() -> int:

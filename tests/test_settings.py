@@ -13,7 +13,7 @@ def test_defaults_match_openpanel() -> None:
     s = Settings.from_env({})
     # The claim and chunk sizes are chosen from measurement (README, "The flush
     # against the best raw insert"), not OpenPanel's 4,000 x 1,000.
-    assert (s.batch_size, s.chunk_size) == (20_000, 10_000)
+    assert (s.batch_size, s.chunk_size) == (20_000, 20_000)
     assert (s.micro_batch_ms, s.micro_batch_size) == (10, 100)
     assert (s.publish_throttle_ms, s.lock_ttl_s, s.screen_view_ttl_s) == (1000, 15, 3600)
     assert (s.active_visitor_window_s, s.shards) == (300, 1)
@@ -142,8 +142,8 @@ def test_clickhouse_timeouts_bound_a_flush_and_its_task() -> None:
     s = Settings.from_env({})
     assert (s.clickhouse_connect_timeout_s, s.clickhouse_insert_timeout_s) == (10, 120)
     assert s.flush_stall_s == 180
-    # 2 chunks of 10,000 in a claim of 20,000, 1 batch, 1 shard: 2 INSERTs of up to 130 s.
-    assert s.flush_time_limit_s == (2 * 130 + 15, 2 * 130 + 15 + 30)
+    # 1 chunk of 20,000 in a claim of 20,000, 1 batch, 1 shard: 1 INSERT of up to 130 s.
+    assert s.flush_time_limit_s == (130 + 15, 130 + 15 + 30)
     wide = Settings.from_env(
         {
             "EVENT_BUFFER_SHARDS": "2",

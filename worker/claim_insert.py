@@ -76,6 +76,8 @@ class ClaimInsert:
     ) -> None:
         self.sink = sink
         self.write = write if write is not None else sink.write
+        # A sink that can prepare a chunk (ChdbSink: its file) while another is inserted.
+        self.prepare: Callable[[Sequence[bytes]], None] | None = getattr(sink, "prepare", None)
         self.claims = claims
         self.shard = shard
         self.claim_id = claim_id
@@ -90,8 +92,15 @@ class ClaimInsert:
         self.first_rejection: RowRejectedError | None = None
         self.fenced = 0  # rows the writer dropped (a forgotten person's) instead of inserting
 
-    def chunk(self, index: int, offsets: range) -> None:
-        """Insert chunk `index`, the rows at `offsets`."""
+    def chunk(self, index: int, offsets: range, following: range | None = None) -> None:
+        """Insert chunk `index`, the rows at `offsets`; the sink prepares the chunk
+        `following` (the rows of chunk `index + 1`) meanwhile, where it can."""
+        if (
+            following
+            and self.prepare is not None
+            and f"{self.claim_id}:{index + 1}" not in self.split  # not written whole
+        ):
+            self.prepare(self.rows[following.start : following.stop])
         self._write(offsets, f"{self.claim_id}:{index}")
 
     def _write(self, offsets: range, token: str) -> None:

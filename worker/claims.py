@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
@@ -353,10 +353,19 @@ class Claims:
 class ReadAhead:
     """One shard's read-ahead: at most one read in flight, on one thread."""
 
-    def __init__(self, claims: Claims, shard: ShardKeys, count: int) -> None:
+    def __init__(
+        self,
+        claims: Claims,
+        shard: ShardKeys,
+        count: int,
+        on_ordered: Callable[[Ordered], None] | None = None,
+    ) -> None:
+        """`on_ordered`: called on the thread with each read's rows in insert order (the
+        flusher has the sink prepare their first chunk)."""
         self._claims = claims
         self._shard = shard
         self._count = count
+        self._on_ordered = on_ordered
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"read-ahead-{shard.shard}")
         self._pending: Future[Decoded] | None = None
 
@@ -390,7 +399,13 @@ class ReadAhead:
         self.close()
 
     def _read(self, claim: Claim) -> Decoded:
-        return self._decoded(self._claims.read_ahead(self._shard, claim, self._count))
+        decoded = self._decoded(self._claims.read_ahead(self._shard, claim, self._count))
+        if self._on_ordered is not None and decoded.ordered.rows:
+            try:
+                self._on_ordered(decoded.ordered)
+            except Exception as exc:  # an optimisation too: the rows read stand
+                log.info("preparing ahead on shard %d failed: %s", self._shard.shard, exc)
+        return decoded
 
     @staticmethod
     def _decoded(rows: QueueRows) -> Decoded:

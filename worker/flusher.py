@@ -39,7 +39,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import msgspec
@@ -47,7 +47,7 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 
 from worker import metrics
 from worker.claim_insert import POISON_GUARD_MIN_ROWS, ClaimInsert, PoisonGuardError
-from worker.claims import SPLIT_FIELD, AckResult, Claims, ReadAhead, ordered_rows
+from worker.claims import SPLIT_FIELD, AckResult, Claims, Ordered, ReadAhead, ordered_rows
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.deadletters import (
     REASON_INVALID_JSON,
@@ -186,7 +186,9 @@ class Flusher:
             writer = self.sink_factory() if sink is None else sink
             try:
                 limit = max_batches or self.settings.max_batches_per_flush
-                with ReadAhead(self.claims, shard, self.settings.batch_size) as ahead:
+                with ReadAhead(
+                    self.claims, shard, self.settings.batch_size, self._first_chunk(writer)
+                ) as ahead:
                     # Between batches too: a long flush must not keep due events waiting.
                     while result.batches < limit and self._flush_one(
                         shard, lock, writer, result, ahead, read_next=result.batches + 1 < limit
@@ -215,6 +217,15 @@ class Flusher:
             result.seconds = time.perf_counter() - started
         self.redis.delete(shard.backoff, shard.failures)
         return result
+
+    def _first_chunk(self, sink: Sink) -> Callable[[Ordered], None] | None:
+        """For the read-ahead: the sink prepares the first chunk of the rows read ahead
+        (as a new claim of them cuts it) while the claim before them is inserted."""
+        prepare: Callable[[Sequence[bytes]], None] | None = getattr(sink, "prepare", None)
+        if prepare is None:
+            return None
+        size = self.settings.chunk_size
+        return lambda ordered: prepare(ordered.rows[:size])
 
     def _release(self, shard: ShardKeys, result: FlushResult) -> None:
         """Release the shard's held events that are due (worker/reorder.py), counted in
@@ -323,7 +334,9 @@ class Flusher:
             for index, start in enumerate(range(0, len(rows), size)):
                 lock.check()
                 offsets = range(start, min(start + size, len(rows)))
-                inserts.chunk(index, offsets)
+                # The sink prepares the next chunk while this one is inserted.
+                following = range(offsets.stop, min(offsets.stop + size, len(rows)))
+                inserts.chunk(index, offsets, following)
                 result.chunk_rows.append(len(offsets))
         finally:
             result.insert_seconds += time.perf_counter() - phase

@@ -266,7 +266,7 @@ class Settings:
     )
     chunk_size: int = _setting(
         "EVENT_BUFFER_CHUNK_SIZE",
-        10_000,
+        20_000,
         _int(1),
         "Rows per ClickHouse INSERT within a batch (each with its own dedup token).",
     )

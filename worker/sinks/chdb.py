@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import os
 import re
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from worker.errors import SettingsError
@@ -33,10 +36,14 @@ from worker.sinks.migrations import Report
 from worker.sinks.schema import COLUMNS, identifier
 
 _TOKEN = re.compile(r"^[A-Za-z0-9:._-]{1,200}$")
-# ClickHouse parses JSON in parallel only in segments of at least this many
-# bytes (`min_chunk_bytes_for_parallel_parsing`); below it the parallel
-# parser's threads are pure overhead for a small insert (see the README's flush benchmark).
-_PARALLEL_PARSING_MIN_BYTES = 10 * 1024 * 1024
+# ClickHouse parses JSON in parallel only in segments of at least 10 MiB
+# (`min_chunk_bytes_for_parallel_parsing`); below it the parallel parser's
+# threads are pure overhead for a small insert (see the README's flush
+# benchmark). A chunk of a few segments gains nothing either while the flush's
+# own threads (the read-ahead, the next chunk's file) share the cores: a flush
+# of 100,000 rows in chunks of 20,000 (~13 MB each) took 1.02-1.03 s without
+# it against 1.13-1.18 s with it (medians of 8 and 10 alternated runs, 2 cores).
+_PARALLEL_PARSING_MIN_BYTES = 32 * 1024 * 1024
 _PARAM_ESCAPES = str.maketrans(
     {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": "\\0", "\b": "\\b", "\f": "\\f"}
 )
@@ -106,6 +113,58 @@ def _remove(path: str) -> None:
 def _quoted(path: str) -> str:
     """`path` as a ClickHouse string literal."""
     return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# Chunks prepared ahead (`ChdbSink.prepare`) and not yet written, at most: the next chunk of
+# a claim, the first of the claim read ahead, and one to spare.
+_PREPARED_MAX = 3
+
+
+@dataclass
+class _Chunk:
+    """A chunk's rows ready for its INSERT: in a file, else (no file could be written) as
+    bytes for the statement; or why ClickHouse must not see them."""
+
+    path: str | None
+    data: bytes | None  # only when there is no file
+    parallel: int  # input_format_parallel_parsing for this chunk
+    not_utf8: UnicodeDecodeError | None = None  # the rows are not UTF-8: not inserted
+
+    def discard(self) -> None:
+        if self.path is not None:
+            _remove(self.path)
+            self.path = None
+
+
+def _prepare(rows: Sequence[bytes]) -> _Chunk:
+    """`rows` joined (one copy, as bytes) and written to a file for `FROM INFILE`."""
+    data = b"\n".join(rows)
+    size = len(data) - max(len(rows) - 1, 0)  # the rows' bytes, without the newlines
+    parallel = int(size >= _PARALLEL_PARSING_MIN_BYTES)
+    # ClickHouse stores a String's bytes as they come, so the rows are checked to be
+    # UTF-8 here (an ASCII chunk, the usual one, is at once).
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return _Chunk(None, None, parallel, exc)
+    path = _chunk_file(data)
+    return _Chunk(path, data if path is None else None, parallel)
+
+
+def _same_rows(a: Sequence[bytes], b: Sequence[bytes]) -> bool:
+    """The same row objects in the same order (so the same bytes in a chunk's file)."""
+    return a is b or (len(a) == len(b) and all(map(operator.is_, a, b)))
+
+
+def _discard_when_done(future: Future[_Chunk]) -> None:
+    """Remove the file of a prepared chunk that will not be written, once it exists."""
+
+    def done(finished: Future[_Chunk]) -> None:
+        if not finished.cancelled() and finished.exception() is None:
+            finished.result().discard()
+
+    future.add_done_callback(done)
 
 
 class _Handle:
@@ -217,6 +276,10 @@ class ChdbSink:
         self._quoted_table = identifier(table)
         self._handle = _handle_for(self.path)
         self._holding = False
+        # Chunks being prepared on a thread while another is inserted (`prepare`).
+        self._prepared: list[tuple[Sequence[bytes], Future[_Chunk]]] = []
+        self._prepared_lock = threading.Lock()
+        self._preparer: ThreadPoolExecutor | None = None
 
     def _session(self, readonly: bool = False) -> Any:
         handle = self._handle
@@ -251,43 +314,80 @@ class ChdbSink:
             except Exception as exc:
                 raise classify(str(exc)) from exc
 
+    def prepare(self, rows: Sequence[bytes]) -> None:
+        """`rows` will likely be written next: join them and write their file on a thread
+        now, while the engine inserts another chunk (chDB releases the GIL). The `write`
+        of the same row objects then only inserts. Nothing reaches the table here; a
+        prepared chunk never written is removed (by later preparations, at the latest
+        by `close`). Thread-safe: the flusher's read-ahead prepares the first chunk of
+        the next claim."""
+        if not rows:
+            return
+        with self._prepared_lock:
+            if self._preparer is None:
+                self._preparer = ThreadPoolExecutor(1, thread_name_prefix="chdb-chunks")
+            self._prepared.append((rows, self._preparer.submit(_prepare, rows)))
+            while len(self._prepared) > _PREPARED_MAX:
+                _discard_when_done(self._prepared.pop(0)[1])
+
+    def _take_prepared(self, rows: Sequence[bytes]) -> _Chunk | None:
+        """The chunk `prepare` made of these very rows, if any (waiting for it)."""
+        with self._prepared_lock:
+            for entry in self._prepared:
+                # The same row objects, in the same order: the same bytes in the file.
+                if _same_rows(entry[0], rows):
+                    self._prepared.remove(entry)
+                    future = entry[1]
+                    break
+            else:
+                return None
+        try:
+            return future.result()
+        except Exception:  # an optimisation only: the chunk is prepared again
+            return None
+
+    def _drop_prepared(self) -> None:
+        with self._prepared_lock:
+            prepared, self._prepared = self._prepared, []
+            preparer, self._preparer = self._preparer, None
+        for _, future in prepared:
+            _discard_when_done(future)
+        if preparer is not None:
+            preparer.shutdown(wait=True)
+
     def write(self, rows: Sequence[bytes], token: str) -> None:
         if not _TOKEN.match(token):
             raise PermanentSinkError(f"unsafe dedup token {token!r}")
-        size = sum(map(len, rows))
-        parallel = int(size >= _PARALLEL_PARSING_MIN_BYTES)
-        timeout = (
-            f", max_execution_time = {self.insert_timeout_s:g}"
-            if self.insert_timeout_s is not None
-            else ""
-        )
-        settings = (
-            f"SETTINGS insert_deduplication_token = '{token}', async_insert = 0, "
-            f"input_format_parallel_parsing = {parallel}{timeout} "
-            "FORMAT JSONEachRow"
-        )
-        # One join of the rows, as bytes. ClickHouse stores a String's bytes as they
-        # come, so the rows are checked to be UTF-8 here (an ASCII chunk, the usual
-        # one, is at once).
-        data = b"\n".join(rows)
-        if not data.isascii():
-            try:
-                data.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise RowRejectedError(f"row is not valid UTF-8: {exc}") from exc
-        # The rows reach chDB through a file (`FROM INFILE`), not inside the statement:
-        # chDB's Python binding scans a statement's whole text before running it, which
-        # for a chunk of 10,000 rows costs more than a third of the insert (see the
-        # README's flush benchmark). Where no temporary file can be written, the rows
-        # go in the statement as before.
-        path = _chunk_file(data)
-        if path is None:
-            self._run(b"\n".join([f"INSERT INTO {self._quoted_table} {settings}".encode(), data]))
-            return
+        chunk = self._take_prepared(rows) or _prepare(rows)
         try:
-            self._run(f"INSERT INTO {self._quoted_table} FROM INFILE {_quoted(path)} {settings}")
+            if chunk.not_utf8 is not None:
+                exc = chunk.not_utf8
+                raise RowRejectedError(f"row is not valid UTF-8: {exc}") from exc
+            timeout = (
+                f", max_execution_time = {self.insert_timeout_s:g}"
+                if self.insert_timeout_s is not None
+                else ""
+            )
+            settings = (
+                f"SETTINGS insert_deduplication_token = '{token}', async_insert = 0, "
+                f"input_format_parallel_parsing = {chunk.parallel}{timeout} "
+                "FORMAT JSONEachRow"
+            )
+            # The rows reach chDB through a file (`FROM INFILE`), not inside the
+            # statement: chDB's Python binding scans a statement's whole text before
+            # running it, which for a chunk of 10,000 rows costs more than a third of
+            # the insert (see the README's flush benchmark). Where no temporary file can
+            # be written, the rows go in the statement as before.
+            if chunk.path is None:
+                assert chunk.data is not None
+                statement = f"INSERT INTO {self._quoted_table} {settings}".encode()
+                self._run(b"\n".join([statement, chunk.data]))
+                return
+            self._run(
+                f"INSERT INTO {self._quoted_table} FROM INFILE {_quoted(chunk.path)} {settings}"
+            )
         finally:
-            _remove(path)
+            chunk.discard()
 
     def query(
         self, sql: str, params: dict[str, Any] | None = None, *, readonly: bool = False
@@ -343,6 +443,7 @@ class ChdbSink:
         )
 
     def close(self) -> None:
+        self._drop_prepared()
         handle = self._handle
         with handle.lock:
             if self._holding:

@@ -21,8 +21,9 @@ from typing import Any
 
 from worker.errors import IdentifierError
 
-# Blocks remembered for dedup. A block is one chunk (default 1000 rows), so
-# this covers the last ~10M rows: far more than can be in flight at once.
+# Blocks remembered for dedup. A block is one chunk (default 20,000 rows), so
+# this covers the last ~200M rows inserted at full chunks (a quiet tick's claim
+# smaller than a chunk is a block of its own): far more than can be in flight at once.
 # On a cluster a chunk becomes one block per shard and partition it touches.
 DEDUP_WINDOW = 10_000
 # How long a Replicated table keeps a block id, whatever the count (ClickHouse
