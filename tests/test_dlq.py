@@ -480,3 +480,26 @@ def test_a_big_replay_shows_progress_and_keeps_order(
     assert redis.llen(SHARD.dead) == 0
     queued = [msgspec.json.decode(r) for r in redis.lrange(SHARD.queue, 0, -1)]
     assert [q["created_at"][-3:] for q in queued] == [f"{n:03d}" for n in range(30)]
+
+
+def test_a_replayed_flush_row_is_queued_as_it_is_with_the_reorder_window(
+    run_main: Callable[..., Result],
+    redis: redis_lib.Redis,
+    settings: Settings,
+    sink: ChdbSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The default deployment holds views for the reorder window; a row the flush
+    # refused went through the rules already and must not be held, nor become its
+    # session's last view again (its duration recomputed).
+    monkeypatch.setenv("EVENT_BUFFER_REORDER_WINDOW_MS", "500")
+    row = parse_event(raw_event("screen_view", session_id="s2", duration=1500))
+    redis.rpush(SHARD.dead, hand_made(encode_event(row), source="flush"))
+    result = run_main("dlq", "replay", "--yes")
+    assert result.code == 0, result.err
+    assert "Replayed 1 dead letter(s)" in result.out
+    assert EventBuffer(redis, settings).get_buffer_size() == 1  # queued, not held
+    assert run_main("flush").code == 0
+    landed = clickhouse_rows(settings, "SELECT name, session_id, duration FROM events")
+    assert landed == [("screen_view", "s2", 1500)]
+    assert EventBuffer(redis, settings).get_last_screen_view(session_id="s2") is None

@@ -91,7 +91,7 @@ def plan_shard(
             else:
                 members[profile_id] = None
         session = event.session_id
-        if not session:
+        if not session or event.queued_as_is:  # no session, or through the rules already
             queue.append(row)
             continue
         name = event.name
@@ -184,7 +184,7 @@ def _plan_held(
             else:
                 members[profile_id] = None
         session = event.session_id
-        if not session:
+        if not session or event.queued_as_is:  # no session, or through the rules already
             queue.append(row)
             continue
         name = event.name

@@ -20,7 +20,7 @@ import hashlib
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -35,7 +35,7 @@ from worker.deadletters import (
     remove_dead_letters,
 )
 from worker.errors import InvalidEvent, TaskBodyError
-from worker.events import KIND_REGULAR, Limits, Row, encode_event, parse_event
+from worker.events import Limits, Row, encode_event, parse_event
 from worker.ingestion import ingest
 from worker.json_slices import JsonSliceError, split_array, split_object
 from worker.logs import one_line
@@ -50,9 +50,7 @@ class QueuedRow(Row):
     views that came after it.
     """
 
-    @property
-    def kind(self) -> str:
-        return KIND_REGULAR
+    queued_as_is: ClassVar[bool] = True
 
 
 @dataclass

@@ -14,7 +14,7 @@ order of its fields is free: a waiting view is stored without its duration
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 
@@ -75,10 +75,15 @@ class Row(msgspec.Struct, kw_only=True, omit_defaults=True):
     sdk_version: str = ""
     duration: int = 0
 
+    # True for a row that went through the buffer's rules already (a flush dead letter
+    # replayed: worker/replay.py's QueuedRow): queued as it is, whatever its name. The
+    # planning loops (worker/apply_plan.py) read this, not `kind`, per event.
+    queued_as_is: ClassVar[bool] = False
+
     @property
     def kind(self) -> str:
         """How the buffer treats this event: regular, screen_view or session_end."""
-        if self.session_id:
+        if self.session_id and not self.queued_as_is:
             if self.name == "screen_view":
                 return KIND_SCREEN_VIEW
             if self.name == "session_end":
