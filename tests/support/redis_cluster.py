@@ -76,6 +76,22 @@ class ClusterNodeServer(RedisServer):
         )  # fmt: skip
         self.port = free_node_port()
 
+    def first_start(self, attempts: int = 5) -> None:
+        """Start for the first time. A port pair found free can be taken before
+        redis-server binds it (an outgoing connection's port comes from the same
+        ephemeral range; a CI run saw a node exit with 1): then another pair is tried,
+        in a clean directory."""
+        for attempt in range(attempts):
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                exited = self.process is not None and self.process.poll() is not None
+                if not exited or attempt == attempts - 1:
+                    raise
+                shutil.rmtree(self.directory, ignore_errors=True)
+                self.port = free_node_port()
+
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
@@ -157,7 +173,7 @@ class LoopbackCluster:
 
     def start(self, timeout: float = 60.0) -> LoopbackCluster:
         for node in self.nodes:
-            node.start()
+            node.first_start()
         done = subprocess.run(
             ["redis-cli", "--cluster", "create", *(n.address for n in self.nodes),
              "--cluster-replicas", str(self.replicas), "--cluster-yes"],
