@@ -164,6 +164,8 @@ def test_a_cold_shutdown_loses_nothing(system: System) -> None:
 def test_a_worker_killed_for_good_has_its_tasks_run_by_another(system: System) -> None:
     doomed = system.worker("doomed", "-P", "prefork", "-c", "1")
     doomed.wait_for("ready.")
+    # The consumer registers on its first fetch or beat, which may come just after "ready.".
+    wait_until(lambda: len(system.consumers()) == 1, 10, "the worker to register as a consumer")
     [doomed_id] = system.consumers()
     system.pause_buffer(4000)
     system.send(8)
