@@ -28,7 +28,7 @@ through release_held.lua, which does it all inside Redis.
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any
@@ -252,11 +252,12 @@ class _Plan:
             pfields = fields[1::4]
             owns = fields[2::4]
             heads = fields[3::4]
-            created = [int(header[:15]) for header in headers]
+            created: list[int] = []  # read below, for the records that go (the fast path)
             deadlines: list[int] | None = None  # read when not every record is due
             # Every record due: the greatest deadline, compared as its 15 characters (they
             # order as the numbers do, against a time not before 1970).
-            all_due = max(map(_DEADLINE, headers), default=b"") <= self.now_text
+            dues = list(map(_DEADLINE, headers))
+            all_due = max(dues, default=b"") <= self.now_text
         else:
             events = held_events(pack)
             count = len(events)
@@ -270,6 +271,8 @@ class _Plan:
             spans = [(e.start, e.stop) for e in events]
         order: list[int] | None = None  # pack positions in created order, when not the same
         if count > 1 and headers != sorted(headers):
+            if spans is None:
+                created = [int(header[:15]) for header in headers]
             order = sorted(range(count), key=lambda n: headers[n][:44])
             headers = [headers[n] for n in order]
             pfields = [pfields[n] for n in order]
@@ -280,6 +283,32 @@ class _Plan:
                 deadlines = [deadlines[n] for n in order]
         released = count
         times: list[int] = []  # the deadlines, read when not every record is due
+        if not all_due and order is None and spans is None and len(self.now_text) == 15 \
+                and headers[0][:1] != b"-":  # fmt: skip
+            # Pack order is created order and no created ms is negative: the headers order
+            # as the numbers do, so the cut and what it releases are found on the headers'
+            # bytes, and only the released records' created ms are read as numbers (the
+            # general case below reads every record's created ms and deadline).
+            now_text = self.now_text
+            last_due = count - 1
+            while last_due >= 0 and dues[last_due] > now_text:
+                last_due -= 1
+            if last_due < 0:
+                return self._kept(session, key, size, 0, dues)
+            # Every record created no later than the newest due one (the last due, in
+            # created order): the headers before the cut's created ms followed by 0xff.
+            released = bisect_left(headers, headers[last_due][:15] + b"\xff", last_due + 1)
+            if released < count:
+                kept_start = sum(map(len, fields[: 4 * released])) + 4 * released
+                self._kept(session, key, size, kept_start, dues[released:])
+                del headers[released:], pfields[released:], owns[released:], heads[released:]
+            else:
+                self.packs.append((session, key, size, size, b"", None))
+            created = [int(header[:15]) for header in headers]
+            self._rules(session, created, headers, pfields, owns, heads, closed, stored)
+            return
+        if spans is None and order is None:
+            created = [int(header[:15]) for header in headers]
         if not all_due:
             times = deadlines if deadlines is not None else [int(h[15:30]) for h in headers]
             # The newest created among the records due is the cut: every record created no
@@ -326,6 +355,14 @@ class _Plan:
             del created[released:]
         if released:
             self._rules(session, created, headers, pfields, owns, heads, closed, stored)
+
+    def _kept(self, session: str, key: str, size: int, start: int, kept: list[bytes]) -> None:
+        """A pack whose records from `start` on stay (its tail, in created order; their
+        deadlines as written, `kept`): Redis cuts it, and the session is due at the
+        earliest of them."""
+        low = min(kept)
+        deadline = int(low) if low[:1] != b"-" else min(map(int, kept))
+        self.packs.append((session, key, size, start, b"", deadline))
 
     def _rules(
         self, session: str, created: list[int], headers: list[bytes], pfields: list[bytes],
@@ -439,6 +476,37 @@ class _Plan:
             return
         self.profiles[pfield] = (created, header, own, head)
 
+    def _rewrite(self, shard: ShardKeys) -> tuple[Any, ...] | Framed:
+        """The call of release_rewrite.lua for every pack read, its arguments framed here:
+        a session's five arguments in one formatting (six short arguments per session
+        cost several times as much framed one by one, by worker/resp.py or hiredis)."""
+        keys: list[bytes] = []
+        args: list[bytes] = []
+        try:
+            for session, key, size, start, kept, deadline in self.packs:
+                name = key.encode()
+                keys.append(b"$%d\r\n%b\r\n" % (len(name), name))
+                member = session.encode()
+                read = b"%d" % size
+                due = b"" if deadline is None else b"%d" % deadline
+                start_at = b"%d" % start if isinstance(start, int) else b""
+                args += (
+                    b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n"
+                    % (len(member), member, len(read), read, len(due), due, len(start_at),
+                       start_at, len(kept)),
+                    kept,
+                    b"\r\n",
+                )  # fmt: skip
+        except UnicodeEncodeError:  # a name hiredis frames its own way (or refuses)
+            plain: list[Any] = []
+            names: list[str] = []
+            for session, key, size, start, kept, deadline in self.packs:
+                names.append(key)
+                plain += (session, size, "" if deadline is None else deadline, start, kept)
+            return ("EVAL", _REWRITE, 1 + len(names), shard.held_due, *names, *plain)
+        count = len(self.packs)
+        return Framed(("EVAL", _REWRITE, 1 + count, shard.held_due), 6 * count, keys + args)
+
     def writes(
         self,
         shard: ShardKeys,
@@ -451,12 +519,7 @@ class _Plan:
             out.append(("HDEL", shard.closed, *forgotten))
             out.append(("ZREM", shard.closed_at, *forgotten))
         if self.packs:
-            args: list[Any] = []
-            keys: list[str] = []
-            for session, key, size, start, kept, deadline in self.packs:
-                keys.append(key)
-                args += (session, size, "" if deadline is None else deadline, start, kept)
-            out.append(("EVAL", _REWRITE, 1 + len(keys), shard.held_due, *keys, *args))
+            out.append(self._rewrite(shard))
         if self.rows:
             out.append(Framed(("RPUSH", shard.queue), self.rows, self.frames))
         if self.views_set:
