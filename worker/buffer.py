@@ -116,6 +116,7 @@ class EventBuffer:
         *,
         digest: str | None = None,
         keep_conflict: KeepConflict | None = None,
+        rows: list[bytes] | None = None,
     ) -> ApplyResult:
         """Apply validated events in order, atomically per shard.
 
@@ -132,13 +133,17 @@ class EventBuffer:
         and `keep_conflict` (given the shards that hold this very batch
         already, and the digest found) returns the dead letter to keep
         instead, stored once per batch id and digest; without it,
-        `BatchIdConflictError` is raised.
+        `BatchIdConflictError` is raised. `rows` are the events' rows
+        (`encode_event` of each, in order) when the caller has them already.
         """
         batch_id = batch_id or str(uuid.uuid4())
         result = ApplyResult(batch_id=batch_id, events=len(events), dead=len(dead_letters))
         if not events and not dead_letters:
             return result
-        rows = [encode_event(event) for event in events]
+        if rows is None:
+            rows = [encode_event(event) for event in events]
+        elif len(rows) != len(events):
+            raise ValueError(f"{len(rows)} rows for {len(events)} events")
         if digest is None:
             digest = content_digest([*rows, *(payload for _, payload in dead_letters)])
         result.digest = digest

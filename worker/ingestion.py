@@ -227,8 +227,9 @@ def ingest(
             claim=batch_id,
         )
         dead.append((header, raw))
-    items = items_of() if invalid else [None] * len(results)
-    digest = batch_digest(items, events, positions, invalid)
+    # Each valid event's row, encoded once: for the digest and for the apply.
+    rows: list[bytes] | None = [encode_event(event) for event in events]
+    digest = batch_digest(items_of() if invalid else [], events, positions, invalid, rows)
 
     def keep(applied: frozenset[int], stored: str) -> tuple[DeadLetter, bytes]:
         """The conflict's dead letter: the batch as sent; or, when an earlier delivery
@@ -260,11 +261,13 @@ def ingest(
         return header, raw
 
     # A forgotten person's events, created up to their request, are dropped (worker/privacy).
-    events, positions = drop_forgotten_events(
+    kept, positions = drop_forgotten_events(
         buffer.redis, buffer.keyspace, events, positions, buffer.clock
     )
+    if kept is not events:  # some were dropped: the apply encodes the rest's rows
+        events, rows = kept, None
     result = buffer.apply(
-        events, batch_id=batch_id, dead_letters=dead, digest=digest, keep_conflict=keep
+        events, batch_id=batch_id, dead_letters=dead, digest=digest, keep_conflict=keep, rows=rows
     )
     if result.conflict is not None:
         log.error(
@@ -331,7 +334,11 @@ def _json_bytes(value: Any) -> bytes:
 
 
 def batch_digest(
-    items: list[Any], events: list[Event], positions: list[int], invalid: list[int]
+    items: list[Any],
+    events: list[Event],
+    positions: list[int],
+    invalid: list[int],
+    rows: list[bytes] | None = None,
 ) -> str:
     """The digest of a batch's content, which its batch markers hold.
 
@@ -339,10 +346,16 @@ def batch_digest(
     the invalid items in a canonical form (keys sorted, compact), in the
     batch's order: a redelivery matches even when its body was re-encoded
     on the way (a Celery retry re-sends the arguments as Python's JSON).
+    `rows` are the events' rows when already encoded; `items` are read only
+    at the `invalid` positions.
     """
-    parts: list[bytes] = [b""] * len(items)
-    for n, event in zip(positions, events, strict=True):
-        parts[n] = encode_event(event)
+    if rows is None:
+        rows = [encode_event(event) for event in events]
+    if not invalid:  # every item is an event, in order: the parts are the rows
+        return content_digest(rows)
+    parts: list[bytes] = [b""] * (len(events) + len(invalid))
+    for n, row in zip(positions, rows, strict=True):
+        parts[n] = row
     for n in invalid:
         parts[n] = b"!" + _canonical(items[n])
     return content_digest(parts)
