@@ -371,7 +371,11 @@ class BatchWriter:
         for project, members in plan.visitors.items():
             key = shard.visitors(project)
             scored: list[Any] = []
-            for member in members:
+            # Greatest first: a small sorted set (a listpack) puts each member after the
+            # ones of equal score that sort before it, walking from its start; in this
+            # order the walk stops where the batch's members begin, not inside them.
+            # The set written is the same in any order (one score for all, no repeats).
+            for member in sorted(members, reverse=True):
                 scored += (now_ms, member)
             out.append(("ZADD", key, *scored))
             out.append(("EXPIRE", key, self.visitors_ttl_s))
