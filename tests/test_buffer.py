@@ -12,7 +12,7 @@ from tests.support.dates import DAY
 from worker.buffer import EventBuffer
 from worker.events import Event, as_row, parse_event
 from worker.keys import CHANNEL_RECEIVED, ShardKeys
-from worker.reorder import release_due
+from worker.reorder import held_packs, release_due
 from worker.settings import Settings
 
 T0 = f"{DAY}T12:00:00.000Z"
@@ -260,3 +260,29 @@ def test_a_key_of_the_wrong_type_fails_the_whole_batch_before_any_write(
     with pytest.raises(BufferKeyTypeError, match="queue"):
         buffer.apply([event("custom")], batch_id="b-2")
     assert redis.get(shard.queue) == b"x" and not redis.exists(shard.batch("b-2"))
+
+
+def test_a_held_pack_of_the_wrong_type_fails_the_whole_batch_before_any_write(
+    redis: redis_lib.Redis, redis_url: str
+) -> None:
+    # With the reorder window, each session whose events are held has a pack (a string,
+    # appended to): one of another type fails the batch, whichever session's it is.
+    import pytest
+
+    from worker.errors import BufferKeyTypeError
+
+    settings = Settings.from_env({"REDIS_URL": redis_url})
+    buffer = EventBuffer(redis, settings, ManualClock())
+    shard = ShardKeys("eventbuffer", 0)
+    buffer.apply([view("s1", T0, "u1")], batch_id="b-0")  # s1's pack: a string, appended to
+    redis.rpush(shard.held("s3"), "not a pack")
+    before = {key: redis.dump(key) for key in redis.keys("*")}
+    batch = [event("custom"), view("s1", T0, "u1"), view("s2", T0), view("s3", T0), view("s4", T0)]
+    with pytest.raises(BufferKeyTypeError) as raised:
+        buffer.apply(batch, batch_id="b-1")
+    assert raised.value.key == shard.held("s3")
+    assert {key: redis.dump(key) for key in redis.keys("*")} == before
+
+    redis.delete(shard.held("s3"))  # fixed: the same batch now applies whole
+    assert buffer.apply(batch, batch_id="b-1").appended == 1
+    assert set(held_packs(redis, shard)) == {"s1", "s2", "s3", "s4"}

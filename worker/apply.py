@@ -238,24 +238,23 @@ class BatchWriter:
     ) -> Conflict | None:
         # 1. Watch the markers (and the conflict key); read them and the types of the keys
         #    the plans write. The first group holds the first plan (first-seen order).
-        typed = [[key for plan in group.plans for key in _typed_keys(plan)] for group in groups]
+        typed = [_TypedKeys(group.plans) for group in groups]
         for n, (group, keys) in enumerate(zip(groups, typed, strict=True)):
             plans = group.plans
             conflict_keys = [check.conflict_key] if check is not None and n == 0 else []
             checks: list[tuple[Any, ...]] = [("WATCH", *(p.marker for p in plans), *conflict_keys)]
             checks += [("GET", plan.marker) for plan in plans]
             checks += [("EXISTS", key) for key in conflict_keys]
-            if keys:  # one script call, not a TYPE and its reply per key
-                names = [key for key, _ in keys]
-                types = [kind for _, kind in keys]
-                checks.append(("EVAL", self._key_types, len(keys), *names, *types))
+            if keys.names:  # one script call, not a TYPE and its reply per key
+                names = keys.names
+                checks.append(("EVAL", self._key_types, len(names), *names, *keys.runs))
             send_commands(group.connection, checks)
         for n, (group, keys) in enumerate(zip(groups, typed, strict=True)):
             extra = 1 if check is not None and n == 0 else 0
             read = 1 + len(group.plans) + extra
-            checked = read_replies(group.connection, read + (1 if keys else 0))
-            if keys and checked[read]:  # the connections are dropped, WATCH and all
-                raise BufferKeyTypeError(keys[_number(checked[read][0]) - 1][0])
+            checked = read_replies(group.connection, read + (1 if keys.names else 0))
+            if keys.names and checked[read]:  # the connections are dropped, WATCH and all
+                raise BufferKeyTypeError(keys.names[_number(checked[read][0]) - 1])
             group.stored = checked[1 : 1 + len(group.plans)]
             group.kept_before = bool(extra and checked[read - 1])
             group.keep = None
@@ -314,10 +313,12 @@ class BatchWriter:
         """Send a group's MULTI ... EXEC (and WAIT); the number of replies it will get, and
         where each plan's resolve call and queue length are in the EXEC reply."""
         commands: list[tuple[Any, ...] | Framed] = [("MULTI",)]
+        queued = 0  # commands queued after the MULTI: EXEC's reply has one entry each
         if group.keep is not None:
             key, entry = group.keep
             commands.append(("RPUSH", group.plans[0].shard.dead, entry))
             commands.append(("SET", key, 1, "EX", self.marker_ttl_s))
+            queued += 2
         resolve_at: list[int] = []  # index in the EXEC reply of each plan's resolve call, or -1
         length_at: list[int] = []
         steps = zip(group.plans, group.applied_before, group.stored, strict=True)
@@ -328,19 +329,25 @@ class BatchWriter:
                     # Applied by an earlier delivery: refresh the marker, a write of this
                     # connection that the WAIT below then covers, with the earlier ones.
                     commands.append(("EXPIRE", plan.marker, self.marker_ttl_s))
+                    queued += 1
             else:
                 if plan.resolve:
-                    at = len(commands) - 1
+                    at = queued
                     commands.append(self._resolve_call(plan))
-                commands += self._plain_writes(plan, now_ms)
+                    queued += 1
+                writes, count = self._plain_writes(plan, now_ms)
+                commands += writes
+                queued += count
             resolve_at.append(at)
-            length_at.append(len(commands) - 1)
+            length_at.append(queued)
             commands.append(("LLEN", plan.shard.queue))
+            queued += 1
         commands.append(("EXEC",))
         if self.replicas.waits:
             commands.append(self.replicas.wait_command())
         send_commands(group.connection, commands)
-        return len(commands), resolve_at, length_at
+        # The MULTI's reply, one +QUEUED per command queued, EXEC's (and WAIT's).
+        return 2 + queued + (1 if self.replicas.waits else 0), resolve_at, length_at
 
     def _resolve_call(self, plan: ShardWrites) -> tuple[Any, ...]:
         args: list[str] = []
@@ -349,9 +356,14 @@ class BatchWriter:
         shard = plan.shard
         return ("EVAL", self._resolve, 2, shard.queue, shard.views, *args)
 
-    def _plain_writes(self, plan: ShardWrites, now_ms: int) -> list[tuple[Any, ...] | Framed]:
+    def _plain_writes(
+        self, plan: ShardWrites, now_ms: int
+    ) -> tuple[list[tuple[Any, ...] | Framed], int]:
+        """The plan's writes, and how many commands they are (the held events' APPENDs,
+        one per session, come framed together as one entry)."""
         shard = plan.shard
         out: list[tuple[Any, ...] | Framed] = []
+        appends = 0
         if plan.dead_letters:
             out.append(("RPUSH", shard.dead, *plan.dead_letters))
         if plan.queue_rows:
@@ -359,7 +371,11 @@ class BatchWriter:
         for project, members in plan.visitors.items():
             key = shard.visitors(project)
             scored: list[Any] = []
-            for member in members:
+            # Greatest first: a small sorted set (a listpack) puts each member after the
+            # ones of equal score that sort before it, walking from its start; in this
+            # order the walk stops where the batch's members begin, not inside them.
+            # The set written is the same in any order (one score for all, no repeats).
+            for member in sorted(members, reverse=True):
                 scored += (now_ms, member)
             out.append(("ZADD", key, *scored))
             out.append(("EXPIRE", key, self.visitors_ttl_s))
@@ -390,18 +406,35 @@ class BatchWriter:
         if plan.profiles_ended:
             out.append(("HDEL", shard.profile_views, *plan.profiles_ended))
         if plan.held:
-            keys = plan.held_keys
-            append = Framed.append
-            out += [
-                append(keys[session].encode(), records) for session, records in plan.held.items()
-            ]
+            out.append(_appends(plan.held_keys, plan.held))
+            appends = len(plan.held) - 1  # more commands than entries
             until = plan.hold_until
             deadlines = [x for session in plan.held for x in (until, session)]
             out.append(("ZADD", shard.held_due, "LT", *deadlines))
         out.append(("SET", plan.marker, plan.digest or LEGACY_MARKER, "EX", self.marker_ttl_s))
         if plan.publish is not None:
             out.append(("PUBLISH", *plan.publish))
-        return out
+        return out, len(out) + appends
+
+
+def _appends(keys: dict[str, str], held: dict[str, list[bytes]]) -> Framed:
+    """One APPEND per session of `held` to its key in `keys`, of its records joined, framed
+    together as RESP (the records are joined once, with the write): the bytes one
+    `Framed.append` per session makes, without an object and a list of parts each."""
+    framed = Framed.__new__(Framed)
+    parts: list[Any] = []
+    add = parts.append
+    extend = parts.extend
+    for session, records in held.items():
+        key = keys[session].encode()
+        add(b"\r\n*3\r\n$6\r\nAPPEND\r\n$%d\r\n%b\r\n$%d\r\n" % (
+            len(key), key, sum(map(len, records))
+        ))  # fmt: skip
+        extend(records)
+    parts[0] = parts[0][2:]  # the first command has no value before it to end
+    add(b"\r\n")
+    framed.parts = parts
+    return framed
 
 
 def _own(plan: ShardWrites, marker: bytes | None) -> bool:
@@ -413,24 +446,51 @@ def _writes_queue(plan: ShardWrites) -> bool:
     return bool(plan.queue_rows or plan.resolve)
 
 
-def _typed_keys(plan: ShardWrites) -> list[tuple[str, str]]:
-    """The keys this plan writes with a type-specific command, and the type each must have."""
-    shard = plan.shard
-    keys: list[tuple[str, str]] = []
-    if plan.dead_letters:
-        keys.append((shard.dead, "list"))
-    if _writes_queue(plan):
-        keys.append((shard.queue, "list"))
-    if plan.resolve:
-        keys += [(shard.views, "hash"), (shard.sessions, "zset")]
-    if plan.held:
-        keys += [(key, "string") for key in plan.held_keys.values()]
-        keys.append((shard.held_due, "zset"))
-    if plan.profiles_set or plan.profiles_ended:
-        keys.append((shard.profile_views, "hash"))
-    keys += [(shard.visitors(project), "zset") for project in plan.visitors]
-    keys += [(shard.visitor_projects, "zset")] if plan.visitors else []
-    return keys
+class _TypedKeys:
+    """The keys plans write with a type-specific command: key_types.lua's KEYS (`names`)
+    and ARGV (`runs`: per run of consecutive keys that must have the same type, the type
+    and the run's length; a held key per session makes one run, not a type per key)."""
+
+    __slots__ = ("_counts", "_kinds", "names")
+
+    def __init__(self, plans: Sequence[ShardWrites]) -> None:
+        self.names: list[str] = []
+        self._kinds: list[str] = []
+        self._counts: list[int] = []
+        for plan in plans:
+            self._add(plan)
+
+    @property
+    def runs(self) -> list[str | int]:
+        return [x for run in zip(self._kinds, self._counts, strict=True) for x in run]
+
+    def _of(self, kind: str, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        self.names += keys
+        if self._kinds and self._kinds[-1] == kind:
+            self._counts[-1] += len(keys)
+        else:
+            self._kinds.append(kind)
+            self._counts.append(len(keys))
+
+    def _add(self, plan: ShardWrites) -> None:
+        """The keys `plan` writes with a type-specific command, with the type each needs."""
+        shard = plan.shard
+        if plan.dead_letters:
+            self._of("list", [shard.dead])
+        if _writes_queue(plan):
+            self._of("list", [shard.queue])
+        if plan.resolve:
+            self._of("hash", [shard.views])
+            self._of("zset", [shard.sessions])
+        if plan.held:
+            self._of("string", list(plan.held_keys.values()))
+            self._of("zset", [shard.held_due])
+        if plan.profiles_set or plan.profiles_ended:
+            self._of("hash", [shard.profile_views])
+        if plan.visitors:
+            self._of("zset", [*map(shard.visitors, plan.visitors), shard.visitor_projects])
 
 
 def _outcomes(
