@@ -18,7 +18,8 @@ from redis._parsers import _RESP2Parser, _RESP3Parser
 from redis.connection import Connection
 from redis.exceptions import ExecAbortError, ResponseError
 
-from worker.resp import Framed, read_replies, send_commands
+from worker.apply import _appends
+from worker.resp import read_replies, send_commands
 
 PARSERS = {
     "hiredis-resp3": {"protocol": 3},
@@ -123,15 +124,17 @@ def test_the_replies_are_read_in_bulk(redis: redis_lib.Redis) -> None:
         client.close()
 
 
-def test_an_append_framed_by_hand_is_redis_py_s(connection: Any, redis: redis_lib.Redis) -> None:
-    """`Framed.append` sends what pack_command would: the values, joined, appended."""
-    key = "held:{p:0}:s é".encode()
+def test_appends_framed_by_hand_are_redis_py_s(connection: Any, redis: redis_lib.Redis) -> None:
+    """The apply's held-record APPENDs (`_appends`) send what pack_command would: per
+    session, its values joined, appended to its key."""
+    key = "held:{p:0}:s é"
     values = [b"a\r\n" * 100, b"", b"\x1f\x00b" * 3000]
-    assert b"".join(Framed.append(key, values).parts) == pack_command(
-        ("APPEND", key, b"".join(values))
-    )
+    framed = _appends({"s": key, "t": "new"}, {"s": values, "t": [b"x", b"y"]})
+    assert b"".join(framed.parts) == pack_command(
+        ("APPEND", key.encode(), b"".join(values))
+    ) + pack_command(("APPEND", b"new", b"xy"))
     redis.set(key, b"before")
-    send_commands(connection, [Framed.append(key, values), Framed.append(b"new", [b"x", b"y"])])
+    send_commands(connection, [framed])
     assert read_replies(connection, 2) == [6 + len(b"".join(values)), 2]
     assert redis.get(key) == b"before" + b"".join(values) and redis.get(b"new") == b"xy"
 

@@ -419,8 +419,8 @@ class BatchWriter:
 
 def _appends(keys: dict[str, str], held: dict[str, list[bytes]]) -> Framed:
     """One APPEND per session of `held` to its key in `keys`, of its records joined, framed
-    together as RESP (the records are joined once, with the write): the bytes one
-    `Framed.append` per session makes, without an object and a list of parts each."""
+    together as RESP (the records are joined once, with the write): the bytes
+    `pack_command` makes for each APPEND, without an object and a list of parts each."""
     framed = Framed.__new__(Framed)
     parts: list[Any] = []
     add = parts.append

@@ -39,17 +39,6 @@ class Framed:
         after_count = packed.index(b"\r\n")
         self.parts: list[Any] = [b"*%d" % (len(command) + count), packed[after_count:], *values]
 
-    @classmethod
-    def append(cls, key: bytes, values: list[bytes]) -> Framed:
-        """APPEND to `key` the concatenation of `values`, framed here: the values are
-        joined once, with the write (the apply's held records: worker/apply.py)."""
-        framed = cls.__new__(cls)
-        head = b"*3\r\n$6\r\nAPPEND\r\n$%d\r\n%b\r\n$%d\r\n" % (
-            len(key), key, sum(map(len, values))
-        )  # fmt: skip
-        framed.parts = [head, *values, b"\r\n"]
-        return framed
-
 
 # A command with more arguments than this whose last one is bytes (rows, stored views) is
 # framed in Python (`_frame`): hiredis' `pack_command` takes ~1.5-2 us per row of 600
