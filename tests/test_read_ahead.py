@@ -140,6 +140,67 @@ def test_a_flush_of_many_claims_reads_each_claims_rows_ahead(
     assert redis.llen(KEYS.queue) == 0
 
 
+def test_the_read_ahead_begins_with_its_claims_insert_and_the_session_opens_meanwhile(
+    redis: redis_lib.Redis, redis_url: str, chdb_url: str, monkeypatch: Any
+) -> None:
+    # The rows behind a claim are read once the claim's first INSERT goes out (after
+    # its fence), not beside the claim's own decode and sort; the run's chDB session is
+    # opened on the sink's thread while the first claim's rows are read, and closed
+    # with the sink. The claim's own work is slowed down here so that a read begun at
+    # once would come first.
+    import threading
+    import time
+
+    from worker import flusher as flusher_module
+    from worker.sinks import chdb as chdb_module
+
+    settings = Settings.from_env(
+        {"REDIS_URL": redis_url, "CLICKHOUSE_URL": chdb_url, "EVENT_BUFFER_BATCH_SIZE": "5"}
+    )
+    sent = events(12)
+    EventBuffer(redis, settings).apply(sent)
+    sink = ChdbSink(path_from_url(chdb_url))
+    sink.migrate()
+    sink.close()
+    flusher = Flusher(redis, settings, lambda: sink)
+    seen: list[str] = []
+    scripts = flusher.claims
+    real_ahead, real_ordered = scripts.read_ahead, flusher_module.ordered_rows
+    real_fenced, real_open = flusher_module.write_fenced, chdb_module._Handle.open
+
+    def read_ahead(shard: ShardKeys, made: Claim, count: int) -> QueueRows:
+        seen.append("ahead")
+        return real_ahead(shard, made, count)
+
+    def ordered_rows(*args: Any) -> Any:
+        time.sleep(0.2)
+        return real_ordered(*args)
+
+    def write_fenced(*args: Any, **kwargs: Any) -> Any:
+        seen.append("insert")
+        return real_fenced(*args, **kwargs)
+
+    def open_session(handle: Any, readonly: bool = False) -> Any:
+        if handle.session is None:
+            seen.append(f"open on {threading.current_thread().name}")
+        return real_open(handle, readonly)
+
+    scripts.read_ahead = read_ahead  # type: ignore[method-assign]
+    monkeypatch.setattr(flusher_module, "ordered_rows", ordered_rows)
+    monkeypatch.setattr(flusher_module, "write_fenced", write_fenced)
+    monkeypatch.setattr(chdb_module._Handle, "open", open_session)
+    [result] = flusher.process_buffer(max_batches=10).shards
+    assert (result.rows, result.batches) == (12, 3)
+    [opened] = [what for what in seen if what.startswith("open")]
+    assert opened.startswith("open on chdb-chunks"), seen
+    assert [what for what in seen if not what.startswith("open")] == [
+        "insert", "ahead", "insert", "ahead", "insert", "ahead"
+    ]  # fmt: skip
+    assert chdb_module._handle_for(path_from_url(chdb_url)).session is None
+    landed = sink.query("SELECT toString(id) FROM events")
+    assert sorted(i for (i,) in landed) == sorted(e.id for e in sent)
+
+
 @pytest.mark.parametrize("nul", [False, True], ids=["plain", "with-nul"])
 def test_insert_order_is_created_at_then_id_then_bytes_whatever_the_strings_hold(
     nul: bool,

@@ -77,7 +77,7 @@ class ClaimInsert:
         self.sink = sink
         self.write = write if write is not None else sink.write
         # A sink that can prepare a chunk (ChdbSink: its file) while another is inserted.
-        self.prepare: Callable[[Sequence[bytes]], None] | None = getattr(sink, "prepare", None)
+        self.prepare: Callable[..., None] | None = getattr(sink, "prepare", None)
         self.claims = claims
         self.shard = shard
         self.claim_id = claim_id
@@ -95,13 +95,20 @@ class ClaimInsert:
     def chunk(self, index: int, offsets: range, following: range | None = None) -> None:
         """Insert chunk `index`, the rows at `offsets`; the sink prepares the chunk
         `following` (the rows of chunk `index + 1`) meanwhile, where it can."""
-        if (
-            following
-            and self.prepare is not None
-            and f"{self.claim_id}:{index + 1}" not in self.split  # not written whole
-        ):
-            self.prepare(self.rows[following.start : following.stop])
+        if following:
+            self.ahead(following, index + 1)
         self._write(offsets, f"{self.claim_id}:{index}")
+
+    def ahead(self, offsets: range, index: int, *, now: bool = False) -> None:
+        """Chunk `index`, the rows at `offsets`, will be inserted soon: the sink prepares it
+        on its thread (`now`: on this one, before returning), where it can (not a chunk
+        a flush halved: it is not written whole)."""
+        if self.prepare is not None and f"{self.claim_id}:{index}" not in self.split:
+            rows = self.rows[offsets.start : offsets.stop]
+            if now:
+                self.prepare(rows, now=True)
+            else:
+                self.prepare(rows)
 
     def _write(self, offsets: range, token: str) -> None:
         """Insert rows[offsets]; on a row-level rejection, halve until the bad rows are alone."""

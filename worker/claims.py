@@ -42,9 +42,10 @@ The claim and the ack are followed by a WAIT for replicas when
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
 from operator import eq
@@ -368,16 +369,29 @@ class ReadAhead:
         self._on_ordered = on_ordered
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"read-ahead-{shard.shard}")
         self._pending: Future[Decoded] | None = None
+        self._go = threading.Event()
+        self._closed = False
 
     def start(self, claim: Claim) -> None:
-        """Read the rows queued behind `claim`, replacing any read not taken."""
-        self._pending = self._pool.submit(self._read, claim)
+        """Read the rows queued behind `claim`, replacing any read not taken; the read
+        waits for `go` (or `take`, or `close`) to begin."""
+        self._go.set()  # a read not taken: let it run out
+        self._go = threading.Event()
+        self._pending = self._pool.submit(self._read, claim, self._go)
+
+    def go(self) -> None:
+        """Let the read started begin: the flusher calls it as its claim's first INSERT
+        goes out. Until then the claim's own work (its rows decoded and sorted, its
+        first chunk prepared) holds the GIL, and a read beside it would only slow it
+        down; once chDB inserts (the GIL released) the read has the interpreter."""
+        self._go.set()
 
     def take(self) -> Decoded | None:
         """The last read started (waiting for it), or None: none started, or it failed."""
         pending, self._pending = self._pending, None
         if pending is None:
             return None
+        self._go.set()
         try:
             return pending.result()
         except Exception as exc:  # an optimisation only: the claim reads its own rows
@@ -385,6 +399,8 @@ class ReadAhead:
             return None
 
     def close(self) -> None:
+        self._closed = True  # a read still waiting for `go` is not made
+        self._go.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> ReadAhead:
@@ -398,7 +414,10 @@ class ReadAhead:
     ) -> None:
         self.close()
 
-    def _read(self, claim: Claim) -> Decoded:
+    def _read(self, claim: Claim, go: threading.Event) -> Decoded:
+        go.wait()
+        if self._closed:
+            raise CancelledError
         decoded = self._decoded(self._claims.read_ahead(self._shard, claim, self._count))
         if self._on_ordered is not None and decoded.ordered.rows:
             try:

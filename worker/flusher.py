@@ -300,6 +300,10 @@ class Flusher:
             return False
         result.more = head.count >= self.settings.batch_size  # a full claim: maybe more behind
         lock.progress()
+        # Rows to write: a sink that opens slowly (chDB's session) opens while they are read.
+        open_ahead: Callable[[], None] | None = getattr(sink, "open_ahead", None)
+        if open_ahead is not None:
+            open_ahead()
         ready = ahead.take()
         claim = self.claims.claim_rows(shard, head, ready.rows if ready is not None else None)
         result.claim_seconds += time.perf_counter() - phase
@@ -326,9 +330,13 @@ class Flusher:
             lock=lock,
             dlq_max_ratio=self.settings.dlq_max_ratio,
             dead_letter=lambda raw, why: self._dead(REASON_REJECTED, why, raw, shard, claim.id),
-            write=partial(write_fenced, sink, self.redis, self.keyspace),
+            write=partial(self._write, sink, ahead),
         )
         size = claim.chunk_size  # the claim's, not this flusher's: same chunks, same tokens
+        if ready is None or ordered is not ready.ordered:
+            # Not read ahead (a run's first claim): its first chunk was not prepared either.
+            # Prepared here, before the read ahead of the next claim begins (with the INSERT).
+            inserts.ahead(range(0, min(size, len(rows))), 0, now=True)
         phase = time.perf_counter()
         try:
             for index, start in enumerate(range(0, len(rows), size)):
@@ -382,6 +390,11 @@ class Flusher:
         result.dead_reasons[REASON_REJECTED] += len(rejected)
         result.claims.append(claim.id)
         return True
+
+    def _write(self, sink: Sink, ahead: ReadAhead, rows: Sequence[bytes], token: str) -> int:
+        """A chunk's INSERT, fenced (worker/privacy); the read ahead begins after the
+        fence's Redis read (a read of thousands of rows would hold it up in Redis)."""
+        return write_fenced(sink, self.redis, self.keyspace, rows, token, fenced=ahead.go)
 
     def _dead(self, reason: str, error: str, raw: bytes, shard: ShardKeys, claim: str) -> bytes:
         header = DeadLetter(

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -262,14 +262,23 @@ def drop_forgotten_rows(
 
 
 def write_fenced(
-    sink: Sink, redis: Client, keyspace: Keyspace, rows: Sequence[bytes], token: str
+    sink: Sink,
+    redis: Client,
+    keyspace: Keyspace,
+    rows: Sequence[bytes],
+    token: str,
+    *,
+    fenced: Callable[[], None] | None = None,
 ) -> int:
     """The flusher's INSERT of a chunk, fenced: the rows of forgotten people are dropped
     right before it (`drop_forgotten_rows`), and a chunk left empty is not sent (its
-    token stays unused: a re-drive drops the same rows and skips it again).
+    token stays unused: a re-drive drops the same rows and skips it again). `fenced` is
+    called once the fence is passed, before the INSERT.
 
     Returns how many rows the fence dropped (not inserted, not counted as saved)."""
     kept = drop_forgotten_rows(redis, keyspace, rows)
+    if fenced is not None:
+        fenced()
     if kept:
         sink.write(kept, token)
     return len(rows) - len(kept)

@@ -314,21 +314,46 @@ class ChdbSink:
             except Exception as exc:
                 raise classify(str(exc)) from exc
 
-    def prepare(self, rows: Sequence[bytes]) -> None:
+    def prepare(self, rows: Sequence[bytes], *, now: bool = False) -> None:
         """`rows` will likely be written next: join them and write their file on a thread
         now, while the engine inserts another chunk (chDB releases the GIL). The `write`
         of the same row objects then only inserts. Nothing reaches the table here; a
         prepared chunk never written is removed (by later preparations, at the latest
         by `close`). Thread-safe: the flusher's read-ahead prepares the first chunk of
-        the next claim."""
+        the next claim. `now`: on the calling thread, before returning (a chunk nothing
+        is inserted beside, whose preparation should not share the interpreter with the
+        threads that begin with its INSERT)."""
         if not rows:
+            return
+        done: Future[_Chunk] | None = None
+        if now:
+            done = Future()
+            done.set_result(_prepare(rows))
+        with self._prepared_lock:
+            if done is None:
+                if self._preparer is None:
+                    self._preparer = ThreadPoolExecutor(1, thread_name_prefix="chdb-chunks")
+                done = self._preparer.submit(_prepare, rows)
+            self._prepared.append((rows, done))
+            while len(self._prepared) > _PREPARED_MAX:
+                _discard_when_done(self._prepared.pop(0)[1])
+
+    def open_ahead(self) -> None:
+        """The session will be needed soon (the flusher is reading a claim's rows): open it
+        on the sink's thread meanwhile, so the first INSERT does not wait for it. Opened
+        only for rows about to be written, and closed by `close` as ever (which waits
+        for the opening). A failure is not raised here: the INSERT that needs the
+        session tries again and raises it."""
+        if self._holding:
             return
         with self._prepared_lock:
             if self._preparer is None:
                 self._preparer = ThreadPoolExecutor(1, thread_name_prefix="chdb-chunks")
-            self._prepared.append((rows, self._preparer.submit(_prepare, rows)))
-            while len(self._prepared) > _PREPARED_MAX:
-                _discard_when_done(self._prepared.pop(0)[1])
+            self._preparer.submit(self._open_quietly)
+
+    def _open_quietly(self) -> None:
+        with contextlib.suppress(Exception):
+            self._session()
 
     def _take_prepared(self, rows: Sequence[bytes]) -> _Chunk | None:
         """The chunk `prepare` made of these very rows, if any (waiting for it)."""
