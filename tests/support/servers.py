@@ -103,7 +103,13 @@ class RedisServer:
                     )
                 try:
                     info = client.info("server")
-                    break
+                    # INFO answers while the data set is still loading (an AOF after a
+                    # kill); other commands get LOADING errors until it is done.
+                    if not int(client.info("persistence").get("loading", 0)):
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"redis-server on port {self.port} kept loading")
+                    time.sleep(0.02)
                 except redis_lib.ConnectionError:
                     if time.monotonic() > deadline:
                         raise RuntimeError(
