@@ -20,18 +20,10 @@ local call, pcall = redis.call, redis.pcall
 local k = 0
 for r = 1, #ARGV, 2 do
   local want = ARGV[r]
+  local strings = want == 'string'
   local stop = k + tonumber(ARGV[r + 1])
-  if want == 'string' then
-    for i = k + 1, stop do
-      if type(pcall('STRLEN', KEYS[i])) == 'table' then
-        local found = call('TYPE', KEYS[i])['ok']
-        if found ~= 'none' and found ~= want then
-          return {i, found}
-        end
-      end
-    end
-  else
-    for i = k + 1, stop do
+  for i = k + 1, stop do
+    if not strings or type(pcall('STRLEN', KEYS[i])) == 'table' then
       local found = call('TYPE', KEYS[i])['ok']
       if found ~= 'none' and found ~= want then
         return {i, found}
