@@ -61,7 +61,7 @@ def cluster_settings(cluster: LoopbackCluster, prefix: str, tmp: Path, **env: st
             "CLICKHOUSE_URL": f"chdb://{tmp / 'clickhouse'}",
             "EVENT_BUFFER_SHARDS": str(SHARDS),
             "EVENT_BUFFER_KEY_PREFIX": prefix,
-            "EVENT_BUFFER_REPLICA_TIMEOUT_MS": "300",
+            "EVENT_BUFFER_REPLICA_TIMEOUT_MS": "2000",  # a loaded CI box lags past 300
             **env,
         }
     )
