@@ -41,7 +41,9 @@ import argparse
 import contextlib
 import http.client
 import json
+import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -52,7 +54,15 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from benchmarks.bench_flush import COMPAT_DDL, COMPAT_TABLE
-from benchmarks.support import Result, alternate, log, median, project_env, skipped
+from benchmarks.support import (
+    Result,
+    alternate,
+    cpu_seconds,
+    log,
+    median,
+    project_env,
+    skipped,
+)
 from tests.support.exports import generate_export
 from tests.support.native_server import local_server, server_binary
 from tests.support.servers import free_port
@@ -82,8 +92,10 @@ def run(args: argparse.Namespace) -> list[Result]:
         tmp = Path(name)
         export = generate_export(tmp / "export", events, files=4)
         log(f"[import] {export.events:,} events in {len(export.files)} gzip files; chunk {CHUNK}")
-        results.append(bench_chdb(export.files, export.events, args.rounds, tmp))
-        results.append(bench_server(export.files, export.events, args.rounds, tmp))
+        reading = _reading_cpu(export.files, Settings())
+        log(f"[import] reading and validation alone: {reading * 1e6:.2f} µs of CPU per row")
+        results += bench_chdb(export.files, export.events, args.rounds, tmp, reading)
+        results += bench_server(export.files, export.events, args.rounds, tmp, reading)
         results.append(bench_memory(tmp, rss_events))
     return results
 
@@ -100,7 +112,92 @@ def _rows_as_imported(files: list[Path], settings: Settings) -> list[bytes]:
     return rows
 
 
-def bench_chdb(files: list[Path], events: int, rounds: int, tmp: Path) -> Result:
+def _reading_cpu(files: list[Path], settings: Settings) -> float:
+    """CPU seconds per row of what an import must do for each record whatever else it does:
+    read its line from the gzip file and validate it as the ingest task does (`validate`,
+    as the import's first pass calls it); one thread, best of three."""
+    limits = limits_for(settings)
+    best = float("inf")
+    rows = 0
+    for _ in range(3):
+        started = time.thread_time()
+        rows = 0
+        for path in files:
+            stream, _ = open_export(str(path))
+            with contextlib.closing(stream):
+                for line in iter_lines(stream):
+                    validate(line, limits, None, "2026-01-01 00:00:00.000")
+                    rows += 1
+        best = min(best, time.thread_time() - started)
+    return best / rows
+
+
+def _process_cpu() -> float:
+    """CPU seconds this process has used, every thread (an embedded chDB's included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _server_pid(url: str) -> int | None:
+    """The pid of the local clickhouse-server listening on `url`'s TCP port."""
+    port = url.rsplit(":", 1)[1].split("/", 1)[0]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"clickhouse" in command and f"--tcp_port={port}".encode() in command:
+                return int(entry.name)
+    return None
+
+
+def _ceiling(
+    engine: str,
+    rates: dict[str, list[float]],
+    raw_cpu: dict[str, list[float]],
+    reading: float,
+    events: int,
+    rounds: int,
+) -> Result:
+    """What any import that validates every record as the ingest task does could reach on
+    this machine's cores, against the best raw insert: the reading and validation alone
+    spread over every core, and with the CPU the raw insert itself took (an import hands
+    the engine the same rows) added. A model from CPU measured in this run, not a run."""
+    cores = len(os.sched_getaffinity(0))
+    best = max((name for name in rates if name.startswith("raw")), key=lambda n: median(rates[n]))
+    raw_rate = median(rates[best])
+    insert = median(raw_cpu[best]) / events
+    alone = min(raw_rate, cores / reading)
+    with_insert = min(raw_rate, cores / (reading + insert))
+    note = (
+        f"{cores} cores; CPU per row: reading and validation {reading * 1e6:.2f} µs, "
+        f"the raw insert ({best}) {insert * 1e6:.2f} µs; validation alone on every core: "
+        f"{alone:,.0f} rows/s = {alone / raw_rate:.2f}x"
+    )
+    shown = f"{with_insert:,.0f} rows/s = {with_insert / raw_rate:.2f}x"
+    log(f"[import] {engine} ceiling: {shown}; {note}")
+    return Result(
+        f"import ceiling on {engine}: reading, validation and the raw insert's CPU over every "
+        "core, vs the best raw insert",
+        "rows/s",
+        with_insert,
+        raw_rate,
+        f"the best raw insert ({best})",
+        rounds,
+        note=note,
+        extra={
+            "cores": cores,
+            "reading_cpu_us_per_row": reading * 1e6,
+            "raw_insert_cpu_us_per_row": insert * 1e6,
+            "validation_alone_rows_per_s": alone,
+        },
+    )
+
+
+def bench_chdb(
+    files: list[Path], events: int, rounds: int, tmp: Path, reading: float
+) -> list[Result]:
     data = tmp / "clickhouse"
     settings = Settings.from_env({"CLICKHOUSE_URL": f"chdb://{data}"})
     rows = _rows_as_imported(files, settings)
@@ -128,6 +225,7 @@ def bench_chdb(files: list[Path], events: int, rounds: int, tmp: Path) -> Result
             sink.close()
 
     passes: list[dict[str, float]] = []
+    raw_cpu: dict[str, list[float]] = {}
     env = project_env(
         CLICKHOUSE_URL=f"chdb://{data}",
         REDIS_URL="redis://127.0.0.1:1/0",
@@ -144,7 +242,7 @@ def bench_chdb(files: list[Path], events: int, rounds: int, tmp: Path) -> Result
         fresh()
         from chdb import session as chdb_session
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _process_cpu()
         session = chdb_session.Session(str(data))
         try:
             for start in range(0, len(rows), CHUNK):
@@ -153,6 +251,7 @@ def bench_chdb(files: list[Path], events: int, rounds: int, tmp: Path) -> Result
         finally:
             session.close()
         seconds = time.perf_counter() - started
+        raw_cpu.setdefault("raw", []).append(_process_cpu() - cpu)
         assert count() == events
         return events / seconds
 
@@ -163,7 +262,7 @@ def bench_chdb(files: list[Path], events: int, rounds: int, tmp: Path) -> Result
         from chdb import session as chdb_session
 
         chunk_file = tmp / "raw-chunk.rows"
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _process_cpu()
         session = chdb_session.Session(str(data))
         try:
             for start in range(0, len(rows), CHUNK):
@@ -172,20 +271,24 @@ def bench_chdb(files: list[Path], events: int, rounds: int, tmp: Path) -> Result
         finally:
             session.close()
         seconds = time.perf_counter() - started
+        raw_cpu.setdefault("raw file", []).append(_process_cpu() - cpu)
         chunk_file.unlink(missing_ok=True)
         assert count() == events
         return events / seconds
 
     rates = alternate(rounds, {"eventbuffer": eventbuffer, "raw": raw, "raw file": raw_file})
-    return _import_result(
-        "chDB",
-        "import into chDB (eventbuffer export, gzip) vs raw INSERT ... FORMAT JSONEachRow",
-        "the best raw JSONEachRow insert (rows in the statement, or read FROM INFILE)",
-        rates,
-        passes,
-        events,
-        rounds,
-    )
+    return [
+        _import_result(
+            "chDB",
+            "import into chDB (eventbuffer export, gzip) vs raw INSERT ... FORMAT JSONEachRow",
+            "the best raw JSONEachRow insert (rows in the statement, or read FROM INFILE)",
+            rates,
+            passes,
+            events,
+            rounds,
+        ),
+        _ceiling("chDB", rates, raw_cpu, reading, events, rounds),
+    ]
 
 
 def _median_passes(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -217,17 +320,21 @@ def server_import_main() -> None:
     print(json.dumps(run_import(options, settings, connect).as_json()))
 
 
-def bench_server(files: list[Path], events: int, rounds: int, tmp: Path) -> Result:
+def bench_server(
+    files: list[Path], events: int, rounds: int, tmp: Path, reading: float
+) -> list[Result]:
     name = "import into ClickHouse 18.16 (native sink) vs raw HTTP INSERT ... FORMAT JSONEachRow"
     if server_binary() is None:
-        return skipped(name, "clickhouse-server (Debian package) is not installed")
+        return [skipped(name, "clickhouse-server (Debian package) is not installed")]
     settings = Settings.from_env({"CLICKHOUSE_URL": "chdb:///unused"})
     rows = [_MS.sub(rb'\1"', row) for row in _rows_as_imported(files, settings)]
     state_root = tmp / "imports-server"
     http_port = free_port()
     passes: list[dict[str, float]] = []
+    raw_cpu: dict[str, list[float]] = {}
     with local_server(http_port=http_port) as url:
         admin = NativeSink(url, require_dedup=False)
+        server_pid = _server_pid(url)
 
         def fresh() -> None:
             admin.query(f"DROP TABLE IF EXISTS {COMPAT_TABLE}")
@@ -258,7 +365,8 @@ def bench_server(files: list[Path], events: int, rounds: int, tmp: Path) -> Resu
                     "input_format_skip_unknown_fields": 1,
                 }
             )
-            started = time.perf_counter()
+            started, client = time.perf_counter(), time.thread_time()
+            server = cpu_seconds(server_pid) if server_pid else 0.0
             connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=300)
             try:
                 for start in range(0, len(rows), CHUNK):
@@ -272,6 +380,10 @@ def bench_server(files: list[Path], events: int, rounds: int, tmp: Path) -> Resu
             finally:
                 connection.close()
             seconds = time.perf_counter() - started
+            used = time.thread_time() - client
+            if server_pid:  # the server's CPU, every thread (0 when it is not found)
+                used += cpu_seconds(server_pid) - server
+            raw_cpu.setdefault("raw", []).append(used)
             assert count() == events
             return events / seconds
 
@@ -279,15 +391,18 @@ def bench_server(files: list[Path], events: int, rounds: int, tmp: Path) -> Resu
             rates = alternate(rounds, {"eventbuffer": eventbuffer, "raw": raw})
         finally:
             admin.close()
-    return _import_result(
-        "server 18.16",
-        name,
-        "raw JSONEachRow insert (HTTP)",
-        rates,
-        passes,
-        events,
-        rounds,
-    )
+    return [
+        _import_result(
+            "server 18.16",
+            name,
+            "raw JSONEachRow insert (HTTP)",
+            rates,
+            passes,
+            events,
+            rounds,
+        ),
+        _ceiling("server 18.16", rates, raw_cpu, reading, events, rounds),
+    ]
 
 
 def _peak_rss_mb(tmp: Path, events: int) -> tuple[float, float]:
