@@ -39,6 +39,7 @@ from typing import Any, NamedTuple, Protocol
 from worker.importer.import_state import ImportState
 from worker.importer.isolation import Child
 from worker.importer.options import ImportOptions, Progress
+from worker.importer.rows import finish_row
 from worker.importer.writer import chunk_token, existing_ids
 from worker.sinks import RetryableSinkError, RowRejectedError, Sink
 
@@ -221,7 +222,7 @@ def insert(state: ImportState, options: ImportOptions, writer: Writer, report: P
         idx, after = last[0] + 1, int(last[1])
     done = state.count("SELECT coalesce(sum(imported + duplicates), 0) FROM files")
     report("inserting", done, total, "")
-    page = state.time_page(after, options.chunk_rows)
+    page = state.time_page(after, options.chunk_rows, finish_row)
     prepared = _prepare(page) if page else None
     while prepared is not None:
         more = -(-(total - done - prepared.size) // options.chunk_rows)
@@ -308,7 +309,7 @@ def _insert_chunk(
     following: list[_Prepared] = []
 
     def meanwhile() -> None:
-        page = state.time_page(prepared.end_key, chunk_rows)
+        page = state.time_page(prepared.end_key, chunk_rows, finish_row)
         if page:
             following.append(_prepare(page))
 
