@@ -318,52 +318,51 @@ class ImportState:
 
     # inserting -------------------------------------------------------------
 
-    def time_page(self, after: int, limit: int, finish: Finish) -> list[tuple[Any, ...]]:
-        """(rowid, ms, id, file, line, project, dup, row) of the next `limit` rows of
-        `ordered` after rowid `after`, and every row right after them that is a copy
-        of the last one (its ms and id): copies of one event never straddle two chunks.
-        `row`: the bytes from the data file, `finish(row, own, duration, session)`
-        applied where the durations pass fixed the row."""
+    def time_page(self, after: int, limit: int) -> list[tuple[Any, ...]]:
+        """(rowid, ms, id, file, line, project, dup, offset, length, own duration,
+        duration, session) of the next `limit` rows of `ordered` after rowid `after`,
+        and every row right after them that is a copy of the last one (its ms and id):
+        copies of one event never straddle two chunks. The rows' bytes: `read_rows`."""
         columns = "rowid, ms, id, file, line, project, dup, off, len, own, dur, sess FROM ordered"
         page = self.db.execute(
             f"SELECT {columns} WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, limit)
         ).fetchall()
-        if page:
-            key = (page[-1][1], page[-1][2])
-            while True:
-                tail = self.db.execute(
-                    f"SELECT {columns} WHERE rowid > ? ORDER BY rowid LIMIT ?",
-                    (page[-1][0], _TAIL_ROWS),
-                ).fetchall()
-                copies = list(takewhile(lambda row: (row[1], row[2]) == key, tail))
-                page.extend(copies)
-                if len(copies) < _TAIL_ROWS:
-                    break
-        return [
-            (
-                rowid,
-                ms,
-                event_id,
-                file,
-                line,
-                project,
-                dup,
-                self._read(file, off, size)
-                if dur is None and sess is None
-                else finish(self._read(file, off, size), own, dur, sess),
-            )
-            for rowid, ms, event_id, file, line, project, dup, off, size, own, dur, sess in page
-        ]
+        if not page:
+            return page
+        key = (page[-1][1], page[-1][2])
+        while True:
+            tail = self.db.execute(
+                f"SELECT {columns} WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                (page[-1][0], _TAIL_ROWS),
+            ).fetchall()
+            copies = list(takewhile(lambda row: (row[1], row[2]) == key, tail))
+            page.extend(copies)
+            if len(copies) < _TAIL_ROWS:
+                return page
 
-    def _read(self, file: int, offset: int, size: int) -> bytes:
-        """`size` bytes at `offset` of the data file of `file`."""
-        fd = self._data.get(file)
-        if fd is None:
-            fd = self._data[file] = os.open(data_path(self.directory, file), os.O_RDONLY)
-        data = os.pread(fd, size, offset)
-        if len(data) != size:
-            raise sqlite3.DatabaseError(f"{data_path(self.directory, file)} is cut short: damaged")
-        return data
+    def read_rows(
+        self,
+        files: Sequence[int],
+        offsets: Sequence[int],
+        lengths: Sequence[int],
+        owns: Sequence[int],
+        durations: Sequence[int | None],
+        sessions: Sequence[str | None],
+        *,
+        finish: Finish,
+    ) -> list[bytes]:
+        """The rows (columns as `time_page` gives them) as inserted: each one's bytes from
+        its data file, `finish(row, own, duration, session)` applied where the durations
+        pass fixed it. Read with a `pread` each: only the rows' bytes are in memory."""
+        for file in set(files).difference(self._data):
+            self._data[file] = os.open(data_path(self.directory, file), os.O_RDONLY)
+        rows = list(map(os.pread, map(self._data.__getitem__, files), lengths, offsets))
+        if sum(map(len, rows)) != sum(lengths):
+            raise sqlite3.DatabaseError(f"a data file in {self.directory} is cut short: damaged")
+        for n, (duration, session) in enumerate(zip(durations, sessions, strict=True)):
+            if duration is not None or session is not None:
+                rows[n] = finish(rows[n], owns[n], duration, session)
+        return rows
 
     def chunk_intent(self, idx: int) -> set[str] | None:
         row = self.db.execute("SELECT existing FROM chunks WHERE idx = ?", (idx,)).fetchone()
