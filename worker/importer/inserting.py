@@ -23,8 +23,9 @@ child process that checks and inserts it (worker/importer/isolation.py),
 `CHUNKS_PER_CHILD` chunks per child: first the chunk's ids (the check), then,
 once the answer is recorded, its rows, which the importer reads from its
 data files while the child opens ClickHouse and asks; and it reads the next
-chunk from its state while the child inserts. Only the importer touches the
-state.
+chunk from its state while the child inserts. The first chunk a run writes
+has ClickHouse opened for it while the importer reads its page (`ahead`).
+Only the importer touches the state.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ WRITE_ATTEMPTS = 8
 # The reason of a row ClickHouse refused (after its validation here), in the rejects.
 REASON_REFUSED = "refused by ClickHouse"
 RAW_CLIP = 2_000
+# What the importer sends a child before a chunk's page is read: open ClickHouse now.
+AHEAD = "ahead"
 
 Connect = Callable[[], AbstractContextManager[Sink]]
 
@@ -96,6 +99,11 @@ class Writer(Protocol):
         many chunks may follow. The rows refused (id -> ClickHouse's message)."""
         ...
 
+    def ahead(self) -> None:
+        """A chunk is about to be written (its page is being read): where it is written
+        elsewhere, ClickHouse is opened for it now."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -104,12 +112,14 @@ def write_chunk(
     check: Check,
     record: Callable[[set[str]], None],
     load: Callable[[], Rows],
+    opened: _Opened | None = None,
 ) -> dict[str, str]:
-    """Open ClickHouse, ask which of the chunk's ids it holds, give that answer to
-    `record` (the state keeps it before anything is inserted), insert the other rows
-    (`load()`), close; the rows ClickHouse refused (id -> its message)."""
+    """Open ClickHouse (unless `opened` has), ask which of the chunk's ids it holds,
+    give that answer to `record` (the state keeps it before anything is inserted),
+    insert the other rows (`load()`), close; the rows ClickHouse refused (id -> its
+    message)."""
     refused: dict[str, str] = {}
-    with _Opened(connect) as sink:
+    with opened or _Opened(connect) as sink:
         present = (
             existing_ids(sink, check.ids, check.projects, check.first, check.end)
             if check.ids
@@ -149,6 +159,9 @@ class _InProcess:
         meanwhile()
         return refused
 
+    def ahead(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -162,9 +175,27 @@ class _InChildren:
         self.current: Child | None = None
         self.written = 0  # chunks handed to `current`
         self.next: Child | None = self._fork()
+        self.opened = False  # `current` has opened ClickHouse for the next chunk (`ahead`)
 
     def _fork(self) -> Child:
         return Child(_serve(self.connect), warm=_load_chdb)
+
+    def _child(self) -> Child:
+        """The child for the next chunk."""
+        if (
+            self.current is None
+            or self.written == CHUNKS_PER_CHILD
+            or self.current.channel.closed  # let go after what was thought the last chunk
+        ):
+            if self.current is not None:
+                self.current.close()
+            self.current, self.next, self.written = self.next or self._fork(), None, 0
+        return self.current
+
+    def ahead(self) -> None:
+        if not self.opened:
+            self._child().send(AHEAD)
+            self.opened = True
 
     def write(
         self,
@@ -174,15 +205,8 @@ class _InChildren:
         meanwhile: Callable[[], None],
         more: int,
     ) -> dict[str, str]:
-        if (
-            self.current is None
-            or self.written == CHUNKS_PER_CHILD
-            or self.current.channel.closed  # let go after what was thought the last chunk
-        ):
-            if self.current is not None:
-                self.current.close()
-            self.current, self.next, self.written = self.next or self._fork(), None, 0
-        child = self.current
+        child = self.current if self.opened and self.current is not None else self._child()
+        self.opened = False
         self.written += 1
         left = CHUNKS_PER_CHILD - self.written  # after this one
         if self.next is None and more > left and left < FORK_AHEAD_CHUNKS:
@@ -215,8 +239,14 @@ def _serve(connect: Connect) -> Callable[[Connection], None]:
             loaded.append(channel.recv())  # the importer recorded it: the rows
 
         while True:
-            check: Check = channel.recv()
-            channel.send(write_chunk(connect, check, record, loaded.pop))
+            message: Check | str = channel.recv()
+            if not isinstance(message, Check):  # AHEAD: open ClickHouse, the chunk follows
+                opened = _Opened(connect)
+                with opened:
+                    check: Check = channel.recv()
+                    channel.send(write_chunk(connect, check, record, loaded.pop, opened))
+                continue
+            channel.send(write_chunk(connect, message, record, loaded.pop))
 
     return serve
 
@@ -242,6 +272,8 @@ def insert(state: ImportState, options: ImportOptions, writer: Writer, report: P
         idx, after = last[0] + 1, int(last[1])
     done = state.count("SELECT coalesce(sum(imported + duplicates), 0) FROM files")
     report("inserting", done, total, "")
+    if done < total:
+        writer.ahead()  # a child opens ClickHouse while the first page is read
     page = state.time_page(after, options.chunk_rows)
     prepared = _prepare(page) if page else None
     while prepared is not None:
@@ -408,13 +440,18 @@ def _write_isolating(
 
 
 class _Opened:
-    """`connect()`, retried while ClickHouse is busy or away (RetryableSinkError)."""
+    """`connect()`, retried while ClickHouse is busy or away (RetryableSinkError). Entered
+    again while open (`write_chunk` with a sink opened ahead), the same sink; closed by
+    the first exit."""
 
     def __init__(self, connect: Callable[[], AbstractContextManager[Sink]]) -> None:
         self.connect = connect
         self.manager: AbstractContextManager[Sink] | None = None
+        self.sink: Sink | None = None
 
     def __enter__(self) -> Sink:
+        if self.sink is not None:
+            return self.sink
         delay = 0.5
         for attempt in range(WRITE_ATTEMPTS):
             manager = self.connect()
@@ -426,13 +463,14 @@ class _Opened:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            self.manager = manager
+            self.manager, self.sink = manager, sink
             return sink
         raise AssertionError("unreachable")
 
     def __exit__(self, *exc: Any) -> None:
-        if self.manager is not None:
-            self.manager.__exit__(*exc)
+        manager, self.manager, self.sink = self.manager, None, None
+        if manager is not None:
+            manager.__exit__(*exc)
 
 
 def _write(sink: Sink, rows: list[bytes], token: str) -> None:
