@@ -52,7 +52,8 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import takewhile
+from itertools import repeat, takewhile
+from operator import add, sub
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,14 @@ _FILL_ORDERED = (
     "FROM rows AS r LEFT JOIN fixes AS f ON f.rid = r.rowid "
     "ORDER BY r.ms, r.id, r.file, r.line"
 )
+# The common fix as the bytes that replace a row's closing brace (`time_page`).
+_FIX_TAIL = (
+    "CASE WHEN sess IS NULL AND own = 0 AND dur != 0 "
+    "THEN CAST(',\"duration\":' || dur || '}' AS BLOB) END"
+)
+# A data file's rows for one chunk are read in one piece when they span at most this
+# many times their own bytes (`read_rows`).
+SPAN_FACTOR = 4
 # After a chunk's last row, rows read at a time while they are copies of it.
 _TAIL_ROWS = 64
 
@@ -319,11 +328,15 @@ class ImportState:
     # inserting -------------------------------------------------------------
 
     def time_page(self, after: int, limit: int) -> list[tuple[Any, ...]]:
-        """(rowid, ms, id, file, line, project, dup, offset, length, own duration,
+        """(rowid, ms, id, file, line, project, dup, offset, length, tail, own duration,
         duration, session) of the next `limit` rows of `ordered` after rowid `after`,
         and every row right after them that is a copy of the last one (its ms and id):
-        copies of one event never straddle two chunks. The rows' bytes: `read_rows`."""
-        columns = "rowid, ms, id, file, line, project, dup, off, len, own, dur, sess FROM ordered"
+        copies of one event never straddle two chunks. The rows' bytes: `read_rows`.
+        `tail`: the common fix, a duration for a row without one of its own (and no
+        derived session), as the bytes that replace the row's closing brace (as
+        worker/importer/rows.py's `with_field` adds a field); None for any other."""
+        columns = f"rowid, ms, id, file, line, project, dup, off, len, {_FIX_TAIL}, own, dur, sess "
+        columns += "FROM ordered"
         page = self.db.execute(
             f"SELECT {columns} WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, limit)
         ).fetchall()
@@ -345,6 +358,7 @@ class ImportState:
         files: Sequence[int],
         offsets: Sequence[int],
         lengths: Sequence[int],
+        tails: Sequence[bytes | None],
         owns: Sequence[int],
         durations: Sequence[int | None],
         sessions: Sequence[str | None],
@@ -352,15 +366,41 @@ class ImportState:
         finish: Finish,
     ) -> list[bytes]:
         """The rows (columns as `time_page` gives them) as inserted: each one's bytes from
-        its data file, `finish(row, own, duration, session)` applied where the durations
-        pass fixed it. Read with a `pread` each: only the rows' bytes are in memory."""
-        for file in set(files).difference(self._data):
-            self._data[file] = os.open(data_path(self.directory, file), os.O_RDONLY)
-        rows = list(map(os.pread, map(self._data.__getitem__, files), lengths, offsets))
-        if sum(map(len, rows)) != sum(lengths):
-            raise sqlite3.DatabaseError(f"a data file in {self.directory} is cut short: damaged")
-        for n, (duration, session) in enumerate(zip(durations, sessions, strict=True)):
-            if duration is not None or session is not None:
+        its data file, the durations pass's fix applied (`tail`, or `finish(row, own,
+        duration, session)`). A data file's rows are read in one piece where they lie
+        close together (at most `SPAN_FACTOR` times their bytes), else one by one: only
+        about the rows' bytes are in memory."""
+        rows: list[bytes] = [b""] * len(files)
+        places: dict[int, list[int]] = {}
+        for n, file in enumerate(files):
+            places.setdefault(file, []).append(n)
+        for file, numbers in places.items():
+            fd = self._data.get(file)
+            if fd is None:
+                fd = self._data[file] = os.open(data_path(self.directory, file), os.O_RDONLY)
+            starts = [offsets[n] for n in numbers]
+            ends = list(map(add, starts, [lengths[n] for n in numbers]))
+            start, end = min(starts), max(ends)
+            wanted = sum(ends) - sum(starts)
+            if end - start <= SPAN_FACTOR * wanted:
+                span = os.pread(fd, end - start, start)
+                at = repeat(start)
+                pieces = list(
+                    map(span.__getitem__, map(slice, map(sub, starts, at), map(sub, ends, at)))
+                )
+            else:
+                pieces = list(map(os.pread, repeat(fd), map(sub, ends, starts), starts))
+            if sum(map(len, pieces)) != wanted:
+                raise sqlite3.DatabaseError(f"{data_path(self.directory, file)} is cut short")
+            if len(places) == 1:
+                rows = pieces
+            else:
+                for n, piece in zip(numbers, pieces, strict=True):
+                    rows[n] = piece
+        for n, (tail, duration, session) in enumerate(zip(tails, durations, sessions, strict=True)):
+            if tail is not None:
+                rows[n] = rows[n][:-1] + tail
+            elif duration is not None or session is not None:
                 rows[n] = finish(rows[n], owns[n], duration, session)
         return rows
 
