@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple, Protocol
 
-from worker.importer.import_state import ImportState
+from worker.importer.import_state import ImportState, gc_paused
 from worker.importer.isolation import Child
 from worker.importer.options import ImportOptions, Progress
 from worker.importer.rows import finish_row
@@ -263,6 +263,13 @@ def start_insert(options: ImportOptions, connect: Connect) -> Writer:
 
 def insert(state: ImportState, options: ImportOptions, writer: Writer, report: Progress) -> None:
     """Insert the chunks from where the state says to the last."""
+    with gc_paused():
+        _insert_all(state, options, writer, report)
+
+
+def _insert_all(
+    state: ImportState, options: ImportOptions, writer: Writer, report: Progress
+) -> None:
     total = state.count("SELECT count() FROM rows")
     progress = state.get("inserted")
     if progress is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import multiprocessing
 import os
 import signal
@@ -120,6 +121,7 @@ def _child(
     code = 0
     try:
         die_with_parent()
+        gc.enable()  # forked while the importer had it paused (import_state.gc_paused)
         if warm is not None:
             with contextlib.suppress(Exception):  # the work meets any failure again
                 warm()
