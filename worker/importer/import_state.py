@@ -142,7 +142,8 @@ _BY_SESSION = (
 # join, no lookups. Ties (copies of one event) are ordered by file and line. `fixes`
 # is indexed first (covering: the join reads no row of it). The rows' bytes stay in
 # their data files: the insert pass reads them by offset and applies the fix there
-# (worker/importer/rows.py's `finish_row`).
+# (the common one as bytes SQLite makes, `_FIX_TAIL`; any other through
+# worker/importer/rows.py's `finish_row`).
 _FIXES_BY_ROW = "CREATE INDEX IF NOT EXISTS fixes_by_row ON fixes (rid, dur, sess, dup)"
 _FILL_ORDERED = (
     "INSERT INTO ordered (ms, id, file, line, project, dup, off, len, own, dur, sess) "
