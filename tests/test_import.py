@@ -296,6 +296,74 @@ def _phase(cwd: Path) -> str:
     return "reading"
 
 
+def _killed_while_reading(tmp_path: Path, export: Export, env: dict[str, str]) -> list[Path]:
+    """Run the import and SIGKILL it once it has committed some lines; its data files."""
+    process = subprocess.Popen(
+        import_command("--json", *export.files),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(
+            lambda: _read_lines(tmp_path) > 0,
+            120,
+            "the import's progress",
+            alive=lambda: process.poll() is None,
+        )
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    data_files = sorted((tmp_path / "data" / "imports").glob("*/rows-*.data"))
+    assert data_files, "no data file next to the state"
+    return data_files
+
+
+def test_bytes_a_killed_import_wrote_after_its_last_commit_are_cut_on_resume(
+    tmp_path: Path, chdb: str
+) -> None:
+    """The rows' bytes go to a data file per export file before the batch that records
+    them commits: a kill can leave bytes past the committed length. The re-run cuts
+    each data file back to it, so the rows it appends land where the state says (and
+    every event lands once, as exported)."""
+    export = generate_export(tmp_path / "export", 60_000, files=3)
+    env = import_env(chdb)
+    # What a reader process killed between writing a batch and its commit leaves.
+    for path in _killed_while_reading(tmp_path, export, env):
+        with path.open("ab") as out:
+            out.write(b'{"id":"not committed"}' * 1000)
+    summary = summary_of(run_import_cli(tmp_path, env, "--json", *export.files))
+    assert summary["resumed"]
+    assert (summary["imported"], summary["duplicates"]) == (export.events, 0)
+    assert summary["rejected"] == 0
+    check_exactly_once(chdb, export)
+    assert not list((tmp_path / "data" / "imports").glob("*/rows-*.data"))
+
+
+def test_a_data_file_shorter_than_its_state_says_stops_the_import(
+    tmp_path: Path, chdb: str
+) -> None:
+    """Bytes the state has committed and its data file lacks (a power loss, say): the
+    state is damaged, the import stops (exit 1) and says so; nothing is inserted."""
+    export = generate_export(tmp_path / "export", 60_000, files=3)
+    env = import_env(chdb)
+    data_files = _killed_while_reading(tmp_path, export, env)
+    committed = dict(_state_query(tmp_path, "SELECT idx, data FROM files"))
+    idx = max(committed, key=lambda k: committed[k])
+    assert committed[idx] > 0
+    [path] = [p for p in data_files if p.name == f"rows-{idx}.data"]
+    with path.open("r+b") as out:
+        out.truncate(committed[idx] - 1)
+    result = run_import_cli(tmp_path, env, "--json", *export.files)
+    assert result.returncode == 1, result.stderr
+    assert "damaged" in result.stderr
+    assert query(chdb, "SELECT count() FROM events") == [(0,)]
+
+
 @pytest.mark.parametrize("fetch_all_max", [0, 10**6])
 def test_the_check_for_ids_already_there_reads_them_either_way(
     tmp_path: Path, chdb: str, monkeypatch: pytest.MonkeyPatch, fetch_all_max: int

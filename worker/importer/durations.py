@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from worker.importer.import_state import ImportState
+from worker.importer.import_state import ImportState, gc_paused
 from worker.importer.rows import KIND_SCREEN_VIEW, KIND_SESSION_END
 from worker.importer.sessions import DERIVED, SessionCutter
 
@@ -69,6 +69,11 @@ class _Walk:
 
 def compute_durations(state: ImportState, advance: Callable[[int], None]) -> None:
     """Walk every session (and actor) of the state once, storing durations and sessions."""
+    with gc_paused():
+        _walk_all(state, advance)
+
+
+def _walk_all(state: ImportState, advance: Callable[[int], None]) -> None:
     walked = state.get("walked") or ""
     after: tuple[str, int, str, str, int, int] = (
         (walked, 2**62, "\uffff", "\uffff", 2**62, 2**62) if walked else ("", -1, "", "", -1, -1)

@@ -1,4 +1,4 @@
-"""An import's state on disk: one SQLite file, so a killed import continues where it was.
+"""An import's state on disk: one SQLite file and the rows' bytes, so a killed import continues.
 
 The state lives in `<state root>/<key>/state.sqlite`, where the key is a hash
 of the import's arguments (format, project, ClickHouse URL and table, and
@@ -6,16 +6,23 @@ each file's absolute path, size and modification time): running the same
 command again finds it. It holds:
 
 - `meta`: the import's time (`imported_at` of every row), its phase.
-- `files`: per file, the last line read into the state and the counts.
-- `rows`: every valid event of the export (its stored row and what sorting
-  and the durations need), appended while reading. SQLite keeps them on
-  disk and sorts them with bounded memory (`CREATE INDEX` is an external
-  sort): a 10 GB export needs disk, not 10 GB of RAM.
+- `files`: per file, the last line read into the state, the counts, and the
+  committed length of its data file.
+- data files (`rows-<file>.data`, next to the state): each valid event's
+  stored row (its JSON bytes), appended while reading, one file per export
+  file (written by whichever process reads that file). SQLite does not hold
+  them: its sorts and scans move only the small columns below.
+- `rows`: every valid event of the export (where its stored row is in its
+  data file, and what sorting and the durations need), appended while
+  reading. SQLite keeps them on disk and sorts them with bounded memory
+  (`CREATE INDEX` is an external sort): a 10 GB export needs disk, not 10 GB
+  of RAM.
 - `fixes`: what the durations pass gave a row (its duration, its derived
   session, that it repeats another), by the row's rowid.
-- `ordered`: every row as it is inserted (the durations' fixes applied), in
-  `created_at` order, written once by the sort by time (SQLite's external
-  sort again) for the insert pass to read in rowid order.
+- `ordered`: every row with its durations' fixes, in `created_at` order,
+  written once by the sort by time (SQLite's external sort again) for the
+  insert pass to read in rowid order; the pass reads each row's bytes from
+  its data file (by offset) and applies the fix.
 - `rejects`: every line refused (by validation, or by ClickHouse), with its
   file, number and reason.
 - `chunks`: the one chunk being inserted: which of its ids ClickHouse had
@@ -23,22 +30,32 @@ command again finds it. It holds:
   inserts the same rows and counts them the same way.
 
 Each step commits with the progress it made, in one SQLite transaction
-(WAL; a process killed at any point loses only the uncommitted step).
+(WAL; a process killed at any point loses only the uncommitted step). A
+batch of rows is written to its data file before the transaction that
+records it (with the data file's new length) commits; when the state is
+opened again, each data file is cut back to its committed length, so bytes
+a killed import appended after its last commit are dropped (and read again).
 `synchronous = OFF`: a commit is in the WAL file (the OS's page cache) when
 COMMIT returns, without an fsync. A killed process (SIGKILL included) loses
 nothing committed, since the page cache outlives it; a power loss or an OS
-crash may lose the last commits or damage the file. Lost commits are redone,
-and what they had inserted is found by the check against the table; a
-damaged state stops the import (exit 1) until its directory is removed, and
-the re-run, starting anew, finds every row already in ClickHouse.
+crash may lose the last commits or damage the files (a data file shorter
+than its committed length is found damaged when the state is opened). Lost
+commits are redone, and what they had inserted is found by the check
+against the table; a damaged state stops the import (exit 1) until its
+directory is removed, and the re-run, starting anew, finds every row
+already in ClickHouse.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import takewhile
+from contextlib import contextmanager
+from itertools import repeat, takewhile
+from operator import add, sub
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +64,7 @@ REJECTS_FILE = "rejects.ndjson"
 SUMMARY_FILE = "summary.json"
 
 # The state's layout: a state of another layout (an earlier release's) is not resumed.
-LAYOUT = "3"
+LAYOUT = "4"
 
 # SQLite's page cache for the state: what the sorts and scans may keep in memory.
 CACHE_KIB = 64 * 1024
@@ -62,7 +79,8 @@ CREATE TABLE IF NOT EXISTS files (
     valid INTEGER NOT NULL DEFAULT 0,
     rejected INTEGER NOT NULL DEFAULT 0,
     imported INTEGER NOT NULL DEFAULT 0,
-    duplicates INTEGER NOT NULL DEFAULT 0
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    data INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS rows (
     grp TEXT NOT NULL,
@@ -73,7 +91,8 @@ CREATE TABLE IF NOT EXISTS rows (
     line INTEGER NOT NULL,
     project TEXT NOT NULL,
     own INTEGER NOT NULL,
-    row BLOB NOT NULL
+    off INTEGER NOT NULL,
+    len INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS fixes (
     rid INTEGER NOT NULL,
@@ -88,7 +107,11 @@ CREATE TABLE IF NOT EXISTS ordered (
     line INTEGER NOT NULL,
     project TEXT NOT NULL,
     dup INTEGER NOT NULL,
-    row BLOB NOT NULL
+    off INTEGER NOT NULL,
+    len INTEGER NOT NULL,
+    own INTEGER NOT NULL,
+    dur INTEGER,
+    sess TEXT
 );
 CREATE TABLE IF NOT EXISTS rejects (
     file INTEGER NOT NULL,
@@ -113,33 +136,59 @@ CREATE TABLE IF NOT EXISTS chunks (
 _BY_SESSION = (
     "CREATE INDEX IF NOT EXISTS rows_by_session ON rows (grp, ms, id, kind, own) WHERE grp != ''"
 )
-# The insert pass's order: every row with its fixes applied, sorted by created_at
-# into `ordered`. A sorted copy appended in order costs less than an index holding
-# the rows' bytes (SQLite sorts both the same way), and the insert pass then reads
-# each chunk as it is stored: no join, no lookups, no per-row work. Ties (copies
-# of one event) are ordered by file and line. `fixes` is indexed first (covering:
-# the join reads no row of it). The common fix, a duration for a row without one of
-# its own (and no derived session), is appended to the row's JSON by SQLite itself
-# (as worker/importer/rows.py's `with_field` does: `,"duration":N` before its
-# closing brace); any other goes through `finish`, a Python function of the row,
-# its own duration, and the fix's duration and session.
+# The insert pass's order: every row with its fixes, sorted by created_at into
+# `ordered`. A sorted copy appended in order costs less than an index (SQLite sorts
+# both the same way), and the insert pass then reads each chunk as it is stored: no
+# join, no lookups. Ties (copies of one event) are ordered by file and line. `fixes`
+# is indexed first (covering: the join reads no row of it). The rows' bytes stay in
+# their data files: the insert pass reads them by offset and applies the fix there
+# (the common one as bytes SQLite makes, `_FIX_TAIL`; any other through
+# worker/importer/rows.py's `finish_row`).
 _FIXES_BY_ROW = "CREATE INDEX IF NOT EXISTS fixes_by_row ON fixes (rid, dur, sess, dup)"
 _FILL_ORDERED = (
-    "INSERT INTO ordered (ms, id, file, line, project, dup, row) "
-    "SELECT r.ms, r.id, r.file, r.line, r.project, coalesce(f.dup, 0), "
-    "CASE WHEN f.rid IS NULL THEN r.row "
-    "WHEN f.sess IS NULL AND f.dur IS NULL THEN r.row "
-    "WHEN f.sess IS NULL AND r.own = 0 AND f.dur != 0 THEN "
-    "CAST(substr(r.row, 1, length(r.row) - 1) || ',\"duration\":' || f.dur || '}' AS BLOB) "
-    "ELSE finish(r.row, r.own, f.dur, f.sess) END "
+    "INSERT INTO ordered (ms, id, file, line, project, dup, off, len, own, dur, sess) "
+    "SELECT r.ms, r.id, r.file, r.line, r.project, coalesce(f.dup, 0), r.off, r.len, "
+    "r.own, f.dur, f.sess "
     "FROM rows AS r LEFT JOIN fixes AS f ON f.rid = r.rowid "
     "ORDER BY r.ms, r.id, r.file, r.line"
 )
+# The common fix as the bytes that replace a row's closing brace (`time_page`).
+_FIX_TAIL = (
+    "CASE WHEN sess IS NULL AND own = 0 AND dur != 0 "
+    "THEN CAST(',\"duration\":' || dur || '}' AS BLOB) END"
+)
+# A data file's rows for one chunk are read in one piece when they span at most this
+# many times their own bytes (`read_rows`).
+SPAN_FACTOR = 4
 # After a chunk's last row, rows read at a time while they are copies of it.
 _TAIL_ROWS = 64
 
-# One row as the state keeps it (the columns of `rows` up to `row`).
-RowRecord = tuple[str, int, str, str, int, int, str, int, bytes]
+# One row as the state keeps it (the columns of `rows`: its bytes are at `off`, `len`
+# bytes long, in its file's data file).
+RowRecord = tuple[str, int, str, str, int, int, str, int, int, int]
+# What the insert pass makes of a row: its stored bytes, its own duration, the duration
+# and session the durations pass gave it (None: unchanged); the bytes as inserted.
+Finish = Callable[[bytes, int, int | None, str | None], bytes]
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a pass over the state: its pages make
+    tens of thousands of tuples at a time, which start collections that scan every
+    object alive (a pass's own objects hold no cycles: reference counting frees them).
+    It runs again after, as it was."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def data_path(directory: Path, file: int) -> Path:
+    """The data file of the export's file `file` (its rows' bytes)."""
+    return directory / f"rows-{file}.data"
 
 
 class ImportState:
@@ -155,12 +204,16 @@ class ImportState:
         self.db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         self.db.execute("PRAGMA temp_store = FILE")
         self.db.executescript(_SCHEMA)
+        self._data: dict[int, int] = {}  # the data files open for reading: file -> fd
 
     @property
     def rejects_path(self) -> Path:
         return self.directory / REJECTS_FILE
 
     def close(self) -> None:
+        for fd in self._data.values():
+            os.close(fd)
+        self._data.clear()
         self.db.close()
 
     # meta ------------------------------------------------------------------
@@ -183,8 +236,11 @@ class ImportState:
         self.db.execute("COMMIT")
 
     def initialise(self, paths: Sequence[str], meta: dict[str, str]) -> None:
-        """Record the files and the import's fixed facts, once (a resumed import keeps them)."""
+        """Record the files and the import's fixed facts, once (a resumed import keeps them);
+        each data file cut back to its committed length (a killed import's bytes after
+        its last commit go: they are read again)."""
         if self.get("created") is not None:
+            self._trim_data()
             return
         self.begin()
         for idx, path in enumerate(paths):
@@ -194,12 +250,29 @@ class ImportState:
         self.put("layout", LAYOUT)
         self.put("created", "1")
         self.commit()
+        self._trim_data()
+
+    def _trim_data(self) -> None:
+        """Every data file at its committed length (a new state's: none, whatever an
+        earlier import of the same arguments left); one shorter is a damaged state."""
+        for idx, committed in self.db.execute("SELECT idx, data FROM files"):
+            path = data_path(self.directory, idx)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                size = 0
+            if size < committed:
+                raise sqlite3.DatabaseError(
+                    f"{path} holds {size} bytes, the state recorded {committed}: damaged"
+                )
+            if size > committed:
+                os.truncate(path, committed)
 
     # reading ---------------------------------------------------------------
 
     def files(self) -> list[dict[str, Any]]:
         cursor = self.db.execute(
-            "SELECT idx, path, line, done, valid, rejected, imported, duplicates "
+            "SELECT idx, path, line, done, valid, rejected, imported, duplicates, data "
             "FROM files ORDER BY idx"
         )
         names = [d[0] for d in cursor.description]
@@ -211,21 +284,23 @@ class ImportState:
         line: int,
         rows: Sequence[RowRecord],
         rejects: Sequence[tuple[int, int, str, str, str]],
+        data: int,
         *,
         done: bool = False,
     ) -> None:
-        """Rows and rejects of a file up to `line`, and that progress, in one transaction."""
+        """Rows and rejects of a file up to `line`, and that progress, in one transaction;
+        the rows' bytes are in the file's data file already, `data` bytes long now."""
         self.begin()
         self.db.executemany(
-            "INSERT INTO rows (grp, ms, id, kind, file, line, project, own, row) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO rows (grp, ms, id, kind, file, line, project, own, off, len) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
         self.db.executemany("INSERT INTO rejects VALUES (?, ?, ?, ?, ?)", rejects)
         self.db.execute(
-            "UPDATE files SET line = ?, done = ?, valid = valid + ?, rejected = rejected + ? "
-            "WHERE idx = ?",
-            (line, int(done), len(rows), len(rejects), file),
+            "UPDATE files SET line = ?, done = ?, valid = valid + ?, rejected = rejected + ?, "
+            "data = ? WHERE idx = ?",
+            (line, int(done), len(rows), len(rejects), data, file),
         )
         self.commit()
 
@@ -233,11 +308,10 @@ class ImportState:
         """The durations pass's order (SQLite sorts on disk, in bounded memory)."""
         self.db.execute(_BY_SESSION)
 
-    def sort_by_time(self, finish: Callable[[bytes, int, int | None, str | None], bytes]) -> None:
-        """The insert pass's rows, `finish(row, own duration, duration, session)` applied to
-        those the durations pass fixed, into `ordered` by created_at; with the meta
-        `time_sorted`, in one transaction (a re-run after a kill starts it anew)."""
-        self.db.create_function("finish", 4, finish, deterministic=True)
+    def sort_by_time(self) -> None:
+        """The insert pass's rows, with what the durations pass gave them, into `ordered`
+        by created_at; with the meta `time_sorted`, in one transaction (a re-run after a
+        kill starts it anew)."""
         self.begin()
         self.db.execute("DELETE FROM ordered")
         self.db.execute(_FIXES_BY_ROW)
@@ -272,10 +346,15 @@ class ImportState:
     # inserting -------------------------------------------------------------
 
     def time_page(self, after: int, limit: int) -> list[tuple[Any, ...]]:
-        """(rowid, ms, id, file, line, project, dup, row) of the next `limit` rows of
-        `ordered` after rowid `after`, and every row right after them that is a copy
-        of the last one (its ms and id): copies of one event never straddle two chunks."""
-        columns = "rowid, ms, id, file, line, project, dup, row FROM ordered"
+        """(rowid, ms, id, file, line, project, dup, offset, length, tail, own duration,
+        duration, session) of the next `limit` rows of `ordered` after rowid `after`,
+        and every row right after them that is a copy of the last one (its ms and id):
+        copies of one event never straddle two chunks. The rows' bytes: `read_rows`.
+        `tail`: the common fix, a duration for a row without one of its own (and no
+        derived session), as the bytes that replace the row's closing brace (as
+        worker/importer/rows.py's `with_field` adds a field); None for any other."""
+        columns = f"rowid, ms, id, file, line, project, dup, off, len, {_FIX_TAIL}, own, dur, sess "
+        columns += "FROM ordered"
         page = self.db.execute(
             f"SELECT {columns} WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, limit)
         ).fetchall()
@@ -291,6 +370,57 @@ class ImportState:
             page.extend(copies)
             if len(copies) < _TAIL_ROWS:
                 return page
+
+    def read_rows(
+        self,
+        files: Sequence[int],
+        offsets: Sequence[int],
+        lengths: Sequence[int],
+        tails: Sequence[bytes | None],
+        owns: Sequence[int],
+        durations: Sequence[int | None],
+        sessions: Sequence[str | None],
+        *,
+        finish: Finish,
+    ) -> list[bytes]:
+        """The rows (columns as `time_page` gives them) as inserted: each one's bytes from
+        its data file, the durations pass's fix applied (`tail`, or `finish(row, own,
+        duration, session)`). A data file's rows are read in one piece where they lie
+        close together (at most `SPAN_FACTOR` times their bytes), else one by one: only
+        about the rows' bytes are in memory."""
+        rows: list[bytes] = [b""] * len(files)
+        places: dict[int, list[int]] = {}
+        for n, file in enumerate(files):
+            places.setdefault(file, []).append(n)
+        for file, numbers in places.items():
+            fd = self._data.get(file)
+            if fd is None:
+                fd = self._data[file] = os.open(data_path(self.directory, file), os.O_RDONLY)
+            starts = [offsets[n] for n in numbers]
+            ends = list(map(add, starts, [lengths[n] for n in numbers]))
+            start, end = min(starts), max(ends)
+            wanted = sum(ends) - sum(starts)
+            if end - start <= SPAN_FACTOR * wanted:
+                span = os.pread(fd, end - start, start)
+                at = repeat(start)
+                pieces = list(
+                    map(span.__getitem__, map(slice, map(sub, starts, at), map(sub, ends, at)))
+                )
+            else:
+                pieces = list(map(os.pread, repeat(fd), map(sub, ends, starts), starts))
+            if sum(map(len, pieces)) != wanted:
+                raise sqlite3.DatabaseError(f"{data_path(self.directory, file)} is cut short")
+            if len(places) == 1:
+                rows = pieces
+            else:
+                for n, piece in zip(numbers, pieces, strict=True):
+                    rows[n] = piece
+        for n, (tail, duration, session) in enumerate(zip(tails, durations, sessions, strict=True)):
+            if tail is not None:
+                rows[n] = rows[n][:-1] + tail
+            elif duration is not None or session is not None:
+                rows[n] = finish(rows[n], owns[n], duration, session)
+        return rows
 
     def chunk_intent(self, idx: int) -> set[str] | None:
         row = self.db.execute("SELECT existing FROM chunks WHERE idx = ?", (idx,)).fetchone()

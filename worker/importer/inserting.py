@@ -20,8 +20,12 @@ ClickHouse is opened for each chunk (its check and its insert) and closed
 right after (a flush worker gets an embedded ClickHouse between chunks).
 With `isolate` (embedded ClickHouse) the importer hands each chunk to a
 child process that checks and inserts it (worker/importer/isolation.py),
-`CHUNKS_PER_CHILD` chunks per child, and reads the next chunk from its state
-while the child inserts; only the importer touches the state.
+`CHUNKS_PER_CHILD` chunks per child: first the chunk's ids (the check), then,
+once the answer is recorded, its rows, which the importer reads from its
+data files while the child opens ClickHouse and asks; and it reads the next
+chunk from its state while the child inserts. The first chunk a run writes
+has ClickHouse opened for it while the importer reads its page (`ahead`).
+Only the importer touches the state.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple, Protocol
 
-from worker.importer.import_state import ImportState
+from worker.importer.import_state import ImportState, gc_paused
 from worker.importer.isolation import Child
 from worker.importer.options import ImportOptions, Progress
+from worker.importer.rows import finish_row
 from worker.importer.writer import chunk_token, existing_ids
 from worker.sinks import RetryableSinkError, RowRejectedError, Sink
 
@@ -53,59 +58,80 @@ WRITE_ATTEMPTS = 8
 # The reason of a row ClickHouse refused (after its validation here), in the rejects.
 REASON_REFUSED = "refused by ClickHouse"
 RAW_CLIP = 2_000
+# What the importer sends a child before a chunk's page is read: open ClickHouse now.
+AHEAD = "ahead"
 
 Connect = Callable[[], AbstractContextManager[Sink]]
 
 
-class Chunk(NamedTuple):
-    """What writing one chunk needs: the ids to insert unless ClickHouse has them, their
-    rows (in the same order, joined by newlines: a stored row is one line of JSON), and
-    where the check looks (projects, seconds). One `bytes` of rows goes to a child
-    process as one copy, where a list of them costs a pickled object per row."""
+class Check(NamedTuple):
+    """What the check of one chunk needs: the ids to insert unless ClickHouse has them,
+    and where it looks (projects, seconds)."""
 
     ids: list[str]
-    rows: bytes
     projects: list[str]
     first: str
     end: str
-    token: str  # the insert's token when every id goes in (computed by the importer)
+
+
+class Rows(NamedTuple):
+    """The rows of a chunk's ids (in the same order, joined by newlines: a stored row is
+    one line of JSON), and the insert's token when every id goes in. One `bytes` of
+    rows goes to a child process as one copy, where a list of them costs a pickled
+    object per row."""
+
+    rows: bytes
+    token: str
 
 
 class Writer(Protocol):
     def write(
         self,
-        chunk: Chunk,
+        check: Check,
+        load: Callable[[], Rows],
         record: Callable[[set[str]], None],
         meanwhile: Callable[[], None],
         more: int,
     ) -> dict[str, str]:
-        """Check and insert `chunk` (`write_chunk`); `meanwhile()` runs while the rows
-        are being inserted, where they are inserted elsewhere; `more`: how many chunks
-        may follow. The rows refused (id -> ClickHouse's message)."""
+        """Check and insert a chunk (`write_chunk`): its rows are `load()`ed while
+        ClickHouse is asked, where it is asked elsewhere; `meanwhile()` runs while
+        the rows are being inserted, where they are inserted elsewhere; `more`: how
+        many chunks may follow. The rows refused (id -> ClickHouse's message)."""
+        ...
+
+    def ahead(self) -> None:
+        """A chunk is about to be written (its page is being read): where it is written
+        elsewhere, ClickHouse is opened for it now."""
         ...
 
     def close(self) -> None: ...
 
 
 def write_chunk(
-    connect: Connect, chunk: Chunk, record: Callable[[set[str]], None]
+    connect: Connect,
+    check: Check,
+    record: Callable[[set[str]], None],
+    load: Callable[[], Rows],
+    opened: _Opened | None = None,
 ) -> dict[str, str]:
-    """Open ClickHouse, ask which of the chunk's ids it holds, give that answer to
-    `record` (the state keeps it before anything is inserted), insert the other rows,
-    close; the rows ClickHouse refused (id -> its message)."""
+    """Open ClickHouse (unless `opened` has), ask which of the chunk's ids it holds,
+    give that answer to `record` (the state keeps it before anything is inserted),
+    insert the other rows (`load()`), close; the rows ClickHouse refused (id -> its
+    message)."""
     refused: dict[str, str] = {}
-    with _Opened(connect) as sink:
+    with opened or _Opened(connect) as sink:
         present = (
-            existing_ids(sink, chunk.ids, chunk.projects, chunk.first, chunk.end)
-            if chunk.ids
+            existing_ids(sink, check.ids, check.projects, check.first, check.end)
+            if check.ids
             else set()
         )
         record(present)
-        ids = chunk.ids
-        rows = chunk.rows.split(b"\n") if ids else []
+        loaded = load()
+        ids = check.ids
+        rows = loaded.rows.split(b"\n") if ids else []
         if len(rows) != len(ids):
             raise ValueError(f"a chunk of {len(ids)} ids came with {len(rows)} rows")
-        token: str | None = chunk.token
+        token: str | None = loaded.token
         if present:
             kept = [n for n, event_id in enumerate(ids) if event_id not in present]
             ids, rows, token = [ids[n] for n in kept], [rows[n] for n in kept], None
@@ -122,14 +148,19 @@ class _InProcess:
 
     def write(
         self,
-        chunk: Chunk,
+        check: Check,
+        load: Callable[[], Rows],
         record: Callable[[set[str]], None],
         meanwhile: Callable[[], None],
         more: int,
     ) -> dict[str, str]:
-        refused = write_chunk(self.connect, chunk, record)
+        load()  # before ClickHouse is opened (`write_chunk` gets the rows loaded)
+        refused = write_chunk(self.connect, check, record, load)
         meanwhile()
         return refused
+
+    def ahead(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -144,17 +175,13 @@ class _InChildren:
         self.current: Child | None = None
         self.written = 0  # chunks handed to `current`
         self.next: Child | None = self._fork()
+        self.opened = False  # `current` has opened ClickHouse for the next chunk (`ahead`)
 
     def _fork(self) -> Child:
         return Child(_serve(self.connect), warm=_load_chdb)
 
-    def write(
-        self,
-        chunk: Chunk,
-        record: Callable[[set[str]], None],
-        meanwhile: Callable[[], None],
-        more: int,
-    ) -> dict[str, str]:
+    def _child(self) -> Child:
+        """The child for the next chunk."""
         if (
             self.current is None
             or self.written == CHUNKS_PER_CHILD
@@ -163,14 +190,31 @@ class _InChildren:
             if self.current is not None:
                 self.current.close()
             self.current, self.next, self.written = self.next or self._fork(), None, 0
-        child = self.current
+        return self.current
+
+    def ahead(self) -> None:
+        if not self.opened:
+            self._child().send(AHEAD)
+            self.opened = True
+
+    def write(
+        self,
+        check: Check,
+        load: Callable[[], Rows],
+        record: Callable[[set[str]], None],
+        meanwhile: Callable[[], None],
+        more: int,
+    ) -> dict[str, str]:
+        child = self.current if self.opened and self.current is not None else self._child()
+        self.opened = False
         self.written += 1
         left = CHUNKS_PER_CHILD - self.written  # after this one
         if self.next is None and more > left and left < FORK_AHEAD_CHUNKS:
             self.next = self._fork()
-        child.send(chunk)
+        child.send(check)  # the child opens ClickHouse and asks
+        rows = load()  # meanwhile
         record(child.receive())
-        child.send(True)  # recorded: insert
+        child.send(rows)  # recorded: insert
         meanwhile()
         refused: dict[str, str] = child.receive()
         if not more:  # the last chunk: the child exits while the importer finishes
@@ -188,14 +232,21 @@ def _serve(connect: Connect) -> Callable[[Connection], None]:
     """A child's work: each chunk it is sent checked and written, until the channel closes."""
 
     def serve(channel: Connection) -> None:
+        loaded: list[Rows] = []  # the chunk's rows, once the importer sends them
+
+        def record(present: set[str]) -> None:
+            channel.send(present)
+            loaded.append(channel.recv())  # the importer recorded it: the rows
+
         while True:
-            chunk: Chunk = channel.recv()
-
-            def record(present: set[str]) -> None:
-                channel.send(present)
-                channel.recv()  # the importer recorded it
-
-            channel.send(write_chunk(connect, chunk, record))
+            message: Check | str = channel.recv()
+            if not isinstance(message, Check):  # AHEAD: open ClickHouse, the chunk follows
+                opened = _Opened(connect)
+                with opened:
+                    check: Check = channel.recv()
+                    channel.send(write_chunk(connect, check, record, loaded.pop, opened))
+                continue
+            channel.send(write_chunk(connect, message, record, loaded.pop))
 
     return serve
 
@@ -212,6 +263,13 @@ def start_insert(options: ImportOptions, connect: Connect) -> Writer:
 
 def insert(state: ImportState, options: ImportOptions, writer: Writer, report: Progress) -> None:
     """Insert the chunks from where the state says to the last."""
+    with gc_paused():
+        _insert_all(state, options, writer, report)
+
+
+def _insert_all(
+    state: ImportState, options: ImportOptions, writer: Writer, report: Progress
+) -> None:
     total = state.count("SELECT count() FROM rows")
     progress = state.get("inserted")
     if progress is None:
@@ -221,6 +279,8 @@ def insert(state: ImportState, options: ImportOptions, writer: Writer, report: P
         idx, after = last[0] + 1, int(last[1])
     done = state.count("SELECT coalesce(sum(imported + duplicates), 0) FROM files")
     report("inserting", done, total, "")
+    if done < total:
+        writer.ahead()  # a child opens ClickHouse while the first page is read
     page = state.time_page(after, options.chunk_rows)
     prepared = _prepare(page) if page else None
     while prepared is not None:
@@ -232,33 +292,54 @@ def insert(state: ImportState, options: ImportOptions, writer: Writer, report: P
         prepared = following
 
 
-class _Prepared(NamedTuple):
-    """A page of `ordered` made ready to write: its chunk (each event once: not a row the
-    durations pass marked a repeat, nor a second row of one id), and for each of the
-    chunk's ids its file, line and row; per file, the page's rows not in the chunk."""
+class _Prepared:
+    """A page of `ordered` made ready to write: its check (each event once: not a row the
+    durations pass marked a repeat, nor a second row of one id), for each of the
+    chunk's ids its file, line and where its row is; per file, the page's rows not in
+    the chunk. Its rows are read from the data files by `load` (once)."""
 
-    chunk: Chunk
-    size: int  # rows of the page
-    end_key: int  # the page's last rowid in `ordered`
-    files: Sequence[int]
-    lines: Sequence[int]
-    rows: Sequence[bytes]
-    repeats: Counter[int]
+    def __init__(
+        self,
+        check: Check,
+        size: int,
+        end_key: int,
+        files: Sequence[int],
+        lines: Sequence[int],
+        places: Sequence[Sequence[Any]],
+        repeats: Counter[int],
+    ) -> None:
+        self.check = check
+        self.size = size  # rows of the page
+        self.end_key = end_key  # the page's last rowid in `ordered`
+        self.files = files
+        self.lines = lines
+        # Column by column, for the chunk's ids: file, offset, length, own duration,
+        # the durations pass's duration and session.
+        self.places = places
+        self.repeats = repeats
+        self.rows: list[bytes] = []
+        self.loaded: Rows | None = None
+
+    def load(self, state: ImportState) -> Rows:
+        """The chunk's rows as inserted, read from the data files (the first call)."""
+        if self.loaded is None:
+            self.rows = state.read_rows(*self.places, finish=finish_row)
+            self.loaded = Rows(b"\n".join(self.rows), chunk_token(self.check.ids))
+        return self.loaded
 
 
 def _prepare(page: list[tuple[Any, ...]]) -> _Prepared:
-    """The chunk of `page` (rows of `ordered`), column by column: the common page (no
-    repeats) takes no Python step per row."""
-    _rowids, _ms, page_ids, page_files, page_lines, page_projects, dups, page_rows = zip(
-        *page, strict=True
-    )
+    """The chunk of `page` (rows of `ordered`, without their bytes), column by column:
+    the common page (no repeats) takes no Python step per row."""
+    columns = list(zip(*page, strict=True))
+    page_ids, page_files, page_lines, page_projects, dups = columns[2:7]
+    places: Sequence[Sequence[Any]] = [columns[3], *columns[7:]]
     repeats: Counter[int] = Counter()
     files: Sequence[int]
     lines: Sequence[int]
-    rows: Sequence[bytes]
     if not any(dups) and len(set(page_ids)) == len(page_ids):
         ids = list(page_ids)
-        files, lines, rows, projects = page_files, page_lines, page_rows, set(page_projects)
+        files, lines, projects = page_files, page_lines, set(page_projects)
     else:
         seen: set[str] = set()
         kept: list[int] = []
@@ -270,21 +351,19 @@ def _prepare(page: list[tuple[Any, ...]]) -> _Prepared:
         ids = [page_ids[n] for n in kept]
         files = [page_files[n] for n in kept]
         lines = [page_lines[n] for n in kept]
-        rows = [page_rows[n] for n in kept]
+        places = [[column[n] for n in kept] for column in places]
         projects = {page_projects[n] for n in kept}
         repeats.update(page_files)
         repeats.subtract(files)
     # Seconds around the chunk's created_at range: a server whose created_at
     # is a DateTime (to the second) takes these bounds too.
-    chunk = Chunk(
+    check = Check(
         ids,
-        b"\n".join(rows),
         sorted(projects),
         _second_text(page[0][1]),
         _second_text(page[-1][1] + 1000),
-        chunk_token(ids),
     )
-    return _Prepared(chunk, len(page), int(page[-1][0]), files, lines, rows, repeats)
+    return _Prepared(check, len(page), int(page[-1][0]), files, lines, places, repeats)
 
 
 def _insert_chunk(
@@ -311,8 +390,9 @@ def _insert_chunk(
         page = state.time_page(prepared.end_key, chunk_rows)
         if page:
             following.append(_prepare(page))
+            following[0].load(state)
 
-    refused = writer.write(prepared.chunk, record, meanwhile, more)
+    refused = writer.write(prepared.check, lambda: prepared.load(state), record, meanwhile, more)
     assert existing is not None  # recorded before the insert
     # Per file: [imported, duplicates (in ClickHouse already, or repeats)].
     counts = {file: [0, repeats] for file, repeats in prepared.repeats.items()}
@@ -321,7 +401,7 @@ def _insert_chunk(
         for file, imported in Counter(prepared.files).items():
             counts.setdefault(file, [0, 0])[0] += imported
     else:
-        for n, event_id in enumerate(prepared.chunk.ids):
+        for n, event_id in enumerate(prepared.check.ids):
             file = prepared.files[n]
             per_file = counts.setdefault(file, [0, 0])
             if event_id in refused:
@@ -367,13 +447,18 @@ def _write_isolating(
 
 
 class _Opened:
-    """`connect()`, retried while ClickHouse is busy or away (RetryableSinkError)."""
+    """`connect()`, retried while ClickHouse is busy or away (RetryableSinkError). Entered
+    again while open (`write_chunk` with a sink opened ahead), the same sink; closed by
+    the first exit."""
 
     def __init__(self, connect: Callable[[], AbstractContextManager[Sink]]) -> None:
         self.connect = connect
         self.manager: AbstractContextManager[Sink] | None = None
+        self.sink: Sink | None = None
 
     def __enter__(self) -> Sink:
+        if self.sink is not None:
+            return self.sink
         delay = 0.5
         for attempt in range(WRITE_ATTEMPTS):
             manager = self.connect()
@@ -385,13 +470,14 @@ class _Opened:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            self.manager = manager
+            self.manager, self.sink = manager, sink
             return sink
         raise AssertionError("unreachable")
 
     def __exit__(self, *exc: Any) -> None:
-        if self.manager is not None:
-            self.manager.__exit__(*exc)
+        manager, self.manager, self.sink = self.manager, None, None
+        if manager is not None:
+            manager.__exit__(*exc)
 
 
 def _write(sink: Sink, rows: list[bytes], token: str) -> None:

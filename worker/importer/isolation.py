@@ -1,25 +1,26 @@
 """The insert pass of an import in short-lived child processes (embedded ClickHouse).
 
 chDB keeps memory for every session a process opens and closes (a few MB
-each: the README's "Running in production"), and an import opens it once per chunk (to
-check the chunk's ids and insert it), so that a flush worker can get in
-between chunks. With `isolate`, only forked children ever load chDB (a
-process that has loaded chDB must not fork: the child hangs; the importer
-never loads it). The importer reads each chunk from its state and hands it
-to a child over a duplex channel; the child checks and inserts it and waits
-for the next one, and after `CHUNKS_PER_CHILD` chunks (worker/importer/
-inserting.py) it is let go and exits, giving back what chDB kept. Only the
-importer touches the state. A child is forked ahead of its turn (`Child`
-with `warm`): it loads chDB (a second or so) while the importer sorts the
-state and walks the durations, or while the child before it inserts. A
-child dies with the importer (PR_SET_PDEATHSIG), so a killed import leaves
-no writer behind.
+each: the README's "Running in production"), and an import opens it once
+per chunk (to check the chunk's ids and insert it), so that a flush worker
+can get in between chunks. With `isolate`, only forked children ever load
+chDB (a process that has loaded chDB must not fork: the child hangs; the
+importer never loads it). The importer reads each chunk from its state and
+hands it to a child over a duplex channel (its ids to check, then its
+rows); the child checks and inserts it and waits for the next one, and
+after `CHUNKS_PER_CHILD` chunks (worker/importer/inserting.py) it is let go
+and exits, giving back what chDB kept. Only the importer touches the state.
+A child is forked ahead of its turn (`Child` with `warm`): it loads chDB (a
+second or so) while the importer sorts the state and walks the durations,
+or while the child before it inserts. A child dies with the importer
+(PR_SET_PDEATHSIG), so a killed import leaves no writer behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import multiprocessing
 import os
 import signal
@@ -120,6 +121,7 @@ def _child(
     code = 0
     try:
         die_with_parent()
+        gc.enable()  # forked while the importer had it paused (import_state.gc_paused)
         if warm is not None:
             with contextlib.suppress(Exception):  # the work meets any failure again
                 warm()

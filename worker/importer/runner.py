@@ -2,14 +2,17 @@
 
 1. Read (worker/importer/reading.py): every file, record by record, through
    its format's reader and the ingest task's validation; valid rows are
-   appended to the state, bad ones recorded as rejects (file, line, reason),
-   committed with the line reached. A re-run skips the lines already read.
+   appended to the state (their bytes to a data file per export file, cut
+   back to its committed length when the state is opened again), bad ones
+   recorded as rejects (file, line, reason), committed with the line
+   reached. A re-run skips the lines already read.
 2. Durations (worker/importer/durations.py): once every file is read, the
    state is sorted and each session walked in `created_at` order. Then the
-   rows, as they are inserted (the durations applied), are sorted by
+   rows (where their bytes are, and the durations' fixes) are sorted by
    `created_at` into a table of their own, in one transaction.
 3. Insert (worker/importer/inserting.py): that table in order,
-   `chunk_rows` at a time. For each
+   `chunk_rows` at a time, each row's bytes read from its data file and
+   the durations applied. For each
    chunk the importer asks ClickHouse which ids it already holds (counted as
    duplicates), records that answer, inserts the rest with a token derived
    from their ids (worker/importer/writer.py), then commits the chunk. A
@@ -23,7 +26,7 @@ process at a time) stays available to a flush worker between them.
 
 When the insert pass ends, the rejects are written next to the state
 (`rejects.ndjson`), the summary too (`summary.json`), and the state's rows
-are deleted: running the same import again starts anew, and finds every row
+(and data files) are deleted: running the same import again starts anew, and finds every row
 already in ClickHouse.
 """
 
@@ -44,13 +47,12 @@ from typing import Any
 
 from worker.errors import EventBufferError
 from worker.importer.durations import compute_durations
-from worker.importer.import_state import REJECTS_FILE, SUMMARY_FILE, ImportState
+from worker.importer.import_state import REJECTS_FILE, SUMMARY_FILE, ImportState, data_path
 from worker.importer.inserting import Writer, insert, start_insert
 from worker.importer.isolation import ChildFailed
 from worker.importer.options import DEFAULT_CHUNK_ROWS, ImportOptions, Progress
 from worker.importer.readers import NEEDS_PROJECT, reader_for
 from worker.importer.reading import read_files
-from worker.importer.rows import finish_row
 from worker.settings import Settings
 from worker.sinks import Sink
 
@@ -250,7 +252,7 @@ def _passes(
     lap("durations")
     if state.get("time_sorted") is None:
         report("sorting by time", 0, 1, "")
-        state.sort_by_time(finish_row)
+        state.sort_by_time()
         report("sorting by time", 1, 1, "")
     lap("sorting by time")
     insert(state, options, writer, report)
@@ -294,6 +296,9 @@ def _finish(state: ImportState, directory: Path, summary: ImportSummary) -> None
     state.close()  # the last connection: SQLite checkpoints and removes its WAL
     for name in ("state.sqlite-wal", "state.sqlite-shm", "state.sqlite"):
         (directory / name).unlink(missing_ok=True)
+    # After the state: a data file a kill leaves here, the next run (anew) cuts to nothing.
+    for idx in range(len(summary.files)):
+        data_path(directory, idx).unlink(missing_ok=True)
 
 
 __all__ = [
