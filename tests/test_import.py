@@ -364,6 +364,29 @@ def test_a_data_file_shorter_than_its_state_says_stops_the_import(
     assert query(chdb, "SELECT count() FROM events") == [(0,)]
 
 
+def test_a_data_file_zeroed_where_its_state_has_rows_stops_the_import(
+    tmp_path: Path, chdb: str
+) -> None:
+    """A data file of the right length whose committed bytes are zeros (what a power loss
+    can leave of pages never written back): the import stops as a damaged state (exit 1)
+    when it reads them, instead of sending ClickHouse zeros to refuse as rejects."""
+    export = generate_export(tmp_path / "export", 60_000, files=3)
+    env = import_env(chdb)
+    data_files = _killed_while_reading(tmp_path, export, env)
+    committed = dict(_state_query(tmp_path, "SELECT idx, data FROM files"))
+    idx = max(committed, key=lambda k: committed[k])
+    assert committed[idx] > 0
+    [path] = [p for p in data_files if p.name == f"rows-{idx}.data"]
+    with path.open("r+b") as out:
+        out.truncate(committed[idx])
+        out.seek(0)
+        out.write(bytes(committed[idx]))
+    result = run_import_cli(tmp_path, env, "--json", *export.files)
+    assert result.returncode == 1, result.stderr
+    assert "damaged" in result.stderr
+    assert query(chdb, "SELECT count() FROM events") == [(0,)]
+
+
 @pytest.mark.parametrize("fetch_all_max", [0, 10**6])
 def test_the_check_for_ids_already_there_reads_them_either_way(
     tmp_path: Path, chdb: str, monkeypatch: pytest.MonkeyPatch, fetch_all_max: int

@@ -39,7 +39,8 @@ a killed import appended after its last commit are dropped (and read again).
 COMMIT returns, without an fsync. A killed process (SIGKILL included) loses
 nothing committed, since the page cache outlives it; a power loss or an OS
 crash may lose the last commits or damage the files (a data file shorter
-than its committed length is found damaged when the state is opened). Lost
+than its committed length is found damaged when the state is opened, one
+holding other bytes than rows where the state says when they are read). Lost
 commits are redone, and what they had inserted is found by the check
 against the table; a damaged state stops the import (exit 1) until its
 directory is removed, and the re-run, starting anew, finds every row
@@ -410,6 +411,13 @@ class ImportState:
                 pieces = list(map(os.pread, repeat(fd), map(sub, ends, starts), starts))
             if sum(map(len, pieces)) != wanted:
                 raise sqlite3.DatabaseError(f"{data_path(self.directory, file)} is cut short")
+            # Each piece is a JSON object where the state says (zeroed or stale pages after
+            # a power loss are not): else a damaged state, not rows ClickHouse would refuse.
+            if not all(map(_looks_like_row, pieces)):
+                raise sqlite3.DatabaseError(
+                    f"{data_path(self.directory, file)} holds something else than the rows "
+                    "the state recorded there: damaged"
+                )
             if len(places) == 1:
                 rows = pieces
             else:
@@ -489,3 +497,8 @@ def _set_aside_other_layout(directory: Path) -> Path | None:
     for suffix in ("-wal", "-shm"):
         path.with_name(STATE_FILE + suffix).unlink(missing_ok=True)
     return aside
+
+
+def _looks_like_row(piece: bytes) -> bool:
+    """A stored row's bytes: one JSON object (its first and last byte)."""
+    return piece[:1] == b"{" and piece[-1:] == b"}"
