@@ -134,19 +134,7 @@ def _release_once(
     plan = _Plan(now_ms)
     if sessions:
         deadlines, packs, closed, views = replies[5:9]
-        gone = set(forgotten)
-        for n, session in enumerate(sessions):
-            deadline = deadlines[n]
-            if deadline is None or float(deadline) > now_ms:
-                continue  # released by another flush since it was listed
-            pack = packs[n]
-            if pack is None:
-                pack = _missing_pack(connection, keys[n])
-            mark = closed[n]
-            closed_at = (
-                int(float(mark)) if mark is not None and session.encode() not in gone else None
-            )
-            plan.session(session, keys[n], pack, closed_at, views[n])
+        plan.sessions(connection, sessions, keys, deadlines, packs, closed, views, forgotten)
     profiles: list[bytes | None] = []
     if plan.profile_order:
         send_commands(connection, [("HMGET", shard.profile_views, *plan.profile_order)])
@@ -224,6 +212,8 @@ class _Plan:
         # per session: its id, key, length read, where the records that stay start in the
         # pack ("" when they are given instead), those records, their deadline
         self.packs: list[tuple[str, str, int, int | str, bytes, int | None]] = []
+        # per session whose every record goes: its id, key, length read (the pack goes)
+        self.dropped: list[tuple[str, str, int]] = []
         self.views_set: list[Any] = []
         self.indexed: list[Any] = []
         self.views_ended: list[str] = []
@@ -235,6 +225,87 @@ class _Plan:
         # (the first 44 bytes of the header)
         self.profiles: dict[bytes, tuple[int, bytes, bytes, bytes | None]] = {}
         self.profile_order: list[bytes] = []
+
+    def sessions(
+        self,
+        connection: Any,
+        sessions: Sequence[str],
+        keys: Sequence[str],
+        deadlines: Sequence[bytes | None],
+        packs: Sequence[bytes | None],
+        closed: Sequence[bytes | None],
+        views: Sequence[bytes | None],
+        forgotten: list[bytes],
+    ) -> None:
+        """Every session read, still due (`deadlines` from held-due): its pack, closed mark
+        and stored view.
+
+        The common case is decided here, with no call per session: a pack of one current
+        record, a view, due, of a session not closed, whose waiting view (if any) is of
+        the current form and created no later (not late). It is released whole (the pack
+        goes, `dropped`): the waiting view is queued with the gap as its duration, and
+        this view waits. Every other session goes through `session`, the general rules
+        (the same decisions, in every case).
+        """
+        now_ms = self.now
+        now_text = self.now_text if len(self.now_text) == 15 else None
+        gone = set(forgotten) if forgotten else None
+        frames = self.frames
+        prefixes = _PREFIXES
+        views_set = self.views_set
+        indexed = self.indexed
+        dropped = self.dropped
+        rows = 0
+        for n, session in enumerate(sessions):
+            deadline = deadlines[n]
+            if deadline is None or float(deadline) > now_ms:
+                continue  # released by another flush since it was listed
+            pack = packs[n]
+            mark = closed[n]
+            if (
+                now_text is not None
+                and pack is not None
+                and mark is None
+                and pack[45:46] == FIELD_END
+                and pack[44] == _VIEW
+                and pack[15:30] <= now_text
+            ):
+                fields = pack.split(FIELD_END)
+                if len(fields) == 5 and len(fields[0]) == HEADER and not fields[4]:
+                    header, pfield, own, head, _ = fields
+                    this = int(header[:15])
+                    stored = views[n]
+                    decided = True
+                    if stored is not None:
+                        parts = stored.split(b";", 2)
+                        if not (len(parts) == 3 and 0 < len(parts[0]) < 24
+                                and b"|" not in parts[0]):  # fmt: skip
+                            decided = False  # another form: the general rules parse it
+                        elif int(parts[0]) > this:
+                            decided = False  # a late view: the general rules
+                        else:
+                            int(parts[1])  # read as the general rules read it
+                            view_head = parts[2]
+                            end = b',"duration":%d}\r\n' % (this - int(parts[0]))
+                            size = len(view_head) + len(end) - 2
+                            frames += (prefixes.get(size) or _prefix(size), view_head, end)
+                            rows += 1
+                    if decided:  # the view waits, the pack goes
+                        views_set += (session, b"%d;%b;%b" % (this, own, head))
+                        indexed += (now_ms, session)
+                        if pfield:
+                            self._profile_event(pfield, this, header, own, head)
+                        dropped.append((session, keys[n], len(pack)))
+                        continue
+            if pack is None:
+                pack = _missing_pack(connection, keys[n])
+            closed_at = (
+                int(float(mark))
+                if mark is not None and (gone is None or session.encode() not in gone)
+                else None
+            )
+            self.session(session, keys[n], pack, closed_at, views[n])
+        self.rows += rows
 
     def session(
         self, session: str, key: str, pack: bytes, closed: int | None, stored: bytes | None
@@ -303,7 +374,7 @@ class _Plan:
                 self._kept(session, key, size, kept_start, dues[released:])
                 del headers[released:], pfields[released:], owns[released:], heads[released:]
             else:
-                self.packs.append((session, key, size, size, b"", None))
+                self.dropped.append((session, key, size))
             created = [int(header[:15]) for header in headers]
             self._rules(session, created, headers, pfields, owns, heads, closed, stored)
             return
@@ -323,7 +394,7 @@ class _Plan:
             else:
                 released = sum(1 for c in created if c <= cut)
         if released == count:
-            self.packs.append((session, key, size, size, b"", None))
+            self.dropped.append((session, key, size))
         else:
             next_deadline = min(times[released:])
             if order is None and spans is None:
@@ -479,7 +550,8 @@ class _Plan:
     def _rewrite(self, shard: ShardKeys) -> tuple[Any, ...] | Framed:
         """The call of release_rewrite.lua for every pack read, its arguments framed here:
         a session's five arguments in one formatting (six short arguments per session
-        cost several times as much framed one by one, by worker/resp.py or hiredis)."""
+        cost several times as much framed one by one, by worker/resp.py or hiredis); then
+        the packs released whole (`dropped`), two arguments each (their id and length)."""
         keys: list[bytes] = []
         args: list[bytes] = []
         try:
@@ -497,15 +569,25 @@ class _Plan:
                     kept,
                     b"\r\n",
                 )  # fmt: skip
+            for session, key, size in self.dropped:
+                name = key.encode()
+                keys.append(b"$%d\r\n%b\r\n" % (len(name), name))
+                member = session.encode()
+                read = b"%d" % size
+                args.append(b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(member), member, len(read), read))
         except UnicodeEncodeError:  # a name hiredis frames its own way (or refuses)
             plain: list[Any] = []
             names: list[str] = []
             for session, key, size, start, kept, deadline in self.packs:
                 names.append(key)
                 plain += (session, size, "" if deadline is None else deadline, start, kept)
+            for session, key, size in self.dropped:
+                names.append(key)
+                plain += (session, size)
             return ("EVAL", _REWRITE, 1 + len(names), shard.held_due, *names, *plain)
-        count = len(self.packs)
-        return Framed(("EVAL", _REWRITE, 1 + count, shard.held_due), 6 * count, keys + args)
+        count = len(self.packs) + len(self.dropped)
+        values = 6 * len(self.packs) + 3 * len(self.dropped)
+        return Framed(("EVAL", _REWRITE, 1 + count, shard.held_due), values, keys + args)
 
     def writes(
         self,
@@ -518,7 +600,7 @@ class _Plan:
         if forgotten:
             out.append(("HDEL", shard.closed, *forgotten))
             out.append(("ZREM", shard.closed_at, *forgotten))
-        if self.packs:
+        if self.packs or self.dropped:
             out.append(self._rewrite(shard))
         if self.rows:
             out.append(Framed(("RPUSH", shard.queue), self.rows, self.frames))
