@@ -336,11 +336,12 @@ class _GeneralOnly(_Plan):
 def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
     client: redis_lib.Redis,
 ) -> None:
-    """A session not closed whose pack is one current record, a view, due, and whose
-    waiting view (if any) is of the current form and not newer: decided by
-    `_Plan.sessions` itself, released whole (its pack goes), as the general rules and
-    release_held.lua decide it. The others (an older form, a late view, a closed
-    session, a session_end, a record not due, two records) take the general rules."""
+    """A session not closed whose pack is current records, views, due, in created order
+    (one, most often), and whose waiting view (if any) is of the current form and not
+    newer: decided by `_Plan.sessions` itself, released whole (its pack goes), as the
+    general rules and release_held.lua decide it. The others (an older form, a late
+    view, a closed session, a session_end, a record not due, records out of created
+    order) take the general rules."""
     base = NOW - 10**6
 
     def at(created: int, name: str = "screen_view") -> Row:
@@ -353,14 +354,19 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
 
     view = at(base)
     fast = {f"f{n}": record(base + 100 * n, 5, str(n), "v", PFIELDS[n % 3]) for n in range(4)}
-    stored = {"f1": stored_view.of_event(view), "f2": stored_view.of_event(view)}
+    # Several views in created order, all due (the same profile twice: its last counts).
+    fast["f4"] = b"".join(record(base + 50 * n, 10, str(n + 4), "v", "p:u1") for n in range(3))
+    fast["f5"] = record(base, 5, "7") + record(base + 100, 10, "8", "v", "p:u2")
+    stored = {f: stored_view.of_event(view) for f in ("f1", "f2", "f4")}
     other_packs = {
         "legacy-view": record(base + 200, 5, "a"),
         "late": record(base - 100, 5, "b"),
         "closed": record(base + 300, 5, "c"),
         "end": record(base + 300, 5, "d", "e", "p:u1"),
         "not-due": record(base + 300, 20, "e"),
-        "two": record(base + 300, 5, "f") + record(base + 400, 10, "g"),
+        "two-unordered": record(base + 400, 5, "f") + record(base + 300, 10, "g"),
+        "two-one-due": record(base + 300, 5, "i") + record(base + 400, 20, "j"),
+        "view-and-end": record(base + 300, 5, "k") + record(base + 400, 10, "l", "e"),
         "framed": framed_record(base + 300, 5, "h" * 14, "v", "", at(base + 300)),
     }
     state: dict[str, Any] = {
@@ -378,7 +384,8 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
     plan.sessions(None, sessions, keys, [b"5"] * len(sessions), client.mget(keys),
                   [None] * len(sessions), client.hmget(KEYS.views, sessions), [])  # fmt: skip
     assert plan.dropped == [(s, KEYS.held(s), len(fast[s])) for s in sessions]
-    assert plan.packs == [] and plan.rows == 2  # the waiting views of f1 and f2
+    # the waiting views of f1, f2 and f4, two views of f4 and one of f5
+    assert plan.packs == [] and plan.rows == 6
     for session in other_packs:
         load_state(client, state)
         key = KEYS.held(session)
@@ -394,7 +401,7 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
     expected = snapshot(client, list(state["packs"]))
     load_state(client, state)
     in_python = release(client, KEYS, due, 10, 60, 60)
-    assert (in_python.rows, in_python.late) == (in_redis.rows, in_redis.late) == (6, 1)
+    assert (in_python.rows, in_python.late) == (in_redis.rows, in_redis.late) == (12, 1)
     assert snapshot(client, list(state["packs"])) == expected
     assert [client.exists(key) for key in keys] == [0] * len(keys)
 

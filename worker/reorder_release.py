@@ -240,12 +240,14 @@ class _Plan:
         """Every session read, still due (`deadlines` from held-due): its pack, closed mark
         and stored view.
 
-        The common case is decided here, with no call per session: a pack of one current
-        record, a view, due, of a session not closed, whose waiting view (if any) is of
-        the current form and created no later (not late). It is released whole (the pack
-        goes, `dropped`): the waiting view is queued with the gap as its duration, and
-        this view waits. Every other session goes through `session`, the general rules
-        (the same decisions, in every case).
+        The common case is decided here, with no call per session: a session not closed
+        whose pack is current records, every one a view and due, in created order (one
+        record, most often), none created before 1970, and whose waiting view (if any) is
+        of the current form and created no later than the first (none is late). It is
+        released whole (the pack goes, `dropped`): each view is queued with the gap to the
+        next as its duration (the waiting view first), and the last waits. Every other
+        session goes through `session`, the general rules (the same decisions, in every
+        case).
         """
         now_ms = self.now
         now_text = self.now_text if len(self.now_text) == 15 else None
@@ -271,18 +273,29 @@ class _Plan:
                 and pack[15:30] <= now_text
             ):
                 fields = pack.split(FIELD_END)
-                if len(fields) == 5 and len(fields[0]) == HEADER and not fields[4]:
-                    header, pfield, own, head, _ = fields
-                    this = int(header[:15])
+                count = len(fields) >> 2
+                if count == 1:
+                    fast = len(fields) == 5 and len(fields[0]) == HEADER and not fields[4]
+                else:  # every record a view, due, the pack in created order, none negative
+                    headers = fields[0 : 4 * count : 4]
+                    fast = (
+                        len(fields) == 4 * count + 1
+                        and not fields[-1]
+                        and pack[:1] != b"-"
+                        and all(len(h) == HEADER and h[44] == _VIEW for h in headers)
+                        and max(map(_DEADLINE, headers)) <= now_text
+                        and headers == sorted(headers)
+                    )
+                if fast:
+                    this = int(fields[0][:15])  # the first created (all are, in order)
                     stored = views[n]
-                    decided = True
                     if stored is not None:
                         parts = stored.split(b";", 2)
                         if not (len(parts) == 3 and 0 < len(parts[0]) < 24
                                 and b"|" not in parts[0]):  # fmt: skip
-                            decided = False  # another form: the general rules parse it
+                            fast = False  # another form: the general rules parse it
                         elif int(parts[0]) > this:
-                            decided = False  # a late view: the general rules
+                            fast = False  # a late view: the general rules
                         else:
                             int(parts[1])  # read as the general rules read it
                             view_head = parts[2]
@@ -290,13 +303,30 @@ class _Plan:
                             size = len(view_head) + len(end) - 2
                             frames += (prefixes.get(size) or _prefix(size), view_head, end)
                             rows += 1
-                    if decided:  # the view waits, the pack goes
-                        views_set += (session, b"%d;%b;%b" % (this, own, head))
-                        indexed += (now_ms, session)
+                if fast:  # each view queued with the gap to the next, the last waits
+                    header, pfield, own, head = fields[0:4]
+                    if count > 1:
+                        profiles: dict[bytes, tuple[int, bytes, bytes, bytes]] = {}
                         if pfield:
-                            self._profile_event(pfield, this, header, own, head)
-                        dropped.append((session, keys[n], len(pack)))
-                        continue
+                            profiles[pfield] = (this, header, own, head)
+                        for at in range(4, 4 * count, 4):
+                            header, pfield, own, next_head = fields[at : at + 4]
+                            created = int(header[:15])
+                            end = b',"duration":%d}\r\n' % (created - this)
+                            size = len(head) + len(end) - 2
+                            frames += (prefixes.get(size) or _prefix(size), head, end)
+                            rows += 1
+                            this, head = created, next_head
+                            if pfield:
+                                profiles[pfield] = (this, header, own, head)
+                        for pfield, event in profiles.items():
+                            self._profile_event(pfield, *event)
+                    elif pfield:
+                        self._profile_event(pfield, this, header, own, head)
+                    views_set += (session, b"%d;%b;%b" % (this, own, head))
+                    indexed += (now_ms, session)
+                    dropped.append((session, keys[n], len(pack)))
+                    continue
             if pack is None:
                 pack = _missing_pack(connection, keys[n])
             closed_at = (
