@@ -88,6 +88,7 @@ def test_python_builds_the_rows_of_both_forms(event: Event, gap: int) -> None:
     for value in forms(event):
         view = stored_view.parse(value)
         assert (view.created_ms, view.own_duration) == (event.created_ms, event.duration)
+        assert stored_view.created_ms(value) == event.created_ms
         assert stored_view.row_of(value) == stored_view.as_is(view.head, event.duration)
         assert decode_row(stored_view.row_of(value)) == row, "as it is: its own row"
         timed = decode_row(stored_view.with_duration(view.head, max(0, gap)))
