@@ -166,6 +166,17 @@ def _missing_pack(connection: Any, key: str) -> bytes:
     return b""
 
 
+def _last_deadline(pack: bytes) -> bytes:
+    """The deadline field (15 characters) of a pack's last record, if of the current form
+    (else any bytes): packs whose last record is not due (records still arriving, later
+    deadlines last) skip the fast path before they are split."""
+    rfind = pack.rfind
+    # the ends of its head, own duration, profile field and header (FIELD_END each)
+    end = rfind(FIELD_END, 0, rfind(FIELD_END, 0, rfind(FIELD_END, 0, len(pack) - 1)))
+    end = rfind(FIELD_END, 0, end)
+    return pack[end + 16 : end + 31]
+
+
 _AS_IS = b"}\r\n"  # the end of a row queued with no duration of its own
 _DEADLINE = itemgetter(slice(15, 30))  # of a record's header
 _VIEW = b"v"[0]  # a record's kind: a screen_view (b"e": a session_end)
@@ -270,7 +281,7 @@ class _Plan:
                 and mark is None
                 and pack[45:46] == FIELD_END
                 and pack[44] == _VIEW
-                and pack[15:30] <= now_text
+                and _last_deadline(pack) <= now_text
             ):
                 fields = pack.split(FIELD_END)
                 count = len(fields) >> 2
@@ -281,9 +292,9 @@ class _Plan:
                     fast = (
                         len(fields) == 4 * count + 1
                         and not fields[-1]
+                        and max(map(_DEADLINE, headers)) <= now_text
                         and pack[:1] != b"-"
                         and all(len(h) == HEADER and h[44] == _VIEW for h in headers)
-                        and max(map(_DEADLINE, headers)) <= now_text
                         and headers == sorted(headers)
                     )
                 if fast:
@@ -327,6 +338,8 @@ class _Plan:
                     indexed += (now_ms, session)
                     dropped.append((session, keys[n], len(pack)))
                     continue
+            else:
+                fields = None  # not split yet
             if pack is None:
                 pack = _missing_pack(connection, keys[n])
             closed_at = (
@@ -334,18 +347,25 @@ class _Plan:
                 if mark is not None and (gone is None or session.encode() not in gone)
                 else None
             )
-            self.session(session, keys[n], pack, closed_at, views[n])
+            self.session(session, keys[n], pack, closed_at, views[n], fields)
         self.rows += rows
 
     def session(
-        self, session: str, key: str, pack: bytes, closed: int | None, stored: bytes | None
+        self,
+        session: str,
+        key: str,
+        pack: bytes,
+        closed: int | None,
+        stored: bytes | None,
+        split: list[bytes] | None = None,
     ) -> None:
+        """One session's release by the general rules (`split`: its pack split already)."""
         size = len(pack)
         now = self.now
         # A pack of current records splits into their fields in one call (worker/held_pack.py):
         # every fourth field a header of HEADER bytes, and an empty field after the last.
         # An earlier record (no FIELD_END in it) would lengthen a header or that last field.
-        fields = pack.split(FIELD_END)
+        fields = pack.split(FIELD_END) if split is None else split
         count = len(fields) // 4
         headers = fields[0 : 4 * count : 4]
         spans: list[tuple[int, int]] | None = None  # (start, stop) in the pack, pack order
