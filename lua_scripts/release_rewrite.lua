@@ -10,8 +10,10 @@ one: events arrived in created_at order, the common case), as the offset
 they start at (`from`): the pack is then cut inside Redis, and the kept
 bytes never travel back and forth. The session's deadline in KEYS[1] becomes
 the earliest of what stays; the pack and the deadline go when nothing
-stays (the deadlines and removals of all sessions in a few calls at the end). A pack shorter than what was read was rewritten by someone else:
-left alone (the release's WATCH makes that a race that cannot happen).
+stays (the deadlines and removals of all sessions in a few calls at the
+end). Packs released whole, the common case, come last, as their id and
+length only. A pack shorter than what was read was rewritten by someone
+else: left alone (the release's WATCH makes that a race that cannot happen).
 
 KEYS[1]     sessions with held events (ZSET: session id -> earliest deadline, ms)
 KEYS[1+i]   session i's held events (STRING: a pack, release_held.lua's header has it,

@@ -11,12 +11,16 @@ travel as plain command arguments (RPUSH, HSET), not through Lua strings:
    (last views, profiles' last views, closed sessions and when they closed,
    and `held-gen`, which every release increments); read the due sessions'
    deadlines, held packs, closed marks and last views.
-2. Decide, in Python (`_decide`); read the profiles' last views it touches.
+2. Decide, in Python (`_Plan.sessions`; the common case, a pack of views all
+   due, in created order, of a session not closed, without a call per
+   session; every other through `_Plan.session`, the general rules); read
+   the profiles' last views it touches.
 3. MULTI: queue the rows, write the views, closed marks and profiles, rewrite
    each pack (`release_rewrite.lua`: what stays, plus whatever an apply
    appended meanwhile; the deadline from both; when what stays is the pack's
    tail, as with events arrived in order, only its offset is sent and Redis
-   cuts the pack), INCR `held-gen`; EXEC.
+   cuts the pack; a pack released whole is named by its length read only,
+   and goes), INCR `held-gen`; EXEC.
 
 An apply only ever appends to a pack and lowers a deadline, so applies do not
 abort the transaction; a concurrent release, the sweep or an apply without a
