@@ -10,8 +10,10 @@ one: events arrived in created_at order, the common case), as the offset
 they start at (`from`): the pack is then cut inside Redis, and the kept
 bytes never travel back and forth. The session's deadline in KEYS[1] becomes
 the earliest of what stays; the pack and the deadline go when nothing
-stays (the deadlines and removals of all sessions in a few calls at the end). A pack shorter than what was read was rewritten by someone else:
-left alone (the release's WATCH makes that a race that cannot happen).
+stays (the deadlines and removals of all sessions in a few calls at the
+end). Packs released whole, the common case, come last, as their id and
+length only. A pack shorter than what was read was rewritten by someone
+else: left alone (the release's WATCH makes that a race that cannot happen).
 
 KEYS[1]     sessions with held events (ZSET: session id -> earliest deadline, ms)
 KEYS[1+i]   session i's held events (STRING: a pack, release_held.lua's header has it,
@@ -20,7 +22,11 @@ KEYS[1+i]   session i's held events (STRING: a pack, release_held.lua's header h
 ARGV        five values per session, in KEYS' order: its id, the pack's length read,
             the earliest deadline of the records that stay ("" when none), `from` (the
             offset in the pack read where the records that stay start, or "" when they
-            are given), `kept` (those records, or "" when `from` is given)
+            are given), `kept` (those records, or "" when `from` is given); then, for
+            the last sessions of KEYS, packs whose every record was released, two
+            values each: its id and the pack's length read (the pack goes, unless an
+            apply appended meanwhile: as five values id, read, "", read, ""). With n
+            sessions of five values and m of two, #ARGV = 5n + 2m and #KEYS = 1 + n + m.
 
 Returns the number of packs rewritten.
 ]]
@@ -43,14 +49,11 @@ local function keep(key, from, kept, read)
 end
 
 local rewritten = 0
-for i = 2, #KEYS do
-  local a = (i - 2) * 5 + 1
-  local session, read, deadline = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2]
-  local from, kept = tonumber(ARGV[a + 3]), ARGV[a + 4]
-  local size = redis.call('STRLEN', KEYS[i])
+local function rewrite(key, session, read, deadline, from, kept)
+  local size = redis.call('STRLEN', key)
   if size > read then
     -- An apply appended records meanwhile: they stay, and their deadlines count.
-    local added = redis.call('GETRANGE', KEYS[i], read, -1)
+    local added = redis.call('GETRANGE', key, read, -1)
     local earliest = (deadline ~= '') and tonumber(deadline) or nil
     local at = 1
     while at <= #added do
@@ -70,22 +73,34 @@ for i = 2, #KEYS do
       if earliest == nil or due < earliest then earliest = due end
     end
     if from then
-      keep(KEYS[i], from, kept, read)
+      keep(key, from, kept, read)
     else
-      redis.call('SET', KEYS[i], kept .. added)
+      redis.call('SET', key, kept .. added)
     end
     due_at(session, earliest)
     rewritten = rewritten + 1
   elseif size == read then
     if deadline == '' then
       gone[#gone + 1] = session
-      gone_keys[#gone_keys + 1] = KEYS[i]
+      gone_keys[#gone_keys + 1] = key
     else
-      keep(KEYS[i], from, kept, read)
+      keep(key, from, kept, read)
       due_at(session, tonumber(deadline))
     end
     rewritten = rewritten + 1
   end
+end
+-- The sessions of five values (`rewrites` of them), then those of two (packs released whole).
+local rewrites = (#ARGV - 2 * (#KEYS - 1)) / 3
+for i = 2, rewrites + 1 do
+  local a = (i - 2) * 5 + 1
+  rewrite(KEYS[i], ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], tonumber(ARGV[a + 3]),
+    ARGV[a + 4])
+end
+for i = rewrites + 2, #KEYS do
+  local a = rewrites * 5 + (i - rewrites - 2) * 2 + 1
+  local read = tonumber(ARGV[a + 1])
+  rewrite(KEYS[i], ARGV[a], read, '', read, '')
 end
 -- Commands with many arguments, sent 1000 at a time (Lua's unpack has a stack limit).
 local function call_many(command, key, args)

@@ -29,7 +29,7 @@ from worker.events import Event, Row, as_row, decode_row, encode_event, parse_ev
 from worker.held_pack import FIELD_END, HEADER, held_record_bytes
 from worker.keys import ShardKeys
 from worker.reorder import held_packs, held_record, held_rows
-from worker.reorder_release import release, release_in_redis
+from worker.reorder_release import _Plan, release, release_in_redis
 from worker.scripts import Scripts, load_lua
 
 KEYS = ShardKeys("eventbuffer", 0)
@@ -88,6 +88,7 @@ def test_python_builds_the_rows_of_both_forms(event: Event, gap: int) -> None:
     for value in forms(event):
         view = stored_view.parse(value)
         assert (view.created_ms, view.own_duration) == (event.created_ms, event.duration)
+        assert stored_view.created_ms(value) == event.created_ms
         assert stored_view.row_of(value) == stored_view.as_is(view.head, event.duration)
         assert decode_row(stored_view.row_of(value)) == row, "as it is: its own row"
         timed = decode_row(stored_view.with_duration(view.head, max(0, gap)))
@@ -218,10 +219,11 @@ PFIELDS = ["", "p:u1", "p:u2"]
 
 
 @st.composite
-def held_state(draw: st.DrawFn) -> dict[str, object]:
+def held_state(draw: st.DrawFn, sparse: bool = False) -> dict[str, object]:
     """Sessions with held events (some due, some not, in any order, of any record form,
     one pack mixing them), stored last views (either form), closed sessions (some past
-    their memory).
+    their memory). `sparse`: as real traffic leaves them, one or two records a pack,
+    mostly a view of the current form, all due (the release's common case).
 
     Created times and deadlines are drawn from a few values and the sessions share
     profiles, so two sessions of one profile often hold events of equal created_at and
@@ -237,10 +239,10 @@ def held_state(draw: st.DrawFn) -> dict[str, object]:
     closed_at: dict[str, int] = {}
     for session in SESSIONS:
         records = []
-        for _ in range(draw(st.integers(0, 5))):
-            kind = draw(st.sampled_from("vve"))
+        for _ in range(draw(st.integers(1, 2) if sparse else st.integers(0, 5))):
+            kind = draw(st.sampled_from("vvvve" if sparse else "vve"))
             created = base + draw(st.integers(0, 6)) * 100
-            deadline = draw(st.sampled_from([5, 10, 20]))  # due at 10: 5 and 10
+            deadline = draw(st.sampled_from([5, 10] if sparse else [5, 10, 20]))  # due at 10
             pfield = draw(st.sampled_from(PFIELDS))
             event = draw(events(created_ms=created))
             event = msgspec.structs.replace(
@@ -249,7 +251,8 @@ def held_state(draw: st.DrawFn) -> dict[str, object]:
                 name="screen_view" if kind == "v" else "session_end",
             )
             tag = f"{draw(st.sampled_from([0, 1])):08x}{next(tags):06d}"
-            form = draw(st.sampled_from(RECORD_FORMS))
+            form = current_record if sparse and draw(st.booleans()) else \
+                draw(st.sampled_from(RECORD_FORMS))  # fmt: skip
             records.append(form(created, deadline, tag, kind, pfield, event))
         if records:
             packs[session] = b"".join(records)
@@ -288,7 +291,7 @@ def load_state(client: redis_lib.Redis, state: dict[str, Any]) -> None:
         client.zadd(KEYS.closed_at, state["closed_at"])
 
 
-def snapshot(client: redis_lib.Redis) -> dict[str, object]:
+def snapshot(client: redis_lib.Redis, sessions: list[str] = SESSIONS) -> dict[str, object]:
     return {
         "queue": client.lrange(KEYS.queue, 0, -1),
         "views": client.hgetall(KEYS.views),
@@ -298,12 +301,12 @@ def snapshot(client: redis_lib.Redis) -> dict[str, object]:
         "closed_at": client.zrange(KEYS.closed_at, 0, -1, withscores=True),
         "due": client.zrange(KEYS.held_due, 0, -1, withscores=True),
         # A pack's order is not meaningful (records are sorted when read): its records.
-        "packs": {s: sorted(held_record_bytes(client.get(KEYS.held(s)) or b"")) for s in SESSIONS},
+        "packs": {s: sorted(held_record_bytes(client.get(KEYS.held(s)) or b"")) for s in sessions},
     }
 
 
 @PROPERTY
-@given(state=held_state())
+@given(state=held_state() | held_state(sparse=True))
 def test_the_release_decided_in_python_is_release_held_lua(
     client: redis_lib.Redis, state: dict[str, Any]
 ) -> None:
@@ -322,6 +325,86 @@ def test_the_release_decided_in_python_is_release_held_lua(
     reversed_run = snapshot(client)
     assert sorted(reversed_run.pop("queue")) == sorted(expected.pop("queue"))
     assert reversed_run == expected
+
+
+class _GeneralOnly(_Plan):
+    """A plan whose general rules are not to be used (the fast path must decide)."""
+
+    def session(self, *args: Any) -> None:
+        raise AssertionError(f"the general rules ran for {args[0]!r}")
+
+
+def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
+    client: redis_lib.Redis,
+) -> None:
+    """A session not closed whose pack is current records, views, due, in created order
+    (one, most often), and whose waiting view (if any) is of the current form and not
+    newer: decided by `_Plan.sessions` itself, released whole (its pack goes), as the
+    general rules and release_held.lua decide it. The others (an older form, a late
+    view, a closed session, a session_end, a record not due, records out of created
+    order) take the general rules."""
+    base = NOW - 10**6
+
+    def at(created: int, name: str = "screen_view") -> Row:
+        return as_row(parse_event({"name": name, "project_id": "p", "session_id": "x",
+                                   "created_at": created, "duration": 7}))  # fmt: skip
+
+    def record(created: int, deadline: int, tag: str, kind: str = "v", pfield: str = "") -> bytes:
+        row = at(created, "screen_view" if kind == "v" else "session_end")
+        return current_record(created, deadline, tag * 14, kind, pfield, row)
+
+    view = at(base)
+    fast = {f"f{n}": record(base + 100 * n, 5, str(n), "v", PFIELDS[n % 3]) for n in range(4)}
+    # Several views in created order, all due (the same profile twice: its last counts).
+    fast["f4"] = b"".join(record(base + 50 * n, 10, str(n + 4), "v", "p:u1") for n in range(3))
+    fast["f5"] = record(base, 5, "7") + record(base + 100, 10, "8", "v", "p:u2")
+    stored = {f: stored_view.of_event(view) for f in ("f1", "f2", "f4")}
+    other_packs = {
+        "legacy-view": record(base + 200, 5, "a"),
+        "late": record(base - 100, 5, "b"),
+        "closed": record(base + 300, 5, "c"),
+        "end": record(base + 300, 5, "d", "e", "p:u1"),
+        "not-due": record(base + 300, 20, "e"),
+        "two-unordered": record(base + 400, 5, "f") + record(base + 300, 10, "g"),
+        "two-one-due": record(base + 300, 5, "i") + record(base + 400, 20, "j"),
+        "view-and-end": record(base + 300, 5, "k") + record(base + 400, 10, "l", "e"),
+        "framed": framed_record(base + 300, 5, "h" * 14, "v", "", at(base + 300)),
+    }
+    state: dict[str, Any] = {
+        "packs": {**fast, **other_packs},
+        "views": {**stored, "legacy-view": legacy(view), "late": stored_view.of_event(view)},
+        "profiles": {"p:u1": stored_view.of_event(view)},
+        "closed": {"closed": base},
+        "closed_at": {"closed": 50},
+        "due": [*fast, *other_packs],
+    }
+    sessions = list(fast)
+    load_state(client, state)
+    keys = [KEYS.held(session) for session in sessions]
+    plan = _GeneralOnly(10)
+    plan.sessions(None, sessions, keys, [b"5"] * len(sessions), client.mget(keys),
+                  [None] * len(sessions), client.hmget(KEYS.views, sessions), [])  # fmt: skip
+    assert plan.dropped == [(s, KEYS.held(s), len(fast[s])) for s in sessions]
+    # the waiting views of f1, f2 and f4, two views of f4 and one of f5
+    assert plan.packs == [] and plan.rows == 6
+    for session in other_packs:
+        load_state(client, state)
+        key = KEYS.held(session)
+        plan = _GeneralOnly(10)
+        with pytest.raises(AssertionError, match="the general rules ran"):
+            plan.sessions(None, [session], [key], [b"5"], [client.get(key)],
+                          [client.hget(KEYS.closed, session)],
+                          [client.hget(KEYS.views, session)], [])  # fmt: skip
+    # All of them released together: as release_held.lua releases them.
+    due = state["due"]
+    load_state(client, state)
+    in_redis = release_in_redis(client, KEYS, due, 10, 60, 60)
+    expected = snapshot(client, list(state["packs"]))
+    load_state(client, state)
+    in_python = release(client, KEYS, due, 10, 60, 60)
+    assert (in_python.rows, in_python.late) == (in_redis.rows, in_redis.late) == (12, 1)
+    assert snapshot(client, list(state["packs"])) == expected
+    assert [client.exists(key) for key in keys] == [0] * len(keys)
 
 
 @pytest.mark.parametrize("in_redis", [False, True], ids=["python", "lua"])
@@ -376,6 +459,19 @@ def test_records_appended_during_a_release_stay_held(client: redis_lib.Redis) ->
         args = ["s", len(read), "", start, b""]
         assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
         assert client.exists(KEYS.held("s")) == 0 and client.zcard(KEYS.held_due) == 0
+    # A pack released whole, given as two values (its id, its length read), after one
+    # given as five: it goes, unless an apply appended meanwhile (that stays).
+    for appended in (b"", added):
+        client.flushall()
+        client.set(KEYS.held("s"), read + kept)
+        client.set(KEYS.held("w"), read + appended)
+        client.zadd(KEYS.held_due, {"s": 5, "w": 5})
+        args = ["s", len(read + kept), "30", len(read), b"", "w", len(read)]
+        keys = (KEYS.held_due, KEYS.held("s"), KEYS.held("w"))
+        assert client.eval(script, 3, *keys, *args) == 2
+        assert client.get(KEYS.held("s")) == kept and client.zscore(KEYS.held_due, "s") == 30.0
+        assert client.get(KEYS.held("w")) == (appended or None)
+        assert client.zscore(KEYS.held_due, "w") == (20.0 if appended else None)
     # Nothing appended: the tail from the offset stays, with its deadline.
     client.flushall()
     client.set(KEYS.held("s"), read + kept)

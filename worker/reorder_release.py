@@ -11,12 +11,16 @@ travel as plain command arguments (RPUSH, HSET), not through Lua strings:
    (last views, profiles' last views, closed sessions and when they closed,
    and `held-gen`, which every release increments); read the due sessions'
    deadlines, held packs, closed marks and last views.
-2. Decide, in Python (`_decide`); read the profiles' last views it touches.
+2. Decide, in Python (`_Plan.sessions`; the common case, a pack of views all
+   due, in created order, of a session not closed, without a call per
+   session; every other through `_Plan.session`, the general rules); read
+   the profiles' last views it touches.
 3. MULTI: queue the rows, write the views, closed marks and profiles, rewrite
    each pack (`release_rewrite.lua`: what stays, plus whatever an apply
    appended meanwhile; the deadline from both; when what stays is the pack's
    tail, as with events arrived in order, only its offset is sent and Redis
-   cuts the pack), INCR `held-gen`; EXEC.
+   cuts the pack; a pack released whole is named by its length read only,
+   and goes), INCR `held-gen`; EXEC.
 
 An apply only ever appends to a pack and lowers a deadline, so applies do not
 abort the transaction; a concurrent release, the sweep or an apply without a
@@ -134,19 +138,7 @@ def _release_once(
     plan = _Plan(now_ms)
     if sessions:
         deadlines, packs, closed, views = replies[5:9]
-        gone = set(forgotten)
-        for n, session in enumerate(sessions):
-            deadline = deadlines[n]
-            if deadline is None or float(deadline) > now_ms:
-                continue  # released by another flush since it was listed
-            pack = packs[n]
-            if pack is None:
-                pack = _missing_pack(connection, keys[n])
-            mark = closed[n]
-            closed_at = (
-                int(float(mark)) if mark is not None and session.encode() not in gone else None
-            )
-            plan.session(session, keys[n], pack, closed_at, views[n])
+        plan.sessions(connection, sessions, keys, deadlines, packs, closed, views, forgotten)
     profiles: list[bytes | None] = []
     if plan.profile_order:
         send_commands(connection, [("HMGET", shard.profile_views, *plan.profile_order)])
@@ -176,6 +168,17 @@ def _missing_pack(connection: Any, key: str) -> bytes:
     if kind != "none":
         raise ResponseError(f"WRONGTYPE {key} holds a {kind}, not a string")
     return b""
+
+
+def _last_deadline(pack: bytes) -> bytes:
+    """The deadline field (15 characters) of a pack's last record, if of the current form
+    (else any bytes): packs whose last record is not due (records still arriving, later
+    deadlines last) skip the fast path before they are split."""
+    rfind = pack.rfind
+    # the ends of its head, own duration, profile field and header (FIELD_END each)
+    end = rfind(FIELD_END, 0, rfind(FIELD_END, 0, rfind(FIELD_END, 0, len(pack) - 1)))
+    end = rfind(FIELD_END, 0, end)
+    return pack[end + 16 : end + 31]
 
 
 _AS_IS = b"}\r\n"  # the end of a row queued with no duration of its own
@@ -224,6 +227,8 @@ class _Plan:
         # per session: its id, key, length read, where the records that stay start in the
         # pack ("" when they are given instead), those records, their deadline
         self.packs: list[tuple[str, str, int, int | str, bytes, int | None]] = []
+        # per session whose every record goes: its id, key, length read (the pack goes)
+        self.dropped: list[tuple[str, str, int]] = []
         self.views_set: list[Any] = []
         self.indexed: list[Any] = []
         self.views_ended: list[str] = []
@@ -236,15 +241,135 @@ class _Plan:
         self.profiles: dict[bytes, tuple[int, bytes, bytes, bytes | None]] = {}
         self.profile_order: list[bytes] = []
 
-    def session(
-        self, session: str, key: str, pack: bytes, closed: int | None, stored: bytes | None
+    def sessions(
+        self,
+        connection: Any,
+        sessions: Sequence[str],
+        keys: Sequence[str],
+        deadlines: Sequence[bytes | None],
+        packs: Sequence[bytes | None],
+        closed: Sequence[bytes | None],
+        views: Sequence[bytes | None],
+        forgotten: list[bytes],
     ) -> None:
+        """Every session read, still due (`deadlines` from held-due): its pack, closed mark
+        and stored view.
+
+        The common case is decided here, with no call per session: a session not closed
+        whose pack is current records, every one a view and due, in created order (one
+        record, most often), none created before 1970, and whose waiting view (if any) is
+        of the current form and created no later than the first (none is late). It is
+        released whole (the pack goes, `dropped`): each view is queued with the gap to the
+        next as its duration (the waiting view first), and the last waits. Every other
+        session goes through `session`, the general rules (the same decisions, in every
+        case).
+        """
+        now_ms = self.now
+        now_text = self.now_text if len(self.now_text) == 15 else None
+        gone = set(forgotten) if forgotten else None
+        frames = self.frames
+        prefixes = _PREFIXES
+        views_set = self.views_set
+        indexed = self.indexed
+        dropped = self.dropped
+        rows = 0
+        for n, session in enumerate(sessions):
+            deadline = deadlines[n]
+            if deadline is None or float(deadline) > now_ms:
+                continue  # released by another flush since it was listed
+            pack = packs[n]
+            mark = closed[n]
+            if (
+                now_text is not None
+                and pack is not None
+                and mark is None
+                and pack[45:46] == FIELD_END
+                and pack[44] == _VIEW
+                and _last_deadline(pack) <= now_text
+            ):
+                fields = pack.split(FIELD_END)
+                count = len(fields) >> 2
+                if count == 1:
+                    fast = len(fields) == 5 and len(fields[0]) == HEADER and not fields[4]
+                else:  # every record a view, due, the pack in created order, none negative
+                    headers = fields[0 : 4 * count : 4]
+                    fast = (
+                        len(fields) == 4 * count + 1
+                        and not fields[-1]
+                        and max(map(_DEADLINE, headers)) <= now_text
+                        and pack[:1] != b"-"
+                        and all(len(h) == HEADER and h[44] == _VIEW for h in headers)
+                        and headers == sorted(headers)
+                    )
+                if fast:
+                    this = int(fields[0][:15])  # the first created (all are, in order)
+                    stored = views[n]
+                    if stored is not None:
+                        parts = stored.split(b";", 2)
+                        if not (len(parts) == 3 and 0 < len(parts[0]) < 24
+                                and b"|" not in parts[0]):  # fmt: skip
+                            fast = False  # another form: the general rules parse it
+                        elif int(parts[0]) > this:
+                            fast = False  # a late view: the general rules
+                        else:
+                            int(parts[1])  # read as the general rules read it
+                            view_head = parts[2]
+                            end = b',"duration":%d}\r\n' % (this - int(parts[0]))
+                            size = len(view_head) + len(end) - 2
+                            frames += (prefixes.get(size) or _prefix(size), view_head, end)
+                            rows += 1
+                if fast:  # each view queued with the gap to the next, the last waits
+                    header, pfield, own, head = fields[0:4]
+                    if count > 1:
+                        profiles: dict[bytes, tuple[int, bytes, bytes, bytes]] = {}
+                        if pfield:
+                            profiles[pfield] = (this, header, own, head)
+                        for at in range(4, 4 * count, 4):
+                            header, pfield, own, next_head = fields[at : at + 4]
+                            created = int(header[:15])
+                            end = b',"duration":%d}\r\n' % (created - this)
+                            size = len(head) + len(end) - 2
+                            frames += (prefixes.get(size) or _prefix(size), head, end)
+                            rows += 1
+                            this, head = created, next_head
+                            if pfield:
+                                profiles[pfield] = (this, header, own, head)
+                        for pfield, event in profiles.items():
+                            self._profile_event(pfield, *event)
+                    elif pfield:
+                        self._profile_event(pfield, this, header, own, head)
+                    views_set += (session, b"%d;%b;%b" % (this, own, head))
+                    indexed += (now_ms, session)
+                    dropped.append((session, keys[n], len(pack)))
+                    continue
+            else:
+                fields = None  # not split yet
+            if pack is None:
+                pack = _missing_pack(connection, keys[n])
+            closed_at = (
+                int(float(mark))
+                if mark is not None and (gone is None or session.encode() not in gone)
+                else None
+            )
+            self.session(session, keys[n], pack, closed_at, views[n], fields)
+        self.rows += rows
+
+    def session(
+        self,
+        session: str,
+        key: str,
+        pack: bytes,
+        closed: int | None,
+        stored: bytes | None,
+        split: list[bytes] | None = None,
+    ) -> None:
+        """One session's release by the general rules (`split`: its pack split already)."""
         size = len(pack)
         now = self.now
         # A pack of current records splits into their fields in one call (worker/held_pack.py):
         # every fourth field a header of HEADER bytes, and an empty field after the last.
         # An earlier record (no FIELD_END in it) would lengthen a header or that last field.
-        fields = pack.split(FIELD_END)
+        fields = pack.split(FIELD_END) if split is None else split
         count = len(fields) // 4
         headers = fields[0 : 4 * count : 4]
         spans: list[tuple[int, int]] | None = None  # (start, stop) in the pack, pack order
@@ -303,7 +428,7 @@ class _Plan:
                 self._kept(session, key, size, kept_start, dues[released:])
                 del headers[released:], pfields[released:], owns[released:], heads[released:]
             else:
-                self.packs.append((session, key, size, size, b"", None))
+                self.dropped.append((session, key, size))
             created = [int(header[:15]) for header in headers]
             self._rules(session, created, headers, pfields, owns, heads, closed, stored)
             return
@@ -323,7 +448,7 @@ class _Plan:
             else:
                 released = sum(1 for c in created if c <= cut)
         if released == count:
-            self.packs.append((session, key, size, size, b"", None))
+            self.dropped.append((session, key, size))
         else:
             next_deadline = min(times[released:])
             if order is None and spans is None:
@@ -479,7 +604,8 @@ class _Plan:
     def _rewrite(self, shard: ShardKeys) -> tuple[Any, ...] | Framed:
         """The call of release_rewrite.lua for every pack read, its arguments framed here:
         a session's five arguments in one formatting (six short arguments per session
-        cost several times as much framed one by one, by worker/resp.py or hiredis)."""
+        cost several times as much framed one by one, by worker/resp.py or hiredis); then
+        the packs released whole (`dropped`), two arguments each (their id and length)."""
         keys: list[bytes] = []
         args: list[bytes] = []
         try:
@@ -497,15 +623,25 @@ class _Plan:
                     kept,
                     b"\r\n",
                 )  # fmt: skip
+            for session, key, size in self.dropped:
+                name = key.encode()
+                keys.append(b"$%d\r\n%b\r\n" % (len(name), name))
+                member = session.encode()
+                read = b"%d" % size
+                args.append(b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(member), member, len(read), read))
         except UnicodeEncodeError:  # a name hiredis frames its own way (or refuses)
             plain: list[Any] = []
             names: list[str] = []
             for session, key, size, start, kept, deadline in self.packs:
                 names.append(key)
                 plain += (session, size, "" if deadline is None else deadline, start, kept)
+            for session, key, size in self.dropped:
+                names.append(key)
+                plain += (session, size)
             return ("EVAL", _REWRITE, 1 + len(names), shard.held_due, *names, *plain)
-        count = len(self.packs)
-        return Framed(("EVAL", _REWRITE, 1 + count, shard.held_due), 6 * count, keys + args)
+        count = len(self.packs) + len(self.dropped)
+        values = 6 * len(self.packs) + 3 * len(self.dropped)
+        return Framed(("EVAL", _REWRITE, 1 + count, shard.held_due), values, keys + args)
 
     def writes(
         self,
@@ -518,7 +654,7 @@ class _Plan:
         if forgotten:
             out.append(("HDEL", shard.closed, *forgotten))
             out.append(("ZREM", shard.closed_at, *forgotten))
-        if self.packs:
+        if self.packs or self.dropped:
             out.append(self._rewrite(shard))
         if self.rows:
             out.append(Framed(("RPUSH", shard.queue), self.rows, self.frames))

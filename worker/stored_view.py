@@ -104,7 +104,12 @@ def parse(value: bytes) -> StoredView:
 
 
 def created_ms(value: bytes) -> int:
-    """The created ms of a stored view of either form."""
+    """The created ms of a stored view of either form (`parse`'s, read without its head)."""
+    first = value.find(SEPARATOR, 0, 24)
+    legacy = value.find(LEGACY_SEPARATOR, 0, 24)
+    if first > 0 and (legacy < 0 or first < legacy):
+        int(value[first + 1 : value.index(SEPARATOR, first + 1)])  # as `parse` reads it
+        return int(value[:first])
     return parse(value).created_ms
 
 
