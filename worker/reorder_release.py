@@ -305,9 +305,8 @@ class _Plan:
                     this = int(fields[0][:15])  # the first created (all are, in order)
                     stored = views[n]
                     if stored is not None:
-                        parts = stored.split(b";", 2)
-                        if not (len(parts) == 3 and 0 < len(parts[0]) < 24
-                                and b"|" not in parts[0]):  # fmt: skip
+                        parts = stored_view.current_fields(stored)
+                        if parts is None:
                             fast = False  # another form: the general rules parse it
                         elif int(parts[0]) > this:
                             fast = False  # a late view: the general rules
@@ -498,10 +497,9 @@ class _Plan:
         view_created = 0
         view_own = b"0"
         if stored is not None:
-            # The current form, "<created>;<own>;<head>", split in one call (the first ";"
-            # within 24 bytes, no "|" before it: stored_view.parse's test); else parse.
-            parts = stored.split(b";", 2)
-            if len(parts) == 3 and 0 < len(parts[0]) < 24 and b"|" not in parts[0]:
+            # The current form, "<created>;<own>;<head>", split in one call; else parse.
+            parts = stored_view.current_fields(stored)
+            if parts is not None:
                 view_created, view_head = int(parts[0]), parts[2]
                 view_own = b"%d" % int(parts[1])
             else:
