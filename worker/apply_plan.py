@@ -77,8 +77,8 @@ def plan_shard(
     # profile field -> its last view in this batch (encoded at the end), or None
     profiles: dict[str, tuple[int, int, bytes] | None] = {}
     visitors: dict[str, dict[str, None]] = {}
-    fields: dict[tuple[str, str], str] = {}  # (project, profile) -> its profile field
-    profile_field = shard.profile_field
+    names = _profile_names()  # (project, profile) -> its profile field
+    name_of = names.get
     with_duration = stored_view.with_duration
     views = ends = 0
     # Row.kind and the visitors' set inlined: this loop runs for every event of the batch.
@@ -122,9 +122,9 @@ def plan_shard(
             continue
         if profile_id:
             pair = (event.project_id, profile_id)
-            pfield = fields.get(pair)
+            pfield = name_of(pair)
             if pfield is None:
-                pfield = fields[pair] = profile_field(*pair)
+                pfield = names[pair] = ShardKeys.profile_field(*pair)
             profiles[pfield] = view
     encode = stored_view.encode
     for session, pending_view in pending.items():
@@ -224,15 +224,25 @@ def _plan_held(
     return writes
 
 
-# Profile fields (`ShardKeys.profile_field`, encoded) by (project, profile): the same for
-# every shard, and profiles come back batch after batch. Replaced whole when full (never
-# cleared in place: threads may be reading it).
+# Profile fields (`ShardKeys.profile_field`) by (project, profile), as str (the plan without
+# a window) and encoded (the held records): the same for every shard, and profiles come
+# back batch after batch. Replaced whole when full (never cleared in place: threads may
+# be reading them).
+_PROFILE_NAMES: dict[tuple[str, str], str] = {}
 _PROFILE_FIELDS: dict[tuple[str, str], bytes] = {}
 _PROFILE_FIELDS_KEPT = 16_384
 
 
+def _profile_names() -> dict[tuple[str, str], str]:
+    """The str profile fields' cache, replaced once it holds `_PROFILE_FIELDS_KEPT`."""
+    global _PROFILE_NAMES
+    if len(_PROFILE_NAMES) >= _PROFILE_FIELDS_KEPT:
+        _PROFILE_NAMES = {}
+    return _PROFILE_NAMES
+
+
 def _profile_fields() -> dict[tuple[str, str], bytes]:
-    """The profile fields' cache, emptied (replaced) once it holds `_PROFILE_FIELDS_KEPT`."""
+    """The encoded profile fields' cache, replaced once it holds `_PROFILE_FIELDS_KEPT`."""
     global _PROFILE_FIELDS
     if len(_PROFILE_FIELDS) >= _PROFILE_FIELDS_KEPT:
         _PROFILE_FIELDS = {}
