@@ -77,8 +77,8 @@ def plan_shard(
     # profile field -> its last view in this batch (encoded at the end), or None
     profiles: dict[str, tuple[int, int, bytes] | None] = {}
     visitors: dict[str, dict[str, None]] = {}
-    fields: dict[tuple[str, str], str] = {}  # (project, profile) -> its profile field
-    profile_field = shard.profile_field
+    names = _profile_names()  # (project, profile) -> its profile field
+    name_of = names.get
     with_duration = stored_view.with_duration
     views = ends = 0
     # Row.kind and the visitors' set inlined: this loop runs for every event of the batch.
@@ -122,9 +122,9 @@ def plan_shard(
             continue
         if profile_id:
             pair = (event.project_id, profile_id)
-            pfield = fields.get(pair)
+            pfield = name_of(pair)
             if pfield is None:
-                pfield = fields[pair] = profile_field(*pair)
+                pfield = names[pair] = ShardKeys.profile_field(*pair)
             profiles[pfield] = view
     encode = stored_view.encode
     for session, pending_view in pending.items():
@@ -156,6 +156,8 @@ def _finish(
 def _plan_held(
     shard: ShardKeys, marker: str, events: Sequence[Row], rows: Sequence[bytes], hold_until: int
 ) -> ShardWrites:
+    if len(rows) != len(events):  # the loop below zips them without strict=True
+        raise ValueError(f"{len(rows)} rows for {len(events)} events")
     writes = ShardWrites(shard, marker, hold_until=hold_until)
     queue = writes.queue_rows
     held = writes.held
@@ -170,12 +172,12 @@ def _plan_held(
     end_record = b"%%015d%b%%be\x1f%%b\x1f%%d\x1f%%b\x1f" % batch
     view_record_0 = b"%%015d%b%%bv\x1f%%b\x1f0\x1f%%b\x1f" % batch
     end_record_0 = b"%%015d%b%%be\x1f%%b\x1f0\x1f%%b\x1f" % batch
-    profile_field = shard.profile_field
-    fields: dict[tuple[str, str], bytes] = {}  # (project, profile) -> its profile field
+    profile_fields = _profile_fields()
+    field_of = profile_fields.get
     views = ends = 0
-    numbers = _numbers(len(events))
+    numbers = _numbers(len(events))  # at least as many as events: zip stops at their end
     # Row.kind and the visitors' set inlined: this loop runs for every event of the batch.
-    for number, (event, row) in zip(numbers, zip(events, rows, strict=True), strict=False):
+    for number, event, row in zip(numbers, events, rows, strict=False):
         profile_id = event.profile_id
         if profile_id:
             members = visitors.get(event.project_id)
@@ -189,28 +191,26 @@ def _plan_held(
             continue
         name = event.name
         if name == "screen_view":
-            view = True
             views += 1
+            template, template_0 = view_record, view_record_0
         elif name == "session_end":
-            view = False
             ends += 1
+            template, template_0 = end_record, end_record_0
         else:
             queue.append(row)
             continue
         if profile_id:
             pair = (event.project_id, profile_id)
-            pfield = fields.get(pair)
+            pfield = field_of(pair)
             if pfield is None:
-                pfield = fields[pair] = profile_field(*pair).encode()
+                pfield = profile_fields[pair] = ShardKeys.profile_field(*pair).encode()
         else:
             pfield = b""
         own = event.duration
         if own == 0:
-            record = (view_record_0 if view else end_record_0) % (
-                event.created_ms, number, pfield, row[:-1]
-            )  # fmt: skip
+            record = template_0 % (event.created_ms, number, pfield, row[:-1])
         else:
-            record = (view_record if view else end_record) % (
+            record = template % (
                 event.created_ms, number, pfield, own, stored_view.head_of(event, row)
             )  # fmt: skip
         records = held.get(session)
@@ -222,6 +222,31 @@ def _plan_held(
     writes.held_keys = {session: held_key + escape(session) for session in held}
     _finish(writes, visitors, len(events), views, ends)
     return writes
+
+
+# Profile fields (`ShardKeys.profile_field`) by (project, profile), as str (the plan without
+# a window) and encoded (the held records): the same for every shard, and profiles come
+# back batch after batch. Replaced whole when full (never cleared in place: threads may
+# be reading them).
+_PROFILE_NAMES: dict[tuple[str, str], str] = {}
+_PROFILE_FIELDS: dict[tuple[str, str], bytes] = {}
+_PROFILE_FIELDS_KEPT = 16_384
+
+
+def _profile_names() -> dict[tuple[str, str], str]:
+    """The str profile fields' cache, replaced once it holds `_PROFILE_FIELDS_KEPT`."""
+    global _PROFILE_NAMES
+    if len(_PROFILE_NAMES) >= _PROFILE_FIELDS_KEPT:
+        _PROFILE_NAMES = {}
+    return _PROFILE_NAMES
+
+
+def _profile_fields() -> dict[tuple[str, str], bytes]:
+    """The encoded profile fields' cache, replaced once it holds `_PROFILE_FIELDS_KEPT`."""
+    global _PROFILE_FIELDS
+    if len(_PROFILE_FIELDS) >= _PROFILE_FIELDS_KEPT:
+        _PROFILE_FIELDS = {}
+    return _PROFILE_FIELDS
 
 
 # b"%06d" of 0, 1, ...: the numbers of a batch's events in their held records (mod 10**6).
