@@ -68,13 +68,22 @@ def derived_ids(batch_id: str) -> Callable[[int], str]:
     its events to the same shards, whose batch markers skip them.
     """
     h = f"{uuid.uuid5(_ID_NAMESPACE, batch_id).int:032x}"
-    # Only the node field changes with the position: the rest is formatted once.
+    # Only the node field changes with the position: the rest is formatted once. A
+    # position below 4096 changes only its last three digits: those come from a table.
     head, node = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-", int(h[20:], 16)
+    fixed, low = head + h[20:29], int(h[29:], 16)
+    digits = _THREE_DIGITS
 
     def derive(index: int) -> str:
+        if 0 <= index < 4096:
+            return fixed + digits[low ^ index]
         return f"{head}{node ^ (index & 0xFFFF_FFFF_FFFF):012x}"
 
     return derive
+
+
+# Three hex digits of each number below 4096, for `derived_ids`.
+_THREE_DIGITS = [f"{n:03x}" for n in range(4096)]
 
 
 @dataclass

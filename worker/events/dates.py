@@ -46,6 +46,9 @@ _MILLIS_Z = {f"{milli:03d}Z": milli for milli in range(1000)}
 _SDK_MINUTES: dict[str, tuple[str, int]] = {}
 _STORED_MINUTES: dict[str, tuple[str, int]] = {}
 _MINUTES_KEPT = 4096
+# The tables of a text by its length (the SDKs' form, the stored form): its minutes and
+# its milliseconds, for the lookups `_canonical_date` does (and `parse_events`, inline).
+_FAST_FORMS = {24: (_SDK_MINUTES, _MILLIS_Z), 23: (_STORED_MINUTES, _MILLIS)}
 
 
 def _canonical_date(text: str) -> tuple[str, int] | None:
