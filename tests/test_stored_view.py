@@ -13,7 +13,7 @@ row Python builds, and decode to the event with the expected duration.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -30,6 +30,7 @@ from worker.held_pack import FIELD_END, HEADER, held_record_bytes
 from worker.keys import ShardKeys
 from worker.reorder import held_packs, held_record, held_rows
 from worker.reorder_release import _Plan, release, release_in_redis
+from worker.resp import read_replies, send_commands
 from worker.scripts import Scripts, load_lua
 
 KEYS = ShardKeys("eventbuffer", 0)
@@ -432,62 +433,77 @@ def test_a_tie_between_two_sessions_of_one_profile_goes_to_the_later_in_its_batc
     assert client.hget(KEYS.profile_views, pfield) == tagged["s1"]
 
 
+def rewrite(
+    client: redis_lib.Redis,
+    cut: Sequence[tuple[str, int, bytes, int]] = (),
+    unchanged: Sequence[tuple[str, int, int]] = (),
+    dropped: Sequence[tuple[str, int]] = (),
+) -> Any:
+    """release_rewrite.lua's call (and the MSET before it) as a release makes them, in one
+    MULTI/EXEC: packs cut (session, length read, what stays, its deadline), packs nothing
+    went from (session, length read, deadline), packs released whole (session, length
+    read). Returns the script's reply."""
+    plan = _Plan(NOW)
+    plan.packs = [(s, KEYS.held(s), read, kept, due) for s, read, kept, due in cut]
+    plan.packs += [(s, KEYS.held(s), read, None, due) for s, read, due in unchanged]
+    plan.packs.sort()  # interleaved: the call puts them in its order
+    plan.dropped = [(s, KEYS.held(s), read) for s, read in dropped]
+    commands = [("MULTI",), *plan._rewrite(KEYS), ("EXEC",)]
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        send_commands(connection, commands)
+        results = read_replies(connection, len(commands))[-1]
+    finally:
+        pool.release(connection)
+    assert not client.keys("*held-kept*")  # what stayed was put in place, or dropped
+    return results[-1]
+
+
 def test_records_appended_during_a_release_stay_held(client: redis_lib.Redis) -> None:
     """release_rewrite.lua keeps what an apply appended after the release read the pack,
-    with its deadline, whatever the release kept (given, or as the pack's tail from an
-    offset)."""
+    with its deadline, whatever the release kept (some records, none, all)."""
     view = as_row(parse_event({"name": "screen_view", "project_id": "p", "session_id": "s",
                                "created_at": NOW}))  # fmt: skip
     head = stored_view.head_of(view, encode_event(view))
     read = held_record(NOW, 5, "t" * 14, "v", "", 0, head)
     kept = held_record(NOW + 1, 30, "u" * 14, "v", "", 0, head)
     added = held_record(NOW + 2, 20, "w" * 14, "v", "", 0, head)
-    script = load_lua("release_rewrite")
-    for kept_records, deadline, due in ((b"", "", 20.0), (kept, "30", 20.0)):
-        for as_bytes in (True, False):
-            client.flushall()
-            client.set(KEYS.held("s"), read + kept_records)
-            client.append(KEYS.held("s"), added)  # after the release read the pack
-            stays = ("", kept_records) if as_bytes else (len(read), b"")
-            args = ["s", len(read + kept_records), deadline, *stays]
-            assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
-            assert client.get(KEYS.held("s")) == kept_records + added
-            assert client.zscore(KEYS.held_due, "s") == due
-    for start in ("", len(read)):
-        client.flushall()
-        client.set(KEYS.held("s"), read)
-        args = ["s", len(read), "", start, b""]
-        assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
-        assert client.exists(KEYS.held("s")) == 0 and client.zcard(KEYS.held_due) == 0
-    # A pack released whole, given as two values (its id, its length read), after one
-    # given as five: it goes, unless an apply appended meanwhile (that stays).
     for appended in (b"", added):
         client.flushall()
-        client.set(KEYS.held("s"), read + kept)
-        client.set(KEYS.held("w"), read + appended)
-        client.zadd(KEYS.held_due, {"s": 5, "w": 5})
-        args = ["s", len(read + kept), "30", len(read), b"", "w", len(read)]
-        keys = (KEYS.held_due, KEYS.held("s"), KEYS.held("w"))
-        assert client.eval(script, 3, *keys, *args) == 2
-        assert client.get(KEYS.held("s")) == kept and client.zscore(KEYS.held_due, "s") == 30.0
+        client.set(KEYS.held("s"), read + kept)  # cut: `kept` stays
+        client.set(KEYS.held("u"), kept)  # nothing went
+        client.set(KEYS.held("w"), read)  # released whole
+        client.zadd(KEYS.held_due, {"s": 5, "u": 5, "w": 5})
+        for session in ("s", "u", "w"):
+            client.append(KEYS.held(session), appended)  # after the release read the packs
+        reply = rewrite(client, [("s", len(read + kept), kept, 30)], [("u", len(kept), 30)],
+                        [("w", len(read))])  # fmt: skip
+        assert reply == 3
+        assert client.get(KEYS.held("s")) == kept + appended
+        assert client.get(KEYS.held("u")) == kept + appended
         assert client.get(KEYS.held("w")) == (appended or None)
-        assert client.zscore(KEYS.held_due, "w") == (20.0 if appended else None)
-    # Nothing appended: the tail from the offset stays, with its deadline.
+        due = 20.0 if appended else 30.0
+        assert [client.zscore(KEYS.held_due, s) for s in "suw"] == [
+            due, due, 20.0 if appended else None
+        ]  # fmt: skip
+    # A pack shorter than what was read (rewritten by someone else): left alone.
     client.flushall()
-    client.set(KEYS.held("s"), read + kept)
-    args = ["s", len(read + kept), "30", len(read), b""]
-    assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
-    assert client.get(KEYS.held("s")) == kept and client.zscore(KEYS.held_due, "s") == 30.0
+    client.set(KEYS.held("s"), kept)
+    client.zadd(KEYS.held_due, {"s": 5})
+    assert rewrite(client, [("s", len(read + kept), kept, 30)]) == 0
+    assert client.get(KEYS.held("s")) == kept and client.zscore(KEYS.held_due, "s") == 5.0
 
 
 def test_records_of_both_forms_appended_during_a_release_stay_held(
     client: redis_lib.Redis,
 ) -> None:
     """During a rolling upgrade the records appended meanwhile may be of either form:
-    release_rewrite.lua reads the deadline of each."""
+    release_rewrite.lua reads the deadline of each (a pack released whole, or cut)."""
     view = as_row(parse_event({"name": "screen_view", "project_id": "p", "session_id": "s",
                                "created_at": NOW}))  # fmt: skip
     read = current_record(NOW, 5, "t" * 14, "v", "", view)
+    kept = current_record(NOW + 1, 40, "k" * 14, "v", "", view)
     added = [
         framed_record(NOW + 1, 30, "u" * 14, "v", "p:u1", view),
         current_record(NOW + 2, 20, "w" * 14, "v", "", view),
@@ -496,13 +512,47 @@ def test_records_of_both_forms_appended_during_a_release_stay_held(
     ]
     # the current form (byte 45 ends the header), and two an earlier version framed
     assert [r[HEADER : HEADER + 1] == FIELD_END for r in added] == [False, True, False, True]
-    script = load_lua("release_rewrite")
     for n in range(1, len(added) + 1):
-        client.flushall()
-        client.set(KEYS.held("s"), read)
-        for record in added[:n]:
-            client.append(KEYS.held("s"), record)  # after the release read the pack
-        args = ["s", len(read), "", len(read), b""]
-        assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
-        assert client.get(KEYS.held("s")) == b"".join(added[:n])
-        assert client.zscore(KEYS.held_due, "s") == [30.0, 20.0, 15.0, 15.0][n - 1]
+        for stays in (b"", kept):
+            client.flushall()
+            client.set(KEYS.held("s"), read + stays)
+            for record in added[:n]:
+                client.append(KEYS.held("s"), record)  # after the release read the pack
+            if stays:
+                assert rewrite(client, [("s", len(read + stays), stays, 40)]) == 1
+            else:
+                assert rewrite(client, dropped=[("s", len(read))]) == 1
+            assert client.get(KEYS.held("s")) == stays + b"".join(added[:n])
+            assert client.zscore(KEYS.held_due, "s") == [30.0, 20.0, 15.0, 15.0][n - 1]
+
+
+def test_what_stays_of_a_pack_never_passes_through_lua(client: redis_lib.Redis) -> None:
+    """A release writes what stays of each pack cut with MSET and release_rewrite.lua puts
+    it in place with RENAME: the script reads no pack (GETRANGE) unless an apply appended
+    to it meanwhile (Lua hashes every byte of every string it holds)."""
+    views = [
+        as_row(parse_event({"name": "screen_view", "project_id": "p", "session_id": "s",
+                            "created_at": NOW + n, "path": "x" * 500}))
+        for n in range(3)
+    ]  # fmt: skip
+    records = [
+        current_record(NOW + n, 5 if n == 0 else 50, f"{n:014d}", "v", "", view)
+        for n, view in enumerate(views)
+    ]
+    pack = b"".join(records)
+    sessions = [f"s{n}" for n in range(5)]
+    for session in sessions:
+        client.set(KEYS.held(session), pack)
+        client.zadd(KEYS.held_due, {session: 5})
+    client.config_resetstat()
+    released = release(client, KEYS, sessions, 10, 60, 60)
+    assert (released.rows, released.late) == (0, 0)  # the first view of each waits
+    stats = client.info("commandstats")
+    assert "cmdstat_getrange" not in stats and "cmdstat_set" not in stats
+    assert stats["cmdstat_rename"]["calls"] == 5
+    tail = b"".join(records[1:])
+    assert [client.get(KEYS.held(session)) for session in sessions] == [tail] * 5
+    assert client.zrange(KEYS.held_due, 0, -1, withscores=True) == [
+        (s.encode(), 50.0) for s in sessions
+    ]
+    assert not client.keys("*held-kept*")

@@ -200,6 +200,17 @@ def _prefix(length: int) -> bytes:
     return prefix
 
 
+def _session_args(session: str, size: int, deadline: int) -> bytes:
+    """A session's three arguments to release_rewrite.lua, framed: its id, the length of
+    its pack read, the earliest deadline of what stays."""
+    member = session.encode()
+    read = b"%d" % size
+    due = b"%d" % deadline
+    return b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+        len(member), member, len(read), read, len(due), due
+    )  # fmt: skip
+
+
 def _as_is_end(own: bytes) -> bytes:
     """The end of the frame of a row queued as it is (with its own duration, if any)."""
     return _AS_IS if own == b"0" else b',"duration":%b}\r\n' % own
@@ -224,9 +235,9 @@ class _Plan:
         self.frames: list[Any] = []
         self.rows = 0
         self.late = 0
-        # per session: its id, key, length read, where the records that stay start in the
-        # pack ("" when they are given instead), those records, their deadline
-        self.packs: list[tuple[str, str, int, int | str, bytes, int | None]] = []
+        # per session some of whose records stay: its id, key, length read, the records
+        # that stay (None when they are the whole pack: none went), their earliest deadline
+        self.packs: list[tuple[str, str, int, bytes | None, int]] = []
         # per session whose every record goes: its id, key, length read (the pack goes)
         self.dropped: list[tuple[str, str, int]] = []
         self.views_set: list[Any] = []
@@ -418,13 +429,13 @@ class _Plan:
             while last_due >= 0 and dues[last_due] > now_text:
                 last_due -= 1
             if last_due < 0:
-                return self._kept(session, key, size, 0, dues)
+                return self._kept(session, key, pack, 0, dues)
             # Every record created no later than the newest due one (the last due, in
             # created order): the headers before the cut's created ms followed by 0xff.
             released = bisect_left(headers, headers[last_due][:15] + b"\xff", last_due + 1)
             if released < count:
                 kept_start = sum(map(len, fields[: 4 * released])) + 4 * released
-                self._kept(session, key, size, kept_start, dues[released:])
+                self._kept(session, key, pack, kept_start, dues[released:])
                 del headers[released:], pfields[released:], owns[released:], heads[released:]
             else:
                 self.dropped.append((session, key, size))
@@ -454,7 +465,8 @@ class _Plan:
                 # Pack order is created order: what stays is the pack's tail, from the end
                 # of the released records' fields (each ended by FIELD_END).
                 kept_start = sum(map(len, fields[: 4 * released])) + 4 * released
-                self.packs.append((session, key, size, kept_start, b"", next_deadline))
+                self.packs.append((session, key, size, pack[kept_start:] if released else None,
+                                   next_deadline))  # fmt: skip
             else:
                 if spans is None:
                     spans = []
@@ -468,11 +480,13 @@ class _Plan:
                     spans = [spans[n] for n in order]
                 released_end = max((stop for _, stop in spans[:released]), default=0)
                 kept_start = min(start for start, _ in spans[released:])
-                if released_end <= kept_start:  # what stays is the pack's tail: Redis cuts it
-                    self.packs.append((session, key, size, kept_start, b"", next_deadline))
+                if not released:
+                    kept: bytes | None = None
+                elif released_end <= kept_start:  # what stays is the pack's tail
+                    kept = pack[kept_start:]
                 else:
                     kept = b"".join([pack[start:stop] for start, stop in spans[released:]])
-                    self.packs.append((session, key, size, "", kept, next_deadline))
+                self.packs.append((session, key, size, kept, next_deadline))
             if not released:
                 return
             del headers[released:], pfields[released:], owns[released:], heads[released:]
@@ -480,13 +494,12 @@ class _Plan:
         if released:
             self._rules(session, created, headers, pfields, owns, heads, closed, stored)
 
-    def _kept(self, session: str, key: str, size: int, start: int, kept: list[bytes]) -> None:
+    def _kept(self, session: str, key: str, pack: bytes, start: int, kept: list[bytes]) -> None:
         """A pack whose records from `start` on stay (its tail, in created order; their
-        deadlines as written, `kept`): Redis cuts it, and the session is due at the
-        earliest of them."""
+        deadlines as written, `kept`): the session is due at the earliest of them."""
         low = min(kept)
         deadline = int(low) if low[:1] != b"-" else min(map(int, kept))
-        self.packs.append((session, key, size, start, b"", deadline))
+        self.packs.append((session, key, len(pack), pack[start:] if start else None, deadline))
 
     def _rules(
         self, session: str, created: list[int], headers: list[bytes], pfields: list[bytes],
@@ -599,28 +612,33 @@ class _Plan:
             return
         self.profiles[pfield] = (created, header, own, head)
 
-    def _rewrite(self, shard: ShardKeys) -> tuple[Any, ...] | Framed:
-        """The call of release_rewrite.lua for every pack read, its arguments framed here:
-        a session's five arguments in one formatting (six short arguments per session
-        cost several times as much framed one by one, by worker/resp.py or hiredis); then
-        the packs released whole (`dropped`), two arguments each (their id and length)."""
-        keys: list[bytes] = []
-        args: list[bytes] = []
+    def _rewrite(self, shard: ShardKeys) -> list[tuple[Any, ...] | Framed]:
+        """What stays of each pack cut, written to a key of its own (one MSET: Lua is not
+        handed these bytes, it would hash every one), then the call of release_rewrite.lua
+        for every pack read, which puts them in place. The arguments are framed here, a
+        session's in one formatting (short arguments cost several times as much framed one
+        by one, by worker/resp.py or hiredis). The packs cut come first, then those nothing
+        went from, then the packs released whole (`dropped`)."""
+        cut = [(s, key, n, kept, due) for s, key, n, kept, due in self.packs if kept is not None]
+        whole = [(s, key, n, due) for s, key, n, kept, due in self.packs if kept is None]
+        start = len(shard.tag) + len(":held:")  # of the session's part of a pack's key
+        kept_tag = shard.tag + ":held-kept:"
+        counts = (len(cut), len(whole))
         try:
-            for session, key, size, start, kept, deadline in self.packs:
+            pairs: list[bytes] = []  # the MSET's keys and values
+            keys: list[bytes] = []
+            args = [b"$%d\r\n%d\r\n" % (len(b"%d" % n), n) for n in counts]
+            for session, key, size, kept, deadline in cut:
+                name = key.encode()
+                other = (kept_tag + key[start:]).encode()
+                framed = b"$%d\r\n%b\r\n" % (len(other), other)
+                pairs += (framed, b"$%d\r\n" % len(kept), kept, b"\r\n")
+                keys += (b"$%d\r\n%b\r\n" % (len(name), name), framed)
+                args.append(_session_args(session, size, deadline))
+            for session, key, size, deadline in whole:
                 name = key.encode()
                 keys.append(b"$%d\r\n%b\r\n" % (len(name), name))
-                member = session.encode()
-                read = b"%d" % size
-                due = b"" if deadline is None else b"%d" % deadline
-                start_at = b"%d" % start if isinstance(start, int) else b""
-                args += (
-                    b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n"
-                    % (len(member), member, len(read), read, len(due), due, len(start_at),
-                       start_at, len(kept)),
-                    kept,
-                    b"\r\n",
-                )  # fmt: skip
+                args.append(_session_args(session, size, deadline))
             for session, key, size in self.dropped:
                 name = key.encode()
                 keys.append(b"$%d\r\n%b\r\n" % (len(name), name))
@@ -628,18 +646,29 @@ class _Plan:
                 read = b"%d" % size
                 args.append(b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(member), member, len(read), read))
         except UnicodeEncodeError:  # a name hiredis frames its own way (or refuses)
-            plain: list[Any] = []
             names: list[str] = []
-            for session, key, size, start, kept, deadline in self.packs:
+            plain: list[Any] = [*counts]
+            values: list[Any] = []
+            for session, key, size, kept, deadline in cut:
+                names += (key, kept_tag + key[start:])
+                values += (kept_tag + key[start:], kept)
+                plain += (session, size, deadline)
+            for session, key, size, deadline in whole:
                 names.append(key)
-                plain += (session, size, "" if deadline is None else deadline, start, kept)
+                plain += (session, size, deadline)
             for session, key, size in self.dropped:
                 names.append(key)
                 plain += (session, size)
-            return ("EVAL", _REWRITE, 1 + len(names), shard.held_due, *names, *plain)
-        count = len(self.packs) + len(self.dropped)
-        values = 6 * len(self.packs) + 3 * len(self.dropped)
-        return Framed(("EVAL", _REWRITE, 1 + count, shard.held_due), values, keys + args)
+            call = ("EVAL", _REWRITE, 1 + len(names), shard.held_due, *names, *plain)
+            return [("MSET", *values), call] if values else [call]
+        count = len(keys)
+        framed_call = Framed(
+            ("EVAL", _REWRITE, 1 + count, shard.held_due), count + len(counts) + 3 * len(self.packs)
+            + 2 * len(self.dropped), keys + args,
+        )  # fmt: skip
+        if not cut:
+            return [framed_call]
+        return [Framed(("MSET",), 2 * len(cut), pairs), framed_call]
 
     def writes(
         self,
@@ -653,7 +682,7 @@ class _Plan:
             out.append(("HDEL", shard.closed, *forgotten))
             out.append(("ZREM", shard.closed_at, *forgotten))
         if self.packs or self.dropped:
-            out.append(self._rewrite(shard))
+            out += self._rewrite(shard)
         if self.rows:
             out.append(Framed(("RPUSH", shard.queue), self.rows, self.frames))
         if self.views_set:
