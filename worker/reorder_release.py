@@ -16,11 +16,13 @@ travel as plain command arguments (RPUSH, HSET), not through Lua strings:
    session; every other through `_Plan.session`, the general rules); read
    the profiles' last views it touches.
 3. MULTI: queue the rows, write the views, closed marks and profiles, rewrite
-   each pack (`release_rewrite.lua`: what stays, plus whatever an apply
-   appended meanwhile; the deadline from both; when what stays is the pack's
-   tail, as with events arrived in order, only its offset is sent and Redis
-   cuts the pack; a pack released whole is named by its length read only,
-   and goes), INCR `held-gen`; EXEC.
+   each pack (what stays of the packs cut written with one MSET to a key of
+   its own per session, `{p:N}:held-kept:<session>`, then `release_rewrite.lua`
+   renames each over its pack, adding whatever an apply appended meanwhile,
+   and writes the deadlines; a pack released whole is named by its length
+   read only, and goes), INCR `held-gen`; EXEC. What stays never passes
+   through Lua: Redis' Lua hashes every byte of every string it is given or
+   reads.
 
 An apply only ever appends to a pack and lowers a deadline, so applies do not
 abort the transaction; a concurrent release, the sweep or an apply without a
