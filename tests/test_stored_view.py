@@ -340,10 +340,11 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
 ) -> None:
     """A session not closed whose pack is current records, views, due, in created order
     (one, most often), and whose waiting view (if any) is of the current form and not
-    newer: decided by `_Plan.sessions` itself, released whole (its pack goes), as the
-    general rules and release_held.lua decide it. The others (an older form, a late
-    view, a closed session, a session_end, a record not due, records out of created
-    order) take the general rules."""
+    newer: decided by `_Plan.sessions` itself, as the general rules and release_held.lua
+    decide it: released whole (its pack goes) or, when some records are not due, up to
+    the cut (the pack's tail stays). The others (an older form, a late view, a closed
+    session, a session_end, no record due, records out of created order) take the
+    general rules."""
     base = NOW - 10**6
 
     def at(created: int, name: str = "screen_view") -> Row:
@@ -359,7 +360,15 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
     # Several views in created order, all due (the same profile twice: its last counts).
     fast["f4"] = b"".join(record(base + 50 * n, 10, str(n + 4), "v", "p:u1") for n in range(3))
     fast["f5"] = record(base, 5, "7") + record(base + 100, 10, "8", "v", "p:u2")
-    stored = {f: stored_view.of_event(view) for f in ("f1", "f2", "f4")}
+    # Some records due: those created no later than the newest due one go, the tail stays.
+    tails = {
+        "f6": record(base + 400, 20, "j"),
+        "f7": record(base + 700, 30, "m", "v", "p:u2") + record(base + 800, 40, "n"),
+    }
+    fast["f6"] = record(base + 300, 5, "i", "v", "p:u1") + tails["f6"]
+    fast["f7"] = record(base + 500, 20, "k") + record(base + 600, 5, "l", "v", "p:u1")
+    fast["f7"] += tails["f7"]
+    stored = {f: stored_view.of_event(view) for f in ("f1", "f2", "f4", "f6")}
     other_packs = {
         "legacy-view": record(base + 200, 5, "a"),
         "late": record(base - 100, 5, "b"),
@@ -367,7 +376,7 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
         "end": record(base + 300, 5, "d", "e", "p:u1"),
         "not-due": record(base + 300, 20, "e"),
         "two-unordered": record(base + 400, 5, "f") + record(base + 300, 10, "g"),
-        "two-one-due": record(base + 300, 5, "i") + record(base + 400, 20, "j"),
+        "none-due": record(base + 300, 20, "i") + record(base + 400, 20, "j"),
         "view-and-end": record(base + 300, 5, "k") + record(base + 400, 10, "l", "e"),
         "framed": framed_record(base + 300, 5, "h" * 14, "v", "", at(base + 300)),
     }
@@ -385,9 +394,12 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
     plan = _GeneralOnly(10)
     plan.sessions(None, sessions, keys, [b"5"] * len(sessions), client.mget(keys),
                   [None] * len(sessions), client.hmget(KEYS.views, sessions), [])  # fmt: skip
-    assert plan.dropped == [(s, KEYS.held(s), len(fast[s])) for s in sessions]
-    # the waiting views of f1, f2 and f4, two views of f4 and one of f5
-    assert plan.packs == [] and plan.rows == 6
+    whole = [s for s in sessions if s not in tails]
+    assert plan.dropped == [(s, KEYS.held(s), len(fast[s])) for s in whole]
+    assert plan.packs == [("f6", KEYS.held("f6"), len(fast["f6"]), tails["f6"], 20),
+                          ("f7", KEYS.held("f7"), len(fast["f7"]), tails["f7"], 30)]  # fmt: skip
+    # the waiting views of f1, f2, f4 and f6, two views of f4, one of f5 and one of f7
+    assert plan.rows == 8
     for session in other_packs:
         load_state(client, state)
         key = KEYS.held(session)
@@ -403,9 +415,9 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
     expected = snapshot(client, list(state["packs"]))
     load_state(client, state)
     in_python = release(client, KEYS, due, 10, 60, 60)
-    assert (in_python.rows, in_python.late) == (in_redis.rows, in_redis.late) == (12, 1)
+    assert (in_python.rows, in_python.late) == (in_redis.rows, in_redis.late) == (14, 1)
     assert snapshot(client, list(state["packs"])) == expected
-    assert [client.exists(key) for key in keys] == [0] * len(keys)
+    assert [client.get(key) for key in keys] == [tails.get(s) for s in sessions]
 
 
 @pytest.mark.parametrize("in_redis", [False, True], ids=["python", "lua"])

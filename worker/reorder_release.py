@@ -172,17 +172,6 @@ def _missing_pack(connection: Any, key: str) -> bytes:
     return b""
 
 
-def _last_deadline(pack: bytes) -> bytes:
-    """The deadline field (15 characters) of a pack's last record, if of the current form
-    (else any bytes): packs whose last record is not due (records still arriving, later
-    deadlines last) skip the fast path before they are split."""
-    rfind = pack.rfind
-    # the ends of its head, own duration, profile field and header (FIELD_END each)
-    end = rfind(FIELD_END, 0, rfind(FIELD_END, 0, rfind(FIELD_END, 0, len(pack) - 1)))
-    end = rfind(FIELD_END, 0, end)
-    return pack[end + 16 : end + 31]
-
-
 _AS_IS = b"}\r\n"  # the end of a row queued with no duration of its own
 _DEADLINE = itemgetter(slice(15, 30))  # of a record's header
 _VIEW = b"v"[0]  # a record's kind: a screen_view (b"e": a session_end)
@@ -269,13 +258,14 @@ class _Plan:
         and stored view.
 
         The common case is decided here, with no call per session: a session not closed
-        whose pack is current records, every one a view and due, in created order (one
-        record, most often), none created before 1970, and whose waiting view (if any) is
-        of the current form and created no later than the first (none is late). It is
-        released whole (the pack goes, `dropped`): each view is queued with the gap to the
-        next as its duration (the waiting view first), and the last waits. Every other
-        session goes through `session`, the general rules (the same decisions, in every
-        case).
+        whose pack is current records, every one a view, in created order (one record,
+        most often), none created before 1970, some due, and whose waiting view (if any)
+        is of the current form and created no later than the first (none is late). The
+        views up to the cut go (those created no later than the newest due one; all, most
+        often: the pack goes, `dropped`; else the pack's tail stays): each is queued with
+        the gap to the next as its duration (the waiting view first), and the last waits.
+        Every other session goes through `session`, the general rules (the same
+        decisions, in every case).
         """
         now_ms = self.now
         now_text = self.now_text if len(self.now_text) == 15 else None
@@ -298,22 +288,38 @@ class _Plan:
                 and mark is None
                 and pack[45:46] == FIELD_END
                 and pack[44] == _VIEW
-                and _last_deadline(pack) <= now_text
             ):
                 fields = pack.split(FIELD_END)
-                count = len(fields) >> 2
+                count = released = len(fields) >> 2
+                dues: list[bytes] = []
                 if count == 1:
-                    fast = len(fields) == 5 and len(fields[0]) == HEADER and not fields[4]
-                else:  # every record a view, due, the pack in created order, none negative
+                    fast = (
+                        len(fields) == 5
+                        and len(fields[0]) == HEADER
+                        and not fields[4]
+                        and fields[0][15:30] <= now_text
+                    )
+                else:  # every record a view, the pack in created order, none negative
                     headers = fields[0 : 4 * count : 4]
                     fast = (
                         len(fields) == 4 * count + 1
                         and not fields[-1]
-                        and max(map(_DEADLINE, headers)) <= now_text
                         and pack[:1] != b"-"
                         and all(len(h) == HEADER and h[44] == _VIEW for h in headers)
                         and headers == sorted(headers)
                     )
+                    if fast:
+                        dues = list(map(_DEADLINE, headers))
+                        if max(dues) > now_text:  # the records up to the cut go (`session`)
+                            last_due = count - 1
+                            while last_due >= 0 and dues[last_due] > now_text:
+                                last_due -= 1
+                            if last_due < 0:
+                                fast = False  # none due: the general rules
+                            else:
+                                released = bisect_left(
+                                    headers, headers[last_due][:15] + b"\xff", last_due + 1
+                                )
                 if fast:
                     this = int(fields[0][:15])  # the first created (all are, in order)
                     stored = views[n]
@@ -332,11 +338,11 @@ class _Plan:
                             rows += 1
                 if fast:  # each view queued with the gap to the next, the last waits
                     header, pfield, own, head = fields[0:4]
-                    if count > 1:
+                    if released > 1:
                         profiles: dict[bytes, tuple[int, bytes, bytes, bytes]] = {}
                         if pfield:
                             profiles[pfield] = (this, header, own, head)
-                        for at in range(4, 4 * count, 4):
+                        for at in range(4, 4 * released, 4):
                             header, pfield, own, next_head = fields[at : at + 4]
                             created = int(header[:15])
                             end = b',"duration":%d}\r\n' % (created - this)
@@ -352,7 +358,11 @@ class _Plan:
                         self._profile_event(pfield, this, header, own, head)
                     views_set += (session, b"%d;%b;%b" % (this, own, head))
                     indexed += (now_ms, session)
-                    dropped.append((session, keys[n], len(pack)))
+                    if released == count:
+                        dropped.append((session, keys[n], len(pack)))
+                    else:  # what stays is the pack's tail
+                        kept_start = sum(map(len, fields[: 4 * released])) + 4 * released
+                        self._kept(session, keys[n], pack, kept_start, dues[released:])
                     continue
             else:
                 fields = None  # not split yet
