@@ -364,10 +364,12 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
     tails = {
         "f6": record(base + 400, 20, "j"),
         "f7": record(base + 700, 30, "m", "v", "p:u2") + record(base + 800, 40, "n"),
+        "f8": record(base + 400, 20, "p", "e"),  # a session_end not due stays
     }
     fast["f6"] = record(base + 300, 5, "i", "v", "p:u1") + tails["f6"]
     fast["f7"] = record(base + 500, 20, "k") + record(base + 600, 5, "l", "v", "p:u1")
     fast["f7"] += tails["f7"]
+    fast["f8"] = record(base + 300, 5, "o") + tails["f8"]
     stored = {f: stored_view.of_event(view) for f in ("f1", "f2", "f4", "f6")}
     other_packs = {
         "legacy-view": record(base + 200, 5, "a"),
@@ -397,7 +399,8 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
     whole = [s for s in sessions if s not in tails]
     assert plan.dropped == [(s, KEYS.held(s), len(fast[s])) for s in whole]
     assert plan.packs == [("f6", KEYS.held("f6"), len(fast["f6"]), tails["f6"], 20),
-                          ("f7", KEYS.held("f7"), len(fast["f7"]), tails["f7"], 30)]  # fmt: skip
+                          ("f7", KEYS.held("f7"), len(fast["f7"]), tails["f7"], 30),
+                          ("f8", KEYS.held("f8"), len(fast["f8"]), tails["f8"], 20)]  # fmt: skip
     # the waiting views of f1, f2, f4 and f6, two views of f4, one of f5 and one of f7
     assert plan.rows == 8
     for session in other_packs:

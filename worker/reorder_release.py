@@ -258,10 +258,10 @@ class _Plan:
         and stored view.
 
         The common case is decided here, with no call per session: a session not closed
-        whose pack is current records, every one a view, in created order (one record,
-        most often), none created before 1970, some due, and whose waiting view (if any)
-        is of the current form and created no later than the first (none is late). The
-        views up to the cut go (those created no later than the newest due one; all, most
+        whose pack is current records in created order (one, most often), none created
+        before 1970, some due, every one that goes a view, and whose waiting view (if
+        any) is of the current form and created no later than the first (none is late).
+        The views up to the cut go (those created no later than the newest due one; all, most
         often: the pack goes, `dropped`; else the pack's tail stays): each is queued with
         the gap to the next as its duration (the waiting view first), and the last waits.
         Every other session goes through `session`, the general rules (the same
@@ -299,13 +299,13 @@ class _Plan:
                         and not fields[4]
                         and fields[0][15:30] <= now_text
                     )
-                else:  # every record a view, the pack in created order, none negative
+                else:  # current records (see `session`), in created order, none negative
                     headers = fields[0 : 4 * count : 4]
                     fast = (
                         len(fields) == 4 * count + 1
                         and not fields[-1]
                         and pack[:1] != b"-"
-                        and all(len(h) == HEADER and h[44] == _VIEW for h in headers)
+                        and sum(map(len, headers)) == HEADER * count
                         and headers == sorted(headers)
                     )
                     if fast:
@@ -320,6 +320,8 @@ class _Plan:
                                 released = bisect_left(
                                     headers, headers[last_due][:15] + b"\xff", last_due + 1
                                 )
+                        # every record released a view (a session_end may stay)
+                        fast = fast and all(h[44] == _VIEW for h in headers[:released])
                 if fast:
                     this = int(fields[0][:15])  # the first created (all are, in order)
                     stored = views[n]
