@@ -365,26 +365,38 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
         "f6": record(base + 400, 20, "j"),
         "f7": record(base + 700, 30, "m", "v", "p:u2") + record(base + 800, 40, "n"),
         "f8": record(base + 400, 20, "p", "e"),  # a session_end not due stays
+        "f11": record(base + 400, 20, "u"),
     }
     fast["f6"] = record(base + 300, 5, "i", "v", "p:u1") + tails["f6"]
     fast["f7"] = record(base + 500, 20, "k") + record(base + 600, 5, "l", "v", "p:u1")
     fast["f7"] += tails["f7"]
     fast["f8"] = record(base + 300, 5, "o") + tails["f8"]
-    stored = {f: stored_view.of_event(view) for f in ("f1", "f2", "f4", "f6")}
+    # A session_end released last closes the session (the view waiting goes as it is).
+    fast["f9"] = record(base + 300, 5, "q", "v", "p:u2") + record(base + 400, 5, "r", "e", "p:u2")
+    fast["f10"] = record(base + 300, 5, "s", "e", "p:u1")
+    fast["f11"] = record(base + 300, 5, "t", "e") + tails["f11"]
+    fast["f12"] = b"".join(record(base + 50 * n, 10, str(n), "v") for n in range(3))
+    fast["f12"] += record(base + 200, 10, "9", "e", "p:u1")
+    stored = {f: stored_view.of_event(view) for f in ("f1", "f2", "f4", "f6", "f9", "f10")}
     other_packs = {
         "legacy-view": record(base + 200, 5, "a"),
         "late": record(base - 100, 5, "b"),
         "closed": record(base + 300, 5, "c"),
-        "end": record(base + 300, 5, "d", "e", "p:u1"),
+        "end-then-view": record(base + 300, 5, "d", "e", "p:u1") + record(base + 400, 5, "v"),
         "not-due": record(base + 300, 20, "e"),
         "two-unordered": record(base + 400, 5, "f") + record(base + 300, 10, "g"),
         "none-due": record(base + 300, 20, "i") + record(base + 400, 20, "j"),
-        "view-and-end": record(base + 300, 5, "k") + record(base + 400, 10, "l", "e"),
+        "end-late": record(base - 100, 5, "k", "e"),
         "framed": framed_record(base + 300, 5, "h" * 14, "v", "", at(base + 300)),
     }
     state: dict[str, Any] = {
         "packs": {**fast, **other_packs},
-        "views": {**stored, "legacy-view": legacy(view), "late": stored_view.of_event(view)},
+        "views": {
+            **stored,
+            "legacy-view": legacy(view),
+            "late": stored_view.of_event(view),
+            "end-late": stored_view.of_event(view),
+        },
         "profiles": {"p:u1": stored_view.of_event(view)},
         "closed": {"closed": base},
         "closed_at": {"closed": 50},
@@ -398,11 +410,14 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
                   [None] * len(sessions), client.hmget(KEYS.views, sessions), [])  # fmt: skip
     whole = [s for s in sessions if s not in tails]
     assert plan.dropped == [(s, KEYS.held(s), len(fast[s])) for s in whole]
-    assert plan.packs == [("f6", KEYS.held("f6"), len(fast["f6"]), tails["f6"], 20),
-                          ("f7", KEYS.held("f7"), len(fast["f7"]), tails["f7"], 30),
-                          ("f8", KEYS.held("f8"), len(fast["f8"]), tails["f8"], 20)]  # fmt: skip
-    # the waiting views of f1, f2, f4 and f6, two views of f4, one of f5 and one of f7
-    assert plan.rows == 8
+    deadlines = {"f6": 20, "f7": 30, "f8": 20, "f11": 20}
+    assert plan.packs == [(s, KEYS.held(s), len(fast[s]), tails[s], due)
+                          for s, due in deadlines.items()]  # fmt: skip
+    # the waiting views of f1, f2, f4 and f6, two views of f4, one of f5 and one of f7;
+    # closed: f9's waiting view, view and end, f10's waiting view and end, f11's end,
+    # f12's three views and end
+    assert plan.rows == 18
+    assert plan.views_ended == ["f9", "f10", "f11", "f12"]
     for session in other_packs:
         load_state(client, state)
         key = KEYS.held(session)
@@ -418,7 +433,7 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
     expected = snapshot(client, list(state["packs"]))
     load_state(client, state)
     in_python = release(client, KEYS, due, 10, 60, 60)
-    assert (in_python.rows, in_python.late) == (in_redis.rows, in_redis.late) == (14, 1)
+    assert (in_python.rows, in_python.late) == (in_redis.rows, in_redis.late) == (24, 2)
     assert snapshot(client, list(state["packs"])) == expected
     assert [client.get(key) for key in keys] == [tails.get(s) for s in sessions]
 

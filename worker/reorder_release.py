@@ -259,11 +259,14 @@ class _Plan:
 
         The common case is decided here, with no call per session: a session not closed
         whose pack is current records in created order (one, most often), none created
-        before 1970, some due, every one that goes a view, and whose waiting view (if
-        any) is of the current form and created no later than the first (none is late).
-        The views up to the cut go (those created no later than the newest due one; all, most
-        often: the pack goes, `dropped`; else the pack's tail stays): each is queued with
-        the gap to the next as its duration (the waiting view first), and the last waits.
+        before 1970, some due, every one that goes a view but maybe the last, a
+        session_end, and whose waiting view (if any) is of the current form and created
+        no later than the first (none is late). The records up to the cut go (those
+        created no later than the newest due one; all, most often: the pack goes,
+        `dropped`; else the pack's tail stays): each view is queued with the gap to the
+        next as its duration (the waiting view first), and the last waits; or, when a
+        session_end goes last, the view waiting then goes as it is, then the session_end,
+        and the session is closed.
         Every other session goes through `session`, the general rules (the same
         decisions, in every case).
         """
@@ -287,7 +290,6 @@ class _Plan:
                 and pack is not None
                 and mark is None
                 and pack[45:46] == FIELD_END
-                and pack[44] == _VIEW
             ):
                 fields = pack.split(FIELD_END)
                 count = released = len(fields) >> 2
@@ -320,10 +322,14 @@ class _Plan:
                                 released = bisect_left(
                                     headers, headers[last_due][:15] + b"\xff", last_due + 1
                                 )
-                        # every record released a view (a session_end may stay)
-                        fast = fast and all(h[44] == _VIEW for h in headers[:released])
+                        # every record released a view but the last, maybe a session_end
+                        fast = fast and all(h[44] == _VIEW for h in headers[: released - 1])
                 if fast:
+                    # the last record released: a session_end closes the session
+                    ends = fields[4 * released - 4][44] != _VIEW
+                    chain = released - 1 if ends else released  # the views released
                     this = int(fields[0][:15])  # the first created (all are, in order)
+                    view_created = -1  # of the view waiting when a session_end comes
                     stored = views[n]
                     if stored is not None:
                         parts = stored_view.current_fields(stored)
@@ -332,16 +338,53 @@ class _Plan:
                         elif int(parts[0]) > this:
                             fast = False  # a late view: the general rules
                         else:
-                            int(parts[1])  # read as the general rules read it
+                            view_own = b"%d" % int(parts[1])  # as the general rules read it
                             view_head = parts[2]
-                            end = b',"duration":%d}\r\n' % (this - int(parts[0]))
+                            if chain:
+                                end = b',"duration":%d}\r\n' % (this - int(parts[0]))
+                            else:  # closed at once: the waiting view goes as it is
+                                end = _as_is_end(view_own)
+                                view_created = int(parts[0])
                             size = len(view_head) + len(end) - 2
                             frames += (prefixes.get(size) or _prefix(size), view_head, end)
                             rows += 1
                 if fast:  # each view queued with the gap to the next, the last waits
                     header, pfield, own, head = fields[0:4]
-                    if released > 1:
-                        profiles: dict[bytes, tuple[int, bytes, bytes, bytes]] = {}
+                    if ends:  # ... unless a session_end closes the session
+                        profiles: dict[bytes, tuple[int, bytes, bytes, bytes | None]] = {}
+                        if chain:
+                            if pfield:
+                                profiles[pfield] = (this, header, own, head)
+                            for at in range(4, 4 * chain, 4):
+                                header, pfield, own, next_head = fields[at : at + 4]
+                                created = int(header[:15])
+                                end = b',"duration":%d}\r\n' % (created - this)
+                                size = len(head) + len(end) - 2
+                                frames += (prefixes.get(size) or _prefix(size), head, end)
+                                rows += 1
+                                this, head = created, next_head
+                                if pfield:
+                                    profiles[pfield] = (this, header, own, head)
+                            end = _as_is_end(own)  # the view waiting goes as it is
+                            size = len(head) + len(end) - 2
+                            frames += (prefixes.get(size) or _prefix(size), head, end)
+                            rows += 1
+                            view_created = this
+                            header, pfield, own, head = fields[4 * chain : 4 * chain + 4]
+                        this = int(header[:15])
+                        end = _as_is_end(own)
+                        size = len(head) + len(end) - 2
+                        frames += (prefixes.get(size) or _prefix(size), head, end)
+                        rows += 1
+                        if pfield:
+                            profiles[pfield] = (this, header, own, None)
+                        for pfield, event in profiles.items():
+                            self._profile_event(pfield, *event)
+                        self.views_ended.append(session)
+                        self.closed_set += (session, max(this, view_created, 0))
+                        self.closed_index += (now_ms, session)
+                    elif released > 1:
+                        profiles = {}
                         if pfield:
                             profiles[pfield] = (this, header, own, head)
                         for at in range(4, 4 * released, 4):
@@ -358,8 +401,9 @@ class _Plan:
                             self._profile_event(pfield, *event)
                     elif pfield:
                         self._profile_event(pfield, this, header, own, head)
-                    views_set += (session, b"%d;%b;%b" % (this, own, head))
-                    indexed += (now_ms, session)
+                    if not ends:
+                        views_set += (session, b"%d;%b;%b" % (this, own, head))
+                        indexed += (now_ms, session)
                     if released == count:
                         dropped.append((session, keys[n], len(pack)))
                     else:  # what stays is the pack's tail
