@@ -13,7 +13,7 @@ row Python builds, and decode to the event with the expected duration.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -30,6 +30,7 @@ from worker.held_pack import FIELD_END, HEADER, held_record_bytes
 from worker.keys import ShardKeys
 from worker.reorder import held_packs, held_record, held_rows
 from worker.reorder_release import _Plan, release, release_in_redis
+from worker.resp import read_replies, send_commands
 from worker.scripts import Scripts, load_lua
 
 KEYS = ShardKeys("eventbuffer", 0)
@@ -339,10 +340,11 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
 ) -> None:
     """A session not closed whose pack is current records, views, due, in created order
     (one, most often), and whose waiting view (if any) is of the current form and not
-    newer: decided by `_Plan.sessions` itself, released whole (its pack goes), as the
-    general rules and release_held.lua decide it. The others (an older form, a late
-    view, a closed session, a session_end, a record not due, records out of created
-    order) take the general rules."""
+    newer: decided by `_Plan.sessions` itself, as the general rules and release_held.lua
+    decide it: released whole (its pack goes) or, when some records are not due, up to
+    the cut (the pack's tail stays). The others (an older form, a late view, a closed
+    session, a session_end, no record due, records out of created order) take the
+    general rules."""
     base = NOW - 10**6
 
     def at(created: int, name: str = "screen_view") -> Row:
@@ -358,21 +360,43 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
     # Several views in created order, all due (the same profile twice: its last counts).
     fast["f4"] = b"".join(record(base + 50 * n, 10, str(n + 4), "v", "p:u1") for n in range(3))
     fast["f5"] = record(base, 5, "7") + record(base + 100, 10, "8", "v", "p:u2")
-    stored = {f: stored_view.of_event(view) for f in ("f1", "f2", "f4")}
+    # Some records due: those created no later than the newest due one go, the tail stays.
+    tails = {
+        "f6": record(base + 400, 20, "j"),
+        "f7": record(base + 700, 30, "m", "v", "p:u2") + record(base + 800, 40, "n"),
+        "f8": record(base + 400, 20, "p", "e"),  # a session_end not due stays
+        "f11": record(base + 400, 20, "u"),
+    }
+    fast["f6"] = record(base + 300, 5, "i", "v", "p:u1") + tails["f6"]
+    fast["f7"] = record(base + 500, 20, "k") + record(base + 600, 5, "l", "v", "p:u1")
+    fast["f7"] += tails["f7"]
+    fast["f8"] = record(base + 300, 5, "o") + tails["f8"]
+    # A session_end released last closes the session (the view waiting goes as it is).
+    fast["f9"] = record(base + 300, 5, "q", "v", "p:u2") + record(base + 400, 5, "r", "e", "p:u2")
+    fast["f10"] = record(base + 300, 5, "s", "e", "p:u1")
+    fast["f11"] = record(base + 300, 5, "t", "e") + tails["f11"]
+    fast["f12"] = b"".join(record(base + 50 * n, 10, str(n), "v") for n in range(3))
+    fast["f12"] += record(base + 200, 10, "9", "e", "p:u1")
+    stored = {f: stored_view.of_event(view) for f in ("f1", "f2", "f4", "f6", "f9", "f10")}
     other_packs = {
         "legacy-view": record(base + 200, 5, "a"),
         "late": record(base - 100, 5, "b"),
         "closed": record(base + 300, 5, "c"),
-        "end": record(base + 300, 5, "d", "e", "p:u1"),
+        "end-then-view": record(base + 300, 5, "d", "e", "p:u1") + record(base + 400, 5, "v"),
         "not-due": record(base + 300, 20, "e"),
         "two-unordered": record(base + 400, 5, "f") + record(base + 300, 10, "g"),
-        "two-one-due": record(base + 300, 5, "i") + record(base + 400, 20, "j"),
-        "view-and-end": record(base + 300, 5, "k") + record(base + 400, 10, "l", "e"),
+        "none-due": record(base + 300, 20, "i") + record(base + 400, 20, "j"),
+        "end-late": record(base - 100, 5, "k", "e"),
         "framed": framed_record(base + 300, 5, "h" * 14, "v", "", at(base + 300)),
     }
     state: dict[str, Any] = {
         "packs": {**fast, **other_packs},
-        "views": {**stored, "legacy-view": legacy(view), "late": stored_view.of_event(view)},
+        "views": {
+            **stored,
+            "legacy-view": legacy(view),
+            "late": stored_view.of_event(view),
+            "end-late": stored_view.of_event(view),
+        },
         "profiles": {"p:u1": stored_view.of_event(view)},
         "closed": {"closed": base},
         "closed_at": {"closed": 50},
@@ -384,9 +408,16 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
     plan = _GeneralOnly(10)
     plan.sessions(None, sessions, keys, [b"5"] * len(sessions), client.mget(keys),
                   [None] * len(sessions), client.hmget(KEYS.views, sessions), [])  # fmt: skip
-    assert plan.dropped == [(s, KEYS.held(s), len(fast[s])) for s in sessions]
-    # the waiting views of f1, f2 and f4, two views of f4 and one of f5
-    assert plan.packs == [] and plan.rows == 6
+    whole = [s for s in sessions if s not in tails]
+    assert plan.dropped == [(s, KEYS.held(s), len(fast[s])) for s in whole]
+    deadlines = {"f6": 20, "f7": 30, "f8": 20, "f11": 20}
+    assert plan.packs == [(s, KEYS.held(s), len(fast[s]), tails[s], due)
+                          for s, due in deadlines.items()]  # fmt: skip
+    # the waiting views of f1, f2, f4 and f6, two views of f4, one of f5 and one of f7;
+    # closed: f9's waiting view, view and end, f10's waiting view and end, f11's end,
+    # f12's three views and end
+    assert plan.rows == 18
+    assert plan.views_ended == ["f9", "f10", "f11", "f12"]
     for session in other_packs:
         load_state(client, state)
         key = KEYS.held(session)
@@ -402,9 +433,9 @@ def test_a_pack_of_one_due_view_is_decided_without_the_general_rules(
     expected = snapshot(client, list(state["packs"]))
     load_state(client, state)
     in_python = release(client, KEYS, due, 10, 60, 60)
-    assert (in_python.rows, in_python.late) == (in_redis.rows, in_redis.late) == (12, 1)
+    assert (in_python.rows, in_python.late) == (in_redis.rows, in_redis.late) == (24, 2)
     assert snapshot(client, list(state["packs"])) == expected
-    assert [client.exists(key) for key in keys] == [0] * len(keys)
+    assert [client.get(key) for key in keys] == [tails.get(s) for s in sessions]
 
 
 @pytest.mark.parametrize("in_redis", [False, True], ids=["python", "lua"])
@@ -432,62 +463,77 @@ def test_a_tie_between_two_sessions_of_one_profile_goes_to_the_later_in_its_batc
     assert client.hget(KEYS.profile_views, pfield) == tagged["s1"]
 
 
+def rewrite(
+    client: redis_lib.Redis,
+    cut: Sequence[tuple[str, int, bytes, int]] = (),
+    unchanged: Sequence[tuple[str, int, int]] = (),
+    dropped: Sequence[tuple[str, int]] = (),
+) -> Any:
+    """release_rewrite.lua's call (and the MSET before it) as a release makes them, in one
+    MULTI/EXEC: packs cut (session, length read, what stays, its deadline), packs nothing
+    went from (session, length read, deadline), packs released whole (session, length
+    read). Returns the script's reply."""
+    plan = _Plan(NOW)
+    plan.packs = [(s, KEYS.held(s), read, kept, due) for s, read, kept, due in cut]
+    plan.packs += [(s, KEYS.held(s), read, None, due) for s, read, due in unchanged]
+    plan.packs.sort()  # interleaved: the call puts them in its order
+    plan.dropped = [(s, KEYS.held(s), read) for s, read in dropped]
+    commands = [("MULTI",), *plan._rewrite(KEYS), ("EXEC",)]
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        send_commands(connection, commands)
+        results = read_replies(connection, len(commands))[-1]
+    finally:
+        pool.release(connection)
+    assert not client.keys("*held-kept*")  # what stayed was put in place, or dropped
+    return results[-1]
+
+
 def test_records_appended_during_a_release_stay_held(client: redis_lib.Redis) -> None:
     """release_rewrite.lua keeps what an apply appended after the release read the pack,
-    with its deadline, whatever the release kept (given, or as the pack's tail from an
-    offset)."""
+    with its deadline, whatever the release kept (some records, none, all)."""
     view = as_row(parse_event({"name": "screen_view", "project_id": "p", "session_id": "s",
                                "created_at": NOW}))  # fmt: skip
     head = stored_view.head_of(view, encode_event(view))
     read = held_record(NOW, 5, "t" * 14, "v", "", 0, head)
     kept = held_record(NOW + 1, 30, "u" * 14, "v", "", 0, head)
     added = held_record(NOW + 2, 20, "w" * 14, "v", "", 0, head)
-    script = load_lua("release_rewrite")
-    for kept_records, deadline, due in ((b"", "", 20.0), (kept, "30", 20.0)):
-        for as_bytes in (True, False):
-            client.flushall()
-            client.set(KEYS.held("s"), read + kept_records)
-            client.append(KEYS.held("s"), added)  # after the release read the pack
-            stays = ("", kept_records) if as_bytes else (len(read), b"")
-            args = ["s", len(read + kept_records), deadline, *stays]
-            assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
-            assert client.get(KEYS.held("s")) == kept_records + added
-            assert client.zscore(KEYS.held_due, "s") == due
-    for start in ("", len(read)):
-        client.flushall()
-        client.set(KEYS.held("s"), read)
-        args = ["s", len(read), "", start, b""]
-        assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
-        assert client.exists(KEYS.held("s")) == 0 and client.zcard(KEYS.held_due) == 0
-    # A pack released whole, given as two values (its id, its length read), after one
-    # given as five: it goes, unless an apply appended meanwhile (that stays).
     for appended in (b"", added):
         client.flushall()
-        client.set(KEYS.held("s"), read + kept)
-        client.set(KEYS.held("w"), read + appended)
-        client.zadd(KEYS.held_due, {"s": 5, "w": 5})
-        args = ["s", len(read + kept), "30", len(read), b"", "w", len(read)]
-        keys = (KEYS.held_due, KEYS.held("s"), KEYS.held("w"))
-        assert client.eval(script, 3, *keys, *args) == 2
-        assert client.get(KEYS.held("s")) == kept and client.zscore(KEYS.held_due, "s") == 30.0
+        client.set(KEYS.held("s"), read + kept)  # cut: `kept` stays
+        client.set(KEYS.held("u"), kept)  # nothing went
+        client.set(KEYS.held("w"), read)  # released whole
+        client.zadd(KEYS.held_due, {"s": 5, "u": 5, "w": 5})
+        for session in ("s", "u", "w"):
+            client.append(KEYS.held(session), appended)  # after the release read the packs
+        reply = rewrite(client, [("s", len(read + kept), kept, 30)], [("u", len(kept), 30)],
+                        [("w", len(read))])  # fmt: skip
+        assert reply == 3
+        assert client.get(KEYS.held("s")) == kept + appended
+        assert client.get(KEYS.held("u")) == kept + appended
         assert client.get(KEYS.held("w")) == (appended or None)
-        assert client.zscore(KEYS.held_due, "w") == (20.0 if appended else None)
-    # Nothing appended: the tail from the offset stays, with its deadline.
+        due = 20.0 if appended else 30.0
+        assert [client.zscore(KEYS.held_due, s) for s in "suw"] == [
+            due, due, 20.0 if appended else None
+        ]  # fmt: skip
+    # A pack shorter than what was read (rewritten by someone else): left alone.
     client.flushall()
-    client.set(KEYS.held("s"), read + kept)
-    args = ["s", len(read + kept), "30", len(read), b""]
-    assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
-    assert client.get(KEYS.held("s")) == kept and client.zscore(KEYS.held_due, "s") == 30.0
+    client.set(KEYS.held("s"), kept)
+    client.zadd(KEYS.held_due, {"s": 5})
+    assert rewrite(client, [("s", len(read + kept), kept, 30)]) == 0
+    assert client.get(KEYS.held("s")) == kept and client.zscore(KEYS.held_due, "s") == 5.0
 
 
 def test_records_of_both_forms_appended_during_a_release_stay_held(
     client: redis_lib.Redis,
 ) -> None:
     """During a rolling upgrade the records appended meanwhile may be of either form:
-    release_rewrite.lua reads the deadline of each."""
+    release_rewrite.lua reads the deadline of each (a pack released whole, or cut)."""
     view = as_row(parse_event({"name": "screen_view", "project_id": "p", "session_id": "s",
                                "created_at": NOW}))  # fmt: skip
     read = current_record(NOW, 5, "t" * 14, "v", "", view)
+    kept = current_record(NOW + 1, 40, "k" * 14, "v", "", view)
     added = [
         framed_record(NOW + 1, 30, "u" * 14, "v", "p:u1", view),
         current_record(NOW + 2, 20, "w" * 14, "v", "", view),
@@ -496,13 +542,47 @@ def test_records_of_both_forms_appended_during_a_release_stay_held(
     ]
     # the current form (byte 45 ends the header), and two an earlier version framed
     assert [r[HEADER : HEADER + 1] == FIELD_END for r in added] == [False, True, False, True]
-    script = load_lua("release_rewrite")
     for n in range(1, len(added) + 1):
-        client.flushall()
-        client.set(KEYS.held("s"), read)
-        for record in added[:n]:
-            client.append(KEYS.held("s"), record)  # after the release read the pack
-        args = ["s", len(read), "", len(read), b""]
-        assert client.eval(script, 2, KEYS.held_due, KEYS.held("s"), *args) == 1
-        assert client.get(KEYS.held("s")) == b"".join(added[:n])
-        assert client.zscore(KEYS.held_due, "s") == [30.0, 20.0, 15.0, 15.0][n - 1]
+        for stays in (b"", kept):
+            client.flushall()
+            client.set(KEYS.held("s"), read + stays)
+            for record in added[:n]:
+                client.append(KEYS.held("s"), record)  # after the release read the pack
+            if stays:
+                assert rewrite(client, [("s", len(read + stays), stays, 40)]) == 1
+            else:
+                assert rewrite(client, dropped=[("s", len(read))]) == 1
+            assert client.get(KEYS.held("s")) == stays + b"".join(added[:n])
+            assert client.zscore(KEYS.held_due, "s") == [30.0, 20.0, 15.0, 15.0][n - 1]
+
+
+def test_what_stays_of_a_pack_never_passes_through_lua(client: redis_lib.Redis) -> None:
+    """A release writes what stays of each pack cut with MSET and release_rewrite.lua puts
+    it in place with RENAME: the script reads no pack (GETRANGE) unless an apply appended
+    to it meanwhile (Lua hashes every byte of every string it holds)."""
+    views = [
+        as_row(parse_event({"name": "screen_view", "project_id": "p", "session_id": "s",
+                            "created_at": NOW + n, "path": "x" * 500}))
+        for n in range(3)
+    ]  # fmt: skip
+    records = [
+        current_record(NOW + n, 5 if n == 0 else 50, f"{n:014d}", "v", "", view)
+        for n, view in enumerate(views)
+    ]
+    pack = b"".join(records)
+    sessions = [f"s{n}" for n in range(5)]
+    for session in sessions:
+        client.set(KEYS.held(session), pack)
+        client.zadd(KEYS.held_due, {session: 5})
+    client.config_resetstat()
+    released = release(client, KEYS, sessions, 10, 60, 60)
+    assert (released.rows, released.late) == (0, 0)  # the first view of each waits
+    stats = client.info("commandstats")
+    assert "cmdstat_getrange" not in stats and "cmdstat_set" not in stats
+    assert stats["cmdstat_rename"]["calls"] == 5
+    tail = b"".join(records[1:])
+    assert [client.get(KEYS.held(session)) for session in sessions] == [tail] * 5
+    assert client.zrange(KEYS.held_due, 0, -1, withscores=True) == [
+        (s.encode(), 50.0) for s in sessions
+    ]
+    assert not client.keys("*held-kept*")

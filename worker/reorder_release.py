@@ -16,11 +16,13 @@ travel as plain command arguments (RPUSH, HSET), not through Lua strings:
    session; every other through `_Plan.session`, the general rules); read
    the profiles' last views it touches.
 3. MULTI: queue the rows, write the views, closed marks and profiles, rewrite
-   each pack (`release_rewrite.lua`: what stays, plus whatever an apply
-   appended meanwhile; the deadline from both; when what stays is the pack's
-   tail, as with events arrived in order, only its offset is sent and Redis
-   cuts the pack; a pack released whole is named by its length read only,
-   and goes), INCR `held-gen`; EXEC.
+   each pack (what stays of the packs cut written with one MSET to a key of
+   its own per session, `{p:N}:held-kept:<session>`, then `release_rewrite.lua`
+   renames each over its pack, adding whatever an apply appended meanwhile,
+   and writes the deadlines; a pack released whole is named by its length
+   read only, and goes), INCR `held-gen`; EXEC. What stays never passes
+   through Lua: Redis' Lua hashes every byte of every string it is given or
+   reads.
 
 An apply only ever appends to a pack and lowers a deadline, so applies do not
 abort the transaction; a concurrent release, the sweep or an apply without a
@@ -170,17 +172,6 @@ def _missing_pack(connection: Any, key: str) -> bytes:
     return b""
 
 
-def _last_deadline(pack: bytes) -> bytes:
-    """The deadline field (15 characters) of a pack's last record, if of the current form
-    (else any bytes): packs whose last record is not due (records still arriving, later
-    deadlines last) skip the fast path before they are split."""
-    rfind = pack.rfind
-    # the ends of its head, own duration, profile field and header (FIELD_END each)
-    end = rfind(FIELD_END, 0, rfind(FIELD_END, 0, rfind(FIELD_END, 0, len(pack) - 1)))
-    end = rfind(FIELD_END, 0, end)
-    return pack[end + 16 : end + 31]
-
-
 _AS_IS = b"}\r\n"  # the end of a row queued with no duration of its own
 _DEADLINE = itemgetter(slice(15, 30))  # of a record's header
 _VIEW = b"v"[0]  # a record's kind: a screen_view (b"e": a session_end)
@@ -198,6 +189,17 @@ def _prefix(length: int) -> bytes:
     if len(_PREFIXES) < 8192:
         _PREFIXES[length] = prefix
     return prefix
+
+
+def _session_args(session: str, size: int, deadline: int) -> bytes:
+    """A session's three arguments to release_rewrite.lua, framed: its id, the length of
+    its pack read, the earliest deadline of what stays."""
+    member = session.encode()
+    read = b"%d" % size
+    due = b"%d" % deadline
+    return b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+        len(member), member, len(read), read, len(due), due
+    )  # fmt: skip
 
 
 def _as_is_end(own: bytes) -> bytes:
@@ -224,9 +226,9 @@ class _Plan:
         self.frames: list[Any] = []
         self.rows = 0
         self.late = 0
-        # per session: its id, key, length read, where the records that stay start in the
-        # pack ("" when they are given instead), those records, their deadline
-        self.packs: list[tuple[str, str, int, int | str, bytes, int | None]] = []
+        # per session some of whose records stay: its id, key, length read, the records
+        # that stay (None when they are the whole pack: none went), their earliest deadline
+        self.packs: list[tuple[str, str, int, bytes | None, int]] = []
         # per session whose every record goes: its id, key, length read (the pack goes)
         self.dropped: list[tuple[str, str, int]] = []
         self.views_set: list[Any] = []
@@ -256,13 +258,17 @@ class _Plan:
         and stored view.
 
         The common case is decided here, with no call per session: a session not closed
-        whose pack is current records, every one a view and due, in created order (one
-        record, most often), none created before 1970, and whose waiting view (if any) is
-        of the current form and created no later than the first (none is late). It is
-        released whole (the pack goes, `dropped`): each view is queued with the gap to the
-        next as its duration (the waiting view first), and the last waits. Every other
-        session goes through `session`, the general rules (the same decisions, in every
-        case).
+        whose pack is current records in created order (one, most often), none created
+        before 1970, some due, every one that goes a view but maybe the last, a
+        session_end, and whose waiting view (if any) is of the current form and created
+        no later than the first (none is late). The records up to the cut go (those
+        created no later than the newest due one; all, most often: the pack goes,
+        `dropped`; else the pack's tail stays): each view is queued with the gap to the
+        next as its duration (the waiting view first), and the last waits; or, when a
+        session_end goes last, the view waiting then goes as it is, then the session_end,
+        and the session is closed.
+        Every other session goes through `session`, the general rules (the same
+        decisions, in every case).
         """
         now_ms = self.now
         now_text = self.now_text if len(self.now_text) == 15 else None
@@ -284,25 +290,46 @@ class _Plan:
                 and pack is not None
                 and mark is None
                 and pack[45:46] == FIELD_END
-                and pack[44] == _VIEW
-                and _last_deadline(pack) <= now_text
             ):
                 fields = pack.split(FIELD_END)
-                count = len(fields) >> 2
+                count = released = len(fields) >> 2
+                dues: list[bytes] = []
                 if count == 1:
-                    fast = len(fields) == 5 and len(fields[0]) == HEADER and not fields[4]
-                else:  # every record a view, due, the pack in created order, none negative
+                    fast = (
+                        len(fields) == 5
+                        and len(fields[0]) == HEADER
+                        and not fields[4]
+                        and fields[0][15:30] <= now_text
+                    )
+                else:  # current records (see `session`), in created order, none negative
                     headers = fields[0 : 4 * count : 4]
                     fast = (
                         len(fields) == 4 * count + 1
                         and not fields[-1]
-                        and max(map(_DEADLINE, headers)) <= now_text
                         and pack[:1] != b"-"
-                        and all(len(h) == HEADER and h[44] == _VIEW for h in headers)
+                        and sum(map(len, headers)) == HEADER * count
                         and headers == sorted(headers)
                     )
+                    if fast:
+                        dues = list(map(_DEADLINE, headers))
+                        if max(dues) > now_text:  # the records up to the cut go (`session`)
+                            last_due = count - 1
+                            while last_due >= 0 and dues[last_due] > now_text:
+                                last_due -= 1
+                            if last_due < 0:
+                                fast = False  # none due: the general rules
+                            else:
+                                released = bisect_left(
+                                    headers, headers[last_due][:15] + b"\xff", last_due + 1
+                                )
+                        # every record released a view but the last, maybe a session_end
+                        fast = fast and all(h[44] == _VIEW for h in headers[: released - 1])
                 if fast:
+                    # the last record released: a session_end closes the session
+                    ends = fields[4 * released - 4][44] != _VIEW
+                    chain = released - 1 if ends else released  # the views released
                     this = int(fields[0][:15])  # the first created (all are, in order)
+                    view_created = -1  # of the view waiting when a session_end comes
                     stored = views[n]
                     if stored is not None:
                         parts = stored_view.current_fields(stored)
@@ -311,19 +338,56 @@ class _Plan:
                         elif int(parts[0]) > this:
                             fast = False  # a late view: the general rules
                         else:
-                            int(parts[1])  # read as the general rules read it
+                            view_own = b"%d" % int(parts[1])  # as the general rules read it
                             view_head = parts[2]
-                            end = b',"duration":%d}\r\n' % (this - int(parts[0]))
+                            if chain:
+                                end = b',"duration":%d}\r\n' % (this - int(parts[0]))
+                            else:  # closed at once: the waiting view goes as it is
+                                end = _as_is_end(view_own)
+                                view_created = int(parts[0])
                             size = len(view_head) + len(end) - 2
                             frames += (prefixes.get(size) or _prefix(size), view_head, end)
                             rows += 1
                 if fast:  # each view queued with the gap to the next, the last waits
                     header, pfield, own, head = fields[0:4]
-                    if count > 1:
-                        profiles: dict[bytes, tuple[int, bytes, bytes, bytes]] = {}
+                    if ends:  # ... unless a session_end closes the session
+                        profiles: dict[bytes, tuple[int, bytes, bytes, bytes | None]] = {}
+                        if chain:
+                            if pfield:
+                                profiles[pfield] = (this, header, own, head)
+                            for at in range(4, 4 * chain, 4):
+                                header, pfield, own, next_head = fields[at : at + 4]
+                                created = int(header[:15])
+                                end = b',"duration":%d}\r\n' % (created - this)
+                                size = len(head) + len(end) - 2
+                                frames += (prefixes.get(size) or _prefix(size), head, end)
+                                rows += 1
+                                this, head = created, next_head
+                                if pfield:
+                                    profiles[pfield] = (this, header, own, head)
+                            end = _as_is_end(own)  # the view waiting goes as it is
+                            size = len(head) + len(end) - 2
+                            frames += (prefixes.get(size) or _prefix(size), head, end)
+                            rows += 1
+                            view_created = this
+                            header, pfield, own, head = fields[4 * chain : 4 * chain + 4]
+                        this = int(header[:15])
+                        end = _as_is_end(own)
+                        size = len(head) + len(end) - 2
+                        frames += (prefixes.get(size) or _prefix(size), head, end)
+                        rows += 1
+                        if pfield:
+                            profiles[pfield] = (this, header, own, None)
+                        for pfield, event in profiles.items():
+                            self._profile_event(pfield, *event)
+                        self.views_ended.append(session)
+                        self.closed_set += (session, max(this, view_created, 0))
+                        self.closed_index += (now_ms, session)
+                    elif released > 1:
+                        profiles = {}
                         if pfield:
                             profiles[pfield] = (this, header, own, head)
-                        for at in range(4, 4 * count, 4):
+                        for at in range(4, 4 * released, 4):
                             header, pfield, own, next_head = fields[at : at + 4]
                             created = int(header[:15])
                             end = b',"duration":%d}\r\n' % (created - this)
@@ -337,9 +401,14 @@ class _Plan:
                             self._profile_event(pfield, *event)
                     elif pfield:
                         self._profile_event(pfield, this, header, own, head)
-                    views_set += (session, b"%d;%b;%b" % (this, own, head))
-                    indexed += (now_ms, session)
-                    dropped.append((session, keys[n], len(pack)))
+                    if not ends:
+                        views_set += (session, b"%d;%b;%b" % (this, own, head))
+                        indexed += (now_ms, session)
+                    if released == count:
+                        dropped.append((session, keys[n], len(pack)))
+                    else:  # what stays is the pack's tail
+                        kept_start = sum(map(len, fields[: 4 * released])) + 4 * released
+                        self._kept(session, keys[n], pack, kept_start, dues[released:])
                     continue
             else:
                 fields = None  # not split yet
@@ -418,13 +487,13 @@ class _Plan:
             while last_due >= 0 and dues[last_due] > now_text:
                 last_due -= 1
             if last_due < 0:
-                return self._kept(session, key, size, 0, dues)
+                return self._kept(session, key, pack, 0, dues)
             # Every record created no later than the newest due one (the last due, in
             # created order): the headers before the cut's created ms followed by 0xff.
             released = bisect_left(headers, headers[last_due][:15] + b"\xff", last_due + 1)
             if released < count:
                 kept_start = sum(map(len, fields[: 4 * released])) + 4 * released
-                self._kept(session, key, size, kept_start, dues[released:])
+                self._kept(session, key, pack, kept_start, dues[released:])
                 del headers[released:], pfields[released:], owns[released:], heads[released:]
             else:
                 self.dropped.append((session, key, size))
@@ -454,7 +523,8 @@ class _Plan:
                 # Pack order is created order: what stays is the pack's tail, from the end
                 # of the released records' fields (each ended by FIELD_END).
                 kept_start = sum(map(len, fields[: 4 * released])) + 4 * released
-                self.packs.append((session, key, size, kept_start, b"", next_deadline))
+                self.packs.append((session, key, size, pack[kept_start:] if released else None,
+                                   next_deadline))  # fmt: skip
             else:
                 if spans is None:
                     spans = []
@@ -468,11 +538,13 @@ class _Plan:
                     spans = [spans[n] for n in order]
                 released_end = max((stop for _, stop in spans[:released]), default=0)
                 kept_start = min(start for start, _ in spans[released:])
-                if released_end <= kept_start:  # what stays is the pack's tail: Redis cuts it
-                    self.packs.append((session, key, size, kept_start, b"", next_deadline))
+                if not released:
+                    kept: bytes | None = None
+                elif released_end <= kept_start:  # what stays is the pack's tail
+                    kept = pack[kept_start:]
                 else:
                     kept = b"".join([pack[start:stop] for start, stop in spans[released:]])
-                    self.packs.append((session, key, size, "", kept, next_deadline))
+                self.packs.append((session, key, size, kept, next_deadline))
             if not released:
                 return
             del headers[released:], pfields[released:], owns[released:], heads[released:]
@@ -480,13 +552,12 @@ class _Plan:
         if released:
             self._rules(session, created, headers, pfields, owns, heads, closed, stored)
 
-    def _kept(self, session: str, key: str, size: int, start: int, kept: list[bytes]) -> None:
+    def _kept(self, session: str, key: str, pack: bytes, start: int, kept: list[bytes]) -> None:
         """A pack whose records from `start` on stay (its tail, in created order; their
-        deadlines as written, `kept`): Redis cuts it, and the session is due at the
-        earliest of them."""
+        deadlines as written, `kept`): the session is due at the earliest of them."""
         low = min(kept)
         deadline = int(low) if low[:1] != b"-" else min(map(int, kept))
-        self.packs.append((session, key, size, start, b"", deadline))
+        self.packs.append((session, key, len(pack), pack[start:] if start else None, deadline))
 
     def _rules(
         self, session: str, created: list[int], headers: list[bytes], pfields: list[bytes],
@@ -599,28 +670,33 @@ class _Plan:
             return
         self.profiles[pfield] = (created, header, own, head)
 
-    def _rewrite(self, shard: ShardKeys) -> tuple[Any, ...] | Framed:
-        """The call of release_rewrite.lua for every pack read, its arguments framed here:
-        a session's five arguments in one formatting (six short arguments per session
-        cost several times as much framed one by one, by worker/resp.py or hiredis); then
-        the packs released whole (`dropped`), two arguments each (their id and length)."""
-        keys: list[bytes] = []
-        args: list[bytes] = []
+    def _rewrite(self, shard: ShardKeys) -> list[tuple[Any, ...] | Framed]:
+        """What stays of each pack cut, written to a key of its own (one MSET: Lua is not
+        handed these bytes, it would hash every one), then the call of release_rewrite.lua
+        for every pack read, which puts them in place. The arguments are framed here, a
+        session's in one formatting (short arguments cost several times as much framed one
+        by one, by worker/resp.py or hiredis). The packs cut come first, then those nothing
+        went from, then the packs released whole (`dropped`)."""
+        cut = [(s, key, n, kept, due) for s, key, n, kept, due in self.packs if kept is not None]
+        whole = [(s, key, n, due) for s, key, n, kept, due in self.packs if kept is None]
+        start = len(shard.tag) + len(":held:")  # of the session's part of a pack's key
+        kept_tag = shard.tag + ":held-kept:"
+        counts = (len(cut), len(whole))
         try:
-            for session, key, size, start, kept, deadline in self.packs:
+            pairs: list[bytes] = []  # the MSET's keys and values
+            keys: list[bytes] = []
+            args = [b"$%d\r\n%d\r\n" % (len(b"%d" % n), n) for n in counts]
+            for session, key, size, kept, deadline in cut:
+                name = key.encode()
+                other = (kept_tag + key[start:]).encode()
+                framed = b"$%d\r\n%b\r\n" % (len(other), other)
+                pairs += (framed, b"$%d\r\n" % len(kept), kept, b"\r\n")
+                keys += (b"$%d\r\n%b\r\n" % (len(name), name), framed)
+                args.append(_session_args(session, size, deadline))
+            for session, key, size, deadline in whole:
                 name = key.encode()
                 keys.append(b"$%d\r\n%b\r\n" % (len(name), name))
-                member = session.encode()
-                read = b"%d" % size
-                due = b"" if deadline is None else b"%d" % deadline
-                start_at = b"%d" % start if isinstance(start, int) else b""
-                args += (
-                    b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n"
-                    % (len(member), member, len(read), read, len(due), due, len(start_at),
-                       start_at, len(kept)),
-                    kept,
-                    b"\r\n",
-                )  # fmt: skip
+                args.append(_session_args(session, size, deadline))
             for session, key, size in self.dropped:
                 name = key.encode()
                 keys.append(b"$%d\r\n%b\r\n" % (len(name), name))
@@ -628,18 +704,29 @@ class _Plan:
                 read = b"%d" % size
                 args.append(b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(member), member, len(read), read))
         except UnicodeEncodeError:  # a name hiredis frames its own way (or refuses)
-            plain: list[Any] = []
             names: list[str] = []
-            for session, key, size, start, kept, deadline in self.packs:
+            plain: list[Any] = [*counts]
+            values: list[Any] = []
+            for session, key, size, kept, deadline in cut:
+                names += (key, kept_tag + key[start:])
+                values += (kept_tag + key[start:], kept)
+                plain += (session, size, deadline)
+            for session, key, size, deadline in whole:
                 names.append(key)
-                plain += (session, size, "" if deadline is None else deadline, start, kept)
+                plain += (session, size, deadline)
             for session, key, size in self.dropped:
                 names.append(key)
                 plain += (session, size)
-            return ("EVAL", _REWRITE, 1 + len(names), shard.held_due, *names, *plain)
-        count = len(self.packs) + len(self.dropped)
-        values = 6 * len(self.packs) + 3 * len(self.dropped)
-        return Framed(("EVAL", _REWRITE, 1 + count, shard.held_due), values, keys + args)
+            call = ("EVAL", _REWRITE, 1 + len(names), shard.held_due, *names, *plain)
+            return [("MSET", *values), call] if values else [call]
+        count = len(keys)
+        framed_call = Framed(
+            ("EVAL", _REWRITE, 1 + count, shard.held_due), count + len(counts) + 3 * len(self.packs)
+            + 2 * len(self.dropped), keys + args,
+        )  # fmt: skip
+        if not cut:
+            return [framed_call]
+        return [Framed(("MSET",), 2 * len(cut), pairs), framed_call]
 
     def writes(
         self,
@@ -653,7 +740,7 @@ class _Plan:
             out.append(("HDEL", shard.closed, *forgotten))
             out.append(("ZREM", shard.closed_at, *forgotten))
         if self.packs or self.dropped:
-            out.append(self._rewrite(shard))
+            out += self._rewrite(shard)
         if self.rows:
             out.append(Framed(("RPUSH", shard.queue), self.rows, self.frames))
         if self.views_set:
