@@ -29,6 +29,9 @@ Per shard:
                                         without a SCAN (worker/visitors.py)
     {p:N}:held:<session>        STRING  a session's events held by the reorder window, one
                                         pack of records, appended to (worker/held_pack.py)
+    {p:N}:held-kept:<session>   STRING  what stays of a pack a release cut, written and renamed
+                                        over the pack in the release's one transaction
+                                        (worker/reorder_release.py): never seen outside it
     {p:N}:held-due              ZSET    session id -> earliest deadline of its held events
     {p:N}:closed                HASH    session id -> created ms its session_end closed it at,
                                         for late views (kept EVENT_BUFFER_CLOSED_SESSION_TTL_S)
@@ -133,6 +136,10 @@ class ShardKeys:
     def held(self, session_id: str) -> str:
         """A session's events held by the reorder window."""
         return f"{self.tag}:held:{escape(session_id)}"
+
+    def held_kept(self, session_id: str) -> str:
+        """What stays of a session's pack cut by a release, until renamed over the pack."""
+        return f"{self.tag}:held-kept:{escape(session_id)}"
 
     def visitors(self, project_id: str) -> str:
         return f"{self.tag}:visitors:{escape(project_id)}"

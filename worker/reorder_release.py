@@ -680,7 +680,7 @@ class _Plan:
         cut = [(s, key, n, kept, due) for s, key, n, kept, due in self.packs if kept is not None]
         whole = [(s, key, n, due) for s, key, n, kept, due in self.packs if kept is None]
         start = len(shard.tag) + len(":held:")  # of the session's part of a pack's key
-        kept_tag = shard.tag + ":held-kept:"
+        kept_tag = shard.held_kept("")  # the keys' common start (escape("") is "")
         counts = (len(cut), len(whole))
         try:
             pairs: list[bytes] = []  # the MSET's keys and values
