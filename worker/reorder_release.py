@@ -350,44 +350,11 @@ class _Plan:
                             rows += 1
                 if fast:  # each view queued with the gap to the next, the last waits
                     header, pfield, own, head = fields[0:4]
-                    if ends:  # ... unless a session_end closes the session
-                        profiles: dict[bytes, tuple[int, bytes, bytes, bytes | None]] = {}
-                        if chain:
-                            if pfield:
-                                profiles[pfield] = (this, header, own, head)
-                            for at in range(4, 4 * chain, 4):
-                                header, pfield, own, next_head = fields[at : at + 4]
-                                created = int(header[:15])
-                                end = b',"duration":%d}\r\n' % (created - this)
-                                size = len(head) + len(end) - 2
-                                frames += (prefixes.get(size) or _prefix(size), head, end)
-                                rows += 1
-                                this, head = created, next_head
-                                if pfield:
-                                    profiles[pfield] = (this, header, own, head)
-                            end = _as_is_end(own)  # the view waiting goes as it is
-                            size = len(head) + len(end) - 2
-                            frames += (prefixes.get(size) or _prefix(size), head, end)
-                            rows += 1
-                            view_created = this
-                            header, pfield, own, head = fields[4 * chain : 4 * chain + 4]
-                        this = int(header[:15])
-                        end = _as_is_end(own)
-                        size = len(head) + len(end) - 2
-                        frames += (prefixes.get(size) or _prefix(size), head, end)
-                        rows += 1
-                        if pfield:
-                            profiles[pfield] = (this, header, own, None)
-                        for pfield, event in profiles.items():
-                            self._profile_event(pfield, *event)
-                        self.views_ended.append(session)
-                        self.closed_set += (session, max(this, view_created, 0))
-                        self.closed_index += (now_ms, session)
-                    elif released > 1:
-                        profiles = {}
+                    profiles: dict[bytes, tuple[int, bytes, bytes, bytes | None]] = {}
+                    if chain:
                         if pfield:
                             profiles[pfield] = (this, header, own, head)
-                        for at in range(4, 4 * released, 4):
+                        for at in range(4, 4 * chain, 4):
                             header, pfield, own, next_head = fields[at : at + 4]
                             created = int(header[:15])
                             end = b',"duration":%d}\r\n' % (created - this)
@@ -397,10 +364,26 @@ class _Plan:
                             this, head = created, next_head
                             if pfield:
                                 profiles[pfield] = (this, header, own, head)
-                        for pfield, event in profiles.items():
-                            self._profile_event(pfield, *event)
-                    elif pfield:
-                        self._profile_event(pfield, this, header, own, head)
+                        if ends:  # a session_end closes the session: the view waiting goes
+                            end = _as_is_end(own)  # as it is
+                            size = len(head) + len(end) - 2
+                            frames += (prefixes.get(size) or _prefix(size), head, end)
+                            rows += 1
+                            view_created = this
+                            header, pfield, own, head = fields[4 * chain : 4 * chain + 4]
+                    if ends:
+                        this = int(header[:15])
+                        end = _as_is_end(own)
+                        size = len(head) + len(end) - 2
+                        frames += (prefixes.get(size) or _prefix(size), head, end)
+                        rows += 1
+                        if pfield:
+                            profiles[pfield] = (this, header, own, None)
+                        self.views_ended.append(session)
+                        self.closed_set += (session, max(this, view_created, 0))
+                        self.closed_index += (now_ms, session)
+                    for pfield, event in profiles.items():
+                        self._profile_event(pfield, *event)
                     if not ends:
                         views_set += (session, b"%d;%b;%b" % (this, own, head))
                         indexed += (now_ms, session)
