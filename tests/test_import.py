@@ -194,13 +194,15 @@ def test_sigkilled_at_random_moments_and_rerun_lands_every_event_once(
     export = generate_export(tmp_path / "export", EVENTS, files=5)
     env = import_env(chdb, EVENT_BUFFER_IMPORT_CHUNK_ROWS="7000")
     rng = random.Random(20)
-    # When each run is killed: once it has read some lines, once it has inserted a
-    # chunk, then at random moments; None: let it finish.
+    # When each run is killed: once it has read some lines, once it has sorted them,
+    # once it has inserted a chunk (each a little after: these three kills always land,
+    # however fast the import has become), then at random moments (a run may finish
+    # before its moment: then the import is done); None: let it finish.
     moments: list[Callable[[], bool] | float | None] = [
         lambda: _read_lines(tmp_path) > 0,
-        rng.uniform(0.9, 2.0),
+        lambda: "sorted" in _meta(tmp_path),
         lambda: _meta(tmp_path).get("inserted") is not None,
-        *(rng.uniform(0.9, 2.0) for _ in range(8)),
+        *(rng.uniform(0.2, 1.2) for _ in range(8)),
         None,
     ]
     kills = 0
@@ -224,7 +226,7 @@ def test_sigkilled_at_random_moments_and_rerun_lands_every_event_once(
                         "the import's progress",
                         alive=lambda p=process: p.poll() is None,  # type: ignore[misc]
                     )
-                    time.sleep(rng.uniform(0, 0.3))
+                    time.sleep(rng.uniform(0, 0.1))
                 else:
                     time.sleep(moment)
                 if process.poll() is None:
